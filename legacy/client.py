@@ -1,0 +1,247 @@
+"""Simulated legacy client devices and the tally of what they sent and received.
+
+A device logs in at the login server, attaches to a supernode from the host cache it got,
+subscribes to its contacts' presence and sends messages, retrying each until the home
+supernode acknowledges it (same GUID, so a retry is never a second message). When its
+supernode goes away it logs in again with backoff, as real clients did during outages.
+
+    offline --start--> logging_in --Credential--> attaching --Welcome--> online
+       ^                    |                          |                    |
+       +------- backoff ----+--------------------------+---- conn lost -----+
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import attrs
+from twisted.internet.protocol import Factory
+
+from legacy import wire
+from legacy.framing import FrameProtocol, ProtocolViolation
+from legacy.network import Network
+from legacy.trace import Trace
+
+
+@attrs.define
+class TrafficStats:
+    """What the simulated clients saw; the run summary is computed from this."""
+
+    sent: dict = attrs.Factory(dict)  # guid -> recipients (tuple of handles)
+    acked: set = attrs.Factory(set)
+    delivered: set = attrs.Factory(set)  # (guid, recipient handle)
+    gave_up: int = 0
+    presence_notices: int = 0
+    logins: int = 0
+    login_refused: int = 0
+
+
+@attrs.frozen
+class UserAccount:
+    handle: str
+    password: str
+    contacts: tuple = ()
+
+
+class _LoginClient(FrameProtocol):
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.done = False
+
+    def frameReceived(self, f: Any) -> None:  # noqa: N802
+        if isinstance(f, wire.Challenge):
+            self.send(wire.LoginRequest(handle=self.device.user.handle,
+                                        password=self.device.user.password))
+        elif isinstance(f, wire.Credential):
+            self.done = True
+            self.device._got_credential(f)
+        elif isinstance(f, wire.Error):
+            self.done = True
+            self.device._login_refused(f.code, f.reason)
+        else:
+            raise ProtocolViolation("unexpected", f"{type(f).__name__} from the login server")
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if not self.done:
+            self.device._retry_later()
+
+
+class _DeviceProtocol(FrameProtocol):
+    def __init__(self, device: Device, credential: wire.Credential) -> None:
+        self.device = device
+        self.credential = credential
+
+    def frameReceived(self, f: Any) -> None:  # noqa: N802
+        dev = self.device
+        if isinstance(f, wire.Challenge):
+            c = self.credential
+            self.send(wire.ClientLogin(handle=c.handle, device=dev.device_id,
+                                       expires_ms=c.expires_ms, signature=c.signature))
+        elif isinstance(f, wire.Welcome):
+            dev._attached(self)
+        elif isinstance(f, wire.SendAck):
+            dev._acked(f)
+        elif isinstance(f, wire.Deliver):
+            dev._delivered(f.message)
+        elif isinstance(f, wire.PresenceNotice):
+            dev.presence[f.handle] = f.status
+            dev.stats.presence_notices += 1
+        elif isinstance(f, wire.Error):
+            dev.last_error = (f.code, f.reason)
+        else:
+            raise ProtocolViolation("unexpected", f"{type(f).__name__} sent to a client")
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.device._detached(self)
+
+
+class Device:
+    """One device of one user. ``start``/``stop`` set what the user wants; the rest follows."""
+
+    def __init__(self, user: UserAccount, device_id: str, *, network: Network,
+                 login_host: str, login_port: int, rng: random.Random, stats: TrafficStats,
+                 trace: Trace, ack_timeout: float = 5.0, max_attempts: int = 6) -> None:
+        self.user = user
+        self.device_id = device_id
+        self.network = network
+        self.clock = network.clock
+        self.login_host = login_host
+        self.login_port = login_port
+        self.rng = rng
+        self.stats = stats
+        self.trace = trace
+        self.ack_timeout = ack_timeout
+        self.max_attempts = max_attempts
+        self.state = "offline"
+        self.want_online = False
+        self.proto: _DeviceProtocol | None = None
+        self.pending: dict[str, list] = {}  # guid -> [Send frame, attempts, timer]
+        self.seen: set[str] = set()
+        self.presence: dict[str, str] = {}
+        self.failures = 0
+        self.last_error: tuple[str, str] | None = None
+        self._retry: Any = None
+
+    # -- what the user does --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.want_online = True
+        if self.state == "offline" and self._retry is None:
+            self._login()
+
+    def stop(self) -> None:
+        self.want_online = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self.proto is not None:
+            self.proto.transport.loseConnection()
+
+    def send(self, chat_id: str, members: tuple, body: str) -> str:
+        """Send a message; returns its GUID. Retried until acknowledged or given up."""
+        guid = f"{self.rng.getrandbits(128):032x}"
+        frame = wire.Send(guid=guid, chat_id=chat_id, members=members, body=body)
+        self.stats.sent[guid] = tuple(m for m in members if m != self.user.handle)
+        self.pending[guid] = [frame, 0, None]
+        self._transmit(guid)
+        return guid
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _transmit(self, guid: str) -> None:
+        entry = self.pending.get(guid)
+        if entry is None:
+            return
+        if self.proto is None:
+            return  # resent when the device is attached again
+        entry[1] += 1
+        self.proto.send(entry[0])
+        entry[2] = self.clock.callLater(self.ack_timeout, self._ack_timeout, guid)
+
+    def _ack_timeout(self, guid: str) -> None:
+        entry = self.pending.get(guid)
+        if entry is None:
+            return
+        entry[2] = None
+        if entry[1] >= self.max_attempts:
+            del self.pending[guid]
+            self.stats.gave_up += 1
+            self.trace.record("gave_up", self.user.handle, guid)
+            return
+        self._transmit(guid)
+
+    def _acked(self, f: wire.SendAck) -> None:
+        entry = self.pending.pop(f.guid, None)
+        if entry is not None and entry[2] is not None and entry[2].active():
+            entry[2].cancel()
+        self.stats.acked.add(f.guid)
+
+    def _delivered(self, msg: wire.ChatMessage) -> None:
+        if msg.guid in self.seen:
+            return
+        self.seen.add(msg.guid)
+        self.stats.delivered.add((msg.guid, self.user.handle))
+
+    # -- connection lifecycle -------------------------------------------------------------------
+
+    def _login(self) -> None:
+        self.state = "logging_in"
+        d = self.network.connect(self.login_host, self.login_port,
+                                 Factory.forProtocol(lambda: _LoginClient(self)))
+        d.addErrback(lambda _f: self._retry_later())
+
+    def _login_refused(self, code: str, reason: str) -> None:
+        self.last_error = (code, reason)
+        self.stats.login_refused += 1
+        self.state = "offline"
+        self.want_online = False  # a refused login is final for a simulated user
+
+    def _got_credential(self, cred: wire.Credential) -> None:
+        self.stats.logins += 1
+        if not self.want_online or not cred.supernodes:
+            self.state = "offline"
+            return
+        self.state = "attaching"
+        addr = cred.supernodes[self.rng.randrange(len(cred.supernodes))]
+        d = self.network.connect(addr.host, addr.port,
+                                 Factory.forProtocol(lambda: _DeviceProtocol(self, cred)))
+        d.addErrback(lambda _f: self._retry_later())
+
+    def _attached(self, proto: _DeviceProtocol) -> None:
+        self.proto = proto
+        self.state = "online"
+        self.failures = 0
+        self.trace.record("online", self.user.handle, self.device_id)
+        if self.user.contacts:
+            proto.send(wire.Subscribe(handles=self.user.contacts))
+        for guid in list(self.pending):
+            entry = self.pending[guid]
+            if entry[2] is None:
+                self._transmit(guid)
+        if not self.want_online:
+            proto.transport.loseConnection()
+
+    def _detached(self, proto: _DeviceProtocol) -> None:
+        if self.proto is proto:
+            self.proto = None
+        for entry in self.pending.values():
+            if entry[2] is not None and entry[2].active():
+                entry[2].cancel()
+            entry[2] = None
+        self.state = "offline"
+        if self.want_online:
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        self.state = "offline"
+        if not self.want_online or self._retry is not None:
+            return
+        self.failures += 1
+        delay = min(30.0, 1.0 * 2 ** min(self.failures, 5)) * (0.5 + self.rng.random())
+        self._retry = self.clock.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.want_online and self.state == "offline":
+            self._login()

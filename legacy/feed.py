@@ -1,0 +1,63 @@
+"""A supernode's ordered change feed: an epoch, gapless offsets, a bounded replay buffer."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class FeedPosition:
+    """Where a subscriber will resume, and any range it can never get back."""
+
+    start: int
+    gap: str  # "none", "epoch" or "expired"
+    gap_epoch: int = 0
+    gap_from: int = 0
+    gap_to: int = 0
+
+
+class Feed:
+    """Entries are feed frames (``FeedMessage`` etc.) whose ``offset`` this feed assigns."""
+
+    def __init__(self, epoch: int, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("feed capacity must be positive")
+        self.epoch = epoch
+        self.capacity = capacity
+        self._entries: deque[Any] = deque()
+        self.first_offset = 0
+        self.next_offset = 0
+
+    def append(self, make_entry: Any) -> Any:
+        """Append ``make_entry(offset)`` and return it, evicting the oldest past capacity."""
+        entry = make_entry(self.next_offset)
+        self._entries.append(entry)
+        self.next_offset += 1
+        if len(self._entries) > self.capacity:
+            self._entries.popleft()
+            self.first_offset += 1
+        return entry
+
+    def get(self, offset: int) -> Any:
+        return self._entries[offset - self.first_offset]
+
+    def position_for(self, epoch: int, offset: int) -> FeedPosition | None:
+        """Where a subscriber asking for (epoch, offset) resumes; None if it asks for the future.
+
+        Epoch 0 means "from the start of what you have". An old epoch or an offset that fell out
+        of the buffer is a gap, reported so the range can be repaired, never silently skipped.
+        """
+        if epoch == 0:
+            if self.first_offset > 0:
+                return FeedPosition(self.first_offset, "expired", self.epoch, 0, self.first_offset)
+            return FeedPosition(0, "none")
+        if epoch != self.epoch:
+            return FeedPosition(self.first_offset, "epoch", epoch, offset, 0)
+        if offset > self.next_offset:
+            return None
+        if offset < self.first_offset:
+            return FeedPosition(self.first_offset, "expired", epoch, offset, self.first_offset)
+        return FeedPosition(offset, "none")

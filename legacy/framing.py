@@ -1,0 +1,94 @@
+"""Frame transport shared by every legacy endpoint: length prefix, strict decode, clean reject.
+
+A protocol built on ``FrameProtocol`` receives decoded frames in ``frameReceived``. Anything
+wrong with the input -- an oversized or malformed frame, an unknown type, a frame its role
+may not send -- ends in ``reject``: one logged reason, one counter increment, an ``Error``
+frame to the peer and the connection closed. The server behind it keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from legacy import wire
+
+REJECTED_FRAMES = Counter(
+    "legacy_rejected_connections_total",
+    "Connections closed by a legacy endpoint because of bad input, by reason code.",
+    ["code"],
+)
+FRAMES_RECEIVED = Counter(
+    "legacy_frames_received_total", "Frames decoded by legacy endpoints."
+)
+
+
+class ProtocolViolation(Exception):
+    """Raised by a frame handler when the peer broke the protocol; the connection is closed."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class FrameProtocol(Int32StringReceiver):
+    """Int32-prefixed frames decoded by ``legacy.wire``; subclasses define ``frameReceived``."""
+
+    MAX_LENGTH = wire.MAX_FRAME_BYTES
+    log = Logger()
+    rejected: str | None = None
+
+    def stringReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted naming)
+        if self.rejected is not None:
+            return
+        try:
+            frame = wire.decode(data)
+        except wire.WireError as e:
+            self.reject(e.code, e.reason)
+            return
+        FRAMES_RECEIVED.inc()
+        try:
+            self.frameReceived(frame)
+        except ProtocolViolation as e:
+            self.reject(e.code, e.reason)
+        except Exception:
+            # A bug of ours must not take the server down with it: log it, drop this peer only.
+            self.log.failure("handler for {frame} failed", frame=type(frame).__name__)
+            self.reject("internal", "internal error while handling the frame")
+
+    def lengthLimitExceeded(self, length: int) -> None:  # noqa: N802
+        self.reject("too_large", f"frame of {length} bytes exceeds {self.MAX_LENGTH}")
+
+    def frameReceived(self, frame: Any) -> None:  # noqa: N802
+        raise NotImplementedError
+
+    def send(self, frame: Any) -> None:
+        """Encode and write one frame (silently dropped once the connection is closing)."""
+        if self.transport is None or self.rejected is not None:
+            return
+        self.sendString(wire.encode(frame))
+
+    def reject(self, code: str, reason: str) -> None:
+        """Close this one connection because of bad input, with a logged reason."""
+        if self.rejected is not None:
+            return
+        REJECTED_FRAMES.labels(code=code).inc()
+        self.log.info("closing {peer}: {code}: {reason}", peer=self._peer_name(), code=code,
+                      reason=reason)
+        try:
+            self.sendString(wire.encode(wire.Error(code=code, reason=reason[:1000])))
+        except Exception:  # the Error frame is a courtesy; closing is what matters
+            pass
+        self.rejected = code
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _peer_name(self) -> str:
+        try:
+            return str(self.transport.getPeer())
+        except Exception:
+            return "?"

@@ -1,0 +1,144 @@
+"""The legacy login server: accounts, signed expiring credentials and the host cache.
+
+A client sends ``LoginRequest`` and gets a ``Credential`` (signed with the login secret that
+supernodes share) plus a sample of supernode addresses, then the server closes the
+connection. An account marked *moved* (its owner is ``cloud-only``) is refused with a clear
+reason. Privileged peers (the bridge) may page through accounts and mark them moved.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from prometheus_client import Counter
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+
+from legacy import auth, wire
+from legacy.framing import FrameProtocol, ProtocolViolation
+from legacy.network import Network
+from legacy.supernode import Secrets
+
+LOGINS = Counter("legacy_logins_total", "Login attempts at the legacy login server, by result.",
+                 ["result"])
+
+
+class LoginServer(service.Service):
+    name = "login"
+
+    def __init__(self, *, network: Network, host: str, port: int, secrets: Secrets,
+                 directory: dict[str, wire.SupernodeAddress], rng: random.Random,
+                 credential_ttl: float = 24 * 3600.0, host_cache_size: int = 16) -> None:
+        self.network = network
+        self.clock = network.clock
+        self.host = host
+        self.port = port
+        self.secrets = secrets
+        self.directory = directory
+        self.rng = rng
+        self.credential_ttl = credential_ttl
+        self.host_cache_size = host_cache_size
+        self.accounts: dict[str, list] = {}  # handle -> [password_hash, moved]
+        self._port: Any = None
+        self._conns: set[LoginProtocol] = set()
+
+    def add_account(self, handle: str, password_hash: str) -> None:
+        self.accounts[handle] = [password_hash, False]
+
+    def set_moved(self, handle: str, moved: bool) -> bool:
+        acct = self.accounts.get(handle)
+        if acct is None:
+            return False
+        acct[1] = moved
+        return True
+
+    def startService(self) -> defer.Deferred:  # noqa: N802
+        super().startService()
+        d = self.network.listen(self.host, self.port,
+                                Factory.forProtocol(lambda: LoginProtocol(self)))
+
+        def listening(port: Any) -> Any:
+            self._port = port
+            self.port = port.getHost().port
+            return port
+
+        return d.addCallback(listening)
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        super().stopService()
+        for c in list(self._conns):
+            c.transport.abortConnection()
+        port, self._port = self._port, None
+        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
+
+    def host_cache(self) -> list[wire.SupernodeAddress]:
+        addrs = list(self.directory.values())
+        if len(addrs) <= self.host_cache_size:
+            return addrs
+        return self.rng.sample(addrs, self.host_cache_size)
+
+    def login(self, handle: str, password: str) -> Any:
+        """A ``Credential`` frame, or ``(code, reason)`` when the login is refused."""
+        acct = self.accounts.get(handle)
+        if acct is None or not auth.verify_password(password, acct[0]):
+            LOGINS.labels(result="refused").inc()
+            return ("bad_login", "unknown handle or wrong password")
+        if acct[1]:
+            LOGINS.labels(result="moved").inc()
+            return ("moved", "this account moved to the cloud service; log in there")
+        LOGINS.labels(result="ok").inc()
+        expires = int((self.clock.seconds() + self.credential_ttl) * 1000)
+        return wire.Credential(handle=handle, expires_ms=expires,
+                               signature=auth.sign_credential(self.secrets.login_secret, handle,
+                                                              expires),
+                               supernodes=self.host_cache())
+
+
+class LoginProtocol(FrameProtocol):
+    def __init__(self, server: LoginServer) -> None:
+        self.server = server
+        self.nonce = b""
+        self.peer = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.server._conns.add(self)
+        self.nonce = self.server.rng.randbytes(16)
+        self.send(wire.Challenge(nonce=self.nonce, server_id="login"))
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.server._conns.discard(self)
+
+    def frameReceived(self, f: Any) -> None:  # noqa: N802
+        server = self.server
+        if isinstance(f, wire.LoginRequest) and not self.peer:
+            result = server.login(f.handle, f.password)
+            if isinstance(result, tuple):
+                self.reject(*result)
+            else:
+                self.send(result)
+                self.transport.loseConnection()
+        elif isinstance(f, wire.HostCacheRequest):
+            self.send(wire.HostCache(supernodes=server.host_cache()))
+        elif isinstance(f, wire.PeerAuth) and not self.peer:
+            if f.role != "peer" or not auth.check_peer_proof(
+                    server.secrets.peer_secret, self.nonce, f.role, f.name, f.proof):
+                raise ProtocolViolation("bad_proof", "peer authentication failed")
+            self.peer = True
+            self.send(wire.Welcome(server_id="login", epoch=0))
+        elif isinstance(f, wire.AccountsRequest) and self.peer:
+            limit = min(f.limit or 100, 200)
+            handles = sorted(h for h in server.accounts if h > f.after)
+            page = [wire.AccountRecord(handle=h, password_hash=server.accounts[h][0],
+                                       moved=server.accounts[h][1]) for h in handles[:limit]]
+            self.send(wire.AccountsPage(req_id=f.req_id, accounts=page,
+                                        done=len(handles) <= limit))
+        elif isinstance(f, wire.SetMoved) and self.peer:
+            if server.set_moved(f.handle, f.moved):
+                self.send(wire.Ack(req_id=f.req_id, status="ok", value=0))
+            else:
+                self.send(wire.RequestFailed(req_id=f.req_id, code="unknown_handle",
+                                             reason=f"no account {f.handle!r}"))
+        else:
+            raise ProtocolViolation("forbidden", f"{type(f).__name__} is not allowed here")

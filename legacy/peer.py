@@ -1,0 +1,175 @@
+"""The privileged peer client: how the bridge and the reconcilers talk to a supernode.
+
+``connect_peer`` authenticates by challenge-response over the shared peer secret and returns a
+``PeerConnection`` whose request methods return Deferreds matched to replies by ``req_id``.
+A feed subscription delivers ``FeedStatus``/``FeedMessage``/``FeedPresence``/``FeedChat``
+frames to a handler; the subscriber grants credit as it consumes, which is the flow control.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory
+
+from legacy import auth, wire
+from legacy.framing import FrameProtocol, ProtocolViolation
+from legacy.network import Network
+
+FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
+_REPLIES = (wire.Ack, wire.DigestReply, wire.ListReply, wire.FetchReply, wire.ChatsReply,
+            wire.AccountsPage, wire.RequestFailed)
+
+
+class PeerRequestFailed(Exception):
+    """The server answered a request with ``RequestFailed``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class PeerRefused(Exception):
+    """The server closed the connection with an ``Error`` frame (e.g. bad proof)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class PeerConnection(FrameProtocol):
+    def __init__(self, name: str, secret: bytes) -> None:
+        self.name = name
+        self.secret = secret
+        self.ready: defer.Deferred = defer.Deferred()
+        self.server_id = ""
+        self.epoch = 0
+        self._next_req = 0
+        self._pending: dict[int, defer.Deferred] = {}
+        self._host_cache: deque[defer.Deferred] = deque()
+        self.feed_handler: Callable[[Any], None] | None = None
+        self.closed: defer.Deferred = defer.Deferred()
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def frameReceived(self, f: Any) -> None:  # noqa: N802
+        if isinstance(f, wire.Challenge):
+            self.send(wire.PeerAuth(role="peer", name=self.name,
+                                    proof=auth.peer_proof(self.secret, f.nonce, "peer",
+                                                          self.name)))
+        elif isinstance(f, wire.Welcome):
+            self.server_id, self.epoch = f.server_id, f.epoch
+            if not self.ready.called:
+                self.ready.callback(self)
+        elif isinstance(f, wire.Error):
+            exc = PeerRefused(f.code, f.reason)
+            if not self.ready.called:
+                self.ready.errback(exc)
+            self._fail_all(exc)
+        elif isinstance(f, FEED_FRAMES):
+            if self.feed_handler is None:
+                raise ProtocolViolation("unexpected", "feed frame without a subscription")
+            self.feed_handler(f)
+        elif isinstance(f, wire.HostCache):
+            if self._host_cache:
+                self._host_cache.popleft().callback(list(f.supernodes))
+        elif isinstance(f, _REPLIES):
+            d = self._pending.pop(f.req_id, None)
+            if d is None:
+                return
+            if isinstance(f, wire.RequestFailed):
+                d.errback(PeerRequestFailed(f.code, f.reason))
+            else:
+                d.callback(f)
+        else:
+            raise ProtocolViolation("unexpected", f"{type(f).__name__} sent to a peer")
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        exc = error.ConnectionLost("connection to the supernode was lost")
+        if not self.ready.called:
+            self.ready.errback(exc)
+        self._fail_all(exc)
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(exc)
+        while self._host_cache:
+            self._host_cache.popleft().errback(exc)
+
+    def _request(self, make: Callable[[int], Any]) -> defer.Deferred:
+        self._next_req = (self._next_req + 1) % (1 << 32)
+        req_id = self._next_req
+        d: defer.Deferred = defer.Deferred()
+        self._pending[req_id] = d
+        self.send(make(req_id))
+        return d
+
+    def disconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- API ----------------------------------------------------------------------------------
+
+    def host_cache(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._host_cache.append(d)
+        self.send(wire.HostCacheRequest())
+        return d
+
+    def subscribe(self, epoch: int, offset: int, window: int,
+                  handler: Callable[[Any], None]) -> None:
+        """Stream the feed from (epoch, offset); *handler* gets every feed frame."""
+        self.feed_handler = handler
+        self.send(wire.FeedSubscribe(epoch=epoch, offset=offset, window=window))
+
+    def credit(self, count: int) -> None:
+        self.send(wire.FeedCredit(count=count))
+
+    def digests(self, rng: wire.Range, split_bits: int = 0) -> defer.Deferred:
+        return self._request(lambda r: wire.DigestRequest(req_id=r, range=rng,
+                                                          split_bits=split_bits)
+                             ).addCallback(lambda f: list(f.digests))
+
+    def list_guids(self, rng: wire.Range, limit: int = 0) -> defer.Deferred:
+        return self._request(lambda r: wire.ListRequest(req_id=r, range=rng, limit=limit))
+
+    def fetch(self, chat_id: str, guids: list[str]) -> defer.Deferred:
+        return self._request(lambda r: wire.FetchRequest(req_id=r, chat_id=chat_id, guids=guids))
+
+    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+        """Fires with the ``Ack``: status ``new`` or ``duplicate``, value = legacy_seq."""
+        return self._request(lambda r: wire.InjectMessage(req_id=r, message=message,
+                                                          members=members))
+
+    def inject_presence(self, handle: str, status: str, ttl_ms: int,
+                        origin: str) -> defer.Deferred:
+        return self._request(lambda r: wire.InjectPresence(req_id=r, handle=handle,
+                                                           status=status, ttl_ms=ttl_ms,
+                                                           origin=origin))
+
+    def chats(self, after: str = "", limit: int = 200) -> defer.Deferred:
+        return self._request(lambda r: wire.ChatsRequest(req_id=r, after=after, limit=limit))
+
+    def accounts(self, after: str = "", limit: int = 200) -> defer.Deferred:
+        """Login server only: one page of accounts after *after*."""
+        return self._request(lambda r: wire.AccountsRequest(req_id=r, after=after, limit=limit))
+
+    def set_moved(self, handle: str, moved: bool) -> defer.Deferred:
+        """Login server only: refuse (or again accept) the handle's legacy logins."""
+        return self._request(lambda r: wire.SetMoved(req_id=r, handle=handle, moved=moved))
+
+
+def connect_peer(network: Network, host: str, port: int, *, name: str, secret: bytes,
+                 timeout: float = 5.0) -> defer.Deferred:
+    """Connect and authenticate; fires with a ready ``PeerConnection``."""
+    d = network.connect(host, port, Factory.forProtocol(lambda: PeerConnection(name, secret)),
+                        timeout=timeout)
+    return d.addCallback(lambda proto: proto.ready)

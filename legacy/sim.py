@@ -1,0 +1,341 @@
+"""A whole legacy network with its traffic and faults, on either runtime.
+
+``LegacyDeployment`` builds the login server, the supernodes, the population and the fault
+schedule over any ``Network``. ``simulate`` runs it on a ``SimClock`` and an in-memory network
+(seconds of simulated time in far less wall time, one seed -> one trace hash); ``run_tcp``
+runs the same code over loopback TCP with a real reactor.
+
+A run with a duration has three phases::
+
+    0 ........ traffic and faults ........ heal_at ...... drain (no faults) ...... end
+    logins spread over the first seconds   crashed SNs restarted, sends retried, summary
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from legacy import auth, wire
+from legacy.client import Device, TrafficStats
+from legacy.faults import PRESETS, FaultPlan, HopFaults
+from legacy.login import LoginServer
+from legacy.network import MemoryNetwork, Network, TCPNetwork
+from legacy.ring import HashRing
+from legacy.simclock import SimClock
+from legacy.supernode import Secrets, Supernode, SupernodeConfig
+from legacy.trace import Trace
+from legacy.traffic import TrafficGenerator, WorkloadConfig, build_population
+
+log = Logger()
+
+
+@attrs.frozen
+class RunConfig:
+    """One run of the legacy network. Validated here so every front end gets the same errors."""
+
+    supernodes: int = 8
+    users: int = 200
+    rate: float = 20.0
+    faults: str = "none"
+    seed: int = 1
+    host: str = "127.0.0.1"
+    base_port: int = 47100
+    login_port: int = 0  # 0: base_port + supernodes
+    duration: float | None = 60.0
+    password_iterations: int = 100
+    feed_capacity: int = 10_000
+    presence_ttl: float = 120.0
+    refresh_interval: float = 40.0
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.supernodes <= 5000:
+            raise ValueError("--supernodes must be between 1 and 5000")
+        if not 2 <= self.users <= 1_000_000:
+            raise ValueError("--users must be between 2 and 1000000")
+        if not 0 <= self.rate <= 100_000:
+            raise ValueError("--rate must be between 0 and 100000 messages per second")
+        if self.faults not in PRESETS:
+            raise ValueError(f"--faults must be one of {', '.join(PRESETS)}")
+        if self.duration is not None and not 0 < self.duration <= 30 * 86400:
+            raise ValueError("--duration must be positive (and at most 30 days)")
+        last = self.base_port + self.supernodes
+        if not 1 <= self.base_port or last > 65535:
+            raise ValueError("--port leaves no room for the supernodes below 65536")
+        if self.seed < 0:
+            raise ValueError("--seed must not be negative")
+
+    @property
+    def plan(self) -> FaultPlan:
+        return PRESETS[self.faults]
+
+    @property
+    def heal_at(self) -> float | None:
+        """When faults and traffic stop, leaving time for retries and holds to settle."""
+        if self.duration is None:
+            return None
+        return self.duration - min(30.0, max(self.duration * 0.3, 0.0))
+
+
+class LegacyDeployment(service.MultiService):
+    """The login server, the supernodes, the population and the faults of one run."""
+
+    def __init__(self, config: RunConfig, network: Network, *, peer_secret: bytes,
+                 login_secret: bytes) -> None:
+        super().__init__()
+        self.config = config
+        self.network = network
+        self.clock: IReactorTime = network.clock
+        self.trace = Trace(self.clock)
+        root = random.Random(config.seed)
+        # Separate streams so that, e.g., adding a fault does not reshuffle the population.
+        self.rng_population = random.Random(root.getrandbits(64))
+        self.rng_traffic = random.Random(root.getrandbits(64))
+        self.rng_faults = random.Random(root.getrandbits(64))
+        self.rng_nodes = random.Random(root.getrandbits(64))
+        self.rng_devices = random.Random(root.getrandbits(64))
+        self.secrets = Secrets(peer_secret=peer_secret, login_secret=login_secret)
+        self.hop_faults = HopFaults(config.plan, self.rng_faults)
+        self.stats = TrafficStats()
+        ids = [f"sn{i:04d}" for i in range(config.supernodes)]
+        self.directory = {sn: wire.SupernodeAddress(sn_id=sn, host=config.host,
+                                                    port=config.base_port + i)
+                          for i, sn in enumerate(ids)}
+        self.ring = HashRing(ids)
+        self.supernodes: dict[str, Supernode] = {}
+        for sn in ids:
+            node = Supernode(
+                SupernodeConfig(sn_id=sn, host=config.host, port=self.directory[sn].port,
+                                feed_capacity=config.feed_capacity,
+                                presence_ttl=config.presence_ttl,
+                                refresh_interval=config.refresh_interval),
+                network=network, ring=self.ring, directory=self.directory,
+                secrets=self.secrets, hop_faults=self.hop_faults, trace=self.trace,
+                rng=random.Random(self.rng_nodes.getrandbits(64)))
+            self.supernodes[sn] = node
+            node.setServiceParent(self)
+        login_port = config.login_port or config.base_port + config.supernodes
+        self.login = LoginServer(network=network, host=config.host, port=login_port,
+                                 secrets=self.secrets, directory=self.directory,
+                                 rng=random.Random(self.rng_nodes.getrandbits(64)))
+        self.login.setServiceParent(self)
+        self.workload = WorkloadConfig(users=config.users, rate=config.rate)
+        users, self.chats = build_population(self.workload, self.rng_population)
+        salt_rng = random.Random(self.rng_population.getrandbits(64))
+        self.devices: dict[str, list[Device]] = {}
+        for u in users:
+            self.login.add_account(u.handle, auth.hash_password(
+                u.password, salt=salt_rng.randbytes(16), iterations=config.password_iterations))
+            n = 1 + (self.rng_population.random() < self.workload.second_device_share)
+            self.devices[u.handle] = [
+                Device(u, f"d{k}", network=network, login_host=config.host,
+                       login_port=login_port, rng=random.Random(self.rng_devices.getrandbits(64)),
+                       stats=self.stats, trace=self.trace) for k in range(n)]
+        self.traffic = TrafficGenerator(self.workload, self.chats, self.devices, self.clock,
+                                        self.rng_traffic)
+        self.crashes = 0
+        self._fault_calls: list[Any] = []
+        self._down: dict[str, None] = {}
+        self.started_at = 0.0
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """After the services listen: logins, traffic, and (until heal) faults."""
+        self.started_at = self.clock.seconds()
+        self.traffic.start_sessions()
+        self.traffic.start_sending()
+        self._schedule_faults()
+
+    def heal(self) -> None:
+        """Stop traffic and every fault; restart what is down so the network can settle."""
+        self.trace.record("heal")
+        self.traffic.stop_sending()
+        self.traffic.stop_churn()
+        self.hop_faults.heal()
+        for call in self._fault_calls:
+            if call.active():
+                call.cancel()
+        self._fault_calls.clear()
+        for sn in list(self._down):
+            self._restart(sn)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def _schedule_faults(self) -> None:
+        plan = self.config.plan
+        if not plan.any:
+            return
+        window = (self.config.heal_at or 600.0)
+        rng = self.rng_faults
+        at = self._fault_calls.append
+
+        def every(interval: float, fn: Any) -> None:
+            t = rng.expovariate(1.0 / interval)
+            while t < window:
+                at(self.clock.callLater(t, fn))
+                t += rng.expovariate(1.0 / interval)
+
+        if plan.crash_interval:
+            every(plan.crash_interval, self._crash_one)
+        if plan.link_drop_interval:
+            every(plan.link_drop_interval, self._drop_link)
+        if plan.partition_at >= 0:
+            at(self.clock.callLater(window * plan.partition_at, self._partition))
+        if plan.correlated_crash_at >= 0:
+            at(self.clock.callLater(window * plan.correlated_crash_at, self._correlated_crash))
+        if plan.relogin_storm_at >= 0:
+            at(self.clock.callLater(window * plan.relogin_storm_at, self._storm))
+
+    def _running(self) -> list[str]:
+        return [sn for sn in self.supernodes if sn not in self._down]
+
+    def _crash(self, sn: str, restart_after: float) -> None:
+        self._down[sn] = None
+        self.crashes += 1
+        self.supernodes[sn].crash()
+        self._fault_calls.append(self.clock.callLater(restart_after, self._restart, sn))
+
+    def _restart(self, sn: str) -> None:
+        if sn in self._down:
+            del self._down[sn]
+            self.supernodes[sn].restart()
+
+    def _crash_one(self) -> None:
+        running = self._running()
+        if len(running) > 1:
+            self._crash(running[self.rng_faults.randrange(len(running))],
+                        self.config.plan.restart_after)
+
+    def _correlated_crash(self) -> None:
+        running = self._running()
+        n = int(len(running) * self.config.plan.correlated_fraction)
+        self.trace.record("correlated_crash", n)
+        for sn in self.rng_faults.sample(running, n):
+            self._crash(sn, self.config.plan.restart_after * 2)
+
+    def _drop_link(self) -> None:
+        running = self._running()
+        if not running:
+            return
+        node = self.supernodes[running[self.rng_faults.randrange(len(running))]]
+        conns = list(node._conns)
+        if conns:
+            victim = conns[self.rng_faults.randrange(len(conns))]
+            self.trace.record("link_drop", node.sn_id, victim.role, victim.handle)
+            victim.transport.abortConnection()
+
+    def _partition(self) -> None:
+        ids = list(self.supernodes)
+        side = frozenset(self.rng_faults.sample(ids, len(ids) // 2))
+        self.trace.record("partition", len(side))
+        self.hop_faults.partition(side, frozenset(ids) - side)
+        self._fault_calls.append(self.clock.callLater(self.config.plan.partition_seconds,
+                                                      self._unpartition))
+
+    def _unpartition(self) -> None:
+        self.trace.record("unpartition")
+        self.hop_faults._sides = None
+
+    def _storm(self) -> None:
+        self.trace.record("relogin_storm")
+        self.traffic.relogin_storm()
+
+    # -- summary --------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The figures of the run, from the clients' own records and the supernodes' holds."""
+        stats = self.stats
+        expected = {(g, r) for g, rs in stats.sent.items() for r in rs}
+        delivered = stats.delivered & expected
+        held = set()
+        for node in self.supernodes.values():
+            held |= node.held_pairs()
+        held_offline = len((held & expected) - delivered)
+        return {
+            "supernodes": self.config.supernodes,
+            "users": self.config.users,
+            "faults": self.config.faults,
+            "seed": self.config.seed,
+            "sent": len(stats.sent),
+            "acked": len(stats.acked & set(stats.sent)),
+            "expected_deliveries": len(expected),
+            "delivered": len(delivered),
+            "held_offline": held_offline,
+            "lost_to_faults": len(expected) - len(delivered) - held_offline,
+            "gave_up": stats.gave_up,
+            "presence_changes": sum(n.presence_changes for n in self.supernodes.values()),
+            "presence_notices": stats.presence_notices,
+            "sn_crashes": self.crashes,
+            "hop_frames_lost": self.hop_faults.lost,
+            "hop_frames_duplicated": self.hop_faults.duplicated,
+            "events": self.trace.events,
+            "trace_hash": self.trace.hexdigest(),
+        }
+
+
+def simulate(config: RunConfig, *, peer_secret: bytes = b"sim-peer",
+             login_secret: bytes = b"sim-login") -> dict[str, Any]:
+    """Run *config* on the deterministic in-memory network; returns the summary."""
+    if config.duration is None:
+        raise ValueError("a simulation needs a duration")
+    clock = SimClock()
+    network = MemoryNetwork(clock)
+    dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret)
+    wall = time.perf_counter()
+    dep.startService()
+    clock.run_until(0.0)
+    dep.begin()
+    clock.run_until(config.heal_at)
+    dep.heal()
+    clock.run_until(config.duration)
+    out = dep.summary()
+    dep.stopService()
+    clock.run_until(config.duration + 1.0)
+    wall = time.perf_counter() - wall
+    out["simulated_seconds"] = config.duration
+    out["wall_seconds"] = round(wall, 3)
+    out["events_per_s"] = round(out["events"] / wall, 1) if wall > 0 else None
+    return out
+
+
+@defer.inlineCallbacks
+def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret: bytes,
+            on_listening: Any = None, stop_signal: defer.Deferred | None = None) -> Any:
+    """Run *config* over loopback TCP with *reactor*; fires with the summary.
+
+    Without a duration the run lasts until *stop_signal* fires (Ctrl-C in the CLI).
+    """
+    network = TCPNetwork(reactor)
+    dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret)
+    wall = time.perf_counter()
+    yield defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],
+                              consumeErrors=True)
+    dep.running = 1
+    if on_listening is not None:
+        on_listening(dep)
+    dep.begin()
+    if config.duration is not None:
+        yield _sleep(reactor, config.heal_at)
+        dep.heal()
+        yield _sleep(reactor, config.duration - config.heal_at)
+    else:
+        yield stop_signal
+        dep.heal()
+    out = dep.summary()
+    yield dep.stopService()
+    out["wall_seconds"] = round(time.perf_counter() - wall, 3)
+    return out
+
+
+def _sleep(clock: IReactorTime, seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d

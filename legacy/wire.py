@@ -1,0 +1,736 @@
+"""The legacy wire protocol: versioned, length-prefixed binary frames.
+
+On the wire a frame is::
+
+    u32 length | u8 version | u8 type | payload
+
+The length prefix is handled by ``Int32StringReceiver`` (see ``legacy.framing``); this module
+encodes and strictly decodes what follows it. Every frame type is a frozen attrs class whose
+fields carry a wire kind in their metadata, so the schema is declared once and both directions
+follow it. Decoding never trusts the input: wrong version, unknown type, a length that runs
+past the end, invalid UTF-8, trailing bytes or a value out of range all raise ``WireError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+PROTOCOL_VERSION = 1
+#: Hard maximum for one frame (version + type + payload). Larger frames close the connection.
+MAX_FRAME_BYTES = 64 * 1024
+MAX_BODY_BYTES = 8 * 1024
+MAX_MEMBERS = 100
+MAX_NAME_BYTES = 128
+
+
+class WireError(ValueError):
+    """A frame that cannot be decoded or encoded; the connection that sent it is closed."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+# -- field kinds -------------------------------------------------------------------------------
+
+class Kind:
+    """One wire field kind: knows how to append a value and read it back strictly."""
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def decode(self, buf: bytes, pos: int) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def check(self, value: Any) -> None:
+        """Raise ``WireError`` if *value* can not be encoded with this kind."""
+
+
+class _Int(Kind):
+    def __init__(self, fmt: str) -> None:
+        self._struct = struct.Struct(">" + fmt)
+        self._size = self._struct.size
+        self._max = (1 << (8 * self._size)) - 1
+
+    def encode(self, value: int, out: list[bytes]) -> None:
+        out.append(self._struct.pack(value))
+
+    def decode(self, buf: bytes, pos: int) -> tuple[int, int]:
+        end = pos + self._size
+        if end > len(buf):
+            raise WireError("truncated", "integer runs past the end of the frame")
+        return self._struct.unpack_from(buf, pos)[0], end
+
+    def check(self, value: Any) -> None:
+        if type(value) is not int or not 0 <= value <= self._max:
+            raise WireError("range", f"{value!r} is not an unsigned {8 * self._size}-bit int")
+
+
+class _Bool(Kind):
+    def encode(self, value: bool, out: list[bytes]) -> None:
+        out.append(b"\x01" if value else b"\x00")
+
+    def decode(self, buf: bytes, pos: int) -> tuple[bool, int]:
+        if pos >= len(buf):
+            raise WireError("truncated", "bool runs past the end of the frame")
+        b = buf[pos]
+        if b > 1:
+            raise WireError("range", f"bool byte {b} is neither 0 nor 1")
+        return b == 1, pos + 1
+
+    def check(self, value: Any) -> None:
+        if type(value) is not bool:
+            raise WireError("range", f"{value!r} is not a bool")
+
+
+_U16 = struct.Struct(">H")
+
+
+class _Bytes(Kind):
+    """u16 length + raw bytes, at most *limit* bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def encode(self, value: bytes, out: list[bytes]) -> None:
+        out.append(_U16.pack(len(value)))
+        out.append(value)
+
+    def decode(self, buf: bytes, pos: int) -> tuple[bytes, int]:
+        if pos + 2 > len(buf):
+            raise WireError("truncated", "length runs past the end of the frame")
+        (n,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        if n > self.limit:
+            raise WireError("too_long", f"field of {n} bytes exceeds {self.limit}")
+        if pos + n > len(buf):
+            raise WireError("truncated", "field runs past the end of the frame")
+        return bytes(buf[pos:pos + n]), pos + n
+
+    def check(self, value: Any) -> None:
+        if type(value) is not bytes or len(value) > self.limit:
+            raise WireError("range", f"bytes field must be at most {self.limit} bytes")
+
+
+class _Str(_Bytes):
+    """u16 length + UTF-8, strictly decoded, at most *limit* encoded bytes."""
+
+    def encode(self, value: str, out: list[bytes]) -> None:
+        data = value.encode("utf-8")
+        out.append(_U16.pack(len(data)))
+        out.append(data)
+
+    def decode(self, buf: bytes, pos: int) -> tuple[str, int]:
+        raw, pos = super().decode(buf, pos)
+        try:
+            return raw.decode("utf-8"), pos
+        except UnicodeDecodeError as e:
+            raise WireError("utf8", "string field is not valid UTF-8") from e
+
+    def check(self, value: Any) -> None:
+        if type(value) is not str:
+            raise WireError("range", f"{value!r} is not a string")
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise WireError("utf8", "string is not encodable as UTF-8") from e
+        if n > self.limit:
+            raise WireError("too_long", f"string of {n} bytes exceeds {self.limit}")
+
+
+class _List(Kind):
+    """u16 count + items of one kind, at most *limit* items."""
+
+    def __init__(self, item: Kind, limit: int) -> None:
+        self.item = item
+        self.limit = limit
+
+    def encode(self, value: tuple, out: list[bytes]) -> None:
+        out.append(_U16.pack(len(value)))
+        enc = self.item.encode
+        for v in value:
+            enc(v, out)
+
+    def decode(self, buf: bytes, pos: int) -> tuple[tuple, int]:
+        if pos + 2 > len(buf):
+            raise WireError("truncated", "list count runs past the end of the frame")
+        (n,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        if n > self.limit:
+            raise WireError("too_long", f"list of {n} items exceeds {self.limit}")
+        items = []
+        dec = self.item.decode
+        for _ in range(n):
+            v, pos = dec(buf, pos)
+            items.append(v)
+        return tuple(items), pos
+
+    def check(self, value: Any) -> None:
+        if type(value) is not tuple or len(value) > self.limit:
+            raise WireError("range", f"list must be a tuple of at most {self.limit} items")
+        for v in value:
+            self.item.check(v)
+
+
+class _Record(Kind):
+    """A nested attrs value encoded field by field."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        for name, kind in self.cls.WIRE_FIELDS:
+            kind.encode(getattr(value, name), out)
+
+    def decode(self, buf: bytes, pos: int) -> tuple[Any, int]:
+        values = []
+        for _name, kind in self.cls.WIRE_FIELDS:
+            v, pos = kind.decode(buf, pos)
+            values.append(v)
+        try:
+            return self.cls(*values), pos
+        except (ValueError, TypeError) as e:
+            raise WireError("invalid", f"{self.cls.__name__}: {e}") from e
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, self.cls):
+            raise WireError("range", f"{value!r} is not a {self.cls.__name__}")
+        for name, kind in self.cls.WIRE_FIELDS:
+            kind.check(getattr(value, name))
+
+
+U8 = _Int("B")
+U16 = _Int("H")
+U32 = _Int("I")
+U64 = _Int("Q")
+BOOL = _Bool()
+NAME = _Str(MAX_NAME_BYTES)
+TEXT = _Str(MAX_BODY_BYTES)
+SHORT_BYTES = _Bytes(256)
+MEMBERS = _List(NAME, MAX_MEMBERS)
+
+
+def list_of(kind: Kind, limit: int = 4096) -> _List:
+    """A list field of *kind* with at most *limit* items (the frame size still bounds it)."""
+    return _List(kind, limit)
+
+
+def record(cls: type) -> _Record:
+    """A field holding a nested value class (one declared with ``@value``)."""
+    return _Record(cls)
+
+
+def w(kind: Kind, **kw: Any) -> Any:
+    """Declare an attrs field with its wire kind (list fields accept any iterable)."""
+    if isinstance(kind, _List):
+        kw.setdefault("converter", tuple)
+    return attrs.field(metadata={"wire": kind}, **kw)
+
+
+def _collect(cls: type) -> type:
+    cls.WIRE_FIELDS = tuple((f.name, f.metadata["wire"]) for f in attrs.fields(cls))
+    return cls
+
+
+def value(cls: type) -> type:
+    """Class decorator for nested wire values: frozen attrs plus the field table."""
+    return _collect(attrs.frozen(cls))
+
+
+FRAME_TYPES: dict[int, type] = {}
+
+
+def frame(type_id: int) -> Callable[[type], type]:
+    """Class decorator registering a frame type under its one-byte type id."""
+
+    def register(cls: type) -> type:
+        if type_id in FRAME_TYPES:
+            raise RuntimeError(f"frame type {type_id:#x} registered twice")
+        cls = _collect(attrs.frozen(cls))
+        cls.TYPE_ID = type_id
+        cls._record = _Record(cls)
+        FRAME_TYPES[type_id] = cls
+        return cls
+
+    return register
+
+
+def encode(f: Any) -> bytes:
+    """Encode a frame (without the u32 length prefix). Raises ``WireError`` for bad values."""
+    rec: _Record = type(f)._record
+    rec.check(f)
+    out = [bytes((PROTOCOL_VERSION, type(f).TYPE_ID))]
+    rec.encode(f, out)
+    data = b"".join(out)
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("too_large", f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    return data
+
+
+def decode(data: bytes) -> Any:
+    """Strictly decode one frame body (what follows the length prefix)."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("too_large", f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    if len(data) < 2:
+        raise WireError("truncated", "frame shorter than its header")
+    version, type_id = data[0], data[1]
+    if version != PROTOCOL_VERSION:
+        raise WireError("version", f"protocol version {version} is not {PROTOCOL_VERSION}")
+    cls = FRAME_TYPES.get(type_id)
+    if cls is None:
+        raise WireError("unknown_type", f"unknown frame type {type_id:#04x}")
+    f, pos = cls._record.decode(data, 2)
+    if pos != len(data):
+        raise WireError("trailing", f"{len(data) - pos} bytes after the end of {cls.__name__}")
+    return f
+
+
+# -- nested values -------------------------------------------------------------------------------
+
+@value
+class SupernodeAddress:
+    sn_id: str = w(NAME)
+    host: str = w(NAME)
+    port: int = w(U16)
+
+
+@value
+class ChatMessage:
+    """One message as the legacy network stores and forwards it."""
+
+    chat_id: str = w(NAME)
+    guid: str = w(NAME)
+    legacy_seq: int = w(U64)
+    sender: str = w(NAME)
+    ts_ms: int = w(U64)
+    body: str = w(TEXT)
+    origin: str = w(NAME)
+
+
+@value
+class Range:
+    """A digest range: one conversation, a time window [start_ms, end_ms), a GUID-hash prefix."""
+
+    chat_id: str = w(NAME)
+    start_ms: int = w(U64)
+    end_ms: int = w(U64)
+    prefix_bits: int = w(U8)
+    prefix: int = w(U32)
+
+
+@value
+class Digest:
+    count: int = w(U64)
+    total: int = w(U64)
+
+
+@value
+class AccountRecord:
+    handle: str = w(NAME)
+    password_hash: str = w(NAME)
+    moved: bool = w(BOOL)
+
+
+@value
+class ChatInfo:
+    chat_id: str = w(NAME)
+    members: tuple = w(MEMBERS)
+    last_seq: int = w(U64)
+
+
+# -- handshake ---------------------------------------------------------------------------------
+
+@frame(0x01)
+class Challenge:
+    """Server -> any: first frame on every connection; the nonce is what peers sign."""
+
+    nonce: bytes = w(SHORT_BYTES)
+    server_id: str = w(NAME)
+
+
+@frame(0x02)
+class ClientLogin:
+    """Client -> SN: present the login server's credential."""
+
+    handle: str = w(NAME)
+    device: str = w(NAME)
+    expires_ms: int = w(U64)
+    signature: bytes = w(SHORT_BYTES)
+
+
+@frame(0x03)
+class PeerAuth:
+    """SN or privileged peer -> server: HMAC(secret, nonce | role | name)."""
+
+    role: str = w(NAME)
+    name: str = w(NAME)
+    proof: bytes = w(SHORT_BYTES)
+
+
+@frame(0x04)
+class Welcome:
+    server_id: str = w(NAME)
+    epoch: int = w(U64)
+
+
+@frame(0x05)
+class Error:
+    """Fatal: the sender closes the connection after this frame."""
+
+    code: str = w(NAME)
+    reason: str = w(TEXT)
+
+
+# -- login server ------------------------------------------------------------------------------
+
+@frame(0x10)
+class LoginRequest:
+    handle: str = w(NAME)
+    password: str = w(NAME)
+
+
+@frame(0x11)
+class Credential:
+    handle: str = w(NAME)
+    expires_ms: int = w(U64)
+    signature: bytes = w(SHORT_BYTES)
+    supernodes: tuple = w(list_of(record(SupernodeAddress)))
+
+
+@frame(0x12)
+class HostCacheRequest:
+    pass
+
+
+@frame(0x13)
+class HostCache:
+    supernodes: tuple = w(list_of(record(SupernodeAddress)))
+
+
+@frame(0x14)
+class AccountsRequest:
+    req_id: int = w(U32)
+    after: str = w(NAME)
+    limit: int = w(U16)
+
+
+@frame(0x15)
+class AccountsPage:
+    req_id: int = w(U32)
+    accounts: tuple = w(list_of(record(AccountRecord)))
+    done: bool = w(BOOL)
+
+
+@frame(0x16)
+class SetMoved:
+    req_id: int = w(U32)
+    handle: str = w(NAME)
+    moved: bool = w(BOOL)
+
+
+@frame(0x17)
+class Ack:
+    req_id: int = w(U32)
+    status: str = w(NAME)
+    value: int = w(U64)
+
+
+@frame(0x18)
+class RequestFailed:
+    """Non-fatal answer to one request; the connection stays open."""
+
+    req_id: int = w(U32)
+    code: str = w(NAME)
+    reason: str = w(TEXT)
+
+
+# -- client <-> supernode -----------------------------------------------------------------------
+
+@frame(0x20)
+class Send:
+    guid: str = w(NAME)
+    chat_id: str = w(NAME)
+    members: tuple = w(MEMBERS)
+    body: str = w(TEXT)
+
+
+@frame(0x21)
+class SendAck:
+    guid: str = w(NAME)
+    chat_id: str = w(NAME)
+    legacy_seq: int = w(U64)
+    ts_ms: int = w(U64)
+
+
+@frame(0x22)
+class Deliver:
+    message: ChatMessage = w(record(ChatMessage))
+
+
+@frame(0x23)
+class SetPresence:
+    status: str = w(NAME)
+
+
+@frame(0x24)
+class Subscribe:
+    handles: tuple = w(list_of(NAME, 1000))
+
+
+@frame(0x25)
+class PresenceNotice:
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    version: int = w(U64)
+    expires_ms: int = w(U64)
+
+
+# -- supernode <-> supernode ---------------------------------------------------------------------
+
+@frame(0x30)
+class RouteSend:
+    """Sender's SN -> home SN of the chat."""
+
+    from_sn: str = w(NAME)
+    sender: str = w(NAME)
+    device: str = w(NAME)
+    guid: str = w(NAME)
+    chat_id: str = w(NAME)
+    members: tuple = w(MEMBERS)
+    body: str = w(TEXT)
+
+
+@frame(0x31)
+class RouteAck:
+    """Home SN -> sender's SN: the message has its legacy_seq."""
+
+    sender: str = w(NAME)
+    device: str = w(NAME)
+    guid: str = w(NAME)
+    chat_id: str = w(NAME)
+    legacy_seq: int = w(U64)
+    ts_ms: int = w(U64)
+
+
+@frame(0x32)
+class RouteToIndex:
+    """Home SN -> index owner of the recipients: deliver where they are online."""
+
+    from_sn: str = w(NAME)
+    recipients: tuple = w(MEMBERS)
+    message: ChatMessage = w(record(ChatMessage))
+
+
+@frame(0x33)
+class DeliverLocal:
+    """Index owner or home SN -> the SN the recipients are attached to."""
+
+    home_sn: str = w(NAME)
+    recipients: tuple = w(MEMBERS)
+    message: ChatMessage = w(record(ChatMessage))
+
+
+@frame(0x34)
+class HoldBack:
+    """-> home SN: these recipients are offline; hold the message for them."""
+
+    recipients: tuple = w(MEMBERS)
+    chat_id: str = w(NAME)
+    guid: str = w(NAME)
+
+
+@frame(0x35)
+class HoldNote:
+    """Home SN -> index owner: messages are held for *recipient* at *home_sn*."""
+
+    recipient: str = w(NAME)
+    home_sn: str = w(NAME)
+
+
+@frame(0x36)
+class IndexPut:
+    """User's SN -> index owner: the handle is online (or not) at *sn_id*."""
+
+    handle: str = w(NAME)
+    sn_id: str = w(NAME)
+    online: bool = w(BOOL)
+    expires_ms: int = w(U64)
+    version: int = w(U64)  # per (handle, sn): a delayed older put never overrides a newer one
+
+
+@frame(0x37)
+class FlushHeld:
+    """Index owner -> home SN: deliver what you hold for *recipient* at *sn_id*."""
+
+    recipient: str = w(NAME)
+    sn_id: str = w(NAME)
+
+
+@frame(0x38)
+class PresencePublish:
+    """User's SN -> index owner (the presence hub of the handle)."""
+
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    version: int = w(U64)
+    expires_ms: int = w(U64)
+    origin: str = w(NAME)
+
+
+@frame(0x39)
+class PresenceSubscribe:
+    """Subscriber's SN -> index owner of *handle*."""
+
+    handle: str = w(NAME)
+    subscriber_sn: str = w(NAME)
+
+
+@frame(0x3A)
+class PresenceFanout:
+    """Index owner -> subscriber SNs."""
+
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    version: int = w(U64)
+    expires_ms: int = w(U64)
+
+
+# -- privileged peer <-> supernode ---------------------------------------------------------------
+
+@frame(0x40)
+class FeedSubscribe:
+    epoch: int = w(U64)
+    offset: int = w(U64)
+    window: int = w(U32)
+
+
+@frame(0x41)
+class FeedStatus:
+    """Answer to FeedSubscribe. ``gap`` is ``none``, ``epoch`` or ``expired``; a gap covers
+    offsets [gap_from, gap_to) of the old epoch (``gap_to`` is 0 when unknown)."""
+
+    epoch: int = w(U64)
+    first_offset: int = w(U64)
+    next_offset: int = w(U64)
+    gap: str = w(NAME)
+    gap_epoch: int = w(U64)
+    gap_from: int = w(U64)
+    gap_to: int = w(U64)
+
+
+@frame(0x42)
+class FeedCredit:
+    count: int = w(U32)
+
+
+@frame(0x43)
+class FeedMessage:
+    offset: int = w(U64)
+    message: ChatMessage = w(record(ChatMessage))
+
+
+@frame(0x44)
+class FeedPresence:
+    offset: int = w(U64)
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    version: int = w(U64)
+    expires_ms: int = w(U64)
+    origin: str = w(NAME)
+
+
+@frame(0x45)
+class FeedChat:
+    offset: int = w(U64)
+    chat_id: str = w(NAME)
+    members: tuple = w(MEMBERS)
+
+
+@frame(0x50)
+class DigestRequest:
+    """Digests of *range* split into 2**split_bits sub-ranges by the next GUID-hash bits."""
+
+    req_id: int = w(U32)
+    range: Range = w(record(Range))
+    split_bits: int = w(U8)
+
+
+@frame(0x51)
+class DigestReply:
+    req_id: int = w(U32)
+    digests: tuple = w(list_of(record(Digest), 256))
+
+
+@frame(0x52)
+class ListRequest:
+    req_id: int = w(U32)
+    range: Range = w(record(Range))
+    limit: int = w(U16)
+
+
+@frame(0x53)
+class ListReply:
+    req_id: int = w(U32)
+    guids: tuple = w(list_of(NAME))
+    truncated: bool = w(BOOL)
+
+
+@frame(0x54)
+class FetchRequest:
+    req_id: int = w(U32)
+    chat_id: str = w(NAME)
+    guids: tuple = w(list_of(NAME, 256))
+
+
+@frame(0x55)
+class FetchReply:
+    req_id: int = w(U32)
+    messages: tuple = w(list_of(record(ChatMessage), 256))
+    missing: tuple = w(list_of(NAME, 256))
+
+
+@frame(0x56)
+class InjectMessage:
+    """Peer -> home SN: append *message* (GUID and origin chosen by the injector)."""
+
+    req_id: int = w(U32)
+    message: ChatMessage = w(record(ChatMessage))
+    members: tuple = w(MEMBERS)
+
+
+@frame(0x57)
+class InjectPresence:
+    req_id: int = w(U32)
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    ttl_ms: int = w(U32)
+    origin: str = w(NAME)
+
+
+@frame(0x58)
+class ChatsRequest:
+    req_id: int = w(U32)
+    after: str = w(NAME)
+    limit: int = w(U16)
+
+
+@frame(0x59)
+class ChatsReply:
+    req_id: int = w(U32)
+    chats: tuple = w(list_of(record(ChatInfo), 512))
+    done: bool = w(BOOL)
+
+
+#: Frames an authenticated ordinary client may send to a supernode.
+CLIENT_FRAMES = (Send, SetPresence, Subscribe)
+#: Frames only an authenticated supernode may send.
+SUPERNODE_FRAMES = (RouteSend, RouteAck, RouteToIndex, DeliverLocal, HoldBack, HoldNote,
+                    IndexPut, FlushHeld, PresencePublish, PresenceSubscribe, PresenceFanout)
+#: Frames only an authenticated privileged peer (bridge, reconciler) may send.
+PEER_FRAMES = (FeedSubscribe, FeedCredit, DigestRequest, ListRequest, FetchRequest,
+               InjectMessage, InjectPresence, ChatsRequest, HostCacheRequest)
