@@ -316,8 +316,13 @@ def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret
     network = TCPNetwork(reactor)
     dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret)
     wall = time.perf_counter()
-    yield defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],
-                              consumeErrors=True)
+    try:
+        yield defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],
+                                  consumeErrors=True)
+    except defer.FirstError as e:
+        # Stop what did start (ports that did open), then report the first real cause.
+        yield defer.maybeDeferred(dep.stopService)
+        e.subFailure.raiseException()
     dep.running = 1
     if on_listening is not None:
         on_listening(dep)

@@ -1,0 +1,202 @@
+"""``bridgectl``: the composition root, and the only module that touches the global reactor.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge import state
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user mistake in the arguments; reported as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return v
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bridgectl",
+        description="Dual-stack migration bridge: legacy supernode network <-> cloud service.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    legacy = sub.add_parser("legacy", help="the simulated legacy supernode network",
+                            description="Run or simulate the legacy supernode network.")
+    lsub = legacy.add_subparsers(dest="legacy_command", metavar="SUBCOMMAND")
+    lsub.required = True
+
+    def workload(sp: argparse.ArgumentParser, *, duration_required: bool) -> None:
+        sp.add_argument("--supernodes", type=_positive_int, default=8, metavar="N",
+                        help="number of supernodes (default 8)")
+        sp.add_argument("--users", type=_positive_int, default=200, metavar="N",
+                        help="simulated users (default 200)")
+        sp.add_argument("--rate", type=_number, default=20.0, metavar="MSGS_PER_S",
+                        help="messages per second over the whole network (default 20)")
+        sp.add_argument("--faults", choices=("none", "light", "heavy"), default="none",
+                        help="fault preset (default none)")
+        sp.add_argument("--seed", type=_positive_int, default=1, metavar="N",
+                        help="seed for every random choice (default 1)")
+        sp.add_argument("--duration", type=_number, required=duration_required, metavar="S",
+                        help="seconds to run; the last 30%% (at most 30 s) heal and drain")
+        sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    run = lsub.add_parser("run", help="run the network over loopback TCP",
+                          description="Run supernodes and a login server on 127.0.0.1 with "
+                                      "simulated clients. Supernode i listens on BASE+i. "
+                                      "Without --duration it runs until Ctrl-C.")
+    workload(run, duration_required=False)
+    run.add_argument("--port", type=_positive_int, default=47100, metavar="BASE",
+                     help="port of the first supernode (default 47100)")
+    run.add_argument("--login-port", type=_positive_int, default=0, metavar="P",
+                     help="login server port (default BASE + number of supernodes)")
+    run.add_argument("--peer-secret-file", type=Path, metavar="FILE",
+                     help="shared secret for privileged peers (default: from $BRIDGE_HOME)")
+
+    sim = lsub.add_parser("simulate", help="run the network in memory, deterministically",
+                          description="Run the same workload on the deterministic in-memory "
+                                      "network: one seed, one trace hash.")
+    workload(sim, duration_required=True)
+    return p
+
+
+def _run_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from legacy.sim import RunConfig
+    try:
+        return RunConfig(supernodes=args.supernodes, users=args.users, rate=args.rate,
+                         faults=args.faults, seed=args.seed, duration=args.duration, **extra)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_legacy_simulate(args: argparse.Namespace) -> int:
+    from legacy.sim import simulate
+    config = _run_config(args)
+    _print_summary(simulate(config), args.json)
+    return EXIT_OK
+
+
+def cmd_legacy_run(args: argparse.Namespace) -> int:
+    config = _run_config(args, base_port=args.port, login_port=args.login_port)
+    home = state.state_home()
+    if args.peer_secret_file is not None:
+        peer_secret = state.read_secret_file(args.peer_secret_file)
+    else:
+        peer_secret = state.secret(home, "peer")
+    login_secret = state.secret(home, "login")
+
+    from twisted.internet import defer, error, reactor, task
+
+    from legacy.sim import run_tcp
+
+    result: dict[str, Any] = {}
+    stop_signal: defer.Deferred = defer.Deferred()
+
+    def listening(dep: Any) -> None:
+        last = config.base_port + config.supernodes - 1
+        print(f"legacy network up: login server 127.0.0.1:{dep.login.port}, "
+              f"{config.supernodes} supernodes on 127.0.0.1:{config.base_port}-{last}",
+              file=sys.stderr, flush=True)
+
+        def progress() -> None:
+            s = dep.stats
+            print(f"  t={reactor.seconds() - dep.started_at:6.0f}s sent={len(s.sent)} "
+                  f"acked={len(s.acked)} delivered={len(s.delivered)}",
+                  file=sys.stderr, flush=True)
+        loop = task.LoopingCall(progress)
+        loop.start(10.0, now=False)
+
+    async def main(_reactor: Any) -> None:
+        run = run_tcp(reactor, config, peer_secret=peer_secret, login_secret=login_secret,
+                      on_listening=listening, stop_signal=stop_signal)
+        if config.duration is None:
+            def on_shutdown() -> defer.Deferred:
+                if not stop_signal.called:
+                    stop_signal.callback(None)
+                return run
+            reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+        try:
+            result["summary"] = await run
+        except error.CannotListenError as e:
+            result["error"] = f"cannot listen on {e.interface or '127.0.0.1'}:{e.port}: " \
+                              f"{e.socketError}"
+        except Exception as e:  # a failure of the run, not of the arguments
+            result["error"] = f"{type(e).__name__}: {e}"
+
+    try:
+        task.react(lambda r: defer.Deferred.fromCoroutine(main(r)))
+    except SystemExit:
+        pass
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    if "summary" in result:
+        _print_summary(result["summary"], args.json)
+    return EXIT_OK
+
+
+COMMANDS = {
+    ("legacy", "run"): cmd_legacy_run,
+    ("legacy", "simulate"): cmd_legacy_simulate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bridgectl``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    key = (args.command, getattr(args, f"{args.command}_command", None))
+    try:
+        return COMMANDS[key](args)
+    except (UsageError, state.StateError) as e:
+        print(f"bridgectl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def console_main() -> None:
+    """Console-script wrapper: exit with ``main``'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
