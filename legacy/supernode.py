@@ -615,13 +615,14 @@ class Supernode(service.Service):
                 found, missing, size = [], [], 0
                 for g in f.guids:
                     m = history.get(g)
-                    if m is None:
-                        missing.append(g)
-                        continue
-                    size += len(m.body.encode()) + 512
+                    # Missing GUIDs take room in the reply too (256 of them can be 33 KB).
+                    size += len(g.encode()) + 2 if m is None else len(m.body.encode()) + 512
                     if size > FETCH_BUDGET:
                         break  # the caller asks again for what was neither found nor missing
-                    found.append(m)
+                    if m is None:
+                        missing.append(g)
+                    else:
+                        found.append(m)
                 proto.send(wire.FetchReply(req_id=f.req_id, messages=found, missing=missing))
         elif isinstance(f, wire.InjectMessage):
             self._inject_message(proto, f)
@@ -640,9 +641,16 @@ class Supernode(service.Service):
         elif isinstance(f, wire.ChatsRequest):
             limit = min(f.limit or 200, 200)
             ids = sorted(c for c in mem.chats if c > f.after)
-            page = [wire.ChatInfo(chat_id=c, members=mem.chats[c].members,
-                                  last_seq=mem.chats[c].next_seq - 1) for c in ids[:limit]]
-            proto.send(wire.ChatsReply(req_id=f.req_id, chats=page, done=len(ids) <= limit))
+            page, size = [], 0
+            for c in ids[:limit]:
+                members = mem.chats[c].members
+                # One chat can take 13 KB (100 members of 128 bytes): bound the page by size too.
+                size += len(c.encode()) + 12 + sum(len(m.encode()) + 2 for m in members)
+                if size > FETCH_BUDGET:
+                    break
+                page.append(wire.ChatInfo(chat_id=c, members=members,
+                                          last_seq=mem.chats[c].next_seq - 1))
+            proto.send(wire.ChatsReply(req_id=f.req_id, chats=page, done=len(page) == len(ids)))
         elif isinstance(f, wire.HostCacheRequest):
             proto.send(wire.HostCache(supernodes=list(self.directory.values())))
         else:  # pragma: no cover - PEER_FRAMES and this chain are kept in step

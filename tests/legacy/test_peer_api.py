@@ -1,0 +1,259 @@
+"""The privileged peer API of supernodes and the login server, over the memory network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from legacy import digest, wire
+from legacy.peer import PeerRefused, PeerRequestFailed
+from tests.legacy.netfixture import LegacyNet
+
+ALL_TIME = (0, 1 << 62)
+
+
+def whole(chat_id: str, start_ms: int = ALL_TIME[0], end_ms: int = ALL_TIME[1]) -> wire.Range:
+    return wire.Range(chat_id=chat_id, start_ms=start_ms, end_ms=end_ms, prefix_bits=0, prefix=0)
+
+
+def cloud_message(chat_id: str, guid: str, sender: str = "alice", body: str = "from the cloud",
+                  origin: str = "cloud", ts_ms: int = 1234) -> wire.ChatMessage:
+    return wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0, sender=sender,
+                            ts_ms=ts_ms, body=body, origin=origin)
+
+
+def request_failure(net: LegacyNet, d: Any) -> PeerRequestFailed:
+    with pytest.raises(PeerRequestFailed) as e:
+        net.wait(d)
+    return e.value
+
+
+@pytest.mark.parametrize("target", ["supernode", "login"])
+def test_wrong_peer_secret_is_refused_with_bad_proof(target):
+    """A peer proving a different secret is refused (PeerRefused bad_proof) and disconnected."""
+    net = LegacyNet(3).start()
+    with pytest.raises(PeerRefused) as e:
+        if target == "supernode":
+            net.peer("sn0", secret=b"not-the-peer-secret")
+        else:
+            net.login_peer(secret=b"not-the-peer-secret")
+    assert e.value.code == "bad_proof"
+
+
+def test_digests_list_and_fetch_on_the_home_agree_with_the_messages_sent():
+    """On the home SN, list_guids, fetch and digests describe exactly the messages sent."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn1")
+    members = ("alice", "bob")
+    alice = net.device(net.add_user("alice"), at="sn0")
+    bob = net.device(net.add_user("bob"), at="sn2")
+    net.online(alice, bob)
+    sent = {}
+    for i in range(6):
+        dev = (alice, bob)[i % 2]
+        body = f"message {i} from {dev.user.handle}"
+        sent[dev.send(chat, members, body)] = (dev.user.handle, body)
+        net.run(0.5)
+    net.run(2)
+
+    peer = net.peer("sn1")
+    listed = net.wait(peer.list_guids(whole(chat)))
+    assert sorted(listed.guids) == sorted(sent)
+    assert not listed.truncated
+
+    fetched = net.wait(peer.fetch(chat, list(listed.guids) + ["no-such-guid"]))
+    assert {m.guid: (m.sender, m.body) for m in fetched.messages} == sent
+    assert sorted(m.legacy_seq for m in fetched.messages) == [1, 2, 3, 4, 5, 6]
+    assert {m.origin for m in fetched.messages} == {"legacy"}
+    assert fetched.missing == ("no-such-guid",)
+
+    [total] = net.wait(peer.digests(whole(chat)))
+    assert total == digest.digest_of(fetched.messages)
+    assert total.count == 6
+    parts = net.wait(peer.digests(whole(chat), split_bits=2))
+    assert len(parts) == 4
+    assert sum(p.count for p in parts) == 6
+    assert sum(p.total for p in parts) % digest.MOD == total.total
+
+    # a time window selects by the messages' own timestamps
+    by_ts = sorted(fetched.messages, key=lambda m: m.ts_ms)
+    window = whole(chat, start_ms=by_ts[3].ts_ms)
+    assert sorted(net.wait(peer.list_guids(window)).guids) == sorted(m.guid for m in by_ts[3:])
+    [tail] = net.wait(peer.digests(window))
+    assert tail == digest.digest_of(by_ts[3:])
+    assert net.wait(peer.list_guids(whole(chat), limit=2)).truncated
+
+
+def test_a_non_home_supernode_answers_not_home():
+    """History requests and injects for a chat sent to another SN fail with not_home."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn1")
+    peer = net.peer("sn0")
+    requests = [
+        peer.digests(whole(chat)),
+        peer.list_guids(whole(chat)),
+        peer.fetch(chat, ["g"]),
+        peer.inject_message(cloud_message(chat, "g"), ("alice", "bob")),
+    ]
+    for d in requests:
+        assert request_failure(net, d).code == "not_home"
+    # the connection stays usable after a failed request
+    assert net.wait(peer.chats()).chats == ()
+    assert net.supernodes["sn0"].history(chat) == []
+
+
+def test_inject_message_is_idempotent_and_reaches_legacy_recipients_and_the_feed():
+    """An injected GUID is appended, delivered and fed once; re-injecting it is a 'duplicate'."""
+    net = LegacyNet(4).start()
+    chat = net.chat_homed_at("sn1")
+    bob0 = net.device(net.add_user("bob"), "d0", at="sn2")
+    bob1 = net.device(net.add_user("bob"), "d1", at="sn3")
+    net.online(bob0, bob1)
+    net.run(1)
+    home = net.supernodes["sn1"]
+    peer = net.peer("sn1")
+    feed: list[Any] = []
+    peer.subscribe(home.epoch, home.mem.feed.next_offset, 100, feed.append)
+
+    msg = cloud_message(chat, "cloud-guid-1")
+    first = net.wait(peer.inject_message(msg, ("alice", "bob")))
+    again = net.wait(peer.inject_message(msg, ("alice", "bob")))
+    assert (first.status, first.value) == ("new", 1)
+    assert (again.status, again.value) == ("duplicate", 1)
+    net.run(2)
+
+    [stored] = home.history(chat)
+    assert (stored.guid, stored.legacy_seq, stored.origin, stored.ts_ms) == (
+        "cloud-guid-1", 1, "cloud", 1234)
+    for dev in (bob0, bob1):
+        assert dev.deliveries == [stored]
+    fed = [f.message for f in feed if isinstance(f, wire.FeedMessage)]
+    assert fed == [stored]
+
+    second = net.wait(peer.inject_message(cloud_message(chat, "cloud-guid-2"),
+                                          ("alice", "bob")))
+    assert (second.status, second.value) == ("new", 2)
+
+
+@pytest.mark.parametrize("origin", ["legacy", ""])
+def test_inject_without_a_foreign_origin_mark_is_refused(origin):
+    """An injected message must carry an origin other than 'legacy' (else bad_message)."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    peer = net.peer("sn0")
+    failure = request_failure(net, peer.inject_message(
+        cloud_message(chat, "g-1", origin=origin), ("alice", "bob")))
+    assert failure.code == "bad_message"
+    assert net.supernodes["sn0"].history(chat) == []
+
+
+def test_inject_presence_reaches_a_subscriber_and_expires_with_its_ttl():
+    """Injected presence reaches a legacy subscriber of the handle and lapses after ttl_ms."""
+    net = LegacyNet(4, sweep_interval=1.0).start()
+    cloudy = net.handle_indexed_at("sn1", "cloudy")
+    sub = net.device(net.add_user("sub", contacts=(cloudy,)), at="sn2")
+    net.online(sub)
+    net.run(1)
+    peer = net.peer("sn0")
+    ack = net.wait(peer.inject_presence(cloudy, "away", ttl_ms=20_000, origin="cloud"))
+    injected_at = net.clock.seconds()
+    assert ack.status == "ok"
+    net.run(1)
+    assert sub.presence[cloudy] == "away"
+    net.run_until(injected_at + 19.0)
+    assert sub.presence[cloudy] == "away"
+    net.run_until(injected_at + 22.0)
+    assert sub.presence[cloudy] == "offline"
+
+
+@pytest.mark.parametrize(("status", "ttl_ms", "origin", "code"), [
+    ("away", 20_000, "legacy", "bad_presence"),
+    ("dancing", 20_000, "cloud", "bad_presence"),
+    ("online", 0, "cloud", "bad_ttl"),
+    ("online", 3_600_001, "cloud", "bad_ttl"),
+])
+def test_inject_presence_rejects_bad_requests(status, ttl_ms, origin, code):
+    """Injected presence with a legacy origin, unknown status or out-of-range ttl is refused."""
+    net = LegacyNet(3).start()
+    peer = net.peer("sn0")
+    assert request_failure(net, peer.inject_presence("h", status, ttl_ms, origin)).code == code
+
+
+def test_chats_pages_through_every_chat_homed_at_the_supernode():
+    """chats() pages in chat-id order with a done flag, each with its members and last_seq."""
+    net = LegacyNet(3).start()
+    peer = net.peer("sn0")
+    homed = sorted({net.chat_homed_at("sn0", prefix=f"room{i}") for i in range(5)})
+    assert len(homed) == 5
+    for n, chat in enumerate(homed, start=1):
+        for k in range(n):
+            net.wait(peer.inject_message(cloud_message(chat, f"{chat}-{k}"), ("alice", "bob")))
+
+    pages, after = [], ""
+    while True:
+        page = net.wait(peer.chats(after=after, limit=2))
+        pages.append(page)
+        if page.done:
+            break
+        after = page.chats[-1].chat_id
+    assert [len(p.chats) for p in pages] == [2, 2, 1]
+    infos = [c for p in pages for c in p.chats]
+    assert [c.chat_id for c in infos] == homed
+    assert [c.last_seq for c in infos] == [1, 2, 3, 4, 5]
+    assert {c.members for c in infos} == {("alice", "bob")}
+
+
+def test_login_server_pages_accounts_for_peers():
+    """accounts() pages every legacy account in handle order with its hash and moved flag."""
+    net = LegacyNet(3).start()
+    handles = [f"user{i}" for i in range(5)]
+    for h in handles:
+        net.add_user(h)
+    net.login.set_moved("user3", True)
+    peer = net.login_peer()
+    records, after, dones = [], "", []
+    while True:
+        page = net.wait(peer.accounts(after=after, limit=2))
+        records.extend(page.accounts)
+        dones.append(page.done)
+        if page.done:
+            break
+        after = page.accounts[-1].handle
+    assert dones == [False, False, True]
+    assert [r.handle for r in records] == handles
+    assert [r.moved for r in records] == [h == "user3" for h in handles]
+    assert all(r.password_hash == net.login.accounts[r.handle][0] for r in records)
+
+
+def test_set_moved_over_the_peer_api_refuses_then_readmits_legacy_logins():
+    """A peer's set_moved refuses logins with 'moved', is reversible, rejects unknown handles."""
+    net = LegacyNet(3).start()
+    user = net.add_user("hana")
+    peer = net.login_peer()
+    assert net.wait(peer.set_moved("hana", True)).status == "ok"
+    dev = net.device(user)
+    dev.start()
+    net.run(3)
+    assert dev.last_error is not None and dev.last_error[0] == "moved"
+    assert net.wait(peer.set_moved("hana", False)).status == "ok"
+    net.online(net.device(user, "d1"))
+    assert request_failure(net, peer.set_moved("nobody", True)).code == "unknown_handle"
+
+
+@pytest.mark.parametrize("frame", [
+    wire.SetMoved(req_id=1, handle="ivan", moved=True),
+    wire.AccountsRequest(req_id=1, after="", limit=10),
+])
+def test_login_server_peer_requests_need_peer_authentication(frame):
+    """SetMoved and AccountsRequest from an unauthenticated connection are refused (forbidden)."""
+    net = LegacyNet(3).start()
+    net.add_user("ivan")
+    conn = net.raw(net.login_port)
+    net.run(0.1)
+    conn.send(frame)
+    net.run(1)
+    assert isinstance(conn.frames[0], wire.Challenge)
+    assert [(f.code) for f in conn.frames[1:]] == ["forbidden"]
+    assert conn.lost
+    assert net.login.accounts["ivan"][1] is False
