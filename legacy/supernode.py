@@ -46,6 +46,9 @@ log = Logger()
 MESSAGES_APPENDED = Counter("legacy_messages_appended_total",
                             "Messages appended by their home supernode, by origin.", ["origin"])
 HOP_FRAMES = Counter("legacy_hop_frames_total", "Frames sent between supernodes.")
+LOOP_FAILURES = Counter("legacy_loop_failures_total",
+                        "Background passes of a supernode that failed (and were retried).",
+                        ["loop"])
 SUPERNODES_UP = Gauge("legacy_supernodes_up", "Supernodes currently running in this process.")
 
 PRESENCE_STATUSES = ("online", "away", "busy", "offline")
@@ -99,7 +102,8 @@ class _Memory:
         # index owner role
         self.index: dict[str, dict[str, tuple[int, int]]] = {}  # handle -> sn -> (exp, ver)
         self.held_notes: dict[str, dict[str, None]] = {}
-        self.hub: dict[str, PresenceEntry] = {}
+        self.hub: dict[str, PresenceEntry] = {}  # merged presence, what subscribers see
+        self.hub_sources: dict[str, dict[str, PresenceEntry]] = {}
         self.hub_subscribers: dict[str, dict[str, None]] = {}
         # local users
         self.sessions: dict[str, dict[str, SupernodeProtocol]] = {}
@@ -153,7 +157,7 @@ class Supernode(service.Service):
             self._port = port
             for fn, interval in ((self._refresh, self.config.refresh_interval),
                                  (self._sweep, self.config.sweep_interval)):
-                loop = LoopingCall(fn)
+                loop = LoopingCall(self._guarded, fn)
                 loop.clock = self.clock
                 loop.start(interval, now=False).addErrback(
                     lambda f: log.failure("supernode loop died", f))
@@ -182,6 +186,15 @@ class Supernode(service.Service):
             return defer.maybeDeferred(port.stopListening)
         return defer.succeed(None)
 
+    def _guarded(self, fn: Any) -> None:
+        """Run one pass of a background loop; a failure is logged and counted, never fatal."""
+        try:
+            fn()
+        except Exception:
+            LOOP_FAILURES.labels(loop=fn.__name__.strip("_")).inc()
+            log.failure("supernode {sn} background pass {fn} failed", sn=self.sn_id,
+                        fn=fn.__name__)
+
     def crash(self) -> defer.Deferred:
         """Stop abruptly, losing every bit of memory (the next start has a new epoch)."""
         self.trace.record("sn_crash", self.sn_id)
@@ -208,6 +221,8 @@ class Supernode(service.Service):
         if dst == self.sn_id:
             self.handle_supernode_frame(frame)
             return
+        if dst not in self.directory:
+            raise ProtocolViolation("unknown_supernode", f"no supernode {dst!r}")
         gen = self.generation
         for delay in self.faults.delays(self.sn_id, dst):
             HOP_FRAMES.inc()
@@ -281,6 +296,8 @@ class Supernode(service.Service):
             raise ProtocolViolation("bad_members", "a chat needs 2 or more distinct members")
         if not f.guid or not f.chat_id:
             raise ProtocolViolation("bad_send", "guid and chat_id must not be empty")
+        if _has_control(f.guid, f.chat_id, *f.members):
+            raise ProtocolViolation("bad_send", "ids must not contain control characters")
         self.send_to(self.ring.home_of(f.chat_id), wire.RouteSend(
             from_sn=self.sn_id, sender=proto.handle, device=proto.device, guid=f.guid,
             chat_id=f.chat_id, members=f.members, body=f.body))
@@ -450,14 +467,36 @@ class Supernode(service.Service):
                                                     message=msg))
 
     def _on_presence_publish(self, f: wire.PresencePublish) -> None:
-        mem = self.mem
-        cur = mem.hub.get(f.handle)
+        sources = self.mem.hub_sources.setdefault(f.handle, {})
+        cur = sources.get(f.source)
         if cur is not None and f.version <= cur.version:
+            return  # reordered by a hop delay: an older publish from the same source
+        sources[f.source] = PresenceEntry(f.status, f.version, f.expires_ms)
+        self._merge_presence(f.handle)
+
+    def _merge_presence(self, handle: str) -> None:
+        """Merge a handle's sources: the newest unexpired non-offline one wins, else offline.
+        Fans out on every change of the merged entry (refreshes carry the new expiry)."""
+        mem = self.mem
+        now = self.now_ms()
+        sources = mem.hub_sources.get(handle, {})
+        live = [e for e in sources.values() if e.status != "offline" and e.expires_ms > now]
+        newest = max((e.version for e in sources.values()), default=0)
+        cur = mem.hub.get(handle)
+        if cur is not None:
+            newest = max(newest, cur.version + (0 if live else 1))
+        if live:
+            best = max(live, key=lambda e: e.version)
+            merged = PresenceEntry(best.status, newest, max(e.expires_ms for e in live))
+        else:
+            merged = PresenceEntry("offline", newest, 0)
+        if cur is not None and (cur.status, cur.version, cur.expires_ms) == (
+                merged.status, merged.version, merged.expires_ms):
             return
-        if cur is None or cur.status != f.status:
+        if cur is None or cur.status != merged.status:
             self.presence_changes += 1
-        mem.hub[f.handle] = PresenceEntry(f.status, f.version, f.expires_ms)
-        self._fanout(f.handle)
+        mem.hub[handle] = merged
+        self._fanout(handle)
 
     def _fanout(self, handle: str) -> None:
         mem = self.mem
@@ -511,8 +550,10 @@ class Supernode(service.Service):
             self.send_to(owner, wire.IndexPut(handle=handle, sn_id=self.sn_id,
                                               online=status != "offline", expires_ms=expires,
                                               version=version))
+        source = self.sn_id if origin == "legacy" else f"peer:{origin}"
         self.send_to(owner, wire.PresencePublish(handle=handle, status=status, version=version,
-                                                 expires_ms=expires, origin=origin))
+                                                 expires_ms=expires, origin=origin,
+                                                 source=source))
         if feed:
             mem.feed.append(lambda o: wire.FeedPresence(
                 offset=o, handle=handle, status=status, version=version, expires_ms=expires,
@@ -532,12 +573,10 @@ class Supernode(service.Service):
         if mem is None:
             return
         now = self.now_ms()
-        for handle, p in mem.hub.items():
-            if p.status != "offline" and p.expires_ms <= now:
-                p.status = "offline"
-                p.version += 1
-                self.trace.record("expire_hub", self.sn_id, handle)
-                self._fanout(handle)
+        for handle in [h for h, p in mem.hub.items()
+                       if p.status != "offline" and p.expires_ms <= now]:
+            self.trace.record("expire_hub", self.sn_id, handle)
+            self._merge_presence(handle)
         for handle, p in mem.seen.items():
             if p.status != "offline" and p.expires_ms <= now:
                 p.status = "offline"
@@ -667,6 +706,11 @@ class Supernode(service.Service):
             problem = "the sender must be one of 2 or more members"
         elif len(set(f.members)) != len(f.members):
             problem = "members must be distinct"
+        elif _has_control(m.guid, m.chat_id, *f.members):
+            problem = "ids must not contain control characters"
+        elif m.ts_ms and m.ts_ms < self.now_ms() - int(self.config.retention_seconds * 1000):
+            # It would be pruned at once and then accepted again as new: refuse it instead.
+            problem = "ts_ms is older than this supernode's retention window"
         if problem is not None:
             proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_message", reason=problem))
             return
@@ -690,6 +734,14 @@ class Supernode(service.Service):
     def history(self, chat_id: str) -> list[wire.ChatMessage]:
         chat = self.mem.chats.get(chat_id) if self.mem else None
         return list(chat.history.values()) if chat else []
+
+
+_SN_ID_FIELDS = ("from_sn", "home_sn", "sn_id", "subscriber_sn")
+
+
+def _has_control(*ids: str) -> bool:
+    """Ids are hashed joined by U+001F (docs/digest.md), so no control characters in them."""
+    return any(ch < " " or "\x7f" <= ch <= "\x9f" for s in ids for ch in s)
 
 
 _SN_HANDLERS = {
@@ -779,6 +831,13 @@ class SupernodeProtocol(FrameProtocol):
             if type(f) not in _SN_HANDLERS:
                 raise ProtocolViolation("forbidden", f"a supernode may not send "
                                                      f"{type(f).__name__}")
+            # Check every supernode id on arrival: stored and used later, an unknown one would
+            # fail while serving someone else.
+            for field in _SN_ID_FIELDS:
+                v = getattr(f, field, None)
+                if v is not None and v not in sn.directory:
+                    raise ProtocolViolation("unknown_supernode", f"{field}={v!r} is not a "
+                                                                 f"known supernode")
             sn.handle_supernode_frame(f)
         elif role == "peer":
             if not isinstance(f, wire.PEER_FRAMES):

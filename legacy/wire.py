@@ -573,13 +573,18 @@ class FlushHeld:
 
 @frame(0x38)
 class PresencePublish:
-    """User's SN -> index owner (the presence hub of the handle)."""
+    """User's SN -> index owner (the presence hub of the handle).
+
+    ``source`` is the publishing SN's id (or ``peer:<origin>`` for injected presence): the
+    hub keeps one entry per source and merges them, so a device logging off on one SN does
+    not hide the user's device online on another."""
 
     handle: str = w(NAME)
     status: str = w(NAME)
     version: int = w(U64)
     expires_ms: int = w(U64)
     origin: str = w(NAME)
+    source: str = w(NAME)
 
 
 @frame(0x39)

@@ -496,6 +496,29 @@ def test_client_protocol_violation_closes_only_that_client(live, case):
     assert live.sn.history("c") == []
 
 
+CONTROL_SENDS = {
+    "guid": wire.Send(guid="g\x1f1", chat_id="c", members=("mallory", "bob"), body="x"),
+    "chat": wire.Send(guid="g", chat_id="c\x1f", members=("mallory", "bob"), body="x"),
+    "member": wire.Send(guid="g", chat_id="c", members=("mallory", "bob\x1f"), body="x"),
+    "nul-guid": wire.Send(guid="g\x00", chat_id="c", members=("mallory", "bob"), body="x"),
+    "newline-chat": wire.Send(guid="g", chat_id="c\n", members=("mallory", "bob"), body="x"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTROL_SENDS))
+def test_send_with_a_control_character_in_an_id_is_refused(live, case):
+    """A Send whose guid, chat_id or a member holds a control character: 'bad_send', no append."""
+    conn = live.raw()
+    conn.login_client()
+    offset = live.sn.mem.feed.next_offset
+    before = rejected_total("bad_send")
+    conn.send(CONTROL_SENDS[case])
+    assert live.sn.mem.chats == {}
+    assert live.sn.mem.feed.next_offset == offset
+    assert_rejected(conn, "bad_send", before)
+    live.assert_serves_a_client()
+
+
 @pytest.mark.parametrize("f,code", [
     (wire.FeedCredit(count=10), "no_subscription"),
     (wire.FeedSubscribe(epoch=0, offset=0, window=1), None),
@@ -541,6 +564,36 @@ def test_peer_requests_never_cause_an_internal_error(sequence):
         errors = [f.code for f in conn.received() if isinstance(f, wire.Error)]
         assert set(errors) <= {"no_subscription", "bad_offset"}
         live.assert_serves_a_client()
+
+
+UNKNOWN_SUPERNODE_FRAMES = {
+    "route-send-from": wire.RouteSend(from_sn="nope", sender="mallory", device="d1", guid="g",
+                                      chat_id="c", members=("mallory", "bob"), body="x"),
+    "flush-held-to": wire.FlushHeld(recipient="friend", sn_id="nope"),
+    # Ids stored for later use: refused on arrival, not when serving someone else.
+    "index-put-at": wire.IndexPut(handle="bob", sn_id="nope", online=True,
+                                  expires_ms=2**40, version=1),
+    "presence-subscribe-by": wire.PresenceSubscribe(handle="victim", subscriber_sn="nope"),
+    "hold-note-home": wire.HoldNote(recipient="victim", home_sn="nope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNKNOWN_SUPERNODE_FRAMES))
+def test_supernode_frame_naming_an_unknown_supernode_closes_only_that_link(live, case):
+    """A supernode frame naming a supernode not in the directory is refused on arrival with
+    'unknown_supernode', changes nothing (held messages stay held), and others are served."""
+    live.probe()  # its message to the offline "friend" is now held here, so FlushHeld has work
+    assert live.sn.held_count() == 1
+    conn = live.raw()
+    conn.auth_peer(role="supernode", name=SN_ID)
+    before = rejected_total("unknown_supernode")
+    conn.send(UNKNOWN_SUPERNODE_FRAMES[case])
+    assert_rejected(conn, "unknown_supernode", before)
+    assert live.sn.mem.links == {}  # no link was opened towards "nope"
+    assert live.sn.held_count() == 1
+    assert "nope" not in str(live.sn.mem.index) + str(live.sn.mem.hub_subscribers) \
+        + str(live.sn.mem.held_notes)
+    live.assert_serves_a_client()
 
 
 # -- after a refusal ----------------------------------------------------------------------------

@@ -257,3 +257,52 @@ def test_login_server_peer_requests_need_peer_authentication(frame):
     assert [(f.code) for f in conn.frames[1:]] == ["forbidden"]
     assert conn.lost
     assert net.login.accounts["ivan"][1] is False
+
+
+def test_inject_message_older_than_the_retention_window_is_refused():
+    """An injected ts_ms past the retention horizon is bad_message; history and feed unchanged."""
+    net = LegacyNet(3, retention_seconds=60.0, sweep_interval=5.0).start()
+    net.run_until(100.0)
+    chat = net.chat_homed_at("sn0")
+    members = ("alice", "bob")
+    home = net.supernodes["sn0"]
+    peer = net.peer("sn0")
+    feed: list[Any] = []
+    peer.subscribe(home.epoch, home.mem.feed.next_offset, 100, feed.append)
+    horizon = home.now_ms() - 60_000
+    inside = net.wait(peer.inject_message(cloud_message(chat, "inside", ts_ms=horizon + 1000),
+                                          members))
+    assert (inside.status, inside.value) == ("new", 1)
+    net.run(0.1)
+    history, offset, fed = home.history(chat), home.mem.feed.next_offset, len(feed)
+
+    for guid, ts_ms in (("stale", horizon - 1), ("ancient", 1)):
+        failure = request_failure(net, peer.inject_message(
+            cloud_message(chat, guid, ts_ms=ts_ms), members))
+        assert failure.code == "bad_message"
+    net.run(1)
+    assert home.history(chat) == history
+    assert home.mem.feed.next_offset == offset
+    assert len(feed) == fed
+
+
+@pytest.mark.parametrize("case", ["guid", "chat_id", "sender", "other_member"])
+def test_inject_message_with_a_control_character_in_an_id_is_refused(case):
+    """A guid, chat_id or member holding a control character is bad_message; nothing appended."""
+    net = LegacyNet(3).start()
+    home = net.supernodes["sn0"]
+    chat = net.chat_homed_at("sn0", prefix="room\x1f" if case == "chat_id" else "room")
+    sender = "ali\x1fce" if case == "sender" else "alice"
+    members = (sender, "bob\x00" if case == "other_member" else "bob")
+    guid = "cloud\x1fguid" if case == "guid" else "cloud-guid"
+    peer = net.peer("sn0")
+    offset = home.mem.feed.next_offset
+    failure = request_failure(net, peer.inject_message(
+        cloud_message(chat, guid, sender=sender), members))
+    assert failure.code == "bad_message"
+    assert home.mem.chats == {}
+    assert home.mem.feed.next_offset == offset
+    # the connection stays usable for a well-formed message
+    ok = net.wait(peer.inject_message(cloud_message(net.chat_homed_at("sn0"), "fine"),
+                                      ("alice", "bob")))
+    assert ok.status == "new"

@@ -217,3 +217,35 @@ def test_history_older_than_retention_is_pruned():
     assert [m.guid for m in home.history(chat)] == [new]
     net.run_until(100.0)
     assert home.history(chat) == []
+
+
+@pytest.mark.parametrize("first_off", ["sn0", "sn1"])
+def test_a_user_online_on_two_supernodes_stays_online_until_its_last_device_logs_off(first_off):
+    """A device logging off on one SN does not hide the user's device online on another SN."""
+    net = LegacyNet(5, presence_ttl=30.0, refresh_interval=10.0, sweep_interval=1.0).start()
+    x = net.handle_indexed_at("sn2", "xavier")  # hub sn2, x's devices at sn0 and sn1
+    user = net.add_user(x)
+    devices = {sn: net.device(user, f"d-{sn}", at=sn) for sn in ("sn0", "sn1")}
+    sub = net.device(net.add_user("sub", contacts=(x,)), at="sn3")
+    net.online(sub, *devices.values())
+    net.run(1)
+    assert sub.presence[x] == "online"
+    hub = net.supernodes["sn2"]
+    changes = hub.presence_changes
+
+    devices[first_off].stop()
+    for _ in range(100):  # 50 s: past the other device's refreshes and the logged-off TTL
+        net.run(0.5)
+        assert sub.presence[x] == "online"
+    assert hub.mem.hub[x].status == "online"
+    assert hub.presence_changes == changes
+    late = net.device(net.add_user("late", contacts=(x,)), at="sn4")
+    net.online(late)
+    net.run(1)
+    assert late.presence[x] == "online"
+
+    last = next(dev for sn, dev in devices.items() if sn != first_off)
+    last.stop()
+    net.run(2)  # well inside the TTL of the last refresh: the log-off itself, not expiry
+    assert sub.presence[x] == "offline"
+    assert late.presence[x] == "offline"
