@@ -26,13 +26,17 @@ FRAMES_RECEIVED = Counter(
 )
 
 
-class ProtocolViolation(Exception):
-    """Raised by a frame handler when the peer broke the protocol; the connection is closed."""
+class CodedError(Exception):
+    """An error with a machine-readable ``code`` and a human ``reason``, as on the wire."""
 
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+
+
+class ProtocolViolation(CodedError):
+    """Raised by a frame handler when the peer broke the protocol; the connection is closed."""
 
 
 class FrameProtocol(Int32StringReceiver):

@@ -16,7 +16,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
 
 from legacy import auth, wire
-from legacy.framing import FrameProtocol, ProtocolViolation
+from legacy.framing import CodedError, FrameProtocol, ProtocolViolation
 from legacy.network import Network
 
 FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
@@ -24,22 +24,12 @@ _REPLIES = (wire.Ack, wire.DigestReply, wire.ListReply, wire.FetchReply, wire.Ch
             wire.AccountsPage, wire.RequestFailed)
 
 
-class PeerRequestFailed(Exception):
+class PeerRequestFailed(CodedError):
     """The server answered a request with ``RequestFailed``."""
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
 
-
-class PeerRefused(Exception):
+class PeerRefused(CodedError):
     """The server closed the connection with an ``Error`` frame (e.g. bad proof)."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
 
 
 class PeerConnection(FrameProtocol):
