@@ -127,6 +127,8 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
     from legacy.sim import run_tcp
 
+    _log_to_stderr()
+
     result: dict[str, Any] = {}
     stop_signal: defer.Deferred = defer.Deferred()
 
@@ -171,6 +173,22 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
     if "summary" in result:
         _print_summary(result["summary"], args.json)
     return EXIT_OK
+
+
+def _log_to_stderr() -> None:
+    """Log to stderr: ours at info (e.g. why a connection was closed), Twisted's at warn."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    for ns in ("legacy", "cloud", "bridge", "reconcilers"):
+        levels.setLogLevelForNamespace(ns, LogLevel.info)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 COMMANDS = {
