@@ -162,7 +162,7 @@ def main() -> None:
         big_run = bench_sim(big)
         result["sim_1000sn_100k_users"] = {
             "simulated_seconds": 10, "runs": 1,
-            **{k: round(v, 1) for k, v in big_run.items()}}
+            **{k: round(v, 3) for k, v in big_run.items()}}
     sn = bench_tcp("sn", 47950, runs)
     bare = bench_tcp("bare", 47951, runs)
     sn_med, bare_med = statistics.median(sn), statistics.median(bare)
