@@ -54,7 +54,6 @@ class HopFaults:
         self.plan = plan
         self.rng = rng
         self.enabled = plan.any
-        self.partitioned: set[frozenset[str]] = set()
         self._sides: tuple[frozenset[str], frozenset[str]] | None = None
         self.lost = 0
         self.duplicated = 0
@@ -62,9 +61,12 @@ class HopFaults:
     def partition(self, side_a: frozenset[str], side_b: frozenset[str]) -> None:
         self._sides = (side_a, side_b)
 
+    def unpartition(self) -> None:
+        self._sides = None
+
     def heal(self) -> None:
         """Stop every fault (used before the final drain of a run)."""
-        self._sides = None
+        self.unpartition()
         self.enabled = False
 
     def is_cut(self, src: str, dst: str) -> bool:

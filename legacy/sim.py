@@ -242,7 +242,7 @@ class LegacyDeployment(service.MultiService):
 
     def _unpartition(self) -> None:
         self.trace.record("unpartition")
-        self.hop_faults._sides = None
+        self.hop_faults.unpartition()
 
     def _storm(self) -> None:
         self.trace.record("relogin_storm")
