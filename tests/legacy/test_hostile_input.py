@@ -337,42 +337,26 @@ def test_frames_before_authentication_are_refused(cls, data):
         reject_and_check(live, live.raw(), framed(wire.encode(f)), "not_authenticated")
 
 
-@pytest.mark.parametrize("cls", [c for c in FRAME_CLASSES if c not in wire.CLIENT_FRAMES],
-                         ids=lambda c: c.__name__)
+ROLES = {
+    "client": (wire.CLIENT_FRAMES, lambda conn: conn.login_client()),
+    "peer": (wire.PEER_FRAMES, lambda conn: conn.auth_peer()),
+    "supernode": (wire.SUPERNODE_FRAMES, lambda conn: conn.auth_peer(role="supernode",
+                                                                     name=SN_ID)),
+}
+FORBIDDEN = [(role, cls) for role, (allowed, _) in ROLES.items()
+             for cls in FRAME_CLASSES if cls not in allowed]
+
+
+@pytest.mark.parametrize("role,cls", FORBIDDEN,
+                         ids=[f"{role}-{cls.__name__}" for role, cls in FORBIDDEN])
 @per_type_settings
 @given(data=st.data())
-def test_authenticated_client_may_send_only_client_frames(cls, data):
-    """Peer-only (FeedSubscribe...), supernode and handshake frames from a client: 'forbidden'."""
+def test_each_role_may_send_only_its_own_frames(role, cls, data):
+    """A frame outside the authenticated role's own set (client, peer, supernode): 'forbidden'."""
     f = data.draw(frames_of(cls))
     with live_supernode() as live:
         conn = live.raw()
-        conn.login_client()
-        reject_and_check(live, conn, framed(wire.encode(f)), "forbidden")
-
-
-@pytest.mark.parametrize("cls", [c for c in FRAME_CLASSES if c not in wire.PEER_FRAMES],
-                         ids=lambda c: c.__name__)
-@per_type_settings
-@given(data=st.data())
-def test_authenticated_peer_may_send_only_peer_frames(cls, data):
-    """Client, supernode and handshake frames from a privileged peer are refused."""
-    f = data.draw(frames_of(cls))
-    with live_supernode() as live:
-        conn = live.raw()
-        conn.auth_peer()
-        reject_and_check(live, conn, framed(wire.encode(f)), "forbidden")
-
-
-@pytest.mark.parametrize("cls", [c for c in FRAME_CLASSES if c not in wire.SUPERNODE_FRAMES],
-                         ids=lambda c: c.__name__)
-@per_type_settings
-@given(data=st.data())
-def test_authenticated_supernode_may_send_only_supernode_frames(cls, data):
-    """Client, peer and handshake frames on a supernode link are refused."""
-    f = data.draw(frames_of(cls))
-    with live_supernode() as live:
-        conn = live.raw()
-        conn.auth_peer(role="supernode", name=SN_ID)
+        ROLES[role][1](conn)
         reject_and_check(live, conn, framed(wire.encode(f)), "forbidden")
 
 
