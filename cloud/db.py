@@ -1,0 +1,130 @@
+"""Running transactions: psycopg 3 connections from a pool, in a dedicated thread pool.
+
+Every piece of database work is one plain function ``fn(conn, *args)`` that runs inside one
+transaction and is safe to run twice (Synapse's ``runInteraction`` shape). ``Database`` runs
+it in its own Twisted thread pool and returns a Deferred; ``InlineDatabase`` runs it at once
+on one connection, for deterministic tests. Both satisfy ``TransactionRunner``.
+
+Serialization failures and deadlocks are retried here, at once, a few times: they are the
+database asking for exactly that. A lost connection or an unreachable server is not retried
+here; it surfaces as ``DatabaseUnavailable`` so the caller's retry policy, on its injected
+clock, decides when to try again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+log = logging.getLogger("cloud.db")
+
+T = TypeVar("T")
+
+#: How many times a transaction that hit a serialization failure or deadlock is re-run.
+CONFLICT_RETRIES = 5
+
+
+class DatabaseUnavailable(Exception):
+    """The server could not be reached or the connection broke; try again later."""
+
+
+class TransactionRunner(Protocol):
+    """Something that runs ``fn(conn, *args)`` in one transaction and returns a Deferred."""
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred: ...
+
+
+def run_transaction(conn: psycopg.Connection, fn: Callable[..., T], *args: Any,
+                    **kwargs: Any) -> T:
+    """Run *fn* in one transaction on *conn*, re-running it on serialization conflicts."""
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            with conn.transaction():
+                return fn(conn, *args, **kwargs)
+        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+            if attempt == CONFLICT_RETRIES:
+                raise
+            log.info("transaction %s conflicted; running it again", fn.__name__)
+    raise AssertionError("unreachable")
+
+
+class Database(Service):
+    """A psycopg connection pool plus the thread pool that uses it, as a Twisted Service."""
+
+    def __init__(self, reactor: Any, dsn: str, *, max_connections: int = 8,
+                 name: str = "cloud-db", connect_timeout_s: float = 5.0) -> None:
+        self._reactor = reactor
+        self._dsn = dsn
+        self._max = max_connections
+        self._timeout = connect_timeout_s
+        self.setName(name)
+        self._threads: ThreadPool | None = None
+        self._pool: ConnectionPool | None = None
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._threads = ThreadPool(minthreads=1, maxthreads=self._max, name=self.name)
+        self._pool = ConnectionPool(
+            self._dsn, min_size=1, max_size=self._max, open=False, timeout=self._timeout,
+            name=self.name, kwargs={"autocommit": True})
+        self._pool.open(wait=False)
+        self._threads.start()
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        super().stopService()
+        threads_, pool = self._threads, self._pool
+        self._threads = self._pool = None
+
+        def close() -> None:
+            if pool is not None:
+                pool.close()
+
+        # Closing the pool waits for connections in use, so do it off the reactor thread,
+        # then stop the worker threads (which joins them once their work is done).
+        d = threads.deferToThread(close) if pool is not None else defer.succeed(None)
+        if threads_ is not None:
+            d.addBoth(lambda r: (threads_.stop(), r)[1])
+        return d
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args, **kwargs)`` in one transaction on a pool thread."""
+        if self._threads is None or self._pool is None:
+            return defer.fail(DatabaseUnavailable("the database service is not running"))
+        return threads.deferToThreadPool(
+            self._reactor, self._threads, self._run_sync, fn, args, kwargs)
+
+    def _run_sync(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        pool = self._pool
+        if pool is None:
+            raise DatabaseUnavailable("the database service stopped")
+        try:
+            with pool.connection() as conn:
+                return run_transaction(conn, fn, *args, **kwargs)
+        except PoolTimeout as e:
+            raise DatabaseUnavailable(f"no database connection within {self._timeout}s") from e
+        except psycopg.OperationalError as e:
+            raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
+
+
+class InlineDatabase:
+    """Runs each transaction immediately on one connection: deterministic, for tests."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        if not conn.autocommit:
+            raise ValueError("InlineDatabase needs an autocommit connection")
+        self.conn = conn
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+        try:
+            return defer.succeed(run_transaction(self.conn, fn, *args, **kwargs))
+        except psycopg.OperationalError as e:
+            return defer.fail(DatabaseUnavailable(str(e)))
+        except Exception:
+            return defer.fail()

@@ -1,0 +1,559 @@
+"""The cloud store's transactions: one function per transaction, each safe to run twice.
+
+Every function takes a psycopg connection that is already inside a transaction (see
+``cloud.db``) and the current time in milliseconds from the caller's injected clock. SQL is
+always parameterised.
+
+Sequence numbers: ``conversations.next_seq`` is the next ``seq`` to hand out. A writer locks
+the conversation row first (``FOR UPDATE``), so writers to one conversation take turns and
+a rolled-back transaction gives its numbers back: ``seq`` is gapless per conversation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+
+import attrs
+import psycopg
+from psycopg.rows import tuple_row
+
+from cloud.model import (
+    CLOUD_CLIENT_PHASES,
+    LEGACY_CLIENT_PHASES,
+    PHASES,
+    PRESENCE_STATUSES,
+    Account,
+    Digest,
+    FeedCheckpoint,
+    Message,
+    MirrorBatch,
+    MirroredMessage,
+    MirrorResult,
+    Notification,
+    Presence,
+)
+
+#: LISTEN/NOTIFY channel the bridge waits on for new outbox_to_legacy rows.
+OUTBOX_CHANNEL = "outbox_to_legacy"
+
+_U64 = 1 << 64
+
+
+class StoreError(Exception):
+    """A request the store refuses; ``code`` is stable for APIs and tests."""
+
+    code = "store_error"
+
+
+class NotFound(StoreError):
+    code = "not_found"
+
+
+class NotMember(StoreError):
+    code = "not_member"
+
+
+class Conflict(StoreError):
+    code = "conflict"
+
+
+class StaleFence(StoreError):
+    """A checkpoint from a worker whose lease was taken over; the whole batch rolls back."""
+
+    code = "stale_fence"
+
+
+# ---------------------------------------------------------------- accounts and conversations
+
+def create_account(conn: psycopg.Connection, account: Account,
+                   password_hash: str | None) -> bool:
+    """Create *account* unless its id or handle exists; True if this call created it."""
+    if account.phase not in PHASES:
+        raise ValueError(f"unknown phase {account.phase!r}")
+    cur = conn.execute(
+        "INSERT INTO account_handles (handle, account_id) VALUES (%s, %s) "
+        "ON CONFLICT DO NOTHING", (account.handle, account.account_id))
+    if cur.rowcount == 0:
+        owner = conn.execute("SELECT account_id FROM account_handles WHERE handle = %s",
+                             (account.handle,)).fetchone()[0]
+        if owner != account.account_id:
+            raise Conflict(f"handle {account.handle!r} belongs to another account")
+    cur = conn.execute(
+        "INSERT INTO accounts (account_id, handle, legacy_handle, display_name, "
+        "password_hash, phase) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (account.account_id, account.handle, account.legacy_handle, account.display_name,
+         password_hash, account.phase))
+    return cur.rowcount == 1
+
+
+_ACCOUNT_COLS = "account_id, handle, phase, legacy_handle, display_name"
+
+
+def _account(row: tuple) -> Account:
+    return Account(row[0], row[1], row[2], row[3], row[4])
+
+
+def get_account(conn: psycopg.Connection, account_id: uuid.UUID) -> Account | None:
+    row = conn.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE account_id = %s",
+                       (account_id,)).fetchone()
+    return None if row is None else _account(row)
+
+
+def account_for_login(conn: psycopg.Connection,
+                      handle_or_id: str) -> tuple[Account, str | None] | None:
+    """The account a login names (by handle, or by account id) and its password hash."""
+    try:
+        account_id = uuid.UUID(handle_or_id)
+    except ValueError:
+        row = conn.execute("SELECT account_id FROM account_handles WHERE handle = %s",
+                           (handle_or_id,)).fetchone()
+        if row is None:
+            return None
+        account_id = row[0]
+    row = conn.execute(
+        f"SELECT {_ACCOUNT_COLS}, password_hash FROM accounts WHERE account_id = %s",
+        (account_id,)).fetchone()
+    return None if row is None else (_account(row[:5]), row[5])
+
+
+def set_phase(conn: psycopg.Connection, account_id: uuid.UUID, phase: str) -> str:
+    """Move an account to *phase*; return the phase it had. Gates belong to the caller."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}")
+    row = conn.execute("SELECT phase FROM accounts WHERE account_id = %s FOR UPDATE",
+                       (account_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no account {account_id}")
+    conn.execute("UPDATE accounts SET phase = %s, phase_changed_at = now() "
+                 "WHERE account_id = %s", (phase, account_id))
+    return row[0]
+
+
+def create_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                        members: Iterable[uuid.UUID], *, title: str = "",
+                        legacy_chat_id: str | None = None) -> bool:
+    """Create a conversation (or find it) and make sure *members* belong to it.
+
+    True if this call created the conversation. Idempotent: a second call adds only
+    members that are missing.
+    """
+    if legacy_chat_id is not None:
+        conn.execute("INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+                     "VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                     (legacy_chat_id, conversation_id))
+        owner = conn.execute("SELECT conversation_id FROM conversation_legacy_ids "
+                             "WHERE legacy_chat_id = %s", (legacy_chat_id,)).fetchone()[0]
+        if owner != conversation_id:
+            raise Conflict(f"legacy chat {legacy_chat_id!r} maps to another conversation")
+    cur = conn.execute(
+        "INSERT INTO conversations (conversation_id, legacy_chat_id, title) "
+        "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (conversation_id, legacy_chat_id, title))
+    created = cur.rowcount == 1
+    add_members(conn, conversation_id, members)
+    return created
+
+
+def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                members: Iterable[uuid.UUID]) -> int:
+    """Add accounts to a conversation; return how many were not members yet."""
+    ids = sorted(set(members))
+    if not ids:
+        return 0
+    known = conn.execute("SELECT count(*) FROM accounts WHERE account_id = ANY(%s)",
+                         (ids,)).fetchone()[0]
+    if known != len(ids):
+        raise NotFound("a member is not a known account")
+    cur = conn.execute(
+        "INSERT INTO members (conversation_id, account_id) SELECT %s, unnest(%s::uuid[]) "
+        "ON CONFLICT DO NOTHING", (conversation_id, ids))
+    return cur.rowcount
+
+
+def is_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
+              account_id: uuid.UUID) -> bool:
+    return conn.execute("SELECT 1 FROM members WHERE conversation_id = %s AND account_id = %s",
+                        (conversation_id, account_id)).fetchone() is not None
+
+
+def list_conversations(conn: psycopg.Connection, account_id: uuid.UUID) -> list[dict]:
+    """The account's conversations with their members and last seq (for sync)."""
+    rows = conn.execute(
+        "SELECT c.conversation_id, c.title, c.next_seq - 1, "
+        "       array(SELECT m2.account_id FROM members m2 "
+        "             WHERE m2.conversation_id = c.conversation_id ORDER BY m2.account_id) "
+        "FROM members m JOIN conversations c USING (conversation_id) "
+        "WHERE m.account_id = %s ORDER BY c.conversation_id", (account_id,)).fetchall()
+    return [{"conversation_id": str(cid), "title": title, "last_seq": last,
+             "members": [str(a) for a in members]} for cid, title, last, members in rows]
+
+
+# ---------------------------------------------------------------- messages
+
+_MESSAGE_COLS = ("conversation_id, seq, message_id, sender_account_id, sender_handle, "
+                 "sent_ms, body, origin, legacy_guid, client_message_id")
+
+
+def _message(row: tuple) -> Message:
+    return Message(*row)
+
+
+def _lock_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID) -> int:
+    row = conn.execute("SELECT next_seq FROM conversations WHERE conversation_id = %s "
+                       "FOR UPDATE", (conversation_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no conversation {conversation_id}")
+    return row[0]
+
+
+def _owe_notifications(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                       seqs: Sequence[int], now_ms: int) -> int:
+    """Notification rows for new messages: every cloud-capable member but the sender."""
+    cur = conn.execute(
+        "INSERT INTO notifications (account_id, notification_id, conversation_id, message_id, "
+        "  seq, next_attempt_ms, created_ms) "
+        "SELECT mb.account_id, gen_random_uuid(), m.conversation_id, m.message_id, m.seq, "
+        "       %(now)s, %(now)s "
+        "FROM messages m JOIN members mb USING (conversation_id) "
+        "JOIN accounts a ON a.account_id = mb.account_id "
+        "WHERE m.conversation_id = %(cid)s AND m.seq = ANY(%(seqs)s) "
+        "  AND mb.account_id <> m.sender_account_id AND a.phase = ANY(%(phases)s) "
+        "ON CONFLICT DO NOTHING",
+        {"now": now_ms, "cid": conversation_id, "seqs": list(seqs),
+         "phases": list(CLOUD_CLIENT_PHASES)})
+    return cur.rowcount
+
+
+def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                 sender_account_id: uuid.UUID, client_message_id: str, body: str,
+                 now_ms: int) -> tuple[Message, bool]:
+    """A cloud client's message; the same client message id returns the same message.
+
+    Returns ``(message, created)``. In the same transaction: notification rows for
+    cloud-capable members, and an ``outbox_to_legacy`` row when any member still has legacy
+    clients (the bridge is woken by NOTIFY when this commits).
+    """
+    if not is_member(conn, conversation_id, sender_account_id):
+        if conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s",
+                        (conversation_id,)).fetchone() is None:
+            raise NotFound(f"no conversation {conversation_id}")
+        raise NotMember("the sender is not a member of this conversation")
+    next_seq = _lock_conversation(conn, conversation_id)
+    existing = conn.execute(
+        f"SELECT {_MESSAGE_COLS} FROM messages WHERE conversation_id = %s "
+        "AND sender_account_id = %s AND client_message_id = %s",
+        (conversation_id, sender_account_id, client_message_id)).fetchone()
+    if existing is not None:
+        return _message(existing), False
+    handle = conn.execute("SELECT handle FROM accounts WHERE account_id = %s",
+                          (sender_account_id,)).fetchone()[0]
+    message = Message(conversation_id, next_seq, uuid.uuid4(), sender_account_id, handle,
+                      now_ms, body, "cloud", None, client_message_id)
+    conn.execute(
+        f"INSERT INTO messages ({_MESSAGE_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+        _message_row(message))
+    conn.execute("UPDATE conversations SET next_seq = %s WHERE conversation_id = %s",
+                 (next_seq + 1, conversation_id))
+    _owe_notifications(conn, conversation_id, [next_seq], now_ms)
+    legacy_members = conn.execute(
+        "SELECT 1 FROM members mb JOIN accounts a USING (account_id) "
+        "WHERE mb.conversation_id = %s AND a.phase = ANY(%s) LIMIT 1",
+        (conversation_id, list(LEGACY_CLIENT_PHASES))).fetchone()
+    if legacy_members is not None:
+        conn.execute(
+            "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+            "VALUES (%s, %s, %s, %s)", (conversation_id, next_seq, message.message_id, now_ms))
+        conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(conversation_id)))
+    return message, True
+
+
+def _message_row(message: Message) -> tuple:
+    return (message.conversation_id, message.seq, message.message_id,
+            message.sender_account_id, message.sender_handle, message.sent_ms, message.body,
+            message.origin, message.legacy_guid, message.client_message_id)
+
+
+def sync_messages(conn: psycopg.Connection, conversation_id: uuid.UUID, after_seq: int,
+                  limit: int) -> list[Message]:
+    """Messages with ``seq > after_seq`` in seq order, at most *limit*."""
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLS} FROM messages WHERE conversation_id = %s AND seq > %s "
+        "ORDER BY seq LIMIT %s", (conversation_id, after_seq, limit)).fetchall()
+    return [_message(r) for r in rows]
+
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
+    ord               integer NOT NULL,
+    conversation_id   uuid NOT NULL,
+    message_id        uuid NOT NULL,
+    legacy_guid       text NOT NULL,
+    sender_account_id uuid NOT NULL,
+    sender_handle     text NOT NULL,
+    sent_ms           bigint NOT NULL,
+    body              text NOT NULL,
+    origin            text NOT NULL
+) ON COMMIT DELETE ROWS"""
+
+
+def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
+    """First occurrence of each (conversation, message id) and (conversation, GUID)."""
+    seen_ids: set = set()
+    seen_guids: set = set()
+    out = []
+    for m in messages:
+        kid, kguid = (m.conversation_id, m.message_id), (m.conversation_id, m.legacy_guid)
+        if kid in seen_ids or kguid in seen_guids:
+            continue
+        seen_ids.add(kid)
+        seen_guids.add(kguid)
+        out.append(m)
+    return out
+
+
+def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
+                         now_ms: int) -> MirrorResult:
+    """The bridge's idempotent bulk write: messages, their notifications, the checkpoints.
+
+    COPY into a session-private staging table; lock the batch's conversations (in id order,
+    so two writers never deadlock); drop rows the store already has; number the rest per
+    conversation in batch order, so source order is kept; insert them; owe notifications;
+    advance the feed checkpoints. All in the caller's one transaction: replaying a batch, or
+    a crash anywhere before commit, changes nothing.
+    """
+    messages = _dedupe(batch.messages)
+    inserted: list[Message] = []
+    notified = 0
+    if messages:
+        for m in messages:
+            if m.origin not in ("cloud", "legacy"):
+                raise ValueError(f"unknown origin {m.origin!r}")
+        conn.execute(_STAGING)
+        with conn.cursor().copy(
+                "COPY mirror_staging (ord, conversation_id, message_id, legacy_guid, "
+                "sender_account_id, sender_handle, sent_ms, body, origin) FROM STDIN") as copy:
+            for i, m in enumerate(messages):
+                copy.write_row((i, m.conversation_id, m.message_id, m.legacy_guid,
+                                m.sender_account_id, m.sender_handle, m.sent_ms, m.body,
+                                m.origin))
+        conversations = sorted({m.conversation_id for m in messages})
+        locked = conn.execute(
+            "SELECT conversation_id FROM conversations WHERE conversation_id = ANY(%s) "
+            "ORDER BY conversation_id FOR UPDATE", (conversations,)).fetchall()
+        if len(locked) != len(conversations):
+            missing = set(conversations) - {r[0] for r in locked}
+            raise NotFound(f"no conversation {sorted(missing)[0]} (create it first)")
+        conn.execute(
+            "DELETE FROM mirror_staging s USING messages m "
+            "WHERE m.conversation_id = s.conversation_id "
+            "  AND (m.message_id = s.message_id OR m.legacy_guid = s.legacy_guid)")
+        rows = conn.execute(
+            "WITH numbered AS ("
+            "  SELECT s.*, c.next_seq - 1 + row_number() OVER "
+            "         (PARTITION BY s.conversation_id ORDER BY s.ord) AS seq "
+            "  FROM mirror_staging s JOIN conversations c USING (conversation_id)), "
+            "ins AS ("
+            f"  INSERT INTO messages ({_MESSAGE_COLS}) "
+            "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
+            "         sent_ms, body, origin, legacy_guid, NULL FROM numbered ORDER BY ord "
+            f"  RETURNING {_MESSAGE_COLS}), "
+            "bump AS ("
+            "  UPDATE conversations c SET next_seq = n.top + 1 "
+            "  FROM (SELECT conversation_id, max(seq) AS top FROM ins GROUP BY 1) n "
+            "  WHERE c.conversation_id = n.conversation_id) "
+            "SELECT * FROM ins ORDER BY conversation_id, seq").fetchall()
+        inserted = [_message(r) for r in rows]
+        if inserted:
+            cur = conn.execute(
+                "INSERT INTO notifications (account_id, notification_id, conversation_id, "
+                "  message_id, seq, next_attempt_ms, created_ms) "
+                "SELECT mb.account_id, gen_random_uuid(), m.conversation_id, m.message_id, "
+                "       m.seq, %(now)s, %(now)s "
+                "FROM unnest(%(cids)s::uuid[], %(seqs)s::bigint[]) AS n(cid, seq) "
+                "JOIN messages m ON m.conversation_id = n.cid AND m.seq = n.seq "
+                "JOIN members mb ON mb.conversation_id = m.conversation_id "
+                "JOIN accounts a ON a.account_id = mb.account_id "
+                "WHERE mb.account_id <> m.sender_account_id AND a.phase = ANY(%(phases)s) "
+                "ON CONFLICT DO NOTHING",
+                {"now": now_ms, "cids": [m.conversation_id for m in inserted],
+                 "seqs": [m.seq for m in inserted], "phases": list(CLOUD_CLIENT_PHASES)})
+            notified = cur.rowcount
+    for checkpoint in batch.checkpoints:
+        save_checkpoint(conn, checkpoint, now_ms)
+    return MirrorResult(tuple(inserted), len(batch.messages) - len(inserted), notified)
+
+
+def save_checkpoint(conn: psycopg.Connection, checkpoint: FeedCheckpoint, now_ms: int) -> None:
+    """Advance a feed checkpoint unless a higher fence holds it (then: ``StaleFence``)."""
+    cur = conn.execute(
+        'INSERT INTO bridge_checkpoints (source, epoch, "offset", fence, updated_ms) '
+        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (source) DO UPDATE SET "
+        'epoch = excluded.epoch, "offset" = excluded."offset", fence = excluded.fence, '
+        "updated_ms = excluded.updated_ms, updated_at = now() "
+        "WHERE bridge_checkpoints.fence <= excluded.fence",
+        (checkpoint.source, checkpoint.epoch, checkpoint.offset, checkpoint.fence, now_ms))
+    if cur.rowcount == 0:
+        raise StaleFence(f"checkpoint {checkpoint.source!r} is held under a newer fence")
+
+
+def load_checkpoints(conn: psycopg.Connection) -> dict[str, FeedCheckpoint]:
+    rows = conn.execute(
+        'SELECT source, epoch, "offset", fence FROM bridge_checkpoints').fetchall()
+    return {r[0]: FeedCheckpoint(*r) for r in rows}
+
+
+# ---------------------------------------------------------------- digests
+
+def range_digest(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: int,
+                 end_ms: int, prefix_bits: int = 0, prefix: int = 0) -> Digest:
+    """The docs/digest.md digest of one range, computed in SQL from stored columns.
+
+    Only messages with a legacy GUID take part (a cloud message gets its GUID when the
+    bridge injects it into the legacy network).
+    """
+    return range_digests(conn, conversation_id, start_ms, end_ms, prefix_bits, prefix, 0)[0]
+
+
+def range_digests(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: int,
+                  end_ms: int, prefix_bits: int, prefix: int, split_bits: int) -> list[Digest]:
+    """Digests of the ``2**split_bits`` bucket-prefix children of a range, in child order."""
+    if not 0 <= prefix_bits <= 32 or not 0 <= split_bits <= 8 or prefix_bits + split_bits > 32:
+        raise ValueError("prefix_bits + split_bits must be within 0..32 (split at most 8)")
+    if not 0 <= prefix < (1 << prefix_bits) or (prefix_bits == 0 and prefix != 0):
+        raise ValueError("prefix must be below 2**prefix_bits")
+    bits = prefix_bits + split_bits
+    shift = 32 - bits
+    rows = conn.execute(
+        "SELECT (digest_bucket >> %(shift)s) & %(mask)s AS child, count(*), "
+        "       sum(digest_hash::numeric) "
+        "FROM messages WHERE conversation_id = %(cid)s AND legacy_guid IS NOT NULL "
+        "  AND sent_ms >= %(start)s AND sent_ms < %(end)s "
+        "  AND (%(pbits)s = 0 OR digest_bucket >> (32 - %(pbits)s) = %(prefix)s) "
+        "GROUP BY 1",
+        {"shift": shift, "mask": (1 << split_bits) - 1, "cid": conversation_id,
+         "start": start_ms, "end": end_ms, "pbits": prefix_bits, "prefix": prefix}).fetchall()
+    out = [Digest(0, 0) for _ in range(1 << split_bits)]
+    for child, count, total in rows:
+        out[int(child)] = Digest(int(count), int(total) % _U64)
+    return out
+
+
+# ---------------------------------------------------------------- presence
+
+def set_presence(conn: psycopg.Connection, presence: Presence) -> bool:
+    """Record one source's presence; an older version than the stored one is ignored."""
+    if presence.status not in PRESENCE_STATUSES:
+        raise ValueError(f"unknown presence status {presence.status!r}")
+    cur = conn.execute(
+        "INSERT INTO presence (account_id, source, status, version, expires_ms) "
+        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account_id, source) DO UPDATE SET "
+        "status = excluded.status, version = excluded.version, "
+        "expires_ms = excluded.expires_ms, updated_at = now() "
+        "WHERE presence.version <= excluded.version",
+        (presence.account_id, presence.source, presence.status, presence.version,
+         presence.expires_ms))
+    return cur.rowcount == 1
+
+
+def read_presence(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
+                  now_ms: int) -> dict[uuid.UUID, list[Presence]]:
+    """Every unexpired source's presence for each account (missing: no live source)."""
+    rows = conn.execute(
+        "SELECT account_id, source, status, version, expires_ms FROM presence "
+        "WHERE account_id = ANY(%s) AND expires_ms > %s ORDER BY account_id, source",
+        (list(account_ids), now_ms)).fetchall()
+    out: dict[uuid.UUID, list[Presence]] = {}
+    for r in rows:
+        out.setdefault(r[0], []).append(Presence(*r))
+    return out
+
+
+# ---------------------------------------------------------------- notifications
+
+_NOTIFICATION_COLS = ("account_id, notification_id, conversation_id, message_id, seq, state, "
+                      "attempts")
+
+
+def claim_due_notifications(conn: psycopg.Connection, now_ms: int, limit: int,
+                            resend_after_ms: int, max_attempts: int
+                            ) -> tuple[list[Notification], list[Notification]]:
+    """Take up to *limit* notifications that are due: ``(to_push, now_failed)``.
+
+    A due notification is pending, or sent but not acknowledged by its resend time. Each one
+    taken counts an attempt and is rescheduled *resend_after_ms* ahead before it is pushed,
+    so a dispatcher that dies mid-push loses nothing: the row comes due again. One that has
+    used *max_attempts* becomes ``failed`` with an open finding instead.
+    """
+    rows = conn.execute(
+        f"SELECT {_NOTIFICATION_COLS} FROM notifications "
+        "WHERE state IN ('pending', 'sent') AND next_attempt_ms <= %s "
+        "ORDER BY next_attempt_ms LIMIT %s FOR UPDATE SKIP LOCKED",
+        (now_ms, limit)).fetchall()
+    to_push, failed = [], []
+    for r in rows:
+        n = Notification(*r)
+        if n.attempts >= max_attempts:
+            conn.execute(
+                "UPDATE notifications SET state = 'failed', "
+                "last_error = coalesce(last_error, 'never acknowledged') "
+                "WHERE account_id = %s AND notification_id = %s",
+                (n.account_id, n.notification_id))
+            conn.execute(
+                "INSERT INTO reconcile_findings (kind, state, conversation_id, account_id, "
+                "detail, created_ms) VALUES ('notification_failed', 'open', %s, %s, "
+                "jsonb_build_object('notification_id', %s::text, 'attempts', %s::int), %s)",
+                (n.conversation_id, n.account_id, str(n.notification_id), n.attempts, now_ms))
+            failed.append(n)
+        else:
+            conn.execute(
+                "UPDATE notifications SET attempts = attempts + 1, next_attempt_ms = %s "
+                "WHERE account_id = %s AND notification_id = %s",
+                (now_ms + resend_after_ms, n.account_id, n.notification_id))
+            to_push.append(attrs.evolve(n, attempts=n.attempts + 1))
+    return to_push, failed
+
+
+def mark_notification_sent(conn: psycopg.Connection, account_id: uuid.UUID,
+                           notification_id: uuid.UUID, now_ms: int) -> None:
+    """The gateway accepted the push (which is not proof of delivery: wait for the ack)."""
+    conn.execute(
+        "UPDATE notifications SET state = 'sent', sent_ms = %s, last_error = NULL "
+        "WHERE account_id = %s AND notification_id = %s AND state IN ('pending', 'sent')",
+        (now_ms, account_id, notification_id))
+
+
+def mark_notification_error(conn: psycopg.Connection, account_id: uuid.UUID,
+                            notification_id: uuid.UUID, error: str, retry_at_ms: int) -> None:
+    """The gateway refused the push; try again at *retry_at_ms*."""
+    conn.execute(
+        "UPDATE notifications SET last_error = %s, next_attempt_ms = %s "
+        "WHERE account_id = %s AND notification_id = %s AND state IN ('pending', 'sent')",
+        (error[:500], retry_at_ms, account_id, notification_id))
+
+
+def ack_notification(conn: psycopg.Connection, account_id: uuid.UUID,
+                     notification_id: uuid.UUID, now_ms: int) -> bool:
+    """A device acknowledged; idempotent. False if the account has no such notification.
+
+    A late ack of a notification already marked failed still counts: it was delivered.
+    """
+    row = conn.execute(
+        "SELECT state FROM notifications WHERE account_id = %s AND notification_id = %s "
+        "FOR UPDATE", (account_id, notification_id)).fetchone()
+    if row is None:
+        return False
+    if row[0] != "acked":
+        conn.execute(
+            "UPDATE notifications SET state = 'acked', acked_ms = %s "
+            "WHERE account_id = %s AND notification_id = %s",
+            (now_ms, account_id, notification_id))
+    return True
+
+
+def notification_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """How many notifications are in each state (all states present, zero if none)."""
+    counts = dict.fromkeys(("pending", "sent", "acked", "failed"), 0)
+    cur = conn.cursor(row_factory=tuple_row)
+    for state, n in cur.execute("SELECT state, count(*) FROM notifications GROUP BY 1"):
+        counts[state] = n
+    return counts

@@ -1,0 +1,395 @@
+"""The cloud store against a real PostgreSQL: migrations, the write paths, digests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cloud import schema, store
+from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage, Presence
+from tests.dbfixture import _with_dbname
+
+VECTORS = json.loads((Path(__file__).parents[2] / "docs" / "digest-vectors.json").read_text())
+NOW = 1_700_000_000_000
+
+
+def tx(conn: psycopg.Connection, fn, *args, **kwargs):
+    with conn.transaction():
+        return fn(conn, *args, **kwargs)
+
+
+def make_account(conn, handle: str, phase: str = "dual") -> uuid.UUID:
+    account_id = uuid.uuid4()
+    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
+    return account_id
+
+
+def make_conversation(conn, *members: uuid.UUID, chat: str | None = None) -> uuid.UUID:
+    cid = uuid.uuid4()
+    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
+    return cid
+
+
+def mirrored(cid, sender, handle, guid, ts, body="hi") -> MirroredMessage:
+    return MirroredMessage(cid, uuid.uuid5(uuid.NAMESPACE_URL, guid), guid, sender, handle,
+                           ts, body)
+
+
+def table_rows(conn, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+# ---------------------------------------------------------------- migrations
+
+@pytest.fixture
+def empty_dsn(db_server):
+    name = f"bridge_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(db_server, name)
+    finally:
+        with psycopg.connect(db_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_upgrade_from_empty_applies_every_version_then_nothing(empty_dsn):
+    """Upgrading an empty database applies all shipped versions once; a rerun applies none."""
+    shipped = [m.version for m in schema.shipped_migrations()]
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert schema.status(conn).pending == tuple(
+            (m.version, m.name) for m in schema.shipped_migrations())
+        assert schema.upgrade(conn) == shipped
+        assert schema.upgrade(conn) == []
+        st = schema.status(conn)
+        assert st.pending == () and [v for v, _ in st.applied] == shipped
+        assert conn.execute("SELECT to_regclass('messages')").fetchone()[0] == "messages"
+
+
+def test_concurrent_upgrades_apply_each_version_exactly_once(empty_dsn):
+    """Two processes upgrading at once: the advisory lock makes one apply, the other wait."""
+    results, errors = [], []
+
+    def run():
+        try:
+            with psycopg.connect(empty_dsn, autocommit=True) as conn:
+                results.append(schema.upgrade(conn))
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    shipped = [m.version for m in schema.shipped_migrations()]
+    assert sorted(results, key=len) == [[], [], shipped]
+    with psycopg.connect(empty_dsn) as conn:
+        assert table_rows(conn, "schema_migrations") == len(shipped)
+
+
+def test_an_edited_applied_migration_is_refused(empty_dsn):
+    """A migration changed after it was applied is reported, not silently skipped."""
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        schema.upgrade(conn)
+        conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1")
+        with pytest.raises(schema.MigrationError, match="changed after it was applied"):
+            schema.upgrade(conn)
+        with pytest.raises(schema.MigrationError):
+            schema.status(conn)
+
+
+def test_every_unique_constraint_on_growing_tables_has_the_distribution_key(conn):
+    """Citus-readiness: unique keys of message/account tables include their shard key."""
+    keys = {"messages": "conversation_id", "members": "conversation_id",
+            "outbox_to_legacy": "conversation_id", "notifications": "account_id",
+            "presence": "account_id", "accounts": "account_id",
+            "conversations": "conversation_id", "account_handles": "handle",
+            "conversation_legacy_ids": "legacy_chat_id"}
+    rows = conn.execute(
+        "SELECT t.relname, array(SELECT a.attname FROM unnest(i.indkey) k "
+        "  JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k) "
+        "FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid "
+        "WHERE i.indisunique AND t.relname = ANY(%s)", (list(keys),)).fetchall()
+    assert {r[0] for r in rows} == set(keys)
+    for table, columns in rows:
+        assert keys[table] in columns, (table, columns)
+
+
+# ---------------------------------------------------------------- digests
+
+def test_sql_digest_matches_the_shared_vectors(conn):
+    """The SQL message hash, bucket and range digests reproduce docs/digest-vectors.json."""
+    senders = {}
+    for m in VECTORS["messages"]:
+        if m["sender"] not in senders:
+            senders[m["sender"]] = make_account(conn, m["sender"])
+    cid = make_conversation(conn, *senders.values(), chat=VECTORS["chat_id"])
+    batch = MirrorBatch(tuple(
+        mirrored(cid, senders[m["sender"]], m["sender"], m["guid"], m["ts_ms"], m["body"])
+        for m in VECTORS["messages"]))
+    tx(conn, store.write_mirrored_batch, batch, NOW)
+    for m in VECTORS["messages"]:
+        h, b = conn.execute(
+            "SELECT digest_hash, digest_bucket FROM messages WHERE legacy_guid = %s",
+            (m["guid"],)).fetchone()
+        assert h % (1 << 64) == int(m["message_hash"]) and b == m["bucket"]
+    assert VECTORS["range_digests"]
+    for r in VECTORS["range_digests"]:
+        got = tx(conn, store.range_digest, cid, r["start_ms"], r["end_ms"],
+                 r["prefix_bits"], r["prefix"])
+        assert (got.count, got.total) == (r["count"], int(r["total"])), r
+
+
+def test_split_digests_add_up_to_the_parent(conn):
+    """Children of a range split by bucket bits sum (count and mod 2**64) to the parent."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    batch = MirrorBatch(tuple(mirrored(cid, a, "alice", f"g{i}", NOW + i, f"b{i}")
+                              for i in range(200)))
+    tx(conn, store.write_mirrored_batch, batch, NOW)
+    parent = tx(conn, store.range_digest, cid, NOW, NOW + 200)
+    children = tx(conn, store.range_digests, cid, NOW, NOW + 200, 0, 0, 4)
+    assert parent.count == 200 and len(children) == 16
+    assert sum(c.count for c in children) == 200
+    assert sum(c.total for c in children) % (1 << 64) == parent.total
+    grand = tx(conn, store.range_digests, cid, NOW, NOW + 200, 4, 5, 2)
+    assert sum(c.count for c in grand) == children[5].count
+
+
+# ---------------------------------------------------------------- mirrored write path
+
+def test_replaying_a_mirrored_batch_changes_nothing(conn):
+    """The same batch twice: the second write inserts nothing and owes nothing new."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    batch = MirrorBatch(tuple(mirrored(cid, a, "alice", f"g{i}", NOW + i) for i in range(50)),
+                        (FeedCheckpoint("sn-1", "e1", 50),))
+    first = tx(conn, store.write_mirrored_batch, batch, NOW)
+    assert len(first.inserted) == 50 and first.duplicates == 0 and first.notifications == 50
+    snapshot = conn.execute("SELECT seq, message_id FROM messages ORDER BY seq").fetchall()
+    again = tx(conn, store.write_mirrored_batch, batch, NOW + 5)
+    assert again.inserted == () and again.duplicates == 50 and again.notifications == 0
+    assert conn.execute("SELECT seq, message_id FROM messages ORDER BY seq").fetchall() \
+        == snapshot
+    assert table_rows(conn, "notifications") == 50
+    assert [m.seq for m in first.inserted] == list(range(1, 51))
+
+
+def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
+    """Seqs follow batch order per conversation; a GUID repeated in the batch is kept once."""
+    a = make_account(conn, "alice")
+    c1, c2 = make_conversation(conn, a), make_conversation(conn, a)
+    msgs = [mirrored(c1, a, "alice", "x1", NOW + 9), mirrored(c2, a, "alice", "y1", NOW),
+            mirrored(c1, a, "alice", "x2", NOW + 1), mirrored(c1, a, "alice", "x1", NOW + 9),
+            mirrored(c2, a, "alice", "y2", NOW - 5)]
+    result = tx(conn, store.write_mirrored_batch, MirrorBatch(tuple(msgs)), NOW)
+    assert result.duplicates == 1
+    order = {cid: [r[0] for r in conn.execute(
+        "SELECT legacy_guid FROM messages WHERE conversation_id = %s ORDER BY seq", (cid,))]
+        for cid in (c1, c2)}
+    assert order == {c1: ["x1", "x2"], c2: ["y1", "y2"]}
+
+
+def test_mirrored_batch_for_unknown_conversation_writes_nothing(conn):
+    """A batch naming a conversation that does not exist fails whole, checkpoint included."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    batch = MirrorBatch((mirrored(cid, a, "alice", "g1", NOW),
+                         mirrored(uuid.uuid4(), a, "alice", "g2", NOW)),
+                        (FeedCheckpoint("sn-1", "e1", 2),))
+    with pytest.raises(store.NotFound):
+        tx(conn, store.write_mirrored_batch, batch, NOW)
+    assert table_rows(conn, "messages") == 0 and table_rows(conn, "bridge_checkpoints") == 0
+
+
+def test_stale_fence_rolls_back_the_whole_batch(conn):
+    """A checkpoint under an older fence than the stored one refuses, and its data too."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    tx(conn, store.save_checkpoint, FeedCheckpoint("sn-1", "e1", 10, fence=7), NOW)
+    batch = MirrorBatch((mirrored(cid, a, "alice", "g1", NOW),),
+                        (FeedCheckpoint("sn-1", "e1", 11, fence=6),))
+    with pytest.raises(store.StaleFence):
+        tx(conn, store.write_mirrored_batch, batch, NOW)
+    assert table_rows(conn, "messages") == 0
+    assert tx(conn, store.load_checkpoints)["sn-1"] == FeedCheckpoint("sn-1", "e1", 10, 7)
+
+
+def test_notifications_are_owed_to_cloud_capable_members_but_not_the_sender(conn):
+    """Members in phase legacy have no cloud devices, and nobody is notified of their own."""
+    a = make_account(conn, "alice", "dual")
+    b = make_account(conn, "bob", "legacy")
+    c = make_account(conn, "carol", "cloud-only")
+    cid = make_conversation(conn, a, b, c)
+    tx(conn, store.write_mirrored_batch, MirrorBatch((mirrored(cid, a, "alice", "g", NOW),)),
+       NOW)
+    owed = [r[0] for r in conn.execute("SELECT account_id FROM notifications")]
+    assert owed == [c]
+
+
+def test_concurrent_writers_keep_seq_gapless(db_dsn, conn):
+    """Four writers (mirror batches and API posts) on one conversation: seq is 1..N, no gap."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    errors = []
+
+    def mirror_writer(w):
+        try:
+            with psycopg.connect(db_dsn, autocommit=True) as c:
+                for k in range(10):
+                    msgs = tuple(mirrored(cid, a, "alice", f"w{w}-{k}-{i}", NOW + i)
+                                 for i in range(5))
+                    # every other batch repeats the previous one: replays race with writes
+                    tx(c, store.write_mirrored_batch, MirrorBatch(msgs), NOW)
+                    tx(c, store.write_mirrored_batch, MirrorBatch(msgs[:3]), NOW)
+        except Exception as e:
+            errors.append(e)
+
+    def api_writer(w):
+        try:
+            with psycopg.connect(db_dsn, autocommit=True) as c:
+                for k in range(25):
+                    tx(c, store.post_message, cid, b, f"c{w}-{k}", "hello", NOW)
+                    tx(c, store.post_message, cid, b, f"c{w}-{k}", "hello", NOW)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=mirror_writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=api_writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    seqs = [r[0] for r in conn.execute(
+        "SELECT seq FROM messages WHERE conversation_id = %s ORDER BY seq", (cid,))]
+    assert seqs == list(range(1, 2 * 50 + 2 * 25 + 1))
+    assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == len(seqs) + 1
+
+
+# ---------------------------------------------------------------- API write path
+
+def test_post_is_idempotent_per_client_message_id(conn):
+    """The same client message id returns the same message and writes nothing more."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    m1, created1 = tx(conn, store.post_message, cid, a, "c-1", "hello", NOW)
+    m2, created2 = tx(conn, store.post_message, cid, a, "c-1", "something else", NOW + 9)
+    assert created1 and not created2 and m1 == m2
+    assert table_rows(conn, "messages") == 1 and table_rows(conn, "notifications") == 1
+    assert table_rows(conn, "outbox_to_legacy") == 1
+
+
+def test_outbox_to_legacy_only_when_a_member_still_uses_legacy_clients(conn):
+    """Cloud-only members need no injection; a member in phase dual does."""
+    a, b = make_account(conn, "alice", "cloud-only"), make_account(conn, "bob", "cloud-only")
+    c = make_account(conn, "carol", "dual")
+    cloud_only = make_conversation(conn, a, b)
+    mixed = make_conversation(conn, a, c)
+    tx(conn, store.post_message, cloud_only, a, "c-1", "x", NOW)
+    tx(conn, store.post_message, mixed, a, "c-2", "y", NOW)
+    rows = conn.execute("SELECT conversation_id, seq FROM outbox_to_legacy").fetchall()
+    assert rows == [(mixed, 1)]
+
+
+def test_post_and_its_outbox_rows_commit_together_or_not_at_all(conn):
+    """A failure after the message insert but before commit leaves no message and no outbox."""
+    a, c = make_account(conn, "alice"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    conn.execute("CREATE FUNCTION fail_outbox() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")
+    conn.execute("CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox_to_legacy "
+                 "FOR EACH ROW EXECUTE FUNCTION fail_outbox()")
+    try:
+        with pytest.raises(psycopg.errors.RaiseException):
+            tx(conn, store.post_message, cid, a, "c-1", "hello", NOW)
+    finally:
+        conn.execute("DROP TRIGGER fail_outbox ON outbox_to_legacy")
+        conn.execute("DROP FUNCTION fail_outbox()")
+    assert table_rows(conn, "messages") == 0 and table_rows(conn, "outbox_to_legacy") == 0
+    assert table_rows(conn, "notifications") == 0
+    message, created = tx(conn, store.post_message, cid, a, "c-1", "hello", NOW)
+    assert created and message.seq == 1
+
+
+def test_post_by_non_member_or_to_unknown_conversation_is_refused(conn):
+    """Non-members get NotMember, unknown conversations NotFound; nothing is written."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a)
+    with pytest.raises(store.NotMember):
+        tx(conn, store.post_message, cid, b, "c", "x", NOW)
+    with pytest.raises(store.NotFound):
+        tx(conn, store.post_message, uuid.uuid4(), a, "c", "x", NOW)
+    assert table_rows(conn, "messages") == 0
+
+
+def test_sync_returns_messages_after_the_cursor_in_order(conn):
+    """sync_messages pages through a conversation by seq."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    for i in range(7):
+        tx(conn, store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    page = tx(conn, store.sync_messages, cid, 2, 3)
+    assert [(m.seq, m.body) for m in page] == [(3, "m2"), (4, "m3"), (5, "m4")]
+
+
+def test_handle_belongs_to_one_account(conn):
+    """A second account may not take an existing handle; recreating the same one is a no-op."""
+    a = make_account(conn, "alice")
+    assert tx(conn, store.create_account, Account(a, "alice", "dual", "alice"), None) is False
+    with pytest.raises(store.Conflict):
+        tx(conn, store.create_account, Account(uuid.uuid4(), "alice", "dual"), None)
+    assert table_rows(conn, "accounts") == 1
+
+
+# ---------------------------------------------------------------- presence and notifications
+
+def test_presence_keeps_the_newest_version_per_source_and_hides_expired(conn):
+    """An older version never overwrites a newer one; expired sources are not read."""
+    a = make_account(conn, "alice")
+    tx(conn, store.set_presence, Presence(a, "cloud", "online", 5, NOW + 1000))
+    assert not tx(conn, store.set_presence, Presence(a, "cloud", "away", 4, NOW + 9000))
+    tx(conn, store.set_presence, Presence(a, "legacy", "busy", 1, NOW + 10))
+    live = tx(conn, store.read_presence, [a], NOW + 20)
+    assert live == {a: [Presence(a, "cloud", "online", 5, NOW + 1000)]}
+
+
+def test_claiming_notifications_counts_attempts_then_fails_visibly(conn):
+    """After max attempts without an ack a notification is failed with an open finding."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    tx(conn, store.post_message, cid, a, "c", "x", NOW)
+    now = NOW
+    for attempt in range(1, 4):
+        push, failed = tx(conn, store.claim_due_notifications, now, 10, 1000, 3)
+        assert [n.attempts for n in push] == [attempt] and failed == []
+        assert tx(conn, store.claim_due_notifications, now, 10, 1000, 3) == ([], [])
+        now += 1000
+    push, failed = tx(conn, store.claim_due_notifications, now, 10, 1000, 3)
+    assert push == [] and len(failed) == 1
+    assert tx(conn, store.notification_counts)["failed"] == 1
+    assert conn.execute("SELECT kind, state FROM reconcile_findings").fetchall() == [
+        ("notification_failed", "open")]
+    # a late ack still counts: the device did get it
+    assert tx(conn, store.ack_notification, b, failed[0].notification_id, now)
+    assert tx(conn, store.notification_counts)["acked"] == 1
+
+
+def test_ack_is_per_account_and_idempotent(conn):
+    """Only the owner can ack; acking twice is the same as once."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    tx(conn, store.post_message, cid, a, "c", "x", NOW)
+    nid = conn.execute("SELECT notification_id FROM notifications").fetchone()[0]
+    assert not tx(conn, store.ack_notification, a, nid, NOW)
+    assert tx(conn, store.ack_notification, b, nid, NOW + 1)
+    assert tx(conn, store.ack_notification, b, nid, NOW + 2)
+    assert conn.execute("SELECT state, acked_ms FROM notifications").fetchone() == (
+        "acked", NOW + 1)

@@ -1,0 +1,71 @@
+"""A real PostgreSQL for tests: ``BRIDGE_TEST_DSN`` when set, the embedded server otherwise.
+
+Each test run creates its own database (``bridge_test_<pid>_<random>``) on that server,
+applies the migrations once, and drops it at the end. Each test gets an empty store: every
+table but ``schema_migrations`` is truncated before it runs. Any test that uses one of these
+fixtures is marked ``db`` (see ``tests/conftest.py``), so ``pytest -m db`` runs exactly the
+database tests, which is how ``.ci/run`` repeats them against the machine's own server.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from cloud import embedded, schema
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    params = conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return conninfo.make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def db_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of a maintenance database on the server the tests use."""
+    dsn = os.environ.get("BRIDGE_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    home = tmp_path_factory.mktemp("embedded-pg")
+    try:
+        yield embedded.admin_dsn(home)
+    finally:
+        embedded.stop(home)
+
+
+@pytest.fixture(scope="session")
+def db_dsn(db_server: str) -> Iterator[str]:
+    """DSN of this run's own, migrated database; dropped when the run ends."""
+    name = f"bridge_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(db_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = _with_dbname(db_server, name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.upgrade(conn)
+        yield dsn
+    finally:
+        with psycopg.connect(db_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def truncate_all(conn: psycopg.Connection) -> None:
+    tables = [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+        "AND tablename <> 'schema_migrations'")]
+    conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY")
+
+
+@pytest.fixture
+def conn(db_dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to an empty, migrated store."""
+    with psycopg.connect(db_dsn, autocommit=True) as c:
+        truncate_all(c)
+        yield c
