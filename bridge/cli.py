@@ -23,6 +23,10 @@ class UsageError(Exception):
     """A user mistake in the arguments; reported as one line, exit code 2."""
 
 
+class RuntimeFailure(Exception):
+    """The command could not do its work (database unreachable, ...); one line, exit 1."""
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -86,7 +90,135 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run the same workload on the deterministic in-memory "
                                       "network: one seed, one trace hash.")
     workload(sim, duration_required=True)
+
+    db = sub.add_parser("db", help="the cloud store's database",
+                        description="Manage the cloud store's PostgreSQL database. Without "
+                                    "--dsn or $BRIDGE_DSN, commands use the embedded server "
+                                    "under $BRIDGE_HOME (default ./.bridge), starting it "
+                                    "when needed.")
+    dsub = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    for name, text in (("upgrade", "apply pending schema migrations (safe to run twice)"),
+                       ("status", "show applied and pending schema versions"),
+                       ("dsn", "print the DSN in use, so other tools can connect"),
+                       ("stop", "stop the embedded server (if it runs)")):
+        sp = dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name != "stop":
+            _dsn_option(sp)
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _dsn_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--dsn", metavar="DSN",
+                    help="PostgreSQL connection string (default: $BRIDGE_DSN, else the "
+                         "embedded server under $BRIDGE_HOME)")
+
+
+def _resolve_dsn(args: argparse.Namespace) -> tuple[str, str]:
+    """The DSN to use and where it came from: --dsn, $BRIDGE_DSN, or the embedded server."""
+    import os
+
+    from psycopg import conninfo
+
+    for dsn, origin in ((getattr(args, "dsn", None), "--dsn"),
+                        (os.environ.get("BRIDGE_DSN"), "$BRIDGE_DSN")):
+        if dsn:
+            try:
+                conninfo.conninfo_to_dict(dsn)
+            except Exception as e:  # psycopg.ProgrammingError: not a DSN at all
+                raise UsageError(f"{origin} is not a valid PostgreSQL connection string: "
+                                 f"{str(e).strip()}") from None
+            return dsn, origin
+    from cloud import embedded
+
+    home = state.state_home()
+    try:
+        return embedded.ensure_running(home), f"embedded server in {embedded.data_dir(home)}"
+    except embedded.EmbeddedServerError as e:
+        raise RuntimeFailure(str(e)) from None
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for logs and status output."""
+    from psycopg import conninfo
+
+    params = conninfo.conninfo_to_dict(dsn)
+    if "password" in params:
+        params["password"] = "***"
+    return conninfo.make_conninfo(**params)
+
+
+def _connect(dsn: str, origin: str) -> Any:
+    import psycopg
+
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        first = (str(e).strip().splitlines() or ["connection failed"])[0]
+        raise RuntimeFailure(f"cannot connect to the database ({origin}: "
+                             f"{redact_dsn(dsn)}): {first}") from None
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from cloud import schema
+
+    dsn, origin = _resolve_dsn(args)
+    with _connect(dsn, origin) as conn:
+        try:
+            done = schema.upgrade(conn)
+            current = schema.status(conn).current
+        except schema.MigrationError as e:
+            raise RuntimeFailure(str(e)) from None
+    if done:
+        print(f"applied {', '.join(f'{v:04d}' for v in done)}; schema at {current:04d}")
+    else:
+        print(f"schema at {current:04d}; nothing to apply")
+    return EXIT_OK
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    from cloud import schema
+
+    dsn, origin = _resolve_dsn(args)
+    with _connect(dsn, origin) as conn:
+        try:
+            st = schema.status(conn)
+        except schema.MigrationError as e:
+            raise RuntimeFailure(str(e)) from None
+    if args.json:
+        print(json.dumps({
+            "database": origin, "dsn": redact_dsn(dsn), "current": st.current,
+            "applied": [{"version": v, "name": n} for v, n in st.applied],
+            "pending": [{"version": v, "name": n} for v, n in st.pending]}, sort_keys=True))
+        return EXIT_OK
+    print(f"database: {origin}")
+    print(f"schema:   {st.current:04d}" + (" (empty)" if not st.applied else ""))
+    for v, n in st.applied:
+        print(f"  applied  {v:04d}_{n}")
+    for v, n in st.pending:
+        print(f"  pending  {v:04d}_{n}")
+    if st.pending:
+        print("run `bridgectl db upgrade` to apply the pending versions")
+    return EXIT_OK
+
+
+def cmd_db_dsn(args: argparse.Namespace) -> int:
+    dsn, _origin = _resolve_dsn(args)
+    print(dsn)
+    return EXIT_OK
+
+
+def cmd_db_stop(args: argparse.Namespace) -> int:
+    from cloud import embedded
+
+    home = state.state_home()
+    if embedded.stop(home):
+        print(f"stopped the embedded server in {embedded.data_dir(home)}")
+    else:
+        print(f"no embedded server runs in {embedded.data_dir(home)}")
+    return EXIT_OK
 
 
 def _run_config(args: argparse.Namespace, **extra: Any) -> Any:
@@ -194,6 +326,10 @@ def _log_to_stderr() -> None:
 COMMANDS = {
     ("legacy", "run"): cmd_legacy_run,
     ("legacy", "simulate"): cmd_legacy_simulate,
+    ("db", "upgrade"): cmd_db_upgrade,
+    ("db", "status"): cmd_db_status,
+    ("db", "dsn"): cmd_db_dsn,
+    ("db", "stop"): cmd_db_stop,
 }
 
 
@@ -204,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = (args.command, getattr(args, f"{args.command}_command", None))
     try:
         return COMMANDS[key](args)
-    except (UsageError, state.StateError) as e:
+    except (UsageError, RuntimeFailure, state.StateError) as e:
         print(f"bridgectl: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@ clock, decides when to try again.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -21,9 +20,10 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-log = logging.getLogger("cloud.db")
+log = Logger()
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def run_transaction(conn: psycopg.Connection, fn: Callable[..., T], *args: Any,
         except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
             if attempt == CONFLICT_RETRIES:
                 raise
-            log.info("transaction %s conflicted; running it again", fn.__name__)
+            log.info("transaction {fn} conflicted; running it again", fn=fn.__name__)
     raise AssertionError("unreachable")
 
 

@@ -15,8 +15,6 @@ import logging
 import warnings
 from pathlib import Path
 
-log = logging.getLogger("cloud.embedded")
-
 #: The database our schema lives in, inside the embedded server.
 DATABASE = "bridge"
 
