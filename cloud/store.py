@@ -296,6 +296,9 @@ CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
 ) ON COMMIT DELETE ROWS"""
 
 
+_STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text", "text")
+
+
 def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
     """First occurrence of each (conversation, message id) and (conversation, GUID)."""
     seen_ids: set = set()
@@ -331,7 +334,9 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
         conn.execute(_STAGING)
         with conn.cursor().copy(
                 "COPY mirror_staging (ord, conversation_id, message_id, legacy_guid, "
-                "sender_account_id, sender_handle, sent_ms, body, origin) FROM STDIN") as copy:
+                "sender_account_id, sender_handle, sent_ms, body, origin) "
+                "FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_STAGING_TYPES)
             for i, m in enumerate(messages):
                 copy.write_row((i, m.conversation_id, m.message_id, m.legacy_guid,
                                 m.sender_account_id, m.sender_handle, m.sent_ms, m.body,
@@ -343,41 +348,45 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
         if len(locked) != len(conversations):
             missing = set(conversations) - {r[0] for r in locked}
             raise NotFound(f"no conversation {sorted(missing)[0]} (create it first)")
-        conn.execute(
-            "DELETE FROM mirror_staging s USING messages m "
-            "WHERE m.conversation_id = s.conversation_id "
-            "  AND (m.message_id = s.message_id OR m.legacy_guid = s.legacy_guid)")
         rows = conn.execute(
-            "WITH numbered AS ("
-            "  SELECT s.*, c.next_seq - 1 + row_number() OVER "
-            "         (PARTITION BY s.conversation_id ORDER BY s.ord) AS seq "
-            "  FROM mirror_staging s JOIN conversations c USING (conversation_id)), "
+            "WITH fresh AS ("
+            "  SELECT s.* FROM mirror_staging s"
+            "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+            "          s.conversation_id AND m.message_id = s.message_id)"
+            "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+            "          s.conversation_id AND m.legacy_guid = s.legacy_guid)), "
+            "numbered AS ("
+            "  SELECT f.*, c.next_seq - 1 + row_number() OVER "
+            "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
+            "  FROM fresh f JOIN conversations c USING (conversation_id)), "
             "ins AS ("
             f"  INSERT INTO messages ({_MESSAGE_COLS}) "
             "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
-            "         sent_ms, body, origin, legacy_guid, NULL FROM numbered ORDER BY ord "
-            f"  RETURNING {_MESSAGE_COLS}), "
+            "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
+            "  RETURNING conversation_id, seq, message_id, sender_account_id), "
             "bump AS ("
             "  UPDATE conversations c SET next_seq = n.top + 1 "
             "  FROM (SELECT conversation_id, max(seq) AS top FROM ins GROUP BY 1) n "
-            "  WHERE c.conversation_id = n.conversation_id) "
-            "SELECT * FROM ins ORDER BY conversation_id, seq").fetchall()
-        inserted = [_message(r) for r in rows]
-        if inserted:
-            cur = conn.execute(
-                "INSERT INTO notifications (account_id, notification_id, conversation_id, "
-                "  message_id, seq, next_attempt_ms, created_ms) "
-                "SELECT mb.account_id, gen_random_uuid(), m.conversation_id, m.message_id, "
-                "       m.seq, %(now)s, %(now)s "
-                "FROM unnest(%(cids)s::uuid[], %(seqs)s::bigint[]) AS n(cid, seq) "
-                "JOIN messages m ON m.conversation_id = n.cid AND m.seq = n.seq "
-                "JOIN members mb ON mb.conversation_id = m.conversation_id "
-                "JOIN accounts a ON a.account_id = mb.account_id "
-                "WHERE mb.account_id <> m.sender_account_id AND a.phase = ANY(%(phases)s) "
-                "ON CONFLICT DO NOTHING",
-                {"now": now_ms, "cids": [m.conversation_id for m in inserted],
-                 "seqs": [m.seq for m in inserted], "phases": list(CLOUD_CLIENT_PHASES)})
-            notified = cur.rowcount
+            "  WHERE c.conversation_id = n.conversation_id), "
+            "owed AS ("
+            "  INSERT INTO notifications (account_id, notification_id, conversation_id, "
+            "    message_id, seq, next_attempt_ms, created_ms) "
+            "  SELECT mb.account_id, gen_random_uuid(), i.conversation_id, i.message_id, "
+            "         i.seq, %(now)s, %(now)s "
+            "  FROM ins i JOIN members mb ON mb.conversation_id = i.conversation_id "
+            "  JOIN accounts a ON a.account_id = mb.account_id "
+            "  WHERE mb.account_id <> i.sender_account_id AND a.phase = ANY(%(phases)s) "
+            "  ON CONFLICT DO NOTHING RETURNING 1) "
+            "SELECT conversation_id, seq, message_id, (SELECT count(*) FROM owed) FROM ins",
+            {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}).fetchall()
+        by_id = {(m.conversation_id, m.message_id): m for m in messages}
+        for cid, seq, message_id, owed in rows:
+            m = by_id[(cid, message_id)]
+            inserted.append(Message(cid, seq, message_id, m.sender_account_id,
+                                    m.sender_handle, m.sent_ms, m.body, m.origin,
+                                    m.legacy_guid, None))
+            notified = owed
+        inserted.sort(key=lambda m: (m.conversation_id, m.seq))
     for checkpoint in batch.checkpoints:
         save_checkpoint(conn, checkpoint, now_ms)
     return MirrorResult(tuple(inserted), len(batch.messages) - len(inserted), notified)
