@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-legacy clean
+.PHONY: demo test lint bench-legacy bench-cloud clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 bench-legacy: $(STAMP)
 	$(BIN)/python bench/bench_legacy.py
+
+bench-cloud: $(STAMP)
+	$(BIN)/python bench/bench_cloud.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
