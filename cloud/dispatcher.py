@@ -1,0 +1,243 @@
+"""The notification dispatcher: drains the notifications outbox into the push gateway.
+
+A notification row is written in the same transaction as its message (``cloud.store``);
+this loop only moves it along. States of one row (``notifications.state``)::
+
+                claim (attempt 1)           gateway accepted            device acks
+    pending ---------------------> push ------------------> sent ----------------> acked
+       ^  ^                         |                        |                       ^
+       |  +-- PushRejected: retry at now + policy.delay -----+                       |
+       |                                                     |   (a late ack counts) |
+       +------ not acked within resend_after: claimed again, pushed again, same id --+
+                                                             |
+               ... attempts == max_attempts, still not acked v
+                                                          failed  (+ an open finding of
+                                                                   kind notification_failed,
+                                                                   written by the store)
+
+Claiming counts the attempt and moves the row's next attempt ``resend_after`` ahead in the
+same transaction, before anything is pushed: a dispatcher that dies mid-push loses nothing,
+the row simply comes due again. A resend carries the same notification id, which the
+device's mailbox and ``store.ack_notification`` treat idempotently.
+
+The loop itself::
+
+    idle --start--> waiting --timer--> ticking --done, full batch--> ticking (at once)
+                       ^                  |
+                       +---- done --------+     stop: cancel the timer, or wait for the tick
+
+Never more than one tick is in flight. A tick claims up to ``batch`` due rows, pushes them
+concurrently and records each outcome; a full batch means a backlog, so the next tick runs
+at once instead of after ``poll_interval_s``. A failed tick is logged (an unreachable
+database once per outage, anything else with its traceback), counted in
+``cloud_dispatcher_loop_failures_total`` and followed by the next tick as usual.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import Any
+
+import attrs
+from prometheus_client import Counter
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from cloud import store
+from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.model import Notification
+from cloud.push import PushGateway, PushMessage, PushRejected
+from cloud.retry import RetryPolicy
+
+log = Logger()
+
+NOTIFICATIONS_PUSHED = Counter(
+    "cloud_notifications_pushed_total",
+    "Notification pushes the gateway accepted (resends included).")
+NOTIFICATIONS_PUSH_ERRORS = Counter(
+    "cloud_notifications_push_errors_total",
+    "Notification pushes the gateway refused or did not answer in time (retried later).")
+NOTIFICATIONS_FAILED = Counter(
+    "cloud_notifications_failed_total",
+    "Notifications given up after max_attempts without an acknowledgement.")
+LOOP_FAILURES = Counter(
+    "cloud_dispatcher_loop_failures_total",
+    "Dispatcher passes that failed; the loop carries on.", ["reason"])
+for _reason in ("database_unavailable", "error"):
+    LOOP_FAILURES.labels(reason=_reason)
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen
+class DispatcherConfig:
+    """How the dispatcher paces itself. Times in seconds."""
+
+    #: Pause between ticks when the last one did not fill a batch.
+    poll_interval_s: float = attrs.field(default=0.5, converter=float, validator=_positive)
+    #: Most notifications claimed by one tick.
+    batch: int = attrs.field(default=200, validator=[attrs.validators.instance_of(int),
+                                                     _positive])
+    #: How long a pushed notification may stay unacknowledged before it is pushed again.
+    resend_after_s: float = attrs.field(default=10.0, converter=float, validator=_positive)
+    #: Pushes of one notification before it is failed.
+    max_attempts: int = attrs.field(default=5, validator=[attrs.validators.instance_of(int),
+                                                          _positive])
+    #: Backoff after the gateway refused a push.
+    retry: RetryPolicy = attrs.field(
+        factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=30.0, jitter=0.2),
+        validator=attrs.validators.instance_of(RetryPolicy))
+    #: A gateway that has not answered by then is treated as having refused.
+    push_timeout_s: float = attrs.field(default=5.0, converter=float, validator=_positive)
+
+
+class LoopState(enum.Enum):
+    IDLE = "idle"  # not running, nothing in flight
+    WAITING = "waiting"  # running, next tick scheduled
+    TICKING = "ticking"  # a tick is in flight (running or being stopped)
+
+
+class NotificationDispatcher(Service):
+    """Pushes due notifications through *gateway*, records outcomes through *db*."""
+
+    def __init__(self, clock: IReactorTime, db: TransactionRunner, gateway: PushGateway,
+                 rng: random.Random, config: DispatcherConfig | None = None, *,
+                 name: str = "notification-dispatcher") -> None:
+        self._clock = clock
+        self._db = db
+        self._gateway = gateway
+        self._rng = rng
+        self.config = config if config is not None else DispatcherConfig()
+        self.setName(name)
+        self.state = LoopState.IDLE
+        self._timer: IDelayedCall | None = None
+        self._tick_done: defer.Deferred | None = None
+        self._outage_since: float | None = None
+        #: Ticks run so far (for tests and debugging).
+        self.ticks = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        if self.state is LoopState.IDLE:
+            self._schedule(0)
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        """Stop ticking; fires once the tick in flight (if any) has finished."""
+        super().stopService()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.state is LoopState.WAITING:
+            self.state = LoopState.IDLE
+        if self._tick_done is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._tick_done.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _schedule(self, delay_s: float) -> None:
+        self.state = LoopState.WAITING
+        self._timer = self._clock.callLater(delay_s, self._start_tick)
+
+    def _start_tick(self) -> None:
+        self._timer = None
+        self.state = LoopState.TICKING
+        self.ticks += 1
+        d = defer.Deferred.fromCoroutine(self._tick())
+        self._tick_done = d
+        d.addErrback(self._tick_failed)
+        d.addCallback(self._finish_tick)
+
+    def _tick_failed(self, failure: Any) -> bool:
+        LOOP_FAILURES.labels(reason="error").inc()
+        log.failure("notification dispatcher tick failed; carrying on", failure)
+        return False
+
+    def _finish_tick(self, backlog: bool) -> None:
+        self._tick_done = None
+        if self.running:
+            self._schedule(0 if backlog else self.config.poll_interval_s)
+        else:
+            self.state = LoopState.IDLE
+
+    async def _tick(self) -> bool:
+        """One pass; True when it claimed a full batch (so more are probably due)."""
+        cfg = self.config
+        try:
+            to_push, failed = await self._db.run(
+                store.claim_due_notifications, self._now_ms(), cfg.batch,
+                round(cfg.resend_after_s * 1000), cfg.max_attempts)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+            return False
+        self._database_up()
+        if failed:
+            NOTIFICATIONS_FAILED.inc(len(failed))
+            log.warn("{count} notifications failed after {attempts} attempts without an "
+                     "acknowledgement", count=len(failed), attempts=cfg.max_attempts)
+        if to_push:
+            await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(self._push(n)) for n in to_push],
+                consumeErrors=True)
+        return len(to_push) + len(failed) >= cfg.batch
+
+    async def _push(self, n: Notification) -> None:
+        """Push one claimed notification and record the outcome; never raises."""
+        message = PushMessage(n.account_id, n.notification_id, n.conversation_id,
+                              n.message_id, n.seq)
+        timeout_s = self.config.push_timeout_s
+        try:
+            try:
+                await defer.maybeDeferred(self._gateway.push, message).addTimeout(
+                    timeout_s, self._clock)
+            except (PushRejected, defer.TimeoutError) as e:
+                NOTIFICATIONS_PUSH_ERRORS.inc()
+                delay_s = self.config.retry.delay(n.attempts, self._rng)
+                retry_at_ms = self._now_ms() + round(delay_s * 1000)
+                if isinstance(e, PushRejected):
+                    error = str(e) or "rejected by the push gateway"
+                else:
+                    error = f"no answer from the push gateway within {timeout_s}s"
+                await self._db.run(store.mark_notification_error, n.account_id,
+                                   n.notification_id, error, retry_at_ms)
+                return
+            NOTIFICATIONS_PUSHED.inc()
+            await self._db.run(store.mark_notification_sent, n.account_id,
+                               n.notification_id, self._now_ms())
+        except DatabaseUnavailable as e:
+            # The row was rescheduled when it was claimed, so it comes due again by itself.
+            self._database_down(e)
+        except Exception:
+            LOOP_FAILURES.labels(reason="error").inc()
+            log.failure("pushing notification {nid} failed unexpectedly; it comes due again",
+                        nid=n.notification_id)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return round(self._clock.seconds() * 1000)
+
+    def _database_down(self, error: DatabaseUnavailable) -> None:
+        """Count every failure, but log only the first of an outage."""
+        LOOP_FAILURES.labels(reason="database_unavailable").inc()
+        if self._outage_since is None:
+            self._outage_since = self._clock.seconds()
+            log.warn("database unavailable ({error}); the notification dispatcher keeps "
+                     "retrying every {interval}s", error=error,
+                     interval=self.config.poll_interval_s)
+
+    def _database_up(self) -> None:
+        if self._outage_since is not None:
+            log.info("database reachable again after {seconds:.1f}s",
+                     seconds=self._clock.seconds() - self._outage_since)
+            self._outage_since = None
