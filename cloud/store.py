@@ -556,6 +556,12 @@ def ack_notification(conn: psycopg.Connection, account_id: uuid.UUID,
             "UPDATE notifications SET state = 'acked', acked_ms = %s "
             "WHERE account_id = %s AND notification_id = %s",
             (now_ms, account_id, notification_id))
+    if row[0] == "failed":
+        # the finding that recorded the failure is answered: the device did get it
+        conn.execute(
+            "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s "
+            "WHERE kind = 'notification_failed' AND state = 'open' AND account_id = %s "
+            "AND detail->>'notification_id' = %s", (now_ms, account_id, str(notification_id)))
     return True
 
 

@@ -362,7 +362,7 @@ def test_presence_keeps_the_newest_version_per_source_and_hides_expired(conn):
 
 
 def test_claiming_notifications_counts_attempts_then_fails_visibly(conn):
-    """After max attempts without an ack a notification is failed with an open finding."""
+    """After max attempts unacked: failed with an open finding; a late ack resolves both."""
     a, b = make_account(conn, "alice"), make_account(conn, "bob")
     cid = make_conversation(conn, a, b)
     tx(conn, store.post_message, cid, a, "c", "x", NOW)
@@ -380,6 +380,7 @@ def test_claiming_notifications_counts_attempts_then_fails_visibly(conn):
     # a late ack still counts: the device did get it
     assert tx(conn, store.ack_notification, b, failed[0].notification_id, now)
     assert tx(conn, store.notification_counts)["acked"] == 1
+    assert conn.execute("SELECT state FROM reconcile_findings").fetchall() == [("repaired",)]
 
 
 def test_ack_is_per_account_and_idempotent(conn):
