@@ -95,3 +95,93 @@ def account_records() -> st.SearchStrategy[wire.AccountRecord]:
 
 def chat_infos() -> st.SearchStrategy[wire.ChatInfo]:
     return values_of(wire.ChatInfo)
+
+
+# -- HTTP requests (hostile input for the cloud API) -------------------------------------------
+# (appended to this shared module, so the few imports these need are local to each function)
+
+#: Headers a fuzzer leaves alone: they change HTTP framing, not what the application sees.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "expect",
+                             "upgrade", "te", "host", "authorization"})
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def http_methods() -> st.SearchStrategy[bytes]:
+    """Request methods: the usual ones (HEAD excepted: its answer has no body) and junk."""
+    usual = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS",
+                             b"TRACE", b"get", b"Post"])
+    junk = st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=12).map(str.encode)
+    return st.one_of(usual, junk.filter(lambda m: m.upper() != b"HEAD"))
+
+
+def path_segments() -> st.SearchStrategy[str]:
+    """One path segment, percent-encoded so the request line stays valid HTTP."""
+    from urllib.parse import quote
+
+    return st.one_of(st.text(max_size=40).map(lambda s: quote(s, safe="")),
+                     st.sampled_from(["", ".", "..", "%", "%zz", "%00", "%2F", "v1", "V1",
+                                      "login", "messages", "ack", "null", "-1", "0" * 40]))
+
+
+def not_uuid_text() -> st.SearchStrategy[str]:
+    """Ids that are not a UUID in its canonical spelling, but often close (raw text:
+    percent-encode it before it goes into a path)."""
+    import re
+
+    canonical = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+    near = st.uuids().flatmap(lambda u: st.sampled_from([
+        u.hex, "{" + str(u) + "}", "urn:uuid:" + str(u), str(u)[:-1], str(u) + "0",
+        str(u).replace("-", "_"), " " + str(u)]))
+    arabic = st.just("\u0660" * 32)  # int() reads these as digits; a UUID they are not
+    odd = st.sampled_from(["", ".", "..", "%", "/", "null", "-1", "0" * 32, "0" * 40])
+    return st.one_of(near, arabic, odd, st.text(max_size=40)).filter(
+        lambda s: not canonical.fullmatch(s))
+
+
+def header_values() -> st.SearchStrategy[bytes]:
+    """Header values without CR, LF or NUL (which would break the request's framing)."""
+    return st.binary(max_size=60).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"").strip())
+
+
+def extra_headers() -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
+    """A few application-level headers with odd names and values (no framing headers)."""
+    names = st.one_of(
+        st.sampled_from([b"Content-Type", b"Accept", b"X-Request-Id", b"Cookie", b"Origin"]),
+        st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=20).map(
+            lambda s: b"X-" + s.encode()))
+    pair = st.tuples(names, header_values()).filter(
+        lambda p: p[0].decode().lower() not in FRAMING_HEADERS)
+    return st.lists(pair, max_size=4)
+
+
+def json_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
+    """Any JSON value: nested lists and objects of scalars, huge numbers, odd strings."""
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**30),
+                                                             max_value=10**30),
+        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
+    return st.recursive(
+        scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                         st.dictionaries(st.text(max_size=10), inner,
+                                                         max_size=4)),
+        max_leaves=max_leaves)
+
+
+def malformed_json() -> st.SearchStrategy[bytes]:
+    """Bodies a strict JSON reader refuses: not one JSON text in UTF-8, NaN, repeated keys,
+    nesting or numbers too large to read. Never empty or just whitespace."""
+    import json
+
+    def broken(b: bytes) -> bool:
+        try:
+            json.loads(b.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return bool(b.strip())
+        return False
+
+    crafted = st.sampled_from([
+        b"{", b"}", b"[1,", b"{'a': 1}", b'{"a": NaN}', b'{"a": Infinity}', b"\xff\xfe{}",
+        b'{"a":1,"a":2}', b"[" * 5000, b"1" * 5000, b'"\\ud800', b"{}{}", b"nul"])
+    return st.one_of(crafted, st.binary(min_size=1, max_size=200).filter(broken))
