@@ -28,6 +28,7 @@ a body on a route that takes none are all 400.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -38,8 +39,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import psycopg
 from prometheus_client import Counter, Histogram
+from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -49,7 +50,7 @@ from twisted.web import resource, server
 from cloud import store, tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import PRESENCE_STATUSES, Account, Presence
-from cloud.passwords import verify_password
+from cloud.passwords import hash_password, verify_password
 from cloud.push import NotificationChannel
 
 log = Logger()
@@ -363,20 +364,10 @@ class _Site(server.Site):
         self.max_body_bytes = max_body_bytes
 
 
-def _conversation_exists(conn: psycopg.Connection, conversation_id: uuid.UUID) -> bool:
-    # TODO(store): belongs in cloud/store.py next to is_member; here until that file has it.
-    return conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s",
-                        (conversation_id,)).fetchone() is not None
-
-
-def _member_sync(conn: psycopg.Connection, conversation_id: uuid.UUID,
-                 account_id: uuid.UUID, after: int, limit: int) -> list:
-    """sync_messages for members only: NotFound / NotMember like post_message."""
-    if not store.is_member(conn, conversation_id, account_id):
-        if not _conversation_exists(conn, conversation_id):
-            raise store.NotFound(f"no conversation {conversation_id}")
-        raise store.NotMember("you are not a member of this conversation")
-    return store.sync_messages(conn, conversation_id, after, limit)
+@functools.cache
+def _dummy_password_hash() -> str:
+    """Checked when a login names no account (see ``_login``); its password is random."""
+    return hash_password(uuid.uuid4().hex)
 
 
 # ---------------------------------------------------------------- the API
@@ -391,13 +382,18 @@ class CloudAPI:
     def __init__(self, db: TransactionRunner, clock: IReactorTime,
                  channel: NotificationChannel, secret: bytes, *, token_ttl_s: int = 3600,
                  max_body_bytes: int = 64 * 1024, max_message_chars: int = 4000,
-                 longpoll_max_s: int = 30) -> None:
+                 longpoll_max_s: int = 30,
+                 password_check: Callable[[str, str], defer.Deferred] | None = None) -> None:
         if token_ttl_s <= 0 or max_body_bytes <= 0 or max_message_chars <= 0:
             raise ValueError("token_ttl_s, max_body_bytes and max_message_chars must be > 0")
         if longpoll_max_s < 0:
             raise ValueError("longpoll_max_s must not be negative")
         self._db = db
         self._clock = clock
+        # Slow hashing must not block the reactor: the composition root passes a check that
+        # runs in a thread pool. The default (tests) runs it inline.
+        self._password_check = password_check or (
+            lambda password, encoded: defer.succeed(verify_password(password, encoded)))
         self._channel = channel
         self._secret = tokens.check_secret(secret)
         self._token_ttl_ms = token_ttl_s * 1000
@@ -577,7 +573,12 @@ class CloudAPI:
             account = None
         # The password is checked before the phase, so a refusal as not_migrated is no
         # hint to someone without the password that the account exists.
-        if account is None or not verify_password(login.password, password_hash):
+        # An unknown account is checked against a dummy hash of the same cost, so the
+        # answer takes as long as for a wrong password: timing does not reveal accounts.
+        ok = await self._password_check(
+            login.password, password_hash if account is not None and password_hash
+            else _dummy_password_hash())
+        if account is None or not password_hash or not ok:
             LOGINS.labels("bad_credentials").inc()
             raise ApiError(401, "bad_credentials", "unknown account or wrong password")
         if account.phase == "legacy":
@@ -601,7 +602,7 @@ class CloudAPI:
 
     async def _read_messages(self, call: Call) -> tuple[int, dict]:
         q: SyncQuery = call.query
-        messages = await self._store(_member_sync, call.ids["conversation_id"],
+        messages = await self._store(store.sync_for_member, call.ids["conversation_id"],
                                      call.account.account_id, q.after, q.limit)
         return 200, {"messages": [m.to_json() for m in messages],
                      "next_after": messages[-1].seq if messages else q.after}
@@ -645,8 +646,12 @@ class CloudAPIResource(resource.Resource):
     def __init__(self, api: CloudAPI) -> None:
         super().__init__()
         self._api = api
+        self._metrics = MetricsResource()
 
     def render(self, request: server.Request) -> int:
+        if request.path == b"/metrics" and request.method in (b"GET", b"HEAD"):
+            # Prometheus scrapes plain text, not JSON: the exposition format.
+            return self._metrics.render(request)
         d = defer.Deferred.fromCoroutine(self._api.serve(request))
         d.addErrback(lambda f: log.failure("answering a request failed", f, LogLevel.error))
         return server.NOT_DONE_YET

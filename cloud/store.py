@@ -176,6 +176,20 @@ def is_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
                         (conversation_id, account_id)).fetchone() is not None
 
 
+def conversation_exists(conn: psycopg.Connection, conversation_id: uuid.UUID) -> bool:
+    return conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s",
+                        (conversation_id,)).fetchone() is not None
+
+
+def check_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                 account_id: uuid.UUID) -> None:
+    """NotFound for an unknown conversation, NotMember for an outsider, else nothing."""
+    if not is_member(conn, conversation_id, account_id):
+        if not conversation_exists(conn, conversation_id):
+            raise NotFound(f"no conversation {conversation_id}")
+        raise NotMember("you are not a member of this conversation")
+
+
 def list_conversations(conn: psycopg.Connection, account_id: uuid.UUID) -> list[dict]:
     """The account's conversations with their members and last seq (for sync)."""
     rows = conn.execute(
@@ -233,11 +247,7 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     cloud-capable members, and an ``outbox_to_legacy`` row when any member still has legacy
     clients (the bridge is woken by NOTIFY when this commits).
     """
-    if not is_member(conn, conversation_id, sender_account_id):
-        if conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s",
-                        (conversation_id,)).fetchone() is None:
-            raise NotFound(f"no conversation {conversation_id}")
-        raise NotMember("the sender is not a member of this conversation")
+    check_member(conn, conversation_id, sender_account_id)
     next_seq = _lock_conversation(conn, conversation_id)
     existing = conn.execute(
         f"SELECT {_MESSAGE_COLS} FROM messages WHERE conversation_id = %s "
@@ -280,6 +290,13 @@ def sync_messages(conn: psycopg.Connection, conversation_id: uuid.UUID, after_se
         f"SELECT {_MESSAGE_COLS} FROM messages WHERE conversation_id = %s AND seq > %s "
         "ORDER BY seq LIMIT %s", (conversation_id, after_seq, limit)).fetchall()
     return [_message(r) for r in rows]
+
+
+def sync_for_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                    account_id: uuid.UUID, after_seq: int, limit: int) -> list[Message]:
+    """``sync_messages`` for a member only (NotFound / NotMember otherwise)."""
+    check_member(conn, conversation_id, account_id)
+    return sync_messages(conn, conversation_id, after_seq, limit)
 
 
 _STAGING = """

@@ -871,3 +871,12 @@ def test_hostile_requests_get_a_json_4xx_and_change_nothing(fuzz_world, data):
     event(f"{r.status} {r.json()['error']['code']}")
     assert h.snapshot() == before
     assert h.channel.waiting() == 0
+
+
+def test_metrics_are_served_as_prometheus_text(h):
+    """GET /metrics answers in the Prometheus text format with the API's own counters."""
+    h.request("GET", "/v1/healthz")
+    raw = h.start("GET", "/metrics").transport.value()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Type: text/plain" in head
+    assert b'cloud_api_requests_total{route="/v1/healthz",status="200"}' in body
