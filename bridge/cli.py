@@ -107,7 +107,67 @@ def build_parser() -> argparse.ArgumentParser:
             _dsn_option(sp)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    cloud = sub.add_parser("cloud", help="the cloud service",
+                           description="Run the cloud API and its notification dispatcher, "
+                                       "or simulated cloud clients against it.")
+    csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
+    csub.required = True
+    crun = csub.add_parser("run", help="serve the cloud API and dispatch notifications",
+                           description="Serve the cloud API (JSON over HTTP, /metrics beside "
+                                       "it) on 127.0.0.1 and run the notification dispatcher "
+                                       "with a simulated push gateway. Runs until Ctrl-C "
+                                       "unless --duration is given.")
+    _dsn_option(crun)
+    crun.add_argument("--port", type=_positive_int, default=48080, metavar="P",
+                      help="port to listen on (default 48080; 0 picks a free one)")
+    crun.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                      help="address to listen on (default 127.0.0.1)")
+    crun.add_argument("--push-loss", type=_fraction, default=0.0, metavar="F",
+                      help="fraction of pushes the gateway accepts but never delivers")
+    crun.add_argument("--push-errors", type=_fraction, default=0.0, metavar="F",
+                      help="fraction of pushes the gateway refuses (retried with backoff)")
+    crun.add_argument("--push-latency", type=_number, default=0.05, metavar="S",
+                      help="seconds from push to delivery (default 0.05)")
+    crun.add_argument("--resend-after", type=_number, default=10.0, metavar="S",
+                      help="re-push a notification not acknowledged after S seconds "
+                           "(default 10)")
+    crun.add_argument("--max-attempts", type=_positive_int, default=5, metavar="N",
+                      help="pushes before a notification is marked failed (default 5)")
+    crun.add_argument("--seed", type=_positive_int, default=1, metavar="N",
+                      help="seed of the simulated gateway's choices (default 1)")
+    crun.add_argument("--duration", type=_number, metavar="S",
+                      help="stop after S seconds (default: run until Ctrl-C)")
+
+    clients = csub.add_parser("clients", help="simulated cloud devices against a running API",
+                              description="Create (idempotently) simulated cloud accounts "
+                                          "and conversations in the store, then run one "
+                                          "device per account against the API: log in, "
+                                          "post at --rate, long-poll, sync, acknowledge, "
+                                          "keep presence. Prints what the API acknowledged.")
+    _dsn_option(clients)
+    clients.add_argument("--api", default="http://127.0.0.1:48080", metavar="URL",
+                         help="base URL of the cloud API (default http://127.0.0.1:48080)")
+    clients.add_argument("--users", type=_positive_int, default=20, metavar="N",
+                         help="simulated cloud users, one device each (default 20)")
+    clients.add_argument("--conversations", type=_positive_int, default=10, metavar="N",
+                         help="conversations among them (default 10)")
+    clients.add_argument("--rate", type=_number, default=5.0, metavar="MSGS_PER_S",
+                         help="messages per second over all devices (default 5)")
+    clients.add_argument("--seed", type=_positive_int, default=1, metavar="N")
+    clients.add_argument("--duration", type=_number, required=True, metavar="S",
+                         help="seconds of traffic")
+    clients.add_argument("--settle", type=_number, default=5.0, metavar="S",
+                         help="seconds after the traffic to collect notifications (default 5)")
+    clients.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _fraction(text: str) -> float:
+    v = _number(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return v
 
 
 def _dsn_option(sp: argparse.ArgumentParser) -> None:
@@ -307,6 +367,160 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_current_schema(dsn: str, origin: str) -> None:
+    from cloud import schema
+
+    with _connect(dsn, origin) as conn:
+        try:
+            st = schema.status(conn)
+        except schema.MigrationError as e:
+            raise RuntimeFailure(str(e)) from None
+    if st.pending:
+        versions = ", ".join(f"{v:04d}" for v, _ in st.pending)
+        raise RuntimeFailure(f"the database schema is not current (pending {versions}); "
+                             "run `bridgectl db upgrade` first")
+
+
+def _run_until_stopped(main: Any, duration: float | None) -> dict[str, Any]:
+    """Run ``main(reactor, stop_signal)`` under task.react; Ctrl-C/SIGTERM or *duration*
+    fire *stop_signal*. Returns main's result dict (``error`` key on failure)."""
+    from twisted.internet import defer, error, reactor, task
+
+    result: dict[str, Any] = {}
+    stop_signal: defer.Deferred = defer.Deferred()
+
+    def stop() -> None:
+        if not stop_signal.called:
+            stop_signal.callback(None)
+
+    async def run(_reactor: Any) -> None:
+        finished = defer.Deferred.fromCoroutine(main(reactor, stop_signal))
+        reactor.addSystemEventTrigger("before", "shutdown",
+                                      lambda: (stop(), finished)[1])
+        if duration is not None:
+            reactor.callLater(duration, stop)
+        try:
+            result.update(await finished)
+        except error.CannotListenError as e:
+            result["error"] = f"cannot listen on {e.interface or '127.0.0.1'}:{e.port}: " \
+                              f"{e.socketError}"
+        except (RuntimeFailure, UsageError) as e:
+            result["error"] = str(e)
+        except Exception as e:  # a failure of the run, not of the arguments
+            result["error"] = f"{type(e).__name__}: {e}"
+
+    try:
+        task.react(lambda r: defer.Deferred.fromCoroutine(run(r)))
+    except SystemExit:
+        pass
+    return result
+
+
+def cmd_cloud_run(args: argparse.Namespace) -> int:
+    import random
+
+    from cloud.api import CloudAPI
+    from cloud.db import Database
+    from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
+    from cloud.gateway import SimulatedPushGateway
+    from cloud.passwords import verify_password
+    from cloud.push import NotificationChannel
+
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.push_latency < 0 or args.resend_after <= 0 or args.max_attempts < 1:
+        raise UsageError("--push-latency must be >= 0, --resend-after > 0, "
+                         "--max-attempts >= 1")
+    if args.port > 65535:
+        raise UsageError("--port must be at most 65535")
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    secret = state.secret(state.state_home(), "cloud")
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        from twisted.internet import threads
+
+        db = Database(reactor, dsn)
+        channel = NotificationChannel(reactor)
+        rng = random.Random(args.seed)
+        gateway = SimulatedPushGateway(reactor, random.Random(rng.random()), channel,
+                                       loss=args.push_loss, error_rate=args.push_errors,
+                                       latency_s=args.push_latency)
+        dispatcher = NotificationDispatcher(
+            reactor, db, gateway, random.Random(rng.random()),
+            DispatcherConfig(resend_after_s=args.resend_after, max_attempts=args.max_attempts))
+
+        def check_password(password: str, encoded: str) -> Any:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                             verify_password, password, encoded)
+
+        api = CloudAPI(db, reactor, channel, secret, password_check=check_password)
+        db.startService()
+        dispatcher.startService()
+        try:
+            port = reactor.listenTCP(args.port, api.site(), interface=args.bind)
+        except Exception:
+            await dispatcher.stopService()
+            await db.stopService()
+            raise
+        where = port.getHost()
+        print(f"cloud API on http://{where.host}:{where.port}/v1 (metrics at /metrics); "
+              f"database: {origin}", file=sys.stderr, flush=True)
+        await stop_signal
+        await port.stopListening()
+        await dispatcher.stopService()
+        await db.stopService()
+        return {}
+
+    _log_to_stderr()
+    result = _run_until_stopped(main, args.duration)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_cloud_clients(args: argparse.Namespace) -> int:
+    from cloud.workload import AgentHTTP, CloudWorkload, WorkloadConfig, provision
+
+    if args.duration <= 0 or args.settle < 0:
+        raise UsageError("--duration must be positive and --settle not negative")
+    if args.users < 2 or args.users > 100_000:
+        raise UsageError("--users must be between 2 and 100000")
+    if not args.api.startswith(("http://", "https://")):
+        raise UsageError("--api must be an http:// URL")
+    try:
+        config = WorkloadConfig(rate=args.rate)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    with _connect(dsn, origin) as conn:
+        population = provision(conn, users=args.users, conversations=args.conversations,
+                               seed=args.seed)
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        from twisted.internet import task
+
+        http = AgentHTTP(reactor, args.api)
+        workload = CloudWorkload(reactor, http, population, config, args.seed)
+        workload.startService()
+        await stop_signal
+        workload.stop_posting()
+        await task.deferLater(reactor, args.settle, lambda: None)  # let notifications arrive
+        await workload.stopService()
+        await http.close()
+        return {"summary": workload.stats.summary()}
+
+    _log_to_stderr()
+    result = _run_until_stopped(main, args.duration)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_summary(result["summary"], args.json)
+    return EXIT_OK
+
+
 def _log_to_stderr() -> None:
     """Log to stderr: ours at info (e.g. why a connection was closed), Twisted's at warn."""
     from twisted.logger import (
@@ -330,6 +544,8 @@ COMMANDS = {
     ("db", "status"): cmd_db_status,
     ("db", "dsn"): cmd_db_dsn,
     ("db", "stop"): cmd_db_stop,
+    ("cloud", "run"): cmd_cloud_run,
+    ("cloud", "clients"): cmd_cloud_clients,
 }
 
 

@@ -39,8 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import Counter, Histogram
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -357,6 +356,7 @@ class _BoundedRequest(server.Request):
 
 class _Site(server.Site):
     requestFactory = _BoundedRequest
+    noisy = False  # no "Starting factory" log lines
 
     def __init__(self, root: resource.Resource, clock: IReactorTime,
                  max_body_bytes: int) -> None:
@@ -646,12 +646,15 @@ class CloudAPIResource(resource.Resource):
     def __init__(self, api: CloudAPI) -> None:
         super().__init__()
         self._api = api
-        self._metrics = MetricsResource()
 
     def render(self, request: server.Request) -> int:
         if request.path == b"/metrics" and request.method in (b"GET", b"HEAD"):
-            # Prometheus scrapes plain text, not JSON: the exposition format.
-            return self._metrics.render(request)
+            # Prometheus scrapes its text exposition format, not JSON. Rendered inline:
+            # prometheus_client's MetricsResource needs the global reactor's thread pool.
+            body = generate_latest(REGISTRY)
+            request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+            request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+            return body
         d = defer.Deferred.fromCoroutine(self._api.serve(request))
         d.addErrback(lambda f: log.failure("answering a request failed", f, LogLevel.error))
         return server.NOT_DONE_YET

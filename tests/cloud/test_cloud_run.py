@@ -1,0 +1,87 @@
+"""bridgectl cloud run and cloud clients as real processes over loopback TCP."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
+
+
+def start_cloud(dsn: str, home, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*BRIDGECTL, "cloud", "run", "--dsn", dsn, "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"BRIDGE_HOME": str(home), "PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"cloud API on (http://127\.0\.0\.1:\d+)/v1", line)
+        if match:
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"cloud run did not start: {proc.stderr.read()}")
+
+
+def test_clients_posts_all_land_and_every_notification_is_acknowledged(conn, db_dsn, tmp_path):
+    """Devices post over HTTP; every acknowledged post is stored once; all pushes are acked."""
+    proc, url = start_cloud(db_dsn, tmp_path, "--push-latency", "0.01")
+    try:
+        out = subprocess.run(
+            [*BRIDGECTL, "cloud", "clients", "--dsn", db_dsn, "--api", url, "--users", "12",
+             "--conversations", "6", "--rate", "15", "--duration", "3", "--settle", "3",
+             "--seed", "5", "--json"],
+            capture_output=True, text=True, timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert summary["logins"] == 12 and summary["posted"] > 10 and summary["post_errors"] == 0
+    stored = conn.execute("SELECT count(*), count(DISTINCT client_message_id) FROM messages "
+                          "WHERE origin = 'cloud'").fetchone()
+    assert stored == (summary["posted"], summary["posted"])
+    states = dict(conn.execute("SELECT state, count(*) FROM notifications GROUP BY 1").fetchall())
+    assert states == {"acked": summary["notifications_acked"]} and summary["errors"] == {}
+
+
+def test_cloud_run_refuses_a_database_without_the_schema(db_server, tmp_path):
+    """Against an un-migrated database cloud run exits 1 saying to run db upgrade."""
+    import uuid
+
+    import psycopg
+
+    from tests.dbfixture import _with_dbname
+    name = f"bridge_noschema_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        out = subprocess.run([*BRIDGECTL, "cloud", "run", "--dsn", _with_dbname(db_server, name),
+                              "--port", "0", "--duration", "1"], capture_output=True, text=True,
+                             timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+    finally:
+        with psycopg.connect(db_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert out.returncode == 1
+    assert "bridgectl db upgrade" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["cloud", "run", "--push-loss", "1.5"], "not a fraction"),
+    (["cloud", "run", "--duration", "-1"], "--duration must be positive"),
+    (["cloud", "clients", "--duration", "5", "--users", "1"], "--users must be between"),
+    (["cloud", "clients", "--duration", "5", "--api", "ftp://x"], "--api must be"),
+])
+def test_cloud_commands_reject_bad_values_clearly(argv, needle, tmp_path):
+    """Out-of-range values exit 2 with one clear line and no traceback."""
+    out = subprocess.run([*BRIDGECTL, *argv], capture_output=True, text=True, timeout=60,
+                         env={"BRIDGE_HOME": str(tmp_path), "BRIDGE_DSN": "dbname=none"})
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
