@@ -34,6 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cloud import embedded, schema, store  # noqa: E402
 from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_api import bench_api  # noqa: E402
+
 NOW = 1_700_000_000_000
 
 
@@ -146,12 +149,7 @@ def main() -> None:
             schema.upgrade(conn)
         rows, runs = (20_000, 3) if args.quick else (100_000, 5)
         result = {"write_path": bench_write_path(dsn, rows, runs, batch=1000)}
-        try:
-            from bench_api import bench_api  # noqa: PLC0415 - optional until the API lands
-        except ImportError:
-            bench_api = None
-        if bench_api is not None:
-            result["api"] = bench_api(dsn, quick=args.quick)
+        result["api"] = bench_api(dsn, quick=args.quick)
     finally:
         with psycopg.connect(server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
