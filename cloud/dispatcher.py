@@ -212,8 +212,11 @@ class NotificationDispatcher(Service):
                                    n.notification_id, error, retry_at_ms)
                 return
             NOTIFICATIONS_PUSHED.inc()
+            now_ms = self._now_ms()
+            # the device's time to acknowledge runs from acceptance, not from the claim
             await self._db.run(store.mark_notification_sent, n.account_id,
-                               n.notification_id, self._now_ms())
+                               n.notification_id, now_ms,
+                               now_ms + round(self.config.resend_after_s * 1000))
         except DatabaseUnavailable as e:
             # The row was rescheduled when it was claimed, so it comes due again by itself.
             self._database_down(e)

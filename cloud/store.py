@@ -540,12 +540,18 @@ def claim_due_notifications(conn: psycopg.Connection, now_ms: int, limit: int,
 
 
 def mark_notification_sent(conn: psycopg.Connection, account_id: uuid.UUID,
-                           notification_id: uuid.UUID, now_ms: int) -> None:
-    """The gateway accepted the push (which is not proof of delivery: wait for the ack)."""
+                           notification_id: uuid.UUID, now_ms: int,
+                           resend_at_ms: int | None = None) -> None:
+    """The gateway accepted the push (which is not proof of delivery: wait for the ack).
+
+    *resend_at_ms* restarts the acknowledgement window from now (the claim set one from the
+    claim time, which a slow gateway would otherwise eat into).
+    """
     conn.execute(
-        "UPDATE notifications SET state = 'sent', sent_ms = %s, last_error = NULL "
+        "UPDATE notifications SET state = 'sent', sent_ms = %s, last_error = NULL, "
+        "next_attempt_ms = coalesce(%s, next_attempt_ms) "
         "WHERE account_id = %s AND notification_id = %s AND state IN ('pending', 'sent')",
-        (now_ms, account_id, notification_id))
+        (now_ms, resend_at_ms, account_id, notification_id))
 
 
 def mark_notification_error(conn: psycopg.Connection, account_id: uuid.UUID,

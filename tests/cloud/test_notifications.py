@@ -258,13 +258,15 @@ def test_duplicate_deliveries_are_held_once_and_acked_idempotently(conn):
     [device] = owe_notifications(conn, recipients=1, messages=1)
     s = scene(conn, [device], latency_s=1.0)  # resend_after 2 s
     s.devices.acking = False
-    s.devices.run(3.5)  # pushed at T0 and T0+2, both delivered, not acknowledged
+    # The ack window runs from acceptance: pushed at T0 (accepted and delivered at T0+1),
+    # again at T0+3 (accepted at T0+4), again at T0+6 (accepted at T0+7).
+    s.devices.run(4.5)  # both earlier pushes delivered, not acknowledged
     [pending] = s.channel.pending(device)
     assert rows(conn)[0][1:3] == ("sent", 2)
-    s.devices.run(1.0)  # T0+4.5: the third push (claimed at T0+4) is in flight
+    s.devices.run(2.0)  # T0+6.5: the third push (claimed at T0+6) is in flight
     assert rows(conn)[0][1:3] == ("sent", 3)
     s.devices.ack_all()
-    first_ack_ms = round((T0 + 4.5) * 1000)
+    first_ack_ms = round((T0 + 6.5) * 1000)
     assert rows(conn)[0][1] == "acked" and s.devices.mailbox_sizes() == 0
     s.devices.acking = True
     s.devices.run(1.0)  # the third push lands after the ack: delivered again ...
