@@ -1,0 +1,61 @@
+"""How legacy identifiers translate to cloud ones, and back: one deterministic rule each.
+
+Deterministic (UUIDv5 under fixed namespaces) so that every bridge worker, every restart and
+every reconciler computes the same cloud id for the same legacy id without a lookup, and a
+replayed feed entry maps onto the row it already wrote.
+
+    legacy handle   <->  cloud account id      (accounts.legacy_handle keeps the handle)
+    legacy chat id  <->  cloud conversation id (conversations.legacy_chat_id keeps the chat id)
+    legacy GUID     <->  cloud message id      (messages.legacy_guid keeps the GUID)
+
+Things born on the cloud get made-up legacy ids that carry the cloud id, so both directions
+round-trip: GUID ``cloud:<message id>``, chat id ``cloud:<conversation id>``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+_ROOT = uuid.UUID("6f1d2c3e-5b7a-4e0f-9a1b-2c3d4e5f6a7b")
+ACCOUNTS = uuid.uuid5(_ROOT, "legacy-handle")
+CONVERSATIONS = uuid.uuid5(_ROOT, "legacy-chat")
+MESSAGES = uuid.uuid5(_ROOT, "legacy-guid")
+
+#: Prefix of GUIDs and chat ids the bridge makes up for things born on the cloud.
+CLOUD_PREFIX = "cloud:"
+
+
+def account_id(handle: str) -> uuid.UUID:
+    """The id the bridge gives the cloud account it creates for a legacy handle.
+
+    Accounts that already exist (cloud-native ones, or linked earlier) are found by handle in
+    the store; this is only the id of a new linked account.
+    """
+    return uuid.uuid5(ACCOUNTS, handle)
+
+
+def _cloud_born(text: str) -> uuid.UUID | None:
+    if text.startswith(CLOUD_PREFIX):
+        try:
+            return uuid.UUID(text[len(CLOUD_PREFIX):])
+        except ValueError:
+            return None
+    return None
+
+
+def conversation_id(chat_id: str) -> uuid.UUID:
+    """Conversation of a legacy chat: the original id for chats the bridge made up."""
+    return _cloud_born(chat_id) or uuid.uuid5(CONVERSATIONS, chat_id)
+
+
+def message_id(guid: str) -> uuid.UUID:
+    """Message of a legacy GUID: the original id for GUIDs the bridge made up."""
+    return _cloud_born(guid) or uuid.uuid5(MESSAGES, guid)
+
+
+def guid_for_cloud_message(message_id_: uuid.UUID) -> str:
+    return f"{CLOUD_PREFIX}{message_id_}"
+
+
+def chat_for_cloud_conversation(conversation_id_: uuid.UUID) -> str:
+    return f"{CLOUD_PREFIX}{conversation_id_}"

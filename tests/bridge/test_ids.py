@@ -1,0 +1,30 @@
+"""bridge.ids: the translation rules are deterministic and round-trip for cloud-born ids."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge import ids
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_legacy_ids_map_deterministically_and_distinctly_per_kind(text):
+    """The same legacy id always gives the same cloud id; kinds never collide."""
+    assert ids.account_id(text) == ids.account_id(text)
+    if not text.startswith(ids.CLOUD_PREFIX):
+        assert len({ids.account_id(text), ids.conversation_id(text), ids.message_id(text)}) == 3
+
+
+@given(st.uuids())
+def test_cloud_born_ids_round_trip(u):
+    """A cloud message or conversation keeps its id through its made-up legacy id."""
+    assert ids.message_id(ids.guid_for_cloud_message(u)) == u
+    assert ids.conversation_id(ids.chat_for_cloud_conversation(u)) == u
+
+
+def test_a_malformed_cloud_prefix_is_just_a_legacy_id():
+    """'cloud:' followed by something that is not a UUID is hashed like any legacy id."""
+    assert ids.message_id("cloud:nope") == uuid.uuid5(ids.MESSAGES, "cloud:nope")
