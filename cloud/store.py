@@ -595,3 +595,108 @@ def notification_counts(conn: psycopg.Connection) -> dict[str, int]:
     for state, n in cur.execute("SELECT state, count(*) FROM notifications GROUP BY 1"):
         counts[state] = n
     return counts
+
+
+# ---------------------------------------------------------------- outbox to legacy
+
+@attrs.frozen
+class OutboxItem:
+    """One cloud message the bridge must inject into the legacy network."""
+
+    conversation_id: uuid.UUID
+    seq: int
+    message_id: uuid.UUID
+    legacy_chat_id: str | None
+    sender_handle: str
+    sent_ms: int
+    body: str
+    #: every member's legacy-side handle (legacy_handle, else the cloud handle), sorted
+    member_handles: tuple[str, ...]
+    #: how many members are in a phase with legacy clients (legacy, dual, cloud)
+    legacy_client_members: int
+    attempts: int
+
+
+def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int,
+                 claim_ms: int) -> list[OutboxItem]:
+    """Claim up to *limit* due rows for *claim_ms*, oldest first, in seq order per conversation.
+
+    A claimed row is invisible to other workers until its claim runs out; a worker that
+    dies mid-injection therefore leaves it to come due again. Rows of one conversation are
+    returned in seq order, and a conversation whose earlier row is still claimed elsewhere
+    is skipped entirely, so injection order per conversation is kept across workers.
+    """
+    rows = conn.execute(
+        "WITH due AS ("
+        "  SELECT o.conversation_id, o.seq FROM outbox_to_legacy o "
+        "  WHERE o.state = 'pending' AND o.claimed_until_ms <= %(now)s "
+        "    AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy e "
+        "        WHERE e.conversation_id = o.conversation_id AND e.state = 'pending' "
+        "          AND e.seq < o.seq AND e.claimed_until_ms > %(now)s) "
+        "  ORDER BY o.created_ms, o.conversation_id, o.seq LIMIT %(limit)s "
+        "  FOR UPDATE OF o SKIP LOCKED), "
+        "claimed AS ("
+        "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
+        "    attempts = o.attempts + 1 FROM due "
+        "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
+        "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
+        "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, m.sender_handle, "
+        "       m.sent_ms, m.body, "
+        "       array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
+        "             JOIN accounts a USING (account_id) "
+        "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1), "
+        "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
+        "        WHERE mb.conversation_id = c.conversation_id "
+        "          AND a.phase = ANY(%(phases)s)), "
+        "       c.attempts "
+        "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
+        "  AND m.seq = c.seq "
+        "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
+        "ORDER BY c.conversation_id, c.seq",
+        {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
+         "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
+    return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9])
+            for r in rows]
+
+
+def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
+                    legacy_guid: str | None, now_ms: int, *, skipped: bool = False) -> None:
+    """Mark an outbox row done (injected) or skipped, recording the legacy ids it got.
+
+    The message keeps the GUID it has on the legacy side, so digests of both stacks agree;
+    the conversation keeps its legacy chat id (made up by the bridge for cloud-born ones).
+    """
+    conn.execute(
+        "UPDATE outbox_to_legacy SET state = %s, done_ms = %s, last_error = NULL "
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
+        ("skipped" if skipped else "done", now_ms, item.conversation_id, item.seq))
+    if skipped:
+        return
+    conn.execute(
+        "UPDATE messages SET legacy_guid = %s WHERE conversation_id = %s AND seq = %s "
+        "AND legacy_guid IS DISTINCT FROM %s",
+        (legacy_guid, item.conversation_id, item.seq, legacy_guid))
+    if item.legacy_chat_id is None:
+        conn.execute("INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+                     "VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                     (legacy_chat_id, item.conversation_id))
+        conn.execute("UPDATE conversations SET legacy_chat_id = %s "
+                     "WHERE conversation_id = %s AND legacy_chat_id IS NULL",
+                     (legacy_chat_id, item.conversation_id))
+
+
+def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
+                   retry_at_ms: int) -> None:
+    """Injection failed: keep the row pending, due again at *retry_at_ms*."""
+    conn.execute(
+        "UPDATE outbox_to_legacy SET claimed_until_ms = %s, last_error = %s "
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
+        (retry_at_ms, error[:500], item.conversation_id, item.seq))
+
+
+def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:
+    """Pending outbox rows and the age in ms of the oldest (None when empty)."""
+    count, oldest = conn.execute(
+        "SELECT count(*), min(created_ms) FROM outbox_to_legacy WHERE state = 'pending'"
+    ).fetchone()
+    return count, (None if oldest is None else now_ms - oldest)

@@ -394,3 +394,27 @@ def test_ack_is_per_account_and_idempotent(conn):
     assert tx(conn, store.ack_notification, b, nid, NOW + 2)
     assert conn.execute("SELECT state, acked_ms FROM notifications").fetchone() == (
         "acked", NOW + 1)
+
+
+# ---------------------------------------------------------------- outbox to legacy
+
+def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
+    """Claimed rows are invisible until the claim runs out; order per conversation holds."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    for i in range(3):
+        tx(conn, store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    first = tx(conn, store.claim_outbox, NOW, 2, 1000)
+    assert [(i.seq, i.body, i.member_handles) for i in first] == [
+        (1, "m0", ("alice", "carol")), (2, "m1", ("alice", "carol"))]
+    assert first[0].legacy_client_members == 2 and first[0].attempts == 1
+    # seq 3 waits: an earlier row of its conversation is claimed (order across workers)
+    assert tx(conn, store.claim_outbox, NOW + 10, 10, 1000) == []
+    tx(conn, store.complete_outbox, first[0], "chat-x", "cloud:g1", NOW + 20)
+    tx(conn, store.release_outbox, first[1], "supernode down", NOW + 500)
+    again = tx(conn, store.claim_outbox, NOW + 600, 10, 1000)
+    assert [(i.seq, i.attempts) for i in again] == [(2, 2), (3, 1)]
+    assert again[0].legacy_chat_id == "chat-x"
+    assert conn.execute("SELECT legacy_guid FROM messages WHERE seq = 1").fetchone() == (
+        "cloud:g1",)
+    assert tx(conn, store.outbox_backlog, NOW + 1000) == (2, 999)  # seq 2 was posted at NOW+1
