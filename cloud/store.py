@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 import psycopg
 from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
 
 from cloud.model import (
     CLOUD_CLIENT_PHASES,
@@ -92,6 +93,68 @@ _ACCOUNT_COLS = "account_id, handle, phase, legacy_handle, display_name"
 
 def _account(row: tuple) -> Account:
     return Account(row[0], row[1], row[2], row[3], row[4])
+
+
+def ensure_linked_accounts(conn: psycopg.Connection,
+                           new_ids: dict[str, uuid.UUID]) -> tuple[dict[str, uuid.UUID], int]:
+    """Find or create the accounts of legacy handles; ``(handle -> account id, created)``.
+
+    *new_ids* gives, per handle, the id a new linked account gets (phase ``legacy``, no
+    password until accounts are imported). A handle that already names an account (linked
+    earlier, or a cloud-native account) keeps it.
+    """
+    handles = sorted(new_ids)
+    if not handles:
+        return {}, 0
+    cur = conn.execute(
+        "INSERT INTO account_handles (handle, account_id) "
+        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING "
+        "RETURNING handle, account_id", (handles, [new_ids[h] for h in handles]))
+    fresh = cur.fetchall()
+    if fresh:
+        conn.execute(
+            "INSERT INTO accounts (account_id, handle, legacy_handle, phase) "
+            "SELECT a, h, h, 'legacy' FROM unnest(%s::text[], %s::uuid[]) AS t(h, a) "
+            "ON CONFLICT DO NOTHING", ([h for h, _ in fresh], [a for _, a in fresh]))
+    rows = conn.execute("SELECT handle, account_id FROM account_handles WHERE handle = ANY(%s)",
+                        (handles,)).fetchall()
+    return dict(rows), len(fresh)
+
+
+def record_finding(conn: psycopg.Connection, kind: str, detail: dict, now_ms: int, *,
+                   conversation_id: uuid.UUID | None = None,
+                   account_id: uuid.UUID | None = None, run_id: int | None = None) -> int:
+    """Open a finding for the reconcilers (a feed gap, a refused injection, ...)."""
+    return conn.execute(
+        "INSERT INTO reconcile_findings (run_id, kind, state, conversation_id, account_id, "
+        "detail, created_ms) VALUES (%s, %s, 'open', %s, %s, %s, %s) RETURNING finding_id",
+        (run_id, kind, conversation_id, account_id, Jsonb(detail), now_ms)).fetchone()[0]
+
+
+def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_ms: int,
+                     started_ms: int, *, lag_to_cloud_ms: int | None,
+                     lag_to_legacy_ms: int | None, mirrored_to_cloud: int,
+                     mirrored_to_legacy: int, feeds: int, detail: dict) -> None:
+    """A bridge worker reports itself (for status and the migration gates)."""
+    conn.execute(
+        "INSERT INTO bridge_workers (worker_id, started_ms, heartbeat_ms, state, "
+        "  lag_to_cloud_ms, lag_to_legacy_ms, mirrored_to_cloud, mirrored_to_legacy, feeds, "
+        "  detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (worker_id) DO UPDATE SET started_ms = excluded.started_ms, "
+        "  heartbeat_ms = excluded.heartbeat_ms, state = excluded.state, "
+        "  lag_to_cloud_ms = excluded.lag_to_cloud_ms, "
+        "  lag_to_legacy_ms = excluded.lag_to_legacy_ms, "
+        "  mirrored_to_cloud = excluded.mirrored_to_cloud, "
+        "  mirrored_to_legacy = excluded.mirrored_to_legacy, feeds = excluded.feeds, "
+        "  detail = excluded.detail",
+        (worker_id, started_ms, now_ms, state, lag_to_cloud_ms, lag_to_legacy_ms,
+         mirrored_to_cloud, mirrored_to_legacy, feeds, Jsonb(detail)))
+
+
+def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | None:
+    row = conn.execute('SELECT source, epoch, "offset", fence FROM bridge_checkpoints '
+                       "WHERE source = %s", (source,)).fetchone()
+    return None if row is None else FeedCheckpoint(*row)
 
 
 def get_account(conn: psycopg.Connection, account_id: uuid.UUID) -> Account | None:

@@ -1,0 +1,374 @@
+"""legacy -> cloud: follow one supernode's feed and write it to the cloud store.
+
+    supernode feed --frames--> FeedFollower --FeedBatch--> commit_feed_batch (one transaction)
+          ^                        |                        accounts, conversations, messages,
+          +------- FeedCredit -----+  (after each commit)   notifications, presence, gaps,
+                                                            and the feed checkpoint
+States of one follower::
+
+    connecting --ready--> streaming --connection lost--> backoff --timer--> connecting
+        |                     |                                               ^
+        +-- failed -----------+-------------------> backoff -------------------+
+
+Delivery is at-least-once from the checkpoint and the write is idempotent, so the effect is
+exactly once: the checkpoint commits in the same transaction as the data it covers, and a
+replay after a reconnect or a restart changes nothing.
+
+Flow control is the feed's credit window: the supernode sends at most ``window`` frames
+beyond what this follower has committed, and credit is granted only after a commit. When the
+store is slow, credit stops and the supernode stops sending: memory stays bounded by the
+window whatever the backlog (the legacy protocol's form of a paused producer).
+
+Frames whose origin is not ``legacy`` were injected by the bridge (or another privileged
+peer): they came from the cloud and are never mirrored back.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from typing import Any
+
+import attrs
+import psycopg
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bridge import ids
+from bridge import metrics as m
+from cloud import store
+from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
+from cloud.retry import RetryPolicy
+from legacy import wire
+from legacy.network import Network
+from legacy.peer import PeerConnection, connect_peer
+
+log = Logger()
+
+#: Presence rows the bridge writes for legacy sources are named after the supernode.
+LEGACY_PRESENCE_PREFIX = "legacy:"
+
+
+class FollowerState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+@attrs.frozen
+class FollowerConfig:
+    window: int = 2000          # frames the supernode may send beyond the last commit
+    max_batch: int = 500        # frames per transaction
+    linger_s: float = 0.01      # wait this long for more frames before committing a batch
+    connect_timeout_s: float = 5.0
+    retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.max_batch <= self.window:
+            raise ValueError("max_batch must be between 1 and window")
+        if self.linger_s < 0 or self.connect_timeout_s <= 0:
+            raise ValueError("linger_s must be >= 0 and connect_timeout_s > 0")
+
+
+@attrs.define
+class FeedBatch:
+    """Feed frames of one supernode not yet committed, in feed order."""
+
+    source: str
+    epoch: int
+    offset: int                 # the checkpoint after this batch: next offset to read
+    frames: int = 0
+    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)
+    messages: list[wire.ChatMessage] = attrs.Factory(list)
+    presence: list[wire.FeedPresence] = attrs.Factory(list)
+    gaps: list[dict] = attrs.Factory(list)
+    loops: int = 0
+
+
+def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
+                      now_ms: int) -> tuple[MirrorResult, int]:
+    """Write one feed batch and its checkpoint in one transaction; safe to run twice.
+
+    Returns the mirror result and how many accounts were created for new handles.
+    """
+    handles: set[str] = set()
+    for members in batch.chats.values():
+        handles.update(members)
+    handles.update(msg.sender for msg in batch.messages)
+    handles.update(p.handle for p in batch.presence)
+    accounts, created = store.ensure_linked_accounts(
+        conn, {h: ids.account_id(h) for h in handles})
+    for chat_id, members in batch.chats.items():
+        store.create_conversation(conn, ids.conversation_id(chat_id),
+                                  [accounts[h] for h in members], legacy_chat_id=chat_id)
+    # A chat first seen through a message (its FeedChat fell into a gap): create it with the
+    # sender; its other members arrive with the chat's next FeedChat.
+    for chat_id, sender in {msg.chat_id: msg.sender for msg in batch.messages}.items():
+        if chat_id not in batch.chats:
+            store.create_conversation(conn, ids.conversation_id(chat_id), [accounts[sender]],
+                                      legacy_chat_id=chat_id)
+    mirrored = tuple(
+        MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
+                        accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
+        for msg in batch.messages)
+    checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
+    result = store.write_mirrored_batch(conn, MirrorBatch(mirrored, (checkpoint,)), now_ms)
+    source = LEGACY_PRESENCE_PREFIX + batch.source
+    for p in batch.presence:
+        store.set_presence(conn, Presence(accounts[p.handle], source, p.status, p.version,
+                                          p.expires_ms))
+    for gap in batch.gaps:
+        store.record_finding(conn, "feed_gap", gap, now_ms)
+    return result, created
+
+
+class FeedFollower(Service):
+    """Mirrors one supernode's feed into the cloud store, from its committed checkpoint."""
+
+    def __init__(self, clock: IReactorTime, network: Network, address: wire.SupernodeAddress,
+                 db: TransactionRunner, *, worker_id: str, secret: bytes, rng: random.Random,
+                 config: FollowerConfig | None = None, fence: int = 0) -> None:
+        self.setName(f"feed:{address.sn_id}")
+        self.clock, self.network, self.address, self.db = clock, network, address, db
+        self.worker_id, self._secret, self._rng = worker_id, secret, rng
+        self.config = config or FollowerConfig()
+        self.fence = fence
+        self.state = FollowerState.IDLE
+        self.peer: PeerConnection | None = None
+        self.checkpoint: FeedCheckpoint | None = None
+        self._pending: FeedBatch | None = None
+        #: (epoch, offset) just after the last frame received; new batches start here
+        self._head: tuple[int, int] = (0, 0)
+        self._committing: defer.Deferred | None = None
+        self._linger: Any = None
+        self._loop: defer.Deferred | None = None
+        self._sleep_call: Any = None
+        self._failures = 0
+        self.db_ok = True
+        # counters for tests, status and heartbeats
+        self.mirrored = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
+
+    @property
+    def source(self) -> str:
+        return self.address.sn_id
+
+    @property
+    def connected(self) -> bool:
+        return self.state is FollowerState.STREAMING
+
+    # -- service ---------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: log.failure("feed follower {sn} died", f,
+                                                    sn=self.source))
+
+    async def _stop(self) -> None:
+        self.state = FollowerState.STOPPED
+        if self._sleep_call is not None and self._sleep_call.active():
+            self._sleep_call.cancel()
+            self._sleep_call = None
+        # Drain: commit what has arrived (a clean stop leaves nothing to replay), then go.
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        if self._committing is not None:
+            await self._committing
+        if self._pending is not None and self._pending.frames and self.db_ok:
+            self._commit()
+            if self._committing is not None:
+                await self._committing
+        if self.peer is not None:
+            self.peer.disconnect()
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    # -- connection loop -------------------------------------------------------------------
+
+    def _sleep(self, seconds: float) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._sleep_call = self.clock.callLater(seconds, d.callback, None)
+        return d
+
+    async def _run(self) -> None:
+        while self.running:
+            self.state = FollowerState.CONNECTING
+            try:
+                if self.checkpoint is None:
+                    self.checkpoint = await self.db.run(store.load_checkpoint, self.source)
+                peer = await connect_peer(self.network, self.address.host, self.address.port,
+                                          name=self.worker_id, secret=self._secret,
+                                          timeout=self.config.connect_timeout_s)
+            except Exception as e:
+                if not self.running:
+                    return
+                await self._backoff("connect", e)
+                continue
+            if not self.running:
+                peer.disconnect()
+                return
+            self.peer = peer
+            self._failures = 0
+            epoch, offset = (0, 0)
+            if self.checkpoint is not None:
+                epoch, offset = int(self.checkpoint.epoch), self.checkpoint.offset
+            self._head = (epoch, offset)
+            self.state = FollowerState.STREAMING
+            m.FEEDS_CONNECTED.inc()
+            try:
+                peer.subscribe(epoch, offset, self.config.window, self._on_frame)
+                await peer.closed
+            except Exception:
+                pass  # closed with a reason: handled like any lost connection
+            finally:
+                m.FEEDS_CONNECTED.dec()
+                self.peer = None
+            if not self.running:
+                return
+            # What was not committed will be sent again from the checkpoint.
+            if self._linger is not None and self._linger.active():
+                self._linger.cancel()
+            if self._pending is not None:
+                m.BACKLOG.labels(direction="to_cloud").dec(self._pending.frames)
+                self._pending = None
+            if self._committing is not None:
+                await self._committing
+            await self._backoff("feed", ConnectionError("feed connection lost"))
+
+    async def _backoff(self, what: str, reason: Exception) -> None:
+        self.state = FollowerState.BACKOFF
+        self._failures += 1
+        m.RETRIES.labels(what=what).inc()
+        delay = self.config.retry.delay(self._failures, self._rng)
+        if self._failures == 1:
+            log.info("supernode {sn}: {what} failed ({why}); retrying with backoff",
+                     sn=self.source, what=what, why=str(reason) or type(reason).__name__)
+        await self._sleep(delay)
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def _batch(self) -> FeedBatch:
+        if self._pending is None:
+            self._pending = FeedBatch(self.source, *self._head)
+        return self._pending
+
+    def _on_frame(self, f: Any) -> None:
+        batch = self._batch()
+        if isinstance(f, wire.FeedStatus):
+            batch.epoch = f.epoch
+            if f.gap != "none":
+                # Resuming after a gap: the range is recorded for the reconcilers, and the
+                # checkpoint moves past it (it can never be read from this feed again).
+                self.gaps += 1
+                m.FEED_GAPS.labels(kind=f.gap).inc()
+                batch.gaps.append({"source": self.source, "gap": f.gap,
+                                   "gap_epoch": f.gap_epoch, "gap_from": f.gap_from,
+                                   "gap_to": f.gap_to, "epoch": f.epoch,
+                                   "resumed_at": f.first_offset})
+                batch.offset = f.first_offset
+                self._head = (batch.epoch, batch.offset)
+                self._commit_soon(batch)
+            self._head = (batch.epoch, batch.offset)
+            return  # a status is not a feed entry: it takes no credit
+        batch.frames += 1
+        batch.offset = f.offset + 1
+        if isinstance(f, wire.FeedMessage):
+            if f.message.origin == "legacy":
+                batch.messages.append(f.message)
+            else:
+                batch.loops += 1
+                m.LOOPS.labels(direction="to_cloud").inc()
+        elif isinstance(f, wire.FeedChat):
+            batch.chats[f.chat_id] = tuple(f.members)
+        elif isinstance(f, wire.FeedPresence):
+            if f.origin == "legacy":
+                batch.presence.append(f)
+            else:
+                m.LOOPS.labels(direction="to_cloud").inc()
+        self._head = (batch.epoch, batch.offset)
+        m.BACKLOG.labels(direction="to_cloud").inc()
+        self._commit_soon(batch)
+
+    def _commit_soon(self, batch: FeedBatch) -> None:
+        if batch.frames >= self.config.max_batch:
+            self._commit()
+        elif self._linger is None or not self._linger.active():
+            self._linger = self.clock.callLater(self.config.linger_s, self._commit)
+
+    def _commit(self) -> None:
+        """Start committing the pending batch, unless a commit is already in flight (then the
+        batch keeps growing, up to the credit window, and goes next)."""
+        if self._committing is not None or self._pending is None:
+            return
+        if self._pending.frames == 0 and not self._pending.gaps:
+            return
+        batch, self._pending = self._pending, None
+        d = defer.Deferred.fromCoroutine(self._write(batch))
+        if not d.called:  # a runner that answers at once (tests) has finished already
+            self._committing = d
+
+    async def _write(self, batch: FeedBatch) -> None:
+        attempt = 0
+        try:
+            while True:
+                started = self.clock.seconds()
+                try:
+                    result, created = await self.db.run(
+                        commit_feed_batch, batch, self.fence, int(started * 1000))
+                    break
+                except store.StaleFence:
+                    log.warn("supernode {sn}: checkpoint held under a newer fence; "
+                             "this worker stops following it", sn=self.source)
+                    self.state = FollowerState.STOPPED
+                    if self.peer is not None:
+                        self.peer.disconnect()
+                    return
+                except Exception as e:
+                    attempt += 1
+                    m.RETRIES.labels(what="commit").inc()
+                    if isinstance(e, DatabaseUnavailable):
+                        if self.db_ok:
+                            log.warn("supernode {sn}: database unavailable ({e}); "
+                                     "holding the feed and retrying", sn=self.source, e=e)
+                        self.db_ok = False
+                    else:
+                        log.failure("supernode {sn}: committing a feed batch failed; "
+                                    "retrying", sn=self.source)
+                    if not self.running and self.state is FollowerState.STOPPED:
+                        return
+                    await self._sleep(self.config.retry.delay(attempt, self._rng))
+            self.db_ok = True
+            now = self.clock.seconds()
+            self.checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset,
+                                             self.fence)
+            inserted = len(result.inserted)
+            self.mirrored += inserted
+            self.duplicates += result.duplicates
+            m.MIRRORED.labels(direction="to_cloud").inc(inserted)
+            m.DUPLICATES.labels(direction="to_cloud").inc(result.duplicates)
+            m.ACCOUNTS_CREATED.inc(created)
+            m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
+            m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
+            m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
+            m.BACKLOG.labels(direction="to_cloud").dec(batch.frames)
+            for msg in result.inserted:
+                lag = max(0.0, now - msg.sent_ms / 1000)
+                m.LAG.labels(direction="to_cloud").observe(lag)
+                self.recent_lags.append((now, lag))
+            if self.peer is not None and batch.frames:
+                self.peer.credit(batch.frames)
+        finally:
+            self._committing = None
+        if self._pending is not None and self.running:
+            self._commit_soon(self._pending)
