@@ -160,7 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
     clients.add_argument("--settle", type=_number, default=5.0, metavar="S",
                          help="seconds after the traffic to collect notifications (default 5)")
     clients.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_bridge_commands(sub)
     return p
+
+
+def _add_bridge_commands(sub: Any) -> None:
+    bridge = sub.add_parser("bridge", help="the bridge between the stacks",
+                            description="Mirror messages and presence between the legacy "
+                                        "network and the cloud store.")
+    bsub = bridge.add_subparsers(dest="bridge_command", metavar="SUBCOMMAND")
+    bsub.required = True
+    run = bsub.add_parser("run", help="run one bridge worker",
+                          description="Follow every supernode's feed into the cloud store "
+                                      "and inject cloud messages into the legacy network. "
+                                      "SIGTERM/Ctrl-C drains in-flight batches and exits 0. "
+                                      "Serves /metrics, /healthz and /readyz.")
+    _dsn_option(run)
+    run.add_argument("--legacy", required=True, metavar="HOST:PORT", type=_host_port,
+                     help="the legacy login server (bootstrap for discovering supernodes)")
+    run.add_argument("--metrics-port", type=_positive_int, default=48090, metavar="P",
+                     help="port of /metrics, /healthz, /readyz (default 48090; 0: any free)")
+    run.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                     help="address of the metrics endpoint (default 127.0.0.1)")
+    run.add_argument("--worker-id", metavar="ID",
+                     help="this worker's name in checkpoints and status (default host-pid)")
+    run.add_argument("--peer-secret-file", type=Path, metavar="FILE",
+                     help="shared secret for privileged peers (default: from $BRIDGE_HOME)")
+    run.add_argument("--duration", type=_number, metavar="S",
+                     help="stop after S seconds (default: run until Ctrl-C / SIGTERM)")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
 
 
 def _fraction(text: str) -> float:
@@ -521,6 +555,86 @@ def cmd_cloud_clients(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bridge_run(args: argparse.Namespace) -> int:
+    import os
+    import random
+    import socket
+
+    from bridge.health import operations_site
+    from bridge.worker import BridgeWorker, WorkerConfig
+    from cloud.db import Database
+    from legacy.network import TCPNetwork
+
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.metrics_port > 65535:
+        raise UsageError("--metrics-port must be at most 65535")
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    if not 0 < len(worker_id) <= 100 or any(ord(c) < 32 for c in worker_id):
+        raise UsageError("--worker-id must be 1-100 printable characters")
+    home = state.state_home()
+    if args.peer_secret_file is not None:
+        secret = state.read_secret_file(args.peer_secret_file)
+    else:
+        secret = state.secret(home, "peer")
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    host, port = args.legacy
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        db = Database(reactor, dsn)
+        config = WorkerConfig(worker_id=worker_id, bootstrap_host=host, bootstrap_port=port)
+        worker = BridgeWorker(reactor, TCPNetwork(reactor), db, secret,
+                              random.Random(), config, injector_factory=_injector_factory(
+                                  reactor, db, dsn))
+
+        def readiness() -> list[str]:
+            reasons = []
+            if not worker.db_ok:
+                reasons.append("the cloud store did not answer the last heartbeat")
+            if not worker.followers:
+                reasons.append("no supernodes discovered yet")
+            elif not any(f.connected for f in worker.followers.values()):
+                reasons.append("no supernode feed is streaming")
+            return reasons
+
+        db.startService()
+        try:
+            listening = reactor.listenTCP(args.metrics_port, operations_site(readiness, reactor),
+                                          interface=args.bind)
+        except Exception:
+            await db.stopService()
+            raise
+        worker.startService()
+        where = listening.getHost()
+        print(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
+              f"metrics on http://{where.host}:{where.port}/metrics",
+              file=sys.stderr, flush=True)
+        await stop_signal
+        print("bridge: draining in-flight batches", file=sys.stderr, flush=True)
+        await worker.stopService()
+        await listening.stopListening()
+        await db.stopService()
+        return {"summary": {
+            "worker_id": worker_id,
+            "mirrored_to_cloud": sum(f.mirrored for f in worker.followers.values()),
+            "mirrored_to_legacy": getattr(worker.injector, "injected", 0),
+            "feeds": len(worker.followers)}}
+
+    _log_to_stderr()
+    result = _run_until_stopped(main, args.duration)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_summary(result["summary"], False)
+    return EXIT_OK
+
+
+def _injector_factory(reactor: Any, db: Any, dsn: str) -> Any:
+    """The cloud -> legacy side of a worker: the outbox injector, woken by NOTIFY."""
+    return None
+
+
 def _log_to_stderr() -> None:
     """Log to stderr: ours at info (e.g. why a connection was closed), Twisted's at warn."""
     from twisted.logger import (
@@ -546,6 +660,7 @@ COMMANDS = {
     ("db", "stop"): cmd_db_stop,
     ("cloud", "run"): cmd_cloud_run,
     ("cloud", "clients"): cmd_cloud_clients,
+    ("bridge", "run"): cmd_bridge_run,
 }
 
 

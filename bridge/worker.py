@@ -1,0 +1,225 @@
+"""One bridge worker: discovers the supernodes, follows every feed, drains the outbox.
+
+    bootstrap (login server) --host cache sample--> one supernode --full directory-->
+        FeedFollower per supernode   (legacy -> cloud, bridge/follower.py)
+        OutboxInjector               (cloud -> legacy, bridge/outbox.py), woken by NOTIFY
+        heartbeat into bridge_workers (status, migration gates)
+
+The worker is a ``MultiService``; stopping it drains in-flight batches before it returns.
+``ready`` is what ``/readyz`` reports: the database answered the last heartbeat and at least
+one feed is streaming.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bridge.follower import FeedFollower, FollowerConfig
+from cloud import store
+from cloud.db import TransactionRunner
+from cloud.retry import RetryPolicy
+from legacy import wire
+from legacy.network import Network
+from legacy.peer import PeerConnection, connect_peer
+from legacy.ring import HashRing
+
+log = Logger()
+
+
+@attrs.frozen
+class WorkerConfig:
+    worker_id: str
+    bootstrap_host: str
+    bootstrap_port: int
+    heartbeat_s: float = 5.0
+    discovery_s: float = 60.0
+    lag_window_s: float = 60.0
+    follower: FollowerConfig = FollowerConfig()
+    retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
+
+
+def p99_ms(samples: list[float]) -> int | None:
+    """The 99th percentile of lags in seconds, as milliseconds (None without samples)."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000)
+
+
+class BridgeWorker(MultiService):
+    """All of one worker's mirroring, started and stopped as one Service."""
+
+    def __init__(self, clock: IReactorTime, network: Network, db: TransactionRunner,
+                 secret: bytes, rng: random.Random, config: WorkerConfig,
+                 injector_factory: Any = None) -> None:
+        super().__init__()
+        self.clock, self.network, self.db = clock, network, db
+        self._secret, self._rng, self.config = secret, rng, config
+        self.followers: dict[str, FeedFollower] = {}
+        self.ring: HashRing | None = None
+        self.started_ms = int(clock.seconds() * 1000)
+        self.db_ok = False
+        self.injector: Any = None
+        if injector_factory is not None:
+            self.injector = injector_factory(self)
+            self.injector.setServiceParent(self)
+        self._calls: list[Any] = []
+        self._discovering: defer.Deferred | None = None
+        self._discovery_failures = 0
+
+    # -- LegacyPeers, for the outbox injector ---------------------------------------------
+
+    def for_chat(self, chat_id: str) -> PeerConnection | None:
+        """A ready connection to the chat's home supernode, or None while it is down."""
+        if self.ring is None:
+            return None
+        follower = self.followers.get(self.ring.home_of(chat_id))
+        return follower.peer if follower is not None and follower.connected else None
+
+    def any(self) -> PeerConnection | None:
+        for follower in self.followers.values():
+            if follower.connected:
+                return follower.peer
+        return None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.db_ok and any(f.connected for f in self.followers.values())
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._discover_soon(0)
+        self._heartbeat_soon(0)
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        d = super().stopService()
+
+        def final_heartbeat(result: Any) -> Any:
+            (now_ms, started_ms), figures = self._heartbeat_figures()
+            hb = self.db.run(store.heartbeat_worker, self.config.worker_id, "stopped",
+                             now_ms, started_ms, **figures)
+            hb.addErrback(lambda _f: None)  # the store may be the reason we stop
+            return hb.addCallback(lambda _: result)
+
+        return d.addCallback(final_heartbeat)
+
+    def _later(self, seconds: float, fn: Any) -> None:
+        self._calls = [c for c in self._calls if c.active()]
+        self._calls.append(self.clock.callLater(seconds, fn))
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def _discover_soon(self, seconds: float) -> None:
+        self._later(seconds, self._discover)
+
+    def _discover(self) -> None:
+        if not self.running or self._discovering is not None:
+            return
+        self._discovering = defer.Deferred.fromCoroutine(self._discover_once())
+        self._discovering.addErrback(lambda f: log.failure("discovery failed", f))
+        self._discovering.addBoth(lambda _: setattr(self, "_discovering", None))
+
+    async def _ask_host_cache(self, host: str, port: int) -> list[wire.SupernodeAddress]:
+        peer = await connect_peer(self.network, host, port, name=self.config.worker_id,
+                                  secret=self._secret,
+                                  timeout=self.config.follower.connect_timeout_s)
+        try:
+            return list(await peer.host_cache())
+        finally:
+            peer.disconnect()
+
+    async def _discover_once(self) -> None:
+        """Login server -> a sample of supernodes -> the first that answers -> all of them."""
+        try:
+            sample = await self._ask_host_cache(self.config.bootstrap_host,
+                                                self.config.bootstrap_port)
+            directory: list[wire.SupernodeAddress] = []
+            for addr in sample:
+                try:
+                    directory = await self._ask_host_cache(addr.host, addr.port)
+                    break
+                except Exception:
+                    continue
+            if not directory:
+                raise ConnectionError("no supernode of the host cache answered")
+        except Exception as e:
+            self._discovery_failures += 1
+            if self._discovery_failures == 1:
+                log.warn("discovery through {h}:{p} failed ({e}); retrying with backoff",
+                         h=self.config.bootstrap_host, p=self.config.bootstrap_port, e=e)
+            self._discover_soon(self.config.retry.delay(self._discovery_failures, self._rng))
+            return
+        self._discovery_failures = 0
+        self._adopt(directory)
+        self._discover_soon(self.config.discovery_s)
+
+    def _adopt(self, directory: list[wire.SupernodeAddress]) -> None:
+        known = set(self.followers)
+        ids = tuple(sorted({a.sn_id for a in directory}))
+        if self.ring is None or self.ring.sn_ids != ids:
+            self.ring = HashRing(ids)
+        for addr in directory:
+            if addr.sn_id in known or not self.running:
+                continue
+            follower = FeedFollower(self.clock, self.network, addr, self.db,
+                                    worker_id=self.config.worker_id, secret=self._secret,
+                                    rng=random.Random(self._rng.random()),
+                                    config=self.config.follower)
+            self.followers[addr.sn_id] = follower
+            follower.setServiceParent(self)
+        if len(self.followers) != len(known):
+            log.info("following {n} supernode feeds", n=len(self.followers))
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def _heartbeat_soon(self, seconds: float) -> None:
+        self._later(seconds, self._heartbeat)
+
+    def _heartbeat_figures(self) -> tuple:
+        now = self.clock.seconds()
+        since = now - self.config.lag_window_s
+        lags = [lag for f in self.followers.values() for t, lag in f.recent_lags if t >= since]
+        injector = self.injector
+        legacy_lags = []
+        if injector is not None and hasattr(injector, "recent_lags"):
+            legacy_lags = [lag for t, lag in injector.recent_lags if t >= since]
+        detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())}}
+        return (int(now * 1000), self.started_ms), {
+            "lag_to_cloud_ms": p99_ms(lags),
+            "lag_to_legacy_ms": p99_ms(legacy_lags),
+            "mirrored_to_cloud": sum(f.mirrored for f in self.followers.values()),
+            "mirrored_to_legacy": getattr(injector, "injected", 0) if injector else 0,
+            "feeds": sum(1 for f in self.followers.values() if f.connected),
+            "detail": detail}
+
+    def _heartbeat(self) -> None:
+        if not self.running:
+            return
+        (now_ms, started_ms), figures = self._heartbeat_figures()
+        state = "ready" if any(f.connected for f in self.followers.values()) else "degraded"
+        d = self.db.run(store.heartbeat_worker, self.config.worker_id, state, now_ms,
+                        started_ms, **figures)
+
+        def ok(_: Any) -> None:
+            self.db_ok = True
+
+        def failed(f: Any) -> None:
+            if self.db_ok:
+                log.warn("heartbeat failed: {e}", e=f.getErrorMessage())
+            self.db_ok = False
+
+        d.addCallbacks(ok, failed)
+        d.addBoth(lambda _: self._heartbeat_soon(self.config.heartbeat_s))
