@@ -1,0 +1,81 @@
+"""A bridge worker on the deterministic legacy network: discovery, heartbeat, health."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from twisted.web.test.requesthelper import DummyRequest
+
+from bridge.follower import FollowerConfig
+from bridge.health import OperationsResource
+from bridge.worker import BridgeWorker, WorkerConfig, p99_ms
+from cloud.db import InlineDatabase
+from tests.bridge.test_follower import chat_messages, send_some
+from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
+
+
+def make_worker(net: LegacyNet, conn) -> BridgeWorker:
+    config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
+                          heartbeat_s=1.0, follower=FollowerConfig(linger_s=0.01))
+    return BridgeWorker(net.clock, net.net, InlineDatabase(conn), PEER_SECRET,
+                        random.Random(1), config)
+
+
+def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
+    """From the login server alone the worker finds all supernodes, mirrors, heartbeats."""
+    net = LegacyNet(5, seed=4).start()
+    net.login.host_cache_size = 2  # the login server gives a sample; a supernode gives all
+    send_some(net, 10)
+    worker = make_worker(net, conn)
+    worker.startService()
+    net.run(3.0)
+    assert set(worker.followers) == set(net.directory) and worker.ready
+    assert len(chat_messages(conn, "chat-1")) == 10
+    home = net.ring.home_of("chat-1")
+    assert worker.for_chat("chat-1") is worker.followers[home].peer
+    row = conn.execute("SELECT state, mirrored_to_cloud, feeds FROM bridge_workers "
+                       "WHERE worker_id = 'w1'").fetchone()
+    assert row == ("ready", 10, 5)
+    net.wait(worker.stopService())
+    assert conn.execute("SELECT state FROM bridge_workers").fetchone() == ("stopped",)
+
+
+def test_worker_retries_discovery_until_the_login_server_answers(conn):
+    """A bootstrap that is down is retried with backoff; the worker is not ready meanwhile."""
+    net = LegacyNet(3, seed=5).start()
+    net.wait(net.login.stopService())
+    worker = make_worker(net, conn)
+    worker.startService()
+    net.run(5.0)
+    assert worker.followers == {} and not worker.ready
+    net.wait(net.login.startService())
+    net.run(20.0)
+    assert set(worker.followers) == set(net.directory) and worker.ready
+    net.wait(worker.stopService())
+
+
+def render(resource, path: bytes, method: bytes = b"GET") -> tuple[int, bytes]:
+    request = DummyRequest([])
+    request.path, request.method = path, method
+    body = resource.render(request)
+    return request.responseCode or 200, body
+
+
+def test_readyz_reports_reasons_and_metrics_are_served():
+    """/readyz is 503 with reasons until ready, then 200; /metrics is Prometheus text."""
+    reasons = ["no supernode feed is streaming"]
+    ops = OperationsResource(lambda: list(reasons))
+    status, body = render(ops, b"/readyz")
+    assert status == 503 and json.loads(body)["reasons"] == reasons
+    reasons.clear()
+    assert render(ops, b"/readyz")[0] == 200 and render(ops, b"/healthz")[0] == 200
+    status, body = render(ops, b"/metrics")
+    assert status == 200 and b"bridge_mirrored_messages_total" in body
+    assert render(ops, b"/nope")[0] == 404 and render(ops, b"/readyz", b"POST")[0] == 405
+
+
+def test_p99_of_lags():
+    """p99_ms picks the 99th percentile in milliseconds, None without samples."""
+    assert p99_ms([]) is None
+    assert p99_ms([i / 1000 for i in range(1, 101)]) == 100
