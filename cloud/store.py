@@ -557,6 +557,20 @@ def read_presence(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     return out
 
 
+def cloud_presence_changes(conn: psycopg.Connection, after: tuple[int, uuid.UUID],
+                           limit: int) -> list[tuple[int, uuid.UUID, str, str, int]]:
+    """Cloud-source presence set after *after* = (version, account id), for accounts that
+    still have legacy clients and a legacy handle: (version, account, handle, status,
+    expires_ms), in (version, account) order so the caller can resume from the last one."""
+    return conn.execute(
+        "SELECT p.version, p.account_id, a.legacy_handle, p.status, p.expires_ms "
+        "FROM presence p JOIN accounts a USING (account_id) "
+        "WHERE p.source = 'cloud' AND (p.version, p.account_id) > (%s, %s) "
+        "  AND a.legacy_handle IS NOT NULL AND a.phase = ANY(%s) "
+        "ORDER BY p.version, p.account_id LIMIT %s",
+        (after[0], after[1], list(LEGACY_CLIENT_PHASES), limit)).fetchall()
+
+
 # ---------------------------------------------------------------- notifications
 
 _NOTIFICATION_COLS = ("account_id, notification_id, conversation_id, message_id, seq, state, "
