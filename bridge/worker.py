@@ -3,6 +3,7 @@
     bootstrap (login server) --host cache sample--> one supernode --full directory-->
         FeedFollower per supernode   (legacy -> cloud, bridge/follower.py)
         OutboxInjector               (cloud -> legacy, bridge/outbox.py), woken by NOTIFY
+        PresenceMirror               (cloud -> legacy presence, bridge/presence.py)
         heartbeat into bridge_workers (status, migration gates)
 
 The worker is a ``MultiService``; stopping it drains in-flight batches before it returns.
@@ -22,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.follower import FeedFollower, FollowerConfig
+from bridge.presence import PresenceMirror
 from cloud import store
 from cloud.db import TransactionRunner
 from cloud.retry import RetryPolicy
@@ -70,6 +72,8 @@ class BridgeWorker(MultiService):
         if injector_factory is not None:
             self.injector = injector_factory(self)
             self.injector.setServiceParent(self)
+        self.presence = PresenceMirror(clock, db, self)
+        self.presence.setServiceParent(self)
         self._calls: list[Any] = []
         self._discovering: defer.Deferred | None = None
         self._discovery_failures = 0
