@@ -1,0 +1,496 @@
+"""Cloud -> legacy: drain ``outbox_to_legacy`` into the legacy network.
+
+``cloud.store.post_message`` writes an outbox row in the message's own transaction and
+NOTIFYs ``outbox_to_legacy``; ``OutboxListener`` turns each notification into
+``OutboxInjector.wake()``, and the injector's poll is the fallback for a missed one.
+
+One outbox row (``outbox_to_legacy.state``)::
+
+              claim (attempts + 1, invisible for claim_s)      Ack new / duplicate
+    pending -----------------------------------------> inject --------------------> done
+       ^                                                 |  |                (message gets
+       |                                                 |  |                 its legacy GUID)
+       +-- release: due at now + policy.delay(attempts) -+  |
+           (no peer, timeout, connection lost, not_home;    +-- nobody on legacy, or legacy
+            the conversation's later rows go back too)         refuses it for good --> skipped
+                                                               (refusals: + finding
+                                                                inject_refused)
+
+The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
+after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
+``duplicate``). Order per conversation: rows of one conversation are injected one at a time
+in seq order, each after the previous one's Ack; when one fails, it and every later claimed
+row of that conversation are released together, and ``claim_outbox`` never hands out a row
+while an earlier one of its conversation is still claimed. Conversations run concurrently,
+at most ``concurrency`` at a time.
+
+The loop is the dispatcher's (``cloud.dispatcher``)::
+
+    idle --start--> waiting --timer or wake()--> ticking --done, full batch or woken--> ticking
+                       ^                            |
+                       +---------- done ------------+   stop: cancel the timer, or wait for
+                                                        the tick (which injects no further row)
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import psycopg
+from prometheus_client import Counter
+from psycopg import sql
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from bridge import ids, metrics
+from cloud import store
+from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.dispatcher import LoopState
+from cloud.retry import RetryPolicy
+from cloud.store import OutboxItem
+from legacy import wire
+from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
+
+log = Logger()
+
+DIRECTION = "to_legacy"
+#: Finding kind for a message the legacy network will never accept.
+INJECT_REFUSED = "inject_refused"
+
+OUTBOX_LOOP_FAILURES = Counter(
+    "bridge_outbox_loop_failures_total",
+    "Outbox injector passes (or conversations within one) that failed; the loop carries on.",
+    ["reason"])
+for _reason in ("database_unavailable", "error"):
+    OUTBOX_LOOP_FAILURES.labels(reason=_reason)
+metrics.RETRIES.labels(what="inject")
+
+#: Failures of one injection that only mean "not now": the row is released and retried.
+_TRANSIENT = (defer.TimeoutError, error.ConnectionLost, error.ConnectionDone,
+              error.ConnectError, PeerRefused)
+
+
+class LegacyPeers(Protocol):
+    """Privileged connections into the legacy network (the worker keeps them over TCP)."""
+
+    def for_chat(self, chat_id: str) -> PeerConnection | None:
+        """A ready connection to the chat's home supernode, or None if it is unreachable now."""
+
+    def any(self) -> PeerConnection | None:
+        """A ready connection to any supernode, or None if none is reachable now."""
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+_COUNT = [attrs.validators.instance_of(int), _positive]
+
+
+@attrs.frozen
+class InjectorConfig:
+    """How the outbox injector paces itself. Times in seconds."""
+
+    #: Most outbox rows claimed by one tick.
+    batch: int = attrs.field(default=200, validator=_COUNT)
+    #: How long claimed rows stay invisible to other workers; must outlast an injection.
+    claim_s: float = attrs.field(default=30.0, converter=float, validator=_positive)
+    #: Pause between ticks when the last one did not fill a batch (NOTIFY wakes it earlier).
+    poll_interval_s: float = attrs.field(default=1.0, converter=float, validator=_positive)
+    #: A supernode that has not acknowledged an injection by then is treated as unreachable.
+    inject_timeout_s: float = attrs.field(default=10.0, converter=float, validator=_positive)
+    #: Backoff after a failed injection.
+    retry: RetryPolicy = attrs.field(
+        factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=60.0, jitter=0.2),
+        validator=attrs.validators.instance_of(RetryPolicy))
+    #: Conversations injected concurrently (rows within one are always sequential).
+    concurrency: int = attrs.field(default=16, validator=_COUNT)
+
+    def __attrs_post_init__(self) -> None:
+        if self.claim_s <= self.inject_timeout_s:
+            raise ValueError(f"claim_s ({self.claim_s}) must be longer than inject_timeout_s "
+                             f"({self.inject_timeout_s}): a claim must outlast one injection")
+
+
+# ---------------------------------------------------------------- transactions
+
+def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
+                       reason: str, now_ms: int) -> bool:
+    """Skip a row the legacy network will never accept, with an open ``inject_refused``
+    finding; False (and nothing written) if the row is no longer pending."""
+    row = conn.execute(
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "AND state = 'pending' FOR UPDATE", (item.conversation_id, item.seq)).fetchone()
+    if row is None:
+        return False
+    store.record_finding(
+        conn, INJECT_REFUSED,
+        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
+         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
+        now_ms, conversation_id=item.conversation_id)
+    store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    return True
+
+
+def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], error: str,
+                         retry_at_ms: int) -> None:
+    """Hand claimed rows of one conversation back together, all due at *retry_at_ms*."""
+    for item in items:
+        store.release_outbox(conn, item, error, retry_at_ms)
+
+
+# ---------------------------------------------------------------- the injector
+
+class _Retry(Exception):
+    """This injection failed for now; the row and the rest of its conversation go back."""
+
+
+class _Refused(Exception):
+    """The home supernode refuses this message for good (``bad_message``)."""
+
+
+class OutboxInjector(Service):
+    """Injects claimed outbox rows through *peers*, records outcomes through *db*."""
+
+    def __init__(self, clock: IReactorTime, db: TransactionRunner, peers: LegacyPeers,
+                 rng: random.Random, config: InjectorConfig | None = None, *,
+                 name: str = "outbox-injector") -> None:
+        self._clock = clock
+        self._db = db
+        self._peers = peers
+        self._rng = rng
+        self.config = config if config is not None else InjectorConfig()
+        self.setName(name)
+        self.state = LoopState.IDLE
+        self._timer: IDelayedCall | None = None
+        self._tick_done: defer.Deferred | None = None
+        self._woken = False
+        self._outage_since: float | None = None
+        #: Ticks run so far; rows injected new, acknowledged as duplicates, skipped; failed
+        #: injections (released for a retry) and failed passes of the loop.
+        self.ticks = 0
+        self.injected = 0
+        self.duplicates = 0
+        self.skipped = 0
+        self.failures = 0
+        self.loop_failures = 0
+        #: Pending rows and the age in ms of the oldest, as of the last tick.
+        self.backlog: tuple[int, int | None] = (0, None)
+
+    @property
+    def ready(self) -> bool:
+        """Running and able to reach the database."""
+        return self.running and self._outage_since is None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        if self.state is LoopState.IDLE:
+            self._schedule(0)
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        """Stop ticking; fires once the tick in flight (if any) has finished."""
+        super().stopService()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.state is LoopState.WAITING:
+            self.state = LoopState.IDLE
+        if self._tick_done is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._tick_done.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
+    def wake(self) -> None:
+        """New rows were committed (NOTIFY): tick at once, or right after the current tick."""
+        if self.state is LoopState.WAITING and self._timer is not None:
+            self._timer.cancel()
+            self._schedule(0)
+        elif self.state is LoopState.TICKING:
+            self._woken = True  # its claim may have run before those rows committed
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _schedule(self, delay_s: float) -> None:
+        self.state = LoopState.WAITING
+        self._timer = self._clock.callLater(delay_s, self._start_tick)
+
+    def _start_tick(self) -> None:
+        self._timer = None
+        self._woken = False
+        self.state = LoopState.TICKING
+        self.ticks += 1
+        d = defer.Deferred.fromCoroutine(self._tick())
+        self._tick_done = d
+        d.addErrback(self._tick_failed)
+        d.addCallback(self._finish_tick)
+
+    def _tick_failed(self, failure: Any) -> bool:
+        self.loop_failures += 1
+        OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
+        log.failure("outbox injector tick failed; carrying on", failure)
+        return False
+
+    def _finish_tick(self, backlog: bool) -> None:
+        self._tick_done = None
+        if self.running:
+            self._schedule(0 if backlog or self._woken else self.config.poll_interval_s)
+        else:
+            self.state = LoopState.IDLE
+
+    async def _tick(self) -> bool:
+        """One pass; True when it claimed a full batch (so more are probably due)."""
+        cfg = self.config
+        started = self._clock.seconds()
+        now_ms = self._now_ms()
+        claim_ms = round(cfg.claim_s * 1000)
+        try:
+            items = await self._db.run(store.claim_outbox, now_ms, cfg.batch, claim_ms)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+            return False
+        self._database_up()
+        if items:
+            by_conversation: dict[Any, list[OutboxItem]] = {}
+            for item in items:  # claim_outbox returns them in seq order per conversation
+                by_conversation.setdefault(item.conversation_id, []).append(item)
+            limit = defer.DeferredSemaphore(cfg.concurrency)
+            await defer.gatherResults(
+                [limit.run(lambda rows=rows: defer.Deferred.fromCoroutine(
+                    self._conversation(rows, now_ms + claim_ms)))
+                 for rows in by_conversation.values()],
+                consumeErrors=True)
+            metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
+            metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
+                self._clock.seconds() - started)
+        try:
+            self.backlog = await self._db.run(store.outbox_backlog, self._now_ms())
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+        else:
+            metrics.BACKLOG.labels(direction=DIRECTION).set(self.backlog[0])
+        return len(items) >= cfg.batch
+
+    async def _conversation(self, items: list[OutboxItem], claimed_until_ms: int) -> None:
+        """Inject one conversation's claimed rows in seq order; never raises."""
+        timeout_ms = round(self.config.inject_timeout_s * 1000)
+        try:
+            for i, item in enumerate(items):
+                if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
+                    # Stopping, or the claim could run out mid-injection and let another
+                    # worker overtake: hand the rest back, due at once.
+                    await self._db.run(release_outbox_items, items[i:],
+                                       "handed back unattempted (stopping or claim ending)",
+                                       self._now_ms())
+                    return
+                try:
+                    await self._inject(item)
+                except _Retry as e:
+                    await self._release(items[i:], str(e))
+                    return
+        except DatabaseUnavailable as e:
+            # Rows not completed stay claimed and come due again when the claim runs out;
+            # injecting them again then is a no-op on the legacy side.
+            self._database_down(e)
+        except Exception:
+            self.loop_failures += 1
+            OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
+            log.failure("injecting conversation {cid} failed unexpectedly; its rows come due "
+                        "again", cid=items[0].conversation_id)
+
+    async def _inject(self, item: OutboxItem) -> None:
+        """Inject one row and record the outcome; ``_Retry`` if it must be tried again."""
+        chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
+        if item.legacy_client_members == 0:
+            # Every member moved to cloud-only since it was posted: nobody to inject for.
+            await self._db.run(store.complete_outbox, item, chat_id, None, self._now_ms(),
+                               skipped=True)
+            self.skipped += 1
+            return
+        guid = ids.guid_for_cloud_message(item.message_id)
+        members = tuple(sorted(set(item.member_handles)))
+        if len(members) < 2:
+            return await self._refuse(item, chat_id, "fewer than 2 distinct members")
+        if item.sender_handle not in members:
+            return await self._refuse(item, chat_id, "the sender is not among the members")
+        message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
+                                   sender=item.sender_handle, ts_ms=item.sent_ms,
+                                   body=item.body, origin="cloud")
+        try:  # a body or member list the wire format cannot carry will never fit
+            wire.encode(wire.InjectMessage(req_id=0, message=message, members=members))
+        except wire.WireError as e:
+            return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
+        try:
+            ack = await self._send(chat_id, message, members)
+        except _Refused as e:
+            return await self._refuse(item, chat_id, f"the supernode refused it: {e}")
+        if ack.status not in ("new", "duplicate"):
+            raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
+        now_ms = self._now_ms()
+        await self._db.run(store.complete_outbox, item, chat_id, guid, now_ms)
+        if ack.status == "new":
+            self.injected += 1
+            metrics.MIRRORED.labels(direction=DIRECTION).inc()
+        else:
+            self.duplicates += 1
+            metrics.DUPLICATES.labels(direction=DIRECTION).inc()
+        metrics.LAG.labels(direction=DIRECTION).observe(max(0, now_ms - item.sent_ms) / 1000)
+
+    async def _send(self, chat_id: str, message: wire.ChatMessage,
+                    members: tuple[str, ...]) -> wire.Ack:
+        """The home supernode's Ack; ``_Refused`` if it never will, else ``_Retry``."""
+        timeout_s = self.config.inject_timeout_s
+        try:
+            peer = self._peers.for_chat(chat_id)
+            if peer is None:
+                raise _Retry(f"home supernode of {chat_id!r} is unreachable")
+            return await defer.maybeDeferred(peer.inject_message, message, members).addTimeout(
+                timeout_s, self._clock)
+        except _Retry:
+            raise
+        except PeerRequestFailed as e:
+            if e.code == "bad_message":
+                raise _Refused(e.reason) from e
+            raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
+        except defer.TimeoutError as e:
+            raise _Retry(f"no Ack from the home supernode within {timeout_s}s") from e
+        except _TRANSIENT as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            log.failure("injecting {guid} failed unexpectedly; retrying later",
+                        guid=message.guid)
+            raise _Retry(f"{type(e).__name__}: {e}") from e
+
+    async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
+        await self._db.run(refuse_outbox_item, item, chat_id, reason, self._now_ms())
+        self.skipped += 1
+        log.warn("legacy refuses message {mid} of conversation {cid}: {reason}; skipped with "
+                 "an inject_refused finding", mid=item.message_id, cid=item.conversation_id,
+                 reason=reason)
+
+    async def _release(self, items: list[OutboxItem], reason: str) -> None:
+        first = items[0]
+        delay_s = self.config.retry.delay(first.attempts, self._rng)
+        await self._db.run(release_outbox_items, items, reason,
+                           self._now_ms() + round(delay_s * 1000))
+        self.failures += 1
+        metrics.RETRIES.labels(what="inject").inc()
+        log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "
+                 "{delay:.1f}s (attempt {attempt})", cid=first.conversation_id, reason=reason,
+                 count=len(items), delay=delay_s, attempt=first.attempts)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return round(self._clock.seconds() * 1000)
+
+    def _database_down(self, e: DatabaseUnavailable) -> None:
+        """Count every failure, but log only the first of an outage."""
+        self.loop_failures += 1
+        OUTBOX_LOOP_FAILURES.labels(reason="database_unavailable").inc()
+        if self._outage_since is None:
+            self._outage_since = self._clock.seconds()
+            log.warn("database unavailable ({error}); the outbox injector keeps retrying "
+                     "every {interval}s", error=e, interval=self.config.poll_interval_s)
+
+    def _database_up(self) -> None:
+        if self._outage_since is not None:
+            log.info("database reachable again after {seconds:.1f}s",
+                     seconds=self._clock.seconds() - self._outage_since)
+            self._outage_since = None
+
+
+# ---------------------------------------------------------------- the NOTIFY listener
+
+class OutboxListener(Service):
+    """Calls *on_notify* on the reactor thread for every NOTIFY on ``outbox_to_legacy``.
+
+    psycopg's ``notifies`` blocks, so a daemon thread holds its own autocommit connection,
+    LISTENs and waits at most ``wait_s`` at a time, so that a stop is seen within about that
+    long. A broken connection is reopened with the *retry* policy's backoff; *on_notify* is
+    also called each time LISTEN (re)starts, because rows committed while nobody listened
+    sent their notifications to no one. The injector's poll covers whatever is still missed.
+    """
+
+    def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[], object], *,
+                 channel: str = store.OUTBOX_CHANNEL, retry: RetryPolicy | None = None,
+                 rng: random.Random | None = None, wait_s: float = 1.0,
+                 connect_timeout_s: int = 5, name: str = "outbox-listener") -> None:
+        self._reactor = reactor
+        self._dsn = dsn
+        self._on_notify = on_notify
+        self._channel = channel
+        self._retry = retry if retry is not None else RetryPolicy(
+            initial_s=0.5, factor=2.0, cap_s=30.0, jitter=0.2)
+        self._rng = rng if rng is not None else random.Random()
+        self._wait_s = wait_s
+        self._connect_timeout_s = connect_timeout_s
+        self.setName(name)
+        self._stop = threading.Event()
+        self._ended: defer.Deferred | None = None
+        self.thread: threading.Thread | None = None
+        #: True while LISTEN is active (read from the reactor thread; only a hint).
+        self.listening = False
+        #: Notifications received and connections (re)opened, for tests and status.
+        self.notifications = 0
+        self.connects = 0
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._stop.clear()
+        self._ended = defer.Deferred()
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        """Fires once the thread has closed its connection and ended (within ~``wait_s``)."""
+        super().stopService()
+        self._stop.set()
+        ended, self._ended = self._ended, None
+        return ended if ended is not None else defer.succeed(None)
+
+    def _run(self) -> None:
+        ended = self._ended
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                connects = self.connects
+                try:
+                    self._listen()
+                except Exception as e:
+                    self.listening = False
+                    # a connection that was up before it broke starts a new outage
+                    failures = 1 if self.connects > connects else failures + 1
+                    delay_s = self._retry.delay(failures, self._rng)
+                    if failures == 1:
+                        log.warn("outbox listener lost its database connection ({error}); "
+                                 "reconnecting with backoff, polling covers the gap",
+                                 error=str(e).strip() or type(e).__name__)
+                    self._stop.wait(delay_s)
+        finally:
+            self.listening = False
+            if ended is not None:
+                self._reactor.callFromThread(ended.callback, None)
+
+    def _listen(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True,
+                             connect_timeout=self._connect_timeout_s) as conn:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            self.connects += 1
+            self.listening = True
+            if self.connects > 1:
+                log.info("outbox listener is listening again")
+            self._reactor.callFromThread(self._on_notify)
+            while not self._stop.is_set():
+                for _ in conn.notifies(timeout=self._wait_s):
+                    self.notifications += 1
+                    self._reactor.callFromThread(self._on_notify)

@@ -1,0 +1,605 @@
+"""Cloud -> legacy: the outbox injector against real PostgreSQL and the in-memory legacy network.
+
+The injector, the supernodes and the network all run on the LegacyNet's one ``SimClock`` and
+the store runs inline (``InlineDatabase``), so a tick, its injections and their Acks happen
+inside ``net.run`` and every scenario is exact. The NOTIFY listener is the one part that needs
+a real thread: it is tested against the real database with a stub reactor.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import uuid
+from collections.abc import Callable
+
+import attrs
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+from twisted.internet import defer, error
+from twisted.logger import globalLogPublisher
+
+from bridge import ids
+from bridge.outbox import (
+    InjectorConfig,
+    LegacyPeers,
+    OutboxInjector,
+    OutboxListener,
+    refuse_outbox_item,
+)
+from cloud import store
+from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
+from cloud.dispatcher import LoopState
+from cloud.model import Account, Message
+from cloud.retry import RetryPolicy
+from legacy import wire
+from legacy.peer import PeerConnection, connect_peer
+from tests.dbfixture import _with_dbname
+from tests.legacy.netfixture import PEER_SECRET, LegacyNet
+
+T0 = 1_700_000_000.0  # seconds; the simulated clock starts here so stored times look real
+FAST = InjectorConfig(batch=200, claim_s=5.0, poll_interval_s=0.5, inject_timeout_s=1.0,
+                      retry=RetryPolicy(initial_s=0.5, factor=2, cap_s=2, jitter=0.5),
+                      concurrency=4)
+
+
+def tx(conn: psycopg.Connection, fn: Callable, *args, **kwargs):
+    with conn.transaction():
+        return fn(conn, *args, **kwargs)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def account(conn, handle: str, phase: str = "dual") -> uuid.UUID:
+    account_id = uuid.uuid4()
+    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
+    return account_id
+
+
+def conversation(conn, *members: uuid.UUID, chat: str | None = None) -> uuid.UUID:
+    cid = uuid.uuid4()
+    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
+    return cid
+
+
+def outbox_rows(conn, cid: uuid.UUID) -> list[tuple]:
+    return conn.execute("SELECT seq, state, attempts, claimed_until_ms, last_error "
+                        "FROM outbox_to_legacy WHERE conversation_id = %s ORDER BY seq",
+                        (cid,)).fetchall()
+
+
+def findings(conn) -> list[tuple]:
+    return conn.execute("SELECT kind, state, conversation_id, detail FROM reconcile_findings "
+                        "ORDER BY finding_id").fetchall()
+
+
+class NetPeers:
+    """``LegacyPeers`` over a LegacyNet: one connection per supernode, reopened in the
+    background when it closed (``for_chat`` answers None until it is back), as the worker's
+    TCP implementation does."""
+
+    def __init__(self, net: LegacyNet) -> None:
+        self.net = net
+        self.conns = {sn: net.peer(sn, name="bridge-test") for sn in net.supernodes}
+        self.connecting: set[str] = set()
+
+    def for_chat(self, chat_id: str) -> PeerConnection | None:
+        return self.to(self.net.ring.home_of(chat_id))
+
+    def any(self) -> PeerConnection | None:
+        return next(filter(None, (self.to(sn) for sn in sorted(self.net.supernodes))), None)
+
+    def to(self, sn: str) -> PeerConnection | None:
+        conn = self.conns.get(sn)
+        if conn is not None and not conn.closed.called:
+            return conn
+        self.conns.pop(sn, None)
+        if sn not in self.connecting:
+            self.connecting.add(sn)
+            addr = self.net.directory[sn]
+            d = connect_peer(self.net.net, addr.host, addr.port, name="bridge-test",
+                             secret=PEER_SECRET)
+            d.addCallbacks(lambda c: self.conns.__setitem__(sn, c), lambda f: None)
+            d.addBoth(lambda _: self.connecting.discard(sn))
+        return None
+
+
+class SilentPeer:
+    """A connection whose supernode never answers."""
+
+    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+        return defer.Deferred()
+
+
+class ScriptedPeers:
+    """Answers the next ``for_chat`` calls as scripted, then like *inner*.
+
+    ``down``: None; ``silent``: a peer that never answers; ``wrong_home``: a connection to a
+    supernode that is not the chat's home (it answers ``not_home``); ``lost``: a connection
+    that fails the request with ConnectionLost.
+    """
+
+    def __init__(self, inner: NetPeers, script: list[str]) -> None:
+        self.inner = inner
+        self.script = list(script)
+        self.calls = 0
+
+    def for_chat(self, chat_id: str):
+        self.calls += 1
+        step = self.script.pop(0) if self.script else None
+        if step == "down":
+            return None
+        if step == "silent":
+            return SilentPeer()
+        if step == "wrong_home":
+            home = self.inner.net.ring.home_of(chat_id)
+            return self.inner.to(next(sn for sn in sorted(self.inner.conns) if sn != home))
+        if step == "lost":
+            lost = SilentPeer()
+            lost.inject_message = lambda m, ms: defer.fail(error.ConnectionLost("gone"))
+            return lost
+        return self.inner.for_chat(chat_id)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class Scene:
+    conn: psycopg.Connection
+    net: LegacyNet
+    peers: NetPeers
+    #: what the injector uses: *peers*, or the test's wrapper around them
+    links: LegacyPeers
+    injector: OutboxInjector
+
+    def now_ms(self) -> int:
+        return round(self.net.clock.seconds() * 1000)
+
+    def post(self, cid: uuid.UUID, sender: uuid.UUID, body: str,
+             sent_ms: int | None = None) -> Message:
+        message, created = tx(self.conn, store.post_message, cid, sender, str(uuid.uuid4()),
+                              body, self.now_ms() if sent_ms is None else sent_ms)
+        assert created
+        return message
+
+    def history(self, chat_id: str) -> list[wire.ChatMessage]:
+        return self.net.supernodes[self.net.ring.home_of(chat_id)].history(chat_id)
+
+    def run(self, seconds: float) -> None:
+        self.net.run(seconds)
+
+
+@pytest.fixture
+def make_scene(conn):
+    """Build a Scene: a 4-supernode LegacyNet at T0 and an injector on its clock."""
+    made: list[Scene] = []
+
+    def make(*, config: InjectorConfig = FAST, seed: int = 0,
+             wrap_peers: Callable[[NetPeers], LegacyPeers] | None = None,
+             db: TransactionRunner | None = None, start: bool = True) -> Scene:
+        net = LegacyNet(4)
+        net.clock.advance(T0)
+        net.start()
+        peers = NetPeers(net)
+        links = wrap_peers(peers) if wrap_peers else peers
+        injector = OutboxInjector(net.clock, db or InlineDatabase(conn), links,
+                                  random.Random(seed), config)
+        if start:
+            injector.startService()
+        made.append(Scene(conn, net, peers, links, injector))
+        return made[-1]
+
+    yield make
+    for s in made:
+        if s.injector.running:
+            s.injector.stopService()
+
+
+@pytest.fixture
+def outbox_log():
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "bridge.outbox":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def two_party(conn, a: str = "alice", b: str = "bob") -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    """*a* (dual) and *b* (legacy) in one conversation: (conversation, a, b)."""
+    alice, bob = account(conn, a), account(conn, b, "legacy")
+    return conversation(conn, alice, bob), alice, bob
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_injector_config_is_validated():
+    """A nonsensical injector configuration fails when it is built, naming the field."""
+    for kwargs, name in (({"batch": 0}, "batch"), ({"concurrency": 0}, "concurrency"),
+                         ({"poll_interval_s": 0}, "poll_interval_s"),
+                         ({"inject_timeout_s": -1}, "inject_timeout_s"),
+                         ({"claim_s": 5, "inject_timeout_s": 5}, "claim_s")):
+        with pytest.raises(ValueError, match=name):
+            InjectorConfig(**kwargs)
+    with pytest.raises(TypeError, match="retry"):
+        InjectorConfig(retry=5)
+
+
+# ---------------------------------------------------------------- delivery
+
+def test_cloud_messages_reach_the_home_supernode_in_seq_order(conn, make_scene):
+    """Each posted message is injected once at its chat's home: derived GUID, origin cloud."""
+    s = make_scene(start=False)
+    born, alice, bob = two_party(conn)
+    carol = account(conn, "carol", "legacy")
+    linked = conversation(conn, alice, carol, chat="legacy-chat-7")
+    sent = [s.post(born, alice if i % 2 else bob, f"born {i}") for i in range(5)]
+    s.run(0.25)
+    sent += [s.post(linked, carol, "linked 0"), s.post(linked, alice, "linked 1")]
+    mirrored, lag = (metric("bridge_mirrored_messages_total", direction="to_legacy"),
+                     metric("bridge_mirror_lag_seconds_count", direction="to_legacy"))
+    s.injector.startService()
+    s.run(1)
+
+    born_chat = ids.chat_for_cloud_conversation(born)
+    for chat_id, messages in ((born_chat, sent[:5]), ("legacy-chat-7", sent[5:])):
+        history = sorted(s.history(chat_id), key=lambda m: m.legacy_seq)
+        assert [(m.guid, m.sender, m.body, m.ts_ms, m.origin) for m in history] == [
+            (ids.guid_for_cloud_message(m.message_id), m.sender_handle, m.body, m.sent_ms,
+             "cloud") for m in messages]
+    assert s.injector.injected == 7 and s.injector.duplicates == s.injector.skipped == 0
+    assert metric("bridge_mirrored_messages_total", direction="to_legacy") - mirrored == 7
+    assert metric("bridge_mirror_lag_seconds_count", direction="to_legacy") - lag == 7
+    assert metric("bridge_backlog_messages", direction="to_legacy") == 0
+    assert [r[1] for r in outbox_rows(conn, born) + outbox_rows(conn, linked)] == ["done"] * 7
+    guids = dict(conn.execute("SELECT message_id, legacy_guid FROM messages").fetchall())
+    assert guids == {m.message_id: ids.guid_for_cloud_message(m.message_id) for m in sent}
+    assert conn.execute("SELECT legacy_chat_id FROM conversations WHERE conversation_id = %s",
+                        (born,)).fetchone()[0] == born_chat
+
+
+def test_reinjection_after_a_crash_before_complete_is_a_duplicate(conn, make_scene):
+    """A row injected but never completed is injected again: Ack duplicate, nothing new."""
+    s = make_scene()
+    cid, alice, _ = two_party(conn)
+    for i in range(3):
+        s.post(cid, alice, f"m{i}")
+    s.run(1)
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    before = s.history(chat_id)
+    assert len(before) == 3 and s.injector.injected == 3
+    # The crash: the Acks arrived but complete_outbox never committed.
+    conn.execute("UPDATE outbox_to_legacy SET state = 'pending', claimed_until_ms = 0, "
+                 "done_ms = NULL WHERE conversation_id = %s", (cid,))
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE conversation_id = %s", (cid,))
+    duplicates = metric("bridge_duplicates_suppressed_total", direction="to_legacy")
+    s.injector.wake()
+    s.run(1)
+    assert s.history(chat_id) == before
+    assert (s.injector.injected, s.injector.duplicates) == (3, 3)
+    assert metric("bridge_duplicates_suppressed_total", direction="to_legacy") - duplicates == 3
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 3
+    assert conn.execute("SELECT count(*) FROM messages WHERE legacy_guid IS NULL"
+                        ).fetchone()[0] == 0
+
+
+def test_conversation_whose_legacy_members_went_cloud_only_is_skipped(conn, make_scene):
+    """Nobody left on legacy when the row is drained: skipped, nothing injected, no finding."""
+    s = make_scene(start=False)
+    cid, alice, bob = two_party(conn)
+    s.post(cid, alice, "too late for legacy")
+    tx(conn, store.set_phase, alice, "cloud-only")
+    tx(conn, store.set_phase, bob, "cloud-only")
+    s.injector.startService()
+    s.run(1)
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["skipped"]
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    assert all(sn.history(chat_id) == [] for sn in s.net.supernodes.values())
+    assert (s.injector.skipped, s.injector.injected) == (1, 0) and findings(conn) == []
+
+
+class CountingPeers:
+    """Passes through to *inner*, counting injections awaiting their Ack."""
+
+    def __init__(self, inner: NetPeers) -> None:
+        self.inner = inner
+        self.in_flight = self.most_in_flight = 0
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else CountingPeer(self, peer)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class CountingPeer:
+    peers: CountingPeers
+    peer: PeerConnection
+
+    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+        self.peers.in_flight += 1
+        self.peers.most_in_flight = max(self.peers.most_in_flight, self.peers.in_flight)
+
+        def done(result):
+            self.peers.in_flight -= 1
+            return result
+
+        return self.peer.inject_message(message, members).addBoth(done)
+
+
+def test_conversations_run_concurrently_up_to_the_bound(conn, make_scene):
+    """Six conversations with concurrency 2: two injections in flight at most, all arrive."""
+    s = make_scene(config=attrs.evolve(FAST, concurrency=2), wrap_peers=CountingPeers,
+                   start=False)
+    alice = account(conn, "alice")
+    cids = [conversation(conn, alice, account(conn, f"friend{i}", "legacy")) for i in range(6)]
+    for cid in cids:
+        for i in range(3):
+            s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(1)
+    assert s.links.most_in_flight == 2 and s.injector.injected == 18
+    for cid in cids:
+        history = s.history(ids.chat_for_cloud_conversation(cid))
+        assert [m.body for m in sorted(history, key=lambda m: m.legacy_seq)] == [
+            "m0", "m1", "m2"]
+
+
+# ---------------------------------------------------------------- failures and retries
+
+def test_home_supernode_down_rows_wait_with_backoff_then_arrive(conn, make_scene):
+    """An unreachable home keeps rows pending, retried with backoff, delivered once it is back."""
+    s = make_scene(start=False, seed=3)
+    cid, alice, bob = two_party(conn)
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
+    s.net.wait(home.stopService())
+    s.run(0.1)
+    sent = [s.post(cid, alice, "first"), s.post(cid, bob, "second")]
+    retries = metric("bridge_retries_total", what="inject")
+    s.injector.startService()
+    tick_ms = s.now_ms()
+    s.run(0)
+    replica = random.Random(3)
+    first_delay = FAST.retry.delay(1, replica)
+    assert outbox_rows(conn, cid) == [
+        (1, "pending", 1, tick_ms + round(first_delay * 1000),
+         f"home supernode of {chat_id!r} is unreachable"),
+        (2, "pending", 1, tick_ms + round(first_delay * 1000),
+         f"home supernode of {chat_id!r} is unreachable")]
+    s.run(5)
+    sent.append(s.post(cid, alice, "third"))
+    s.run(3)
+    rows = outbox_rows(conn, cid)
+    assert all(r[1] == "pending" for r in rows) and rows[0][2] >= 4
+    assert s.injector.failures == metric("bridge_retries_total", what="inject") - retries >= 4
+    s.net.wait(home.restart())
+    s.run(10)
+    history = sorted(s.history(chat_id), key=lambda m: m.legacy_seq)
+    assert [m.body for m in history] == [m.body for m in sent]
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 3
+
+
+@pytest.mark.parametrize("fault", ["down", "silent", "wrong_home", "lost"])
+def test_order_per_conversation_is_kept_when_the_first_item_fails(conn, make_scene, fault):
+    """The first row fails (no peer, no Ack, not_home, lost link): no later row overtakes it."""
+    config = attrs.evolve(FAST, retry=RetryPolicy(initial_s=3, cap_s=3, jitter=0))
+    s = make_scene(config=config, wrap_peers=lambda peers: ScriptedPeers(peers, [fault]),
+                   start=False)
+    cid, alice, bob = two_party(conn)
+    sent = [s.post(cid, alice if i % 2 else bob, f"m{i}") for i in range(4)]
+    s.injector.startService()
+    s.run(FAST.inject_timeout_s + 0.1)  # the first attempt has failed, the retry is at +3 s
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    assert s.history(chat_id) == [] and s.injector.failures == 1
+    assert [r[:3] for r in outbox_rows(conn, cid)] == [(i, "pending", 1) for i in (1, 2, 3, 4)]
+    s.run(5)
+    history = sorted(s.history(chat_id), key=lambda m: m.legacy_seq)
+    assert [m.guid for m in history] == [ids.guid_for_cloud_message(m.message_id)
+                                         for m in sent]
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2)] * 4
+
+
+def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_scene):
+    """Legacy will never take these (one member; too old for the SN): skipped plus a finding."""
+    s = make_scene(start=False)
+    alice = account(conn, "alice")
+    alone = conversation(conn, alice)
+    s.post(alone, alice, "talking to myself")
+    old, _, bob = two_party(conn, "dora", "bob")
+    month_ago = s.now_ms() - 31 * 86_400_000
+    s.post(old, bob, "from the archive", sent_ms=month_ago)
+    s.injector.startService()
+    s.run(1)
+    assert [r[1] for r in outbox_rows(conn, alone) + outbox_rows(conn, old)] == ["skipped"] * 2
+    assert s.injector.skipped == 2 and s.injector.injected == 0
+    got = {cid: (kind, state, detail["reason"]) for kind, state, cid, detail in findings(conn)}
+    assert got == {
+        alone: ("inject_refused", "open", "fewer than 2 distinct members"),
+        old: ("inject_refused", "open", "the supernode refused it: ts_ms is older than this "
+                                         "supernode's retention window")}
+    old_chat = ids.chat_for_cloud_conversation(old)
+    assert s.history(old_chat) == []
+    # Safe to run twice: the row is no longer pending, so no second finding.
+    item = store.OutboxItem(old, 1, uuid.uuid4(), None, "bob", month_ago, "", (), 1, 1)
+    assert tx(conn, refuse_outbox_item, item, old_chat, "again", s.now_ms()) is False
+    assert len(findings(conn)) == 2
+
+
+class FaultyDatabase:
+    """A TransactionRunner whose next calls of *fn* fail as scripted (None: run normally)."""
+
+    def __init__(self, inner: TransactionRunner, fn: Callable,
+                 faults: list[Exception | None]) -> None:
+        self.inner = inner
+        self.fn = fn
+        self.faults = list(faults)
+
+    def run(self, fn: Callable, *args, **kwargs) -> defer.Deferred:
+        if fn is self.fn and self.faults:
+            fault = self.faults.pop(0)
+            if isinstance(fault, DatabaseUnavailable):
+                return defer.fail(fault)
+            if fault is not None:
+                raise fault  # a bug that raises instead of failing the Deferred
+        return self.inner.run(fn, *args, **kwargs)
+
+
+def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, outbox_log):
+    """Failed ticks are counted and retried; an outage is logged once, a bug with traceback."""
+    down = DatabaseUnavailable("connection refused")
+    faults = [down, down, None, down, RuntimeError("bug in a tick"), None]
+    s = make_scene(db=FaultyDatabase(InlineDatabase(conn), store.claim_outbox, faults),
+                   start=False)
+    cid, alice, _ = two_party(conn)
+    s.post(cid, alice, "hello")
+    before = {r: metric("bridge_outbox_loop_failures_total", reason=r)
+              for r in ("database_unavailable", "error")}
+    s.injector.startService()
+    s.run(0)
+    assert s.injector.state is LoopState.WAITING and not s.injector.ready
+    s.run(5)
+    assert s.injector.ready and s.injector.injected == 1 and s.injector.ticks >= len(faults)
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done"]
+    after = {r: metric("bridge_outbox_loop_failures_total", reason=r) - before[r]
+             for r in before}
+    assert after == {"database_unavailable": 3, "error": 1}
+    assert s.injector.loop_failures == 4
+    formats = [e["log_format"] for e in outbox_log]
+    assert sum(f.startswith("database unavailable") for f in formats) == 2  # two outages
+    assert sum(f.startswith("database reachable again") for f in formats) == 2
+    [bug] = [e for e in outbox_log if "log_failure" in e]
+    assert bug["log_failure"].check(RuntimeError)
+
+
+def test_database_lost_after_the_ack_reinjects_once_the_claim_runs_out(conn, make_scene):
+    """The Ack arrived but complete failed: the row comes due after claim_s, Ack duplicate."""
+    down = DatabaseUnavailable("server closed the connection")
+    s = make_scene(db=FaultyDatabase(InlineDatabase(conn), store.complete_outbox, [down]),
+                   start=False)
+    cid, alice, _ = two_party(conn)
+    s.post(cid, alice, "once")
+    s.post(cid, alice, "twice")
+    s.injector.startService()
+    s.run(1)
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    assert len(s.history(chat_id)) == 1  # the conversation stopped at the failed complete
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["pending", "pending"]
+    s.run(FAST.claim_s)
+    assert [m.body for m in sorted(s.history(chat_id), key=lambda m: m.legacy_seq)] == [
+        "once", "twice"]
+    assert (s.injector.injected, s.injector.duplicates) == (1, 1)
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2), ("done", 2)]
+
+
+# ---------------------------------------------------------------- pacing and stopping
+
+def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
+    """NOTIFY (wake) does not wait for the poll; a full batch is followed by another at once."""
+    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2))
+    s.run(0)
+    assert s.injector.ticks == 1
+    cid, alice, _ = two_party(conn)
+    for i in range(5):
+        s.post(cid, alice, f"m{i}")
+    s.run(1)
+    assert s.injector.ticks == 1 and s.injector.injected == 0
+    s.injector.wake()
+    s.run(0.5)
+    assert s.injector.injected == 5 and s.injector.ticks == 4  # 2 + 2 + 1
+    assert s.injector.state is LoopState.WAITING
+
+
+def test_stop_waits_for_the_tick_in_flight_and_hands_back_the_rest(conn, make_scene):
+    """stopService fires after the in-flight injection; unattempted rows are due at once."""
+    s = make_scene(start=False)
+    cid, alice, _ = two_party(conn)
+    for i in range(3):
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(0)  # claimed; the first injection waits for its Ack on the network
+    assert s.injector.state is LoopState.TICKING
+    stopped = s.injector.stopService()
+    assert not stopped.called
+    s.run(1)
+    assert stopped.called and s.injector.state is LoopState.IDLE
+    rows = outbox_rows(conn, cid)
+    assert [r[1] for r in rows] == ["done", "pending", "pending"]
+    assert all(r[3] <= s.now_ms() for r in rows[1:])  # handed back, not left claimed
+    successor = OutboxInjector(s.net.clock, InlineDatabase(conn), s.peers, random.Random(1),
+                               FAST)
+    successor.startService()
+    s.run(1)
+    successor.stopService()
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 3
+    assert [m.body for m in sorted(s.history(ids.chat_for_cloud_conversation(cid)),
+                                   key=lambda m: m.legacy_seq)] == ["m0", "m1", "m2"]
+
+
+# ---------------------------------------------------------------- the NOTIFY listener
+
+class QueueReactor:
+    """Stands in for the reactor: ``callFromThread`` queues the call for the test to run."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f: Callable, *args) -> None:  # noqa: N802 - Twisted's name
+        self.calls.put((f, args))
+
+    def run_next(self, timeout: float = 5.0) -> None:
+        f, args = self.calls.get(timeout=timeout)
+        f(*args)
+
+
+def stop_listener(listener: OutboxListener, reactor: QueueReactor) -> None:
+    stopped = listener.stopService()
+    while not stopped.called:
+        reactor.run_next(timeout=3.0)
+    listener.thread.join(timeout=3.0)
+    assert not listener.thread.is_alive()
+
+
+def test_listener_wakes_on_notify_reconnects_and_stops_promptly(conn, db_dsn):
+    """Each committed post NOTIFYs a wake on the reactor; a broken connection is reopened."""
+    reactor = QueueReactor()
+    wakes: list[int] = []
+    listener = OutboxListener(reactor, db_dsn, lambda: wakes.append(1), wait_s=0.2,
+                              retry=RetryPolicy(initial_s=0.05, factor=2, cap_s=0.5))
+    listener.startService()
+    try:
+        reactor.run_next()  # LISTEN is active: the catch-up wake
+        assert wakes == [1] and listener.connects == 1
+        cid, alice, _ = two_party(conn)
+        tx(conn, store.post_message, cid, alice, "c1", "hi", 1)
+        reactor.run_next()
+        assert len(wakes) == 2 and listener.notifications == 1
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                     "AND query ILIKE 'LISTEN%'")
+        reactor.run_next()  # listening again: another catch-up wake
+        assert len(wakes) == 3 and listener.connects == 2
+    finally:
+        stop_listener(listener, reactor)
+
+
+def test_listener_keeps_retrying_an_unreachable_database_and_still_stops(db_server):
+    """No database: the thread backs off without calling back, and a stop still ends it."""
+    reactor = QueueReactor()
+    dsn = _with_dbname(db_server, f"no_such_database_{uuid.uuid4().hex[:8]}")
+    listener = OutboxListener(reactor, dsn, lambda: None, wait_s=0.2,
+                              retry=RetryPolicy(initial_s=0.05, factor=2, cap_s=0.2))
+    listener.startService()
+    with pytest.raises(queue.Empty):
+        reactor.calls.get(timeout=0.5)
+    assert listener.connects == 0 and listener.thread.is_alive()
+    stop_listener(listener, reactor)
