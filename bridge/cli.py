@@ -1,6 +1,7 @@
 """``bridgectl``: the composition root, and the only module that touches the global reactor.
 
-Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments.
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments,
+3 (migrate) some accounts held back by the migration gates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bridge import state
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_GATED = 3
 
 
 class UsageError(Exception):
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds after the traffic to collect notifications (default 5)")
     clients.add_argument("--json", action="store_true", help="print one JSON object")
     _add_bridge_commands(sub)
+    _add_operator_commands(sub)
     return p
 
 
@@ -561,6 +564,7 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
     import socket
 
     from bridge.health import operations_site
+    from bridge.outbox import OutboxListener
     from bridge.worker import BridgeWorker, WorkerConfig
     from cloud.db import Database
     from legacy.network import TCPNetwork
@@ -585,8 +589,10 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         db = Database(reactor, dsn)
         config = WorkerConfig(worker_id=worker_id, bootstrap_host=host, bootstrap_port=port)
         worker = BridgeWorker(reactor, TCPNetwork(reactor), db, secret,
-                              random.Random(), config, injector_factory=_injector_factory(
-                                  reactor, db, dsn))
+                              random.Random(), config,
+                              injector_factory=_injector_factory(reactor, db))
+        # NOTIFY wakes the injector as soon as a cloud message commits; polling is the fallback
+        listener = OutboxListener(reactor, dsn, worker.injector.wake)
 
         def readiness() -> list[str]:
             reasons = []
@@ -606,12 +612,14 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
             await db.stopService()
             raise
         worker.startService()
+        listener.startService()
         where = listening.getHost()
         print(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
               f"metrics on http://{where.host}:{where.port}/metrics",
               file=sys.stderr, flush=True)
         await stop_signal
         print("bridge: draining in-flight batches", file=sys.stderr, flush=True)
+        await listener.stopService()
         await worker.stopService()
         await listening.stopListening()
         await db.stopService()
@@ -630,9 +638,14 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _injector_factory(reactor: Any, db: Any, dsn: str) -> Any:
-    """The cloud -> legacy side of a worker: the outbox injector, woken by NOTIFY."""
-    return None
+def _injector_factory(reactor: Any, db: Any) -> Any:
+    """The cloud -> legacy side of a worker: the outbox injector (its peers: the worker)."""
+    import random
+
+    from bridge.outbox import InjectorConfig, OutboxInjector
+
+    return lambda worker: OutboxInjector(reactor, db, worker, random.Random(),
+                                         InjectorConfig())
 
 
 def _log_to_stderr() -> None:
@@ -651,6 +664,263 @@ def _log_to_stderr() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _add_operator_commands(sub: Any) -> None:
+    """migrate, status and accounts import: the operator's commands for the migration."""
+    from cloud.model import PHASES
+
+    mig = sub.add_parser(
+        "migrate", help="move accounts between migration phases",
+        description="Move the selected accounts to --to PHASE (legacy, dual, cloud, "
+                    "cloud-only). Forward moves are gated (no open findings, mirror lag, a "
+                    "recent clean reconcile); backward moves are not, but leaving cloud-only "
+                    "needs --force. Every move is written to the audit log. Exit codes: 0 all "
+                    "moved (or nothing to do), 3 some held back by gates, 1 failure, 2 usage.")
+    _dsn_option(mig)
+    mig.add_argument("--to", required=True, metavar="PHASE",
+                     help=f"target phase: {', '.join(PHASES)}")
+    mig.add_argument("--accounts", metavar="A,B,...",
+                     help="comma-separated handles or account ids")
+    mig.add_argument("--percent", metavar="N",
+                     help="the stable N%% cohort of linked accounts (0-100); raising N only "
+                          "adds accounts; a cohort is only promoted, never moved back")
+    mig.add_argument("--file", type=Path, metavar="F",
+                     help="handles or account ids, one per line (# starts a comment)")
+    mig.add_argument("--dry-run", action="store_true",
+                     help="show what would move and which gates fail; change nothing")
+    mig.add_argument("--force", action="store_true",
+                     help="move despite failed gates, and allow leaving cloud-only "
+                          "(recorded in the audit log)")
+    mig.add_argument("--legacy", metavar="HOST:PORT", type=_host_port,
+                     help="the legacy login server; needed when an account enters or leaves "
+                          "cloud-only")
+    mig.add_argument("--actor", metavar="NAME",
+                     help="who is moving the accounts, for the audit log (default: OS user)")
+    mig.add_argument("--lag-bound-ms", type=_positive_int, default=5000, metavar="MS",
+                     help="mirror lag gate: every live worker's lag under MS (default 5000)")
+    mig.add_argument("--reconcile-window", type=_number, default=3600.0, metavar="S",
+                     help="reconcile gate: a clean run finished within S seconds "
+                          "(default 3600)")
+    mig.add_argument("--json", action="store_true", help="print one JSON object")
+
+    st = sub.add_parser("status", help="the migration at a glance",
+                        description="Accounts per phase, mirror lag, outbox backlog, open "
+                                    "findings, reconcile runs, bridge workers, leases and "
+                                    "notifications, from the cloud store.")
+    _dsn_option(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    acc = sub.add_parser("accounts", help="legacy accounts in the cloud store",
+                         description="Manage the cloud accounts linked to legacy handles.")
+    asub = acc.add_subparsers(dest="accounts_command", metavar="SUBCOMMAND")
+    asub.required = True
+    imp = asub.add_parser("import", help="link every legacy account (safe to run again)",
+                          description="Page through the legacy login server's accounts and "
+                                      "give each handle a linked cloud account in phase "
+                                      "legacy, with its password hash; existing links get a "
+                                      "changed hash, never a changed phase.")
+    _dsn_option(imp)
+    imp.add_argument("--legacy", required=True, metavar="HOST:PORT", type=_host_port,
+                     help="the legacy login server")
+    imp.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+
+
+def _migrate_selection(args: argparse.Namespace) -> Any:
+    from bridge.phases import Selection
+
+    given = [f for f, v in (("--accounts", args.accounts), ("--percent", args.percent),
+                            ("--file", args.file)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("choose the accounts with exactly one of --accounts, --percent, "
+                         f"--file{' (got ' + ' and '.join(given) + ')' if given else ''}")
+    if args.percent is not None:
+        if not args.percent.isdigit() or int(args.percent) > 100:
+            raise UsageError(f"--percent must be a whole number from 0 to 100, "
+                             f"not {args.percent!r}")
+        return Selection(percent=int(args.percent))
+    if args.accounts is not None:
+        refs = [r.strip() for r in args.accounts.split(",") if r.strip()]
+        if not refs:
+            raise UsageError("--accounts names no account")
+        return Selection(refs=tuple(refs))
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --file {args.file}: {getattr(e, 'strerror', e)}") from None
+    refs = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return Selection(refs=tuple(r for r in refs if r))
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in this environment (KeyError, OSError)
+        raise UsageError("cannot tell who you are for the audit log; pass --actor NAME") from None
+
+
+def _connect_login_server(reactor: Any, address: tuple[str, int]) -> Any:
+    """A privileged peer link to the legacy login server (a Deferred)."""
+    from legacy.network import TCPNetwork
+    from legacy.peer import PeerRefused, connect_peer
+
+    host, port = address
+    secret = state.secret(state.state_home(), "peer")
+
+    def failed(f: Any) -> None:
+        why = (f"it refused bridgectl ({f.value.reason})" if f.check(PeerRefused)
+               else str(f.value).strip() or type(f.value).__name__)
+        raise RuntimeFailure(f"cannot connect to the legacy login server at {host}:{port}: "
+                             f"{why}")
+
+    return connect_peer(TCPNetwork(reactor), host, port, name="bridgectl",
+                        secret=secret).addErrback(failed)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import time
+
+    from twisted.internet import defer
+
+    from bridge import phases
+    from cloud.db import InlineDatabase, run_transaction
+    from cloud.model import PHASES
+
+    if args.to not in PHASES:
+        raise UsageError(f"unknown phase {args.to!r}: use one of {', '.join(PHASES)}")
+    selection = _migrate_selection(args)
+    if args.lag_bound_ms <= 0 or args.reconcile_window <= 0:
+        raise UsageError("--lag-bound-ms and --reconcile-window must be positive")
+    config = phases.GateConfig(lag_bound_ms=args.lag_bound_ms,
+                               reconcile_window_ms=int(args.reconcile_window * 1000))
+    actor = args.actor if args.actor is not None else _os_user()
+    if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):
+        raise UsageError("--actor must be 1-200 printable characters")
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    with _connect(dsn, origin) as conn:
+        try:
+            plan = run_transaction(conn, phases.load_plan, selection, args.to, config,
+                                   int(time.time() * 1000), force=args.force)
+        except phases.UnknownAccounts as e:
+            raise UsageError(str(e)) from None
+        gated = EXIT_GATED if plan.held else EXIT_OK
+        if args.dry_run or not plan.to_move:
+            report = phases.plan_to_json(plan, dry_run=args.dry_run)
+            print(json.dumps(report, sort_keys=True) if args.json
+                  else phases.render_plan(report))
+            return gated
+        if plan.needs_login_server and args.legacy is None:
+            raise UsageError("some accounts enter or leave cloud-only, which the legacy login "
+                             "server must know: pass --legacy HOST:PORT")
+        # One short transaction per account on this command's own connection: running them
+        # inline (no thread pool) is right for a one-shot command, and without a login
+        # server to talk to it needs no reactor at all.
+        db = InlineDatabase(conn)
+        if plan.needs_login_server:
+            outcome = _migrate_with_login_server(plan, db, actor, args.legacy)
+        else:
+            done: list[Any] = []
+            defer.Deferred.fromCoroutine(phases.apply_plan(
+                plan, db, None, actor=actor, now_ms=int(time.time() * 1000))).addBoth(
+                    done.append)
+            outcome = done[0]
+            if not isinstance(outcome, phases.MigrationOutcome):
+                outcome.raiseException()
+    report = phases.plan_to_json(plan, outcome)
+    print(json.dumps(report, sort_keys=True) if args.json else phases.render_plan(report))
+    if outcome.failed:
+        print(f"bridgectl: error: {len(outcome.failed)} account"
+              f"{'s' * (len(outcome.failed) != 1)} could not be moved", file=sys.stderr)
+        return EXIT_FAILURE
+    return gated
+
+
+def _migrate_with_login_server(plan: Any, db: Any, actor: str,
+                               address: tuple[str, int]) -> Any:
+    from bridge import phases
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        peer = await _connect_login_server(reactor, address)
+        try:
+            outcome = await phases.apply_plan(
+                plan, db, peer, actor=actor, now_ms=int(reactor.seconds() * 1000),
+                clock=reactor, should_stop=lambda: stop_signal.called)
+        finally:
+            peer.disconnect()
+        return {"outcome": outcome}
+
+    _log_to_stderr()
+    result = _run_until_stopped(main, None)
+    if "error" in result:
+        raise RuntimeFailure(result["error"])
+    return result["outcome"]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from bridge import status
+    from cloud.db import run_transaction
+
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    with _connect(dsn, origin) as conn:
+        snapshot = run_transaction(conn, status.gather, int(time.time() * 1000))
+    snapshot = {"database": origin, "dsn": redact_dsn(dsn), **snapshot}
+    print(json.dumps(snapshot, sort_keys=True) if args.json else status.render(snapshot))
+    return EXIT_OK
+
+
+def cmd_accounts_import(args: argparse.Namespace) -> int:
+    from bridge.accounts import import_accounts
+    from cloud.db import Database
+
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    state.secret(state.state_home(), "peer")  # a state-directory problem is a clear error now
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        db = Database(reactor, dsn, max_connections=2)
+        db.startService()
+        try:
+            peer = await _connect_login_server(reactor, args.legacy)
+            pages = [0]
+
+            def progress(counts: Any) -> None:
+                pages[0] += 1
+                if pages[0] % 10 == 0:
+                    print(f"  {counts.seen} accounts seen, {counts.created} created",
+                          file=sys.stderr, flush=True)
+            try:
+                counts = await import_accounts(peer, db, int(reactor.seconds() * 1000),
+                                               progress=progress,
+                                               should_stop=lambda: stop_signal.called)
+            finally:
+                peer.disconnect()
+        finally:
+            await db.stopService()
+        return {"counts": counts, "interrupted": stop_signal.called}
+
+    _log_to_stderr()
+    result = _run_until_stopped(main, None)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    counts = result["counts"].to_json()
+    if args.json:
+        print(json.dumps(counts, sort_keys=True))
+    else:
+        _print_summary({k: v for k, v in counts.items() if k != "conflict_handles"}, False)
+        if counts["conflict_handles"]:
+            print("conflicts (handle owned by a cloud-native account): "
+                  + ", ".join(counts["conflict_handles"]))
+    if result["interrupted"]:
+        print("bridgectl: error: interrupted; run it again to finish", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 COMMANDS = {
     ("legacy", "run"): cmd_legacy_run,
     ("legacy", "simulate"): cmd_legacy_simulate,
@@ -661,6 +931,9 @@ COMMANDS = {
     ("cloud", "run"): cmd_cloud_run,
     ("cloud", "clients"): cmd_cloud_clients,
     ("bridge", "run"): cmd_bridge_run,
+    ("migrate", None): cmd_migrate,
+    ("status", None): cmd_status,
+    ("accounts", "import"): cmd_accounts_import,
 }
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -177,6 +178,8 @@ class OutboxInjector(Service):
         #: injections (released for a retry) and failed passes of the loop.
         self.ticks = 0
         self.injected = 0
+        #: (time, lag seconds) of recent injections, for the worker's heartbeat
+        self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
         self.duplicates = 0
         self.skipped = 0
         self.failures = 0
@@ -343,7 +346,9 @@ class OutboxInjector(Service):
         else:
             self.duplicates += 1
             metrics.DUPLICATES.labels(direction=DIRECTION).inc()
-        metrics.LAG.labels(direction=DIRECTION).observe(max(0, now_ms - item.sent_ms) / 1000)
+        lag = max(0, now_ms - item.sent_ms) / 1000
+        metrics.LAG.labels(direction=DIRECTION).observe(lag)
+        self.recent_lags.append((now_ms / 1000, lag))
 
     async def _send(self, chat_id: str, message: wire.ChatMessage,
                     members: tuple[str, ...]) -> wire.Ack:

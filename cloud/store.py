@@ -699,25 +699,40 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int,
     """Claim up to *limit* due rows for *claim_ms*, oldest first, in seq order per conversation.
 
     A claimed row is invisible to other workers until its claim runs out; a worker that
-    dies mid-injection therefore leaves it to come due again. Rows of one conversation are
-    returned in seq order, and a conversation whose earlier row is still claimed elsewhere
-    is skipped entirely, so injection order per conversation is kept across workers.
+    dies mid-injection therefore leaves it to come due again. Claims start at each
+    conversation's lowest pending row and rows come back in seq order, so injection order
+    per conversation is kept across workers.
     """
     rows = conn.execute(
-        "WITH due AS ("
-        "  SELECT o.conversation_id, o.seq FROM outbox_to_legacy o "
-        "  WHERE o.state = 'pending' AND o.claimed_until_ms <= %(now)s "
-        "    AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy e "
-        "        WHERE e.conversation_id = o.conversation_id AND e.state = 'pending' "
-        "          AND e.seq < o.seq AND e.claimed_until_ms > %(now)s) "
-        "  ORDER BY o.created_ms, o.conversation_id, o.seq LIMIT %(limit)s "
-        "  FOR UPDATE OF o SKIP LOCKED), "
+        # heads: each conversation's lowest pending row. A conversation is claimable only when
+        # its head is not claimed, and a claim always starts at the head: rows of one
+        # conversation are therefore never split between two workers, whatever the timing.
+        "WITH heads AS ("
+        "  SELECT DISTINCT ON (conversation_id) conversation_id, seq AS head, "
+        "         claimed_until_ms, created_ms "
+        "  FROM outbox_to_legacy WHERE state = 'pending' ORDER BY conversation_id, seq), "
+        "ready AS ("
+        "  SELECT conversation_id, head, created_ms FROM heads "
+        "  WHERE claimed_until_ms <= %(now)s ORDER BY created_ms, conversation_id "
+        "  LIMIT %(limit)s), "
+        "locked AS ("
+        "  SELECT o.conversation_id, o.seq FROM outbox_to_legacy o JOIN ready r "
+        "    USING (conversation_id) WHERE o.state = 'pending' "
+        "  ORDER BY o.conversation_id, o.seq FOR UPDATE OF o SKIP LOCKED), "
+        "due AS ("
+        "  SELECT l.conversation_id, l.seq, r.created_ms FROM locked l "
+        "  JOIN ready r USING (conversation_id) "
+        "  WHERE (SELECT min(l2.seq) FROM locked l2 "
+        "         WHERE l2.conversation_id = l.conversation_id) = r.head "
+        "  ORDER BY r.created_ms, l.conversation_id, l.seq LIMIT %(limit)s), "
         "claimed AS ("
         "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
         "    attempts = o.attempts + 1 FROM due "
         "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
         "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
-        "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, m.sender_handle, "
+        "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
+        "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
+        "        WHERE s.account_id = m.sender_account_id), "
         "       m.sent_ms, m.body, "
         "       array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
         "             JOIN accounts a USING (account_id) "

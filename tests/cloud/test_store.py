@@ -418,3 +418,23 @@ def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
     assert conn.execute("SELECT legacy_guid FROM messages WHERE seq = 1").fetchone() == (
         "cloud:g1",)
     assert tx(conn, store.outbox_backlog, NOW + 1000) == (2, 999)  # seq 2 was posted at NOW+1
+
+
+def test_two_workers_never_split_one_conversations_outbox(db_dsn, conn):
+    """While one worker's claim is open, another gets none of that conversation's rows, not
+    even rows posted after the first claim (they would overtake the first worker's)."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    for i in range(2):
+        tx(conn, store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    with psycopg.connect(db_dsn, autocommit=True) as worker_a, \
+            psycopg.connect(db_dsn, autocommit=True) as worker_b:
+        with worker_a.transaction():
+            claimed = store.claim_outbox(worker_a, NOW + 10, 10, 5000)
+            assert [i.seq for i in claimed] == [1, 2]
+            tx(conn, store.post_message, cid, a, "c2", "m2", NOW + 11)  # a later row
+            assert tx(worker_b, store.claim_outbox, NOW + 12, 10, 5000) == []
+        # committed: the head is claimed, so the conversation stays with worker A
+        assert tx(worker_b, store.claim_outbox, NOW + 13, 10, 5000) == []
+        assert [i.seq for i in tx(worker_b, store.claim_outbox, NOW + 6000, 10, 5000)] == [
+            1, 2, 3]
