@@ -92,11 +92,16 @@ class FeedBatch:
 
 
 def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
-                      now_ms: int) -> tuple[MirrorResult, int]:
+                      now_ms: int, lease: tuple[str, str] | None = None
+                      ) -> tuple[MirrorResult, int]:
     """Write one feed batch and its checkpoint in one transaction; safe to run twice.
 
-    Returns the mirror result and how many accounts were created for new handles.
+    With a *lease* ``(name, holder)`` the transaction first checks that the holder still has
+    it under *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits
+    nothing). Returns the mirror result and how many accounts were created for new handles.
     """
+    if lease is not None:
+        store.check_lease(conn, lease[0], lease[1], fence)
     handles: set[str] = set()
     for members in batch.chats.values():
         handles.update(members)
@@ -133,12 +138,15 @@ class FeedFollower(Service):
 
     def __init__(self, clock: IReactorTime, network: Network, address: wire.SupernodeAddress,
                  db: TransactionRunner, *, worker_id: str, secret: bytes, rng: random.Random,
-                 config: FollowerConfig | None = None, fence: int = 0) -> None:
+                 config: FollowerConfig | None = None, fence: int = 0,
+                 lease: str | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
         self.config = config or FollowerConfig()
         self.fence = fence
+        #: name of the lease this follower works under (None: no fencing, a lone worker)
+        self.lease = lease
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
         self.checkpoint: FeedCheckpoint | None = None
@@ -325,7 +333,8 @@ class FeedFollower(Service):
                 started = self.clock.seconds()
                 try:
                     result, created = await self.db.run(
-                        commit_feed_batch, batch, self.fence, int(started * 1000))
+                        commit_feed_batch, batch, self.fence, int(started * 1000),
+                        None if self.lease is None else (self.lease, self.worker_id))
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "

@@ -42,6 +42,7 @@ class WorkerConfig:
     bootstrap_port: int
     heartbeat_s: float = 5.0
     discovery_s: float = 60.0
+    lease_ttl_s: float = 15.0   # a dead worker's feeds move to others within this
     lag_window_s: float = 60.0
     follower: FollowerConfig = FollowerConfig()
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
@@ -77,6 +78,9 @@ class BridgeWorker(MultiService):
         self._calls: list[Any] = []
         self._discovering: defer.Deferred | None = None
         self._discovery_failures = 0
+        self.directory: dict[str, wire.SupernodeAddress] = {}
+        self._leasing: defer.Deferred | None = None
+        self._lease_expiry: dict[str, float] = {}
 
     # -- LegacyPeers, for the outbox injector ---------------------------------------------
 
@@ -109,7 +113,16 @@ class BridgeWorker(MultiService):
             if call.active():
                 call.cancel()
         self._calls = []
+        held = [(f.lease, f.fence) for f in self.followers.values() if f.lease is not None]
         d = super().stopService()
+
+        def release_leases(result: Any) -> Any:
+            # drained: hand the feeds over at once instead of after the lease time
+            releases = [self.db.run(store.release_lease, name, self.config.worker_id, fence)
+                        .addErrback(lambda _f: None) for name, fence in held]
+            return defer.gatherResults(releases).addCallback(lambda _: result)
+
+        d.addCallback(release_leases)
 
         def final_heartbeat(result: Any) -> Any:
             (now_ms, started_ms), figures = self._heartbeat_figures()
@@ -171,21 +184,105 @@ class BridgeWorker(MultiService):
         self._discover_soon(self.config.discovery_s)
 
     def _adopt(self, directory: list[wire.SupernodeAddress]) -> None:
-        known = set(self.followers)
-        ids = tuple(sorted({a.sn_id for a in directory}))
+        self.directory = {a.sn_id: a for a in directory}
+        ids = tuple(sorted(self.directory))
         if self.ring is None or self.ring.sn_ids != ids:
             self.ring = HashRing(ids)
-        for addr in directory:
-            if addr.sn_id in known or not self.running:
-                continue
-            follower = FeedFollower(self.clock, self.network, addr, self.db,
-                                    worker_id=self.config.worker_id, secret=self._secret,
-                                    rng=random.Random(self._rng.random()),
-                                    config=self.config.follower)
-            self.followers[addr.sn_id] = follower
-            follower.setServiceParent(self)
-        if len(self.followers) != len(known):
-            log.info("following {n} supernode feeds", n=len(self.followers))
+            log.info("{n} supernodes in the directory", n=len(ids))
+        self._lease_soon(0)
+
+    # -- leases: which feeds this worker follows --------------------------------------------
+
+    def _lease_soon(self, seconds: float) -> None:
+        self._later(seconds, self._lease_tick)
+
+    def _lease_tick(self) -> None:
+        if not self.running or self._leasing is not None:
+            return
+        d = defer.Deferred.fromCoroutine(self._balance())
+        if not d.called:
+            self._leasing = d
+        d.addErrback(lambda f: log.failure("lease balancing failed", f))
+
+        def again(_: Any) -> None:
+            self._leasing = None
+            if self.running:
+                self._lease_soon(self.config.lease_ttl_s / 3)
+
+        d.addBoth(again)
+
+    async def _balance(self) -> None:
+        """Renew what we hold, then take or give feeds so every live worker has its share.
+
+        Each feed has a lease ``feed:<sn>`` in PostgreSQL; whoever holds it follows the feed
+        and commits under its fencing token. A worker that dies stops renewing, its leases
+        expire within ``lease_ttl_s`` and the others take the feeds over.
+        """
+        cfg, wid = self.config, self.config.worker_id
+        now = self.clock.seconds()
+        ttl_ms = round(cfg.lease_ttl_s * 1000)
+        for sn, follower in list(self.followers.items()):
+            fenced = follower.state.value == "stopped"
+            try:
+                ok = not fenced and await self.db.run(
+                    store.renew_lease, follower.lease, wid, follower.fence,
+                    int(self.clock.seconds() * 1000), ttl_ms)
+            except Exception:
+                # Store unreachable: we can not renew, so we must not go on past expiry.
+                ok = self.clock.seconds() < self._lease_expiry.get(sn, 0)
+            else:
+                if ok:
+                    self._lease_expiry[sn] = now + cfg.lease_ttl_s
+            if not ok:
+                log.info("lease on feed {sn} lost; another worker follows it now", sn=sn)
+                await self._drop(sn, release=False)
+        if not self.directory:
+            return
+        try:
+            live = await self.db.run(store.live_workers, int(now * 1000),
+                                     round(3 * cfg.heartbeat_s * 1000))
+        except Exception:
+            return
+        workers = max(1, len(set(live) | {wid}))
+        share = -(-len(self.directory) // workers)  # ceiling
+        if len(self.followers) < share:
+            free = [sn for sn in sorted(self.directory) if sn not in self.followers]
+            self._rng.shuffle(free)
+            for sn in free:
+                if len(self.followers) >= share or not self.running:
+                    break
+                try:
+                    fence = await self.db.run(store.acquire_lease, f"feed:{sn}", wid,
+                                              int(self.clock.seconds() * 1000), ttl_ms)
+                except Exception:
+                    return
+                if fence is not None:
+                    self._lease_expiry[sn] = self.clock.seconds() + cfg.lease_ttl_s
+                    self._follow(self.directory[sn], fence)
+        elif len(self.followers) > share:
+            for sn in sorted(self.followers)[share:]:
+                await self._drop(sn, release=True)
+
+    def _follow(self, addr: wire.SupernodeAddress, fence: int) -> None:
+        follower = FeedFollower(self.clock, self.network, addr, self.db,
+                                worker_id=self.config.worker_id, secret=self._secret,
+                                rng=random.Random(self._rng.random()),
+                                config=self.config.follower, fence=fence,
+                                lease=f"feed:{addr.sn_id}")
+        self.followers[addr.sn_id] = follower
+        follower.setServiceParent(self)
+        log.info("following feed {sn} (fence {f})", sn=addr.sn_id, f=fence)
+
+    async def _drop(self, sn: str, *, release: bool) -> None:
+        follower = self.followers.pop(sn)
+        self._lease_expiry.pop(sn, None)
+        await follower.disownServiceParent()
+        if release:
+            try:
+                await self.db.run(store.release_lease, follower.lease, self.config.worker_id,
+                                  follower.fence)
+            except Exception:
+                pass  # it expires by itself
 
     # -- heartbeat -------------------------------------------------------------------------
 

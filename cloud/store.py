@@ -151,6 +151,58 @@ def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_m
          mirrored_to_cloud, mirrored_to_legacy, feeds, Jsonb(detail)))
 
 
+# ---------------------------------------------------------------- leases (scale-out)
+
+def acquire_lease(conn: psycopg.Connection, name: str, holder: str, now_ms: int,
+                  ttl_ms: int) -> int | None:
+    """Take *name* if it is free or expired: returns the new fencing token, else None.
+
+    Every acquisition increases the token, so a worker that held the lease before (even one
+    with the same id, restarted) is fenced off: its commits check the token and fail.
+    """
+    row = conn.execute(
+        "INSERT INTO leases (name, holder, fence, expires_ms) VALUES (%s, %s, 1, %s) "
+        "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+        "  fence = leases.fence + 1, expires_ms = excluded.expires_ms "
+        "WHERE leases.expires_ms <= %s RETURNING fence",
+        (name, holder, now_ms + ttl_ms, now_ms)).fetchone()
+    return None if row is None else row[0]
+
+
+def renew_lease(conn: psycopg.Connection, name: str, holder: str, fence: int, now_ms: int,
+                ttl_ms: int) -> bool:
+    """Extend a lease this holder still has under this token; False if it was lost."""
+    cur = conn.execute(
+        "UPDATE leases SET expires_ms = %s WHERE name = %s AND holder = %s AND fence = %s "
+        "AND expires_ms > %s", (now_ms + ttl_ms, name, holder, fence, now_ms))
+    return cur.rowcount == 1
+
+
+def release_lease(conn: psycopg.Connection, name: str, holder: str, fence: int) -> None:
+    """Give a lease up at once (a clean stop or a rebalance), so another worker need not wait."""
+    conn.execute("UPDATE leases SET expires_ms = 0 WHERE name = %s AND holder = %s "
+                 "AND fence = %s", (name, holder, fence))
+
+
+def check_lease(conn: psycopg.Connection, name: str, holder: str, fence: int) -> None:
+    """Fencing: raise StaleFence unless this holder still has the lease under this token.
+
+    ``FOR SHARE`` keeps a competing acquisition waiting until this transaction ends, so a
+    commit that passed the check can not interleave with a takeover.
+    """
+    row = conn.execute("SELECT holder, fence FROM leases WHERE name = %s FOR SHARE",
+                       (name,)).fetchone()
+    if row is None or row[0] != holder or row[1] != fence:
+        raise StaleFence(f"lease {name!r} is no longer held by {holder!r} under fence {fence}")
+
+
+def live_workers(conn: psycopg.Connection, now_ms: int, within_ms: int) -> list[str]:
+    """Workers that heartbeated within *within_ms* and did not stop."""
+    return [r[0] for r in conn.execute(
+        "SELECT worker_id FROM bridge_workers WHERE heartbeat_ms > %s AND state <> 'stopped' "
+        "ORDER BY worker_id", (now_ms - within_ms,))]
+
+
 def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | None:
     row = conn.execute('SELECT source, epoch, "offset", fence FROM bridge_checkpoints '
                        "WHERE source = %s", (source,)).fetchone()

@@ -1,0 +1,104 @@
+"""Several bridge workers share the feeds through leases with fencing tokens."""
+
+from __future__ import annotations
+
+import random
+
+import psycopg
+import pytest
+
+from bridge.follower import FeedBatch, FollowerConfig, commit_feed_batch
+from bridge.worker import BridgeWorker, WorkerConfig
+from cloud import store
+from cloud.db import InlineDatabase
+from legacy import wire
+from tests.bridge.test_follower import chat_messages
+from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
+
+
+def make_worker(net: LegacyNet, dsn: str, worker_id: str) -> BridgeWorker:
+    conn = psycopg.connect(dsn, autocommit=True)
+    config = WorkerConfig(worker_id=worker_id, bootstrap_host=HOST,
+                          bootstrap_port=net.login_port, heartbeat_s=1.0, lease_ttl_s=3.0,
+                          follower=FollowerConfig(linger_s=0.01))
+    return BridgeWorker(net.clock, net.net, InlineDatabase(conn), PEER_SECRET,
+                        random.Random(worker_id), config)
+
+
+def kill(worker: BridgeWorker) -> None:
+    """SIGKILL, as far as the others can tell: no drain, no lease release, no last words."""
+    for call in worker._calls:
+        if call.active():
+            call.cancel()
+    worker.running = False
+    for follower in worker.followers.values():
+        follower.running = False
+        if follower.peer is not None:
+            follower.peer.disconnect()
+    worker.followers = {}
+
+
+def test_two_workers_split_the_feeds_and_one_takes_over_when_the_other_dies(conn, db_dsn):
+    """Each feed is followed by exactly one worker; a dead worker's feeds move within the
+    lease time, and nothing sent meanwhile is lost or duplicated."""
+    net = LegacyNet(6, seed=8).start()
+    a, b = make_worker(net, db_dsn, "wa"), make_worker(net, db_dsn, "wb")
+    a.startService()
+    b.startService()
+    net.run(8.0)
+    feeds_a, feeds_b = set(a.followers), set(b.followers)
+    assert feeds_a and feeds_b and not feeds_a & feeds_b
+    assert feeds_a | feeds_b == set(net.directory)
+    alice, bob = net.add_user("alice"), net.add_user("bob")
+    da, db_ = net.device(alice), net.device(bob)
+    net.online(da, db_)
+    for i in range(10):
+        da.send("chat-1", ("alice", "bob"), f"before {i}")
+    net.run(2.0)
+    kill(a)
+    for i in range(10):
+        da.send("chat-1", ("alice", "bob"), f"after {i}")
+    net.run(12.0)  # > lease time: b takes every feed over
+    assert set(b.followers) == set(net.directory)
+    rows = chat_messages(conn, "chat-1")
+    assert len(rows) == 20 and len({r[1] for r in rows}) == 20
+    holders = {r[0] for r in conn.execute("SELECT holder FROM leases WHERE expires_ms > 0")}
+    assert holders == {"wb"}
+    net.wait(b.stopService())
+
+
+def test_a_clean_stop_hands_feeds_over_at_once(conn, db_dsn):
+    """A worker that stops releases its leases; the other takes them without waiting."""
+    net = LegacyNet(4, seed=9).start()
+    a, b = make_worker(net, db_dsn, "wa"), make_worker(net, db_dsn, "wb")
+    a.startService()
+    b.startService()
+    net.run(8.0)
+    net.wait(a.stopService())
+    net.run(1.5)  # less than the lease time
+    assert set(b.followers) == set(net.directory)
+    net.wait(b.stopService())
+
+
+def test_a_stale_worker_can_not_commit(conn):
+    """After a takeover the old holder's commit fails with StaleFence and writes nothing."""
+    now = 1_700_000_000_000
+    with conn.transaction():
+        old = store.acquire_lease(conn, "feed:sn0", "old", now, 1000)
+    with conn.transaction():
+        assert store.acquire_lease(conn, "feed:sn0", "new", now + 10, 1000) is None  # held
+        new = store.acquire_lease(conn, "feed:sn0", "new", now + 2000, 1000)
+    assert new == old + 1
+    msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
+                           body="x", origin="legacy")
+    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
+    with pytest.raises(store.StaleFence), conn.transaction():
+        commit_feed_batch(conn, batch, old, now + 2001, ("feed:sn0", "old"))
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert store.load_checkpoints(conn) == {}
+    with conn.transaction():
+        commit_feed_batch(conn, batch, new, now + 2002, ("feed:sn0", "new"))
+    assert store.load_checkpoints(conn)["sn0"].fence == new
+    with conn.transaction():
+        assert not store.renew_lease(conn, "feed:sn0", "old", old, now + 2003, 1000)
+        assert store.renew_lease(conn, "feed:sn0", "new", new, now + 2003, 1000)
