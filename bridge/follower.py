@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -91,8 +92,13 @@ class FeedBatch:
     loops: int = 0
 
 
+#: The steps of one commit, in order; a fault hook may fail at any of them (crash tests).
+COMMIT_STEPS = ("lease", "accounts", "conversations", "messages", "presence", "gaps")
+
+
 def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
-                      now_ms: int, lease: tuple[str, str] | None = None
+                      now_ms: int, lease: tuple[str, str] | None = None,
+                      fault: Callable[[str], None] | None = None
                       ) -> tuple[MirrorResult, int]:
     """Write one feed batch and its checkpoint in one transaction; safe to run twice.
 
@@ -100,8 +106,11 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     it under *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits
     nothing). Returns the mirror result and how many accounts were created for new handles.
     """
+    step = fault or (lambda _name: None)
+    step("lease")
     if lease is not None:
         store.check_lease(conn, lease[0], lease[1], fence)
+    step("accounts")
     handles: set[str] = set()
     for members in batch.chats.values():
         handles.update(members)
@@ -109,6 +118,7 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     handles.update(p.handle for p in batch.presence)
     accounts, created = store.ensure_linked_accounts(
         conn, {h: ids.account_id(h) for h in handles})
+    step("conversations")
     for chat_id, members in batch.chats.items():
         store.create_conversation(conn, ids.conversation_id(chat_id),
                                   [accounts[h] for h in members], legacy_chat_id=chat_id)
@@ -122,12 +132,15 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
         MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
                         accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
         for msg in batch.messages)
+    step("messages")
     checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
     result = store.write_mirrored_batch(conn, MirrorBatch(mirrored, (checkpoint,)), now_ms)
+    step("presence")
     source = LEGACY_PRESENCE_PREFIX + batch.source
     for p in batch.presence:
         store.set_presence(conn, Presence(accounts[p.handle], source, p.status, p.version,
                                           p.expires_ms))
+    step("gaps")
     for gap in batch.gaps:
         store.record_finding(conn, "feed_gap", gap, now_ms)
     return result, created
@@ -139,7 +152,8 @@ class FeedFollower(Service):
     def __init__(self, clock: IReactorTime, network: Network, address: wire.SupernodeAddress,
                  db: TransactionRunner, *, worker_id: str, secret: bytes, rng: random.Random,
                  config: FollowerConfig | None = None, fence: int = 0,
-                 lease: str | None = None) -> None:
+                 lease: str | None = None,
+                 fault: Callable[[str], None] | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
@@ -147,6 +161,8 @@ class FeedFollower(Service):
         self.fence = fence
         #: name of the lease this follower works under (None: no fencing, a lone worker)
         self.lease = lease
+        #: crash-test hook: called with each step of a commit, then with "committed"
+        self.fault = fault
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
         self.checkpoint: FeedCheckpoint | None = None
@@ -334,7 +350,8 @@ class FeedFollower(Service):
                 try:
                     result, created = await self.db.run(
                         commit_feed_batch, batch, self.fence, int(started * 1000),
-                        None if self.lease is None else (self.lease, self.worker_id))
+                        None if self.lease is None else (self.lease, self.worker_id),
+                        self.fault)
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
@@ -358,6 +375,8 @@ class FeedFollower(Service):
                         return
                     await self._sleep(self.config.retry.delay(attempt, self._rng))
             self.db_ok = True
+            if self.fault is not None:
+                self.fault("committed")  # committed, not yet credited or remembered
             now = self.clock.seconds()
             self.checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset,
                                              self.fence)
