@@ -43,9 +43,15 @@ RETRIES = Counter(
     "bridge_retries_total", "Operations retried after a failure, by what failed.", ["what"])
 FEEDS_CONNECTED = Gauge(
     "bridge_feeds_connected", "Supernode feeds this worker is subscribed to.")
+LEASES_HELD = Gauge("bridge_leases_held", "Feed leases this worker holds.")
+ACCOUNTS_BY_PHASE = Gauge(
+    "bridge_accounts", "Cloud accounts per migration phase (refreshed with each heartbeat).",
+    ["phase"])
 ACCOUNTS_CREATED = Counter(
     "bridge_accounts_created_total", "Cloud accounts created for legacy handles on first sight.")
 
+for _phase in ("legacy", "dual", "cloud", "cloud-only"):
+    ACCOUNTS_BY_PHASE.labels(phase=_phase)
 for _d in DIRECTIONS:
     for _m in (MIRRORED, DUPLICATES, LOOPS, LAG, BATCH_SIZE, BATCH_SECONDS, BACKLOG, PRESENCE):
         _m.labels(direction=_d)

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bridge import metrics as m
 from bridge.follower import FeedFollower, FollowerConfig
 from bridge.presence import PresenceMirror
 from cloud import store
@@ -314,8 +315,14 @@ class BridgeWorker(MultiService):
         d = self.db.run(store.heartbeat_worker, self.config.worker_id, state, now_ms,
                         started_ms, **figures)
 
-        def ok(_: Any) -> None:
+        def ok(_: Any) -> Any:
             self.db_ok = True
+            m.LEASES_HELD.set(len(self.followers))
+            return self.db.run(store.accounts_by_phase).addCallback(publish_phases)
+
+        def publish_phases(counts: dict[str, int]) -> None:
+            for phase, n in counts.items():
+                m.ACCOUNTS_BY_PHASE.labels(phase=phase).set(n)
 
         def failed(f: Any) -> None:
             if self.db_ok:

@@ -209,6 +209,14 @@ def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | N
     return None if row is None else FeedCheckpoint(*row)
 
 
+def accounts_by_phase(conn: psycopg.Connection) -> dict[str, int]:
+    """How many accounts are in each phase (every phase present, zero if none)."""
+    counts = dict.fromkeys(PHASES, 0)
+    for phase, n in conn.execute("SELECT phase, count(*) FROM accounts GROUP BY 1"):
+        counts[phase] = n
+    return counts
+
+
 def get_account(conn: psycopg.Connection, account_id: uuid.UUID) -> Account | None:
     row = conn.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE account_id = %s",
                        (account_id,)).fetchone()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+from prometheus_client import REGISTRY
 from twisted.web.test.requesthelper import DummyRequest
 
 from bridge.follower import FollowerConfig
@@ -37,6 +38,9 @@ def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
     row = conn.execute("SELECT state, mirrored_to_cloud, feeds FROM bridge_workers "
                        "WHERE worker_id = 'w1'").fetchone()
     assert row == ("ready", 10, 5)
+    sample = REGISTRY.get_sample_value
+    assert sample("bridge_accounts", {"phase": "legacy"}) == 2  # alice and bob
+    assert sample("bridge_leases_held") == 5
     net.wait(worker.stopService())
     assert conn.execute("SELECT state FROM bridge_workers").fetchone() == ("stopped",)
 
