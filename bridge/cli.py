@@ -759,13 +759,12 @@ def _os_user() -> str:
         raise UsageError("cannot tell who you are for the audit log; pass --actor NAME") from None
 
 
-def _connect_login_server(reactor: Any, address: tuple[str, int]) -> Any:
+def _connect_login_server(reactor: Any, address: tuple[str, int], secret: bytes) -> Any:
     """A privileged peer link to the legacy login server (a Deferred)."""
     from legacy.network import TCPNetwork
     from legacy.peer import PeerRefused, connect_peer
 
     host, port = address
-    secret = state.secret(state.state_home(), "peer")
 
     def failed(f: Any) -> None:
         why = (f"it refused bridgectl ({f.value.reason})" if f.check(PeerRefused)
@@ -840,8 +839,10 @@ def _migrate_with_login_server(plan: Any, db: Any, actor: str,
                                address: tuple[str, int]) -> Any:
     from bridge import phases
 
+    secret = state.secret(state.state_home(), "peer")
+
     async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
-        peer = await _connect_login_server(reactor, address)
+        peer = await _connect_login_server(reactor, address, secret)
         try:
             outcome = await phases.apply_plan(
                 plan, db, peer, actor=actor, now_ms=int(reactor.seconds() * 1000),
@@ -878,13 +879,13 @@ def cmd_accounts_import(args: argparse.Namespace) -> int:
 
     dsn, origin = _resolve_dsn(args)
     _require_current_schema(dsn, origin)
-    state.secret(state.state_home(), "peer")  # a state-directory problem is a clear error now
+    secret = state.secret(state.state_home(), "peer")
 
     async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
         db = Database(reactor, dsn, max_connections=2)
         db.startService()
         try:
-            peer = await _connect_login_server(reactor, args.legacy)
+            peer = await _connect_login_server(reactor, args.legacy, secret)
             pages = [0]
 
             def progress(counts: Any) -> None:

@@ -1,0 +1,469 @@
+"""Migration phases per account: the state machine, the gates, and applying a plan.
+
+::
+
+    legacy ──> dual ──> cloud ──> cloud-only     forward, by any number of steps: gated
+      <──────── <──────── <────────              backward: not gated; leaving cloud-only
+                                                 needs force (force also overrides gates)
+
+    load_plan (one read transaction)               apply_plan (per account, in order)
+    selection -> accounts, gate inputs -> plan  -> [login server: set_moved] -> phase + audit
+
+A plan is computed from the store, shown (``--dry-run`` stops there) and applied one account
+at a time, each in its own transaction that re-checks the phase it was planned from. The
+gates are pure functions of what ``load_plan`` read and of ``now_ms``: nothing here reads the
+wall clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+import psycopg
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from cloud import admin
+from cloud.db import TransactionRunner
+from cloud.model import PHASES, Account
+from legacy.peer import PeerRequestFailed
+
+CLOUD_ONLY = "cloud-only"
+#: Every transition between two different phases is allowed; these say how it is guarded.
+FORWARD, BACKWARD, NONE = "forward", "backward", "none"
+#: What a plan does with one account.
+MOVE, HELD, UNCHANGED = "move", "held", "unchanged"
+#: Gate names, in the order they are evaluated and shown.
+GATES = ("no_open_findings", "mirror_lag", "recent_clean_reconcile")
+
+
+def direction(from_phase: str, to_phase: str) -> str:
+    """``forward`` (towards cloud-only), ``backward`` or ``none``."""
+    a, b = PHASES.index(from_phase), PHASES.index(to_phase)
+    return FORWARD if b > a else BACKWARD if b < a else NONE
+
+
+class UnknownAccounts(Exception):
+    """The selection names accounts the store does not have."""
+
+    def __init__(self, refs: Sequence[str]) -> None:
+        shown = ", ".join(repr(r) for r in refs[:5]) + (", ..." if len(refs) > 5 else "")
+        super().__init__(f"unknown account{'s' if len(refs) > 1 else ''}: {shown}")
+        self.refs = tuple(refs)
+
+
+class LoginServerLink(Protocol):
+    """What the phase change needs from the legacy login server (a privileged
+    ``legacy.peer.PeerConnection`` to it)."""
+
+    def set_moved(self, handle: str, moved: bool) -> defer.Deferred: ...
+
+
+# ---------------------------------------------------------------- values
+
+def _valid_percent(_inst: Any, _attr: Any, value: int | None) -> None:
+    if value is not None and not 0 <= value <= 100:
+        raise ValueError("--percent must be between 0 and 100")
+
+
+@attrs.frozen
+class Selection:
+    """Which accounts: named ones (account ids or handles), or a stable percent cohort."""
+
+    refs: tuple[str, ...] = ()
+    percent: int | None = attrs.field(default=None, validator=_valid_percent)
+
+    def __attrs_post_init__(self) -> None:
+        if self.percent is not None and self.refs:
+            raise ValueError("name accounts or a percent cohort, not both")
+
+    @property
+    def is_cohort(self) -> bool:
+        return self.percent is not None
+
+
+@attrs.frozen
+class GateConfig:
+    #: every live worker's p99 lag, both directions, must be under this
+    lag_bound_ms: int = attrs.field(default=5_000, validator=attrs.validators.gt(0))
+    #: a clean reconcile run must have finished at most this long ago
+    reconcile_window_ms: int = attrs.field(default=3_600_000, validator=attrs.validators.gt(0))
+    #: a worker is live while its heartbeat is at most this old
+    live_within_ms: int = admin.LIVE_WORKER_MS
+
+
+@attrs.frozen
+class GateInputs:
+    """Everything the gates look at, read in one transaction."""
+
+    live_workers: tuple[admin.WorkerRow, ...]
+    last_clean_reconcile: admin.ReconcileRun | None
+    #: open findings by kind, per account (its own and its conversations'); absent: none
+    open_findings: Mapping[uuid.UUID, Mapping[str, int]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class GateResult:
+    name: str
+    passed: bool
+    #: why it failed, or what it saw when it passed
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "reason": self.reason}
+
+
+@attrs.frozen
+class PhaseChange:
+    account_id: uuid.UUID
+    handle: str
+    #: None for a cloud-native account: it has nothing on the legacy login server
+    legacy_handle: str | None
+    from_phase: str
+    to_phase: str
+
+    @property
+    def direction(self) -> str:
+        return direction(self.from_phase, self.to_phase)
+
+    @property
+    def needs_login_server(self) -> bool:
+        """Entering or leaving cloud-only changes whether the legacy login server accepts
+        the handle."""
+        return (self.legacy_handle is not None and self.from_phase != self.to_phase
+                and CLOUD_ONLY in (self.from_phase, self.to_phase))
+
+
+@attrs.frozen
+class PlannedMove:
+    change: PhaseChange
+    #: ``move``, ``held`` or ``unchanged``
+    outcome: str
+    #: why held or unchanged ('' for a move)
+    reason: str = ""
+    #: gate results (empty unless the move is forward)
+    gates: tuple[GateResult, ...] = ()
+    #: the move happens only because force overrode a failed gate or the cloud-only exit
+    forced: bool = False
+
+    @property
+    def would_move(self) -> bool:
+        return self.outcome == MOVE
+
+
+@attrs.frozen
+class MigrationPlan:
+    target: str
+    moves: tuple[PlannedMove, ...]
+    force: bool = False
+
+    @property
+    def to_move(self) -> tuple[PlannedMove, ...]:
+        return tuple(m for m in self.moves if m.outcome == MOVE)
+
+    @property
+    def held(self) -> tuple[PlannedMove, ...]:
+        return tuple(m for m in self.moves if m.outcome == HELD)
+
+    @property
+    def unchanged(self) -> tuple[PlannedMove, ...]:
+        return tuple(m for m in self.moves if m.outcome == UNCHANGED)
+
+    @property
+    def needs_login_server(self) -> bool:
+        return any(m.change.needs_login_server for m in self.to_move)
+
+
+@attrs.frozen
+class MigrationOutcome:
+    """What ``apply_plan`` did with the plan's moves."""
+
+    moved: tuple[PhaseChange, ...] = ()
+    #: moves that were tried and did not happen, with why
+    failed: tuple[tuple[PhaseChange, str], ...] = ()
+    #: accounts found already in the target phase when their turn came (moved concurrently,
+    #: or by an earlier run whose report was lost): nothing to do, nothing audited
+    already: tuple[PhaseChange, ...] = ()
+
+
+# ---------------------------------------------------------------- gates
+
+def gate_no_open_findings(findings: Mapping[str, int] | None) -> GateResult:
+    if not findings:
+        return GateResult("no_open_findings", True,
+                          "no open findings for the account or its conversations")
+    total = sum(findings.values())
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(findings.items()))
+    return GateResult("no_open_findings", False,
+                      f"{total} open finding{'s' if total != 1 else ''} for the account or "
+                      f"its conversations ({kinds})")
+
+
+def gate_mirror_lag(live: Sequence[admin.WorkerRow], bound_ms: int) -> GateResult:
+    """At least one live worker; none degraded; every measured lag under the bound.
+
+    A lag the worker did not measure (no traffic in its window) is no lag.
+    """
+    if not live:
+        return GateResult("mirror_lag", False, "no live bridge worker (no heartbeat within "
+                                               f"{admin.LIVE_WORKER_MS // 1000} s)")
+    problems = []
+    for w in live:
+        if w.state == "degraded":
+            problems.append(f"worker {w.worker_id} is degraded")
+        for label, lag in (("to cloud", w.lag_to_cloud_ms), ("to legacy", w.lag_to_legacy_ms)):
+            if lag is not None and lag >= bound_ms:
+                problems.append(f"worker {w.worker_id} lags {lag} ms {label}")
+    if problems:
+        return GateResult("mirror_lag", False,
+                          "; ".join(problems) + f" (bound {bound_ms} ms)")
+    worst = max((lag for w in live for lag in (w.lag_to_cloud_ms, w.lag_to_legacy_ms)
+                 if lag is not None), default=None)
+    seen = "no lag measured" if worst is None else f"worst lag {worst} ms"
+    return GateResult("mirror_lag", True, f"{len(live)} live worker{'s' * (len(live) != 1)}, "
+                                          f"{seen} (bound {bound_ms} ms)")
+
+
+def _age(ms: int) -> str:
+    s = max(ms, 0) // 1000
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def gate_recent_clean_reconcile(run: admin.ReconcileRun | None, window_ms: int,
+                                now_ms: int) -> GateResult:
+    if run is None or run.finished_ms is None:
+        return GateResult("recent_clean_reconcile", False,
+                          "no clean reconcile run (kind gaps or all) has finished")
+    age = now_ms - run.finished_ms
+    what = f"clean {run.kind} run {run.run_id} finished {_age(age)} ago"
+    if age > window_ms:
+        return GateResult("recent_clean_reconcile", False,
+                          f"the last {what}; the window is {_age(window_ms)}")
+    return GateResult("recent_clean_reconcile", True, what)
+
+
+def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig,
+                   now_ms: int) -> tuple[GateResult, ...]:
+    """Every gate for promoting *account_id*, in ``GATES`` order."""
+    return (gate_no_open_findings(inputs.open_findings.get(account_id)),
+            gate_mirror_lag(inputs.live_workers, config.lag_bound_ms),
+            gate_recent_clean_reconcile(inputs.last_clean_reconcile,
+                                        config.reconcile_window_ms, now_ms))
+
+
+# ---------------------------------------------------------------- planning
+
+def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
+               config: GateConfig, now_ms: int, *, force: bool = False,
+               promote_only: bool = False) -> MigrationPlan:
+    """Decide, for each account, whether it moves to *target*. Pure.
+
+    *promote_only* (cohort selections): an account already past the target stays where it
+    is, so re-running an earlier, wider cohort step never demotes the accounts that went
+    further.
+    """
+    if target not in PHASES:
+        raise ValueError(f"unknown phase {target!r}")
+    moves = []
+    for a in accounts:
+        change = PhaseChange(a.account_id, a.handle, a.legacy_handle, a.phase, target)
+        way = change.direction
+        if way == NONE:
+            moves.append(PlannedMove(change, UNCHANGED, f"already {target}"))
+        elif way == BACKWARD and promote_only:
+            moves.append(PlannedMove(change, UNCHANGED,
+                                     f"already past {target} (a cohort only promotes)"))
+        elif way == BACKWARD:
+            if a.phase == CLOUD_ONLY and not force:
+                moves.append(PlannedMove(change, HELD, "leaving cloud-only needs --force"))
+            else:
+                moves.append(PlannedMove(change, MOVE, forced=a.phase == CLOUD_ONLY))
+        else:
+            gates = evaluate_gates(a.account_id, inputs, config, now_ms)
+            failed = [g for g in gates if not g.passed]
+            if failed and not force:
+                moves.append(PlannedMove(
+                    change, HELD, "; ".join(f"{g.name}: {g.reason}" for g in failed), gates))
+            else:
+                moves.append(PlannedMove(change, MOVE, gates=gates, forced=bool(failed)))
+    return MigrationPlan(target, tuple(moves), force)
+
+
+def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
+              config: GateConfig, now_ms: int, *, force: bool = False) -> MigrationPlan:
+    """One read transaction: resolve the selection, read the gate inputs, plan.
+
+    ``UnknownAccounts`` if the selection names an account the store does not have.
+    """
+    if target not in PHASES:
+        raise ValueError(f"unknown phase {target!r}")
+    if selection.is_cohort:
+        accounts = admin.cohort_accounts(conn, selection.percent)
+    else:
+        accounts, unknown = admin.find_accounts(conn, selection.refs)
+        if unknown:
+            raise UnknownAccounts(unknown)
+    promoted = [a.account_id for a in accounts if direction(a.phase, target) == FORWARD]
+    inputs = GateInputs(
+        live_workers=tuple(admin.live_workers(conn, now_ms, config.live_within_ms)),
+        last_clean_reconcile=admin.last_clean_reconcile(conn),
+        open_findings=admin.open_findings_for_accounts(conn, promoted))
+    return plan_moves(accounts, target, inputs, config, now_ms, force=force,
+                      promote_only=selection.is_cohort)
+
+
+# ---------------------------------------------------------------- applying
+
+async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
+                     login: LoginServerLink | None, *, actor: str, now_ms: int,
+                     clock: IReactorTime | None = None, login_timeout_s: float = 10.0,
+                     should_stop: Callable[[], bool] = lambda: False) -> MigrationOutcome:
+    """Carry out the plan's moves, one account at a time, each in its own transaction.
+
+    A move that enters or leaves cloud-only also tells the legacy login server (*login*),
+    with a timeout on *clock* when one is given. *should_stop* is asked before each account
+    (Ctrl-C): the accounts not reached yet are reported as failed, nothing is half done.
+    One account's failure does not stop the others.
+    """
+    moved: list[PhaseChange] = []
+    failed: list[tuple[PhaseChange, str]] = []
+    already: list[PhaseChange] = []
+    login_broken: str | None = None
+    for move in plan.to_move:
+        change = move.change
+        if should_stop():
+            failed.append((change, "interrupted before this account"))
+            continue
+        told_login = False
+        if change.needs_login_server:
+            # Order of the two writes: the login server first, the store's phase last. The
+            # phase is the commit point: a re-run of the same command plans from the store,
+            # so after a crash between the two it finds the old phase and does both again
+            # (set_moved is idempotent). In the other order the store would already show the
+            # target and the re-run would see nothing to do, leaving the login server behind.
+            if login is None:
+                failed.append((change, "no link to the legacy login server"))
+                continue
+            if login_broken is not None:
+                failed.append((change, login_broken))
+                continue
+            try:
+                await _set_moved(login, change.legacy_handle, change.to_phase == CLOUD_ONLY,
+                                 clock, login_timeout_s)
+            except PeerRequestFailed as e:  # it answered: the link is fine, this handle not
+                failed.append((change, f"the legacy login server refused: {e.reason}"))
+                continue
+            except Exception as e:
+                login_broken = f"legacy login server: {_describe(e)}"
+                failed.append((change, login_broken))
+                continue
+            told_login = True
+        try:
+            done = await db.run(
+                admin.apply_phase_change, change.account_id, change.from_phase,
+                change.to_phase, actor=actor, now_ms=now_ms, forced=move.forced,
+                gates=[g.to_json() for g in move.gates])
+        except admin.PhaseChanged as e:
+            why = str(e)
+            if told_login:
+                why += await _restore_login(login, change, e.current, clock, login_timeout_s)
+            failed.append((change, why))
+            continue
+        except Exception as e:
+            hint = ("; the legacy login server was already told: run the same command again "
+                    "to complete the move") if told_login else ""
+            failed.append((change, f"store: {_describe(e)}{hint}"))
+            continue
+        (moved if done else already).append(change)
+    return MigrationOutcome(tuple(moved), tuple(failed), tuple(already))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _set_moved(login: LoginServerLink, handle: str, moved: bool,
+                     clock: IReactorTime | None, timeout_s: float) -> None:
+    d = login.set_moved(handle, moved)
+    if clock is not None:
+        d.addTimeout(timeout_s, clock)
+    await d
+
+
+async def _restore_login(login: LoginServerLink, change: PhaseChange, stored: str,
+                         clock: IReactorTime | None, timeout_s: float) -> str:
+    """The store refused the phase change after the login server was told: make the login
+    server agree with the phase the store really has. Returns '' or what went wrong, for the
+    failed move's reason (a re-run of the command towards either phase repairs it)."""
+    try:
+        await _set_moved(login, change.legacy_handle, stored == CLOUD_ONLY, clock, timeout_s)
+    except Exception as e:
+        return (f"; the legacy login server could not be set back to match {stored!r}: "
+                f"{_describe(e)}")
+    return ""
+
+
+# ---------------------------------------------------------------- reporting
+
+def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
+                 *, dry_run: bool = False) -> dict[str, Any]:
+    """The plan (and what applying it did) as one JSON-able object."""
+    failed = {c.account_id: why for c, why in (outcome.failed if outcome else ())}
+    moved = {c.account_id for c in (outcome.moved if outcome else ())}
+    already = {c.account_id for c in (outcome.already if outcome else ())}
+    accounts = []
+    for m in plan.moves:
+        c = m.change
+        result = m.outcome
+        reason = m.reason
+        if m.outcome == MOVE:
+            if dry_run or outcome is None:
+                result = "would_move"
+            elif c.account_id in moved:
+                result = "moved"
+            elif c.account_id in already:
+                result, reason = UNCHANGED, f"already {c.to_phase} (moved concurrently)"
+            else:
+                result, reason = "failed", failed.get(c.account_id, "not attempted")
+        accounts.append({
+            "account_id": str(c.account_id), "handle": c.handle, "from": c.from_phase,
+            "to": c.to_phase, "direction": c.direction, "result": result, "reason": reason,
+            "forced": m.forced, "gates": [g.to_json() for g in m.gates]})
+    counts: dict[str, int] = {}
+    for a in accounts:
+        counts[a["result"]] = counts.get(a["result"], 0) + 1
+    return {"to": plan.target, "dry_run": dry_run, "force": plan.force,
+            "accounts": accounts, "counts": counts}
+
+
+def render_plan(report: dict[str, Any]) -> str:
+    """``plan_to_json``'s object as text: one line per account, held reasons indented."""
+    lines = []
+    rows = report["accounts"]
+    width = max((len(a["handle"]) for a in rows), default=0)
+    for a in rows:
+        label = a["result"].replace("_", " ")
+        if a["forced"]:
+            label += " (forced)"
+        lines.append(f"{a['handle']:<{width}}  {a['from']:>10} -> {a['to']:<10}  {label}")
+        if a["reason"] and a["result"] in ("held", "failed"):
+            for part in a["reason"].split("; "):
+                lines.append(f"{'':<{width}}    {part}")
+        elif a["forced"]:
+            for g in a["gates"]:
+                if not g["passed"]:
+                    lines.append(f"{'':<{width}}    overrode {g['name']}: {g['reason']}")
+    counts = report["counts"]
+    summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items()))
+    verb = "dry run, nothing changed" if report["dry_run"] else "done"
+    lines.append(f"{len(rows)} account{'s' * (len(rows) != 1)} selected for {report['to']}: "
+                 f"{summary or 'none'} ({verb})")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""What ``bridgectl status`` shows: one read transaction into one JSON-able dict, and its text.
+
+Everything comes from the store (the bridge workers report themselves in ``bridge_workers``),
+so status works from any machine that reaches the database and needs no running bridge. It
+never shows secrets: no worker ``detail``, no connection strings (the CLI adds the DSN with
+its password redacted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from cloud import admin, store
+
+
+def _run(run: admin.ReconcileRun, now_ms: int) -> dict[str, Any]:
+    return {"run_id": run.run_id, "kind": run.kind, "state": run.state,
+            "started_ms": run.started_ms, "finished_ms": run.finished_ms,
+            "age_ms": now_ms - (run.finished_ms if run.finished_ms is not None
+                                else run.started_ms),
+            "clean": run.clean}
+
+
+def _max(values: list[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def gather(conn: psycopg.Connection, now_ms: int, *,
+           live_within_ms: int = admin.LIVE_WORKER_MS) -> dict[str, Any]:
+    """Everything status shows, read in one transaction (``fn(conn, ...)``).
+
+    ``mirror_lag_ms`` is the worst lag over the live workers per direction (None: no live
+    worker measured one); each worker's own lags are in ``workers``.
+    """
+    workers = admin.workers(conn)
+    live = [w for w in workers if w.live(now_ms, live_within_ms)]
+    pending, oldest = store.outbox_backlog(conn, now_ms)
+    per_phase = admin.accounts_per_phase(conn)
+    last_clean = admin.last_clean_reconcile(conn)
+    return {
+        "now_ms": now_ms,
+        "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
+        "mirror_lag_ms": {"to_cloud": _max([w.lag_to_cloud_ms for w in live]),
+                          "to_legacy": _max([w.lag_to_legacy_ms for w in live])},
+        "workers": [{
+            "worker_id": w.worker_id, "state": w.state, "live": w.live(now_ms, live_within_ms),
+            "heartbeat_age_ms": now_ms - w.heartbeat_ms, "started_ms": w.started_ms,
+            "lag_to_cloud_ms": w.lag_to_cloud_ms, "lag_to_legacy_ms": w.lag_to_legacy_ms,
+            "mirrored_to_cloud": w.mirrored_to_cloud, "mirrored_to_legacy": w.mirrored_to_legacy,
+            "feeds": w.feeds} for w in workers],
+        "live_workers": len(live),
+        "outbox_to_legacy": {"pending": pending, "oldest_age_ms": oldest},
+        "open_findings": admin.open_findings_by_kind(conn),
+        "reconcile": {kind: _run(run, now_ms)
+                      for kind, run in sorted(admin.last_reconcile_runs(conn).items())},
+        "last_clean_reconcile": None if last_clean is None else _run(last_clean, now_ms),
+        "leases": [{"name": lease.name, "holder": lease.holder, "fence": lease.fence,
+                    "expires_ms": lease.expires_ms,
+                    "expires_in_ms": lease.expires_ms - now_ms,
+                    "expired": lease.expires_ms <= now_ms} for lease in admin.leases(conn)],
+        "notifications": store.notification_counts(conn),
+    }
+
+
+def _ms(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) < 10_000:
+        return f"{value} ms"
+    s = value / 1000
+    if abs(s) < 120:
+        return f"{s:.0f} s"
+    if abs(s) < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status dict as text for a terminal."""
+    out = []
+    if "database" in status:
+        out.append(f"database:      {status['database']}")
+    acc = status["accounts"]
+    phases = "  ".join(f"{p} {n}" for p, n in acc["per_phase"].items())
+    out.append(f"accounts:      {acc['total']}  ({phases})")
+    lag = status["mirror_lag_ms"]
+    out.append(f"mirror lag:    to cloud {_ms(lag['to_cloud'])}, "
+               f"to legacy {_ms(lag['to_legacy'])}  (worst live worker, p99)")
+    box = status["outbox_to_legacy"]
+    out.append(f"outbox:        {box['pending']} pending to legacy"
+               + (f", oldest {_ms(box['oldest_age_ms'])}" if box["pending"] else ""))
+    n = status["notifications"]
+    out.append("notifications: " + "  ".join(f"{k} {v}" for k, v in n.items()))
+    findings = status["open_findings"]
+    out.append("open findings: " + ("  ".join(f"{k} {v}" for k, v in findings.items())
+                                    if findings else "none"))
+    out.append(f"workers:       {status['live_workers']} live of {len(status['workers'])}")
+    for w in status["workers"]:
+        out.append(f"  {w['worker_id']:<20} {w['state']:<9} "
+                   f"{'live' if w['live'] else 'down':<5} heartbeat {_ms(w['heartbeat_age_ms'])}"
+                   f" ago, lag to cloud {_ms(w['lag_to_cloud_ms'])}, to legacy "
+                   f"{_ms(w['lag_to_legacy_ms'])}, feeds {w['feeds']}")
+    out.append(f"leases:        {len(status['leases'])}")
+    for lease in status["leases"]:
+        if lease["expires_ms"] <= 0:
+            when = "released"
+        elif lease["expired"]:
+            when = f"expired {_ms(-lease['expires_in_ms'])} ago"
+        else:
+            when = f"expires in {_ms(lease['expires_in_ms'])}"
+        out.append(f"  {lease['name']:<20} {lease['holder']:<20} fence {lease['fence']}, {when}")
+    out.append("reconcile:     " + ("" if status["reconcile"] else "no runs yet"))
+    for kind, run in status["reconcile"].items():
+        clean = {True: "clean", False: "not clean", None: ""}[run["clean"]]
+        out.append(f"  {kind:<20} run {run['run_id']} {run['state']} {clean}".rstrip()
+                   + f", {_ms(run['age_ms'])} ago")
+    clean = status["last_clean_reconcile"]
+    out.append("last clean:    " + ("none" if clean is None else
+                                    f"{clean['kind']} run {clean['run_id']}, "
+                                    f"{_ms(clean['age_ms'])} ago"))
+    return "\n".join(out)

@@ -1,0 +1,353 @@
+"""Operator transactions: migration phases, the account import, and what ``status`` reads.
+
+Same shape as ``cloud.store``: one plain function per transaction, ``fn(conn, ...)``, called
+inside a transaction (see ``cloud.db``), parameterised SQL, the current time passed in as
+milliseconds. The migration rules (which moves are allowed, the gates) belong to the caller;
+these functions only read what the gates need and write what was decided, with its audit row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import psycopg
+from psycopg.types.json import Jsonb
+
+from cloud.model import PHASES, Account
+from cloud.store import Conflict, NotFound
+
+#: A bridge worker counts as live while its last heartbeat is younger than this (the same
+#: rule as ``cloud.store.live_workers``, which the scale-out uses).
+LIVE_WORKER_MS = 30_000
+#: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
+CLEAN_RECONCILE_KINDS = ("gaps", "all")
+
+
+class PhaseChanged(Conflict):
+    """The account's phase is no longer the one the caller planned from."""
+
+    code = "phase_changed"
+
+    def __init__(self, account_id: uuid.UUID, expected: str, current: str) -> None:
+        super().__init__(f"account {account_id} is in phase {current!r} now, "
+                         f"not {expected!r} as planned")
+        self.account_id = account_id
+        self.expected = expected
+        self.current = current
+
+
+@attrs.frozen
+class WorkerRow:
+    """One row of ``bridge_workers``: a bridge worker's last report of itself."""
+
+    worker_id: str
+    state: str
+    started_ms: int
+    heartbeat_ms: int
+    lag_to_cloud_ms: int | None
+    lag_to_legacy_ms: int | None
+    mirrored_to_cloud: int
+    mirrored_to_legacy: int
+    feeds: int
+
+    def live(self, now_ms: int, within_ms: int = LIVE_WORKER_MS) -> bool:
+        """Heartbeat within *within_ms* of now, and not reported as stopped."""
+        return self.state != "stopped" and now_ms - self.heartbeat_ms < within_ms
+
+
+@attrs.frozen
+class ReconcileRun:
+    run_id: int
+    kind: str
+    state: str
+    started_ms: int
+    finished_ms: int | None
+    #: ``report.clean`` of a run that wrote a report, else None
+    clean: bool | None
+
+
+@attrs.frozen
+class Lease:
+    name: str
+    holder: str
+    fence: int
+    expires_ms: int
+
+
+@attrs.frozen
+class LegacyAccountRecord:
+    """One legacy login-server account, with the cloud id the bridge derived for it."""
+
+    handle: str
+    account_id: uuid.UUID
+    password_hash: str
+
+
+@attrs.frozen
+class ImportBatchResult:
+    created: int
+    updated: int
+    unchanged: int
+    #: handles owned by a cloud account that is not linked to that legacy handle
+    conflicts: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- accounts and phases
+
+_ACCOUNT_COLS = "account_id, handle, phase, legacy_handle, display_name"
+
+
+def _account(row: Sequence[Any]) -> Account:
+    return Account(row[0], row[1], row[2], row[3], row[4])
+
+
+def accounts_per_phase(conn: psycopg.Connection) -> dict[str, int]:
+    """How many accounts are in each phase (every phase present, zero if none)."""
+    counts = dict.fromkeys(PHASES, 0)
+    for phase, n in conn.execute("SELECT phase, count(*) FROM accounts GROUP BY 1"):
+        counts[phase] = n
+    return counts
+
+
+def find_accounts(conn: psycopg.Connection,
+                  refs: Sequence[str]) -> tuple[list[Account], list[str]]:
+    """Accounts named by account id or handle, in the order named, each once; and the refs
+    that name no account. A ref that looks like an id but is none is tried as a handle."""
+    as_ids: dict[str, uuid.UUID] = {}
+    for ref in refs:
+        try:
+            as_ids[ref] = uuid.UUID(ref)
+        except ValueError:
+            pass  # not an id: a handle
+    by_id = {r[0]: _account(r) for r in conn.execute(
+        f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE account_id = ANY(%s)",
+        (list(set(as_ids.values())),))}
+    by_handle = {r[0]: _account(r[1:]) for r in conn.execute(
+        f"SELECT h.handle, {', '.join('a.' + c for c in _ACCOUNT_COLS.split(', '))} "
+        "FROM account_handles h JOIN accounts a USING (account_id) WHERE h.handle = ANY(%s)",
+        (list({r for r in refs if as_ids.get(r) not in by_id}),))}
+    found: list[Account] = []
+    seen: set[uuid.UUID] = set()
+    unknown: list[str] = []
+    for ref in refs:
+        account_id = as_ids.get(ref)
+        account = by_id.get(account_id) if account_id is not None else None
+        if account is None:
+            account = by_handle.get(ref)
+        if account is None:
+            unknown.append(ref)
+        elif account.account_id not in seen:
+            seen.add(account.account_id)
+            found.append(account)
+    return found, unknown
+
+
+def cohort_bucket(account_id: uuid.UUID) -> int:
+    """The account's cohort bucket, 0..99: the first 4 bytes of sha256 of the id's text form,
+    as an unsigned big-endian integer, mod 100. ``cohort_accounts`` computes the same in SQL.
+    """
+    digest = hashlib.sha256(str(account_id).encode("ascii")).digest()
+    return int.from_bytes(digest[:4], "big") % 100
+
+
+_COHORT_BUCKET_SQL = ("mod(('x' || substr(encode(sha256(convert_to(account_id::text, 'UTF8')), "
+                      "'hex'), 1, 8))::bit(32)::bigint, 100)")
+
+
+def cohort_accounts(conn: psycopg.Connection, percent: int) -> list[Account]:
+    """The linked (legacy) accounts in the *percent* % cohort: those whose bucket is below it.
+
+    Buckets depend only on the account id, so a cohort is the same on every run and raising
+    *percent* only adds accounts. Cloud-native accounts (no legacy handle) are never in one.
+    """
+    if not 0 <= percent <= 100:
+        raise ValueError("percent must be within 0..100")
+    rows = conn.execute(
+        f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE legacy_handle IS NOT NULL "
+        f"AND {_COHORT_BUCKET_SQL} < %s ORDER BY handle", (percent,)).fetchall()
+    return [_account(r) for r in rows]
+
+
+def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_phase: str,
+                       to_phase: str, *, actor: str, now_ms: int, forced: bool = False,
+                       gates: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Move an account from *from_phase* to *to_phase* and write its ``audit_log`` row.
+
+    The account row is locked first; if its phase is no longer *from_phase* the move is
+    refused (``PhaseChanged``) unless it already is *to_phase*, in which case nothing is
+    written and False comes back (a re-run of a move that committed). True: moved.
+    """
+    if from_phase not in PHASES or to_phase not in PHASES:
+        raise ValueError(f"unknown phase in {from_phase!r} -> {to_phase!r}")
+    row = conn.execute("SELECT phase, handle FROM accounts WHERE account_id = %s FOR UPDATE",
+                       (account_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no account {account_id}")
+    current, handle = row
+    if current == to_phase and current != from_phase:
+        return False
+    if current != from_phase:
+        raise PhaseChanged(account_id, from_phase, current)
+    if from_phase == to_phase:
+        return False
+    conn.execute("UPDATE accounts SET phase = %s, phase_changed_at = to_timestamp(%s / 1000.0) "
+                 "WHERE account_id = %s", (to_phase, now_ms, account_id))
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, detail) "
+        "VALUES (to_timestamp(%s / 1000.0), %s, 'phase_change', %s, %s)",
+        (now_ms, actor, str(account_id),
+         Jsonb({"from": from_phase, "to": to_phase, "handle": handle, "forced": forced,
+                "gates": [dict(g) for g in gates]})))
+    return True
+
+
+def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAccountRecord],
+                           now_ms: int) -> ImportBatchResult:
+    """Give each legacy account a linked cloud account, or bring its password hash up to date.
+
+    New accounts get the caller's id, handle = legacy handle, phase ``legacy`` and the legacy
+    password hash as it is (both stacks use the same ``pbkdf2_sha256$...`` form). An account
+    already linked to the handle keeps its id and phase; only a changed hash is written. A
+    handle that belongs to a cloud account not linked to it is a conflict, left untouched.
+    """
+    by_handle = {r.handle: r for r in records}  # the last record of a handle wins
+    handles = sorted(by_handle)
+    if not handles:
+        return ImportBatchResult(0, 0, 0, ())
+    inserted = {h for (h,) in conn.execute(
+        "INSERT INTO account_handles (handle, account_id) "
+        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING RETURNING handle",
+        (handles, [by_handle[h].account_id for h in handles]))}
+    new = [by_handle[h] for h in handles if h in inserted]
+    created = 0
+    if new:
+        created = conn.execute(
+            "INSERT INTO accounts (account_id, handle, legacy_handle, password_hash, phase, "
+            "  phase_changed_at, created_at) "
+            "SELECT i.id, i.handle, i.handle, i.pw, 'legacy', to_timestamp(%s / 1000.0), "
+            "       to_timestamp(%s / 1000.0) "
+            "FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS i(id, handle, pw) "
+            "ON CONFLICT DO NOTHING",
+            (now_ms, now_ms, [r.account_id for r in new], [r.handle for r in new],
+             [r.password_hash for r in new])).rowcount
+    conflicts: list[str] = []
+    if created != len(new):
+        # an account row with one of these ids but another handle: keep the store consistent
+        # by giving the handle back, and report it
+        orphaned = [h for (h,) in conn.execute(
+            "SELECT h.handle FROM account_handles h JOIN accounts a USING (account_id) "
+            "WHERE h.handle = ANY(%s) AND a.handle <> h.handle",
+            ([r.handle for r in new],))]
+        conn.execute("DELETE FROM account_handles WHERE handle = ANY(%s)", (orphaned,))
+        conflicts.extend(orphaned)
+    existing = [h for h in handles if h not in inserted]
+    updated = unchanged = 0
+    if existing:
+        rows = conn.execute(
+            "SELECT h.handle, a.account_id, a.legacy_handle, a.password_hash "
+            "FROM account_handles h JOIN accounts a USING (account_id) "
+            "WHERE h.handle = ANY(%s) ORDER BY a.account_id FOR UPDATE OF a",
+            (existing,)).fetchall()
+        to_update: list[tuple[uuid.UUID, str]] = []
+        for handle, account_id, legacy_handle, password_hash in rows:
+            if legacy_handle != handle:
+                conflicts.append(handle)
+            elif password_hash != by_handle[handle].password_hash:
+                to_update.append((account_id, by_handle[handle].password_hash))
+            else:
+                unchanged += 1
+        # a handle whose account row is missing: nothing to link it to
+        conflicts.extend(sorted(set(existing) - {r[0] for r in rows}))
+        if to_update:
+            updated = conn.execute(
+                "UPDATE accounts a SET password_hash = u.pw "
+                "FROM unnest(%s::uuid[], %s::text[]) AS u(id, pw) WHERE a.account_id = u.id",
+                ([i for i, _ in to_update], [p for _, p in to_update])).rowcount
+    return ImportBatchResult(created, updated, unchanged, tuple(sorted(conflicts)))
+
+
+# ---------------------------------------------------------------- what the gates read
+
+def open_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
+                               ) -> dict[uuid.UUID, dict[str, int]]:
+    """Open findings per account, by kind: those about the account itself and those about
+    any conversation it is a member of. Accounts without any are missing from the result."""
+    if not account_ids:
+        return {}
+    rows = conn.execute(
+        "WITH acct AS (SELECT unnest(%s::uuid[]) AS account_id), "
+        "hits AS ("
+        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
+        "  JOIN reconcile_findings f ON f.account_id = acct.account_id AND f.state = 'open' "
+        "  UNION "
+        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
+        "  JOIN members m ON m.account_id = acct.account_id "
+        "  JOIN reconcile_findings f ON f.conversation_id = m.conversation_id "
+        "    AND f.state = 'open') "
+        "SELECT account_id, kind, count(*) FROM hits GROUP BY 1, 2 ORDER BY 1, 2",
+        (list(account_ids),)).fetchall()
+    out: dict[uuid.UUID, dict[str, int]] = {}
+    for account_id, kind, n in rows:
+        out.setdefault(account_id, {})[kind] = n
+    return out
+
+
+_WORKER_COLS = ("worker_id, state, started_ms, heartbeat_ms, lag_to_cloud_ms, lag_to_legacy_ms, "
+                "mirrored_to_cloud, mirrored_to_legacy, feeds")
+
+
+def workers(conn: psycopg.Connection) -> list[WorkerRow]:
+    """Every bridge worker that ever reported, newest heartbeat first."""
+    rows = conn.execute(f"SELECT {_WORKER_COLS} FROM bridge_workers "
+                        "ORDER BY heartbeat_ms DESC, worker_id").fetchall()
+    return [WorkerRow(*r) for r in rows]
+
+
+def live_workers(conn: psycopg.Connection, now_ms: int,
+                 within_ms: int = LIVE_WORKER_MS) -> list[WorkerRow]:
+    """Live workers (``WorkerRow.live``) with their lags; ``cloud.store.live_workers`` is the
+    same rule returning only the ids."""
+    rows = conn.execute(f"SELECT {_WORKER_COLS} FROM bridge_workers "
+                        "WHERE heartbeat_ms > %s AND state <> 'stopped' ORDER BY worker_id",
+                        (now_ms - within_ms,)).fetchall()
+    return [WorkerRow(*r) for r in rows]
+
+
+_RUN_COLS = ("run_id, kind, state, started_ms, finished_ms, "
+             "CASE WHEN report ? 'clean' THEN report->>'clean' = 'true' END")
+
+
+def last_clean_reconcile(conn: psycopg.Connection) -> ReconcileRun | None:
+    """The newest finished reconcile run of a kind that checks messages and reported clean."""
+    row = conn.execute(
+        f"SELECT {_RUN_COLS} FROM reconcile_runs WHERE state = 'finished' "
+        "AND kind = ANY(%s) AND report->>'clean' = 'true' AND finished_ms IS NOT NULL "
+        "ORDER BY finished_ms DESC, run_id DESC LIMIT 1",
+        (list(CLEAN_RECONCILE_KINDS),)).fetchone()
+    return None if row is None else ReconcileRun(*row)
+
+
+# ---------------------------------------------------------------- what status reads
+
+def open_findings_by_kind(conn: psycopg.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT kind, count(*) FROM reconcile_findings WHERE state = 'open' "
+                        "GROUP BY 1 ORDER BY 1").fetchall()
+    return dict(rows)
+
+
+def last_reconcile_runs(conn: psycopg.Connection) -> dict[str, ReconcileRun]:
+    """The most recently started run of each kind, whatever its state."""
+    rows = conn.execute(
+        f"SELECT DISTINCT ON (kind) {_RUN_COLS} FROM reconcile_runs "
+        "ORDER BY kind, started_ms DESC, run_id DESC").fetchall()
+    return {r[1]: ReconcileRun(*r) for r in rows}
+
+
+def leases(conn: psycopg.Connection) -> list[Lease]:
+    rows = conn.execute("SELECT name, holder, fence, expires_ms FROM leases "
+                        "ORDER BY name").fetchall()
+    return [Lease(*r) for r in rows]
