@@ -49,12 +49,16 @@ class WorkerConfig:
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
 
 
-def p99_ms(samples: list[float]) -> int | None:
-    """The 99th percentile of lags in seconds, as milliseconds (None without samples)."""
+def percentile_ms(samples: list[float], q: float) -> int | None:
+    """The *q* quantile of lags in seconds, as milliseconds (None without samples)."""
     if not samples:
         return None
     ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000)
+
+
+def p99_ms(samples: list[float]) -> int | None:
+    return percentile_ms(samples, 0.99)
 
 
 class BridgeWorker(MultiService):
@@ -298,7 +302,9 @@ class BridgeWorker(MultiService):
         legacy_lags = []
         if injector is not None and hasattr(injector, "recent_lags"):
             legacy_lags = [lag for t, lag in injector.recent_lags if t >= since]
-        detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())}}
+        detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())},
+                  "lag_p50_to_cloud_ms": percentile_ms(lags, 0.50),
+                  "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50)}
         return (int(now * 1000), self.started_ms), {
             "lag_to_cloud_ms": p99_ms(lags),
             "lag_to_legacy_ms": p99_ms(legacy_lags),

@@ -1,0 +1,202 @@
+"""Bridge benchmark (not a test): prints one JSON document.
+
+Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, TCP), one
+``bridgectl bridge run`` worker, and PostgreSQL (embedded unless --dsn / $BRIDGE_DSN).
+
+- ``to_cloud_msgs_per_s``: legacy -> cloud drain speed: the feeds hold a backlog of N
+  messages when the bridge starts; time from the bridge's start to the N-th row.
+- ``copy_rows_per_s``: raw binary COPY of the same number of message rows into the same
+  server in the same run (the ceiling), and the ratio of the two.
+- ``lag_ms``: p50 and p99 mirror lag (event time at the supernode to commit, as the bridge
+  measures it) with the legacy network producing half the measured drain speed.
+- ``to_legacy_msgs_per_s``: cloud -> legacy: N cloud messages committed at once; time
+  until the outbox is drained (each one injected into its home supernode and acknowledged).
+- ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
+
+Each figure is the median of --runs runs (default 3), with min and max.
+
+Usage: python bench/bench_bridge.py [--dsn DSN] [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import psycopg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from bench_cloud import raw_copy, with_db  # noqa: E402
+
+from cloud import embedded, schema, store  # noqa: E402
+from cloud.model import MirroredMessage  # noqa: E402
+
+BASE_PORT = 47900
+SUPERNODES = 4
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+            "max": round(max(values), 1), "runs": len(values)}
+
+
+class Run:
+    """A fresh database, a legacy feed server and a bridge, torn down at the end."""
+
+    def __init__(self, server: str, mode: str, amount: float) -> None:
+        self.server, self.mode, self.amount = server, mode, amount
+        self.name = f"bridge_benchb_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.home = tempfile.mkdtemp(prefix="bench-bridge-")
+        self.env = {**os.environ, "BRIDGE_HOME": self.home}
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Run:
+        with psycopg.connect(self.server, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        self.dsn = with_db(self.server, self.name)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            schema.upgrade(conn)
+        legacy = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "legacy_feed_server.py"), str(BASE_PORT),
+             str(SUPERNODES), self.mode, str(self.amount)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
+        self.procs.append(legacy)
+        if legacy.stdout.readline().strip() != "ready":
+            raise RuntimeError("the legacy feed server did not start")
+        return self
+
+    def start_bridge(self) -> float:
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "bridge", "run", "--dsn", self.dsn,
+             "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--metrics-port", "0",
+             "--worker-id", "bench"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+            cwd=os.path.join(HERE, ".."))
+        self.procs.append(bridge)
+        self.bridge = bridge
+        while True:
+            line = bridge.stderr.readline()
+            if not line:
+                raise RuntimeError("the bridge did not start")
+            if re.search(r"metrics on http://", line):
+                return time.monotonic()
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.bridge.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        with psycopg.connect(self.server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if conn.execute(sql).fetchone()[0] >= target:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {sql!r} to reach {target}")
+
+
+def drain_run(server: str, n: int) -> dict:
+    with Run(server, "backlog", n) as run:
+        t0 = run.start_bridge()
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            t1 = wait_until(conn, "SELECT count(*) FROM messages", n, timeout=600)
+        rss = run.peak_rss_mb()
+        # the ceiling: raw COPY of as many rows into the same server, same run
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT conversation_id, sender_account_id, sender_handle FROM messages "
+                "LIMIT 200").fetchall()
+            msgs = [MirroredMessage(rows[i % len(rows)][0], uuid.uuid4(), f"copy-{i}",
+                                    rows[i % len(rows)][1], rows[i % len(rows)][2],
+                                    1_700_000_000_000 + i, "x" * 80) for i in range(n)]
+            copy = raw_copy(conn, msgs, 500, seq_base=50_000_000)
+        return {"msgs_per_s": n / (t1 - t0), "copy_rows_per_s": copy, "rss_mb": rss}
+
+
+def lag_run(server: str, rate: float, seconds: float) -> dict:
+    with Run(server, "live", rate) as run:
+        run.start_bridge()
+        time.sleep(seconds)
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT lag_to_cloud_ms, detail->>'lag_p50_to_cloud_ms', "
+                               "mirrored_to_cloud FROM bridge_workers").fetchone()
+        return {"p99_ms": row[0], "p50_ms": int(row[1]), "mirrored": row[2]}
+
+
+def to_legacy_run(server: str, n: int) -> dict:
+    with Run(server, "backlog", 2000) as run:
+        run.start_bridge()
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            wait_until(conn, "SELECT count(*) FROM messages", 2000, timeout=120)
+            chats = conn.execute(
+                "SELECT c.conversation_id, min(m.account_id::text)::uuid FROM conversations c "
+                "JOIN members m USING (conversation_id) GROUP BY 1 "
+                "HAVING count(*) >= 2 LIMIT 200").fetchall()
+            now_ms = int(time.time() * 1000)
+            with conn.transaction():
+                for i in range(n):
+                    cid, sender = chats[i % len(chats)]
+                    store.post_message(conn, cid, sender, f"bench-{i}", "y" * 80, now_ms)
+            t0 = time.monotonic()
+            t1 = wait_until(conn, "SELECT count(*) FROM outbox_to_legacy WHERE state <> "
+                                  "'pending'", n, timeout=600)
+        return {"msgs_per_s": n / (t1 - t0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dsn", default=os.environ.get("BRIDGE_DSN"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args()
+    server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
+    n = 10_000 if args.quick else 50_000
+    drains = [drain_run(server, n) for _ in range(args.runs)]
+    rate = statistics.median(d["msgs_per_s"] for d in drains) / 2
+    lags = [lag_run(server, rate, 10 if args.quick else 30) for _ in range(args.runs)]
+    to_legacy = [to_legacy_run(server, 1000 if args.quick else 5000)
+                 for _ in range(args.runs)]
+    mirror = [d["msgs_per_s"] for d in drains]
+    copy = [d["copy_rows_per_s"] for d in drains]
+    print(json.dumps({
+        "bridge": {
+            "backlog_messages": n, "supernodes": SUPERNODES,
+            "msgs_per_s": summarize(mirror),
+            "copy_rows_per_s": summarize(copy),
+            "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
+            "half_load_rate": round(rate, 1),
+            "p50_lag_ms": summarize([x["p50_ms"] for x in lags]),
+            "p99_lag_ms": summarize([x["p99_ms"] for x in lags]),
+            "to_legacy_msgs_per_s": summarize([x["msgs_per_s"] for x in to_legacy]),
+            "peak_rss_mb": summarize([d["rss_mb"] for d in drains]),
+        }}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Benchmark helper (a separate process): a legacy network over TCP with a feed to mirror.
+
+    python bench/legacy_feed_server.py BASE_PORT SUPERNODES backlog MESSAGES
+    python bench/legacy_feed_server.py BASE_PORT SUPERNODES live RATE
+
+``backlog`` appends MESSAGES legacy messages to the home supernodes' feeds before the bridge
+starts (what a bridge meets after an outage: pure drain speed); ``live`` appends RATE
+messages per second while the bridge runs (what lag looks like under load). Messages are
+appended through each home supernode's own ``accept`` (no simulated clients, so the legacy
+side costs as little CPU as possible). Prints ``ready`` on stdout when the feeds are full
+(backlog) or flowing (live); runs until killed. Uses the peer secret of $BRIDGE_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from twisted.internet import reactor, task  # noqa: E402
+
+from bridge import state  # noqa: E402
+from legacy.network import TCPNetwork  # noqa: E402
+from legacy.sim import LegacyDeployment, RunConfig  # noqa: E402
+
+
+def main() -> None:
+    base, sns, mode, amount = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    home = state.state_home()
+    config = RunConfig(supernodes=sns, users=2000, rate=0, duration=None, base_port=base,
+                       feed_capacity=1_000_000)
+    dep = LegacyDeployment(config, TCPNetwork(reactor), peer_secret=state.secret(home, "peer"),
+                           login_secret=state.secret(home, "login"))
+    rng = random.Random(5)
+    counter = [0]
+
+    def append(n: int) -> None:
+        now_ms = int(reactor.seconds() * 1000)
+        for _ in range(n):
+            chat = rng.choice(dep.chats)
+            members = tuple(chat.members)
+            counter[0] += 1
+            node = dep.supernodes[dep.ring.home_of(chat.chat_id)]
+            node.accept(chat.chat_id, members, f"bench-{counter[0]}", rng.choice(members),
+                        "x" * 80, "legacy", ts_ms=now_ms)
+
+    def started(_: object) -> None:
+        if mode == "backlog":
+            append(int(amount))
+            # let the routing traffic of the appends settle before the clock starts
+            reactor.callLater(2.0, lambda: print("ready", flush=True))
+        else:
+            per_tick = amount / 100
+            carry = [0.0]
+
+            def tick() -> None:
+                carry[0] += per_tick
+                n = int(carry[0])
+                carry[0] -= n
+                append(n)
+
+            task.LoopingCall(tick).start(0.01)
+            print("ready", flush=True)
+
+    d = dep.startService() if hasattr(dep, "startService") else None
+    reactor.callWhenRunning(lambda: task.deferLater(reactor, 0.5, lambda: None)
+                            .addCallback(started))
+    if d is not None and hasattr(d, "addErrback"):
+        d.addErrback(lambda f: (print(f, file=sys.stderr), reactor.stop()))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
