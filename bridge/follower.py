@@ -92,20 +92,40 @@ class FeedBatch:
     loops: int = 0
 
 
+@attrs.define
+class KnownIds:
+    """What the store is known to have, so steady-state batches skip re-creating it.
+
+    Filled only after a commit succeeded (a rolled-back transaction teaches nothing), shared
+    by all followers of a worker, read by transactions in the pool threads (lookups only).
+    """
+
+    accounts: dict[str, Any] = attrs.Factory(dict)   # handle -> account id
+    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)  # chat id -> members ensured
+
+    def learn(self, accounts: dict[str, Any], chats: dict[str, tuple[str, ...]]) -> None:
+        self.accounts.update(accounts)
+        self.chats.update(chats)
+
+
 #: The steps of one commit, in order; a fault hook may fail at any of them (crash tests).
 COMMIT_STEPS = ("lease", "accounts", "conversations", "messages", "presence", "gaps")
 
 
 def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
                       now_ms: int, lease: tuple[str, str] | None = None,
-                      fault: Callable[[str], None] | None = None
-                      ) -> tuple[MirrorResult, int]:
+                      fault: Callable[[str], None] | None = None,
+                      known: KnownIds | None = None
+                      ) -> tuple[MirrorResult, int, dict, dict]:
     """Write one feed batch and its checkpoint in one transaction; safe to run twice.
 
     With a *lease* ``(name, holder)`` the transaction first checks that the holder still has
     it under *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits
-    nothing). Returns the mirror result and how many accounts were created for new handles.
+    nothing). Accounts and chats in *known* are not ensured again. Returns the mirror
+    result, how many accounts were created, and the accounts and chats this transaction
+    ensured (for ``KnownIds.learn`` once it has committed).
     """
+    known = known or KnownIds()
     step = fault or (lambda _name: None)
     step("lease")
     if lease is not None:
@@ -116,23 +136,31 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
         handles.update(members)
     handles.update(msg.sender for msg in batch.messages)
     handles.update(p.handle for p in batch.presence)
-    accounts, created = store.ensure_linked_accounts(
-        conn, {h: ids.account_id(h) for h in handles})
+    accounts = {h: known.accounts[h] for h in handles if h in known.accounts}
+    missing = handles - set(accounts)
+    created = 0
+    if missing:
+        found, created = store.ensure_linked_accounts(
+            conn, {h: ids.account_id(h) for h in missing})
+        accounts.update(found)
     step("conversations")
+    chats: dict[str, tuple[str, ...]] = {}
     for chat_id, members in batch.chats.items():
-        store.create_conversation(conn, ids.conversation_id(chat_id),
-                                  [accounts[h] for h in members], legacy_chat_id=chat_id)
+        if known.chats.get(chat_id) != members:
+            store.create_conversation(conn, ids.conversation_id(chat_id),
+                                      [accounts[h] for h in members], legacy_chat_id=chat_id)
+            chats[chat_id] = members
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
     # sender; its other members arrive with the chat's next FeedChat.
     for chat_id, sender in {msg.chat_id: msg.sender for msg in batch.messages}.items():
-        if chat_id not in batch.chats:
+        if chat_id not in batch.chats and chat_id not in known.chats:
             store.create_conversation(conn, ids.conversation_id(chat_id), [accounts[sender]],
                                       legacy_chat_id=chat_id)
+    step("messages")
     mirrored = tuple(
         MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
                         accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
         for msg in batch.messages)
-    step("messages")
     checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
     result = store.write_mirrored_batch(conn, MirrorBatch(mirrored, (checkpoint,)), now_ms)
     step("presence")
@@ -143,7 +171,7 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     step("gaps")
     for gap in batch.gaps:
         store.record_finding(conn, "feed_gap", gap, now_ms)
-    return result, created
+    return result, created, accounts, chats
 
 
 class FeedFollower(Service):
@@ -153,7 +181,8 @@ class FeedFollower(Service):
                  db: TransactionRunner, *, worker_id: str, secret: bytes, rng: random.Random,
                  config: FollowerConfig | None = None, fence: int = 0,
                  lease: str | None = None,
-                 fault: Callable[[str], None] | None = None) -> None:
+                 fault: Callable[[str], None] | None = None,
+                 known: KnownIds | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
@@ -163,6 +192,7 @@ class FeedFollower(Service):
         self.lease = lease
         #: crash-test hook: called with each step of a commit, then with "committed"
         self.fault = fault
+        self.known = known if known is not None else KnownIds()
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
         self.checkpoint: FeedCheckpoint | None = None
@@ -348,10 +378,10 @@ class FeedFollower(Service):
             while True:
                 started = self.clock.seconds()
                 try:
-                    result, created = await self.db.run(
+                    result, created, accounts, chats = await self.db.run(
                         commit_feed_batch, batch, self.fence, int(started * 1000),
                         None if self.lease is None else (self.lease, self.worker_id),
-                        self.fault)
+                        self.fault, self.known)
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
@@ -377,6 +407,7 @@ class FeedFollower(Service):
             self.db_ok = True
             if self.fault is not None:
                 self.fault("committed")  # committed, not yet credited or remembered
+            self.known.learn(accounts, chats)
             now = self.clock.seconds()
             self.checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset,
                                              self.fence)

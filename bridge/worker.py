@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge import metrics as m
-from bridge.follower import FeedFollower, FollowerConfig
+from bridge.follower import FeedFollower, FollowerConfig, KnownIds
 from bridge.presence import PresenceMirror
 from cloud import store
 from cloud.db import TransactionRunner
@@ -86,6 +86,7 @@ class BridgeWorker(MultiService):
         self.directory: dict[str, wire.SupernodeAddress] = {}
         self._leasing: defer.Deferred | None = None
         self._lease_expiry: dict[str, float] = {}
+        self.known = KnownIds()
 
     # -- LegacyPeers, for the outbox injector ---------------------------------------------
 
@@ -273,7 +274,7 @@ class BridgeWorker(MultiService):
                                 worker_id=self.config.worker_id, secret=self._secret,
                                 rng=random.Random(self._rng.random()),
                                 config=self.config.follower, fence=fence,
-                                lease=f"feed:{addr.sn_id}")
+                                lease=f"feed:{addr.sn_id}", known=self.known)
         self.followers[addr.sn_id] = follower
         follower.setServiceParent(self)
         log.info("following feed {sn} (fence {f})", sn=addr.sn_id, f=fence)
