@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge import metrics as m
+from bridge.accounts import import_accounts
 from bridge.follower import FeedFollower, FollowerConfig, KnownIds
 from bridge.presence import PresenceMirror
 from cloud import store
@@ -44,6 +45,7 @@ class WorkerConfig:
     heartbeat_s: float = 5.0
     discovery_s: float = 60.0
     lease_ttl_s: float = 15.0   # a dead worker's feeds move to others within this
+    accounts_sync_s: float = 300.0  # copy the login server's accounts (passwords); 0: never
     lag_window_s: float = 60.0
     follower: FollowerConfig = FollowerConfig()
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
@@ -87,6 +89,7 @@ class BridgeWorker(MultiService):
         self._leasing: defer.Deferred | None = None
         self._lease_expiry: dict[str, float] = {}
         self.known = KnownIds()
+        self.accounts_synced: Any = None
 
     # -- LegacyPeers, for the outbox injector ---------------------------------------------
 
@@ -113,6 +116,36 @@ class BridgeWorker(MultiService):
         super().startService()
         self._discover_soon(0)
         self._heartbeat_soon(0)
+        if self.config.accounts_sync_s > 0:
+            self._later(0, self._sync_accounts)
+
+    # -- credentials -----------------------------------------------------------------------
+
+    def _sync_accounts(self) -> None:
+        """Copy the login server's accounts, password hashes included, into the store, so a
+        legacy user's password works on the cloud API (handles first seen on a feed have an
+        account at once, and their password within one sync interval)."""
+        if not self.running:
+            return
+        d = defer.Deferred.fromCoroutine(self._sync_accounts_once())
+        d.addErrback(lambda f: log.warn("account sync failed ({e}); next try in {s} s",
+                                        e=f.getErrorMessage(), s=self.config.accounts_sync_s))
+        d.addBoth(lambda _: self._later(self.config.accounts_sync_s, self._sync_accounts))
+
+    async def _sync_accounts_once(self) -> None:
+        peer = await connect_peer(self.network, self.config.bootstrap_host,
+                                  self.config.bootstrap_port, name=self.config.worker_id,
+                                  secret=self._secret,
+                                  timeout=self.config.follower.connect_timeout_s)
+        try:
+            counts = await import_accounts(peer, self.db, int(self.clock.seconds() * 1000),
+                                           should_stop=lambda: not self.running)
+        finally:
+            peer.disconnect()
+        self.accounts_synced = counts
+        if counts.created or counts.updated:
+            log.info("account sync: {c} created, {u} updated of {n}", c=counts.created,
+                     u=counts.updated, n=counts.seen)
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         for call in self._calls:

@@ -12,6 +12,7 @@ from bridge.follower import FollowerConfig
 from bridge.health import OperationsResource
 from bridge.worker import BridgeWorker, WorkerConfig, p99_ms
 from cloud.db import InlineDatabase
+from cloud.passwords import verify_password
 from tests.bridge.test_follower import chat_messages, send_some
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
 
@@ -43,6 +44,20 @@ def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
     assert sample("bridge_leases_held") == 5
     net.wait(worker.stopService())
     assert conn.execute("SELECT state FROM bridge_workers").fetchone() == ("stopped",)
+
+
+def test_worker_copies_legacy_passwords_so_they_work_on_the_cloud(conn):
+    """Handles seen on a feed get accounts; the periodic sync adds their password hashes."""
+    net = LegacyNet(3, seed=12).start()
+    send_some(net, 3)
+    worker = make_worker(net, conn)
+    worker.startService()
+    net.run(3.0)
+    assert worker.accounts_synced is not None and worker.accounts_synced.seen == 2
+    encoded = conn.execute("SELECT password_hash FROM accounts WHERE handle = 'alice'"
+                           ).fetchone()[0]
+    assert verify_password("pw-alice", encoded) and not verify_password("pw-bob", encoded)
+    net.wait(worker.stopService())
 
 
 def test_worker_retries_discovery_until_the_login_server_answers(conn):
