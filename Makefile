@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-legacy bench-cloud clean
+.PHONY: demo test lint bench-legacy bench-cloud bench-bridge clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-legacy: $(STAMP)
 
 bench-cloud: $(STAMP)
 	$(BIN)/python bench/bench_cloud.py
+
+bench-bridge: $(STAMP)
+	$(BIN)/python bench/bench_bridge.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
