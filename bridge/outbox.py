@@ -34,6 +34,7 @@ The loop is the dispatcher's (``cloud.dispatcher``)::
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 from collections import deque
@@ -257,7 +258,10 @@ class OutboxInjector(Service):
         now_ms = self._now_ms()
         claim_ms = round(cfg.claim_s * 1000)
         try:
-            items = await self._db.run(store.claim_outbox, now_ms, cfg.batch, claim_ms)
+            # spread a claim over at least `concurrency` conversations, each injected in order
+            per_conversation = max(1, cfg.batch // cfg.concurrency)
+            items = await self._db.run(store.claim_outbox, now_ms, cfg.batch, claim_ms,
+                                       per_conversation)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -281,7 +285,9 @@ class OutboxInjector(Service):
             self._database_down(e)
         else:
             metrics.BACKLOG.labels(direction=DIRECTION).set(self.backlog[0])
-        return len(items) >= cfg.batch
+        # more is probably due when the batch was full or a conversation hit its share
+        per_conv = collections.Counter(item.conversation_id for item in items)
+        return len(items) >= cfg.batch or max(per_conv.values(), default=0) >= per_conversation
 
     async def _conversation(self, items: list[OutboxItem], claimed_until_ms: int) -> None:
         """Inject one conversation's claimed rows in seq order; never raises."""

@@ -754,8 +754,13 @@ class OutboxItem:
     attempts: int
 
 
-def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int,
-                 claim_ms: int) -> list[OutboxItem]:
+#: At most this many rows of one conversation per claim by default: a claim then locks little
+#: and spreads over conversations (which are injected concurrently, each in seq order).
+OUTBOX_CLAIM_PER_CONVERSATION = 50
+
+
+def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
+                 per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION) -> list[OutboxItem]:
     """Claim up to *limit* due rows for *claim_ms*, oldest first, in seq order per conversation.
 
     A claimed row is invisible to other workers until its claim runs out; a worker that
@@ -776,9 +781,10 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int,
         "  WHERE claimed_until_ms <= %(now)s ORDER BY created_ms, conversation_id "
         "  LIMIT %(limit)s), "
         "locked AS ("
-        "  SELECT o.conversation_id, o.seq FROM outbox_to_legacy o JOIN ready r "
-        "    USING (conversation_id) WHERE o.state = 'pending' "
-        "  ORDER BY o.conversation_id, o.seq FOR UPDATE OF o SKIP LOCKED), "
+        "  SELECT r.conversation_id, l.seq FROM ready r, LATERAL ("
+        "    SELECT o.seq FROM outbox_to_legacy o "
+        "    WHERE o.conversation_id = r.conversation_id AND o.state = 'pending' "
+        "    ORDER BY o.seq LIMIT %(per_conversation)s FOR UPDATE SKIP LOCKED) l), "
         "due AS ("
         "  SELECT l.conversation_id, l.seq, r.created_ms FROM locked l "
         "  JOIN ready r USING (conversation_id) "
@@ -806,6 +812,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int,
         "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
         "ORDER BY c.conversation_id, c.seq",
         {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
+         "per_conversation": max(1, per_conversation),
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9])
             for r in rows]

@@ -505,7 +505,7 @@ def test_database_lost_after_the_ack_reinjects_once_the_claim_runs_out(conn, mak
 
 def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     """NOTIFY (wake) does not wait for the poll; a full batch is followed by another at once."""
-    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2))
+    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2, concurrency=1))
     s.run(0)
     assert s.injector.ticks == 1
     cid, alice, _ = two_party(conn)
