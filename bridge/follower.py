@@ -125,17 +125,37 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     result, how many accounts were created, and the accounts and chats this transaction
     ensured (for ``KnownIds.learn`` once it has committed).
     """
-    known = known or KnownIds()
     step = fault or (lambda _name: None)
     step("lease")
     if lease is not None:
         store.check_lease(conn, lease[0], lease[1], fence)
+    checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
+    result, created, accounts, chats = mirror_legacy(
+        conn, batch.chats, batch.messages, now_ms, known=known, checkpoint=checkpoint,
+        presence=batch.presence, presence_source=LEGACY_PRESENCE_PREFIX + batch.source,
+        step=step)
+    step("gaps")
+    for gap in batch.gaps:
+        store.record_finding(conn, "feed_gap", gap, now_ms)
+    return result, created, accounts, chats
+
+
+def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
+                  messages: list[wire.ChatMessage], now_ms: int, *,
+                  known: KnownIds | None = None, checkpoint: FeedCheckpoint | None = None,
+                  presence: list[wire.FeedPresence] = (), presence_source: str = "",
+                  step: Callable[[str], None] = lambda _name: None
+                  ) -> tuple[MirrorResult, int, dict, dict]:
+    """The bridge's one idempotent legacy -> cloud write: accounts for new handles, chats
+    and members, messages (with their notifications) through ``store.write_mirrored_batch``,
+    presence; used by the feed followers and by the gaps reconciler's repairs."""
+    known = known or KnownIds()
     step("accounts")
     handles: set[str] = set()
-    for members in batch.chats.values():
+    for members in chats.values():
         handles.update(members)
-    handles.update(msg.sender for msg in batch.messages)
-    handles.update(p.handle for p in batch.presence)
+    handles.update(msg.sender for msg in messages)
+    handles.update(p.handle for p in presence)
     accounts = {h: known.accounts[h] for h in handles if h in known.accounts}
     missing = handles - set(accounts)
     created = 0
@@ -144,34 +164,30 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
             conn, {h: ids.account_id(h) for h in missing})
         accounts.update(found)
     step("conversations")
-    chats: dict[str, tuple[str, ...]] = {}
-    for chat_id, members in batch.chats.items():
+    ensured: dict[str, tuple[str, ...]] = {}
+    for chat_id, members in chats.items():
         if known.chats.get(chat_id) != members:
             store.create_conversation(conn, ids.conversation_id(chat_id),
                                       [accounts[h] for h in members], legacy_chat_id=chat_id)
-            chats[chat_id] = members
+            ensured[chat_id] = members
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
     # sender; its other members arrive with the chat's next FeedChat.
-    for chat_id, sender in {msg.chat_id: msg.sender for msg in batch.messages}.items():
-        if chat_id not in batch.chats and chat_id not in known.chats:
+    for chat_id, sender in {msg.chat_id: msg.sender for msg in messages}.items():
+        if chat_id not in chats and chat_id not in known.chats:
             store.create_conversation(conn, ids.conversation_id(chat_id), [accounts[sender]],
                                       legacy_chat_id=chat_id)
     step("messages")
     mirrored = tuple(
         MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
                         accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
-        for msg in batch.messages)
-    checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
-    result = store.write_mirrored_batch(conn, MirrorBatch(mirrored, (checkpoint,)), now_ms)
+        for msg in messages)
+    result = store.write_mirrored_batch(
+        conn, MirrorBatch(mirrored, (checkpoint,) if checkpoint is not None else ()), now_ms)
     step("presence")
-    source = LEGACY_PRESENCE_PREFIX + batch.source
-    for p in batch.presence:
-        store.set_presence(conn, Presence(accounts[p.handle], source, p.status, p.version,
-                                          p.expires_ms))
-    step("gaps")
-    for gap in batch.gaps:
-        store.record_finding(conn, "feed_gap", gap, now_ms)
-    return result, created, accounts, chats
+    for p in presence:
+        store.set_presence(conn, Presence(accounts[p.handle], presence_source, p.status,
+                                          p.version, p.expires_ms))
+    return result, created, accounts, ensured
 
 
 class FeedFollower(Service):

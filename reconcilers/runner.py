@@ -1,0 +1,198 @@
+"""One reconcile run, the way cron runs it: lock, resume, bound, report, exit code.
+
+    acquire the kind's advisory lock (held on its own connection for the whole run)
+      -> taken by another run: exit EXIT_LOCKED at once
+    open a reconcile_runs row (state running), resuming the progress of the newest
+      interrupted run of the same kind
+    reconciler.run(ctx): compares and repairs, saving ctx.progress as it goes
+      -> deadline (--max-seconds) reached: the row ends 'interrupted', the next run resumes
+      -> an exception: the row ends 'failed', exit EXIT_ERROR
+    the row ends 'finished' with the report; the report's ``clean`` is what the migration
+      gate ``recent_clean_reconcile`` looks for
+
+Exit codes (documented in the README and docs/reconcilers.md):
+  0  in sync, or every difference found was repaired
+  1  error, including a run that compared nothing (nothing compared is never "in sync")
+  2  bad arguments
+  3  differences remain (a dry run, or repairs that failed)
+  4  another run of the same kind holds the lock
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import psycopg
+from psycopg.types.json import Jsonb
+from twisted.internet.interfaces import IReactorTime
+
+from cloud.db import TransactionRunner
+
+EXIT_IN_SYNC = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DIFFERENCES = 3
+EXIT_LOCKED = 4
+
+KINDS = ("gaps", "notifications", "presence")
+
+#: Advisory lock keys, one per kind (a gaps run and a notifications run may overlap).
+LOCK_KEYS = {kind: 0x72636E00 + i for i, kind in enumerate(KINDS)}
+
+
+@attrs.define
+class Report:
+    """What one run of one kind did; ``--json`` prints it, the run row stores it."""
+
+    kind: str
+    dry_run: bool = False
+    compared: int = 0
+    suspects: int = 0
+    confirmed: int = 0
+    repaired: int = 0
+    failed: int = 0
+    bytes_from_legacy: int = 0
+    duration_s: float = 0.0
+    run_id: int | None = None
+    resumed: bool = False
+    completed: bool = False       # False when --max-seconds stopped it first
+    locked: bool = False          # another run of this kind held the lock: nothing done
+    error: str | None = None
+    detail: dict[str, Any] = attrs.Factory(dict)
+
+    @property
+    def clean(self) -> bool:
+        """Compared something, completed, and nothing is left different."""
+        return (self.error is None and self.completed and self.compared > 0
+                and self.confirmed == self.repaired and self.failed == 0)
+
+    def exit_code(self) -> int:
+        if self.locked:
+            return EXIT_LOCKED
+        if self.error is not None or (self.completed and self.compared == 0):
+            return EXIT_ERROR
+        if self.confirmed > self.repaired or self.failed:
+            return EXIT_DIFFERENCES
+        return EXIT_IN_SYNC
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["clean"] = self.clean
+        out["duration_s"] = round(self.duration_s, 3)
+        return out
+
+
+@attrs.define
+class RunContext:
+    """What a reconciler gets: time, the store, its resumable progress, its report."""
+
+    clock: IReactorTime
+    db: TransactionRunner
+    report: Report
+    progress: dict[str, Any]
+    deadline: float | None          # clock.seconds() at which to stop (None: no bound)
+    save: Callable[[], Any]         # persist progress (returns a Deferred)
+    on_progress: Callable[[str], None] = lambda _text: None
+    #: set by a reconciler that stopped early because it ran out of time
+    interrupted: bool = False
+
+    @property
+    def dry_run(self) -> bool:
+        return self.report.dry_run
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def out_of_time(self) -> bool:
+        """True once the deadline passed; the reconciler saves progress and returns."""
+        if self.deadline is not None and self.clock.seconds() >= self.deadline:
+            self.interrupted = True
+        return self.interrupted
+
+
+class Reconciler(Protocol):
+    kind: str
+
+    async def run(self, ctx: RunContext) -> None:
+        """Compare and repair, updating ``ctx.report``; return early when out of time."""
+
+
+# ---------------------------------------------------------------- the store side of runs
+
+def start_run(conn: psycopg.Connection, kind: str, now_ms: int) -> tuple[int, dict, bool]:
+    """Open a run row; resume the progress of the newest interrupted run of this kind."""
+    row = conn.execute(
+        "SELECT run_id, progress FROM reconcile_runs WHERE kind = %s AND state = 'interrupted' "
+        "ORDER BY run_id DESC LIMIT 1", (kind,)).fetchone()
+    progress, resumed = (dict(row[1]), True) if row is not None else ({}, False)
+    if row is not None:
+        conn.execute("UPDATE reconcile_runs SET state = 'failed', "
+                     "report = coalesce(report, '{}'::jsonb) || '{\"superseded\": true}' "
+                     "WHERE run_id = %s", (row[0],))
+    run_id = conn.execute(
+        "INSERT INTO reconcile_runs (kind, state, started_ms, progress) "
+        "VALUES (%s, 'running', %s, %s) RETURNING run_id",
+        (kind, now_ms, Jsonb(progress))).fetchone()[0]
+    return run_id, progress, resumed
+
+
+def save_progress(conn: psycopg.Connection, run_id: int, progress: dict) -> None:
+    conn.execute("UPDATE reconcile_runs SET progress = %s WHERE run_id = %s",
+                 (Jsonb(progress), run_id))
+
+
+def finish_run(conn: psycopg.Connection, run_id: int, state: str, report: dict,
+               progress: dict, now_ms: int) -> None:
+    conn.execute("UPDATE reconcile_runs SET state = %s, finished_ms = %s, report = %s, "
+                 "progress = %s WHERE run_id = %s",
+                 (state, now_ms, Jsonb(report), Jsonb(progress), run_id))
+
+
+def try_lock(conn: psycopg.Connection, kind: str) -> bool:
+    """Take the kind's session-level advisory lock on *conn* (autocommit), without waiting."""
+    return conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEYS[kind],)).fetchone()[0]
+
+
+def unlock(conn: psycopg.Connection, kind: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEYS[kind],))
+
+
+async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: TransactionRunner,
+                  lock_conn: psycopg.Connection, dry_run: bool, max_seconds: float | None,
+                  on_progress: Callable[[str], None] = lambda _t: None) -> Report:
+    """One run of one kind under its lock; the report says what happened (never raises for
+    a failure of the run itself: that is ``report.error``)."""
+    kind = reconciler.kind
+    report = Report(kind=kind, dry_run=dry_run)
+    if not try_lock(lock_conn, kind):
+        report.locked = True
+        return report
+    started = time.monotonic()
+    try:
+        run_id, progress, resumed = await db.run(start_run, kind, int(clock.seconds() * 1000))
+        report.run_id, report.resumed = run_id, resumed
+        deadline = None if max_seconds is None else clock.seconds() + max_seconds
+        ctx = RunContext(clock, db, report, progress, deadline,
+                         lambda: db.run(save_progress, run_id, progress), on_progress)
+        state = "failed"
+        try:
+            await reconciler.run(ctx)
+            report.completed = not ctx.interrupted
+            state = "finished" if report.completed else "interrupted"
+            if report.completed:
+                progress.clear()  # the next run starts a fresh pass
+        except Exception as e:
+            report.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            report.duration_s = time.monotonic() - started
+            await db.run(finish_run, run_id, state, report.to_json(), progress,
+                         int(clock.seconds() * 1000))
+    except Exception as e:
+        report.error = report.error or f"{type(e).__name__}: {e}"
+    finally:
+        unlock(lock_conn, kind)
+    return report
