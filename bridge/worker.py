@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from bridge import metrics as m
 from bridge.accounts import import_accounts
+from bridge.discovery import discover
 from bridge.follower import FeedFollower, FollowerConfig, KnownIds
 from bridge.presence import PresenceMirror
 from cloud import store
@@ -188,29 +189,13 @@ class BridgeWorker(MultiService):
         self._discovering.addErrback(lambda f: log.failure("discovery failed", f))
         self._discovering.addBoth(lambda _: setattr(self, "_discovering", None))
 
-    async def _ask_host_cache(self, host: str, port: int) -> list[wire.SupernodeAddress]:
-        peer = await connect_peer(self.network, host, port, name=self.config.worker_id,
-                                  secret=self._secret,
-                                  timeout=self.config.follower.connect_timeout_s)
-        try:
-            return list(await peer.host_cache())
-        finally:
-            peer.disconnect()
-
     async def _discover_once(self) -> None:
         """Login server -> a sample of supernodes -> the first that answers -> all of them."""
         try:
-            sample = await self._ask_host_cache(self.config.bootstrap_host,
-                                                self.config.bootstrap_port)
-            directory: list[wire.SupernodeAddress] = []
-            for addr in sample:
-                try:
-                    directory = await self._ask_host_cache(addr.host, addr.port)
-                    break
-                except Exception:
-                    continue
-            if not directory:
-                raise ConnectionError("no supernode of the host cache answered")
+            directory = await discover(
+                self.network, self.config.bootstrap_host, self.config.bootstrap_port,
+                name=self.config.worker_id, secret=self._secret,
+                timeout=self.config.follower.connect_timeout_s)
         except Exception as e:
             self._discovery_failures += 1
             if self._discovery_failures == 1:

@@ -587,6 +587,44 @@ def range_digests(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms
     return out
 
 
+def range_guids(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: int,
+                end_ms: int, prefix_bits: int, prefix: int) -> list[str]:
+    """The legacy GUIDs of the cloud messages in one digest range (for a leaf comparison)."""
+    return [r[0] for r in conn.execute(
+        "SELECT legacy_guid FROM messages WHERE conversation_id = %(cid)s "
+        "  AND legacy_guid IS NOT NULL AND sent_ms >= %(start)s AND sent_ms < %(end)s "
+        "  AND (%(pbits)s = 0 OR digest_bucket >> (32 - %(pbits)s) = %(prefix)s) "
+        "ORDER BY sent_ms, legacy_guid",
+        {"cid": conversation_id, "start": start_ms, "end": end_ms, "pbits": prefix_bits,
+         "prefix": prefix})]
+
+
+def messages_by_guid(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                     guids: Sequence[str]) -> list[tuple[str, str, int, str]]:
+    """(guid, sender's legacy-side handle, sent_ms, body) of the cloud messages named."""
+    return conn.execute(
+        "SELECT m.legacy_guid, coalesce(a.legacy_handle, a.handle), m.sent_ms, m.body "
+        "FROM messages m JOIN accounts a ON a.account_id = m.sender_account_id "
+        "WHERE m.conversation_id = %s AND m.legacy_guid = ANY(%s) ORDER BY m.seq",
+        (conversation_id, list(guids))).fetchall()
+
+
+def legacy_chats(conn: psycopg.Connection) -> dict[str, uuid.UUID]:
+    """Every conversation that has a legacy chat id: chat id -> conversation id."""
+    return dict(conn.execute(
+        "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids").fetchall())
+
+
+def member_handles(conn: psycopg.Connection,
+                   conversation_id: uuid.UUID) -> tuple[tuple[str, ...], int]:
+    """Members' legacy-side handles (sorted) and how many still have legacy clients."""
+    rows = conn.execute(
+        "SELECT coalesce(a.legacy_handle, a.handle), a.phase = ANY(%s) FROM members m "
+        "JOIN accounts a USING (account_id) WHERE m.conversation_id = %s ORDER BY 1",
+        (list(LEGACY_CLIENT_PHASES), conversation_id)).fetchall()
+    return tuple(h for h, _ in rows), sum(1 for _, legacy in rows if legacy)
+
+
 # ---------------------------------------------------------------- presence
 
 def set_presence(conn: psycopg.Connection, presence: Presence) -> bool:

@@ -1,0 +1,179 @@
+"""The gaps reconciler on the deterministic legacy network and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+
+import psycopg
+import pytest
+from twisted.internet import defer
+
+from bridge import ids
+from bridge.discovery import SupernodeLinks
+from cloud import store
+from cloud.db import InlineDatabase
+from reconcilers import runner
+from reconcilers.gaps import GapsConfig, GapsReconciler
+from tests.bridge.test_follower import Bridge, chat_messages
+from tests.legacy.netfixture import PEER_SECRET, LegacyNet
+
+
+class Scene:
+    def __init__(self, conn, db_dsn, supernodes: int = 4, seed: int = 31) -> None:
+        self.net = LegacyNet(supernodes, seed=seed).start()
+        self.conn, self.db = conn, InlineDatabase(conn)
+        self.lock_conn = psycopg.connect(db_dsn, autocommit=True)
+        self.links = SupernodeLinks(self.net.net, list(self.net.directory.values()),
+                                    name="reconciler", secret=PEER_SECRET)
+
+    def chat(self, chat_id: str, n: int, *, members=("alice", "bob")) -> list[str]:
+        users = [self.net.add_user(h) for h in members]
+        devices = [self.net.device(u) for u in users]
+        self.net.online(*devices)
+        guids = [devices[0].send(chat_id, tuple(members), f"{chat_id} {i}") for i in range(n)]
+        self.net.run(2.0)
+        return guids
+
+    def mirror(self) -> None:
+        bridge = Bridge(self.net, self.db).start()
+        self.net.run(3.0)
+        bridge.stop(self.net)
+
+    def reconcile(self, *, dry_run: bool = False, max_seconds: float | None = None,
+                  config: GapsConfig | None = None) -> tuple[runner.Report, GapsReconciler]:
+        self.net.run(15.0)  # let the watermark pass everything sent so far
+        rec = GapsReconciler(self.links, config or GapsConfig(margin_ms=1000,
+                                                              confirm_after_s=0.5))
+        d = defer.Deferred.fromCoroutine(runner.run_one(
+            rec, clock=self.net.clock, db=self.db, lock_conn=self.lock_conn,
+            dry_run=dry_run, max_seconds=max_seconds))
+        return self.net.wait(d, timeout=600), rec
+
+
+@pytest.fixture
+def scene(conn, db_dsn):
+    s = Scene(conn, db_dsn)
+    yield s
+    s.lock_conn.close()
+
+
+def drop_from_cloud(conn, guids) -> None:
+    conn.execute("DELETE FROM notifications WHERE message_id = ANY(%s)",
+                 ([ids.message_id(g) for g in guids],))
+    conn.execute("DELETE FROM messages WHERE legacy_guid = ANY(%s)", (list(guids),))
+
+
+def test_in_sync_stacks_compare_with_root_digests_only(scene):
+    """Agreeing conversations cost one digest each and move no message: exit 0, clean."""
+    scene.chat("chat-a", 20)
+    scene.chat("chat-b", 5, members=("carol", "dave"))
+    scene.mirror()
+    report, rec = scene.reconcile()
+    assert report.exit_code() == runner.EXIT_IN_SYNC and report.clean
+    assert report.compared == 2 and report.confirmed == 0
+    assert rec.counters.digest_requests == 2 and rec.counters.fetched_messages == 0
+    assert rec.counters.listed_guids == 0
+
+
+def test_messages_missing_in_cloud_are_fetched_and_written_back(scene):
+    """Lost on the way to the cloud: found, confirmed, repaired, with a finding and audit."""
+    guids = scene.chat("chat-a", 30)
+    scene.mirror()
+    lost = guids[3:8]
+    drop_from_cloud(scene.conn, lost)
+    report, rec = scene.reconcile()
+    assert (report.suspects, report.confirmed, report.repaired) == (5, 5, 5)
+    assert report.exit_code() == runner.EXIT_IN_SYNC and report.bytes_from_legacy > 0
+    assert sorted(r[1] for r in chat_messages(scene.conn, "chat-a")) == sorted(guids)
+    assert scene.conn.execute(
+        "SELECT kind, state, detail->>'count' FROM reconcile_findings").fetchall() == [
+        ("missing_in_cloud", "repaired", "5")]
+    assert scene.conn.execute("SELECT count(*) FROM audit_log WHERE actor = 'reconciler'"
+                              ).fetchone()[0] == 1
+    again, _ = scene.reconcile()
+    assert again.confirmed == 0 and again.clean
+
+
+def test_messages_lost_by_a_restarted_supernode_are_injected_back(scene):
+    """A home supernode that lost its history gets the messages back from the cloud."""
+    guids = scene.chat("chat-a", 12)
+    scene.mirror()
+    home = scene.net.ring.home_of("chat-a")
+    scene.net.wait(scene.net.supernodes[home].crash())
+    scene.net.wait(scene.net.supernodes[home].restart())
+    assert scene.net.supernodes[home].history("chat-a") == []
+    report, _ = scene.reconcile()
+    assert report.confirmed == 12 and report.repaired == 12
+    restored = scene.net.supernodes[home].history("chat-a")
+    assert sorted(m.guid for m in restored) == sorted(guids)
+    assert {m.origin for m in restored} == {"reconciler"}
+    again, _ = scene.reconcile()
+    assert again.clean
+
+
+def test_dry_run_reports_and_changes_nothing(scene):
+    """--dry-run confirms the differences, repairs none, exits 3."""
+    guids = scene.chat("chat-a", 10)
+    scene.mirror()
+    drop_from_cloud(scene.conn, guids[:2])
+    report, _ = scene.reconcile(dry_run=True)
+    assert report.confirmed == 2 and report.repaired == 0
+    assert report.exit_code() == runner.EXIT_DIFFERENCES and not report.clean
+    assert len(chat_messages(scene.conn, "chat-a")) == 8
+    assert scene.conn.execute("SELECT count(*) FROM reconcile_findings").fetchone()[0] == 0
+
+
+def test_descent_moves_o_k_log_n_not_the_history(scene):
+    """k differences among N messages: k fetched, O(k log N) digests and listed GUIDs."""
+    n, k = 1500, 6
+    guids = scene.chat("chat-big", n)
+    scene.mirror()
+    drop_from_cloud(scene.conn, guids[100:100 + k * 200:200])
+    report, rec = scene.reconcile(config=GapsConfig(margin_ms=1000, confirm_after_s=0.5,
+                                                    list_at=16))
+    assert report.repaired == k and rec.counters.fetched_messages == k
+    levels = math.ceil(math.log(n, 16)) + 1
+    assert rec.counters.digest_requests <= 1 + k * levels
+    assert rec.counters.listed_guids <= k * 2 * 16
+    assert rec.counters.listed_guids < n / 10
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(scene):
+    """--max-seconds stops a pass (state interrupted); the next run resumes, not restarts."""
+    for i in range(6):
+        scene.chat(f"chat-{i}", 2, members=(f"u{i}a", f"u{i}b"))
+    scene.mirror()
+    first, _ = scene.reconcile(max_seconds=0.0001)
+    assert not first.completed and first.compared >= 1
+    second, _ = scene.reconcile()
+    assert second.resumed and second.completed
+    assert first.compared + second.compared == 6
+    states = [r[0] for r in scene.conn.execute(
+        "SELECT state FROM reconcile_runs ORDER BY run_id")]
+    assert states == ["failed", "finished"]  # the interrupted run was superseded
+
+
+def test_nothing_to_compare_is_an_error_and_a_held_lock_exits_at_once(scene):
+    """An empty comparison exits 1, never 'in sync'; a second run exits 4 while locked."""
+    report, _ = scene.reconcile()
+    assert report.compared == 0 and report.exit_code() == runner.EXIT_ERROR
+    assert runner.try_lock(scene.conn, "gaps")
+    try:
+        locked, _ = scene.reconcile()
+        assert locked.locked and locked.exit_code() == runner.EXIT_LOCKED
+    finally:
+        runner.unlock(scene.conn, "gaps")
+
+
+def test_feed_gap_chats_go_first_and_a_full_pass_closes_their_findings(scene):
+    """Open feed_gap findings put their supernode's chats first and are closed by the pass."""
+    scene.chat("chat-a", 3)
+    scene.mirror()
+    home = scene.net.ring.home_of("chat-a")
+    with scene.conn.transaction():
+        store.record_finding(scene.conn, "feed_gap", {"source": home, "gap": "epoch"},
+                             int(scene.net.clock.seconds() * 1000))
+    report, _ = scene.reconcile()
+    assert report.clean and report.detail["feed_gaps_covered"] == 1
+    assert scene.conn.execute("SELECT state FROM reconcile_findings").fetchone() == (
+        "repaired",)
