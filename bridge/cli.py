@@ -164,7 +164,50 @@ def build_parser() -> argparse.ArgumentParser:
     clients.add_argument("--json", action="store_true", help="print one JSON object")
     _add_bridge_commands(sub)
     _add_operator_commands(sub)
+    _add_reconcile_command(sub)
     return p
+
+
+def _add_reconcile_command(sub: Any) -> None:
+    rec = sub.add_parser(
+        "reconcile", help="find and repair divergence between the stacks (a cron job)",
+        description="One reconcile run per invocation. Exit codes: 0 in sync (or all "
+                    "repaired), 1 error (also: compared nothing), 2 bad arguments, "
+                    "3 differences remain (dry run or failed repairs), 4 another run of "
+                    "the same kind holds the lock.")
+    rec.add_argument("kind", choices=("gaps", "notifications", "presence", "all"),
+                     help="what to reconcile")
+    _dsn_option(rec)
+    rec.add_argument("--legacy", metavar="HOST:PORT", type=_host_port,
+                     help="the legacy login server (needed by gaps, presence and all)")
+    rec.add_argument("--since", type=_duration, default=_duration("30d"), metavar="DURATION",
+                     help="how far back to compare, e.g. 90m, 12h, 30d (default 30d)")
+    rec.add_argument("--margin", type=_number, default=10.0, metavar="S",
+                     help="gaps: compare only what is older than now minus the bridge's "
+                          "measured lag minus S seconds (default 10)")
+    rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
+    rec.add_argument("--max-seconds", type=_number, metavar="S",
+                     help="stop after S seconds; the next run resumes where this one stopped")
+    rec.add_argument("--json", action="store_true", help="print one JSON report object")
+    rec.add_argument("--textfile", type=Path, metavar="PATH",
+                     help="write metrics for node_exporter's textfile collector to PATH")
+    rec.add_argument("--pushgateway", metavar="URL", help="push metrics to a Pushgateway")
+    rec.add_argument("--peer-secret-file", type=Path, metavar="FILE",
+                     help="shared secret for privileged peers (default: from $BRIDGE_HOME)")
+
+
+def _duration(text: str) -> int:
+    """'90s', '15m', '12h', '30d' (or plain seconds) -> milliseconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90m, 12h or 30d"
+                                         ) from None
+    if not 0 < value < 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return int(value * units[unit] * 1000)
 
 
 def _add_bridge_commands(sub: Any) -> None:
@@ -922,6 +965,151 @@ def cmd_accounts_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from reconcilers import runner
+
+    kinds = list(runner.KINDS) if args.kind == "all" else [args.kind]
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UsageError("--max-seconds must be positive")
+    if args.margin < 0:
+        raise UsageError("--margin must not be negative")
+    needs_legacy = {"gaps", "presence"} & set(kinds)
+    if needs_legacy and args.legacy is None:
+        raise UsageError("--legacy HOST:PORT is needed to reconcile "
+                         + ", ".join(sorted(needs_legacy)))
+    if args.pushgateway is not None and not args.pushgateway.startswith(("http://", "https://")):
+        raise UsageError("--pushgateway must be an http:// URL")
+    secret = None
+    if needs_legacy:
+        secret = (state.read_secret_file(args.peer_secret_file)
+                  if args.peer_secret_file is not None
+                  else state.secret(state.state_home(), "peer"))
+    dsn, origin = _resolve_dsn(args)
+    _require_current_schema(dsn, origin)
+    interactive = sys.stderr.isatty()
+    stopping = {"now": False}
+
+    async def main(reactor: Any) -> list[Any]:
+        from bridge.discovery import SupernodeLinks, discover
+        from cloud.db import InlineDatabase
+        from legacy.network import TCPNetwork
+
+        links = None
+        if needs_legacy:
+            network = TCPNetwork(reactor)
+            host, port = args.legacy
+            try:
+                directory = await discover(network, host, port, name="reconciler",
+                                           secret=secret)
+            except Exception as e:
+                raise RuntimeFailure(f"cannot reach the legacy network via {host}:{port}: "
+                                     f"{e}") from None
+            links = SupernodeLinks(network, directory, name="reconciler", secret=secret)
+        reports = []
+        with _connect(dsn, origin) as conn, _connect(dsn, origin) as lock_conn:
+            db = InlineDatabase(conn)
+            last = [0.0]
+
+            def progress(text: str) -> None:
+                now = reactor.seconds()
+                if interactive:  # one line redrawn on a terminal, a line per 10 s in cron
+                    print(f"\r{text[:100]:<100}", end="", file=sys.stderr, flush=True)
+                elif now - last[0] >= 10:
+                    last[0] = now
+                    print(text, file=sys.stderr, flush=True)
+
+            for kind in kinds:
+                reconciler = _reconciler(kind, args, links)
+                report = await runner.run_one(
+                    reconciler, clock=reactor, db=db, lock_conn=lock_conn,
+                    dry_run=args.dry_run, max_seconds=args.max_seconds,
+                    on_progress=progress, stop_requested=lambda: stopping["now"])
+                if interactive:
+                    print(file=sys.stderr)
+                reports.append(report)
+        if links is not None:
+            links.close()
+        return reports
+
+    result: dict[str, Any] = {}
+
+    from twisted.internet import defer, task
+
+    async def react_main(reactor: Any) -> None:
+        # Ctrl-C / SIGTERM: the reconciler stops at its next check, saves its progress
+        # (the run ends 'interrupted') and shutdown waits for that.
+        done: defer.Deferred = defer.Deferred()
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: (stopping.__setitem__("now", True), done)[1])
+        try:
+            result["reports"] = await main(reactor)
+        except (RuntimeFailure, UsageError) as e:
+            result["error"] = str(e)
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            done.callback(None)
+
+    try:
+        task.react(lambda r: defer.Deferred.fromCoroutine(react_main(r)))
+    except SystemExit:
+        pass
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    reports = result["reports"]
+    _emit_reconcile_metrics(args, reports)
+    codes = [r.exit_code() for r in reports]
+    code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_DIFFERENCES)
+                 if c in codes), runner.EXIT_IN_SYNC)
+    if args.json:
+        body = reports[0].to_json() if len(reports) == 1 else {
+            "kind": "all", "exit_code": code, "reports": [r.to_json() for r in reports]}
+        print(json.dumps(body, sort_keys=True))
+    else:
+        for r in reports:
+            print(_render_report(r))
+    return code
+
+
+def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
+    import time
+
+    if kind == "gaps":
+        from reconcilers.gaps import GapsConfig, GapsReconciler
+        return GapsReconciler(links, GapsConfig(since_ms=args.since,
+                                                margin_ms=int(args.margin * 1000)))
+    if kind == "notifications":
+        from reconcilers.notifications import NotificationsReconciler
+        return NotificationsReconciler.for_cli(since_ms=args.since, now=time.time())
+    from reconcilers.presence import PresenceReconciler
+    return PresenceReconciler.for_cli(links)
+
+
+def _render_report(report: Any) -> str:
+    if report.locked:
+        return f"{report.kind}: another run holds the lock; nothing done"
+    status = ("error: " + report.error if report.error else
+              "in sync" if report.clean else
+              "compared nothing" if report.compared == 0 else
+              "interrupted (the next run resumes)" if not report.completed else
+              "differences remain" if report.exit_code() else "repaired")
+    return (f"{report.kind}: {status}; compared {report.compared}, suspects "
+            f"{report.suspects}, confirmed {report.confirmed}, repaired {report.repaired}, "
+            f"failed {report.failed}, {report.bytes_from_legacy} bytes from legacy, "
+            f"{report.duration_s:.1f} s" + (" (dry run)" if report.dry_run else ""))
+
+
+def _emit_reconcile_metrics(args: argparse.Namespace, reports: list[Any]) -> None:
+    if args.textfile is None and args.pushgateway is None:
+        return
+    from reconcilers import report as metrics_out
+    if args.textfile is not None:
+        metrics_out.write_textfile(args.textfile, reports)
+    if args.pushgateway is not None:
+        metrics_out.push(args.pushgateway, reports)
+
+
 COMMANDS = {
     ("legacy", "run"): cmd_legacy_run,
     ("legacy", "simulate"): cmd_legacy_simulate,
@@ -935,6 +1123,7 @@ COMMANDS = {
     ("migrate", None): cmd_migrate,
     ("status", None): cmd_status,
     ("accounts", "import"): cmd_accounts_import,
+    ("reconcile", None): cmd_reconcile,
 }
 
 

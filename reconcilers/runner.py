@@ -98,6 +98,8 @@ class RunContext:
     on_progress: Callable[[str], None] = lambda _text: None
     #: set by a reconciler that stopped early because it ran out of time
     interrupted: bool = False
+    #: asked by out_of_time() too: an operator's Ctrl-C / SIGTERM ends the run like a deadline
+    stop_requested: Callable[[], bool] = lambda: False
 
     @property
     def dry_run(self) -> bool:
@@ -108,7 +110,8 @@ class RunContext:
 
     def out_of_time(self) -> bool:
         """True once the deadline passed; the reconciler saves progress and returns."""
-        if self.deadline is not None and self.clock.seconds() >= self.deadline:
+        if (self.deadline is not None and self.clock.seconds() >= self.deadline) \
+                or self.stop_requested():
             self.interrupted = True
         return self.interrupted
 
@@ -162,7 +165,8 @@ def unlock(conn: psycopg.Connection, kind: str) -> None:
 
 async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: TransactionRunner,
                   lock_conn: psycopg.Connection, dry_run: bool, max_seconds: float | None,
-                  on_progress: Callable[[str], None] = lambda _t: None) -> Report:
+                  on_progress: Callable[[str], None] = lambda _t: None,
+                  stop_requested: Callable[[], bool] = lambda: False) -> Report:
     """One run of one kind under its lock; the report says what happened (never raises for
     a failure of the run itself: that is ``report.error``)."""
     kind = reconciler.kind
@@ -176,7 +180,8 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
         report.run_id, report.resumed = run_id, resumed
         deadline = None if max_seconds is None else clock.seconds() + max_seconds
         ctx = RunContext(clock, db, report, progress, deadline,
-                         lambda: db.run(save_progress, run_id, progress), on_progress)
+                         lambda: db.run(save_progress, run_id, progress), on_progress,
+                         stop_requested=stop_requested)
         state = "failed"
         try:
             await reconciler.run(ctx)
