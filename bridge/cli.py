@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from bridge import state
 
 EXIT_OK = 0
@@ -180,8 +182,9 @@ def _add_reconcile_command(sub: Any) -> None:
     _dsn_option(rec)
     rec.add_argument("--legacy", metavar="HOST:PORT", type=_host_port,
                      help="the legacy login server (needed by gaps, presence and all)")
-    rec.add_argument("--since", type=_duration, default=_duration("30d"), metavar="DURATION",
-                     help="how far back to compare, e.g. 90m, 12h, 30d (default 30d)")
+    rec.add_argument("--since", type=_duration, metavar="DURATION",
+                     help="how far back to look, e.g. 90m, 12h, 30d (default: 30d for gaps, "
+                          "24h for notifications)")
     rec.add_argument("--margin", type=_number, default=10.0, metavar="S",
                      help="gaps: compare only what is older than now minus the bridge's "
                           "measured lag minus S seconds (default 10)")
@@ -967,6 +970,7 @@ def cmd_accounts_import(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from reconcilers import runner
+    from reconcilers.report import ProgressLine, render_text
 
     kinds = list(runner.KINDS) if args.kind == "all" else [args.kind]
     if args.max_seconds is not None and args.max_seconds <= 0:
@@ -986,7 +990,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                   else state.secret(state.state_home(), "peer"))
     dsn, origin = _resolve_dsn(args)
     _require_current_schema(dsn, origin)
-    interactive = sys.stderr.isatty()
     stopping = {"now": False}
 
     async def main(reactor: Any) -> list[Any]:
@@ -1008,24 +1011,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         reports = []
         with _connect(dsn, origin) as conn, _connect(dsn, origin) as lock_conn:
             db = InlineDatabase(conn)
-            last = [0.0]
-
-            def progress(text: str) -> None:
-                now = reactor.seconds()
-                if interactive:  # one line redrawn on a terminal, a line per 10 s in cron
-                    print(f"\r{text[:100]:<100}", end="", file=sys.stderr, flush=True)
-                elif now - last[0] >= 10:
-                    last[0] = now
-                    print(text, file=sys.stderr, flush=True)
-
+            progress = ProgressLine(sys.stderr)  # a bar on a terminal, a line per 10 s in cron
             for kind in kinds:
                 reconciler = _reconciler(kind, args, links)
                 report = await runner.run_one(
                     reconciler, clock=reactor, db=db, lock_conn=lock_conn,
                     dry_run=args.dry_run, max_seconds=args.max_seconds,
                     on_progress=progress, stop_requested=lambda: stopping["now"])
-                if interactive:
-                    print(file=sys.stderr)
+                progress.done()
                 reports.append(report)
         if links is not None:
             links.close()
@@ -1058,7 +1051,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"bridgectl: error: {result['error']}", file=sys.stderr)
         return EXIT_FAILURE
     reports = result["reports"]
-    _emit_reconcile_metrics(args, reports)
+    try:
+        _emit_reconcile_metrics(args, reports)
+    except Exception as e:  # reconcilers.report.MetricsError: the run itself stands
+        print(f"bridgectl: warning: metrics not written: {e}", file=sys.stderr)
     codes = [r.exit_code() for r in reports]
     code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_DIFFERENCES)
                  if c in codes), runner.EXIT_IN_SYNC)
@@ -1068,36 +1064,22 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(json.dumps(body, sort_keys=True))
     else:
         for r in reports:
-            print(_render_report(r))
+            print(render_text(r))
     return code
 
 
 def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
-    import time
-
     if kind == "gaps":
         from reconcilers.gaps import GapsConfig, GapsReconciler
-        return GapsReconciler(links, GapsConfig(since_ms=args.since,
-                                                margin_ms=int(args.margin * 1000)))
+        config = GapsConfig(margin_ms=int(args.margin * 1000))
+        if args.since is not None:
+            config = attrs.evolve(config, since_ms=args.since)
+        return GapsReconciler(links, config)
     if kind == "notifications":
         from reconcilers.notifications import NotificationsReconciler
-        return NotificationsReconciler.for_cli(since_ms=args.since, now=time.time())
+        return NotificationsReconciler.for_cli(since_ms=args.since)
     from reconcilers.presence import PresenceReconciler
     return PresenceReconciler.for_cli(links)
-
-
-def _render_report(report: Any) -> str:
-    if report.locked:
-        return f"{report.kind}: another run holds the lock; nothing done"
-    status = ("error: " + report.error if report.error else
-              "in sync" if report.clean else
-              "compared nothing" if report.compared == 0 else
-              "interrupted (the next run resumes)" if not report.completed else
-              "differences remain" if report.exit_code() else "repaired")
-    return (f"{report.kind}: {status}; compared {report.compared}, suspects "
-            f"{report.suspects}, confirmed {report.confirmed}, repaired {report.repaired}, "
-            f"failed {report.failed}, {report.bytes_from_legacy} bytes from legacy, "
-            f"{report.duration_s:.1f} s" + (" (dry run)" if report.dry_run else ""))
 
 
 def _emit_reconcile_metrics(args: argparse.Namespace, reports: list[Any]) -> None:

@@ -177,6 +177,15 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
             store.create_conversation(conn, ids.conversation_id(chat_id), [accounts[sender]],
                                       legacy_chat_id=chat_id)
     step("messages")
+    unstorable = [m for m in messages if "\x00" in m.body]
+    if unstorable:
+        # A body PostgreSQL can not hold (current supernodes refuse these): record it for
+        # the operator instead of failing the batch forever.
+        for m in unstorable:
+            store.record_finding(conn, "mirror_refused", {
+                "chat_id": m.chat_id, "guid": m.guid, "reason": "NUL character in the body"},
+                now_ms, conversation_id=ids.conversation_id(m.chat_id))
+        messages = [m for m in messages if "\x00" not in m.body]
     mirrored = tuple(
         MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
                         accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")

@@ -370,6 +370,8 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     cloud-capable members, and an ``outbox_to_legacy`` row when any member still has legacy
     clients (the bridge is woken by NOTIFY when this commits).
     """
+    if "\x00" in body or "\x00" in client_message_id:
+        raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
     check_member(conn, conversation_id, sender_account_id)
     next_seq = _lock_conversation(conn, conversation_id)
     existing = conn.execute(

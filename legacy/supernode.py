@@ -298,6 +298,9 @@ class Supernode(service.Service):
             raise ProtocolViolation("bad_send", "guid and chat_id must not be empty")
         if _has_control(f.guid, f.chat_id, *f.members):
             raise ProtocolViolation("bad_send", "ids must not contain control characters")
+        if "\x00" in f.body:
+            # Neither stack can store it (PostgreSQL text has no NUL), so refuse it at once.
+            raise ProtocolViolation("bad_send", "the body must not contain NUL characters")
         self.send_to(self.ring.home_of(f.chat_id), wire.RouteSend(
             from_sn=self.sn_id, sender=proto.handle, device=proto.device, guid=f.guid,
             chat_id=f.chat_id, members=f.members, body=f.body))
@@ -708,6 +711,8 @@ class Supernode(service.Service):
             problem = "members must be distinct"
         elif _has_control(m.guid, m.chat_id, *f.members):
             problem = "ids must not contain control characters"
+        elif "\x00" in m.body:
+            problem = "the body must not contain NUL characters"
         elif m.ts_ms and m.ts_ms < self.now_ms() - int(self.config.retention_seconds * 1000):
             # It would be pruned at once and then accepted again as new: refuse it instead.
             problem = "ts_ms is older than this supernode's retention window"

@@ -201,3 +201,20 @@ def test_a_slow_store_stops_the_feed_at_the_credit_window(net, conn):
         net.run(0.1)
     assert len(chat_messages(conn, "chat-1")) == 120
     bridge.stop(net)
+
+
+def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):
+    """A message with NUL in its body (older supernodes let it through) becomes a
+    mirror_refused finding; the rest of the batch is written."""
+    from bridge.follower import mirror_legacy
+
+    def msg(guid: str, body: str) -> wire.ChatMessage:
+        return wire.ChatMessage(chat_id="c1", guid=guid, legacy_seq=1, sender="alice",
+                                ts_ms=1_700_000_000_000, body=body, origin="legacy")
+
+    with conn.transaction():
+        result, *_ = mirror_legacy(conn, {"c1": ("alice", "bob")},
+                                   [msg("g1", "fine"), msg("g2", "bad\x00")], 1)
+    assert [m.legacy_guid for m in result.inserted] == ["g1"]
+    assert conn.execute("SELECT kind, detail->>'guid' FROM reconcile_findings").fetchall() == [
+        ("mirror_refused", "g2")]

@@ -486,12 +486,14 @@ CONTROL_SENDS = {
     "member": wire.Send(guid="g", chat_id="c", members=("mallory", "bob\x1f"), body="x"),
     "nul-guid": wire.Send(guid="g\x00", chat_id="c", members=("mallory", "bob"), body="x"),
     "newline-chat": wire.Send(guid="g", chat_id="c\n", members=("mallory", "bob"), body="x"),
+    # a body may hold control characters, but not NUL: PostgreSQL text can not store it
+    "nul-body": wire.Send(guid="g", chat_id="c", members=("mallory", "bob"), body="a\x00b"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CONTROL_SENDS))
 def test_send_with_a_control_character_in_an_id_is_refused(live, case):
-    """A Send whose guid, chat_id or a member holds a control character: 'bad_send', no append."""
+    """A control character in an id, or NUL in the body: 'bad_send', nothing appended."""
     conn = live.raw()
     conn.login_client()
     offset = live.sn.mem.feed.next_offset
