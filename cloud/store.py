@@ -372,6 +372,11 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     """
     if "\x00" in body or "\x00" in client_message_id:
         raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
+    try:
+        body.encode("utf-8")
+        client_message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     check_member(conn, conversation_id, sender_account_id)
     next_seq = _lock_conversation(conn, conversation_id)
     existing = conn.execute(

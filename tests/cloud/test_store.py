@@ -438,3 +438,13 @@ def test_two_workers_never_split_one_conversations_outbox(db_dsn, conn):
         assert tx(worker_b, store.claim_outbox, NOW + 13, 10, 5000) == []
         assert [i.seq for i in tx(worker_b, store.claim_outbox, NOW + 6000, 10, 5000)] == [
             1, 2, 3]
+
+
+@pytest.mark.parametrize("body", ["a\x00b", "\ud800"])
+def test_post_refuses_text_postgresql_can_not_store(conn, body):
+    """NUL and lone surrogates are refused with ValueError before anything is written."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    with pytest.raises(ValueError):
+        tx(conn, store.post_message, cid, a, "c1", body, NOW)
+    assert table_rows(conn, "messages") == 0
