@@ -125,16 +125,20 @@ class Reconciler(Protocol):
 
 # ---------------------------------------------------------------- the store side of runs
 
-def start_run(conn: psycopg.Connection, kind: str, now_ms: int) -> tuple[int, dict, bool]:
-    """Open a run row; resume the progress of the newest interrupted run of this kind."""
+def start_run(conn: psycopg.Connection, kind: str, now_ms: int,
+              dry_run: bool = False) -> tuple[int, dict, bool]:
+    """Open a run row; resume the progress of the newest interrupted run of this kind and
+    mode (a dry run's progress never makes a real run skip what it did not repair)."""
     row = conn.execute(
         "SELECT run_id, progress FROM reconcile_runs WHERE kind = %s AND state = 'interrupted' "
-        "ORDER BY run_id DESC LIMIT 1", (kind,)).fetchone()
+        "AND coalesce((progress->>'dry_run')::boolean, false) = %s "
+        "ORDER BY run_id DESC LIMIT 1", (kind, dry_run)).fetchone()
     progress, resumed = (dict(row[1]), True) if row is not None else ({}, False)
     if row is not None:
         conn.execute("UPDATE reconcile_runs SET state = 'failed', "
                      "report = coalesce(report, '{}'::jsonb) || '{\"superseded\": true}' "
                      "WHERE run_id = %s", (row[0],))
+    progress["dry_run"] = dry_run
     run_id = conn.execute(
         "INSERT INTO reconcile_runs (kind, state, started_ms, progress) "
         "VALUES (%s, 'running', %s, %s) RETURNING run_id",
@@ -176,7 +180,8 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
         return report
     started = time.monotonic()
     try:
-        run_id, progress, resumed = await db.run(start_run, kind, int(clock.seconds() * 1000))
+        run_id, progress, resumed = await db.run(start_run, kind, int(clock.seconds() * 1000),
+                                                 dry_run)
         report.run_id, report.resumed = run_id, resumed
         deadline = None if max_seconds is None else clock.seconds() + max_seconds
         ctx = RunContext(clock, db, report, progress, deadline,
@@ -189,6 +194,7 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
             state = "finished" if report.completed else "interrupted"
             if report.completed:
                 progress.clear()  # the next run starts a fresh pass
+                progress["dry_run"] = dry_run
         except Exception as e:
             report.error = f"{type(e).__name__}: {e}"
             raise

@@ -177,3 +177,16 @@ def test_feed_gap_chats_go_first_and_a_full_pass_closes_their_findings(scene):
     assert report.clean and report.detail["feed_gaps_covered"] == 1
     assert scene.conn.execute("SELECT state FROM reconcile_findings").fetchone() == (
         "repaired",)
+
+
+def test_an_interrupted_dry_run_does_not_make_a_real_run_skip_anything(scene):
+    """A real run never resumes a dry run's progress (it would skip what was not repaired)."""
+    guids = []
+    for i in range(4):
+        guids += scene.chat(f"chat-{i}", 2, members=(f"v{i}a", f"v{i}b"))
+    scene.mirror()
+    drop_from_cloud(scene.conn, guids)
+    dry, _ = scene.reconcile(dry_run=True, max_seconds=0.0001)
+    assert not dry.completed and dry.compared >= 1
+    real, _ = scene.reconcile()
+    assert not real.resumed and real.compared == 4 and real.repaired == len(guids)
