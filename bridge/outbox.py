@@ -47,13 +47,13 @@ from prometheus_client import Counter
 from psycopg import sql
 from twisted.application.service import Service
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge import ids, metrics
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.dispatcher import LoopState
+from cloud.loop import PollingLoop
 from cloud.retry import RetryPolicy
 from cloud.store import OutboxItem
 from legacy import wire
@@ -158,98 +158,30 @@ class _Refused(Exception):
     """The home supernode refuses this message for good (``bad_message``)."""
 
 
-class OutboxInjector(Service):
+class OutboxInjector(PollingLoop):
     """Injects claimed outbox rows through *peers*, records outcomes through *db*."""
+
+    description = "outbox injector"
+    failure_counter = OUTBOX_LOOP_FAILURES
 
     def __init__(self, clock: IReactorTime, db: TransactionRunner, peers: LegacyPeers,
                  rng: random.Random, config: InjectorConfig | None = None, *,
                  name: str = "outbox-injector") -> None:
-        self._clock = clock
+        self.config = config if config is not None else InjectorConfig()
+        super().__init__(clock, self.config.poll_interval_s, name)
         self._db = db
         self._peers = peers
         self._rng = rng
-        self.config = config if config is not None else InjectorConfig()
-        self.setName(name)
-        self.state = LoopState.IDLE
-        self._timer: IDelayedCall | None = None
-        self._tick_done: defer.Deferred | None = None
-        self._woken = False
-        self._outage_since: float | None = None
-        #: Ticks run so far; rows injected new, acknowledged as duplicates, skipped; failed
-        #: injections (released for a retry) and failed passes of the loop.
-        self.ticks = 0
+        #: Rows injected new, acknowledged as duplicates, skipped; failed injections
+        #: (released for a retry). ``ticks`` and ``loop_failures`` come from PollingLoop.
         self.injected = 0
         #: (time, lag seconds) of recent injections, for the worker's heartbeat
         self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
         self.duplicates = 0
         self.skipped = 0
         self.failures = 0
-        self.loop_failures = 0
         #: Pending rows and the age in ms of the oldest, as of the last tick.
         self.backlog: tuple[int, int | None] = (0, None)
-
-    @property
-    def ready(self) -> bool:
-        """Running and able to reach the database."""
-        return self.running and self._outage_since is None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        if self.state is LoopState.IDLE:
-            self._schedule(0)
-
-    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
-        """Stop ticking; fires once the tick in flight (if any) has finished."""
-        super().stopService()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.state is LoopState.WAITING:
-            self.state = LoopState.IDLE
-        if self._tick_done is None:
-            return defer.succeed(None)
-        waiter: defer.Deferred = defer.Deferred()
-        self._tick_done.addBoth(lambda result: (waiter.callback(None), result)[1])
-        return waiter
-
-    def wake(self) -> None:
-        """New rows were committed (NOTIFY): tick at once, or right after the current tick."""
-        if self.state is LoopState.WAITING and self._timer is not None:
-            self._timer.cancel()
-            self._schedule(0)
-        elif self.state is LoopState.TICKING:
-            self._woken = True  # its claim may have run before those rows committed
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def _schedule(self, delay_s: float) -> None:
-        self.state = LoopState.WAITING
-        self._timer = self._clock.callLater(delay_s, self._start_tick)
-
-    def _start_tick(self) -> None:
-        self._timer = None
-        self._woken = False
-        self.state = LoopState.TICKING
-        self.ticks += 1
-        d = defer.Deferred.fromCoroutine(self._tick())
-        self._tick_done = d
-        d.addErrback(self._tick_failed)
-        d.addCallback(self._finish_tick)
-
-    def _tick_failed(self, failure: Any) -> bool:
-        self.loop_failures += 1
-        OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
-        log.failure("outbox injector tick failed; carrying on", failure)
-        return False
-
-    def _finish_tick(self, backlog: bool) -> None:
-        self._tick_done = None
-        if self.running:
-            self._schedule(0 if backlog or self._woken else self.config.poll_interval_s)
-        else:
-            self.state = LoopState.IDLE
 
     async def _tick(self) -> bool:
         """One pass; True when it claimed a full batch (so more are probably due)."""
@@ -398,26 +330,6 @@ class OutboxInjector(Service):
         log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "
                  "{delay:.1f}s (attempt {attempt})", cid=first.conversation_id, reason=reason,
                  count=len(items), delay=delay_s, attempt=first.attempts)
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return round(self._clock.seconds() * 1000)
-
-    def _database_down(self, e: DatabaseUnavailable) -> None:
-        """Count every failure, but log only the first of an outage."""
-        self.loop_failures += 1
-        OUTBOX_LOOP_FAILURES.labels(reason="database_unavailable").inc()
-        if self._outage_since is None:
-            self._outage_since = self._clock.seconds()
-            log.warn("database unavailable ({error}); the outbox injector keeps retrying "
-                     "every {interval}s", error=e, interval=self.config.poll_interval_s)
-
-    def _database_up(self) -> None:
-        if self._outage_since is not None:
-            log.info("database reachable again after {seconds:.1f}s",
-                     seconds=self._clock.seconds() - self._outage_since)
-            self._outage_since = None
 
 
 # ---------------------------------------------------------------- the NOTIFY listener

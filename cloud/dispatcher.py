@@ -35,19 +35,18 @@ database once per outage, anything else with its traceback), counted in
 
 from __future__ import annotations
 
-import enum
 import random
 from typing import Any
 
 import attrs
 from prometheus_client import Counter
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.loop import PollingLoop
 from cloud.model import Notification
 from cloud.push import PushGateway, PushMessage, PushRejected
 from cloud.retry import RetryPolicy
@@ -97,78 +96,20 @@ class DispatcherConfig:
     push_timeout_s: float = attrs.field(default=5.0, converter=float, validator=_positive)
 
 
-class LoopState(enum.Enum):
-    IDLE = "idle"  # not running, nothing in flight
-    WAITING = "waiting"  # running, next tick scheduled
-    TICKING = "ticking"  # a tick is in flight (running or being stopped)
-
-
-class NotificationDispatcher(Service):
+class NotificationDispatcher(PollingLoop):
     """Pushes due notifications through *gateway*, records outcomes through *db*."""
+
+    description = "notification dispatcher"
+    failure_counter = LOOP_FAILURES
 
     def __init__(self, clock: IReactorTime, db: TransactionRunner, gateway: PushGateway,
                  rng: random.Random, config: DispatcherConfig | None = None, *,
                  name: str = "notification-dispatcher") -> None:
-        self._clock = clock
+        self.config = config if config is not None else DispatcherConfig()
+        super().__init__(clock, self.config.poll_interval_s, name)
         self._db = db
         self._gateway = gateway
         self._rng = rng
-        self.config = config if config is not None else DispatcherConfig()
-        self.setName(name)
-        self.state = LoopState.IDLE
-        self._timer: IDelayedCall | None = None
-        self._tick_done: defer.Deferred | None = None
-        self._outage_since: float | None = None
-        #: Ticks run so far (for tests and debugging).
-        self.ticks = 0
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        if self.state is LoopState.IDLE:
-            self._schedule(0)
-
-    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
-        """Stop ticking; fires once the tick in flight (if any) has finished."""
-        super().stopService()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.state is LoopState.WAITING:
-            self.state = LoopState.IDLE
-        if self._tick_done is None:
-            return defer.succeed(None)
-        waiter: defer.Deferred = defer.Deferred()
-        self._tick_done.addBoth(lambda result: (waiter.callback(None), result)[1])
-        return waiter
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def _schedule(self, delay_s: float) -> None:
-        self.state = LoopState.WAITING
-        self._timer = self._clock.callLater(delay_s, self._start_tick)
-
-    def _start_tick(self) -> None:
-        self._timer = None
-        self.state = LoopState.TICKING
-        self.ticks += 1
-        d = defer.Deferred.fromCoroutine(self._tick())
-        self._tick_done = d
-        d.addErrback(self._tick_failed)
-        d.addCallback(self._finish_tick)
-
-    def _tick_failed(self, failure: Any) -> bool:
-        LOOP_FAILURES.labels(reason="error").inc()
-        log.failure("notification dispatcher tick failed; carrying on", failure)
-        return False
-
-    def _finish_tick(self, backlog: bool) -> None:
-        self._tick_done = None
-        if self.running:
-            self._schedule(0 if backlog else self.config.poll_interval_s)
-        else:
-            self.state = LoopState.IDLE
 
     async def _tick(self) -> bool:
         """One pass; True when it claimed a full batch (so more are probably due)."""
@@ -224,23 +165,3 @@ class NotificationDispatcher(Service):
             LOOP_FAILURES.labels(reason="error").inc()
             log.failure("pushing notification {nid} failed unexpectedly; it comes due again",
                         nid=n.notification_id)
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return round(self._clock.seconds() * 1000)
-
-    def _database_down(self, error: DatabaseUnavailable) -> None:
-        """Count every failure, but log only the first of an outage."""
-        LOOP_FAILURES.labels(reason="database_unavailable").inc()
-        if self._outage_since is None:
-            self._outage_since = self._clock.seconds()
-            log.warn("database unavailable ({error}); the notification dispatcher keeps "
-                     "retrying every {interval}s", error=error,
-                     interval=self.config.poll_interval_s)
-
-    def _database_up(self) -> None:
-        if self._outage_since is not None:
-            log.info("database reachable again after {seconds:.1f}s",
-                     seconds=self._clock.seconds() - self._outage_since)
-            self._outage_since = None

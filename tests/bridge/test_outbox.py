@@ -30,7 +30,7 @@ from bridge.outbox import (
 )
 from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
-from cloud.dispatcher import LoopState
+from cloud.loop import LoopState
 from cloud.model import Account, Message
 from cloud.retry import RetryPolicy
 from legacy import wire

@@ -21,8 +21,9 @@ from twisted.logger import globalLogPublisher
 
 from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
-from cloud.dispatcher import DispatcherConfig, LoopState, NotificationDispatcher
+from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
+from cloud.loop import LoopState
 from cloud.model import Account
 from cloud.push import NotificationChannel, PushMessage, PushRejected
 from cloud.retry import RetryPolicy
