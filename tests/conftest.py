@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import pytest
+from twisted.logger import globalLogPublisher
 
-from tests.dbfixture import conn, db_dsn, db_server  # noqa: F401 - fixtures, used by name
+from tests.dbfixture import conn, db_dsn, db_server, empty_dsn  # noqa: F401 - fixtures
 
-_DB_FIXTURES = {"db_server", "db_dsn", "conn"}
+_DB_FIXTURES = {"db_server", "db_dsn", "conn", "empty_dsn"}
+
+
+@pytest.fixture
+def log_events():
+    """``log_events(namespace)``: the Twisted log events of that namespace during the test."""
+    observers = []
+
+    def capture(namespace: str) -> list[dict]:
+        events: list[dict] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == namespace:
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        observers.append(observe)
+        return events
+
+    yield capture
+    for observe in observers:
+        globalLogPublisher.removeObserver(observe)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

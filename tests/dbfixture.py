@@ -56,6 +56,19 @@ def db_dsn(db_server: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def empty_dsn(db_server: str) -> Iterator[str]:
+    """DSN of a brand-new, empty database (no schema), dropped after the test."""
+    name = f"bridge_empty_{secrets.token_hex(4)}"
+    with psycopg.connect(db_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(db_server, name)
+    finally:
+        with psycopg.connect(db_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def truncate_all(conn: psycopg.Connection) -> None:
     tables = [r[0] for r in conn.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "

@@ -5,50 +5,36 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import psycopg
 import pytest
 
 from bridge import cli
 from cloud import embedded, schema
-from tests.dbfixture import _with_dbname
 
 
-@pytest.fixture
-def fresh_dsn(db_server):
-    name = f"bridge_cli_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_dbname(db_server, name)
-    finally:
-        with psycopg.connect(db_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_upgrade_then_status_shows_every_version_applied(fresh_dsn, capsys):
+def test_upgrade_then_status_shows_every_version_applied(empty_dsn, capsys):
     """db status lists pending versions; db upgrade applies them; a rerun applies nothing."""
     shipped = [m.version for m in schema.shipped_migrations()]
-    assert cli.main(["db", "status", "--dsn", fresh_dsn, "--json"]) == cli.EXIT_OK
+    assert cli.main(["db", "status", "--dsn", empty_dsn, "--json"]) == cli.EXIT_OK
     before = json.loads(capsys.readouterr().out)
     assert [p["version"] for p in before["pending"]] == shipped and before["current"] == 0
-    assert cli.main(["db", "upgrade", "--dsn", fresh_dsn]) == cli.EXIT_OK
+    assert cli.main(["db", "upgrade", "--dsn", empty_dsn]) == cli.EXIT_OK
     assert "applied 0001" in capsys.readouterr().out
-    assert cli.main(["db", "upgrade", "--dsn", fresh_dsn]) == cli.EXIT_OK
+    assert cli.main(["db", "upgrade", "--dsn", empty_dsn]) == cli.EXIT_OK
     assert "nothing to apply" in capsys.readouterr().out
-    assert cli.main(["db", "status", "--dsn", fresh_dsn, "--json"]) == cli.EXIT_OK
+    assert cli.main(["db", "status", "--dsn", empty_dsn, "--json"]) == cli.EXIT_OK
     after = json.loads(capsys.readouterr().out)
     assert after["pending"] == [] and after["current"] == shipped[-1]
 
 
-def test_bridge_dsn_environment_variable_is_used(fresh_dsn, capsys, monkeypatch):
+def test_bridge_dsn_environment_variable_is_used(empty_dsn, capsys, monkeypatch):
     """With no --dsn, $BRIDGE_DSN selects the server (and db dsn prints it)."""
-    monkeypatch.setenv("BRIDGE_DSN", fresh_dsn)
+    monkeypatch.setenv("BRIDGE_DSN", empty_dsn)
     assert cli.main(["db", "dsn"]) == cli.EXIT_OK
-    assert capsys.readouterr().out.strip() == fresh_dsn
+    assert capsys.readouterr().out.strip() == empty_dsn
     assert cli.main(["db", "upgrade"]) == cli.EXIT_OK
-    with psycopg.connect(fresh_dsn) as conn:
+    with psycopg.connect(empty_dsn) as conn:
         assert schema.status(conn).pending == ()
 
 

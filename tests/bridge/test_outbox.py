@@ -18,7 +18,6 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import defer, error
-from twisted.logger import globalLogPublisher
 
 from bridge import ids
 from bridge.outbox import (
@@ -200,16 +199,8 @@ def make_scene(conn):
 
 
 @pytest.fixture
-def outbox_log():
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "bridge.outbox":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+def outbox_log(log_events):
+    return log_events("bridge.outbox")
 
 
 def two_party(conn, a: str = "alice", b: str = "bob") -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:

@@ -17,7 +17,6 @@ import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
@@ -412,16 +411,8 @@ class FaultyDatabase:
 
 
 @pytest.fixture
-def dispatcher_log():
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "cloud.dispatcher":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+def dispatcher_log(log_events):
+    return log_events("cloud.dispatcher")
 
 
 def test_loop_survives_database_outages_and_unexpected_errors(conn, dispatcher_log):

@@ -12,7 +12,6 @@ import pytest
 
 from cloud import schema, store
 from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage, Presence
-from tests.dbfixture import _with_dbname
 
 VECTORS = json.loads((Path(__file__).parents[2] / "docs" / "digest-vectors.json").read_text())
 NOW = 1_700_000_000_000
@@ -45,18 +44,6 @@ def table_rows(conn, table: str) -> int:
 
 
 # ---------------------------------------------------------------- migrations
-
-@pytest.fixture
-def empty_dsn(db_server):
-    name = f"bridge_empty_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_dbname(db_server, name)
-    finally:
-        with psycopg.connect(db_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
 
 def test_upgrade_from_empty_applies_every_version_then_nothing(empty_dsn):
     """Upgrading an empty database applies all shipped versions once; a rerun applies none."""
