@@ -228,6 +228,7 @@ class FeedFollower(Service):
         self._linger: Any = None
         self._loop: defer.Deferred | None = None
         self._sleep_call: Any = None
+        self._sleeping: defer.Deferred | None = None
         self._failures = 0
         self.db_ok = True
         # counters for tests, status and heartbeats
@@ -254,9 +255,7 @@ class FeedFollower(Service):
 
     async def _stop(self) -> None:
         self.state = FollowerState.STOPPED
-        if self._sleep_call is not None and self._sleep_call.active():
-            self._sleep_call.cancel()
-            self._sleep_call = None
+        self._wake_sleeper()  # a retry or backoff wait ends now, and sees the stop
         # Drain: commit what has arrived (a clean stop leaves nothing to replay), then go.
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -276,12 +275,27 @@ class FeedFollower(Service):
     # -- connection loop -------------------------------------------------------------------
 
     def _sleep(self, seconds: float) -> defer.Deferred:
+        """Wait on the clock; ``_wake_sleeper`` ends the wait early (on stop)."""
         d: defer.Deferred = defer.Deferred()
-        self._sleep_call = self.clock.callLater(seconds, d.callback, None)
+        self._sleeping = d
+        self._sleep_call = self.clock.callLater(seconds, self._wake_sleeper)
         return d
 
+    def _wake_sleeper(self) -> None:
+        if self._sleep_call is not None and self._sleep_call.active():
+            self._sleep_call.cancel()
+        self._sleep_call = None
+        sleeping, self._sleeping = self._sleeping, None
+        if sleeping is not None and not sleeping.called:
+            sleeping.callback(None)
+
+    @property
+    def _stopped(self) -> bool:
+        """Stopped by the service, or fenced off (another worker holds the lease)."""
+        return not self.running or self.state is FollowerState.STOPPED
+
     async def _run(self) -> None:
-        while self.running:
+        while not self._stopped:
             self.state = FollowerState.CONNECTING
             try:
                 if self.checkpoint is None:
@@ -290,11 +304,11 @@ class FeedFollower(Service):
                                           name=self.worker_id, secret=self._secret,
                                           timeout=self.config.connect_timeout_s)
             except Exception as e:
-                if not self.running:
+                if self._stopped:
                     return
                 await self._backoff("connect", e)
                 continue
-            if not self.running:
+            if self._stopped:
                 peer.disconnect()
                 return
             self.peer = peer
@@ -313,7 +327,7 @@ class FeedFollower(Service):
             finally:
                 m.FEEDS_CONNECTED.dec()
                 self.peer = None
-            if not self.running:
+            if self._stopped:
                 return
             # What was not committed will be sent again from the checkpoint.
             if self._linger is not None and self._linger.active():
@@ -426,9 +440,11 @@ class FeedFollower(Service):
                     else:
                         log.failure("supernode {sn}: committing a feed batch failed; "
                                     "retrying", sn=self.source)
-                    if not self.running and self.state is FollowerState.STOPPED:
-                        return
+                    if self._stopped:
+                        return  # the batch is replayed from the checkpoint by whoever follows
                     await self._sleep(self.config.retry.delay(attempt, self._rng))
+                    if self._stopped:
+                        return
             self.db_ok = True
             if self.fault is not None:
                 self.fault("committed")  # committed, not yet credited or remembered

@@ -218,3 +218,17 @@ def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):
     assert [m.legacy_guid for m in result.inserted] == ["g1"]
     assert conn.execute("SELECT kind, detail->>'guid' FROM reconcile_findings").fetchall() == [
         ("mirror_refused", "g2")]
+
+
+def test_stopping_during_a_database_outage_finishes_promptly(net, conn):
+    """A follower waiting to retry a commit stops at once; nothing is lost, it replays."""
+    send_some(net, 5)
+    bridge = Bridge(net, FlakyDatabase(InlineDatabase(conn), 10_000)).start()
+    net.run(5.0)  # commits keep failing: the follower sits in its retry wait
+    stopped = defer.gatherResults([f.stopService() for f in bridge.followers.values()])
+    net.run(0.1)
+    assert stopped.called
+    again = Bridge(net, InlineDatabase(conn)).start()
+    net.run(3.0)
+    assert len(chat_messages(conn, "chat-1")) == 5
+    again.stop(net)
