@@ -91,20 +91,52 @@ class BridgeWorker(MultiService):
         self._lease_expiry: dict[str, float] = {}
         self.known = KnownIds()
         self.accounts_synced: Any = None
+        #: links to supernodes this worker does not follow (for injections), by sn id
+        self._links: dict[str, PeerConnection] = {}
+        self._linking: set[str] = set()
 
     # -- LegacyPeers, for the outbox injector ---------------------------------------------
 
     def for_chat(self, chat_id: str) -> PeerConnection | None:
-        """A ready connection to the chat's home supernode, or None while it is down."""
+        """A ready connection to the chat's home supernode, or None while there is none.
+
+        The feed connection when this worker follows that supernode; otherwise a link of its
+        own, opened on first need (any worker may claim any outbox row, so every worker
+        must be able to reach every home). None means "not yet": the caller retries.
+        """
         if self.ring is None:
             return None
-        follower = self.followers.get(self.ring.home_of(chat_id))
-        return follower.peer if follower is not None and follower.connected else None
+        return self._peer_for(self.ring.home_of(chat_id))
 
     def any(self) -> PeerConnection | None:
         for follower in self.followers.values():
             if follower.connected:
                 return follower.peer
+        return next(iter(self._links.values()), None) if self._links else None
+
+    def _peer_for(self, sn: str) -> PeerConnection | None:
+        follower = self.followers.get(sn)
+        if follower is not None and follower.connected:
+            return follower.peer
+        link = self._links.get(sn)
+        if link is not None and link.transport is not None and not link.closed.called:
+            return link
+        self._links.pop(sn, None)
+        addr = self.directory.get(sn)
+        if addr is not None and sn not in self._linking and self.running:
+            self._linking.add(sn)
+            d = connect_peer(self.network, addr.host, addr.port, name=self.config.worker_id,
+                             secret=self._secret,
+                             timeout=self.config.follower.connect_timeout_s)
+
+            def linked(peer: PeerConnection) -> None:
+                if self.running:
+                    self._links[sn] = peer
+                else:
+                    peer.disconnect()
+
+            d.addCallbacks(linked, lambda _f: None)
+            d.addBoth(lambda _: self._linking.discard(sn))
         return None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -154,6 +186,9 @@ class BridgeWorker(MultiService):
                 call.cancel()
         self._calls = []
         held = [(f.lease, f.fence) for f in self.followers.values() if f.lease is not None]
+        for link in self._links.values():
+            link.disconnect()
+        self._links.clear()
         d = super().stopService()
 
         def release_leases(result: Any) -> Any:

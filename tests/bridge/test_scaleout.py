@@ -102,3 +102,40 @@ def test_a_stale_worker_can_not_commit(conn):
     with conn.transaction():
         assert not store.renew_lease(conn, "feed:sn0", "old", old, now + 2003, 1000)
         assert store.renew_lease(conn, "feed:sn0", "new", new, now + 2003, 1000)
+
+
+def test_any_worker_can_inject_into_any_home_supernode(conn, db_dsn):
+    """Two workers: cloud posts reach the legacy side whichever worker claims them, even
+    one that does not follow the chat's home supernode."""
+    from bridge.outbox import InjectorConfig, OutboxInjector
+    from cloud.retry import RetryPolicy
+
+    net = LegacyNet(4, seed=10).start()
+    alice, bob = net.add_user("alice"), net.add_user("bob")
+    da, dbob = net.device(alice), net.device(bob)
+    net.online(da, dbob)
+    workers = []
+    for wid in ("wa", "wb"):
+        w = make_worker(net, db_dsn, wid)
+        w.injector = OutboxInjector(net.clock, w.db, w, random.Random(wid), InjectorConfig(
+            poll_interval_s=0.2, retry=RetryPolicy(initial_s=0.2, factor=2, cap_s=2, jitter=0)))
+        w.injector.setServiceParent(w)
+        w.startService()
+        workers.append(w)
+    da.send("chat-1", ("alice", "bob"), "hello")
+    net.run(8.0)
+    from bridge import ids
+    cid, bob_id = ids.conversation_id("chat-1"), ids.account_id("bob")
+    with conn.transaction():
+        store.set_phase(conn, bob_id, "dual")
+    for i in range(10):
+        with conn.transaction():
+            store.post_message(conn, cid, bob_id, f"c{i}", f"cloud {i}",
+                               int(net.clock.seconds() * 1000))
+    net.run(20.0)
+    assert conn.execute("SELECT state, count(*) FROM outbox_to_legacy GROUP BY 1").fetchall() \
+        == [("done", 10)]
+    home = net.supernodes[net.ring.home_of("chat-1")].history("chat-1")
+    assert sum(m.origin == "cloud" for m in home) == 10
+    for w in workers:
+        net.wait(w.stopService())
