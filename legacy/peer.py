@@ -33,9 +33,14 @@ class PeerRefused(CodedError):
 
 
 class PeerConnection(FrameProtocol):
-    def __init__(self, name: str, secret: bytes) -> None:
+    def __init__(self, name: str, secret: bytes, *, clock: Any = None,
+                 request_timeout: float | None = None) -> None:
         self.name = name
         self.secret = secret
+        #: with a clock, a request not answered within *request_timeout* fails with
+        #: TimeoutError (a stuck or half-open supernode must not hang its caller forever)
+        self._clock = clock
+        self._timeout = request_timeout
         self.ready: defer.Deferred = defer.Deferred()
         self.server_id = ""
         self.epoch = 0
@@ -66,8 +71,11 @@ class PeerConnection(FrameProtocol):
                 raise ProtocolViolation("unexpected", "feed frame without a subscription")
             self.feed_handler(f)
         elif isinstance(f, wire.HostCache):
-            if self._host_cache:
-                self._host_cache.popleft().callback(list(f.supernodes))
+            while self._host_cache:
+                waiter = self._host_cache.popleft()
+                if not waiter.called:  # skip requests that timed out
+                    waiter.callback(list(f.supernodes))
+                    break
         elif isinstance(f, _REPLIES):
             d = self._pending.pop(f.req_id, None)
             if d is None:
@@ -100,6 +108,12 @@ class PeerConnection(FrameProtocol):
         d: defer.Deferred = defer.Deferred()
         self._pending[req_id] = d
         self.send(make(req_id))
+        return self._bounded(d, lambda: self._pending.pop(req_id, None))
+
+    def _bounded(self, d: defer.Deferred, forget: Callable[[], Any]) -> defer.Deferred:
+        if self._clock is not None and self._timeout is not None:
+            d.addTimeout(self._timeout, self._clock)
+            d.addErrback(lambda f: (forget(), f)[1])  # a late reply then finds nobody
         return d
 
     def disconnect(self) -> None:
@@ -112,7 +126,7 @@ class PeerConnection(FrameProtocol):
         d: defer.Deferred = defer.Deferred()
         self._host_cache.append(d)
         self.send(wire.HostCacheRequest())
-        return d
+        return self._bounded(d, lambda: None)
 
     def subscribe(self, epoch: int, offset: int, window: int,
                   handler: Callable[[Any], None]) -> None:
@@ -157,9 +171,16 @@ class PeerConnection(FrameProtocol):
         return self._request(lambda r: wire.SetMoved(req_id=r, handle=handle, moved=moved))
 
 
+#: Default bound on one privileged request (digests of a huge chat stay well below it).
+REQUEST_TIMEOUT_S = 30.0
+
+
 def connect_peer(network: Network, host: str, port: int, *, name: str, secret: bytes,
-                 timeout: float = 5.0) -> defer.Deferred:
-    """Connect and authenticate; fires with a ready ``PeerConnection``."""
-    d = network.connect(host, port, Factory.forProtocol(lambda: PeerConnection(name, secret)),
-                        timeout=timeout)
+                 timeout: float = 5.0,
+                 request_timeout: float | None = REQUEST_TIMEOUT_S) -> defer.Deferred:
+    """Connect and authenticate; fires with a ready ``PeerConnection`` whose requests fail
+    with TimeoutError after *request_timeout* seconds on the network's clock."""
+    d = network.connect(host, port, Factory.forProtocol(
+        lambda: PeerConnection(name, secret, clock=network.clock,
+                               request_timeout=request_timeout)), timeout=timeout)
     return d.addCallback(lambda proto: proto.ready)

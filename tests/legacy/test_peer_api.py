@@ -306,3 +306,26 @@ def test_inject_message_with_a_control_character_in_an_id_is_refused(case):
     ok = net.wait(peer.inject_message(cloud_message(net.chat_homed_at("sn0"), "fine"),
                                       ("alice", "bob")))
     assert ok.status == "new"
+
+
+def test_an_unanswered_request_times_out_instead_of_hanging():
+    """A supernode that never answers (stuck, half-open) fails the request after the bound."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from legacy.peer import PeerConnection
+
+    clock = Clock()
+    peer = PeerConnection("p", b"secret-0123456789abcdef", clock=clock, request_timeout=30)
+    peer.makeConnection(StringTransport())
+    d = peer.fetch("chat", ["g1"])
+    hosts = peer.host_cache()
+    clock.advance(29)
+    assert not d.called and not hosts.called
+    clock.advance(2)
+    failures = []
+    d.addErrback(failures.append)
+    hosts.addErrback(failures.append)
+    assert [f.check(defer.TimeoutError) for f in failures] == [defer.TimeoutError] * 2
+    assert peer._pending == {}
