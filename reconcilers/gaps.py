@@ -106,13 +106,16 @@ def open_gap_sources(conn: psycopg.Connection) -> list[str]:
         "WHERE kind = 'feed_gap' AND state = 'open'")]
 
 
-def close_gap_findings(conn: psycopg.Connection, before_ms: int, run_id: int | None,
-                       now_ms: int) -> int:
+def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequence[str],
+                       run_id: int | None, now_ms: int) -> int:
+    """Close the feed_gap findings a completed pass covered: those of the supernodes whose
+    chats it compared first, found before its watermark (so their losses were compared)."""
     return conn.execute(
         "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
         "detail = detail || jsonb_build_object('covered_by_run', %s::bigint) "
-        "WHERE kind = 'feed_gap' AND state = 'open' AND created_ms < %s",
-        (now_ms, run_id, before_ms)).rowcount
+        "WHERE kind = 'feed_gap' AND state = 'open' AND created_ms < %s "
+        "AND detail->>'source' = ANY(%s)",
+        (now_ms, run_id, before_ms, list(sources))).rowcount
 
 
 def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state: str,
@@ -150,19 +153,29 @@ class GapsReconciler:
     # -- the pass --------------------------------------------------------------------------
 
     async def run(self, ctx: RunContext) -> None:
-        cfg, report, db = self.config, ctx.report, ctx.db
+        cfg, report, db, progress = self.config, ctx.report, ctx.db, ctx.progress
         now = ctx.now_ms()
-        lag = await db.run(lag_ms, now)
-        end = now - lag - cfg.margin_ms
-        start = max(0, now - cfg.since_ms)
-        report.detail.update({"watermark_ms": end, "since_ms": start, "lag_ms": lag})
         chats = await self._all_chats(db)
-        gap_sources = set(await db.run(open_gap_sources))
+        gap_sources = sorted(set(await db.run(open_gap_sources)))
+        if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
+            # new feed gaps since the pass began: their chats would move ahead of where the
+            # pass stopped and be skipped; start the pass over instead
+            for key in ("phase", "after"):
+                progress.pop(key, None)
+            report.detail["restarted"] = True
+        if progress.get("phase") is None:  # a new pass: fix its window and its gap set
+            lag = await db.run(lag_ms, now)
+            progress.update({"watermark_ms": now - lag - cfg.margin_ms,
+                             "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
+                             "gap_sources": gap_sources})
+        end, start = progress["watermark_ms"], progress["since_ms"]
+        report.detail.update({"watermark_ms": end, "since_ms": start,
+                              "lag_ms": progress["lag_ms"]})
         ring = self.legacy.ring
         first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
         rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
-        done_phase, done_after = ctx.progress.get("phase"), ctx.progress.get("after")
+        done_phase, done_after = progress.get("phase"), progress.get("after")
         if done_phase is not None:  # resume after the last chat a previous run finished
             phases = ["priority", "rest"]
             order = [(ph, c) for ph, c in order
@@ -198,7 +211,8 @@ class GapsReconciler:
                 await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
         report.detail.update(attrs.asdict(self.counters))
         if not ctx.interrupted and report.failed == 0 and not ctx.dry_run:
-            closed = await db.run(close_gap_findings, now, report.run_id, ctx.now_ms())
+            closed = await db.run(close_gap_findings, end, gap_sources, report.run_id,
+                                  ctx.now_ms())
             report.detail["feed_gaps_covered"] = closed
 
     async def _all_chats(self, db: TransactionRunner
@@ -341,9 +355,13 @@ class GapsReconciler:
             await ctx.db.run(record_repair, report.run_id, "missing_in_cloud", "failed",
                              diff.conversation_id, {**detail, "error": str(e)}, ctx.now_ms())
             return
-        report.repaired += len(messages)
+        # what the store now has; the rest it refused (e.g. a body it can not hold)
+        resolved = len(result.inserted) + result.duplicates
+        report.repaired += resolved
+        report.failed += len(messages) - resolved
         detail["inserted"] = len(result.inserted)
-        await ctx.db.run(record_repair, report.run_id, "missing_in_cloud", "repaired",
+        await ctx.db.run(record_repair, report.run_id, "missing_in_cloud",
+                         "repaired" if resolved == len(messages) else "failed",
                          diff.conversation_id, detail, ctx.now_ms())
 
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,

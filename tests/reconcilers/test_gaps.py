@@ -190,3 +190,25 @@ def test_an_interrupted_dry_run_does_not_make_a_real_run_skip_anything(scene):
     assert not dry.completed and dry.compared >= 1
     real, _ = scene.reconcile()
     assert not real.resumed and real.compared == 4 and real.repaired == len(guids)
+
+
+def test_a_feed_gap_found_mid_pass_restarts_the_pass_instead_of_skipping(scene):
+    """New gap sources between an interrupted run and its resume: the pass starts over, so
+    the gap's chats are compared (not skipped) before their finding is closed."""
+    per_chat = {}
+    for i in range(6):
+        per_chat[f"chat-{i}"] = scene.chat(f"chat-{i}", 2, members=(f"w{i}a", f"w{i}b"))
+    scene.mirror()
+    first, _ = scene.reconcile(max_seconds=0.0001)
+    assert not first.completed
+    lost_chat = "chat-4"
+    drop_from_cloud(scene.conn, per_chat[lost_chat])
+    with scene.conn.transaction():
+        store.record_finding(scene.conn, "feed_gap",
+                             {"source": scene.net.ring.home_of(lost_chat), "gap": "epoch"},
+                             int(scene.net.clock.seconds() * 1000))
+    second, _ = scene.reconcile()
+    assert second.detail.get("restarted") and second.completed and second.compared == 6
+    assert second.repaired == 2 and len(chat_messages(scene.conn, lost_chat)) == 2
+    assert scene.conn.execute("SELECT state FROM reconcile_findings WHERE kind = 'feed_gap'"
+                              ).fetchone() == ("repaired",)
