@@ -27,7 +27,7 @@ from bridge.accounts import import_accounts
 from bridge.discovery import discover
 from bridge.follower import FeedFollower, FollowerConfig, KnownIds
 from bridge.presence import PresenceMirror
-from cloud import store
+from cloud import admin, store
 from cloud.db import TransactionRunner
 from cloud.retry import RetryPolicy
 from legacy import wire
@@ -298,8 +298,8 @@ class BridgeWorker(MultiService):
         if not self.directory:
             return
         try:
-            live = await self.db.run(store.live_workers, int(now * 1000),
-                                     round(3 * cfg.heartbeat_s * 1000))
+            live = [w.worker_id for w in await self.db.run(
+                admin.live_workers, int(now * 1000), round(3 * cfg.heartbeat_s * 1000))]
         except Exception:
             return
         workers = max(1, len(set(live) | {wid}))

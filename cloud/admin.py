@@ -20,8 +20,7 @@ from psycopg.types.json import Jsonb
 from cloud.model import PHASES, Account
 from cloud.store import Conflict, NotFound
 
-#: A bridge worker counts as live while its last heartbeat is younger than this (the same
-#: rule as ``cloud.store.live_workers``, which the scale-out uses).
+#: A bridge worker counts as live while its last heartbeat is younger than this.
 LIVE_WORKER_MS = 30_000
 #: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
 CLEAN_RECONCILE_KINDS = ("gaps", "all")
@@ -309,8 +308,8 @@ def workers(conn: psycopg.Connection) -> list[WorkerRow]:
 
 def live_workers(conn: psycopg.Connection, now_ms: int,
                  within_ms: int = LIVE_WORKER_MS) -> list[WorkerRow]:
-    """Live workers (``WorkerRow.live``) with their lags; ``cloud.store.live_workers`` is the
-    same rule returning only the ids."""
+    """Live workers (``WorkerRow.live``) with their lags: the one rule the gates, status,
+    the gaps watermark and the worker's lease share use."""
     rows = conn.execute(f"SELECT {_WORKER_COLS} FROM bridge_workers "
                         "WHERE heartbeat_ms > %s AND state <> 'stopped' ORDER BY worker_id",
                         (now_ms - within_ms,)).fetchall()

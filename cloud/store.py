@@ -196,13 +196,6 @@ def check_lease(conn: psycopg.Connection, name: str, holder: str, fence: int) ->
         raise StaleFence(f"lease {name!r} is no longer held by {holder!r} under fence {fence}")
 
 
-def live_workers(conn: psycopg.Connection, now_ms: int, within_ms: int) -> list[str]:
-    """Workers that heartbeated within *within_ms* and did not stop."""
-    return [r[0] for r in conn.execute(
-        "SELECT worker_id FROM bridge_workers WHERE heartbeat_ms > %s AND state <> 'stopped' "
-        "ORDER BY worker_id", (now_ms - within_ms,))]
-
-
 def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | None:
     row = conn.execute('SELECT source, epoch, "offset", fence FROM bridge_checkpoints '
                        "WHERE source = %s", (source,)).fetchone()

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.follower import mirror_legacy
-from cloud import store
+from cloud import admin, store
 from cloud.db import TransactionRunner
 from legacy import wire
 from legacy.peer import PeerConnection
@@ -93,11 +93,8 @@ def _digest_pair(legacy: Any, cloud: store.Digest) -> bool:
 
 def lag_ms(conn: psycopg.Connection, now_ms: int) -> int:
     """The worst lag live bridge workers report (0 when none report one)."""
-    row = conn.execute(
-        "SELECT max(greatest(coalesce(lag_to_cloud_ms, 0), coalesce(lag_to_legacy_ms, 0))) "
-        "FROM bridge_workers WHERE heartbeat_ms > %s AND state <> 'stopped'",
-        (now_ms - 30_000,)).fetchone()
-    return int(row[0] or 0)
+    return max((max(w.lag_to_cloud_ms or 0, w.lag_to_legacy_ms or 0)
+                for w in admin.live_workers(conn, now_ms)), default=0)
 
 
 def open_gap_sources(conn: psycopg.Connection) -> list[str]:
