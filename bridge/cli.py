@@ -990,9 +990,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                   else state.secret(state.state_home(), "peer"))
     dsn, origin = _resolve_dsn(args)
     _require_current_schema(dsn, origin)
-    stopping = {"now": False}
-
-    async def main(reactor: Any) -> list[Any]:
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        # Ctrl-C / SIGTERM fire stop_signal: the reconciler stops at its next check, saves
+        # its progress (the run ends 'interrupted'), and shutdown waits for that.
         from bridge.discovery import SupernodeLinks, discover
         from cloud.db import InlineDatabase
         from legacy.network import TCPNetwork
@@ -1017,36 +1017,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 report = await runner.run_one(
                     reconciler, clock=reactor, db=db, lock_conn=lock_conn,
                     dry_run=args.dry_run, max_seconds=args.max_seconds,
-                    on_progress=progress, stop_requested=lambda: stopping["now"])
+                    on_progress=progress, stop_requested=lambda: stop_signal.called)
                 progress.done()
                 reports.append(report)
         if links is not None:
             links.close()
-        return reports
+        return {"reports": reports}
 
-    result: dict[str, Any] = {}
-
-    from twisted.internet import defer, task
-
-    async def react_main(reactor: Any) -> None:
-        # Ctrl-C / SIGTERM: the reconciler stops at its next check, saves its progress
-        # (the run ends 'interrupted') and shutdown waits for that.
-        done: defer.Deferred = defer.Deferred()
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: (stopping.__setitem__("now", True), done)[1])
-        try:
-            result["reports"] = await main(reactor)
-        except (RuntimeFailure, UsageError) as e:
-            result["error"] = str(e)
-        except Exception as e:
-            result["error"] = f"{type(e).__name__}: {e}"
-        finally:
-            done.callback(None)
-
-    try:
-        task.react(lambda r: defer.Deferred.fromCoroutine(react_main(r)))
-    except SystemExit:
-        pass
+    result = _run_until_stopped(main, None)
     if "error" in result:
         print(f"bridgectl: error: {result['error']}", file=sys.stderr)
         return EXIT_FAILURE

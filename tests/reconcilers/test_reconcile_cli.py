@@ -70,3 +70,17 @@ def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     out = subprocess.run([*BRIDGECTL, *argv], capture_output=True, text=True, timeout=60,
                          env={"BRIDGE_HOME": str(tmp_path), "BRIDGE_DSN": "dbname=none"})
     assert out.returncode == code and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reconcile_writes_textfile_metrics_and_an_empty_store_is_an_error(conn, db_dsn,
+                                                                          tmp_path):
+    """--textfile writes the run's metrics; comparing nothing exits 1, never 'in sync'."""
+    prom = tmp_path / "reconcile.prom"
+    out = subprocess.run([*BRIDGECTL, "reconcile", "notifications", "--dsn", db_dsn,
+                          "--textfile", str(prom), "--json"], capture_output=True, text=True,
+                         timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout)["compared"] == 0
+    text = prom.read_text()
+    assert 'bridge_reconcile_exit_code{kind="notifications"} 1.0' in text
+    assert "bridge_reconcile_compared" in text
