@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 from psycopg import conninfo
+from twisted.internet import defer
 
-from cloud import embedded, schema
+from cloud import embedded, schema, store
+from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.model import Account
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:
@@ -82,3 +86,51 @@ def conn(db_dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_dsn, autocommit=True) as c:
         truncate_all(c)
         yield c
+
+
+# ---------------------------------------------------------------- helpers for store tests
+
+def tx(conn: psycopg.Connection, fn: Callable, *args: object, **kwargs: object) -> object:
+    """Run one store function in its own transaction on *conn*."""
+    with conn.transaction():
+        return fn(conn, *args, **kwargs)
+
+
+def make_account(conn: psycopg.Connection, handle: str, phase: str = "dual") -> uuid.UUID:
+    """A new account (random id) whose handle is also its legacy handle."""
+    account_id = uuid.uuid4()
+    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
+    return account_id
+
+
+def make_conversation(conn: psycopg.Connection, *members: uuid.UUID,
+                      chat: str | None = None) -> uuid.UUID:
+    cid = uuid.uuid4()
+    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
+    return cid
+
+
+class ScriptedDatabase:
+    """A TransactionRunner whose next calls of *fn* (of any function when None) fail as
+    scripted: a DatabaseUnavailable fails the Deferred, any other exception is raised (a bug
+    that raises instead of failing the Deferred), None runs normally."""
+
+    def __init__(self, inner: TransactionRunner, fn: Callable | None,
+                 faults: list[Exception | None]) -> None:
+        self.inner = inner
+        self.fn = fn
+        self.faults = list(faults)
+
+    @classmethod
+    def down_for(cls, inner: TransactionRunner, n: int) -> ScriptedDatabase:
+        """The server is unreachable for the next *n* transactions, whatever they are."""
+        return cls(inner, None, [DatabaseUnavailable("server closed the connection")] * n)
+
+    def run(self, fn: Callable, *args: object, **kwargs: object) -> defer.Deferred:
+        if (self.fn is None or fn is self.fn) and self.faults:
+            fault = self.faults.pop(0)
+            if isinstance(fault, DatabaseUnavailable):
+                return defer.fail(fault)
+            if fault is not None:
+                raise fault
+        return self.inner.run(fn, *args, **kwargs)

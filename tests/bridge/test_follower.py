@@ -10,9 +10,10 @@ from twisted.internet import defer
 from bridge import ids
 from bridge.follower import FeedFollower, FollowerConfig
 from cloud import store
-from cloud.db import DatabaseUnavailable, InlineDatabase
+from cloud.db import InlineDatabase
 from cloud.retry import RetryPolicy
 from legacy import wire
+from tests.dbfixture import ScriptedDatabase
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 
 FAST = FollowerConfig(window=50, max_batch=20, linger_s=0.01,
@@ -141,23 +142,10 @@ def test_a_supernode_restart_is_recorded_as_a_feed_gap(net, conn):
     bridge.stop(net)
 
 
-class FlakyDatabase:
-    """Fails the first *n* transactions as if the server were down."""
-
-    def __init__(self, inner, n: int) -> None:
-        self.inner, self.left = inner, n
-
-    def run(self, fn, *args, **kwargs):
-        if self.left > 0:
-            self.left -= 1
-            return defer.fail(DatabaseUnavailable("server closed the connection"))
-        return self.inner.run(fn, *args, **kwargs)
-
-
 def test_database_outage_holds_the_feed_and_loses_nothing(net, conn):
     """While the store is down the follower retries with backoff; afterwards all is there."""
     send_some(net, 12)
-    bridge = Bridge(net, FlakyDatabase(InlineDatabase(conn), 6)).start()
+    bridge = Bridge(net, ScriptedDatabase.down_for(InlineDatabase(conn), 6)).start()
     net.run(15.0)
     assert len(chat_messages(conn, "chat-1")) == 12
     bridge.stop(net)
@@ -223,7 +211,7 @@ def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):
 def test_stopping_during_a_database_outage_finishes_promptly(net, conn):
     """A follower waiting to retry a commit stops at once; nothing is lost, it replays."""
     send_some(net, 5)
-    bridge = Bridge(net, FlakyDatabase(InlineDatabase(conn), 10_000)).start()
+    bridge = Bridge(net, ScriptedDatabase.down_for(InlineDatabase(conn), 10_000)).start()
     net.run(5.0)  # commits keep failing: the follower sits in its retry wait
     stopped = defer.gatherResults([f.stopService() for f in bridge.followers.values()])
     net.run(0.1)

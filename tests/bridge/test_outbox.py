@@ -30,11 +30,11 @@ from bridge.outbox import (
 from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
 from cloud.loop import LoopState
-from cloud.model import Account, Message
+from cloud.model import Message
 from cloud.retry import RetryPolicy
 from legacy import wire
 from legacy.peer import PeerConnection, connect_peer
-from tests.dbfixture import _with_dbname
+from tests.dbfixture import ScriptedDatabase, _with_dbname, make_account, make_conversation, tx
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 
 T0 = 1_700_000_000.0  # seconds; the simulated clock starts here so stored times look real
@@ -43,25 +43,8 @@ FAST = InjectorConfig(batch=200, claim_s=5.0, poll_interval_s=0.5, inject_timeou
                       concurrency=4)
 
 
-def tx(conn: psycopg.Connection, fn: Callable, *args, **kwargs):
-    with conn.transaction():
-        return fn(conn, *args, **kwargs)
-
-
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def account(conn, handle: str, phase: str = "dual") -> uuid.UUID:
-    account_id = uuid.uuid4()
-    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
-    return account_id
-
-
-def conversation(conn, *members: uuid.UUID, chat: str | None = None) -> uuid.UUID:
-    cid = uuid.uuid4()
-    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
-    return cid
 
 
 def outbox_rows(conn, cid: uuid.UUID) -> list[tuple]:
@@ -205,8 +188,8 @@ def outbox_log(log_events):
 
 def two_party(conn, a: str = "alice", b: str = "bob") -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
     """*a* (dual) and *b* (legacy) in one conversation: (conversation, a, b)."""
-    alice, bob = account(conn, a), account(conn, b, "legacy")
-    return conversation(conn, alice, bob), alice, bob
+    alice, bob = make_account(conn, a), make_account(conn, b, "legacy")
+    return make_conversation(conn, alice, bob), alice, bob
 
 
 # ---------------------------------------------------------------- configuration
@@ -229,8 +212,8 @@ def test_cloud_messages_reach_the_home_supernode_in_seq_order(conn, make_scene):
     """Each posted message is injected once at its chat's home: derived GUID, origin cloud."""
     s = make_scene(start=False)
     born, alice, bob = two_party(conn)
-    carol = account(conn, "carol", "legacy")
-    linked = conversation(conn, alice, carol, chat="legacy-chat-7")
+    carol = make_account(conn, "carol", "legacy")
+    linked = make_conversation(conn, alice, carol, chat="legacy-chat-7")
     sent = [s.post(born, alice if i % 2 else bob, f"born {i}") for i in range(5)]
     s.run(0.25)
     sent += [s.post(linked, carol, "linked 0"), s.post(linked, alice, "linked 1")]
@@ -331,8 +314,9 @@ def test_conversations_run_concurrently_up_to_the_bound(conn, make_scene):
     """Six conversations with concurrency 2: two injections in flight at most, all arrive."""
     s = make_scene(config=attrs.evolve(FAST, concurrency=2), wrap_peers=CountingPeers,
                    start=False)
-    alice = account(conn, "alice")
-    cids = [conversation(conn, alice, account(conn, f"friend{i}", "legacy")) for i in range(6)]
+    alice = make_account(conn, "alice")
+    cids = [make_conversation(conn, alice, make_account(conn, f"friend{i}", "legacy"))
+            for i in range(6)]
     for cid in cids:
         for i in range(3):
             s.post(cid, alice, f"m{i}")
@@ -403,8 +387,8 @@ def test_order_per_conversation_is_kept_when_the_first_item_fails(conn, make_sce
 def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_scene):
     """Legacy will never take these (one member; too old for the SN): skipped plus a finding."""
     s = make_scene(start=False)
-    alice = account(conn, "alice")
-    alone = conversation(conn, alice)
+    alice = make_account(conn, "alice")
+    alone = make_conversation(conn, alice)
     s.post(alone, alice, "talking to myself")
     old, _, bob = two_party(conn, "dora", "bob")
     month_ago = s.now_ms() - 31 * 86_400_000
@@ -426,30 +410,11 @@ def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_
     assert len(findings(conn)) == 2
 
 
-class FaultyDatabase:
-    """A TransactionRunner whose next calls of *fn* fail as scripted (None: run normally)."""
-
-    def __init__(self, inner: TransactionRunner, fn: Callable,
-                 faults: list[Exception | None]) -> None:
-        self.inner = inner
-        self.fn = fn
-        self.faults = list(faults)
-
-    def run(self, fn: Callable, *args, **kwargs) -> defer.Deferred:
-        if fn is self.fn and self.faults:
-            fault = self.faults.pop(0)
-            if isinstance(fault, DatabaseUnavailable):
-                return defer.fail(fault)
-            if fault is not None:
-                raise fault  # a bug that raises instead of failing the Deferred
-        return self.inner.run(fn, *args, **kwargs)
-
-
 def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, outbox_log):
     """Failed ticks are counted and retried; an outage is logged once, a bug with traceback."""
     down = DatabaseUnavailable("connection refused")
     faults = [down, down, None, down, RuntimeError("bug in a tick"), None]
-    s = make_scene(db=FaultyDatabase(InlineDatabase(conn), store.claim_outbox, faults),
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), store.claim_outbox, faults),
                    start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "hello")
@@ -475,7 +440,7 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, 
 def test_database_lost_after_the_ack_reinjects_once_the_claim_runs_out(conn, make_scene):
     """The Ack arrived but complete failed: the row comes due after claim_s, Ack duplicate."""
     down = DatabaseUnavailable("server closed the connection")
-    s = make_scene(db=FaultyDatabase(InlineDatabase(conn), store.complete_outbox, [down]),
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), store.complete_outbox, [down]),
                    start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "once")

@@ -17,6 +17,7 @@ from cloud import admin, store
 from cloud.db import InlineDatabase
 from cloud.model import Account
 from legacy import wire
+from tests.dbfixture import tx
 from tests.legacy.netfixture import LegacyNet
 
 NOW = 1_700_000_000_000
@@ -25,11 +26,6 @@ ACTOR = "ops-alice"
 
 # ---------------------------------------------------------------- helpers (used by the other
 # migration tests too)
-
-def tx(conn: psycopg.Connection, fn, *args, **kwargs):
-    with conn.transaction():
-        return fn(conn, *args, **kwargs)
-
 
 def make_account(conn, handle: str, phase: str = "legacy", *, linked: bool = True,
                  password_hash: str | None = None) -> uuid.UUID:

@@ -26,16 +26,12 @@ from cloud.loop import LoopState
 from cloud.model import Account
 from cloud.push import NotificationChannel, PushMessage, PushRejected
 from cloud.retry import RetryPolicy
+from tests.dbfixture import ScriptedDatabase, tx
 
 T0 = 1_700_000_000.0  # seconds; the clock starts here so stored times look real
 CHEAP_RETRY = RetryPolicy(initial_s=0.5, factor=2, cap_s=2, jitter=0.5)
 FAST = DispatcherConfig(poll_interval_s=0.5, batch=200, resend_after_s=2.0, max_attempts=5,
                         retry=CHEAP_RETRY, push_timeout_s=1.0)
-
-
-def tx(conn: psycopg.Connection, fn: Callable, *args):
-    with conn.transaction():
-        return fn(conn, *args)
 
 
 def metric(name: str, **labels: str) -> float:
@@ -393,23 +389,6 @@ def test_a_gateway_that_never_answers_times_out_into_a_retry(conn):
     assert s.dispatcher.state is LoopState.WAITING
 
 
-class FaultyDatabase:
-    """A TransactionRunner whose next claims fail as scripted (None: run normally)."""
-
-    def __init__(self, inner: TransactionRunner, faults: list[Exception | None]) -> None:
-        self.inner = inner
-        self.faults = list(faults)
-
-    def run(self, fn: Callable, *args, **kwargs) -> defer.Deferred:
-        if fn is store.claim_due_notifications and self.faults:
-            fault = self.faults.pop(0)
-            if isinstance(fault, DatabaseUnavailable):
-                return defer.fail(fault)
-            if fault is not None:
-                raise fault  # a bug that raises instead of failing the Deferred
-        return self.inner.run(fn, *args, **kwargs)
-
-
 @pytest.fixture
 def dispatcher_log(log_events):
     return log_events("cloud.dispatcher")
@@ -422,7 +401,8 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, dispatcher_l
     faults = [down, down, down, None, down, down, RuntimeError("bug in a tick"), None]
     before = {r: metric("cloud_dispatcher_loop_failures_total", reason=r)
               for r in ("database_unavailable", "error")}
-    s = scene(conn, accounts, db=FaultyDatabase(InlineDatabase(conn), faults))
+    db = ScriptedDatabase(InlineDatabase(conn), store.claim_due_notifications, faults)
+    s = scene(conn, accounts, db=db)
     s.devices.run(5)
     assert tx(conn, store.notification_counts)["acked"] == 4
     assert s.dispatcher.state is LoopState.WAITING and s.dispatcher.ticks >= len(faults)

@@ -12,26 +12,10 @@ import pytest
 
 from cloud import schema, store
 from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage, Presence
+from tests.dbfixture import make_account, make_conversation, tx
 
 VECTORS = json.loads((Path(__file__).parents[2] / "docs" / "digest-vectors.json").read_text())
 NOW = 1_700_000_000_000
-
-
-def tx(conn: psycopg.Connection, fn, *args, **kwargs):
-    with conn.transaction():
-        return fn(conn, *args, **kwargs)
-
-
-def make_account(conn, handle: str, phase: str = "dual") -> uuid.UUID:
-    account_id = uuid.uuid4()
-    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
-    return account_id
-
-
-def make_conversation(conn, *members: uuid.UUID, chat: str | None = None) -> uuid.UUID:
-    cid = uuid.uuid4()
-    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
-    return cid
 
 
 def mirrored(cid, sender, handle, guid, ts, body="hi") -> MirroredMessage:
