@@ -336,19 +336,26 @@ def _lock_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID) -> 
     return row[0]
 
 
+def _owed_notifications_sql(rows: str) -> str:
+    """The one rule for who is owed a notification, as an INSERT for the new messages in
+    *rows* (a table expression with conversation_id, message_id, seq, sender_account_id):
+    every member in a phase with cloud devices, except the sender."""
+    return ("INSERT INTO notifications (account_id, notification_id, conversation_id, "
+            "  message_id, seq, next_attempt_ms, created_ms) "
+            "SELECT mb.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
+            "       %(now)s, %(now)s "
+            f"FROM {rows} r JOIN members mb ON mb.conversation_id = r.conversation_id "
+            "JOIN accounts a ON a.account_id = mb.account_id "
+            "WHERE mb.account_id <> r.sender_account_id AND a.phase = ANY(%(phases)s) "
+            "ON CONFLICT DO NOTHING")
+
+
 def _owe_notifications(conn: psycopg.Connection, conversation_id: uuid.UUID,
                        seqs: Sequence[int], now_ms: int) -> int:
-    """Notification rows for new messages: every cloud-capable member but the sender."""
+    """Notification rows for new messages of one conversation (see the rule above)."""
     cur = conn.execute(
-        "INSERT INTO notifications (account_id, notification_id, conversation_id, message_id, "
-        "  seq, next_attempt_ms, created_ms) "
-        "SELECT mb.account_id, gen_random_uuid(), m.conversation_id, m.message_id, m.seq, "
-        "       %(now)s, %(now)s "
-        "FROM messages m JOIN members mb USING (conversation_id) "
-        "JOIN accounts a ON a.account_id = mb.account_id "
-        "WHERE m.conversation_id = %(cid)s AND m.seq = ANY(%(seqs)s) "
-        "  AND mb.account_id <> m.sender_account_id AND a.phase = ANY(%(phases)s) "
-        "ON CONFLICT DO NOTHING",
+        _owed_notifications_sql("(SELECT * FROM messages WHERE conversation_id = %(cid)s "
+                                "AND seq = ANY(%(seqs)s))"),
         {"now": now_ms, "cid": conversation_id, "seqs": list(seqs),
          "phases": list(CLOUD_CLIENT_PHASES)})
     return cur.rowcount
@@ -508,15 +515,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
             "  UPDATE conversations c SET next_seq = n.top + 1 "
             "  FROM (SELECT conversation_id, max(seq) AS top FROM ins GROUP BY 1) n "
             "  WHERE c.conversation_id = n.conversation_id), "
-            "owed AS ("
-            "  INSERT INTO notifications (account_id, notification_id, conversation_id, "
-            "    message_id, seq, next_attempt_ms, created_ms) "
-            "  SELECT mb.account_id, gen_random_uuid(), i.conversation_id, i.message_id, "
-            "         i.seq, %(now)s, %(now)s "
-            "  FROM ins i JOIN members mb ON mb.conversation_id = i.conversation_id "
-            "  JOIN accounts a ON a.account_id = mb.account_id "
-            "  WHERE mb.account_id <> i.sender_account_id AND a.phase = ANY(%(phases)s) "
-            "  ON CONFLICT DO NOTHING RETURNING 1) "
+            f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
             "SELECT conversation_id, seq, message_id, (SELECT count(*) FROM owed) FROM ins",
             {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}).fetchall()
         by_id = {(m.conversation_id, m.message_id): m for m in messages}
