@@ -64,11 +64,9 @@ def main() -> None:
             task.LoopingCall(tick).start(0.01)
             print("ready", flush=True)
 
-    d = dep.startService() if hasattr(dep, "startService") else None
+    dep.startService()  # listening completes on the reactor; start appending half a second in
     reactor.callWhenRunning(lambda: task.deferLater(reactor, 0.5, lambda: None)
                             .addCallback(started))
-    if d is not None and hasattr(d, "addErrback"):
-        d.addErrback(lambda f: (print(f, file=sys.stderr), reactor.stop()))
     reactor.run()
 
 

@@ -200,9 +200,7 @@ class BridgeWorker(MultiService):
         d.addCallback(release_leases)
 
         def final_heartbeat(result: Any) -> Any:
-            (now_ms, started_ms), figures = self._heartbeat_figures()
-            hb = self.db.run(store.heartbeat_worker, self.config.worker_id, "stopped",
-                             now_ms, started_ms, **figures)
+            hb = self._report("stopped")
             hb.addErrback(lambda _f: None)  # the store may be the reason we stop
             return hb.addCallback(lambda _: result)
 
@@ -348,7 +346,9 @@ class BridgeWorker(MultiService):
     def _heartbeat_soon(self, seconds: float) -> None:
         self._later(seconds, self._heartbeat)
 
-    def _heartbeat_figures(self) -> tuple:
+    def _report(self, state: str) -> defer.Deferred:
+        """Write this worker's row of ``bridge_workers``: state, lags over the last window,
+        counts (for ``bridgectl status`` and the migration gates)."""
         now = self.clock.seconds()
         since = now - self.config.lag_window_s
         lags = [lag for f in self.followers.values() for t, lag in f.recent_lags if t >= since]
@@ -359,21 +359,18 @@ class BridgeWorker(MultiService):
         detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())},
                   "lag_p50_to_cloud_ms": percentile_ms(lags, 0.50),
                   "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50)}
-        return (int(now * 1000), self.started_ms), {
-            "lag_to_cloud_ms": p99_ms(lags),
-            "lag_to_legacy_ms": p99_ms(legacy_lags),
-            "mirrored_to_cloud": sum(f.mirrored for f in self.followers.values()),
-            "mirrored_to_legacy": getattr(injector, "injected", 0) if injector else 0,
-            "feeds": sum(1 for f in self.followers.values() if f.connected),
-            "detail": detail}
+        return self.db.run(
+            store.heartbeat_worker, self.config.worker_id, state, int(now * 1000),
+            self.started_ms, lag_to_cloud_ms=p99_ms(lags), lag_to_legacy_ms=p99_ms(legacy_lags),
+            mirrored_to_cloud=sum(f.mirrored for f in self.followers.values()),
+            mirrored_to_legacy=getattr(injector, "injected", 0) if injector else 0,
+            feeds=sum(1 for f in self.followers.values() if f.connected), detail=detail)
 
     def _heartbeat(self) -> None:
         if not self.running:
             return
-        (now_ms, started_ms), figures = self._heartbeat_figures()
-        state = "ready" if any(f.connected for f in self.followers.values()) else "degraded"
-        d = self.db.run(store.heartbeat_worker, self.config.worker_id, state, now_ms,
-                        started_ms, **figures)
+        d = self._report("ready" if any(f.connected for f in self.followers.values())
+                         else "degraded")
 
         def ok(_: Any) -> Any:
             self.db_ok = True
