@@ -3,11 +3,12 @@
     bytes -> _BoundedRequest (buffers at most max_body_bytes) -> CloudAPIResource.render
       -> route (404) -> method (405) -> body size (413) -> bearer token (401)
       -> path ids (404) -> query (400) -> JSON body (400) -> handler -> JSON response
+      (login: failed-login budget of the address, then of the account (429) -> password)
     ApiError -> its 4xx;  DatabaseUnavailable -> 503;  anything else -> 500, logged
 
 Routes, all under ``/v1``::
 
-    POST /v1/login                                    200; 400 401 403(not_migrated)
+    POST /v1/login                                    200; 400 401 403(not_migrated) 429
     GET  /v1/healthz                                  200 (no token needed)
     GET  /v1/conversations                            200
     POST /v1/conversations/{conversation_id}/messages 201 new, 200 replay; 403 404
@@ -24,6 +25,12 @@ refused request changes nothing. A path id that is not a UUID answers 404 ``not_
 an unknown id does: both name a resource that does not exist. Requests are read strictly:
 unknown or repeated query parameters, unknown or missing body fields, wrong JSON types and
 a body on a route that takes none are all 400.
+
+Failed logins are limited per account and per client address (``cloud.ratelimit``; by
+default 10 per account and 30 per address per minute, successful logins cost nothing): past
+the budget a login is 429 ``rate_limited`` with ``Retry-After``, before any password work.
+Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
+characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
 """
 
 from __future__ import annotations
@@ -48,9 +55,10 @@ from twisted.web import resource, server
 
 from cloud import store, tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.model import PRESENCE_STATUSES, Account, Presence
+from cloud.model import MAX_MESSAGE_CHARS, PRESENCE_STATUSES, Account, Presence
 from cloud.passwords import hash_password, verify_password
 from cloud.push import NotificationChannel
+from cloud.ratelimit import LoginLimiter, LoginLimits, retry_after_header
 
 log = Logger()
 
@@ -269,6 +277,8 @@ class Call:
     body: Any
     now_ms: int
     exchange: _Exchange
+    #: the client's address (its host), for per-address limits
+    client: str = ""
 
 
 Handler = Callable[[Call], Awaitable[tuple[int, dict]]]
@@ -381,9 +391,10 @@ class CloudAPI:
 
     def __init__(self, db: TransactionRunner, clock: IReactorTime,
                  channel: NotificationChannel, secret: bytes, *, token_ttl_s: int = 3600,
-                 max_body_bytes: int = 64 * 1024, max_message_chars: int = 4000,
+                 max_body_bytes: int = 64 * 1024, max_message_chars: int = MAX_MESSAGE_CHARS,
                  longpoll_max_s: int = 30,
-                 password_check: Callable[[str, str], defer.Deferred] | None = None) -> None:
+                 password_check: Callable[[str, str], defer.Deferred] | None = None,
+                 login_limits: LoginLimits | None = None) -> None:
         if token_ttl_s <= 0 or max_body_bytes <= 0 or max_message_chars <= 0:
             raise ValueError("token_ttl_s, max_body_bytes and max_message_chars must be > 0")
         if longpoll_max_s < 0:
@@ -398,6 +409,7 @@ class CloudAPI:
         self._secret = tokens.check_secret(secret)
         self._token_ttl_ms = token_ttl_s * 1000
         self.max_body_bytes = max_body_bytes
+        self.login_limiter = LoginLimiter(clock, login_limits)
         self._routes = (
             Route("/v1/login", {b"POST": Endpoint(self._login, authenticated=False,
                                                   body=LoginRequest.from_json)}),
@@ -505,7 +517,8 @@ class CloudAPI:
             obj = endpoint.body(obj)
         elif obj:
             raise _bad("unknown_field", "this route takes no body")
-        return await endpoint.handler(Call(account, ids, query, obj, self.now_ms(), exchange))
+        return await endpoint.handler(Call(account, ids, query, obj, self.now_ms(), exchange,
+                                           _client_host(request)))
 
     def _read_body(self, request: server.Request) -> bytes:
         """The body, or 413 when the declared or actual length is over the limit."""
@@ -564,6 +577,9 @@ class CloudAPI:
 
     async def _login(self, call: Call) -> tuple[int, dict]:
         login: LoginRequest = call.body
+        limiter = self.login_limiter
+        # An address that spent its budget is refused before it costs even a query.
+        _refuse_if_limited(limiter.address_wait_s(call.client))
         found = await self._store(store.account_for_login, login.login_name)
         account, password_hash = found if found is not None else (None, None)
         # account_for_login reads a UUID-shaped handle as an id: insist on what was asked.
@@ -571,6 +587,10 @@ class CloudAPI:
                 (login.handle is not None and account.handle != login.handle)
                 or (login.account_id is not None and account.account_id != login.account_id)):
             account = None
+        # One budget per account, whether it is named by handle or by id.
+        key = f"account:{account.account_id}" if account is not None \
+            else f"name:{login.login_name}"
+        _refuse_if_limited(limiter.attempt(key, call.client))
         # The password is checked before the phase, so a refusal as not_migrated is no
         # hint to someone without the password that the account exists.
         # An unknown account is checked against a dummy hash of the same cost, so the
@@ -581,6 +601,7 @@ class CloudAPI:
         if account is None or not password_hash or not ok:
             LOGINS.labels("bad_credentials").inc()
             raise ApiError(401, "bad_credentials", "unknown account or wrong password")
+        limiter.succeeded(key, call.client)  # only failures spend the budget
         if account.phase == "legacy":
             LOGINS.labels("not_migrated").inc()
             raise _not_migrated()
@@ -664,6 +685,21 @@ class CloudAPIResource(resource.Resource):
 
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def _refuse_if_limited(wait_s: float) -> None:
+    """429 ``rate_limited`` with Retry-After when a failed-login budget is spent."""
+    if wait_s > 0:
+        LOGINS.labels("rate_limited").inc()
+        retry = retry_after_header(wait_s)
+        raise ApiError(429, "rate_limited",
+                       f"too many failed logins for this account or address; retry in {retry} s",
+                       {"Retry-After": retry})
+
+
+def _client_host(request: server.Request) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or str(address)
 
 
 def _not_migrated() -> ApiError:

@@ -14,6 +14,14 @@ CLOUD_CLIENT_PHASES = ("dual", "cloud", "cloud-only")
 PRESENCE_STATUSES = ("online", "away", "busy", "offline")
 ORIGINS = ("cloud", "legacy")
 
+# Limits shared with the legacy network (legacy.wire has the same numbers): the bridge
+# mirrors every message and conversation both ways, so a limit larger on one side would let
+# one stack accept what the other can never store (tests/bridge/test_limits.py checks them).
+#: Characters (code points) in a message body.
+MAX_MESSAGE_CHARS = 4000
+#: Members of one conversation.
+MAX_MEMBERS = 100
+
 
 @attrs.frozen
 class Account:

@@ -3,7 +3,9 @@
 A device logs in at the login server, attaches to a supernode from the host cache it got,
 subscribes to its contacts' presence and sends messages, retrying each until the home
 supernode acknowledges it (same GUID, so a retry is never a second message). When its
-supernode goes away it logs in again with backoff, as real clients did during outages.
+supernode goes away it logs in again with backoff, as real clients did during outages. A
+login refused as ``rate_limited`` is retried after a longer backoff (at least
+``RATE_LIMITED_BACKOFF_S``); any other refusal (wrong password, moved) is final.
 
     offline --start--> logging_in --Credential--> attaching --Welcome--> online
        ^                    |                          |                    |
@@ -23,6 +25,9 @@ from legacy.framing import FrameProtocol, ProtocolViolation
 from legacy.network import Network
 from legacy.trace import Trace
 
+#: The shortest wait before a device retries a login the server refused as ``rate_limited``.
+RATE_LIMITED_BACKOFF_S = 10.0
+
 
 @attrs.define
 class TrafficStats:
@@ -30,11 +35,14 @@ class TrafficStats:
 
     sent: dict = attrs.Factory(dict)  # guid -> recipients (tuple of handles)
     acked: set = attrs.Factory(set)
+    chat_of: dict = attrs.Factory(dict)  # guid -> chat id
+    acked_at: dict = attrs.Factory(dict)  # guid -> clock seconds of the first SendAck
     delivered: set = attrs.Factory(set)  # (guid, recipient handle)
     gave_up: int = 0
     presence_notices: int = 0
     logins: int = 0
     login_refused: int = 0
+    login_rate_limited: int = 0
 
 
 @attrs.frozen
@@ -143,6 +151,7 @@ class Device:
         guid = f"{self.rng.getrandbits(128):032x}"
         frame = wire.Send(guid=guid, chat_id=chat_id, members=members, body=body)
         self.stats.sent[guid] = tuple(m for m in members if m != self.user.handle)
+        self.stats.chat_of[guid] = chat_id
         self.pending[guid] = [frame, 0, None]
         self._transmit(guid)
         return guid
@@ -175,7 +184,9 @@ class Device:
         entry = self.pending.pop(f.guid, None)
         if entry is not None and entry[2] is not None and entry[2].active():
             entry[2].cancel()
-        self.stats.acked.add(f.guid)
+        if f.guid not in self.stats.acked:
+            self.stats.acked.add(f.guid)
+            self.stats.acked_at[f.guid] = self.clock.seconds()
 
     def _delivered(self, msg: wire.ChatMessage) -> None:
         if msg.guid in self.seen:
@@ -193,8 +204,13 @@ class Device:
 
     def _login_refused(self, code: str, reason: str) -> None:
         self.last_error = (code, reason)
-        self.stats.login_refused += 1
         self.state = "offline"
+        if code == "rate_limited":
+            # Not a verdict on the password: wait longer than usual, then try again.
+            self.stats.login_rate_limited += 1
+            self._retry_later(min_delay=RATE_LIMITED_BACKOFF_S)
+            return
+        self.stats.login_refused += 1
         self.want_online = False  # a refused login is final for a simulated user
 
     def _got_credential(self, cred: wire.Credential) -> None:
@@ -233,12 +249,13 @@ class Device:
         if self.want_online:
             self._retry_later()
 
-    def _retry_later(self) -> None:
+    def _retry_later(self, min_delay: float = 0.0) -> None:
         self.state = "offline"
         if not self.want_online or self._retry is not None:
             return
         self.failures += 1
         delay = min(30.0, 1.0 * 2 ** min(self.failures, 5)) * (0.5 + self.rng.random())
+        delay = max(delay, min_delay)
         self._retry = self.clock.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:

@@ -3,11 +3,17 @@
 A client sends ``LoginRequest`` and gets a ``Credential`` (signed with the login secret that
 supernodes share) plus a sample of supernode addresses, then the server closes the
 connection. An account marked *moved* (its owner is ``cloud-only``) is refused with a clear
-reason. Privileged peers (the bridge) may page through accounts and mark them moved.
+reason. Privileged peers (the bridge) may page through accounts, mark them moved and read the
+host cache; nothing but ``LoginRequest`` and ``PeerAuth`` is served before authentication.
+
+Failed logins are limited per handle and per peer address (``legacy.ratelimit``): past the
+budget a ``LoginRequest`` is refused with ``Error(code="rate_limited")`` before any password
+work, and simulated clients back off on that code (``legacy.client``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -19,6 +25,7 @@ from twisted.internet.protocol import Factory
 from legacy import auth, wire
 from legacy.framing import FrameProtocol, ProtocolViolation
 from legacy.network import Network
+from legacy.ratelimit import LoginLimiter, LoginLimits
 from legacy.supernode import Secrets
 
 LOGINS = Counter("legacy_logins_total", "Login attempts at the legacy login server, by result.",
@@ -30,7 +37,8 @@ class LoginServer(service.Service):
 
     def __init__(self, *, network: Network, host: str, port: int, secrets: Secrets,
                  directory: dict[str, wire.SupernodeAddress], rng: random.Random,
-                 credential_ttl: float = 24 * 3600.0, host_cache_size: int = 16) -> None:
+                 credential_ttl: float = 24 * 3600.0, host_cache_size: int = 16,
+                 login_limits: LoginLimits | None = None) -> None:
         self.network = network
         self.clock = network.clock
         self.host = host
@@ -40,6 +48,7 @@ class LoginServer(service.Service):
         self.rng = rng
         self.credential_ttl = credential_ttl
         self.host_cache_size = host_cache_size
+        self.limiter = LoginLimiter(self.clock, login_limits)
         self.accounts: dict[str, list] = {}  # handle -> [password_hash, moved]
         self._port: Any = None
         self._conns: set[LoginProtocol] = set()
@@ -79,12 +88,20 @@ class LoginServer(service.Service):
             return addrs
         return self.rng.sample(addrs, self.host_cache_size)
 
-    def login(self, handle: str, password: str) -> Any:
-        """A ``Credential`` frame, or ``(code, reason)`` when the login is refused."""
+    def login(self, handle: str, password: str, address: str = "") -> Any:
+        """A ``Credential`` frame, or ``(code, reason)`` when the login is refused.
+
+        *address* is the peer's address, for the per-address budget of failed logins."""
+        wait = self.limiter.attempt(handle, address)
+        if wait > 0:
+            LOGINS.labels(result="rate_limited").inc()
+            return ("rate_limited", f"too many failed logins for this handle or address; "
+                                    f"retry in {math.ceil(wait)} s")
         acct = self.accounts.get(handle)
         if acct is None or not auth.verify_password(password, acct[0]):
             LOGINS.labels(result="refused").inc()
             return ("bad_login", "unknown handle or wrong password")
+        self.limiter.succeeded(handle, address)  # only failures spend the budget
         if acct[1]:
             LOGINS.labels(result="moved").inc()
             return ("moved", "this account moved to the cloud service; log in there")
@@ -113,13 +130,13 @@ class LoginProtocol(FrameProtocol):
     def frameReceived(self, f: Any) -> None:  # noqa: N802
         server = self.server
         if isinstance(f, wire.LoginRequest) and not self.peer:
-            result = server.login(f.handle, f.password)
+            result = server.login(f.handle, f.password, self._address())
             if isinstance(result, tuple):
                 self.reject(*result)
             else:
                 self.send(result)
                 self.transport.loseConnection()
-        elif isinstance(f, wire.HostCacheRequest):
+        elif isinstance(f, wire.HostCacheRequest) and self.peer:
             self.send(wire.HostCache(supernodes=server.host_cache()))
         elif isinstance(f, wire.PeerAuth) and not self.peer:
             if f.role != "peer" or not auth.check_peer_proof(
@@ -142,3 +159,7 @@ class LoginProtocol(FrameProtocol):
                                              reason=f"no account {f.handle!r}"))
         else:
             raise ProtocolViolation("forbidden", f"{type(f).__name__} is not allowed here")
+
+    def _address(self) -> str:
+        peer = self.transport.getPeer()
+        return getattr(peer, "host", None) or str(peer)

@@ -22,7 +22,14 @@ import attrs
 PROTOCOL_VERSION = 1
 #: Hard maximum for one frame (version + type + payload). Larger frames close the connection.
 MAX_FRAME_BYTES = 64 * 1024
-MAX_BODY_BYTES = 8 * 1024
+# The message and member limits are the cloud store's too (cloud.model has the same numbers):
+# the bridge mirrors every message and chat both ways, so a limit larger here than there
+# would let this network accept what the cloud can never store (tests/bridge/test_limits.py).
+#: Characters (code points) in a message body; supernodes refuse longer ones ("too_long").
+MAX_MESSAGE_CHARS = 4000
+#: Bytes of a text field on the wire: any body of MAX_MESSAGE_CHARS characters fits in UTF-8.
+MAX_BODY_BYTES = 4 * MAX_MESSAGE_CHARS
+#: Members of one chat (a longer list does not decode: "too_long").
 MAX_MEMBERS = 100
 MAX_NAME_BYTES = 128
 

@@ -194,7 +194,7 @@ def _ack(**kw: Any) -> wire.Ack:
         body="b" * wire.MAX_BODY_BYTES, origin="legacy") for i in range(8)], missing=()),
      "too_large"),
 ], ids=["u64-negative", "u64-2**64", "u32-negative", "u32-2**32", "int-bool", "int-float",
-        "u8-256-nested", "name-129", "name-130-utf8", "surrogate", "name-bytes", "text-8k+1",
+        "u8-256-nested", "name-129", "name-130-utf8", "surrogate", "name-bytes", "text-max+1",
         "bytes-257", "bytes-str", "bool-int", "members-101", "record-wrong-type", "frame-72k"])
 def test_encode_refuses_values_out_of_range(f, code):
     """encode raises WireError for negative or too-large ints, over-long strings and lists."""
