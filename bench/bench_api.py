@@ -100,9 +100,8 @@ def bench_population(dsn: str) -> Population:
     return Population(tuple(posters), tuple(chats), everyone.password)
 
 
-def bench_api(dsn: str, quick: bool = False) -> dict:
+def bench_api(dsn: str, quick: bool = False, runs: int = 3) -> dict:
     bench_population(dsn)
-    runs = 3
     seconds = 3.0 if quick else 8.0
     rates, errors = [], 0
     with tempfile.TemporaryDirectory() as home:

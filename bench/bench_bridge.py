@@ -13,9 +13,15 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   until the outbox is drained (each one injected into its home supernode and acknowledged).
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
 
+With ``--workers 1 2 4`` the drain and the lag runs are repeated with that many bridge
+workers sharing the 4 feeds through their leases (``scaling``; half load is half of that
+worker count's drain speed, peak RSS is per worker). Workers of a run are registered as
+live before they start, so each takes its share of the feeds at once, as workers that were
+already running when the backlog built up would have.
+
 Each figure is the median of --runs runs (default 3), with min and max.
 
-Usage: python bench/bench_bridge.py [--dsn DSN] [--quick] [--runs N]
+Usage: python bench/bench_bridge.py [--dsn DSN] [--quick] [--runs N] [--workers K ...]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -53,14 +60,15 @@ def summarize(values: list[float]) -> dict:
 
 
 class Run:
-    """A fresh database, a legacy feed server and a bridge, torn down at the end."""
+    """A fresh database, a legacy feed server and bridge workers, torn down at the end."""
 
-    def __init__(self, server: str, mode: str, amount: float) -> None:
-        self.server, self.mode, self.amount = server, mode, amount
+    def __init__(self, server: str, mode: str, amount: float, workers: int = 1) -> None:
+        self.server, self.mode, self.amount, self.workers = server, mode, amount, workers
         self.name = f"bridge_benchb_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self.home = tempfile.mkdtemp(prefix="bench-bridge-")
         self.env = {**os.environ, "BRIDGE_HOME": self.home}
         self.procs: list[subprocess.Popen] = []
+        self.bridges: list[subprocess.Popen] = []
 
     def __enter__(self) -> Run:
         with psycopg.connect(self.server, autocommit=True) as admin:
@@ -77,28 +85,57 @@ class Run:
             raise RuntimeError("the legacy feed server did not start")
         return self
 
+    def worker_ids(self) -> list[str]:
+        return ["bench"] if self.workers == 1 else [f"bench-{i}" for i in range(self.workers)]
+
     def start_bridge(self) -> float:
-        bridge = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "bridge", "run", "--dsn", self.dsn,
-             "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--metrics-port", "0",
-             "--worker-id", "bench"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
-            cwd=os.path.join(HERE, ".."))
-        self.procs.append(bridge)
-        self.bridge = bridge
+        """Start the workers; returns when the first one is up (its monotonic time)."""
+        ids = self.worker_ids()
+        if len(ids) > 1:
+            # every worker sees all of them live from its first lease pass: shares at once
+            now_ms = int(time.time() * 1000)
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                for wid in ids:
+                    store.heartbeat_worker(conn, wid, "ready", now_ms, now_ms,
+                                           lag_to_cloud_ms=None, lag_to_legacy_ms=None,
+                                           mirrored_to_cloud=0, mirrored_to_legacy=0, feeds=0,
+                                           detail={})
+        for wid in ids:
+            bridge = subprocess.Popen(
+                [sys.executable, "-m", "bridge.cli", "bridge", "run", "--dsn", self.dsn,
+                 "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--metrics-port", "0",
+                 "--worker-id", wid],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+                cwd=os.path.join(HERE, ".."))
+            self.procs.append(bridge)
+            self.bridges.append(bridge)
+        self.bridge = self.bridges[0]
+        ready = [self._wait_ready(b) for b in self.bridges]
+        return min(ready)
+
+    @staticmethod
+    def _wait_ready(bridge: subprocess.Popen) -> float:
         while True:
             line = bridge.stderr.readline()
             if not line:
                 raise RuntimeError("the bridge did not start")
             if re.search(r"metrics on http://", line):
-                return time.monotonic()
+                at = time.monotonic()
+                # keep reading its log, so a chatty worker never blocks on a full pipe
+                threading.Thread(target=lambda: bridge.stderr.read(), daemon=True).start()
+                return at
 
     def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.bridge.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        """The highest peak RSS (VmHWM) of the workers."""
+        return max(self.rss_per_worker_mb())
+
+    def rss_per_worker_mb(self) -> list[float]:
+        out = []
+        for bridge in self.bridges:
+            with open(f"/proc/{bridge.pid}/status") as f:
+                out.append(next((int(line.split()[1]) / 1024 for line in f
+                                 if line.startswith("VmHWM:")), float("nan")))
+        return out
 
     def __exit__(self, *exc: object) -> None:
         for p in reversed(self.procs):
@@ -121,12 +158,12 @@ def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float) 
     raise RuntimeError(f"timed out waiting for {sql!r} to reach {target}")
 
 
-def drain_run(server: str, n: int) -> dict:
-    with Run(server, "backlog", n) as run:
+def drain_run(server: str, n: int, workers: int = 1) -> dict:
+    with Run(server, "backlog", n, workers) as run:
         t0 = run.start_bridge()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             t1 = wait_until(conn, "SELECT count(*) FROM messages", n, timeout=600)
-        rss = run.peak_rss_mb()
+        rss = run.rss_per_worker_mb()
         # the ceiling: raw COPY of as many rows into the same server, same run
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             rows = conn.execute(
@@ -136,17 +173,65 @@ def drain_run(server: str, n: int) -> dict:
                                     rows[i % len(rows)][1], rows[i % len(rows)][2],
                                     1_700_000_000_000 + i, "x" * 80) for i in range(n)]
             copy = raw_copy(conn, msgs, 500, seq_base=50_000_000)
-        return {"msgs_per_s": n / (t1 - t0), "copy_rows_per_s": copy, "rss_mb": rss}
+        return {"msgs_per_s": n / (t1 - t0), "copy_rows_per_s": copy, "rss_mb": max(rss),
+                "rss_per_worker_mb": rss, "rss_total_mb": sum(rss)}
 
 
-def lag_run(server: str, rate: float, seconds: float) -> dict:
-    with Run(server, "live", rate) as run:
+#: lag samples of the first seconds (connecting, catching up) are left out of the DB figure
+WARMUP_S = 5.0
+
+
+def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
+    """Lag with the legacy network producing *rate* messages/s for *seconds*.
+
+    ``p99_ms``/``p50_ms``: what the workers report in their last heartbeat (their own
+    measurement, event time to commit, over their recent samples; the worst worker).
+    ``db_p99_ms``/``db_p50_ms``: from the rows, every message after the warm-up: the
+    supernode's event time to ``created_at`` (the start of the inserting transaction).
+    """
+    with Run(server, "live", rate, workers) as run:
+        started_ms = time.time() * 1000
         run.start_bridge()
         time.sleep(seconds)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT lag_to_cloud_ms, detail->>'lag_p50_to_cloud_ms', "
-                               "mirrored_to_cloud FROM bridge_workers").fetchone()
-        return {"p99_ms": row[0], "p50_ms": int(row[1]), "mirrored": row[2]}
+            rows = conn.execute("SELECT lag_to_cloud_ms, detail->>'lag_p50_to_cloud_ms', "
+                                "mirrored_to_cloud FROM bridge_workers "
+                                "WHERE lag_to_cloud_ms IS NOT NULL").fetchall()
+            db_p50, db_p99, db_n = conn.execute(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag), "
+                "       percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), count(*) "
+                "FROM (SELECT extract(epoch FROM created_at) * 1000 - sent_ms AS lag "
+                "      FROM messages WHERE sent_ms >= %s) l",
+                (started_ms + WARMUP_S * 1000,)).fetchone()
+        if len(rows) != workers:
+            raise RuntimeError(f"{len(rows)} of {workers} workers reported a lag")
+        return {"p99_ms": max(r[0] for r in rows), "p50_ms": max(int(r[1]) for r in rows),
+                "mirrored": sum(r[2] for r in rows), "db_p50_ms": float(db_p50),
+                "db_p99_ms": float(db_p99), "db_samples": db_n}
+
+
+def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: float) -> dict:
+    """Drain speed, its ceiling, lag at half of it and RSS, with *workers* workers."""
+    drains = [drain_run(server, n, workers) for _ in range(runs)]
+    rate = statistics.median(d["msgs_per_s"] for d in drains) / 2
+    lags = [lag_run(server, rate, lag_seconds, workers) for _ in range(runs)]
+    mirror = [d["msgs_per_s"] for d in drains]
+    copy = [d["copy_rows_per_s"] for d in drains]
+    return {
+        "workers": workers, "backlog_messages": n, "supernodes": SUPERNODES,
+        "msgs_per_s": summarize(mirror),
+        "copy_rows_per_s": summarize(copy),
+        "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
+        "half_load_rate": round(rate, 1),
+        "lag_seconds_per_run": lag_seconds,
+        "p50_lag_ms": summarize([x["p50_ms"] for x in lags]),
+        "p99_lag_ms": summarize([x["p99_ms"] for x in lags]),
+        "db_p50_lag_ms": summarize([x["db_p50_ms"] for x in lags]),
+        "db_p99_lag_ms": summarize([x["db_p99_ms"] for x in lags]),
+        "peak_rss_mb": summarize([d["rss_mb"] for d in drains]),
+        "peak_rss_total_mb": summarize([d["rss_total_mb"] for d in drains]),
+        "per_run": {"drains": drains, "lags": lags},
+    }
 
 
 def to_legacy_run(server: str, n: int) -> dict:
@@ -169,33 +254,32 @@ def to_legacy_run(server: str, n: int) -> dict:
         return {"msgs_per_s": n / (t1 - t0)}
 
 
+def to_legacy(server: str, runs: int, n: int) -> dict:
+    return summarize([to_legacy_run(server, n)["msgs_per_s"] for _ in range(runs)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dsn", default=os.environ.get("BRIDGE_DSN"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workers", type=int, nargs="+", default=[1],
+                   help="worker counts to measure (default: 1)")
     args = p.parse_args()
     server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
     n = 10_000 if args.quick else 50_000
-    drains = [drain_run(server, n) for _ in range(args.runs)]
-    rate = statistics.median(d["msgs_per_s"] for d in drains) / 2
-    lags = [lag_run(server, rate, 10 if args.quick else 30) for _ in range(args.runs)]
-    to_legacy = [to_legacy_run(server, 1000 if args.quick else 5000)
-                 for _ in range(args.runs)]
-    mirror = [d["msgs_per_s"] for d in drains]
-    copy = [d["copy_rows_per_s"] for d in drains]
-    print(json.dumps({
-        "bridge": {
-            "backlog_messages": n, "supernodes": SUPERNODES,
-            "msgs_per_s": summarize(mirror),
-            "copy_rows_per_s": summarize(copy),
-            "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
-            "half_load_rate": round(rate, 1),
-            "p50_lag_ms": summarize([x["p50_ms"] for x in lags]),
-            "p99_lag_ms": summarize([x["p99_ms"] for x in lags]),
-            "to_legacy_msgs_per_s": summarize([x["msgs_per_s"] for x in to_legacy]),
-            "peak_rss_mb": summarize([d["rss_mb"] for d in drains]),
-        }}, indent=2))
+    points = [scaling_point(server, n, args.runs, k, 10 if args.quick else 30)
+              for k in args.workers]
+    first = points[0]
+    bridge = {key: first[key] for key in (
+        "backlog_messages", "supernodes", "msgs_per_s", "copy_rows_per_s", "ratio_to_copy",
+        "half_load_rate", "p50_lag_ms", "p99_lag_ms", "peak_rss_mb")}
+    bridge["workers"] = first["workers"]
+    bridge["to_legacy_msgs_per_s"] = to_legacy(server, args.runs,
+                                               1000 if args.quick else 5000)
+    if len(points) > 1:
+        bridge["scaling"] = points
+    print(json.dumps({"bridge": bridge}, indent=2))
 
 
 if __name__ == "__main__":

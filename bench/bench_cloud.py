@@ -19,12 +19,14 @@ Usage: python bench/bench_cloud.py [--dsn DSN] [--quick]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import conninfo
@@ -49,6 +51,22 @@ def with_db(dsn: str, name: str) -> str:
     params = conninfo.conninfo_to_dict(dsn)
     params["dbname"] = name
     return conninfo.make_conninfo(**params)
+
+
+@contextlib.contextmanager
+def scratch_database(server: str, prefix: str = "bridge_bench") -> Iterator[str]:
+    """A fresh database with the current schema on *server* (its DSN); dropped on exit."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = with_db(server, name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.upgrade(conn)
+        yield dsn
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def setup(conn: psycopg.Connection, conversations: int, phase: str) -> list[tuple]:
@@ -140,19 +158,10 @@ def main() -> None:
     args = p.parse_args()
     server = args.dsn or embedded.ensure_running(
         os.environ.get("BRIDGE_HOME", ".bridge"))
-    name = f"bridge_bench_{os.getpid()}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = with_db(server, name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            schema.upgrade(conn)
+    with scratch_database(server) as dsn:
         rows, runs = (20_000, 3) if args.quick else (100_000, 5)
         result = {"write_path": bench_write_path(dsn, rows, runs, batch=1000)}
         result["api"] = bench_api(dsn, quick=args.quick)
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     print(json.dumps(result, indent=2))
 
 

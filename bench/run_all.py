@@ -1,0 +1,489 @@
+"""Every benchmark of the project, each run several times: what ``make bench`` runs.
+
+    legacy     in-memory simulation (frames, events, simulated s per wall s); one
+               supernode decoding frames over TCP next to a bare Twisted receiver (ceiling)
+    cloud      raw COPY (ceiling) and the mirror write path on the same server; API posts/s
+    bridge     legacy -> cloud drain at 1, 2 and 4 workers next to raw COPY of as many rows
+               in the same run (ceiling); p99 lag at half of each drain speed; peak RSS per
+               worker; cloud -> legacy
+    reconcile  gaps reconcile of 10^4, 10^5, 10^6 messages with 100 differences: seconds,
+               fraction of the history moved, memory
+
+Each figure is the median of --repeat runs (default 3) with min and max. Writes
+``bench/results.json`` (required keys: ``bridge.msgs_per_s``, ``bridge.copy_rows_per_s``,
+``bridge.ratio_to_copy``, ``bridge.p99_lag_ms``, ``bridge.peak_rss_mb``,
+``reconcile.seconds_1m_100diff``, ``reconcile.fraction_moved``; the ``bridge.*`` headline
+figures are the 1-worker ones), the targets and whether they are met, and how busy the
+machine was (CPU seconds other processes used while this ran); prints the JSON document,
+then a table; draws ``bench/scaling.png`` when matplotlib is installed.
+
+Usage: python bench/run_all.py [--repeat N] [--quick] [--dsn DSN] [--only SECTION ...]
+                               [--big-sim] [--out PATH] [--plot PATH]
+       python bench/run_all.py --report bench/results.json [--markdown]   (table only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+SECTIONS = ("legacy", "cloud", "bridge", "reconcile")
+
+#: (figure, path into results.json, comparison, target). The issue's targets, plus the
+#: earlier cloud write-path goal that the README already tracks.
+TARGETS = (
+    ("bridge legacy -> cloud / raw COPY", "bridge.ratio_to_copy", ">=", 0.6),
+    ("bridge p99 mirror lag at half load, ms", "bridge.p99_lag_ms.median", "<=", 100),
+    ("bridge peak RSS, MB (worst run)", "bridge.peak_rss_mb.max", "<=", 256),
+    ("reconcile 10^6 messages, 100 differences, s", "reconcile.seconds_1m_100diff.median",
+     "<=", 10),
+    ("reconcile: fraction of the history moved (10^6)", "reconcile.fraction_moved.median",
+     "<=", 0.01),
+    ("cloud mirror write path / raw COPY", "cloud.write_path.mirror_ratio_to_copy", ">=",
+     0.75),
+)
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def summarize(values: list[float], digits: int = 1) -> dict:
+    return {"median": round(statistics.median(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits),
+            "runs": len(values)}
+
+
+# -- how busy the machine was -------------------------------------------------------------------
+
+class MachineLoad:
+    """CPU seconds used while the benchmarks ran, from /proc: by this benchmark's process
+    tree, by PostgreSQL (ours and anyone else's: they can not be told apart), and by every
+    other process on the machine (other people's work), plus the load average."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.me = os.getpid()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            self.boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        self.used = {"bench": 0.0, "postgres": 0.0, "other": 0.0}
+        self.other_by_name: Counter[str] = Counter()
+        self.loads: list[float] = []
+        self._last: dict[tuple[int, float], tuple[float, str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _scan(self) -> dict[int, tuple[int, float, str, float]]:
+        procs = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            close = data.rindex(")")
+            comm = data[data.index("(") + 1:close]
+            fields = data[close + 2:].split()
+            cpu = (int(fields[11]) + int(fields[12])) / self.tick
+            started = self.boot + int(fields[19]) / self.tick
+            procs[int(name)] = (int(fields[1]), cpu, comm, started)
+        return procs
+
+    def _bucket(self, pid: int, procs: dict) -> str:
+        seen = 0
+        p = pid
+        while p in procs and seen < 64:
+            if p == self.me:
+                return "bench"
+            p = procs[p][0]
+            seen += 1
+        return "postgres" if procs[pid][2].startswith(("postgres", "postmaster")) else "other"
+
+    def _sample(self, first: bool = False) -> None:
+        procs = self._scan()
+        for pid, (_, cpu, comm, started) in procs.items():
+            key = (pid, started)  # a reused pid is another process
+            last = self._last.get(key)
+            if last is None:
+                bucket = self._bucket(pid, procs)
+                base = cpu if first or started < self.t0 else 0.0
+                last = (base, bucket, comm)
+            delta = cpu - last[0]
+            if delta > 0:
+                self.used[last[1]] += delta
+                if last[1] == "other":
+                    self.other_by_name[comm] += delta
+            self._last[key] = (cpu, last[1], last[2])
+        with open("/proc/loadavg") as f:
+            self.loads.append(float(f.read().split()[0]))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._sample()
+            except Exception as e:  # a monitor must never end the benchmarks
+                log(f"load sampling failed: {e}")
+
+    def start(self) -> MachineLoad:
+        self.t0 = time.time()
+        with open("/proc/loadavg") as f:
+            self.load_before = float(f.read().split()[0])
+        self._sample(first=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = time.time() - self.t0
+        cores = os.cpu_count() or 1
+        share = self.used["other"] / (wall * cores)
+        return {
+            "wall_seconds": round(wall, 1), "cores": cores,
+            "load_1m_before": self.load_before,
+            "load_1m": summarize(self.loads, 2) if self.loads else None,
+            "cpu_seconds": {k: round(v, 1) for k, v in self.used.items()},
+            "other_share_of_machine": round(share, 3),
+            "other_top": [[name, round(s, 1)] for name, s in self.other_by_name.most_common(5)],
+            "busy": share > 0.05,
+        }
+
+
+# -- the sections -------------------------------------------------------------------------------
+
+def legacy_section(repeat: int, quick: bool, big_sim: bool) -> dict:
+    import bench_legacy
+
+    from legacy.sim import RunConfig
+
+    medium = RunConfig(supernodes=100, users=10_000, rate=200, duration=20, seed=1)
+    runs = []
+    for i in range(repeat):
+        log(f"legacy: in-memory simulation, 100 SNs / 10,000 users, run {i + 1}/{repeat}")
+        runs.append(bench_legacy.bench_sim(medium))
+    out: dict = {"sim_medium": {
+        "supernodes": 100, "users": 10_000, "rate": 200, "simulated_seconds": 20,
+        **{k: bench_legacy.summarize(runs, k) for k in
+           ("frames_per_s", "events_per_s", "sim_seconds_per_wall_second")}}}
+    if big_sim:
+        log("legacy: in-memory simulation, 1,000 SNs / 100,000 users (one run, minutes)")
+        big = RunConfig(supernodes=1000, users=100_000, rate=500, duration=10, seed=1)
+        out["sim_1000sn_100k_users"] = {"simulated_seconds": 10, "runs": 1, **{
+            k: round(v, 3) for k, v in bench_legacy.bench_sim(big).items()}}
+    log(f"legacy: supernode vs bare Twisted frame decoding over TCP, {repeat} runs each")
+    sn = bench_legacy.bench_tcp("sn", 47950, repeat)
+    bare = bench_legacy.bench_tcp("bare", 47951, repeat)
+    out["tcp_decode"] = {
+        "supernode_frames_per_s": summarize(sn, 0),
+        "bare_twisted_frames_per_s": summarize(bare, 0),
+        "ratio_to_bare": round(statistics.median(sn) / statistics.median(bare), 3),
+        "frames_per_run": bench_legacy.N_FRAMES,
+    }
+    return out
+
+
+def cloud_section(server: str, repeat: int, quick: bool) -> dict:
+    from bench_api import bench_api
+    from bench_cloud import bench_write_path, scratch_database
+
+    rows = 20_000 if quick else 100_000
+    with scratch_database(server) as dsn:
+        log(f"cloud: raw COPY and the mirror write path, {rows:,} rows, {repeat} runs")
+        out = {"write_path": bench_write_path(dsn, rows, repeat, batch=1000)}
+        log(f"cloud: API posts with 50 clients, {repeat} runs")
+        out["api"] = bench_api(dsn, quick=quick, runs=repeat)
+    return out
+
+
+def bridge_section(server: str, repeat: int, quick: bool,
+                   workers: tuple[int, ...] = (1, 2, 4)) -> dict:
+    import bench_bridge
+
+    n = 10_000 if quick else 50_000
+    lag_seconds = 10 if quick else 30
+    points = []
+    for k in workers:
+        log(f"bridge: {k} worker(s): drain {n:,} + raw COPY, then lag at half load "
+            f"({lag_seconds} s), {repeat} runs each")
+        points.append(bench_bridge.scaling_point(server, n, repeat, k, lag_seconds))
+    one = points[0]
+    drains = one["per_run"]["drains"]
+    out = {key: one[key] for key in (
+        "workers", "backlog_messages", "supernodes", "msgs_per_s", "copy_rows_per_s",
+        "ratio_to_copy", "half_load_rate", "p50_lag_ms", "p99_lag_ms", "db_p50_lag_ms",
+        "db_p99_lag_ms", "peak_rss_mb")}
+    out["ratio_to_copy_per_run"] = summarize(
+        [d["msgs_per_s"] / d["copy_rows_per_s"] for d in drains], 3)
+    log(f"bridge: cloud -> legacy, {repeat} runs")
+    out["to_legacy_msgs_per_s"] = bench_bridge.to_legacy(server, repeat,
+                                                         1000 if quick else 5000)
+    out["scaling"] = points
+    return out
+
+
+def reconcile_section(server: str, repeat: int, quick: bool) -> dict:
+    import bench_reconcile
+
+    sizes = bench_reconcile.QUICK_SIZES if quick else bench_reconcile.SIZES
+    by_size = {}
+    for n in sizes:
+        log(f"reconcile: {n:,} messages, 100 differences, {repeat} passes "
+            "(the scene is built once)")
+        by_size.update(bench_reconcile.run_sizes(server, [n], repeat))
+    big = by_size.get(str(1_000_000))
+    return {
+        "seconds_1m_100diff": big["seconds"] if big else None,
+        "fraction_moved": big["fraction_moved"] if big else None,
+        "fraction_moved_definition": "(GUIDs listed by both sides + messages fetched from "
+                                     "legacy + messages injected into legacy) / messages",
+        "by_size": by_size,
+    }
+
+
+# -- targets and the table ----------------------------------------------------------------------
+
+def lookup(results: dict, path: str) -> Any:
+    node: Any = results
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def judge(results: dict) -> list[dict]:
+    out = []
+    for name, path, op, target in TARGETS:
+        value = lookup(results, path)
+        if value is None:
+            out.append({"figure": name, "path": path, "target": f"{op} {target}",
+                        "value": None, "met": None})
+            continue
+        met = value >= target if op == ">=" else value <= target
+        out.append({"figure": name, "path": path, "target": f"{op} {target}", "value": value,
+                    "met": met, "value_over_target": round(value / target, 3)})
+    return out
+
+
+def _n(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and digits:
+        return f"{x:,.{digits}f}"
+    return f"{round(x):,}"
+
+
+def _mm(s: dict | None, digits: int = 0) -> tuple[str, str]:
+    if not s:
+        return "–", ""
+    return _n(s["median"], digits), f"{_n(s['min'], digits)}–{_n(s['max'], digits)}"
+
+
+def _target(results: dict, path: str) -> str:
+    for t in results.get("targets", []):
+        if t["path"] == path:
+            verdict = "?" if t["met"] is None else ("met" if t["met"] else "NOT met")
+            return f"{t['target']}: {verdict}"
+    return ""
+
+
+def table_rows(r: dict) -> list[tuple[str, ...]]:
+    """(figure, median, min–max, ceiling, ratio, target) rows of whatever sections ran."""
+    rows: list[tuple[str, ...]] = []
+
+    def add(figure: str, s: dict | None, digits: int = 0, ceiling: str = "", ratio: str = "",
+            target: str = "") -> None:
+        med, rng = _mm(s, digits)
+        rows.append((figure, med, rng, ceiling, ratio, target))
+
+    legacy = r.get("legacy")
+    if legacy:
+        sim = legacy["sim_medium"]
+        add("legacy sim 100 SNs/10k users: frames per wall s", sim["frames_per_s"])
+        add("legacy sim: events per wall s", sim["events_per_s"])
+        add("legacy sim: simulated s per wall s", sim["sim_seconds_per_wall_second"], 2)
+        big = legacy.get("sim_1000sn_100k_users")
+        if big:
+            rows.append(("legacy sim 1,000 SNs/100k users: frames per wall s (1 run)",
+                         _n(big["frames_per_s"]), "", "", "", ""))
+        tcp = legacy["tcp_decode"]
+        add("one supernode over TCP: frames decoded/s", tcp["supernode_frames_per_s"],
+            ceiling=f"bare Twisted {_n(tcp['bare_twisted_frames_per_s']['median'])}",
+            ratio=f"{tcp['ratio_to_bare']:.2f}")
+    cloud = r.get("cloud")
+    if cloud:
+        w = cloud["write_path"]
+        copy = f"raw COPY {_n(w['copy_rows_per_s']['median'])}"
+        add("cloud raw COPY into messages, rows/s (ceiling)", w["copy_rows_per_s"])
+        add("cloud mirror write path (phase legacy), rows/s", w["mirror_rows_per_s"],
+            ceiling=copy, ratio=f"{w['mirror_ratio_to_copy']:.2f}",
+            target=_target(r, "cloud.write_path.mirror_ratio_to_copy"))
+        add("cloud mirror write path with notifications, rows/s",
+            w["mirror_with_notifications_rows_per_s"], ceiling=copy,
+            ratio=f"{w['mirror_with_notifications_ratio_to_copy']:.2f}")
+        add("cloud replaying written batches, rows/s", w["replay_rows_per_s"])
+        api = cloud["api"]
+        add(f"cloud API posts/s, {api['clients']} clients ({api['errors']} errors)",
+            api["posts_per_s"])
+    bridge = r.get("bridge")
+    if bridge:
+        for p in bridge.get("scaling", []):
+            k = p["workers"]
+            first = k == bridge["workers"]
+            add(f"bridge legacy -> cloud, {k} worker(s), msgs/s", p["msgs_per_s"],
+                ceiling=f"raw COPY {_n(p['copy_rows_per_s']['median'])}",
+                ratio=f"{p['ratio_to_copy']:.2f}",
+                target=_target(r, "bridge.ratio_to_copy") if first else "")
+            add(f"bridge p99 lag at half load ({_n(p['half_load_rate'])}/s), {k} worker(s), "
+                "ms", p["p99_lag_ms"],
+                target=_target(r, "bridge.p99_lag_ms.median") if first else "")
+            if "db_p99_lag_ms" in p:
+                add(f"  same, p99 from the rows after warm-up, {k} worker(s), ms",
+                    p["db_p99_lag_ms"])
+            add(f"bridge peak RSS per worker, {k} worker(s), MB", p["peak_rss_mb"],
+                target=_target(r, "bridge.peak_rss_mb.max") if first else "")
+        add("bridge cloud -> legacy (1 worker), msgs/s", bridge["to_legacy_msgs_per_s"])
+    rec = r.get("reconcile")
+    if rec:
+        for key, s in sorted(rec["by_size"].items(), key=lambda kv: int(kv[0])):
+            n = int(key)
+            big = n == 1_000_000
+            add(f"reconcile {n:,} msgs, 100 differences, s", s["seconds"], 2,
+                target=_target(r, "reconcile.seconds_1m_100diff.median") if big else "")
+            fm = s["fraction_moved"]
+            rows.append((f"  fraction of the history moved ({n:,})",
+                         f"{100 * fm['median']:.2f}%",
+                         f"{100 * fm['min']:.2f}–{100 * fm['max']:.2f}%", "", "",
+                         _target(r, "reconcile.fraction_moved.median") if big else ""))
+            rows.append((f"  peak RSS ({n:,}; in-memory legacy network included), MB",
+                         _n(s["peak_rss_mb"]), "", "", "", ""))
+    return rows
+
+
+def render(results: dict, markdown: bool = False) -> str:
+    head = ("figure", "median", "min–max", "ceiling (same run)", "ratio", "target")
+    rows = table_rows(results)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.strip() for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*row) for row in rows]
+    meta = results.get("meta", {})
+    machine = meta.get("machine", {})
+    if machine:
+        lines.append("")
+        lines.append(
+            f"{meta.get('repeat')} run(s) per figure{' (--quick)' if meta.get('quick') else ''};"
+            f" {machine['wall_seconds']:,.0f} s wall on {machine['cores']} cores; other "
+            f"processes used {100 * machine['other_share_of_machine']:.0f}% of the machine "
+            f"({'busy' if machine['busy'] else 'quiet'}), PostgreSQL "
+            f"{machine['cpu_seconds']['postgres']:,.0f} CPU s, this benchmark "
+            f"{machine['cpu_seconds']['bench']:,.0f} CPU s")
+    return "\n".join(lines)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def git_commit() -> str | None:
+    """HEAD, with ``+changes`` when the work tree differs from it (figures of a dirty tree)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return None
+    return f"{head}+changes" if head and dirty else head or None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: small sizes, 1 run per figure")
+    p.add_argument("--dsn", default=os.environ.get("BRIDGE_DSN"),
+                   help="PostgreSQL server for the scratch databases (default: embedded)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    p.add_argument("--big-sim", action="store_true",
+                   help="also the 1,000-supernode / 100,000-user simulation (about 10 min)")
+    p.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    p.add_argument("--plot", default=os.path.join(HERE, "scaling.png"))
+    p.add_argument("--report", metavar="RESULTS_JSON",
+                   help="print the table of an earlier run and exit")
+    p.add_argument("--markdown", action="store_true", help="the table as Markdown")
+    args = p.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(render(json.load(f), args.markdown))
+        return
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    repeat = 1 if args.quick else args.repeat
+    from cloud import embedded
+
+    server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
+    sections = args.only or list(SECTIONS)
+    load = MachineLoad().start()
+    results: dict = {"meta": {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(),
+        "repeat": repeat, "quick": args.quick, "cores": os.cpu_count(),
+        "database": "given DSN" if args.dsn else "embedded PostgreSQL (pgserver)",
+        "sections": sections}}
+    runners: dict[str, Callable[[], dict]] = {
+        "legacy": lambda: legacy_section(repeat, args.quick, args.big_sim),
+        "cloud": lambda: cloud_section(server, repeat, args.quick),
+        "bridge": lambda: bridge_section(server, repeat, args.quick),
+        "reconcile": lambda: reconcile_section(server, repeat, args.quick),
+    }
+    timings = {}
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        t0 = time.monotonic()
+        results[name] = runners[name]()
+        timings[name] = round(time.monotonic() - t0, 1)
+        log(f"{name} done in {timings[name]:.0f} s")
+    results["meta"]["section_seconds"] = timings
+    results["meta"]["machine"] = load.stop()
+    results["targets"] = judge(results)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    try:
+        from plot_scaling import plot
+
+        if "bridge" in results or "reconcile" in results:
+            results["meta"]["plot"] = plot(results, args.plot)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    print(json.dumps(results, indent=2))
+    print()
+    print(render(results))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
