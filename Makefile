@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-legacy bench-cloud bench-bridge clean
+.PHONY: demo test chaos lint bench bench-legacy bench-cloud bench-bridge bench-reconcile clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,9 +13,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The whole migration end to end on the embedded PostgreSQL (under ./.bridge); DEMO_ARGS adds
+# flags, e.g. make demo DEMO_ARGS="--faults heavy --duration 120".
 demo: $(STAMP)
-	$(BIN)/bridgectl legacy run --supernodes 8 --users 200 --rate 50 --faults light \
-		--seed 7 --port 47100 --duration 20
+	$(BIN)/bridgectl demo $(DEMO_ARGS)
+
+# Every chaos scenario over 3 seeds (about 20 minutes); a bounded subset runs in `make test`.
+# CHAOS_ARGS adds flags, e.g. make chaos CHAOS_ARGS="--scenario partition --seeds 5".
+chaos: $(STAMP)
+	$(BIN)/bridgectl chaos $(CHAOS_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -23,6 +29,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Every benchmark, each run BENCH_REPEAT times (median, min, max): prints a JSON document and
+# a table, writes bench/results.json and bench/scaling.png (about 15 minutes on 2 cores).
+# BENCH_ARGS adds flags, e.g. make bench BENCH_ARGS="--quick" or "--only bridge reconcile".
+BENCH_REPEAT ?= 3
+bench: $(STAMP)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/run_all.py --repeat $(BENCH_REPEAT) $(BENCH_ARGS)
 
 bench-legacy: $(STAMP)
 	$(BIN)/python bench/bench_legacy.py
@@ -32,6 +46,9 @@ bench-cloud: $(STAMP)
 
 bench-bridge: $(STAMP)
 	$(BIN)/python bench/bench_bridge.py
+
+bench-reconcile: $(STAMP)
+	$(BIN)/python bench/bench_reconcile.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

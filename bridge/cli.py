@@ -1,7 +1,7 @@
 """``bridgectl``: the composition root, and the only module that touches the global reactor.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments,
-3 (migrate) some accounts held back by the migration gates.
+3 (migrate) some accounts held back by the migration gates; (demo) did not converge.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = lsub.add_parser("run", help="run the network over loopback TCP",
                           description="Run supernodes and a login server on 127.0.0.1 with "
                                       "simulated clients. Supernode i listens on BASE+i. "
-                                      "Without --duration it runs until Ctrl-C.")
+                                      "Without --duration it runs until Ctrl-C; SIGUSR1 "
+                                      "heals early (traffic and faults stop) and keeps "
+                                      "serving.")
     workload(run, duration_required=False)
     run.add_argument("--port", type=_positive_int, default=47100, metavar="BASE",
                      help="port of the first supernode (default 47100)")
@@ -89,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="login server port (default BASE + number of supernodes)")
     run.add_argument("--peer-secret-file", type=Path, metavar="FILE",
                      help="shared secret for privileged peers (default: from $BRIDGE_HOME)")
+    run.add_argument("--fault-window", type=_number, metavar="S",
+                     help="spread the preset's scheduled faults over the first S seconds "
+                          "(default: until the heal, or 600 s without --duration)")
+    run.add_argument("--control-dir", type=Path, metavar="DIR",
+                     help="run fault commands dropped into DIR as *.json files (the chaos "
+                          "suite: crash a fraction of supernodes, cut the bridge off some)")
+    run.add_argument("--record", type=Path, metavar="FILE",
+                     help="at the end, write the clients' record (acknowledged messages, "
+                          "supernode crashes) to FILE as JSON, for an outside check")
 
     sim = lsub.add_parser("simulate", help="run the network in memory, deterministically",
                           description="Run the same workload on the deterministic in-memory "
@@ -167,7 +178,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bridge_commands(sub)
     _add_operator_commands(sub)
     _add_reconcile_command(sub)
+    _add_demo_command(sub)
+    _add_chaos_command(sub)
     return p
+
+
+def _add_chaos_command(sub: Any) -> None:
+    from bridge.chaos import SCENARIOS
+
+    chaos = sub.add_parser(
+        "chaos", help="the chaos suite: faults injected into real processes (make chaos)",
+        description="Run each scenario (" + ", ".join(SCENARIOS) + ") once per seed: the "
+                    "demo's processes on 127.0.0.1 with traffic both ways, the scenario's "
+                    "fault, then heal, reconcile and check. A run passes only with zero "
+                    "lost and zero duplicated messages. Exit codes: 0 all passed, 3 some "
+                    "failed, 1 failure, 2 usage. Logs: $BRIDGE_HOME/chaos/.")
+    chaos.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                       metavar="NAME", help="run only this scenario (repeatable; default all)")
+    chaos.add_argument("--seeds", type=_positive_int, default=3, metavar="N",
+                       help="seeds per scenario (default 3)")
+    chaos.add_argument("--first-seed", type=_positive_int, default=1, metavar="N",
+                       help="the first seed (default 1)")
+    chaos.add_argument("--duration", type=_number, default=45.0, metavar="S",
+                       help="seconds of traffic per run (default 45)")
+    chaos.add_argument("--supernodes", type=_positive_int, default=6, metavar="N",
+                       help="legacy supernodes (default 6)")
+    chaos.add_argument("--legacy-users", type=_positive_int, default=60, metavar="N",
+                       help="simulated legacy users (default 60)")
+    chaos.add_argument("--rate", type=_number, default=15.0, metavar="MSGS_PER_S",
+                       help="legacy messages per second (default 15)")
+    _dsn_option(chaos)
+    chaos.add_argument("--json", action="store_true",
+                       help="print the results as one JSON object on stdout")
+
+
+def _add_demo_command(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo", help="the whole migration on this machine, end to end (what `make demo` runs)",
+        description="Start the legacy network, the cloud API and bridge workers as separate "
+                    "processes on 127.0.0.1, run legacy and cloud traffic, move cohorts of "
+                    "accounts through the phases, inject faults, reconcile like cron, then "
+                    "heal, reconcile once more and check that nothing was lost or "
+                    "duplicated. Ctrl-C ends the traffic early and goes on to the check; a "
+                    "second Ctrl-C (or SIGTERM) stops everything at once. Exit codes: 0 "
+                    "converged, 3 ran to the end but did not converge, 1 failure, 2 usage. "
+                    "Logs: $BRIDGE_HOME/demo/.")
+    demo.add_argument("--duration", type=_number, default=60.0, metavar="S",
+                      help="seconds of traffic (default 60; 0: until Ctrl-C)")
+    demo.add_argument("--supernodes", type=_positive_int, default=6, metavar="N",
+                      help="legacy supernodes (default 6)")
+    demo.add_argument("--legacy-users", type=_positive_int, default=120, metavar="N",
+                      help="simulated legacy users (default 120)")
+    demo.add_argument("--cloud-users", type=_positive_int, default=20, metavar="N",
+                      help="simulated cloud-native users (default 20)")
+    demo.add_argument("--rate", type=_number, default=20.0, metavar="MSGS_PER_S",
+                      help="legacy messages per second; cloud devices post at half of it "
+                           "(default 20)")
+    demo.add_argument("--faults", choices=("none", "light", "heavy"), default="light",
+                      help="none; light: supernode crashes, 5%% push loss, one bridge "
+                           "SIGKILL; heavy: more crashes, a partition, a correlated crash "
+                           "with a re-login storm, 20%% push loss, three bridge SIGKILLs "
+                           "(default light)")
+    demo.add_argument("--seed", type=_positive_int, default=1, metavar="N",
+                      help="seed of every random choice (default 1)")
+    demo.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                      help="bridge workers sharing the feeds (default 2)")
+    demo.add_argument("--reconcile-every", type=_number, metavar="S",
+                      help="seconds between reconcile runs (default: a quarter of the "
+                           "duration, 10-60 s)")
+    _dsn_option(demo)
+    demo.add_argument("--database", default="bridge_demo", metavar="NAME",
+                      help="the demo's own database on that server, dropped and created "
+                           "afresh (must start with bridge_demo; default bridge_demo)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the summary as one JSON object on stdout")
 
 
 def _add_reconcile_command(sub: Any) -> None:
@@ -188,6 +272,10 @@ def _add_reconcile_command(sub: Any) -> None:
     rec.add_argument("--margin", type=_number, default=10.0, metavar="S",
                      help="gaps: compare only what is older than now minus the bridge's "
                           "measured lag minus S seconds (default 10)")
+    rec.add_argument("--lag-ms", type=_positive_int, metavar="MS",
+                     help="gaps: assume this bridge lag instead of the one live workers "
+                          "report (e.g. 0 once traffic is stopped and the bridge drained, "
+                          "to compare everything up to now minus --margin)")
     rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
     rec.add_argument("--max-seconds", type=_number, metavar="S",
                      help="stop after S seconds; the next run resumes where this one stopped")
@@ -223,7 +311,8 @@ def _add_bridge_commands(sub: Any) -> None:
                           description="Follow every supernode's feed into the cloud store "
                                       "and inject cloud messages into the legacy network. "
                                       "SIGTERM/Ctrl-C drains in-flight batches and exits 0. "
-                                      "Serves /metrics, /healthz and /readyz.")
+                                      "Serves /metrics, /healthz, /readyz and the "
+                                      "operator's status page at /status.")
     _dsn_option(run)
     run.add_argument("--legacy", required=True, metavar="HOST:PORT", type=_host_port,
                      help="the legacy login server (bootstrap for discovering supernodes)")
@@ -231,6 +320,9 @@ def _add_bridge_commands(sub: Any) -> None:
                      help="port of /metrics, /healthz, /readyz (default 48090; 0: any free)")
     run.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                      help="address of the metrics endpoint (default 127.0.0.1)")
+    run.add_argument("--status-interval", type=_number, default=5.0, metavar="S",
+                     help="seconds between the status page's samples of the store "
+                          "(default 5; the page keeps 15 minutes of them)")
     run.add_argument("--worker-id", metavar="ID",
                      help="this worker's name in checkpoints and status (default host-pid)")
     run.add_argument("--peer-secret-file", type=Path, metavar="FILE",
@@ -390,7 +482,8 @@ def cmd_legacy_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_legacy_run(args: argparse.Namespace) -> int:
-    config = _run_config(args, base_port=args.port, login_port=args.login_port)
+    config = _run_config(args, base_port=args.port, login_port=args.login_port,
+                         fault_window=args.fault_window)
     home = state.state_home()
     if args.peer_secret_file is not None:
         peer_secret = state.read_secret_file(args.peer_secret_file)
@@ -406,6 +499,12 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = {}
     stop_signal: defer.Deferred = defer.Deferred()
+    heal_signal: defer.Deferred = defer.Deferred()
+    _on_sigusr1(reactor, lambda: heal_signal.called or heal_signal.callback(None))
+
+    def write_record(dep: Any) -> None:
+        if args.record is not None:
+            _write_json_atomically(args.record, dep.record())
 
     def listening(dep: Any) -> None:
         last = config.base_port + config.supernodes - 1
@@ -420,10 +519,15 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         loop = task.LoopingCall(progress)
         loop.start(10.0, now=False)
+        if args.control_dir is not None:
+            control = task.LoopingCall(_run_control_commands, args.control_dir, dep)
+            control.start(0.25, now=False)
 
     async def main(_reactor: Any) -> None:
+        _stop_with_parent(reactor)
         run = run_tcp(reactor, config, peer_secret=peer_secret, login_secret=login_secret,
-                      on_listening=listening, stop_signal=stop_signal)
+                      on_listening=listening, stop_signal=stop_signal,
+                      heal_signal=heal_signal, on_done=write_record)
         if config.duration is None:
             def on_shutdown() -> defer.Deferred:
                 if not stop_signal.called:
@@ -448,6 +552,62 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
     if "summary" in result:
         _print_summary(result["summary"], args.json)
     return EXIT_OK
+
+
+def _run_control_commands(directory: Path, dep: Any) -> None:
+    """Run (then delete) each ``*.json`` command file in *directory*, oldest name first."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            cmd = json.loads(path.read_text(encoding="utf-8"))
+            done = dep.command(cmd)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            done = f"refused {path.name}: {e}"
+        path.unlink(missing_ok=True)
+        print(f"control: {done}", file=sys.stderr, flush=True)
+
+
+def _stop_with_parent(reactor: Any) -> None:
+    """With ``$BRIDGE_STOP_WITH_PARENT=<pid>`` (set by ``bridgectl demo`` for its children,
+    which run in their own sessions), stop cleanly once that process is gone, so a demo
+    killed with SIGKILL leaves nothing running."""
+    import os
+
+    from twisted.internet import task
+
+    parent = os.environ.get("BRIDGE_STOP_WITH_PARENT", "")
+    if not parent.isdigit():
+        return
+
+    def check() -> None:
+        if os.getppid() != int(parent):
+            import threading
+
+            watch.stop()
+            # stdout and stderr were pipes to the demo: nobody reads them now, and a write
+            # would fail (EPIPE) halfway through the clean stop
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            backstop = threading.Timer(30.0, os._exit, (1,))  # if the clean stop hangs
+            backstop.daemon = True
+            backstop.start()
+            reactor.stop()
+    watch = task.LoopingCall(check)
+    watch.clock = reactor
+    watch.start(1.0, now=False)
+
+
+def _on_sigusr1(reactor: Any, fn: Any) -> None:
+    """Call *fn* in the reactor thread on SIGUSR1 (``legacy run``: heal now, keep serving)."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: reactor.callFromThread(fn))
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _require_current_schema(dsn: str, origin: str) -> None:
@@ -477,6 +637,7 @@ def _run_until_stopped(main: Any, duration: float | None) -> dict[str, Any]:
             stop_signal.callback(None)
 
     async def run(_reactor: Any) -> None:
+        _stop_with_parent(reactor)
         finished = defer.Deferred.fromCoroutine(main(reactor, stop_signal))
         reactor.addSystemEventTrigger("before", "shutdown",
                                       lambda: (stop(), finished)[1])
@@ -611,6 +772,7 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
 
     from bridge.health import operations_site
     from bridge.outbox import OutboxListener
+    from bridge.statuspage import StatusPage, StatusSampler
     from bridge.worker import BridgeWorker, WorkerConfig
     from cloud.db import Database
     from legacy.network import TCPNetwork
@@ -619,6 +781,8 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be positive")
     if args.metrics_port > 65535:
         raise UsageError("--metrics-port must be at most 65535")
+    if not 0.1 <= args.status_interval <= 3600:
+        raise UsageError("--status-interval must be between 0.1 and 3600 seconds")
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     if not 0 < len(worker_id) <= 100 or any(ord(c) < 32 for c in worker_id):
         raise UsageError("--worker-id must be 1-100 printable characters")
@@ -650,24 +814,31 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
                 reasons.append("no supernode feed is streaming")
             return reasons
 
+        # the operator's status page samples the store on the worker's own Database
+        sampler = StatusSampler(reactor, db, interval_s=args.status_interval)
+        page = StatusPage(sampler)
         db.startService()
         try:
-            listening = reactor.listenTCP(args.metrics_port, operations_site(readiness, reactor),
+            listening = reactor.listenTCP(args.metrics_port,
+                                          operations_site(readiness, reactor, page),
                                           interface=args.bind)
         except Exception:
             await db.stopService()
             raise
+        sampler.startService()
         worker.startService()
         listener.startService()
         where = listening.getHost()
         print(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
-              f"metrics on http://{where.host}:{where.port}/metrics",
+              f"metrics on http://{where.host}:{where.port}/metrics; "
+              f"status page on http://{where.host}:{where.port}/status",
               file=sys.stderr, flush=True)
         await stop_signal
         print("bridge: draining in-flight batches", file=sys.stderr, flush=True)
         await listener.stopService()
         await worker.stopService()
         await listening.stopListening()
+        await sampler.stopService()
         await db.stopService()
         return {"summary": {
             "worker_id": worker_id,
@@ -696,6 +867,19 @@ def _injector_factory(reactor: Any, db: Any) -> Any:
 
 def _log_to_stderr() -> None:
     """Log to stderr: ours at info (e.g. why a connection was closed), Twisted's at warn."""
+    _log_to_stream(sys.stderr)
+
+
+def _log_to_stream(stream: Any, *, stdlib_too: bool = False) -> None:
+    """Log to *stream*: ours at info, Twisted's at warn (and, with *stdlib_too*, the
+    standard library's warnings, e.g. psycopg_pool's reconnect messages)."""
+    if stdlib_too:
+        import logging
+
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s#%(levelname)s] "
+                                               "%(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
@@ -706,7 +890,7 @@ def _log_to_stderr() -> None:
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     for ns in ("legacy", "cloud", "bridge", "reconcilers"):
         levels.setLogLevelForNamespace(ns, LogLevel.info)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])
+    observer = FilteringLogObserver(textFileLogObserver(stream), [levels])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -1049,7 +1233,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
     if kind == "gaps":
         from reconcilers.gaps import GapsConfig, GapsReconciler
-        config = GapsConfig(margin_ms=int(args.margin * 1000))
+        config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms)
         if args.since is not None:
             config = attrs.evolve(config, since_ms=args.since)
         return GapsReconciler(links, config)
@@ -1070,6 +1254,138 @@ def _emit_reconcile_metrics(args: argparse.Namespace, reports: list[Any]) -> Non
         metrics_out.push(args.pushgateway, reports)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import re
+    import signal
+
+    from bridge.demo import Demo, DemoConfig, DemoError, fresh_database, render_summary
+
+    try:
+        config = DemoConfig(
+            duration=args.duration, supernodes=args.supernodes,
+            legacy_users=args.legacy_users, cloud_users=args.cloud_users, rate=args.rate,
+            faults=args.faults, seed=args.seed, workers=args.workers,
+            reconcile_every=args.reconcile_every)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.reconcile_every is not None and not 5 <= args.reconcile_every <= 3600:
+        raise UsageError("--reconcile-every must be between 5 and 3600 seconds")
+    if not re.fullmatch(r"bridge_demo[a-z0-9_]{0,50}", args.database):
+        raise UsageError("--database must start with bridge_demo and hold only a-z, 0-9 "
+                         "and _ (it is dropped and created afresh)")
+    server_dsn, origin = _resolve_dsn(args)
+    try:
+        dsn = fresh_database(server_dsn, args.database)
+    except DemoError as e:
+        raise RuntimeFailure(f"{e} ({origin}: {redact_dsn(server_dsn)})") from None
+    home = state.state_home()
+    state.secret(home, "peer")  # created once here, not raced by the processes
+    workdir = home / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"demo: database {args.database} on {origin}; logs in {workdir}",
+          file=sys.stderr, flush=True)
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        demo = Demo(reactor, config, dsn=dsn, home=home, workdir=workdir, out=sys.stdout,
+                    dsn_display=redact_dsn(dsn))
+        stop_signal.addCallback(lambda _: demo.request_abort())
+        interrupts = [0]
+
+        def on_interrupt(_signum: int, _frame: Any) -> None:
+            interrupts[0] += 1
+            if interrupts[0] == 1:
+                print("\ndemo: stopping the traffic; healing, reconciling and checking "
+                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+                reactor.callFromThread(demo.request_stop)
+            else:
+                reactor.callFromThread(demo.request_abort)
+
+        def install() -> None:  # after Twisted's own handlers, which it replaces
+            signal.signal(signal.SIGINT, on_interrupt)
+            signal.signal(signal.SIGTERM,
+                          lambda *_: reactor.callFromThread(demo.request_abort))
+        reactor.callLater(0, install)
+        try:
+            return {"summary": await demo.run()}
+        except DemoError as e:
+            raise RuntimeFailure(str(e)) from None
+
+    _log_to_stream((workdir / "demo.log").open("a", encoding="utf-8"), stdlib_too=True)
+    result = _run_until_stopped(main, None)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    summary = result["summary"]
+    print(json.dumps(summary, sort_keys=True) if args.json else render_summary(summary),
+          flush=True)
+    if summary.get("aborted"):
+        return EXIT_FAILURE
+    return EXIT_OK if summary["converged"] else EXIT_GATED
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import signal
+
+    from bridge import chaos
+    from bridge.demo import DemoConfig
+
+    names = args.scenario or list(chaos.SCENARIOS)
+    if not 1 <= args.seeds <= 100:
+        raise UsageError("--seeds must be between 1 and 100")
+    if not 20 <= args.duration <= 3600:
+        raise UsageError("--duration must be between 20 and 3600 seconds (the partition "
+                         "and pause scenarios last 20 s)")
+    sizes = {"supernodes": args.supernodes, "legacy_users": args.legacy_users,
+             "rate": args.rate}
+    try:
+        DemoConfig(duration=args.duration, **sizes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    server_dsn, origin = _resolve_dsn(args)
+    embedded = not origin.startswith(("--dsn", "$BRIDGE_DSN"))
+    skipped = [n for n in names if chaos.SCENARIOS[n].needs_embedded and not embedded]
+    if skipped:
+        print(f"chaos: skipping {', '.join(skipped)}: it restarts the embedded PostgreSQL "
+              f"and this run uses {origin}", file=sys.stderr)
+        names = [n for n in names if n not in skipped]
+    home = state.state_home()
+    state.secret(home, "peer")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+
+    async def main(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        stopping = [False]
+
+        def on_signal(*_: Any) -> None:
+            stopping[0] = True
+            print("\nchaos: stopping after the current run", file=sys.stderr, flush=True)
+        reactor.callLater(0, lambda: (signal.signal(signal.SIGINT, on_signal),
+                                      signal.signal(signal.SIGTERM, on_signal)))
+        results = await chaos.run_suite(
+            reactor, names, seeds, server_dsn=server_dsn, home=home, duration=args.duration,
+            out=sys.stdout, status_stream=sys.stderr, stop_requested=lambda: stopping[0],
+            sizes=sizes)
+        return {"results": results}
+
+    (home / "chaos").mkdir(parents=True, exist_ok=True)
+    _log_to_stream((home / "chaos" / "chaos.log").open("a", encoding="utf-8"),
+                   stdlib_too=True)
+    result = _run_until_stopped(main, None)
+    if "error" in result:
+        print(f"bridgectl: error: {result['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    results = result["results"]
+    if args.json:
+        print(json.dumps({"passed": all(r.passed for r in results),
+                          "skipped": skipped,
+                          "runs": [r.to_json() for r in results]}, sort_keys=True))
+    else:
+        for r in results:
+            print(chaos.render_line(r))
+    if not results:
+        return EXIT_FAILURE
+    return EXIT_OK if all(r.passed for r in results) else EXIT_GATED
+
+
 COMMANDS = {
     ("legacy", "run"): cmd_legacy_run,
     ("legacy", "simulate"): cmd_legacy_simulate,
@@ -1084,6 +1400,8 @@ COMMANDS = {
     ("status", None): cmd_status,
     ("accounts", "import"): cmd_accounts_import,
     ("reconcile", None): cmd_reconcile,
+    ("demo", None): cmd_demo,
+    ("chaos", None): cmd_chaos,
 }
 
 

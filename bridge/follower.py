@@ -167,8 +167,18 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
     ensured: dict[str, tuple[str, ...]] = {}
     for chat_id, members in chats.items():
         if known.chats.get(chat_id) != members:
-            store.create_conversation(conn, ids.conversation_id(chat_id),
-                                      [accounts[h] for h in members], legacy_chat_id=chat_id)
+            try:
+                store.create_conversation(conn, ids.conversation_id(chat_id),
+                                          [accounts[h] for h in members],
+                                          legacy_chat_id=chat_id)
+            except store.TooManyMembers as e:
+                # A legacy chat holds at most as many members as a conversation, but its
+                # member list may be replaced over time while the cloud keeps the union:
+                # record it for the operator instead of failing the batch forever.
+                store.record_finding(conn, "mirror_refused", {
+                    "chat_id": chat_id, "reason": str(e)}, now_ms,
+                    conversation_id=ids.conversation_id(chat_id))
+                continue
             ensured[chat_id] = members
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
     # sender; its other members arrive with the chat's next FeedChat.

@@ -33,7 +33,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     """Everything status shows, read in one transaction (``fn(conn, ...)``).
 
     ``mirror_lag_ms`` is the worst lag over the live workers per direction (None: no live
-    worker measured one); each worker's own lags are in ``workers``.
+    worker measured one); each worker's own lags are in ``workers``. ``findings`` counts
+    every finding by kind and state (open, repaired, failed, dismissed).
     """
     workers = admin.workers(conn)
     live = [w for w in workers if w.live(now_ms, live_within_ms)]
@@ -54,6 +55,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
         "live_workers": len(live),
         "outbox_to_legacy": {"pending": pending, "oldest_age_ms": oldest},
         "open_findings": admin.open_findings_by_kind(conn),
+        "findings": admin.findings_by_state(conn),
         "reconcile": {kind: _run(run, now_ms)
                       for kind, run in sorted(admin.last_reconcile_runs(conn).items())},
         "last_clean_reconcile": None if last_clean is None else _run(last_clean, now_ms),

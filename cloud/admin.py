@@ -24,6 +24,8 @@ from cloud.store import Conflict, NotFound
 LIVE_WORKER_MS = 30_000
 #: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
 CLEAN_RECONCILE_KINDS = ("gaps", "all")
+#: The states of a reconcile finding (``reconcile_findings.state``), in display order.
+FINDING_STATES = ("open", "repaired", "failed", "dismissed")
 
 
 class PhaseChanged(Conflict):
@@ -336,6 +338,16 @@ def open_findings_by_kind(conn: psycopg.Connection) -> dict[str, int]:
     rows = conn.execute("SELECT kind, count(*) FROM reconcile_findings WHERE state = 'open' "
                         "GROUP BY 1 ORDER BY 1").fetchall()
     return dict(rows)
+
+
+def findings_by_state(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """Findings per kind and state, every state present (zero if none): what the
+    reconcilers found and what became of it (the status page's open vs repaired counts)."""
+    out: dict[str, dict[str, int]] = {}
+    for kind, state, n in conn.execute("SELECT kind, state, count(*) FROM reconcile_findings "
+                                       "GROUP BY 1, 2 ORDER BY 1, 2"):
+        out.setdefault(kind, dict.fromkeys(FINDING_STATES, 0))[state] = n
+    return out
 
 
 def last_reconcile_runs(conn: psycopg.Connection) -> dict[str, ReconcileRun]:

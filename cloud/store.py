@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 from cloud.model import (
     CLOUD_CLIENT_PHASES,
     LEGACY_CLIENT_PHASES,
+    MAX_MEMBERS,
     PHASES,
     PRESENCE_STATUSES,
     Account,
@@ -57,6 +58,12 @@ class NotMember(StoreError):
 
 class Conflict(StoreError):
     code = "conflict"
+
+
+class TooManyMembers(StoreError, ValueError):
+    """A conversation would have more than ``MAX_MEMBERS`` members; nothing was added."""
+
+    code = "too_many_members"
 
 
 class StaleFence(StoreError):
@@ -155,16 +162,19 @@ def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_m
 
 def acquire_lease(conn: psycopg.Connection, name: str, holder: str, now_ms: int,
                   ttl_ms: int) -> int | None:
-    """Take *name* if it is free or expired: returns the new fencing token, else None.
+    """Take *name* if it is free, expired, or held under this holder's own name: returns the
+    new fencing token, else None.
 
-    Every acquisition increases the token, so a worker that held the lease before (even one
-    with the same id, restarted) is fenced off: its commits check the token and fail.
+    A worker restarted under its ``--worker-id`` (systemd, the demo) takes its feeds back at
+    once instead of waiting out the lease of its dead incarnation. Every acquisition
+    increases the token, so the previous holder (even one with the same id, paused rather
+    than dead) is fenced off: its commits check the token and fail.
     """
     row = conn.execute(
         "INSERT INTO leases (name, holder, fence, expires_ms) VALUES (%s, %s, 1, %s) "
         "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
         "  fence = leases.fence + 1, expires_ms = excluded.expires_ms "
-        "WHERE leases.expires_ms <= %s RETURNING fence",
+        "WHERE leases.expires_ms <= %s OR leases.holder = excluded.holder RETURNING fence",
         (name, holder, now_ms + ttl_ms, now_ms)).fetchone()
     return None if row is None else row[0]
 
@@ -272,7 +282,12 @@ def create_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID,
 
 def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,
                 members: Iterable[uuid.UUID]) -> int:
-    """Add accounts to a conversation; return how many were not members yet."""
+    """Add accounts to a conversation; return how many were not members yet.
+
+    Raises ``TooManyMembers`` (adding nothing) when the conversation would have more than
+    ``MAX_MEMBERS`` members. The count is checked in this transaction: two transactions
+    adding different members at once could pass it together.
+    """
     ids = sorted(set(members))
     if not ids:
         return 0
@@ -280,6 +295,12 @@ def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,
                          (ids,)).fetchone()[0]
     if known != len(ids):
         raise NotFound("a member is not a known account")
+    total, already = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE account_id = ANY(%s)) FROM members "
+        "WHERE conversation_id = %s", (ids, conversation_id)).fetchone()
+    if total - already + len(ids) > MAX_MEMBERS:
+        raise TooManyMembers(f"a conversation has at most {MAX_MEMBERS} members; this one "
+                             f"would have {total - already + len(ids)}")
     cur = conn.execute(
         "INSERT INTO members (conversation_id, account_id) SELECT %s, unnest(%s::uuid[]) "
         "ON CONFLICT DO NOTHING", (conversation_id, ids))

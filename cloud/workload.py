@@ -331,14 +331,22 @@ class CloudWorkload(MultiService):
         for cid, members in population.conversations:
             for a in members:
                 chats.setdefault(a, []).append(cid)
-        self.devices = [
-            CloudDevice(clock, http, handle, population.password, chats.get(aid, []),
-                        random.Random(self._rng.random()), config, self.stats)
-            for handle, aid in population.accounts]
-        for d in self.devices:
-            d.setServiceParent(self)
+        self._http = http
+        self.devices: list[CloudDevice] = []
+        for handle, aid in population.accounts:
+            self.add_device(handle, population.password, chats.get(aid, []))
         self._next: Any = None
         self._posting = True
+
+    def add_device(self, handle: str, password: str,
+                   conversations: list[uuid.UUID]) -> CloudDevice:
+        """One more device (started at once if the workload runs): e.g. for an account
+        that a migration just moved to a cloud phase."""
+        device = CloudDevice(self._clock, self._http, handle, password, conversations,
+                             random.Random(self._rng.random()), self._config, self.stats)
+        self.devices.append(device)
+        device.setServiceParent(self)
+        return device
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()

@@ -54,6 +54,7 @@ class RunConfig:
     feed_capacity: int = 10_000
     presence_ttl: float = 120.0
     refresh_interval: float = 40.0
+    fault_window: float | None = None  # None: until heal_at (600 s without a duration)
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.supernodes <= 5000:
@@ -71,6 +72,8 @@ class RunConfig:
             raise ValueError("--port leaves no room for the supernodes below 65536")
         if self.seed < 0:
             raise ValueError("--seed must not be negative")
+        if self.fault_window is not None and not 0 < self.fault_window <= 30 * 86400:
+            raise ValueError("--fault-window must be positive")
 
     @property
     def plan(self) -> FaultPlan:
@@ -141,6 +144,7 @@ class LegacyDeployment(service.MultiService):
         self.traffic = TrafficGenerator(self.workload, self.chats, self.devices, self.clock,
                                         self.rng_traffic)
         self.crashes = 0
+        self.crash_log: list[tuple[float, str]] = []  # (seconds since begin, sn id)
         self._fault_calls: list[Any] = []
         self._down: dict[str, None] = {}
         self.started_at = 0.0
@@ -173,7 +177,7 @@ class LegacyDeployment(service.MultiService):
         plan = self.config.plan
         if not plan.any:
             return
-        window = (self.config.heal_at or 600.0)
+        window = self.config.fault_window or self.config.heal_at or 600.0
         rng = self.rng_faults
         at = self._fault_calls.append
 
@@ -200,6 +204,7 @@ class LegacyDeployment(service.MultiService):
     def _crash(self, sn: str, restart_after: float) -> None:
         self._down[sn] = None
         self.crashes += 1
+        self.crash_log.append((self.clock.seconds() - self.started_at, sn))
         self.supernodes[sn].crash()
         self._fault_calls.append(self.clock.callLater(restart_after, self._restart, sn))
 
@@ -248,6 +253,39 @@ class LegacyDeployment(service.MultiService):
         self.trace.record("relogin_storm")
         self.traffic.relogin_storm()
 
+    # -- faults on command (``legacy run --control-dir``: the chaos suite) -------------------
+
+    def command(self, cmd: dict[str, Any]) -> str:
+        """Run one fault command; returns what it did (for the log).
+
+        ``{"crash": F, "restart_after": S, "storm": bool}``: crash a fraction F of the
+        running supernodes at once, restart them after S seconds, and optionally make every
+        online device log in again; ``{"cut_peers": F, "seconds": S, "prefix": P}``:
+        partition a fraction F of the supernodes from the privileged peers named P* for S
+        seconds.
+        """
+        if "crash" in cmd:
+            running = self._running()
+            n = max(1, round(len(running) * float(cmd["crash"])))
+            victims = self.rng_faults.sample(running, min(n, len(running)))
+            for sn in victims:
+                self._crash(sn, float(cmd.get("restart_after", 5.0)))
+            if cmd.get("storm"):
+                self._fault_calls.append(self.clock.callLater(
+                    float(cmd.get("restart_after", 5.0)) + 0.5, self._storm))
+            return f"crashed {', '.join(sorted(victims))}" + (
+                "; re-login storm after the restart" if cmd.get("storm") else "")
+        if "cut_peers" in cmd:
+            ids = sorted(self.supernodes)
+            n = max(1, round(len(ids) * float(cmd["cut_peers"])))
+            side = self.rng_faults.sample(ids, n)
+            for sn in side:
+                self.supernodes[sn].cut_peers(str(cmd.get("prefix", "")),
+                                              float(cmd.get("seconds", 20.0)))
+            return f"cut peers {cmd.get('prefix', '')!r}* off {', '.join(sorted(side))} " \
+                   f"for {cmd.get('seconds', 20.0)} s"
+        raise ValueError(f"unknown command {cmd!r}")
+
     # -- summary --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -281,6 +319,23 @@ class LegacyDeployment(service.MultiService):
         }
 
 
+    def record(self) -> dict[str, Any]:
+        """The clients' own record of what the network acknowledged, for an outside check.
+
+        ``acked``: ``[guid, chat id, home supernode, seconds since begin]`` per acknowledged
+        message; ``crashes``: ``[seconds since begin, supernode]``. A checker uses them to
+        tell the network's own losses (a home supernode that crashed after acknowledging,
+        losing its memory) from losses anyone else caused.
+        """
+        stats, t0 = self.stats, self.started_at
+        acked = sorted(g for g in stats.acked if g in stats.sent)
+        return {
+            "acked": [[g, stats.chat_of[g], self.ring.home_of(stats.chat_of[g]),
+                       round(stats.acked_at.get(g, t0) - t0, 3)] for g in acked],
+            "crashes": [[round(t, 3), sn] for t, sn in self.crash_log],
+        }
+
+
 def simulate(config: RunConfig, *, peer_secret: bytes = b"sim-peer",
              login_secret: bytes = b"sim-login") -> dict[str, Any]:
     """Run *config* on the deterministic in-memory network; returns the summary."""
@@ -308,10 +363,14 @@ def simulate(config: RunConfig, *, peer_secret: bytes = b"sim-peer",
 
 @defer.inlineCallbacks
 def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret: bytes,
-            on_listening: Any = None, stop_signal: defer.Deferred | None = None) -> Any:
+            on_listening: Any = None, stop_signal: defer.Deferred | None = None,
+            heal_signal: defer.Deferred | None = None, on_done: Any = None) -> Any:
     """Run *config* over loopback TCP with *reactor*; fires with the summary.
 
     Without a duration the run lasts until *stop_signal* fires (Ctrl-C in the CLI).
+    *heal_signal* firing heals early (traffic and faults stop, crashed supernodes restart)
+    while the network keeps serving until the run ends. *on_done(dep)* is called before the
+    services stop, e.g. to write the clients' record.
     """
     network = TCPNetwork(reactor)
     dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret)
@@ -327,14 +386,26 @@ def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret
     if on_listening is not None:
         on_listening(dep)
     dep.begin()
+    healed = False
+
+    def heal(_: Any = None) -> None:
+        nonlocal healed
+        if not healed:
+            healed = True
+            dep.heal()
+
+    if heal_signal is not None:
+        heal_signal.addCallback(heal)
     if config.duration is not None:
         yield _sleep(reactor, config.heal_at)
-        dep.heal()
+        heal()
         yield _sleep(reactor, config.duration - config.heal_at)
     else:
         yield stop_signal
-        dep.heal()
+        heal()
     out = dep.summary()
+    if on_done is not None:
+        on_done(dep)
     yield dep.stopService()
     out["wall_seconds"] = round(time.perf_counter() - wall, 3)
     return out

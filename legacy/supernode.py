@@ -140,6 +140,8 @@ class Supernode(service.Service):
         self._loops: list[LoopingCall] = []
         self.restarts = 0
         self.presence_changes = 0
+        #: a fault: privileged peers whose name starts with the prefix are cut off until then
+        self._peer_cut: tuple[str, float] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -194,6 +196,20 @@ class Supernode(service.Service):
             LOOP_FAILURES.labels(loop=fn.__name__.strip("_")).inc()
             log.failure("supernode {sn} background pass {fn} failed", sn=self.sn_id,
                         fn=fn.__name__)
+
+    def cut_peers(self, prefix: str, seconds: float) -> None:
+        """A fault: a partition between this supernode and the privileged peers whose name
+        starts with *prefix* (e.g. the bridge workers) for *seconds*. Their connections
+        drop now; new ones are dropped at authentication until the cut ends."""
+        self._peer_cut = (prefix, self.clock.seconds() + seconds)
+        self.trace.record("peer_cut", self.sn_id, prefix, seconds)
+        for conn in list(self._conns):
+            if conn.role == "peer" and conn.handle.startswith(prefix):
+                conn.transport.abortConnection()
+
+    def peer_is_cut(self, name: str) -> bool:
+        cut = self._peer_cut
+        return cut is not None and name.startswith(cut[0]) and self.clock.seconds() < cut[1]
 
     def crash(self) -> defer.Deferred:
         """Stop abruptly, losing every bit of memory (the next start has a new epoch)."""
@@ -301,6 +317,9 @@ class Supernode(service.Service):
         if "\x00" in f.body:
             # Neither stack can store it (PostgreSQL text has no NUL), so refuse it at once.
             raise ProtocolViolation("bad_send", "the body must not contain NUL characters")
+        if len(f.body) > wire.MAX_MESSAGE_CHARS:
+            raise ProtocolViolation("too_long", f"the body has {len(f.body)} characters; at "
+                                                f"most {wire.MAX_MESSAGE_CHARS} are allowed")
         self.send_to(self.ring.home_of(f.chat_id), wire.RouteSend(
             from_sn=self.sn_id, sender=proto.handle, device=proto.device, guid=f.guid,
             chat_id=f.chat_id, members=f.members, body=f.body))
@@ -713,6 +732,8 @@ class Supernode(service.Service):
             problem = "ids must not contain control characters"
         elif "\x00" in m.body:
             problem = "the body must not contain NUL characters"
+        elif len(m.body) > wire.MAX_MESSAGE_CHARS:
+            problem = f"the body must be at most {wire.MAX_MESSAGE_CHARS} characters"
         elif m.ts_ms and m.ts_ms < self.now_ms() - int(self.config.retention_seconds * 1000):
             # It would be pruned at once and then accepted again as new: refuse it instead.
             problem = "ts_ms is older than this supernode's retention window"
@@ -871,6 +892,9 @@ class SupernodeProtocol(FrameProtocol):
                 raise ProtocolViolation("bad_proof", "peer authentication failed")
             if f.role == "supernode" and f.name not in sn.directory:
                 raise ProtocolViolation("bad_proof", f"unknown supernode {f.name!r}")
+            if f.role == "peer" and sn.peer_is_cut(f.name):
+                self.transport.abortConnection()  # partitioned: as if the packets were lost
+                return
             self.role = f.role
             self.handle = f.name
             self.send(wire.Welcome(server_id=sn.sn_id, epoch=sn.epoch))

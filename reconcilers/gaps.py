@@ -65,6 +65,7 @@ class LegacyHistory(Protocol):
 class GapsConfig:
     since_ms: int = 30 * 86400 * 1000    # how far back to compare
     margin_ms: int = 10_000              # below the watermark beyond the measured lag
+    lag_ms: int | None = None            # use this instead of the workers' measured lag
     list_at: int = 64                    # list a range's GUIDs at or below this many messages
     hot_range: int = 20_000              # split a time window holding more than this
     confirm_after_s: float = 1.0         # the second look
@@ -161,7 +162,7 @@ class GapsReconciler:
                 progress.pop(key, None)
             report.detail["restarted"] = True
         if progress.get("phase") is None:  # a new pass: fix its window and its gap set
-            lag = await db.run(lag_ms, now)
+            lag = cfg.lag_ms if cfg.lag_ms is not None else await db.run(lag_ms, now)
             progress.update({"watermark_ms": now - lag - cfg.margin_ms,
                              "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
                              "gap_sources": gap_sources})

@@ -139,3 +139,24 @@ def test_any_worker_can_inject_into_any_home_supernode(conn, db_dsn):
     assert sum(m.origin == "cloud" for m in home) == 10
     for w in workers:
         net.wait(w.stopService())
+
+
+def test_a_restarted_worker_takes_its_own_leases_back_and_fences_its_old_self(conn):
+    """Same --worker-id after a restart: no wait for the old lease; the old incarnation (if
+    it was only paused) can neither renew nor commit; other workers still wait."""
+    now = 1_700_000_000_000
+    with conn.transaction():
+        old = store.acquire_lease(conn, "feed:sn0", "w1", now, 15_000)
+    with conn.transaction():
+        assert store.acquire_lease(conn, "feed:sn0", "w2", now + 10, 15_000) is None
+        new = store.acquire_lease(conn, "feed:sn0", "w1", now + 20, 15_000)
+    assert new == old + 1
+    msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
+                           body="x", origin="legacy")
+    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
+    with pytest.raises(store.StaleFence), conn.transaction():
+        commit_feed_batch(conn, batch, old, now + 30, ("feed:sn0", "w1"))
+    with conn.transaction():
+        assert not store.renew_lease(conn, "feed:sn0", "w1", old, now + 40, 15_000)
+        assert store.renew_lease(conn, "feed:sn0", "w1", new, now + 40, 15_000)
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0

@@ -52,7 +52,8 @@ def test_status_of_an_empty_store(conn):
     assert got["mirror_lag_ms"] == {"to_cloud": None, "to_legacy": None}
     assert got["workers"] == [] and got["leases"] == [] and got["reconcile"] == {}
     assert got["outbox_to_legacy"] == {"pending": 0, "oldest_age_ms": None}
-    assert got["open_findings"] == {} and got["last_clean_reconcile"] is None
+    assert got["open_findings"] == {} and got["findings"] == {}
+    assert got["last_clean_reconcile"] is None
     assert "no runs yet" in status.render(got)
 
 
@@ -77,6 +78,10 @@ def test_status_reports_every_section_from_the_rows(conn):
     assert workers["w3"]["heartbeat_age_ms"] == 300_000
     assert got["outbox_to_legacy"] == {"pending": 2, "oldest_age_ms": 5_000}
     assert got["open_findings"] == {"gap": 2, "notification_failed": 1}
+    none = {"open": 0, "repaired": 0, "failed": 0, "dismissed": 0}
+    assert got["findings"] == {"gap": {**none, "open": 2},
+                               "notification_failed": {**none, "open": 1},
+                               "presence": {**none, "repaired": 1}}
     assert got["reconcile"]["gaps"]["run_id"] == 2 and got["reconcile"]["gaps"]["state"] == \
         "running"
     assert got["reconcile"]["notifications"]["clean"] is False

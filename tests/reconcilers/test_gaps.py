@@ -212,3 +212,21 @@ def test_a_feed_gap_found_mid_pass_restarts_the_pass_instead_of_skipping(scene):
     assert second.repaired == 2 and len(chat_messages(scene.conn, lost_chat)) == 2
     assert scene.conn.execute("SELECT state FROM reconcile_findings WHERE kind = 'feed_gap'"
                               ).fetchone() == ("repaired",)
+
+
+def test_lag_override_compares_what_the_measured_lag_would_hold_back(scene):
+    """A live worker reporting a 10-minute lag moves the watermark back: recent differences
+    wait. --lag-ms 0 (traffic stopped, bridge drained) compares everything up to the margin."""
+    guids = scene.chat("chat-a", 6)
+    scene.mirror()
+    drop_from_cloud(scene.conn, guids[:3])
+    now_ms = int((scene.net.clock.seconds() + 15.0) * 1000)  # when reconcile() starts
+    store.heartbeat_worker(scene.conn, "slow-worker", "ready", now_ms, now_ms,
+                           lag_to_cloud_ms=600_000, lag_to_legacy_ms=None,
+                           mirrored_to_cloud=0, mirrored_to_legacy=0, feeds=1, detail={})
+    held_back, _ = scene.reconcile()
+    assert held_back.detail["lag_ms"] == 600_000 and held_back.confirmed == 0
+    report, _ = scene.reconcile(config=GapsConfig(margin_ms=1000, confirm_after_s=0.5,
+                                                  lag_ms=0))
+    assert report.detail["lag_ms"] == 0
+    assert (report.confirmed, report.repaired) == (3, 3)

@@ -1,0 +1,933 @@
+"""``bridgectl demo``: the whole migration on one machine, the way an operator first meets it.
+
+Separate processes on 127.0.0.1, each the real command an operator would run::
+
+    bridgectl legacy run     supernodes, login server, legacy clients and their traffic
+    bridgectl cloud run      the cloud API, the notification dispatcher, a simulated gateway
+    bridgectl bridge run     x workers (leases share the feeds; /status, /metrics)
+    bridgectl accounts import / migrate / reconcile      one-shot, as an operator or cron would
+    this process             simulated cloud devices (cloud-native users, and every legacy
+                             user once a cohort moves them to a cloud phase), the status line
+
+Timeline (``--duration D``)::
+
+    set-up | traffic, faults, cohorts moving, reconcile every ~D/4 | heal | settle | reconcile
+           0 ......................................................... D     final check
+
+At the end the legacy network heals (SIGUSR1: traffic and faults stop, crashed supernodes
+restart), the bridge drains, the reconcilers run once more, and ``bridge.convergence``
+checks the invariants from both stacks' own records. Only this module's caller
+(``bridge/cli.py``) touches the global reactor; time, processes and sockets come through the
+reactor it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import psycopg
+from twisted.internet import defer, protocol, task
+
+from bridge import convergence, state
+from cloud import admin, store
+
+#: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
+#: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
+COHORTS = ((0.10, 10, "dual"), (0.25, 30, "dual"), (0.40, 10, "cloud"),
+           (0.55, 60, "dual"), (0.70, 30, "cloud"), (0.85, 10, "cloud-only"))
+
+
+@attrs.frozen
+class FaultSettings:
+    """What ``--faults`` means beyond the legacy preset of the same name."""
+
+    push_loss: float = 0.0
+    push_errors: float = 0.0
+    bridge_kills: int = 0  # SIGKILLs of a bridge worker during the traffic window
+
+
+FAULTS = {"none": FaultSettings(),
+          "light": FaultSettings(push_loss=0.05, bridge_kills=1),
+          "heavy": FaultSettings(push_loss=0.2, push_errors=0.05, bridge_kills=3)}
+
+
+@attrs.frozen
+class Scenario:
+    """A chaos scenario (``bridge.chaos``): the faults, and when, instead of a preset's.
+
+    ``plan(rng, window)`` returns ``(seconds into the traffic, action, arguments)``; actions:
+    ``kill_worker`` (SIGKILL, restart after ``restart_after`` s), ``pause_worker`` (SIGSTOP
+    for ``seconds``, then SIGCONT), ``legacy`` (a ``legacy run --control-dir`` command),
+    ``pg_restart`` (the embedded PostgreSQL stopped for ``down_s`` and started again).
+    """
+
+    name: str
+    description: str
+    plan: Callable[[random.Random, float], list[tuple[float, str, dict[str, Any]]]]
+    legacy_faults: str = "none"
+    push_loss: float = 0.0
+    push_errors: float = 0.0
+    needs_embedded: bool = False
+
+
+@attrs.frozen
+class DemoConfig:
+    """One demo run; validated here so the CLI reports every bad value the same way."""
+
+    duration: float = 60.0  # seconds of traffic; 0: until stopped
+    supernodes: int = 6
+    legacy_users: int = 120
+    cloud_users: int = 20
+    rate: float = 20.0  # legacy messages per second; cloud devices post at half of it
+    faults: str = "light"
+    seed: int = 1
+    workers: int = 2
+    reconcile_every: float | None = None  # default: a quarter of the duration, 10-60 s
+    settle_timeout: float = 90.0
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.duration == 0 or 5 <= self.duration <= 86400):
+            raise ValueError("--duration must be 0 (until Ctrl-C) or 5 to 86400 seconds")
+        if not 1 <= self.supernodes <= 64:
+            raise ValueError("--supernodes must be between 1 and 64")
+        if not 4 <= self.legacy_users <= 5000:
+            raise ValueError("--legacy-users must be between 4 and 5000")
+        if not 2 <= self.cloud_users <= 1000:
+            raise ValueError("--cloud-users must be between 2 and 1000")
+        if not 0 < self.rate <= 2000:
+            raise ValueError("--rate must be above 0 and at most 2000 messages per second")
+        if self.faults not in FAULTS:
+            raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
+        if not 1 <= self.workers <= 8:
+            raise ValueError("--workers must be between 1 and 8")
+        if self.seed < 0:
+            raise ValueError("--seed must not be negative")
+
+    @property
+    def reconcile_interval(self) -> float:
+        if self.reconcile_every is not None:
+            return self.reconcile_every
+        return 30.0 if self.duration == 0 else min(60.0, max(10.0, self.duration / 4))
+
+    def cohort_times(self) -> list[float]:
+        """When each step of ``COHORTS`` is due (seconds into the traffic)."""
+        span = 120.0 if self.duration == 0 else self.duration
+        return [share * span for share, _, _ in COHORTS]
+
+
+class DemoError(Exception):
+    """The demo could not run (a process did not start, the database refused...)."""
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+class Child(protocol.ProcessProtocol):
+    """One ``bridgectl`` process: output to a log file, the last lines kept, line watchers,
+    and ``ended`` firing with the exit code (negative: the signal that ended it)."""
+
+    def __init__(self, name: str, log_path: Path, *, capture_stdout: bool = False) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.capture = capture_stdout
+        self.stdout = bytearray()
+        self.tail: deque[str] = deque(maxlen=30)
+        self._partial = b""
+        self._watchers: list[tuple[re.Pattern[str], defer.Deferred]] = []
+        self.on_line: Callable[[str], None] | None = None
+        self.ended: defer.Deferred = defer.Deferred()
+        self.exit_code: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.capture:
+            self.stdout += data
+        else:
+            self._lines(data)
+        self._log.write(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self._log.write(data)
+        self._lines(data)
+
+    def _lines(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
+            for pattern, d in list(self._watchers):
+                match = pattern.search(line)
+                if match:
+                    self._watchers.remove((pattern, d))
+                    d.callback(match)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        code = reason.value.exitCode
+        self.exit_code = code if code is not None else -(reason.value.signal or 0)
+        self._log.close()
+        for _pattern, d in self._watchers:
+            d.errback(DemoError(f"{self.name} exited ({self.exit_code}) before it was ready; "
+                                f"see {self.log_path}:\n  " + "\n  ".join(list(self.tail)[-8:])))
+        self._watchers.clear()
+        self.ended.callback(self.exit_code)
+
+    def wait_for(self, pattern: str, clock: Any, timeout: float) -> defer.Deferred:
+        """Fires with the match of the first output line matching *pattern*."""
+        d: defer.Deferred = defer.Deferred()
+        if not self.running:
+            d.errback(DemoError(f"{self.name} is not running; see {self.log_path}"))
+            return d
+        compiled = re.compile(pattern)
+        for line in self.tail:  # printed before anyone asked
+            match = compiled.search(line)
+            if match:
+                d.callback(match)
+                return d
+        self._watchers.append((compiled, d))
+
+        def timed_out(f: Any) -> Any:
+            f.trap(defer.TimeoutError, defer.CancelledError)
+            self._watchers[:] = [w for w in self._watchers if w[1] is not d]
+            raise DemoError(f"{self.name} did not get ready within {timeout:g} s; see "
+                            f"{self.log_path}")
+        return d.addTimeout(timeout, clock).addErrback(timed_out)
+
+    def signal(self, sig: int) -> None:
+        if self.running and self.transport is not None:
+            try:
+                self.transport.signalProcess(sig)
+            except Exception:  # ProcessExitedAlready: it ended between the check and now
+                pass
+
+    def mark(self) -> int:
+        """The log's current length (see ``log_since``)."""
+        if self._log.closed:
+            return self.log_path.stat().st_size
+        self._log.flush()
+        return self._log.tell()
+
+    def log_since(self, offset: int) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with self.log_path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def stdout_json(self) -> Any:
+        try:
+            return json.loads(bytes(self.stdout).decode() or "null")
+        except ValueError:
+            return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_block(n: int, rng: random.Random) -> int:
+    """A base port with *n* consecutive free ports after it (supernodes, login server)."""
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise DemoError(f"found no {n} consecutive free ports on 127.0.0.1")
+
+
+def fresh_database(server_dsn: str, name: str) -> str:
+    """Drop and create database *name* on the server of *server_dsn*, migrate it, and
+    return its DSN. Only names starting with ``bridge_demo`` or ``bridge_chaos``: nothing
+    else on the server is ever touched."""
+    from psycopg import conninfo, sql
+
+    from cloud import schema
+
+    if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
+        raise DemoError(f"refusing to recreate database {name!r}")
+    try:
+        with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        dsn = conninfo.make_conninfo(server_dsn, dbname=name)
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            schema.upgrade(conn)
+    except psycopg.Error as e:
+        first = (str(e).strip().splitlines() or ["failed"])[0]
+        raise DemoError(f"cannot create the database {name}: {first}") from None
+    return dsn
+
+
+def drop_database(server_dsn: str, name: str) -> None:
+    """Drop a database ``fresh_database`` made (same name rule)."""
+    from psycopg import sql
+
+    if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
+        raise DemoError(f"refusing to drop database {name!r}")
+    with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+# -- the store's figures -----------------------------------------------------------------------
+
+def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
+    """The live status line's and the summary's figures, in one read transaction."""
+    from_legacy, from_cloud, to_legacy = conn.execute(
+        "SELECT count(*) FILTER (WHERE origin = 'legacy'), "
+        "       count(*) FILTER (WHERE origin = 'cloud'), "
+        "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL) "
+        "FROM messages").fetchone()
+    findings = dict(conn.execute(
+        "SELECT state, count(*) FROM reconcile_findings GROUP BY 1").fetchall())
+    workers = admin.live_workers(conn, now_ms)
+    lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
+    pending, _oldest = store.outbox_backlog(conn, now_ms)
+    (leased,) = conn.execute(
+        "SELECT count(*) FROM leases WHERE name LIKE 'feed:%%' AND expires_ms > %s",
+        (now_ms,)).fetchone()
+    return {
+        "messages_cloud": from_legacy + from_cloud,
+        "mirrored_to_cloud": from_legacy, "cloud_posts": from_cloud,
+        "mirrored_to_legacy": to_legacy, "outbox_pending": pending,
+        "lag_to_cloud_ms": max(lags) if lags else None,
+        "live_workers": len(workers),
+        "feeds_leased": leased,
+        "feeds_streaming": sum(w.feeds or 0 for w in workers),
+        "findings_open": findings.get("open", 0),
+        "findings_repaired": findings.get("repaired", 0),
+        "findings_failed": findings.get("failed", 0),
+        "accounts_by_phase": admin.accounts_per_phase(conn),
+        "notifications": store.notification_counts(conn),
+    }
+
+
+def _leases_held(conn: psycopg.Connection, holder: str, now_ms: int) -> list[tuple[str, int]]:
+    """The live feed leases *holder* holds, with their fences."""
+    return [(n, f) for n, f in conn.execute(
+        "SELECT name, fence FROM leases WHERE holder = %s AND name LIKE 'feed:%%' "
+        "AND expires_ms > %s ORDER BY name", (holder, now_ms))]
+
+
+def migrated_devices(conn: psycopg.Connection) -> list[tuple[str, str, list[Any]]]:
+    """(login handle, legacy handle, conversations) of linked accounts in a cloud phase."""
+    return [(h, lh, [c for c in convs if c is not None]) for h, lh, convs in conn.execute(
+        "SELECT a.handle, a.legacy_handle, array_agg(m.conversation_id) "
+        "FROM accounts a LEFT JOIN members m ON m.account_id = a.account_id "
+        "WHERE a.legacy_handle IS NOT NULL AND a.phase IN ('dual', 'cloud', 'cloud-only') "
+        "GROUP BY 1, 2 ORDER BY 1")]
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+class Demo:
+    """One run: start everything, drive the migration, heal, check, stop everything."""
+
+    def __init__(self, reactor: Any, config: DemoConfig, *, dsn: str, home: Path,
+                 workdir: Path, out: TextIO, status_stream: TextIO | None = None,
+                 dsn_display: str | None = None, scenario: Scenario | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.dsn = dsn
+        self.dsn_display = dsn_display or dsn
+        self.home = home
+        self.workdir = workdir
+        self.out = out
+        self.status_stream = status_stream if status_stream is not None else sys.stderr
+        self.rng = random.Random(config.seed)
+        self.scenario = scenario
+        self.faults = FAULTS[config.faults] if scenario is None else FaultSettings(
+            push_loss=scenario.push_loss, push_errors=scenario.push_errors)
+        self.legacy_faults = config.faults if scenario is None else scenario.legacy_faults
+        self.chaos_done: list[dict[str, Any]] = []
+        self.paused: dict[int, tuple[Child, int]] = {}  # worker -> (process, log offset)
+        self.paused_leases: dict[int, list[tuple[str, int]]] = {}  # worker -> held when paused
+        self.pending_faults: list[defer.Deferred] = []
+        self.children: list[Child] = []
+        self.workers: dict[int, Child] = {}
+        self.legacy: Child | None = None
+        self.cloud: Child | None = None
+        self.stop_requested = False
+        self.abort_requested = False
+        self.events: list[dict[str, Any]] = []
+        self.reconcile_runs: list[dict[str, Any]] = []
+        self.cohorts: list[dict[str, Any]] = []
+        self.bridge_kills = 0
+        self._last_held = ""
+        self.legacy_progress: dict[str, int] = {}
+        self._wake: defer.Deferred | None = None
+        self._setsid = shutil.which("setsid")
+        self.env = {**os.environ, "BRIDGE_HOME": str(home), "BRIDGE_DSN": dsn,
+                    "PYTHONUNBUFFERED": "1", "BRIDGE_STOP_WITH_PARENT": str(os.getpid())}
+
+    # -- control from signals ------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """End the traffic now and go on to heal, reconcile and check (first Ctrl-C)."""
+        self.stop_requested = True
+        self._poke()
+
+    def request_abort(self) -> None:
+        """Shut every process down now, without the final check (second Ctrl-C, SIGTERM)."""
+        self.stop_requested = self.abort_requested = True
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.called:
+            self._wake.callback(None)
+
+    def _sleep(self, seconds: float) -> defer.Deferred:
+        """Sleep that a stop request cuts short."""
+        d: defer.Deferred = defer.Deferred()
+        self._wake = d
+        call = self.reactor.callLater(seconds, lambda: d.called or d.callback(None))
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def note(self, text: str) -> None:
+        t = self.reactor.seconds() - self.t0 if hasattr(self, "t0") else 0.0
+        self.events.append({"t": round(t, 1), "event": text})
+        self._status_clear()
+        print(f"[{t:5.0f}s] {text}", file=self.status_stream, flush=True)
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def spawn(self, name: str, args: list[str], *, capture: bool = False,
+              env: dict[str, str] | None = None) -> Child:
+        child = Child(name, self.workdir / f"{name}.log", capture_stdout=capture)
+        argv = [sys.executable, "-m", "bridge.cli", *args]
+        if self._setsid:  # its own session: a Ctrl-C at the terminal reaches only the demo
+            argv = [self._setsid, *argv]
+        self.reactor.spawnProcess(child, argv[0], argv, env=self.env if env is None else env)
+        self.children.append(child)
+        return child
+
+    async def command(self, name: str, args: list[str], timeout: float = 120.0,
+                      env: dict[str, str] | None = None) -> tuple[int, Any]:
+        """Run a one-shot command to its end: (exit code, its stdout as JSON or None)."""
+        child = self.spawn(name, args, capture=True, env=env)
+        timer = self.reactor.callLater(timeout, child.signal, signal.SIGTERM)
+        code = await child.ended
+        if timer.active():
+            timer.cancel()
+        self.children.remove(child)
+        return code, child.stdout_json()
+
+    async def _start_worker(self, i: int) -> Child:
+        child = self.spawn(f"bridge-{i}", [
+            "bridge", "run", "--legacy", f"127.0.0.1:{self.login_port}",
+            "--metrics-port", str(self.metrics_ports[i]), "--worker-id", f"demo-worker-{i}"])
+        self.workers[i] = child
+        await child.wait_for(r"metrics on http", self.reactor, 60)
+        return child
+
+    async def _stop(self, child: Child, timeout: float = 20.0) -> int | None:
+        if child.running:
+            child.signal(signal.SIGTERM)
+            timer = self.reactor.callLater(timeout, child.signal, signal.SIGKILL)
+            await child.ended
+            if timer.active():
+                timer.cancel()
+        return child.exit_code
+
+    # -- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        from cloud.db import Database
+
+        self.t0 = self.reactor.seconds()
+        cfg = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+        self.login_port = self.base_port + cfg.supernodes
+        self.api_port = free_port()
+        self.metrics_ports = {i: free_port() for i in range(1, cfg.workers + 1)}
+        self.db = Database(self.reactor, self.dsn, max_connections=3, name="demo-db")
+        self.db.startService()
+        self.traffic: Any = None
+        self.http: Any = None
+        try:
+            return await self._run()
+        finally:
+            await self._shutdown()
+
+    async def _run(self) -> dict[str, Any]:
+        cfg = self.config
+        record_path = self.workdir / "legacy-record.json"
+        if record_path.exists():
+            record_path.unlink()
+        self.control_dir = self.workdir / "control"
+        self.control_dir.mkdir(exist_ok=True)
+        for stale in self.control_dir.glob("*.json"):
+            stale.unlink()
+        self.legacy = self.spawn("legacy", [
+            "legacy", "run", "--supernodes", str(cfg.supernodes), "--users",
+            str(cfg.legacy_users), "--rate", f"{cfg.rate:g}", "--faults", self.legacy_faults,
+            "--seed", str(cfg.seed), "--port", str(self.base_port),
+            "--fault-window", f"{cfg.duration or 600:g}", "--record", str(record_path),
+            "--control-dir", str(self.control_dir)])
+        self.legacy.on_line = self._legacy_line
+        self.cloud = self.spawn("cloud", [
+            "cloud", "run", "--port", str(self.api_port),
+            "--push-loss", f"{self.faults.push_loss:g}",
+            "--push-errors", f"{self.faults.push_errors:g}",
+            "--resend-after", "3", "--max-attempts", "8", "--seed", str(cfg.seed)])
+        legacy_up = self.legacy.wait_for(r"legacy network up", self.reactor, 60)
+        cloud_up = self.cloud.wait_for(r"cloud API on", self.reactor, 60)
+        await legacy_up
+        await cloud_up
+        code, counts = await self.command(
+            "accounts-import", ["accounts", "import", "--legacy",
+                                f"127.0.0.1:{self.login_port}", "--json"])
+        if code != 0:
+            raise DemoError(f"bridgectl accounts import failed ({code}); see "
+                            f"{self.workdir / 'accounts-import.log'}")
+        self.note(f"imported {counts.get('seen', '?')} legacy accounts")
+        for i in sorted(self.metrics_ports):
+            await self._start_worker(i)
+        first = self.metrics_ports[min(self.metrics_ports)]
+        self.status_url = f"http://127.0.0.1:{first}/status"
+        self.note(f"status page {self.status_url}  metrics http://127.0.0.1:{first}/metrics  "
+                  f"cloud API http://127.0.0.1:{self.api_port}/v1  logs {self.workdir}")
+        self.note(f"to look around from another shell: export BRIDGE_DSN='{self.dsn_display}'"
+                  f"; the legacy login server (--legacy) is 127.0.0.1:{self.login_port}")
+        await self._start_cloud_devices()
+        self.t_traffic = self.reactor.seconds()
+        await self._traffic_phase()
+        if self.abort_requested:
+            return {"aborted": True}
+        return await self._final_phase(record_path)
+
+    async def _start_cloud_devices(self) -> None:
+        from cloud.workload import AgentHTTP, CloudWorkload, WorkloadConfig, provision
+
+        population = await self.db.run(provision, users=self.config.cloud_users,
+                                        conversations=max(1, self.config.cloud_users // 2),
+                                        seed=self.config.seed)
+        self.http = AgentHTTP(self.reactor, f"http://127.0.0.1:{self.api_port}")
+        self.traffic = CloudWorkload(self.reactor, self.http, population,
+                                     WorkloadConfig(rate=self.config.rate / 2, longpoll_s=10),
+                                     self.config.seed)
+        self.device_handles = {h for h, _ in population.accounts}
+        self.traffic.startService()
+
+    async def _refresh_devices(self) -> None:
+        try:
+            accounts = await self.db.run(migrated_devices)
+        except Exception:  # the store is restarting (a chaos scenario): next time
+            return
+        for handle, legacy_handle, conversations in accounts:
+            if handle not in self.device_handles:
+                self.device_handles.add(handle)
+                # the simulated legacy users' passwords (legacy.traffic.build_population)
+                self.traffic.add_device(handle, f"pw-{legacy_handle}", conversations)
+
+    async def _traffic_phase(self) -> None:
+        cfg = self.config
+        end = None if cfg.duration == 0 else self.t_traffic + cfg.duration
+        cohort_at = [self.t_traffic + t for t in cfg.cohort_times()]
+        next_cohort = 0
+        next_reconcile = self.t_traffic + min(8.0, cfg.reconcile_interval)
+        window = cfg.duration or 120.0
+        if self.scenario is not None:
+            plan = self.scenario.plan(self.rng, window)
+        else:
+            plan = [(self.rng.uniform(0.2, 0.8) * window, "kill_worker", {})
+                    for _ in range(self.faults.bridge_kills)]
+        events = sorted(((self.t_traffic + t, action, kw) for t, action, kw in plan),
+                        key=lambda e: e[0])
+        next_status = 0.0
+        reconcile: defer.Deferred | None = None
+        while not self.stop_requested:
+            now = self.reactor.seconds()
+            if end is not None and now >= end:
+                break
+            await self._check_children()
+            while events and now >= events[0][0]:
+                _t, action, kw = events.pop(0)
+                await self._act(action, kw)
+            if (reconcile is None or reconcile.called) and now >= next_reconcile:
+                reconcile = defer.Deferred.fromCoroutine(self._reconcile("cron"))
+                next_reconcile = now + cfg.reconcile_interval
+            if (next_cohort < len(COHORTS) and now >= cohort_at[next_cohort]
+                    and (reconcile is None or reconcile.called)):
+                if await self._migrate_cohort(next_cohort):
+                    next_cohort += 1
+                else:  # held back by the gates: try again in a few seconds
+                    cohort_at[next_cohort] = self.reactor.seconds() + 3.0
+            await self._refresh_devices()
+            if now >= next_status:
+                await self._status_line()
+                next_status = now + 2.0
+            await self._sleep(1.0)
+        if reconcile is not None and not reconcile.called:
+            await reconcile
+        for d in self.pending_faults:  # a paused worker resumes before the heal
+            await d
+
+    async def _check_children(self) -> None:
+        for child in (self.legacy, self.cloud):
+            if child is not None and not child.running:
+                raise DemoError(f"{child.name} exited unexpectedly ({child.exit_code}); "
+                                f"see {child.log_path}:\n  " + "\n  ".join(
+                                    list(child.tail)[-8:]))
+        for i, child in list(self.workers.items()):
+            if not child.running:
+                self.note(f"bridge worker {i} exited ({child.exit_code}); restarting it")
+                await self._start_worker(i)
+
+    async def _act(self, action: str, kw: dict[str, Any]) -> None:
+        """Carry out one planned fault (see ``Scenario``)."""
+        self.chaos_done.append({"t": round(self.reactor.seconds() - self.t0, 1),
+                                "action": action, **kw})
+        if action == "kill_worker":
+            await self._kill_and_restart_worker(kw.get("worker"),
+                                                float(kw.get("restart_after", 1.0)))
+        elif action == "pause_worker":  # runs alongside the traffic; awaited before the heal
+            self.pending_faults.append(defer.Deferred.fromCoroutine(
+                self._pause_worker(int(kw["worker"]), float(kw["seconds"]))))
+        elif action == "legacy":
+            self._legacy_command(kw)
+        elif action == "pg_restart":
+            await self._pg_restart(float(kw.get("down_s", 5.0)))
+        else:
+            raise DemoError(f"unknown fault action {action!r}")
+
+    async def _kill_and_restart_worker(self, worker: int | None = None,
+                                       restart_after: float = 1.0) -> None:
+        i = worker if worker in self.workers else self.rng.choice(sorted(self.workers))
+        child = self.workers[i]
+        child.signal(signal.SIGCONT)  # a paused worker dies as well
+        child.signal(signal.SIGKILL)
+        await child.ended
+        self.bridge_kills += 1
+        self.note(f"fault: bridge worker {i} killed with SIGKILL; restarting it under the "
+                  f"same --worker-id in {restart_after:.1f} s (it takes its feeds back and "
+                  f"fences its dead self)")
+        await task.deferLater(self.reactor, restart_after, lambda: None)
+        await self._start_worker(i)
+
+    async def _pause_worker(self, i: int, seconds: float) -> None:
+        """SIGSTOP worker *i* once it holds a feed lease (a worker holding none would test
+        nothing), SIGCONT it *seconds* later; its leases expire meanwhile and the other
+        worker takes them under newer fences."""
+        child = self.workers[i]
+        holder = f"demo-worker-{i}"
+        waited_until = self.reactor.seconds() + 45.0
+        held: list[tuple[str, int]] = []
+        while not self.stop_requested and self.reactor.seconds() < waited_until:
+            held = await self.db.run(_leases_held, holder, int(self.reactor.seconds() * 1000))
+            if held:
+                break
+            await task.deferLater(self.reactor, 0.5, lambda: None)
+        child.signal(signal.SIGSTOP)
+        self.note(f"fault: bridge worker {i} paused (SIGSTOP) for {seconds:g} s, past its "
+                  f"lease, holding {', '.join(f'{n} (fence {f})' for n, f in held) or 'no lease'}"
+                  f"; when it resumes it must commit nothing under its old fences")
+        self.paused_leases[i] = held
+        resume_at = self.reactor.seconds() + seconds
+        while not self.abort_requested and self.reactor.seconds() < resume_at:
+            await task.deferLater(self.reactor, 0.5, lambda: None)
+        self.paused[i] = (child, child.mark())
+        child.signal(signal.SIGCONT)
+        self.note(f"bridge worker {i} resumed (SIGCONT)")
+
+    def _legacy_command(self, cmd: dict[str, Any]) -> None:
+        n = len(list(self.control_dir.iterdir()))
+        path = self.control_dir / f"{len(self.chaos_done):04d}-{n}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cmd), encoding="utf-8")
+        tmp.replace(path)  # atomically: legacy run only reads *.json
+        self.note(f"fault: legacy network: {json.dumps(cmd)}")
+
+    async def _pg_restart(self, down_s: float) -> None:
+        self.note(f"fault: PostgreSQL stopped for {down_s:g} s under load")
+        code, _ = await self.command("db-stop", ["db", "stop"], timeout=60)
+        if code != 0:
+            raise DemoError(f"bridgectl db stop failed ({code})")
+        await task.deferLater(self.reactor, down_s, lambda: None)
+        # without $BRIDGE_DSN, `db dsn` starts the embedded server under $BRIDGE_HOME
+        embedded_env = {k: v for k, v in self.env.items() if k != "BRIDGE_DSN"}
+        code, _ = await self.command("db-start", ["db", "dsn"], timeout=120, env=embedded_env)
+        if code != 0:
+            raise DemoError(f"restarting the embedded PostgreSQL failed ({code})")
+        self.note("PostgreSQL is back")
+
+    def fenced_after_pause(self) -> dict[int, int]:
+        """Per paused worker: log lines after its resume saying it lost a lease or was
+        refused a commit under an old fence (it noticed, and committed nothing)."""
+        out = {}
+        for i, (child, offset) in self.paused.items():
+            text = child.log_since(offset)
+            out[i] = sum(1 for line in text.splitlines()
+                         if "lease on feed" in line and "lost" in line
+                         or "held under a newer fence" in line)
+        return out
+
+    async def _reconcile(self, why: str) -> int:
+        # the final run comes after the traffic stopped and the bridge drained: compare
+        # everything (the workers' measured p99 lag still remembers the faults' spikes)
+        final = ("--lag-ms", "0", "--margin", "1") if why == "final" else ("--margin", "5")
+        args = ["reconcile", "all", "--legacy", f"127.0.0.1:{self.login_port}", "--json",
+                "--since", "1d", "--max-seconds", "120", *final]
+        code, report = await self.command("reconcile", args, timeout=180)
+        repaired = found = 0
+        for r in (report or {}).get("reports", []):
+            repaired += int(r.get("repaired") or 0)
+            found += int(r.get("confirmed") or 0)
+        self.reconcile_runs.append({"why": why, "exit_code": code, "confirmed": found,
+                                    "repaired": repaired,
+                                    "t": round(self.reactor.seconds() - self.t0, 1)})
+        meaning = {0: "in sync", 1: "error", 3: "differences remain", 4: "locked"}.get(code, "?")
+        self.note(f"reconcile all ({why}): exit {code} ({meaning}), {found} differences, "
+                  f"{repaired} repaired")
+        return code
+
+    async def _migrate_cohort(self, step: int) -> bool:
+        _share, percent, phase = COHORTS[step]
+        code, report = await self.command("migrate", [
+            "migrate", "--percent", str(percent), "--to", phase, "--legacy",
+            f"127.0.0.1:{self.login_port}", "--actor", "demo", "--json"])
+        counts = (report or {}).get("counts", {})
+        moved, held = counts.get("moved", 0), counts.get("held", 0)
+        reasons = sorted({a["reason"] for a in (report or {}).get("accounts", [])
+                          if a.get("result") == "held" and a.get("reason")})
+        self.cohorts.append({"percent": percent, "to": phase, "exit_code": code,
+                             "moved": moved, "held": held,
+                             "t": round(self.reactor.seconds() - self.t0, 1)})
+        if code == 3:
+            text = (f"migrate --percent {percent} --to {phase}: {moved} moved, {held} held "
+                    f"back by the gates ({'; '.join(reasons)[:160]}); retrying")
+            if text != self._last_held:  # say it once, not every retry
+                self._last_held = text
+                self.note(text)
+            return False
+        self.note(f"migrate --percent {percent} --to {phase}: exit {code}, {moved} moved")
+        return True
+
+    def _legacy_line(self, line: str) -> None:
+        m = re.search(r"sent=(\d+) acked=(\d+)", line)
+        if m:
+            self.legacy_progress = {"sent": int(m.group(1)), "acked": int(m.group(2))}
+
+    async def _status_line(self) -> None:
+        try:
+            f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+        except Exception as e:  # the store is down for a moment: say so, carry on
+            self._status_print(f"store unavailable: {e}")
+            return
+        lag = "-" if f["lag_to_cloud_ms"] is None else f"{f['lag_to_cloud_ms']} ms"
+        phases = " ".join(f"{p} {n}" for p, n in f["accounts_by_phase"].items())
+        t = self.reactor.seconds() - self.t0
+        acked = self.legacy_progress.get("acked", "?")
+        self._status_print(
+            f"[{t:5.0f}s] legacy acked {acked} | cloud {f['messages_cloud']} msgs | mirrored "
+            f"to cloud {f['mirrored_to_cloud']}, to legacy {f['mirrored_to_legacy']} | lag "
+            f"{lag} | findings open {f['findings_open']} repaired {f['findings_repaired']} | "
+            f"{phases}")
+
+    def _status_print(self, text: str) -> None:
+        stream = self.status_stream
+        if stream.isatty():
+            width = shutil.get_terminal_size((120, 20)).columns
+            stream.write("\r\x1b[K" + text[:width - 1])
+            self._dirty = True
+        else:
+            stream.write(text + "\n")
+        stream.flush()
+
+    def _status_clear(self) -> None:
+        if getattr(self, "_dirty", False):
+            self.status_stream.write("\r\x1b[K")
+            self._dirty = False
+
+    # -- the end: heal, settle, reconcile, check -------------------------------------------------
+
+    async def _final_phase(self, record_path: Path) -> dict[str, Any]:
+        from bridge.discovery import SupernodeLinks, discover
+        from legacy.network import TCPNetwork
+
+        traffic_s = self.reactor.seconds() - self.t_traffic
+        self.traffic.stop_posting()
+        assert self.legacy is not None
+        self.legacy.signal(signal.SIGUSR1)
+        self.note("traffic stopped; healing the legacy network, draining the bridge")
+        t_heal = self.reactor.seconds()
+        self.stop_requested = False  # a Ctrl-C from here on aborts (see request_abort)
+        await self._check_children()
+        await self._settle(quiet_s=4.0)
+        code = await self._reconcile("final")
+        for _ in range(2):
+            if code == 0 or self.abort_requested:
+                break
+            await self._settle(quiet_s=3.0)
+            code = await self._reconcile("final")
+        await self._settle(quiet_s=2.0, notifications=True)
+        if self.abort_requested:
+            return {"aborted": True}
+        network = TCPNetwork(self.reactor)
+        secret = state.secret(self.home, "peer")
+        directory = await discover(network, "127.0.0.1", self.login_port, name="demo-check",
+                                   secret=secret)
+        links = SupernodeLinks(network, directory, name="demo-check", secret=secret)
+        try:
+            legacy_inv = await convergence.legacy_inventory(links)
+        finally:
+            links.close()
+        cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv))
+        dups = await self.db.run(convergence.cloud_duplicates)
+        posts_missing = await self.db.run(convergence.cloud_posts_missing,
+                                          dict(self.traffic.stats.posted))
+        final = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+        await self._stop(self.legacy)
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        verdict = convergence.judge(legacy_inv, cloud_inv, legacy_record=record,
+                                    cloud_posts_missing=posts_missing,
+                                    acked_cloud=len(self.traffic.stats.posted),
+                                    cloud_duplicates=dups)
+        n = final["notifications"]
+        unsettled = n["pending"] + n["sent"]
+        converged = verdict.converged and code == 0 and unsettled == 0 and record is not None
+        return {
+            "converged": converged,
+            "messages_legacy": verdict.messages_legacy,
+            "messages_cloud": final["messages_cloud"],
+            "mirrored": final["mirrored_to_cloud"] + final["mirrored_to_legacy"],
+            "mirrored_to_cloud": final["mirrored_to_cloud"],
+            "mirrored_to_legacy": final["mirrored_to_legacy"],
+            "lost": verdict.lost, "duplicates": verdict.duplicates,
+            "findings_repaired": final["findings_repaired"],
+            "findings_open": final["findings_open"],
+            "notifications_owed": sum(n.values()),
+            "notifications_acked": n["acked"], "notifications_failed": n["failed"],
+            "notifications_unsettled": unsettled,
+            "accounts_by_phase": final["accounts_by_phase"],
+            "check": verdict.to_json(),
+            "final_reconcile_exit": code,
+            "reconcile_runs": self.reconcile_runs,
+            "cohorts": self.cohorts,
+            "scenario": None if self.scenario is None else self.scenario.name,
+            "chaos_events": self.chaos_done,
+            "fenced_after_pause": {str(k): v for k, v in self.fenced_after_pause().items()},
+            "leases_when_paused": {str(k): [n for n, _f in v]
+                                   for k, v in self.paused_leases.items()},
+            "faults": {"preset": self.legacy_faults, "bridge_kills": self.bridge_kills,
+                       "supernode_crashes": len((record or {}).get("crashes", [])),
+                       "push_loss": self.faults.push_loss,
+                       "push_errors": self.faults.push_errors},
+            "seconds": {"setup": round(self.t_traffic - self.t0, 1),
+                        "traffic": round(traffic_s, 1),
+                        "converge": round(self.reactor.seconds() - t_heal, 1)},
+            "status_page": self.status_url,
+            "logs": str(self.workdir),
+            "config": attrs.asdict(self.config),
+        }
+
+    async def _settle(self, quiet_s: float, notifications: bool = False) -> None:
+        """Wait until the store stops changing for *quiet_s* with the outbox empty (and, with
+        *notifications*, every notification acked or failed), or the settle timeout."""
+        deadline = self.reactor.seconds() + self.config.settle_timeout
+        last, quiet_since = None, self.reactor.seconds()
+        while self.reactor.seconds() < deadline and not self.abort_requested:
+            await self._check_children()
+            await self._refresh_devices()
+            try:
+                f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+            except Exception:  # the store is restarting: not settled yet
+                await self._sleep(1.0)
+                continue
+            n = f["notifications"]
+            key = (f["messages_cloud"], f["mirrored_to_legacy"], f["outbox_pending"])
+            if key != last:
+                last, quiet_since = key, self.reactor.seconds()
+            feeds = self.config.supernodes
+            done = (f["outbox_pending"] == 0 and f["live_workers"] > 0
+                    and f["feeds_leased"] == feeds and f["feeds_streaming"] == feeds
+                    and (not notifications or n["pending"] + n["sent"] == 0))
+            if done and self.reactor.seconds() - quiet_since >= quiet_s:
+                return
+            await self._status_line()
+            await self._sleep(1.0)
+
+    async def _shutdown(self) -> None:
+        """Stop every process and service; SIGKILL what does not stop in time."""
+        self._status_clear()
+        if self.traffic is not None:
+            await self.traffic.stopService()
+        if self.http is not None:
+            await self.http.close()
+        for child in [*self.workers.values(), *(c for c in (self.cloud, self.legacy)
+                                                if c is not None)]:
+            await self._stop(child)
+        for child in list(self.children):
+            if child.running:
+                await self._stop(child, timeout=5.0)
+        await self.db.stopService()
+        await task.deferLater(self.reactor, 0, lambda: None)
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run summary for a terminal."""
+    if summary.get("aborted"):
+        return "demo aborted before the final check; every process was stopped"
+    check = summary["check"]
+    lines = [
+        f"converged:            {'yes' if summary['converged'] else 'NO'}",
+        f"messages:             legacy {summary['messages_legacy']}, cloud "
+        f"{summary['messages_cloud']} (acknowledged: legacy {check['acked_legacy']}, "
+        f"cloud {check['acked_cloud']})",
+        f"mirrored:             {summary['mirrored']} (to cloud "
+        f"{summary['mirrored_to_cloud']}, to legacy {summary['mirrored_to_legacy']})",
+        f"lost / duplicates:    {summary['lost']} / {summary['duplicates']}"
+        + (f"  (+{check['lost_by_legacy_network']} lost inside the legacy network: "
+           "acknowledged by a supernode that crashed before the bridge read them)"
+           if check["lost_by_legacy_network"] else ""),
+        f"findings:             {summary['findings_repaired']} repaired, "
+        f"{summary['findings_open']} open",
+        f"notifications:        {summary['notifications_owed']} owed, "
+        f"{summary['notifications_acked']} acked, {summary['notifications_failed']} failed, "
+        f"{summary['notifications_unsettled']} unsettled",
+        "accounts by phase:    " + ", ".join(f"{p} {n}" for p, n in
+                                             summary["accounts_by_phase"].items()),
+        f"faults:               {summary['faults']['preset']}: "
+        f"{summary['faults']['supernode_crashes']} supernode crashes, "
+        f"{summary['faults']['bridge_kills']} bridge kills, "
+        f"push loss {summary['faults']['push_loss']:.0%}",
+        f"final reconcile:      exit {summary['final_reconcile_exit']}",
+        f"time:                 set-up {summary['seconds']['setup']} s, traffic "
+        f"{summary['seconds']['traffic']} s, heal to converged "
+        f"{summary['seconds']['converge']} s",
+        f"logs:                 {summary['logs']}",
+    ]
+    for key in ("missing_in_cloud", "missing_in_legacy", "cloud_posts_missing"):
+        if check[key]:
+            lines.append(f"{key}: {', '.join(check[key])}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""The chaos suite: its verdict, its plans, and one bounded scenario on real processes (the
+full suite is ``make chaos``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from bridge import chaos
+
+GOOD = {"lost": 0, "duplicates": 0, "notifications_unsettled": 0, "final_reconcile_exit": 0,
+        "converged": True, "fenced_after_pause": {}}
+
+
+def test_verdict_passes_only_with_nothing_lost_duplicated_or_unsettled():
+    kill = chaos.SCENARIOS["bridge-kill"]
+    assert chaos.verdict(kill, GOOD) == (True, "ok")
+    for key, value, why in (("lost", 2, "2 lost"), ("duplicates", 1, "1 duplicated"),
+                            ("notifications_unsettled", 3, "3 notifications unsettled"),
+                            ("final_reconcile_exit", 3, "final reconcile exit 3")):
+        passed, text = chaos.verdict(kill, {**GOOD, key: value, "converged": False})
+        assert not passed and why in text
+    assert chaos.verdict(kill, {"aborted": True}) == (False, "aborted")
+
+
+def test_a_paused_worker_must_have_held_a_lease_and_show_it_was_fenced_off():
+    pause = chaos.SCENARIOS["pause-worker"]
+    held = {"leases_when_paused": {"2": ["feed:sn0001"]}}
+    assert not chaos.verdict(pause, GOOD)[0]  # no evidence at all
+    assert not chaos.verdict(pause, {**GOOD, **held, "fenced_after_pause": {"2": 0}})[0]
+    assert chaos.verdict(pause, {**GOOD, **held, "fenced_after_pause": {"2": 3}})[0]
+    # paused while holding nothing: the run proved nothing about fencing
+    passed, why = chaos.verdict(pause, {**GOOD, "leases_when_paused": {"2": []},
+                                        "fenced_after_pause": {"2": 3}})
+    assert not passed and "holding no lease" in why
+
+
+@pytest.mark.parametrize("name", sorted(chaos.SCENARIOS))
+def test_plans_fit_the_window_and_follow_the_seed(name):
+    scenario = chaos.SCENARIOS[name]
+    plan = scenario.plan(random.Random(7), 45.0)
+    assert plan == scenario.plan(random.Random(7), 45.0)
+    for t, action, kw in plan:
+        assert 0 <= t <= 45.0 and action in ("kill_worker", "pause_worker", "legacy",
+                                             "pg_restart")
+        if action == "pause_worker":
+            assert kw["seconds"] > 15.0  # past the 15 s lease, or it proves nothing
+    if name == "bridge-kill":
+        assert sum(a == "kill_worker" for _, a, _ in plan) == 10
+
+
+@pytest.mark.db
+def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
+    """Two workers, one SIGKILLed and one paused past its lease: nothing lost or doubled,
+    and the paused one noticed it was fenced off (the bounded subset of make chaos)."""
+    env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
+    env.pop("BRIDGE_DSN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "chaos", "--scenario", "pause-worker",
+         "--seeds", "1", "--first-seed", "2", "--duration", "35", "--supernodes", "3",
+         "--legacy-users", "24", "--rate", "8", "--dsn", db_server, "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["passed"] is True
+    [run] = out["runs"]
+    assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
+    assert run["leases_when_paused"]["2"] and run["fenced_after_pause"]["2"] > 0
+    assert [e["action"] for e in run["chaos_events"]] == ["kill_worker", "pause_worker"]

@@ -1,0 +1,117 @@
+"""``bridgectl demo``: a short real run converges, bad flags change nothing, and the outside
+convergence check (``bridge.convergence.judge``) counts what it should."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from bridge import convergence
+
+
+def _bridgectl(args: list[str], home: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BRIDGE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("BRIDGE_DSN", None)
+    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _with_password(dsn: str) -> tuple[str, str]:
+    """*dsn* with a password in it (a random one when it has none: the test servers trust
+    local connections and ignore it), and that password."""
+    params = conninfo.conninfo_to_dict(dsn)
+    params.setdefault("password", f"pw-{secrets.token_hex(8)}")
+    return conninfo.make_conninfo(**params), params["password"]
+
+
+@pytest.mark.db
+def test_a_short_demo_converges(db_server, tmp_path):
+    """Small sizes, light faults (one bridge SIGKILL, push loss): the JSON says converged,
+    nothing lost or duplicated, both directions mirrored, every notification settled; and
+    neither the DSN's password nor any secret appears in any process's log or the output."""
+    name = f"bridge_demo_test_{secrets.token_hex(4)}"
+    dsn, password = _with_password(db_server)
+    try:
+        done = _bridgectl(["demo", "--json", "--duration", "20", "--supernodes", "3",
+                           "--legacy-users", "24", "--cloud-users", "4", "--rate", "8",
+                           "--faults", "light", "--seed", "5", "--reconcile-every", "5",
+                           "--dsn", dsn, "--database", name], tmp_path, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout)
+    finally:
+        with psycopg.connect(db_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert out["converged"] is True
+    assert out["lost"] == 0 and out["duplicates"] == 0
+    assert out["check"]["acked_legacy"] > 0 and out["check"]["acked_cloud"] > 0
+    assert out["mirrored_to_cloud"] > 0
+    assert out["mirrored"] == out["mirrored_to_cloud"] + out["mirrored_to_legacy"]
+    assert out["messages_cloud"] >= out["mirrored_to_cloud"]
+    assert out["notifications_owed"] == out["notifications_acked"] + out["notifications_failed"]
+    assert out["notifications_owed"] > 0
+    assert sum(out["accounts_by_phase"].values()) == 24 + 4
+    assert out["accounts_by_phase"]["cloud-only"] >= 4  # the cloud-native users
+    assert out["faults"]["bridge_kills"] == 1
+    assert out["final_reconcile_exit"] == 0
+    assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
+    for key in ("messages_legacy", "findings_repaired", "notifications_failed"):
+        assert isinstance(out[key], int)
+    logs = tmp_path / "demo"
+    assert {"legacy.log", "cloud.log", "bridge-1.log", "bridge-2.log"} <= {
+        p.name for p in logs.iterdir()}
+    assert "status page http://127.0.0.1:" in done.stderr
+    secret_values = [password] + [p.read_text().strip() for p in tmp_path.glob("*.secret")]
+    assert len(secret_values) >= 3  # the password, the peer and the cloud token secrets
+    texts = {"stdout": done.stdout, "stderr": done.stderr,
+             **{p.name: p.read_text(errors="replace") for p in logs.iterdir()}}
+    for where, text in texts.items():
+        for value in secret_values:
+            assert value not in text, f"a secret appears in {where}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--database", "production"], "--database must start with bridge_demo"),
+    (["--duration", "2"], "--duration must be 0"),
+    (["--supernodes", "0"], "--supernodes must be between"),
+    (["--rate", "0"], "--rate must be above 0"),
+    (["--workers", "9"], "--workers must be between"),
+    (["--reconcile-every", "1"], "--reconcile-every must be between"),
+    (["--faults", "extreme"], "invalid choice"),
+])
+def test_bad_demo_flags_are_refused_before_anything_starts(tmp_path, args, message):
+    done = _bridgectl(["demo", *args], tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "pg").exists()
+
+
+def test_judge_counts_divergence_both_ways_and_attributes_legacy_crash_losses():
+    legacy = {"c1": ["a", "b", "x"], "c2": ["d"]}
+    cloud = {"c1": ["a", "b", "y"], "c2": ["d"], "c3": []}
+    record = {"acked": [["a", "c1", "sn0", 1.0],
+                        ["gone", "c2", "sn1", 5.0],     # home sn1 crashed at 6 s: its loss
+                        ["lost", "c2", "sn1", 7.0],     # acked after that crash: ours
+                        ["z", "c1", "sn0", 2.0]],       # sn0 never crashed: ours
+              "crashes": [[6.0, "sn1"]]}
+    v = convergence.judge(legacy, cloud, legacy_record=record, cloud_posts_missing=["p1"],
+                          acked_cloud=3, cloud_duplicates=0)
+    assert v.missing_in_cloud == ("c1/x", "c1/z", "c2/lost")
+    assert v.missing_in_legacy == ("c1/y",)
+    assert v.lost_by_legacy_network == ("c2/gone",)
+    assert v.lost == 3 + 1 + 1 and not v.converged
+    assert (v.messages_legacy, v.messages_cloud, v.acked_legacy) == (4, 4, 4)
+
+
+def test_judge_converged_needs_no_duplicates():
+    same = {"c1": ["a", "b"]}
+    assert convergence.judge(same, same, legacy_record=None).converged
+    assert not convergence.judge({"c1": ["a", "a", "b"]}, same, legacy_record=None).converged
+    assert not convergence.judge(same, same, legacy_record=None, cloud_duplicates=1).converged
