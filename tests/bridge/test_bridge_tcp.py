@@ -9,6 +9,7 @@ import sys
 import time
 
 from cloud import store
+from tests.sockets import listening
 
 BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
 BASE_PORT = 47640
@@ -40,8 +41,12 @@ def test_bridge_mirrors_both_ways_over_tcp_and_stops_cleanly(conn, db_dsn, tmp_p
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
              "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--worker-id", "tcp-test"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:\d+",
-                                   bridge.stderr.readline()))
+        up = wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)",
+                                        bridge.stderr.readline()))
+        # every server binds loopback unless told otherwise
+        assert listening(legacy.pid) == [("127.0.0.1", BASE_PORT + i)
+                                         for i in range(SUPERNODES + 1)]  # + login server
+        assert listening(bridge.pid) == [("127.0.0.1", int(up.group(1)))]
         count = "SELECT count(*) FROM messages WHERE origin = 'legacy'"
         wait_for(lambda: conn.execute(count).fetchone()[0] >= 10)
         # a linked account moves to dual and posts on the cloud side of a mirrored chat

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.sockets import listening
+
 BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
 
 
@@ -35,6 +37,7 @@ def test_clients_posts_all_land_and_every_notification_is_acknowledged(conn, db_
     """Devices post over HTTP; every acknowledged post is stored once; all pushes are acked."""
     proc, url = start_cloud(db_dsn, tmp_path, "--push-latency", "0.01")
     try:
+        assert listening(proc.pid) == [("127.0.0.1", int(url.rsplit(":", 1)[1]))]  # default bind
         out = subprocess.run(
             [*BRIDGECTL, "cloud", "clients", "--dsn", db_dsn, "--api", url, "--users", "12",
              "--conversations", "6", "--rate", "15", "--duration", "3", "--settle", "3",
