@@ -153,7 +153,18 @@ class GapsReconciler:
     async def run(self, ctx: RunContext) -> None:
         cfg, report, db, progress = self.config, ctx.report, ctx.db, ctx.progress
         now = ctx.now_ms()
-        chats = await self._all_chats(db)
+        chats, unreachable = await self._all_chats(db)
+        if unreachable:
+            # a supernode down right now (crashed, partitioned): compare everything else and
+            # report the run as partial (exit 3); the next run covers its chats
+            report.failed += len(unreachable)
+            report.detail.setdefault("errors", []).extend(
+                f"supernode {sn} unreachable: {why}" for sn, why in sorted(unreachable.items()))
+            skipped = sorted(c for c in chats if self.legacy.ring.home_of(c) in unreachable)
+            report.detail["unreachable_supernodes"] = sorted(unreachable)
+            report.detail["skipped_conversations"] = len(skipped)
+            for chat_id in skipped:
+                del chats[chat_id]
         gap_sources = sorted(set(await db.run(open_gap_sources)))
         if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
             # new feed gaps since the pass began: their chats would move ahead of where the
@@ -214,22 +225,28 @@ class GapsReconciler:
             report.detail["feed_gaps_covered"] = closed
 
     async def _all_chats(self, db: TransactionRunner
-                         ) -> dict[str, tuple[uuid.UUID, tuple[str, ...] | None]]:
-        """Chats known to either side: chat id -> (conversation id, legacy members)."""
+                         ) -> tuple[dict[str, tuple[uuid.UUID, tuple[str, ...] | None]],
+                                    dict[str, str]]:
+        """Chats known to either side: chat id -> (conversation id, legacy members); and the
+        supernodes that could not list theirs (id -> why)."""
         chats: dict[str, tuple[uuid.UUID, tuple[str, ...] | None]] = {
             chat: (cid, None) for chat, cid in (await db.run(store.legacy_chats)).items()}
+        unreachable: dict[str, str] = {}
         for sn in sorted(self.legacy.directory):
-            peer = await self.legacy.peer(sn)
-            after = ""
-            while True:
-                page = await peer.chats(after, 200)
-                for info in page.chats:
-                    chats[info.chat_id] = (ids.conversation_id(info.chat_id),
-                                           tuple(info.members))
-                if page.done or not page.chats:
-                    break
-                after = page.chats[-1].chat_id
-        return chats
+            try:
+                peer = await self.legacy.peer(sn)
+                after = ""
+                while True:
+                    page = await peer.chats(after, 200)
+                    for info in page.chats:
+                        chats[info.chat_id] = (ids.conversation_id(info.chat_id),
+                                               tuple(info.members))
+                    if page.done or not page.chats:
+                        break
+                    after = page.chats[-1].chat_id
+            except Exception as e:
+                unreachable[sn] = str(e) or type(e).__name__
+        return chats, unreachable
 
     # -- digest descent --------------------------------------------------------------------
 
