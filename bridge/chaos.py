@@ -81,6 +81,7 @@ class ChaosResult:
             "acked_legacy": check.get("acked_legacy"), "acked_cloud": check.get("acked_cloud"),
             "lost": s.get("lost"), "duplicates": s.get("duplicates"),
             "lost_by_legacy_network": check.get("lost_by_legacy_network"),
+            "cloud_not_owed_to_legacy": check.get("cloud_not_owed_to_legacy"),
             "notifications_owed": s.get("notifications_owed"),
             "notifications_acked": s.get("notifications_acked"),
             "notifications_failed": s.get("notifications_failed"),

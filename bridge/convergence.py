@@ -76,7 +76,9 @@ def cloud_inventory(conn: psycopg.Connection, chat_ids: Iterable[str]
                     ) -> dict[str, list[str]]:
     """chat id -> GUIDs of the store's messages in the conversations of *chat_ids* and of
     every conversation that has a legacy chat id. A cloud message not yet injected counts
-    under the GUID the bridge will give it (``cloud:<message id>``)."""
+    under the GUID the bridge will give it (``cloud:<message id>``), unless the legacy
+    network was never owed it (``cloud_not_owed_to_legacy``)."""
+    not_owed = cloud_not_owed_to_legacy(conn)
     chats = {chat: ids.conversation_id(chat) for chat in chat_ids}
     for chat, cid in conn.execute(
             "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids"):
@@ -84,12 +86,52 @@ def cloud_inventory(conn: psycopg.Connection, chat_ids: Iterable[str]
     by_conversation = {cid: chat for chat, cid in chats.items()}
     out: dict[str, list[str]] = {chat: [] for chat in chats}
     rows = conn.execute(
-        "SELECT conversation_id, coalesce(legacy_guid, %s || message_id::text) "
+        "SELECT conversation_id, message_id, coalesce(legacy_guid, %s || message_id::text) "
         "FROM messages WHERE conversation_id = ANY(%s)",
         (ids.CLOUD_PREFIX, list(by_conversation)))
-    for cid, guid in rows:
-        out[by_conversation[cid]].append(guid)
+    for cid, mid, guid in rows:
+        if (cid, mid) not in not_owed:
+            out[by_conversation[cid]].append(guid)
     return out
+
+
+#: Slack for the clocks of two processes: a cloud post and a phase change this close together
+#: may have seen each other either way.
+PHASE_SLACK_MS = 1000
+
+_NOT_OWED_SQL = """
+WITH candidates AS (
+  SELECT m.conversation_id, m.message_id, m.sent_ms + %(slack)s AS t
+  FROM messages m JOIN conversation_legacy_ids USING (conversation_id)
+  WHERE m.origin = 'cloud' AND m.legacy_guid IS NULL
+    AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o
+                    WHERE o.conversation_id = m.conversation_id AND o.seq = m.seq))
+SELECT c.conversation_id, c.message_id FROM candidates c
+WHERE NOT EXISTS (
+  SELECT 1 FROM members mb JOIN accounts a USING (account_id)
+  WHERE mb.conversation_id = c.conversation_id
+    AND coalesce(
+      (SELECT l.detail->>'to' FROM audit_log l
+       WHERE l.action = 'phase_change' AND l.subject = a.account_id::text
+         AND l.at <= to_timestamp(c.t / 1000.0) ORDER BY l.at DESC LIMIT 1),
+      (SELECT l.detail->>'from' FROM audit_log l
+       WHERE l.action = 'phase_change' AND l.subject = a.account_id::text
+         AND l.at > to_timestamp(c.t / 1000.0) ORDER BY l.at LIMIT 1),
+      a.phase) <> 'cloud-only')
+"""
+
+
+def cloud_not_owed_to_legacy(conn: psycopg.Connection) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """(conversation, message) of cloud messages the legacy network was never owed: posted
+    when every member of the conversation was ``cloud-only`` (no legacy clients left to read
+    them), by the audit log's phase history, and never queued or injected.
+
+    The phase at the post's time comes from the audit log, not from the store's own rule
+    (``post_message`` queues for legacy only while a member has legacy clients), so a
+    message wrongly left unqueued is still counted lost. Within ``PHASE_SLACK_MS`` of a
+    member's move to ``cloud-only`` either answer is accepted."""
+    return {(cid, mid) for cid, mid in conn.execute(_NOT_OWED_SQL,
+                                                    {"slack": PHASE_SLACK_MS})}
 
 
 def cloud_duplicates(conn: psycopg.Connection) -> int:

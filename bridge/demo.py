@@ -804,6 +804,7 @@ class Demo:
             links.close()
         cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv))
         dups = await self.db.run(convergence.cloud_duplicates)
+        not_owed = await self.db.run(convergence.cloud_not_owed_to_legacy)
         posts_missing = await self.db.run(convergence.cloud_posts_missing,
                                           dict(self.traffic.stats.posted))
         final = await self.db.run(figures, int(self.reactor.seconds() * 1000))
@@ -830,7 +831,7 @@ class Demo:
             "notifications_acked": n["acked"], "notifications_failed": n["failed"],
             "notifications_unsettled": unsettled,
             "accounts_by_phase": final["accounts_by_phase"],
-            "check": verdict.to_json(),
+            "check": {**verdict.to_json(), "cloud_not_owed_to_legacy": len(not_owed)},
             "final_reconcile_exit": code,
             "reconcile_runs": self.reconcile_runs,
             "cohorts": self.cohorts,

@@ -115,3 +115,37 @@ def test_judge_converged_needs_no_duplicates():
     assert convergence.judge(same, same, legacy_record=None).converged
     assert not convergence.judge({"c1": ["a", "a", "b"]}, same, legacy_record=None).converged
     assert not convergence.judge(same, same, legacy_record=None, cloud_duplicates=1).converged
+
+
+@pytest.mark.db
+def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
+    """A cloud post made while every member was cloud-only (by the audit log's phase
+    history) is not expected in legacy; the same post, unqueued, while a member still had
+    legacy clients is, so the check would count it lost."""
+    from cloud import admin, store
+    from tests.dbfixture import make_account, make_conversation, tx
+
+    a, b = make_account(conn, "ann", "legacy"), make_account(conn, "ben", "legacy")
+    cid = make_conversation(conn, a, b, chat="chat-ab")
+    t0 = 1_800_000_000_000
+
+    def move(account, frm, to, at):
+        tx(conn, admin.apply_phase_change, account, frm, to, actor="test", now_ms=at)
+
+    def unqueued_post(client_id, at):
+        message, _ = tx(conn, store.post_message, cid, a, client_id, "hi", at)
+        conn.execute("DELETE FROM outbox_to_legacy WHERE message_id = %s",
+                     (message.message_id,))  # as if the store had not queued it
+        return f"cloud:{message.message_id}"
+
+    for account in (a, b):
+        move(account, "legacy", "dual", t0)
+    early = unqueued_post("early", t0 + 10_000)        # both dual: owed to legacy
+    move(a, "dual", "cloud-only", t0 + 20_000)
+    half = unqueued_post("half", t0 + 30_000)          # ben still dual: owed
+    move(b, "dual", "cloud-only", t0 + 40_000)
+    late = unqueued_post("late", t0 + 50_000)          # both cloud-only: not owed
+    inventory = convergence.cloud_inventory(conn, ["chat-ab"])
+    assert sorted(inventory["chat-ab"]) == sorted([early, half])
+    assert {f"cloud:{mid}" for _cid, mid in convergence.cloud_not_owed_to_legacy(conn)} == {
+        late}
