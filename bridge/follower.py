@@ -164,28 +164,23 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
             conn, {h: ids.account_id(h) for h in missing})
         accounts.update(found)
     step("conversations")
-    ensured: dict[str, tuple[str, ...]] = {}
-    for chat_id, members in chats.items():
-        if known.chats.get(chat_id) != members:
-            try:
-                store.create_conversation(conn, ids.conversation_id(chat_id),
-                                          [accounts[h] for h in members],
-                                          legacy_chat_id=chat_id)
-            except store.TooManyMembers as e:
-                # A legacy chat holds at most as many members as a conversation, but its
-                # member list may be replaced over time while the cloud keeps the union:
-                # record it for the operator instead of failing the batch forever.
-                store.record_finding(conn, "mirror_refused", {
-                    "chat_id": chat_id, "reason": str(e)}, now_ms,
-                    conversation_id=ids.conversation_id(chat_id))
-                continue
-            ensured[chat_id] = members
+    wanted = {chat_id: members for chat_id, members in chats.items()
+              if known.chats.get(chat_id) != members}
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
     # sender; its other members arrive with the chat's next FeedChat.
-    for chat_id, sender in {msg.chat_id: msg.sender for msg in messages}.items():
-        if chat_id not in chats and chat_id not in known.chats:
-            store.create_conversation(conn, ids.conversation_id(chat_id), [accounts[sender]],
-                                      legacy_chat_id=chat_id)
+    first_seen = {msg.chat_id: (msg.sender,) for msg in messages
+                  if msg.chat_id not in chats and msg.chat_id not in known.chats}
+    refused = store.ensure_legacy_conversations(conn, {
+        chat_id: (ids.conversation_id(chat_id), [accounts[h] for h in members])
+        for chat_id, members in (*wanted.items(), *first_seen.items())})
+    for chat_id, reason in sorted(refused.items()):
+        # A legacy chat holds at most as many members as a conversation, but its member
+        # list may be replaced over time while the cloud keeps the union: record it for the
+        # operator instead of failing the batch forever.
+        store.record_finding(conn, "mirror_refused", {"chat_id": chat_id, "reason": reason},
+                             now_ms, conversation_id=ids.conversation_id(chat_id))
+    ensured = {chat_id: members for chat_id, members in wanted.items()
+               if chat_id not in refused}
     step("messages")
     unstorable = [m for m in messages if "\x00" in m.body]
     if unstorable:

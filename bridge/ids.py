@@ -14,6 +14,7 @@ round-trip: GUID ``cloud:<message id>``, chat id ``cloud:<conversation id>``.
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 _ROOT = uuid.UUID("6f1d2c3e-5b7a-4e0f-9a1b-2c3d4e5f6a7b")
@@ -25,6 +26,7 @@ MESSAGES = uuid.uuid5(_ROOT, "legacy-guid")
 CLOUD_PREFIX = "cloud:"
 
 
+@functools.lru_cache(maxsize=65536)  # the same handles and chats recur in every batch
 def account_id(handle: str) -> uuid.UUID:
     """The id the bridge gives the cloud account it creates for a legacy handle.
 
@@ -43,6 +45,7 @@ def _cloud_born(text: str) -> uuid.UUID | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
 def conversation_id(chat_id: str) -> uuid.UUID:
     """Conversation of a legacy chat: the original id for chats the bridge made up."""
     return _cloud_born(chat_id) or uuid.uuid5(CONVERSATIONS, chat_id)

@@ -12,7 +12,7 @@ a rolled-back transaction gives its numbers back: ``seq`` is gapless per convers
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 import psycopg
@@ -278,6 +278,61 @@ def create_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID,
     created = cur.rowcount == 1
     add_members(conn, conversation_id, members)
     return created
+
+
+def ensure_legacy_conversations(conn: psycopg.Connection,
+                                chats: Mapping[str, tuple[uuid.UUID, Sequence[uuid.UUID]]]
+                                ) -> dict[str, str]:
+    """``create_conversation`` for many legacy chats at once (chat id -> (conversation id,
+    members)), in a fixed number of statements: the bridge's first batches meet thousands.
+
+    Returns the chats refused, with why: a conversation that would have more than
+    ``MAX_MEMBERS`` members gets nothing added (as ``add_members`` would raise
+    ``TooManyMembers``). ``Conflict`` when a chat id maps to another conversation,
+    ``NotFound`` when a member is not a known account; both roll back with the caller.
+    """
+    if not chats:
+        return {}
+    chat_ids = sorted(chats)
+    cids = [chats[c][0] for c in chat_ids]
+    conn.execute(
+        "INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING", (chat_ids, cids))
+    owners = dict(conn.execute(
+        "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids "
+        "WHERE legacy_chat_id = ANY(%s)", (chat_ids,)).fetchall())
+    for chat_id, cid in zip(chat_ids, cids, strict=True):
+        if owners.get(chat_id) != cid:
+            raise Conflict(f"legacy chat {chat_id!r} maps to another conversation")
+    conn.execute(
+        "INSERT INTO conversations (conversation_id, legacy_chat_id, title) "
+        "SELECT c, l, '' FROM unnest(%s::uuid[], %s::text[]) AS u(c, l) "
+        "ON CONFLICT DO NOTHING", (cids, chat_ids))
+    pairs = sorted({(chats[c][0], a) for c in chat_ids for a in chats[c][1]})
+    if not pairs:
+        return {}
+    want_c, want_a = [p[0] for p in pairs], [p[1] for p in pairs]
+    accounts = sorted(set(want_a))
+    (known,) = conn.execute("SELECT count(*) FROM accounts WHERE account_id = ANY(%s)",
+                            (accounts,)).fetchone()
+    if known != len(accounts):
+        raise NotFound("a member is not a known account")
+    too_big = dict(conn.execute(
+        "WITH want AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[]) AS w(c, a)) "
+        "SELECT w.c, count(*) FILTER (WHERE m.account_id IS NULL) "
+        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) "
+        "FROM want w LEFT JOIN members m ON m.conversation_id = w.c AND m.account_id = w.a "
+        "GROUP BY w.c HAVING count(*) FILTER (WHERE m.account_id IS NULL) "
+        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) > %s",
+        (want_c, want_a, MAX_MEMBERS)).fetchall())
+    refused = {c: f"a conversation has at most {MAX_MEMBERS} members; this one would have "
+                  f"{too_big[chats[c][0]]}" for c in chat_ids if chats[c][0] in too_big}
+    keep = [i for i, c in enumerate(want_c) if c not in too_big]
+    conn.execute(
+        "INSERT INTO members (conversation_id, account_id) "
+        "SELECT * FROM unnest(%s::uuid[], %s::uuid[]) ON CONFLICT DO NOTHING",
+        ([want_c[i] for i in keep], [want_a[i] for i in keep]))
+    return refused
 
 
 def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,

@@ -220,3 +220,22 @@ def test_stopping_during_a_database_outage_finishes_promptly(net, conn):
     net.run(3.0)
     assert len(chat_messages(conn, "chat-1")) == 5
     again.stop(net)
+
+
+def test_a_chat_over_the_member_limit_is_set_aside_and_the_batch_goes_on(conn):
+    """A legacy chat whose member list grew past MAX_MEMBERS (the cloud keeps the union)
+    becomes a mirror_refused finding; the other chats of the batch and their messages are
+    written."""
+    from bridge.follower import mirror_legacy
+    from cloud.model import MAX_MEMBERS
+
+    crowd = tuple(f"u{i:03d}" for i in range(MAX_MEMBERS + 1))
+    msg = wire.ChatMessage(chat_id="small", guid="g1", legacy_seq=1, sender="u000",
+                           ts_ms=1_700_000_000_000, body="hello", origin="legacy")
+    with conn.transaction():
+        result, _created, _accounts, ensured = mirror_legacy(
+            conn, {"small": crowd[:2], "crowd": crowd}, [msg], 1)
+    assert [m.legacy_guid for m in result.inserted] == ["g1"]
+    assert set(ensured) == {"small"}  # the refused chat is tried again next time
+    assert conn.execute("SELECT kind, detail->>'chat_id' FROM reconcile_findings"
+                        ).fetchall() == [("mirror_refused", "crowd")]

@@ -419,3 +419,35 @@ def test_post_refuses_text_postgresql_can_not_store(conn, body):
     with pytest.raises(ValueError):
         tx(conn, store.post_message, cid, a, "c1", body, NOW)
     assert table_rows(conn, "messages") == 0
+
+
+def test_ensure_legacy_conversations_creates_maps_and_adds_members_idempotently(conn):
+    """Many chats in one call: created with their legacy ids and members; a second call
+    with more members adds only those; a chat over MAX_MEMBERS is refused (nothing added to
+    it) while the others go ahead; a chat id mapped elsewhere or an unknown member rolls
+    the whole call back."""
+    from cloud.model import MAX_MEMBERS
+
+    people = [make_account(conn, f"p{i:03d}", "legacy") for i in range(MAX_MEMBERS + 1)]
+    c1, c2, big = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    refused = tx(conn, store.ensure_legacy_conversations, {
+        "chat-1": (c1, people[:2]), "chat-2": (c2, people[2:3])})
+    assert refused == {}
+    members = "SELECT count(*) FROM members WHERE conversation_id = %s"
+    assert [conn.execute(members, (c,)).fetchone()[0] for c in (c1, c2)] == [2, 1]
+    assert dict(conn.execute("SELECT legacy_chat_id, conversation_id "
+                             "FROM conversation_legacy_ids").fetchall()) == {
+        "chat-1": c1, "chat-2": c2}
+    refused = tx(conn, store.ensure_legacy_conversations, {
+        "chat-1": (c1, people[:3]), "chat-big": (big, people)})
+    assert list(refused) == ["chat-big"] and f"at most {MAX_MEMBERS}" in refused["chat-big"]
+    assert conn.execute(members, (c1,)).fetchone()[0] == 3
+    assert conn.execute(members, (big,)).fetchone()[0] == 0  # exists, nobody added
+    before = conn.execute("SELECT count(*) FROM members").fetchone()[0]
+    with pytest.raises(store.Conflict):
+        tx(conn, store.ensure_legacy_conversations, {
+            "chat-3": (uuid.uuid4(), people[:1]), "chat-1": (uuid.uuid4(), people[:1])})
+    with pytest.raises(store.NotFound):
+        tx(conn, store.ensure_legacy_conversations, {"chat-4": (uuid.uuid4(), [uuid.uuid4()])})
+    assert conn.execute("SELECT count(*) FROM members").fetchone()[0] == before
+    assert conn.execute("SELECT count(*) FROM conversation_legacy_ids").fetchone()[0] == 3
