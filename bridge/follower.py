@@ -54,6 +54,11 @@ log = Logger()
 LEGACY_PRESENCE_PREFIX = "legacy:"
 
 
+#: Label children used for every frame or message, looked up once.
+_BACKLOG = m.BACKLOG.labels(direction="to_cloud")
+_LAG = m.LAG.labels(direction="to_cloud")
+
+
 class FollowerState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -338,7 +343,7 @@ class FeedFollower(Service):
             if self._linger is not None and self._linger.active():
                 self._linger.cancel()
             if self._pending is not None:
-                m.BACKLOG.labels(direction="to_cloud").dec(self._pending.frames)
+                _BACKLOG.dec(self._pending.frames)
                 self._pending = None
             if self._committing is not None:
                 await self._committing
@@ -395,7 +400,7 @@ class FeedFollower(Service):
             else:
                 m.LOOPS.labels(direction="to_cloud").inc()
         self._head = (batch.epoch, batch.offset)
-        m.BACKLOG.labels(direction="to_cloud").inc()
+        _BACKLOG.inc()
         self._commit_soon(batch)
 
     def _commit_soon(self, batch: FeedBatch) -> None:
@@ -466,10 +471,10 @@ class FeedFollower(Service):
             m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
-            m.BACKLOG.labels(direction="to_cloud").dec(batch.frames)
+            _BACKLOG.dec(batch.frames)
             for msg in result.inserted:
                 lag = max(0.0, now - msg.sent_ms / 1000)
-                m.LAG.labels(direction="to_cloud").observe(lag)
+                _LAG.observe(lag)
                 self.recent_lags.append((now, lag))
             if self.peer is not None and batch.frames:
                 self.peer.credit(batch.frames)
