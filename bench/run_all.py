@@ -18,7 +18,7 @@ machine was (CPU seconds other processes used while this ran); prints the JSON d
 then a table; draws ``bench/scaling.png`` when matplotlib is installed.
 
 Usage: python bench/run_all.py [--repeat N] [--quick] [--dsn DSN] [--only SECTION ...]
-                               [--big-sim] [--out PATH] [--plot PATH]
+                               [--big-sim] [--out PATH] [--plot PATH] [--merge]
        python bench/run_all.py --report bench/results.json [--markdown]   (table only)
 """
 
@@ -430,6 +430,9 @@ def main() -> None:
                    help="also the 1,000-supernode / 100,000-user simulation (about 10 min)")
     p.add_argument("--out", default=os.path.join(HERE, "results.json"))
     p.add_argument("--plot", default=os.path.join(HERE, "scaling.png"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections of an existing --out file (re-run one "
+                        "section without losing the rest)")
     p.add_argument("--report", metavar="RESULTS_JSON",
                    help="print the table of an earlier run and exit")
     p.add_argument("--markdown", action="store_true", help="the table as Markdown")
@@ -467,6 +470,17 @@ def main() -> None:
         log(f"{name} done in {timings[name]:.0f} s")
     results["meta"]["section_seconds"] = timings
     results["meta"]["machine"] = load.stop()
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+        kept = [name for name in SECTIONS if name in earlier and name not in sections]
+        for name in kept:
+            results[name] = earlier[name]
+        # each section keeps the metadata of the run that measured it
+        meta = earlier.get("meta", {})
+        results["meta"]["merged"] = {
+            name: meta.get("merged", {}).get(name)
+            or {k: v for k, v in meta.items() if k != "merged"} for name in kept}
     results["targets"] = judge(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
