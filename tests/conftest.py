@@ -31,6 +31,21 @@ def log_events():
         globalLogPublisher.removeObserver(observe)
 
 
+@pytest.fixture
+def failures():
+    """Every logged failure (a handler that raised) while the test runs: the fuzz tests
+    assert it stays empty."""
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _DB_FIXTURES & set(getattr(item, "fixturenames", ())):

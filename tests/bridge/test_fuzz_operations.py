@@ -10,7 +10,6 @@ or 405 is JSON; Twisted's bare 400 (unparseable HTTP) closes the connection.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -18,7 +17,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 
 from bridge.health import operations_site
 from tests import strategies
@@ -28,19 +26,6 @@ from tests.cloud.test_fuzz_api import pieces, responses
 SERVED = ["/metrics", "/healthz", "/readyz", "/status", "/status.json"]
 NEAR = ["/", "/status/", "/status.json/", "/../status", "/%73tatus", "//status", "/STATUS",
         "/status.json%00", "/favicon.ico", "/status.html", "/metrics/", "/./healthz"]
-
-
-@pytest.fixture
-def failures() -> Iterator[list[dict]]:
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if "log_failure" in event:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,8 @@ import json
 from collections.abc import Iterator
 from urllib.parse import quote
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
 
 from tests import strategies
 from tests.cloud.test_api import (
@@ -37,19 +35,6 @@ from tests.cloud.test_api import (
 ROUTE_WORDS = ["v1", "login", "healthz", "conversations", "messages", "presence",
                "notifications", "ack", "metrics", "..", ".", "%2e%2e", "%2E%2e%2f", "%2F",
                "..%2F..", "%00", "~", "v1;x", "login?"]
-
-
-@pytest.fixture
-def failures() -> Iterator[list[dict]]:
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if "log_failure" in event:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 # ---------------------------------------------------------------- request parts

@@ -18,14 +18,11 @@ privileged peers on one port, the role decided by authentication, so "the client
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Factory
-from twisted.logger import globalLogPublisher
 
 from legacy import auth, wire
 from legacy.framing import FrameProtocol
@@ -80,20 +77,6 @@ class HostileConnection(FrameProtocol):
     @property
     def errors(self) -> list[str]:
         return [f.code for f in self.frames if isinstance(f, wire.Error)]
-
-
-@pytest.fixture
-def failures() -> Iterator[list[dict]]:
-    """Every logged failure (a handler that raised) while the test runs."""
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if "log_failure" in event:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def state(net: LegacyNet) -> tuple:
