@@ -8,6 +8,7 @@ or field is covered without touching this module: ``frames()`` draws from every 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from hypothesis import strategies as st
@@ -185,3 +186,16 @@ def malformed_json() -> st.SearchStrategy[bytes]:
         b"{", b"}", b"[1,", b"{'a': 1}", b'{"a": NaN}', b'{"a": Infinity}', b"\xff\xfe{}",
         b'{"a":1,"a":2}', b"[" * 5000, b"1" * 5000, b'"\\ud800', b"{}{}", b"nul"])
     return st.one_of(crafted, st.binary(min_size=1, max_size=200).filter(broken))
+
+
+def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    """*data* cut into pieces of the drawn *sizes* (the rest in one last piece): how bytes
+    arrive over TCP, for the tests that feed servers hostile input."""
+    pos = 0
+    for n in sizes:
+        if pos >= len(data):
+            return
+        yield data[pos:pos + n]
+        pos += n
+    if pos < len(data):
+        yield data[pos:]

@@ -21,7 +21,7 @@ from twisted.internet.testing import StringTransport
 from bridge.health import operations_site
 from tests import strategies
 from tests.bridge.test_statuspage import sampled_page, snapshot, worker
-from tests.cloud.test_fuzz_api import pieces, responses
+from tests.cloud.test_fuzz_api import responses
 
 SERVED = ["/metrics", "/healthz", "/readyz", "/status", "/status.json"]
 NEAR = ["/", "/status/", "/status.json/", "/../status", "/%73tatus", "//status", "/STATUS",
@@ -67,7 +67,7 @@ def test_operations_endpoint_never_fails_on_hostile_requests(site, failures, req
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol = site.buildProtocol(transport.getPeer())
     protocol.makeConnection(transport)
-    for piece in pieces(request, sizes):
+    for piece in strategies.pieces(request, sizes):
         if transport.disconnecting:
             break  # a real transport stops reading once the server closes
         protocol.dataReceived(piece)

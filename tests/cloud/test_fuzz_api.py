@@ -18,7 +18,6 @@ huge numbers, NUL and lone surrogates, delivered in arbitrary pieces. For every 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from urllib.parse import quote
 
 from hypothesis import HealthCheck, event, given, settings
@@ -163,17 +162,6 @@ def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return out
 
 
-def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
-    pos = 0
-    for n in sizes:
-        if pos >= len(data):
-            return
-        yield data[pos:pos + n]
-        pos += n
-    if pos < len(data):
-        yield data[pos:]
-
-
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much, HealthCheck.data_too_large])
@@ -186,7 +174,7 @@ def test_hostile_http_never_gets_a_5xx_and_changes_nothing(fuzz_world, failures,
     sizes = data.draw(st.lists(st.integers(1, 4096), max_size=6), label="pieces")
     before = h.snapshot()
     c = Connection(h.site)
-    for piece in pieces(request, sizes):
+    for piece in strategies.pieces(request, sizes):
         if c.transport.disconnecting:
             break  # a real transport stops reading once the server closes
         c.send(piece)

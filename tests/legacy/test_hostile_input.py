@@ -32,7 +32,7 @@ from legacy.ring import HashRing
 from legacy.simclock import SimClock
 from legacy.supernode import Secrets, Supernode, SupernodeConfig, SupernodeProtocol
 from legacy.trace import Trace
-from tests.strategies import frames, frames_of
+from tests.strategies import frames, frames_of, pieces
 
 HOST, PORT, SN_ID = "127.0.0.1", 47100, "sn0000"
 SECRETS = Secrets(peer_secret=b"p", login_secret=b"l")
@@ -230,17 +230,6 @@ hostile_bytes = st.one_of(
 )
 
 
-def split(data: bytes, sizes: list[int]) -> Iterator[bytes]:
-    pos = 0
-    for n in sizes:
-        if pos >= len(data):
-            return
-        yield data[pos:pos + n]
-        pos += n
-    if pos < len(data):
-        yield data[pos:]
-
-
 @live_settings
 @given(hostile_bytes, st.binary(max_size=40), st.lists(st.integers(1, 64), max_size=8))
 def test_garbage_never_escapes_and_closes_only_a_complete_bad_frame(data, more, sizes):
@@ -250,7 +239,7 @@ def test_garbage_never_escapes_and_closes_only_a_complete_bad_frame(data, more, 
     with live_supernode() as live:
         conn = live.raw()
         before = rejected_total(code) if code else 0.0
-        for piece in split(data, sizes):
+        for piece in pieces(data, sizes):
             conn.feed(piece)
         if code is None:
             assert conn.received() == []
@@ -315,11 +304,11 @@ def test_a_frame_split_anywhere_is_reassembled(sizes):
     data = framed(wire.encode(credential("alice")))
     with live_supernode() as live:
         conn = live.raw()
-        pieces = list(split(data, sizes))
-        for piece in pieces[:-1]:
+        chunks = list(pieces(data, sizes))
+        for piece in chunks[:-1]:
             conn.feed(piece)
             assert conn.received() == []
-        conn.feed(pieces[-1])
+        conn.feed(chunks[-1])
         assert conn.received() == [wire.Welcome(server_id=SN_ID, epoch=live.sn.epoch)]
         assert not conn.closing
 
