@@ -265,13 +265,7 @@ def create_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID,
     members that are missing.
     """
     if legacy_chat_id is not None:
-        conn.execute("INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
-                     "VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                     (legacy_chat_id, conversation_id))
-        owner = conn.execute("SELECT conversation_id FROM conversation_legacy_ids "
-                             "WHERE legacy_chat_id = %s", (legacy_chat_id,)).fetchone()[0]
-        if owner != conversation_id:
-            raise Conflict(f"legacy chat {legacy_chat_id!r} maps to another conversation")
+        _map_legacy_chats(conn, {legacy_chat_id: conversation_id})
     cur = conn.execute(
         "INSERT INTO conversations (conversation_id, legacy_chat_id, title) "
         "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (conversation_id, legacy_chat_id, title))
@@ -295,15 +289,7 @@ def ensure_legacy_conversations(conn: psycopg.Connection,
         return {}
     chat_ids = sorted(chats)
     cids = [chats[c][0] for c in chat_ids]
-    conn.execute(
-        "INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
-        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING", (chat_ids, cids))
-    owners = dict(conn.execute(
-        "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids "
-        "WHERE legacy_chat_id = ANY(%s)", (chat_ids,)).fetchall())
-    for chat_id, cid in zip(chat_ids, cids, strict=True):
-        if owners.get(chat_id) != cid:
-            raise Conflict(f"legacy chat {chat_id!r} maps to another conversation")
+    _map_legacy_chats(conn, {c: chats[c][0] for c in chat_ids})
     conn.execute(
         "INSERT INTO conversations (conversation_id, legacy_chat_id, title) "
         "SELECT c, l, '' FROM unnest(%s::uuid[], %s::text[]) AS u(c, l) "
@@ -311,28 +297,15 @@ def ensure_legacy_conversations(conn: psycopg.Connection,
     pairs = sorted({(chats[c][0], a) for c in chat_ids for a in chats[c][1]})
     if not pairs:
         return {}
-    want_c, want_a = [p[0] for p in pairs], [p[1] for p in pairs]
-    accounts = sorted(set(want_a))
-    (known,) = conn.execute("SELECT count(*) FROM accounts WHERE account_id = ANY(%s)",
-                            (accounts,)).fetchone()
-    if known != len(accounts):
-        raise NotFound("a member is not a known account")
-    too_big = dict(conn.execute(
-        "WITH want AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[]) AS w(c, a)) "
-        "SELECT w.c, count(*) FILTER (WHERE m.account_id IS NULL) "
-        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) "
-        "FROM want w LEFT JOIN members m ON m.conversation_id = w.c AND m.account_id = w.a "
-        "GROUP BY w.c HAVING count(*) FILTER (WHERE m.account_id IS NULL) "
-        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) > %s",
-        (want_c, want_a, MAX_MEMBERS)).fetchall())
-    refused = {c: f"a conversation has at most {MAX_MEMBERS} members; this one would have "
-                  f"{too_big[chats[c][0]]}" for c in chat_ids if chats[c][0] in too_big}
-    keep = [i for i, c in enumerate(want_c) if c not in too_big]
+    _require_accounts(conn, sorted({a for _c, a in pairs}))
+    too_big = _over_member_limit(conn, pairs)
+    keep = [(c, a) for c, a in pairs if c not in too_big]
     conn.execute(
         "INSERT INTO members (conversation_id, account_id) "
         "SELECT * FROM unnest(%s::uuid[], %s::uuid[]) ON CONFLICT DO NOTHING",
-        ([want_c[i] for i in keep], [want_a[i] for i in keep]))
-    return refused
+        ([c for c, _a in keep], [a for _c, a in keep]))
+    return {c: _too_many_members(too_big[chats[c][0]])
+            for c in chat_ids if chats[c][0] in too_big}
 
 
 def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,
@@ -346,20 +319,56 @@ def add_members(conn: psycopg.Connection, conversation_id: uuid.UUID,
     ids = sorted(set(members))
     if not ids:
         return 0
-    known = conn.execute("SELECT count(*) FROM accounts WHERE account_id = ANY(%s)",
-                         (ids,)).fetchone()[0]
-    if known != len(ids):
-        raise NotFound("a member is not a known account")
-    total, already = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE account_id = ANY(%s)) FROM members "
-        "WHERE conversation_id = %s", (ids, conversation_id)).fetchone()
-    if total - already + len(ids) > MAX_MEMBERS:
-        raise TooManyMembers(f"a conversation has at most {MAX_MEMBERS} members; this one "
-                             f"would have {total - already + len(ids)}")
+    _require_accounts(conn, ids)
+    over = _over_member_limit(conn, [(conversation_id, a) for a in ids])
+    if over:
+        raise TooManyMembers(_too_many_members(over[conversation_id]))
     cur = conn.execute(
         "INSERT INTO members (conversation_id, account_id) SELECT %s, unnest(%s::uuid[]) "
         "ON CONFLICT DO NOTHING", (conversation_id, ids))
     return cur.rowcount
+
+
+def _map_legacy_chats(conn: psycopg.Connection, chats: Mapping[str, uuid.UUID]) -> None:
+    """Record which conversation each legacy chat id is (chat id -> conversation id);
+    ``Conflict`` when one already maps to another conversation."""
+    chat_ids = sorted(chats)
+    conn.execute(
+        "INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING",
+        (chat_ids, [chats[c] for c in chat_ids]))
+    owners = dict(conn.execute(
+        "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids "
+        "WHERE legacy_chat_id = ANY(%s)", (chat_ids,)).fetchall())
+    for chat_id in chat_ids:
+        if owners.get(chat_id) != chats[chat_id]:
+            raise Conflict(f"legacy chat {chat_id!r} maps to another conversation")
+
+
+def _require_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]) -> None:
+    """``NotFound`` unless every one of *account_ids* (distinct) is a known account."""
+    (known,) = conn.execute("SELECT count(*) FROM accounts WHERE account_id = ANY(%s)",
+                            (list(account_ids),)).fetchone()
+    if known != len(account_ids):
+        raise NotFound("a member is not a known account")
+
+
+def _over_member_limit(conn: psycopg.Connection,
+                       pairs: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> dict[uuid.UUID, int]:
+    """The conversations that adding the distinct (conversation, account) *pairs* would take
+    past ``MAX_MEMBERS``, with the number of members each would have."""
+    return dict(conn.execute(
+        "WITH want AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[]) AS w(c, a)) "
+        "SELECT w.c, count(*) FILTER (WHERE m.account_id IS NULL) "
+        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) "
+        "FROM want w LEFT JOIN members m ON m.conversation_id = w.c AND m.account_id = w.a "
+        "GROUP BY w.c HAVING count(*) FILTER (WHERE m.account_id IS NULL) "
+        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) > %s",
+        ([c for c, _a in pairs], [a for _c, a in pairs], MAX_MEMBERS)).fetchall())
+
+
+def _too_many_members(total: int) -> str:
+    return f"a conversation has at most {MAX_MEMBERS} members; this one would have {total}"
 
 
 def is_member(conn: psycopg.Connection, conversation_id: uuid.UUID,

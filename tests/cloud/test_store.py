@@ -451,3 +451,19 @@ def test_ensure_legacy_conversations_creates_maps_and_adds_members_idempotently(
         tx(conn, store.ensure_legacy_conversations, {"chat-4": (uuid.uuid4(), [uuid.uuid4()])})
     assert conn.execute("SELECT count(*) FROM members").fetchone()[0] == before
     assert conn.execute("SELECT count(*) FROM conversation_legacy_ids").fetchone()[0] == 3
+
+
+def test_add_members_stops_at_max_members_and_adds_nothing_past_it(conn):
+    """A conversation fills up to MAX_MEMBERS; adding anyone else raises TooManyMembers and
+    adds no one of that call, while re-adding members it already has is fine."""
+    from cloud.model import MAX_MEMBERS
+
+    people = [make_account(conn, f"m{i:03d}", "legacy") for i in range(MAX_MEMBERS + 2)]
+    cid = make_conversation(conn, *people[:2])
+    assert tx(conn, store.add_members, cid, people[:MAX_MEMBERS]) == MAX_MEMBERS - 2
+    assert tx(conn, store.add_members, cid, people[:MAX_MEMBERS]) == 0  # all there already
+    with pytest.raises(store.TooManyMembers, match=f"at most {MAX_MEMBERS} members; this one "
+                                                   f"would have {MAX_MEMBERS + 2}"):
+        tx(conn, store.add_members, cid, people[MAX_MEMBERS - 1:])
+    assert conn.execute("SELECT count(*) FROM members WHERE conversation_id = %s",
+                        (cid,)).fetchone()[0] == MAX_MEMBERS
