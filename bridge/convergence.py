@@ -21,7 +21,7 @@ acknowledgement) is counted as ``lost_by_legacy_network``, apart from ``lost``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 import attrs
@@ -72,13 +72,12 @@ async def _list_all(peer: Any, chat_id: str) -> list[str]:
     return guids
 
 
-def cloud_inventory(conn: psycopg.Connection, chat_ids: Iterable[str]
-                    ) -> dict[str, list[str]]:
+def cloud_inventory(conn: psycopg.Connection, chat_ids: Iterable[str],
+                    not_owed: Set[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, list[str]]:
     """chat id -> GUIDs of the store's messages in the conversations of *chat_ids* and of
     every conversation that has a legacy chat id. A cloud message not yet injected counts
     under the GUID the bridge will give it (``cloud:<message id>``), unless the legacy
-    network was never owed it (``cloud_not_owed_to_legacy``)."""
-    not_owed = cloud_not_owed_to_legacy(conn)
+    network was never owed it (*not_owed*: ``cloud_not_owed_to_legacy``)."""
     chats = {chat: ids.conversation_id(chat) for chat in chat_ids}
     for chat, cid in conn.execute(
             "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids"):

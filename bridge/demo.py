@@ -270,12 +270,9 @@ def fresh_database(server_dsn: str, name: str) -> str:
 
     from cloud import schema
 
-    if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
-        raise DemoError(f"refusing to recreate database {name!r}")
     try:
+        drop_database(server_dsn, name)
         with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         dsn = conninfo.make_conninfo(server_dsn, dbname=name)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
@@ -291,7 +288,7 @@ def drop_database(server_dsn: str, name: str) -> None:
     from psycopg import sql
 
     if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
-        raise DemoError(f"refusing to drop database {name!r}")
+        raise DemoError(f"refusing to drop or recreate database {name!r}")
     with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
@@ -306,14 +303,12 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "       count(*) FILTER (WHERE origin = 'cloud'), "
         "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL) "
         "FROM messages").fetchone()
-    findings = dict(conn.execute(
-        "SELECT state, count(*) FROM reconcile_findings GROUP BY 1").fetchall())
+    by_kind = admin.findings_by_state(conn).values()
+    findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
     workers = admin.live_workers(conn, now_ms)
     lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
     pending, _oldest = store.outbox_backlog(conn, now_ms)
-    (leased,) = conn.execute(
-        "SELECT count(*) FROM leases WHERE name LIKE 'feed:%%' AND expires_ms > %s",
-        (now_ms,)).fetchone()
+    leased = len(_feed_leases(conn, now_ms))
     return {
         "messages_cloud": from_legacy + from_cloud,
         "mirrored_to_cloud": from_legacy, "cloud_posts": from_cloud,
@@ -322,19 +317,24 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "live_workers": len(workers),
         "feeds_leased": leased,
         "feeds_streaming": sum(w.feeds or 0 for w in workers),
-        "findings_open": findings.get("open", 0),
-        "findings_repaired": findings.get("repaired", 0),
-        "findings_failed": findings.get("failed", 0),
+        "findings_open": findings["open"],
+        "findings_repaired": findings["repaired"],
+        "findings_failed": findings["failed"],
         "accounts_by_phase": admin.accounts_per_phase(conn),
         "notifications": store.notification_counts(conn),
     }
 
 
+def _feed_leases(conn: psycopg.Connection, now_ms: int) -> list[admin.Lease]:
+    """The feed leases that have not expired."""
+    return [lease for lease in admin.leases(conn)
+            if lease.name.startswith("feed:") and lease.expires_ms > now_ms]
+
+
 def _leases_held(conn: psycopg.Connection, holder: str, now_ms: int) -> list[tuple[str, int]]:
     """The live feed leases *holder* holds, with their fences."""
-    return [(n, f) for n, f in conn.execute(
-        "SELECT name, fence FROM leases WHERE holder = %s AND name LIKE 'feed:%%' "
-        "AND expires_ms > %s ORDER BY name", (holder, now_ms))]
+    return [(lease.name, lease.fence) for lease in _feed_leases(conn, now_ms)
+            if lease.holder == holder]
 
 
 def migrated_devices(conn: psycopg.Connection) -> list[tuple[str, str, list[Any]]]:
@@ -384,6 +384,8 @@ class Demo:
         self._last_held = ""
         self.legacy_progress: dict[str, int] = {}
         self._wake: defer.Deferred | None = None
+        self._dirty = False  # a status line is on the terminal, unfinished
+        self.t0 = reactor.seconds()  # run() sets it again when the run starts
         self._setsid = shutil.which("setsid")
         self.env = {**os.environ, "BRIDGE_HOME": str(home), "BRIDGE_DSN": dsn,
                     "PYTHONUNBUFFERED": "1", "BRIDGE_STOP_WITH_PARENT": str(os.getpid())}
@@ -413,7 +415,7 @@ class Demo:
         return d
 
     def note(self, text: str) -> None:
-        t = self.reactor.seconds() - self.t0 if hasattr(self, "t0") else 0.0
+        t = self.reactor.seconds() - self.t0
         self.events.append({"t": round(t, 1), "event": text})
         self._status_clear()
         print(f"[{t:5.0f}s] {text}", file=self.status_stream, flush=True)
@@ -765,7 +767,7 @@ class Demo:
         stream.flush()
 
     def _status_clear(self) -> None:
-        if getattr(self, "_dirty", False):
+        if self._dirty:
             self.status_stream.write("\r\x1b[K")
             self._dirty = False
 
@@ -802,9 +804,9 @@ class Demo:
             legacy_inv = await convergence.legacy_inventory(links)
         finally:
             links.close()
-        cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv))
-        dups = await self.db.run(convergence.cloud_duplicates)
         not_owed = await self.db.run(convergence.cloud_not_owed_to_legacy)
+        cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv), not_owed)
+        dups = await self.db.run(convergence.cloud_duplicates)
         posts_missing = await self.db.run(convergence.cloud_posts_missing,
                                           dict(self.traffic.stats.posted))
         final = await self.db.run(figures, int(self.reactor.seconds() * 1000))

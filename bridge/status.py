@@ -41,6 +41,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     pending, oldest = store.outbox_backlog(conn, now_ms)
     per_phase = admin.accounts_per_phase(conn)
     last_clean = admin.last_clean_reconcile(conn)
+    findings = admin.findings_by_state(conn)
     return {
         "now_ms": now_ms,
         "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
@@ -54,8 +55,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
             "feeds": w.feeds} for w in workers],
         "live_workers": len(live),
         "outbox_to_legacy": {"pending": pending, "oldest_age_ms": oldest},
-        "open_findings": admin.open_findings_by_kind(conn),
-        "findings": admin.findings_by_state(conn),
+        "open_findings": {kind: n["open"] for kind, n in findings.items() if n["open"]},
+        "findings": findings,
         "reconcile": {kind: _run(run, now_ms)
                       for kind, run in sorted(admin.last_reconcile_runs(conn).items())},
         "last_clean_reconcile": None if last_clean is None else _run(last_clean, now_ms),

@@ -334,12 +334,6 @@ def last_clean_reconcile(conn: psycopg.Connection) -> ReconcileRun | None:
 
 # ---------------------------------------------------------------- what status reads
 
-def open_findings_by_kind(conn: psycopg.Connection) -> dict[str, int]:
-    rows = conn.execute("SELECT kind, count(*) FROM reconcile_findings WHERE state = 'open' "
-                        "GROUP BY 1 ORDER BY 1").fetchall()
-    return dict(rows)
-
-
 def findings_by_state(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
     """Findings per kind and state, every state present (zero if none): what the
     reconcilers found and what became of it (the status page's open vs repaired counts)."""

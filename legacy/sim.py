@@ -318,7 +318,6 @@ class LegacyDeployment(service.MultiService):
             "trace_hash": self.trace.hexdigest(),
         }
 
-
     def record(self) -> dict[str, Any]:
         """The clients' own record of what the network acknowledged, for an outside check.
 

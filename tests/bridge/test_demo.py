@@ -145,7 +145,8 @@ def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
     half = unqueued_post("half", t0 + 30_000)          # ben still dual: owed
     move(b, "dual", "cloud-only", t0 + 40_000)
     late = unqueued_post("late", t0 + 50_000)          # both cloud-only: not owed
-    inventory = convergence.cloud_inventory(conn, ["chat-ab"])
+    inventory = convergence.cloud_inventory(conn, ["chat-ab"],
+                                            convergence.cloud_not_owed_to_legacy(conn))
     assert sorted(inventory["chat-ab"]) == sorted([early, half])
     assert {f"cloud:{mid}" for _cid, mid in convergence.cloud_not_owed_to_legacy(conn)} == {
         late}
