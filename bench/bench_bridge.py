@@ -184,6 +184,9 @@ WARMUP_S = 5.0
 def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
     """Lag with the legacy network producing *rate* messages/s for *seconds*.
 
+    ``produced_per_s``: the messages sent during those seconds that the store holds, per
+    second: the load the bridge really carried (it should be *rate*).
+
     ``p99_ms``/``p50_ms``: what the workers report in their last heartbeat (their own
     measurement, event time to commit, over their recent samples; the worst worker).
     ``db_p99_ms``/``db_p50_ms``: from the rows, every message after the warm-up: the
@@ -202,6 +205,9 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
             rows = conn.execute("SELECT lag_to_cloud_ms, detail->>'lag_p50_to_cloud_ms', "
                                 "mirrored_to_cloud FROM bridge_workers "
                                 "WHERE lag_to_cloud_ms IS NOT NULL").fetchall()
+            (produced,) = conn.execute(
+                "SELECT count(*) FROM messages WHERE sent_ms >= %s AND sent_ms < %s",
+                (started_ms, started_ms + seconds * 1000)).fetchone()
             db_p50, db_p99, db_n = conn.execute(
                 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag), "
                 "       percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), count(*) "
@@ -212,7 +218,8 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
             raise RuntimeError(f"{len(rows)} of {workers} workers reported a lag")
         return {"p99_ms": max(r[0] for r in rows), "p50_ms": max(int(r[1]) for r in rows),
                 "mirrored": sum(r[2] for r in rows), "db_p50_ms": float(db_p50),
-                "db_p99_ms": float(db_p99), "db_samples": db_n}
+                "db_p99_ms": float(db_p99), "db_samples": db_n,
+                "produced_per_s": produced / seconds}
 
 
 def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: float) -> dict:
@@ -228,6 +235,8 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
         "copy_rows_per_s": summarize(copy),
         "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
         "half_load_rate": round(rate, 1),
+        # what the legacy network produced (and the bridge stored) during the lag runs
+        "half_load_produced_per_s": summarize([x["produced_per_s"] for x in lags]),
         "lag_seconds_per_run": lag_seconds,
         "p50_lag_ms": summarize([x["p50_ms"] for x in lags]),
         "p99_lag_ms": summarize([x["p99_ms"] for x in lags]),

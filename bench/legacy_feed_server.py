@@ -55,18 +55,22 @@ def main() -> None:
             # let the routing traffic of the appends settle before the clock starts
             reactor.callLater(2.0, lambda: print("ready", flush=True))
         else:
-            per_tick = amount / 100
-            carry = [0.0]
+            produced = [0]
+            begun = [0.0]
 
             def tick() -> None:
-                carry[0] += per_tick
-                n = int(carry[0])
-                carry[0] -= n
-                append(n)
+                # what is due by now, from the start: a tick that ran late (the reactor was
+                # busy) catches up instead of the load silently falling below RATE
+                due = int(amount * (reactor.seconds() - begun[0])) - produced[0]
+                produced[0] += due
+                append(due)
+
+            def begin() -> None:
+                begun[0] = reactor.seconds()
+                task.LoopingCall(tick).start(0.01)
 
             # SIGUSR1 starts the load (a signal handler only schedules it on the reactor)
-            signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(
-                lambda: task.LoopingCall(tick).start(0.01)))
+            signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(begin))
             print("ready", flush=True)
 
     dep.startService()  # listening completes on the reactor; start appending half a second in

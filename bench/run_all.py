@@ -352,8 +352,10 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
                 ceiling=f"raw COPY {_n(p['copy_rows_per_s']['median'])}",
                 ratio=f"{p['ratio_to_copy']:.2f}",
                 target=_target(r, "bridge.ratio_to_copy") if first else "")
-            add(f"bridge p99 lag at half load ({_n(p['half_load_rate'])}/s), {k} worker(s), "
-                "ms", p["p99_lag_ms"],
+            produced = p.get("half_load_produced_per_s")
+            load = (f"{_n(produced['median'])}/s produced of {_n(p['half_load_rate'])}/s"
+                    if produced else f"{_n(p['half_load_rate'])}/s")
+            add(f"bridge p99 lag at half load ({load}), {k} worker(s), ms", p["p99_lag_ms"],
                 target=_target(r, "bridge.p99_lag_ms.median") if first else "")
             if "db_p99_lag_ms" in p:
                 add(f"  same, p99 from the rows after warm-up, {k} worker(s), ms",
