@@ -88,6 +88,19 @@ def test_a_flood_of_distinct_keys_stays_within_max_keys(impl):
     assert b._spent.get("handle-0") is None
 
 
+def test_past_max_keys_the_least_recently_used_bucket_goes_first(impl):
+    """A key touched again moves to the back: a flood of new keys evicts the quiet ones,
+    not the one still being tried (its budget stays spent)."""
+    _, b = buckets(impl, max_keys=3)
+    b.take("attacked")
+    b.take("quiet-1")
+    b.take("quiet-2")
+    b.take("attacked")  # touched again: now the most recently used
+    b.take("new")       # one too many: the least recently used goes
+    assert set(b._spent) == {"quiet-2", "attacked", "new"}
+    assert b._spent["attacked"][0] == pytest.approx(2.0)
+
+
 def test_login_limiter_takes_from_both_budgets_or_from_neither(impl):
     """A refusal by either budget takes nothing; success gives both tries back."""
     clock = Clock()

@@ -26,6 +26,8 @@ def test_verdict_passes_only_with_nothing_lost_duplicated_or_unsettled():
         passed, text = chaos.verdict(kill, {**GOOD, key: value, "converged": False})
         assert not passed and why in text
     assert chaos.verdict(kill, {"aborted": True}) == (False, "aborted")
+    # nothing counted as lost, yet the check did not converge (e.g. no legacy record)
+    assert chaos.verdict(kill, {**GOOD, "converged": False}) == (False, "not converged")
 
 
 def test_a_paused_worker_must_have_held_a_lease_and_show_it_was_fenced_off():

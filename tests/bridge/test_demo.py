@@ -150,3 +150,42 @@ def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
     assert sorted(inventory["chat-ab"]) == sorted([early, half])
     assert {f"cloud:{mid}" for _cid, mid in convergence.cloud_not_owed_to_legacy(conn)} == {
         late}
+
+
+@pytest.mark.db
+def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_posts(conn):
+    """Around a move to cloud-only, a post within PHASE_SLACK_MS before it may be either;
+    one further before is owed; one the store queued for legacy is owed whatever the
+    phases; a member with no phase change at all counts by their current phase."""
+    from cloud import admin, store
+    from tests.dbfixture import make_account, make_conversation, tx
+
+    a, b = make_account(conn, "ann", "dual"), make_account(conn, "ben", "dual")
+    cid = make_conversation(conn, a, b, chat="chat-ab")
+    t = 1_800_000_000_000
+    slack = convergence.PHASE_SLACK_MS
+
+    def post(client_id, at, keep_queued=False):
+        message, _ = tx(conn, store.post_message, cid, a, client_id, "hi", at)
+        if not keep_queued:
+            conn.execute("DELETE FROM outbox_to_legacy WHERE message_id = %s",
+                         (message.message_id,))
+        return message.message_id
+
+    before = post("2s-before", t - 2 * slack)
+    just_before = post("half-slack-before", t - slack // 2)
+    for account in (a, b):
+        tx(conn, admin.apply_phase_change, account, "dual", "cloud-only", actor="test",
+           now_ms=t)
+    after = post("after", t + 5000)
+    queued = post("queued", t + 6000)
+    conn.execute("INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+                 "SELECT conversation_id, seq, message_id, %s FROM messages "
+                 "WHERE message_id = %s", (t + 6000, queued))
+    not_owed = {mid for _cid, mid in convergence.cloud_not_owed_to_legacy(conn)}
+    assert not_owed == {just_before, after}
+    assert before not in not_owed and queued not in not_owed
+    # no phase change recorded for a new member: their current phase (legacy) decides
+    carl = make_account(conn, "carl", "legacy")
+    tx(conn, store.add_members, cid, [carl])
+    assert convergence.cloud_not_owed_to_legacy(conn) == set()

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from cloud import api
+from cloud import api, store
 from cloud.passwords import hash_password, verify_password
 from cloud.ratelimit import LoginLimits
 from tests.cloud.test_api import (
@@ -129,15 +129,22 @@ def test_the_account_recovers_on_the_clock(h):
     assert [login(h, wrong()).status for _ in range(11)] == [401] * 10 + [429]
 
 
-def test_thirty_failures_from_one_address_refuse_that_address(h, checks):
+def test_thirty_failures_from_one_address_refuse_that_address(h, checks, monkeypatch):
     """30 failures over unknown handles from one address: 429 for it, even for a right
-    password of another account; another address logs in."""
+    password of another account, before even the account lookup; another address logs
+    in."""
     assert {login(h, wrong(f"guess-{i}"), address="10.6.6.6").status
             for i in range(30)} == {401}
     checked = len(checks)
+    lookups = []
+    lookup = store.account_for_login
+    monkeypatch.setattr(store, "account_for_login",
+                        lambda *args: (lookups.append(args[1:]), lookup(*args))[1])
     r = login(h, right("bob"), address="10.6.6.6")
     assert (r.status, r.code) == (429, "rate_limited") and len(checks) == checked
+    assert lookups == []  # refused before it cost a query
     assert login(h, right("bob"), address="10.7.7.7").status == 200
+    assert lookups == [("bob",)]  # (the counting wrapper does see lookups)
 
 
 def test_successful_logins_spend_nothing(h):

@@ -467,3 +467,26 @@ def test_add_members_stops_at_max_members_and_adds_nothing_past_it(conn):
         tx(conn, store.add_members, cid, people[MAX_MEMBERS - 1:])
     assert conn.execute("SELECT count(*) FROM members WHERE conversation_id = %s",
                         (cid,)).fetchone()[0] == MAX_MEMBERS
+
+
+def test_ensure_legacy_conversations_counts_the_members_already_there(conn):
+    """The limit counts existing members: a conversation one short of MAX_MEMBERS takes one
+    more new member but not two; a refused chat's conversation still exists."""
+    from cloud.model import MAX_MEMBERS
+
+    people = [make_account(conn, f"q{i:03d}", "legacy") for i in range(MAX_MEMBERS + 1)]
+    full, other = uuid.uuid4(), uuid.uuid4()
+    tx(conn, store.ensure_legacy_conversations, {
+        "almost": (full, people[:MAX_MEMBERS - 1]), "other": (other, people[:1])})
+    refused = tx(conn, store.ensure_legacy_conversations, {
+        "almost": (full, people[:MAX_MEMBERS + 1])})  # two new: one too many
+    assert f"would have {MAX_MEMBERS + 1}" in refused["almost"]
+    assert tx(conn, store.ensure_legacy_conversations, {
+        "almost": (full, people[:MAX_MEMBERS])}) == {}  # one new: fits
+    assert conn.execute("SELECT count(*) FROM members WHERE conversation_id = %s",
+                        (full,)).fetchone()[0] == MAX_MEMBERS
+    refused = tx(conn, store.ensure_legacy_conversations, {
+        "refused-new": (uuid.uuid4(), people)})
+    assert list(refused) == ["refused-new"]
+    assert conn.execute("SELECT count(*) FROM conversations WHERE legacy_chat_id = "
+                        "'refused-new'").fetchone()[0] == 1

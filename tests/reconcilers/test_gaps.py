@@ -123,9 +123,14 @@ def test_a_supernode_down_during_the_run_makes_it_partial_not_an_error(scene):
     scene.mirror()
     drop_from_cloud(scene.conn, lost)
     down = homes[down_chat]
+    with scene.conn.transaction():  # a feed gap on a supernode that stays up
+        store.record_finding(scene.conn, "feed_gap", {"source": homes[up_chat], "gap": "epoch"},
+                             int(scene.net.clock.seconds() * 1000))
+    feed_gap = "SELECT state FROM reconcile_findings WHERE kind = 'feed_gap'"
     scene.net.wait(scene.net.supernodes[down].crash())
     report, _ = scene.reconcile()
     assert report.error is None and report.exit_code() == runner.EXIT_DIFFERENCES
+    assert scene.conn.execute(feed_gap).fetchall() == [("open",)]  # a partial pass closes none
     assert report.detail["unreachable_supernodes"] == [down]
     assert report.detail["skipped_conversations"] == 1
     assert any(f"supernode {down} unreachable" in e for e in report.detail["errors"])
@@ -135,6 +140,19 @@ def test_a_supernode_down_during_the_run_makes_it_partial_not_an_error(scene):
     # the crash lost chat 0's history: this run finds it and injects the 4 messages back
     assert again.compared == 2 and again.exit_code() == runner.EXIT_IN_SYNC
     assert again.repaired == 4 and "unreachable_supernodes" not in again.detail
+    assert scene.conn.execute(feed_gap).fetchall() == [("repaired",)]
+
+
+def test_every_supernode_down_compares_nothing_and_is_an_error(scene):
+    """With no supernode able to list its chats nothing is compared: exit 1, not 'in sync'
+    and not 'partial'."""
+    scene.chat("chat-a", 3)
+    scene.mirror()
+    for sn in scene.net.supernodes.values():
+        scene.net.wait(sn.crash())
+    report, _ = scene.reconcile()
+    assert report.compared == 0 and report.exit_code() == runner.EXIT_ERROR
+    assert sorted(report.detail["unreachable_supernodes"]) == sorted(scene.net.supernodes)
 
 
 def test_dry_run_reports_and_changes_nothing(scene):
