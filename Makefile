@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Every benchmark, each run BENCH_REPEAT times (median, min, max): prints a JSON document and
-# a table, writes bench/results.json and bench/scaling.png (about 15 minutes on 2 cores).
+# a table, writes bench/results.json and bench/scaling.png (about 13 minutes on 2 cores).
 # BENCH_ARGS adds flags, e.g. make bench BENCH_ARGS="--quick" or "--only bridge reconcile".
 BENCH_REPEAT ?= 3
 bench: $(STAMP)
