@@ -46,17 +46,13 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_cloud import raw_copy, with_db  # noqa: E402
+from bench_stats import summarize  # noqa: E402
 
 from cloud import embedded, schema, store  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
 
 BASE_PORT = 47900
 SUPERNODES = 4
-
-
-def summarize(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "runs": len(values)}
 
 
 class Run:

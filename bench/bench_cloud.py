@@ -38,13 +38,9 @@ from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage  #
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_api import bench_api  # noqa: E402
+from bench_stats import summarize  # noqa: E402
 
 NOW = 1_700_000_000_000
-
-
-def summarize(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "runs": len(values)}
 
 
 def with_db(dsn: str, name: str) -> str:

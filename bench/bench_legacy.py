@@ -25,6 +25,8 @@ from prometheus_client import REGISTRY
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench_stats import summarize  # noqa: E402  (this script's directory is on sys.path)
+
 from legacy import auth, wire  # noqa: E402
 from legacy.sim import RunConfig, simulate  # noqa: E402
 
@@ -44,12 +46,6 @@ def bench_sim(config: RunConfig) -> dict:
     return {"events_per_s": out["events"] / wall, "frames_per_s": frames / wall,
             "sim_seconds_per_wall_second": config.duration / wall, "wall_seconds": wall,
             "events": out["events"], "frames": frames, "sent": out["sent"]}
-
-
-def summarize(runs: list[dict], key: str) -> dict:
-    values = [r[key] for r in runs]
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "runs": len(values)}
 
 
 # -- TCP decode benchmark -------------------------------------------------------------------------
@@ -152,10 +148,11 @@ def main() -> None:
     medium_runs = [bench_sim(medium) for _ in range(1 if quick else runs)]
     result: dict = {
         "sim_medium": {"supernodes": 100, "users": 10_000, "simulated_seconds": 20,
-                       "events_per_s": summarize(medium_runs, "events_per_s"),
-                       "frames_per_s": summarize(medium_runs, "frames_per_s"),
+                       "events_per_s": summarize([r["events_per_s"] for r in medium_runs]),
+                       "frames_per_s": summarize([r["frames_per_s"] for r in medium_runs]),
                        "sim_seconds_per_wall_second":
-                           summarize(medium_runs, "sim_seconds_per_wall_second")},
+                           summarize([r["sim_seconds_per_wall_second"]
+                                      for r in medium_runs], 2)},
     }
     if not quick:
         big = RunConfig(supernodes=1000, users=100_000, rate=500, duration=10, seed=1)

@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_cloud import scratch_database  # noqa: E402
+from bench_stats import summarize  # noqa: E402
 from twisted.internet import defer  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
@@ -83,12 +83,6 @@ PEER_SECRET = b"bench-reconcile-peer-secret-0123"
 START_S = 1_700_000_000.0
 HISTORY_MS = 7 * 86400 * 1000
 BASE_PORT = 47500
-
-
-def summarize(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits),
-            "min": round(min(values), digits), "max": round(max(values), digits),
-            "runs": len(values)}
 
 
 def memory_mb() -> dict[str, float]:
@@ -341,7 +335,7 @@ def bench_size(dsn: str, messages: int, repeat: int, per_chat: int) -> dict:
         "supernodes": SUPERNODES, "differences": DIFFERENCES,
         "missing_in_cloud": DIFFERENCES // 2, "missing_in_legacy": DIFFERENCES - DIFFERENCES // 2,
         "build_seconds": build,
-        "seconds": summarize([p["seconds"] for p in passes]),
+        "seconds": summarize([p["seconds"] for p in passes], 3),
         "fraction_moved": summarize([p["fraction_moved"] for p in passes], 6),
         "digest_requests": summarize([p["digest_requests"] for p in passes], 0),
         "listed_guids": summarize([p["listed_guids"] for p in passes], 0),

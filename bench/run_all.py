@@ -41,6 +41,8 @@ ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from bench_stats import summarize  # noqa: E402
+
 SECTIONS = ("legacy", "cloud", "bridge", "reconcile")
 
 #: (figure, path into results.json, comparison, target). The issue's targets, plus the
@@ -60,12 +62,6 @@ TARGETS = (
 
 def log(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def summarize(values: list[float], digits: int = 1) -> dict:
-    return {"median": round(statistics.median(values), digits),
-            "min": round(min(values), digits), "max": round(max(values), digits),
-            "runs": len(values)}
 
 
 # -- how busy the machine was -------------------------------------------------------------------
@@ -169,7 +165,7 @@ class MachineLoad:
 
 # -- the sections -------------------------------------------------------------------------------
 
-def legacy_section(repeat: int, quick: bool, big_sim: bool) -> dict:
+def legacy_section(repeat: int, big_sim: bool) -> dict:
     import bench_legacy
 
     from legacy.sim import RunConfig
@@ -181,8 +177,8 @@ def legacy_section(repeat: int, quick: bool, big_sim: bool) -> dict:
         runs.append(bench_legacy.bench_sim(medium))
     out: dict = {"sim_medium": {
         "supernodes": 100, "users": 10_000, "rate": 200, "simulated_seconds": 20,
-        **{k: bench_legacy.summarize(runs, k) for k in
-           ("frames_per_s", "events_per_s", "sim_seconds_per_wall_second")}}}
+        **{k: summarize([r[k] for r in runs], digits) for k, digits in
+           (("frames_per_s", 1), ("events_per_s", 1), ("sim_seconds_per_wall_second", 2))}}}
     if big_sim:
         log("legacy: in-memory simulation, 1,000 SNs / 100,000 users (one run, minutes)")
         big = RunConfig(supernodes=1000, users=100_000, rate=500, duration=10, seed=1)
@@ -457,7 +453,7 @@ def main() -> None:
         "database": "given DSN" if args.dsn else "embedded PostgreSQL (pgserver)",
         "sections": sections}}
     runners: dict[str, Callable[[], dict]] = {
-        "legacy": lambda: legacy_section(repeat, args.quick, args.big_sim),
+        "legacy": lambda: legacy_section(repeat, args.big_sim),
         "cloud": lambda: cloud_section(server, repeat, args.quick),
         "bridge": lambda: bridge_section(server, repeat, args.quick),
         "reconcile": lambda: reconcile_section(server, repeat, args.quick),
