@@ -193,6 +193,8 @@ def test_a_failed_sample_keeps_the_last_snapshot_and_the_loop_goes_on(log_events
     clock.advance(5)  # the store is down
     assert sampler.latest is first and sampler.last_error == "DatabaseUnavailable"
     assert sampler.last_error_ms == 5_000 and len(sampler.history) == 1
+    assert StatusPage(sampler).payload()["sample_error"] == {
+        "type": "DatabaseUnavailable", "age_ms": 0}  # what the page shows: no message text
     clock.advance(5)  # a bug raises
     assert sampler.latest is first and sampler.last_error == "RuntimeError"
     assert any(e.get("log_failure") is not None for e in events)  # with its traceback

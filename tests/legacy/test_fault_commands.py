@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.internet.error import ConnectionLost
 
 from bridge import cli
 from legacy.network import MemoryNetwork
@@ -21,7 +22,7 @@ def test_cut_peers_drops_and_refuses_only_the_named_peers_until_the_cut_ends():
     net.supernodes[sn].cut_peers("demo-worker-", 20.0)
     net.run(0.1)
     assert worker.closed.called  # its link dropped at once
-    with pytest.raises(Exception):  # noqa: B017 - any failure to connect: the link is cut
+    with pytest.raises(ConnectionLost):  # dropped at authentication while the cut lasts
         net.peer(sn, name="demo-worker-2")
     other = net.peer(sn, name="reconciler")  # other peers are not partitioned
     assert not other.closed.called
@@ -49,6 +50,18 @@ def test_a_correlated_crash_takes_the_fraction_down_and_brings_it_back():
     assert sorted(sn for _t, sn in dep.crash_log) == sorted(down)
     clock.run_until(clock.seconds() + 6.0)
     assert all(node.mem is not None for node in dep.supernodes.values())
+    dep.stopService()
+
+
+def test_cut_peers_command_partitions_a_fraction_of_the_supernodes_from_the_prefix():
+    clock, dep = _deployment()
+    done = dep.command({"cut_peers": 0.5, "seconds": 20.0, "prefix": "demo-worker-"})
+    cut = sorted(sn for sn, node in dep.supernodes.items()
+                 if node.peer_is_cut("demo-worker-1"))
+    assert len(cut) == 3 and done == f"cut peers 'demo-worker-'* off {', '.join(cut)} for 20.0 s"
+    assert not any(node.peer_is_cut("reconciler") for node in dep.supernodes.values())
+    clock.run_until(clock.seconds() + 20.0)
+    assert not any(node.peer_is_cut("demo-worker-1") for node in dep.supernodes.values())
     dep.stopService()
 
 
