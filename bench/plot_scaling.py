@@ -40,7 +40,9 @@ def plot(results: dict, path: str) -> str:
             "machine" if machine else "")
     fig.suptitle(f"make bench, {meta.get('started', '?')}, {meta.get('cores', '?')} cores, "
                  f"{meta.get('repeat', '?')} run(s) per point"
-                 f"{' (--quick)' if meta.get('quick') else ''}{busy}; median, bars: min–max",
+                 f"{' (--quick)' if meta.get('quick') else ''}{busy}; median, bars: min–max"
+                 + "".join(f"\n{name} from the run of {m.get('started')}"
+                           for name, m in meta.get("merged", {}).items()),
                  fontsize=9)
 
     scaling = results.get("bridge", {}).get("scaling", [])
@@ -116,7 +118,8 @@ def plot(results: dict, path: str) -> str:
         if extra:
             xs, ys, err = _series(extra)
             ax_mem.errorbar(xs, ys, yerr=err, marker="^", capsize=4, linestyle="--",
-                            label="added by a reconcile pass")
+                            label="RSS added by a reconcile pass (a lower bound:\n"
+                                  "freed memory is reused first)")
         ax_mem.set_ylabel("MB")
         ax_mem.set_ylim(bottom=0)
         ax_mem.set_title("gaps reconcile: memory", fontsize=10)

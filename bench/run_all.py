@@ -397,7 +397,11 @@ def render(results: dict, markdown: bool = False) -> str:
             f"processes used {100 * machine['other_share_of_machine']:.0f}% of the machine "
             f"({'busy' if machine['busy'] else 'quiet'}), PostgreSQL "
             f"{machine['cpu_seconds']['postgres']:,.0f} CPU s, this benchmark "
-            f"{machine['cpu_seconds']['bench']:,.0f} CPU s")
+            f"{machine['cpu_seconds']['bench']:,.0f} CPU s"
+            f" (the run of {', '.join(meta.get('sections', []))})")
+    for name, earlier in meta.get("merged", {}).items():
+        lines.append(f"{name}: kept from the run of {earlier.get('started')} at commit "
+                     f"{earlier.get('commit')}")
     return "\n".join(lines)
 
 
