@@ -70,8 +70,9 @@ def raw_request(method: bytes, target: bytes, *, body: bytes = b"",
     return b"\r\n".join(lines) + b"\r\n\r\n" + payload
 
 
-def parse_response(data: bytes) -> Response | None:
-    """The first complete response in *data*, or None while it is still incomplete."""
+def split_response(data: bytes) -> tuple[Response, bytes] | None:
+    """The first complete response in *data* and the bytes after it, or None while it is
+    still incomplete."""
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
@@ -83,15 +84,22 @@ def parse_response(data: bytes) -> Response | None:
     length = int(headers.get("content-length", "0"))
     if len(rest) < length:
         return None
-    return Response(int(status_line.split()[1]), headers, rest[:length])
+    return Response(int(status_line.split()[1]), headers, rest[:length]), rest[length:]
+
+
+def parse_response(data: bytes) -> Response | None:
+    """The first complete response in *data*, or None while it is still incomplete."""
+    split = split_response(data)
+    return None if split is None else split[0]
 
 
 class Connection:
     """One client connection to the site, driven by hand."""
 
-    def __init__(self, site) -> None:
-        self.protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.transport = StringTransport()
+    def __init__(self, site, address: str = "127.0.0.1") -> None:
+        peer = IPv4Address("TCP", address, 40000)
+        self.protocol = site.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer)
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:

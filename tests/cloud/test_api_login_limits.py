@@ -11,30 +11,25 @@ import json
 import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 
 from cloud import api, store
 from cloud.passwords import hash_password, verify_password
 from cloud.ratelimit import LoginLimits
 from tests.cloud.test_api import (
     PASSWORD,
+    Connection,
     Harness,
     Response,
     make_harness,
-    parse_response,
     raw_request,
 )
 
 
 def login(h: Harness, body: dict, address: str = "10.0.0.1") -> Response:
     """POST /v1/login from *address*; the response must be complete at once."""
-    peer = IPv4Address("TCP", address, 40000)
-    protocol = h.site.buildProtocol(peer)
-    transport = StringTransport(peerAddress=peer)
-    protocol.makeConnection(transport)
-    protocol.dataReceived(raw_request(b"POST", b"/v1/login", body=json.dumps(body).encode()))
-    response = parse_response(transport.value())
+    connection = Connection(h.site, address)
+    connection.send(raw_request(b"POST", b"/v1/login", body=json.dumps(body).encode()))
+    response = connection.response()
     assert response is not None and response.headers["content-type"] == "application/json"
     return response
 

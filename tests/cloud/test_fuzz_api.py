@@ -29,6 +29,7 @@ from tests.cloud.test_api import (
     Harness,
     World,
     fuzz_world,  # noqa: F401 - the fixture
+    split_response,
 )
 
 ROUTE_WORDS = ["v1", "login", "healthz", "conversations", "messages", "presence",
@@ -143,22 +144,10 @@ def hostile_requests(draw, w: World) -> tuple[str, bytes]:
 def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     """Every complete response in *data* (1xx interim responses skipped)."""
     out = []
-    while data:
-        head, sep, rest = data.partition(b"\r\n\r\n")
-        if not sep:
-            break
-        status_line, *header_lines = head.split(b"\r\n")
-        fields = {}
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            fields[name.decode().lower()] = value.decode("latin-1").strip()
-        length = int(fields.get("content-length", "0"))
-        if len(rest) < length:
-            break
-        status = int(status_line.split()[1])
-        if status >= 200:
-            out.append((status, fields, rest[:length]))
-        data = rest[length:]
+    while (split := split_response(data)) is not None:
+        response, data = split
+        if response.status >= 200:
+            out.append((response.status, response.headers, response.body))
     return out
 
 
