@@ -8,7 +8,9 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
 - ``copy_rows_per_s``: raw binary COPY of the same number of message rows into the same
   server in the same run (the ceiling), and the ratio of the two.
 - ``lag_ms``: p50 and p99 mirror lag (event time at the supernode to commit, as the bridge
-  measures it) with the legacy network producing half the measured drain speed.
+  measures it) with the legacy network producing half the measured drain speed: read from
+  the workers' ``bridge_mirror_lag_seconds`` histograms over the whole load (the difference
+  of two scrapes), as Prometheus' ``histogram_quantile`` would.
 - ``to_legacy_msgs_per_s``: cloud -> legacy: N cloud messages committed at once; time
   until the outbox is drained (each one injected into its home supernode and acknowledged).
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 
 import psycopg
@@ -65,6 +68,7 @@ class Run:
         self.env = {**os.environ, "BRIDGE_HOME": self.home}
         self.procs: list[subprocess.Popen] = []
         self.bridges: list[subprocess.Popen] = []
+        self.metrics_urls: list[str] = []
 
     def __enter__(self) -> Run:
         with psycopg.connect(self.server, autocommit=True) as admin:
@@ -77,8 +81,10 @@ class Run:
              str(SUPERNODES), self.mode, str(self.amount)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         self.procs.append(legacy)
-        if legacy.stdout.readline().strip() != "ready":
+        ready = legacy.stdout.readline().split()
+        if not ready or ready[0] != "ready":
             raise RuntimeError("the legacy feed server did not start")
+        self.feed_messages = int(ready[1])  # messages in the feeds before any load
         return self
 
     def worker_ids(self) -> list[str]:
@@ -109,14 +115,15 @@ class Run:
         ready = [self._wait_ready(b) for b in self.bridges]
         return min(ready)
 
-    @staticmethod
-    def _wait_ready(bridge: subprocess.Popen) -> float:
+    def _wait_ready(self, bridge: subprocess.Popen) -> float:
         while True:
             line = bridge.stderr.readline()
             if not line:
                 raise RuntimeError("the bridge did not start")
-            if re.search(r"metrics on http://", line):
+            found = re.search(r"metrics on (http://[^\s;]+)", line)
+            if found:
                 at = time.monotonic()
+                self.metrics_urls.append(found.group(1))
                 # keep reading its log, so a chatty worker never blocks on a full pipe
                 threading.Thread(target=lambda: bridge.stderr.read(), daemon=True).start()
                 return at
@@ -143,6 +150,39 @@ class Run:
                     p.kill()
         with psycopg.connect(self.server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def lag_buckets(urls: list[str]) -> dict[float, float]:
+    """Cumulative counts of the workers' legacy -> cloud lag histogram, summed, by bound."""
+    out: dict[float, float] = {}
+    pattern = re.compile(r'^bridge_mirror_lag_seconds_bucket\{direction="to_cloud",'
+                         r'le="([^"]+)"\} (\S+)$', re.M)
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for le, count in pattern.findall(text):
+            out[float(le)] = out.get(float(le), 0.0) + float(count)
+    return out
+
+
+def histogram_quantile(q: float, before: dict[float, float],
+                       after: dict[float, float]) -> float:
+    """The *q* quantile, in ms, of what was observed between two scrapes of a histogram:
+    linear within the bucket it falls in, like Prometheus' ``histogram_quantile``."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        raise RuntimeError("no lag observed between the two scrapes")
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000  # beyond the last finite bound: report that bound
+            return (lower + (bound - lower) * (rank - below) / (count - below)) * 1000
+        lower, below = bound, count
+    raise AssertionError("unreachable: the +Inf bucket holds every observation")
 
 
 def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float) -> float:
@@ -183,23 +223,28 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
     ``produced_per_s``: the messages sent during those seconds that the store holds, per
     second: the load the bridge really carried (it should be *rate*).
 
-    ``p99_ms``/``p50_ms``: what the workers report in their last heartbeat (their own
-    measurement, event time to commit, over their recent samples; the worst worker).
-    ``db_p99_ms``/``db_p50_ms``: from the rows, every message after the warm-up: the
-    supernode's event time to ``created_at`` (the start of the inserting transaction).
+    ``p99_ms``/``p50_ms``: from the workers' lag histograms (event time to commit, the
+    bridge's own measurement), every message of the load: scraped when the bridge has stored
+    the warm-up and again at the end. ``recent_p99_ms``: what the workers' last heartbeat
+    says (their recent samples only; the worst worker). ``db_p99_ms``/``db_p50_ms``: from
+    the rows, every message after the warm-up seconds: the supernode's event time to
+    ``created_at`` (the start of the inserting transaction, so without the commit itself).
     """
     with Run(server, "live", rate, workers) as run:
         run.start_bridge()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            # every feed followed before the load starts: a start-up catch-up is not lag
+            # every feed followed and the warm-up stored before the load starts: creating
+            # the chats and a start-up catch-up are not lag under load
             wait_until(conn, "SELECT coalesce(sum(feeds), 0) FROM bridge_workers "
                              "WHERE state = 'ready'", SUPERNODES, timeout=60)
+            wait_until(conn, "SELECT count(*) FROM messages", run.feed_messages, timeout=60)
+        before = lag_buckets(run.metrics_urls)
         started_ms = time.time() * 1000
         run.procs[0].send_signal(signal.SIGUSR1)  # the legacy network starts producing
         time.sleep(seconds)
+        after = lag_buckets(run.metrics_urls)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            rows = conn.execute("SELECT lag_to_cloud_ms, detail->>'lag_p50_to_cloud_ms', "
-                                "mirrored_to_cloud FROM bridge_workers "
+            rows = conn.execute("SELECT lag_to_cloud_ms, mirrored_to_cloud FROM bridge_workers "
                                 "WHERE lag_to_cloud_ms IS NOT NULL").fetchall()
             (produced,) = conn.execute(
                 "SELECT count(*) FROM messages WHERE sent_ms >= %s AND sent_ms < %s",
@@ -212,8 +257,10 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
                 (started_ms + WARMUP_S * 1000,)).fetchone()
         if len(rows) != workers:
             raise RuntimeError(f"{len(rows)} of {workers} workers reported a lag")
-        return {"p99_ms": max(r[0] for r in rows), "p50_ms": max(int(r[1]) for r in rows),
-                "mirrored": sum(r[2] for r in rows), "db_p50_ms": float(db_p50),
+        return {"p99_ms": round(histogram_quantile(0.99, before, after), 1),
+                "p50_ms": round(histogram_quantile(0.50, before, after), 1),
+                "recent_p99_ms": max(r[0] for r in rows),
+                "mirrored": sum(r[1] for r in rows), "db_p50_ms": float(db_p50),
                 "db_p99_ms": float(db_p99), "db_samples": db_n,
                 "produced_per_s": produced / seconds}
 
@@ -236,6 +283,7 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
         "lag_seconds_per_run": lag_seconds,
         "p50_lag_ms": summarize([x["p50_ms"] for x in lags]),
         "p99_lag_ms": summarize([x["p99_ms"] for x in lags]),
+        "recent_p99_lag_ms": summarize([x["recent_p99_ms"] for x in lags]),
         "db_p50_lag_ms": summarize([x["db_p50_ms"] for x in lags]),
         "db_p99_lag_ms": summarize([x["db_p99_ms"] for x in lags]),
         "peak_rss_mb": summarize([d["rss_mb"] for d in drains]),

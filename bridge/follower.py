@@ -71,7 +71,7 @@ class FollowerState(enum.Enum):
 class FollowerConfig:
     window: int = 2000          # frames the supernode may send beyond the last commit
     max_batch: int = 500        # frames per transaction
-    linger_s: float = 0.01      # wait this long for more frames before committing a batch
+    linger_s: float = 0.002     # wait this long for more frames before committing a batch
     connect_timeout_s: float = 5.0
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
 
@@ -217,7 +217,8 @@ class FeedFollower(Service):
                  config: FollowerConfig | None = None, fence: int = 0,
                  lease: str | None = None,
                  fault: Callable[[str], None] | None = None,
-                 known: KnownIds | None = None) -> None:
+                 known: KnownIds | None = None,
+                 on_streaming: Callable[[], None] | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
@@ -227,6 +228,8 @@ class FeedFollower(Service):
         self.lease = lease
         #: crash-test hook: called with each step of a commit, then with "committed"
         self.fault = fault
+        #: called each time the feed starts streaming (the worker reports itself ready)
+        self.on_streaming = on_streaming
         self.known = known if known is not None else KnownIds()
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
@@ -329,6 +332,8 @@ class FeedFollower(Service):
             self._head = (epoch, offset)
             self.state = FollowerState.STREAMING
             m.FEEDS_CONNECTED.inc()
+            if self.on_streaming is not None:
+                self.on_streaming()
             try:
                 peer.subscribe(epoch, offset, self.config.window, self._on_frame)
                 await peer.closed

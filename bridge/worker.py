@@ -90,6 +90,8 @@ class BridgeWorker(MultiService):
         self._leasing: defer.Deferred | None = None
         self._lease_expiry: dict[str, float] = {}
         self.known = KnownIds()
+        #: the state the last report wrote (or is writing) to ``bridge_workers``
+        self._reported_state: str | None = None
         self.accounts_synced: Any = None
         #: links to supernodes this worker does not follow (for injections), by sn id
         self._links: dict[str, PeerConnection] = {}
@@ -325,7 +327,8 @@ class BridgeWorker(MultiService):
                                 worker_id=self.config.worker_id, secret=self._secret,
                                 rng=random.Random(self._rng.random()),
                                 config=self.config.follower, fence=fence,
-                                lease=f"feed:{addr.sn_id}", known=self.known)
+                                lease=f"feed:{addr.sn_id}", known=self.known,
+                                on_streaming=self._feed_streaming)
         self.followers[addr.sn_id] = follower
         follower.setServiceParent(self)
         log.info("following feed {sn} (fence {f})", sn=addr.sn_id, f=fence)
@@ -346,9 +349,16 @@ class BridgeWorker(MultiService):
     def _heartbeat_soon(self, seconds: float) -> None:
         self._later(seconds, self._heartbeat)
 
+    def _feed_streaming(self) -> None:
+        """A feed came up. If the last heartbeat said ``degraded``, say ``ready`` now rather
+        than up to ``heartbeat_s`` later: the migration gates hold cohorts on that state."""
+        if self.running and self._reported_state == "degraded":
+            self._report("ready").addErrback(lambda _: None)  # the next heartbeat retries
+
     def _report(self, state: str) -> defer.Deferred:
         """Write this worker's row of ``bridge_workers``: state, lags over the last window,
         counts (for ``bridgectl status`` and the migration gates)."""
+        self._reported_state = state
         now = self.clock.seconds()
         since = now - self.config.lag_window_s
         lags = [lag for f in self.followers.values() for t, lag in f.recent_lags if t >= since]

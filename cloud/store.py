@@ -530,6 +530,37 @@ CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
 
 _STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text", "text")
 
+#: Insert the staged rows the store does not have yet, numbered per conversation in batch
+#: order; advance the conversations' next_seq; owe notifications. Returns (ord, seq, owed)
+#: per inserted row, in (conversation, seq) order.
+#: Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
+#: ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not
+#: become a join. (As joins, a plan made while ``messages`` was small, and kept by a prepared
+#: statement, hashed the whole table for every batch: cost growing with the history.)
+_MIRROR_INSERT = (
+    "WITH fresh AS ("
+    "  SELECT s.* FROM mirror_staging s"
+    "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+    "          s.conversation_id AND m.message_id = s.message_id OFFSET 0)"
+    "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+    "          s.conversation_id AND m.legacy_guid = s.legacy_guid OFFSET 0)), "
+    "numbered AS ("
+    "  SELECT f.*, (SELECT c.next_seq FROM conversations c "
+    "                WHERE c.conversation_id = f.conversation_id) - 1 + row_number() OVER "
+    "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
+    "  FROM fresh f), "
+    "ins AS ("
+    f"  INSERT INTO messages ({_MESSAGE_COLS}) "
+    "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
+    "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
+    "  RETURNING conversation_id, seq, message_id, sender_account_id), "
+    "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
+    "bump AS ("
+    "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
+    "  WHERE c.conversation_id = t.conversation_id), "
+    f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
+    "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
+
 
 def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
     """First occurrence of each (conversation, message id) and (conversation, GUID)."""
@@ -573,44 +604,24 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
                 copy.write_row((i, m.conversation_id, m.message_id, m.legacy_guid,
                                 m.sender_account_id, m.sender_handle, m.sent_ms, m.body,
                                 m.origin))
-        conversations = sorted({m.conversation_id for m in messages})
-        locked = conn.execute(
-            "SELECT conversation_id FROM conversations WHERE conversation_id = ANY(%s) "
-            "ORDER BY conversation_id FOR UPDATE", (conversations,)).fetchall()
-        if len(locked) != len(conversations):
-            missing = set(conversations) - {r[0] for r in locked}
-            raise NotFound(f"no conversation {sorted(missing)[0]} (create it first)")
-        rows = conn.execute(
-            "WITH fresh AS ("
-            "  SELECT s.* FROM mirror_staging s"
-            "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-            "          s.conversation_id AND m.message_id = s.message_id)"
-            "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-            "          s.conversation_id AND m.legacy_guid = s.legacy_guid)), "
-            "numbered AS ("
-            "  SELECT f.*, c.next_seq - 1 + row_number() OVER "
-            "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
-            "  FROM fresh f JOIN conversations c USING (conversation_id)), "
-            "ins AS ("
-            f"  INSERT INTO messages ({_MESSAGE_COLS}) "
-            "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
-            "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
-            "  RETURNING conversation_id, seq, message_id, sender_account_id), "
-            "bump AS ("
-            "  UPDATE conversations c SET next_seq = n.top + 1 "
-            "  FROM (SELECT conversation_id, max(seq) AS top FROM ins GROUP BY 1) n "
-            "  WHERE c.conversation_id = n.conversation_id), "
-            f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
-            "SELECT conversation_id, seq, message_id, (SELECT count(*) FROM owed) FROM ins",
-            {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}).fetchall()
-        by_id = {(m.conversation_id, m.message_id): m for m in messages}
-        for cid, seq, message_id, owed in rows:
-            m = by_id[(cid, message_id)]
-            inserted.append(Message(cid, seq, message_id, m.sender_account_id,
+        # Lock the batch's conversations in id order (two writers never deadlock); the ids
+        # come from the staging table, so a large batch sends no array of them.
+        missing = conn.execute(
+            "WITH wanted AS (SELECT DISTINCT conversation_id FROM mirror_staging), "
+            "locked AS (SELECT conversation_id FROM conversations WHERE conversation_id IN "
+            "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR UPDATE) "
+            "SELECT conversation_id FROM wanted "
+            "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)").fetchall()
+        if missing:
+            raise NotFound(f"no conversation {min(r[0] for r in missing)} (create it first)")
+        rows = conn.execute(_MIRROR_INSERT, {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
+                            ).fetchall()
+        for ord_, seq, owed in rows:
+            m = messages[ord_]
+            inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,
                                     m.sender_handle, m.sent_ms, m.body, m.origin,
                                     m.legacy_guid, None))
             notified = owed
-        inserted.sort(key=lambda m: (m.conversation_id, m.seq))
     for checkpoint in batch.checkpoints:
         save_checkpoint(conn, checkpoint, now_ms)
     return MirrorResult(tuple(inserted), len(batch.messages) - len(inserted), notified)

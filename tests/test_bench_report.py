@@ -57,3 +57,20 @@ def test_the_markdown_table_shows_figures_ceilings_and_verdicts():
     assert "raw COPY 40,000" in drain and "0.45" in drain and ">= 0.6: NOT met" in drain
     moved = next(line for line in table if "fraction of the history moved" in line)
     assert "0.70%" in moved and "<= 0.01: met" in moved
+
+
+def test_the_lag_quantile_is_read_from_the_histogram_between_two_scrapes():
+    """What was observed before the first scrape does not count; inside a bucket the
+    quantile is linear, as in Prometheus' histogram_quantile; past the last finite bound it
+    is that bound."""
+    import bench_bridge
+
+    inf = float("inf")
+    before = {0.05: 100.0, 0.1: 100.0, 0.25: 100.0, inf: 100.0}
+    # 200 observations between the scrapes: 100 under 50 ms, 98 in (50, 100], 2 in (100, 250]
+    after = {0.05: 200.0, 0.1: 298.0, 0.25: 300.0, inf: 300.0}
+    assert bench_bridge.histogram_quantile(0.5, before, after) == 50.0
+    assert abs(bench_bridge.histogram_quantile(0.99, before, after) - 100.0) < 1e-9
+    assert abs(bench_bridge.histogram_quantile(0.995, before, after) - 175.0) < 1e-9
+    beyond = {0.05: 0.0, 0.1: 0.0, 0.25: 0.0, inf: 10.0}
+    assert bench_bridge.histogram_quantile(0.99, {}, beyond) == 250.0

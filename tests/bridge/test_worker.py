@@ -98,3 +98,23 @@ def test_p99_of_lags():
     """p99_ms picks the 99th percentile in milliseconds, None without samples."""
     assert p99_ms([]) is None
     assert p99_ms([i / 1000 for i in range(1, 101)]) == 100
+
+
+def test_a_worker_reports_ready_as_soon_as_its_first_feed_streams(conn):
+    """The heartbeat at start says degraded (no feed yet); the first feed to stream writes
+    ready at once, not a heartbeat period later (the migration gates hold on degraded)."""
+    net = LegacyNet(3, seed=6).start()
+    config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
+                          heartbeat_s=60.0, follower=FollowerConfig(linger_s=0.01))
+    worker = BridgeWorker(net.clock, net.net, InlineDatabase(conn), PEER_SECRET,
+                          random.Random(1), config)
+    states = []
+    worker.startService()
+    for _ in range(500):  # half a simulated second: far less than one heartbeat period
+        net.run(0.001)
+        row = conn.execute("SELECT state FROM bridge_workers").fetchone()
+        if row and (not states or states[-1] != row[0]):
+            states.append(row[0])
+    assert states == ["degraded", "ready"] and worker.ready
+    assert conn.execute("SELECT feeds FROM bridge_workers").fetchone()[0] >= 1
+    net.wait(worker.stopService())
