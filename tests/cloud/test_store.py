@@ -153,6 +153,20 @@ def test_replaying_a_mirrored_batch_changes_nothing(conn):
     assert [m.seq for m in first.inserted] == list(range(1, 51))
 
 
+def test_the_mirror_insert_is_planned_per_batch_never_kept_as_a_prepared_statement(conn):
+    """psycopg prepares a statement on its 5th run, and PostgreSQL may then keep a generic
+    plan: one made from statistics that saw a message per conversation probed duplicates by
+    conversation_id alone (cost growing with the history). The insert must never be one."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    for i in range(8):
+        batch = MirrorBatch((mirrored(cid, a, "alice", f"p{i}", NOW + i),), ())
+        assert len(tx(conn, store.write_mirrored_batch, batch, NOW).inserted) == 1
+    prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
+    assert any("mirror_staging" in q for q in prepared)  # psycopg did prepare the others
+    assert not any("INSERT INTO messages" in q for q in prepared)
+
+
 def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
     """Seqs follow batch order per conversation; a GUID repeated in the batch is kept once."""
     a = make_account(conn, "alice")
