@@ -536,7 +536,8 @@ _STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text"
 #: Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
 #: ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not
 #: become a join. (As joins, a plan made while ``messages`` was small, and kept by a prepared
-#: statement, hashed the whole table for every batch: cost growing with the history.)
+#: statement, hashed the whole table for every batch: cost growing with the history.) That
+#: each probe uses the unique index it names relies on migration 0005's statistics setting.
 _MIRROR_INSERT = (
     "WITH fresh AS ("
     "  SELECT s.* FROM mirror_staging s"
@@ -614,13 +615,8 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
             "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)").fetchall()
         if missing:
             raise NotFound(f"no conversation {min(r[0] for r in missing)} (create it first)")
-        # Planned for every batch, never as a prepared statement: a cached generic plan made
-        # after an ANALYZE that saw one message per conversation (conversation_id unique,
-        # for the planner) probed for duplicates through an index on conversation_id alone
-        # and filtered, a cost growing with each conversation's history until the next
-        # ANALYZE. Planning costs about 0.4 ms a batch.
-        rows = conn.execute(_MIRROR_INSERT, {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)},
-                            prepare=False).fetchall()
+        rows = conn.execute(_MIRROR_INSERT, {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
+                            ).fetchall()
         for ord_, seq, owed in rows:
             m = messages[ord_]
             inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,

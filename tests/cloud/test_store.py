@@ -153,18 +153,41 @@ def test_replaying_a_mirrored_batch_changes_nothing(conn):
     assert [m.seq for m in first.inserted] == list(range(1, 51))
 
 
-def test_the_mirror_insert_is_planned_per_batch_never_kept_as_a_prepared_statement(conn):
-    """psycopg prepares a statement on its 5th run, and PostgreSQL may then keep a generic
-    plan: one made from statistics that saw a message per conversation probed duplicates by
-    conversation_id alone (cost growing with the history). The insert must never be one."""
+def test_duplicate_probes_use_the_unique_indexes_after_an_analyze_of_one_message_each(conn):
+    """A first ANALYZE that sees one message per conversation must not make the planner
+    believe conversation_id is unique in messages (migration 0005): otherwise a generic plan
+    may probe duplicates through an index on conversation_id alone, reading the history."""
     a = make_account(conn, "alice")
-    cid = make_conversation(conn, a)
-    for i in range(8):
-        batch = MirrorBatch((mirrored(cid, a, "alice", f"p{i}", NOW + i),), ())
-        assert len(tx(conn, store.write_mirrored_batch, batch, NOW).inserted) == 1
-    prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
-    assert any("mirror_staging" in q for q in prepared)  # psycopg did prepare the others
-    assert not any("INSERT INTO messages" in q for q in prepared)
+    for i in range(60):
+        cid = make_conversation(conn, a)
+        tx(conn, store.write_mirrored_batch,
+           MirrorBatch((mirrored(cid, a, "alice", f"one-{i}", NOW + i),), ()), NOW)
+    conn.execute("ANALYZE messages")
+    (n_distinct,) = conn.execute(
+        "SELECT n_distinct FROM pg_stats WHERE tablename = 'messages' "
+        "AND attname = 'conversation_id'").fetchone()
+    assert n_distinct == -0.01  # 100 messages per conversation, not -1 (unique)
+    # the history grows (300 more per conversation) before the next ANALYZE
+    conn.execute(
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+        "  sender_handle, sent_ms, body, origin, legacy_guid) "
+        "SELECT c.conversation_id, 1 + g, gen_random_uuid(), %s, 'alice', g, 'x', 'legacy', "
+        "       'bulk-' || c.conversation_id || '-' || g "
+        "FROM conversations c, generate_series(1, 300) g", (a,))
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        for column, index in (("message_id", "messages_conversation_id_message_id_key"),
+                              ("legacy_guid", "messages_conversation_id_legacy_guid_key")):
+            conn.execute(f"PREPARE probe_{column} AS SELECT 1 FROM messages "
+                         f"WHERE conversation_id = $1 AND {column} = $2")
+            kind = "uuid" if column == "message_id" else "text"
+            plan = "\n".join(r[0] for r in conn.execute(
+                f"EXPLAIN EXECUTE probe_{column}('{uuid.uuid4()}'::uuid, "
+                f"{'gen_random_uuid()' if kind == 'uuid' else repr('g')})"))
+            assert index in plan, plan
+    finally:
+        conn.execute("RESET plan_cache_mode")
+        conn.execute("DEALLOCATE ALL")
 
 
 def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
