@@ -215,6 +215,8 @@ def drain_run(server: str, n: int, workers: int = 1) -> dict:
 
 #: lag samples of the first seconds (connecting, catching up) are left out of the DB figure
 WARMUP_S = 5.0
+#: after the load stops, time for its last messages to commit before the final scrape
+SETTLE_S = 3.0
 
 
 def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
@@ -225,10 +227,13 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
 
     ``p99_ms``/``p50_ms``: from the workers' lag histograms (event time to commit, the
     bridge's own measurement), every message of the load: scraped when the bridge has stored
-    the warm-up and again at the end. ``recent_p99_ms``: what the workers' last heartbeat
-    says (their recent samples only; the worst worker). ``db_p99_ms``/``db_p50_ms``: from
-    the rows, every message after the warm-up seconds: the supernode's event time to
-    ``created_at`` (the start of the inserting transaction, so without the commit itself).
+    the warm-up, and again once the load has stopped and its last messages had
+    ``SETTLE_S`` to commit (so the slowest are not left out).
+
+    ``recent_p99_ms``: what the workers' last heartbeat says (their recent samples only; the
+    worst worker). ``db_p99_ms``/``db_p50_ms``: from the rows, every message after the
+    warm-up seconds: the supernode's event time to ``created_at`` (the start of the
+    inserting transaction, so without the commit itself).
     """
     with Run(server, "live", rate, workers) as run:
         run.start_bridge()
@@ -242,6 +247,9 @@ def lag_run(server: str, rate: float, seconds: float, workers: int = 1) -> dict:
         started_ms = time.time() * 1000
         run.procs[0].send_signal(signal.SIGUSR1)  # the legacy network starts producing
         time.sleep(seconds)
+        run.procs[0].send_signal(signal.SIGUSR2)  # ... and stops
+        # every message of the load committed (the slowest last) before the second scrape
+        time.sleep(SETTLE_S)
         after = lag_buckets(run.metrics_urls)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             rows = conn.execute("SELECT lag_to_cloud_ms, mirrored_to_cloud FROM bridge_workers "

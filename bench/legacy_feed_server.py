@@ -6,7 +6,7 @@
 ``backlog`` appends MESSAGES legacy messages to the home supernodes' feeds before the bridge
 starts (what a bridge meets after an outage: pure drain speed); ``live`` appends one message
 to every chat first (so the bridge has created the chats and accounts before the load), then
-RATE messages per second from the moment it gets SIGUSR1 (what lag looks like under load:
+RATE messages per second from SIGUSR1 to SIGUSR2 (what lag looks like under load:
 the benchmark sends it once the bridge has stored the warm-up, so a start-up catch-up is not
 counted as lag under load).
 
@@ -67,7 +67,7 @@ def main() -> None:
     def started(_: object) -> None:
         if mode == "backlog":
             append(int(amount))
-            # let the routing traffic of the appends settle before the clock starts
+            # let the appends' feed frames settle before the clock starts
             reactor.callLater(2.0, lambda: print("ready", int(amount), flush=True))
         else:
             produced = [0]
@@ -80,12 +80,19 @@ def main() -> None:
                 produced[0] += due
                 append(due)
 
+            loop = task.LoopingCall(tick)
+
             def begin() -> None:
                 begun[0] = reactor.seconds()
-                task.LoopingCall(tick).start(0.01)
+                loop.start(0.01)
 
-            # SIGUSR1 starts the load (a signal handler only schedules it on the reactor)
+            def end() -> None:
+                if loop.running:
+                    loop.stop()
+
+            # SIGUSR1 starts the load, SIGUSR2 ends it (a signal handler only schedules)
             signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(begin))
+            signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(end))
             # One message in every chat first: the bridge creates the chats and their
             # members' accounts before the load starts, so the lag is the steady state's.
             for chat in dep.chats:

@@ -333,7 +333,10 @@ class FeedFollower(Service):
             self.state = FollowerState.STREAMING
             m.FEEDS_CONNECTED.inc()
             if self.on_streaming is not None:
-                self.on_streaming()
+                try:
+                    self.on_streaming()
+                except Exception:
+                    log.failure("supernode {sn}: on_streaming callback failed", sn=self.source)
             try:
                 peer.subscribe(epoch, offset, self.config.window, self._on_frame)
                 await peer.closed

@@ -353,7 +353,9 @@ class BridgeWorker(MultiService):
         """A feed came up. If the last heartbeat said ``degraded``, say ``ready`` now rather
         than up to ``heartbeat_s`` later: the migration gates hold cohorts on that state."""
         if self.running and self._reported_state == "degraded":
-            self._report("ready").addErrback(lambda _: None)  # the next heartbeat retries
+            d = self._report("ready")
+            d.addCallback(lambda _: setattr(self, "db_ok", True))
+            d.addErrback(lambda _: None)  # the next heartbeat writes the state again
 
     def _report(self, state: str) -> defer.Deferred:
         """Write this worker's row of ``bridge_workers``: state, lags over the last window,

@@ -142,7 +142,8 @@ def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_m
                      started_ms: int, *, lag_to_cloud_ms: int | None,
                      lag_to_legacy_ms: int | None, mirrored_to_cloud: int,
                      mirrored_to_legacy: int, feeds: int, detail: dict) -> None:
-    """A bridge worker reports itself (for status and the migration gates)."""
+    """A bridge worker reports itself (for status and the migration gates). A report older
+    than the row's, from the same process (same ``started_ms``), changes nothing."""
     conn.execute(
         "INSERT INTO bridge_workers (worker_id, started_ms, heartbeat_ms, state, "
         "  lag_to_cloud_ms, lag_to_legacy_ms, mirrored_to_cloud, mirrored_to_legacy, feeds, "
@@ -153,7 +154,10 @@ def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_m
         "  lag_to_legacy_ms = excluded.lag_to_legacy_ms, "
         "  mirrored_to_cloud = excluded.mirrored_to_cloud, "
         "  mirrored_to_legacy = excluded.mirrored_to_legacy, feeds = excluded.feeds, "
-        "  detail = excluded.detail",
+        "  detail = excluded.detail "
+        # reports of one process may commit out of order (pool threads): the older loses
+        "WHERE bridge_workers.started_ms <> excluded.started_ms "
+        "   OR bridge_workers.heartbeat_ms <= excluded.heartbeat_ms",
         (worker_id, started_ms, now_ms, state, lag_to_cloud_ms, lag_to_legacy_ms,
          mirrored_to_cloud, mirrored_to_legacy, feeds, Jsonb(detail)))
 
