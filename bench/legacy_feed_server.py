@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -54,15 +55,18 @@ def main() -> None:
     def now() -> int:
         return int(reactor.seconds() * 1000)
 
+    def put(chat: Any, sender: str, body: str, ts_ms: int) -> None:
+        """One legacy message into *chat*, through its home supernode."""
+        counter[0] += 1
+        node = dep.supernodes[dep.ring.home_of(chat.chat_id)]
+        node.accept(chat.chat_id, tuple(chat.members), f"bench-{counter[0]}", sender, body,
+                    "legacy", ts_ms=ts_ms)
+
     def append(n: int) -> None:
         now_ms = now()
         for _ in range(n):
             chat = rng.choice(dep.chats)
-            members = tuple(chat.members)
-            counter[0] += 1
-            node = dep.supernodes[dep.ring.home_of(chat.chat_id)]
-            node.accept(chat.chat_id, members, f"bench-{counter[0]}", rng.choice(members),
-                        "x" * 80, "legacy", ts_ms=now_ms)
+            put(chat, rng.choice(chat.members), "x" * 80, now_ms)
 
     def started(_: object) -> None:
         if mode == "backlog":
@@ -96,10 +100,7 @@ def main() -> None:
             # One message in every chat first: the bridge creates the chats and their
             # members' accounts before the load starts, so the lag is the steady state's.
             for chat in dep.chats:
-                counter[0] += 1
-                node = dep.supernodes[dep.ring.home_of(chat.chat_id)]
-                node.accept(chat.chat_id, tuple(chat.members), f"bench-{counter[0]}",
-                            chat.members[0], "warm-up", "legacy", ts_ms=now())
+                put(chat, chat.members[0], "warm-up", now())
             print("ready", counter[0], flush=True)
 
     dep.startService()  # listening completes on the reactor; start appending half a second in

@@ -362,12 +362,13 @@ def _over_member_limit(conn: psycopg.Connection,
     """The conversations that adding the distinct (conversation, account) *pairs* would take
     past ``MAX_MEMBERS``, with the number of members each would have."""
     return dict(conn.execute(
-        "WITH want AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[]) AS w(c, a)) "
-        "SELECT w.c, count(*) FILTER (WHERE m.account_id IS NULL) "
-        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) "
-        "FROM want w LEFT JOIN members m ON m.conversation_id = w.c AND m.account_id = w.a "
-        "GROUP BY w.c HAVING count(*) FILTER (WHERE m.account_id IS NULL) "
-        "       + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) > %s",
+        "WITH want AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[]) AS w(c, a)), "
+        "totals AS ("
+        "  SELECT w.c, count(*) FILTER (WHERE m.account_id IS NULL) "
+        "         + (SELECT count(*) FROM members x WHERE x.conversation_id = w.c) AS total "
+        "  FROM want w LEFT JOIN members m ON m.conversation_id = w.c AND m.account_id = w.a "
+        "  GROUP BY w.c) "
+        "SELECT c, total FROM totals WHERE total > %s",
         ([c for c, _a in pairs], [a for _c, a in pairs], MAX_MEMBERS)).fetchall())
 
 

@@ -176,14 +176,14 @@ def test_duplicate_probes_use_the_unique_indexes_after_an_analyze_of_one_message
         "FROM conversations c, generate_series(1, 300) g", (a,))
     conn.execute("SET plan_cache_mode = force_generic_plan")
     try:
-        for column, index in (("message_id", "messages_conversation_id_message_id_key"),
-                              ("legacy_guid", "messages_conversation_id_legacy_guid_key")):
+        for column, value, index in (
+                ("message_id", uuid.uuid4(), "messages_conversation_id_message_id_key"),
+                ("legacy_guid", "g", "messages_conversation_id_legacy_guid_key")):
             conn.execute(f"PREPARE probe_{column} AS SELECT 1 FROM messages "
                          f"WHERE conversation_id = $1 AND {column} = $2")
-            kind = "uuid" if column == "message_id" else "text"
-            plan = "\n".join(r[0] for r in conn.execute(
-                f"EXPLAIN EXECUTE probe_{column}('{uuid.uuid4()}'::uuid, "
-                f"{'gen_random_uuid()' if kind == 'uuid' else repr('g')})"))
+            # EXECUTE takes no server-side parameters: bind on the client
+            plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+                f"EXPLAIN EXECUTE probe_{column}(%s, %s)", (uuid.uuid4(), value)))
             assert index in plan, plan
     finally:
         conn.execute("RESET plan_cache_mode")
