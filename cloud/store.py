@@ -430,13 +430,19 @@ def _owed_notifications_sql(rows: str) -> str:
     """The one rule for who is owed a notification, as an INSERT for the new messages in
     *rows* (a table expression with conversation_id, message_id, seq, sender_account_id):
     every member in a phase with cloud devices, except the sender."""
+    # Driven by the new rows, whatever the planner thinks of the sizes: each row's members
+    # come from the members primary key and each member's phase from the accounts primary
+    # key (``OFFSET 0`` keeps the lateral a per-row probe), so the cost follows the batch
+    # and never a scan of every account (as a join, a store whose cloud phases were rare
+    # scanned all accounts for every batch).
     return ("INSERT INTO notifications (account_id, notification_id, conversation_id, "
             "  message_id, seq, next_attempt_ms, created_ms) "
             "SELECT mb.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
             "       %(now)s, %(now)s "
-            f"FROM {rows} r JOIN members mb ON mb.conversation_id = r.conversation_id "
-            "JOIN accounts a ON a.account_id = mb.account_id "
-            "WHERE mb.account_id <> r.sender_account_id AND a.phase = ANY(%(phases)s) "
+            f"FROM {rows} r CROSS JOIN LATERAL ("
+            "  SELECT m.account_id FROM members m WHERE m.conversation_id = r.conversation_id "
+            "  AND m.account_id <> r.sender_account_id AND (SELECT a.phase FROM accounts a "
+            "       WHERE a.account_id = m.account_id) = ANY(%(phases)s) OFFSET 0) mb "
             "ON CONFLICT DO NOTHING")
 
 
@@ -563,7 +569,8 @@ _MIRROR_INSERT = (
     "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
     "bump AS ("
     "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
-    "  WHERE c.conversation_id = t.conversation_id), "
+    "  WHERE c.conversation_id = t.conversation_id "
+    "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM tops))), "
     f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
     "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
 

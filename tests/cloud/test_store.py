@@ -190,6 +190,59 @@ def test_duplicate_probes_use_the_unique_indexes_after_an_analyze_of_one_message
         conn.execute("DEALLOCATE ALL")
 
 
+def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
+    """Every table the mirror insert reads besides the batch's staging rows (messages,
+    conversations, members, accounts) is read by index probes keyed by the batch: with
+    thousands of accounts and conversations, none is scanned, in a custom or a generic plan
+    (as joins, the notification rule scanned every account and the seq bump every
+    conversation, for each batch)."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    conn.execute(
+        "WITH acc AS (INSERT INTO accounts (account_id, handle) "
+        "  SELECT gen_random_uuid(), 'bulk-' || g FROM generate_series(1, 3000) g "
+        "  RETURNING account_id), "
+        "conv AS (INSERT INTO conversations (conversation_id) "
+        "  SELECT gen_random_uuid() FROM generate_series(1, 3000) RETURNING conversation_id), "
+        "pairs AS (SELECT c.conversation_id, a.account_id FROM "
+        "  (SELECT conversation_id, row_number() OVER () AS n FROM conv) c JOIN "
+        "  (SELECT account_id, row_number() OVER () AS n FROM acc) a USING (n)) "
+        "INSERT INTO members (conversation_id, account_id) SELECT * FROM pairs")
+    conn.execute(
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+        "  sender_handle, sent_ms, body, origin, legacy_guid) "
+        "SELECT m.conversation_id, g, gen_random_uuid(), m.account_id, 'bulk', g, 'x', "
+        "       'legacy', 'bulk-' || m.conversation_id || '-' || g "
+        "FROM members m, generate_series(1, 5) g")
+    conn.execute("ANALYZE")
+    batch = [mirrored(cid, a, "alice", f"probe-{i}", NOW + i) for i in range(3)]
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        with conn.transaction():
+            conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            conn.execute(store._STAGING)
+            for i, m in enumerate(batch):
+                conn.execute(
+                    "INSERT INTO mirror_staging VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (i, m.conversation_id, m.message_id, m.legacy_guid, m.sender_account_id,
+                     m.sender_handle, m.sent_ms, m.body, m.origin))
+            conn.execute(f"PREPARE mirror_insert AS {_numbered(store._MIRROR_INSERT)}")
+            try:
+                plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+                    "EXPLAIN EXECUTE mirror_insert(%s, %s)",
+                    (NOW, list(store.CLOUD_CLIENT_PHASES))))
+            finally:
+                conn.execute("DEALLOCATE mirror_insert")
+            scanned = [t for t in ("messages", "conversations", "members", "accounts")
+                       if f"Seq Scan on {t} " in plan]
+            assert scanned == [], f"{mode}: {scanned}\n{plan}"
+            raise psycopg.Rollback()  # the staged rows go
+
+
+def _numbered(sql: str) -> str:
+    """A psycopg query with %(now)s and %(phases)s as a PREPARE body ($1 and $2)."""
+    return sql.replace("%(now)s", "$1::bigint").replace("%(phases)s", "$2::text[]")
+
+
 def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
     """Seqs follow batch order per conversation; a GUID repeated in the batch is kept once."""
     a = make_account(conn, "alice")
