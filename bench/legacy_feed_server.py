@@ -14,13 +14,15 @@ Messages are appended through each home supernode's own ``accept``, with no simu
 clients; routing them on to their recipients (and the sim's event trace) is switched off,
 because in a real deployment the legacy network does that work on its own machines, not on
 the cores the bridge and PostgreSQL share here. The feed frames the bridge reads are the
-same. Prints ``ready N`` on stdout (N: messages in the feeds) when the feeds are full
-(backlog) or warmed up and ready to flow (live); runs until killed. Uses the peer secret of
-$BRIDGE_HOME.
+same. Its garbage collector is off (see ``main``).
+
+Prints ``ready N`` on stdout (N: messages in the feeds) when the feeds are full (backlog) or
+warmed up and ready to flow (live); runs until killed. Uses the peer secret of $BRIDGE_HOME.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -43,6 +45,12 @@ def main() -> None:
                        feed_capacity=1_000_000)
     dep = LegacyDeployment(config, TCPNetwork(reactor), peer_secret=state.secret(home, "peer"),
                            login_secret=state.secret(home, "login"))
+    # The feeds and chat histories keep every message (hundreds of thousands of objects in a
+    # lag run), so each full collection walks them all: pauses of 50-380 ms, growing with
+    # the run, every few seconds, with every frame held back meanwhile. That pause belongs to
+    # this simulated network's Python process, not to a supernode or the bridge; the process
+    # lives for one run, so its collector is off.
+    gc.disable()
     rng = random.Random(5)
     counter = [0]
     # Routing to the recipients' index owners, holding for offline ones, the event trace:

@@ -6,6 +6,8 @@ Names follow Prometheus conventions: ``bridge_`` prefix, base units, ``_total`` 
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import Counter, Gauge, Histogram
 
 DIRECTIONS = ("to_cloud", "to_legacy")
@@ -49,6 +51,10 @@ LEASES_HELD = Gauge("bridge_leases_held", "Feed leases this worker holds.")
 ACCOUNTS_BY_PHASE = Gauge(
     "bridge_accounts", "Cloud accounts per migration phase (refreshed with each heartbeat).",
     ["phase"])
+GC_FROZEN = Gauge(
+    "bridge_gc_frozen_objects",
+    "Objects moved out of the garbage collector's reach once the worker started (gc.freeze).")
+GC_FROZEN.set_function(gc.get_freeze_count)
 ACCOUNTS_CREATED = Counter(
     "bridge_accounts_created_total", "Cloud accounts created for legacy handles on first sight.")
 

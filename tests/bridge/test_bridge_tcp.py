@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from cloud import store
 from tests.sockets import listening
@@ -47,6 +48,11 @@ def test_bridge_mirrors_both_ways_over_tcp_and_stops_cleanly(conn, db_dsn, tmp_p
         assert listening(legacy.pid) == [("127.0.0.1", BASE_PORT + i)
                                          for i in range(SUPERNODES + 1)]  # + login server
         assert listening(bridge.pid) == [("127.0.0.1", int(up.group(1)))]
+        # what the worker allocated to start lives as long as it: frozen out of the
+        # collector's full collections (their walks were the lag's p99)
+        with urllib.request.urlopen(f"http://127.0.0.1:{up.group(1)}/metrics") as r:
+            frozen = re.search(r"^bridge_gc_frozen_objects (\S+)$", r.read().decode(), re.M)
+        assert frozen is not None and float(frozen.group(1)) > 10_000
         count = "SELECT count(*) FROM messages WHERE origin = 'legacy'"
         wait_for(lambda: conn.execute(count).fetchone()[0] >= 10)
         # a linked account moves to dual and posts on the cloud side of a mirrored chat
