@@ -581,7 +581,9 @@ def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
     seen_guids: set = set()
     out = []
     for m in messages:
-        kid, kguid = (m.conversation_id, m.message_id), (m.conversation_id, m.legacy_guid)
+        # keyed by the UUIDs' ints: hashing a UUID object is a Python-level call
+        cid = m.conversation_id.int
+        kid, kguid = (cid, m.message_id.int), (cid, m.legacy_guid)
         if kid in seen_ids or kguid in seen_guids:
             continue
         seen_ids.add(kid)

@@ -133,9 +133,18 @@ class _Str(_Bytes):
         out.append(data)
 
     def decode(self, buf: bytes, pos: int) -> tuple[str, int]:
-        raw, pos = super().decode(buf, pos)
+        # _Bytes.decode's checks, inlined: five of a feed message's seven fields are strings
+        start = pos + 2
+        if start > len(buf):
+            raise WireError("truncated", "length runs past the end of the frame")
+        n = (buf[pos] << 8) | buf[pos + 1]
+        if n > self.limit:
+            raise WireError("too_long", f"field of {n} bytes exceeds {self.limit}")
+        end = start + n
+        if end > len(buf):
+            raise WireError("truncated", "field runs past the end of the frame")
         try:
-            return raw.decode("utf-8"), pos
+            return str(buf[start:end], "utf-8"), end
         except UnicodeDecodeError as e:
             raise WireError("utf8", "string field is not valid UTF-8") from e
 
@@ -189,15 +198,19 @@ class _Record(Kind):
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
+        self._decoders: tuple | None = None  # the fields' decode methods, looked up once
 
     def encode(self, value: Any, out: list[bytes]) -> None:
         for name, kind in self.cls.WIRE_FIELDS:
             kind.encode(getattr(value, name), out)
 
     def decode(self, buf: bytes, pos: int) -> tuple[Any, int]:
+        decoders = self._decoders
+        if decoders is None:
+            decoders = self._decoders = tuple(kind.decode for _n, kind in self.cls.WIRE_FIELDS)
         values = []
-        for _name, kind in self.cls.WIRE_FIELDS:
-            v, pos = kind.decode(buf, pos)
+        for dec in decoders:
+            v, pos = dec(buf, pos)
             values.append(v)
         try:
             return self.cls(*values), pos
