@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import random
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,11 @@ LEGACY_PRESENCE_PREFIX = "legacy:"
 
 
 #: Label children used for every frame or message, looked up once.
-_BACKLOG = m.BACKLOG.labels(direction="to_cloud")
+#: The followers of this process: the to_cloud backlog gauge is their uncommitted frames,
+#: summed when scraped (a gauge's inc takes a lock, and this would take it for every frame).
+_FOLLOWERS: weakref.WeakSet[FeedFollower] = weakref.WeakSet()
+m.BACKLOG.labels(direction="to_cloud").set_function(
+    lambda: sum(f.backlog for f in list(_FOLLOWERS)))
 _LAG = m.LAG.labels(direction="to_cloud")
 
 
@@ -248,6 +253,8 @@ class FeedFollower(Service):
         self.mirrored = 0
         self.duplicates = 0
         self.gaps = 0
+        #: feed entries received and not committed yet (bridge_backlog_messages)
+        self.backlog = 0
         self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
 
     @property
@@ -262,6 +269,7 @@ class FeedFollower(Service):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
+        _FOLLOWERS.add(self)
         self._loop = defer.Deferred.fromCoroutine(self._run())
         self._loop.addErrback(lambda f: log.failure("feed follower {sn} died", f,
                                                     sn=self.source))
@@ -280,6 +288,8 @@ class FeedFollower(Service):
                 await self._committing
         if self.peer is not None:
             self.peer.disconnect()
+        # what was not committed is replayed from the checkpoint by whoever follows next
+        _FOLLOWERS.discard(self)
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         super().stopService()
@@ -351,7 +361,7 @@ class FeedFollower(Service):
             if self._linger is not None and self._linger.active():
                 self._linger.cancel()
             if self._pending is not None:
-                _BACKLOG.dec(self._pending.frames)
+                self.backlog -= self._pending.frames
                 self._pending = None
             if self._committing is not None:
                 await self._committing
@@ -408,7 +418,7 @@ class FeedFollower(Service):
             else:
                 m.LOOPS.labels(direction="to_cloud").inc()
         self._head = (batch.epoch, batch.offset)
-        _BACKLOG.inc()
+        self.backlog += 1
         self._commit_soon(batch)
 
     def _commit_soon(self, batch: FeedBatch) -> None:
@@ -479,7 +489,7 @@ class FeedFollower(Service):
             m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
-            _BACKLOG.dec(batch.frames)
+            self.backlog -= batch.frames
             for msg in result.inserted:
                 lag = max(0.0, now - msg.sent_ms / 1000)
                 _LAG.observe(lag)

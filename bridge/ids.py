@@ -67,12 +67,17 @@ def _uuid5(namespace: bytes, name: str) -> uuid.UUID:
     """``uuid.uuid5`` in 0.9 µs instead of 2.1: the same SHA-1 and bits, without
     ``UUID.__init__``'s argument parsing (every feed message needs one; equality with
     ``uuid.uuid5`` is tested)."""
-    digest = hashlib.sha1(namespace + name.encode("utf-8")).digest()
+    digest = _sha1(namespace + name.encode("utf-8")).digest()
     value = int.from_bytes(digest[:16], "big") & _VERSION_CLEAR | _VERSION_5
-    made = object.__new__(uuid.UUID)
-    object.__setattr__(made, "int", value)
-    object.__setattr__(made, "is_safe", uuid.SafeUUID.unknown)
+    made = _new(uuid.UUID)
+    _set(made, "int", value)
+    _set(made, "is_safe", _UNKNOWN_SAFETY)
     return made
+
+
+# looked up once (an enum member read through its class costs a descriptor call)
+_sha1, _new, _set, _UNKNOWN_SAFETY = (hashlib.sha1, object.__new__, object.__setattr__,
+                                      uuid.SafeUUID.unknown)
 
 
 def guid_for_cloud_message(message_id_: uuid.UUID) -> str:

@@ -541,38 +541,52 @@ CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
 
 _STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text", "text")
 
-#: Insert the staged rows the store does not have yet, numbered per conversation in batch
-#: order; advance the conversations' next_seq; owe notifications. Returns (ord, seq, owed)
-#: per inserted row, in (conversation, seq) order.
-#: Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
-#: ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not
-#: become a join. (As joins, a plan made while ``messages`` was small, and kept by a prepared
-#: statement, hashed the whole table for every batch: cost growing with the history.) That
-#: each probe uses the unique index it names relies on migration 0005's statistics setting.
-_MIRROR_INSERT = (
-    "WITH fresh AS ("
-    "  SELECT s.* FROM mirror_staging s"
-    "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-    "          s.conversation_id AND m.message_id = s.message_id OFFSET 0)"
-    "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-    "          s.conversation_id AND m.legacy_guid = s.legacy_guid OFFSET 0)), "
-    "numbered AS ("
-    "  SELECT f.*, (SELECT c.next_seq FROM conversations c "
-    "                WHERE c.conversation_id = f.conversation_id) - 1 + row_number() OVER "
-    "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
-    "  FROM fresh f), "
-    "ins AS ("
-    f"  INSERT INTO messages ({_MESSAGE_COLS}) "
-    "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
-    "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
-    "  RETURNING conversation_id, seq, message_id, sender_account_id), "
-    "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
-    "bump AS ("
-    "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
-    "  WHERE c.conversation_id = t.conversation_id "
-    "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM tops))), "
-    f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
-    "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
+def _mirror_insert(probe: bool) -> str:
+    """Insert the staged rows, numbered per conversation in batch order; advance the
+    conversations' next_seq; owe notifications. Returns (ord, seq, owed) per inserted row,
+    in (conversation, seq) order.
+
+    With *probe*, rows the store already has are left out. Without, every staged row is
+    inserted, and one the store has fails the statement on a unique index: the fast path for
+    the usual batch, which is new (see ``write_mirrored_batch``).
+
+    Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
+    ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not
+    become a join. (As joins, a plan made while ``messages`` was small, and kept by a
+    prepared statement, hashed the whole table for every batch: cost growing with the
+    history.) That each probe uses the unique index it names relies on migration 0005's
+    statistics setting.
+    """
+    fresh = ("  SELECT s.* FROM mirror_staging s"
+             "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+             "          s.conversation_id AND m.message_id = s.message_id OFFSET 0)"
+             "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+             "          s.conversation_id AND m.legacy_guid = s.legacy_guid OFFSET 0)"
+             if probe else "  SELECT s.* FROM mirror_staging s")
+    return (
+        f"WITH fresh AS ({fresh}), "
+        "numbered AS ("
+        "  SELECT f.*, (SELECT c.next_seq FROM conversations c "
+        "                WHERE c.conversation_id = f.conversation_id) - 1 + row_number() OVER "
+        "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
+        "  FROM fresh f), "
+        "ins AS ("
+        f"  INSERT INTO messages ({_MESSAGE_COLS}) "
+        "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
+        "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
+        "  RETURNING conversation_id, seq, message_id, sender_account_id), "
+        "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
+        "bump AS ("
+        "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
+        "  WHERE c.conversation_id = t.conversation_id "
+        "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM tops))), "
+        f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
+        "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered "
+        "ORDER BY conversation_id, seq")
+
+
+_MIRROR_INSERT = _mirror_insert(probe=True)
+_MIRROR_INSERT_NEW = _mirror_insert(probe=False)
 
 
 def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
@@ -629,8 +643,16 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
             "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)").fetchall()
         if missing:
             raise NotFound(f"no conversation {min(r[0] for r in missing)} (create it first)")
-        rows = conn.execute(_MIRROR_INSERT, {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
-                            ).fetchall()
+        params = {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
+        try:
+            # A batch is new unless it is a replay (after a reconnect, a restart, a lease
+            # takeover): insert it without the two duplicate probes per row, in a
+            # savepoint; a row the store has fails it on a unique index, and the probing
+            # insert runs instead.
+            with conn.transaction():
+                rows = conn.execute(_MIRROR_INSERT_NEW, params).fetchall()
+        except psycopg.errors.UniqueViolation:
+            rows = conn.execute(_MIRROR_INSERT, params).fetchall()
         for ord_, seq, owed in rows:
             m = messages[ord_]
             inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,

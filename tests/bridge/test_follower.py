@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 from twisted.internet import defer
 
 from bridge import ids
@@ -174,6 +175,7 @@ def test_a_slow_store_stops_the_feed_at_the_credit_window(net, conn):
     """With commits stalled the supernode sends at most the window: memory stays bounded."""
     send_some(net, 120)
     held = HeldDatabase(InlineDatabase(conn))
+    before = to_cloud_backlog()  # followers other tests left behind, frozen on their clocks
     bridge = Bridge(net, held).start()
     net.run(3.0)
     home = net.ring.home_of("chat-1")
@@ -184,11 +186,19 @@ def test_a_slow_store_stops_the_feed_at_the_credit_window(net, conn):
     assert sub.credit == 0 and sub.next < feed.next_offset
     in_memory = (follower._pending.frames if follower._pending else 0) + FAST.max_batch
     assert in_memory <= FAST.window
+    # the backlog gauge counts what was received and is not committed: the full window
+    assert follower.backlog == FAST.window
+    assert to_cloud_backlog() - before == sum(f.backlog for f in bridge.followers.values())
     for _ in range(40):
         held.release()
         net.run(0.1)
     assert len(chat_messages(conn, "chat-1")) == 120
+    assert to_cloud_backlog() - before == 0
     bridge.stop(net)
+
+
+def to_cloud_backlog() -> float:
+    return REGISTRY.get_sample_value("bridge_backlog_messages", {"direction": "to_cloud"})
 
 
 def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):

@@ -348,6 +348,35 @@ def test_post_is_idempotent_per_client_message_id(conn):
     assert table_rows(conn, "outbox_to_legacy") == 1
 
 
+def test_client_message_ids_are_unique_per_sender_and_mirrored_rows_stay_out_of_the_index(
+        conn):
+    """The store refuses a second row with a sender's client message id, whatever the
+    caller (migration 0006's partial index), and the duplicate lookup uses that index; a
+    mirrored message, which has none, writes no entry in it."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    tx(conn, store.post_message, cid, a, "c-1", "hello", NOW)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+                "  sender_handle, sent_ms, body, origin, client_message_id) "
+                "VALUES (%s, 2, %s, %s, 'alice', 1, 'x', 'cloud', 'c-1')",
+                (cid, uuid.uuid4(), a))
+    (predicate,) = conn.execute(
+        "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+        "WHERE indexrelid = 'messages_client_message_id'::regclass").fetchone()
+    assert predicate == "(client_message_id IS NOT NULL)"
+    conn.execute("SET enable_seqscan = off")  # a tiny table: ask which index would serve
+    try:
+        plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+            "EXPLAIN SELECT 1 FROM messages WHERE conversation_id = %s "
+            "AND sender_account_id = %s AND client_message_id = %s", (cid, a, "c-1")))
+    finally:
+        conn.execute("RESET enable_seqscan")
+    assert "messages_client_message_id" in plan, plan
+
+
 def test_outbox_to_legacy_only_when_a_member_still_uses_legacy_clients(conn):
     """Cloud-only members need no injection; a member in phase dual does."""
     a, b = make_account(conn, "alice", "cloud-only"), make_account(conn, "bob", "cloud-only")
