@@ -150,6 +150,29 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     return result, created, accounts, chats
 
 
+def batch_handles(chats: dict[str, tuple[str, ...]], messages: list[wire.ChatMessage],
+                  presence: list[wire.FeedPresence] = ()) -> set[str]:
+    """Every legacy handle a batch names: chat members, senders, presence."""
+    handles: set[str] = set()
+    for members in chats.values():
+        handles.update(members)
+    handles.update(msg.sender for msg in messages)
+    handles.update(p.handle for p in presence)
+    return handles
+
+
+def ensure_accounts(conn: psycopg.Connection, handles: list[str]) -> tuple[dict, int]:
+    """Accounts for handles first seen on a feed, in a transaction of their own.
+
+    The batch's transaction would create them too, but it is long (hundreds of messages),
+    and while it runs, every other feed's batch that names one of the same new handles
+    waits on its uncommitted account rows: at start-up, with every handle new, one feed's
+    first commit waited 626 ms. Committed apart, they are held for milliseconds. An account
+    whose messages then fail to commit is harmless: the replay finds it.
+    """
+    return store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
+
+
 def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
                   messages: list[wire.ChatMessage], now_ms: int, *,
                   known: KnownIds | None = None, checkpoint: FeedCheckpoint | None = None,
@@ -161,11 +184,7 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
     presence; used by the feed followers and by the gaps reconciler's repairs."""
     known = known or KnownIds()
     step("accounts")
-    handles: set[str] = set()
-    for members in chats.values():
-        handles.update(members)
-    handles.update(msg.sender for msg in messages)
-    handles.update(p.handle for p in presence)
+    handles = batch_handles(chats, messages, presence)
     accounts = {h: known.accounts[h] for h in handles if h in known.accounts}
     missing = handles - set(accounts)
     created = 0
@@ -441,14 +460,23 @@ class FeedFollower(Service):
 
     async def _write(self, batch: FeedBatch) -> None:
         attempt = 0
+        early = 0  # accounts created ahead of the batch's transaction
         try:
             while True:
                 started = self.clock.seconds()
                 try:
+                    new_handles = sorted(h for h in batch_handles(
+                        batch.chats, batch.messages, batch.presence)
+                        if h not in self.known.accounts)
+                    if new_handles:
+                        found, n = await self.db.run(ensure_accounts, new_handles)
+                        self.known.learn(found, {})
+                        early += n
                     result, created, accounts, chats = await self.db.run(
                         commit_feed_batch, batch, self.fence, int(started * 1000),
                         None if self.lease is None else (self.lease, self.worker_id),
                         self.fault, self.known)
+                    created += early
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
