@@ -541,52 +541,79 @@ CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
 
 _STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text", "text")
 
-def _mirror_insert(probe: bool) -> str:
-    """Insert the staged rows, numbered per conversation in batch order; advance the
-    conversations' next_seq; owe notifications. Returns (ord, seq, owed) per inserted row,
-    in (conversation, seq) order.
+#: The tail both mirror inserts share: insert the numbered rows, owe notifications, return
+#: (ord, seq, owed) per inserted row in (conversation, seq) order.
+_INSERT_NUMBERED = (
+    "ins AS ("
+    f"  INSERT INTO messages ({_MESSAGE_COLS}) "
+    "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
+    "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
+    "  RETURNING conversation_id, seq, message_id, sender_account_id), "
+    f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
+    "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
 
-    With *probe*, rows the store already has are left out. Without, every staged row is
-    inserted, and one the store has fails the statement on a unique index: the fast path for
-    the usual batch, which is new (see ``write_mirrored_batch``).
+#: The usual batch, all new, in one statement: lock its conversations in id order (two
+#: writers never deadlock), advance each one's next_seq by its row count, number the rows
+#: from the old value in batch order, insert them, owe notifications. A row the store
+#: already has fails it on a unique index (message id or legacy GUID), and a conversation
+#: that does not exist leaves its rows out (fewer rows come back); both send the batch to
+#: the careful path. The UPDATE reads each conversation's latest next_seq, the one it
+#: locked, whatever the statement's snapshot saw.
+_MIRROR_INSERT_NEW = (
+    "WITH counts AS (SELECT conversation_id, count(*) AS n FROM mirror_staging GROUP BY 1), "
+    "locked AS MATERIALIZED ("
+    "  SELECT c.conversation_id FROM conversations c "
+    "  WHERE c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM counts)) "
+    "  ORDER BY c.conversation_id FOR UPDATE), "
+    "bump AS ("
+    "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
+    "  WHERE c.conversation_id = k.conversation_id "
+    "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM locked)) "
+    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+    "numbered AS ("
+    "  SELECT s.*, b.first - 1 + row_number() OVER "
+    "         (PARTITION BY s.conversation_id ORDER BY s.ord) AS seq "
+    "  FROM mirror_staging s JOIN bump b USING (conversation_id)), "
+    + _INSERT_NUMBERED)
 
-    Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
-    ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not
-    become a join. (As joins, a plan made while ``messages`` was small, and kept by a
-    prepared statement, hashed the whole table for every batch: cost growing with the
-    history.) That each probe uses the unique index it names relies on migration 0005's
-    statistics setting.
-    """
-    fresh = ("  SELECT s.* FROM mirror_staging s"
-             "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-             "          s.conversation_id AND m.message_id = s.message_id OFFSET 0)"
-             "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
-             "          s.conversation_id AND m.legacy_guid = s.legacy_guid OFFSET 0)"
-             if probe else "  SELECT s.* FROM mirror_staging s")
-    return (
-        f"WITH fresh AS ({fresh}), "
-        "numbered AS ("
-        "  SELECT f.*, (SELECT c.next_seq FROM conversations c "
-        "                WHERE c.conversation_id = f.conversation_id) - 1 + row_number() OVER "
-        "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
-        "  FROM fresh f), "
-        "ins AS ("
-        f"  INSERT INTO messages ({_MESSAGE_COLS}) "
-        "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
-        "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
-        "  RETURNING conversation_id, seq, message_id, sender_account_id), "
-        "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
-        "bump AS ("
-        "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
-        "  WHERE c.conversation_id = t.conversation_id "
-        "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM tops))), "
-        f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
-        "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered "
-        "ORDER BY conversation_id, seq")
+#: The careful path, after the conversations are locked (``_LOCK_STAGED``): leave out rows
+#: the store already has, number the rest from next_seq, advance it by what was inserted.
+#: Every lookup is an index probe per staged row, whatever the planner thinks of the sizes:
+#: ``OFFSET 0`` keeps each NOT EXISTS a per-row subplan and the scalar subquery can not become
+#: a join. (As joins, a plan made while ``messages`` was small, and kept by a prepared
+#: statement, hashed the whole table for every batch: cost growing with the history.) That
+#: each probe uses the unique index it names relies on migration 0005's statistics setting.
+_MIRROR_INSERT = (
+    "WITH fresh AS ("
+    "  SELECT s.* FROM mirror_staging s"
+    "  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+    "          s.conversation_id AND m.message_id = s.message_id OFFSET 0)"
+    "    AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = "
+    "          s.conversation_id AND m.legacy_guid = s.legacy_guid OFFSET 0)), "
+    "numbered AS ("
+    "  SELECT f.*, (SELECT c.next_seq FROM conversations c "
+    "                WHERE c.conversation_id = f.conversation_id) - 1 + row_number() OVER "
+    "         (PARTITION BY f.conversation_id ORDER BY f.ord) AS seq "
+    "  FROM fresh f), "
+    "tops AS (SELECT conversation_id, max(seq) AS top FROM numbered GROUP BY 1), "
+    "bump AS ("
+    "  UPDATE conversations c SET next_seq = t.top + 1 FROM tops t "
+    "  WHERE c.conversation_id = t.conversation_id "
+    "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM tops))), "
+    + _INSERT_NUMBERED)
+
+#: Lock the staged rows' conversations in id order; returns the ones that do not exist.
+#: The ids come from the staging table, so a large batch sends no array of them.
+_LOCK_STAGED = (
+    "WITH wanted AS (SELECT DISTINCT conversation_id FROM mirror_staging), "
+    "locked AS (SELECT conversation_id FROM conversations WHERE conversation_id IN "
+    "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR UPDATE) "
+    "SELECT conversation_id FROM wanted "
+    "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)")
 
 
-_MIRROR_INSERT = _mirror_insert(probe=True)
-_MIRROR_INSERT_NEW = _mirror_insert(probe=False)
+class _NotAllNew(Exception):
+    """The fast mirror insert met a conversation that does not exist: roll it back."""
 
 
 def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
@@ -614,7 +641,9 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
     so two writers never deadlock); drop rows the store already has; number the rest per
     conversation in batch order, so source order is kept; insert them; owe notifications;
     advance the feed checkpoints. All in the caller's one transaction: replaying a batch, or
-    a crash anywhere before commit, changes nothing.
+    a crash anywhere before commit, changes nothing. A new batch takes one statement without
+    duplicate probes (``_MIRROR_INSERT_NEW``); anything else rolls that back to its savepoint
+    and takes the careful path.
     """
     messages = _dedupe(batch.messages)
     inserted: list[Message] = []
@@ -633,25 +662,19 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
                 copy.write_row((i, m.conversation_id, m.message_id, m.legacy_guid,
                                 m.sender_account_id, m.sender_handle, m.sent_ms, m.body,
                                 m.origin))
-        # Lock the batch's conversations in id order (two writers never deadlock); the ids
-        # come from the staging table, so a large batch sends no array of them.
-        missing = conn.execute(
-            "WITH wanted AS (SELECT DISTINCT conversation_id FROM mirror_staging), "
-            "locked AS (SELECT conversation_id FROM conversations WHERE conversation_id IN "
-            "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR UPDATE) "
-            "SELECT conversation_id FROM wanted "
-            "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)").fetchall()
-        if missing:
-            raise NotFound(f"no conversation {min(r[0] for r in missing)} (create it first)")
         params = {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
         try:
             # A batch is new unless it is a replay (after a reconnect, a restart, a lease
-            # takeover): insert it without the two duplicate probes per row, in a
-            # savepoint; a row the store has fails it on a unique index, and the probing
-            # insert runs instead.
+            # takeover): one statement, in a savepoint, without the duplicate probes.
             with conn.transaction():
                 rows = conn.execute(_MIRROR_INSERT_NEW, params).fetchall()
-        except psycopg.errors.UniqueViolation:
+                if len(rows) != len(messages):
+                    raise _NotAllNew
+        except (psycopg.errors.UniqueViolation, _NotAllNew):
+            missing = conn.execute(_LOCK_STAGED).fetchall()
+            if missing:
+                raise NotFound(f"no conversation {min(r[0] for r in missing)} "
+                               "(create it first)") from None
             rows = conn.execute(_MIRROR_INSERT, params).fetchall()
         for ord_, seq, owed in rows:
             m = messages[ord_]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import uuid
@@ -216,7 +217,9 @@ def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
         "FROM members m, generate_series(1, 5) g")
     conn.execute("ANALYZE")
     batch = [mirrored(cid, a, "alice", f"probe-{i}", NOW + i) for i in range(3)]
-    for mode in ("force_custom_plan", "force_generic_plan"):
+    for mode, statement in itertools.product(
+            ("force_custom_plan", "force_generic_plan"),
+            (store._MIRROR_INSERT, store._MIRROR_INSERT_NEW)):
         with conn.transaction():
             conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
             conn.execute(store._STAGING)
@@ -225,7 +228,7 @@ def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
                     "INSERT INTO mirror_staging VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (i, m.conversation_id, m.message_id, m.legacy_guid, m.sender_account_id,
                      m.sender_handle, m.sent_ms, m.body, m.origin))
-            conn.execute(f"PREPARE mirror_insert AS {_numbered(store._MIRROR_INSERT)}")
+            conn.execute(f"PREPARE mirror_insert AS {_numbered(statement)}")
             try:
                 plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
                     "EXPLAIN EXECUTE mirror_insert(%s, %s)",
@@ -235,6 +238,7 @@ def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
             scanned = [t for t in ("messages", "conversations", "members", "accounts")
                        if f"Seq Scan on {t} " in plan]
             assert scanned == [], f"{mode}: {scanned}\n{plan}"
+            assert "Seq Scan on mirror_staging" in plan  # the plan printed is the statement's
             raise psycopg.Rollback()  # the staged rows go
 
 
@@ -256,6 +260,59 @@ def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
         "SELECT legacy_guid FROM messages WHERE conversation_id = %s ORDER BY seq", (cid,))]
         for cid in (c1, c2)}
     assert order == {c1: ["x1", "x2"], c2: ["y1", "y2"]}
+
+
+def test_a_partly_stored_batch_inserts_only_the_new_rows_after_the_stored_ones(conn):
+    """Stored g1, g2; the batch g2, g3, g1, g4: the one-statement insert meets a stored row
+    and rolls back to its savepoint, consuming no seq; the careful path inserts g3, g4 as 3
+    and 4."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    tx(conn, store.write_mirrored_batch, MirrorBatch(
+        (mirrored(cid, a, "alice", "g1", NOW), mirrored(cid, a, "alice", "g2", NOW + 1))), NOW)
+    result = tx(conn, store.write_mirrored_batch, MirrorBatch(tuple(
+        mirrored(cid, a, "alice", g, NOW + i) for i, g in enumerate(("g2", "g3", "g1", "g4")))),
+        NOW)
+    assert [(m.legacy_guid, m.seq) for m in result.inserted] == [("g3", 3), ("g4", 4)]
+    assert result.duplicates == 2
+    assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
+        (1, "g1"), (2, "g2"), (3, "g3"), (4, "g4")]
+    assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == 5
+
+
+def test_mirror_writers_locking_many_conversations_in_any_order_never_deadlock(db_dsn, conn):
+    """Two writers, each batch spanning 20 conversations, listed in opposite orders: both
+    paths lock in conversation id order, so PostgreSQL records no deadlock."""
+    a = make_account(conn, "alice")
+    cids = [make_conversation(conn, a) for _ in range(20)]
+    (before,) = conn.execute("SELECT deadlocks FROM pg_stat_database "
+                             "WHERE datname = current_database()").fetchone()
+    errors = []
+
+    def writer(w):
+        order = cids if w == 0 else cids[::-1]
+        try:
+            with psycopg.connect(db_dsn, autocommit=True) as c:
+                for k in range(30):
+                    msgs = tuple(mirrored(cid, a, "alice", f"w{w}-{k}-{i}", NOW + i)
+                                 for i, cid in enumerate(order))
+                    tx(c, store.write_mirrored_batch, MirrorBatch(msgs), NOW)
+                    tx(c, store.write_mirrored_batch, MirrorBatch(msgs[5:]), NOW)  # replay
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    (after,) = conn.execute("SELECT deadlocks FROM pg_stat_database "
+                            "WHERE datname = current_database()").fetchone()
+    assert after == before
+    assert table_rows(conn, "messages") == 2 * 30 * 20
+    assert conn.execute("SELECT sum(next_seq - 1) FROM conversations").fetchone()[0] == 1200
 
 
 def test_mirrored_batch_for_unknown_conversation_writes_nothing(conn):
