@@ -426,23 +426,29 @@ def _lock_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID) -> 
     return row[0]
 
 
+#: CLOUD_CLIENT_PHASES as an SQL list, written out so that the planner can match migration
+#: 0007's partial index (it can not see into a parameter).
+_CLOUD_PHASES_SQL = ", ".join(f"'{phase}'" for phase in CLOUD_CLIENT_PHASES)
+
+
 def _owed_notifications_sql(rows: str) -> str:
     """The one rule for who is owed a notification, as an INSERT for the new messages in
     *rows* (a table expression with conversation_id, message_id, seq, sender_account_id):
     every member in a phase with cloud devices, except the sender."""
     # Driven by the new rows, whatever the planner thinks of the sizes: each row's members
-    # come from the members primary key and each member's phase from the accounts primary
-    # key (``OFFSET 0`` keeps the lateral a per-row probe), so the cost follows the batch
-    # and never a scan of every account (as a join, a store whose cloud phases were rare
-    # scanned all accounts for every batch).
+    # come from the members primary key and each member's phase from the index of
+    # cloud-capable accounts (migration 0007; ``OFFSET 0`` keeps the lateral a per-row
+    # probe), so the cost follows the batch and never a scan of every account (as a join, a
+    # store whose cloud phases were rare scanned all accounts for every batch).
     return ("INSERT INTO notifications (account_id, notification_id, conversation_id, "
             "  message_id, seq, next_attempt_ms, created_ms) "
             "SELECT mb.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
             "       %(now)s, %(now)s "
             f"FROM {rows} r CROSS JOIN LATERAL ("
             "  SELECT m.account_id FROM members m WHERE m.conversation_id = r.conversation_id "
-            "  AND m.account_id <> r.sender_account_id AND (SELECT a.phase FROM accounts a "
-            "       WHERE a.account_id = m.account_id) = ANY(%(phases)s) OFFSET 0) mb "
+            "  AND m.account_id <> r.sender_account_id AND EXISTS (SELECT 1 FROM accounts a "
+            "       WHERE a.account_id = m.account_id "
+            f"      AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) mb "
             "ON CONFLICT DO NOTHING")
 
 
@@ -452,8 +458,7 @@ def _owe_notifications(conn: psycopg.Connection, conversation_id: uuid.UUID,
     cur = conn.execute(
         _owed_notifications_sql("(SELECT * FROM messages WHERE conversation_id = %(cid)s "
                                 "AND seq = ANY(%(seqs)s))"),
-        {"now": now_ms, "cid": conversation_id, "seqs": list(seqs),
-         "phases": list(CLOUD_CLIENT_PHASES)})
+        {"now": now_ms, "cid": conversation_id, "seqs": list(seqs)})
     return cur.rowcount
 
 
@@ -662,7 +667,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
                 copy.write_row((i, m.conversation_id, m.message_id, m.legacy_guid,
                                 m.sender_account_id, m.sender_handle, m.sent_ms, m.body,
                                 m.origin))
-        params = {"now": now_ms, "phases": list(CLOUD_CLIENT_PHASES)}
+        params = {"now": now_ms}
         try:
             # A batch is new unless it is a replay (after a reconnect, a restart, a lease
             # takeover): one statement, in a savepoint, without the duplicate probes.
