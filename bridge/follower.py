@@ -518,10 +518,9 @@ class FeedFollower(Service):
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
             self.backlog -= batch.frames
-            for msg in result.inserted:
-                lag = max(0.0, now - msg.sent_ms / 1000)
-                _LAG.observe(lag)
-                self.recent_lags.append((now, lag))
+            lags = [max(0.0, now - msg.sent_ms / 1000) for msg in result.inserted]
+            _LAG.observe_many(lags)
+            self.recent_lags.extend((now, lag) for lag in lags)
             if self.peer is not None and batch.frames:
                 self.peer.credit(batch.frames)
         finally:
