@@ -12,7 +12,10 @@ States of one follower::
 
 Delivery is at-least-once from the checkpoint and the write is idempotent, so the effect is
 exactly once: the checkpoint commits in the same transaction as the data it covers, and a
-replay after a reconnect or a restart changes nothing.
+replay after a reconnect or a restart changes nothing. Accounts for handles the worker has
+not seen yet are created just before, in a short transaction of their own (``ensure_accounts``:
+other feeds' batches would otherwise wait on them); an account without its messages is
+harmless, the replay finds it.
 
 Flow control is the feed's credit window: the supernode sends at most ``window`` frames
 beyond what this follower has committed, and credit is granted only after a commit. When the
