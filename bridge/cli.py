@@ -832,6 +832,8 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         # Everything allocated so far (modules, services) lives as long as the process: out
         # of the collector's reach, a full collection no longer walks it. Those walks paused
         # the worker 15-50 ms every few seconds, and the pauses were the p99 of the lag.
+        # (Collected first: garbage frozen now would never be freed.)
+        gc.collect()
         gc.freeze()
         where = listening.getHost()
         print(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "

@@ -463,7 +463,6 @@ class FeedFollower(Service):
 
     async def _write(self, batch: FeedBatch) -> None:
         attempt = 0
-        early = 0  # accounts created ahead of the batch's transaction
         try:
             while True:
                 started = self.clock.seconds()
@@ -474,12 +473,11 @@ class FeedFollower(Service):
                     if new_handles:
                         found, n = await self.db.run(ensure_accounts, new_handles)
                         self.known.learn(found, {})
-                        early += n
+                        m.ACCOUNTS_CREATED.inc(n)  # committed, whatever becomes of the batch
                     result, created, accounts, chats = await self.db.run(
                         commit_feed_batch, batch, self.fence, int(started * 1000),
                         None if self.lease is None else (self.lease, self.worker_id),
                         self.fault, self.known)
-                    created += early
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "

@@ -5,8 +5,10 @@ Every function takes a psycopg connection that is already inside a transaction (
 always parameterised.
 
 Sequence numbers: ``conversations.next_seq`` is the next ``seq`` to hand out. A writer locks
-the conversation row first (``FOR UPDATE``), so writers to one conversation take turns and
-a rolled-back transaction gives its numbers back: ``seq`` is gapless per conversation.
+the conversation row first (``FOR NO KEY UPDATE``: the mode its UPDATE of next_seq takes,
+and one that lets a transaction adding members, whose foreign key check takes ``FOR KEY
+SHARE``, go on), so writers to one conversation take turns and a rolled-back transaction
+gives its numbers back: ``seq`` is gapless per conversation.
 """
 
 from __future__ import annotations
@@ -420,7 +422,7 @@ def _message(row: tuple) -> Message:
 
 def _lock_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID) -> int:
     row = conn.execute("SELECT next_seq FROM conversations WHERE conversation_id = %s "
-                       "FOR UPDATE", (conversation_id,)).fetchone()
+                       "FOR NO KEY UPDATE", (conversation_id,)).fetchone()
     if row is None:
         raise NotFound(f"no conversation {conversation_id}")
     return row[0]
@@ -431,24 +433,29 @@ def _lock_conversation(conn: psycopg.Connection, conversation_id: uuid.UUID) -> 
 _CLOUD_PHASES_SQL = ", ".join(f"'{phase}'" for phase in CLOUD_CLIENT_PHASES)
 
 
-def _owed_notifications_sql(rows: str) -> str:
+def _owed_notifications_sql(rows: str, conversations: str) -> str:
     """The one rule for who is owed a notification, as an INSERT for the new messages in
-    *rows* (a table expression with conversation_id, message_id, seq, sender_account_id):
-    every member in a phase with cloud devices, except the sender."""
-    # Driven by the new rows, whatever the planner thinks of the sizes: each row's members
-    # come from the members primary key and each member's phase from the index of
-    # cloud-capable accounts (migration 0007; ``OFFSET 0`` keeps the lateral a per-row
-    # probe), so the cost follows the batch and never a scan of every account (as a join, a
-    # store whose cloud phases were rare scanned all accounts for every batch).
-    return ("INSERT INTO notifications (account_id, notification_id, conversation_id, "
+    *rows* (a table expression with conversation_id, message_id, seq, sender_account_id) of
+    *conversations* (an SQL array of their ids): every member in a phase with cloud devices,
+    except the sender."""
+    # The members owed anything are found once per conversation of the batch (``OFFSET 0``
+    # keeps the lateral a probe per conversation): from the members primary key, each
+    # checked against the index of cloud-capable accounts (migration 0007). Never a scan of
+    # every account or member (as a join driven by the accounts, a store whose cloud phases
+    # were rare scanned them all for every batch), and not a probe per message (checked per
+    # row, a small store's few accounts were scanned once for every message).
+    return ("WITH owed_to AS ("
+            "  SELECT c.id AS conversation_id, o.account_id "
+            f"  FROM unnest({conversations}) AS c(id) CROSS JOIN LATERAL ("
+            "    SELECT m.account_id FROM members m WHERE m.conversation_id = c.id "
+            "    AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = m.account_id "
+            f"                AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) o) "
+            "INSERT INTO notifications (account_id, notification_id, conversation_id, "
             "  message_id, seq, next_attempt_ms, created_ms) "
-            "SELECT mb.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
+            "SELECT o.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
             "       %(now)s, %(now)s "
-            f"FROM {rows} r CROSS JOIN LATERAL ("
-            "  SELECT m.account_id FROM members m WHERE m.conversation_id = r.conversation_id "
-            "  AND m.account_id <> r.sender_account_id AND EXISTS (SELECT 1 FROM accounts a "
-            "       WHERE a.account_id = m.account_id "
-            f"      AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) mb "
+            f"FROM {rows} r JOIN owed_to o ON o.conversation_id = r.conversation_id "
+            "WHERE o.account_id <> r.sender_account_id "
             "ON CONFLICT DO NOTHING")
 
 
@@ -457,7 +464,7 @@ def _owe_notifications(conn: psycopg.Connection, conversation_id: uuid.UUID,
     """Notification rows for new messages of one conversation (see the rule above)."""
     cur = conn.execute(
         _owed_notifications_sql("(SELECT * FROM messages WHERE conversation_id = %(cid)s "
-                                "AND seq = ANY(%(seqs)s))"),
+                                "AND seq = ANY(%(seqs)s))", "ARRAY[%(cid)s]::uuid[]"),
         {"now": now_ms, "cid": conversation_id, "seqs": list(seqs)})
     return cur.rowcount
 
@@ -546,6 +553,9 @@ CREATE TEMP TABLE IF NOT EXISTS mirror_staging (
 
 _STAGING_TYPES = ("int4", "uuid", "uuid", "text", "uuid", "text", "int8", "text", "text")
 
+#: The conversations of the rows a mirror insert numbered, for the notification rule.
+_BATCH_CONVERSATIONS = "ARRAY(SELECT DISTINCT conversation_id FROM numbered)"
+
 #: The tail both mirror inserts share: insert the numbered rows, owe notifications, return
 #: (ord, seq, owed) per inserted row in (conversation, seq) order.
 _INSERT_NUMBERED = (
@@ -554,7 +564,7 @@ _INSERT_NUMBERED = (
     "  SELECT conversation_id, seq, message_id, sender_account_id, sender_handle, "
     "         sent_ms, body, origin, legacy_guid, NULL FROM numbered "
     "  RETURNING conversation_id, seq, message_id, sender_account_id), "
-    f"owed AS ({_owed_notifications_sql('ins')} RETURNING 1) "
+    f"owed AS ({_owed_notifications_sql('ins', _BATCH_CONVERSATIONS)} RETURNING 1) "
     "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
 
 #: The usual batch, all new, in one statement: lock its conversations in id order (two
@@ -569,7 +579,7 @@ _MIRROR_INSERT_NEW = (
     "locked AS MATERIALIZED ("
     "  SELECT c.conversation_id FROM conversations c "
     "  WHERE c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM counts)) "
-    "  ORDER BY c.conversation_id FOR UPDATE), "
+    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
     "bump AS ("
     "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
     "  WHERE c.conversation_id = k.conversation_id "
@@ -612,13 +622,26 @@ _MIRROR_INSERT = (
 _LOCK_STAGED = (
     "WITH wanted AS (SELECT DISTINCT conversation_id FROM mirror_staging), "
     "locked AS (SELECT conversation_id FROM conversations WHERE conversation_id IN "
-    "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR UPDATE) "
+    "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR NO KEY UPDATE) "
     "SELECT conversation_id FROM wanted "
     "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)")
 
 
 class _NotAllNew(Exception):
     """The fast mirror insert met a conversation that does not exist: roll it back."""
+
+
+#: The unique indexes a replayed row violates (the same message id or legacy GUID).
+_STORED_ALREADY = ("messages_conversation_id_message_id_key",
+                   "messages_conversation_id_legacy_guid_key")
+
+
+def _mirror_carefully(conn: psycopg.Connection, params: dict) -> list[tuple]:
+    """Lock the staged rows' conversations, then insert the rows the store does not have."""
+    missing = conn.execute(_LOCK_STAGED).fetchall()
+    if missing:
+        raise NotFound(f"no conversation {min(r[0] for r in missing)} (create it first)")
+    return conn.execute(_MIRROR_INSERT, params).fetchall()
 
 
 def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
@@ -675,12 +698,12 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
                 rows = conn.execute(_MIRROR_INSERT_NEW, params).fetchall()
                 if len(rows) != len(messages):
                     raise _NotAllNew
-        except (psycopg.errors.UniqueViolation, _NotAllNew):
-            missing = conn.execute(_LOCK_STAGED).fetchall()
-            if missing:
-                raise NotFound(f"no conversation {min(r[0] for r in missing)} "
-                               "(create it first)") from None
-            rows = conn.execute(_MIRROR_INSERT, params).fetchall()
+        except psycopg.errors.UniqueViolation as e:
+            if e.diag.constraint_name not in _STORED_ALREADY:
+                raise  # not a replayed row: a numbering bug must not hide in the careful path
+            rows = _mirror_carefully(conn, params)
+        except _NotAllNew:
+            rows = _mirror_carefully(conn, params)
         for ord_, seq, owed in rows:
             m = messages[ord_]
             inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,

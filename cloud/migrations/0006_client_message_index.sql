@@ -3,8 +3,9 @@
 -- the legacy network had one: leave those out. The mirror path then writes one index entry
 -- fewer per message; post_message's duplicate lookup (client_message_id = $3, which implies
 -- NOT NULL) still uses the index. The new index is built before the constraint goes, inside
--- this migration's transaction: writes to messages wait while it builds.
-CREATE UNIQUE INDEX messages_client_message_id ON messages
+-- this migration's transaction: writes to messages wait while it builds, unless an operator
+-- built it first with CREATE UNIQUE INDEX CONCURRENTLY (docs/operations.md).
+CREATE UNIQUE INDEX IF NOT EXISTS messages_client_message_id ON messages
     (conversation_id, sender_account_id, client_message_id)
     WHERE client_message_id IS NOT NULL;
 ALTER TABLE messages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -20,6 +20,7 @@ def exposition(registry: CollectorRegistry) -> list[str]:
 
 
 @given(st.lists(values, max_size=5), values)
+@example(batches=[[0.0, 0.005, 0.01, 1.0, 300.0], [0.1]], other=[2.5, 300.0001, 1000.0])
 def test_batches_export_exactly_what_histogram_exports_for_the_same_values(batches, other):
     """Bucket boundaries (le, values equal to a bound included), counts, sum, per label."""
     reference, bulk_registry = CollectorRegistry(), CollectorRegistry()

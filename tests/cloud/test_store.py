@@ -285,11 +285,16 @@ def test_a_partly_stored_batch_inserts_only_the_new_rows_after_the_stored_ones(c
     assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
         (1, "g1"), (2, "g2"), (3, "g3"), (4, "g4")]
     assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == 5
+    # the fall-back is taken for exactly these violations: they must name real constraints
+    names = {r[0] for r in conn.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'messages'::regclass")}
+    assert set(store._STORED_ALREADY) <= names
 
 
 def test_mirror_writers_locking_many_conversations_in_any_order_never_deadlock(db_dsn, conn):
-    """Two writers, each batch spanning 20 conversations, listed in opposite orders: both
-    paths lock in conversation id order, so PostgreSQL records no deadlock."""
+    """Two writers, each batch spanning 20 conversations, listed in opposite orders, new
+    batches and replays (both paths): their locks never cross, so PostgreSQL records no
+    deadlock (a variant locking in batch order deadlocked here)."""
     a = make_account(conn, "alice")
     cids = [make_conversation(conn, a) for _ in range(20)]
     (before,) = conn.execute("SELECT deadlocks FROM pg_stat_database "
