@@ -439,12 +439,13 @@ def _owed_notifications_sql(rows: str, conversations: str) -> str:
     *conversations* (an SQL array of their ids): every member in a phase with cloud devices,
     except the sender."""
     # The members owed anything are found once per conversation of the batch (``OFFSET 0``
-    # keeps the lateral a probe per conversation): from the members primary key, each
+    # keeps the lateral a probe per conversation, ``MATERIALIZED`` keeps the planner from
+    # running it again for every row): from the members primary key, each
     # checked against the index of cloud-capable accounts (migration 0007). Never a scan of
     # every account or member (as a join driven by the accounts, a store whose cloud phases
     # were rare scanned them all for every batch), and not a probe per message (checked per
     # row, a small store's few accounts were scanned once for every message).
-    return ("WITH owed_to AS ("
+    return ("WITH owed_to AS MATERIALIZED ("
             "  SELECT c.id AS conversation_id, o.account_id "
             f"  FROM unnest({conversations}) AS c(id) CROSS JOIN LATERAL ("
             "    SELECT m.account_id FROM members m WHERE m.conversation_id = c.id "
