@@ -57,6 +57,7 @@ class BulkHistogram(Collector):
 
     def observe_many(self, value: str, amounts: Iterable[float]) -> None:
         """Observe every one of *amounts* (as ``observe`` would, one by one)."""
+        amounts = list(amounts)  # an iterator that fails part-way changes nothing
         bounds, find = self.bounds, bisect.bisect_left
         with self._lock:
             counts, sums = self._series.setdefault(value, ([0] * (len(bounds) + 1), [0.0]))

@@ -43,3 +43,20 @@ def test_a_label_it_does_not_have_is_refused():
     bulk = BulkHistogram("lag_seconds", "Lag.", "direction", BUCKETS)
     with pytest.raises(ValueError, match="exactly the label 'direction'"):
         bulk.labels(kind="x")
+
+
+def test_a_batch_whose_values_fail_part_way_counts_nothing():
+    """Counts and sum stay in step: a generator that raises mid-batch adds no value."""
+    registry = CollectorRegistry()
+    bulk = BulkHistogram("lag_seconds", "Lag.", "direction", BUCKETS)
+    registry.register(bulk)
+    bulk.labels(direction="to_cloud").observe_many([0.5])
+
+    def failing():
+        yield 0.001
+        raise RuntimeError("feed broke")
+
+    with pytest.raises(RuntimeError):
+        bulk.labels(direction="to_cloud").observe_many(failing())
+    assert registry.get_sample_value("lag_seconds_count", {"direction": "to_cloud"}) == 1
+    assert registry.get_sample_value("lag_seconds_sum", {"direction": "to_cloud"}) == 0.5
