@@ -58,12 +58,12 @@ log = Logger()
 LEGACY_PRESENCE_PREFIX = "legacy:"
 
 
-#: Label children used for every frame or message, looked up once.
 #: The followers of this process: the to_cloud backlog gauge is their uncommitted frames,
 #: summed when scraped (a gauge's inc takes a lock, and this would take it for every frame).
 _FOLLOWERS: weakref.WeakSet[FeedFollower] = weakref.WeakSet()
 m.BACKLOG.labels(direction="to_cloud").set_function(
     lambda: sum(f.backlog for f in list(_FOLLOWERS)))
+#: Label child used for every batch, looked up once.
 _LAG = m.LAG.labels(direction="to_cloud")
 
 

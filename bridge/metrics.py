@@ -52,15 +52,22 @@ class BulkHistogram(Collector):
             raise ValueError(f"{self.name} takes exactly the label {self.labelname!r}")
         value = labels[self.labelname]
         with self._lock:
-            self._series.setdefault(value, ([0] * (len(self.bounds) + 1), [0.0]))
+            self._series_of(value)
         return BulkHistogram.Child(self, value)
+
+    def _series_of(self, value: str) -> tuple[list[int], list[float]]:
+        """The counts and sum of one label value, made empty on first use (lock held)."""
+        series = self._series.get(value)
+        if series is None:
+            series = self._series[value] = ([0] * (len(self.bounds) + 1), [0.0])
+        return series
 
     def observe_many(self, value: str, amounts: Iterable[float]) -> None:
         """Observe every one of *amounts* (as ``observe`` would, one by one)."""
         amounts = list(amounts)  # an iterator that fails part-way changes nothing
         bounds, find = self.bounds, bisect.bisect_left
         with self._lock:
-            counts, sums = self._series.setdefault(value, ([0] * (len(bounds) + 1), [0.0]))
+            counts, sums = self._series_of(value)
             total = sums[0]
             for amount in amounts:
                 counts[find(bounds, amount)] += 1  # le: the first bound >= the value

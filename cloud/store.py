@@ -568,6 +568,14 @@ _INSERT_NUMBERED = (
     f"owed AS ({_owed_notifications_sql('ins', _BATCH_CONVERSATIONS)} RETURNING 1) "
     "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
 
+def _lock_conversations_of(ids: str) -> str:
+    """A SELECT locking the conversations whose ids the CTE *ids* lists, in id order (two
+    writers never deadlock), ``FOR NO KEY UPDATE`` (see the module docstring)."""
+    return ("SELECT c.conversation_id FROM conversations c "
+            f"WHERE c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM {ids})) "
+            "ORDER BY c.conversation_id FOR NO KEY UPDATE")
+
+
 #: The usual batch, all new, in one statement: lock its conversations in id order (two
 #: writers never deadlock), advance each one's next_seq by its row count, number the rows
 #: from the old value in batch order, insert them, owe notifications. A row the store
@@ -577,10 +585,7 @@ _INSERT_NUMBERED = (
 #: locked, whatever the statement's snapshot saw.
 _MIRROR_INSERT_NEW = (
     "WITH counts AS (SELECT conversation_id, count(*) AS n FROM mirror_staging GROUP BY 1), "
-    "locked AS MATERIALIZED ("
-    "  SELECT c.conversation_id FROM conversations c "
-    "  WHERE c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM counts)) "
-    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
+    f"locked AS MATERIALIZED ({_lock_conversations_of('counts')}), "
     "bump AS ("
     "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
     "  WHERE c.conversation_id = k.conversation_id "
@@ -622,8 +627,7 @@ _MIRROR_INSERT = (
 #: The ids come from the staging table, so a large batch sends no array of them.
 _LOCK_STAGED = (
     "WITH wanted AS (SELECT DISTINCT conversation_id FROM mirror_staging), "
-    "locked AS (SELECT conversation_id FROM conversations WHERE conversation_id IN "
-    "  (SELECT conversation_id FROM wanted) ORDER BY conversation_id FOR NO KEY UPDATE) "
+    f"locked AS MATERIALIZED ({_lock_conversations_of('wanted')}) "
     "SELECT conversation_id FROM wanted "
     "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)")
 

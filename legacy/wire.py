@@ -108,16 +108,22 @@ class _Bytes(Kind):
         out.append(_U16.pack(len(value)))
         out.append(value)
 
-    def decode(self, buf: bytes, pos: int) -> tuple[bytes, int]:
-        if pos + 2 > len(buf):
+    def span(self, buf: bytes, pos: int) -> tuple[int, int]:
+        """Where the field at *pos* lies in *buf*: (start, end) of its bytes, checked."""
+        start = pos + 2
+        if start > len(buf):
             raise WireError("truncated", "length runs past the end of the frame")
-        (n,) = _U16.unpack_from(buf, pos)
-        pos += 2
+        n = (buf[pos] << 8) | buf[pos + 1]
         if n > self.limit:
             raise WireError("too_long", f"field of {n} bytes exceeds {self.limit}")
-        if pos + n > len(buf):
+        end = start + n
+        if end > len(buf):
             raise WireError("truncated", "field runs past the end of the frame")
-        return bytes(buf[pos:pos + n]), pos + n
+        return start, end
+
+    def decode(self, buf: bytes, pos: int) -> tuple[bytes, int]:
+        start, end = self.span(buf, pos)
+        return bytes(buf[start:end]), end
 
     def check(self, value: Any) -> None:
         if type(value) is not bytes or len(value) > self.limit:
@@ -133,16 +139,9 @@ class _Str(_Bytes):
         out.append(data)
 
     def decode(self, buf: bytes, pos: int) -> tuple[str, int]:
-        # _Bytes.decode's checks, inlined: five of a feed message's seven fields are strings
-        start = pos + 2
-        if start > len(buf):
-            raise WireError("truncated", "length runs past the end of the frame")
-        n = (buf[pos] << 8) | buf[pos + 1]
-        if n > self.limit:
-            raise WireError("too_long", f"field of {n} bytes exceeds {self.limit}")
-        end = start + n
-        if end > len(buf):
-            raise WireError("truncated", "field runs past the end of the frame")
+        # decoded straight from the frame (no bytes copy): five of a feed message's seven
+        # fields are strings
+        start, end = self.span(buf, pos)
         try:
             return str(buf[start:end], "utf-8"), end
         except UnicodeDecodeError as e:
