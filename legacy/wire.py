@@ -59,9 +59,7 @@ class Kind:
 
     def decode(self, buf: bytes, pos: int) -> tuple[Any, int]:
         """Read one value of this kind from *buf* at *pos*: ``(value, next pos)``."""
-        decode = _compile(self.decode_lines, type(self).__name__)
-        self.decode = decode  # type: ignore[method-assign] # compiled once, per instance
-        return decode(buf, pos)
+        return _decoder(self)(buf, pos)
 
     def decode_lines(self, out: str, env: dict[str, Any], names: _Names) -> list[str]:
         """Source lines that read a value from ``buf`` at ``pos`` (``n`` is ``len(buf)``)
@@ -82,6 +80,14 @@ class _Names:
     def fresh(self, stem: str) -> str:
         self.count += 1
         return f"_{stem}{self.count}"
+
+
+def _decoder(kind: Kind) -> Callable[[bytes, int], tuple[Any, int]]:
+    """*kind*'s compiled decoder, compiled on first use and kept as its ``decode``."""
+    decode = kind.__dict__.get("decode")
+    if decode is None:
+        decode = kind.decode = _compile(kind.decode_lines, type(kind).__name__)
+    return decode
 
 
 def _compile(lines_of: Callable[[str, dict, _Names], list[str]], name: str
@@ -212,7 +218,7 @@ class _List(Kind):
     def decode_lines(self, out: str, env: dict[str, Any], names: _Names) -> list[str]:
         # the items are read by the item kind's compiled decoder, one call each
         items, count, dec = names.fresh("items"), names.fresh("count"), names.fresh("item")
-        env[dec] = self.item.decode
+        env[dec] = _decoder(self.item)
         return ["if pos + 2 > n:",
                 "    raise WireError('truncated', 'list count runs past the end of the frame')",
                 f"{count} = (buf[pos] << 8) | buf[pos + 1]",

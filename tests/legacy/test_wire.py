@@ -200,3 +200,26 @@ def test_encode_refuses_values_out_of_range(f, code):
     """encode raises WireError for negative or too-large ints, over-long strings and lists."""
     assert _encode_code(f) == code
 
+
+
+def test_decoders_are_compiled_once(monkeypatch):
+    """Each kind's decoder is compiled on first use and kept: decoding the same frames again
+    (a list of records, a nested record, a list of names) compiles nothing more."""
+    compiled = []
+    real = wire._compile
+
+    def counting(lines_of, name):
+        compiled.append(name)
+        return real(lines_of, name)
+
+    monkeypatch.setattr(wire, "_compile", counting)
+    msg = wire.ChatMessage(chat_id="c", guid="g", legacy_seq=1, sender="s", ts_ms=2, body="b",
+                           origin="legacy")
+    frames_ = [wire.FetchReply(req_id=1, messages=(msg, msg), missing=("g2",)),
+               wire.FeedMessage(offset=1, message=msg),
+               wire.FeedChat(offset=2, chat_id="c", members=("a", "b", "c"))]
+    data = [wire.encode(f) for f in frames_]
+    assert [wire.decode(d) for d in data] == frames_
+    first = len(compiled)
+    assert [wire.decode(d) for d in data * 3] == frames_ * 3
+    assert len(compiled) == first
