@@ -8,9 +8,12 @@ frame to the peer and the connection closed. The server behind it keeps serving 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
@@ -21,9 +24,27 @@ REJECTED_FRAMES = Counter(
     "Connections closed by a legacy endpoint because of bad input, by reason code.",
     ["code"],
 )
-FRAMES_RECEIVED = Counter(
-    "legacy_frames_received_total", "Frames decoded by legacy endpoints."
-)
+
+
+class FrameCount(Collector):
+    """``legacy_frames_received_total``: frames decoded, counted without a lock.
+
+    Every frame of every legacy connection is counted, on the reactor thread (protocols run
+    there). prometheus_client's ``Counter.inc`` takes a lock each time: in the bridge's drain
+    that was 8% of the time its process held the GIL. Exposed like a Counter, without
+    ``_created``.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("legacy_frames_received", "Frames decoded by legacy endpoints.",
+                                  value=self.value)
+
+
+FRAMES_RECEIVED = FrameCount()
+REGISTRY.register(FRAMES_RECEIVED)
 
 
 class CodedError(Exception):
@@ -54,7 +75,7 @@ class FrameProtocol(Int32StringReceiver):
         except wire.WireError as e:
             self.reject(e.code, e.reason)
             return
-        FRAMES_RECEIVED.inc()
+        FRAMES_RECEIVED.value += 1
         try:
             self.frameReceived(frame)
         except ProtocolViolation as e:

@@ -53,7 +53,11 @@ class PeerConnection(FrameProtocol):
     # -- protocol ------------------------------------------------------------------------------
 
     def frameReceived(self, f: Any) -> None:  # noqa: N802
-        if isinstance(f, wire.Challenge):
+        if isinstance(f, FEED_FRAMES):  # first: nearly every frame a follower reads
+            if self.feed_handler is None:
+                raise ProtocolViolation("unexpected", "feed frame without a subscription")
+            self.feed_handler(f)
+        elif isinstance(f, wire.Challenge):
             self.send(wire.PeerAuth(role="peer", name=self.name,
                                     proof=auth.peer_proof(self.secret, f.nonce, "peer",
                                                           self.name)))
@@ -66,10 +70,6 @@ class PeerConnection(FrameProtocol):
             if not self.ready.called:
                 self.ready.errback(exc)
             self._fail_all(exc)
-        elif isinstance(f, FEED_FRAMES):
-            if self.feed_handler is None:
-                raise ProtocolViolation("unexpected", "feed frame without a subscription")
-            self.feed_handler(f)
         elif isinstance(f, wire.HostCache):
             while self._host_cache:
                 waiter = self._host_cache.popleft()

@@ -313,6 +313,25 @@ def test_a_frame_split_anywhere_is_reassembled(sizes):
         assert not conn.closing
 
 
+
+def test_frames_received_counts_every_decoded_frame_and_no_refused_one():
+    """``legacy_frames_received_total`` goes up by one per frame decoded, not for a frame
+    that is refused, and is exposed as a counter (``FrameCount``, without a lock)."""
+    def total() -> float:
+        return REGISTRY.get_sample_value("legacy_frames_received_total")
+
+    with live_supernode() as live:
+        before = total()
+        conn = live.raw()
+        conn.feed(framed(wire.encode(credential("alice"))))
+        assert conn.received() == [wire.Welcome(server_id=SN_ID, epoch=live.sn.epoch)]
+        assert total() == before + 1
+        conn.feed(framed(b"\x09" + wire.encode(credential("alice"))[1:]))  # wrong version
+        assert conn.closing
+        assert total() == before + 1
+    family = next(f for f in REGISTRY.collect() if f.name == "legacy_frames_received")
+    assert family.type == "counter"
+
 # -- frames a role may not send -------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [c for c in FRAME_CLASSES if c not in AUTH_FRAMES],
