@@ -4,7 +4,8 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
 ``bridgectl bridge run`` worker, and PostgreSQL (embedded unless --dsn / $BRIDGE_DSN).
 
 - ``to_cloud_msgs_per_s``: legacy -> cloud drain speed: the feeds hold a backlog of N
-  messages when the bridge starts; time from the bridge's start to the N-th row.
+  messages when the bridge starts; time from the bridge's start to the N-th row (polled
+  every 20 ms through the conversations' sequence counters, see ``STORED``).
 - ``copy_rows_per_s``: raw binary COPY of the same number of message rows into the same
   server in the same run (the ceiling: the median of three passes, after a VACUUM ANALYZE of
   the drained rows), and the ratio of the two.
@@ -186,20 +187,32 @@ def histogram_quantile(q: float, before: dict[float, float],
     raise AssertionError("unreachable: the +Inf bucket holds every observation")
 
 
-def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float) -> float:
+def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
+               every: float = 0.05) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if conn.execute(sql).fetchone()[0] >= target:
             return time.monotonic()
-        time.sleep(0.05)
+        time.sleep(every)
     raise RuntimeError(f"timed out waiting for {sql!r} to reach {target}")
+
+
+#: Messages the store holds, while only the bridge writes: each mirrored batch advances its
+#: conversations' next_seq by the rows it inserted, in the same transaction. A sum over the
+#: 1,000 conversations costs 0.3 ms where count(*) over 50,000 messages cost 5 ms; polled
+#: every 20 ms, the probe takes about 1% of one core from the run it times instead of 10%,
+#: and sees the end within 20 ms instead of 50. The drain checks count(*) once at the end.
+STORED = "SELECT coalesce(sum(next_seq - 1), 0) FROM conversations"
 
 
 def drain_run(server: str, n: int, workers: int = 1) -> dict:
     with Run(server, "backlog", n, workers) as run:
         t0 = run.start_bridge()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            t1 = wait_until(conn, "SELECT count(*) FROM messages", n, timeout=600)
+            t1 = wait_until(conn, STORED, n, timeout=600, every=0.02)
+            (stored,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+            if stored != n:
+                raise RuntimeError(f"the store holds {stored} messages, not {n}")
         rss = run.rss_per_worker_mb()
         # the ceiling: raw COPY of as many rows into the same server, same run. The drain's
         # rows are vacuumed and analysed first, so autovacuum does not pick this moment to do
