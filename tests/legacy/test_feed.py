@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from legacy import wire
 from legacy.feed import Feed, FeedPosition
@@ -55,6 +57,21 @@ def test_another_epoch_is_an_epoch_gap_from_the_old_offset():
 def test_offset_in_the_future_has_no_position():
     """An offset past the head of the feed is refused (None), never clamped."""
     assert feed_with(7, 3, 5).position_for(7, 6) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 1500), appends=st.integers(0, 4000))
+def test_get_returns_every_buffered_entry_by_its_offset(capacity, appends):
+    """``get`` answers every offset still in the buffer with the entry appended at it, also
+    after evictions have been cut off the list's head in bulk; any other offset raises."""
+    feed = feed_with(7, capacity, appends)
+    assert feed.next_offset == appends
+    assert feed.first_offset == max(0, appends - capacity)
+    for offset in range(feed.first_offset, feed.next_offset):
+        assert feed.get(offset) == ("entry", offset)
+    for outside in (feed.first_offset - 1, feed.next_offset):
+        with pytest.raises(IndexError):
+            feed.get(outside)
 
 
 def test_feed_capacity_must_be_positive():
