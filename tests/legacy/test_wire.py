@@ -202,15 +202,16 @@ def test_encode_refuses_values_out_of_range(f, code):
 
 
 
-def test_decoders_are_compiled_once(monkeypatch):
-    """Each kind's decoder is compiled on first use and kept: decoding the same frames again
-    (a list of records, a nested record, a list of names) compiles nothing more."""
+def test_coders_are_compiled_once(monkeypatch):
+    """Each kind's encoder and decoder are compiled on first use and kept: encoding and
+    decoding the same frames again (a list of records, a nested record, a list of names)
+    compiles nothing more."""
     compiled = []
     real = wire._compile
 
-    def counting(lines_of, name):
-        compiled.append(name)
-        return real(lines_of, name)
+    def counting(kind, which):
+        compiled.append((kind, which))
+        return real(kind, which)
 
     monkeypatch.setattr(wire, "_compile", counting)
     msg = wire.ChatMessage(chat_id="c", guid="g", legacy_seq=1, sender="s", ts_ms=2, body="b",
@@ -221,5 +222,6 @@ def test_decoders_are_compiled_once(monkeypatch):
     data = [wire.encode(f) for f in frames_]
     assert [wire.decode(d) for d in data] == frames_
     first = len(compiled)
+    assert [wire.encode(f) for f in frames_ * 3] == data * 3
     assert [wire.decode(d) for d in data * 3] == frames_ * 3
     assert len(compiled) == first
