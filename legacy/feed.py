@@ -42,8 +42,9 @@ class Feed:
         if self.next_offset - self.first_offset > self.capacity:
             self.first_offset += 1
             self._evicted += 1
-            if self._evicted >= max(1024, self.capacity):
-                del self._entries[:self._evicted]  # amortized: at most once per capacity
+            if self._evicted >= max(1024, self.capacity // 8):
+                # amortized: one memmove per capacity/8 evictions; at most 1/8 kept extra
+                del self._entries[:self._evicted]
                 self._evicted = 0
         return entry
 
