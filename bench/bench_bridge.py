@@ -71,21 +71,33 @@ class Run:
         self.procs: list[subprocess.Popen] = []
         self.bridges: list[subprocess.Popen] = []
         self.metrics_urls: list[str] = []
+        self._errors = None  # the legacy feed server's stderr (a file: shown if it fails)
 
     def __enter__(self) -> Run:
         with psycopg.connect(self.server, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{self.name}"')
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)  # its database and whatever process did start
+            raise
+
+    def _start(self) -> Run:
         self.dsn = with_db(self.server, self.name)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             schema.upgrade(conn)
+        errors = self._errors = open(os.path.join(self.home, "legacy_feed_server.err"), "w+")
         legacy = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "legacy_feed_server.py"), str(BASE_PORT),
              str(SUPERNODES), self.mode, str(self.amount)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
+            stdout=subprocess.PIPE, stderr=errors, text=True, env=self.env)
         self.procs.append(legacy)
         ready = legacy.stdout.readline().split()
         if not ready or ready[0] != "ready":
-            raise RuntimeError("the legacy feed server did not start")
+            legacy.wait(timeout=30)
+            errors.seek(0)
+            raise RuntimeError("the legacy feed server did not start: "
+                               + (errors.read().strip()[-2000:] or f"exit {legacy.returncode}"))
         self.feed_messages = int(ready[1])  # messages in the feeds before any load
         return self
 
@@ -152,6 +164,8 @@ class Run:
                     p.kill()
         with psycopg.connect(self.server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        if self._errors is not None:
+            self._errors.close()
 
 
 def lag_buckets(urls: list[str]) -> dict[float, float]:

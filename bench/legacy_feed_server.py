@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from twisted.internet import reactor, task  # noqa: E402
+from twisted.internet import defer, reactor, task  # noqa: E402
 
 from bridge import state  # noqa: E402
 from legacy.network import TCPNetwork  # noqa: E402
@@ -111,10 +111,26 @@ def main() -> None:
                 put(chat, chat.members[0], "warm-up", now())
             print("ready", counter[0], flush=True)
 
-    dep.startService()  # listening completes on the reactor; start appending half a second in
-    reactor.callWhenRunning(lambda: task.deferLater(reactor, 0.5, lambda: None)
-                            .addCallback(started))
+    exit_code = [0]
+
+    def cannot_start(f: Any) -> None:
+        # e.g. its ports are taken (another benchmark running): the benchmark must not go on
+        # to measure whatever answers there
+        why = f.value.subFailure if isinstance(f.value, defer.FirstError) else f
+        print(f"legacy_feed_server: cannot start: {why.getErrorMessage()}", file=sys.stderr,
+              flush=True)
+        exit_code[0] = 1
+        reactor.stop()
+
+    def start() -> None:
+        d = defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],
+                                consumeErrors=True)
+        d.addCallback(lambda _: setattr(dep, "running", 1))
+        d.addCallbacks(started, cannot_start)
+
+    reactor.callWhenRunning(start)
     reactor.run()
+    sys.exit(exit_code[0])
 
 
 if __name__ == "__main__":
