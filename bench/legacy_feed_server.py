@@ -126,7 +126,8 @@ def main() -> None:
         d = defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],
                                 consumeErrors=True)
         d.addCallback(lambda _: setattr(dep, "running", 1))
-        d.addCallbacks(started, cannot_start)
+        d.addCallback(started)
+        d.addErrback(cannot_start)  # a failure to listen, or of the appends themselves
 
     reactor.callWhenRunning(start)
     reactor.run()

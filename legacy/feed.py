@@ -43,7 +43,8 @@ class Feed:
             self.first_offset += 1
             self._evicted += 1
             if self._evicted >= max(1024, self.capacity // 8):
-                # amortized: one memmove per capacity/8 evictions; at most 1/8 kept extra
+                # amortized: one memmove per capacity/8 evictions; what is kept beyond the
+                # buffer is under an eighth of it, or under 1,024 entries for a small one
                 del self._entries[:self._evicted]
                 self._evicted = 0
         return entry

@@ -351,6 +351,8 @@ def encode(f: Any) -> bytes:
 
 def decode(data: bytes) -> Any:
     """Strictly decode one frame body (what follows the length prefix)."""
+    if type(data) is not bytes:
+        data = bytes(data)  # a bytearray or memoryview (the compiled readers slice bytes)
     if len(data) > MAX_FRAME_BYTES:
         raise WireError("too_large", f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     if len(data) < 2:

@@ -42,6 +42,7 @@ def test_any_frame_round_trips(f):
     assert data[:2] == bytes((wire.PROTOCOL_VERSION, type(f).TYPE_ID))
     assert len(data) <= wire.MAX_FRAME_BYTES
     assert wire.decode(data) == f
+    assert wire.decode(memoryview(data)) == wire.decode(bytearray(data)) == f
 
 
 @pytest.mark.parametrize("cls", FRAME_CLASSES, ids=lambda c: c.__name__)
