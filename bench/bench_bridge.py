@@ -50,10 +50,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_cloud import raw_copy, with_db  # noqa: E402
+from bench_cloud import raw_copy, scratch_database  # noqa: E402
 from bench_stats import summarize  # noqa: E402
 
-from cloud import embedded, schema, store  # noqa: E402
+from cloud import embedded, store  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
 
 BASE_PORT = 47900
@@ -65,17 +65,16 @@ class Run:
 
     def __init__(self, server: str, mode: str, amount: float, workers: int = 1) -> None:
         self.server, self.mode, self.amount, self.workers = server, mode, amount, workers
-        self.name = f"bridge_benchb_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self.home = tempfile.mkdtemp(prefix="bench-bridge-")
         self.env = {**os.environ, "BRIDGE_HOME": self.home}
         self.procs: list[subprocess.Popen] = []
         self.bridges: list[subprocess.Popen] = []
         self.metrics_urls: list[str] = []
         self._errors = None  # the legacy feed server's stderr (a file: shown if it fails)
+        self._database = scratch_database(server, "bridge_benchb")
 
     def __enter__(self) -> Run:
-        with psycopg.connect(self.server, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{self.name}"')
+        self.dsn = self._database.__enter__()  # a fresh database with the current schema
         try:
             return self._start()
         except BaseException:
@@ -83,9 +82,6 @@ class Run:
             raise
 
     def _start(self) -> Run:
-        self.dsn = with_db(self.server, self.name)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            schema.upgrade(conn)
         errors = self._errors = open(os.path.join(self.home, "legacy_feed_server.err"), "w+")
         legacy = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "legacy_feed_server.py"), str(BASE_PORT),
@@ -162,8 +158,7 @@ class Run:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        with psycopg.connect(self.server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        self._database.__exit__(None, None, None)
         if self._errors is not None:
             self._errors.close()
 

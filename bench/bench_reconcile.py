@@ -54,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_cloud import scratch_database  # noqa: E402
+from bench_cloud import copy_messages, scratch_database  # noqa: E402
 from bench_stats import summarize  # noqa: E402
 from twisted.internet import defer  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
@@ -217,12 +217,7 @@ class ReconcileScene:
         batch: list[tuple] = []
 
         def flush() -> None:
-            with conn.transaction(), conn.cursor().copy(
-                    "COPY messages (conversation_id, seq, message_id, legacy_guid, "
-                    "sender_account_id, sender_handle, sent_ms, body, origin) "
-                    "FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(["uuid", "int8", "uuid", "text", "uuid", "text", "int8", "text",
-                              "text"])
+            with copy_messages(conn) as cp:
                 for row in batch:
                     cp.write_row(row)
             batch.clear()
