@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", type=Path, metavar="FILE",
                      help="at the end, write the clients' record (acknowledged messages, "
                           "supernode crashes) to FILE as JSON, for an outside check")
+    run.add_argument("--metrics-port", type=_positive_int, metavar="P",
+                     help="serve the network's /metrics, /healthz and /readyz on "
+                          "127.0.0.1:P (0: any free port; default: not served)")
 
     sim = lsub.add_parser("simulate", help="run the network in memory, deterministically",
                           description="Run the same workload on the deterministic in-memory "
@@ -484,6 +487,8 @@ def cmd_legacy_simulate(args: argparse.Namespace) -> int:
 def cmd_legacy_run(args: argparse.Namespace) -> int:
     config = _run_config(args, base_port=args.port, login_port=args.login_port,
                          fault_window=args.fault_window)
+    if args.metrics_port is not None and args.metrics_port > 65535:
+        raise UsageError("--metrics-port must be at most 65535")
     home = state.state_home()
     if args.peer_secret_file is not None:
         peer_secret = state.read_secret_file(args.peer_secret_file)
@@ -493,6 +498,7 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
     from twisted.internet import defer, error, reactor, task
 
+    from bridge.health import operations_site
     from legacy.sim import run_tcp
 
     _log_to_stderr()
@@ -525,6 +531,18 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
     async def main(_reactor: Any) -> None:
         _stop_with_parent(reactor)
+        if args.metrics_port is not None:
+            # the legacy_* counters and gauges of every supernode and the login server here
+            try:
+                metrics = reactor.listenTCP(args.metrics_port,
+                                            operations_site(lambda: [], reactor),
+                                            interface="127.0.0.1")
+            except error.CannotListenError as e:
+                result["error"] = f"cannot listen on 127.0.0.1:{e.port}: {e.socketError}"
+                return
+            print(f"legacy network metrics on "
+                  f"http://127.0.0.1:{metrics.getHost().port}/metrics",
+                  file=sys.stderr, flush=True)
         run = run_tcp(reactor, config, peer_secret=peer_secret, login_secret=login_secret,
                       on_listening=listening, stop_signal=stop_signal,
                       heal_signal=heal_signal, on_done=write_record)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -93,3 +96,50 @@ def test_bridgectl_legacy_run_over_real_tcp(tmp_path):
     assert summary["lost_to_faults"] == 0
     assert summary["sn_crashes"] == 0
     assert f"127.0.0.1:{base}-{base + 2}" in proc.stderr
+
+
+def test_bridgectl_legacy_run_serves_its_metrics_when_asked(tmp_path):
+    """`legacy run --metrics-port 0` serves the network's legacy_* metrics over HTTP while it
+    runs; a port already taken is one clear error and exit 1, before anything listens."""
+    bridgectl = Path(sys.executable).with_name("bridgectl")
+    base = free_port_range(4)
+    env = dict(os.environ, BRIDGE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen(
+        [str(bridgectl), "legacy", "run", "--supernodes", "3", "--users", "20", "--rate", "20",
+         "--duration", "4", "--port", str(base), "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stderr:
+            found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", line)
+            if found:
+                url = found.group(1)
+            if "legacy network up" in line:
+                break
+        assert url is not None
+        deadline = time.monotonic() + 3
+        while True:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            appended = re.search(r'^legacy_messages_appended_total\{origin="legacy"\} (\S+)$',
+                                 text, re.M)
+            if appended and float(appended.group(1)) > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert re.search(r"^legacy_supernodes_up 3\.0$", text, re.M), text
+        assert appended and float(appended.group(1)) > 0, text
+        assert re.search(r"^legacy_frames_received_total [1-9]", text, re.M), text
+    finally:
+        proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(bridgectl), "legacy", "run", "--supernodes", "3", "--users", "20",
+             "--duration", "2", "--port", str(base), "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert f"bridgectl: error: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
