@@ -12,24 +12,28 @@ import time
 import pytest
 
 from tests.bridge.test_bridge_tcp import wait_for
+from tests.legacy.test_sim import free_port_range
 
 BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
-BASE_PORT = 47680
 
 
 def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
     """Messages deleted from the cloud (and traffic after the bridge stopped) come back;
     the JSON report says so; a second run finds the stacks in sync (exit 0, clean)."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    # ports free now: a fixed range lies inside the ephemeral one (32768-60999), where any
+    # client connection may hold a port (this test once waited 30 s for a network that
+    # never came up, in CI's second pass; not reproduced since)
+    base = free_port_range(4)
     legacy = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", "3", "--users", "20", "--rate", "10",
-         "--port", str(BASE_PORT), "--seed", "4", "--duration", "60"],
+         "--port", str(base), "--seed", "4", "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for(lambda: "legacy network up" in legacy.stderr.readline())
         bridge = subprocess.Popen(
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
-             "--legacy", f"127.0.0.1:{BASE_PORT + 3}"],
+             "--legacy", f"127.0.0.1:{base + 3}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         wait_for(lambda: re.search(r"metrics on", bridge.stderr.readline()))
         wait_for(lambda: conn.execute("SELECT count(*) FROM messages").fetchone()[0] >= 20)
@@ -41,7 +45,7 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
                      "FROM messages WHERE legacy_guid = ANY(%s))", (lost,))
         conn.execute("DELETE FROM messages WHERE legacy_guid = ANY(%s)", (lost,))
         time.sleep(1.5)
-        legacy_arg = ["--legacy", f"127.0.0.1:{BASE_PORT + 3}", "--dsn", db_dsn]
+        legacy_arg = ["--legacy", f"127.0.0.1:{base + 3}", "--dsn", db_dsn]
         out = subprocess.run([*BRIDGECTL, "reconcile", "gaps", *legacy_arg, "--margin", "1",
                               "--json"], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr
