@@ -10,10 +10,9 @@ import time
 import urllib.request
 
 from cloud import store
-from tests.sockets import listening
+from tests.sockets import free_port_range, listening
 
 BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
-BASE_PORT = 47640
 SUPERNODES = 3
 
 
@@ -31,21 +30,22 @@ def test_bridge_mirrors_both_ways_over_tcp_and_stops_cleanly(conn, db_dsn, tmp_p
     """Legacy traffic lands in the store; a cloud post is injected (woken by NOTIFY) and
     acknowledged by the home supernode; SIGTERM drains and exits 0."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    base = free_port_range(SUPERNODES + 1)  # not a fixed range: it is inside the ephemeral one
     legacy = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", str(SUPERNODES), "--users", "20",
-         "--rate", "10", "--port", str(BASE_PORT), "--seed", "3", "--duration", "60"],
+         "--rate", "10", "--port", str(base), "--seed", "3", "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     bridge = None
     try:
         wait_for(lambda: "legacy network up" in legacy.stderr.readline())
         bridge = subprocess.Popen(
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
-             "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--worker-id", "tcp-test"],
+             "--legacy", f"127.0.0.1:{base + SUPERNODES}", "--worker-id", "tcp-test"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         up = wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)",
                                         bridge.stderr.readline()))
         # every server binds loopback unless told otherwise
-        assert listening(legacy.pid) == [("127.0.0.1", BASE_PORT + i)
+        assert listening(legacy.pid) == [("127.0.0.1", base + i)
                                          for i in range(SUPERNODES + 1)]  # + login server
         assert listening(bridge.pid) == [("127.0.0.1", int(up.group(1)))]
         # what the worker allocated to start lives as long as it: frozen out of the

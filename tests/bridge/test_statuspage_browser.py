@@ -25,6 +25,7 @@ import pytest
 
 from tests.bridge.test_bridge_tcp import BRIDGECTL, wait_for
 from tests.bridge.test_phases import add_finding, add_run, add_worker, make_account
+from tests.sockets import free_port_range
 
 CHROMIUM = next(filter(None, (shutil.which(name) for name in
                               ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -32,7 +33,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium binary on PATH (chromium, chromium-browser or "
                              "google-chrome); .ci/run installs Debian's chromium when it can")
 
-BASE_PORT = 47700
 SUPERNODES = 3
 USERS = 12
 SEEDED_PHASES = {"ops-dual-1": "dual", "ops-dual-2": "dual", "ops-cloud-1": "cloud",
@@ -191,14 +191,15 @@ def test_status_page_renders_in_chromium_and_matches_bridgectl_status(conn, db_d
     `bridgectl status --json`, a refresh of /status.json, and no secret anywhere."""
     seed(conn)
     env = {"BRIDGE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    port = free_port_range(SUPERNODES + 1)  # not a fixed range: it is inside the ephemeral one
     legacy = Process([*BRIDGECTL, "legacy", "run", "--supernodes", str(SUPERNODES),
-                      "--users", str(USERS), "--rate", "20", "--port", str(BASE_PORT),
+                      "--users", str(USERS), "--rate", "20", "--port", str(port),
                       "--seed", "5", "--duration", "120"], env)
     bridge = None
     try:
         wait_for(lambda: legacy.find("legacy network up"), timeout=20)
         bridge = Process([*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
-                          "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}",
+                          "--legacy", f"127.0.0.1:{port + SUPERNODES}",
                           "--worker-id", "page-test", "--status-interval", "0.5"], env)
         m = wait_for(lambda: bridge.find(r"status page on (http://127\.0\.0\.1:\d+)/status\b"),
                      timeout=20)

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from legacy.sim import RunConfig, simulate
+from tests.sockets import free_port_range
 
 WALL_CLOCK_FIELDS = ("wall_seconds", "events_per_s")
 
@@ -62,20 +62,6 @@ def test_heavy_faults_really_happen(heavy_seed_5):
     assert s["hop_frames_lost"] > 0
     assert s["hop_frames_duplicated"] > 0
     assert s["delivered"] + s["held_offline"] + s["lost_to_faults"] == s["expected_deliveries"]
-
-
-def free_port_range(n: int) -> int:
-    """A base port with *n* consecutive ports free on 127.0.0.1 right now."""
-    for base in range(47200, 60000, 97):
-        with ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no free port range on 127.0.0.1")
 
 
 def test_bridgectl_legacy_run_over_real_tcp(tmp_path):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.bridge.test_bridge_tcp import wait_for
-from tests.legacy.test_sim import free_port_range
+from tests.sockets import free_port_range
 
 BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
 
