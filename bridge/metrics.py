@@ -29,6 +29,8 @@ LOOPS = Counter(
     "bridge_loop_suppressed_total",
     "Feed entries not mirrored because they came from the other stack (no loops).",
     ["direction"])
+
+
 class BulkHistogram(Collector):
     """A labelled Prometheus histogram that takes a whole batch of observations at once.
 

@@ -568,6 +568,7 @@ _INSERT_NUMBERED = (
     f"owed AS ({_owed_notifications_sql('ins', _BATCH_CONVERSATIONS)} RETURNING 1) "
     "SELECT ord, seq, (SELECT count(*) FROM owed) FROM numbered ORDER BY conversation_id, seq")
 
+
 def _lock_conversations_of(ids: str) -> str:
     """A SELECT locking the conversations whose ids the CTE *ids* lists, in id order (two
     writers never deadlock), ``FOR NO KEY UPDATE`` (see the module docstring)."""
