@@ -29,7 +29,7 @@ CLIENTS = 50
 
 def _start_api(dsn: str, home: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "cloud", "run", "--dsn", dsn, "--port", "0"],
+        [sys.executable, "-m", "bridgectl.main", "cloud", "run", "--dsn", dsn, "--port", "0"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "BRIDGE_HOME": home})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

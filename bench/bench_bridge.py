@@ -114,7 +114,7 @@ class Run:
                                            detail={})
         for wid in ids:
             bridge = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "bridge", "run", "--dsn", self.dsn,
+                [sys.executable, "-m", "bridgectl.main", "bridge", "run", "--dsn", self.dsn,
                  "--legacy", f"127.0.0.1:{BASE_PORT + SUPERNODES}", "--metrics-port", "0",
                  "--worker-id", wid],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,

@@ -43,14 +43,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge import ids
-from bridge import metrics as m
+from bridge.ops import metrics as m
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
-from cloud.retry import RetryPolicy
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
+from servicekit.retry import RetryPolicy
 
 log = Logger()
 

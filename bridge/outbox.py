@@ -50,14 +50,15 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge import ids, metrics
+from bridge import ids
+from bridge.ops import metrics
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.loop import PollingLoop
-from cloud.retry import RetryPolicy
 from cloud.store import OutboxItem
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
+from servicekit.loop import PollingLoop
+from servicekit.retry import RetryPolicy
 
 log = Logger()
 

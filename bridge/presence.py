@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge import metrics as m
+from bridge.ops import metrics as m
 from cloud import store
 from cloud.db import TransactionRunner
 

@@ -22,18 +22,18 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge import metrics as m
 from bridge.accounts import import_accounts
 from bridge.discovery import discover
 from bridge.follower import FeedFollower, FollowerConfig, KnownIds
+from bridge.ops import metrics as m
 from bridge.presence import PresenceMirror
 from cloud import admin, store
 from cloud.db import TransactionRunner
-from cloud.retry import RetryPolicy
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
 from legacy.ring import HashRing
+from servicekit.retry import RetryPolicy
 
 log = Logger()
 

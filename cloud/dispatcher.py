@@ -46,10 +46,10 @@ from twisted.logger import Logger
 
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.loop import PollingLoop
 from cloud.model import Notification
 from cloud.push import PushGateway, PushMessage, PushRejected
-from cloud.retry import RetryPolicy
+from servicekit.loop import PollingLoop
+from servicekit.retry import RetryPolicy
 
 log = Logger()
 

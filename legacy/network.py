@@ -37,7 +37,7 @@ class Network(Protocol):
 
 
 class TCPNetwork:
-    """Real TCP through the given reactor (bridge/cli.py passes the global one)."""
+    """Real TCP through the given reactor (bridgectl/main.py passes the global one)."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor

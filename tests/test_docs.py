@@ -5,7 +5,7 @@
                               reconciler textfile      a real report rendered by reconcilers.report
     vs. docs/grafana/bridge-dashboard.json   every PromQL expr (and variable query)
         docs/operations.md                   every metric named; every ```promql alert block
-        docs/systemd/*.service               ExecStart parses with bridge.cli.build_parser()
+        docs/systemd/*.service               ExecStart parses with bridgectl.main.build_parser()
         docs/cron, docs/k8s                  every bridgectl command line parses too
         README.md                            flag tables == build_parser(); env variables
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge import cli
+from bridgectl import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -79,12 +79,12 @@ def _registry_after_importing(modules: tuple[str, ...]) -> dict[str, dict]:
 
 
 def modules_imported_by(command: tuple[str, str | None]) -> tuple[str, ...]:
-    """Every module the command's function in bridge/cli.py imports, directly or through the
+    """Every module the command's function in bridgectl/main.py imports, directly or through the
     cli functions it calls (our packages import their metric modules at module level)."""
     tree = ast.parse(Path(cli.__file__).read_text(encoding="utf-8"))
     functions = {n.name: n for n in tree.body
                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    modules = {"bridge.cli"}
+    modules = {"bridgectl.main"}
     todo, seen = [cli.COMMANDS[command].__name__], set()
     while todo:
         name = todo.pop()

@@ -12,7 +12,7 @@ import urllib.request
 from cloud import store
 from tests.sockets import free_port_range, listening
 
-BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
+BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 SUPERNODES = 3
 
 

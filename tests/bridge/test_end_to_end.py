@@ -11,7 +11,7 @@ from bridge.outbox import InjectorConfig, OutboxInjector
 from bridge.worker import BridgeWorker, WorkerConfig
 from cloud import store
 from cloud.db import InlineDatabase
-from cloud.retry import RetryPolicy
+from servicekit.retry import RetryPolicy
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
 
 

@@ -14,8 +14,8 @@ from bridge import ids
 from bridge.follower import FeedFollower, FollowerConfig
 from cloud import store
 from cloud.db import InlineDatabase
-from cloud.retry import RetryPolicy
 from legacy import wire
+from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 

@@ -29,11 +29,11 @@ from bridge.outbox import (
 )
 from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
-from cloud.loop import LoopState
 from cloud.model import Message
-from cloud.retry import RetryPolicy
 from legacy import wire
 from legacy.peer import PeerConnection, connect_peer
+from servicekit.loop import LoopState
+from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase, _with_dbname, make_account, make_conversation, tx
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 

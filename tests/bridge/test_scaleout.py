@@ -108,7 +108,7 @@ def test_any_worker_can_inject_into_any_home_supernode(conn, db_dsn):
     """Two workers: cloud posts reach the legacy side whichever worker claims them, even
     one that does not follow the chat's home supernode."""
     from bridge.outbox import InjectorConfig, OutboxInjector
-    from cloud.retry import RetryPolicy
+    from servicekit.retry import RetryPolicy
 
     net = LegacyNet(4, seed=10).start()
     alice, bob = net.add_user("alice"), net.add_user("bob")

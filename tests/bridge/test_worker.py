@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 from twisted.web.test.requesthelper import DummyRequest
 
 from bridge.follower import FollowerConfig
-from bridge.health import OperationsResource
+from bridge.ops.health import OperationsResource
 from bridge.worker import BridgeWorker, WorkerConfig, p99_ms
 from cloud.db import InlineDatabase
 from cloud.passwords import verify_password

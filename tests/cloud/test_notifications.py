@@ -22,10 +22,10 @@ from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
-from cloud.loop import LoopState
 from cloud.model import Account
 from cloud.push import NotificationChannel, PushMessage, PushRejected
-from cloud.retry import RetryPolicy
+from servicekit.loop import LoopState
+from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase, tx
 
 T0 = 1_700_000_000.0  # seconds; the clock starts here so stored times look real

@@ -8,7 +8,7 @@ import json
 import pytest
 from twisted.internet.error import ConnectionLost
 
-from bridge import cli
+from bridgectl import main as cli
 from legacy.network import MemoryNetwork
 from legacy.sim import LegacyDeployment, RunConfig
 from legacy.simclock import SimClock

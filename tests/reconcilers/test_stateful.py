@@ -38,10 +38,10 @@ from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.presence import effective_status
 from cloud.push import NotificationChannel
-from cloud.retry import RetryPolicy
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
 from reconcilers.notifications import NotificationsReconciler
+from servicekit.retry import RetryPolicy
 from tests.dbfixture import truncate_all
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
 

@@ -14,7 +14,7 @@ import pytest
 from tests.bridge.test_bridge_tcp import wait_for
 from tests.sockets import free_port_range
 
-BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
+BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 
 
 def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bridge import chaos
+from drills import chaos
 
 GOOD = {"lost": 0, "duplicates": 0, "notifications_unsettled": 0, "final_reconcile_exit": 0,
         "converged": True, "fenced_after_pause": {}}
@@ -63,7 +63,7 @@ def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
     env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
     env.pop("BRIDGE_DSN", None)
     done = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "chaos", "--scenario", "pause-worker",
+        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "pause-worker",
          "--seeds", "1", "--first-seed", "2", "--duration", "35", "--supernodes", "3",
          "--legacy-users", "24", "--rate", "8", "--dsn", db_server, "--json"],
         env=env, capture_output=True, text=True, timeout=300)

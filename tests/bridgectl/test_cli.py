@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from bridge import cli, state
+from bridge import state
+from bridgectl import main as cli
 
 
 @pytest.mark.parametrize("argv,needle", [

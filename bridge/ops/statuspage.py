@@ -33,9 +33,9 @@ from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
-from bridge import status
+from bridge.ops import status
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.loop import PollingLoop
+from servicekit.loop import PollingLoop
 
 #: What the page covers by default: 15 minutes of samples taken every 5 s.
 DEFAULT_INTERVAL_S = 5.0
@@ -263,7 +263,7 @@ class StatusPage:
 
 def _asset(name: str) -> str:
     """A file shipped beside this module (package data), inlined into the page."""
-    return resources.files("bridge").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("bridge.ops").joinpath(name).read_text(encoding="utf-8")
 
 
 # The page's style and script live beside this module as plain .css and .js files, so they

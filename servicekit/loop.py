@@ -23,8 +23,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from cloud.db import DatabaseUnavailable
-
 
 class LoopState(enum.Enum):
     IDLE = "idle"  # not running, nothing in flight
@@ -119,7 +117,7 @@ class PollingLoop(Service):
     def _now_ms(self) -> int:
         return round(self._clock.seconds() * 1000)
 
-    def _database_down(self, error: DatabaseUnavailable) -> None:
+    def _database_down(self, error: Exception) -> None:
         """Count every failure, but log only the first of an outage."""
         self.loop_failures += 1
         self.failure_counter.labels(reason="database_unavailable").inc()

@@ -9,7 +9,7 @@ import sys
 import psycopg
 import pytest
 
-from bridge import cli
+from bridgectl import main as cli
 from cloud import embedded, schema
 
 
@@ -63,7 +63,7 @@ def test_embedded_server_is_the_default_and_is_shared_and_stoppable(tmp_path, ca
         assert cli.main(["db", "upgrade"]) == cli.EXIT_OK
         capsys.readouterr()
         # another process finds the same running server and the schema just applied
-        other = subprocess.run([sys.executable, "-m", "bridge.cli", "db", "status", "--json"],
+        other = subprocess.run([sys.executable, "-m", "bridgectl.main", "db", "status", "--json"],
                                capture_output=True, text=True, timeout=60, check=True)
         report = json.loads(other.stdout)
         assert report["pending"] == [] and str(tmp_path) in report["dsn"]

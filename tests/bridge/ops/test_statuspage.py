@@ -13,18 +13,19 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from bridge import cli, status
-from bridge.health import OperationsResource
-from bridge.statuspage import (
+from bridge.ops import status
+from bridge.ops.health import OperationsResource
+from bridge.ops.statuspage import (
     MAX_SAMPLES,
     SAMPLE_FAILURES,
     StatusHistory,
     StatusPage,
     StatusSampler,
 )
+from bridgectl import main as cli
 from cloud.db import DatabaseUnavailable, InlineDatabase, run_transaction
+from tests.bridge.ops.test_status import SECRET, populate
 from tests.bridge.test_phases import NOW
-from tests.bridge.test_status import SECRET, populate
 from tests.dbfixture import ScriptedDatabase
 
 
@@ -178,7 +179,7 @@ def test_sampler_samples_at_start_and_every_interval_on_the_clock():
 def test_a_failed_sample_keeps_the_last_snapshot_and_the_loop_goes_on(log_events):
     """An unreachable store and an unexpected error are logged and counted, the latest good
     snapshot stays, and the next interval samples again."""
-    events = log_events("bridge.statuspage")
+    events = log_events("bridge.ops.statuspage")
     clock = Clock()
     gather = RecordingGather()
     db = ScriptedDatabase(ImmediateDatabase(), None,

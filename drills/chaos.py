@@ -1,9 +1,9 @@
 """The chaos suite (``bridgectl chaos``, ``make chaos``): faults injected into real processes.
 
-Each scenario is one ``bridgectl demo`` run (``bridge.demo.Demo``) with its faults replaced
+Each scenario is one ``bridgectl demo`` run (``drills.demo.Demo``) with its faults replaced
 by the scenario's: real processes on 127.0.0.1, a real PostgreSQL, traffic both ways, the
 fault, then heal, a reconcile pass, and the invariants checked from both stacks' own records
-(``bridge.convergence``). A run passes only with zero lost and zero duplicated messages,
+(``drills.convergence``). A run passes only with zero lost and zero duplicated messages,
 every notification settled, and (``pause-worker``) the paused worker refused its stale
 commits. Each scenario runs over several seeds: the seed moves every fault in time.
 """
@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from bridge.demo import Demo, DemoConfig, Scenario, drop_database, fresh_database
+from drills.demo import Demo, DemoConfig, Scenario, drop_database, fresh_database
 
 Plan = list[tuple[float, str, dict[str, Any]]]
 

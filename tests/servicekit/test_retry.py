@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud.retry import RetryPolicy
+from servicekit.retry import RetryPolicy
 
 
 def test_without_jitter_delays_grow_exponentially_up_to_the_cap():

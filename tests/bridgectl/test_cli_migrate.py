@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from bridge import cli
+from bridgectl import main as cli
 from legacy import wire
 from tests.bridge.test_phases import add_finding, audit_rows, healthy, make_account
 
-BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
+BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 
 
 def now_ms() -> int:

@@ -1,4 +1,4 @@
-"""bridge.metrics.BulkHistogram: a batch observed at once exports what Histogram would."""
+"""bridge.ops.metrics.BulkHistogram: a batch observed at once exports what Histogram would."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bridge.metrics import BulkHistogram
+from bridge.ops.metrics import BulkHistogram
 
 BUCKETS = (0.005, 0.01, 0.1, 1, 2.5, 300)
 values = st.lists(st.floats(min_value=0, max_value=1000, allow_nan=False), max_size=50)

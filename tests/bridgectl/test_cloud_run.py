@@ -13,7 +13,7 @@ import pytest
 
 from tests.sockets import listening
 
-BRIDGECTL = [sys.executable, "-m", "bridge.cli"]
+BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 
 
 def start_cloud(dsn: str, home, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_chaos_command(sub: Any) -> None:
-    from bridge.chaos import SCENARIOS
+    from drills.chaos import SCENARIOS
 
     chaos = sub.add_parser(
         "chaos", help="the chaos suite: faults injected into real processes (make chaos)",
@@ -498,7 +498,7 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
     from twisted.internet import defer, error, reactor, task
 
-    from bridge.health import operations_site
+    from bridge.ops.health import operations_site
     from legacy.sim import run_tcp
 
     _log_to_stderr()
@@ -789,9 +789,9 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
     import random
     import socket
 
-    from bridge.health import operations_site
+    from bridge.ops.health import operations_site
+    from bridge.ops.statuspage import StatusPage, StatusSampler
     from bridge.outbox import OutboxListener
-    from bridge.statuspage import StatusPage, StatusSampler
     from bridge.worker import BridgeWorker, WorkerConfig
     from cloud.db import Database
     from legacy.network import TCPNetwork
@@ -1116,7 +1116,7 @@ def _migrate_with_login_server(plan: Any, db: Any, actor: str,
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
-    from bridge import status
+    from bridge.ops import status
     from cloud.db import run_transaction
 
     dsn, origin = _resolve_dsn(args)
@@ -1283,7 +1283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import re
     import signal
 
-    from bridge.demo import Demo, DemoConfig, DemoError, fresh_database, render_summary
+    from drills.demo import Demo, DemoConfig, DemoError, fresh_database, render_summary
 
     try:
         config = DemoConfig(
@@ -1351,8 +1351,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_chaos(args: argparse.Namespace) -> int:
     import signal
 
-    from bridge import chaos
-    from bridge.demo import DemoConfig
+    from drills import chaos
+    from drills.demo import DemoConfig
 
     names = args.scenario or list(chaos.SCENARIOS)
     if not 1 <= args.seeds <= 100:

@@ -1,4 +1,4 @@
-// The status page's script (bridge/statuspage.py inlines it; the CSP allows it by hash).
+// The status page's script (bridge/ops/statuspage.py inlines it; the CSP allows it by hash).
 "use strict";
 (() => {
   const SVG = "http://www.w3.org/2000/svg";

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from bridge.health import operations_site
+from bridge.ops.health import operations_site
 from tests import strategies
-from tests.bridge.test_statuspage import sampled_page, snapshot, worker
+from tests.bridge.ops.test_statuspage import sampled_page, snapshot, worker
 from tests.cloud.test_fuzz_api import responses
 
 SERVED = ["/metrics", "/healthz", "/readyz", "/status", "/status.json"]

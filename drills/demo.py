@@ -15,9 +15,9 @@ Timeline (``--duration D``)::
            0 ......................................................... D     final check
 
 At the end the legacy network heals (SIGUSR1: traffic and faults stop, crashed supernodes
-restart), the bridge drains, the reconcilers run once more, and ``bridge.convergence``
+restart), the bridge drains, the reconcilers run once more, and ``drills.convergence``
 checks the invariants from both stacks' own records. Only this module's caller
-(``bridge/cli.py``) touches the global reactor; time, processes and sockets come through the
+(``bridgectl/main.py``) touches the global reactor; time, processes and sockets come through the
 reactor it is given.
 """
 
@@ -40,8 +40,9 @@ import attrs
 import psycopg
 from twisted.internet import defer, protocol, task
 
-from bridge import convergence, state
+from bridge import state
 from cloud import admin, store
+from drills import convergence
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
 #: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
@@ -65,7 +66,7 @@ FAULTS = {"none": FaultSettings(),
 
 @attrs.frozen
 class Scenario:
-    """A chaos scenario (``bridge.chaos``): the faults, and when, instead of a preset's.
+    """A chaos scenario (``drills.chaos``): the faults, and when, instead of a preset's.
 
     ``plan(rng, window)`` returns ``(seconds into the traffic, action, arguments)``; actions:
     ``kill_worker`` (SIGKILL, restart after ``restart_after`` s), ``pause_worker`` (SIGSTOP
@@ -425,7 +426,7 @@ class Demo:
     def spawn(self, name: str, args: list[str], *, capture: bool = False,
               env: dict[str, str] | None = None) -> Child:
         child = Child(name, self.workdir / f"{name}.log", capture_stdout=capture)
-        argv = [sys.executable, "-m", "bridge.cli", *args]
+        argv = [sys.executable, "-m", "bridgectl.main", *args]
         if self._setsid:  # its own session: a Ctrl-C at the terminal reaches only the demo
             argv = [self._setsid, *argv]
         self.reactor.spawnProcess(child, argv[0], argv, env=self.env if env is None else env)

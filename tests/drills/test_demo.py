@@ -1,5 +1,5 @@
 """``bridgectl demo``: a short real run converges, bad flags change nothing, and the outside
-convergence check (``bridge.convergence.judge``) counts what it should."""
+convergence check (``drills.convergence.judge``) counts what it should."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
-from bridge import convergence
+from drills import convergence
 
 
 def _bridgectl(args: list[str], home: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "BRIDGE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("BRIDGE_DSN", None)
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "bridgectl.main", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

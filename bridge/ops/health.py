@@ -1,5 +1,5 @@
 """The bridge's operations endpoint: ``/metrics``, ``/healthz``, ``/readyz`` (127.0.0.1),
-and, when given a status page, ``/status`` and ``/status.json`` (``bridge.statuspage``).
+and, when given a status page, ``/status`` and ``/status.json`` (``bridge.ops.statuspage``).
 
 ``/healthz`` says the process is alive and serving. ``/readyz`` says it is doing its job:
 200 when the store answered the last heartbeat and at least one supernode feed streams,
@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from twisted.web import resource, server
 
 if TYPE_CHECKING:
-    from bridge.statuspage import StatusPage
+    from bridge.ops.statuspage import StatusPage
 
 
 def _json(request: server.Request, status: int, payload: dict) -> bytes:

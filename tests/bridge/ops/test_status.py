@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from bridge import cli, status
+from bridge.ops import status
+from bridgectl import main as cli
 from cloud.db import run_transaction
 from tests.bridge.test_phases import NOW, add_finding, add_run, add_worker, make_account
 
