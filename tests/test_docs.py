@@ -79,13 +79,16 @@ def _registry_after_importing(modules: tuple[str, ...]) -> dict[str, dict]:
 
 
 def modules_imported_by(command: tuple[str, str | None]) -> tuple[str, ...]:
-    """Every module the command's function in bridgectl/main.py imports, directly or through the
-    cli functions it calls (our packages import their metric modules at module level)."""
-    tree = ast.parse(Path(cli.__file__).read_text(encoding="utf-8"))
+    """Every module the command's function imports, directly or through the functions of its
+    ``bridgectl/cmd_*.py`` module that it calls, plus that module's own imports (our packages
+    import their metric modules at module level)."""
+    handler = cli.commands()[command]
+    module = sys.modules[handler.__module__]
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
     functions = {n.name: n for n in tree.body
                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    modules = {"bridgectl.main"}
-    todo, seen = [cli.COMMANDS[command].__name__], set()
+    modules = {"bridgectl.main", handler.__module__}
+    todo, seen = [handler.__name__], set()
     while todo:
         name = todo.pop()
         if name in seen or name not in functions:

@@ -8,7 +8,7 @@ import json
 import pytest
 from twisted.internet.error import ConnectionLost
 
-from bridgectl import main as cli
+from bridgectl.cmd_legacy import run_control_commands
 from legacy.network import MemoryNetwork
 from legacy.sim import LegacyDeployment, RunConfig
 from legacy.simclock import SimClock
@@ -70,7 +70,7 @@ def test_unknown_or_malformed_commands_are_refused_and_removed(tmp_path, capsys)
     (tmp_path / "1.json").write_text("{not json")
     (tmp_path / "2.json").write_text(json.dumps({"explode": True}))
     (tmp_path / "3.json").write_text(json.dumps({"crash": 0.5, "restart_after": 1}))
-    cli._run_control_commands(tmp_path, dep)
+    run_control_commands(tmp_path, dep)
     err = capsys.readouterr().err
     assert err.count("control: refused") == 2 and "control: crashed sn000" in err
     assert list(tmp_path.iterdir()) == []

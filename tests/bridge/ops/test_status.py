@@ -7,6 +7,7 @@ import uuid
 
 from bridge.ops import status
 from bridgectl import main as cli
+from bridgectl.database import redact_dsn
 from cloud.db import run_transaction
 from tests.bridge.test_phases import NOW, add_finding, add_run, add_worker, make_account
 
@@ -110,7 +111,7 @@ def test_status_command_prints_json_with_the_dsn_redacted(conn, db_dsn, capsys):
     populate(conn)
     assert cli.main(["status", "--json", "--dsn", db_dsn]) == cli.EXIT_OK
     got = json.loads(capsys.readouterr().out)
-    assert got["database"] == "--dsn" and got["dsn"] == cli.redact_dsn(db_dsn)
+    assert got["database"] == "--dsn" and got["dsn"] == redact_dsn(db_dsn)
     assert got["accounts"]["total"] == 6 and got["live_workers"] == 0  # real time: all stale
     assert cli.main(["status", "--dsn", db_dsn]) == cli.EXIT_OK
     text = capsys.readouterr().out

@@ -1,0 +1,159 @@
+"""``bridgectl cloud run|clients``: the cloud API with its notification dispatcher, and
+simulated cloud devices against it."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Any
+
+from bridge import state
+from bridgectl import options, runtime
+from bridgectl.database import connect, current_database
+from bridgectl.errors import EXIT_OK, UsageError
+from bridgectl.output import print_summary
+
+
+def add_commands(sub: Any) -> None:
+    cloud = sub.add_parser("cloud", help="the cloud service",
+                           description="Run the cloud API and its notification dispatcher, "
+                                       "or simulated cloud clients against it.")
+    csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
+    csub.required = True
+    crun = csub.add_parser("run", help="serve the cloud API and dispatch notifications",
+                           description="Serve the cloud API (JSON over HTTP, /metrics beside "
+                                       "it) on 127.0.0.1 and run the notification dispatcher "
+                                       "with a simulated push gateway. Runs until Ctrl-C "
+                                       "unless --duration is given.")
+    options.add_dsn_option(crun)
+    crun.add_argument("--port", type=options.port, default=48080, metavar="P",
+                      help="port to listen on (default 48080; 0 picks a free one)")
+    crun.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                      help="address to listen on (default 127.0.0.1)")
+    crun.add_argument("--push-loss", type=options.fraction, default=0.0, metavar="F",
+                      help="fraction of pushes the gateway accepts but never delivers")
+    crun.add_argument("--push-errors", type=options.fraction, default=0.0, metavar="F",
+                      help="fraction of pushes the gateway refuses (retried with backoff)")
+    crun.add_argument("--push-latency", type=options.number, default=0.05, metavar="S",
+                      help="seconds from push to delivery (default 0.05)")
+    crun.add_argument("--resend-after", type=options.number, default=10.0, metavar="S",
+                      help="re-push a notification not acknowledged after S seconds "
+                           "(default 10)")
+    crun.add_argument("--max-attempts", type=options.non_negative_int, default=5,
+                      metavar="N",
+                      help="pushes before a notification is marked failed (default 5)")
+    crun.add_argument("--seed", type=options.non_negative_int, default=1, metavar="N",
+                      help="seed of the simulated gateway's choices (default 1)")
+    crun.add_argument("--duration", type=options.number, metavar="S",
+                      help="stop after S seconds (default: run until Ctrl-C)")
+    crun.set_defaults(handler=cmd_cloud_run)
+
+    clients = csub.add_parser("clients", help="simulated cloud devices against a running API",
+                              description="Create (idempotently) simulated cloud accounts "
+                                          "and conversations in the store, then run one "
+                                          "device per account against the API: log in, "
+                                          "post at --rate, long-poll, sync, acknowledge, "
+                                          "keep presence. Prints what the API acknowledged.")
+    options.add_dsn_option(clients)
+    clients.add_argument("--api", default="http://127.0.0.1:48080", metavar="URL",
+                         help="base URL of the cloud API (default http://127.0.0.1:48080)")
+    clients.add_argument("--users", type=options.non_negative_int, default=20, metavar="N",
+                         help="simulated cloud users, one device each (default 20)")
+    clients.add_argument("--conversations", type=options.non_negative_int, default=10,
+                         metavar="N", help="conversations among them (default 10)")
+    clients.add_argument("--rate", type=options.number, default=5.0, metavar="MSGS_PER_S",
+                         help="messages per second over all devices (default 5)")
+    clients.add_argument("--seed", type=options.non_negative_int, default=1, metavar="N")
+    clients.add_argument("--duration", type=options.number, required=True, metavar="S",
+                         help="seconds of traffic")
+    clients.add_argument("--settle", type=options.number, default=5.0, metavar="S",
+                         help="seconds after the traffic to collect notifications (default 5)")
+    clients.add_argument("--json", action="store_true", help="print one JSON object")
+    clients.set_defaults(handler=cmd_cloud_clients)
+
+
+def cmd_cloud_run(args: argparse.Namespace) -> int:
+    from twisted.internet import threads
+
+    from cloud.api import CloudAPI
+    from cloud.db import Database
+    from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
+    from cloud.gateway import SimulatedPushGateway
+    from cloud.passwords import verify_password
+    from cloud.push import NotificationChannel
+
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.push_latency < 0 or args.resend_after <= 0 or args.max_attempts < 1:
+        raise UsageError("--push-latency must be >= 0, --resend-after > 0, "
+                         "--max-attempts >= 1")
+    dsn, origin = current_database(args)
+    secret = state.secret(state.state_home(), "cloud")
+
+    async def serve_api(reactor: Any, stop_signal: Any) -> None:
+        db = Database(reactor, dsn)
+        channel = NotificationChannel(reactor)
+        rng = random.Random(args.seed)
+        gateway = SimulatedPushGateway(reactor, random.Random(rng.random()), channel,
+                                       loss=args.push_loss, error_rate=args.push_errors,
+                                       latency_s=args.push_latency)
+        dispatcher = NotificationDispatcher(
+            reactor, db, gateway, random.Random(rng.random()),
+            DispatcherConfig(resend_after_s=args.resend_after, max_attempts=args.max_attempts))
+
+        def check_password(password: str, encoded: str) -> Any:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                             verify_password, password, encoded)
+
+        api = CloudAPI(db, reactor, channel, secret, password_check=check_password)
+        http = runtime.TCPListener(reactor, args.port, api.site(), interface=args.bind)
+        services = runtime.ServiceTree()
+        for service in (db, dispatcher, http):  # started in this order, stopped in reverse
+            service.setServiceParent(services)
+        services.startService()
+        host, port = http.address()
+        print(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
+              f"database: {origin}", file=sys.stderr, flush=True)
+        await stop_signal
+        await services.stopService()
+
+    runtime.log_to_stderr()
+    runtime.run_until_stopped(serve_api, args.duration)
+    return EXIT_OK
+
+
+def cmd_cloud_clients(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from cloud.workload import AgentHTTP, CloudWorkload, WorkloadConfig, provision
+
+    if args.duration <= 0 or args.settle < 0:
+        raise UsageError("--duration must be positive and --settle not negative")
+    if args.users < 2 or args.users > 100_000:
+        raise UsageError("--users must be between 2 and 100000")
+    if not args.api.startswith(("http://", "https://")):
+        raise UsageError("--api must be an http:// URL")
+    try:
+        config = WorkloadConfig(rate=args.rate)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dsn, origin = current_database(args)
+    with connect(dsn, origin) as conn:
+        population = provision(conn, users=args.users, conversations=args.conversations,
+                               seed=args.seed)
+
+    async def run_devices(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        http = AgentHTTP(reactor, args.api)
+        workload = CloudWorkload(reactor, http, population, config, args.seed)
+        workload.startService()
+        await stop_signal
+        workload.stop_posting()
+        await task.deferLater(reactor, args.settle, lambda: None)  # let notifications arrive
+        await workload.stopService()
+        await http.close()
+        return workload.stats.summary()
+
+    runtime.log_to_stderr()
+    print_summary(runtime.run_until_stopped(run_devices, args.duration), args.json)
+    return EXIT_OK

@@ -1,0 +1,164 @@
+"""``bridgectl migrate``: move accounts between migration phases, through the gates."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bridgectl import options, runtime
+from bridgectl.database import connect, current_database
+from bridgectl.errors import EXIT_FAILURE, EXIT_GATED, EXIT_OK, UsageError
+from bridgectl.peers import connect_login_server
+
+
+def add_commands(sub: Any) -> None:
+    from cloud.model import PHASES
+
+    mig = sub.add_parser(
+        "migrate", help="move accounts between migration phases",
+        description="Move the selected accounts to --to PHASE (legacy, dual, cloud, "
+                    "cloud-only). Forward moves are gated (no open findings, mirror lag, a "
+                    "recent clean reconcile); backward moves are not, but leaving cloud-only "
+                    "needs --force. Every move is written to the audit log. Exit codes: 0 all "
+                    "moved (or nothing to do), 3 some held back by gates, 1 failure, 2 usage.")
+    options.add_dsn_option(mig)
+    mig.add_argument("--to", required=True, metavar="PHASE",
+                     help=f"target phase: {', '.join(PHASES)}")
+    mig.add_argument("--accounts", metavar="A,B,...",
+                     help="comma-separated handles or account ids")
+    mig.add_argument("--percent", metavar="N",
+                     help="the stable N%% cohort of linked accounts (0-100); raising N only "
+                          "adds accounts; a cohort is only promoted, never moved back")
+    mig.add_argument("--file", type=Path, metavar="F",
+                     help="handles or account ids, one per line (# starts a comment)")
+    mig.add_argument("--dry-run", action="store_true",
+                     help="show what would move and which gates fail; change nothing")
+    mig.add_argument("--force", action="store_true",
+                     help="move despite failed gates, and allow leaving cloud-only "
+                          "(recorded in the audit log)")
+    mig.add_argument("--legacy", metavar="HOST:PORT", type=options.host_port,
+                     help="the legacy login server; needed when an account enters or leaves "
+                          "cloud-only")
+    mig.add_argument("--actor", metavar="NAME",
+                     help="who is moving the accounts, for the audit log (default: OS user)")
+    mig.add_argument("--lag-bound-ms", type=options.non_negative_int, default=5000,
+                     metavar="MS",
+                     help="mirror lag gate: every live worker's lag under MS (default 5000)")
+    mig.add_argument("--reconcile-window", type=options.number, default=3600.0, metavar="S",
+                     help="reconcile gate: a clean run finished within S seconds "
+                          "(default 3600)")
+    mig.add_argument("--json", action="store_true", help="print one JSON object")
+    mig.set_defaults(handler=cmd_migrate)
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    from bridge.phases import Selection
+
+    given = [f for f, v in (("--accounts", args.accounts), ("--percent", args.percent),
+                            ("--file", args.file)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("choose the accounts with exactly one of --accounts, --percent, "
+                         f"--file{' (got ' + ' and '.join(given) + ')' if given else ''}")
+    if args.percent is not None:
+        if not args.percent.isdigit() or int(args.percent) > 100:
+            raise UsageError(f"--percent must be a whole number from 0 to 100, "
+                             f"not {args.percent!r}")
+        return Selection(percent=int(args.percent))
+    if args.accounts is not None:
+        refs = [r.strip() for r in args.accounts.split(",") if r.strip()]
+        if not refs:
+            raise UsageError("--accounts names no account")
+        return Selection(refs=tuple(refs))
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --file {args.file}: {getattr(e, 'strerror', e)}") from None
+    refs = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return Selection(refs=tuple(r for r in refs if r))
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in this environment (KeyError, OSError)
+        raise UsageError("cannot tell who you are for the audit log; pass --actor NAME") from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from twisted.internet import defer
+
+    from bridge import phases
+    from cloud.db import InlineDatabase, run_transaction
+    from cloud.model import PHASES
+
+    if args.to not in PHASES:
+        raise UsageError(f"unknown phase {args.to!r}: use one of {', '.join(PHASES)}")
+    selection = _selection(args)
+    if args.lag_bound_ms <= 0 or args.reconcile_window <= 0:
+        raise UsageError("--lag-bound-ms and --reconcile-window must be positive")
+    config = phases.GateConfig(lag_bound_ms=args.lag_bound_ms,
+                               reconcile_window_ms=int(args.reconcile_window * 1000))
+    actor = args.actor if args.actor is not None else _os_user()
+    if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):
+        raise UsageError("--actor must be 1-200 printable characters")
+    dsn, origin = current_database(args)
+    with connect(dsn, origin) as conn:
+        try:
+            plan = run_transaction(conn, phases.load_plan, selection, args.to, config,
+                                   int(time.time() * 1000), force=args.force)
+        except phases.UnknownAccounts as e:
+            raise UsageError(str(e)) from None
+        gated = EXIT_GATED if plan.held else EXIT_OK
+        if args.dry_run or not plan.to_move:
+            report = phases.plan_to_json(plan, dry_run=args.dry_run)
+            print(json.dumps(report, sort_keys=True) if args.json
+                  else phases.render_plan(report))
+            return gated
+        if plan.needs_login_server and args.legacy is None:
+            raise UsageError("some accounts enter or leave cloud-only, which the legacy login "
+                             "server must know: pass --legacy HOST:PORT")
+        # One short transaction per account on this command's own connection: running them
+        # inline (no thread pool) is right for a one-shot command, and without a login
+        # server to talk to it needs no reactor at all.
+        db = InlineDatabase(conn)
+        if plan.needs_login_server:
+            outcome = _apply_with_login_server(plan, db, actor, args)
+        else:
+            done: list[Any] = []
+            defer.Deferred.fromCoroutine(phases.apply_plan(
+                plan, db, None, actor=actor, now_ms=int(time.time() * 1000))).addBoth(
+                    done.append)
+            outcome = done[0]
+            if not isinstance(outcome, phases.MigrationOutcome):
+                outcome.raiseException()
+    report = phases.plan_to_json(plan, outcome)
+    print(json.dumps(report, sort_keys=True) if args.json else phases.render_plan(report))
+    if outcome.failed:
+        print(f"bridgectl: error: {len(outcome.failed)} account"
+              f"{'s' * (len(outcome.failed) != 1)} could not be moved", file=sys.stderr)
+        return EXIT_FAILURE
+    return gated
+
+
+def _apply_with_login_server(plan: Any, db: Any, actor: str, args: argparse.Namespace) -> Any:
+    from bridge import phases
+
+    secret = options.peer_secret(args)
+
+    async def apply(reactor: Any, stop_signal: Any) -> Any:
+        peer = await connect_login_server(reactor, args.legacy, secret)
+        try:
+            return await phases.apply_plan(
+                plan, db, peer, actor=actor, now_ms=int(reactor.seconds() * 1000),
+                clock=reactor, should_stop=lambda: stop_signal.called)
+        finally:
+            peer.disconnect()
+
+    runtime.log_to_stderr()
+    return runtime.run_until_stopped(apply)

@@ -1,0 +1,140 @@
+"""``bridgectl reconcile gaps|notifications|presence|all``: one cron run of the reconcilers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from bridgectl import options, runtime
+from bridgectl.database import connect, current_database
+from bridgectl.errors import RuntimeFailure, UsageError
+
+
+def add_commands(sub: Any) -> None:
+    rec = sub.add_parser(
+        "reconcile", help="find and repair divergence between the stacks (a cron job)",
+        description="One reconcile run per invocation. Exit codes: 0 in sync (or all "
+                    "repaired), 1 error (also: compared nothing), 2 bad arguments, "
+                    "3 differences remain (dry run or failed repairs), 4 another run of "
+                    "the same kind holds the lock.")
+    rec.add_argument("kind", choices=("gaps", "notifications", "presence", "all"),
+                     help="what to reconcile")
+    options.add_dsn_option(rec)
+    rec.add_argument("--legacy", metavar="HOST:PORT", type=options.host_port,
+                     help="the legacy login server (needed by gaps, presence and all)")
+    rec.add_argument("--since", type=options.duration_ms, metavar="DURATION",
+                     help="how far back to look, e.g. 90m, 12h, 30d (default: 30d for gaps, "
+                          "24h for notifications)")
+    rec.add_argument("--margin", type=options.number, default=10.0, metavar="S",
+                     help="gaps: compare only what is older than now minus the bridge's "
+                          "measured lag minus S seconds (default 10)")
+    rec.add_argument("--lag-ms", type=options.non_negative_int, metavar="MS",
+                     help="gaps: assume this bridge lag instead of the one live workers "
+                          "report (e.g. 0 once traffic is stopped and the bridge drained, "
+                          "to compare everything up to now minus --margin)")
+    rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
+    rec.add_argument("--max-seconds", type=options.number, metavar="S",
+                     help="stop after S seconds; the next run resumes where this one stopped")
+    rec.add_argument("--json", action="store_true", help="print one JSON report object")
+    rec.add_argument("--textfile", type=Path, metavar="PATH",
+                     help="write metrics for node_exporter's textfile collector to PATH")
+    rec.add_argument("--pushgateway", metavar="URL", help="push metrics to a Pushgateway")
+    options.add_peer_secret_option(rec)
+    rec.set_defaults(handler=cmd_reconcile)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from bridge.discovery import SupernodeLinks, discover
+    from cloud.db import InlineDatabase
+    from legacy.network import TCPNetwork
+    from reconcilers import runner
+    from reconcilers.report import ProgressLine, render_text
+
+    kinds = list(runner.KINDS) if args.kind == "all" else [args.kind]
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UsageError("--max-seconds must be positive")
+    if args.margin < 0:
+        raise UsageError("--margin must not be negative")
+    needs_legacy = {"gaps", "presence"} & set(kinds)
+    if needs_legacy and args.legacy is None:
+        raise UsageError("--legacy HOST:PORT is needed to reconcile "
+                         + ", ".join(sorted(needs_legacy)))
+    if args.pushgateway is not None and not args.pushgateway.startswith(("http://", "https://")):
+        raise UsageError("--pushgateway must be an http:// URL")
+    secret = options.peer_secret(args) if needs_legacy else None
+    dsn, origin = current_database(args)
+
+    async def reconcile(reactor: Any, stop_signal: Any) -> list[Any]:
+        # Ctrl-C / SIGTERM fire stop_signal: the reconciler stops at its next check, saves
+        # its progress (the run ends 'interrupted'), and shutdown waits for that.
+        links = None
+        if needs_legacy:
+            network = TCPNetwork(reactor)
+            host, port = args.legacy
+            try:
+                directory = await discover(network, host, port, name="reconciler",
+                                           secret=secret)
+            except Exception as e:
+                raise RuntimeFailure(f"cannot reach the legacy network via {host}:{port}: "
+                                     f"{e}") from None
+            links = SupernodeLinks(network, directory, name="reconciler", secret=secret)
+        reports = []
+        with connect(dsn, origin) as conn, connect(dsn, origin) as lock_conn:
+            db = InlineDatabase(conn)
+            progress = ProgressLine(sys.stderr)  # a bar on a terminal, a line per 10 s in cron
+            for kind in kinds:
+                report = await runner.run_one(
+                    _reconciler(kind, args, links), clock=reactor, db=db,
+                    lock_conn=lock_conn, dry_run=args.dry_run, max_seconds=args.max_seconds,
+                    on_progress=progress, stop_requested=lambda: stop_signal.called)
+                progress.done()
+                reports.append(report)
+        if links is not None:
+            links.close()
+        return reports
+
+    reports = runtime.run_until_stopped(reconcile)
+    try:
+        _emit_metrics(args, reports)
+    except Exception as e:  # reconcilers.report.MetricsError: the run itself stands
+        print(f"bridgectl: warning: metrics not written: {e}", file=sys.stderr)
+    codes = [r.exit_code() for r in reports]
+    code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_DIFFERENCES)
+                 if c in codes), runner.EXIT_IN_SYNC)
+    if args.json:
+        body = reports[0].to_json() if len(reports) == 1 else {
+            "kind": "all", "exit_code": code, "reports": [r.to_json() for r in reports]}
+        print(json.dumps(body, sort_keys=True))
+    else:
+        for r in reports:
+            print(render_text(r))
+    return code
+
+
+def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
+    if kind == "gaps":
+        from reconcilers.gaps import GapsConfig, GapsReconciler
+        config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms)
+        if args.since is not None:
+            config = attrs.evolve(config, since_ms=args.since)
+        return GapsReconciler(links, config)
+    if kind == "notifications":
+        from reconcilers.notifications import NotificationsReconciler
+        return NotificationsReconciler.for_cli(since_ms=args.since)
+    from reconcilers.presence import PresenceReconciler
+    return PresenceReconciler.for_cli(links)
+
+
+def _emit_metrics(args: argparse.Namespace, reports: list[Any]) -> None:
+    if args.textfile is None and args.pushgateway is None:
+        return
+    from reconcilers import report as metrics_out
+    if args.textfile is not None:
+        metrics_out.write_textfile(args.textfile, reports)
+    if args.pushgateway is not None:
+        metrics_out.push(args.pushgateway, reports)
