@@ -1,9 +1,9 @@
 """legacy -> cloud: follow one supernode's feed and write it to the cloud store.
 
-    supernode feed --frames--> FeedFollower --FeedBatch--> commit_feed_batch (one transaction)
-          ^                        |                        accounts, conversations, messages,
-          +------- FeedCredit -----+  (after each commit)   notifications, presence, gaps,
-                                                            and the feed checkpoint
+    supernode feed --frames--> FeedFollower --FeedBatch--> bridge.mirror: accounts, then
+          ^                        |                        one transaction: conversations,
+          +------- FeedCredit -----+  (after each commit)   messages, notifications, presence,
+                                                            gaps and the feed checkpoint
 States of one follower::
 
     connecting --ready--> streaming --connection lost--> backoff --timer--> connecting
@@ -13,9 +13,8 @@ States of one follower::
 Delivery is at-least-once from the checkpoint and the write is idempotent, so the effect is
 exactly once: the checkpoint commits in the same transaction as the data it covers, and a
 replay after a reconnect or a restart changes nothing. Accounts for handles the worker has
-not seen yet are created just before, in a short transaction of their own (``ensure_accounts``:
-other feeds' batches would otherwise wait on them); an account without its messages is
-harmless, the replay finds it.
+not seen yet are created just before, in a short transaction of their own (``bridge.mirror``
+says why).
 
 Flow control is the feed's credit window: the supernode sends at most ``window`` frames
 beyond what this follower has committed, and credit is granted only after a commit. When the
@@ -36,27 +35,24 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import psycopg
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge import ids
+from bridge import mirror
+from bridge.ids import LEGACY_PRESENCE_PREFIX
+from bridge.mirror import KnownIds, LegacyChanges
 from bridge.ops import metrics as m
 from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
+from cloud.model import FeedCheckpoint
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
 from servicekit.retry import RetryPolicy
 
 log = Logger()
-
-#: Presence rows the bridge writes for legacy sources are named after the supernode.
-LEGACY_PRESENCE_PREFIX = "legacy:"
-
 
 #: The followers of this process: the to_cloud backlog gauge is their uncommitted frames,
 #: summed when scraped (a gauge's inc takes a lock, and this would take it for every frame).
@@ -104,136 +100,12 @@ class FeedBatch:
     gaps: list[dict] = attrs.Factory(list)
     loops: int = 0
 
-
-@attrs.define
-class KnownIds:
-    """What the store is known to have, so steady-state batches skip re-creating it.
-
-    Filled only after a commit succeeded (a rolled-back transaction teaches nothing), shared
-    by all followers of a worker, read by transactions in the pool threads (lookups only).
-    """
-
-    accounts: dict[str, Any] = attrs.Factory(dict)   # handle -> account id
-    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)  # chat id -> members ensured
-
-    def learn(self, accounts: dict[str, Any], chats: dict[str, tuple[str, ...]]) -> None:
-        self.accounts.update(accounts)
-        self.chats.update(chats)
-
-
-#: The steps of one commit, in order; a fault hook may fail at any of them (crash tests).
-COMMIT_STEPS = ("lease", "accounts", "conversations", "messages", "presence", "gaps")
-
-
-def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
-                      now_ms: int, lease: tuple[str, str] | None = None,
-                      fault: Callable[[str], None] | None = None,
-                      known: KnownIds | None = None
-                      ) -> tuple[MirrorResult, int, dict, dict]:
-    """Write one feed batch and its checkpoint in one transaction; safe to run twice.
-
-    With a *lease* ``(name, holder)`` the transaction first checks that the holder still has
-    it under *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits
-    nothing). Accounts and chats in *known* are not ensured again. Returns the mirror
-    result, how many accounts were created, and the accounts and chats this transaction
-    ensured (for ``KnownIds.learn`` once it has committed).
-    """
-    step = fault or (lambda _name: None)
-    step("lease")
-    if lease is not None:
-        store.check_lease(conn, lease[0], lease[1], fence)
-    checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
-    result, created, accounts, chats = mirror_legacy(
-        conn, batch.chats, batch.messages, now_ms, known=known, checkpoint=checkpoint,
-        presence=batch.presence, presence_source=LEGACY_PRESENCE_PREFIX + batch.source,
-        step=step)
-    step("gaps")
-    for gap in batch.gaps:
-        store.record_finding(conn, "feed_gap", gap, now_ms)
-    return result, created, accounts, chats
-
-
-def batch_handles(chats: dict[str, tuple[str, ...]], messages: list[wire.ChatMessage],
-                  presence: list[wire.FeedPresence] = ()) -> set[str]:
-    """Every legacy handle a batch names: chat members, senders, presence."""
-    handles: set[str] = set()
-    for members in chats.values():
-        handles.update(members)
-    handles.update(msg.sender for msg in messages)
-    handles.update(p.handle for p in presence)
-    return handles
-
-
-def ensure_accounts(conn: psycopg.Connection, handles: list[str]) -> tuple[dict, int]:
-    """Accounts for handles first seen on a feed, in a transaction of their own.
-
-    The batch's transaction would create them too, but it is long (hundreds of messages),
-    and while it runs, every other feed's batch that names one of the same new handles
-    waits on its uncommitted account rows: at start-up, with every handle new, one feed's
-    first commit waited 626 ms. Committed apart, they are held for milliseconds. An account
-    whose messages then fail to commit is harmless: the replay finds it.
-    """
-    return store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
-
-
-def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
-                  messages: list[wire.ChatMessage], now_ms: int, *,
-                  known: KnownIds | None = None, checkpoint: FeedCheckpoint | None = None,
-                  presence: list[wire.FeedPresence] = (), presence_source: str = "",
-                  step: Callable[[str], None] = lambda _name: None
-                  ) -> tuple[MirrorResult, int, dict, dict]:
-    """The bridge's one idempotent legacy -> cloud write: accounts for new handles, chats
-    and members, messages (with their notifications) through ``store.write_mirrored_batch``,
-    presence; used by the feed followers and by the gaps reconciler's repairs."""
-    known = known or KnownIds()
-    step("accounts")
-    handles = batch_handles(chats, messages, presence)
-    accounts = {h: known.accounts[h] for h in handles if h in known.accounts}
-    missing = handles - set(accounts)
-    created = 0
-    if missing:
-        found, created = store.ensure_linked_accounts(
-            conn, {h: ids.account_id(h) for h in missing})
-        accounts.update(found)
-    step("conversations")
-    wanted = {chat_id: members for chat_id, members in chats.items()
-              if known.chats.get(chat_id) != members}
-    # A chat first seen through a message (its FeedChat fell into a gap): create it with the
-    # sender; its other members arrive with the chat's next FeedChat.
-    first_seen = {msg.chat_id: (msg.sender,) for msg in messages
-                  if msg.chat_id not in chats and msg.chat_id not in known.chats}
-    refused = store.ensure_legacy_conversations(conn, {
-        chat_id: (ids.conversation_id(chat_id), [accounts[h] for h in members])
-        for chat_id, members in (*wanted.items(), *first_seen.items())})
-    for chat_id, reason in sorted(refused.items()):
-        # A legacy chat holds at most as many members as a conversation, but its member
-        # list may be replaced over time while the cloud keeps the union: record it for the
-        # operator instead of failing the batch forever.
-        store.record_finding(conn, "mirror_refused", {"chat_id": chat_id, "reason": reason},
-                             now_ms, conversation_id=ids.conversation_id(chat_id))
-    ensured = {chat_id: members for chat_id, members in wanted.items()
-               if chat_id not in refused}
-    step("messages")
-    unstorable = [m for m in messages if "\x00" in m.body]
-    if unstorable:
-        # A body PostgreSQL can not hold (current supernodes refuse these): record it for
-        # the operator instead of failing the batch forever.
-        for m in unstorable:
-            store.record_finding(conn, "mirror_refused", {
-                "chat_id": m.chat_id, "guid": m.guid, "reason": "NUL character in the body"},
-                now_ms, conversation_id=ids.conversation_id(m.chat_id))
-        messages = [m for m in messages if "\x00" not in m.body]
-    mirrored = tuple(
-        MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
-                        accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
-        for msg in messages)
-    result = store.write_mirrored_batch(
-        conn, MirrorBatch(mirrored, (checkpoint,) if checkpoint is not None else ()), now_ms)
-    step("presence")
-    for p in presence:
-        store.set_presence(conn, Presence(accounts[p.handle], presence_source, p.status,
-                                          p.version, p.expires_ms))
-    return result, created, accounts, ensured
+    def changes(self, fence: int) -> LegacyChanges:
+        """What this batch mirrors, with the checkpoint that commits with it."""
+        return LegacyChanges(
+            chats=dict(self.chats), messages=self.messages, presence=self.presence,
+            presence_source=LEGACY_PRESENCE_PREFIX + self.source, gaps=self.gaps,
+            checkpoint=FeedCheckpoint(self.source, str(self.epoch), self.offset, fence))
 
 
 class FeedFollower(Service):
@@ -318,6 +190,12 @@ class FeedFollower(Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     # -- connection loop -------------------------------------------------------------------
+
+    def _step(self, name: str) -> None:
+        """A fault point of the write path (``bridge.mirror.COMMIT_STEPS``): the crash tests'
+        hook, nothing otherwise."""
+        if self.fault is not None:
+            self.fault(name)
 
     def _sleep(self, seconds: float) -> defer.Deferred:
         """Wait on the clock; ``_wake_sleeper`` ends the wait early (on stop)."""
@@ -467,17 +345,17 @@ class FeedFollower(Service):
             while True:
                 started = self.clock.seconds()
                 try:
-                    new_handles = sorted(h for h in batch_handles(
-                        batch.chats, batch.messages, batch.presence)
-                        if h not in self.known.accounts)
-                    if new_handles:
-                        found, n = await self.db.run(ensure_accounts, new_handles)
+                    changes = batch.changes(self.fence)
+                    new = mirror.new_handles(changes, self.known)
+                    if new:
+                        found, n = await self.db.run(mirror.ensure_accounts, new, self._step)
                         self.known.learn(found, {})
                         m.ACCOUNTS_CREATED.inc(n)  # committed, whatever becomes of the batch
-                    result, created, accounts, chats = await self.db.run(
-                        commit_feed_batch, batch, self.fence, int(started * 1000),
-                        None if self.lease is None else (self.lease, self.worker_id),
-                        self.fault, self.known)
+                    outcome = await self.db.run(
+                        mirror.commit_plan, mirror.translate(changes, self.known),
+                        int(started * 1000),
+                        lease=None if self.lease is None else (self.lease, self.worker_id),
+                        fence=self.fence, step=self._step)
                     break
                 except store.StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
@@ -505,7 +383,8 @@ class FeedFollower(Service):
             self.db_ok = True
             if self.fault is not None:
                 self.fault("committed")  # committed, not yet credited or remembered
-            self.known.learn(accounts, chats)
+            self.known.learn({}, outcome.chats)
+            result = outcome.result
             now = self.clock.seconds()
             self.checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset,
                                              self.fence)
@@ -514,7 +393,6 @@ class FeedFollower(Service):
             self.duplicates += result.duplicates
             m.MIRRORED.labels(direction="to_cloud").inc(inserted)
             m.DUPLICATES.labels(direction="to_cloud").inc(result.duplicates)
-            m.ACCOUNTS_CREATED.inc(created)
             m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)

@@ -26,6 +26,10 @@ MESSAGES = uuid.uuid5(_ROOT, "legacy-guid")
 #: Prefix of GUIDs and chat ids the bridge makes up for things born on the cloud.
 CLOUD_PREFIX = "cloud:"
 
+#: Presence rows the bridge writes for legacy sources are named after the supernode:
+#: ``legacy:<supernode id>``.
+LEGACY_PRESENCE_PREFIX = "legacy:"
+
 
 @functools.lru_cache(maxsize=65536)  # the same handles and chats recur in every batch
 def account_id(handle: str) -> uuid.UUID:

@@ -22,10 +22,9 @@ from twisted.logger import Logger
 from bridge.ops import metrics as m
 from cloud import store
 from cloud.db import TransactionRunner
+from legacy.peer import MAX_PRESENCE_TTL_MS
 
 log = Logger()
-
-MAX_TTL_MS = 3_600_000
 
 
 class PresenceMirror(Service):
@@ -75,7 +74,7 @@ class PresenceMirror(Service):
             return False
         now_ms = int(self.clock.seconds() * 1000)
         for version, account_id, handle, status, expires_ms in rows:
-            ttl = min(expires_ms - now_ms, MAX_TTL_MS)
+            ttl = min(expires_ms - now_ms, MAX_PRESENCE_TTL_MS)
             if ttl > 0:
                 peer = self.peers.any()
                 if peer is None:

@@ -24,7 +24,8 @@ from twisted.logger import Logger
 
 from bridge.accounts import import_accounts
 from bridge.discovery import discover
-from bridge.follower import FeedFollower, FollowerConfig, KnownIds
+from bridge.follower import FeedFollower, FollowerConfig
+from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
 from bridge.presence import PresenceMirror
 from cloud import admin, store

@@ -35,7 +35,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from bridge import ids
-from bridge.follower import mirror_legacy
+from bridge.mirror import LegacyChanges, mirror_changes
 from cloud import admin, store
 from cloud.db import TransactionRunner
 from legacy import wire
@@ -362,15 +362,17 @@ class GapsReconciler:
         detail = {"chat_id": diff.chat_id, "count": len(messages),
                   "guids": sorted(m.guid for m in messages)[:50]}
         try:
-            result, _, _, _ = await ctx.db.run(mirror_legacy, chats,
-                                               sorted(messages, key=lambda m: m.legacy_seq),
-                                               ctx.now_ms())
+            outcome = await ctx.db.run(
+                mirror_changes,
+                LegacyChanges(chats, sorted(messages, key=lambda m: m.legacy_seq)),
+                ctx.now_ms())
         except Exception as e:
             report.failed += len(messages)
             await ctx.db.run(record_repair, report.run_id, "missing_in_cloud", "failed",
                              diff.conversation_id, {**detail, "error": str(e)}, ctx.now_ms())
             return
         # what the store now has; the rest it refused (e.g. a body it can not hold)
+        result = outcome.result
         resolved = len(result.inserted) + result.duplicates
         report.repaired += resolved
         report.failed += len(messages) - resolved

@@ -44,11 +44,10 @@ import attrs
 import psycopg
 from twisted.internet import task
 
-from bridge.follower import LEGACY_PRESENCE_PREFIX
-from bridge.presence import MAX_TTL_MS
+from bridge.ids import LEGACY_PRESENCE_PREFIX
 from cloud import store
 from cloud.presence import GRACE_MS
-from legacy.peer import PeerConnection
+from legacy.peer import MAX_PRESENCE_TTL_MS, PeerConnection
 from reconcilers.notifications import SAMPLE, record_repair
 from reconcilers.runner import RunContext
 
@@ -422,7 +421,7 @@ class PresenceReconciler:
         failed: list[tuple[CloudPresence, str]] = []
         expired = 0
         for p in items:
-            ttl = min(p.expires_ms - ctx.now_ms(), MAX_TTL_MS)
+            ttl = min(p.expires_ms - ctx.now_ms(), MAX_PRESENCE_TTL_MS)
             if ttl <= 0:
                 expired += 1
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.follower import COMMIT_STEPS
+from bridge.mirror import COMMIT_STEPS
 from cloud import store
 from cloud.db import InlineDatabase
 from tests.bridge.test_follower import Bridge, chat_messages, send_some

@@ -161,7 +161,7 @@ class HeldDatabase:
         self.inner, self.held = inner, []
 
     def run(self, fn, *args, **kwargs):
-        if fn.__name__ != "commit_feed_batch":
+        if fn.__name__ != "commit_plan":
             return self.inner.run(fn, *args, **kwargs)
         d = defer.Deferred()
         self.held.append((d, fn, args, kwargs))
@@ -204,23 +204,6 @@ def to_cloud_backlog() -> float:
     return REGISTRY.get_sample_value("bridge_backlog_messages", {"direction": "to_cloud"})
 
 
-def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):
-    """A message with NUL in its body (older supernodes let it through) becomes a
-    mirror_refused finding; the rest of the batch is written."""
-    from bridge.follower import mirror_legacy
-
-    def msg(guid: str, body: str) -> wire.ChatMessage:
-        return wire.ChatMessage(chat_id="c1", guid=guid, legacy_seq=1, sender="alice",
-                                ts_ms=1_700_000_000_000, body=body, origin="legacy")
-
-    with conn.transaction():
-        result, *_ = mirror_legacy(conn, {"c1": ("alice", "bob")},
-                                   [msg("g1", "fine"), msg("g2", "bad\x00")], 1)
-    assert [m.legacy_guid for m in result.inserted] == ["g1"]
-    assert conn.execute("SELECT kind, detail->>'guid' FROM reconcile_findings").fetchall() == [
-        ("mirror_refused", "g2")]
-
-
 def test_stopping_during_a_database_outage_finishes_promptly(net, conn):
     """A follower waiting to retry a commit stops at once; nothing is lost, it replays."""
     send_some(net, 5)
@@ -233,22 +216,3 @@ def test_stopping_during_a_database_outage_finishes_promptly(net, conn):
     net.run(3.0)
     assert len(chat_messages(conn, "chat-1")) == 5
     again.stop(net)
-
-
-def test_a_chat_over_the_member_limit_is_set_aside_and_the_batch_goes_on(conn):
-    """A legacy chat whose member list grew past MAX_MEMBERS (the cloud keeps the union)
-    becomes a mirror_refused finding; the other chats of the batch and their messages are
-    written."""
-    from bridge.follower import mirror_legacy
-    from cloud.model import MAX_MEMBERS
-
-    crowd = tuple(f"u{i:03d}" for i in range(MAX_MEMBERS + 1))
-    msg = wire.ChatMessage(chat_id="small", guid="g1", legacy_seq=1, sender="u000",
-                           ts_ms=1_700_000_000_000, body="hello", origin="legacy")
-    with conn.transaction():
-        result, _created, _accounts, ensured = mirror_legacy(
-            conn, {"small": crowd[:2], "crowd": crowd}, [msg], 1)
-    assert [m.legacy_guid for m in result.inserted] == ["g1"]
-    assert set(ensured) == {"small"}  # the refused chat is tried again next time
-    assert conn.execute("SELECT kind, detail->>'chat_id' FROM reconcile_findings"
-                        ).fetchall() == [("mirror_refused", "crowd")]

@@ -7,13 +7,24 @@ import random
 import psycopg
 import pytest
 
-from bridge.follower import FeedBatch, FollowerConfig, commit_feed_batch
+from bridge import mirror
+from bridge.follower import FeedBatch, FollowerConfig
 from bridge.worker import BridgeWorker, WorkerConfig
 from cloud import store
 from cloud.db import InlineDatabase
 from legacy import wire
 from tests.bridge.test_follower import chat_messages
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
+
+
+def commit_feed_batch(conn, batch: FeedBatch, fence: int, now_ms: int, lease) -> None:
+    """What a follower commits for *batch*: its accounts, then the plan under *lease*."""
+    changes = batch.changes(fence)
+    known = mirror.KnownIds()
+    found, _ = mirror.ensure_accounts(conn, mirror.new_handles(changes, known))
+    known.learn(found, {})
+    mirror.commit_plan(conn, mirror.translate(changes, known), now_ms, lease=lease,
+                       fence=fence)
 
 
 def make_worker(net: LegacyNet, dsn: str, worker_id: str) -> BridgeWorker:

@@ -1,0 +1,224 @@
+"""legacy -> cloud, the one write path: translate legacy changes into cloud values, then write
+them in one transaction. The feed followers and the gaps reconciler's repairs both use it.
+
+    LegacyChanges --new_handles(known)--> ensure_accounts (a short transaction of its own)
+         |                                      |  handle -> account id, into KnownIds
+         +------------- translate(changes, known) --> MirrorPlan   (pure: no I/O)
+                                                          |
+                        commit_plan(conn, plan) ----------+--> CommitOutcome
+                        lease check, conversations, messages with their notifications
+                        and the feed checkpoint, presence, gap findings: one transaction
+
+Accounts come first, apart: the batch's transaction is long (hundreds of messages), and
+while it runs every other feed's batch that names one of the same new handles would wait on
+its uncommitted account rows (at start-up, with every handle new, one feed's first commit
+waited 626 ms). Committed apart, they are held for milliseconds; an account whose messages
+then fail to commit is harmless, the replay finds it. Everything else the plan needs is
+derived from the changes and the ids the store is known to have, so ``translate`` is pure
+and ``commit_plan`` only writes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import psycopg
+
+from bridge import ids
+from cloud import store
+from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
+from legacy import wire
+
+#: The fault points of the write path, in order; a fault hook may fail at any of them (the
+#: crash tests kill the bridge there).
+COMMIT_STEPS = ("accounts", "lease", "conversations", "messages", "presence", "gaps")
+
+Step = Callable[[str], None]
+
+
+def _no_step(_name: str) -> None:
+    return None
+
+
+@attrs.define
+class KnownIds:
+    """What the store is known to have, so steady-state batches skip re-creating it.
+
+    Filled only after a commit succeeded (a rolled-back transaction teaches nothing), shared
+    by all followers of a worker, read by transactions in the pool threads (lookups only).
+    """
+
+    accounts: dict[str, Any] = attrs.Factory(dict)   # handle -> account id
+    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)  # chat id -> members ensured
+
+    def learn(self, accounts: Mapping[str, Any], chats: Mapping[str, tuple[str, ...]]) -> None:
+        self.accounts.update(accounts)
+        self.chats.update(chats)
+
+
+@attrs.frozen
+class LegacyChanges:
+    """What the legacy side changed, to be mirrored: one feed batch, or what a repair
+    fetched. *checkpoint* (a feed's) commits with the data it covers."""
+
+    chats: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)  # chat id -> members
+    messages: tuple[wire.ChatMessage, ...] = attrs.field(default=(), converter=tuple)
+    presence: tuple[wire.FeedPresence, ...] = attrs.field(default=(), converter=tuple)
+    presence_source: str = ""
+    gaps: tuple[dict, ...] = attrs.field(default=(), converter=tuple)  # feed_gap details
+    checkpoint: FeedCheckpoint | None = None
+
+    def handles(self) -> set[str]:
+        """Every legacy handle the changes name: chat members, senders, presence."""
+        found: set[str] = set()
+        for members in self.chats.values():
+            found.update(members)
+        found.update(msg.sender for msg in self.messages)
+        found.update(p.handle for p in self.presence)
+        return found
+
+
+@attrs.frozen
+class ConversationPlan:
+    """A legacy chat as the cloud store gets it: its conversation and members."""
+
+    chat_id: str
+    conversation_id: uuid.UUID
+    member_handles: tuple[str, ...]
+    member_ids: tuple[uuid.UUID, ...]
+    #: False for a chat first seen through a message: created with its sender only, its
+    #: member list is not known yet (so ``KnownIds`` does not learn it).
+    complete: bool = True
+
+
+@attrs.frozen
+class Refusal:
+    """Something the store can not hold, recorded as a ``mirror_refused`` finding instead
+    of failing the batch forever."""
+
+    detail: Mapping[str, Any]
+    conversation_id: uuid.UUID
+
+
+@attrs.frozen
+class MirrorPlan:
+    """Everything one commit writes, in cloud terms."""
+
+    conversations: tuple[ConversationPlan, ...]
+    refusals: tuple[Refusal, ...]
+    batch: MirrorBatch
+    presence: tuple[Presence, ...]
+    gaps: tuple[dict, ...]
+
+
+@attrs.frozen
+class CommitOutcome:
+    """What a commit wrote: the store's result for the messages, and the chats whose member
+    lists it ensured (for ``KnownIds.learn`` once it has committed; a refused chat is tried
+    again next time)."""
+
+    result: MirrorResult
+    chats: Mapping[str, tuple[str, ...]]
+    #: ``mirror_changes`` only: the accounts it found or created, and how many it created.
+    accounts: Mapping[str, uuid.UUID] = attrs.field(factory=dict)
+    accounts_created: int = 0
+
+
+def new_handles(changes: LegacyChanges, known: KnownIds) -> list[str]:
+    """The handles of *changes* whose accounts the store is not known to have, sorted."""
+    return sorted(h for h in changes.handles() if h not in known.accounts)
+
+
+def ensure_accounts(conn: psycopg.Connection, handles: Iterable[str],
+                    step: Step = _no_step) -> tuple[dict[str, uuid.UUID], int]:
+    """Find or create the linked accounts of legacy *handles*, in a transaction of their
+    own; ``(handle -> account id, how many were created)``."""
+    step("accounts")
+    return store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
+
+
+def translate(changes: LegacyChanges, known: KnownIds) -> MirrorPlan:
+    """The cloud values of *changes*; every handle they name must be in ``known.accounts``
+    (``ensure_accounts`` first). Chats whose members *known* already has are left out."""
+    missing = changes.handles() - set(known.accounts)
+    if missing:
+        raise ValueError(f"accounts not ensured for {sorted(missing)[:5]}")
+    accounts = known.accounts
+    wanted = {chat_id: members for chat_id, members in changes.chats.items()
+              if known.chats.get(chat_id) != members}
+    # A chat first seen through a message (its FeedChat fell into a gap): create it with the
+    # sender; its other members arrive with the chat's next FeedChat.
+    first_seen = {msg.chat_id: (msg.sender,) for msg in changes.messages
+                  if msg.chat_id not in changes.chats and msg.chat_id not in known.chats}
+    conversations = tuple(
+        ConversationPlan(chat_id, ids.conversation_id(chat_id), members,
+                         tuple(accounts[h] for h in members), complete=chat_id in wanted)
+        for chat_id, members in (*wanted.items(), *first_seen.items()))
+    # A body PostgreSQL can not hold (current supernodes refuse these) is set aside.
+    refusals = tuple(
+        Refusal({"chat_id": m.chat_id, "guid": m.guid, "reason": "NUL character in the body"},
+                ids.conversation_id(m.chat_id))
+        for m in changes.messages if "\x00" in m.body)
+    mirrored = tuple(
+        MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
+                        accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
+        for msg in changes.messages if "\x00" not in msg.body)
+    checkpoints = (changes.checkpoint,) if changes.checkpoint is not None else ()
+    presence = tuple(Presence(accounts[p.handle], changes.presence_source, p.status,
+                              p.version, p.expires_ms) for p in changes.presence)
+    return MirrorPlan(conversations, refusals, MirrorBatch(mirrored, checkpoints), presence,
+                      changes.gaps)
+
+
+def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
+                lease: tuple[str, str] | None = None, fence: int = 0,
+                step: Step = _no_step) -> CommitOutcome:
+    """Write *plan* in the caller's one transaction; safe to run twice.
+
+    With a *lease* ``(name, holder)`` it first checks that the holder still has it under
+    *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits nothing).
+    """
+    step("lease")
+    if lease is not None:
+        store.check_lease(conn, lease[0], lease[1], fence)
+    step("conversations")
+    refused = store.ensure_legacy_conversations(conn, {
+        c.chat_id: (c.conversation_id, list(c.member_ids)) for c in plan.conversations})
+    for chat_id, reason in sorted(refused.items()):
+        # A legacy chat holds at most as many members as a conversation, but its member
+        # list may be replaced over time while the cloud keeps the union: record it for the
+        # operator instead of failing the batch forever.
+        store.record_finding(conn, "mirror_refused", {"chat_id": chat_id, "reason": reason},
+                             now_ms, conversation_id=ids.conversation_id(chat_id))
+    step("messages")
+    for refusal in plan.refusals:
+        store.record_finding(conn, "mirror_refused", dict(refusal.detail), now_ms,
+                             conversation_id=refusal.conversation_id)
+    result = store.write_mirrored_batch(conn, plan.batch, now_ms)
+    step("presence")
+    for presence in plan.presence:
+        store.set_presence(conn, presence)
+    step("gaps")
+    for gap in plan.gaps:
+        store.record_finding(conn, "feed_gap", gap, now_ms)
+    ensured = {c.chat_id: c.member_handles for c in plan.conversations
+               if c.complete and c.chat_id not in refused}
+    return CommitOutcome(result, ensured)
+
+
+def mirror_changes(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int, *,
+                   known: KnownIds | None = None, step: Step = _no_step) -> CommitOutcome:
+    """Accounts, translation and commit in the caller's one transaction: for a repair (and
+    tests), where one short transaction is simplest. *known* is read, never taught: the
+    caller learns ``outcome.accounts`` and ``outcome.chats`` once it has committed."""
+    known = known if known is not None else KnownIds()
+    handles = new_handles(changes, known)
+    found, created = ensure_accounts(conn, handles, step) if handles else ({}, 0)
+    accounts = {**found, **{h: known.accounts[h] for h in changes.handles()
+                            if h in known.accounts}}
+    plan = translate(changes, KnownIds(accounts, dict(known.chats)))
+    outcome = commit_plan(conn, plan, now_ms, step=step)
+    return attrs.evolve(outcome, accounts=accounts, accounts_created=created)

@@ -1,0 +1,41 @@
+"""legacy -> cloud, the write path: translate, then one transaction (bridge/mirror.py)."""
+
+from __future__ import annotations
+
+from bridge.mirror import LegacyChanges, mirror_changes
+from cloud.model import MAX_MEMBERS
+from legacy import wire
+
+
+def test_a_body_the_store_can_not_hold_is_set_aside_not_retried_forever(conn):
+    """A message with NUL in its body (older supernodes let it through) becomes a
+    mirror_refused finding; the rest of the batch is written."""
+    def msg(guid: str, body: str) -> wire.ChatMessage:
+        return wire.ChatMessage(chat_id="c1", guid=guid, legacy_seq=1, sender="alice",
+                                ts_ms=1_700_000_000_000, body=body, origin="legacy")
+
+    with conn.transaction():
+        result = mirror_changes(conn, LegacyChanges({"c1": ("alice", "bob")},
+                                                    [msg("g1", "fine"), msg("g2", "bad\x00")]),
+                                1).result
+    assert [m.legacy_guid for m in result.inserted] == ["g1"]
+    assert conn.execute("SELECT kind, detail->>'guid' FROM reconcile_findings").fetchall() == [
+        ("mirror_refused", "g2")]
+
+
+def test_a_chat_over_the_member_limit_is_set_aside_and_the_batch_goes_on(conn):
+    """A legacy chat whose member list grew past MAX_MEMBERS (the cloud keeps the union)
+    becomes a mirror_refused finding; the other chats of the batch and their messages are
+    written."""
+
+    crowd = tuple(f"u{i:03d}" for i in range(MAX_MEMBERS + 1))
+    msg = wire.ChatMessage(chat_id="small", guid="g1", legacy_seq=1, sender="u000",
+                           ts_ms=1_700_000_000_000, body="hello", origin="legacy")
+    with conn.transaction():
+        outcome = mirror_changes(
+            conn, LegacyChanges({"small": crowd[:2], "crowd": crowd}, [msg]), 1)
+    result, ensured = outcome.result, outcome.chats
+    assert [m.legacy_guid for m in result.inserted] == ["g1"]
+    assert set(ensured) == {"small"}  # the refused chat is tried again next time
+    assert conn.execute("SELECT kind, detail->>'chat_id' FROM reconcile_findings"
+                        ).fetchall() == [("mirror_refused", "crowd")]
