@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from bridge.mirror import LegacyChanges, mirror_changes
+import uuid
+
+import pytest
+
+from bridge import ids
+from bridge.mirror import KnownIds, LegacyChanges, mirror_changes, translate
 from cloud.model import MAX_MEMBERS
 from legacy import wire
 
@@ -39,3 +44,33 @@ def test_a_chat_over_the_member_limit_is_set_aside_and_the_batch_goes_on(conn):
     assert set(ensured) == {"small"}  # the refused chat is tried again next time
     assert conn.execute("SELECT kind, detail->>'chat_id' FROM reconcile_findings"
                         ).fetchall() == [("mirror_refused", "crowd")]
+
+
+def test_translate_needs_no_database_and_skips_what_the_store_is_known_to_have():
+    """translate is pure: cloud ids from the known accounts; a chat whose members are known
+    is left out; a chat first seen through a message is created with its sender only and
+    not taught to KnownIds."""
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    known = KnownIds({"alice": alice, "bob": bob}, {"old": ("alice", "bob")})
+
+    def msg(chat_id: str, guid: str) -> wire.ChatMessage:
+        return wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=1, sender="alice",
+                                ts_ms=1_700_000_000_000, body="hi", origin="legacy")
+
+    changes = LegacyChanges({"c1": ("alice", "bob"), "old": ("alice", "bob")},
+                            [msg("c1", "g1"), msg("c2", "g2")])
+    plan = translate(changes, known)
+    assert [(c.chat_id, c.member_ids, c.complete) for c in plan.conversations] == [
+        ("c1", (alice, bob), True), ("c2", (alice,), False)]
+    assert [(m.conversation_id, m.message_id, m.sender_account_id)
+            for m in plan.batch.messages] == [
+        (ids.conversation_id("c1"), ids.message_id("g1"), alice),
+        (ids.conversation_id("c2"), ids.message_id("g2"), alice)]
+    assert translate(changes, known) == plan  # same input, same plan
+
+
+def test_translate_refuses_changes_whose_accounts_were_not_ensured():
+    """Every handle must have its account first: translate says which are missing."""
+    changes = LegacyChanges({"c1": ("alice", "carol")})
+    with pytest.raises(ValueError, match="carol"):
+        translate(changes, KnownIds({"alice": uuid.uuid4()}))
