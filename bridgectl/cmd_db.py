@@ -8,7 +8,7 @@ from typing import Any
 
 from bridge import state
 from bridgectl import options
-from bridgectl.database import connect, redact_dsn, resolve_dsn
+from bridgectl.database import connect, redact_dsn, resolve_dsn, schema_status
 from bridgectl.errors import EXIT_OK, RuntimeFailure
 
 
@@ -51,14 +51,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_status(args: argparse.Namespace) -> int:
-    from cloud import schema
-
     dsn, origin = resolve_dsn(args)
-    with connect(dsn, origin) as conn:
-        try:
-            st = schema.status(conn)
-        except schema.MigrationError as e:
-            raise RuntimeFailure(str(e)) from None
+    st = schema_status(dsn, origin)
     if args.json:
         print(json.dumps({
             "database": origin, "dsn": redact_dsn(dsn), "current": st.current,

@@ -50,13 +50,18 @@ def connect(dsn: str, origin: str) -> psycopg.Connection:
                              f"{redact_dsn(dsn)}): {first}") from None
 
 
-def require_current_schema(dsn: str, origin: str) -> None:
-    """Refuse to run against a schema with pending migrations."""
+def schema_status(dsn: str, origin: str) -> schema.SchemaStatus:
+    """The applied and pending schema versions, or one ``RuntimeFailure`` line."""
     with connect(dsn, origin) as conn:
         try:
-            st = schema.status(conn)
+            return schema.status(conn)
         except schema.MigrationError as e:
             raise RuntimeFailure(str(e)) from None
+
+
+def require_current_schema(dsn: str, origin: str) -> None:
+    """Refuse to run against a schema with pending migrations."""
+    st = schema_status(dsn, origin)
     if st.pending:
         versions = ", ".join(f"{v:04d}" for v, _ in st.pending)
         raise RuntimeFailure(f"the database schema is not current (pending {versions}); "
