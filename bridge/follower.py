@@ -44,9 +44,15 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.ops import metrics as m
-from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import coordination as coordination_store
+from cloud.store import findings as findings_store
+from cloud.store import mirror as mirror_store
+from cloud.store import presence as presence_store
+from cloud.store.errors import StaleFence
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
@@ -141,7 +147,7 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
     step = fault or (lambda _name: None)
     step("lease")
     if lease is not None:
-        store.check_lease(conn, lease[0], lease[1], fence)
+        coordination_store.check_lease(conn, lease[0], lease[1], fence)
     checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset, fence)
     result, created, accounts, chats = mirror_legacy(
         conn, batch.chats, batch.messages, now_ms, known=known, checkpoint=checkpoint,
@@ -149,7 +155,7 @@ def commit_feed_batch(conn: psycopg.Connection, batch: FeedBatch, fence: int,
         step=step)
     step("gaps")
     for gap in batch.gaps:
-        store.record_finding(conn, "feed_gap", gap, now_ms)
+        findings_store.record_finding(conn, "feed_gap", gap, now_ms)
     return result, created, accounts, chats
 
 
@@ -173,7 +179,7 @@ def ensure_accounts(conn: psycopg.Connection, handles: list[str]) -> tuple[dict,
     first commit waited 626 ms. Committed apart, they are held for milliseconds. An account
     whose messages then fail to commit is harmless: the replay finds it.
     """
-    return store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
+    return accounts_store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
 
 
 def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
@@ -183,7 +189,7 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
                   step: Callable[[str], None] = lambda _name: None
                   ) -> tuple[MirrorResult, int, dict, dict]:
     """The bridge's one idempotent legacy -> cloud write: accounts for new handles, chats
-    and members, messages (with their notifications) through ``store.write_mirrored_batch``,
+    and members, messages (with their notifications) through ``mirror_store.write_mirrored_batch``,
     presence; used by the feed followers and by the gaps reconciler's repairs."""
     known = known or KnownIds()
     step("accounts")
@@ -192,7 +198,7 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
     missing = handles - set(accounts)
     created = 0
     if missing:
-        found, created = store.ensure_linked_accounts(
+        found, created = accounts_store.ensure_linked_accounts(
             conn, {h: ids.account_id(h) for h in missing})
         accounts.update(found)
     step("conversations")
@@ -202,15 +208,16 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
     # sender; its other members arrive with the chat's next FeedChat.
     first_seen = {msg.chat_id: (msg.sender,) for msg in messages
                   if msg.chat_id not in chats and msg.chat_id not in known.chats}
-    refused = store.ensure_legacy_conversations(conn, {
+    refused = conversations_store.ensure_legacy_conversations(conn, {
         chat_id: (ids.conversation_id(chat_id), [accounts[h] for h in members])
         for chat_id, members in (*wanted.items(), *first_seen.items())})
     for chat_id, reason in sorted(refused.items()):
         # A legacy chat holds at most as many members as a conversation, but its member
         # list may be replaced over time while the cloud keeps the union: record it for the
         # operator instead of failing the batch forever.
-        store.record_finding(conn, "mirror_refused", {"chat_id": chat_id, "reason": reason},
-                             now_ms, conversation_id=ids.conversation_id(chat_id))
+        findings_store.record_finding(conn, "mirror_refused",
+                                      {"chat_id": chat_id, "reason": reason}, now_ms,
+                                      conversation_id=ids.conversation_id(chat_id))
     ensured = {chat_id: members for chat_id, members in wanted.items()
                if chat_id not in refused}
     step("messages")
@@ -219,7 +226,7 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
         # A body PostgreSQL can not hold (current supernodes refuse these): record it for
         # the operator instead of failing the batch forever.
         for m in unstorable:
-            store.record_finding(conn, "mirror_refused", {
+            findings_store.record_finding(conn, "mirror_refused", {
                 "chat_id": m.chat_id, "guid": m.guid, "reason": "NUL character in the body"},
                 now_ms, conversation_id=ids.conversation_id(m.chat_id))
         messages = [m for m in messages if "\x00" not in m.body]
@@ -227,12 +234,12 @@ def mirror_legacy(conn: psycopg.Connection, chats: dict[str, tuple[str, ...]],
         MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
                         accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
         for msg in messages)
-    result = store.write_mirrored_batch(
+    result = mirror_store.write_mirrored_batch(
         conn, MirrorBatch(mirrored, (checkpoint,) if checkpoint is not None else ()), now_ms)
     step("presence")
     for p in presence:
-        store.set_presence(conn, Presence(accounts[p.handle], presence_source, p.status,
-                                          p.version, p.expires_ms))
+        presence_store.set_presence(conn, Presence(accounts[p.handle], presence_source, p.status,
+                                                   p.version, p.expires_ms))
     return result, created, accounts, ensured
 
 
@@ -344,7 +351,8 @@ class FeedFollower(Service):
             self.state = FollowerState.CONNECTING
             try:
                 if self.checkpoint is None:
-                    self.checkpoint = await self.db.run(store.load_checkpoint, self.source)
+                    self.checkpoint = await self.db.run(coordination_store.load_checkpoint,
+                                                        self.source)
                 peer = await connect_peer(self.network, self.address.host, self.address.port,
                                           name=self.worker_id, secret=self._secret,
                                           timeout=self.config.connect_timeout_s)
@@ -479,7 +487,7 @@ class FeedFollower(Service):
                         None if self.lease is None else (self.lease, self.worker_id),
                         self.fault, self.known)
                     break
-                except store.StaleFence:
+                except StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
                              "this worker stops following it", sn=self.source)
                     self.state = FollowerState.STOPPED

@@ -20,8 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.ops import metrics as m
-from cloud import store
 from cloud.db import TransactionRunner
+from cloud.store import presence as presence_store
 
 log = Logger()
 
@@ -69,7 +69,7 @@ class PresenceMirror(Service):
     async def _once(self) -> bool:
         """One pass; True when the batch was full (more to do at once)."""
         try:
-            rows = await self.db.run(store.cloud_presence_changes, self._after, self.batch)
+            rows = await self.db.run(presence_store.cloud_presence_changes, self._after, self.batch)
         except Exception as e:
             log.debug("presence mirror: store unavailable ({e})", e=e)
             return False

@@ -41,7 +41,9 @@ import psycopg
 from twisted.internet import defer, protocol, task
 
 from bridge import state
-from cloud import admin, store
+from cloud import admin
+from cloud.store import notifications as notifications_store
+from cloud.store import outbox as outbox_store
 from drills import convergence
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
@@ -308,7 +310,7 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
     workers = admin.live_workers(conn, now_ms)
     lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
-    pending, _oldest = store.outbox_backlog(conn, now_ms)
+    pending, _oldest = outbox_store.outbox_backlog(conn, now_ms)
     leased = len(_feed_leases(conn, now_ms))
     return {
         "messages_cloud": from_legacy + from_cloud,
@@ -322,7 +324,7 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "findings_repaired": findings["repaired"],
         "findings_failed": findings["failed"],
         "accounts_by_phase": admin.accounts_per_phase(conn),
-        "notifications": store.notification_counts(conn),
+        "notifications": notifications_store.notification_counts(conn),
     }
 
 

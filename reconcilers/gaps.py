@@ -36,8 +36,11 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.follower import mirror_legacy
-from cloud import admin, store
+from cloud import admin
 from cloud.db import TransactionRunner
+from cloud.model import Digest
+from cloud.store import conversations as conversations_store
+from cloud.store import digests as digests_store
 from legacy import wire
 from legacy.peer import PeerConnection
 from reconcilers.runner import RunContext
@@ -88,7 +91,7 @@ class ChatDiff:
     missing_in_legacy: set[str] = attrs.Factory(set)
 
 
-def _digest_pair(legacy: Any, cloud: store.Digest) -> bool:
+def _digest_pair(legacy: Any, cloud: Digest) -> bool:
     return legacy.count == cloud.count and legacy.total % (1 << 64) == cloud.total
 
 
@@ -230,7 +233,8 @@ class GapsReconciler:
         """Chats known to either side: chat id -> (conversation id, legacy members); and the
         supernodes that could not list theirs (id -> why)."""
         chats: dict[str, tuple[uuid.UUID, tuple[str, ...] | None]] = {
-            chat: (cid, None) for chat, cid in (await db.run(store.legacy_chats)).items()}
+            chat: (cid, None)
+            for chat, cid in (await db.run(conversations_store.legacy_chats)).items()}
         unreachable: dict[str, str] = {}
         for sn in sorted(self.legacy.directory):
             try:
@@ -263,7 +267,7 @@ class GapsReconciler:
                              prefix=prefix)
             if root:
                 [legacy] = await peer.digests(rng, 0)
-                [cloud] = await db.run(store.range_digests, cid, lo, hi, pbits, prefix, 0)
+                [cloud] = await db.run(digests_store.range_digests, cid, lo, hi, pbits, prefix, 0)
                 self.counters.digest_requests += 1
                 if pbits == 0 and lo == start and hi == end:
                     self.counters.messages_covered += max(legacy.count, cloud.count)
@@ -279,7 +283,7 @@ class GapsReconciler:
                     continue
             split = min(SPLIT_BITS, 32 - pbits)
             legacy_children = await peer.digests(rng, split)
-            cloud_children = await db.run(store.range_digests, cid, lo, hi, pbits, prefix,
+            cloud_children = await db.run(digests_store.range_digests, cid, lo, hi, pbits, prefix,
                                           split)
             self.counters.digest_requests += 1
             for i, (lc, cc) in enumerate(zip(legacy_children, cloud_children, strict=True)):
@@ -301,8 +305,8 @@ class GapsReconciler:
         if reply.truncated:  # more than a list holds: split by bucket bits instead
             raise RuntimeError(f"range of {rng.chat_id} too large to list at "
                                f"{rng.prefix_bits} bits")
-        cloud_guids = set(await db.run(store.range_guids, diff.conversation_id, rng.start_ms,
-                                       rng.end_ms, rng.prefix_bits, rng.prefix))
+        cloud_guids = set(await db.run(digests_store.range_guids, diff.conversation_id,
+                                       rng.start_ms, rng.end_ms, rng.prefix_bits, rng.prefix))
         self.counters.listed_guids += len(legacy_guids) + len(cloud_guids)
         diff.missing_in_cloud |= legacy_guids - cloud_guids
         diff.missing_in_legacy |= cloud_guids - legacy_guids
@@ -322,7 +326,8 @@ class GapsReconciler:
             if confirmed and not ctx.dry_run:
                 await self._repair_cloud(ctx, diff, members, confirmed)
         if diff.missing_in_legacy:
-            handles, legacy_clients = await db.run(store.member_handles, diff.conversation_id)
+            handles, legacy_clients = await db.run(conversations_store.member_handles,
+                                                   diff.conversation_id)
             if legacy_clients == 0:
                 return  # nobody reads this chat on legacy any more: nothing to repair
             # the second look asks for the messages themselves: only what it still lacks counts
@@ -382,7 +387,7 @@ class GapsReconciler:
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,
                              handles: tuple[str, ...], guids: list[str]) -> None:
         report = ctx.report
-        rows = await ctx.db.run(store.messages_by_guid, diff.conversation_id, guids)
+        rows = await ctx.db.run(digests_store.messages_by_guid, diff.conversation_id, guids)
         repaired, errors = [], []
         for guid, sender, sent_ms, body in rows:
             msg = wire.ChatMessage(chat_id=diff.chat_id, guid=guid, legacy_seq=0, sender=sender,

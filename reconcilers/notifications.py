@@ -21,10 +21,11 @@ not acknowledged in time; this cron job catches what it cannot see or did not do
     each repair         a reconcile_findings row and an audit_log row (aggregated beyond
                         max_findings per run, so a disaster does not write millions)
 
-"Owed" is what the store owes when it writes a message (``cloud.store._owe_notifications``):
-members, other than the sender, whose phase has cloud devices. A member who joined after
-the message, or whose account moved from ``legacy`` to a cloud phase after it (the phase
-change in the audit log), was not owed one, and is not sent one now.
+"Owed" is what the store owes when it writes a message
+(``cloud.store.messages._owe_notifications``): members, other than the sender, whose phase has
+cloud devices. A member who joined after the message, or whose account moved from ``legacy``
+to a cloud phase after it (the phase change in the audit log), was not owed one, and is not
+sent one now.
 
 A re-send does not count an attempt itself: the dispatcher's claim does, so ``attempts``
 stays the number of pushes. ``give_up_s`` bounds the case where nothing claims the row at
@@ -209,9 +210,10 @@ def promoted_since(conn: psycopg.Connection, since_ms: int) -> dict[uuid.UUID, i
     return out
 
 
-#: Who is owed a notification for a message (as ``store._owe_notifications`` decides when
-#: the message is written): a member other than the sender, in a phase with cloud devices,
-#: who was a member when the message was written and had left ``legacy`` before it was sent.
+#: Who is owed a notification for a message (as ``cloud.store.messages._owe_notifications``
+#: decides when the message is written): a member other than the sender, in a phase with
+#: cloud devices, who was a member when the message was written and had left ``legacy``
+#: before it was sent.
 _OWED = ("JOIN accounts a ON a.account_id = mb.account_id "
          "LEFT JOIN unnest(%(promoted)s::uuid[], %(promoted_ms)s::bigint[]) "
          "  AS p(account_id, at_ms) ON p.account_id = mb.account_id "

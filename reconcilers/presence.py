@@ -46,8 +46,8 @@ from twisted.internet import task
 
 from bridge.follower import LEGACY_PRESENCE_PREFIX
 from bridge.presence import MAX_TTL_MS
-from cloud import store
 from cloud.presence import GRACE_MS
+from cloud.store import coordination as coordination_store
 from legacy.peer import PeerConnection
 from reconcilers.notifications import SAMPLE, record_repair
 from reconcilers.runner import RunContext
@@ -263,7 +263,7 @@ class PresenceReconciler:
         epochs, unreachable = await self._probe()
         # a resumed pass keeps the epochs its first run saw (they become the baseline)
         start_epochs: dict[str, str] = progress.setdefault("epochs", epochs)
-        checkpoints = await ctx.db.run(store.load_checkpoints)
+        checkpoints = await ctx.db.run(coordination_store.load_checkpoints)
         baseline = await ctx.db.run(last_hub_epochs)
         restarted = sorted(sn for sn, e in epochs.items()
                            if sn in checkpoints and checkpoints[sn].epoch != e)
