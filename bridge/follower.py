@@ -351,7 +351,8 @@ class FeedFollower(Service):
             self.state = FollowerState.CONNECTING
             try:
                 if self.checkpoint is None:
-                    self.checkpoint = await self.db.run(coordination_store.load_checkpoint,
+                    self.checkpoint = await self.db.run("load_checkpoint",
+                                                        coordination_store.load_checkpoint,
                                                         self.source)
                 peer = await connect_peer(self.network, self.address.host, self.address.port,
                                           name=self.worker_id, secret=self._secret,
@@ -479,11 +480,13 @@ class FeedFollower(Service):
                         batch.chats, batch.messages, batch.presence)
                         if h not in self.known.accounts)
                     if new_handles:
-                        found, n = await self.db.run(ensure_accounts, new_handles)
+                        found, n = await self.db.run("ensure_accounts", ensure_accounts,
+                                                     new_handles)
                         self.known.learn(found, {})
                         m.ACCOUNTS_CREATED.inc(n)  # committed, whatever becomes of the batch
                     result, created, accounts, chats = await self.db.run(
-                        commit_feed_batch, batch, self.fence, int(started * 1000),
+                        "commit_feed_batch", commit_feed_batch, batch, self.fence,
+                        int(started * 1000),
                         None if self.lease is None else (self.lease, self.worker_id),
                         self.fault, self.known)
                     break

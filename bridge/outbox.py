@@ -194,8 +194,8 @@ class OutboxInjector(PollingLoop):
         try:
             # spread a claim over at least `concurrency` conversations, each injected in order
             per_conversation = max(1, cfg.batch // cfg.concurrency)
-            items = await self._db.run(outbox_store.claim_outbox, now_ms, cfg.batch, claim_ms,
-                                       per_conversation)
+            items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms, cfg.batch,
+                                       claim_ms, per_conversation)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -214,7 +214,8 @@ class OutboxInjector(PollingLoop):
             metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
                 self._clock.seconds() - started)
         try:
-            self.backlog = await self._db.run(outbox_store.outbox_backlog, self._now_ms())
+            self.backlog = await self._db.run("outbox_backlog", outbox_store.outbox_backlog,
+                                              self._now_ms())
         except DatabaseUnavailable as e:
             self._database_down(e)
         else:
@@ -231,7 +232,7 @@ class OutboxInjector(PollingLoop):
                 if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
                     # Stopping, or the claim could run out mid-injection and let another
                     # worker overtake: hand the rest back, due at once.
-                    await self._db.run(release_outbox_items, items[i:],
+                    await self._db.run("release_outbox_items", release_outbox_items, items[i:],
                                        "handed back unattempted (stopping or claim ending)",
                                        self._now_ms())
                     return
@@ -255,8 +256,8 @@ class OutboxInjector(PollingLoop):
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
-            await self._db.run(outbox_store.complete_outbox, item, chat_id, None, self._now_ms(),
-                               skipped=True)
+            await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, None,
+                               self._now_ms(), skipped=True)
             self.skipped += 1
             return
         guid = ids.guid_for_cloud_message(item.message_id)
@@ -279,7 +280,8 @@ class OutboxInjector(PollingLoop):
         if ack.status not in ("new", "duplicate"):
             raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
         now_ms = self._now_ms()
-        await self._db.run(outbox_store.complete_outbox, item, chat_id, guid, now_ms)
+        await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, guid,
+                           now_ms)
         if ack.status == "new":
             self.injected += 1
             metrics.MIRRORED.labels(direction=DIRECTION).inc()
@@ -316,7 +318,8 @@ class OutboxInjector(PollingLoop):
             raise _Retry(f"{type(e).__name__}: {e}") from e
 
     async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
-        await self._db.run(refuse_outbox_item, item, chat_id, reason, self._now_ms())
+        await self._db.run("refuse_outbox_item", refuse_outbox_item, item, chat_id, reason,
+                           self._now_ms())
         self.skipped += 1
         log.warn("legacy refuses message {mid} of conversation {cid}: {reason}; skipped with "
                  "an inject_refused finding", mid=item.message_id, cid=item.conversation_id,
@@ -325,7 +328,7 @@ class OutboxInjector(PollingLoop):
     async def _release(self, items: list[OutboxItem], reason: str) -> None:
         first = items[0]
         delay_s = self.config.retry.delay(first.attempts, self._rng)
-        await self._db.run(release_outbox_items, items, reason,
+        await self._db.run("release_outbox_items", release_outbox_items, items, reason,
                            self._now_ms() + round(delay_s * 1000))
         self.failures += 1
         metrics.RETRIES.labels(what="inject").inc()

@@ -69,7 +69,8 @@ class PresenceMirror(Service):
     async def _once(self) -> bool:
         """One pass; True when the batch was full (more to do at once)."""
         try:
-            rows = await self.db.run(presence_store.cloud_presence_changes, self._after, self.batch)
+            rows = await self.db.run("cloud_presence_changes",
+                                     presence_store.cloud_presence_changes, self._after, self.batch)
         except Exception as e:
             log.debug("presence mirror: store unavailable ({e})", e=e)
             return False

@@ -1054,7 +1054,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     _require_current_schema(dsn, origin)
     with _connect(dsn, origin) as conn:
         try:
-            plan = run_transaction(conn, phases.load_plan, selection, args.to, config,
+            plan = run_transaction(conn, "load_plan", phases.load_plan, selection, args.to, config,
                                    int(time.time() * 1000), force=args.force)
         except phases.UnknownAccounts as e:
             raise UsageError(str(e)) from None
@@ -1122,7 +1122,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     dsn, origin = _resolve_dsn(args)
     _require_current_schema(dsn, origin)
     with _connect(dsn, origin) as conn:
-        snapshot = run_transaction(conn, status.gather, int(time.time() * 1000))
+        snapshot = run_transaction(conn, "status_gather", status.gather, int(time.time() * 1000))
     snapshot = {"database": origin, "dsn": redact_dsn(dsn), **snapshot}
     print(json.dumps(snapshot, sort_keys=True) if args.json else status.render(snapshot))
     return EXIT_OK

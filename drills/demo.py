@@ -534,7 +534,8 @@ class Demo:
     async def _start_cloud_devices(self) -> None:
         from cloud.workload import AgentHTTP, CloudWorkload, WorkloadConfig, provision
 
-        population = await self.db.run(provision, users=self.config.cloud_users,
+        population = await self.db.run("provision_workload", provision,
+                                       users=self.config.cloud_users,
                                         conversations=max(1, self.config.cloud_users // 2),
                                         seed=self.config.seed)
         self.http = AgentHTTP(self.reactor, f"http://127.0.0.1:{self.api_port}")
@@ -546,7 +547,7 @@ class Demo:
 
     async def _refresh_devices(self) -> None:
         try:
-            accounts = await self.db.run(migrated_devices)
+            accounts = await self.db.run("migrated_devices", migrated_devices)
         except Exception:  # the store is restarting (a chaos scenario): next time
             return
         for handle, legacy_handle, conversations in accounts:
@@ -649,7 +650,8 @@ class Demo:
         waited_until = self.reactor.seconds() + 45.0
         held: list[tuple[str, int]] = []
         while not self.stop_requested and self.reactor.seconds() < waited_until:
-            held = await self.db.run(_leases_held, holder, int(self.reactor.seconds() * 1000))
+            held = await self.db.run("leases_held", _leases_held, holder,
+                                     int(self.reactor.seconds() * 1000))
             if held:
                 break
             await task.deferLater(self.reactor, 0.5, lambda: None)
@@ -745,7 +747,7 @@ class Demo:
 
     async def _status_line(self) -> None:
         try:
-            f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+            f = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
         except Exception as e:  # the store is down for a moment: say so, carry on
             self._status_print(f"store unavailable: {e}")
             return
@@ -807,12 +809,14 @@ class Demo:
             legacy_inv = await convergence.legacy_inventory(links)
         finally:
             links.close()
-        not_owed = await self.db.run(convergence.cloud_not_owed_to_legacy)
-        cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv), not_owed)
-        dups = await self.db.run(convergence.cloud_duplicates)
-        posts_missing = await self.db.run(convergence.cloud_posts_missing,
+        not_owed = await self.db.run("cloud_not_owed_to_legacy",
+                                     convergence.cloud_not_owed_to_legacy)
+        cloud_inv = await self.db.run("cloud_inventory", convergence.cloud_inventory,
+                                      list(legacy_inv), not_owed)
+        dups = await self.db.run("cloud_duplicates", convergence.cloud_duplicates)
+        posts_missing = await self.db.run("cloud_posts_missing", convergence.cloud_posts_missing,
                                           dict(self.traffic.stats.posted))
-        final = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+        final = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
         await self._stop(self.legacy)
         record = json.loads(record_path.read_text()) if record_path.exists() else None
         verdict = convergence.judge(legacy_inv, cloud_inv, legacy_record=record,
@@ -866,7 +870,7 @@ class Demo:
             await self._check_children()
             await self._refresh_devices()
             try:
-                f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+                f = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
             except Exception:  # the store is restarting: not settled yet
                 await self._sleep(1.0)
                 continue

@@ -128,11 +128,11 @@ class ScriptedDatabase:
         """The server is unreachable for the next *n* transactions, whatever they are."""
         return cls(inner, None, [DatabaseUnavailable("server closed the connection")] * n)
 
-    def run(self, fn: Callable, *args: object, **kwargs: object) -> defer.Deferred:
+    def run(self, desc: str, fn: Callable, *args: object, **kwargs: object) -> defer.Deferred:
         if (self.fn is None or fn is self.fn) and self.faults:
             fault = self.faults.pop(0)
             if isinstance(fault, DatabaseUnavailable):
                 return defer.fail(fault)
             if fault is not None:
                 raise fault
-        return self.inner.run(fn, *args, **kwargs)
+        return self.inner.run(desc, fn, *args, **kwargs)

@@ -160,17 +160,17 @@ class HeldDatabase:
     def __init__(self, inner) -> None:
         self.inner, self.held = inner, []
 
-    def run(self, fn, *args, **kwargs):
+    def run(self, desc, fn, *args, **kwargs):
         if fn.__name__ != "commit_feed_batch":
-            return self.inner.run(fn, *args, **kwargs)
+            return self.inner.run(desc, fn, *args, **kwargs)
         d = defer.Deferred()
-        self.held.append((d, fn, args, kwargs))
+        self.held.append((d, desc, fn, args, kwargs))
         return d
 
     def release(self):
         held, self.held = self.held, []
-        for d, fn, args, kwargs in held:
-            self.inner.run(fn, *args, **kwargs).chainDeferred(d)
+        for d, desc, fn, args, kwargs in held:
+            self.inner.run(desc, fn, *args, **kwargs).chainDeferred(d)
 
 
 def test_a_slow_store_stops_the_feed_at_the_credit_window(net, conn, monkeypatch):

@@ -399,7 +399,7 @@ def test_cloud_only_makes_the_login_server_refuse_the_handle_and_back_clears_it(
 class FailingStore:
     """A TransactionRunner whose phase change fails as if the process died before commit."""
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         return defer.fail(RuntimeError("killed before the store committed"))
 
 

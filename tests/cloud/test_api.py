@@ -636,7 +636,7 @@ class FailingDatabase:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         return defer.fail(self.error)
 
 

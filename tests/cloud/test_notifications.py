@@ -298,12 +298,12 @@ class GatedDatabase:
         self.inner = inner
         self.held: list[defer.Deferred] = []
 
-    def run(self, fn: Callable, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc: str, fn: Callable, *args, **kwargs) -> defer.Deferred:
         if fn is not notifications_store.claim_due_notifications:
-            return self.inner.run(fn, *args, **kwargs)
+            return self.inner.run(desc, fn, *args, **kwargs)
         gate: defer.Deferred = defer.Deferred()
         self.held.append(gate)
-        return gate.addCallback(lambda _: self.inner.run(fn, *args, **kwargs))
+        return gate.addCallback(lambda _: self.inner.run(desc, fn, *args, **kwargs))
 
 
 def test_one_tick_in_flight_and_stop_waits_for_it(conn):
