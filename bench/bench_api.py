@@ -21,7 +21,7 @@ import psycopg
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cloud import store  # noqa: E402
+from cloud.store import conversations as conversations_store  # noqa: E402
 from cloud.workload import AgentHTTP, Population, provision  # noqa: E402
 
 CLIENTS = 50
@@ -94,7 +94,7 @@ def bench_population(dsn: str) -> Population:
             for i in range(CLIENTS):
                 (handle, a), (_, b) = everyone.accounts[2 * i], everyone.accounts[2 * i + 1]
                 cid = uuid.uuid5(a, "bench")
-                store.create_conversation(conn, cid, [a, b])
+                conversations_store.create_conversation(conn, cid, [a, b])
                 posters.append((handle, a))
                 chats.append((cid, (a,)))
     return Population(tuple(posters), tuple(chats), everyone.password)

@@ -53,8 +53,10 @@ sys.path.insert(0, HERE)
 from bench_cloud import raw_copy, scratch_database  # noqa: E402
 from bench_stats import summarize  # noqa: E402
 
-from cloud import embedded, store  # noqa: E402
+from cloud import embedded  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
+from cloud.store import coordination as coordination_store  # noqa: E402
+from cloud.store import messages as messages_store  # noqa: E402
 
 BASE_PORT = 47900
 SUPERNODES = 4
@@ -108,10 +110,10 @@ class Run:
             now_ms = int(time.time() * 1000)
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 for wid in ids:
-                    store.heartbeat_worker(conn, wid, "ready", now_ms, now_ms,
-                                           lag_to_cloud_ms=None, lag_to_legacy_ms=None,
-                                           mirrored_to_cloud=0, mirrored_to_legacy=0, feeds=0,
-                                           detail={})
+                    coordination_store.heartbeat_worker(conn, wid, "ready", now_ms, now_ms,
+                                                        lag_to_cloud_ms=None, lag_to_legacy_ms=None,
+                                                        mirrored_to_cloud=0, mirrored_to_legacy=0,
+                                                        feeds=0, detail={})
         for wid in ids:
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "bridgectl.main", "bridge", "run", "--dsn", self.dsn,
@@ -346,7 +348,7 @@ def to_legacy_run(server: str, n: int) -> dict:
             with conn.transaction():
                 for i in range(n):
                     cid, sender = chats[i % len(chats)]
-                    store.post_message(conn, cid, sender, f"bench-{i}", "y" * 80, now_ms)
+                    messages_store.post_message(conn, cid, sender, f"bench-{i}", "y" * 80, now_ms)
             t0 = time.monotonic()
             t1 = wait_until(conn, "SELECT count(*) FROM outbox_to_legacy WHERE state <> "
                                   "'pending'", n, timeout=600)

@@ -2,7 +2,7 @@
 
 1. Rows per second into ``messages``: raw binary ``COPY`` straight into the table (the
    ceiling: no dedup, no seq assignment, no notifications), and the bridge's idempotent mirror write
-   path (``store.write_mirrored_batch``: COPY into staging, lock, dedup, numbered insert,
+   path (``mirror_store.write_mirrored_batch``: COPY into staging, lock, dedup, numbered insert,
    notification rows, checkpoint) on the same server in the same run, and their ratio.
    The write path is measured twice: members in phase ``legacy`` (no notifications owed,
    the shadow-mirroring case) and in phase ``dual`` (one notification row per message).
@@ -33,8 +33,11 @@ from psycopg import conninfo
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cloud import embedded, schema, store  # noqa: E402
+from cloud import embedded, schema  # noqa: E402
 from cloud.model import Account, FeedCheckpoint, MirrorBatch, MirroredMessage  # noqa: E402
+from cloud.store import accounts as accounts_store  # noqa: E402
+from cloud.store import conversations as conversations_store  # noqa: E402
+from cloud.store import mirror as mirror_store  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_api import bench_api  # noqa: E402
@@ -71,10 +74,10 @@ def setup(conn: psycopg.Connection, conversations: int, phase: str) -> list[tupl
     with conn.transaction():
         for i in range(conversations):
             a, b = uuid.uuid4(), uuid.uuid4()
-            store.create_account(conn, Account(a, f"a{i}-{a.hex[:6]}", phase), None)
-            store.create_account(conn, Account(b, f"b{i}-{b.hex[:6]}", phase), None)
+            accounts_store.create_account(conn, Account(a, f"a{i}-{a.hex[:6]}", phase), None)
+            accounts_store.create_account(conn, Account(b, f"b{i}-{b.hex[:6]}", phase), None)
             cid = uuid.uuid4()
-            store.create_conversation(conn, cid, [a, b])
+            conversations_store.create_conversation(conn, cid, [a, b])
             out.append((cid, a, f"a{i}"))
     return out
 
@@ -125,7 +128,7 @@ def mirror_path(conn: psycopg.Connection, msgs: list[MirroredMessage], batch: in
     for k, start in enumerate(range(0, len(msgs), batch)):
         b = MirrorBatch(tuple(msgs[start:start + batch]), (FeedCheckpoint("sn-0", "e", k),))
         with conn.transaction():
-            store.write_mirrored_batch(conn, b, NOW)
+            mirror_store.write_mirrored_batch(conn, b, NOW)
     return len(msgs) / (time.perf_counter() - t0)
 
 

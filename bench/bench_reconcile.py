@@ -61,8 +61,10 @@ from twisted.python.failure import Failure  # noqa: E402
 
 from bridge import ids  # noqa: E402
 from bridge.discovery import SupernodeLinks  # noqa: E402
-from cloud import embedded, store  # noqa: E402
+from cloud import embedded  # noqa: E402
 from cloud.db import InlineDatabase  # noqa: E402
+from cloud.store import accounts as accounts_store  # noqa: E402
+from cloud.store import conversations as conversations_store  # noqa: E402
 from legacy import wire  # noqa: E402
 from legacy.faults import PRESETS, HopFaults  # noqa: E402
 from legacy.network import MemoryNetwork  # noqa: E402
@@ -209,11 +211,11 @@ class ReconcileScene:
         conn = self.conn
         handles = {h: ids.account_id(h) for _, members, _ in history for h in members}
         with conn.transaction():
-            accounts, _ = store.ensure_linked_accounts(conn, handles)
+            accounts, _ = accounts_store.ensure_linked_accounts(conn, handles)
             for chat_id, members, _ in history:
-                store.create_conversation(conn, ids.conversation_id(chat_id),
-                                          [accounts[h] for h in members],
-                                          legacy_chat_id=chat_id)
+                conversations_store.create_conversation(conn, ids.conversation_id(chat_id),
+                                                        [accounts[h] for h in members],
+                                                        legacy_chat_id=chat_id)
         batch: list[tuple] = []
 
         def flush() -> None:

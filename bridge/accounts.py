@@ -69,7 +69,8 @@ async def import_accounts(peer: AccountSource, db: TransactionRunner, now_ms: in
         records = [admin.LegacyAccountRecord(a.handle, ids.account_id(a.handle),
                                              a.password_hash) for a in page.accounts]
         if records:
-            batch = await db.run(admin.upsert_linked_accounts, records, now_ms)
+            batch = await db.run("upsert_linked_accounts", admin.upsert_linked_accounts, records,
+                                 now_ms)
             counts = counts.add(batch, len(records))
             after = max(r.handle for r in records)
             if progress is not None:

@@ -44,9 +44,10 @@ from bridge import mirror
 from bridge.ids import LEGACY_PRESENCE_PREFIX
 from bridge.mirror import KnownIds, LegacyChanges
 from bridge.ops import metrics as m
-from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import FeedCheckpoint
+from cloud.store import coordination as coordination_store
+from cloud.store.errors import StaleFence
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
@@ -222,7 +223,8 @@ class FeedFollower(Service):
             self.state = FollowerState.CONNECTING
             try:
                 if self.checkpoint is None:
-                    self.checkpoint = await self.db.run(store.load_checkpoint, self.source)
+                    self.checkpoint = await self.db.run(
+                        "load_checkpoint", coordination_store.load_checkpoint, self.source)
                 peer = await connect_peer(self.network, self.address.host, self.address.port,
                                           name=self.worker_id, secret=self._secret,
                                           timeout=self.config.connect_timeout_s)
@@ -348,16 +350,17 @@ class FeedFollower(Service):
                     changes = batch.changes(self.fence)
                     new = mirror.new_handles(changes, self.known)
                     if new:
-                        found, n = await self.db.run(mirror.ensure_accounts, new, self._step)
+                        found, n = await self.db.run("ensure_accounts", mirror.ensure_accounts,
+                                                     new, self._step)
                         self.known.learn(found, {})
                         m.ACCOUNTS_CREATED.inc(n)  # committed, whatever becomes of the batch
                     outcome = await self.db.run(
-                        mirror.commit_plan, mirror.translate(changes, self.known),
+                        "commit_plan", mirror.commit_plan, mirror.translate(changes, self.known),
                         int(started * 1000),
                         lease=None if self.lease is None else (self.lease, self.worker_id),
                         fence=self.fence, step=self._step)
                     break
-                except store.StaleFence:
+                except StaleFence:
                     log.warn("supernode {sn}: checkpoint held under a newer fence; "
                              "this worker stops following it", sn=self.source)
                     self.state = FollowerState.STOPPED

@@ -28,8 +28,13 @@ import attrs
 import psycopg
 
 from bridge import ids
-from cloud import store
 from cloud.model import FeedCheckpoint, MirrorBatch, MirroredMessage, MirrorResult, Presence
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import coordination as coordination_store
+from cloud.store import findings as findings_store
+from cloud.store import mirror as mirror_store
+from cloud.store import presence as presence_store
 from legacy import wire
 
 #: The fault points of the write path, in order; a fault hook may fail at any of them (the
@@ -137,7 +142,7 @@ def ensure_accounts(conn: psycopg.Connection, handles: Iterable[str],
     """Find or create the linked accounts of legacy *handles*, in a transaction of their
     own; ``(handle -> account id, how many were created)``."""
     step("accounts")
-    return store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
+    return accounts_store.ensure_linked_accounts(conn, {h: ids.account_id(h) for h in handles})
 
 
 def translate(changes: LegacyChanges, known: KnownIds) -> MirrorPlan:
@@ -183,27 +188,28 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
     """
     step("lease")
     if lease is not None:
-        store.check_lease(conn, lease[0], lease[1], fence)
+        coordination_store.check_lease(conn, lease[0], lease[1], fence)
     step("conversations")
-    refused = store.ensure_legacy_conversations(conn, {
+    refused = conversations_store.ensure_legacy_conversations(conn, {
         c.chat_id: (c.conversation_id, list(c.member_ids)) for c in plan.conversations})
     for chat_id, reason in sorted(refused.items()):
         # A legacy chat holds at most as many members as a conversation, but its member
         # list may be replaced over time while the cloud keeps the union: record it for the
         # operator instead of failing the batch forever.
-        store.record_finding(conn, "mirror_refused", {"chat_id": chat_id, "reason": reason},
-                             now_ms, conversation_id=ids.conversation_id(chat_id))
+        findings_store.record_finding(conn, "mirror_refused",
+                                      {"chat_id": chat_id, "reason": reason}, now_ms,
+                                      conversation_id=ids.conversation_id(chat_id))
     step("messages")
     for refusal in plan.refusals:
-        store.record_finding(conn, "mirror_refused", dict(refusal.detail), now_ms,
-                             conversation_id=refusal.conversation_id)
-    result = store.write_mirrored_batch(conn, plan.batch, now_ms)
+        findings_store.record_finding(conn, "mirror_refused", dict(refusal.detail), now_ms,
+                                      conversation_id=refusal.conversation_id)
+    result = mirror_store.write_mirrored_batch(conn, plan.batch, now_ms)
     step("presence")
     for presence in plan.presence:
-        store.set_presence(conn, presence)
+        presence_store.set_presence(conn, presence)
     step("gaps")
     for gap in plan.gaps:
-        store.record_finding(conn, "feed_gap", gap, now_ms)
+        findings_store.record_finding(conn, "feed_gap", gap, now_ms)
     ensured = {c.chat_id: c.member_handles for c in plan.conversations
                if c.complete and c.chat_id not in refused}
     return CommitOutcome(result, ensured)

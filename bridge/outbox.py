@@ -1,6 +1,6 @@
 """Cloud -> legacy: drain ``outbox_to_legacy`` into the legacy network.
 
-``cloud.store.post_message`` writes an outbox row in the message's own transaction and
+``cloud.store.messages.post_message`` writes an outbox row in the message's own transaction and
 NOTIFYs ``outbox_to_legacy``; ``OutboxListener`` turns each notification into
 ``OutboxInjector.wake()``, and the injector's poll is the fallback for a missed one.
 
@@ -52,9 +52,10 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.ops import metrics
-from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.store import OutboxItem
+from cloud.store import findings as findings_store
+from cloud.store import outbox as outbox_store
+from cloud.store.outbox import OutboxItem
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop
@@ -133,12 +134,12 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
         "AND state = 'pending' FOR UPDATE", (item.conversation_id, item.seq)).fetchone()
     if row is None:
         return False
-    store.record_finding(
+    findings_store.record_finding(
         conn, INJECT_REFUSED,
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
          "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
         now_ms, conversation_id=item.conversation_id)
-    store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
     return True
 
 
@@ -146,7 +147,7 @@ def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], 
                          retry_at_ms: int) -> None:
     """Hand claimed rows of one conversation back together, all due at *retry_at_ms*."""
     for item in items:
-        store.release_outbox(conn, item, error, retry_at_ms)
+        outbox_store.release_outbox(conn, item, error, retry_at_ms)
 
 
 # ---------------------------------------------------------------- the injector
@@ -193,8 +194,8 @@ class OutboxInjector(PollingLoop):
         try:
             # spread a claim over at least `concurrency` conversations, each injected in order
             per_conversation = max(1, cfg.batch // cfg.concurrency)
-            items = await self._db.run(store.claim_outbox, now_ms, cfg.batch, claim_ms,
-                                       per_conversation)
+            items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms, cfg.batch,
+                                       claim_ms, per_conversation)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -213,7 +214,8 @@ class OutboxInjector(PollingLoop):
             metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
                 self._clock.seconds() - started)
         try:
-            self.backlog = await self._db.run(store.outbox_backlog, self._now_ms())
+            self.backlog = await self._db.run("outbox_backlog", outbox_store.outbox_backlog,
+                                              self._now_ms())
         except DatabaseUnavailable as e:
             self._database_down(e)
         else:
@@ -230,7 +232,7 @@ class OutboxInjector(PollingLoop):
                 if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
                     # Stopping, or the claim could run out mid-injection and let another
                     # worker overtake: hand the rest back, due at once.
-                    await self._db.run(release_outbox_items, items[i:],
+                    await self._db.run("release_outbox_items", release_outbox_items, items[i:],
                                        "handed back unattempted (stopping or claim ending)",
                                        self._now_ms())
                     return
@@ -254,8 +256,8 @@ class OutboxInjector(PollingLoop):
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
-            await self._db.run(store.complete_outbox, item, chat_id, None, self._now_ms(),
-                               skipped=True)
+            await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, None,
+                               self._now_ms(), skipped=True)
             self.skipped += 1
             return
         guid = ids.guid_for_cloud_message(item.message_id)
@@ -278,7 +280,8 @@ class OutboxInjector(PollingLoop):
         if ack.status not in ("new", "duplicate"):
             raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
         now_ms = self._now_ms()
-        await self._db.run(store.complete_outbox, item, chat_id, guid, now_ms)
+        await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, guid,
+                           now_ms)
         if ack.status == "new":
             self.injected += 1
             metrics.MIRRORED.labels(direction=DIRECTION).inc()
@@ -315,7 +318,8 @@ class OutboxInjector(PollingLoop):
             raise _Retry(f"{type(e).__name__}: {e}") from e
 
     async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
-        await self._db.run(refuse_outbox_item, item, chat_id, reason, self._now_ms())
+        await self._db.run("refuse_outbox_item", refuse_outbox_item, item, chat_id, reason,
+                           self._now_ms())
         self.skipped += 1
         log.warn("legacy refuses message {mid} of conversation {cid}: {reason}; skipped with "
                  "an inject_refused finding", mid=item.message_id, cid=item.conversation_id,
@@ -324,7 +328,7 @@ class OutboxInjector(PollingLoop):
     async def _release(self, items: list[OutboxItem], reason: str) -> None:
         first = items[0]
         delay_s = self.config.retry.delay(first.attempts, self._rng)
-        await self._db.run(release_outbox_items, items, reason,
+        await self._db.run("release_outbox_items", release_outbox_items, items, reason,
                            self._now_ms() + round(delay_s * 1000))
         self.failures += 1
         metrics.RETRIES.labels(what="inject").inc()
@@ -346,7 +350,7 @@ class OutboxListener(Service):
     """
 
     def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[], object], *,
-                 channel: str = store.OUTBOX_CHANNEL, retry: RetryPolicy | None = None,
+                 channel: str = outbox_store.OUTBOX_CHANNEL, retry: RetryPolicy | None = None,
                  rng: random.Random | None = None, wait_s: float = 1.0,
                  connect_timeout_s: int = 5, name: str = "outbox-listener") -> None:
         self._reactor = reactor

@@ -367,8 +367,8 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
             told_login = True
         try:
             done = await db.run(
-                admin.apply_phase_change, change.account_id, change.from_phase,
-                change.to_phase, actor=actor, now_ms=now_ms, forced=move.forced,
+                "apply_phase_change", admin.apply_phase_change, change.account_id,
+                change.from_phase, change.to_phase, actor=actor, now_ms=now_ms, forced=move.forced,
                 gates=[g.to_json() for g in move.gates])
         except admin.PhaseChanged as e:
             why = str(e)

@@ -20,8 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.ops import metrics as m
-from cloud import store
 from cloud.db import TransactionRunner
+from cloud.store import presence as presence_store
 from legacy.peer import MAX_PRESENCE_TTL_MS
 
 log = Logger()
@@ -68,7 +68,8 @@ class PresenceMirror(Service):
     async def _once(self) -> bool:
         """One pass; True when the batch was full (more to do at once)."""
         try:
-            rows = await self.db.run(store.cloud_presence_changes, self._after, self.batch)
+            rows = await self.db.run("cloud_presence_changes",
+                                     presence_store.cloud_presence_changes, self._after, self.batch)
         except Exception as e:
             log.debug("presence mirror: store unavailable ({e})", e=e)
             return False

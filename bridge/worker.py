@@ -28,8 +28,10 @@ from bridge.follower import FeedFollower, FollowerConfig
 from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
 from bridge.presence import PresenceMirror
-from cloud import admin, store
+from cloud import admin
 from cloud.db import TransactionRunner
+from cloud.store import accounts as accounts_store
+from cloud.store import coordination as coordination_store
 from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
@@ -196,7 +198,8 @@ class BridgeWorker(MultiService):
 
         def release_leases(result: Any) -> Any:
             # drained: hand the feeds over at once instead of after the lease time
-            releases = [self.db.run(store.release_lease, name, self.config.worker_id, fence)
+            releases = [self.db.run("release_lease", coordination_store.release_lease, name,
+                                    self.config.worker_id, fence)
                         .addErrback(lambda _f: None) for name, fence in held]
             return defer.gatherResults(releases).addCallback(lambda _: result)
 
@@ -285,8 +288,8 @@ class BridgeWorker(MultiService):
             fenced = follower.state.value == "stopped"
             try:
                 ok = not fenced and await self.db.run(
-                    store.renew_lease, follower.lease, wid, follower.fence,
-                    int(self.clock.seconds() * 1000), ttl_ms)
+                    "renew_lease", coordination_store.renew_lease, follower.lease, wid,
+                    follower.fence, int(self.clock.seconds() * 1000), ttl_ms)
             except Exception:
                 # Store unreachable: we can not renew, so we must not go on past expiry.
                 ok = self.clock.seconds() < self._lease_expiry.get(sn, 0)
@@ -300,7 +303,8 @@ class BridgeWorker(MultiService):
             return
         try:
             live = [w.worker_id for w in await self.db.run(
-                admin.live_workers, int(now * 1000), round(3 * cfg.heartbeat_s * 1000))]
+                "live_workers", admin.live_workers, int(now * 1000),
+                round(3 * cfg.heartbeat_s * 1000))]
         except Exception:
             return
         workers = max(1, len(set(live) | {wid}))
@@ -312,7 +316,8 @@ class BridgeWorker(MultiService):
                 if len(self.followers) >= share or not self.running:
                     break
                 try:
-                    fence = await self.db.run(store.acquire_lease, f"feed:{sn}", wid,
+                    fence = await self.db.run("acquire_lease", coordination_store.acquire_lease,
+                                              f"feed:{sn}", wid,
                                               int(self.clock.seconds() * 1000), ttl_ms)
                 except Exception:
                     return
@@ -340,8 +345,8 @@ class BridgeWorker(MultiService):
         await follower.disownServiceParent()
         if release:
             try:
-                await self.db.run(store.release_lease, follower.lease, self.config.worker_id,
-                                  follower.fence)
+                await self.db.run("release_lease", coordination_store.release_lease, follower.lease,
+                                  self.config.worker_id, follower.fence)
             except Exception:
                 pass  # it expires by itself
 
@@ -373,8 +378,9 @@ class BridgeWorker(MultiService):
                   "lag_p50_to_cloud_ms": percentile_ms(lags, 0.50),
                   "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50)}
         return self.db.run(
-            store.heartbeat_worker, self.config.worker_id, state, int(now * 1000),
-            self.started_ms, lag_to_cloud_ms=p99_ms(lags), lag_to_legacy_ms=p99_ms(legacy_lags),
+            "heartbeat_worker", coordination_store.heartbeat_worker, self.config.worker_id, state,
+            int(now * 1000), self.started_ms, lag_to_cloud_ms=p99_ms(lags),
+            lag_to_legacy_ms=p99_ms(legacy_lags),
             mirrored_to_cloud=sum(f.mirrored for f in self.followers.values()),
             mirrored_to_legacy=getattr(injector, "injected", 0) if injector else 0,
             feeds=sum(1 for f in self.followers.values() if f.connected), detail=detail)
@@ -388,7 +394,8 @@ class BridgeWorker(MultiService):
         def ok(_: Any) -> Any:
             self.db_ok = True
             m.LEASES_HELD.set(len(self.followers))
-            return self.db.run(store.accounts_by_phase).addCallback(publish_phases)
+            return self.db.run("accounts_by_phase",
+                               accounts_store.accounts_by_phase).addCallback(publish_phases)
 
         def publish_phases(counts: dict[str, int]) -> None:
             for phase, n in counts.items():

@@ -110,7 +110,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     dsn, origin = current_database(args)
     with connect(dsn, origin) as conn:
         try:
-            plan = run_transaction(conn, phases.load_plan, selection, args.to, config,
+            plan = run_transaction(conn, "load_plan", phases.load_plan, selection, args.to, config,
                                    int(time.time() * 1000), force=args.force)
         except phases.UnknownAccounts as e:
             raise UsageError(str(e)) from None

@@ -28,7 +28,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     dsn, origin = current_database(args)
     with connect(dsn, origin) as conn:
-        snapshot = run_transaction(conn, status.gather, int(time.time() * 1000))
+        snapshot = run_transaction(conn, "status_gather", status.gather, int(time.time() * 1000))
     snapshot = {"database": origin, "dsn": redact_dsn(dsn), **snapshot}
     print(json.dumps(snapshot, sort_keys=True) if args.json else status.render(snapshot))
     return EXIT_OK

@@ -18,7 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from cloud.model import PHASES, Account
-from cloud.store import Conflict, NotFound
+from cloud.store.errors import Conflict, NotFound
 
 #: A bridge worker counts as live while its last heartbeat is younger than this.
 LIVE_WORKER_MS = 30_000

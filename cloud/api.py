@@ -53,12 +53,18 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from cloud import store, tokens
+from cloud import tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import MAX_MESSAGE_CHARS, PRESENCE_STATUSES, Account, Presence
 from cloud.passwords import hash_password, verify_password
 from cloud.push import NotificationChannel
 from cloud.ratelimit import LoginLimiter, LoginLimits, retry_after_header
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import messages as messages_store
+from cloud.store import notifications as notifications_store
+from cloud.store import presence as presence_store
+from cloud.store.errors import Conflict, NotFound, NotMember
 
 log = Logger()
 
@@ -550,22 +556,23 @@ class CloudAPI:
             account_id = tokens.verify(self._secret, match.group(1), self.now_ms())
         except tokens.TokenError as e:
             raise _unauthorized(f"the token is not valid: {e.reason}") from None
-        account = await self._store(store.get_account, account_id)
+        account = await self._store("get_account", accounts_store.get_account, account_id)
         if account is None:
             raise _unauthorized("the token's account no longer exists")
         if account.phase == "legacy":
             raise _not_migrated()
         return account
 
-    async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one store transaction, turning the store's refusals into API errors."""
+    async def _store(self, desc: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one store transaction named *desc*, turning the store's refusals into API
+        errors."""
         try:
-            return await self._db.run(fn, *args)
-        except store.NotFound as e:
+            return await self._db.run(desc, fn, *args)
+        except NotFound as e:
             raise ApiError(404, "not_found", str(e)) from None
-        except store.NotMember as e:
+        except NotMember as e:
             raise ApiError(403, "not_member", str(e)) from None
-        except store.Conflict as e:
+        except Conflict as e:
             raise ApiError(409, "conflict", str(e)) from None
         except ValueError as e:
             raise _bad("invalid_request", str(e)) from None
@@ -580,7 +587,8 @@ class CloudAPI:
         limiter = self.login_limiter
         # An address that spent its budget is refused before it costs even a query.
         _refuse_if_limited(limiter.address_wait_s(call.client))
-        found = await self._store(store.account_for_login, login.login_name)
+        found = await self._store("account_for_login", accounts_store.account_for_login,
+                                  login.login_name)
         account, password_hash = found if found is not None else (None, None)
         # account_for_login reads a UUID-shaped handle as an id: insist on what was asked.
         if account is not None and (
@@ -611,19 +619,21 @@ class CloudAPI:
                      "expires_ms": call.now_ms + self._token_ttl_ms, "phase": account.phase}
 
     async def _list_conversations(self, call: Call) -> tuple[int, dict]:
-        rows = await self._store(store.list_conversations, call.account.account_id)
+        rows = await self._store("list_conversations", conversations_store.list_conversations,
+                                 call.account.account_id)
         return 200, {"conversations": rows}
 
     async def _post_message(self, call: Call) -> tuple[int, dict]:
         post: PostMessageRequest = call.body
         message, created = await self._store(
-            store.post_message, call.ids["conversation_id"], call.account.account_id,
-            post.client_message_id, post.body, call.now_ms)
+            "post_message", messages_store.post_message, call.ids["conversation_id"],
+            call.account.account_id, post.client_message_id, post.body, call.now_ms)
         return (201 if created else 200), message.to_json()
 
     async def _read_messages(self, call: Call) -> tuple[int, dict]:
         q: SyncQuery = call.query
-        messages = await self._store(store.sync_for_member, call.ids["conversation_id"],
+        messages = await self._store("sync_for_member", messages_store.sync_for_member,
+                                     call.ids["conversation_id"],
                                      call.account.account_id, q.after, q.limit)
         return 200, {"messages": [m.to_json() for m in messages],
                      "next_after": messages[-1].seq if messages else q.after}
@@ -632,12 +642,13 @@ class CloudAPI:
         update: PresenceUpdate = call.body
         presence = Presence(call.account.account_id, PRESENCE_SOURCE, update.status,
                             call.now_ms, call.now_ms + update.ttl_s * 1000)
-        applied = await self._store(store.set_presence, presence)
+        applied = await self._store("set_presence", presence_store.set_presence, presence)
         return 200, {"presence": _presence_json(presence), "applied": applied}
 
     async def _read_presence(self, call: Call) -> tuple[int, dict]:
         q: PresenceQuery = call.query
-        live = await self._store(store.read_presence, list(q.accounts), call.now_ms)
+        live = await self._store("read_presence", presence_store.read_presence, list(q.accounts),
+                                 call.now_ms)
         return 200, {"presence": {str(a): [_presence_json(p) for p in live.get(a, [])]
                                   for a in q.accounts}}
 
@@ -652,8 +663,8 @@ class CloudAPI:
 
     async def _ack_notification(self, call: Call) -> tuple[int, dict]:
         account_id, notification_id = call.account.account_id, call.ids["notification_id"]
-        if not await self._store(store.ack_notification, account_id, notification_id,
-                                 call.now_ms):
+        if not await self._store("ack_notification", notifications_store.ack_notification,
+                                 account_id, notification_id, call.now_ms):
             raise ApiError(404, "not_found", "no such notification for this account")
         self._channel.ack(account_id, notification_id)
         return 200, {"notification_id": str(notification_id), "acked": True}

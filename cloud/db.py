@@ -1,9 +1,14 @@
 """Running transactions: psycopg 3 connections from a pool, in a dedicated thread pool.
 
 Every piece of database work is one plain function ``fn(conn, *args)`` that runs inside one
-transaction and is safe to run twice (Synapse's ``runInteraction`` shape). ``Database`` runs
-it in its own Twisted thread pool and returns a Deferred; ``InlineDatabase`` runs it at once
-on one connection, for deterministic tests. Both satisfy ``TransactionRunner``.
+transaction and is safe to run twice, under a short, stable description (Synapse's
+``runInteraction(desc, fn, ...)`` shape). ``Database`` runs it in its own Twisted thread pool,
+on the injected reactor, and returns a Deferred; ``InlineDatabase`` runs it at once on one
+connection, for deterministic tests. Both satisfy ``TransactionRunner``.
+
+Each transaction's duration is observed in ``cloud_db_transaction_seconds{desc}``, failures
+and conflict re-runs included, so a slow query is one metric away; each re-run after a
+conflict also counts in ``cloud_db_transaction_conflicts_total{desc}``.
 
 Serialization failures and deadlocks are retried here, at once, a few times: they are the
 database asking for exactly that. A lost connection or an unreachable server is not retried
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import psycopg
+from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -30,28 +36,44 @@ T = TypeVar("T")
 #: How many times a transaction that hit a serialization failure or deadlock is re-run.
 CONFLICT_RETRIES = 5
 
+TRANSACTION_SECONDS = Histogram(
+    "cloud_db_transaction_seconds",
+    "Time to run one transaction, conflict re-runs and failures included, by description.",
+    ["desc"])
+TRANSACTION_CONFLICTS = Counter(
+    "cloud_db_transaction_conflicts_total",
+    "Transactions run again after a serialization failure or deadlock, by description.", ["desc"])
+
 
 class DatabaseUnavailable(Exception):
     """The server could not be reached or the connection broke; try again later."""
 
 
 class TransactionRunner(Protocol):
-    """Something that runs ``fn(conn, *args)`` in one transaction and returns a Deferred."""
+    """Something that runs ``fn(conn, *args)`` in one transaction named *desc* (a short,
+    stable, snake_case name such as ``"claim_outbox"``) and returns a Deferred."""
 
-    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred: ...
+    def run(self, desc: str, fn: Callable[..., T], *args: Any,
+            **kwargs: Any) -> defer.Deferred: ...
 
 
-def run_transaction(conn: psycopg.Connection, fn: Callable[..., T], *args: Any,
+def run_transaction(conn: psycopg.Connection, desc: str, fn: Callable[..., T], *args: Any,
                     **kwargs: Any) -> T:
-    """Run *fn* in one transaction on *conn*, re-running it on serialization conflicts."""
-    for attempt in range(CONFLICT_RETRIES + 1):
-        try:
-            with conn.transaction():
-                return fn(conn, *args, **kwargs)
-        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
-            if attempt == CONFLICT_RETRIES:
-                raise
-            log.info("transaction {fn} conflicted; running it again", fn=fn.__name__)
+    """Run *fn* in one transaction on *conn*, re-running it on serialization conflicts, and
+    observe how long that took under *desc*."""
+    if not isinstance(desc, str):  # a caller that forgot the description passed fn here
+        raise TypeError(f"a transaction needs a description, not {desc!r}")
+    with TRANSACTION_SECONDS.labels(desc=desc).time():
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                with conn.transaction():
+                    return fn(conn, *args, **kwargs)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                TRANSACTION_CONFLICTS.labels(desc=desc).inc()
+                log.info("transaction {desc} conflicted; running it again", desc=desc,
+                         fn=fn.__name__)
     raise AssertionError("unreachable")
 
 
@@ -86,27 +108,31 @@ class Database(Service):
             if pool is not None:
                 pool.close()
 
-        # Closing the pool waits for connections in use, so do it off the reactor thread,
-        # then stop the worker threads (which joins them once their work is done).
-        d = threads.deferToThread(close) if pool is not None else defer.succeed(None)
+        # Closing the pool waits for connections in use, so do it off the reactor thread (on
+        # our own pool, through the injected reactor: never the global one), then stop the
+        # worker threads (which joins them once their work is done).
+        d = (threads.deferToThreadPool(self._reactor, threads_, close)
+             if pool is not None and threads_ is not None else defer.succeed(None))
         if threads_ is not None:
             d.addBoth(lambda r: (threads_.stop(), r)[1])
         return d
 
-    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
-        """Run ``fn(conn, *args, **kwargs)`` in one transaction on a pool thread."""
+    def run(self, desc: str, fn: Callable[..., T], *args: Any,
+            **kwargs: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args, **kwargs)`` in one transaction named *desc* on a pool
+        thread."""
         if self._threads is None or self._pool is None:
             return defer.fail(DatabaseUnavailable("the database service is not running"))
         return threads.deferToThreadPool(
-            self._reactor, self._threads, self._run_sync, fn, args, kwargs)
+            self._reactor, self._threads, self._run_sync, desc, fn, args, kwargs)
 
-    def _run_sync(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    def _run_sync(self, desc: str, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
         pool = self._pool
         if pool is None:
             raise DatabaseUnavailable("the database service stopped")
         try:
             with pool.connection() as conn:
-                return run_transaction(conn, fn, *args, **kwargs)
+                return run_transaction(conn, desc, fn, *args, **kwargs)
         except PoolTimeout as e:
             raise DatabaseUnavailable(f"no database connection within {self._timeout}s") from e
         except psycopg.OperationalError as e:
@@ -121,9 +147,11 @@ class InlineDatabase:
             raise ValueError("InlineDatabase needs an autocommit connection")
         self.conn = conn
 
-    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+    def run(self, desc: str, fn: Callable[..., T], *args: Any,
+            **kwargs: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args, **kwargs)`` in one transaction named *desc*, at once."""
         try:
-            return defer.succeed(run_transaction(self.conn, fn, *args, **kwargs))
+            return defer.succeed(run_transaction(self.conn, desc, fn, *args, **kwargs))
         except psycopg.OperationalError as e:
             return defer.fail(DatabaseUnavailable(str(e)))
         except Exception:

@@ -18,7 +18,7 @@ this loop only moves it along. States of one row (``notifications.state``)::
 Claiming counts the attempt and moves the row's next attempt ``resend_after`` ahead in the
 same transaction, before anything is pushed: a dispatcher that dies mid-push loses nothing,
 the row simply comes due again. A resend carries the same notification id, which the
-device's mailbox and ``store.ack_notification`` treat idempotently.
+device's mailbox and ``notifications_store.ack_notification`` treat idempotently.
 
 The loop itself::
 
@@ -44,10 +44,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from cloud import store
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import Notification
 from cloud.push import PushGateway, PushMessage, PushRejected
+from cloud.store import notifications as notifications_store
 from servicekit.loop import PollingLoop
 from servicekit.retry import RetryPolicy
 
@@ -116,8 +116,8 @@ class NotificationDispatcher(PollingLoop):
         cfg = self.config
         try:
             to_push, failed = await self._db.run(
-                store.claim_due_notifications, self._now_ms(), cfg.batch,
-                round(cfg.resend_after_s * 1000), cfg.max_attempts)
+                "claim_due_notifications", notifications_store.claim_due_notifications,
+                self._now_ms(), cfg.batch, round(cfg.resend_after_s * 1000), cfg.max_attempts)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -149,14 +149,15 @@ class NotificationDispatcher(PollingLoop):
                     error = str(e) or "rejected by the push gateway"
                 else:
                     error = f"no answer from the push gateway within {timeout_s}s"
-                await self._db.run(store.mark_notification_error, n.account_id,
+                await self._db.run("mark_notification_error",
+                                   notifications_store.mark_notification_error, n.account_id,
                                    n.notification_id, error, retry_at_ms)
                 return
             NOTIFICATIONS_PUSHED.inc()
             now_ms = self._now_ms()
             # the device's time to acknowledge runs from acceptance, not from the claim
-            await self._db.run(store.mark_notification_sent, n.account_id,
-                               n.notification_id, now_ms,
+            await self._db.run("mark_notification_sent", notifications_store.mark_notification_sent,
+                               n.account_id, n.notification_id, now_ms,
                                now_ms + round(self.config.resend_after_s * 1000))
         except DatabaseUnavailable as e:
             # The row was rescheduled when it was claimed, so it comes due again by itself.

@@ -28,8 +28,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cloud import passwords, store
+from cloud import passwords
 from cloud.model import Account
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
 
 log = Logger()
 
@@ -130,12 +132,12 @@ def provision(conn: psycopg.Connection, *, users: int, conversations: int, seed:
     chats = []
     with conn.transaction():
         for handle, account_id in accounts:
-            store.create_account(conn, Account(account_id, handle, phase), hashed)
+            accounts_store.create_account(conn, Account(account_id, handle, phase), hashed)
         for c in range(conversations):
             size = min(users, rng.randint(*members))
             picked = tuple(a for _, a in rng.sample(accounts, size))
             cid = uuid.uuid5(ns, f"conversation/{c}")
-            store.create_conversation(conn, cid, picked, title=f"{prefix} chat {c}")
+            conversations_store.create_conversation(conn, cid, picked, title=f"{prefix} chat {c}")
             chats.append((cid, picked))
     return Population(accounts, tuple(chats), password)
 

@@ -41,7 +41,9 @@ import psycopg
 from twisted.internet import defer, protocol, task
 
 from bridge import state
-from cloud import admin, store
+from cloud import admin
+from cloud.store import notifications as notifications_store
+from cloud.store import outbox as outbox_store
 from drills import convergence
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
@@ -308,7 +310,7 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
     workers = admin.live_workers(conn, now_ms)
     lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
-    pending, _oldest = store.outbox_backlog(conn, now_ms)
+    pending, _oldest = outbox_store.outbox_backlog(conn, now_ms)
     leased = len(_feed_leases(conn, now_ms))
     return {
         "messages_cloud": from_legacy + from_cloud,
@@ -322,7 +324,7 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "findings_repaired": findings["repaired"],
         "findings_failed": findings["failed"],
         "accounts_by_phase": admin.accounts_per_phase(conn),
-        "notifications": store.notification_counts(conn),
+        "notifications": notifications_store.notification_counts(conn),
     }
 
 
@@ -532,7 +534,8 @@ class Demo:
     async def _start_cloud_devices(self) -> None:
         from cloud.workload import AgentHTTP, CloudWorkload, WorkloadConfig, provision
 
-        population = await self.db.run(provision, users=self.config.cloud_users,
+        population = await self.db.run("provision_workload", provision,
+                                       users=self.config.cloud_users,
                                         conversations=max(1, self.config.cloud_users // 2),
                                         seed=self.config.seed)
         self.http = AgentHTTP(self.reactor, f"http://127.0.0.1:{self.api_port}")
@@ -544,7 +547,7 @@ class Demo:
 
     async def _refresh_devices(self) -> None:
         try:
-            accounts = await self.db.run(migrated_devices)
+            accounts = await self.db.run("migrated_devices", migrated_devices)
         except Exception:  # the store is restarting (a chaos scenario): next time
             return
         for handle, legacy_handle, conversations in accounts:
@@ -647,7 +650,8 @@ class Demo:
         waited_until = self.reactor.seconds() + 45.0
         held: list[tuple[str, int]] = []
         while not self.stop_requested and self.reactor.seconds() < waited_until:
-            held = await self.db.run(_leases_held, holder, int(self.reactor.seconds() * 1000))
+            held = await self.db.run("leases_held", _leases_held, holder,
+                                     int(self.reactor.seconds() * 1000))
             if held:
                 break
             await task.deferLater(self.reactor, 0.5, lambda: None)
@@ -743,7 +747,7 @@ class Demo:
 
     async def _status_line(self) -> None:
         try:
-            f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+            f = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
         except Exception as e:  # the store is down for a moment: say so, carry on
             self._status_print(f"store unavailable: {e}")
             return
@@ -805,12 +809,14 @@ class Demo:
             legacy_inv = await convergence.legacy_inventory(links)
         finally:
             links.close()
-        not_owed = await self.db.run(convergence.cloud_not_owed_to_legacy)
-        cloud_inv = await self.db.run(convergence.cloud_inventory, list(legacy_inv), not_owed)
-        dups = await self.db.run(convergence.cloud_duplicates)
-        posts_missing = await self.db.run(convergence.cloud_posts_missing,
+        not_owed = await self.db.run("cloud_not_owed_to_legacy",
+                                     convergence.cloud_not_owed_to_legacy)
+        cloud_inv = await self.db.run("cloud_inventory", convergence.cloud_inventory,
+                                      list(legacy_inv), not_owed)
+        dups = await self.db.run("cloud_duplicates", convergence.cloud_duplicates)
+        posts_missing = await self.db.run("cloud_posts_missing", convergence.cloud_posts_missing,
                                           dict(self.traffic.stats.posted))
-        final = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+        final = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
         await self._stop(self.legacy)
         record = json.loads(record_path.read_text()) if record_path.exists() else None
         verdict = convergence.judge(legacy_inv, cloud_inv, legacy_record=record,
@@ -864,7 +870,7 @@ class Demo:
             await self._check_children()
             await self._refresh_devices()
             try:
-                f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
+                f = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
             except Exception:  # the store is restarting: not settled yet
                 await self._sleep(1.0)
                 continue

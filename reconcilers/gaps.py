@@ -36,8 +36,11 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.mirror import LegacyChanges, mirror_changes
-from cloud import admin, store
+from cloud import admin
 from cloud.db import TransactionRunner
+from cloud.model import Digest
+from cloud.store import conversations as conversations_store
+from cloud.store import digests as digests_store
 from legacy import wire
 from legacy.peer import PeerConnection
 from reconcilers.runner import RunContext
@@ -88,7 +91,7 @@ class ChatDiff:
     missing_in_legacy: set[str] = attrs.Factory(set)
 
 
-def _digest_pair(legacy: Any, cloud: store.Digest) -> bool:
+def _digest_pair(legacy: Any, cloud: Digest) -> bool:
     return legacy.count == cloud.count and legacy.total % (1 << 64) == cloud.total
 
 
@@ -165,7 +168,7 @@ class GapsReconciler:
             report.detail["skipped_conversations"] = len(skipped)
             for chat_id in skipped:
                 del chats[chat_id]
-        gap_sources = sorted(set(await db.run(open_gap_sources)))
+        gap_sources = sorted(set(await db.run("open_gap_sources", open_gap_sources)))
         if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
             # new feed gaps since the pass began: their chats would move ahead of where the
             # pass stopped and be skipped; start the pass over instead
@@ -173,7 +176,8 @@ class GapsReconciler:
                 progress.pop(key, None)
             report.detail["restarted"] = True
         if progress.get("phase") is None:  # a new pass: fix its window and its gap set
-            lag = cfg.lag_ms if cfg.lag_ms is not None else await db.run(lag_ms, now)
+            lag = (cfg.lag_ms if cfg.lag_ms is not None
+                   else await db.run("mirror_lag_ms", lag_ms, now))
             progress.update({"watermark_ms": now - lag - cfg.margin_ms,
                              "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
                              "gap_sources": gap_sources})
@@ -220,8 +224,8 @@ class GapsReconciler:
                 await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
         report.detail.update(attrs.asdict(self.counters))
         if not ctx.interrupted and report.failed == 0 and not ctx.dry_run:
-            closed = await db.run(close_gap_findings, end, gap_sources, report.run_id,
-                                  ctx.now_ms())
+            closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
+                                  report.run_id, ctx.now_ms())
             report.detail["feed_gaps_covered"] = closed
 
     async def _all_chats(self, db: TransactionRunner
@@ -230,7 +234,9 @@ class GapsReconciler:
         """Chats known to either side: chat id -> (conversation id, legacy members); and the
         supernodes that could not list theirs (id -> why)."""
         chats: dict[str, tuple[uuid.UUID, tuple[str, ...] | None]] = {
-            chat: (cid, None) for chat, cid in (await db.run(store.legacy_chats)).items()}
+            chat: (cid, None)
+            for chat, cid in (await db.run("legacy_chats",
+                                           conversations_store.legacy_chats)).items()}
         unreachable: dict[str, str] = {}
         for sn in sorted(self.legacy.directory):
             try:
@@ -263,7 +269,8 @@ class GapsReconciler:
                              prefix=prefix)
             if root:
                 [legacy] = await peer.digests(rng, 0)
-                [cloud] = await db.run(store.range_digests, cid, lo, hi, pbits, prefix, 0)
+                [cloud] = await db.run("range_digests", digests_store.range_digests, cid, lo, hi,
+                                       pbits, prefix, 0)
                 self.counters.digest_requests += 1
                 if pbits == 0 and lo == start and hi == end:
                     self.counters.messages_covered += max(legacy.count, cloud.count)
@@ -279,8 +286,8 @@ class GapsReconciler:
                     continue
             split = min(SPLIT_BITS, 32 - pbits)
             legacy_children = await peer.digests(rng, split)
-            cloud_children = await db.run(store.range_digests, cid, lo, hi, pbits, prefix,
-                                          split)
+            cloud_children = await db.run("range_digests", digests_store.range_digests, cid, lo, hi,
+                                          pbits, prefix, split)
             self.counters.digest_requests += 1
             for i, (lc, cc) in enumerate(zip(legacy_children, cloud_children, strict=True)):
                 if _digest_pair(lc, cc):
@@ -301,8 +308,9 @@ class GapsReconciler:
         if reply.truncated:  # more than a list holds: split by bucket bits instead
             raise RuntimeError(f"range of {rng.chat_id} too large to list at "
                                f"{rng.prefix_bits} bits")
-        cloud_guids = set(await db.run(store.range_guids, diff.conversation_id, rng.start_ms,
-                                       rng.end_ms, rng.prefix_bits, rng.prefix))
+        cloud_guids = set(await db.run("range_guids", digests_store.range_guids,
+                                       diff.conversation_id,
+                                       rng.start_ms, rng.end_ms, rng.prefix_bits, rng.prefix))
         self.counters.listed_guids += len(legacy_guids) + len(cloud_guids)
         diff.missing_in_cloud |= legacy_guids - cloud_guids
         diff.missing_in_legacy |= cloud_guids - legacy_guids
@@ -314,7 +322,7 @@ class GapsReconciler:
         db, report = ctx.db, ctx.report
         peer = await self.legacy.for_chat(diff.chat_id)
         if diff.missing_in_cloud:
-            still = await db.run(missing_guids, diff.conversation_id,
+            still = await db.run("missing_guids", missing_guids, diff.conversation_id,
                                  sorted(diff.missing_in_cloud))
             fetched, _ = await self._fetch(peer, diff.chat_id, sorted(still))
             confirmed = [m for m in fetched if m.guid in still]
@@ -322,7 +330,9 @@ class GapsReconciler:
             if confirmed and not ctx.dry_run:
                 await self._repair_cloud(ctx, diff, members, confirmed)
         if diff.missing_in_legacy:
-            handles, legacy_clients = await db.run(store.member_handles, diff.conversation_id)
+            handles, legacy_clients = await db.run("member_handles",
+                                                   conversations_store.member_handles,
+                                                   diff.conversation_id)
             if legacy_clients == 0:
                 return  # nobody reads this chat on legacy any more: nothing to repair
             # the second look asks for the messages themselves: only what it still lacks counts
@@ -363,12 +373,13 @@ class GapsReconciler:
                   "guids": sorted(m.guid for m in messages)[:50]}
         try:
             outcome = await ctx.db.run(
-                mirror_changes,
+                "mirror_changes", mirror_changes,
                 LegacyChanges(chats, sorted(messages, key=lambda m: m.legacy_seq)),
                 ctx.now_ms())
         except Exception as e:
             report.failed += len(messages)
-            await ctx.db.run(record_repair, report.run_id, "missing_in_cloud", "failed",
+            await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
+                             "failed",
                              diff.conversation_id, {**detail, "error": str(e)}, ctx.now_ms())
             return
         # what the store now has; the rest it refused (e.g. a body it can not hold)
@@ -377,14 +388,15 @@ class GapsReconciler:
         report.repaired += resolved
         report.failed += len(messages) - resolved
         detail["inserted"] = len(result.inserted)
-        await ctx.db.run(record_repair, report.run_id, "missing_in_cloud",
+        await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
                          "repaired" if resolved == len(messages) else "failed",
                          diff.conversation_id, detail, ctx.now_ms())
 
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,
                              handles: tuple[str, ...], guids: list[str]) -> None:
         report = ctx.report
-        rows = await ctx.db.run(store.messages_by_guid, diff.conversation_id, guids)
+        rows = await ctx.db.run("messages_by_guid", digests_store.messages_by_guid,
+                                diff.conversation_id, guids)
         repaired, errors = [], []
         for guid, sender, sent_ms, body in rows:
             msg = wire.ChatMessage(chat_id=diff.chat_id, guid=guid, legacy_seq=0, sender=sender,
@@ -398,10 +410,10 @@ class GapsReconciler:
         report.failed += len(guids) - len(repaired)
         detail = {"chat_id": diff.chat_id, "count": len(repaired), "guids": repaired[:50]}
         if repaired:
-            await ctx.db.run(record_repair, report.run_id, "missing_in_legacy", "repaired",
-                             diff.conversation_id, detail, ctx.now_ms())
+            await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_legacy",
+                             "repaired", diff.conversation_id, detail, ctx.now_ms())
         if errors:
-            await ctx.db.run(record_repair, report.run_id, "missing_in_legacy", "failed",
-                             diff.conversation_id, {**detail, "errors": errors[:20]},
+            await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_legacy",
+                             "failed", diff.conversation_id, {**detail, "errors": errors[:20]},
                              ctx.now_ms())
 

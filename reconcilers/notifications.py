@@ -21,10 +21,11 @@ not acknowledged in time; this cron job catches what it cannot see or did not do
     each repair         a reconcile_findings row and an audit_log row (aggregated beyond
                         max_findings per run, so a disaster does not write millions)
 
-"Owed" is what the store owes when it writes a message (``cloud.store._owe_notifications``):
-members, other than the sender, whose phase has cloud devices. A member who joined after
-the message, or whose account moved from ``legacy`` to a cloud phase after it (the phase
-change in the audit log), was not owed one, and is not sent one now.
+"Owed" is what the store owes when it writes a message
+(``cloud.store.messages._owe_notifications``): members, other than the sender, whose phase has
+cloud devices. A member who joined after the message, or whose account moved from ``legacy``
+to a cloud phase after it (the phase change in the audit log), was not owed one, and is not
+sent one now.
 
 A re-send does not count an attempt itself: the dispatcher's claim does, so ``attempts``
 stays the number of pushes. ``give_up_s`` bounds the case where nothing claims the row at
@@ -209,9 +210,10 @@ def promoted_since(conn: psycopg.Connection, since_ms: int) -> dict[uuid.UUID, i
     return out
 
 
-#: Who is owed a notification for a message (as ``store._owe_notifications`` decides when
-#: the message is written): a member other than the sender, in a phase with cloud devices,
-#: who was a member when the message was written and had left ``legacy`` before it was sent.
+#: Who is owed a notification for a message (as ``cloud.store.messages._owe_notifications``
+#: decides when the message is written): a member other than the sender, in a phase with
+#: cloud devices, who was a member when the message was written and had left ``legacy``
+#: before it was sent.
 _OWED = ("JOIN accounts a ON a.account_id = mb.account_id "
          "LEFT JOIN unnest(%(promoted)s::uuid[], %(promoted_ms)s::bigint[]) "
          "  AS p(account_id, at_ms) ON p.account_id = mb.account_id "
@@ -404,7 +406,7 @@ class NotificationsReconciler:
         # stale rows first: few, cheap to find (the open rows' index), and the most urgent
         stale = await self._scan_stale(ctx)
         missing: list[Owed] = []
-        promoted = await ctx.db.run(promoted_since, since)
+        promoted = await ctx.db.run("promoted_since", promoted_since, since)
         if not ctx.interrupted:
             await self._scan_missing(ctx, since, promoted, missing,
                                      budget=cfg.max_suspects - len(stale))
@@ -423,7 +425,7 @@ class NotificationsReconciler:
         across runs: a repaired row is no longer stale, so the next run finds the rest."""
         cfg, report = self.config, ctx.report
         rules = StaleRules.at(ctx.now_ms(), cfg)
-        open_now = await ctx.db.run(count_open)
+        open_now = await ctx.db.run("count_open", count_open)
         report.compared += open_now
         report.detail["open_notifications"] = open_now
         stale: list[OpenRow] = []
@@ -431,7 +433,7 @@ class NotificationsReconciler:
         while len(stale) < cfg.max_suspects:
             if stale and ctx.out_of_time():
                 return stale
-            page = await ctx.db.run(stale_page, rules, cursor,
+            page = await ctx.db.run("stale_page", stale_page, rules, cursor,
                                     min(cfg.batch, cfg.max_suspects - len(stale)))
             if not page:
                 return stale
@@ -446,7 +448,7 @@ class NotificationsReconciler:
                             budget: int) -> None:
         """Conversation pages from where the last (interrupted) run stopped."""
         cfg, report, progress = self.config, ctx.report, ctx.progress
-        total = await ctx.db.run(count_conversations)
+        total = await ctx.db.run("count_conversations", count_conversations)
         after = progress.get("after")
         after_id = uuid.UUID(after) if after else None
         done = progress.get("done", 0)
@@ -455,11 +457,12 @@ class NotificationsReconciler:
             if not first and ctx.out_of_time():
                 return  # progress is saved: the next run resumes after the last page
             first = False
-            page = await ctx.db.run(conversation_page, after_id, cfg.batch)
+            page = await ctx.db.run("conversation_page", conversation_page, after_id, cfg.batch)
             if not page:
                 return
             left = budget - len(missing)
-            examined, owed = await ctx.db.run(owed_but_missing, page, since, promoted, left)
+            examined, owed = await ctx.db.run("owed_but_missing", owed_but_missing, page, since,
+                                              promoted, left)
             missing += owed
             report.compared += len(page)
             report.detail["conversations"] += len(page)
@@ -486,15 +489,16 @@ class NotificationsReconciler:
         actions = {"created": 0, "resent": 0, "failed": 0}
         dry = ctx.dry_run
         for i in range(0, len(missing), cfg.batch):
-            out = await ctx.db.run(create_missing, missing[i:i + cfg.batch], promoted,
-                                   ctx.now_ms(), report.run_id, dry_run=dry,
+            out = await ctx.db.run("create_missing", create_missing, missing[i:i + cfg.batch],
+                                   promoted, ctx.now_ms(), report.run_id, dry_run=dry,
                                    individual_findings=findings_left)
             findings_left = max(0, findings_left - out.findings)
             self._count(report, out, confirmed)
             actions["created"] += out.confirmed["missing"] if dry else out.repaired
         for i in range(0, len(stale), cfg.batch):
             rules = StaleRules.at(ctx.now_ms(), cfg)
-            out = await ctx.db.run(resend_or_fail, [r.key for r in stale[i:i + cfg.batch]],
+            out = await ctx.db.run("resend_or_fail", resend_or_fail,
+                                   [r.key for r in stale[i:i + cfg.batch]],
                                    rules, report.run_id, dry_run=dry,
                                    individual_findings=findings_left)
             findings_left = max(0, findings_left - out.findings)

@@ -45,8 +45,8 @@ import psycopg
 from twisted.internet import task
 
 from bridge.ids import LEGACY_PRESENCE_PREFIX
-from cloud import store
 from cloud.presence import GRACE_MS
+from cloud.store import coordination as coordination_store
 from legacy.peer import MAX_PRESENCE_TTL_MS, PeerConnection
 from reconcilers.notifications import SAMPLE, record_repair
 from reconcilers.runner import RunContext
@@ -262,8 +262,8 @@ class PresenceReconciler:
         epochs, unreachable = await self._probe()
         # a resumed pass keeps the epochs its first run saw (they become the baseline)
         start_epochs: dict[str, str] = progress.setdefault("epochs", epochs)
-        checkpoints = await ctx.db.run(store.load_checkpoints)
-        baseline = await ctx.db.run(last_hub_epochs)
+        checkpoints = await ctx.db.run("load_checkpoints", coordination_store.load_checkpoints)
+        baseline = await ctx.db.run("last_hub_epochs", last_hub_epochs)
         restarted = sorted(sn for sn, e in epochs.items()
                            if sn in checkpoints and checkpoints[sn].epoch != e)
         compared_sns = sum(1 for sn in epochs if sn in checkpoints)
@@ -317,8 +317,8 @@ class PresenceReconciler:
             if not first and ctx.out_of_time():
                 return
             first = False
-            examined, last, page = await ctx.db.run(legacy_rows_page, now, directory,
-                                                    restarted, cursor, cfg.batch)
+            examined, last, page = await ctx.db.run("legacy_rows_page", legacy_rows_page, now,
+                                                    directory, restarted, cursor, cfg.batch)
             if last is None:
                 break
             stale += page
@@ -340,7 +340,7 @@ class PresenceReconciler:
                                    budget: int) -> None:
         cfg, report, progress = self.config, ctx.report, ctx.progress
         now = ctx.now_ms()
-        total = await ctx.db.run(count_cloud_live, now)
+        total = await ctx.db.run("count_cloud_live", count_cloud_live, now)
         after = progress.get("after")
         cursor = uuid.UUID(after) if after else None
         first, seen = True, 0
@@ -348,7 +348,7 @@ class PresenceReconciler:
             if not first and ctx.out_of_time():
                 return
             first = False
-            page = await ctx.db.run(cloud_live_page, now, cursor, cfg.batch)
+            page = await ctx.db.run("cloud_live_page", cloud_live_page, now, cursor, cfg.batch)
             if not page:
                 return
             for account_id, handle, status, expires_ms in page:
@@ -381,8 +381,8 @@ class PresenceReconciler:
         reasons: dict[str, int] = {}
         for i in range(0, len(stale), cfg.batch):
             confirmed, written = await db.run(
-                expire_legacy_rows, stale[i:i + cfg.batch], ctx.now_ms(), report.run_id,
-                dry_run=ctx.dry_run, individual_findings=findings_left)
+                "expire_legacy_rows", expire_legacy_rows, stale[i:i + cfg.batch], ctx.now_ms(),
+                report.run_id, dry_run=ctx.dry_run, individual_findings=findings_left)
             findings_left = max(0, findings_left - written)
             report.confirmed += len(confirmed)
             if not ctx.dry_run:
@@ -393,7 +393,8 @@ class PresenceReconciler:
         for i in range(0, len(missing), cfg.batch):
             chunk = missing[i:i + cfg.batch]
             now = ctx.now_ms()
-            live = await db.run(cloud_live_now, now, [p.account_id for p in chunk])
+            live = await db.run("cloud_live_now", cloud_live_now, now,
+                                [p.account_id for p in chunk])
             confirmed = [attrs.evolve(p, handle=live[p.account_id][0],
                                       status=live[p.account_id][1],
                                       expires_ms=live[p.account_id][2])
@@ -408,8 +409,8 @@ class PresenceReconciler:
             report.repaired += len(done)
             report.failed += len(failed)
             failed_hubs |= {p.hub for p, _ in failed}
-            written = await db.run(record_injections, done, failed, ctx.now_ms(),
-                                   report.run_id, findings_left)
+            written = await db.run("record_injections", record_injections, done, failed,
+                                   ctx.now_ms(), report.run_id, findings_left)
             findings_left = max(0, findings_left - written)
         report.detail["confirmed"] = reasons
         return failed_hubs

@@ -180,12 +180,13 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
         return report
     started = time.monotonic()
     try:
-        run_id, progress, resumed = await db.run(start_run, kind, int(clock.seconds() * 1000),
-                                                 dry_run)
+        run_id, progress, resumed = await db.run("start_run", start_run, kind,
+                                                 int(clock.seconds() * 1000), dry_run)
         report.run_id, report.resumed = run_id, resumed
         deadline = None if max_seconds is None else clock.seconds() + max_seconds
         ctx = RunContext(clock, db, report, progress, deadline,
-                         lambda: db.run(save_progress, run_id, progress), on_progress,
+                         lambda: db.run("save_progress", save_progress, run_id,
+                                        progress), on_progress,
                          stop_requested=stop_requested)
         state = "failed"
         try:
@@ -200,7 +201,7 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
             raise
         finally:
             report.duration_s = time.monotonic() - started
-            await db.run(finish_run, run_id, state, report.to_json(), progress,
+            await db.run("finish_run", finish_run, run_id, state, report.to_json(), progress,
                          int(clock.seconds() * 1000))
     except Exception as e:
         report.error = report.error or f"{type(e).__name__}: {e}"

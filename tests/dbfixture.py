@@ -19,9 +19,11 @@ import pytest
 from psycopg import conninfo
 from twisted.internet import defer
 
-from cloud import embedded, schema, store
+from cloud import embedded, schema
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import Account
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:
@@ -99,14 +101,14 @@ def tx(conn: psycopg.Connection, fn: Callable, *args: object, **kwargs: object) 
 def make_account(conn: psycopg.Connection, handle: str, phase: str = "dual") -> uuid.UUID:
     """A new account (random id) whose handle is also its legacy handle."""
     account_id = uuid.uuid4()
-    tx(conn, store.create_account, Account(account_id, handle, phase, handle), None)
+    tx(conn, accounts_store.create_account, Account(account_id, handle, phase, handle), None)
     return account_id
 
 
 def make_conversation(conn: psycopg.Connection, *members: uuid.UUID,
                       chat: str | None = None) -> uuid.UUID:
     cid = uuid.uuid4()
-    tx(conn, store.create_conversation, cid, members, legacy_chat_id=chat)
+    tx(conn, conversations_store.create_conversation, cid, members, legacy_chat_id=chat)
     return cid
 
 
@@ -126,11 +128,11 @@ class ScriptedDatabase:
         """The server is unreachable for the next *n* transactions, whatever they are."""
         return cls(inner, None, [DatabaseUnavailable("server closed the connection")] * n)
 
-    def run(self, fn: Callable, *args: object, **kwargs: object) -> defer.Deferred:
+    def run(self, desc: str, fn: Callable, *args: object, **kwargs: object) -> defer.Deferred:
         if (self.fn is None or fn is self.fn) and self.faults:
             fault = self.faults.pop(0)
             if isinstance(fault, DatabaseUnavailable):
                 return defer.fail(fault)
             if fault is not None:
                 raise fault
-        return self.inner.run(fn, *args, **kwargs)
+        return self.inner.run(desc, fn, *args, **kwargs)

@@ -12,7 +12,9 @@ from typing import Any
 
 import psycopg
 
-from cloud import admin, store
+from cloud import admin
+from cloud.store import notifications as notifications_store
+from cloud.store import outbox as outbox_store
 
 
 def _run(run: admin.ReconcileRun, now_ms: int) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     """
     workers = admin.workers(conn)
     live = [w for w in workers if w.live(now_ms, live_within_ms)]
-    pending, oldest = store.outbox_backlog(conn, now_ms)
+    pending, oldest = outbox_store.outbox_backlog(conn, now_ms)
     per_phase = admin.accounts_per_phase(conn)
     last_clean = admin.last_clean_reconcile(conn)
     findings = admin.findings_by_state(conn)
@@ -64,7 +66,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
                     "expires_ms": lease.expires_ms,
                     "expires_in_ms": lease.expires_ms - now_ms,
                     "expired": lease.expires_ms <= now_ms} for lease in admin.leases(conn)],
-        "notifications": store.notification_counts(conn),
+        "notifications": notifications_store.notification_counts(conn),
     }
 
 

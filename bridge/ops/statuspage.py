@@ -205,7 +205,7 @@ class StatusSampler(PollingLoop):
     async def _tick(self) -> bool:
         now_ms = self._now_ms()
         try:
-            snapshot = await self._db.run(self._gather, now_ms)
+            snapshot = await self._db.run("status_page_gather", self._gather, now_ms)
         except DatabaseUnavailable as e:
             self._failed(e, now_ms)
             self._database_down(e)

@@ -6,8 +6,9 @@ from twisted.internet import defer
 
 from bridge import ids
 from bridge.accounts import ImportCounts, import_accounts
-from cloud import passwords, store
+from cloud import passwords
 from cloud.db import InlineDatabase
+from cloud.store import accounts as accounts_store
 from legacy import auth
 from tests.bridge.test_phases import NOW, make_account, tx
 from tests.legacy.netfixture import LegacyNet
@@ -47,7 +48,7 @@ def test_imported_password_logs_in_on_the_cloud_side(conn):
     net = LegacyNet(1).start()
     user = net.add_user("alice")
     run_import(net, conn)
-    found = tx(conn, store.account_for_login, "alice")
+    found = tx(conn, accounts_store.account_for_login, "alice")
     assert found is not None and found[0].account_id == ids.account_id("alice")
     assert passwords.verify_password(user.password, found[1])
     assert not passwords.verify_password("wrong", found[1])
@@ -71,7 +72,7 @@ def test_changed_password_is_updated_and_the_phase_is_never_touched(conn):
     net = LegacyNet(1).start()
     net.add_user("alice")
     run_import(net, conn)
-    tx(conn, store.set_phase, ids.account_id("alice"), "cloud")
+    tx(conn, accounts_store.set_phase, ids.account_id("alice"), "cloud")
     new_hash = auth.hash_password("new secret", salt=b"salty", iterations=10)
     net.login.accounts["alice"][0] = new_hash
     counts = run_import(net, conn)

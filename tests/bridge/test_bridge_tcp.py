@@ -9,7 +9,8 @@ import sys
 import time
 import urllib.request
 
-from cloud import store
+from cloud.store import accounts as accounts_store
+from cloud.store import messages as messages_store
 from tests.sockets import free_port_range, listening
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
@@ -60,10 +61,10 @@ def test_bridge_mirrors_both_ways_over_tcp_and_stops_cleanly(conn, db_dsn, tmp_p
             "SELECT m.conversation_id, m.sender_account_id FROM messages m "
             "ORDER BY m.seq LIMIT 1").fetchone()
         with conn.transaction():
-            store.set_phase(conn, sender, "dual")
+            accounts_store.set_phase(conn, sender, "dual")
         with conn.transaction():
-            message, _ = store.post_message(conn, cid, sender, "tcp-1", "from the cloud",
-                                            int(time.time() * 1000))
+            message, _ = messages_store.post_message(conn, cid, sender, "tcp-1", "from the cloud",
+                                                     int(time.time() * 1000))
         guid = wait_for(lambda: conn.execute(
             "SELECT legacy_guid FROM messages WHERE message_id = %s",
             (message.message_id,)).fetchone()[0], timeout=20)

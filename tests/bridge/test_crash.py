@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bridge.mirror import COMMIT_STEPS
-from cloud import store
 from cloud.db import InlineDatabase
+from cloud.store import coordination as coordination_store
 from tests.bridge.test_follower import Bridge, chat_messages, send_some
 from tests.legacy.netfixture import LegacyNet
 
@@ -63,5 +63,5 @@ def test_killed_at_any_step_then_restarted_loses_and_duplicates_nothing(point, c
     assert per_message[0] == per_message[1]
     for sn, node in net.supernodes.items():  # every feed checkpointed at its end
         if node.mem.feed.next_offset:
-            assert store.load_checkpoints(conn)[sn].offset == node.mem.feed.next_offset
+            assert coordination_store.load_checkpoints(conn)[sn].offset == node.mem.feed.next_offset
     kill(second)

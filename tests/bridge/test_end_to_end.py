@@ -9,8 +9,9 @@ from bridge import ids
 from bridge.follower import FollowerConfig
 from bridge.outbox import InjectorConfig, OutboxInjector
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud import store
 from cloud.db import InlineDatabase
+from cloud.store import accounts as accounts_store
+from cloud.store import messages as messages_store
 from servicekit.retry import RetryPolicy
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
 
@@ -38,14 +39,14 @@ def test_messages_flow_both_ways_once_in_order_without_loops(conn):
     cid = ids.conversation_id(chat)
     bob_id = conn.execute("SELECT account_id FROM accounts WHERE handle = 'bob'").fetchone()[0]
     with conn.transaction():
-        store.set_phase(conn, bob_id, "dual")  # bob now also has a cloud device
+        accounts_store.set_phase(conn, bob_id, "dual")  # bob now also has a cloud device
     posted = []
     for i in range(5):
         sent.append(da.send(chat, members, f"legacy {5 + i}"))
         net.run(0.05)
         with conn.transaction():
-            message, _ = store.post_message(conn, cid, bob_id, f"c{i}", f"cloud {i}",
-                                            int(net.clock.seconds() * 1000))
+            message, _ = messages_store.post_message(conn, cid, bob_id, f"c{i}", f"cloud {i}",
+                                                     int(net.clock.seconds() * 1000))
         posted.append(message)
         net.run(0.05)
     net.run(5.0)

@@ -12,8 +12,8 @@ from twisted.internet import defer
 from bridge import follower as follower_module
 from bridge import ids
 from bridge.follower import FeedFollower, FollowerConfig
-from cloud import store
 from cloud.db import InlineDatabase
+from cloud.store import coordination as coordination_store
 from legacy import wire
 from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase
@@ -79,7 +79,7 @@ def test_messages_accounts_and_chats_are_mirrored_in_source_order(net, conn):
     assert member_handles == set(members)
     assert conn.execute("SELECT phase FROM accounts WHERE handle = 'alice'").fetchone() == (
         "legacy",)
-    cps = store.load_checkpoints(conn)
+    cps = coordination_store.load_checkpoints(conn)
     for sn, node in net.supernodes.items():  # every feed with entries is checkpointed at its end
         if node.mem.feed.next_offset:
             assert (cps[sn].epoch, cps[sn].offset) == (str(node.mem.epoch),
@@ -140,7 +140,7 @@ def test_a_supernode_restart_is_recorded_as_a_feed_gap(net, conn):
     gaps = conn.execute("SELECT detail->>'source', detail->>'gap' FROM reconcile_findings "
                         "WHERE kind = 'feed_gap'").fetchall()
     assert (home, "epoch") in gaps
-    cp = store.load_checkpoints(conn)[home]
+    cp = coordination_store.load_checkpoints(conn)[home]
     assert int(cp.epoch) == net.supernodes[home].mem.epoch
     bridge.stop(net)
 
@@ -160,17 +160,17 @@ class HeldDatabase:
     def __init__(self, inner) -> None:
         self.inner, self.held = inner, []
 
-    def run(self, fn, *args, **kwargs):
+    def run(self, desc, fn, *args, **kwargs):
         if fn.__name__ != "commit_plan":
-            return self.inner.run(fn, *args, **kwargs)
+            return self.inner.run(desc, fn, *args, **kwargs)
         d = defer.Deferred()
-        self.held.append((d, fn, args, kwargs))
+        self.held.append((d, desc, fn, args, kwargs))
         return d
 
     def release(self):
         held, self.held = self.held, []
-        for d, fn, args, kwargs in held:
-            self.inner.run(fn, *args, **kwargs).chainDeferred(d)
+        for d, desc, fn, args, kwargs in held:
+            self.inner.run(desc, fn, *args, **kwargs).chainDeferred(d)
 
 
 def test_a_slow_store_stops_the_feed_at_the_credit_window(net, conn, monkeypatch):

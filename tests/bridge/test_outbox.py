@@ -27,9 +27,11 @@ from bridge.outbox import (
     OutboxListener,
     refuse_outbox_item,
 )
-from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
 from cloud.model import Message
+from cloud.store import accounts as accounts_store
+from cloud.store import messages as messages_store
+from cloud.store import outbox as outbox_store
 from legacy import wire
 from legacy.peer import PeerConnection, connect_peer
 from servicekit.loop import LoopState
@@ -143,8 +145,9 @@ class Scene:
 
     def post(self, cid: uuid.UUID, sender: uuid.UUID, body: str,
              sent_ms: int | None = None) -> Message:
-        message, created = tx(self.conn, store.post_message, cid, sender, str(uuid.uuid4()),
-                              body, self.now_ms() if sent_ms is None else sent_ms)
+        message, created = tx(self.conn, messages_store.post_message, cid, sender,
+                              str(uuid.uuid4()), body,
+                              self.now_ms() if sent_ms is None else sent_ms)
         assert created
         return message
 
@@ -269,8 +272,8 @@ def test_conversation_whose_legacy_members_went_cloud_only_is_skipped(conn, make
     s = make_scene(start=False)
     cid, alice, bob = two_party(conn)
     s.post(cid, alice, "too late for legacy")
-    tx(conn, store.set_phase, alice, "cloud-only")
-    tx(conn, store.set_phase, bob, "cloud-only")
+    tx(conn, accounts_store.set_phase, alice, "cloud-only")
+    tx(conn, accounts_store.set_phase, bob, "cloud-only")
     s.injector.startService()
     s.run(1)
     assert [r[1] for r in outbox_rows(conn, cid)] == ["skipped"]
@@ -405,7 +408,7 @@ def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_
     old_chat = ids.chat_for_cloud_conversation(old)
     assert s.history(old_chat) == []
     # Safe to run twice: the row is no longer pending, so no second finding.
-    item = store.OutboxItem(old, 1, uuid.uuid4(), None, "bob", month_ago, "", (), 1, 1)
+    item = outbox_store.OutboxItem(old, 1, uuid.uuid4(), None, "bob", month_ago, "", (), 1, 1)
     assert tx(conn, refuse_outbox_item, item, old_chat, "again", s.now_ms()) is False
     assert len(findings(conn)) == 2
 
@@ -414,7 +417,7 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, 
     """Failed ticks are counted and retried; an outage is logged once, a bug with traceback."""
     down = DatabaseUnavailable("connection refused")
     faults = [down, down, None, down, RuntimeError("bug in a tick"), None]
-    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), store.claim_outbox, faults),
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), outbox_store.claim_outbox, faults),
                    start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "hello")
@@ -440,7 +443,7 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, 
 def test_database_lost_after_the_ack_reinjects_once_the_claim_runs_out(conn, make_scene):
     """The Ack arrived but complete failed: the row comes due after claim_s, Ack duplicate."""
     down = DatabaseUnavailable("server closed the connection")
-    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), store.complete_outbox, [down]),
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), outbox_store.complete_outbox, [down]),
                    start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "once")
@@ -536,7 +539,7 @@ def test_listener_wakes_on_notify_reconnects_and_stops_promptly(conn, db_dsn):
         reactor.run_next()  # LISTEN is active: the catch-up wake
         assert wakes == [1] and listener.connects == 1
         cid, alice, _ = two_party(conn)
-        tx(conn, store.post_message, cid, alice, "c1", "hi", 1)
+        tx(conn, messages_store.post_message, cid, alice, "c1", "hi", 1)
         reactor.run_next()
         assert len(wakes) == 2 and listener.notifications == 1
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -13,9 +13,11 @@ from twisted.python.failure import Failure
 
 from bridge import ids, phases
 from bridge.phases import GateConfig, Selection
-from cloud import admin, store
+from cloud import admin
 from cloud.db import InlineDatabase
 from cloud.model import Account
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
 from legacy import wire
 from tests.dbfixture import tx
 from tests.legacy.netfixture import LegacyNet
@@ -31,7 +33,7 @@ def make_account(conn, handle: str, phase: str = "legacy", *, linked: bool = Tru
                  password_hash: str | None = None) -> uuid.UUID:
     """A linked account (id derived from the handle) or a cloud-native one (random id)."""
     account_id = ids.account_id(handle) if linked else uuid.uuid4()
-    tx(conn, store.create_account,
+    tx(conn, accounts_store.create_account,
        Account(account_id, handle, phase, handle if linked else None), password_hash)
     return account_id
 
@@ -144,7 +146,7 @@ def test_open_finding_in_a_conversation_holds_back_its_members_only(conn):
     healthy(conn)
     a, b, c = (make_account(conn, h) for h in ("a", "b", "c"))
     cid = uuid.uuid4()
-    tx(conn, store.create_conversation, cid, [a, b])
+    tx(conn, conversations_store.create_conversation, cid, [a, b])
     add_finding(conn, "gap", conversation_id=cid)
     add_finding(conn, "gap", conversation_id=cid)
     the_plan = plan(conn, ["a", "b", "c"], "dual")
@@ -280,7 +282,7 @@ def test_phase_changed_since_planning_is_refused(conn):
     healthy(conn)
     alice = make_account(conn, "alice")
     the_plan = plan(conn, ["alice"], "cloud")
-    tx(conn, store.set_phase, alice, "dual")
+    tx(conn, accounts_store.set_phase, alice, "dual")
     outcome = apply(conn, the_plan)
     [(change, why)] = outcome.failed
     assert change.account_id == alice and "is in phase 'dual' now, not 'legacy'" in why
@@ -293,7 +295,7 @@ def test_an_account_moved_to_the_target_meanwhile_is_nothing_to_do(conn):
     healthy(conn)
     alice = make_account(conn, "alice")
     the_plan = plan(conn, ["alice"], "dual")
-    tx(conn, store.set_phase, alice, "dual")
+    tx(conn, accounts_store.set_phase, alice, "dual")
     outcome = apply(conn, the_plan)
     assert outcome.moved == () and outcome.failed == ()
     assert [c.account_id for c in outcome.already] == [alice] and audit_rows(conn) == []
@@ -397,7 +399,7 @@ def test_cloud_only_makes_the_login_server_refuse_the_handle_and_back_clears_it(
 class FailingStore:
     """A TransactionRunner whose phase change fails as if the process died before commit."""
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         return defer.fail(RuntimeError("killed before the store committed"))
 
 
@@ -424,7 +426,7 @@ def test_a_refused_store_write_sets_the_login_server_back(conn, net):
     healthy(conn)
     alice = make_account(conn, "alice", "cloud")
     the_plan = plan(conn, ["alice"], "cloud-only")
-    tx(conn, store.set_phase, alice, "dual")
+    tx(conn, accounts_store.set_phase, alice, "dual")
     outcome = apply(conn, the_plan, login=net.login_peer(), net=net)
     assert outcome.moved == () and "is in phase 'dual' now" in outcome.failed[0][1]
     assert net.login.accounts["alice"][1] is False and audit_rows(conn) == []

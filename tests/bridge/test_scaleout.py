@@ -10,8 +10,11 @@ import pytest
 from bridge import mirror
 from bridge.follower import FeedBatch, FollowerConfig
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud import store
 from cloud.db import InlineDatabase
+from cloud.store import accounts as accounts_store
+from cloud.store import coordination as coordination_store
+from cloud.store import messages as messages_store
+from cloud.store.errors import StaleFence
 from legacy import wire
 from tests.bridge.test_follower import chat_messages
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
@@ -95,24 +98,25 @@ def test_a_stale_worker_can_not_commit(conn):
     """After a takeover the old holder's commit fails with StaleFence and writes nothing."""
     now = 1_700_000_000_000
     with conn.transaction():
-        old = store.acquire_lease(conn, "feed:sn0", "old", now, 1000)
+        old = coordination_store.acquire_lease(conn, "feed:sn0", "old", now, 1000)
     with conn.transaction():
-        assert store.acquire_lease(conn, "feed:sn0", "new", now + 10, 1000) is None  # held
-        new = store.acquire_lease(conn, "feed:sn0", "new", now + 2000, 1000)
+        # held
+        assert coordination_store.acquire_lease(conn, "feed:sn0", "new", now + 10, 1000) is None
+        new = coordination_store.acquire_lease(conn, "feed:sn0", "new", now + 2000, 1000)
     assert new == old + 1
     msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
                            body="x", origin="legacy")
     batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
-    with pytest.raises(store.StaleFence), conn.transaction():
+    with pytest.raises(StaleFence), conn.transaction():
         commit_feed_batch(conn, batch, old, now + 2001, ("feed:sn0", "old"))
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
-    assert store.load_checkpoints(conn) == {}
+    assert coordination_store.load_checkpoints(conn) == {}
     with conn.transaction():
         commit_feed_batch(conn, batch, new, now + 2002, ("feed:sn0", "new"))
-    assert store.load_checkpoints(conn)["sn0"].fence == new
+    assert coordination_store.load_checkpoints(conn)["sn0"].fence == new
     with conn.transaction():
-        assert not store.renew_lease(conn, "feed:sn0", "old", old, now + 2003, 1000)
-        assert store.renew_lease(conn, "feed:sn0", "new", new, now + 2003, 1000)
+        assert not coordination_store.renew_lease(conn, "feed:sn0", "old", old, now + 2003, 1000)
+        assert coordination_store.renew_lease(conn, "feed:sn0", "new", new, now + 2003, 1000)
 
 
 def test_any_worker_can_inject_into_any_home_supernode(conn, db_dsn):
@@ -138,11 +142,11 @@ def test_any_worker_can_inject_into_any_home_supernode(conn, db_dsn):
     from bridge import ids
     cid, bob_id = ids.conversation_id("chat-1"), ids.account_id("bob")
     with conn.transaction():
-        store.set_phase(conn, bob_id, "dual")
+        accounts_store.set_phase(conn, bob_id, "dual")
     for i in range(10):
         with conn.transaction():
-            store.post_message(conn, cid, bob_id, f"c{i}", f"cloud {i}",
-                               int(net.clock.seconds() * 1000))
+            messages_store.post_message(conn, cid, bob_id, f"c{i}", f"cloud {i}",
+                                        int(net.clock.seconds() * 1000))
     net.run(20.0)
     assert conn.execute("SELECT state, count(*) FROM outbox_to_legacy GROUP BY 1").fetchall() \
         == [("done", 10)]
@@ -157,17 +161,17 @@ def test_a_restarted_worker_takes_its_own_leases_back_and_fences_its_old_self(co
     it was only paused) can neither renew nor commit; other workers still wait."""
     now = 1_700_000_000_000
     with conn.transaction():
-        old = store.acquire_lease(conn, "feed:sn0", "w1", now, 15_000)
+        old = coordination_store.acquire_lease(conn, "feed:sn0", "w1", now, 15_000)
     with conn.transaction():
-        assert store.acquire_lease(conn, "feed:sn0", "w2", now + 10, 15_000) is None
-        new = store.acquire_lease(conn, "feed:sn0", "w1", now + 20, 15_000)
+        assert coordination_store.acquire_lease(conn, "feed:sn0", "w2", now + 10, 15_000) is None
+        new = coordination_store.acquire_lease(conn, "feed:sn0", "w1", now + 20, 15_000)
     assert new == old + 1
     msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
                            body="x", origin="legacy")
     batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
-    with pytest.raises(store.StaleFence), conn.transaction():
+    with pytest.raises(StaleFence), conn.transaction():
         commit_feed_batch(conn, batch, old, now + 30, ("feed:sn0", "w1"))
     with conn.transaction():
-        assert not store.renew_lease(conn, "feed:sn0", "w1", old, now + 40, 15_000)
-        assert store.renew_lease(conn, "feed:sn0", "w1", new, now + 40, 15_000)
+        assert not coordination_store.renew_lease(conn, "feed:sn0", "w1", old, now + 40, 15_000)
+        assert coordination_store.renew_lease(conn, "feed:sn0", "w1", new, now + 40, 15_000)
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0

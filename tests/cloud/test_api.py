@@ -25,12 +25,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from cloud import store, tokens
+from cloud import tokens
 from cloud.api import CloudAPI
 from cloud.db import DatabaseUnavailable, InlineDatabase
 from cloud.model import Account
 from cloud.passwords import hash_password
 from cloud.push import NotificationChannel, PushMessage
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
 from tests import strategies
 
 SECRET = b"cloud-api-test-secret-0123456789"
@@ -144,14 +146,14 @@ class Harness:
     def account(self, handle: str, phase: str = "dual", password: str = PASSWORD) -> uuid.UUID:
         account_id = uuid.uuid4()
         with self.conn.transaction():
-            store.create_account(self.conn, Account(account_id, handle, phase, handle),
-                                 hash_password(password, iterations=10))
+            accounts_store.create_account(self.conn, Account(account_id, handle, phase, handle),
+                                          hash_password(password, iterations=10))
         return account_id
 
     def conversation(self, *members: uuid.UUID) -> uuid.UUID:
         cid = uuid.uuid4()
         with self.conn.transaction():
-            store.create_conversation(self.conn, cid, members)
+            conversations_store.create_conversation(self.conn, cid, members)
         return cid
 
     def token(self, account_id: uuid.UUID) -> str:
@@ -240,7 +242,7 @@ def test_an_account_without_a_password_can_not_log_in(h):
     """No stored hash means no password matches."""
     account_id = uuid.uuid4()
     with h.conn.transaction():
-        store.create_account(h.conn, Account(account_id, "nopw", "cloud"), None)
+        accounts_store.create_account(h.conn, Account(account_id, "nopw", "cloud"), None)
     r = h.request("POST", "/v1/login", json_body={"handle": "nopw", "password": PASSWORD})
     assert r.status == 401
 
@@ -570,7 +572,7 @@ def test_a_token_of_an_account_moved_back_to_legacy_is_refused(h):
     alice = h.account("alice")
     token = h.token(alice)
     with h.conn.transaction():
-        store.set_phase(h.conn, alice, "legacy")
+        accounts_store.set_phase(h.conn, alice, "legacy")
     r = h.request("GET", "/v1/conversations", token=token)
     assert (r.status, r.code) == (403, "not_migrated")
 
@@ -634,7 +636,7 @@ class FailingDatabase:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         return defer.fail(self.error)
 
 

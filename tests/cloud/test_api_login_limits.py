@@ -12,9 +12,10 @@ import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import defer
 
-from cloud import api, store
+from cloud import api
 from cloud.passwords import hash_password, verify_password
 from cloud.ratelimit import LoginLimits
+from cloud.store import accounts as accounts_store
 from tests.cloud.test_api import (
     PASSWORD,
     Connection,
@@ -132,8 +133,8 @@ def test_thirty_failures_from_one_address_refuse_that_address(h, checks, monkeyp
             for i in range(30)} == {401}
     checked = len(checks)
     lookups = []
-    lookup = store.account_for_login
-    monkeypatch.setattr(store, "account_for_login",
+    lookup = accounts_store.account_for_login
+    monkeypatch.setattr(accounts_store, "account_for_login",
                         lambda *args: (lookups.append(args[1:]), lookup(*args))[1])
     r = login(h, right("bob"), address="10.6.6.6")
     assert (r.status, r.code) == (429, "rate_limited") and len(checks) == checked

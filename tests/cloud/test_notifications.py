@@ -18,12 +18,15 @@ from prometheus_client import REGISTRY
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from cloud import store
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.model import Account
 from cloud.push import NotificationChannel, PushMessage, PushRejected
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import messages as messages_store
+from cloud.store import notifications as notifications_store
 from servicekit.loop import LoopState
 from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase, tx
@@ -53,14 +56,14 @@ def owe_notifications(conn, recipients: int, messages: int) -> list[uuid.UUID]:
     now_ms = round(T0 * 1000)
     with conn.transaction():
         sender = uuid.uuid4()
-        store.create_account(conn, Account(sender, "sender", "cloud-only"), None)
+        accounts_store.create_account(conn, Account(sender, "sender", "cloud-only"), None)
         accounts = [uuid.uuid4() for _ in range(recipients)]
         for i, a in enumerate(accounts):
-            store.create_account(conn, Account(a, f"device{i}", "cloud-only"), None)
+            accounts_store.create_account(conn, Account(a, f"device{i}", "cloud-only"), None)
         cid = uuid.uuid4()
-        store.create_conversation(conn, cid, [sender, *accounts])
+        conversations_store.create_conversation(conn, cid, [sender, *accounts])
         for i in range(messages):
-            store.post_message(conn, cid, sender, f"client-{i}", f"message {i}", now_ms)
+            messages_store.post_message(conn, cid, sender, f"client-{i}", f"message {i}", now_ms)
     return accounts
 
 
@@ -88,7 +91,7 @@ class Devices:
         now_ms = round(self.clock.seconds() * 1000)
         for account in self.accounts:
             for message in self.channel.pending(account):
-                assert tx(self.conn, store.ack_notification, account,
+                assert tx(self.conn, notifications_store.ack_notification, account,
                           message.notification_id, now_ms)
                 self.channel.ack(account, message.notification_id)
                 self.acks += 1
@@ -197,7 +200,7 @@ def test_without_loss_every_notification_is_acked_after_one_push(conn):
     delta = MetricDelta("cloud_notifications_pushed_total", "cloud_notifications_failed_total")
     s = scene(conn, accounts, latency_s=0.1)
     s.devices.run(10)
-    assert tx(conn, store.notification_counts) == {
+    assert tx(conn, notifications_store.notification_counts) == {
         "pending": 0, "sent": 0, "acked": 100, "failed": 0}
     assert {r[2] for r in rows(conn)} == {1}
     assert s.devices.acks == 100 and s.devices.mailbox_sizes() == 0
@@ -217,7 +220,7 @@ def test_with_loss_and_errors_every_notification_ends_acked_or_visibly_failed(co
     # Each attempt ends within max(resend_after, retry cap) plus a poll interval, and
     # the row is failed one such period after its last attempt: 9 * 2.5 s at most.
     s.devices.run(30)
-    counts = tx(conn, store.notification_counts)
+    counts = tx(conn, notifications_store.notification_counts)
     assert counts["pending"] == counts["sent"] == 0
     assert counts["acked"] + counts["failed"] == total
     failed_ids = {str(r[0]) for r in rows(conn) if r[1] == "failed"}
@@ -239,7 +242,7 @@ def test_total_loss_fails_every_notification_after_exactly_max_attempts(conn):
                         "cloud_notifications_failed_total")
     s = scene(conn, accounts, config=config, loss=1.0)
     s.devices.run(15)
-    assert tx(conn, store.notification_counts) == {
+    assert tx(conn, notifications_store.notification_counts) == {
         "pending": 0, "sent": 0, "acked": 0, "failed": 20}
     assert {r[2] for r in rows(conn)} == {3}
     assert delta["cloud_push_lost_total"] == delta["cloud_notifications_pushed_total"] == 60
@@ -295,12 +298,12 @@ class GatedDatabase:
         self.inner = inner
         self.held: list[defer.Deferred] = []
 
-    def run(self, fn: Callable, *args, **kwargs) -> defer.Deferred:
-        if fn is not store.claim_due_notifications:
-            return self.inner.run(fn, *args, **kwargs)
+    def run(self, desc: str, fn: Callable, *args, **kwargs) -> defer.Deferred:
+        if fn is not notifications_store.claim_due_notifications:
+            return self.inner.run(desc, fn, *args, **kwargs)
         gate: defer.Deferred = defer.Deferred()
         self.held.append(gate)
-        return gate.addCallback(lambda _: self.inner.run(fn, *args, **kwargs))
+        return gate.addCallback(lambda _: self.inner.run(desc, fn, *args, **kwargs))
 
 
 def test_one_tick_in_flight_and_stop_waits_for_it(conn):
@@ -333,7 +336,7 @@ def test_a_dispatcher_that_dies_mid_tick_loses_nothing(conn):
     heir.devices.run(FAST.resend_after_s - 0.5)
     assert heir.devices.acks == 0 and {r[1:3] for r in rows(conn)} == {("pending", 1)}
     heir.devices.run(1.0)
-    assert tx(conn, store.notification_counts)["acked"] == 12
+    assert tx(conn, notifications_store.notification_counts)["acked"] == 12
     assert {r[2] for r in rows(conn)} == {2}
 
 
@@ -401,10 +404,10 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, dispatcher_l
     faults = [down, down, down, None, down, down, RuntimeError("bug in a tick"), None]
     before = {r: metric("cloud_dispatcher_loop_failures_total", reason=r)
               for r in ("database_unavailable", "error")}
-    db = ScriptedDatabase(InlineDatabase(conn), store.claim_due_notifications, faults)
+    db = ScriptedDatabase(InlineDatabase(conn), notifications_store.claim_due_notifications, faults)
     s = scene(conn, accounts, db=db)
     s.devices.run(5)
-    assert tx(conn, store.notification_counts)["acked"] == 4
+    assert tx(conn, notifications_store.notification_counts)["acked"] == 4
     assert s.dispatcher.state is LoopState.WAITING and s.dispatcher.ticks >= len(faults)
     after = {r: metric("cloud_dispatcher_loop_failures_total", reason=r) - before[r]
              for r in before}
@@ -439,5 +442,5 @@ def test_an_unexpected_push_error_is_counted_and_the_row_comes_due_again(conn):
     assert sorted(r[1] for r in rows(conn)) == ["acked", "pending"]
     s.devices.run(FAST.resend_after_s)
     assert [r[1:3] for r in rows(conn) if r[2] == 2] == [("acked", 2)]
-    assert tx(conn, store.notification_counts)["acked"] == 2
+    assert tx(conn, notifications_store.notification_counts)["acked"] == 2
     assert metric("cloud_dispatcher_loop_failures_total", reason="error") - before == 1

@@ -122,7 +122,8 @@ def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
     """A cloud post made while every member was cloud-only (by the audit log's phase
     history) is not expected in legacy; the same post, unqueued, while a member still had
     legacy clients is, so the check would count it lost."""
-    from cloud import admin, store
+    from cloud import admin
+    from cloud.store import messages as messages_store
     from tests.dbfixture import make_account, make_conversation, tx
 
     a, b = make_account(conn, "ann", "legacy"), make_account(conn, "ben", "legacy")
@@ -133,7 +134,7 @@ def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
         tx(conn, admin.apply_phase_change, account, frm, to, actor="test", now_ms=at)
 
     def unqueued_post(client_id, at):
-        message, _ = tx(conn, store.post_message, cid, a, client_id, "hi", at)
+        message, _ = tx(conn, messages_store.post_message, cid, a, client_id, "hi", at)
         conn.execute("DELETE FROM outbox_to_legacy WHERE message_id = %s",
                      (message.message_id,))  # as if the store had not queued it
         return f"cloud:{message.message_id}"
@@ -157,7 +158,9 @@ def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_post
     """Around a move to cloud-only, a post within PHASE_SLACK_MS before it may be either;
     one further before is owed; one the store queued for legacy is owed whatever the
     phases; a member with no phase change at all counts by their current phase."""
-    from cloud import admin, store
+    from cloud import admin
+    from cloud.store import conversations as conversations_store
+    from cloud.store import messages as messages_store
     from tests.dbfixture import make_account, make_conversation, tx
 
     a, b = make_account(conn, "ann", "dual"), make_account(conn, "ben", "dual")
@@ -166,7 +169,7 @@ def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_post
     slack = convergence.PHASE_SLACK_MS
 
     def post(client_id, at, keep_queued=False):
-        message, _ = tx(conn, store.post_message, cid, a, client_id, "hi", at)
+        message, _ = tx(conn, messages_store.post_message, cid, a, client_id, "hi", at)
         if not keep_queued:
             conn.execute("DELETE FROM outbox_to_legacy WHERE message_id = %s",
                          (message.message_id,))
@@ -187,5 +190,5 @@ def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_post
     assert before not in not_owed and queued not in not_owed
     # no phase change recorded for a new member: their current phase (legacy) decides
     carl = make_account(conn, "carl", "legacy")
-    tx(conn, store.add_members, cid, [carl])
+    tx(conn, conversations_store.add_members, cid, [carl])
     assert convergence.cloud_not_owed_to_legacy(conn) == set()

@@ -10,8 +10,9 @@ from twisted.internet import defer
 
 from bridge import ids
 from bridge.discovery import SupernodeLinks
-from cloud import store
 from cloud.db import InlineDatabase
+from cloud.store import coordination as coordination_store
+from cloud.store import findings as findings_store
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
 from tests.bridge.test_follower import Bridge, chat_messages
@@ -124,8 +125,9 @@ def test_a_supernode_down_during_the_run_makes_it_partial_not_an_error(scene):
     drop_from_cloud(scene.conn, lost)
     down = homes[down_chat]
     with scene.conn.transaction():  # a feed gap on a supernode that stays up
-        store.record_finding(scene.conn, "feed_gap", {"source": homes[up_chat], "gap": "epoch"},
-                             int(scene.net.clock.seconds() * 1000))
+        findings_store.record_finding(scene.conn, "feed_gap",
+                                      {"source": homes[up_chat], "gap": "epoch"},
+                                      int(scene.net.clock.seconds() * 1000))
     feed_gap = "SELECT state FROM reconcile_findings WHERE kind = 'feed_gap'"
     scene.net.wait(scene.net.supernodes[down].crash())
     report, _ = scene.reconcile()
@@ -215,8 +217,8 @@ def test_feed_gap_chats_go_first_and_a_full_pass_closes_their_findings(scene):
     scene.mirror()
     home = scene.net.ring.home_of("chat-a")
     with scene.conn.transaction():
-        store.record_finding(scene.conn, "feed_gap", {"source": home, "gap": "epoch"},
-                             int(scene.net.clock.seconds() * 1000))
+        findings_store.record_finding(scene.conn, "feed_gap", {"source": home, "gap": "epoch"},
+                                      int(scene.net.clock.seconds() * 1000))
     report, _ = scene.reconcile()
     assert report.clean and report.detail["feed_gaps_covered"] == 1
     assert scene.conn.execute("SELECT state FROM reconcile_findings").fetchone() == (
@@ -248,9 +250,9 @@ def test_a_feed_gap_found_mid_pass_restarts_the_pass_instead_of_skipping(scene):
     lost_chat = "chat-4"
     drop_from_cloud(scene.conn, per_chat[lost_chat])
     with scene.conn.transaction():
-        store.record_finding(scene.conn, "feed_gap",
-                             {"source": scene.net.ring.home_of(lost_chat), "gap": "epoch"},
-                             int(scene.net.clock.seconds() * 1000))
+        findings_store.record_finding(scene.conn, "feed_gap",
+                                      {"source": scene.net.ring.home_of(lost_chat), "gap": "epoch"},
+                                      int(scene.net.clock.seconds() * 1000))
     second, _ = scene.reconcile()
     assert second.detail.get("restarted") and second.completed and second.compared == 6
     assert second.repaired == 2 and len(chat_messages(scene.conn, lost_chat)) == 2
@@ -265,9 +267,10 @@ def test_lag_override_compares_what_the_measured_lag_would_hold_back(scene):
     scene.mirror()
     drop_from_cloud(scene.conn, guids[:3])
     now_ms = int((scene.net.clock.seconds() + 15.0) * 1000)  # when reconcile() starts
-    store.heartbeat_worker(scene.conn, "slow-worker", "ready", now_ms, now_ms,
-                           lag_to_cloud_ms=600_000, lag_to_legacy_ms=None,
-                           mirrored_to_cloud=0, mirrored_to_legacy=0, feeds=1, detail={})
+    coordination_store.heartbeat_worker(scene.conn, "slow-worker", "ready", now_ms, now_ms,
+                                        lag_to_cloud_ms=600_000, lag_to_legacy_ms=None,
+                                        mirrored_to_cloud=0, mirrored_to_legacy=0, feeds=1,
+                                        detail={})
     held_back, _ = scene.reconcile()
     assert held_back.detail["lag_ms"] == 600_000 and held_back.confirmed == 0
     report, _ = scene.reconcile(config=GapsConfig(margin_ms=1000, confirm_after_s=0.5,

@@ -15,9 +15,13 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from cloud import admin, store
+from cloud import admin
 from cloud.db import InlineDatabase
 from cloud.model import Account
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import messages as messages_store
+from cloud.store import notifications as notifications_store
 from reconcilers import runner
 from reconcilers.notifications import NotificationsConfig, NotificationsReconciler
 from tests.cloud.test_notifications import FAST, T0, owe_notifications, result_of, scene, tx
@@ -94,7 +98,7 @@ def test_a_deleted_notification_row_is_recreated_and_delivered(conn, lock_conn):
     accounts = owe_notifications(conn, recipients=2, messages=3)
     s = scene(conn, accounts, config=LAZY)
     s.devices.run(2.0)
-    assert tx(conn, store.notification_counts)["acked"] == 6
+    assert tx(conn, notifications_store.notification_counts)["acked"] == 6
     gone = conn.execute("DELETE FROM notifications WHERE notification_id = "
                         "(SELECT notification_id FROM notifications ORDER BY 1 LIMIT 1) "
                         "RETURNING account_id, message_id").fetchone()
@@ -102,8 +106,8 @@ def test_a_deleted_notification_row_is_recreated_and_delivered(conn, lock_conn):
     s.devices.run(2.0)
     assert (report.suspects, report.confirmed, report.repaired) == (1, 1, 1)
     assert report.detail["messages"] == 3 and report.compared == 1  # one conversation
-    assert tx(conn, store.notification_counts) == {"pending": 0, "sent": 0, "acked": 6,
-                                                   "failed": 0}
+    assert tx(conn, notifications_store.notification_counts) == {"pending": 0, "sent": 0,
+                                                                 "acked": 6, "failed": 0}
     back = conn.execute("SELECT notification_id FROM notifications WHERE account_id = %s "
                         "AND message_id = %s", gone).fetchone()
     assert findings(conn) == [("notification_missing", "repaired", str(back[0]))]
@@ -116,14 +120,14 @@ def test_a_member_promoted_after_the_message_is_not_owed_it(conn, lock_conn):
     now_ms = round(T0 * 1000)
     sender, member = uuid.uuid4(), uuid.uuid4()
     with conn.transaction():
-        store.create_account(conn, Account(sender, "sender", "cloud-only"), None)
-        store.create_account(conn, Account(member, "member", "legacy", "member"), None)
+        accounts_store.create_account(conn, Account(sender, "sender", "cloud-only"), None)
+        accounts_store.create_account(conn, Account(member, "member", "legacy", "member"), None)
         cid = uuid.uuid4()
-        store.create_conversation(conn, cid, [sender, member])
-        store.post_message(conn, cid, sender, "c-1", "before the move", now_ms)
+        conversations_store.create_conversation(conn, cid, [sender, member])
+        messages_store.post_message(conn, cid, sender, "c-1", "before the move", now_ms)
         admin.apply_phase_change(conn, member, "legacy", "dual", actor="test",
                                  now_ms=now_ms + 1000)
-        store.post_message(conn, cid, sender, "c-2", "after the move", now_ms + 2000)
+        messages_store.post_message(conn, cid, sender, "c-2", "after the move", now_ms + 2000)
     conn.execute("DELETE FROM notifications")
     clock = Clock()
     clock.advance(T0 + 3)
@@ -144,9 +148,11 @@ def test_max_attempts_reached_fails_the_notification_with_an_open_finding(conn, 
     assert (report.confirmed, report.repaired, report.failed) == (1, 0, 1)
     assert report.exit_code() == runner.EXIT_DIFFERENCES and not report.clean
     assert findings(conn) == [("notification_failed", "open", str(nid))]
-    # a late acknowledgement still counts and answers the finding (store.ack_notification)
-    tx(conn, store.ack_notification, conn.execute("SELECT account_id FROM notifications")
-       .fetchone()[0], nid, round(clock.seconds() * 1000))
+    # a late acknowledgement still counts and answers the finding
+    # (notifications_store.ack_notification)
+    tx(conn, notifications_store.ack_notification,
+       conn.execute("SELECT account_id FROM notifications").fetchone()[0], nid,
+       round(clock.seconds() * 1000))
     assert findings(conn) == [("notification_failed", "repaired", str(nid))]
 
 
@@ -177,7 +183,7 @@ def test_an_ack_between_the_first_and_second_look_is_not_a_problem(conn, lock_co
     nid = notification(conn)[0]
     clock = Clock()
     clock.advance(T0 + 200)
-    clock.callLater(0.5, lambda: tx(conn, store.ack_notification, account, nid,
+    clock.callLater(0.5, lambda: tx(conn, notifications_store.ack_notification, account, nid,
                                     round(clock.seconds() * 1000)))
     report = reconcile(conn, clock, lock_conn)
     assert (report.suspects, report.confirmed, report.repaired) == (1, 0, 0)
@@ -219,12 +225,12 @@ def test_max_seconds_interrupts_and_the_next_run_resumes(conn, lock_conn):
     """A bounded run stops after a page, saved as 'interrupted'; the next resumes after it."""
     sender, member = uuid.uuid4(), uuid.uuid4()
     with conn.transaction():
-        store.create_account(conn, Account(sender, "sender", "cloud"), None)
-        store.create_account(conn, Account(member, "member", "cloud"), None)
+        accounts_store.create_account(conn, Account(sender, "sender", "cloud"), None)
+        accounts_store.create_account(conn, Account(member, "member", "cloud"), None)
         for i in range(3):
             cid = uuid.uuid4()
-            store.create_conversation(conn, cid, [sender, member])
-            store.post_message(conn, cid, sender, f"c-{i}", "hello", round(T0 * 1000))
+            conversations_store.create_conversation(conn, cid, [sender, member])
+            messages_store.post_message(conn, cid, sender, f"c-{i}", "hello", round(T0 * 1000))
     conn.execute("DELETE FROM notifications")
     clock = Clock()
     clock.advance(T0 + 10)

@@ -8,10 +8,11 @@ from twisted.internet import defer
 
 from bridge import ids
 from bridge.discovery import SupernodeLinks
-from cloud import store
 from cloud.db import InlineDatabase
 from cloud.model import Presence
 from cloud.presence import effective_status
+from cloud.store import accounts as accounts_store
+from cloud.store import presence as presence_store
 from reconcilers import runner
 from reconcilers.presence import PresenceConfig, PresenceReconciler
 from tests.bridge.test_follower import Bridge
@@ -39,18 +40,19 @@ class Scene:
 
     def effective(self, handle: str) -> str:
         aid = ids.account_id(handle)
-        live = store.read_presence(self.conn, [aid], self.now_ms()).get(aid, [])
+        live = presence_store.read_presence(self.conn, [aid], self.now_ms()).get(aid, [])
         return effective_status(live, self.now_ms())
 
     def set_presence(self, handle: str, source: str, status: str, expires_in_ms: int,
                      phase: str | None = None) -> None:
         aid = ids.account_id(handle)
         with self.conn.transaction():
-            store.ensure_linked_accounts(self.conn, {handle: aid})
+            accounts_store.ensure_linked_accounts(self.conn, {handle: aid})
             if phase is not None:
-                store.set_phase(self.conn, aid, phase)
-            store.set_presence(self.conn, Presence(aid, source, status, self.now_ms() * 1000,
-                                                   self.now_ms() + expires_in_ms))
+                accounts_store.set_phase(self.conn, aid, phase)
+            presence_store.set_presence(self.conn, Presence(aid, source, status,
+                                                            self.now_ms() * 1000,
+                                                            self.now_ms() + expires_in_ms))
 
     def legacy_rows(self) -> list[tuple]:
         return self.conn.execute("SELECT source, status FROM presence "

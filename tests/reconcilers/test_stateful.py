@@ -32,12 +32,16 @@ from bridge.discovery import SupernodeLinks
 from bridge.follower import FollowerConfig
 from bridge.outbox import InjectorConfig, OutboxInjector
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud import store
 from cloud.db import InlineDatabase
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.presence import effective_status
 from cloud.push import NotificationChannel
+from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import messages as messages_store
+from cloud.store import notifications as notifications_store
+from cloud.store import presence as presence_store
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
 from reconcilers.notifications import NotificationsReconciler
@@ -81,7 +85,7 @@ def make_machine(conn: psycopg.Connection, dsn: str) -> type:
             self.net.run(2.0)
             with conn.transaction():
                 for h in DUAL:
-                    store.set_phase(conn, ids.account_id(h), "dual")
+                    accounts_store.set_phase(conn, ids.account_id(h), "dual")
 
         def _start_worker(self) -> BridgeWorker:
             self.workers += 1
@@ -103,8 +107,8 @@ def make_machine(conn: psycopg.Connection, dsn: str) -> type:
                 aid = ids.account_id(h)
                 for n in self.channel.pending(aid):
                     with conn.transaction():
-                        store.ack_notification(conn, aid, n.notification_id,
-                                               int(self.net.clock.seconds() * 1000))
+                        notifications_store.ack_notification(conn, aid, n.notification_id,
+                                                             int(self.net.clock.seconds() * 1000))
                     self.channel.ack(aid, n.notification_id)
 
         def _advance(self, seconds: float) -> None:
@@ -131,11 +135,11 @@ def make_machine(conn: psycopg.Connection, dsn: str) -> type:
             sender = next((h for h in CHATS[chat] if h in DUAL), None)
             cid = ids.conversation_id(chat)
             with conn.transaction():
-                if not store.conversation_exists(conn, cid) or sender is None:
+                if not conversations_store.conversation_exists(conn, cid) or sender is None:
                     return  # the chat has not reached the cloud yet, or has no cloud user
                 n = len(self.cloud_posts)
-                message, _ = store.post_message(conn, cid, ids.account_id(sender), f"p{n}",
-                                                text, int(self.net.clock.seconds() * 1000))
+                message, _ = messages_store.post_message(conn, cid, ids.account_id(sender), f"p{n}",
+                                                         text, int(self.net.clock.seconds() * 1000))
             self.cloud_posts.append((chat, ids.guid_for_cloud_message(message.message_id)))
 
         @rule(i=st.integers(0, 3))
@@ -253,7 +257,7 @@ def make_machine(conn: psycopg.Connection, dsn: str) -> type:
             assert failed == 0
             # 4. presence: online legacy users are online in the cloud's merged view
             now = int(net.clock.seconds() * 1000)
-            live = store.read_presence(conn, [ids.account_id(h) for h in HANDLES], now)
+            live = presence_store.read_presence(conn, [ids.account_id(h) for h in HANDLES], now)
             for h, device in self.devices.items():
                 if device.state == "online":
                     assert effective_status(live.get(ids.account_id(h), []), now) != "offline", h

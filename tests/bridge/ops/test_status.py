@@ -48,7 +48,7 @@ def populate(conn) -> None:
 
 def test_status_of_an_empty_store(conn):
     """An empty store: zero counts, no lag, no workers, and the text still renders."""
-    got = run_transaction(conn, status.gather, NOW)
+    got = run_transaction(conn, "status_gather", status.gather, NOW)
     assert got["accounts"] == {"total": 0, "per_phase": {"legacy": 0, "dual": 0, "cloud": 0,
                                                          "cloud-only": 0}}
     assert got["mirror_lag_ms"] == {"to_cloud": None, "to_legacy": None}
@@ -63,7 +63,7 @@ def test_status_reports_every_section_from_the_rows(conn):
     """Phases, lag over live workers only, backlog, findings, runs, workers, leases and
     notifications match the inserted rows."""
     populate(conn)
-    got = run_transaction(conn, status.gather, NOW)
+    got = run_transaction(conn, "status_gather", status.gather, NOW)
     assert got["accounts"]["per_phase"] == {"legacy": 3, "dual": 1, "cloud": 1,
                                             "cloud-only": 1}
     assert got["accounts"]["total"] == 6

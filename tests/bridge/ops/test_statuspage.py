@@ -140,7 +140,7 @@ class RecordingGather:
 class ImmediateDatabase:
     """A TransactionRunner without a database: runs fn(None, ...) at once."""
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         return defer.maybeDeferred(fn, None, *args, **kwargs)
 
 
@@ -150,7 +150,7 @@ class HeldDatabase:
     def __init__(self) -> None:
         self.pending: list[defer.Deferred] = []
 
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+    def run(self, desc, fn, *args, **kwargs) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.pending.append(d)
         return d
@@ -351,7 +351,8 @@ def test_the_page_shows_the_store_and_no_secret(conn, db_dsn):
     clock.advance(0)
     ops = OperationsResource(lambda: [], StatusPage(sampler))
     got = json.loads(request(ops, b"/status.json")[2])
-    expected = json.loads(json.dumps(run_transaction(conn, status.gather, NOW), sort_keys=True))
+    expected = json.loads(json.dumps(run_transaction(conn, "status_gather", status.gather,
+                                                     NOW), sort_keys=True))
     assert got["status"] == expected
     assert got["status"]["findings"]["presence"]["repaired"] == 1
     assert got["history"][0]["open_findings"] == 3 and got["history"][0]["outbox_pending"] == 2

@@ -1,0 +1,118 @@
+"""Posting and syncing cloud messages against a real PostgreSQL: idempotent posts, their outbox
+rows, refusals.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from cloud.store import messages as messages_store
+from cloud.store.errors import NotFound, NotMember
+from tests.cloud.store.storefixture import NOW, table_rows
+from tests.dbfixture import make_account, make_conversation, tx
+
+
+def test_post_is_idempotent_per_client_message_id(conn):
+    """The same client message id returns the same message and writes nothing more."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    m1, created1 = tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
+    m2, created2 = tx(conn, messages_store.post_message, cid, a, "c-1", "something else", NOW + 9)
+    assert created1 and not created2 and m1 == m2
+    assert table_rows(conn, "messages") == 1 and table_rows(conn, "notifications") == 1
+    assert table_rows(conn, "outbox_to_legacy") == 1
+
+
+def test_client_message_ids_are_unique_per_sender_and_mirrored_rows_stay_out_of_the_index(
+        conn):
+    """The store refuses a second row with a sender's client message id, whatever the
+    caller (migration 0006's partial index), and the duplicate lookup uses that index; a
+    mirrored message, which has none, writes no entry in it."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+                "  sender_handle, sent_ms, body, origin, client_message_id) "
+                "VALUES (%s, 2, %s, %s, 'alice', 1, 'x', 'cloud', 'c-1')",
+                (cid, uuid.uuid4(), a))
+    (predicate,) = conn.execute(
+        "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+        "WHERE indexrelid = 'messages_client_message_id'::regclass").fetchone()
+    assert predicate == "(client_message_id IS NOT NULL)"
+    conn.execute("SET enable_seqscan = off")  # a tiny table: ask which index would serve
+    try:
+        plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+            "EXPLAIN SELECT 1 FROM messages WHERE conversation_id = %s "
+            "AND sender_account_id = %s AND client_message_id = %s", (cid, a, "c-1")))
+    finally:
+        conn.execute("RESET enable_seqscan")
+    assert "messages_client_message_id" in plan, plan
+
+
+def test_outbox_to_legacy_only_when_a_member_still_uses_legacy_clients(conn):
+    """Cloud-only members need no injection; a member in phase dual does."""
+    a, b = make_account(conn, "alice", "cloud-only"), make_account(conn, "bob", "cloud-only")
+    c = make_account(conn, "carol", "dual")
+    cloud_only = make_conversation(conn, a, b)
+    mixed = make_conversation(conn, a, c)
+    tx(conn, messages_store.post_message, cloud_only, a, "c-1", "x", NOW)
+    tx(conn, messages_store.post_message, mixed, a, "c-2", "y", NOW)
+    rows = conn.execute("SELECT conversation_id, seq FROM outbox_to_legacy").fetchall()
+    assert rows == [(mixed, 1)]
+
+
+def test_post_and_its_outbox_rows_commit_together_or_not_at_all(conn):
+    """A failure after the message insert but before commit leaves no message and no outbox."""
+    a, c = make_account(conn, "alice"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    conn.execute("CREATE FUNCTION fail_outbox() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")
+    conn.execute("CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox_to_legacy "
+                 "FOR EACH ROW EXECUTE FUNCTION fail_outbox()")
+    try:
+        with pytest.raises(psycopg.errors.RaiseException):
+            tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
+    finally:
+        conn.execute("DROP TRIGGER fail_outbox ON outbox_to_legacy")
+        conn.execute("DROP FUNCTION fail_outbox()")
+    assert table_rows(conn, "messages") == 0 and table_rows(conn, "outbox_to_legacy") == 0
+    assert table_rows(conn, "notifications") == 0
+    message, created = tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
+    assert created and message.seq == 1
+
+
+def test_post_by_non_member_or_to_unknown_conversation_is_refused(conn):
+    """Non-members get NotMember, unknown conversations NotFound; nothing is written."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a)
+    with pytest.raises(NotMember):
+        tx(conn, messages_store.post_message, cid, b, "c", "x", NOW)
+    with pytest.raises(NotFound):
+        tx(conn, messages_store.post_message, uuid.uuid4(), a, "c", "x", NOW)
+    assert table_rows(conn, "messages") == 0
+
+
+def test_sync_returns_messages_after_the_cursor_in_order(conn):
+    """sync_messages pages through a conversation by seq."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    for i in range(7):
+        tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    page = tx(conn, messages_store.sync_messages, cid, 2, 3)
+    assert [(m.seq, m.body) for m in page] == [(3, "m2"), (4, "m3"), (5, "m4")]
+
+
+@pytest.mark.parametrize("body", ["a\x00b", "\ud800"])
+def test_post_refuses_text_postgresql_can_not_store(conn, body):
+    """NUL and lone surrogates are refused with ValueError before anything is written."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    with pytest.raises(ValueError):
+        tx(conn, messages_store.post_message, cid, a, "c1", body, NOW)
+    assert table_rows(conn, "messages") == 0

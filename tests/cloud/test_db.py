@@ -1,0 +1,108 @@
+"""The transaction runner against a real PostgreSQL: every transaction is timed under its
+description, and the Database service closes its pool on the injected reactor."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+from twisted.trial.unittest import SynchronousTestCase
+
+from cloud.db import Database, InlineDatabase, run_transaction
+from cloud.store import accounts as accounts_store
+from cloud.store.errors import NotFound
+
+_CASE = SynchronousTestCase()
+
+
+def observed(desc: str) -> float:
+    """How many transactions ``cloud_db_transaction_seconds`` has seen under *desc*."""
+    return REGISTRY.get_sample_value("cloud_db_transaction_seconds_count", {"desc": desc}) or 0.0
+
+
+def conflicts(desc: str) -> float:
+    return REGISTRY.get_sample_value("cloud_db_transaction_conflicts_total", {"desc": desc}) or 0.0
+
+
+def test_a_committed_transaction_is_observed_under_its_description(conn):
+    """A transaction that commits adds one observation to its desc, and to no other."""
+    before, other = observed("test_db_count_accounts"), observed("test_db_other")
+    db = InlineDatabase(conn)
+    counts = _CASE.successResultOf(
+        db.run("test_db_count_accounts", accounts_store.accounts_by_phase))
+    assert counts["legacy"] == 0
+    assert observed("test_db_count_accounts") == before + 1
+    assert observed("test_db_other") == other
+
+
+def test_a_failed_transaction_is_observed_under_its_description(conn):
+    """A transaction that raises is timed too, and its failure reaches the caller."""
+    before = observed("test_db_set_phase_of_nobody")
+    db = InlineDatabase(conn)
+    failure = _CASE.failureResultOf(
+        db.run("test_db_set_phase_of_nobody", accounts_store.set_phase, uuid.uuid4(), "dual"))
+    failure.trap(NotFound)
+    assert observed("test_db_set_phase_of_nobody") == before + 1
+
+
+def test_a_conflict_rerun_is_counted_once_per_rerun_and_timed_once(conn):
+    """A serialization failure re-runs the function: one conflict counted, one duration."""
+    calls = []
+
+    def conflicts_once(c: psycopg.Connection) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+        return c.execute("SELECT 1").fetchone()[0]
+
+    before, reruns = observed("test_db_conflicts_once"), conflicts("test_db_conflicts_once")
+    assert run_transaction(conn, "test_db_conflicts_once", conflicts_once) == 1
+    assert len(calls) == 2
+    assert conflicts("test_db_conflicts_once") == reruns + 1
+    assert observed("test_db_conflicts_once") == before + 1
+
+
+def test_a_transaction_without_a_description_is_refused(conn):
+    """Forgetting the description is a TypeError, not a transaction named after a function."""
+    with pytest.raises(TypeError, match="description"):
+        run_transaction(conn, accounts_store.accounts_by_phase, 0)  # type: ignore[arg-type]
+
+
+class RecordingReactor:
+    """Just enough of a reactor for deferToThreadPool: calls from threads are queued for the
+    test to run, so only this reactor can fire the Database's Deferreds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable, tuple, dict]] = []
+        self.called = threading.Event()
+
+    def callFromThread(self, f: Callable, *args: object, **kwargs: object) -> None:  # noqa: N802
+        self.calls.append((f, args, kwargs))
+        self.called.set()
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        self.called.clear()
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+
+def test_database_runs_and_closes_on_the_injected_reactor(db_dsn):
+    """Transactions and the pool's close report back through the injected reactor, never the
+    global one: stopService fires only once the injected reactor runs the close's result."""
+    reactor = RecordingReactor()
+    db = Database(reactor, db_dsn, max_connections=2)
+    db.startService()
+    d = db.run("test_db_select_one", lambda c: c.execute("SELECT 1").fetchone()[0])
+    assert reactor.called.wait(30), "the transaction never reported to the injected reactor"
+    reactor.run_calls()
+    assert _CASE.successResultOf(d) == 1
+    stopped = db.stopService()
+    assert reactor.called.wait(30), "the pool's close never reported to the injected reactor"
+    _CASE.assertNoResult(stopped)
+    reactor.run_calls()
+    _CASE.successResultOf(stopped)
