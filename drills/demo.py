@@ -43,6 +43,7 @@ from twisted.internet import defer, protocol, task
 from bridge import state
 from cloud import admin, store
 from drills import convergence
+from servicekit.sleep import Sleeper
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
 #: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
@@ -384,7 +385,7 @@ class Demo:
         self.bridge_kills = 0
         self._last_held = ""
         self.legacy_progress: dict[str, int] = {}
-        self._wake: defer.Deferred | None = None
+        self._sleeper = Sleeper(reactor)  # the 1 s pauses, which a stop request cuts short
         self._dirty = False  # a status line is on the terminal, unfinished
         self.t0 = reactor.seconds()  # run() sets it again when the run starts
         self._setsid = shutil.which("setsid")
@@ -396,24 +397,12 @@ class Demo:
     def request_stop(self) -> None:
         """End the traffic now and go on to heal, reconcile and check (first Ctrl-C)."""
         self.stop_requested = True
-        self._poke()
+        self._sleeper.wake()
 
     def request_abort(self) -> None:
         """Shut every process down now, without the final check (second Ctrl-C, SIGTERM)."""
         self.stop_requested = self.abort_requested = True
-        self._poke()
-
-    def _poke(self) -> None:
-        if self._wake is not None and not self._wake.called:
-            self._wake.callback(None)
-
-    def _sleep(self, seconds: float) -> defer.Deferred:
-        """Sleep that a stop request cuts short."""
-        d: defer.Deferred = defer.Deferred()
-        self._wake = d
-        call = self.reactor.callLater(seconds, lambda: d.called or d.callback(None))
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+        self._sleeper.wake()
 
     def note(self, text: str) -> None:
         t = self.reactor.seconds() - self.t0
@@ -590,7 +579,7 @@ class Demo:
             if now >= next_status:
                 await self._status_line()
                 next_status = now + 2.0
-            await self._sleep(1.0)
+            await self._sleeper.sleep(1.0)
         if reconcile is not None and not reconcile.called:
             await reconcile
         for d in self.pending_faults:  # a paused worker resumes before the heal
@@ -866,7 +855,7 @@ class Demo:
             try:
                 f = await self.db.run(figures, int(self.reactor.seconds() * 1000))
             except Exception:  # the store is restarting: not settled yet
-                await self._sleep(1.0)
+                await self._sleeper.sleep(1.0)
                 continue
             n = f["notifications"]
             key = (f["messages_cloud"], f["mirrored_to_legacy"], f["outbox_pending"])
@@ -879,7 +868,7 @@ class Demo:
             if done and self.reactor.seconds() - quiet_since >= quiet_s:
                 return
             await self._status_line()
-            await self._sleep(1.0)
+            await self._sleeper.sleep(1.0)
 
     async def _shutdown(self) -> None:
         """Stop every process and service; SIGKILL what does not stop in time."""
