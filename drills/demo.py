@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from twisted.internet import defer, protocol, task
 from bridge import state
 from cloud import admin, store
 from drills import convergence
+from drills.ports import NoFreePorts, free_port, free_port_block
 from servicekit.sleep import Sleeper
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
@@ -239,31 +239,6 @@ class Child(protocol.ProcessProtocol):
             return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int, rng: random.Random) -> int:
-    """A base port with *n* consecutive free ports after it (supernodes, login server)."""
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise DemoError(f"found no {n} consecutive free ports on 127.0.0.1")
-
-
 def fresh_database(server_dsn: str, name: str) -> str:
     """Drop and create database *name* on the server of *server_dsn*, migrate it, and
     return its DSN. Only names starting with ``bridge_demo`` or ``bridge_chaos``: nothing
@@ -458,7 +433,10 @@ class Demo:
         self.t0 = self.reactor.seconds()
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+        try:
+            self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+        except NoFreePorts as e:
+            raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes
         self.api_port = free_port()
         self.metrics_ports = {i: free_port() for i in range(1, cfg.workers + 1)}

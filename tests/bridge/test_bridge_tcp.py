@@ -10,7 +10,8 @@ import time
 import urllib.request
 
 from cloud import store
-from tests.sockets import free_port_range, listening
+from drills.ports import free_port_range
+from tests.sockets import listening
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 SUPERNODES = 3
