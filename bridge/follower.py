@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from bridge import mirror
@@ -52,6 +52,7 @@ from legacy import wire
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
 from servicekit.retry import RetryPolicy
+from servicekit.sleep import Sleeper
 
 log = Logger()
 
@@ -140,8 +141,7 @@ class FeedFollower(Service):
         self._committing: defer.Deferred | None = None
         self._linger: Any = None
         self._loop: defer.Deferred | None = None
-        self._sleep_call: Any = None
-        self._sleeping: defer.Deferred | None = None
+        self._sleeper = Sleeper(clock)  # retry and backoff waits, which a stop ends
         self._failures = 0
         self.db_ok = True
         # counters for tests, status and heartbeats
@@ -171,7 +171,7 @@ class FeedFollower(Service):
 
     async def _stop(self) -> None:
         self.state = FollowerState.STOPPED
-        self._wake_sleeper()  # a retry or backoff wait ends now, and sees the stop
+        self._sleeper.wake()  # a retry or backoff wait ends now, and sees the stop
         # Drain: commit what has arrived (a clean stop leaves nothing to replay), then go.
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -198,20 +198,12 @@ class FeedFollower(Service):
         if self.fault is not None:
             self.fault(name)
 
-    def _sleep(self, seconds: float) -> defer.Deferred:
-        """Wait on the clock; ``_wake_sleeper`` ends the wait early (on stop)."""
-        d: defer.Deferred = defer.Deferred()
-        self._sleeping = d
-        self._sleep_call = self.clock.callLater(seconds, self._wake_sleeper)
-        return d
-
-    def _wake_sleeper(self) -> None:
-        if self._sleep_call is not None and self._sleep_call.active():
-            self._sleep_call.cancel()
-        self._sleep_call = None
-        sleeping, self._sleeping = self._sleeping, None
-        if sleeping is not None and not sleeping.called:
-            sleeping.callback(None)
+    @property
+    def _sleep_call(self) -> IDelayedCall | None:
+        """The timer of the retry or backoff wait in progress, if any (a simulated kill
+        cancels it, so the wait never ends)."""
+        timers = self._sleeper.timers
+        return timers[-1] if timers else None
 
     @property
     def _stopped(self) -> bool:
@@ -277,7 +269,7 @@ class FeedFollower(Service):
         if self._failures == 1:
             log.info("supernode {sn}: {what} failed ({why}); retrying with backoff",
                      sn=self.source, what=what, why=str(reason) or type(reason).__name__)
-        await self._sleep(delay)
+        await self._sleeper.sleep(delay)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -380,7 +372,7 @@ class FeedFollower(Service):
                                     "retrying", sn=self.source)
                     if self._stopped:
                         return  # the batch is replayed from the checkpoint by whoever follows
-                    await self._sleep(self.config.retry.delay(attempt, self._rng))
+                    await self._sleeper.sleep(self.config.retry.delay(attempt, self._rng))
                     if self._stopped:
                         return
             self.db_ok = True

@@ -60,6 +60,7 @@ from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop
 from servicekit.retry import RetryPolicy
+from servicekit.validators import positive
 
 log = Logger()
 
@@ -90,12 +91,7 @@ class LegacyPeers(Protocol):
         """A ready connection to any supernode, or None if none is reachable now."""
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
-_COUNT = [attrs.validators.instance_of(int), _positive]
+_COUNT = [attrs.validators.instance_of(int), positive]
 
 
 @attrs.frozen
@@ -105,11 +101,11 @@ class InjectorConfig:
     #: Most outbox rows claimed by one tick.
     batch: int = attrs.field(default=200, validator=_COUNT)
     #: How long claimed rows stay invisible to other workers; must outlast an injection.
-    claim_s: float = attrs.field(default=30.0, converter=float, validator=_positive)
+    claim_s: float = attrs.field(default=30.0, converter=float, validator=positive)
     #: Pause between ticks when the last one did not fill a batch (NOTIFY wakes it earlier).
-    poll_interval_s: float = attrs.field(default=1.0, converter=float, validator=_positive)
+    poll_interval_s: float = attrs.field(default=1.0, converter=float, validator=positive)
     #: A supernode that has not acknowledged an injection by then is treated as unreachable.
-    inject_timeout_s: float = attrs.field(default=10.0, converter=float, validator=_positive)
+    inject_timeout_s: float = attrs.field(default=10.0, converter=float, validator=positive)
     #: Backoff after a failed injection.
     retry: RetryPolicy = attrs.field(
         factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=60.0, jitter=0.2),

@@ -36,7 +36,6 @@ database once per outage, anything else with its traceback), counted in
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import attrs
 from prometheus_client import Counter
@@ -50,6 +49,7 @@ from cloud.push import PushGateway, PushMessage, PushRejected
 from cloud.store import notifications as notifications_store
 from servicekit.loop import PollingLoop
 from servicekit.retry import RetryPolicy
+from servicekit.validators import positive
 
 log = Logger()
 
@@ -69,31 +69,26 @@ for _reason in ("database_unavailable", "error"):
     LOOP_FAILURES.labels(reason=_reason)
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
 @attrs.frozen
 class DispatcherConfig:
     """How the dispatcher paces itself. Times in seconds."""
 
     #: Pause between ticks when the last one did not fill a batch.
-    poll_interval_s: float = attrs.field(default=0.5, converter=float, validator=_positive)
+    poll_interval_s: float = attrs.field(default=0.5, converter=float, validator=positive)
     #: Most notifications claimed by one tick.
     batch: int = attrs.field(default=200, validator=[attrs.validators.instance_of(int),
-                                                     _positive])
+                                                     positive])
     #: How long a pushed notification may stay unacknowledged before it is pushed again.
-    resend_after_s: float = attrs.field(default=10.0, converter=float, validator=_positive)
+    resend_after_s: float = attrs.field(default=10.0, converter=float, validator=positive)
     #: Pushes of one notification before it is failed.
     max_attempts: int = attrs.field(default=5, validator=[attrs.validators.instance_of(int),
-                                                          _positive])
+                                                          positive])
     #: Backoff after the gateway refused a push.
     retry: RetryPolicy = attrs.field(
         factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=30.0, jitter=0.2),
         validator=attrs.validators.instance_of(RetryPolicy))
     #: A gateway that has not answered by then is treated as having refused.
-    push_timeout_s: float = attrs.field(default=5.0, converter=float, validator=_positive)
+    push_timeout_s: float = attrs.field(default=5.0, converter=float, validator=positive)
 
 
 class NotificationDispatcher(PollingLoop):

@@ -2,7 +2,7 @@
 
     dispatcher --push()--> PushGateway --deliver()--> NotificationChannel <--wait()-- device
         ^                                                                          |
-        +------------------ store.ack_notification <---- POST .../ack -------------+
+        +------------ notifications.ack_notification <-- POST .../ack -------------+
 
 A gateway's ``push`` fires when it *accepts* a notification; that is not proof of
 delivery (a real push service drops some silently). Only the device's acknowledgement

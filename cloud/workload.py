@@ -23,6 +23,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -32,6 +33,7 @@ from cloud import passwords
 from cloud.model import Account
 from cloud.store import accounts as accounts_store
 from cloud.store import conversations as conversations_store
+from servicekit.sleep import Sleeper
 
 log = Logger()
 
@@ -194,7 +196,8 @@ class CloudDevice(Service):
         self.token: str | None = None
         self._cursors: dict[str, int] = {}
         self._running: defer.Deferred | None = None
-        self._delayed: list[Any] = []
+        self._delayed: list[Any] = []  # presence refreshes
+        self._sleeper = Sleeper(clock)  # retry pauses, which a stop cancels
         self._posts = 0
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
@@ -207,16 +210,11 @@ class CloudDevice(Service):
         for call in self._delayed:
             if call.active():
                 call.cancel()
+        self._sleeper.cancel()
         running, self._running = self._running, None
         if running is not None:
             running.cancel()
         return defer.succeed(None)
-
-    def _sleep(self, seconds: float) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        call = self._clock.callLater(seconds, d.callback, None)
-        self._delayed = [c for c in self._delayed if c.active()] + [call]
-        return d
 
     async def _login(self) -> None:
         while self.running:
@@ -227,14 +225,14 @@ class CloudDevice(Service):
                 raise
             except Exception:
                 self._stats.error("login_connection")
-                await self._sleep(self._config.retry_s)
+                await self._sleeper.sleep(self._config.retry_s)
                 continue
             if status == 200:
                 self.token = body["token"]
                 self._stats.logins += 1
                 return
             self._stats.error(f"login_{status}")
-            await self._sleep(self._config.retry_s)
+            await self._sleeper.sleep(self._config.retry_s)
 
     async def _main(self) -> None:
         await self._login()
@@ -250,14 +248,14 @@ class CloudDevice(Service):
                 if not self.running:
                     return  # stopped while the poll was open: not an error
                 self._stats.error("longpoll_connection")
-                await self._sleep(self._config.retry_s)
+                await self._sleeper.sleep(self._config.retry_s)
                 continue
             if status == 401:
                 await self._login()
                 continue
             if status != 200:
                 self._stats.error(f"longpoll_{status}")
-                await self._sleep(self._config.retry_s)
+                await self._sleeper.sleep(self._config.retry_s)
                 continue
             for n in body["notifications"]:
                 await self._handle_notification(n)
@@ -287,12 +285,20 @@ class CloudDevice(Service):
                                {"status": "online", "ttl_s": self._config.presence_ttl_s},
                                token=self.token)
         d.addErrback(lambda _f: self._stats.error("presence_connection"))
-        self._delayed.append(
-            self._clock.callLater(self._config.presence_ttl_s / 3, self._presence_loop))
+        self._delayed = [c for c in self._delayed if c.active()] + [
+            self._clock.callLater(self._config.presence_ttl_s / 3, self._presence_loop)]
 
     def post(self) -> defer.Deferred:
-        """Post one message to a random conversation of this user (retrying its id)."""
-        return defer.Deferred.fromCoroutine(self._post())
+        """Post one message to a random conversation of this user (retrying its id); a
+        stop ends its retries quietly."""
+        d = defer.Deferred.fromCoroutine(self._post())
+        d.addErrback(self._ended_by_stop)
+        return d
+
+    def _ended_by_stop(self, f: Failure) -> Failure | None:
+        if f.check(defer.CancelledError) and not self.running:
+            return None  # stopService cancelled its retry pause: nothing failed
+        return f
 
     async def _post(self) -> None:
         if self.token is None or not self._conversations:
@@ -308,13 +314,13 @@ class CloudDevice(Service):
             except defer.CancelledError:
                 raise
             except Exception:
-                await self._sleep(self._config.retry_s)
+                await self._sleeper.sleep(self._config.retry_s)
                 continue
             if status in (200, 201):
                 self._stats.posted[client_id] = (cid, reply["seq"])
                 return
             if status >= 500:
-                await self._sleep(self._config.retry_s)
+                await self._sleeper.sleep(self._config.retry_s)
                 continue
             break
         self._stats.post_errors += 1

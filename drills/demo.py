@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +44,8 @@ from cloud import admin
 from cloud.store import notifications as notifications_store
 from cloud.store import outbox as outbox_store
 from drills import convergence
+from drills.ports import NoFreePorts, free_port, free_port_block
+from servicekit.sleep import Sleeper
 
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
 #: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
@@ -240,31 +241,6 @@ class Child(protocol.ProcessProtocol):
             return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int, rng: random.Random) -> int:
-    """A base port with *n* consecutive free ports after it (supernodes, login server)."""
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise DemoError(f"found no {n} consecutive free ports on 127.0.0.1")
-
-
 def fresh_database(server_dsn: str, name: str) -> str:
     """Drop and create database *name* on the server of *server_dsn*, migrate it, and
     return its DSN. Only names starting with ``bridge_demo`` or ``bridge_chaos``: nothing
@@ -386,7 +362,7 @@ class Demo:
         self.bridge_kills = 0
         self._last_held = ""
         self.legacy_progress: dict[str, int] = {}
-        self._wake: defer.Deferred | None = None
+        self._sleeper = Sleeper(reactor)  # the 1 s pauses, which a stop request cuts short
         self._dirty = False  # a status line is on the terminal, unfinished
         self.t0 = reactor.seconds()  # run() sets it again when the run starts
         self._setsid = shutil.which("setsid")
@@ -398,24 +374,12 @@ class Demo:
     def request_stop(self) -> None:
         """End the traffic now and go on to heal, reconcile and check (first Ctrl-C)."""
         self.stop_requested = True
-        self._poke()
+        self._sleeper.wake()
 
     def request_abort(self) -> None:
         """Shut every process down now, without the final check (second Ctrl-C, SIGTERM)."""
         self.stop_requested = self.abort_requested = True
-        self._poke()
-
-    def _poke(self) -> None:
-        if self._wake is not None and not self._wake.called:
-            self._wake.callback(None)
-
-    def _sleep(self, seconds: float) -> defer.Deferred:
-        """Sleep that a stop request cuts short."""
-        d: defer.Deferred = defer.Deferred()
-        self._wake = d
-        call = self.reactor.callLater(seconds, lambda: d.called or d.callback(None))
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+        self._sleeper.wake()
 
     def note(self, text: str) -> None:
         t = self.reactor.seconds() - self.t0
@@ -471,7 +435,10 @@ class Demo:
         self.t0 = self.reactor.seconds()
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+        try:
+            self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+        except NoFreePorts as e:
+            raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes
         self.api_port = free_port()
         self.metrics_ports = {i: free_port() for i in range(1, cfg.workers + 1)}
@@ -593,7 +560,7 @@ class Demo:
             if now >= next_status:
                 await self._status_line()
                 next_status = now + 2.0
-            await self._sleep(1.0)
+            await self._sleeper.sleep(1.0)
         if reconcile is not None and not reconcile.called:
             await reconcile
         for d in self.pending_faults:  # a paused worker resumes before the heal
@@ -872,7 +839,7 @@ class Demo:
             try:
                 f = await self.db.run("demo_figures", figures, int(self.reactor.seconds() * 1000))
             except Exception:  # the store is restarting: not settled yet
-                await self._sleep(1.0)
+                await self._sleeper.sleep(1.0)
                 continue
             n = f["notifications"]
             key = (f["messages_cloud"], f["mirrored_to_legacy"], f["outbox_pending"])
@@ -885,7 +852,7 @@ class Demo:
             if done and self.reactor.seconds() - quiet_since >= quiet_s:
                 return
             await self._status_line()
-            await self._sleep(1.0)
+            await self._sleeper.sleep(1.0)
 
     async def _shutdown(self) -> None:
         """Stop every process and service; SIGKILL what does not stop in time."""

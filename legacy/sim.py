@@ -33,6 +33,7 @@ from legacy.simclock import SimClock
 from legacy.supernode import Secrets, Supernode, SupernodeConfig
 from legacy.trace import Trace
 from legacy.traffic import TrafficGenerator, WorkloadConfig, build_population
+from servicekit.sleep import sleep
 
 log = Logger()
 
@@ -396,9 +397,9 @@ def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret
     if heal_signal is not None:
         heal_signal.addCallback(heal)
     if config.duration is not None:
-        yield _sleep(reactor, config.heal_at)
+        yield sleep(reactor, config.heal_at)
         heal()
-        yield _sleep(reactor, config.duration - config.heal_at)
+        yield sleep(reactor, config.duration - config.heal_at)
     else:
         yield stop_signal
         heal()
@@ -408,9 +409,3 @@ def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret
     yield dep.stopService()
     out["wall_seconds"] = round(time.perf_counter() - wall, 3)
     return out
-
-
-def _sleep(clock: IReactorTime, seconds: float) -> defer.Deferred:
-    d: defer.Deferred = defer.Deferred()
-    clock.callLater(seconds, d.callback, None)
-    return d

@@ -30,7 +30,7 @@ sent one now.
 A re-send does not count an attempt itself: the dispatcher's claim does, so ``attempts``
 stays the number of pushes. ``give_up_s`` bounds the case where nothing claims the row at
 all (a dispatcher that is down): the row is failed, visibly, and a late acknowledgement
-still counts (``store.ack_notification``).
+still counts (``cloud.store.notifications.ack_notification``).
 
 Report: ``compared`` is open notifications plus conversations examined (``detail`` also has
 the messages), so a resumed run over a tail of idle conversations has still compared
@@ -40,7 +40,6 @@ or re-sent, ``failed`` rows this run marked failed.
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -52,20 +51,15 @@ from twisted.internet import task
 
 from cloud.model import CLOUD_CLIENT_PHASES
 from reconcilers.runner import RunContext
+from servicekit.validators import finite_number
 
 ACTOR = "reconciler"
 #: How many notification ids an aggregated finding lists.
 SAMPLE = 50
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
-
-
-def _not_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+_finite_positive = finite_number(0, inclusive=False)
+_not_negative = finite_number(0, inclusive=True)
 
 
 @attrs.frozen
@@ -73,24 +67,24 @@ class NotificationsConfig:
     """How far back and how strictly to look. Times in seconds unless named ``_ms``."""
 
     #: Owed-but-missing looks at messages sent within this window (bounds a run).
-    since_ms: int = attrs.field(default=24 * 3600 * 1000, validator=_positive)
+    since_ms: int = attrs.field(default=24 * 3600 * 1000, validator=_finite_positive)
     #: A pushed notification not acknowledged within this is re-sent.
-    ack_sla_s: float = attrs.field(default=60.0, validator=_positive)
+    ack_sla_s: float = attrs.field(default=60.0, validator=_finite_positive)
     #: A pending notification older than this is stuck (the dispatcher is not moving it).
-    stuck_pending_s: float = attrs.field(default=60.0, validator=_positive)
+    stuck_pending_s: float = attrs.field(default=60.0, validator=_finite_positive)
     #: Pushes of one notification before it is failed (the dispatcher's max_attempts).
-    max_attempts: int = attrs.field(default=5, validator=_positive)
+    max_attempts: int = attrs.field(default=5, validator=_finite_positive)
     #: Not acknowledged this long after it was owed: failed, whatever its attempts.
-    give_up_s: float = attrs.field(default=3600.0, validator=_positive)
+    give_up_s: float = attrs.field(default=3600.0, validator=_finite_positive)
     #: Conversations or stale notifications per page; rows per repair transaction.
-    batch: int = attrs.field(default=500, validator=_positive)
+    batch: int = attrs.field(default=500, validator=_finite_positive)
     #: Delay before the second look.
     confirm_after_s: float = attrs.field(default=1.0, validator=_not_negative)
     #: Findings (and audit rows) written one per repair; beyond, one per repair batch.
     max_findings: int = attrs.field(default=1000, validator=_not_negative)
     #: Suspects one run collects at most; a run that reaches it stops there and the next
     #: run resumes (so a lost table does not become one giant transaction).
-    max_suspects: int = attrs.field(default=50_000, validator=_positive)
+    max_suspects: int = attrs.field(default=50_000, validator=_finite_positive)
 
 
 @attrs.frozen

@@ -50,6 +50,7 @@ from cloud.store import coordination as coordination_store
 from legacy.peer import MAX_PRESENCE_TTL_MS, PeerConnection
 from reconcilers.notifications import SAMPLE, record_repair
 from reconcilers.runner import RunContext
+from servicekit.validators import positive
 
 #: Phases whose accounts' cloud presence is shown to their legacy contacts by the reconciler.
 INJECT_PHASES = ("dual", "cloud")
@@ -65,21 +66,16 @@ class LegacyPresenceLinks(Protocol):
     async def peer(self, sn_id: str) -> PeerConnection: ...
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
-
-
 @attrs.frozen
 class PresenceConfig:
     #: Presence rows (or accounts) per page and per repair transaction.
-    batch: int = attrs.field(default=500, validator=_positive)
+    batch: int = attrs.field(default=500, validator=positive)
     #: Delay before the second look.
     confirm_after_s: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     #: Findings (and audit rows) written one per correction; beyond, one per batch.
     max_findings: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     #: Suspects one run collects at most; the next run resumes after them.
-    max_suspects: int = attrs.field(default=50_000, validator=_positive)
+    max_suspects: int = attrs.field(default=50_000, validator=positive)
 
 
 @attrs.frozen

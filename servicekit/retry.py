@@ -13,25 +13,11 @@ seed still reproduces a run. Jitter only ever shortens a delay: ``cap_s`` is a h
 
 from __future__ import annotations
 
-import math
 import random
-from typing import Any
 
 import attrs
 
-
-def _finite(low: float, *, inclusive: bool, high: float | None = None) -> Any:
-    """An attrs validator: a finite number above *low* (or equal, when *inclusive*)."""
-
-    def check(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-        above = value >= low if inclusive else value > low
-        if not math.isfinite(value) or not above or (high is not None and value > high):
-            bound = f"{'>=' if inclusive else '>'} {low}"
-            if high is not None:
-                bound += f" and <= {high}"
-            raise ValueError(f"{attribute.name} must be a finite number {bound}, got {value!r}")
-
-    return check
+from servicekit.validators import finite_number as _finite
 
 
 @attrs.frozen

@@ -1,13 +1,12 @@
 """Sockets for the tests: which addresses a process listens on, read from /proc (Linux), for
-the tests that check every server binds 127.0.0.1 unless told otherwise; and ports free now,
-for the tests that start servers on real TCP."""
+the tests that check every server binds 127.0.0.1 unless told otherwise. (Ports free now,
+for the tests that start servers on real TCP, are the harness's: ``drills.ports``.)"""
 
 from __future__ import annotations
 
 import os
 import socket
 import struct
-from contextlib import ExitStack
 
 
 def _inodes(pid: int) -> set[str]:
@@ -44,16 +43,3 @@ def listening(pid: int) -> list[tuple[str, int]]:
             out.append((socket.inet_ntop(family, packed), int(port_hex, 16)))
     return sorted(out)
 
-
-def free_port_range(n: int) -> int:
-    """A base port with *n* consecutive ports free on 127.0.0.1 right now."""
-    for base in range(47200, 60000, 97):
-        with ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no free port range on 127.0.0.1")

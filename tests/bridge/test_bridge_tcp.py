@@ -11,7 +11,8 @@ import urllib.request
 
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
-from tests.sockets import free_port_range, listening
+from drills.ports import free_port_range
+from tests.sockets import listening
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 SUPERNODES = 3

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from bridgectl import main as cli
+from drills.ports import free_port
 from legacy import wire
 from tests.bridge.test_phases import add_finding, audit_rows, healthy, make_account
 
@@ -147,12 +148,6 @@ def test_file_and_percent_selections_and_the_default_actor(conn, db_dsn, home, c
 
 
 # ---------------------------------------------------------------- over loopback TCP
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def tcp_login(port: int, handle: str, password: str):
     """A legacy client's login over TCP: the Credential or the Error frame it gets."""

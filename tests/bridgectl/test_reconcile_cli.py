@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from drills.ports import free_port_range
 from tests.bridge.test_bridge_tcp import wait_for
-from tests.sockets import free_port_range
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 

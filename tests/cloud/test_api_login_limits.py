@@ -14,7 +14,7 @@ from twisted.internet import defer
 
 from cloud import api
 from cloud.passwords import hash_password, verify_password
-from cloud.ratelimit import LoginLimits
+from cloud.ratelimit import LoginLimits, retry_after_header
 from cloud.store import accounts as accounts_store
 from tests.cloud.test_api import (
     PASSWORD,
@@ -168,3 +168,10 @@ def test_limits_are_configurable(conn):
     h.account("alice")
     assert [login(h, wrong()).status for _ in range(3)] == [401, 401, 429]
     assert login(h, right()).headers["retry-after"] == "5"
+
+
+def test_retry_after_is_whole_seconds_and_never_zero():
+    """Retry-After rounds up, and a refusal never says 0."""
+    assert retry_after_header(0.01) == "1"
+    assert retry_after_header(6.0) == "6"
+    assert retry_after_header(6.2) == "7"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from drills.ports import free_port_range
 from legacy.sim import RunConfig, simulate
-from tests.sockets import free_port_range
 
 WALL_CLOCK_FIELDS = ("wall_seconds", "events_per_s")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from drills.ports import free_port
 from reconcilers import report as out
 from reconcilers.runner import EXIT_DIFFERENCES, EXIT_ERROR, EXIT_IN_SYNC, Report
 
@@ -119,9 +119,7 @@ def test_push_posts_one_group_per_kind_without_a_success_time_for_a_failed_run()
 
 def test_an_unreachable_pushgateway_is_a_clear_error():
     """Connection refused becomes MetricsError naming the gateway."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(out.MetricsError, match=f"Pushgateway at http://127.0.0.1:{port}"):
         out.push(f"http://127.0.0.1:{port}", [finished("gaps")], timeout_s=2)
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from drills.ports import free_port_range
 from tests.bridge.test_bridge_tcp import BRIDGECTL, wait_for
 from tests.bridge.test_phases import add_finding, add_run, add_worker, make_account
-from tests.sockets import free_port_range
 
 CHROMIUM = next(filter(None, (shutil.which(name) for name in
                               ("chromium", "chromium-browser", "google-chrome"))), None)

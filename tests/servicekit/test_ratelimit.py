@@ -1,7 +1,8 @@
-"""The failed-login budgets of both stacks: ``legacy.ratelimit`` and ``cloud.ratelimit``.
+"""The failure budgets of ``servicekit.ratelimit``, on a ``task.Clock``, and the two
+stacks' login limiters built on them (``legacy.ratelimit``, ``cloud.ratelimit``).
 
-The two stacks keep their own copy of the algorithm (they never import each other), so
-every test here runs against both, on a ``task.Clock``.
+The stacks never import each other; their limiters share the toolkit's algorithm and keep
+their own limits, so the limiter tests run against both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from twisted.internet.task import Clock
 
 from cloud import ratelimit as cloud_ratelimit
 from legacy import ratelimit as legacy_ratelimit
+from servicekit.ratelimit import TokenBuckets
 
 IMPLEMENTATIONS = [legacy_ratelimit, cloud_ratelimit]
 
@@ -22,16 +24,16 @@ def impl(request) -> types.ModuleType:
     return request.param
 
 
-def buckets(impl: types.ModuleType, capacity: int = 3, window_s: float = 60.0,
-            max_keys: int = 100) -> tuple[Clock, object]:
+def buckets(capacity: int = 3, window_s: float = 60.0,
+            max_keys: int = 100) -> tuple[Clock, TokenBuckets]:
     clock = Clock()
     clock.advance(1000)
-    return clock, impl.TokenBuckets(clock, capacity, window_s, max_keys)
+    return clock, TokenBuckets(clock, capacity, window_s, max_keys)
 
 
-def test_a_bucket_allows_capacity_then_says_how_long_to_wait(impl):
+def test_a_bucket_allows_capacity_then_says_how_long_to_wait():
     """Three takes empty a bucket of three; the wait is the time one token takes to refill."""
-    _, b = buckets(impl)
+    _, b = buckets()
     for _ in range(3):
         assert b.wait_s("k") == 0.0
         b.take("k")
@@ -39,9 +41,9 @@ def test_a_bucket_allows_capacity_then_says_how_long_to_wait(impl):
     assert b.wait_s("other") == 0.0
 
 
-def test_a_bucket_refills_on_the_clock(impl):
+def test_a_bucket_refills_on_the_clock():
     """After the wait one try is back; after the whole window all of them are."""
-    clock, b = buckets(impl)
+    clock, b = buckets()
     for _ in range(3):
         b.take("k")
     clock.advance(19.9)
@@ -55,9 +57,9 @@ def test_a_bucket_refills_on_the_clock(impl):
     assert b.wait_s("k") > 0
 
 
-def test_giving_back_undoes_a_take(impl):
+def test_giving_back_undoes_a_take():
     """A give_back after a take leaves the bucket as it was; a full bucket holds no entry."""
-    _, b = buckets(impl)
+    _, b = buckets()
     b.take("k")
     b.give_back("k")
     assert len(b) == 0
@@ -67,9 +69,9 @@ def test_giving_back_undoes_a_take(impl):
     assert b.wait_s("k") == 0.0
 
 
-def test_refilled_buckets_are_forgotten(impl):
+def test_refilled_buckets_are_forgotten():
     """A bucket that has refilled completely is dropped on the next write to the table."""
-    clock, b = buckets(impl)
+    clock, b = buckets()
     for key in ("a", "b", "c"):
         b.take(key)
     assert len(b) == 3
@@ -78,9 +80,9 @@ def test_refilled_buckets_are_forgotten(impl):
     assert len(b) == 1
 
 
-def test_a_flood_of_distinct_keys_stays_within_max_keys(impl):
+def test_a_flood_of_distinct_keys_stays_within_max_keys():
     """100,000 distinct keys in no time keep at most max_keys buckets, the newest ones."""
-    _, b = buckets(impl, max_keys=500)
+    _, b = buckets(max_keys=500)
     for i in range(100_000):
         b.take(f"handle-{i}")
     assert len(b) == 500
@@ -88,10 +90,10 @@ def test_a_flood_of_distinct_keys_stays_within_max_keys(impl):
     assert b._spent.get("handle-0") is None
 
 
-def test_past_max_keys_the_least_recently_used_bucket_goes_first(impl):
+def test_past_max_keys_the_least_recently_used_bucket_goes_first():
     """A key touched again moves to the back: a flood of new keys evicts the quiet ones,
     not the one still being tried (its budget stays spent)."""
-    _, b = buckets(impl, max_keys=3)
+    _, b = buckets(max_keys=3)
     b.take("attacked")
     b.take("quiet-1")
     b.take("quiet-2")
@@ -132,9 +134,3 @@ def test_both_stacks_default_to_the_same_limits():
         (cloud.per_account, cloud.per_address, cloud.window_s, cloud.max_keys) == \
         (10, 30, 60.0, 10_000)
 
-
-def test_retry_after_is_whole_seconds_and_never_zero():
-    """Retry-After rounds up, and a refusal never says 0."""
-    assert cloud_ratelimit.retry_after_header(0.01) == "1"
-    assert cloud_ratelimit.retry_after_header(6.0) == "6"
-    assert cloud_ratelimit.retry_after_header(6.2) == "7"
