@@ -40,6 +40,7 @@ from legacy.framing import FrameProtocol, ProtocolViolation
 from legacy.network import Network
 from legacy.ring import HashRing
 from legacy.trace import Trace
+from servicekit.retry import RetryPolicy
 
 log = Logger()
 
@@ -54,6 +55,10 @@ SUPERNODES_UP = Gauge("legacy_supernodes_up", "Supernodes currently running in t
 PRESENCE_STATUSES = ("online", "away", "busy", "offline")
 LIST_LIMIT = 400  # guids per ListReply, so the frame stays under MAX_FRAME_BYTES
 FETCH_BUDGET = wire.MAX_FRAME_BYTES - 4096
+#: A link's wait before it reconnects: 1, 2, 4, 8, then 10 s, each spread by half
+#: (``base * (0.5 + r)``, one draw of the node's rng, as the seeded traces expect).
+LINK_RETRY_POLICY = RetryPolicy(initial_s=1.0, factor=2.0, cap_s=10.0, jitter=0.5,
+                                jitter_mode="spread")
 
 
 @attrs.frozen
@@ -974,7 +979,7 @@ class _Link:
         if self.closed or self._retry is not None:
             return
         self.failures += 1
-        delay = min(10.0, 0.5 * 2 ** min(self.failures, 5)) * (0.5 + self.sn.rng.random())
+        delay = LINK_RETRY_POLICY.delay(self.failures, self.sn.rng)
         self._retry = self.sn.clock.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
