@@ -52,7 +52,7 @@ LOOP_FAILURES = Counter("legacy_loop_failures_total",
                         ["loop"])
 SUPERNODES_UP = Gauge("legacy_supernodes_up", "Supernodes currently running in this process.")
 
-#: The supernode-to-supernode frames, by type: each is routing's or the presence hub's.
+# Every supernode-to-supernode frame is handled by routing or by the presence hub, not both.
 assert not set(ROUTING_HANDLERS) & set(PRESENCE_HANDLERS)
 assert set(ROUTING_HANDLERS) | set(PRESENCE_HANDLERS) == set(wire.SUPERNODE_FRAMES)
 
