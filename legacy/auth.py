@@ -7,8 +7,18 @@ import hashlib
 import hmac
 import os
 
+import attrs
+
 #: Default PBKDF2 cost for real accounts; the simulation passes a cheaper one explicitly.
 DEFAULT_ITERATIONS = 200_000
+
+
+@attrs.frozen
+class Secrets:
+    """The two shared secrets of a legacy deployment (from the state directory)."""
+
+    peer_secret: bytes
+    login_secret: bytes
 
 
 def hash_password(password: str, *, salt: bytes | None = None,

@@ -24,9 +24,14 @@ from legacy import wire
 from legacy.framing import FrameProtocol, ProtocolViolation
 from legacy.network import Network
 from legacy.trace import Trace
+from servicekit.retry import RetryPolicy
 
 #: The shortest wait before a device retries a login the server refused as ``rate_limited``.
 RATE_LIMITED_BACKOFF_S = 10.0
+#: A device's wait before it logs in again: 2, 4, 8, 16, then 30 s, each spread by half
+#: (``base * (0.5 + r)``, one draw of the device's rng, as the seeded traces expect).
+RECONNECT_POLICY = RetryPolicy(initial_s=2.0, factor=2.0, cap_s=30.0, jitter=0.5,
+                               jitter_mode="spread")
 
 
 @attrs.define
@@ -254,8 +259,7 @@ class Device:
         if not self.want_online or self._retry is not None:
             return
         self.failures += 1
-        delay = min(30.0, 1.0 * 2 ** min(self.failures, 5)) * (0.5 + self.rng.random())
-        delay = max(delay, min_delay)
+        delay = max(RECONNECT_POLICY.delay(self.failures, self.rng), min_delay)
         self._retry = self.clock.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:

@@ -23,10 +23,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 
 from legacy import auth, wire
+from legacy.auth import Secrets
 from legacy.framing import FrameProtocol, ProtocolViolation
 from legacy.network import Network
 from legacy.ratelimit import LoginLimiter, LoginLimits
-from legacy.supernode import Secrets
 
 LOGINS = Counter("legacy_logins_total", "Login attempts at the legacy login server, by result.",
                  ["result"])

@@ -9,6 +9,11 @@ clock and decides which errors deserve one. With ``initial_s=0.5, factor=2, cap_
 and the delay is the base minus up to ``jitter`` of it, drawn from the caller's seeded
 ``random.Random``, so that many clients failing together do not retry in lockstep and a
 seed still reproduces a run. Jitter only ever shortens a delay: ``cap_s`` is a hard bound.
+
+``jitter_mode="spread"`` spreads the delay on both sides of the base instead, over
+``[base*(1-jitter), base*(1+jitter)]``: the legacy network's clients and supernode links
+have always backed off as ``base * (0.5 + r)``, which is ``jitter=0.5`` spread, bit for bit
+(a seeded simulation's trace depends on it). There ``cap_s`` bounds the base, not the delay.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class RetryPolicy:
                                validator=_finite(0.0, inclusive=False))
     jitter: float = attrs.field(default=0.1, converter=float,
                                 validator=_finite(0.0, inclusive=True, high=1.0))
+    #: "shorten": take up to ``jitter`` of the delay off; "spread": add or take off up to it.
+    jitter_mode: str = attrs.field(default="shorten",
+                                   validator=attrs.validators.in_(("shorten", "spread")))
 
     def __attrs_post_init__(self) -> None:
         if self.cap_s < self.initial_s:
@@ -52,10 +60,14 @@ class RetryPolicy:
             return self.cap_s
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number *attempt*, in ``[base*(1-jitter), base]``.
+        """Seconds to wait before retry number *attempt*, in ``[base*(1-jitter), base]``
+        (``[base*(1-jitter), base*(1+jitter)]`` when the jitter mode is "spread").
 
         Draws exactly one number from *rng* per call (even with no jitter), so a seeded run
         stays reproducible whatever the policy.
         """
         base = self.base_delay(attempt)
+        if self.jitter_mode == "spread":
+            # (1 - j) + 2j*r, not 1 + j*(2r - 1): with j = 0.5 this is exactly 0.5 + r
+            return base * ((1.0 - self.jitter) + 2.0 * self.jitter * rng.random())
         return base * (1.0 - self.jitter * rng.random())

@@ -14,6 +14,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from legacy import wire
+from legacy.wire import codec
 
 #: Lists drawn for a frame never hold more than this many items (the wire allows more).
 MAX_DRAWN_ITEMS = 4
@@ -36,13 +37,13 @@ def for_kind(kind: wire.Kind) -> st.SearchStrategy[Any]:
         return st.integers(min_value=0, max_value=_INT_MAX[kind])
     if kind is wire.BOOL:
         return st.booleans()
-    if isinstance(kind, wire._Str):
+    if isinstance(kind, codec._Str):
         return utf8_text(kind.limit)
-    if isinstance(kind, wire._Bytes):
+    if isinstance(kind, codec._Bytes):
         return st.binary(max_size=kind.limit)
-    if isinstance(kind, wire._List):
+    if isinstance(kind, codec._List):
         return st.lists(for_kind(kind.item), max_size=min(kind.limit, MAX_DRAWN_ITEMS)).map(tuple)
-    if isinstance(kind, wire._Record):
+    if isinstance(kind, codec._Record):
         return values_of(kind.cls)
     raise TypeError(f"no strategy for wire kind {kind!r}")
 

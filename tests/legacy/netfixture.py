@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from legacy import auth, wire
+from legacy.auth import Secrets
 from legacy.client import Device, TrafficStats, UserAccount
 from legacy.faults import PRESETS, HopFaults
 from legacy.framing import FrameProtocol
@@ -26,7 +27,7 @@ from legacy.network import MemoryNetwork
 from legacy.peer import PeerConnection, connect_peer
 from legacy.ring import HashRing
 from legacy.simclock import SimClock
-from legacy.supernode import Secrets, Supernode, SupernodeConfig
+from legacy.supernode import Supernode, SupernodeConfig
 from legacy.trace import Trace
 
 PEER_SECRET = b"test-peer-secret-0123456789"

@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory
 from legacy import auth, wire
 from legacy.framing import FrameProtocol
 from tests.legacy.netfixture import HOST, LOGIN_SECRET, PEER_SECRET, LegacyNet
-from tests.legacy.test_hostile_input import expected_code, framed, rejected_total
+from tests.legacy.supernode.test_hostile_input import expected_code, framed, rejected_total
 from tests.strategies import frames, frames_of, utf8_text
 
 fuzz_settings = settings(max_examples=300, deadline=None,

@@ -80,3 +80,51 @@ def test_attempts_count_from_one(attempt):
     """Attempt numbers are integers from 1; anything else is a caller's bug."""
     with pytest.raises(ValueError, match="attempt"):
         RetryPolicy().delay(attempt, random.Random(0))
+
+
+@pytest.mark.parametrize("initial_s, cap_s, legacy", [
+    (1.0, 10.0, lambda n, r: min(10.0, 0.5 * 2 ** min(n, 5)) * (0.5 + r)),  # supernode links
+    (2.0, 30.0, lambda n, r: min(30.0, 1.0 * 2 ** min(n, 5)) * (0.5 + r)),  # client devices
+])
+def test_spread_half_jitter_is_the_legacy_backoff_bit_for_bit(initial_s, cap_s, legacy):
+    """jitter=0.5 spread gives exactly the legacy network's ``base * (0.5 + r)`` delays,
+    with one draw per delay, so a seeded simulation's trace is unchanged."""
+    policy = RetryPolicy(initial_s=initial_s, factor=2, cap_s=cap_s, jitter=0.5,
+                         jitter_mode="spread")
+    for seed in range(50):
+        ours, theirs = random.Random(seed), random.Random(seed)
+        for n in (*range(1, 12), 1000):
+            assert policy.delay(n, ours) == legacy(n, theirs.random())
+        assert ours.random() == theirs.random()
+
+
+@given(attempt=st.integers(min_value=1, max_value=10_000), seed=st.integers(0, 2**32),
+       jitter=st.floats(min_value=0, max_value=1))
+def test_spread_delay_lies_within_jitter_on_both_sides_of_the_base(attempt, seed, jitter):
+    """Spread jitter adds or takes off at most the jitter fraction of the (capped) base."""
+    policy = RetryPolicy(initial_s=0.25, factor=3, cap_s=20, jitter=jitter, jitter_mode="spread")
+    base = policy.base_delay(attempt)
+    delay = policy.delay(attempt, random.Random(seed))
+    assert base * (1 - jitter) * (1 - 1e-12) <= delay <= base * (1 + jitter) * (1 + 1e-12)
+
+
+def test_spread_jitter_covers_both_sides_of_the_base():
+    """Many spread draws fall both below and above the base, over most of the range."""
+    policy = RetryPolicy(initial_s=4, factor=2, cap_s=4, jitter=0.5, jitter_mode="spread")
+    rng = random.Random(7)
+    delays = [policy.delay(1, rng) for _ in range(2000)]
+    assert 2.0 <= min(delays) < 2.05 and 5.95 < max(delays) <= 6.0
+
+
+def test_the_default_jitter_mode_shortens_as_before():
+    """Existing policies keep their jitter: the default mode is "shorten"."""
+    assert RetryPolicy().jitter_mode == "shorten"
+    shorten = RetryPolicy(jitter=0.3, jitter_mode="shorten")
+    assert [shorten.delay(a, random.Random(a)) for a in range(1, 9)] == [
+        RetryPolicy(jitter=0.3).delay(a, random.Random(a)) for a in range(1, 9)]
+
+
+def test_an_unknown_jitter_mode_is_refused_with_the_field_named():
+    """A jitter mode other than shorten or spread fails where it is configured."""
+    with pytest.raises(ValueError, match="jitter_mode"):
+        RetryPolicy(jitter_mode="full")

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from legacy import wire
+from legacy.wire import codec
 from tests.strategies import frames, frames_of
 
 FRAME_CLASSES = [cls for _, cls in sorted(wire.FRAME_TYPES.items())]
@@ -126,7 +127,7 @@ def test_bool_byte_other_than_0_or_1_is_refused(byte, moved):
 
 
 LIST_FIELDS = [(cls, name, kind) for cls in FRAME_CLASSES for name, kind in cls.WIRE_FIELDS
-               if isinstance(kind, wire._List)]
+               if isinstance(kind, codec._List)]
 
 
 @pytest.mark.parametrize("cls,name,kind", LIST_FIELDS,
@@ -208,13 +209,13 @@ def test_coders_are_compiled_once(monkeypatch):
     decoding the same frames again (a list of records, a nested record, a list of names)
     compiles nothing more."""
     compiled = []
-    real = wire._compile
+    real = codec._compile
 
     def counting(kind, which):
         compiled.append((kind, which))
         return real(kind, which)
 
-    monkeypatch.setattr(wire, "_compile", counting)
+    monkeypatch.setattr(codec, "_compile", counting)
     msg = wire.ChatMessage(chat_id="c", guid="g", legacy_seq=1, sender="s", ts_ms=2, body="b",
                            origin="legacy")
     frames_ = [wire.FetchReply(req_id=1, messages=(msg, msg), missing=("g2",)),

@@ -25,12 +25,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from legacy import auth, wire
+from legacy.auth import Secrets
 from legacy.faults import PRESETS, HopFaults
 from legacy.framing import FrameProtocol
 from legacy.network import MemoryNetwork
 from legacy.ring import HashRing
 from legacy.simclock import SimClock
-from legacy.supernode import Secrets, Supernode, SupernodeConfig, SupernodeProtocol
+from legacy.supernode import Supernode, SupernodeConfig, SupernodeProtocol
 from legacy.trace import Trace
 from tests.strategies import frames, frames_of, pieces
 

@@ -1,0 +1,164 @@
+"""Presence: published by the user's supernode, merged at a hub, fanned out to subscribers.
+
+    user's SN --IndexPut, PresencePublish--> index owner of the handle (its presence hub)
+    subscriber's SN --PresenceSubscribe----> hub
+    hub (merges its sources) --PresenceFanout--> subscribers' SNs --PresenceNotice--> watchers
+
+The hub keeps one entry per source (a supernode, or ``peer:<origin>`` for injected presence)
+and merges them, so a device logging off on one supernode does not hide the user's device
+online on another. Everything carries an expiry: the user's SN refreshes it, and the sweep
+sets what went stale offline, at the hub and where it was seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from legacy import wire
+from legacy.supernode.state import PresenceEntry
+
+if TYPE_CHECKING:
+    from legacy.supernode.node import Supernode
+
+
+class PresenceHub:
+    """One supernode's part in presence: publisher of its users, hub of the handles it owns
+    in the index, and subscriber on behalf of its users' watch lists."""
+
+    def __init__(self, sn: Supernode) -> None:
+        self.sn = sn
+        #: changes of a merged status at this hub, over every incarnation (run summaries)
+        self.changes = 0
+
+    # -- publishing (the user's supernode) --------------------------------------------------------
+
+    def next_version(self, handle: str) -> int:
+        """A version for *handle*'s next put or publish: above the last, and the clock's."""
+        versions = self.sn.mem.versions
+        v = max(self.sn.now_ms() * 1000, versions.get(handle, 0) + 1)
+        versions[handle] = v
+        return v
+
+    def publish(self, handle: str, status: str, origin: str, *, feed: bool = True,
+                ttl_ms: int | None = None) -> None:
+        """Tell *handle*'s hub (and, for local users, the index) its status, with an expiry."""
+        sn = self.sn
+        version = self.next_version(handle)
+        ttl = int(sn.config.presence_ttl * 1000) if ttl_ms is None else ttl_ms
+        expires = sn.now_ms() + ttl
+        owner = sn.ring.index_owner(handle)
+        if origin == "legacy":
+            sn.send_to(owner, wire.IndexPut(handle=handle, sn_id=sn.sn_id,
+                                            online=status != "offline", expires_ms=expires,
+                                            version=version))
+        source = sn.sn_id if origin == "legacy" else f"peer:{origin}"
+        sn.send_to(owner, wire.PresencePublish(handle=handle, status=status, version=version,
+                                               expires_ms=expires, origin=origin,
+                                               source=source))
+        if feed:
+            sn.feed_append(lambda o: wire.FeedPresence(
+                offset=o, handle=handle, status=status, version=version, expires_ms=expires,
+                origin=origin))
+
+    def refresh(self) -> None:
+        """Re-publish local users' presence before it expires (also refreshes the index)."""
+        if self.sn.mem is None:
+            return
+        for handle, status in list(self.sn.mem.local_status.items()):
+            self.publish(handle, status, "legacy")
+
+    # -- the hub (index owner of the handle) ------------------------------------------------------
+
+    def on_presence_publish(self, f: wire.PresencePublish) -> None:
+        sources = self.sn.mem.hub_sources.setdefault(f.handle, {})
+        cur = sources.get(f.source)
+        if cur is not None and f.version <= cur.version:
+            return  # reordered by a hop delay: an older publish from the same source
+        sources[f.source] = PresenceEntry(f.status, f.version, f.expires_ms)
+        self._merge(f.handle)
+
+    def _merge(self, handle: str) -> None:
+        """Merge a handle's sources: the newest unexpired non-offline one wins, else offline.
+        Fans out on every change of the merged entry (refreshes carry the new expiry)."""
+        mem = self.sn.mem
+        now = self.sn.now_ms()
+        sources = mem.hub_sources.get(handle, {})
+        live = [e for e in sources.values() if e.status != "offline" and e.expires_ms > now]
+        newest = max((e.version for e in sources.values()), default=0)
+        cur = mem.hub.get(handle)
+        if cur is not None:
+            newest = max(newest, cur.version + (0 if live else 1))
+        if live:
+            best = max(live, key=lambda e: e.version)
+            merged = PresenceEntry(best.status, newest, max(e.expires_ms for e in live))
+        else:
+            merged = PresenceEntry("offline", newest, 0)
+        if cur is not None and (cur.status, cur.version, cur.expires_ms) == (
+                merged.status, merged.version, merged.expires_ms):
+            return
+        if cur is None or cur.status != merged.status:
+            self.changes += 1
+        mem.hub[handle] = merged
+        self._fanout(handle)
+
+    def _fanout(self, handle: str) -> None:
+        sn = self.sn
+        mem = sn.mem
+        p = mem.hub[handle]
+        for subscriber in mem.hub_subscribers.get(handle, ()):
+            sn.send_to(subscriber, wire.PresenceFanout(handle=handle, status=p.status,
+                                                       version=p.version,
+                                                       expires_ms=p.expires_ms))
+
+    def on_presence_subscribe(self, f: wire.PresenceSubscribe) -> None:
+        mem = self.sn.mem
+        mem.hub_subscribers.setdefault(f.handle, {})[f.subscriber_sn] = None
+        p = mem.hub.get(f.handle)
+        if p is not None:
+            self.sn.send_to(f.subscriber_sn, wire.PresenceFanout(
+                handle=f.handle, status=p.status, version=p.version, expires_ms=p.expires_ms))
+
+    # -- the subscriber (a supernode with watchers of the handle) ---------------------------------
+
+    def on_presence_fanout(self, f: wire.PresenceFanout) -> None:
+        mem = self.sn.mem
+        cur = mem.seen.get(f.handle)
+        if cur is not None and f.version <= cur.version:
+            return
+        mem.seen[f.handle] = PresenceEntry(f.status, f.version, f.expires_ms)
+        if cur is None or cur.status != f.status:
+            self.sn.trace.record("presence", self.sn.sn_id, f.handle, f.status)
+            self._notify_watchers(f.handle, f.status, f.version, f.expires_ms)
+
+    def _notify_watchers(self, handle: str, status: str, version: int, expires_ms: int) -> None:
+        mem = self.sn.mem
+        notice = wire.PresenceNotice(handle=handle, status=status, version=version,
+                                     expires_ms=expires_ms)
+        for watcher in mem.watchers.get(handle, ()):
+            for proto in mem.sessions.get(watcher, {}).values():
+                proto.send(notice)
+
+    # -- background -------------------------------------------------------------------------------
+
+    def sweep(self, now: int) -> None:
+        """Expire stale presence: merged again at the hub, set offline where it was seen."""
+        sn = self.sn
+        mem = sn.mem
+        for handle in [h for h, p in mem.hub.items()
+                       if p.status != "offline" and p.expires_ms <= now]:
+            sn.trace.record("expire_hub", sn.sn_id, handle)
+            self._merge(handle)
+        for handle, p in mem.seen.items():
+            if p.status != "offline" and p.expires_ms <= now:
+                p.status = "offline"
+                sn.trace.record("expire_seen", sn.sn_id, handle)
+                self._notify_watchers(handle, "offline", p.version, p.expires_ms)
+
+
+#: The supernode frames the presence hub handles, by type.
+PRESENCE_HANDLERS: dict[type, Callable[[PresenceHub, Any], None]] = {
+    wire.PresencePublish: PresenceHub.on_presence_publish,
+    wire.PresenceSubscribe: PresenceHub.on_presence_subscribe,
+    wire.PresenceFanout: PresenceHub.on_presence_fanout,
+}

@@ -1,0 +1,66 @@
+"""What a supernode holds in memory, and the checks its roles share on what arrives.
+
+Everything here is lost when the node crashes: ``Memory`` is made anew on every start, with
+a new epoch, and every role (routing, presence hub, client sessions, peer API) reads and
+writes its own part of it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import attrs
+
+from legacy import wire
+from legacy.feed import Feed
+
+if TYPE_CHECKING:
+    from legacy.supernode.link import Link
+    from legacy.supernode.protocol import FeedSubscription, SupernodeProtocol
+
+PRESENCE_STATUSES = ("online", "away", "busy", "offline")
+
+
+@attrs.define
+class ChatState:
+    members: tuple
+    next_seq: int = 1
+    history: dict = attrs.Factory(dict)  # guid -> ChatMessage, in legacy_seq order
+
+
+@attrs.define
+class PresenceEntry:
+    status: str
+    version: int
+    expires_ms: int
+
+
+class Memory:
+    """Everything a supernode forgets when it crashes."""
+
+    def __init__(self, epoch: int, feed_capacity: int) -> None:
+        self.epoch = epoch
+        self.feed = Feed(epoch, feed_capacity)
+        self.chats: dict[str, ChatState] = {}
+        self.held: dict[str, dict[str, wire.ChatMessage]] = {}
+        # index owner role
+        self.index: dict[str, dict[str, tuple[int, int]]] = {}  # handle -> sn -> (exp, ver)
+        self.held_notes: dict[str, dict[str, None]] = {}
+        self.hub: dict[str, PresenceEntry] = {}  # merged presence, what subscribers see
+        self.hub_sources: dict[str, dict[str, PresenceEntry]] = {}
+        self.hub_subscribers: dict[str, dict[str, None]] = {}
+        # local users
+        self.sessions: dict[str, dict[str, SupernodeProtocol]] = {}
+        self.local_status: dict[str, str] = {}
+        self.versions: dict[str, int] = {}
+        # presence seen by local subscribers
+        self.watchers: dict[str, dict[str, None]] = defaultdict(dict)
+        self.seen: dict[str, PresenceEntry] = {}
+        self.feed_subs: list[FeedSubscription] = []
+        self.links: dict[str, Link] = {}
+
+
+def has_control(*ids: str) -> bool:
+    """Ids are hashed joined by U+001F (docs/digest.md), so no control characters in them."""
+    return any(ch < " " or "\x7f" <= ch <= "\x9f" for s in ids for ch in s)
