@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from bridge.ops import metrics as m
 from cloud.db import TransactionRunner
 from cloud.store import presence as presence_store
-from legacy.peer import MAX_PRESENCE_TTL_MS
+from legacy import wire
 
 log = Logger()
 
@@ -75,7 +75,7 @@ class PresenceMirror(Service):
             return False
         now_ms = int(self.clock.seconds() * 1000)
         for version, account_id, handle, status, expires_ms in rows:
-            ttl = min(expires_ms - now_ms, MAX_PRESENCE_TTL_MS)
+            ttl = min(expires_ms - now_ms, wire.MAX_PRESENCE_TTL_MS)
             if ttl > 0:
                 peer = self.peers.any()
                 if peer is None:

@@ -19,9 +19,6 @@ from legacy import auth, wire
 from legacy.framing import CodedError, FrameProtocol, ProtocolViolation
 from legacy.network import Network
 
-#: The longest presence a privileged peer may inject; supernodes refuse a longer ttl_ms.
-MAX_PRESENCE_TTL_MS = 3_600_000
-
 FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
 _REPLIES = (wire.Ack, wire.DigestReply, wire.ListReply, wire.FetchReply, wire.ChatsReply,
             wire.AccountsPage, wire.RequestFailed)

@@ -47,7 +47,8 @@ from twisted.internet import task
 from bridge.ids import LEGACY_PRESENCE_PREFIX
 from cloud.presence import GRACE_MS
 from cloud.store import coordination as coordination_store
-from legacy.peer import MAX_PRESENCE_TTL_MS, PeerConnection
+from legacy import wire
+from legacy.peer import PeerConnection
 from reconcilers.notifications import SAMPLE, record_repair
 from reconcilers.runner import RunContext
 from servicekit.validators import positive
@@ -418,7 +419,7 @@ class PresenceReconciler:
         failed: list[tuple[CloudPresence, str]] = []
         expired = 0
         for p in items:
-            ttl = min(p.expires_ms - ctx.now_ms(), MAX_PRESENCE_TTL_MS)
+            ttl = min(p.expires_ms - ctx.now_ms(), wire.MAX_PRESENCE_TTL_MS)
             if ttl <= 0:
                 expired += 1
                 continue

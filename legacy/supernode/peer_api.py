@@ -171,9 +171,10 @@ class PeerApi:
                                           reason="status must be online, away, busy or "
                                                  "offline and origin must not be 'legacy'"))
             return
-        if not 0 < f.ttl_ms <= 3_600_000:
-            proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_ttl",
-                                          reason="ttl_ms must be in (0, 3600000]"))
+        if not 0 < f.ttl_ms <= wire.MAX_PRESENCE_TTL_MS:
+            proto.send(wire.RequestFailed(
+                req_id=f.req_id, code="bad_ttl",
+                reason=f"ttl_ms must be in (0, {wire.MAX_PRESENCE_TTL_MS}]"))
             return
         self.sn.presence.publish(f.handle, f.status, f.origin, ttl_ms=f.ttl_ms)
         proto.send(wire.Ack(req_id=f.req_id, status="ok", value=0))

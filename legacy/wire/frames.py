@@ -20,6 +20,8 @@ MAX_MESSAGE_CHARS = 4000
 MAX_BODY_BYTES = 4 * MAX_MESSAGE_CHARS
 #: Members of one chat (a longer list does not decode: "too_long").
 MAX_MEMBERS = 100
+#: The longest presence a privileged peer may inject (InjectPresence.ttl_ms).
+MAX_PRESENCE_TTL_MS = 3_600_000
 MAX_NAME_BYTES = 128
 #: The field kinds of this protocol: names and ids, message bodies, nonces and proofs, members.
 NAME = text(MAX_NAME_BYTES)
