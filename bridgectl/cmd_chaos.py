@@ -47,7 +47,7 @@ def add_commands(sub: Any) -> None:
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     from drills import chaos
-    from drills.demo import DemoConfig
+    from drills.config import DemoConfig
 
     names = args.scenario or list(chaos.SCENARIOS)
     if not 1 <= args.seeds <= 100:

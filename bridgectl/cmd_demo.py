@@ -59,7 +59,10 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from drills.demo import Demo, DemoConfig, DemoError, fresh_database, render_summary
+    from drills.config import DemoConfig
+    from drills.databases import fresh_database
+    from drills.demo import Demo, render_summary
+    from drills.processes import DemoError
 
     try:
         config = DemoConfig(

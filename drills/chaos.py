@@ -17,7 +17,9 @@ from typing import Any, TextIO
 
 import attrs
 
-from drills.demo import Demo, DemoConfig, Scenario, drop_database, fresh_database
+from drills.config import DemoConfig, Scenario
+from drills.databases import drop_database, fresh_database
+from drills.demo import Demo
 
 Plan = list[tuple[float, str, dict[str, Any]]]
 

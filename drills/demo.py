@@ -17,8 +17,14 @@ Timeline (``--duration D``)::
 At the end the legacy network heals (SIGUSR1: traffic and faults stop, crashed supernodes
 restart), the bridge drains, the reconcilers run once more, and ``drills.convergence``
 checks the invariants from both stacks' own records. Only this module's caller
-(``bridgectl/main.py``) touches the global reactor; time, processes and sockets come through the
-reactor it is given.
+(``bridgectl/cmd_demo.py``) touches the global reactor; time, processes and sockets come
+through the reactor it is given.
+
+The module is long (about 600 lines) because ``Demo`` is one run told in order, set-up to
+final check, and reads best in one place; what stands alone lives beside it: the settings
+(``drills.config``), child processes (``drills.processes``), the run's databases and ports
+(``drills.databases``, ``drills.ports``) and what it reads from the store
+(``drills.readings``).
 """
 
 from __future__ import annotations
@@ -30,300 +36,19 @@ import re
 import shutil
 import signal
 import sys
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import psycopg
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, task
 
 from bridge import state
-from cloud import admin
-from cloud.store import notifications as notifications_store
-from cloud.store import outbox as outbox_store
 from drills import convergence
+from drills.config import COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
 from drills.ports import NoFreePorts, free_port, free_port_block
+from drills.processes import Child, DemoError
+from drills.readings import figures, leases_held, migrated_devices
 from servicekit.sleep import Sleeper
-
-#: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
-#: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
-COHORTS = ((0.10, 10, "dual"), (0.25, 30, "dual"), (0.40, 10, "cloud"),
-           (0.55, 60, "dual"), (0.70, 30, "cloud"), (0.85, 10, "cloud-only"))
-
-
-@attrs.frozen
-class FaultSettings:
-    """What ``--faults`` means beyond the legacy preset of the same name."""
-
-    push_loss: float = 0.0
-    push_errors: float = 0.0
-    bridge_kills: int = 0  # SIGKILLs of a bridge worker during the traffic window
-
-
-FAULTS = {"none": FaultSettings(),
-          "light": FaultSettings(push_loss=0.05, bridge_kills=1),
-          "heavy": FaultSettings(push_loss=0.2, push_errors=0.05, bridge_kills=3)}
-
-
-@attrs.frozen
-class Scenario:
-    """A chaos scenario (``drills.chaos``): the faults, and when, instead of a preset's.
-
-    ``plan(rng, window)`` returns ``(seconds into the traffic, action, arguments)``; actions:
-    ``kill_worker`` (SIGKILL, restart after ``restart_after`` s), ``pause_worker`` (SIGSTOP
-    for ``seconds``, then SIGCONT), ``legacy`` (a ``legacy run --control-dir`` command),
-    ``pg_restart`` (the embedded PostgreSQL stopped for ``down_s`` and started again).
-    """
-
-    name: str
-    description: str
-    plan: Callable[[random.Random, float], list[tuple[float, str, dict[str, Any]]]]
-    legacy_faults: str = "none"
-    push_loss: float = 0.0
-    push_errors: float = 0.0
-    needs_embedded: bool = False
-
-
-@attrs.frozen
-class DemoConfig:
-    """One demo run; validated here so the CLI reports every bad value the same way."""
-
-    duration: float = 60.0  # seconds of traffic; 0: until stopped
-    supernodes: int = 6
-    legacy_users: int = 120
-    cloud_users: int = 20
-    rate: float = 20.0  # legacy messages per second; cloud devices post at half of it
-    faults: str = "light"
-    seed: int = 1
-    workers: int = 2
-    reconcile_every: float | None = None  # default: a quarter of the duration, 10-60 s
-    settle_timeout: float = 90.0
-
-    def __attrs_post_init__(self) -> None:
-        if not (self.duration == 0 or 5 <= self.duration <= 86400):
-            raise ValueError("--duration must be 0 (until Ctrl-C) or 5 to 86400 seconds")
-        if not 1 <= self.supernodes <= 64:
-            raise ValueError("--supernodes must be between 1 and 64")
-        if not 4 <= self.legacy_users <= 5000:
-            raise ValueError("--legacy-users must be between 4 and 5000")
-        if not 2 <= self.cloud_users <= 1000:
-            raise ValueError("--cloud-users must be between 2 and 1000")
-        if not 0 < self.rate <= 2000:
-            raise ValueError("--rate must be above 0 and at most 2000 messages per second")
-        if self.faults not in FAULTS:
-            raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
-        if not 1 <= self.workers <= 8:
-            raise ValueError("--workers must be between 1 and 8")
-        if self.seed < 0:
-            raise ValueError("--seed must not be negative")
-
-    @property
-    def reconcile_interval(self) -> float:
-        if self.reconcile_every is not None:
-            return self.reconcile_every
-        return 30.0 if self.duration == 0 else min(60.0, max(10.0, self.duration / 4))
-
-    def cohort_times(self) -> list[float]:
-        """When each step of ``COHORTS`` is due (seconds into the traffic)."""
-        span = 120.0 if self.duration == 0 else self.duration
-        return [share * span for share, _, _ in COHORTS]
-
-
-class DemoError(Exception):
-    """The demo could not run (a process did not start, the database refused...)."""
-
-
-# -- child processes ---------------------------------------------------------------------------
-
-class Child(protocol.ProcessProtocol):
-    """One ``bridgectl`` process: output to a log file, the last lines kept, line watchers,
-    and ``ended`` firing with the exit code (negative: the signal that ended it)."""
-
-    def __init__(self, name: str, log_path: Path, *, capture_stdout: bool = False) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.capture = capture_stdout
-        self.stdout = bytearray()
-        self.tail: deque[str] = deque(maxlen=30)
-        self._partial = b""
-        self._watchers: list[tuple[re.Pattern[str], defer.Deferred]] = []
-        self.on_line: Callable[[str], None] | None = None
-        self.ended: defer.Deferred = defer.Deferred()
-        self.exit_code: int | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.exit_code is None
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        if self.capture:
-            self.stdout += data
-        else:
-            self._lines(data)
-        self._log.write(data)
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._log.write(data)
-        self._lines(data)
-
-    def _lines(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line)
-            if self.on_line is not None:
-                self.on_line(line)
-            for pattern, d in list(self._watchers):
-                match = pattern.search(line)
-                if match:
-                    self._watchers.remove((pattern, d))
-                    d.callback(match)
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
-        code = reason.value.exitCode
-        self.exit_code = code if code is not None else -(reason.value.signal or 0)
-        self._log.close()
-        for _pattern, d in self._watchers:
-            d.errback(DemoError(f"{self.name} exited ({self.exit_code}) before it was ready; "
-                                f"see {self.log_path}:\n  " + "\n  ".join(list(self.tail)[-8:])))
-        self._watchers.clear()
-        self.ended.callback(self.exit_code)
-
-    def wait_for(self, pattern: str, clock: Any, timeout: float) -> defer.Deferred:
-        """Fires with the match of the first output line matching *pattern*."""
-        d: defer.Deferred = defer.Deferred()
-        if not self.running:
-            d.errback(DemoError(f"{self.name} is not running; see {self.log_path}"))
-            return d
-        compiled = re.compile(pattern)
-        for line in self.tail:  # printed before anyone asked
-            match = compiled.search(line)
-            if match:
-                d.callback(match)
-                return d
-        self._watchers.append((compiled, d))
-
-        def timed_out(f: Any) -> Any:
-            f.trap(defer.TimeoutError, defer.CancelledError)
-            self._watchers[:] = [w for w in self._watchers if w[1] is not d]
-            raise DemoError(f"{self.name} did not get ready within {timeout:g} s; see "
-                            f"{self.log_path}")
-        return d.addTimeout(timeout, clock).addErrback(timed_out)
-
-    def signal(self, sig: int) -> None:
-        if self.running and self.transport is not None:
-            try:
-                self.transport.signalProcess(sig)
-            except Exception:  # ProcessExitedAlready: it ended between the check and now
-                pass
-
-    def mark(self) -> int:
-        """The log's current length (see ``log_since``)."""
-        if self._log.closed:
-            return self.log_path.stat().st_size
-        self._log.flush()
-        return self._log.tell()
-
-    def log_since(self, offset: int) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with self.log_path.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-
-    def stdout_json(self) -> Any:
-        try:
-            return json.loads(bytes(self.stdout).decode() or "null")
-        except ValueError:
-            return None
-
-
-def fresh_database(server_dsn: str, name: str) -> str:
-    """Drop and create database *name* on the server of *server_dsn*, migrate it, and
-    return its DSN. Only names starting with ``bridge_demo`` or ``bridge_chaos``: nothing
-    else on the server is ever touched."""
-    from psycopg import conninfo, sql
-
-    from cloud import schema
-
-    try:
-        drop_database(server_dsn, name)
-        with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        dsn = conninfo.make_conninfo(server_dsn, dbname=name)
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            schema.upgrade(conn)
-    except psycopg.Error as e:
-        first = (str(e).strip().splitlines() or ["failed"])[0]
-        raise DemoError(f"cannot create the database {name}: {first}") from None
-    return dsn
-
-
-def drop_database(server_dsn: str, name: str) -> None:
-    """Drop a database ``fresh_database`` made (same name rule)."""
-    from psycopg import sql
-
-    if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
-        raise DemoError(f"refusing to drop or recreate database {name!r}")
-    with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
-
-
-# -- the store's figures -----------------------------------------------------------------------
-
-def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
-    """The live status line's and the summary's figures, in one read transaction."""
-    from_legacy, from_cloud, to_legacy = conn.execute(
-        "SELECT count(*) FILTER (WHERE origin = 'legacy'), "
-        "       count(*) FILTER (WHERE origin = 'cloud'), "
-        "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL) "
-        "FROM messages").fetchone()
-    by_kind = admin.findings_by_state(conn).values()
-    findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
-    workers = admin.live_workers(conn, now_ms)
-    lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
-    pending, _oldest = outbox_store.outbox_backlog(conn, now_ms)
-    leased = len(_feed_leases(conn, now_ms))
-    return {
-        "messages_cloud": from_legacy + from_cloud,
-        "mirrored_to_cloud": from_legacy, "cloud_posts": from_cloud,
-        "mirrored_to_legacy": to_legacy, "outbox_pending": pending,
-        "lag_to_cloud_ms": max(lags) if lags else None,
-        "live_workers": len(workers),
-        "feeds_leased": leased,
-        "feeds_streaming": sum(w.feeds or 0 for w in workers),
-        "findings_open": findings["open"],
-        "findings_repaired": findings["repaired"],
-        "findings_failed": findings["failed"],
-        "accounts_by_phase": admin.accounts_per_phase(conn),
-        "notifications": notifications_store.notification_counts(conn),
-    }
-
-
-def _feed_leases(conn: psycopg.Connection, now_ms: int) -> list[admin.Lease]:
-    """The feed leases that have not expired."""
-    return [lease for lease in admin.leases(conn)
-            if lease.name.startswith("feed:") and lease.expires_ms > now_ms]
-
-
-def _leases_held(conn: psycopg.Connection, holder: str, now_ms: int) -> list[tuple[str, int]]:
-    """The live feed leases *holder* holds, with their fences."""
-    return [(lease.name, lease.fence) for lease in _feed_leases(conn, now_ms)
-            if lease.holder == holder]
-
-
-def migrated_devices(conn: psycopg.Connection) -> list[tuple[str, str, list[Any]]]:
-    """(login handle, legacy handle, conversations) of linked accounts in a cloud phase."""
-    return [(h, lh, [c for c in convs if c is not None]) for h, lh, convs in conn.execute(
-        "SELECT a.handle, a.legacy_handle, array_agg(m.conversation_id) "
-        "FROM accounts a LEFT JOIN members m ON m.account_id = a.account_id "
-        "WHERE a.legacy_handle IS NOT NULL AND a.phase IN ('dual', 'cloud', 'cloud-only') "
-        "GROUP BY 1, 2 ORDER BY 1")]
-
 
 # -- the demo ----------------------------------------------------------------------------------
 
@@ -617,7 +342,7 @@ class Demo:
         waited_until = self.reactor.seconds() + 45.0
         held: list[tuple[str, int]] = []
         while not self.stop_requested and self.reactor.seconds() < waited_until:
-            held = await self.db.run("leases_held", _leases_held, holder,
+            held = await self.db.run("leases_held", leases_held, holder,
                                      int(self.reactor.seconds() * 1000))
             if held:
                 break
