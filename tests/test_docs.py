@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import importlib
+import importlib.util
 import json
 import re
 import shlex
@@ -528,3 +530,60 @@ def test_relative_links_in_the_docs_resolve():
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert broken == []
+
+
+# ---------------------------------------------------------------- modules and files the docs name
+
+#: A path in the repository as the docs write it (``bridge/mirror.py``, ``tests/drills/``).
+_PATH = re.compile(r"(?<![\w/.-])((?:servicekit|legacy|cloud|bridge|reconcilers|drills|"
+                   r"bridgectl|tests|bench|docs)/[\w/.-]*\w/?)")
+#: A dotted name of ours in backticks (``bridge.mirror.translate``, ``cloud.store.outbox``).
+_DOTTED = re.compile(r"`((?:servicekit|legacy|cloud|bridge|reconcilers|drills|bridgectl)"
+                     r"(?:\.\w+)+)")
+#: Names the docs use that are files in $BRIDGE_HOME or docs, not modules.
+_NOT_MODULES = (".secret", ".md", ".example")
+
+
+def _resolves(dotted: str) -> bool:
+    """A module, or an attribute of the longest module prefix of *dotted*."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            continue
+        obj: object = importlib.import_module(name)
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def doc_references(text: str) -> tuple[set[str], set[str]]:
+    """(paths, dotted names) that *text* names; placeholders such as NNNN_name are left out."""
+    paths = {p for p in _PATH.findall(text) if "NNNN" not in p and not p.endswith("_")}
+    dotted = {d for d in _DOTTED.findall(text) if not d.endswith(_NOT_MODULES)}
+    return paths, dotted
+
+
+def test_the_modules_and_files_the_docs_name_exist():
+    """README.md and docs/*.md name modules and files that exist: a move or a rename that
+    leaves the docs behind fails here."""
+    missing = []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        paths, dotted = doc_references(page.read_text(encoding="utf-8"))
+        missing += [f"{page.name}: {p}" for p in sorted(paths) if not (ROOT / p).exists()]
+        missing += [f"{page.name}: {d}" for d in sorted(dotted) if not _resolves(d)]
+    assert missing == []
+
+
+def test_a_stale_module_or_path_in_the_docs_is_caught():
+    """The check above sees what it guards: an old path and an old module name fail it."""
+    paths, dotted = doc_references("see `bridge/cli.py` and `bridge.follower.mirror_legacy`")
+    assert [p for p in paths if not (ROOT / p).exists()] == ["bridge/cli.py"]
+    assert [d for d in dotted if not _resolves(d)] == ["bridge.follower.mirror_legacy"]
