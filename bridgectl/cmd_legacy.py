@@ -11,7 +11,7 @@ from typing import Any
 
 from bridge import state
 from bridgectl import options, runtime
-from bridgectl.errors import EXIT_OK, RuntimeFailure, UsageError
+from bridgectl.errors import EXIT_OK, UsageError
 from bridgectl.output import print_summary
 
 
@@ -88,7 +88,7 @@ def cmd_legacy_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_legacy_run(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, error, task
+    from twisted.internet import defer, task
 
     from bridge.ops.health import operations_site
     from legacy.sim import run_tcp
@@ -126,22 +126,22 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
                 control.clock = reactor
                 control.start(0.25, now=False)
 
+        metrics = None
         if args.metrics_port is not None:
             # the legacy_* counters and gauges of every supernode and the login server here
-            try:
-                metrics = reactor.listenTCP(args.metrics_port,
-                                            operations_site(lambda: [], reactor),
-                                            interface="127.0.0.1")
-            except error.CannotListenError as e:
-                raise RuntimeFailure(f"cannot listen on 127.0.0.1:{e.port}: "
-                                     f"{e.socketError}") from None
-            print(f"legacy network metrics on "
-                  f"http://127.0.0.1:{metrics.getHost().port}/metrics",
+            metrics = runtime.TCPListener(reactor, args.metrics_port,
+                                          operations_site(lambda: [], reactor))
+            metrics.startService()  # a port in use: CannotListenError, one line, exit 1
+            print(f"legacy network metrics on http://127.0.0.1:{metrics.address()[1]}/metrics",
                   file=sys.stderr, flush=True)
-        return await run_tcp(reactor, config, peer_secret=peer_secret,
-                             login_secret=login_secret, on_listening=listening,
-                             stop_signal=stop_signal, heal_signal=heal_signal,
-                             on_done=write_record)
+        try:
+            return await run_tcp(reactor, config, peer_secret=peer_secret,
+                                 login_secret=login_secret, on_listening=listening,
+                                 stop_signal=stop_signal, heal_signal=heal_signal,
+                                 on_done=write_record)
+        finally:
+            if metrics is not None:
+                await metrics.stopService()
 
     runtime.log_to_stderr()
     # With a duration of its own the run heals and ends by itself; Ctrl-C then stops the
