@@ -43,7 +43,6 @@ from typing import Any, Protocol
 
 import attrs
 import psycopg
-from prometheus_client import Counter
 from psycopg import sql
 from twisted.application.service import Service
 from twisted.internet import defer, error
@@ -58,7 +57,7 @@ from cloud.store import outbox as outbox_store
 from cloud.store.outbox import OutboxItem
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
-from servicekit.loop import PollingLoop
+from servicekit.loop import PollingLoop, failure_counter
 from servicekit.retry import RetryPolicy
 from servicekit.validators import positive
 
@@ -68,12 +67,9 @@ DIRECTION = "to_legacy"
 #: Finding kind for a message the legacy network will never accept.
 INJECT_REFUSED = "inject_refused"
 
-OUTBOX_LOOP_FAILURES = Counter(
+OUTBOX_LOOP_FAILURES = failure_counter(
     "bridge_outbox_loop_failures_total",
-    "Outbox injector passes (or conversations within one) that failed; the loop carries on.",
-    ["reason"])
-for _reason in ("database_unavailable", "error"):
-    OUTBOX_LOOP_FAILURES.labels(reason=_reason)
+    "Outbox injector passes (or conversations within one) that failed; the loop carries on.")
 metrics.RETRIES.labels(what="inject")
 
 #: Failures of one injection that only mean "not now": the row is released and retried.

@@ -47,7 +47,7 @@ from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import Notification
 from cloud.push import PushGateway, PushMessage, PushRejected
 from cloud.store import notifications as notifications_store
-from servicekit.loop import PollingLoop
+from servicekit.loop import PollingLoop, failure_counter
 from servicekit.retry import RetryPolicy
 from servicekit.validators import positive
 
@@ -62,11 +62,9 @@ NOTIFICATIONS_PUSH_ERRORS = Counter(
 NOTIFICATIONS_FAILED = Counter(
     "cloud_notifications_failed_total",
     "Notifications given up after max_attempts without an acknowledgement.")
-LOOP_FAILURES = Counter(
+LOOP_FAILURES = failure_counter(
     "cloud_dispatcher_loop_failures_total",
-    "Dispatcher passes that failed; the loop carries on.", ["reason"])
-for _reason in ("database_unavailable", "error"):
-    LOOP_FAILURES.labels(reason=_reason)
+    "Dispatcher passes that failed; the loop carries on.")
 
 
 @attrs.frozen

@@ -12,21 +12,16 @@ from __future__ import annotations
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from servicekit.ratelimit import FailureLimiter, TokenBuckets
+from servicekit.ratelimit import FailureLimiter, FailureLimits, TokenBuckets
 from servicekit.validators import positive
 
 
-@attrs.frozen
-class LoginLimits:
+@attrs.frozen(kw_only=True)
+class LoginLimits(FailureLimits):
     """How many failed logins are allowed per handle and per peer address per window."""
 
     #: failed logins per handle (known or not) per window
     per_handle: int = attrs.field(default=10, validator=positive)
-    #: failed logins per peer address per window
-    per_address: int = attrs.field(default=30, validator=positive)
-    window_s: float = attrs.field(default=60.0, validator=positive)
-    #: buckets kept per table (handles, addresses) at most
-    max_keys: int = attrs.field(default=10_000, validator=positive)
 
 
 class LoginLimiter(FailureLimiter):
@@ -34,9 +29,7 @@ class LoginLimiter(FailureLimiter):
 
     def __init__(self, clock: IReactorTime, limits: LoginLimits | None = None) -> None:
         self.limits = limits or LoginLimits()
-        lim = self.limits
-        super().__init__(clock, per_principal=lim.per_handle, per_address=lim.per_address,
-                         window_s=lim.window_s, max_keys=lim.max_keys)
+        super().__init__(clock, self.limits.per_handle, self.limits)
 
     @property
     def handles(self) -> TokenBuckets:

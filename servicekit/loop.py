@@ -23,6 +23,18 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+#: The reasons a loop counts a failed tick under.
+FAILURE_REASONS = ("error", "database_unavailable")
+
+
+def failure_counter(name: str, documentation: str) -> Counter:
+    """A loop's ``failure_counter``: labelled by reason, every reason exported at 0 from the
+    start (so an alert's ``rate()`` sees the first failure)."""
+    counter = Counter(name, documentation, ["reason"])
+    for reason in FAILURE_REASONS:
+        counter.labels(reason=reason)
+    return counter
+
 
 class LoopState(enum.Enum):
     IDLE = "idle"  # not running, nothing in flight

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
+
+from servicekit.validators import positive
 
 
 class TokenBuckets:
@@ -88,14 +91,26 @@ class TokenBuckets:
             spent.popitem(last=False)
 
 
+@attrs.frozen(kw_only=True)
+class FailureLimits:
+    """Failed attempts allowed per client address per window, and the memory bound; a
+    stack's limits add the per-principal budget under their own name (handle, account)."""
+
+    #: failed attempts per client address per window
+    per_address: int = attrs.field(default=30, validator=positive)
+    window_s: float = attrs.field(default=60.0, validator=positive)
+    #: buckets kept per table (principals, addresses) at most
+    max_keys: int = attrs.field(default=10_000, validator=positive)
+
+
 class FailureLimiter:
     """Failed-attempt budgets per principal and per client address (see the module
     docstring)."""
 
-    def __init__(self, clock: IReactorTime, *, per_principal: int, per_address: int,
-                 window_s: float, max_keys: int) -> None:
-        self.principals = TokenBuckets(clock, per_principal, window_s, max_keys)
-        self.addresses = TokenBuckets(clock, per_address, window_s, max_keys)
+    def __init__(self, clock: IReactorTime, per_principal: int, limits: FailureLimits) -> None:
+        self.principals = TokenBuckets(clock, per_principal, limits.window_s, limits.max_keys)
+        self.addresses = TokenBuckets(clock, limits.per_address, limits.window_s,
+                                      limits.max_keys)
 
     def address_wait_s(self, address: str) -> float:
         """Seconds until *address* may try again (0.0: now); takes nothing."""

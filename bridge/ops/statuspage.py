@@ -29,13 +29,12 @@ from importlib import resources
 from typing import Any
 
 import attrs
-from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
 from bridge.ops import status
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from servicekit.loop import PollingLoop
+from servicekit.loop import PollingLoop, failure_counter
 
 #: What the page covers by default: 15 minutes of samples taken every 5 s.
 DEFAULT_INTERVAL_S = 5.0
@@ -43,11 +42,9 @@ DEFAULT_WINDOW_S = 15 * 60.0
 #: However short the interval, the ring holds at most this many samples.
 MAX_SAMPLES = 2_000
 
-SAMPLE_FAILURES = Counter(
+SAMPLE_FAILURES = failure_counter(
     "bridge_status_sample_failures_total",
-    "Status page samples that failed (the page keeps showing the last good one).", ["reason"])
-for _reason in ("error", "database_unavailable"):
-    SAMPLE_FAILURES.labels(reason=_reason)
+    "Status page samples that failed (the page keeps showing the last good one).")
 
 
 # ---------------------------------------------------------------- history
