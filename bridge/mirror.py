@@ -148,10 +148,10 @@ def ensure_accounts(conn: psycopg.Connection, handles: Iterable[str],
 def translate(changes: LegacyChanges, known: KnownIds) -> MirrorPlan:
     """The cloud values of *changes*; every handle they name must be in ``known.accounts``
     (``ensure_accounts`` first). Chats whose members *known* already has are left out."""
-    missing = changes.handles() - set(known.accounts)
+    accounts = known.accounts
+    missing = [h for h in changes.handles() if h not in accounts]  # not a copy of all known
     if missing:
         raise ValueError(f"accounts not ensured for {sorted(missing)[:5]}")
-    accounts = known.accounts
     wanted = {chat_id: members for chat_id, members in changes.chats.items()
               if known.chats.get(chat_id) != members}
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
@@ -162,20 +162,23 @@ def translate(changes: LegacyChanges, known: KnownIds) -> MirrorPlan:
         ConversationPlan(chat_id, ids.conversation_id(chat_id), members,
                          tuple(accounts[h] for h in members), complete=chat_id in wanted)
         for chat_id, members in (*wanted.items(), *first_seen.items()))
-    # A body PostgreSQL can not hold (current supernodes refuse these) is set aside.
-    refusals = tuple(
-        Refusal({"chat_id": m.chat_id, "guid": m.guid, "reason": "NUL character in the body"},
-                ids.conversation_id(m.chat_id))
-        for m in changes.messages if "\x00" in m.body)
-    mirrored = tuple(
-        MirroredMessage(ids.conversation_id(msg.chat_id), ids.message_id(msg.guid), msg.guid,
-                        accounts[msg.sender], msg.sender, msg.ts_ms, msg.body, "legacy")
-        for msg in changes.messages if "\x00" not in msg.body)
+    refusals: list[Refusal] = []
+    mirrored: list[MirroredMessage] = []
+    for msg in changes.messages:
+        conversation_id = ids.conversation_id(msg.chat_id)
+        if "\x00" in msg.body:
+            # A body PostgreSQL can not hold (current supernodes refuse these): set aside.
+            refusals.append(Refusal({"chat_id": msg.chat_id, "guid": msg.guid,
+                                     "reason": "NUL character in the body"}, conversation_id))
+        else:
+            mirrored.append(MirroredMessage(
+                conversation_id, ids.message_id(msg.guid), msg.guid, accounts[msg.sender],
+                msg.sender, msg.ts_ms, msg.body, "legacy"))
     checkpoints = (changes.checkpoint,) if changes.checkpoint is not None else ()
     presence = tuple(Presence(accounts[p.handle], changes.presence_source, p.status,
                               p.version, p.expires_ms) for p in changes.presence)
-    return MirrorPlan(conversations, refusals, MirrorBatch(mirrored, checkpoints), presence,
-                      changes.gaps)
+    return MirrorPlan(conversations, tuple(refusals), MirrorBatch(tuple(mirrored), checkpoints),
+                      presence, changes.gaps)
 
 
 def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
