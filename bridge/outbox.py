@@ -66,6 +66,8 @@ log = Logger()
 DIRECTION = "to_legacy"
 #: Finding kind for a message the legacy network will never accept.
 INJECT_REFUSED = "inject_refused"
+#: Finding kind for a message given up after ``max_attempts`` or ``max_age_s``.
+INJECT_FAILED = "inject_failed"
 
 OUTBOX_LOOP_FAILURES = failure_counter(
     "bridge_outbox_loop_failures_total",
@@ -108,6 +110,14 @@ class InjectorConfig:
         validator=attrs.validators.instance_of(RetryPolicy))
     #: Conversations injected concurrently (rows within one are always sequential).
     concurrency: int = attrs.field(default=16, validator=_COUNT)
+    #: A row whose injection failed this many times is given up: state ``failed``, with an
+    #: ``inject_failed`` finding (its conversation's later rows go on).
+    max_attempts: int = attrs.field(default=30, validator=_COUNT)
+    #: ... and so is a row whose injection failed once it is older than this.
+    max_age_s: float = attrs.field(default=6 * 3600.0, converter=float, validator=positive)
+    #: How often the pending rows are counted (for the heartbeat, the metrics and status):
+    #: not every tick, where a count over a large backlog would cost more than the claim.
+    backlog_every_s: float = attrs.field(default=5.0, converter=float, validator=positive)
 
     def __attrs_post_init__(self) -> None:
         if self.claim_s <= self.inject_timeout_s:
@@ -132,6 +142,27 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
          "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
         now_ms, conversation_id=item.conversation_id)
     outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    return True
+
+
+def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
+                     now_ms: int) -> bool:
+    """Give up on a row: state ``failed`` with an open ``inject_failed`` finding; False (and
+    nothing written) if the row is no longer pending."""
+    row = conn.execute(
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "AND state = 'pending' FOR UPDATE", (item.conversation_id, item.seq)).fetchone()
+    if row is None:
+        return False
+    findings_store.record_finding(
+        conn, INJECT_FAILED,
+        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
+         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle},
+        now_ms, conversation_id=item.conversation_id)
+    conn.execute(
+        "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
+        (now_ms, reason[:500], item.conversation_id, item.seq))
     return True
 
 
@@ -174,8 +205,11 @@ class OutboxInjector(PollingLoop):
         self.duplicates = 0
         self.skipped = 0
         self.failures = 0
-        #: Pending rows and the age in ms of the oldest, as of the last tick.
+        #: Rows given up (state failed, with an inject_failed finding).
+        self.given_up = 0
+        #: Pending rows and the age in ms of the oldest, as last read (every backlog_every_s).
         self.backlog: tuple[int, int | None] = (0, None)
+        self._backlog_read_at: float | None = None
 
     async def _tick(self) -> bool:
         """One pass; True when it claimed a full batch (so more are probably due)."""
@@ -205,16 +239,29 @@ class OutboxInjector(PollingLoop):
             metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
             metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
                 self._clock.seconds() - started)
+        await self._read_backlog()
+        # more is probably due when the batch was full or a conversation hit its share
+        per_conv = collections.Counter(item.conversation_id for item in items)
+        return len(items) >= cfg.batch or max(per_conv.values(), default=0) >= per_conversation
+
+    async def _read_backlog(self) -> None:
+        """Count the pending rows, at most every ``backlog_every_s``: the heartbeat reports
+        them, the metrics show them, and the migration gate reads the oldest's age."""
+        now = self._clock.seconds()
+        if (self._backlog_read_at is not None
+                and now - self._backlog_read_at < self.config.backlog_every_s):
+            return
         try:
             self.backlog = await self._db.run("outbox_backlog", outbox_store.outbox_backlog,
                                               self._now_ms())
         except DatabaseUnavailable as e:
             self._database_down(e)
-        else:
-            metrics.BACKLOG.labels(direction=DIRECTION).set(self.backlog[0])
-        # more is probably due when the batch was full or a conversation hit its share
-        per_conv = collections.Counter(item.conversation_id for item in items)
-        return len(items) >= cfg.batch or max(per_conv.values(), default=0) >= per_conversation
+            return
+        self._backlog_read_at = now
+        pending, oldest_ms = self.backlog
+        metrics.BACKLOG.labels(direction=DIRECTION).set(pending)
+        metrics.OUTBOX_PENDING.set(pending)
+        metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest_ms is None else oldest_ms / 1000)
 
     async def _conversation(self, items: list[OutboxItem], claimed_until_ms: int) -> None:
         """Inject one conversation's claimed rows in seq order; never raises."""
@@ -319,6 +366,22 @@ class OutboxInjector(PollingLoop):
 
     async def _release(self, items: list[OutboxItem], reason: str) -> None:
         first = items[0]
+        now_ms = self._now_ms()
+        too_old = now_ms - first.sent_ms > self.config.max_age_s * 1000
+        if first.attempts >= self.config.max_attempts or too_old:
+            why = (f"given up after {first.attempts} attempts"
+                   + (f" and {(now_ms - first.sent_ms) // 1000} s" if too_old else "")
+                   + f"; last error: {reason}")
+            if await self._db.run("fail_outbox_item", fail_outbox_item, first, why, now_ms):
+                self.given_up += 1
+                metrics.OUTBOX_GIVEN_UP.inc()
+                log.warn("gave up injecting message {mid} of conversation {cid} ({why}); "
+                         "an inject_failed finding is open", mid=first.message_id,
+                         cid=first.conversation_id, why=why)
+            if len(items) == 1:
+                return
+            items = items[1:]  # the rest of the conversation goes back as usual
+            first = items[0]
         delay_s = self.config.retry.delay(first.attempts, self._rng)
         await self._db.run("release_outbox_items", release_outbox_items, items, reason,
                            self._now_ms() + round(delay_s * 1000))

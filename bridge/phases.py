@@ -37,7 +37,7 @@ FORWARD, BACKWARD, NONE = "forward", "backward", "none"
 #: What a plan does with one account.
 MOVE, HELD, UNCHANGED = "move", "held", "unchanged"
 #: Gate names, in the order they are evaluated and shown.
-GATES = ("no_open_findings", "mirror_lag", "recent_clean_reconcile")
+GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile")
 
 
 def direction(from_phase: str, to_phase: str) -> str:
@@ -93,6 +93,9 @@ class GateConfig:
     reconcile_window_ms: int = attrs.field(default=3_600_000, validator=attrs.validators.gt(0))
     #: a worker is live while its heartbeat is at most this old
     live_within_ms: int = admin.LIVE_WORKER_MS
+    #: the oldest outbox row waiting for the legacy network must be younger than this (a
+    #: stuck cloud -> legacy leg completes nothing, so the lag gate alone would not see it)
+    outbox_age_bound_ms: int = attrs.field(default=300_000, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen
@@ -103,6 +106,8 @@ class GateInputs:
     last_clean_reconcile: admin.ReconcileRun | None
     #: open findings by kind, per account (its own and its conversations'); absent: none
     open_findings: Mapping[uuid.UUID, Mapping[str, int]] = attrs.field(factory=dict)
+    #: when the oldest outbox row still waiting for the legacy network was written
+    oldest_outbox_ms: int | None = None
 
 
 @attrs.frozen
@@ -227,6 +232,19 @@ def gate_mirror_lag(live: Sequence[admin.WorkerRow], bound_ms: int) -> GateResul
                                           f"{seen} (bound {bound_ms} ms)")
 
 
+def gate_outbox_flowing(oldest_ms: int | None, bound_ms: int, now_ms: int) -> GateResult:
+    """The cloud -> legacy leg is moving: no outbox row has waited longer than the bound."""
+    if oldest_ms is None:
+        return GateResult("outbox_flowing", True, "no outbox row waits for legacy")
+    age = now_ms - oldest_ms
+    if age > bound_ms:
+        return GateResult("outbox_flowing", False,
+                          f"the oldest outbox row to legacy has waited {_age(age)} "
+                          f"(bound {_age(bound_ms)})")
+    return GateResult("outbox_flowing", True,
+                      f"the oldest outbox row to legacy has waited {_age(age)}")
+
+
 def _age(ms: int) -> str:
     s = max(ms, 0) // 1000
     if s < 120:
@@ -254,6 +272,7 @@ def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig
     """Every gate for promoting *account_id*, in ``GATES`` order."""
     return (gate_no_open_findings(inputs.open_findings.get(account_id)),
             gate_mirror_lag(inputs.live_workers, config.lag_bound_ms),
+            gate_outbox_flowing(inputs.oldest_outbox_ms, config.outbox_age_bound_ms, now_ms),
             gate_recent_clean_reconcile(inputs.last_clean_reconcile,
                                         config.reconcile_window_ms, now_ms))
 
@@ -314,7 +333,8 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
     inputs = GateInputs(
         live_workers=tuple(admin.live_workers(conn, now_ms, config.live_within_ms)),
         last_clean_reconcile=admin.last_clean_reconcile(conn),
-        open_findings=admin.open_findings_for_accounts(conn, promoted))
+        open_findings=admin.open_findings_for_accounts(conn, promoted),
+        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
     return plan_moves(accounts, target, inputs, config, now_ms, force=force,
                       promote_only=selection.is_cohort)
 

@@ -377,6 +377,9 @@ class BridgeWorker(MultiService):
         detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())},
                   "lag_p50_to_cloud_ms": percentile_ms(lags, 0.50),
                   "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50)}
+        backlog = getattr(injector, "backlog", None)
+        if backlog is not None:  # the outbox as this worker's injector last read it
+            detail["outbox_pending"], detail["outbox_oldest_age_ms"] = backlog
         return self.db.run(
             "heartbeat_worker", coordination_store.heartbeat_worker, self.config.worker_id, state,
             int(now * 1000), self.started_ms, lag_to_cloud_ms=p99_ms(lags),

@@ -48,6 +48,9 @@ def add_commands(sub: Any) -> None:
     mig.add_argument("--lag-bound-ms", type=options.non_negative_int, default=5000,
                      metavar="MS",
                      help="mirror lag gate: every live worker's lag under MS (default 5000)")
+    mig.add_argument("--outbox-age-bound", type=options.number, default=300.0, metavar="S",
+                     help="outbox gate: no outbox row to legacy waiting longer than S seconds "
+                          "(default 300)")
     mig.add_argument("--reconcile-window", type=options.number, default=3600.0, metavar="S",
                      help="reconcile gate: a clean run finished within S seconds "
                           "(default 3600)")
@@ -100,9 +103,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.to not in PHASES:
         raise UsageError(f"unknown phase {args.to!r}: use one of {', '.join(PHASES)}")
     selection = _selection(args)
-    if args.lag_bound_ms <= 0 or args.reconcile_window <= 0:
-        raise UsageError("--lag-bound-ms and --reconcile-window must be positive")
+    if args.lag_bound_ms <= 0 or args.reconcile_window <= 0 or args.outbox_age_bound <= 0:
+        raise UsageError("--lag-bound-ms, --outbox-age-bound and --reconcile-window must be "
+                         "positive")
     config = phases.GateConfig(lag_bound_ms=args.lag_bound_ms,
+                               outbox_age_bound_ms=int(args.outbox_age_bound * 1000),
                                reconcile_window_ms=int(args.reconcile_window * 1000))
     actor = args.actor if args.actor is not None else _os_user()
     if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):

@@ -332,6 +332,13 @@ def last_clean_reconcile(conn: psycopg.Connection) -> ReconcileRun | None:
     return None if row is None else ReconcileRun(*row)
 
 
+def oldest_pending_outbox_ms(conn: psycopg.Connection) -> int | None:
+    """When the oldest outbox row still waiting for the legacy network was written (None:
+    none waits); one read of the pending rows' index, whatever the backlog."""
+    return conn.execute("SELECT min(created_ms) FROM outbox_to_legacy "
+                        "WHERE state = 'pending'").fetchone()[0]
+
+
 # ---------------------------------------------------------------- what status reads
 
 def findings_by_state(conn: psycopg.Connection) -> dict[str, dict[str, int]]:

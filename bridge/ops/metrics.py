@@ -123,6 +123,18 @@ PRESENCE = Counter(
 FEED_GAPS = Counter(
     "bridge_feed_gaps_total", "Feed gaps found (new epoch or offset out of the buffer).",
     ["kind"])
+OUTBOX_PENDING = Gauge(
+    "bridge_outbox_pending",
+    "Outbox rows waiting to be injected into the legacy network, as this worker last read "
+    "them (every backlog_every_s).")
+OUTBOX_OLDEST_AGE = Gauge(
+    "bridge_outbox_oldest_age_seconds",
+    "Age of the oldest outbox row waiting to be injected (0: none waiting), as this worker "
+    "last read it.")
+OUTBOX_GIVEN_UP = Counter(
+    "bridge_outbox_given_up_total",
+    "Outbox rows given up after InjectorConfig's max_attempts or max_age_s: state failed, "
+    "with an inject_failed finding.")
 RETRIES = Counter(
     "bridge_retries_total", "Operations retried after a failure, by what failed.", ["what"])
 FEEDS_CONNECTED = Gauge(

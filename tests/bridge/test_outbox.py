@@ -562,3 +562,89 @@ def test_listener_keeps_retrying_an_unreachable_database_and_still_stops(db_serv
         reactor.calls.get(timeout=0.5)
     assert listener.connects == 0 and listener.thread.is_alive()
     stop_listener(listener, reactor)
+
+
+def test_a_row_that_keeps_failing_is_given_up_with_a_finding_and_the_rest_go_on(conn,
+                                                                                make_scene):
+    """After max_attempts failed injections the conversation's head row is given up (state
+    failed, an inject_failed finding naming the message, the metric); its later rows are not
+    held behind it, and arrive once the home supernode is back."""
+    config = attrs.evolve(FAST, max_attempts=3)
+    s = make_scene(config=config, start=False, seed=4)
+    cid, alice, bob = two_party(conn)
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
+    s.net.wait(home.stopService())
+    s.run(0.1)
+    doomed = s.post(cid, alice, "never arrives")
+    given_up = metric("bridge_outbox_given_up_total")
+    s.injector.startService()
+    s.run(6)  # three failed attempts: given up; the row after it was never posted yet
+    rows = outbox_rows(conn, cid)
+    assert [(r[0], r[1], r[2]) for r in rows] == [(1, "failed", 3)]
+    assert "given up after 3 attempts" in rows[0][4]
+    assert metric("bridge_outbox_given_up_total") - given_up == 1 == s.injector.given_up
+    [(_kind, state, conversation, detail)] = [
+        f for f in findings(conn) if f[0] == "inject_failed"]
+    assert (state, conversation) == ("open", cid)
+    assert detail["message_id"] == str(doomed.message_id)
+    assert detail["attempts"] == 3 and "unreachable" in detail["reason"]
+    later = s.post(cid, bob, "arrives")
+    s.net.wait(home.restart())
+    s.run(5)
+    assert [m.body for m in s.history(chat_id)] == [later.body]
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["failed", "done"]
+
+
+def test_a_failing_row_older_than_max_age_is_given_up_at_its_next_failure(conn, make_scene):
+    """max_age_s bounds a row's retries by time too: a failure after it is a give-up."""
+    config = attrs.evolve(FAST, max_age_s=60.0)
+    s = make_scene(config=config, start=False, seed=5)
+    cid, alice, _bob = two_party(conn)
+    home = s.net.supernodes[s.net.ring.home_of(ids.chat_for_cloud_conversation(cid))]
+    s.net.wait(home.stopService())
+    s.run(0.1)
+    s.post(cid, alice, "posted long ago", sent_ms=s.now_ms() - 120_000)
+    s.injector.startService()
+    s.run(0)
+    [(seq, state, attempts, _until, error)] = outbox_rows(conn, cid)
+    assert (state, attempts) == ("failed", 1) and "given up after 1 attempts and 120 s" in error
+
+
+def test_the_backlog_is_counted_every_few_seconds_not_every_pass(conn, make_scene):
+    """Pending rows and the oldest's age reach the metrics; the count runs at most every
+    backlog_every_s, however often the loop ticks."""
+    config = attrs.evolve(FAST, backlog_every_s=5.0)
+    s = make_scene(config=config, start=False)
+    cid, alice, _bob = two_party(conn)
+    home = s.net.supernodes[s.net.ring.home_of(ids.chat_for_cloud_conversation(cid))]
+    s.net.wait(home.stopService())
+    s.run(0.1)
+    s.post(cid, alice, "waits", sent_ms=s.now_ms())
+    counted = [0]
+    real = outbox_store.outbox_backlog
+
+    def counting(conn_, now_ms):
+        counted[0] += 1
+        return real(conn_, now_ms)
+
+    s.injector._db = CountingDatabase(InlineDatabase(conn), "outbox_backlog", counting)
+    s.injector.startService()
+    s.run(4.9)
+    assert counted[0] == 1 and s.injector.ticks > 3
+    assert metric("bridge_outbox_pending") == 1.0
+    assert metric("bridge_outbox_oldest_age_seconds") >= 0.0
+    s.run(5.0)
+    assert counted[0] == 2
+    assert metric("bridge_outbox_oldest_age_seconds") >= 5.0
+
+
+class CountingDatabase:
+    """Runs every transaction on *inner*, but the one named *desc* through *replacement*."""
+
+    def __init__(self, inner, desc: str, replacement) -> None:
+        self.inner, self.desc, self.replacement = inner, desc, replacement
+
+    def run(self, desc, fn, *args, **kwargs):
+        return self.inner.run(desc, self.replacement if desc == self.desc else fn,
+                              *args, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 
 from prometheus_client import REGISTRY
 from twisted.web.test.requesthelper import DummyRequest
@@ -117,4 +118,29 @@ def test_a_worker_reports_ready_as_soon_as_its_first_feed_streams(conn):
             states.append(row[0])
     assert states == ["degraded", "ready"] and worker.ready
     assert conn.execute("SELECT feeds FROM bridge_workers").fetchone()[0] >= 1
+    net.wait(worker.stopService())
+
+
+def test_the_heartbeat_reports_the_outbox_as_the_injector_last_counted_it(conn):
+    """Each heartbeat carries the pending outbox rows and the oldest's age (detail), so
+    status and operators see a stuck cloud -> legacy leg from the workers' own reports."""
+    from bridge.outbox import InjectorConfig, OutboxInjector
+
+    net = LegacyNet(3, seed=6).start()
+    config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
+                          heartbeat_s=1.0, follower=FollowerConfig(linger_s=0.01))
+    worker = BridgeWorker(
+        net.clock, net.net, InlineDatabase(conn), PEER_SECRET, random.Random(1), config,
+        injector_factory=lambda w: OutboxInjector(net.clock, InlineDatabase(conn), w,
+                                                  random.Random(2), InjectorConfig()))
+    now_ms = round(net.clock.seconds() * 1000)
+    for seq in (1, 2):  # waiting rows (of no message: nothing will ever inject them)
+        conn.execute("INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, "
+                     "created_ms) VALUES (%s, %s, %s, %s)",
+                     (uuid.UUID(int=1), seq, uuid.uuid4(), now_ms - 4_500))
+    worker.startService()
+    net.run(2.5)
+    detail = conn.execute("SELECT detail FROM bridge_workers WHERE worker_id = 'w1'"
+                          ).fetchone()[0]
+    assert detail["outbox_pending"] == 2 and detail["outbox_oldest_age_ms"] >= 4_500
     net.wait(worker.stopService())
