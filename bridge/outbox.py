@@ -18,9 +18,13 @@ One outbox row (``outbox_to_legacy.state``)::
 
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
-``duplicate``). Order per conversation: rows of one conversation are injected one at a time
-in seq order, each after the previous one's Ack; when one fails, it and every later claimed
-row of that conversation are released together, and ``claim_outbox`` never hands out a row
+``duplicate``). Each claim carries a token; completes and releases touch only rows still held
+under it, so a late one from a claim that ran out changes nothing (counted in
+``late_claims``, logged). Order per conversation: rows of one conversation are injected one at
+a time in seq order, each after the previous one's Ack, and the acknowledged ones are
+completed together in one transaction (``complete_outbox_batch``); when one fails, it and
+every later claimed row of that conversation are released together, and ``claim_outbox``
+never hands out a row
 while an earlier one of its conversation is still claimed. Conversations run concurrently,
 at most ``concurrency`` at a time.
 

@@ -5,7 +5,7 @@
 -- head in seq order, without walking the conversation's done rows (the primary key holds
 -- them all). 'failed': a row given up after bounded attempts.
 ALTER TABLE outbox_to_legacy ADD COLUMN claim_token uuid;
-CREATE INDEX outbox_to_legacy_pending_seq ON outbox_to_legacy (conversation_id, seq)
+CREATE INDEX IF NOT EXISTS outbox_to_legacy_pending_seq ON outbox_to_legacy (conversation_id, seq)
     WHERE state = 'pending';
 ALTER TABLE outbox_to_legacy DROP CONSTRAINT outbox_to_legacy_state_check;
 ALTER TABLE outbox_to_legacy ADD CONSTRAINT outbox_to_legacy_state_check
