@@ -10,7 +10,7 @@ import pytest
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
 from tests.cloud.store.storefixture import NOW
-from tests.dbfixture import make_account, make_conversation, tx
+from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
 
 def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
@@ -100,15 +100,9 @@ def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
     items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
     batch = [outbox_store.Injected(i, i.legacy_chat_id or "born-1", f"cloud:{i.message_id}")
              for i in items]
-    conn.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-                 "$$ BEGIN RAISE EXCEPTION 'no'; END $$")
-    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON conversation_legacy_ids "
-                 "FOR EACH ROW EXECUTE FUNCTION refuse()")
-    try:
-        with pytest.raises(psycopg.errors.RaiseException):
-            tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5)
-    finally:
-        conn.execute("DROP TRIGGER refuse ON conversation_legacy_ids")
+    with failing_inserts(conn, "conversation_legacy_ids", "no"), \
+            pytest.raises(psycopg.errors.RaiseException):
+        tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5)
     assert conn.execute("SELECT count(*) FROM outbox_to_legacy WHERE state = 'pending'"
                         ).fetchone() == (4,)
     assert conn.execute("SELECT count(legacy_guid) FROM messages").fetchone() == (0,)
