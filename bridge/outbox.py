@@ -18,9 +18,13 @@ One outbox row (``outbox_to_legacy.state``)::
 
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
-``duplicate``). Order per conversation: rows of one conversation are injected one at a time
-in seq order, each after the previous one's Ack; when one fails, it and every later claimed
-row of that conversation are released together, and ``claim_outbox`` never hands out a row
+``duplicate``). Each claim carries a token; completes and releases touch only rows still held
+under it, so a late one from a claim that ran out changes nothing (counted in
+``late_claims``, logged). Order per conversation: rows of one conversation are injected one at
+a time in seq order, each after the previous one's Ack, and the acknowledged ones are
+completed together in one transaction (``complete_outbox_batch``); when one fails, it and
+every later claimed row of that conversation are released together, and ``claim_outbox``
+never hands out a row
 while an earlier one of its conversation is still claimed. Conversations run concurrently,
 at most ``concurrency`` at a time.
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -130,10 +135,11 @@ class InjectorConfig:
 def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
                        reason: str, now_ms: int) -> bool:
     """Skip a row the legacy network will never accept, with an open ``inject_refused``
-    finding; False (and nothing written) if the row is no longer pending."""
+    finding; False (and nothing written) if the row is no longer pending under its claim."""
     row = conn.execute(
         "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
-        "AND state = 'pending' FOR UPDATE", (item.conversation_id, item.seq)).fetchone()
+        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
+        (item.conversation_id, item.seq, item.claim_token)).fetchone()
     if row is None:
         return False
     findings_store.record_finding(
@@ -148,10 +154,11 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
 def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
                      now_ms: int) -> bool:
     """Give up on a row: state ``failed`` with an open ``inject_failed`` finding; False (and
-    nothing written) if the row is no longer pending."""
+    nothing written) if the row is no longer pending under its claim."""
     row = conn.execute(
         "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
-        "AND state = 'pending' FOR UPDATE", (item.conversation_id, item.seq)).fetchone()
+        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
+        (item.conversation_id, item.seq, item.claim_token)).fetchone()
     if row is None:
         return False
     findings_store.record_finding(
@@ -167,10 +174,10 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
 
 
 def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], error: str,
-                         retry_at_ms: int) -> None:
-    """Hand claimed rows of one conversation back together, all due at *retry_at_ms*."""
-    for item in items:
-        outbox_store.release_outbox(conn, item, error, retry_at_ms)
+                         retry_at_ms: int) -> int:
+    """Hand claimed rows of one conversation back together, all due at *retry_at_ms*; how
+    many were still held under their claim (the others belong to a newer claim now)."""
+    return sum(outbox_store.release_outbox(conn, item, error, retry_at_ms) for item in items)
 
 
 # ---------------------------------------------------------------- the injector
@@ -197,6 +204,9 @@ class OutboxInjector(PollingLoop):
         self._db = db
         self._peers = peers
         self._rng = rng
+        # Claim tokens come from a stream of their own, seeded from *rng*'s state without
+        # drawing from it: a seeded run stays deterministic and its retry jitter unchanged.
+        self._tokens = random.Random(repr((rng.getstate(), name)))
         #: Rows injected new, acknowledged as duplicates, skipped; failed injections
         #: (released for a retry). ``ticks`` and ``loop_failures`` come from PollingLoop.
         self.injected = 0
@@ -207,6 +217,8 @@ class OutboxInjector(PollingLoop):
         self.failures = 0
         #: Rows given up (state failed, with an inject_failed finding).
         self.given_up = 0
+        #: Rows a late complete, release or skip found held by a newer claim (nothing written).
+        self.late_claims = 0
         #: Pending rows and the age in ms of the oldest, as last read (every backlog_every_s).
         self.backlog: tuple[int, int | None] = (0, None)
         self._backlog_read_at: float | None = None
@@ -220,8 +232,9 @@ class OutboxInjector(PollingLoop):
         try:
             # spread a claim over at least `concurrency` conversations, each injected in order
             per_conversation = max(1, cfg.batch // cfg.concurrency)
+            token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
             items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms, cfg.batch,
-                                       claim_ms, per_conversation)
+                                       claim_ms, per_conversation, token)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -264,22 +277,30 @@ class OutboxInjector(PollingLoop):
         metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest_ms is None else oldest_ms / 1000)
 
     async def _conversation(self, items: list[OutboxItem], claimed_until_ms: int) -> None:
-        """Inject one conversation's claimed rows in seq order; never raises."""
+        """Inject one conversation's claimed rows in seq order, then record the acknowledged
+        ones in one transaction; never raises."""
         timeout_ms = round(self.config.inject_timeout_s * 1000)
+        acked: list[tuple[outbox_store.Injected, wire.Ack]] = []
         try:
-            for i, item in enumerate(items):
-                if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
-                    # Stopping, or the claim could run out mid-injection and let another
-                    # worker overtake: hand the rest back, due at once.
-                    await self._db.run("release_outbox_items", release_outbox_items, items[i:],
-                                       "handed back unattempted (stopping or claim ending)",
-                                       self._now_ms())
-                    return
-                try:
-                    await self._inject(item)
-                except _Retry as e:
-                    await self._release(items[i:], str(e))
-                    return
+            try:
+                for i, item in enumerate(items):
+                    if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
+                        # Stopping, or the claim could run out mid-injection and let another
+                        # worker overtake: hand the rest back, due at once.
+                        await self._hand_back(items[i:], "handed back unattempted (stopping "
+                                              "or claim ending)", self._now_ms())
+                        return
+                    try:
+                        outcome = await self._inject(item)
+                    except _Retry as e:
+                        await self._release(items[i:], str(e))
+                        return
+                    if outcome is not None:
+                        acked.append(outcome)
+            finally:
+                # Acknowledged rows stay claimed until here; the later rows of the
+                # conversation (if any went back) wait behind them, so order holds.
+                await self._complete(acked)
         except DatabaseUnavailable as e:
             # Rows not completed stay claimed and come due again when the claim runs out;
             # injecting them again then is a no-op on the legacy side.
@@ -290,15 +311,18 @@ class OutboxInjector(PollingLoop):
             log.failure("injecting conversation {cid} failed unexpectedly; its rows come due "
                         "again", cid=items[0].conversation_id)
 
-    async def _inject(self, item: OutboxItem) -> None:
-        """Inject one row and record the outcome; ``_Retry`` if it must be tried again."""
+    async def _inject(self, item: OutboxItem) -> tuple[outbox_store.Injected, wire.Ack] | None:
+        """Inject one row: the Ack to record, None when the row was skipped or refused (and
+        recorded already); ``_Retry`` if it must be tried again."""
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
-            await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, None,
-                               self._now_ms(), skipped=True)
-            self.skipped += 1
-            return
+            if await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id,
+                                  None, self._now_ms(), skipped=True):
+                self.skipped += 1
+            else:
+                self._claim_lost("skip", [item])
+            return None
         guid = ids.guid_for_cloud_message(item.message_id)
         members = tuple(sorted(set(item.member_handles)))
         if len(members) < 2:
@@ -318,18 +342,46 @@ class OutboxInjector(PollingLoop):
             return await self._refuse(item, chat_id, f"the supernode refused it: {e}")
         if ack.status not in ("new", "duplicate"):
             raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
+        return outbox_store.Injected(item, chat_id, guid), ack
+
+    async def _complete(self, acked: list[tuple[outbox_store.Injected, wire.Ack]]) -> None:
+        """Record acknowledged rows in one transaction, then count them."""
+        if not acked:
+            return
         now_ms = self._now_ms()
-        await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id, guid,
-                           now_ms)
-        if ack.status == "new":
-            self.injected += 1
-            metrics.MIRRORED.labels(direction=DIRECTION).inc()
-        else:
-            self.duplicates += 1
-            metrics.DUPLICATES.labels(direction=DIRECTION).inc()
-        lag = max(0, now_ms - item.sent_ms) / 1000
-        metrics.LAG.labels(direction=DIRECTION).observe(lag)
-        self.recent_lags.append((now_ms / 1000, lag))
+        done = await self._db.run("complete_outbox_batch", outbox_store.complete_outbox_batch,
+                                  [injected for injected, _ in acked], now_ms)
+        completed = {(item.conversation_id, item.seq) for item in done}
+        lost = []
+        for injected, ack in acked:
+            item = injected.item
+            if (item.conversation_id, item.seq) not in completed:
+                lost.append(item)
+                continue
+            if ack.status == "new":
+                self.injected += 1
+                metrics.MIRRORED.labels(direction=DIRECTION).inc()
+            else:
+                self.duplicates += 1
+                metrics.DUPLICATES.labels(direction=DIRECTION).inc()
+            lag = max(0, now_ms - item.sent_ms) / 1000
+            metrics.LAG.labels(direction=DIRECTION).observe(lag)
+            self.recent_lags.append((now_ms / 1000, lag))
+        if lost:
+            self._claim_lost("complete", lost)
+
+    def _claim_lost(self, what: str, items: Sequence[OutboxItem]) -> None:
+        """A late call from a claim that ran out and was taken again: it changed nothing."""
+        self.late_claims += len(items)
+        log.warn("outbox claim of conversation {cid} ran out before {what} ({count} rows, "
+                 "from seq {seq}); another claim holds them now, nothing written",
+                 cid=items[0].conversation_id, what=what, count=len(items), seq=items[0].seq)
+
+    async def _hand_back(self, items: list[OutboxItem], reason: str, retry_at_ms: int) -> None:
+        held = await self._db.run("release_outbox_items", release_outbox_items, items, reason,
+                                  retry_at_ms)
+        if held < len(items):
+            self._claim_lost("release", items[held:])
 
     async def _send(self, chat_id: str, message: wire.ChatMessage,
                     members: tuple[str, ...]) -> wire.Ack:
@@ -357,8 +409,9 @@ class OutboxInjector(PollingLoop):
             raise _Retry(f"{type(e).__name__}: {e}") from e
 
     async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
-        await self._db.run("refuse_outbox_item", refuse_outbox_item, item, chat_id, reason,
-                           self._now_ms())
+        if not await self._db.run("refuse_outbox_item", refuse_outbox_item, item, chat_id,
+                                  reason, self._now_ms()):
+            return self._claim_lost("refuse", [item])
         self.skipped += 1
         log.warn("legacy refuses message {mid} of conversation {cid}: {reason}; skipped with "
                  "an inject_refused finding", mid=item.message_id, cid=item.conversation_id,
@@ -383,8 +436,7 @@ class OutboxInjector(PollingLoop):
             items = items[1:]  # the rest of the conversation goes back as usual
             first = items[0]
         delay_s = self.config.retry.delay(first.attempts, self._rng)
-        await self._db.run("release_outbox_items", release_outbox_items, items, reason,
-                           self._now_ms() + round(delay_s * 1000))
+        await self._hand_back(items, reason, self._now_ms() + round(delay_s * 1000))
         self.failures += 1
         metrics.RETRIES.labels(what="inject").inc()
         log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "

@@ -9,6 +9,7 @@ database tests, which is how ``.ci/run`` repeats them against the machine's own 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from psycopg import conninfo
+from psycopg import conninfo, sql
 from twisted.internet import defer
 
 from cloud import embedded, schema
@@ -96,6 +97,21 @@ def tx(conn: psycopg.Connection, fn: Callable, *args: object, **kwargs: object) 
     """Run one store function in its own transaction on *conn*."""
     with conn.transaction():
         return fn(conn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def failing_inserts(conn: psycopg.Connection, table: str, error: str) -> Iterator[None]:
+    """Every INSERT into *table* raises *error* (a RaiseException) while inside."""
+    conn.execute(sql.SQL("CREATE OR REPLACE FUNCTION failing_insert() RETURNS trigger "
+                         "LANGUAGE plpgsql AS {} ").format(
+        sql.Literal(f"BEGIN RAISE EXCEPTION {sql.Literal(error).as_string(conn)}; END")))
+    conn.execute(sql.SQL("CREATE TRIGGER failing_insert BEFORE INSERT ON {} "
+                         "FOR EACH ROW EXECUTE FUNCTION failing_insert()").format(
+        sql.Identifier(table)))
+    try:
+        yield
+    finally:
+        conn.execute(sql.SQL("DROP TRIGGER failing_insert ON {}").format(sql.Identifier(table)))
 
 
 def make_account(conn: psycopg.Connection, handle: str, phase: str = "dual") -> uuid.UUID:

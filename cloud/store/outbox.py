@@ -6,6 +6,7 @@ claimed per conversation in seq order. The rows are written with their message
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import attrs
 import psycopg
@@ -32,105 +33,181 @@ class OutboxItem:
     #: how many members are in a phase with legacy clients (legacy, dual, cloud)
     legacy_client_members: int
     attempts: int
+    #: the claim this row is held under; complete and release take effect only under it
+    claim_token: uuid.UUID | None = None
+
+
+@attrs.frozen
+class Injected:
+    """An outbox row the home supernode acknowledged, with the legacy ids it got."""
+
+    item: OutboxItem
+    legacy_chat_id: str
+    #: None only through ``complete_outbox(..., None)``, which records no GUID
+    legacy_guid: str | None
 
 
 #: At most this many rows of one conversation per claim by default: a claim then locks little
 #: and spreads over conversations (which are injected concurrently, each in seq order).
 OUTBOX_CLAIM_PER_CONVERSATION = 50
 
+# The claim, in steps whose locks follow the rows it claims (one pass over the pending rows
+# finds each conversation's head and size; nothing else is read per conversation):
+#   heads   each conversation's lowest pending row (a claim always starts there) and count;
+#   ready   the conversations whose head is not claimed, oldest first, with how many rows
+#           the ones before each would take (*per_conversation* at most each);
+#   owned   their heads, locked in that order without waiting, skipping heads another
+#           claimer holds, until as many conversations as *limit* rows need are held;
+#   wanted  the owned conversations' first pending rows in seq order, cut to *limit* rows,
+#           each with its rank from the head (1 = the head);
+#   due     the rows locked (skipping any another claimer holds), per conversation only the
+#           unbroken run from the head: one conversation's rows are never split between
+#           claims and each claim starts at the head.
+_CLAIM = (
+    "WITH heads AS ("
+    "  SELECT conversation_id, min(seq) AS head, count(*) AS pending "
+    "  FROM outbox_to_legacy WHERE state = 'pending' GROUP BY conversation_id), "
+    "ready AS ("
+    "  SELECT h.conversation_id, h.head, o.created_ms, "
+    "         sum(least(h.pending, %(per_conversation)s)) OVER ("
+    "           ORDER BY o.created_ms, h.conversation_id ROWS UNBOUNDED PRECEDING) "
+    "         - least(h.pending, %(per_conversation)s) AS before "
+    "  FROM heads h JOIN outbox_to_legacy o "
+    "    ON o.conversation_id = h.conversation_id AND o.seq = h.head "
+    "  WHERE o.claimed_until_ms <= %(now)s), "
+    "owned AS ("
+    "  SELECT o.conversation_id, r.created_ms FROM ready r JOIN outbox_to_legacy o "
+    "    ON o.conversation_id = r.conversation_id AND o.seq = r.head "
+    "  WHERE o.state = 'pending' AND o.claimed_until_ms <= %(now)s "
+    "  ORDER BY r.created_ms, r.conversation_id "
+    "  LIMIT (SELECT count(*) FROM ready WHERE before < %(limit)s) "
+    "  FOR UPDATE OF o SKIP LOCKED), "
+    "wanted AS ("
+    "  SELECT r.conversation_id, w.seq, w.rank FROM owned r, LATERAL ("
+    "    SELECT o.seq, row_number() OVER (ORDER BY o.seq) AS rank FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = r.conversation_id AND o.state = 'pending' "
+    "    ORDER BY o.seq LIMIT %(per_conversation)s) w "
+    "  ORDER BY r.created_ms, r.conversation_id, w.seq LIMIT %(limit)s), "
+    "locked AS ("
+    "  SELECT o.conversation_id, o.seq, w.rank FROM outbox_to_legacy o "
+    "  JOIN wanted w ON o.conversation_id = w.conversation_id AND o.seq = w.seq "
+    "  WHERE o.state = 'pending' FOR UPDATE OF o SKIP LOCKED), "
+    "due AS ("
+    "  SELECT conversation_id, seq FROM ("
+    "    SELECT conversation_id, seq, rank, "
+    "           row_number() OVER (PARTITION BY conversation_id ORDER BY seq) AS got "
+    "    FROM locked) l WHERE rank = got), "
+    "claimed AS ("
+    "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
+    "    attempts = o.attempts + 1, claim_token = %(token)s FROM due "
+    "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
+    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
+    "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
+    "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
+    "        WHERE s.account_id = m.sender_account_id), "
+    "       m.sent_ms, m.body, "
+    "       array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
+    "             JOIN accounts a USING (account_id) "
+    "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1), "
+    "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
+    "        WHERE mb.conversation_id = c.conversation_id "
+    "          AND a.phase = ANY(%(phases)s)), "
+    "       c.attempts "
+    "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
+    "  AND m.seq = c.seq "
+    "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
+    "ORDER BY c.conversation_id, c.seq")
+
 
 def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
-                 per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION) -> list[OutboxItem]:
+                 per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION,
+                 token: uuid.UUID | None = None) -> list[OutboxItem]:
     """Claim up to *limit* due rows for *claim_ms*, oldest first, in seq order per conversation.
 
     A claimed row is invisible to other workers until its claim runs out; a worker that
     dies mid-injection therefore leaves it to come due again. Claims start at each
     conversation's lowest pending row and rows come back in seq order, so injection order
-    per conversation is kept across workers.
+    per conversation is kept across workers. The rows are held under *token* (a new random
+    one when None), which the returned items carry.
     """
+    token = token if token is not None else uuid.uuid4()
     rows = conn.execute(
-        # heads: each conversation's lowest pending row. A conversation is claimable only when
-        # its head is not claimed, and a claim always starts at the head: rows of one
-        # conversation are therefore never split between two workers, whatever the timing.
-        "WITH heads AS ("
-        "  SELECT DISTINCT ON (conversation_id) conversation_id, seq AS head, "
-        "         claimed_until_ms, created_ms "
-        "  FROM outbox_to_legacy WHERE state = 'pending' ORDER BY conversation_id, seq), "
-        "ready AS ("
-        "  SELECT conversation_id, head, created_ms FROM heads "
-        "  WHERE claimed_until_ms <= %(now)s ORDER BY created_ms, conversation_id "
-        "  LIMIT %(limit)s), "
-        "locked AS ("
-        "  SELECT r.conversation_id, l.seq FROM ready r, LATERAL ("
-        "    SELECT o.seq FROM outbox_to_legacy o "
-        "    WHERE o.conversation_id = r.conversation_id AND o.state = 'pending' "
-        "    ORDER BY o.seq LIMIT %(per_conversation)s FOR UPDATE SKIP LOCKED) l), "
-        "due AS ("
-        "  SELECT l.conversation_id, l.seq, r.created_ms FROM locked l "
-        "  JOIN ready r USING (conversation_id) "
-        "  WHERE (SELECT min(l2.seq) FROM locked l2 "
-        "         WHERE l2.conversation_id = l.conversation_id) = r.head "
-        "  ORDER BY r.created_ms, l.conversation_id, l.seq LIMIT %(limit)s), "
-        "claimed AS ("
-        "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
-        "    attempts = o.attempts + 1 FROM due "
-        "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
-        "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
-        "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
-        "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
-        "        WHERE s.account_id = m.sender_account_id), "
-        "       m.sent_ms, m.body, "
-        "       array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
-        "             JOIN accounts a USING (account_id) "
-        "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1), "
-        "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
-        "        WHERE mb.conversation_id = c.conversation_id "
-        "          AND a.phase = ANY(%(phases)s)), "
-        "       c.attempts "
-        "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
-        "  AND m.seq = c.seq "
-        "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
-        "ORDER BY c.conversation_id, c.seq",
+        _CLAIM,
         {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
-         "per_conversation": max(1, per_conversation),
+         "per_conversation": max(1, per_conversation), "token": token,
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
-    return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9])
-            for r in rows]
+    return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
+                       token) for r in rows]
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
-                    legacy_guid: str | None, now_ms: int, *, skipped: bool = False) -> None:
+                    legacy_guid: str | None, now_ms: int, *, skipped: bool = False) -> bool:
     """Mark an outbox row done (injected) or skipped, recording the legacy ids it got.
 
     The message keeps the GUID it has on the legacy side, so digests of both stacks agree;
     the conversation keeps its legacy chat id (made up by the bridge for cloud-born ones).
+    False, and nothing written, when the row is no longer pending under *item*'s claim (a
+    late call from a claim that ran out and was taken again).
     """
-    conn.execute(
-        "UPDATE outbox_to_legacy SET state = %s, done_ms = %s, last_error = NULL "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
-        ("skipped" if skipped else "done", now_ms, item.conversation_id, item.seq))
-    if skipped:
-        return
-    conn.execute(
-        "UPDATE messages SET legacy_guid = %s WHERE conversation_id = %s AND seq = %s "
-        "AND legacy_guid IS DISTINCT FROM %s",
-        (legacy_guid, item.conversation_id, item.seq, legacy_guid))
-    if item.legacy_chat_id is None:
-        conn.execute("INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
-                     "VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                     (legacy_chat_id, item.conversation_id))
-        conn.execute("UPDATE conversations SET legacy_chat_id = %s "
-                     "WHERE conversation_id = %s AND legacy_chat_id IS NULL",
-                     (legacy_chat_id, item.conversation_id))
+    if not skipped:
+        return bool(complete_outbox_batch(
+            conn, [Injected(item, legacy_chat_id, legacy_guid)], now_ms))
+    return conn.execute(
+        "UPDATE outbox_to_legacy SET state = 'skipped', done_ms = %s, last_error = NULL "
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
+        (now_ms, item.conversation_id, item.seq, item.claim_token)).rowcount == 1
+
+
+def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
+                          now_ms: int) -> list[OutboxItem]:
+    """Mark injected rows done in one transaction, with each message's legacy GUID and each
+    cloud-born conversation's legacy chat id; the rows it completed (those still pending
+    under their item's claim), in the order given."""
+    if not rows:
+        return []
+    done = conn.execute(
+        "WITH batch AS ("
+        "  SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::uuid[], %s::text[]) "
+        "  AS b(conversation_id, seq, token, guid)), "
+        "done AS ("
+        "  UPDATE outbox_to_legacy o SET state = 'done', done_ms = %s, last_error = NULL "
+        "  FROM batch b WHERE o.conversation_id = b.conversation_id AND o.seq = b.seq "
+        "    AND o.state = 'pending' AND o.claim_token = b.token "
+        "  RETURNING o.conversation_id, o.seq, b.guid), "
+        "guids AS ("
+        "  UPDATE messages m SET legacy_guid = d.guid FROM done d "
+        "  WHERE m.conversation_id = d.conversation_id AND m.seq = d.seq "
+        "    AND m.legacy_guid IS DISTINCT FROM d.guid) "
+        "SELECT conversation_id, seq FROM done",
+        ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
+         [r.item.claim_token for r in rows], [r.legacy_guid for r in rows], now_ms)
+    ).fetchall()
+    completed = set(done)
+    # cloud-born conversations keep the chat id the bridge made up for them
+    chats = {r.item.conversation_id: r.legacy_chat_id for r in rows
+             if r.item.legacy_chat_id is None
+             and (r.item.conversation_id, r.item.seq) in completed}
+    if chats:
+        conn.execute(
+            "WITH new AS (SELECT * FROM unnest(%s::text[], %s::uuid[]) "
+            "  AS n(legacy_chat_id, conversation_id)), "
+            "ids AS (INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+            "  SELECT legacy_chat_id, conversation_id FROM new ON CONFLICT DO NOTHING) "
+            "UPDATE conversations c SET legacy_chat_id = new.legacy_chat_id FROM new "
+            "WHERE c.conversation_id = new.conversation_id AND c.legacy_chat_id IS NULL",
+            (list(chats.values()), list(chats)))
+    return [r.item for r in rows if (r.item.conversation_id, r.item.seq) in completed]
 
 
 def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
-                   retry_at_ms: int) -> None:
-    """Injection failed: keep the row pending, due again at *retry_at_ms*."""
-    conn.execute(
+                   retry_at_ms: int) -> bool:
+    """Injection failed: keep the row pending, due again at *retry_at_ms*. False, and nothing
+    written, when the row is no longer pending under *item*'s claim."""
+    return conn.execute(
         "UPDATE outbox_to_legacy SET claimed_until_ms = %s, last_error = %s "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
-        (retry_at_ms, error[:500], item.conversation_id, item.seq))
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
+        (retry_at_ms, error[:500], item.conversation_id, item.seq, item.claim_token)
+    ).rowcount == 1
 
 
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:

@@ -25,6 +25,7 @@ from bridge.outbox import (
     LegacyPeers,
     OutboxInjector,
     OutboxListener,
+    fail_outbox_item,
     refuse_outbox_item,
 )
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
@@ -440,24 +441,68 @@ def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, 
     assert bug["log_failure"].check(RuntimeError)
 
 
-def test_database_lost_after_the_ack_reinjects_once_the_claim_runs_out(conn, make_scene):
-    """The Ack arrived but complete failed: the row comes due after claim_s, Ack duplicate."""
+def test_database_lost_after_the_acks_reinjects_once_the_claim_runs_out(conn, make_scene):
+    """The Acks arrived but their one completion failed: the rows come due after claim_s and
+    are injected again (Ack duplicate, nothing new on legacy), in order."""
     down = DatabaseUnavailable("server closed the connection")
-    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), outbox_store.complete_outbox, [down]),
-                   start=False)
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), outbox_store.complete_outbox_batch,
+                                       [down]), start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "once")
     s.post(cid, alice, "twice")
     s.injector.startService()
     s.run(1)
     chat_id = ids.chat_for_cloud_conversation(cid)
-    assert len(s.history(chat_id)) == 1  # the conversation stopped at the failed complete
+    assert len(s.history(chat_id)) == 2  # both acknowledged, recorded together: not at all
     assert [r[1] for r in outbox_rows(conn, cid)] == ["pending", "pending"]
+    assert (s.injector.injected, s.injector.duplicates) == (0, 0)
     s.run(FAST.claim_s)
     assert [m.body for m in sorted(s.history(chat_id), key=lambda m: m.legacy_seq)] == [
         "once", "twice"]
-    assert (s.injector.injected, s.injector.duplicates) == (1, 1)
+    assert (s.injector.injected, s.injector.duplicates) == (0, 2)
     assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2), ("done", 2)]
+
+
+def test_a_conversations_acknowledged_rows_are_completed_in_one_transaction(conn, make_scene):
+    """Five rows of one conversation: one completion transaction, not one per message."""
+    calls: list[str] = []
+
+    class Recording(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            calls.append(desc)
+            return super().run(desc, fn, *args, **kwargs)
+
+    s = make_scene(db=Recording(conn), start=False)
+    cid, alice, _ = two_party(conn)
+    for i in range(5):
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(1)
+    assert s.injector.injected == 5 and [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 5
+    assert calls.count("complete_outbox_batch") == 1 and "complete_outbox" not in calls
+
+
+def test_a_late_completion_from_an_expired_claim_is_counted_and_changes_nothing(
+        conn, make_scene, outbox_log):
+    """The claim ran out and another claimant took the rows before the Acks were recorded:
+    the late completion writes nothing, and says so."""
+    s = make_scene(start=False)
+    cid, alice, _ = two_party(conn)
+    s.post(cid, alice, "slow")
+
+    class Overtaken(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            if desc == "complete_outbox_batch":  # another worker claims them first
+                tx(conn, outbox_store.claim_outbox, s.now_ms() + 10 * 60_000, 10, 5000)
+            return super().run(desc, fn, *args, **kwargs)
+
+    s.injector._db = Overtaken(conn)
+    s.injector.startService()
+    s.run(1)
+    assert (s.injector.injected, s.injector.late_claims) == (0, 1)
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("pending", 2)]
+    assert conn.execute("SELECT legacy_guid FROM messages").fetchall() == [(None,)]
+    assert [e["what"] for e in outbox_log if "ran out before" in e["log_format"]] == ["complete"]
 
 
 # ---------------------------------------------------------------- pacing and stopping
@@ -648,3 +693,18 @@ class CountingDatabase:
     def run(self, desc, fn, *args, **kwargs):
         return self.inner.run(desc, self.replacement if desc == self.desc else fn,
                               *args, **kwargs)
+
+
+def test_a_give_up_from_an_expired_claim_changes_nothing(conn):
+    """A worker whose claim ran out can not fail a row another worker now holds: no state
+    change, no finding; under the live claim the give-up takes effect."""
+    cid, alice, _bob = two_party(conn)
+    now = round(T0 * 1000)
+    tx(conn, messages_store.post_message, cid, alice, "c1", "hello", now)
+    [stale] = tx(conn, outbox_store.claim_outbox, now, 10, 1000)
+    [fresh] = tx(conn, outbox_store.claim_outbox, now + 2000, 10, 1000)
+    assert tx(conn, fail_outbox_item, stale, "late", now + 2001) is False
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["pending"] and findings(conn) == []
+    assert tx(conn, fail_outbox_item, fresh, "given up", now + 2002) is True
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["failed"]
+    assert [f[0] for f in findings(conn)] == ["inject_failed"]

@@ -12,7 +12,7 @@ import pytest
 from cloud.store import messages as messages_store
 from cloud.store.errors import NotFound, NotMember
 from tests.cloud.store.storefixture import NOW, table_rows
-from tests.dbfixture import make_account, make_conversation, tx
+from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
 
 def test_post_is_idempotent_per_client_message_id(conn):
@@ -71,15 +71,9 @@ def test_post_and_its_outbox_rows_commit_together_or_not_at_all(conn):
     """A failure after the message insert but before commit leaves no message and no outbox."""
     a, c = make_account(conn, "alice"), make_account(conn, "carol", "legacy")
     cid = make_conversation(conn, a, c)
-    conn.execute("CREATE FUNCTION fail_outbox() RETURNS trigger LANGUAGE plpgsql AS "
-                 "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")
-    conn.execute("CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox_to_legacy "
-                 "FOR EACH ROW EXECUTE FUNCTION fail_outbox()")
-    try:
-        with pytest.raises(psycopg.errors.RaiseException):
-            tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
-    finally:
-        conn.execute("DROP TRIGGER fail_outbox ON outbox_to_legacy")
+    with failing_inserts(conn, "outbox_to_legacy", "disk full"), \
+            pytest.raises(psycopg.errors.RaiseException):
+        tx(conn, messages_store.post_message, cid, a, "c-1", "hello", NOW)
         conn.execute("DROP FUNCTION fail_outbox()")
     assert table_rows(conn, "messages") == 0 and table_rows(conn, "outbox_to_legacy") == 0
     assert table_rows(conn, "notifications") == 0

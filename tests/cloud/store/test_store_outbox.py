@@ -5,11 +5,12 @@ conversation.
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
 from tests.cloud.store.storefixture import NOW
-from tests.dbfixture import make_account, make_conversation, tx
+from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
 
 def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
@@ -53,3 +54,92 @@ def test_two_workers_never_split_one_conversations_outbox(db_dsn, conn):
         assert tx(worker_b, outbox_store.claim_outbox, NOW + 13, 10, 5000) == []
         assert [i.seq for i in tx(worker_b, outbox_store.claim_outbox, NOW + 6000, 10, 5000)] == [
             1, 2, 3]
+
+
+def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
+    """Claim A ran out and B claimed the rows again: A's complete and release write nothing
+    (and say so), B's claim keeps its time and completes."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    for i in range(2):
+        tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    stale = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
+    fresh = tx(conn, outbox_store.claim_outbox, NOW + 2000, 10, 1000)
+    assert [i.seq for i in fresh] == [1, 2] and fresh[0].claim_token != stale[0].claim_token
+
+    def rows():
+        return conn.execute("SELECT seq, state, claimed_until_ms, last_error FROM "
+                            "outbox_to_legacy ORDER BY seq").fetchall()
+
+    held = rows()
+    assert tx(conn, outbox_store.complete_outbox, stale[0], "chat-x", "cloud:g1", NOW + 2001) \
+        is False
+    assert tx(conn, outbox_store.complete_outbox_batch,
+              [outbox_store.Injected(i, "chat-x", f"cloud:g{i.seq}") for i in stale],
+              NOW + 2001) == []
+    assert tx(conn, outbox_store.complete_outbox, stale[1], "chat-x", None, NOW + 2001,
+              skipped=True) is False
+    assert tx(conn, outbox_store.release_outbox, stale[1], "late", NOW + 2002) is False
+    assert rows() == held
+    assert conn.execute("SELECT count(*) FROM messages WHERE legacy_guid IS NOT NULL"
+                        ).fetchone() == (0,)
+    assert conn.execute("SELECT legacy_chat_id FROM conversations").fetchone() == (None,)
+    assert tx(conn, outbox_store.release_outbox, fresh[1], "down", NOW + 2500) is True
+    assert tx(conn, outbox_store.complete_outbox, fresh[0], "chat-x", "cloud:g1", NOW + 2003)
+    assert [r[:2] for r in rows()] == [(1, "done"), (2, "pending")]
+
+
+def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
+    """Every row's state and GUID and the conversation's chat id are written together; a
+    failure part-way rolls all of it back."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cids = [make_conversation(conn, a, c), make_conversation(conn, a, c, chat="legacy-7")]
+    for cid in cids:
+        for i in range(2):
+            tx(conn, messages_store.post_message, cid, a, f"{cid}{i}", f"m{i}", NOW + i)
+    items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
+    batch = [outbox_store.Injected(i, i.legacy_chat_id or "born-1", f"cloud:{i.message_id}")
+             for i in items]
+    with failing_inserts(conn, "conversation_legacy_ids", "no"), \
+            pytest.raises(psycopg.errors.RaiseException):
+        tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5)
+    assert conn.execute("SELECT count(*) FROM outbox_to_legacy WHERE state = 'pending'"
+                        ).fetchone() == (4,)
+    assert conn.execute("SELECT count(legacy_guid) FROM messages").fetchone() == (0,)
+    assert tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5) == [
+        b.item for b in batch]
+    assert conn.execute("SELECT state, done_ms, count(*) FROM outbox_to_legacy GROUP BY 1, 2"
+                        ).fetchall() == [("done", NOW + 5, 4)]
+    assert dict(conn.execute("SELECT message_id, legacy_guid FROM messages").fetchall()) == {
+        b.item.message_id: b.legacy_guid for b in batch}
+    assert sorted(conn.execute("SELECT legacy_chat_id FROM conversations").fetchall()) == [
+        ("born-1",), ("legacy-7",)]
+
+
+def test_concurrent_claimers_take_whole_runs_from_each_head_in_order(db_dsn, conn):
+    """Two claimers in open transactions at once: no conversation is split between them,
+    each claim starts at a head and runs in seq order; later claims carry on from there."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cids = [make_conversation(conn, a, c) for _ in range(6)]
+    for n in range(5):
+        for k, cid in enumerate(cids):
+            tx(conn, messages_store.post_message, cid, a, f"{cid}{n}", f"m{n}", NOW + n * 10 + k)
+    taken: dict = {}
+    with psycopg.connect(db_dsn, autocommit=True) as one, \
+            psycopg.connect(db_dsn, autocommit=True) as two:
+        with one.transaction(), two.transaction():
+            first = outbox_store.claim_outbox(one, NOW + 100, 7, 5000, 3)
+            second = outbox_store.claim_outbox(two, NOW + 100, 7, 5000, 3)
+        for claim in (first, second):
+            by_cid: dict = {}
+            for item in claim:
+                by_cid.setdefault(item.conversation_id, []).append(item.seq)
+            for cid, seqs in by_cid.items():
+                assert cid not in taken  # never split between the two claims
+                assert seqs == list(range(1, len(seqs) + 1))  # from the head, in order
+                taken[cid] = seqs
+        assert len(first) == 7 and len(second) == 7 and len(taken) == 6
+    # the next claim (once both ran out) starts where each conversation's claim stopped
+    again = tx(conn, outbox_store.claim_outbox, NOW + 6000, 100, 5000, 5)
+    assert {i.conversation_id: i.seq for i in reversed(again)} == {
+        cid: 1 for cid in cids}
