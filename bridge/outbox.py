@@ -1,7 +1,7 @@
 """Cloud -> legacy: drain ``outbox_to_legacy`` into the legacy network.
 
 ``cloud.store.messages.post_message`` writes an outbox row in the message's own transaction and
-NOTIFYs ``outbox_to_legacy``; ``OutboxListener`` turns each notification into
+NOTIFYs ``outbox_to_legacy``; ``bridge.outbox_listener.OutboxListener`` turns each notification into
 ``OutboxInjector.wake()``, and the injector's poll is the fallback for a missed one.
 
 One outbox row (``outbox_to_legacy.state``)::
@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import collections
 import random
-import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
 import psycopg
-from psycopg import sql
-from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -442,90 +439,3 @@ class OutboxInjector(PollingLoop):
         log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "
                  "{delay:.1f}s (attempt {attempt})", cid=first.conversation_id, reason=reason,
                  count=len(items), delay=delay_s, attempt=first.attempts)
-
-
-# ---------------------------------------------------------------- the NOTIFY listener
-
-class OutboxListener(Service):
-    """Calls *on_notify* on the reactor thread for every NOTIFY on ``outbox_to_legacy``.
-
-    psycopg's ``notifies`` blocks, so a daemon thread holds its own autocommit connection,
-    LISTENs and waits at most ``wait_s`` at a time, so that a stop is seen within about that
-    long. A broken connection is reopened with the *retry* policy's backoff; *on_notify* is
-    also called each time LISTEN (re)starts, because rows committed while nobody listened
-    sent their notifications to no one. The injector's poll covers whatever is still missed.
-    """
-
-    def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[], object], *,
-                 channel: str = outbox_store.OUTBOX_CHANNEL, retry: RetryPolicy | None = None,
-                 rng: random.Random | None = None, wait_s: float = 1.0,
-                 connect_timeout_s: int = 5, name: str = "outbox-listener") -> None:
-        self._reactor = reactor
-        self._dsn = dsn
-        self._on_notify = on_notify
-        self._channel = channel
-        self._retry = retry if retry is not None else RetryPolicy(
-            initial_s=0.5, factor=2.0, cap_s=30.0, jitter=0.2)
-        self._rng = rng if rng is not None else random.Random()
-        self._wait_s = wait_s
-        self._connect_timeout_s = connect_timeout_s
-        self.setName(name)
-        self._stop = threading.Event()
-        self._ended: defer.Deferred | None = None
-        self.thread: threading.Thread | None = None
-        #: True while LISTEN is active (read from the reactor thread; only a hint).
-        self.listening = False
-        #: Notifications received and connections (re)opened, for tests and status.
-        self.notifications = 0
-        self.connects = 0
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        self._stop.clear()
-        self._ended = defer.Deferred()
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.thread.start()
-
-    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
-        """Fires once the thread has closed its connection and ended (within ~``wait_s``)."""
-        super().stopService()
-        self._stop.set()
-        ended, self._ended = self._ended, None
-        return ended if ended is not None else defer.succeed(None)
-
-    def _run(self) -> None:
-        ended = self._ended
-        failures = 0
-        try:
-            while not self._stop.is_set():
-                connects = self.connects
-                try:
-                    self._listen()
-                except Exception as e:
-                    self.listening = False
-                    # a connection that was up before it broke starts a new outage
-                    failures = 1 if self.connects > connects else failures + 1
-                    delay_s = self._retry.delay(failures, self._rng)
-                    if failures == 1:
-                        log.warn("outbox listener lost its database connection ({error}); "
-                                 "reconnecting with backoff, polling covers the gap",
-                                 error=str(e).strip() or type(e).__name__)
-                    self._stop.wait(delay_s)
-        finally:
-            self.listening = False
-            if ended is not None:
-                self._reactor.callFromThread(ended.callback, None)
-
-    def _listen(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True,
-                             connect_timeout=self._connect_timeout_s) as conn:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-            self.connects += 1
-            self.listening = True
-            if self.connects > 1:
-                log.info("outbox listener is listening again")
-            self._reactor.callFromThread(self._on_notify)
-            while not self._stop.is_set():
-                for _ in conn.notifies(timeout=self._wait_s):
-                    self.notifications += 1
-                    self._reactor.callFromThread(self._on_notify)

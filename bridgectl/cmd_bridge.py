@@ -49,7 +49,8 @@ def add_commands(sub: Any) -> None:
 def cmd_bridge_run(args: argparse.Namespace) -> int:
     from bridge.ops.health import operations_site
     from bridge.ops.statuspage import StatusPage, StatusSampler
-    from bridge.outbox import InjectorConfig, OutboxInjector, OutboxListener
+    from bridge.outbox import InjectorConfig, OutboxInjector
+    from bridge.outbox_listener import OutboxListener
     from bridge.worker import BridgeWorker, WorkerConfig
     from cloud.db import Database
     from legacy.network import TCPNetwork
