@@ -11,10 +11,12 @@ One outbox row (``outbox_to_legacy.state``)::
        ^                                                 |  |                (message gets
        |                                                 |  |                 its legacy GUID)
        +-- release: due at now + policy.delay(attempts) -+  |
-           (no peer, timeout, connection lost, not_home;    +-- nobody on legacy, or legacy
-            the conversation's later rows go back too)         refuses it for good --> skipped
-                                                               (refusals: + finding
-                                                                inject_refused)
+       |   (no peer, timeout, connection lost, not_home;    +-- nobody on legacy, or legacy
+       |    the conversation's later rows go back too,         refuses it for good --> skipped
+       |    untried: their claim's attempt is given back)      (refusals: + finding
+       |                                                        inject_refused)
+       +-- the failure was attempt max_attempts, or the row is older than max_age_s
+           --> failed (+ finding inject_failed; the later rows go on)
 
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
@@ -171,10 +173,12 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
 
 
 def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], error: str,
-                         retry_at_ms: int) -> int:
+                         retry_at_ms: int, tried: int = 0) -> int:
     """Hand claimed rows of one conversation back together, all due at *retry_at_ms*; how
-    many were still held under their claim (the others belong to a newer claim now)."""
-    return sum(outbox_store.release_outbox(conn, item, error, retry_at_ms) for item in items)
+    many were still held under their claim (the others belong to a newer claim now). Only
+    the first *tried* of them were injected; the rest get their claim's attempt back."""
+    return sum(outbox_store.release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
+               for i, item in enumerate(items))
 
 
 # ---------------------------------------------------------------- the injector
@@ -374,9 +378,10 @@ class OutboxInjector(PollingLoop):
                  "from seq {seq}); another claim holds them now, nothing written",
                  cid=items[0].conversation_id, what=what, count=len(items), seq=items[0].seq)
 
-    async def _hand_back(self, items: list[OutboxItem], reason: str, retry_at_ms: int) -> None:
+    async def _hand_back(self, items: list[OutboxItem], reason: str, retry_at_ms: int, *,
+                         tried: int = 0) -> None:
         held = await self._db.run("release_outbox_items", release_outbox_items, items, reason,
-                                  retry_at_ms)
+                                  retry_at_ms, tried)
         if held < len(items):
             self._claim_lost("release", items[held:])
 
@@ -430,10 +435,14 @@ class OutboxInjector(PollingLoop):
                          cid=first.conversation_id, why=why)
             if len(items) == 1:
                 return
-            items = items[1:]  # the rest of the conversation goes back as usual
+            items = items[1:]  # the rest of the conversation goes back as usual, untried
             first = items[0]
-        delay_s = self.config.retry.delay(first.attempts, self._rng)
-        await self._hand_back(items, reason, self._now_ms() + round(delay_s * 1000))
+            tried = 0
+        else:
+            tried = 1  # the first row failed; the rest waited behind it
+        delay_s = self.config.retry.delay(max(first.attempts, 1), self._rng)
+        await self._hand_back(items, reason, self._now_ms() + round(delay_s * 1000),
+                              tried=tried)
         self.failures += 1
         metrics.RETRIES.labels(what="inject").inc()
         log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "

@@ -98,7 +98,7 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         # started in this order, stopped in reverse: the database last
         for service in (db, operations, sampler, worker, listener):
             service.setServiceParent(services)
-        services.startService()
+        await services.start()
         # Everything allocated so far (modules, services) lives as long as the process: out
         # of the collector's reach, a full collection no longer walks it. Those walks paused
         # the worker 15-50 ms every few seconds, and the pauses were the p99 of the lag.

@@ -111,7 +111,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         services = runtime.ServiceTree()
         for service in (db, dispatcher, http):  # started in this order, stopped in reverse
             service.setServiceParent(services)
-        services.startService()
+        await services.start()
         host, port = http.address()
         print(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
               f"database: {origin}", file=sys.stderr, flush=True)

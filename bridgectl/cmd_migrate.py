@@ -106,9 +106,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.lag_bound_ms <= 0 or args.reconcile_window <= 0 or args.outbox_age_bound <= 0:
         raise UsageError("--lag-bound-ms, --outbox-age-bound and --reconcile-window must be "
                          "positive")
-    config = phases.GateConfig(lag_bound_ms=args.lag_bound_ms,
-                               outbox_age_bound_ms=int(args.outbox_age_bound * 1000),
-                               reconcile_window_ms=int(args.reconcile_window * 1000))
+    try:  # a bound under a millisecond is 0 ms, which the gates refuse: a usage error too
+        config = phases.GateConfig(lag_bound_ms=args.lag_bound_ms,
+                                   outbox_age_bound_ms=int(args.outbox_age_bound * 1000),
+                                   reconcile_window_ms=int(args.reconcile_window * 1000))
+    except ValueError as e:
+        raise UsageError(f"a gate bound is too small: {e}") from None
     actor = args.actor if args.actor is not None else _os_user()
     if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):
         raise UsageError("--actor must be 1-200 printable characters")

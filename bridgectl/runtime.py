@@ -48,9 +48,10 @@ class ServiceTree(MultiService):
     each waits for the one added after it, so in-flight work drains before what it depends
     on (the database, added first) goes away."""
 
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        """Start each child in order; if one fails, stop those already started (in reverse)
-        and raise its error."""
+    async def start(self) -> None:
+        """Start each child in order; if one fails (a port in use), stop those already
+        started, in reverse, and only then raise its error: a process must neither exit
+        while its database pool is still closing nor hang on it once the reactor stops."""
         Service.startService(self)
         started: list[Service] = []
         for child in self:
@@ -58,10 +59,21 @@ class ServiceTree(MultiService):
                 child.startService()
             except BaseException:
                 self.running = 0
-                stopping = _stop_in_reverse(started)
-                stopping.addErrback(lambda f: log.failure("stopping after a failed start", f))
+                await _stop_in_reverse(started)
                 raise
             started.append(child)
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        """As ``start``, for a parent service that starts this one; a failed start's stop is
+        not waited for here, so commands ``await start()`` instead."""
+        d = defer.Deferred.fromCoroutine(self.start())
+        if d.called:  # every child started at once, or one failed: its error goes up
+            failure: list[Any] = []
+            d.addErrback(failure.append)
+            if failure:
+                failure[0].raiseException()
+        else:
+            d.addErrback(lambda f: log.failure("starting {tree} failed", f, tree=self.name))
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         Service.stopService(self)

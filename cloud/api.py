@@ -31,6 +31,11 @@ default 10 per account and 30 per address per minute, successful logins cost not
 the budget a login is 429 ``rate_limited`` with ``Retry-After``, before any password work.
 Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
 characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
+
+The module is long (about 800 lines) because it is the whole HTTP surface: the request
+pipeline above and every route's input checks sit together, so the 4xx contract can be read
+(and fuzzed, ``tests/cloud/test_fuzz_api.py``) in one place. New routes (conversations and
+members, the web client) should bring a split by resource with them.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ Report: ``compared`` is open notifications plus conversations examined (``detail
 the messages), so a resumed run over a tail of idle conversations has still compared
 something; ``suspects`` the first look, ``confirmed`` the second, ``repaired`` rows created
 or re-sent, ``failed`` rows this run marked failed.
+
+The module is long (just over 500 lines) because its SQL transactions (each a function,
+safe to run twice) sit beside the reconciler that runs them, as the gaps and presence
+reconcilers' do.
 """
 
 from __future__ import annotations

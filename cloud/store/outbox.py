@@ -200,14 +200,19 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
 
 
 def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
-                   retry_at_ms: int) -> bool:
+                   retry_at_ms: int, *, tried: bool = True) -> bool:
     """Injection failed: keep the row pending, due again at *retry_at_ms*. False, and nothing
-    written, when the row is no longer pending under *item*'s claim."""
+    written, when the row is no longer pending under *item*'s claim.
+
+    The claim counted an attempt; a row handed back without being *tried* (it waited behind
+    its conversation's failed row, or the claim ended first) gets it back, so ``attempts``
+    counts injections actually tried and a give-up after N attempts means N failures."""
     return conn.execute(
-        "UPDATE outbox_to_legacy SET claimed_until_ms = %s, last_error = %s "
+        "UPDATE outbox_to_legacy SET claimed_until_ms = %s, last_error = %s, "
+        "  attempts = greatest(attempts - %s, 0) "
         "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
-        (retry_at_ms, error[:500], item.conversation_id, item.seq, item.claim_token)
-    ).rowcount == 1
+        (retry_at_ms, error[:500], 0 if tried else 1, item.conversation_id, item.seq,
+         item.claim_token)).rowcount == 1
 
 
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:

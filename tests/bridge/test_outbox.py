@@ -351,7 +351,8 @@ def test_home_supernode_down_rows_wait_with_backoff_then_arrive(conn, make_scene
     assert outbox_rows(conn, cid) == [
         (1, "pending", 1, tick_ms + round(first_delay * 1000),
          f"home supernode of {chat_id!r} is unreachable"),
-        (2, "pending", 1, tick_ms + round(first_delay * 1000),
+        # the second row waited behind the first, untried: its claim's attempt is given back
+        (2, "pending", 0, tick_ms + round(first_delay * 1000),
          f"home supernode of {chat_id!r} is unreachable")]
     s.run(5)
     sent.append(s.post(cid, alice, "third"))
@@ -378,12 +379,15 @@ def test_order_per_conversation_is_kept_when_the_first_item_fails(conn, make_sce
     s.run(FAST.inject_timeout_s + 0.1)  # the first attempt has failed, the retry is at +3 s
     chat_id = ids.chat_for_cloud_conversation(cid)
     assert s.history(chat_id) == [] and s.injector.failures == 1
-    assert [r[:3] for r in outbox_rows(conn, cid)] == [(i, "pending", 1) for i in (1, 2, 3, 4)]
+    # only the first row was tried; the others waited behind it and get their attempt back
+    assert [r[:3] for r in outbox_rows(conn, cid)] == [
+        (1, "pending", 1), *[(i, "pending", 0) for i in (2, 3, 4)]]
     s.run(5)
     history = sorted(s.history(chat_id), key=lambda m: m.legacy_seq)
     assert [m.guid for m in history] == [ids.guid_for_cloud_message(m.message_id)
                                          for m in sent]
-    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2)] * 4
+    # the first row took two tries, the others one (their untried claim was given back)
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2), *[("done", 1)] * 3]
 
 
 def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_scene):
@@ -646,3 +650,27 @@ def test_a_give_up_from_an_expired_claim_changes_nothing(conn):
     assert tx(conn, fail_outbox_item, fresh, "given up", now + 2002) is True
     assert [r[1] for r in outbox_rows(conn, cid)] == ["failed"]
     assert [f[0] for f in findings(conn)] == ["inject_failed"]
+
+
+def test_rows_waiting_behind_a_failing_row_are_not_given_up_with_it(conn, make_scene):
+    """attempts counts injections tried: the rows queued behind a row that fails until it is
+    given up keep their own budget, and arrive once the home supernode is back."""
+    config = attrs.evolve(FAST, max_attempts=3)
+    s = make_scene(config=config, start=False, seed=6)
+    cid, alice, bob = two_party(conn)
+    chat_id = ids.chat_for_cloud_conversation(cid)
+    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
+    s.net.wait(home.stopService())
+    s.run(0.1)
+    s.post(cid, alice, "given up")
+    waiting = [s.post(cid, bob, f"behind {i}") for i in range(3)]
+    s.injector.startService()
+    for _ in range(100):  # until the head has failed 3 times and is given up
+        s.run(0.1)
+        states = [(r[1], r[2]) for r in outbox_rows(conn, cid)]
+        if states[0][0] == "failed":
+            break
+    assert states == [("failed", 3), *[("pending", 0)] * 3]  # never tried, nothing counted
+    s.net.wait(home.restart())
+    s.run(5)
+    assert [m.body for m in s.history(chat_id)] == [m.body for m in waiting]

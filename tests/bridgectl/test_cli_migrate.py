@@ -55,6 +55,11 @@ def phases_of(conn) -> dict[str, str]:
     (["--to", "dual", "--file", "/nonexistent/accounts.txt"], "cannot read --file"),
     (["--to", "cloud-only", "--accounts", "carol"], "pass --legacy HOST:PORT"),
     (["--to", "dual", "--accounts", "alice", "--reconcile-window", "0"], "must be positive"),
+    (["--to", "dual", "--accounts", "alice", "--outbox-age-bound", "0"], "must be positive"),
+    (["--to", "dual", "--accounts", "alice", "--outbox-age-bound", "0.0001"],
+     "a gate bound is too small"),
+    (["--to", "dual", "--accounts", "alice", "--reconcile-window", "0.0001"],
+     "a gate bound is too small"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_change_nothing(argv, needle, conn, db_dsn, home,
                                                            capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,3 +89,18 @@ def test_cloud_commands_reject_bad_values_clearly(argv, needle, tmp_path):
     out = subprocess.run([*BRIDGECTL, *argv], capture_output=True, text=True, timeout=60,
                          env={"BRIDGE_HOME": str(tmp_path), "BRIDGE_DSN": "dbname=none"})
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cloud_run_on_a_port_in_use_exits_1_promptly(db_dsn, tmp_path):
+    """A port in use is one line and exit 1, after the database pool has closed (the
+    process does not hang on the pool's thread)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", str(port)],
+                             capture_output=True, text=True, timeout=60,
+                             env={"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1
+    assert f"bridgectl: error: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr

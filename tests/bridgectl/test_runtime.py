@@ -73,17 +73,23 @@ def test_a_child_that_fails_to_stop_does_not_keep_the_others_running():
     assert stopped.called
 
 
-def test_a_failed_start_stops_what_started_and_raises():
-    """The port is in use (say): the services already started stop again, in reverse."""
+def test_a_failed_start_stops_what_started_then_raises():
+    """The port is in use (say): the services already started stop again, in reverse, and
+    the error comes out only once they have stopped (a database pool still closing would
+    otherwise keep the process alive after the reactor stops)."""
     journal: list[str] = []
     db, worker = Recorded("db", journal), Recorded("worker", journal)
     broken = Recorded("port", journal, fail_start=True)
     tree = tree_of(db, worker, broken)
-    with pytest.raises(RuntimeError, match="port cannot start"):
-        tree.startService()
+    started = defer.Deferred.fromCoroutine(tree.start())
     assert journal == ["start db", "start worker", "stop worker"]
+    assert not started.called  # waits for the stops
     worker.stopping.callback(None)
-    assert journal[-1] == "stop db"
+    assert journal[-1] == "stop db" and not started.called
+    db.stopping.callback(None)
+    errors: list = []
+    started.addErrback(errors.append)
+    assert [str(f.value) for f in errors] == ["port cannot start"]
     assert not tree.running
 
 
