@@ -131,15 +131,19 @@ class InjectorConfig:
 
 # ---------------------------------------------------------------- transactions
 
+def _lock_if_held(conn: psycopg.Connection, item: OutboxItem) -> bool:
+    """Lock *item*'s row if it is still pending under *item*'s claim; False otherwise."""
+    return conn.execute(
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
+        (item.conversation_id, item.seq, item.claim_token)).fetchone() is not None
+
+
 def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
                        reason: str, now_ms: int) -> bool:
     """Skip a row the legacy network will never accept, with an open ``inject_refused``
     finding; False (and nothing written) if the row is no longer pending under its claim."""
-    row = conn.execute(
-        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
-        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
-        (item.conversation_id, item.seq, item.claim_token)).fetchone()
-    if row is None:
+    if not _lock_if_held(conn, item):
         return False
     findings_store.record_finding(
         conn, INJECT_REFUSED,
@@ -154,11 +158,7 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
                      now_ms: int) -> bool:
     """Give up on a row: state ``failed`` with an open ``inject_failed`` finding; False (and
     nothing written) if the row is no longer pending under its claim."""
-    row = conn.execute(
-        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
-        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
-        (item.conversation_id, item.seq, item.claim_token)).fetchone()
-    if row is None:
+    if not _lock_if_held(conn, item):
         return False
     findings_store.record_finding(
         conn, INJECT_FAILED,

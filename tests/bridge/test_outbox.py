@@ -33,6 +33,7 @@ from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
 from legacy import wire
 from legacy.peer import PeerConnection, connect_peer
+from legacy.supernode import Supernode
 from servicekit.loop import LoopState
 from servicekit.retry import RetryPolicy
 from tests.dbfixture import ScriptedDatabase, make_account, make_conversation, tx
@@ -155,6 +156,13 @@ class Scene:
 
     def run(self, seconds: float) -> None:
         self.net.run(seconds)
+
+    def stop_home(self, cid: uuid.UUID) -> Supernode:
+        """Stop the home supernode of *cid*'s chat (to the injector: unreachable); return it."""
+        home = self.net.supernodes[self.net.ring.home_of(ids.chat_for_cloud_conversation(cid))]
+        self.net.wait(home.stopService())
+        self.run(0.1)
+        return home
 
 
 @pytest.fixture
@@ -338,9 +346,7 @@ def test_home_supernode_down_rows_wait_with_backoff_then_arrive(conn, make_scene
     s = make_scene(start=False, seed=3)
     cid, alice, bob = two_party(conn)
     chat_id = ids.chat_for_cloud_conversation(cid)
-    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
-    s.net.wait(home.stopService())
-    s.run(0.1)
+    home = s.stop_home(cid)
     sent = [s.post(cid, alice, "first"), s.post(cid, bob, "second")]
     retries = metric("bridge_retries_total", what="inject")
     s.injector.startService()
@@ -560,9 +566,7 @@ def test_a_row_that_keeps_failing_is_given_up_with_a_finding_and_the_rest_go_on(
     s = make_scene(config=config, start=False, seed=4)
     cid, alice, bob = two_party(conn)
     chat_id = ids.chat_for_cloud_conversation(cid)
-    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
-    s.net.wait(home.stopService())
-    s.run(0.1)
+    home = s.stop_home(cid)
     doomed = s.post(cid, alice, "never arrives")
     given_up = metric("bridge_outbox_given_up_total")
     s.injector.startService()
@@ -588,9 +592,7 @@ def test_a_failing_row_older_than_max_age_is_given_up_at_its_next_failure(conn, 
     config = attrs.evolve(FAST, max_age_s=60.0)
     s = make_scene(config=config, start=False, seed=5)
     cid, alice, _bob = two_party(conn)
-    home = s.net.supernodes[s.net.ring.home_of(ids.chat_for_cloud_conversation(cid))]
-    s.net.wait(home.stopService())
-    s.run(0.1)
+    s.stop_home(cid)
     s.post(cid, alice, "posted long ago", sent_ms=s.now_ms() - 120_000)
     s.injector.startService()
     s.run(0)
@@ -604,9 +606,7 @@ def test_the_backlog_is_counted_every_few_seconds_not_every_pass(conn, make_scen
     config = attrs.evolve(FAST, backlog_every_s=5.0)
     s = make_scene(config=config, start=False)
     cid, alice, _bob = two_party(conn)
-    home = s.net.supernodes[s.net.ring.home_of(ids.chat_for_cloud_conversation(cid))]
-    s.net.wait(home.stopService())
-    s.run(0.1)
+    s.stop_home(cid)
     s.post(cid, alice, "waits", sent_ms=s.now_ms())
     counted = [0]
     real = outbox_store.outbox_backlog
@@ -659,9 +659,7 @@ def test_rows_waiting_behind_a_failing_row_are_not_given_up_with_it(conn, make_s
     s = make_scene(config=config, start=False, seed=6)
     cid, alice, bob = two_party(conn)
     chat_id = ids.chat_for_cloud_conversation(cid)
-    home = s.net.supernodes[s.net.ring.home_of(chat_id)]
-    s.net.wait(home.stopService())
-    s.run(0.1)
+    home = s.stop_home(cid)
     s.post(cid, alice, "given up")
     waiting = [s.post(cid, bob, f"behind {i}") for i in range(3)]
     s.injector.startService()
