@@ -127,9 +127,6 @@ class CommitOutcome:
 
     result: MirrorResult
     chats: Mapping[str, tuple[str, ...]]
-    #: ``mirror_changes`` only: the accounts it found or created, and how many it created.
-    accounts: Mapping[str, uuid.UUID] = attrs.field(factory=dict)
-    accounts_created: int = 0
 
 
 def new_handles(changes: LegacyChanges, known: KnownIds) -> list[str]:
@@ -221,13 +218,12 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
 def mirror_changes(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int, *,
                    known: KnownIds | None = None, step: Step = _no_step) -> CommitOutcome:
     """Accounts, translation and commit in the caller's one transaction: for a repair (and
-    tests), where one short transaction is simplest. *known* is read, never taught: the
-    caller learns ``outcome.accounts`` and ``outcome.chats`` once it has committed."""
+    tests), where one short transaction is simplest. *known* is read, never taught (the
+    transaction may still roll back)."""
     known = known if known is not None else KnownIds()
     handles = new_handles(changes, known)
-    found, created = ensure_accounts(conn, handles, step) if handles else ({}, 0)
-    accounts = {**found, **{h: known.accounts[h] for h in changes.handles()
-                            if h in known.accounts}}
-    plan = translate(changes, KnownIds(accounts, dict(known.chats)))
-    outcome = commit_plan(conn, plan, now_ms, step=step)
-    return attrs.evolve(outcome, accounts=accounts, accounts_created=created)
+    found, _created = ensure_accounts(conn, handles, step) if handles else ({}, 0)
+    accounts = {**{h: known.accounts[h] for h in changes.handles() if h in known.accounts},
+                **found}
+    plan = translate(changes, KnownIds(accounts, known.chats))
+    return commit_plan(conn, plan, now_ms, step=step)

@@ -15,10 +15,9 @@ from bridgectl.peers import connect_login_server
 
 
 def add_commands(sub: Any) -> None:
-    acc = sub.add_parser("accounts", help="legacy accounts in the cloud store",
-                         description="Manage the cloud accounts linked to legacy handles.")
-    asub = acc.add_subparsers(dest="accounts_command", metavar="SUBCOMMAND")
-    asub.required = True
+    asub = options.add_group(
+        sub, "accounts", help="legacy accounts in the cloud store",
+        description="Manage the cloud accounts linked to legacy handles.")
     imp = asub.add_parser("import", help="link every legacy account (safe to run again)",
                           description="Page through the legacy login server's accounts and "
                                       "give each handle a linked cloud account in phase "

@@ -17,11 +17,10 @@ from bridgectl.output import print_summary
 
 
 def add_commands(sub: Any) -> None:
-    bridge = sub.add_parser("bridge", help="the bridge between the stacks",
-                            description="Mirror messages and presence between the legacy "
-                                        "network and the cloud store.")
-    bsub = bridge.add_subparsers(dest="bridge_command", metavar="SUBCOMMAND")
-    bsub.required = True
+    bsub = options.add_group(
+        sub, "bridge", help="the bridge between the stacks",
+        description="Mirror messages and presence between the legacy network and the cloud "
+                    "store.")
     run = bsub.add_parser("run", help="run one bridge worker",
                           description="Follow every supernode's feed into the cloud store "
                                       "and inject cloud messages into the legacy network. "

@@ -16,11 +16,10 @@ from bridgectl.output import print_summary
 
 
 def add_commands(sub: Any) -> None:
-    cloud = sub.add_parser("cloud", help="the cloud service",
-                           description="Run the cloud API and its notification dispatcher, "
-                                       "or simulated cloud clients against it.")
-    csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
-    csub.required = True
+    csub = options.add_group(
+        sub, "cloud", help="the cloud service",
+        description="Run the cloud API and its notification dispatcher, or simulated cloud "
+                    "clients against it.")
     crun = csub.add_parser("run", help="serve the cloud API and dispatch notifications",
                            description="Serve the cloud API (JSON over HTTP, /metrics beside "
                                        "it) on 127.0.0.1 and run the notification dispatcher "

@@ -13,13 +13,11 @@ from bridgectl.errors import EXIT_OK, RuntimeFailure
 
 
 def add_commands(sub: Any) -> None:
-    db = sub.add_parser("db", help="the cloud store's database",
-                        description="Manage the cloud store's PostgreSQL database. Without "
-                                    "--dsn or $BRIDGE_DSN, commands use the embedded server "
-                                    "under $BRIDGE_HOME (default ./.bridge), starting it "
-                                    "when needed.")
-    dsub = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
-    dsub.required = True
+    dsub = options.add_group(
+        sub, "db", help="the cloud store's database",
+        description="Manage the cloud store's PostgreSQL database. Without --dsn or "
+                    "$BRIDGE_DSN, commands use the embedded server under $BRIDGE_HOME (default "
+                    "./.bridge), starting it when needed.")
     for name, text, handler in (
             ("upgrade", "apply pending schema migrations (safe to run twice)", cmd_db_upgrade),
             ("status", "show applied and pending schema versions", cmd_db_status),

@@ -16,10 +16,9 @@ from bridgectl.output import print_summary
 
 
 def add_commands(sub: Any) -> None:
-    legacy = sub.add_parser("legacy", help="the simulated legacy supernode network",
-                            description="Run or simulate the legacy supernode network.")
-    lsub = legacy.add_subparsers(dest="legacy_command", metavar="SUBCOMMAND")
-    lsub.required = True
+    lsub = options.add_group(
+        sub, "legacy", help="the simulated legacy supernode network",
+        description="Run or simulate the legacy supernode network.")
 
     run = lsub.add_parser("run", help="run the network over loopback TCP",
                           description="Run supernodes and a login server on 127.0.0.1 with "

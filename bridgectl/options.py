@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 from bridge import state
 
@@ -64,6 +65,14 @@ def duration_ms(text: str) -> int:
     if not 0 < value < 10 * 365 * 86400:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return int(value * units[unit] * 1000)
+
+
+def add_group(sub: Any, name: str, *, help: str, description: str) -> Any:  # noqa: A002
+    """A command group (``bridgectl NAME SUBCOMMAND``) whose subcommand is required."""
+    group = sub.add_parser(name, help=help, description=description)
+    subcommands = group.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+    subcommands.required = True
+    return subcommands
 
 
 def add_dsn_option(sp: argparse.ArgumentParser) -> None:

@@ -44,9 +44,10 @@ Work = Callable[[Any, defer.Deferred], Awaitable[Any]]
 
 
 class ServiceTree(MultiService):
-    """Children start in the order they were added and stop in reverse, one after another:
-    each waits for the one added after it, so in-flight work drains before what it depends
-    on (the database, added first) goes away."""
+    """Children start in the order they were added (``await start()``: a failed start undoes
+    itself) and stop in reverse, one after another: each waits for the one added after it,
+    so in-flight work drains before what it depends on (the database, added first) goes
+    away."""
 
     async def start(self) -> None:
         """Start each child in order; if one fails (a port in use), stop those already
@@ -62,18 +63,6 @@ class ServiceTree(MultiService):
                 await _stop_in_reverse(started)
                 raise
             started.append(child)
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        """As ``start``, for a parent service that starts this one; a failed start's stop is
-        not waited for here, so commands ``await start()`` instead."""
-        d = defer.Deferred.fromCoroutine(self.start())
-        if d.called:  # every child started at once, or one failed: its error goes up
-            failure: list[Any] = []
-            d.addErrback(failure.append)
-            if failure:
-                failure[0].raiseException()
-        else:
-            d.addErrback(lambda f: log.failure("starting {tree} failed", f, tree=self.name))
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         Service.stopService(self)

@@ -620,7 +620,6 @@ def test_the_backlog_is_counted_every_few_seconds_not_every_pass(conn, make_scen
     s.run(4.9)
     assert counted[0] == 1 and s.injector.ticks > 3
     assert metric("bridge_outbox_pending") == 1.0
-    assert metric("bridge_outbox_oldest_age_seconds") >= 0.0
     s.run(5.0)
     assert counted[0] == 2
     assert metric("bridge_outbox_oldest_age_seconds") >= 5.0

@@ -47,7 +47,7 @@ def test_children_start_in_order_and_stop_in_reverse_one_after_another():
     journal: list[str] = []
     db, worker, port = (Recorded(n, journal) for n in ("db", "worker", "port"))
     tree = tree_of(db, worker, port)
-    tree.startService()
+    assert defer.Deferred.fromCoroutine(tree.start()).called
     assert journal == ["start db", "start worker", "start port"]
     stopped = tree.stopService()
     assert journal[3:] == ["stop port"]  # the worker waits for the port's stop
@@ -65,7 +65,7 @@ def test_a_child_that_fails_to_stop_does_not_keep_the_others_running():
     journal: list[str] = []
     db, worker = Recorded("db", journal), Recorded("worker", journal)
     tree = tree_of(db, worker)
-    tree.startService()
+    assert defer.Deferred.fromCoroutine(tree.start()).called
     stopped = tree.stopService()
     worker.stopping.errback(RuntimeError("stuck"))
     assert journal[-1] == "stop db"
