@@ -31,6 +31,7 @@ Usage: python bench/bench_bridge.py [--dsn DSN] [--quick] [--runs N] [--workers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -43,20 +44,23 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 
 import psycopg
+from psycopg import conninfo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_cloud import raw_copy, scratch_database  # noqa: E402
+from bench_cloud import raw_copy, scratch_database, setup  # noqa: E402
 from bench_stats import summarize  # noqa: E402
 
 from cloud import embedded  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
 from cloud.store import coordination as coordination_store  # noqa: E402
 from cloud.store import messages as messages_store  # noqa: E402
+from cloud.store.outbox import OUTBOX_CHANNEL  # noqa: E402
 
 BASE_PORT = 47900
 SUPERNODES = 4
@@ -65,7 +69,8 @@ SUPERNODES = 4
 class Run:
     """A fresh database, a legacy feed server and bridge workers, torn down at the end."""
 
-    def __init__(self, server: str, mode: str, amount: float, workers: int = 1) -> None:
+    def __init__(self, server: str, mode: str, amount: float, workers: int = 1, *,
+                 template: str | None = None) -> None:
         self.server, self.mode, self.amount, self.workers = server, mode, amount, workers
         self.home = tempfile.mkdtemp(prefix="bench-bridge-")
         self.env = {**os.environ, "BRIDGE_HOME": self.home}
@@ -73,7 +78,7 @@ class Run:
         self.bridges: list[subprocess.Popen] = []
         self.metrics_urls: list[str] = []
         self._errors = None  # the legacy feed server's stderr (a file: shown if it fails)
-        self._database = scratch_database(server, "bridge_benchb")
+        self._database = scratch_database(server, "bridge_benchb", template)
 
     def __enter__(self) -> Run:
         self.dsn = self._database.__enter__()  # a fresh database with the current schema
@@ -165,11 +170,11 @@ class Run:
             self._errors.close()
 
 
-def lag_buckets(urls: list[str]) -> dict[float, float]:
-    """Cumulative counts of the workers' legacy -> cloud lag histogram, summed, by bound."""
+def lag_buckets(urls: list[str], direction: str = "to_cloud") -> dict[float, float]:
+    """Cumulative counts of the workers' lag histogram in *direction*, summed, by bound."""
     out: dict[float, float] = {}
-    pattern = re.compile(r'^bridge_mirror_lag_seconds_bucket\{direction="to_cloud",'
-                         r'le="([^"]+)"\} (\S+)$', re.M)
+    pattern = re.compile(r'^bridge_mirror_lag_seconds_bucket\{direction="' + direction
+                         + r'",le="([^"]+)"\} (\S+)$', re.M)
     for url in urls:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
@@ -335,28 +340,135 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
     }
 
 
-def to_legacy_run(server: str, n: int) -> dict:
-    with Run(server, "backlog", 2000) as run:
-        run.start_bridge()
-        with psycopg.connect(run.dsn, autocommit=True) as conn:
-            wait_until(conn, "SELECT count(*) FROM messages", 2000, timeout=120)
-            chats = conn.execute(
-                "SELECT c.conversation_id, min(m.account_id::text)::uuid FROM conversations c "
-                "JOIN members m USING (conversation_id) GROUP BY 1 "
-                "HAVING count(*) >= 2 LIMIT 200").fetchall()
+#: cloud conversations of the cloud -> legacy runs (two dual members each), spread over the
+#: supernodes by their chat ids
+TO_LEGACY_CONVERSATIONS = 200
+
+#: The lag load: conversations get one message each per statement, and statements run
+#: every LOAD_TICK_S (this many rows per tick / per statement at most).
+LOAD_TICK_S = 0.05
+
+_BULK_POST = (
+    "WITH load AS (SELECT * FROM unnest(%(cids)s::uuid[], %(senders)s::uuid[], "
+    "  %(handles)s::text[]) AS l(conversation_id, sender, handle)), "
+    "bumped AS (UPDATE conversations c SET next_seq = c.next_seq + 1 FROM load l "
+    "  WHERE c.conversation_id = l.conversation_id "
+    "  RETURNING c.conversation_id, c.next_seq - 1 AS seq, l.sender, l.handle), "
+    "posted AS (INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+    "  sender_handle, sent_ms, body, origin, client_message_id) "
+    "  SELECT conversation_id, seq, gen_random_uuid(), sender, handle, %(now)s, "
+    "         repeat('y', 80), 'cloud', gen_random_uuid()::text FROM bumped "
+    "  RETURNING conversation_id, seq, message_id) "
+    "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+    "SELECT conversation_id, seq, message_id, %(now)s FROM posted")
+
+
+@contextlib.contextmanager
+def loaded_outbox(server: str, n: int) -> Iterator[tuple[str, list[tuple]]]:
+    """A database holding *n* cloud messages in ``TO_LEGACY_CONVERSATIONS`` conversations,
+    every one posted through the store's own path (``post_message``: the message, its
+    notification rows and its outbox row), all pending; yields its name (each run copies it
+    as a template, since loading takes minutes) and the conversations."""
+    with scratch_database(server, "bridge_benchtl") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            convs = setup(conn, TO_LEGACY_CONVERSATIONS, "dual")
             now_ms = int(time.time() * 1000)
             with conn.transaction():
                 for i in range(n):
-                    cid, sender = chats[i % len(chats)]
-                    messages_store.post_message(conn, cid, sender, f"bench-{i}", "y" * 80, now_ms)
-            t0 = time.monotonic()
+                    cid, sender, _ = convs[i % len(convs)]
+                    messages_store.post_message(conn, cid, sender, f"bench-{i}", "y" * 80,
+                                                now_ms)
+            conn.execute("VACUUM ANALYZE")
+        yield conninfo.conninfo_to_dict(dsn)["dbname"], convs
+
+
+def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
+    """Post *rate* cloud messages per second for *seconds* (one statement per tick, each
+    message with its outbox row, then a NOTIFY, as ``post_message`` does; the store's own
+    path costs a few ms per message in one Python thread, too slow to make the load), sent
+    at the wall clock's ms so the workers' lag histograms measure post to Ack; returns
+    how many were posted."""
+    handles = {cid: f"a{i}" for i, (cid, _, _) in enumerate(convs)}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        handles = dict(conn.execute(
+            "SELECT mb.conversation_id, a.handle FROM members mb JOIN accounts a "
+            "USING (account_id) WHERE mb.account_id = ANY(%s)",
+            ([sender for _, sender, _ in convs],)).fetchall())
+        posted, due, nxt = 0, 0.0, 0
+        start = time.monotonic()
+        while (now := time.monotonic()) - start < seconds:
+            due += rate * LOAD_TICK_S
+            while due >= 1:
+                k = min(int(due), len(convs))
+                batch = [convs[(nxt + j) % len(convs)] for j in range(k)]
+                nxt = (nxt + k) % len(convs)
+                with conn.transaction():
+                    conn.execute(_BULK_POST, {
+                        "cids": [c for c, _, _ in batch], "senders": [s for _, s, _ in batch],
+                        "handles": [handles[c] for c, _, _ in batch],
+                        "now": int(time.time() * 1000)})
+                    conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+                posted += k
+                due -= k
+            time.sleep(max(0.0, start + (posted / rate) - time.monotonic())
+                       if posted else LOAD_TICK_S)
+            del now
+    return posted
+
+
+def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, workers: int,
+                  lag_seconds: float) -> dict:
+    """Drain an outbox of *n* rows with *workers* workers (from their start to the last
+    row done), then the lag at half of that speed."""
+    with Run(server, "backlog", 0, workers, template=template) as run:
+        t0 = run.start_bridge()
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
             t1 = wait_until(conn, "SELECT count(*) FROM outbox_to_legacy WHERE state <> "
-                                  "'pending'", n, timeout=600)
-        return {"msgs_per_s": n / (t1 - t0)}
+                                  "'pending'", n, timeout=900, every=0.02)
+            states = dict(conn.execute("SELECT state, count(*) FROM outbox_to_legacy "
+                                       "GROUP BY 1").fetchall())
+            if states != {"done": n}:
+                raise RuntimeError(f"the outbox ended as {states}, not {n} rows done")
+        rss = run.rss_per_worker_mb()
+        rate = n / (t1 - t0)
+        before = lag_buckets(run.metrics_urls, "to_legacy")
+        posted = post_load(run.dsn, convs, rate / 2, lag_seconds)
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
+            wait_until(conn, "SELECT count(*) FROM outbox_to_legacy WHERE state <> "
+                             "'pending'", n + posted, timeout=120, every=0.02)
+        after = lag_buckets(run.metrics_urls, "to_legacy")
+        return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
+                "half_load_rate": rate / 2, "half_load_posted_per_s": posted / lag_seconds,
+                "p50_ms": round(histogram_quantile(0.50, before, after), 1),
+                "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
 
 
-def to_legacy(server: str, runs: int, n: int) -> dict:
-    return summarize([to_legacy_run(server, n)["msgs_per_s"] for _ in range(runs)])
+def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seconds: float,
+              drain_msgs_per_s: float | None) -> dict:
+    """The cloud -> legacy section: one outbox of *n* rows, loaded once, drained *runs*
+    times by each worker count; the ratio is to the legacy -> cloud drain of this run."""
+    points = []
+    with loaded_outbox(server, n) as (template, convs):
+        for workers in worker_counts:
+            got = [to_legacy_run(server, template, convs, n, workers, lag_seconds)
+                   for _ in range(runs)]
+            points.append({
+                "workers": workers, "outbox_rows": n,
+                "msgs_per_s": summarize([g["msgs_per_s"] for g in got]),
+                "half_load_rate": round(statistics.median(g["half_load_rate"] for g in got), 1),
+                "half_load_posted_per_s": summarize([g["half_load_posted_per_s"] for g in got]),
+                "p50_lag_ms": summarize([g["p50_ms"] for g in got]),
+                "p99_lag_ms": summarize([g["p99_ms"] for g in got]),
+                "peak_rss_mb": summarize([g["rss_mb"] for g in got]),
+                "per_run": got})
+    first = points[0]
+    return {"to_legacy_msgs_per_s": first["msgs_per_s"],
+            "to_legacy_ratio_to_drain": (
+                None if drain_msgs_per_s is None
+                else round(first["msgs_per_s"]["median"] / drain_msgs_per_s, 3)),
+            "to_legacy_p99_lag_ms": first["p99_lag_ms"],
+            "to_legacy_peak_rss_mb": first["peak_rss_mb"],
+            "to_legacy_scaling": points}
 
 
 def main() -> None:
@@ -366,20 +478,29 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[1],
                    help="worker counts to measure (default: 1)")
+    p.add_argument("--to-legacy-workers", type=int, nargs="+", default=[1, 2, 4],
+                   help="worker counts draining the outbox (default: 1 2 4)")
+    p.add_argument("--only", choices=("to_cloud", "to_legacy"),
+                   help="measure one direction only (to_legacy then has no drain ratio)")
     args = p.parse_args()
     server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
     n = 10_000 if args.quick else 50_000
-    points = [scaling_point(server, n, args.runs, k, 10 if args.quick else 30)
-              for k in args.workers]
-    first = points[0]
-    bridge = {key: first[key] for key in (
-        "backlog_messages", "supernodes", "msgs_per_s", "copy_rows_per_s", "ratio_to_copy",
-        "half_load_rate", "p50_lag_ms", "p99_lag_ms", "peak_rss_mb")}
-    bridge["workers"] = first["workers"]
-    bridge["to_legacy_msgs_per_s"] = to_legacy(server, args.runs,
-                                               1000 if args.quick else 5000)
-    if len(points) > 1:
-        bridge["scaling"] = points
+    bridge: dict = {}
+    drain = None
+    if args.only != "to_legacy":
+        points = [scaling_point(server, n, args.runs, k, 10 if args.quick else 30)
+                  for k in args.workers]
+        first = points[0]
+        bridge = {key: first[key] for key in (
+            "backlog_messages", "supernodes", "msgs_per_s", "copy_rows_per_s",
+            "ratio_to_copy", "half_load_rate", "p50_lag_ms", "p99_lag_ms", "peak_rss_mb")}
+        bridge["workers"] = first["workers"]
+        if len(points) > 1:
+            bridge["scaling"] = points
+        drain = first["msgs_per_s"]["median"]
+    if args.only != "to_cloud":
+        bridge.update(to_legacy(server, args.runs, 5_000 if args.quick else 50_000,
+                                args.to_legacy_workers, 5 if args.quick else 10, drain))
     print(json.dumps({"bridge": bridge}, indent=2))
 
 

@@ -53,11 +53,14 @@ def with_db(dsn: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def scratch_database(server: str, prefix: str = "bridge_bench") -> Iterator[str]:
-    """A fresh database with the current schema on *server* (its DSN); dropped on exit."""
+def scratch_database(server: str, prefix: str = "bridge_bench",
+                     template: str | None = None) -> Iterator[str]:
+    """A fresh database with the current schema on *server* (its DSN), a copy of database
+    *template* when given (which nobody may be connected to); dropped on exit."""
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"'
+                      + (f' TEMPLATE "{template}"' if template else ""))
     try:
         dsn = with_db(server, name)
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -22,13 +22,18 @@ The GUID is derived from the cloud message id (``bridge.ids``), so injecting a r
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
 ``duplicate``). Each claim carries a token; completes and releases touch only rows still held
 under it, so a late one from a claim that ran out changes nothing (counted in
-``late_claims``, logged). Order per conversation: rows of one conversation are injected one at
-a time in seq order, each after the previous one's Ack, and the acknowledged ones are
-completed together in one transaction (``complete_outbox_batch``); when one fails, it and
-every later claimed row of that conversation are released together, and ``claim_outbox``
-never hands out a row
-while an earlier one of its conversation is still claimed. Conversations run concurrently,
-at most ``concurrency`` at a time.
+``late_claims``, logged).
+
+Order per conversation, pipelined: a claim's rows are all sent at once (at most ``window``
+in flight per worker), each conversation's in seq order on the one connection to its home
+supernode, which serves a connection's requests in the order they arrive; so the rows it
+accepted are a prefix of those sent (less any it refused for good). From the first row
+that failed, the conversation's later rows go back together, and ``claim_outbox`` never
+hands out a row while an earlier one of its conversation is still claimed. The rows
+acknowledged in one pass are completed together in one transaction
+(``complete_outbox_batch``). The one race left: a ring change that makes the supernode the
+chat's home between two of its rows would accept the later row after refusing the earlier
+one (``not_home``), which then arrives after it.
 
 The loop is the dispatcher's (``cloud.dispatcher``)::
 
@@ -48,7 +53,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
-import psycopg
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -56,9 +60,13 @@ from twisted.logger import Logger
 from bridge import ids
 from bridge.ops import metrics
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.store import findings as findings_store
 from cloud.store import outbox as outbox_store
-from cloud.store.outbox import OutboxItem
+from cloud.store.outbox import (
+    OutboxItem,
+    fail_outbox_item,
+    refuse_outbox_item,
+    release_outbox_items,
+)
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop, failure_counter
@@ -68,10 +76,6 @@ from servicekit.validators import positive
 log = Logger()
 
 DIRECTION = "to_legacy"
-#: Finding kind for a message the legacy network will never accept.
-INJECT_REFUSED = "inject_refused"
-#: Finding kind for a message given up after ``max_attempts`` or ``max_age_s``.
-INJECT_FAILED = "inject_failed"
 
 OUTBOX_LOOP_FAILURES = failure_counter(
     "bridge_outbox_loop_failures_total",
@@ -101,7 +105,7 @@ class InjectorConfig:
     """How the outbox injector paces itself. Times in seconds."""
 
     #: Most outbox rows claimed by one tick.
-    batch: int = attrs.field(default=200, validator=_COUNT)
+    batch: int = attrs.field(default=500, validator=_COUNT)
     #: How long claimed rows stay invisible to other workers; must outlast an injection.
     claim_s: float = attrs.field(default=30.0, converter=float, validator=positive)
     #: Pause between ticks when the last one did not fill a batch (NOTIFY wakes it earlier).
@@ -112,8 +116,12 @@ class InjectorConfig:
     retry: RetryPolicy = attrs.field(
         factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=60.0, jitter=0.2),
         validator=attrs.validators.instance_of(RetryPolicy))
-    #: Conversations injected concurrently (rows within one are always sequential).
-    concurrency: int = attrs.field(default=16, validator=_COUNT)
+    #: Most rows of one conversation in a claim (a claim spreads over the oldest
+    #: conversations; a conversation's rows are injected in seq order).
+    per_conversation: int = attrs.field(default=50, validator=_COUNT)
+    #: Most injections in flight at once, over all connections (a claim's rows are sent
+    #: without waiting for each other's Acks, up to this many).
+    window: int = attrs.field(default=1000, validator=_COUNT)
     #: A row whose injection failed this many times is given up: state ``failed``, with an
     #: ``inject_failed`` finding (its conversation's later rows go on).
     max_attempts: int = attrs.field(default=30, validator=_COUNT)
@@ -127,58 +135,6 @@ class InjectorConfig:
         if self.claim_s <= self.inject_timeout_s:
             raise ValueError(f"claim_s ({self.claim_s}) must be longer than inject_timeout_s "
                              f"({self.inject_timeout_s}): a claim must outlast one injection")
-
-
-# ---------------------------------------------------------------- transactions
-
-def _lock_if_held(conn: psycopg.Connection, item: OutboxItem) -> bool:
-    """Lock *item*'s row if it is still pending under *item*'s claim; False otherwise."""
-    return conn.execute(
-        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
-        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
-        (item.conversation_id, item.seq, item.claim_token)).fetchone() is not None
-
-
-def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
-                       reason: str, now_ms: int) -> bool:
-    """Skip a row the legacy network will never accept, with an open ``inject_refused``
-    finding; False (and nothing written) if the row is no longer pending under its claim."""
-    if not _lock_if_held(conn, item):
-        return False
-    findings_store.record_finding(
-        conn, INJECT_REFUSED,
-        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
-        now_ms, conversation_id=item.conversation_id)
-    outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
-    return True
-
-
-def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
-                     now_ms: int) -> bool:
-    """Give up on a row: state ``failed`` with an open ``inject_failed`` finding; False (and
-    nothing written) if the row is no longer pending under its claim."""
-    if not _lock_if_held(conn, item):
-        return False
-    findings_store.record_finding(
-        conn, INJECT_FAILED,
-        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle},
-        now_ms, conversation_id=item.conversation_id)
-    conn.execute(
-        "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
-        (now_ms, reason[:500], item.conversation_id, item.seq))
-    return True
-
-
-def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], error: str,
-                         retry_at_ms: int, tried: int = 0) -> int:
-    """Hand claimed rows of one conversation back together, all due at *retry_at_ms*; how
-    many were still held under their claim (the others belong to a newer claim now). Only
-    the first *tried* of them were injected; the rest get their claim's attempt back."""
-    return sum(outbox_store.release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
-               for i, item in enumerate(items))
 
 
 # ---------------------------------------------------------------- the injector
@@ -223,6 +179,7 @@ class OutboxInjector(PollingLoop):
         #: Pending rows and the age in ms of the oldest, as last read (every backlog_every_s).
         self.backlog: tuple[int, int | None] = (0, None)
         self._backlog_read_at: float | None = None
+        self._window = defer.DeferredSemaphore(self.config.window)
 
     async def _tick(self) -> bool:
         """One pass; True when it claimed a full batch (so more are probably due)."""
@@ -231,11 +188,9 @@ class OutboxInjector(PollingLoop):
         now_ms = self._now_ms()
         claim_ms = round(cfg.claim_s * 1000)
         try:
-            # spread a claim over at least `concurrency` conversations, each injected in order
-            per_conversation = max(1, cfg.batch // cfg.concurrency)
             token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
             items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms, cfg.batch,
-                                       claim_ms, per_conversation, token)
+                                       claim_ms, cfg.per_conversation, token)
         except DatabaseUnavailable as e:
             self._database_down(e)
             return False
@@ -244,19 +199,27 @@ class OutboxInjector(PollingLoop):
             by_conversation: dict[Any, list[OutboxItem]] = {}
             for item in items:  # claim_outbox returns them in seq order per conversation
                 by_conversation.setdefault(item.conversation_id, []).append(item)
-            limit = defer.DeferredSemaphore(cfg.concurrency)
-            await defer.gatherResults(
-                [limit.run(lambda rows=rows: defer.Deferred.fromCoroutine(
-                    self._conversation(rows, now_ms + claim_ms)))
+            results = await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(self._conversation(rows, now_ms + claim_ms))
                  for rows in by_conversation.values()],
                 consumeErrors=True)
+            # Acknowledged rows stay claimed until here; the later rows of a conversation
+            # that went back wait behind them, so order holds.
+            try:
+                await self._complete([ok for acked in results for ok in acked])
+            except DatabaseUnavailable as e:
+                # Not recorded: the rows come due again when their claim runs out, and
+                # injecting them again then is a no-op on the legacy side (duplicates).
+                self._database_down(e)
+                return False
             metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
             metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
                 self._clock.seconds() - started)
         await self._read_backlog()
         # more is probably due when the batch was full or a conversation hit its share
         per_conv = collections.Counter(item.conversation_id for item in items)
-        return len(items) >= cfg.batch or max(per_conv.values(), default=0) >= per_conversation
+        return (len(items) >= cfg.batch
+                or max(per_conv.values(), default=0) >= cfg.per_conversation)
 
     async def _read_backlog(self) -> None:
         """Count the pending rows, at most every ``backlog_every_s``: the heartbeat reports
@@ -277,33 +240,70 @@ class OutboxInjector(PollingLoop):
         metrics.OUTBOX_PENDING.set(pending)
         metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest_ms is None else oldest_ms / 1000)
 
-    async def _conversation(self, items: list[OutboxItem], claimed_until_ms: int) -> None:
-        """Inject one conversation's claimed rows in seq order, then record the acknowledged
-        ones in one transaction; never raises."""
+    async def _conversation(self, items: list[OutboxItem],
+                            claimed_until_ms: int) -> list[tuple[outbox_store.Injected, wire.Ack]]:
+        """Inject one conversation's claimed rows, pipelined on its home's connection in seq
+        order, and return the acknowledged ones for the tick to record; never raises.
+
+        Every row is sent before the first Ack is awaited; the supernode serves one
+        connection's requests in the order they were sent, so the rows it accepted are
+        always a prefix of those sent, less the ones it refused for good. From the first
+        row that failed, the rest go back together (those still in flight are forgotten:
+        injected again later, they are acknowledged as duplicates).
+        """
         timeout_ms = round(self.config.inject_timeout_s * 1000)
-        acked: list[tuple[outbox_store.Injected, wire.Ack]] = []
+        sent: list[tuple[OutboxItem, outbox_store.Injected, defer.Deferred]] = []
+        unsent: list[OutboxItem] = []
+        failed: str | None = None  # why unsent[0] failed (tried); None: handed back untried
+        peer: PeerConnection | None = None
         try:
-            try:
-                for i, item in enumerate(items):
+            for i, item in enumerate(items):
+                try:
+                    prepared = await self._prepare(item)
+                    if prepared is None:
+                        continue  # skipped or refused, and recorded
+                    injected, message, members = prepared
+                    if peer is None:
+                        peer = self._peer(injected.legacy_chat_id)
+                    await self._window.acquire()
                     if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
                         # Stopping, or the claim could run out mid-injection and let another
                         # worker overtake: hand the rest back, due at once.
-                        await self._hand_back(items[i:], "handed back unattempted (stopping "
-                                              "or claim ending)", self._now_ms())
-                        return
-                    try:
-                        outcome = await self._inject(item)
-                    except _Retry as e:
-                        await self._release(items[i:], str(e))
-                        return
-                    if outcome is not None:
-                        acked.append(outcome)
-            finally:
-                # Acknowledged rows stay claimed until here; the later rows of the
-                # conversation (if any went back) wait behind them, so order holds.
-                await self._complete(acked)
+                        self._window.release()
+                        unsent = items[i:]
+                        break
+                    sent.append((item, injected, self._send(peer, message, members)))
+                except _Retry as e:
+                    unsent, failed = items[i:], str(e)
+                    break
+            acked: list[tuple[outbox_store.Injected, wire.Ack]] = []
+            for j, (item, injected, d) in enumerate(sent):
+                try:
+                    ack = await d
+                except _Refused as e:
+                    await self._refuse(item, injected.legacy_chat_id,
+                                       f"the supernode refused it: {e}")
+                    continue
+                except _Retry as e:
+                    for _, _, later in sent[j + 1:]:
+                        later.addErrback(lambda _f: None)  # forgotten: see the docstring
+                    unsent, failed = [s[0] for s in sent[j:]] + unsent, str(e)
+                    break
+                if ack.status not in ("new", "duplicate"):
+                    for _, _, later in sent[j + 1:]:
+                        later.addErrback(lambda _f: None)
+                    unsent = [s[0] for s in sent[j:]] + unsent
+                    failed = f"unexpected Ack status {ack.status!r} from the supernode"
+                    break
+                acked.append((injected, ack))
+            if unsent and failed is None:
+                await self._hand_back(unsent, "handed back unattempted (stopping or claim "
+                                      "ending)", self._now_ms())
+            elif unsent:
+                await self._release(unsent, failed)
+            return acked
         except DatabaseUnavailable as e:
-            # Rows not completed stay claimed and come due again when the claim runs out;
+            # Rows not recorded stay claimed and come due again when the claim runs out;
             # injecting them again then is a no-op on the legacy side.
             self._database_down(e)
         except Exception:
@@ -311,10 +311,14 @@ class OutboxInjector(PollingLoop):
             OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
             log.failure("injecting conversation {cid} failed unexpectedly; its rows come due "
                         "again", cid=items[0].conversation_id)
+        for _, _, d in sent:
+            d.addErrback(lambda _f: None)
+        return []
 
-    async def _inject(self, item: OutboxItem) -> tuple[outbox_store.Injected, wire.Ack] | None:
-        """Inject one row: the Ack to record, None when the row was skipped or refused (and
-        recorded already); ``_Retry`` if it must be tried again."""
+    async def _prepare(self, item: OutboxItem) -> tuple[outbox_store.Injected, wire.ChatMessage,
+                                                         tuple[str, ...]] | None:
+        """What to inject for one row; None when the row was skipped or refused (and
+        recorded already), before anything was sent."""
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
@@ -337,13 +341,44 @@ class OutboxInjector(PollingLoop):
             wire.encode(wire.InjectMessage(req_id=0, message=message, members=members))
         except wire.WireError as e:
             return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
+        return outbox_store.Injected(item, chat_id, guid), message, members
+
+    def _peer(self, chat_id: str) -> PeerConnection:
+        """The connection to the chat's home supernode; ``_Retry`` if there is none now."""
+        peer = self._peers.for_chat(chat_id)
+        if peer is None:
+            raise _Retry(f"home supernode of {chat_id!r} is unreachable")
+        return peer
+
+    def _send(self, peer: PeerConnection, message: wire.ChatMessage,
+              members: tuple[str, ...]) -> defer.Deferred:
+        """Send one injection under a window slot the caller acquired (released at the
+        answer); a Deferred firing with the home supernode's Ack, or failing with
+        ``_Refused`` (it never will) or ``_Retry``."""
+        timeout_s = self.config.inject_timeout_s
         try:
-            ack = await self._send(chat_id, message, members)
-        except _Refused as e:
-            return await self._refuse(item, chat_id, f"the supernode refused it: {e}")
-        if ack.status not in ("new", "duplicate"):
-            raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
-        return outbox_store.Injected(item, chat_id, guid), ack
+            d = defer.maybeDeferred(peer.inject_message, message, members)
+        except BaseException:
+            self._window.release()
+            raise
+        d.addTimeout(timeout_s, self._clock)
+        d.addBoth(lambda result: (self._window.release(), result)[1])
+
+        def classify(failure: Any) -> Any:
+            e = failure.value
+            if isinstance(e, PeerRequestFailed):
+                if e.code == "bad_message":
+                    raise _Refused(e.reason) from e
+                raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
+            if isinstance(e, defer.TimeoutError):
+                raise _Retry(f"no Ack from the home supernode within {timeout_s}s") from e
+            if isinstance(e, _TRANSIENT):
+                raise _Retry(f"{type(e).__name__}: {e}") from e
+            log.failure("injecting {guid} failed unexpectedly; retrying later", failure,
+                        guid=message.guid)
+            raise _Retry(f"{type(e).__name__}: {e}") from e
+
+        return d.addErrback(classify)
 
     async def _complete(self, acked: list[tuple[outbox_store.Injected, wire.Ack]]) -> None:
         """Record acknowledged rows in one transaction, then count them."""
@@ -384,31 +419,6 @@ class OutboxInjector(PollingLoop):
                                   retry_at_ms, tried)
         if held < len(items):
             self._claim_lost("release", items[held:])
-
-    async def _send(self, chat_id: str, message: wire.ChatMessage,
-                    members: tuple[str, ...]) -> wire.Ack:
-        """The home supernode's Ack; ``_Refused`` if it never will, else ``_Retry``."""
-        timeout_s = self.config.inject_timeout_s
-        try:
-            peer = self._peers.for_chat(chat_id)
-            if peer is None:
-                raise _Retry(f"home supernode of {chat_id!r} is unreachable")
-            return await defer.maybeDeferred(peer.inject_message, message, members).addTimeout(
-                timeout_s, self._clock)
-        except _Retry:
-            raise
-        except PeerRequestFailed as e:
-            if e.code == "bad_message":
-                raise _Refused(e.reason) from e
-            raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
-        except defer.TimeoutError as e:
-            raise _Retry(f"no Ack from the home supernode within {timeout_s}s") from e
-        except _TRANSIENT as e:
-            raise _Retry(f"{type(e).__name__}: {e}") from e
-        except Exception as e:
-            log.failure("injecting {guid} failed unexpectedly; retrying later",
-                        guid=message.guid)
-            raise _Retry(f"{type(e).__name__}: {e}") from e
 
     async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
         if not await self._db.run("refuse_outbox_item", refuse_outbox_item, item, chat_id,

@@ -105,9 +105,10 @@ class BridgeWorker(MultiService):
     def for_chat(self, chat_id: str) -> PeerConnection | None:
         """A ready connection to the chat's home supernode, or None while there is none.
 
-        The feed connection when this worker follows that supernode; otherwise a link of its
-        own, opened on first need (any worker may claim any outbox row, so every worker
-        must be able to reach every home). None means "not yet": the caller retries.
+        Injections have links of their own, one per supernode, opened on first need (any
+        worker may claim any outbox row, so every worker must be able to reach every home):
+        never the feed connections, where a window of injections would queue behind feed
+        frames and the feed behind their Acks. None means "not yet": the caller retries.
         """
         if self.ring is None:
             return None
@@ -120,9 +121,6 @@ class BridgeWorker(MultiService):
         return next(iter(self._links.values()), None) if self._links else None
 
     def _peer_for(self, sn: str) -> PeerConnection | None:
-        follower = self.followers.get(sn)
-        if follower is not None and follower.connected:
-            return follower.peer
         link = self._links.get(sn)
         if link is not None and link.transport is not None and not link.closed.called:
             return link

@@ -103,6 +103,8 @@ class PeerConnection(FrameProtocol):
             self._host_cache.popleft().errback(exc)
 
     def _request(self, make: Callable[[int], Any]) -> defer.Deferred:
+        if self.closed.called:  # nobody would answer: fail now, not at the timeout
+            return defer.fail(error.ConnectionLost("connection to the supernode was lost"))
         self._next_req = (self._next_req + 1) % (1 << 32)
         req_id = self._next_req
         d: defer.Deferred = defer.Deferred()

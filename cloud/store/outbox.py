@@ -12,9 +12,14 @@ import attrs
 import psycopg
 
 from cloud.model import LEGACY_CLIENT_PHASES
+from cloud.store import findings as findings_store
 
 #: LISTEN/NOTIFY channel the bridge waits on for new outbox_to_legacy rows.
 OUTBOX_CHANNEL = "outbox_to_legacy"
+#: Finding kind for a message the legacy network will never accept.
+INJECT_REFUSED = "inject_refused"
+#: Finding kind for a message given up after the injector's ``max_attempts`` or ``max_age_s``.
+INJECT_FAILED = "inject_failed"
 
 
 @attrs.frozen
@@ -221,3 +226,55 @@ def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | No
         "SELECT count(*), min(created_ms) FROM outbox_to_legacy WHERE state = 'pending'"
     ).fetchone()
     return count, (None if oldest is None else now_ms - oldest)
+
+
+# ---------------------------------------------------------------- refusals, give-ups, releases
+
+def _lock_if_held(conn: psycopg.Connection, item: OutboxItem) -> bool:
+    """Lock *item*'s row if it is still pending under *item*'s claim; False otherwise."""
+    return conn.execute(
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "AND state = 'pending' AND claim_token = %s FOR UPDATE",
+        (item.conversation_id, item.seq, item.claim_token)).fetchone() is not None
+
+
+def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
+                       reason: str, now_ms: int) -> bool:
+    """Skip a row the legacy network will never accept, with an open ``inject_refused``
+    finding; False (and nothing written) if the row is no longer pending under its claim."""
+    if not _lock_if_held(conn, item):
+        return False
+    findings_store.record_finding(
+        conn, INJECT_REFUSED,
+        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
+         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
+        now_ms, conversation_id=item.conversation_id)
+    complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    return True
+
+
+def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
+                     now_ms: int) -> bool:
+    """Give up on a row: state ``failed`` with an open ``inject_failed`` finding; False (and
+    nothing written) if the row is no longer pending under its claim."""
+    if not _lock_if_held(conn, item):
+        return False
+    findings_store.record_finding(
+        conn, INJECT_FAILED,
+        {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
+         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle},
+        now_ms, conversation_id=item.conversation_id)
+    conn.execute(
+        "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
+        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
+        (now_ms, reason[:500], item.conversation_id, item.seq))
+    return True
+
+
+def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], error: str,
+                         retry_at_ms: int, tried: int = 0) -> int:
+    """Hand claimed rows of one conversation back together, all due at *retry_at_ms*; how
+    many were still held under their claim (the others belong to a newer claim now). Only
+    the first *tried* of them were injected; the rest get their claim's attempt back."""
+    return sum(release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
+               for i, item in enumerate(items))

@@ -42,7 +42,7 @@ from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 T0 = 1_700_000_000.0  # seconds; the simulated clock starts here so stored times look real
 FAST = InjectorConfig(batch=200, claim_s=5.0, poll_interval_s=0.5, inject_timeout_s=1.0,
                       retry=RetryPolicy(initial_s=0.5, factor=2, cap_s=2, jitter=0.5),
-                      concurrency=4)
+                      window=4)
 
 
 def metric(name: str, **labels: str) -> float:
@@ -206,7 +206,8 @@ def two_party(conn, a: str = "alice", b: str = "bob") -> tuple[uuid.UUID, uuid.U
 
 def test_injector_config_is_validated():
     """A nonsensical injector configuration fails when it is built, naming the field."""
-    for kwargs, name in (({"batch": 0}, "batch"), ({"concurrency": 0}, "concurrency"),
+    for kwargs, name in (({"batch": 0}, "batch"), ({"window": 0}, "window"),
+                         ({"per_conversation": 0}, "per_conversation"),
                          ({"poll_interval_s": 0}, "poll_interval_s"),
                          ({"inject_timeout_s": -1}, "inject_timeout_s"),
                          ({"claim_s": 5, "inject_timeout_s": 5}, "claim_s")):
@@ -321,8 +322,9 @@ class CountingPeer:
 
 
 def test_conversations_run_concurrently_up_to_the_bound(conn, make_scene):
-    """Six conversations with concurrency 2: two injections in flight at most, all arrive."""
-    s = make_scene(config=attrs.evolve(FAST, concurrency=2), wrap_peers=CountingPeers,
+    """Six conversations with a window of 2: two injections in flight at most, all arrive in
+    order."""
+    s = make_scene(config=attrs.evolve(FAST, window=2), wrap_peers=CountingPeers,
                    start=False)
     alice = make_account(conn, "alice")
     cids = [make_conversation(conn, alice, make_account(conn, f"friend{i}", "legacy"))
@@ -517,7 +519,7 @@ def test_a_late_completion_from_an_expired_claim_is_counted_and_changes_nothing(
 
 def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     """NOTIFY (wake) does not wait for the poll; a full batch is followed by another at once."""
-    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2, concurrency=1))
+    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2, per_conversation=2))
     s.run(0)
     assert s.injector.ticks == 1
     cid, alice, _ = two_party(conn)
@@ -532,8 +534,9 @@ def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
 
 
 def test_stop_waits_for_the_tick_in_flight_and_hands_back_the_rest(conn, make_scene):
-    """stopService fires after the in-flight injection; unattempted rows are due at once."""
-    s = make_scene(start=False)
+    """stopService fires after the in-flight injection; unsent rows are due at once (a
+    window of 1 keeps the second row waiting to be sent)."""
+    s = make_scene(config=attrs.evolve(FAST, window=1), start=False)
     cid, alice, _ = two_party(conn)
     for i in range(3):
         s.post(cid, alice, f"m{i}")
@@ -671,3 +674,71 @@ def test_rows_waiting_behind_a_failing_row_are_not_given_up_with_it(conn, make_s
     s.net.wait(home.restart())
     s.run(5)
     assert [m.body for m in s.history(chat_id)] == [m.body for m in waiting]
+
+
+# ---------------------------------------------------------------- pipelining under faults
+
+class FaultyPeers:
+    """``LegacyPeers`` whose injections meet faults, drawn from a seeded stream:
+    ``duplicate`` sends the injection twice (the second Ack is the caller's), ``cut`` sends it
+    and then drops the connection (its Ack and every later one in flight are lost; the
+    connection comes back in the background)."""
+
+    def __init__(self, inner: NetPeers, seed: int = 7, p_duplicate: float = 0.08,
+                 p_cut: float = 0.03) -> None:
+        self.inner = inner
+        self.rng = random.Random(seed)
+        self.p_duplicate, self.p_cut = p_duplicate, p_cut
+        self.faults = {"duplicate": 0, "cut": 0}
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else FaultyPeer(self, peer)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class FaultyPeer:
+    peers: FaultyPeers
+    peer: PeerConnection
+
+    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+        draw = self.peers.rng.random()
+        if draw < self.peers.p_duplicate:
+            self.peers.faults["duplicate"] += 1
+            self.peer.inject_message(message, members).addErrback(lambda _f: None)
+        d = self.peer.inject_message(message, members)
+        if self.peers.p_duplicate <= draw < self.peers.p_duplicate + self.peers.p_cut:
+            self.peers.faults["cut"] += 1
+            self.peer.transport.abortConnection()
+        return d
+
+
+def test_pipelined_order_holds_with_injections_lost_and_duplicated(conn, make_scene):
+    """Eight conversations, 40 messages each, posted in waves while injections are sent
+    twice or lost with their connection mid-pipeline: every chat's legacy history is its
+    conversation's messages, each once, in seq order, and every row ends done."""
+    s = make_scene(wrap_peers=FaultyPeers, start=False)
+    alice = make_account(conn, "alice")
+    cids = [make_conversation(conn, alice, make_account(conn, f"friend{i}", "legacy"))
+            for i in range(8)]
+    s.injector.startService()
+    for wave in range(4):
+        for cid in cids:
+            for i in range(10):
+                s.post(cid, alice, f"m{wave * 10 + i:02d}")
+        s.injector.wake()
+        s.run(0.3)
+    s.run(60)
+    assert s.links.faults["duplicate"] > 3 and s.links.faults["cut"] > 1
+    assert s.injector.failures > 0  # the cuts made some rows go back and come again
+    for cid in cids:
+        assert {r[1] for r in outbox_rows(conn, cid)} == {"done"}
+        history = sorted(s.history(ids.chat_for_cloud_conversation(cid)),
+                         key=lambda m: m.legacy_seq)
+        assert [m.body for m in history] == [f"m{i:02d}" for i in range(40)]
+    # each row completed once: new, or a duplicate of a copy whose Ack was lost or doubled
+    assert s.injector.injected + s.injector.duplicates == 320
+    assert s.injector.duplicates > 0

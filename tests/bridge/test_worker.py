@@ -36,7 +36,12 @@ def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
     assert set(worker.followers) == set(net.directory) and worker.ready
     assert len(chat_messages(conn, "chat-1")) == 10
     home = net.ring.home_of("chat-1")
-    assert worker.for_chat("chat-1") is worker.followers[home].peer
+    # injections get a link of their own to the home, opened on first need, not the feed's
+    assert worker.for_chat("chat-1") is None
+    net.run(0.5)
+    link = worker.for_chat("chat-1")
+    assert link is not None and link is not worker.followers[home].peer
+    assert link.server_id == home
     row = conn.execute("SELECT state, mirrored_to_cloud, feeds FROM bridge_workers "
                        "WHERE worker_id = 'w1'").fetchone()
     assert row == ("ready", 10, 5)
