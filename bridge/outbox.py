@@ -150,7 +150,8 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
          "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
         now_ms, conversation_id=item.conversation_id)
-    outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True,
+                                 skip_reason=outbox_store.REFUSED)
     return True
 
 
@@ -319,7 +320,8 @@ class OutboxInjector(PollingLoop):
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
             if await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id,
-                                  None, self._now_ms(), skipped=True):
+                                  None, self._now_ms(), skipped=True,
+                                  skip_reason=outbox_store.NO_LEGACY_CLIENTS):
                 self.skipped += 1
             else:
                 self._claim_lost("skip", [item])
