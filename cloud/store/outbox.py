@@ -42,6 +42,16 @@ class OutboxItem:
     attempts: int
     #: the claim this row is held under; complete and release take effect only under it
     claim_token: uuid.UUID | None = None
+    #: when the row was queued (``created_ms``): when the message was posted, or when a
+    #: move out of cloud-only back-filled it (None: not known, take ``sent_ms``)
+    queued_ms: int | None = None
+
+    @property
+    def waiting_since_ms(self) -> int:
+        """Since when legacy has been owed this message: the row's age and the lag to legacy
+        count from here, so a back-filled message, sent long before anyone on legacy was
+        owed it, is neither given up at once for its age nor reported as hours of lag."""
+        return self.sent_ms if self.queued_ms is None else self.queued_ms
 
 
 @attrs.frozen
@@ -108,7 +118,7 @@ _CLAIM = (
     "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
     "    attempts = o.attempts + 1, claim_token = %(token)s FROM due "
     "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
-    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
+    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts, o.created_ms) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
     "        WHERE s.account_id = m.sender_account_id), "
@@ -119,7 +129,7 @@ _CLAIM = (
     "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
     "        WHERE mb.conversation_id = c.conversation_id "
     "          AND a.phase = ANY(%(phases)s)), "
-    "       c.attempts "
+    "       c.attempts, c.created_ms "
     "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
     "  AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
@@ -144,7 +154,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
          "per_conversation": max(1, per_conversation), "token": token,
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token) for r in rows]
+                       token, r[10]) for r in rows]
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,

@@ -27,7 +27,7 @@ from cloud.store import outbox as outbox_store
 from cloud.store.outbox import Backfill
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
-from tests.bridge.test_outbox import FAST, T0, NetPeers, Scene
+from tests.bridge.test_outbox import FAST, T0, NetPeers, Scene, ScriptedPeers
 from tests.bridge.test_phases import FailingStore
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
@@ -41,17 +41,18 @@ def make_scene(conn):
     made: list[Scene] = []
 
     def make(db: Callable[[InlineDatabase], TransactionRunner] | None = None, *,
-             start: bool = True) -> Scene:
+             start: bool = True, script: list[str] | None = None) -> Scene:
         net = LegacyNet(4)
         net.clock.advance(T0)
         net.start()
         peers = NetPeers(net)
+        links = ScriptedPeers(peers, script) if script else peers
         inline = InlineDatabase(conn)
-        injector = OutboxInjector(net.clock, db(inline) if db else inline, peers,
+        injector = OutboxInjector(net.clock, db(inline) if db else inline, links,
                                   random.Random(0), FAST)
         if start:
             injector.startService()
-        made.append(Scene(conn, net, peers, peers, injector))
+        made.append(Scene(conn, net, peers, links, injector))
         return made[-1]
 
     yield make
@@ -222,6 +223,24 @@ def test_a_failed_or_repeated_rollback_loses_and_duplicates_nothing(conn, make_s
     assert [r[1] for r in outbox_states(conn, talk)] == ["done"] * 4
     assert conn.execute("SELECT count(*) FROM audit_log WHERE detail ? 'backfill'"
                         ).fetchone()[0] == 1
+
+
+def test_backfilled_messages_age_and_lag_from_when_they_were_queued(conn, make_scene):
+    """A message sent two days before the rollback is not given up at its first failed
+    injection for being older than max_age_s, and the lag to legacy it reports is the time
+    since it was queued, not two days."""
+    s = make_scene(script=["down"])  # the home supernode is unreachable at the first try
+    alice, bob = users(s, "cloud-only", "alice", "bob")
+    talk = make_conversation(conn, alice, bob)
+    sent = [s.post(talk, alice, "two days ago", sent_ms=s.now_ms() - 2 * DAY_MS)]
+    assert FAST.max_age_s < 2 * 86400
+    assert move(s, ["alice"], "cloud").backfills[alice].queued == 1
+    s.run(5)
+    assert s.links.calls == 2 and s.injector.failures == 1 and s.injector.given_up == 0
+    assert legacy_guids(s, talk) == guids(sent)
+    assert outbox_states(conn, talk) == [(1, "done", None)]
+    [(_, lag)] = s.injector.recent_lags
+    assert lag < 10  # seconds since the move queued it (the retry's backoff), not two days
 
 
 class MoveBeforeTheSkip:
