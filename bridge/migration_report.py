@@ -14,7 +14,8 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
                  *, dry_run: bool = False) -> dict[str, Any]:
     """The plan (and what applying it did) as one JSON-able object."""
     failed = {c.account_id: why for c, why in (outcome.failed if outcome else ())}
-    backfills = outcome.backfills if outcome else {}
+    # what was queued for legacy; before applying (a dry run), what would be
+    backfills = outcome.backfills if outcome else plan.backfill_preview
     moved = {c.account_id for c in (outcome.moved if outcome else ())}
     already = {c.account_id for c in (outcome.already if outcome else ())}
     accounts = []
@@ -47,7 +48,8 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
 
 
 def render_plan(report: dict[str, Any]) -> str:
-    """``plan_to_json``'s object as text: one line per account, held reasons indented."""
+    """``plan_to_json``'s object as text: one line per account, held reasons and what was
+    (or would be) queued for legacy indented."""
     lines = []
     rows = report["accounts"]
     width = max((len(a["handle"]) for a in rows), default=0)
@@ -64,7 +66,8 @@ def render_plan(report: dict[str, Any]) -> str:
                 if not g["passed"]:
                     lines.append(f"{'':<{width}}    overrode {g['name']}: {g['reason']}")
         if a.get("backfill") is not None:
-            lines.append(f"{'':<{width}}    {_describe_backfill(a['backfill'])}")
+            lines.append(f"{'':<{width}}    "
+                         f"{_describe_backfill(a['backfill'], report['dry_run'])}")
     counts = report["counts"]
     summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items()))
     verb = "dry run, nothing changed" if report["dry_run"] else "done"
@@ -72,7 +75,8 @@ def render_plan(report: dict[str, Any]) -> str:
     backfilled = any(a.get("backfill") is not None for a in rows)
     lines.append(f"{len(rows)} account{'s' * (len(rows) != 1)} selected for {report['to']}: "
                  f"{summary or 'none'}"
-                 + (f"; {_messages(queued)} queued for legacy" if backfilled else "")
+                 + (f"; {_messages(queued)} {'would be ' * report['dry_run']}queued for "
+                    "legacy" if backfilled else "")
                  + f" ({verb})")
     return "\n".join(lines)
 
@@ -81,8 +85,9 @@ def _messages(n: int) -> str:
     return f"{n} message{'s' * (n != 1)}"
 
 
-def _describe_backfill(b: Mapping[str, int]) -> str:
-    text = (f"queued {_messages(b['queued_for_legacy'])} for legacy from "
+def _describe_backfill(b: Mapping[str, int], dry_run: bool) -> str:
+    text = (f"{'would queue' if dry_run else 'queued'} "
+            f"{_messages(b['queued_for_legacy'])} for legacy from "
             f"{b['conversations']} conversation{'s' * (b['conversations'] != 1)} "
             f"({b['queued']} never queued, {b['requeued']} skipped while nobody was on legacy)")
     if b["older_than_window"]:

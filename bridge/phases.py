@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import PHASES, Account
+from cloud.store import outbox as outbox_store
 from cloud.store.outbox import Backfill
 from legacy.peer import PeerRequestFailed
 
@@ -178,6 +179,8 @@ class MigrationPlan:
     target: str
     moves: tuple[PlannedMove, ...]
     force: bool = False
+    #: what leaving cloud-only would queue for legacy now, by account (a dry run shows it)
+    backfill_preview: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
 
     @property
     def to_move(self) -> tuple[PlannedMove, ...]:
@@ -337,8 +340,10 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
 
 
 def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
-              config: GateConfig, now_ms: int, *, force: bool = False) -> MigrationPlan:
-    """One read transaction: resolve the selection, read the gate inputs, plan.
+              config: GateConfig, now_ms: int, *, force: bool = False,
+              legacy_retention_ms: int = LEGACY_RETENTION_MS) -> MigrationPlan:
+    """One read transaction: resolve the selection, read the gate inputs, plan, and count
+    what each move out of cloud-only would queue for legacy.
 
     ``UnknownAccounts`` if the selection names an account the store does not have.
     """
@@ -356,8 +361,12 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
         last_clean_reconcile=admin.last_clean_reconcile(conn),
         open_findings=admin.open_findings_for_accounts(conn, promoted),
         oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
-    return plan_moves(accounts, target, inputs, config, now_ms, force=force,
+    plan = plan_moves(accounts, target, inputs, config, now_ms, force=force,
                       promote_only=selection.is_cohort)
+    since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
+    return attrs.evolve(plan, backfill_preview={
+        m.change.account_id: outbox_store.preview_backfill(conn, m.change.account_id, since_ms)
+        for m in plan.to_move if m.change.from_phase == CLOUD_ONLY})
 
 
 # ---------------------------------------------------------------- applying

@@ -133,7 +133,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with connect(dsn, origin) as conn:
         try:
             plan = run_transaction(conn, "load_plan", phases.load_plan, selection, args.to, config,
-                                   int(time.time() * 1000), force=args.force)
+                                   int(time.time() * 1000), force=args.force,
+                                   legacy_retention_ms=legacy_retention_ms)
         except phases.UnknownAccounts as e:
             raise UsageError(str(e)) from None
         gated = EXIT_GATED if plan.held else EXIT_OK

@@ -310,6 +310,24 @@ _MISSED = (
     "  AND o.skip_reason IS DISTINCT FROM 'no_legacy_clients')")
 
 
+def preview_backfill(conn: psycopg.Connection, account_id: uuid.UUID,
+                     since_ms: int) -> Backfill:
+    """What ``backfill_outbox`` would do now, read without locking or writing anything (for
+    a dry run: posts and drains may change it before the move)."""
+    cids = [r[0] for r in conn.execute(
+        "SELECT conversation_id FROM members WHERE account_id = %s ORDER BY 1", (account_id,))]
+    if not cids:
+        return Backfill()
+    queued, requeued, too_old = conn.execute(
+        "SELECT count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NULL), "
+        "       count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NOT NULL), "
+        "       count(*) FILTER (WHERE m.sent_ms < %(since)s) "
+        "FROM messages m LEFT JOIN outbox_to_legacy o "
+        "  ON o.conversation_id = m.conversation_id AND o.seq = m.seq "
+        f"WHERE {_MISSED}", {"cids": cids, "since": since_ms}).fetchone()
+    return Backfill(len(cids), queued, requeued, too_old)
+
+
 def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: int,
                     now_ms: int) -> Backfill:
     """Queue for legacy what it missed in *account_id*'s conversations while nobody in them

@@ -97,8 +97,9 @@ def test_migrate_moves_the_accounts_and_exits_0(conn, db_dsn, home, capsys):
 
 def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, home, capsys):
     """Moving accounts out of cloud-only queues what legacy missed in their conversations and
-    says how many, per account and in total, in the text and in --json; older than
-    --legacy-retention: counted, not queued."""
+    says how many, per account and in total, in the text and in --json (a dry run says how
+    many it would, and queues nothing); older than --legacy-retention: counted, not
+    queued."""
     from cloud.store import conversations as conversations_store
     from cloud.store import messages as messages_store
     from tests.dbfixture import tx
@@ -110,6 +111,14 @@ def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, hom
     now = now_ms()
     for i, at in enumerate((now - 5000, now - 4000, now - 3 * 86_400_000)):
         tx(conn, messages_store.post_message, talk, ann, f"c{i}", f"m{i}", at)
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force", "--dry-run",
+                   "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert ("would queue 2 messages for legacy from 1 conversation (2 never queued, 0 skipped "
+            "while nobody was on legacy); 1 message older than legacy's retention not queued"
+            ) in out
+    assert "1 would move; 2 messages would be queued for legacy (dry run" in out
+    assert conn.execute("SELECT count(*) FROM outbox_to_legacy").fetchone() == (0,)
     assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force",
                    "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
     out = capsys.readouterr().out

@@ -83,9 +83,12 @@ def test_the_backfill_queues_only_what_legacy_missed(conn, pair):
         (1, "done", None), (2, "skipped", "refused"), (3, "failed", None),
         (4, "skipped", "no_legacy_clients")]
 
+    expected = Backfill(conversations=1, queued=2, requeued=1, too_old=1)
+    assert tx(conn, outbox_store.preview_backfill, alice, SINCE) == expected
+    assert len(rows(conn, cid)) == 4  # the preview wrote nothing
     applied = leave_cloud_only(conn, alice)
-    assert applied == admin.AppliedChange(True, Backfill(conversations=1, queued=2,
-                                                         requeued=1, too_old=1))
+    assert applied == admin.AppliedChange(True, expected)
+    assert tx(conn, outbox_store.preview_backfill, alice, SINCE) == Backfill(1, 0, 0, 1)
     assert rows(conn, cid) == [
         (1, "done", None, 1, NOW - 5000, False), (2, "skipped", "refused", 1, NOW - 4000, False),
         (3, "failed", None, 0, NOW - 3900, True),
