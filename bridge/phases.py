@@ -212,11 +212,6 @@ class MigrationOutcome:
     #: what each move out of cloud-only queued for legacy, by account
     backfills: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
 
-    @property
-    def queued_for_legacy(self) -> int:
-        """Messages the moves out of cloud-only queued for legacy, all accounts together."""
-        return sum(b.total for b in self.backfills.values())
-
 
 # ---------------------------------------------------------------- gates
 

@@ -275,7 +275,8 @@ def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | No
 
 @attrs.frozen
 class Backfill:
-    """What ``backfill_outbox`` did for one account leaving cloud-only."""
+    """What ``backfill_outbox`` did (or, from ``preview_backfill``, would do) for one account
+    leaving cloud-only."""
 
     #: the account's conversations it looked at (each locked while it did)
     conversations: int = 0
