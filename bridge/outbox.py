@@ -323,7 +323,8 @@ class OutboxInjector(PollingLoop):
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
             if await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id,
-                                  None, self._now_ms(), skipped=True):
+                                  None, self._now_ms(), skipped=True,
+                                  skip_reason=outbox_store.NO_LEGACY_CLIENTS):
                 self.skipped += 1
             else:
                 self._claim_lost("skip", [item])
@@ -400,7 +401,7 @@ class OutboxInjector(PollingLoop):
             else:
                 self.duplicates += 1
                 metrics.DUPLICATES.labels(direction=DIRECTION).inc()
-            lag = max(0, now_ms - item.sent_ms) / 1000
+            lag = max(0, now_ms - item.waiting_since_ms) / 1000
             metrics.LAG.labels(direction=DIRECTION).observe(lag)
             self.recent_lags.append((now_ms / 1000, lag))
         if lost:
@@ -432,10 +433,10 @@ class OutboxInjector(PollingLoop):
     async def _release(self, items: list[OutboxItem], reason: str) -> None:
         first = items[0]
         now_ms = self._now_ms()
-        too_old = now_ms - first.sent_ms > self.config.max_age_s * 1000
+        too_old = now_ms - first.waiting_since_ms > self.config.max_age_s * 1000
         if first.attempts >= self.config.max_attempts or too_old:
             why = (f"given up after {first.attempts} attempts"
-                   + (f" and {(now_ms - first.sent_ms) // 1000} s" if too_old else "")
+                   + (f" and {(now_ms - first.waiting_since_ms) // 1000} s" if too_old else "")
                    + f"; last error: {reason}")
             if await self._db.run("fail_outbox_item", fail_outbox_item, first, why, now_ms):
                 self.given_up += 1

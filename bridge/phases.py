@@ -8,11 +8,18 @@
 
     load_plan (one read transaction)               apply_plan (per account, in order)
     selection -> accounts, gate inputs -> plan  -> [login server: set_moved] -> phase + audit
+                                                   (out of cloud-only: + back-fill, same tx)
 
 A plan is computed from the store, shown (``--dry-run`` stops there) and applied one account
 at a time, each in its own transaction that re-checks the phase it was planned from. The
 gates are pure functions of what ``load_plan`` read and of ``now_ms``: nothing here reads the
 wall clock.
+
+Leaving cloud-only back-fills legacy: while every member of a conversation was cloud-only,
+its cloud messages were never queued for legacy (or their rows were skipped), so the move's
+transaction queues them (``cloud.store.outbox.backfill_outbox``), those sent within the
+legacy network's retention (less ``BACKFILL_MARGIN_MS``); older ones are counted, not
+queued. The counts come back in the outcome and the report.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from twisted.internet.interfaces import IReactorTime
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import PHASES, Account
+from cloud.store import outbox as outbox_store
+from cloud.store.outbox import Backfill
 from legacy.peer import PeerRequestFailed
 
 CLOUD_ONLY = "cloud-only"
@@ -38,6 +47,12 @@ FORWARD, BACKWARD, NONE = "forward", "backward", "none"
 MOVE, HELD, UNCHANGED = "move", "held", "unchanged"
 #: Gate names, in the order they are evaluated and shown.
 GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile")
+#: How long a legacy supernode keeps history (``SupernodeConfig.retention_seconds``'s
+#: default): a back-fill queues nothing older, which the supernode would refuse.
+LEGACY_RETENTION_MS = 30 * 86_400_000
+#: The back-fill window ends this far inside the retention, so that a message queued near its
+#: edge has not aged out of it by the time the injector reaches it.
+BACKFILL_MARGIN_MS = 3_600_000
 
 
 def direction(from_phase: str, to_phase: str) -> str:
@@ -164,6 +179,8 @@ class MigrationPlan:
     target: str
     moves: tuple[PlannedMove, ...]
     force: bool = False
+    #: what leaving cloud-only would queue for legacy now, by account (a dry run shows it)
+    backfill_preview: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
 
     @property
     def to_move(self) -> tuple[PlannedMove, ...]:
@@ -192,6 +209,8 @@ class MigrationOutcome:
     #: accounts found already in the target phase when their turn came (moved concurrently,
     #: or by an earlier run whose report was lost): nothing to do, nothing audited
     already: tuple[PhaseChange, ...] = ()
+    #: what each move out of cloud-only queued for legacy, by account
+    backfills: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
 
 
 # ---------------------------------------------------------------- gates
@@ -316,8 +335,10 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
 
 
 def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
-              config: GateConfig, now_ms: int, *, force: bool = False) -> MigrationPlan:
-    """One read transaction: resolve the selection, read the gate inputs, plan.
+              config: GateConfig, now_ms: int, *, force: bool = False,
+              legacy_retention_ms: int = LEGACY_RETENTION_MS) -> MigrationPlan:
+    """One read transaction: resolve the selection, read the gate inputs, plan, and count
+    what each move out of cloud-only would queue for legacy.
 
     ``UnknownAccounts`` if the selection names an account the store does not have.
     """
@@ -335,23 +356,40 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
         last_clean_reconcile=admin.last_clean_reconcile(conn),
         open_findings=admin.open_findings_for_accounts(conn, promoted),
         oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
-    return plan_moves(accounts, target, inputs, config, now_ms, force=force,
+    plan = plan_moves(accounts, target, inputs, config, now_ms, force=force,
                       promote_only=selection.is_cohort)
+    since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
+    return attrs.evolve(plan, backfill_preview={
+        m.change.account_id: outbox_store.preview_backfill(conn, m.change.account_id, since_ms)
+        for m in plan.to_move if m.change.from_phase == CLOUD_ONLY})
 
 
 # ---------------------------------------------------------------- applying
 
+def backfill_since_ms(now_ms: int, legacy_retention_ms: int) -> int:
+    """Where a back-fill's window starts: the legacy retention back from *now_ms*, less the
+    margin. ValueError when the retention is not longer than the margin."""
+    if legacy_retention_ms <= BACKFILL_MARGIN_MS:
+        raise ValueError(f"the legacy retention must be longer than the back-fill margin "
+                         f"({BACKFILL_MARGIN_MS // 1000} s)")
+    return now_ms - legacy_retention_ms + BACKFILL_MARGIN_MS
+
+
 async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
                      login: LoginServerLink | None, *, actor: str, now_ms: int,
                      clock: IReactorTime | None = None, login_timeout_s: float = 10.0,
-                     should_stop: Callable[[], bool] = lambda: False) -> MigrationOutcome:
+                     should_stop: Callable[[], bool] = lambda: False,
+                     legacy_retention_ms: int = LEGACY_RETENTION_MS) -> MigrationOutcome:
     """Carry out the plan's moves, one account at a time, each in its own transaction.
 
     A move that enters or leaves cloud-only also tells the legacy login server (*login*),
     with a timeout on *clock* when one is given. *should_stop* is asked before each account
     (Ctrl-C): the accounts not reached yet are reported as failed, nothing is half done.
-    One account's failure does not stop the others.
+    One account's failure does not stop the others. A move out of cloud-only queues for
+    legacy, in its own transaction, what legacy missed within *legacy_retention_ms*.
     """
+    since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
+    backfills: dict[uuid.UUID, Backfill] = {}
     moved: list[PhaseChange] = []
     failed: list[tuple[PhaseChange, str]] = []
     already: list[PhaseChange] = []
@@ -386,10 +424,10 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
                 continue
             told_login = True
         try:
-            done = await db.run(
+            applied = await db.run(
                 "apply_phase_change", admin.apply_phase_change, change.account_id,
                 change.from_phase, change.to_phase, actor=actor, now_ms=now_ms, forced=move.forced,
-                gates=[g.to_json() for g in move.gates])
+                gates=[g.to_json() for g in move.gates], backfill_since_ms=since_ms)
         except admin.PhaseChanged as e:
             why = str(e)
             if told_login:
@@ -401,8 +439,10 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
                     "to complete the move") if told_login else ""
             failed.append((change, f"store: {_describe(e)}{hint}"))
             continue
-        (moved if done else already).append(change)
-    return MigrationOutcome(tuple(moved), tuple(failed), tuple(already))
+        (moved if applied.moved else already).append(change)
+        if applied.backfill is not None:
+            backfills[change.account_id] = applied.backfill
+    return MigrationOutcome(tuple(moved), tuple(failed), tuple(already), backfills)
 
 
 def _describe(exc: BaseException) -> str:
@@ -429,61 +469,3 @@ async def _restore_login(login: LoginServerLink, change: PhaseChange, stored: st
         return (f"; the legacy login server could not be set back to match {stored!r}: "
                 f"{_describe(e)}")
     return ""
-
-
-# ---------------------------------------------------------------- reporting
-
-def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
-                 *, dry_run: bool = False) -> dict[str, Any]:
-    """The plan (and what applying it did) as one JSON-able object."""
-    failed = {c.account_id: why for c, why in (outcome.failed if outcome else ())}
-    moved = {c.account_id for c in (outcome.moved if outcome else ())}
-    already = {c.account_id for c in (outcome.already if outcome else ())}
-    accounts = []
-    for m in plan.moves:
-        c = m.change
-        result = m.outcome
-        reason = m.reason
-        if m.outcome == MOVE:
-            if dry_run or outcome is None:
-                result = "would_move"
-            elif c.account_id in moved:
-                result = "moved"
-            elif c.account_id in already:
-                result, reason = UNCHANGED, f"already {c.to_phase} (moved concurrently)"
-            else:
-                result, reason = "failed", failed.get(c.account_id, "not attempted")
-        accounts.append({
-            "account_id": str(c.account_id), "handle": c.handle, "from": c.from_phase,
-            "to": c.to_phase, "direction": c.direction, "result": result, "reason": reason,
-            "forced": m.forced, "gates": [g.to_json() for g in m.gates]})
-    counts: dict[str, int] = {}
-    for a in accounts:
-        counts[a["result"]] = counts.get(a["result"], 0) + 1
-    return {"to": plan.target, "dry_run": dry_run, "force": plan.force,
-            "accounts": accounts, "counts": counts}
-
-
-def render_plan(report: dict[str, Any]) -> str:
-    """``plan_to_json``'s object as text: one line per account, held reasons indented."""
-    lines = []
-    rows = report["accounts"]
-    width = max((len(a["handle"]) for a in rows), default=0)
-    for a in rows:
-        label = a["result"].replace("_", " ")
-        if a["forced"]:
-            label += " (forced)"
-        lines.append(f"{a['handle']:<{width}}  {a['from']:>10} -> {a['to']:<10}  {label}")
-        if a["reason"] and a["result"] in ("held", "failed"):
-            for part in a["reason"].split("; "):
-                lines.append(f"{'':<{width}}    {part}")
-        elif a["forced"]:
-            for g in a["gates"]:
-                if not g["passed"]:
-                    lines.append(f"{'':<{width}}    overrode {g['name']}: {g['reason']}")
-    counts = report["counts"]
-    summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items()))
-    verb = "dry run, nothing changed" if report["dry_run"] else "done"
-    lines.append(f"{len(rows)} account{'s' * (len(rows) != 1)} selected for {report['to']}: "
-                 f"{summary or 'none'} ({verb})")
-    return "\n".join(lines)

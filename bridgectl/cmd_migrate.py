@@ -23,8 +23,11 @@ def add_commands(sub: Any) -> None:
         description="Move the selected accounts to --to PHASE (legacy, dual, cloud, "
                     "cloud-only). Forward moves are gated (no open findings, mirror lag, a "
                     "recent clean reconcile); backward moves are not, but leaving cloud-only "
-                    "needs --force. Every move is written to the audit log. Exit codes: 0 all "
-                    "moved (or nothing to do), 3 some held back by gates, 1 failure, 2 usage.")
+                    "needs --force, and queues for legacy, in the same transaction, the "
+                    "messages legacy missed while nobody in a conversation had legacy clients "
+                    "(the count is reported). Every move is written to the audit log. Exit "
+                    "codes: 0 all moved (or nothing to do), 3 some held back by gates, "
+                    "1 failure, 2 usage.")
     options.add_dsn_option(mig)
     mig.add_argument("--to", required=True, metavar="PHASE",
                      help=f"target phase: {', '.join(PHASES)}")
@@ -54,6 +57,12 @@ def add_commands(sub: Any) -> None:
     mig.add_argument("--reconcile-window", type=options.number, default=3600.0, metavar="S",
                      help="reconcile gate: a clean run finished within S seconds "
                           "(default 3600)")
+    mig.add_argument("--legacy-retention", type=options.number, default=30 * 86400.0,
+                     metavar="S",
+                     help="how long legacy supernodes keep history (their retention_seconds; "
+                          "default 2592000, 30 days): leaving cloud-only queues for legacy "
+                          "only what it missed within S seconds less an hour; older messages "
+                          "are counted, not queued")
     mig.add_argument("--json", action="store_true", help="print one JSON object")
     mig.set_defaults(handler=cmd_migrate)
 
@@ -96,7 +105,7 @@ def _os_user() -> str:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from twisted.internet import defer
 
-    from bridge import phases
+    from bridge import migration_report, phases
     from cloud.db import InlineDatabase, run_transaction
     from cloud.model import PHASES
 
@@ -112,6 +121,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                    reconcile_window_ms=int(args.reconcile_window * 1000))
     except ValueError as e:
         raise UsageError(f"a gate bound is too small: {e}") from None
+    legacy_retention_ms = int(args.legacy_retention * 1000)
+    if legacy_retention_ms <= phases.BACKFILL_MARGIN_MS:
+        raise UsageError(f"--legacy-retention must be more than "
+                         f"{phases.BACKFILL_MARGIN_MS // 1000} seconds (the back-fill stops "
+                         "that far inside it)")
     actor = args.actor if args.actor is not None else _os_user()
     if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):
         raise UsageError("--actor must be 1-200 printable characters")
@@ -119,14 +133,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with connect(dsn, origin) as conn:
         try:
             plan = run_transaction(conn, "load_plan", phases.load_plan, selection, args.to, config,
-                                   int(time.time() * 1000), force=args.force)
+                                   int(time.time() * 1000), force=args.force,
+                                   legacy_retention_ms=legacy_retention_ms)
         except phases.UnknownAccounts as e:
             raise UsageError(str(e)) from None
         gated = EXIT_GATED if plan.held else EXIT_OK
         if args.dry_run or not plan.to_move:
-            report = phases.plan_to_json(plan, dry_run=args.dry_run)
+            report = migration_report.plan_to_json(plan, dry_run=args.dry_run)
             print(json.dumps(report, sort_keys=True) if args.json
-                  else phases.render_plan(report))
+                  else migration_report.render_plan(report))
             return gated
         if plan.needs_login_server and args.legacy is None:
             raise UsageError("some accounts enter or leave cloud-only, which the legacy login "
@@ -136,17 +151,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # server to talk to it needs no reactor at all.
         db = InlineDatabase(conn)
         if plan.needs_login_server:
-            outcome = _apply_with_login_server(plan, db, actor, args)
+            outcome = _apply_with_login_server(plan, db, actor, args, legacy_retention_ms)
         else:
             done: list[Any] = []
             defer.Deferred.fromCoroutine(phases.apply_plan(
-                plan, db, None, actor=actor, now_ms=int(time.time() * 1000))).addBoth(
-                    done.append)
+                plan, db, None, actor=actor, now_ms=int(time.time() * 1000),
+                legacy_retention_ms=legacy_retention_ms)).addBoth(done.append)
             outcome = done[0]
             if not isinstance(outcome, phases.MigrationOutcome):
                 outcome.raiseException()
-    report = phases.plan_to_json(plan, outcome)
-    print(json.dumps(report, sort_keys=True) if args.json else phases.render_plan(report))
+    report = migration_report.plan_to_json(plan, outcome)
+    print(json.dumps(report, sort_keys=True) if args.json
+          else migration_report.render_plan(report))
     if outcome.failed:
         print(f"bridgectl: error: {len(outcome.failed)} account"
               f"{'s' * (len(outcome.failed) != 1)} could not be moved", file=sys.stderr)
@@ -154,7 +170,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return gated
 
 
-def _apply_with_login_server(plan: Any, db: Any, actor: str, args: argparse.Namespace) -> Any:
+def _apply_with_login_server(plan: Any, db: Any, actor: str, args: argparse.Namespace,
+                             legacy_retention_ms: int) -> Any:
     from bridge import phases
 
     secret = options.peer_secret(args)
@@ -164,7 +181,8 @@ def _apply_with_login_server(plan: Any, db: Any, actor: str, args: argparse.Name
         try:
             return await phases.apply_plan(
                 plan, db, peer, actor=actor, now_ms=int(reactor.seconds() * 1000),
-                clock=reactor, should_stop=lambda: stop_signal.called)
+                clock=reactor, should_stop=lambda: stop_signal.called,
+                legacy_retention_ms=legacy_retention_ms)
         finally:
             peer.disconnect()
 

@@ -17,7 +17,8 @@ import attrs
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cloud.model import PHASES, Account
+from cloud.model import LEGACY_CLIENT_PHASES, PHASES, Account
+from cloud.store import outbox as outbox_store
 from cloud.store.errors import Conflict, NotFound
 
 #: A bridge worker counts as live while its last heartbeat is younger than this.
@@ -39,6 +40,16 @@ class PhaseChanged(Conflict):
         self.account_id = account_id
         self.expected = expected
         self.current = current
+
+
+@attrs.frozen
+class AppliedChange:
+    """What ``apply_phase_change`` did."""
+
+    #: False: the account was in the target phase already (nothing written)
+    moved: bool
+    #: what a move out of cloud-only queued for legacy (None for every other move)
+    backfill: outbox_store.Backfill | None = None
 
 
 @attrs.frozen
@@ -175,35 +186,50 @@ def cohort_accounts(conn: psycopg.Connection, percent: int) -> list[Account]:
 
 def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_phase: str,
                        to_phase: str, *, actor: str, now_ms: int, forced: bool = False,
-                       gates: Sequence[Mapping[str, Any]] = ()) -> bool:
+                       gates: Sequence[Mapping[str, Any]] = (),
+                       backfill_since_ms: int | None = None) -> AppliedChange:
     """Move an account from *from_phase* to *to_phase* and write its ``audit_log`` row.
 
     The account row is locked first; if its phase is no longer *from_phase* the move is
     refused (``PhaseChanged``) unless it already is *to_phase*, in which case nothing is
-    written and False comes back (a re-run of a move that committed). True: moved.
+    written and ``moved`` is False (a re-run of a move that committed).
+
+    A move out of cloud-only (into a phase with legacy clients) first queues for legacy what
+    it missed in the account's conversations, sent at or after *backfill_since_ms*
+    (``cloud.store.outbox.backfill_outbox``), in this same transaction: the back-fill and
+    the phase commit together or not at all, and the audit row says what was queued.
     """
     if from_phase not in PHASES or to_phase not in PHASES:
         raise ValueError(f"unknown phase in {from_phase!r} -> {to_phase!r}")
+    leaves_cloud_only = from_phase == PHASES[-1] and to_phase in LEGACY_CLIENT_PHASES
+    if leaves_cloud_only and backfill_since_ms is None:
+        raise ValueError("a move out of cloud-only queues what legacy missed: "
+                         "backfill_since_ms is required")
     row = conn.execute("SELECT phase, handle FROM accounts WHERE account_id = %s FOR UPDATE",
                        (account_id,)).fetchone()
     if row is None:
         raise NotFound(f"no account {account_id}")
     current, handle = row
     if current == to_phase and current != from_phase:
-        return False
+        return AppliedChange(False)
     if current != from_phase:
         raise PhaseChanged(account_id, from_phase, current)
     if from_phase == to_phase:
-        return False
+        return AppliedChange(False)
+    backfill = None
+    detail: dict[str, Any] = {"from": from_phase, "to": to_phase, "handle": handle,
+                              "forced": forced, "gates": [dict(g) for g in gates]}
+    if leaves_cloud_only:
+        assert backfill_since_ms is not None
+        backfill = outbox_store.backfill_outbox(conn, account_id, backfill_since_ms, now_ms)
+        detail["backfill"] = {**backfill.to_json(), "since_ms": backfill_since_ms}
     conn.execute("UPDATE accounts SET phase = %s, phase_changed_at = to_timestamp(%s / 1000.0) "
                  "WHERE account_id = %s", (to_phase, now_ms, account_id))
     conn.execute(
         "INSERT INTO audit_log (at, actor, action, subject, detail) "
         "VALUES (to_timestamp(%s / 1000.0), %s, 'phase_change', %s, %s)",
-        (now_ms, actor, str(account_id),
-         Jsonb({"from": from_phase, "to": to_phase, "handle": handle, "forced": forced,
-                "gates": [dict(g) for g in gates]})))
-    return True
+        (now_ms, actor, str(account_id), Jsonb(detail)))
+    return AppliedChange(True, backfill)
 
 
 def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAccountRecord],

@@ -1,6 +1,6 @@
 """The outbox to legacy: cloud messages the bridge must inject into the legacy network,
 claimed per conversation in seq order. The rows are written with their message
-(``cloud.store.messages``).
+(``cloud.store.messages``), or by ``backfill_outbox`` when an account leaves cloud-only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ INJECT_REFUSED = "inject_refused"
 #: Finding kind for a message given up after the injector's ``max_attempts`` or ``max_age_s``.
 INJECT_FAILED = "inject_failed"
 
+#: Why a row was skipped (``outbox_to_legacy.skip_reason``): nobody in the conversation had
+#: legacy clients when it was drained (a move out of cloud-only queues it again) ...
+NO_LEGACY_CLIENTS = "no_legacy_clients"
+#: ... or the legacy network will never accept it (an ``inject_refused`` finding says why).
+REFUSED = "refused"
+SKIP_REASONS = (NO_LEGACY_CLIENTS, REFUSED)
+
 
 @attrs.frozen
 class OutboxItem:
@@ -40,6 +47,16 @@ class OutboxItem:
     attempts: int
     #: the claim this row is held under; complete and release take effect only under it
     claim_token: uuid.UUID | None = None
+    #: when the row was queued (``created_ms``): when the message was posted, or when a
+    #: move out of cloud-only back-filled it (None: not known, take ``sent_ms``)
+    queued_ms: int | None = None
+
+    @property
+    def waiting_since_ms(self) -> int:
+        """Since when legacy has been owed this message: the row's age and the lag to legacy
+        count from here, so a back-filled message, sent long before anyone on legacy was
+        owed it, is neither given up at once for its age nor reported as hours of lag."""
+        return self.sent_ms if self.queued_ms is None else self.queued_ms
 
 
 @attrs.frozen
@@ -106,7 +123,7 @@ _CLAIM = (
     "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
     "    attempts = o.attempts + 1, claim_token = %(token)s FROM due "
     "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
-    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts) "
+    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts, o.created_ms) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
     "        WHERE s.account_id = m.sender_account_id), "
@@ -117,7 +134,7 @@ _CLAIM = (
     "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
     "        WHERE mb.conversation_id = c.conversation_id "
     "          AND a.phase = ANY(%(phases)s)), "
-    "       c.attempts "
+    "       c.attempts, c.created_ms "
     "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
     "  AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
@@ -142,25 +159,56 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
          "per_conversation": max(1, per_conversation), "token": token,
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token) for r in rows]
+                       token, r[10]) for r in rows]
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
-                    legacy_guid: str | None, now_ms: int, *, skipped: bool = False) -> bool:
-    """Mark an outbox row done (injected) or skipped, recording the legacy ids it got.
+                    legacy_guid: str | None, now_ms: int, *, skipped: bool = False,
+                    skip_reason: str | None = None) -> bool:
+    """Mark an outbox row done (injected) or skipped (*skip_reason*, one of
+    ``SKIP_REASONS``), recording the legacy ids it got.
 
     The message keeps the GUID it has on the legacy side, so digests of both stacks agree;
     the conversation keeps its legacy chat id (made up by the bridge for cloud-born ones).
     False, and nothing written, when the row is no longer pending under *item*'s claim (a
     late call from a claim that ran out and was taken again).
+
+    A skip for ``NO_LEGACY_CLIENTS`` checks again, under the conversation's lock, that
+    nobody has legacy clients now: an account may have left cloud-only since the claim
+    counted them, and its back-fill (``backfill_outbox``, which takes the same lock) could
+    not see a row that was still pending. Then the row is handed back, due at once and
+    untried, for the next claim to inject, and False comes back.
     """
     if not skipped:
         return bool(complete_outbox_batch(
             conn, [Injected(item, legacy_chat_id, legacy_guid)], now_ms))
+    if skip_reason not in SKIP_REASONS:
+        raise ValueError(f"a skipped outbox row needs a reason, one of {SKIP_REASONS}; "
+                         f"got {skip_reason!r}")
+    if skip_reason == NO_LEGACY_CLIENTS:
+        # FOR SHARE: it waits for (and makes wait) a back-fill's FOR NO KEY UPDATE
+        conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s FOR SHARE",
+                     (item.conversation_id,))
+        if _has_legacy_clients(conn, item.conversation_id):
+            conn.execute(
+                "UPDATE outbox_to_legacy SET claimed_until_ms = %s, claim_token = NULL, "
+                "  attempts = greatest(attempts - 1, 0) "
+                "WHERE conversation_id = %s AND seq = %s AND state = 'pending' "
+                "  AND claim_token = %s",
+                (now_ms, item.conversation_id, item.seq, item.claim_token))
+            return False
     return conn.execute(
-        "UPDATE outbox_to_legacy SET state = 'skipped', done_ms = %s, last_error = NULL "
+        "UPDATE outbox_to_legacy SET state = 'skipped', skip_reason = %s, done_ms = %s, "
+        "  last_error = NULL "
         "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
-        (now_ms, item.conversation_id, item.seq, item.claim_token)).rowcount == 1
+        (skip_reason, now_ms, item.conversation_id, item.seq, item.claim_token)).rowcount == 1
+
+
+def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM members mb JOIN accounts a USING (account_id) "
+        "WHERE mb.conversation_id = %s AND a.phase = ANY(%s) LIMIT 1",
+        (conversation_id, list(LEGACY_CLIENT_PHASES))).fetchone() is not None
 
 
 def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
@@ -249,7 +297,8 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
          "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
         now_ms, conversation_id=item.conversation_id)
-    complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
+    complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True,
+                    skip_reason=REFUSED)
     return True
 
 
@@ -278,3 +327,101 @@ def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], 
     the first *tried* of them were injected; the rest get their claim's attempt back."""
     return sum(release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
                for i, item in enumerate(items))
+
+
+# ---------------------------------------------------------------- back-fill
+
+@attrs.frozen
+class Backfill:
+    """What ``backfill_outbox`` did (or, from ``preview_backfill``, would do) for one account
+    leaving cloud-only."""
+
+    #: the account's conversations it looked at (each locked while it did)
+    conversations: int = 0
+    #: cloud messages that never had an outbox row (nobody had legacy clients when they
+    #: were posted), now queued
+    queued: int = 0
+    #: rows skipped because nobody had legacy clients when they were drained, pending again
+    requeued: int = 0
+    #: messages legacy missed that were sent before the window: not queued (the legacy
+    #: network would have dropped them from its history by now, and refuses them)
+    too_old: int = 0
+
+    @property
+    def total(self) -> int:
+        """Messages queued for legacy."""
+        return self.queued + self.requeued
+
+    def to_json(self) -> dict[str, int]:
+        return {"conversations": self.conversations, "queued": self.queued,
+                "requeued": self.requeued, "queued_for_legacy": self.total,
+                "older_than_window": self.too_old}
+
+
+# What legacy never got, in the account's conversations: a cloud message with no legacy
+# GUID (it would have one once injected) that either has no outbox row or whose row was
+# skipped because nobody was on legacy. Rows skipped as refused, failed (given up, with a
+# finding), pending or done are left as they are.
+_MISSED = (
+    "m.conversation_id = ANY(%(cids)s) AND m.origin = 'cloud' AND m.legacy_guid IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = "
+    "  m.conversation_id AND o.seq = m.seq "
+    "  AND o.skip_reason IS DISTINCT FROM 'no_legacy_clients')")
+
+
+def preview_backfill(conn: psycopg.Connection, account_id: uuid.UUID,
+                     since_ms: int) -> Backfill:
+    """What ``backfill_outbox`` would do now, read without locking or writing anything (for
+    a dry run: posts and drains may change it before the move)."""
+    cids = [r[0] for r in conn.execute(
+        "SELECT conversation_id FROM members WHERE account_id = %s ORDER BY 1", (account_id,))]
+    if not cids:
+        return Backfill()
+    queued, requeued, too_old = conn.execute(
+        "SELECT count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NULL), "
+        "       count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NOT NULL), "
+        "       count(*) FILTER (WHERE m.sent_ms < %(since)s) "
+        "FROM messages m LEFT JOIN outbox_to_legacy o "
+        "  ON o.conversation_id = m.conversation_id AND o.seq = m.seq "
+        f"WHERE {_MISSED}", {"cids": cids, "since": since_ms}).fetchone()
+    return Backfill(len(cids), queued, requeued, too_old)
+
+
+def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: int,
+                    now_ms: int) -> Backfill:
+    """Queue for legacy what it missed in *account_id*'s conversations while nobody in them
+    had legacy clients: run it in the transaction that moves the account out of cloud-only.
+
+    Messages sent at or after *since_ms* get an outbox row (created at *now_ms*), or their
+    skipped row back to pending; older ones are only counted. The conversations are locked
+    first, in id order, as ``post_message`` locks them: a post that committed before the
+    lock is seen here, and one that waited for it sees the account's new phase and writes
+    its own outbox row, so none falls between the two. Safe to run twice: a second run finds
+    every row it queued pending already. The claim takes each conversation's rows from its
+    lowest pending seq, so the back-filled rows go out in seq order, before later posts.
+    """
+    cids = [r[0] for r in conn.execute(
+        "SELECT c.conversation_id FROM conversations c JOIN members mb USING (conversation_id) "
+        "WHERE mb.account_id = %s ORDER BY c.conversation_id FOR NO KEY UPDATE OF c",
+        (account_id,))]
+    if not cids:
+        return Backfill()
+    params = {"cids": cids, "since": since_ms, "now": now_ms}
+    requeued = conn.execute(
+        "UPDATE outbox_to_legacy o SET state = 'pending', skip_reason = NULL, done_ms = NULL, "
+        "  claimed_until_ms = 0, claim_token = NULL, attempts = 0, last_error = NULL, "
+        "  created_ms = %(now)s "
+        "FROM messages m WHERE o.conversation_id = ANY(%(cids)s) AND o.state = 'skipped' "
+        "  AND o.skip_reason = 'no_legacy_clients' AND m.conversation_id = o.conversation_id "
+        "  AND m.seq = o.seq AND m.sent_ms >= %(since)s", params).rowcount
+    queued = conn.execute(
+        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+        "SELECT m.conversation_id, m.seq, m.message_id, %(now)s FROM messages m "
+        f"WHERE {_MISSED} AND m.sent_ms >= %(since)s "
+        "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING", params).rowcount
+    too_old = conn.execute(
+        f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
+        params).fetchone()[0]
+    if queued or requeued:
+        conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(account_id)))
+    return Backfill(len(cids), queued, requeued, too_old)

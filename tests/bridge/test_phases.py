@@ -11,7 +11,7 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from bridge import ids, phases
+from bridge import ids, migration_report, phases
 from bridge.phases import GateConfig, Selection
 from cloud import admin
 from cloud.db import InlineDatabase
@@ -341,7 +341,7 @@ def test_an_account_moved_to_the_target_meanwhile_is_nothing_to_do(conn):
     outcome = apply(conn, the_plan)
     assert outcome.moved == () and outcome.failed == ()
     assert [c.account_id for c in outcome.already] == [alice] and audit_rows(conn) == []
-    report = phases.plan_to_json(the_plan, outcome)
+    report = migration_report.plan_to_json(the_plan, outcome)
     assert report["accounts"][0]["result"] == "unchanged"
 
 

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -60,6 +61,8 @@ def phases_of(conn) -> dict[str, str]:
      "a gate bound is too small"),
     (["--to", "dual", "--accounts", "alice", "--reconcile-window", "0.0001"],
      "a gate bound is too small"),
+    (["--to", "dual", "--accounts", "alice", "--legacy-retention", "3600"],
+     "--legacy-retention must be more than 3600 seconds"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_change_nothing(argv, needle, conn, db_dsn, home,
                                                            capsys):
@@ -90,6 +93,48 @@ def test_migrate_moves_the_accounts_and_exits_0(conn, db_dsn, home, capsys):
                                                                   ("ops-carol", "bob")]
     assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob") == cli.EXIT_OK
     assert "2 unchanged" in capsys.readouterr().out and len(audit_rows(conn)) == 2
+
+
+def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, home, capsys):
+    """Moving accounts out of cloud-only queues what legacy missed in their conversations and
+    says how many, per account and in total, in the text and in --json (a dry run says how
+    many it would, and queues nothing); older than --legacy-retention: counted, not
+    queued."""
+    from cloud.store import conversations as conversations_store
+    from cloud.store import messages as messages_store
+    from tests.dbfixture import tx
+
+    ann = make_account(conn, "ann", "cloud-only", linked=False)  # no login server needed
+    ben = make_account(conn, "ben", "cloud-only", linked=False)
+    talk = uuid.uuid4()
+    tx(conn, conversations_store.create_conversation, talk, [ann, ben])
+    now = now_ms()
+    for i, at in enumerate((now - 5000, now - 4000, now - 3 * 86_400_000)):
+        tx(conn, messages_store.post_message, talk, ann, f"c{i}", f"m{i}", at)
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force", "--dry-run",
+                   "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert ("would queue 2 messages for legacy from 1 conversation (2 never queued, 0 skipped "
+            "while nobody was on legacy); 1 message older than legacy's retention not queued"
+            ) in out
+    assert "1 would move; 2 messages would be queued for legacy (dry run" in out
+    assert conn.execute("SELECT count(*) FROM outbox_to_legacy").fetchone() == (0,)
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force",
+                   "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert ("queued 2 messages for legacy from 1 conversation (2 never queued, 0 skipped "
+            "while nobody was on legacy); 1 message older than legacy's retention not queued"
+            ) in out
+    assert "1 account selected for cloud: 1 moved; 2 messages queued for legacy (done)" in out
+    assert conn.execute("SELECT seq, state FROM outbox_to_legacy ORDER BY seq").fetchall() == [
+        (1, "pending"), (2, "pending")]
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ben", "--force", "--json") == \
+        cli.EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["queued_for_legacy"] == 1 and report["older_than_legacy_retention"] == 0
+    assert report["accounts"][0]["backfill"] == {
+        "conversations": 1, "queued": 1, "requeued": 0, "queued_for_legacy": 1,
+        "older_than_window": 0}
 
 
 def test_accounts_held_back_by_gates_exit_3_and_the_others_move(conn, db_dsn, home, capsys):

@@ -77,8 +77,9 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
     assert tx(conn, outbox_store.complete_outbox_batch,
               [outbox_store.Injected(i, "chat-x", f"cloud:g{i.seq}") for i in stale],
               NOW + 2001) == []
-    assert tx(conn, outbox_store.complete_outbox, stale[1], "chat-x", None, NOW + 2001,
-              skipped=True) is False
+    for reason in outbox_store.SKIP_REASONS:
+        assert tx(conn, outbox_store.complete_outbox, stale[1], "chat-x", None, NOW + 2001,
+                  skipped=True, skip_reason=reason) is False
     assert tx(conn, outbox_store.release_outbox, stale[1], "late", NOW + 2002) is False
     assert rows() == held
     assert conn.execute("SELECT count(*) FROM messages WHERE legacy_guid IS NOT NULL"
