@@ -43,6 +43,12 @@ def _partition(rng: random.Random, window: float) -> Plan:
              {"cut_peers": 0.5, "seconds": 20.0, "prefix": "demo-worker-"})]
 
 
+def _inject_kill(rng: random.Random, window: float) -> Plan:
+    return [(rng.uniform(0.1, 0.85) * window, "kill_injecting",
+             {"burst": 400, "restart_after": round(rng.uniform(0.2, 1.5), 2)})
+            for _ in range(4)]
+
+
 def _pause_worker(rng: random.Random, window: float) -> Plan:
     return [(rng.uniform(0.1, 0.2) * window, "kill_worker", {"worker": 1, "restart_after": 3.0}),
             (rng.uniform(0.3, 0.4) * window, "pause_worker", {"worker": 2, "seconds": 25.0})]
@@ -60,6 +66,9 @@ SCENARIOS = {s.name: s for s in (
              _partition),
     Scenario("push-loss", "the push gateway loses 20% of notifications",
              lambda _rng, _w: [], push_loss=0.2),
+    Scenario("inject-kill", "400 cloud messages posted at once, every worker SIGKILLed while "
+             "an injection batch is in flight, then restarted; four times",
+             _inject_kill),
     Scenario("pause-worker", "two workers: one SIGKILLed, the other paused (SIGSTOP) for "
              "25 s, past its 15 s lease, then resumed: it must commit nothing stale",
              _pause_worker),
@@ -92,6 +101,7 @@ class ChaosResult:
             "fenced_after_pause": s.get("fenced_after_pause"),
             "leases_when_paused": s.get("leases_when_paused"),
             "chaos_events": s.get("chaos_events"),
+            "kills_mid_injection": s.get("kills_mid_injection"),
         }
 
 
@@ -119,6 +129,12 @@ def verdict(scenario: Scenario, summary: dict[str, Any]) -> tuple[bool, str]:
         problems.append(f"a worker was paused holding no lease, which tests nothing ({held})")
     elif planned and (len(fenced) < planned or not all(fenced.values())):
         problems.append(f"a paused worker showed no sign of being fenced off ({fenced})")
+    kills = sum(1 for _t, action, _kw in scenario.plan(random.Random(0), 60.0)
+                if action == "kill_injecting")
+    met = summary.get("kills_mid_injection", [])
+    if kills and sum(1 for n in met if n > 0) * 2 < kills:
+        problems.append(f"fewer than half the kills met an injection batch in flight, which "
+                        f"tests little (rows under claim at each kill: {met})")
     return (not problems), "; ".join(problems) or "ok"
 
 

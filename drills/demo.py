@@ -47,7 +47,13 @@ from drills import convergence
 from drills.config import COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
 from drills.ports import NoFreePorts, free_port, free_port_block
 from drills.processes import Child, DemoError
-from drills.readings import figures, leases_held, migrated_devices
+from drills.readings import (
+    figures,
+    leases_held,
+    migrated_devices,
+    post_burst,
+    rows_under_claim,
+)
 from servicekit.sleep import Sleeper
 
 # -- the demo ----------------------------------------------------------------------------------
@@ -85,6 +91,8 @@ class Demo:
         self.reconcile_runs: list[dict[str, Any]] = []
         self.cohorts: list[dict[str, Any]] = []
         self.bridge_kills = 0
+        #: rows under a live outbox claim at each kill_injecting fault
+        self.kills_mid_injection: list[int] = []
         self._last_held = ""
         self.legacy_progress: dict[str, int] = {}
         self._sleeper = Sleeper(reactor)  # the 1 s pauses, which a stop request cuts short
@@ -309,6 +317,9 @@ class Demo:
         if action == "kill_worker":
             await self._kill_and_restart_worker(kw.get("worker"),
                                                 float(kw.get("restart_after", 1.0)))
+        elif action == "kill_injecting":
+            await self._kill_mid_injection(int(kw.get("burst", 400)),
+                                           float(kw.get("restart_after", 1.0)))
         elif action == "pause_worker":  # runs alongside the traffic; awaited before the heal
             self.pending_faults.append(defer.Deferred.fromCoroutine(
                 self._pause_worker(int(kw["worker"]), float(kw["seconds"]))))
@@ -332,6 +343,35 @@ class Demo:
                   f"fences its dead self)")
         await task.deferLater(self.reactor, restart_after, lambda: None)
         await self._start_worker(i)
+
+    async def _kill_mid_injection(self, burst: int, restart_after: float) -> None:
+        """Post a burst of cloud messages, wait (up to 5 s) until outbox rows are held
+        under a live claim, which means an injection batch is in flight, then SIGKILL every
+        worker, so the one injecting dies mid-batch; restart them. What the kill met is
+        kept in ``kills_mid_injection`` (rows under claim at the kill)."""
+        now_ms = int(self.reactor.seconds() * 1000)
+        tag = f"burst-{now_ms}"
+        posted = await self.db.run("post_burst", post_burst, burst, now_ms, tag)
+        claimed = 0
+        deadline = self.reactor.seconds() + 5.0
+        while posted and not claimed and self.reactor.seconds() < deadline:
+            claimed = await self.db.run("rows_under_claim", rows_under_claim,
+                                        int(self.reactor.seconds() * 1000))
+            if not claimed:
+                await task.deferLater(self.reactor, 0.01, lambda: None)
+        for child in self.workers.values():
+            child.signal(signal.SIGCONT)
+            child.signal(signal.SIGKILL)
+        for child in list(self.workers.values()):
+            await child.ended
+        self.bridge_kills += len(self.workers)
+        self.kills_mid_injection.append(claimed)
+        self.note(f"fault: {posted} cloud messages posted; every bridge worker killed with "
+                  f"SIGKILL while {claimed} outbox rows were under a claim; restarting them "
+                  f"in {restart_after:.1f} s")
+        await task.deferLater(self.reactor, restart_after, lambda: None)
+        for i in sorted(self.workers):
+            await self._start_worker(i)
 
     async def _pause_worker(self, i: int, seconds: float) -> None:
         """SIGSTOP worker *i* once it holds a feed lease (a worker holding none would test
@@ -541,6 +581,7 @@ class Demo:
             "fenced_after_pause": {str(k): v for k, v in self.fenced_after_pause().items()},
             "leases_when_paused": {str(k): [n for n, _f in v]
                                    for k, v in self.paused_leases.items()},
+            "kills_mid_injection": self.kills_mid_injection,
             "faults": {"preset": self.legacy_faults, "bridge_kills": self.bridge_kills,
                        "supernode_crashes": len((record or {}).get("crashes", [])),
                        "push_loss": self.faults.push_loss,

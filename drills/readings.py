@@ -60,3 +60,30 @@ def migrated_devices(conn: psycopg.Connection) -> list[tuple[str, str, list[Any]
         "FROM accounts a LEFT JOIN members m ON m.account_id = a.account_id "
         "WHERE a.legacy_handle IS NOT NULL AND a.phase IN ('dual', 'cloud', 'cloud-only') "
         "GROUP BY 1, 2 ORDER BY 1")]
+
+
+def post_burst(conn: psycopg.Connection, count: int, now_ms: int, tag: str) -> int:
+    """Post *count* cloud messages through the store's own path, round robin over up to 20
+    conversations that legacy is owed messages of (a legacy chat and a member with legacy
+    clients), in one transaction: a burst for the outbox injectors to drain. How many."""
+    from cloud.model import LEGACY_CLIENT_PHASES
+    from cloud.store import messages as messages_store
+
+    targets = conn.execute(
+        "SELECT c.conversation_id, min(mb.account_id::text)::uuid "
+        "FROM conversations c JOIN members mb USING (conversation_id) "
+        "WHERE c.legacy_chat_id IS NOT NULL AND EXISTS ("
+        "  SELECT 1 FROM members m2 JOIN accounts a USING (account_id) "
+        "  WHERE m2.conversation_id = c.conversation_id AND a.phase = ANY(%s)) "
+        "GROUP BY 1 ORDER BY 1 LIMIT 20", (list(LEGACY_CLIENT_PHASES),)).fetchall()
+    for i in range(count if targets else 0):
+        cid, sender = targets[i % len(targets)]
+        messages_store.post_message(conn, cid, sender, f"{tag}-{i}", f"{tag} #{i}", now_ms)
+    return count if targets else 0
+
+
+def rows_under_claim(conn: psycopg.Connection, now_ms: int) -> int:
+    """Outbox rows held under a live claim: an injection batch in flight somewhere."""
+    return conn.execute(
+        "SELECT count(*) FROM outbox_to_legacy WHERE state = 'pending' "
+        "AND claim_token IS NOT NULL AND claimed_until_ms > %s", (now_ms,)).fetchone()[0]

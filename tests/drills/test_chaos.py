@@ -42,6 +42,17 @@ def test_a_paused_worker_must_have_held_a_lease_and_show_it_was_fenced_off():
     assert not passed and "holding no lease" in why
 
 
+def test_kills_mid_injection_must_have_met_a_batch_in_flight():
+    """inject-kill passes only when at least half its kills found outbox rows under a live
+    claim (an injection batch in flight); otherwise it proved nothing about mid-batch."""
+    scenario = chaos.SCENARIOS["inject-kill"]
+    assert not chaos.verdict(scenario, GOOD)[0]  # no evidence at all
+    passed, why = chaos.verdict(scenario, {**GOOD, "kills_mid_injection": [0, 0, 0, 37]})
+    assert not passed and "in flight" in why
+    assert chaos.verdict(scenario, {**GOOD, "kills_mid_injection": [12, 0, 40, 37]}) == (
+        True, "ok")
+
+
 @pytest.mark.parametrize("name", sorted(chaos.SCENARIOS))
 def test_plans_fit_the_window_and_follow_the_seed(name):
     scenario = chaos.SCENARIOS[name]
@@ -49,7 +60,7 @@ def test_plans_fit_the_window_and_follow_the_seed(name):
     assert plan == scenario.plan(random.Random(7), 45.0)
     for t, action, kw in plan:
         assert 0 <= t <= 45.0 and action in ("kill_worker", "pause_worker", "legacy",
-                                             "pg_restart")
+                                             "pg_restart", "kill_injecting")
         if action == "pause_worker":
             assert kw["seconds"] > 15.0  # past the 15 s lease, or it proves nothing
     if name == "bridge-kill":
@@ -74,3 +85,23 @@ def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
     assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
     assert run["leases_when_paused"]["2"] and run["fenced_after_pause"]["2"] > 0
     assert [e["action"] for e in run["chaos_events"]] == ["kill_worker", "pause_worker"]
+
+
+@pytest.mark.db
+def test_inject_kill_scenario_passes_on_real_processes(db_server, tmp_path):
+    """Every worker SIGKILLed while an injection batch is in flight, four times: nothing
+    lost or duplicated, and each kill met rows under a live claim."""
+    env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
+    env.pop("BRIDGE_DSN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "inject-kill",
+         "--seeds", "1", "--first-seed", "2", "--duration", "30", "--supernodes", "3",
+         "--legacy-users", "24", "--rate", "8", "--dsn", db_server, "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["passed"] is True
+    [run] = out["runs"]
+    assert run["lost"] == 0 and run["duplicates"] == 0
+    assert [e["action"] for e in run["chaos_events"]] == ["kill_injecting"] * 4
+    assert sum(n > 0 for n in run["kills_mid_injection"]) >= 2
