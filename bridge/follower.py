@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from bridge import mirror
+from bridge.faults import FaultMoments
 from bridge.ids import LEGACY_PRESENCE_PREFIX
 from bridge.mirror import KnownIds, LegacyChanges
 from bridge.ops import metrics as m
@@ -150,7 +151,11 @@ class FeedFollower(Service):
         self.gaps = 0
         #: feed entries received and not committed yet (bridge_backlog_messages)
         self.backlog = 0
-        self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
+        #: (time, lag seconds, met a fault) of recent commits, for the worker's heartbeat
+        self.recent_lags: deque[tuple[float, float, bool]] = deque(maxlen=10_000)
+        #: when this follower (re)subscribed or backed off: a message sent before a
+        #: subscription waited for it (a lost feed, a gap, the worker's start)
+        self.faults = FaultMoments()
 
     @property
     def source(self) -> str:
@@ -241,6 +246,7 @@ class FeedFollower(Service):
                     self.on_streaming()
                 except Exception:
                     log.failure("supernode {sn}: on_streaming callback failed", sn=self.source)
+            self.faults.mark(self.clock.seconds())
             try:
                 peer.subscribe(epoch, offset, self.config.window, self._on_frame)
                 await peer.closed
@@ -262,6 +268,7 @@ class FeedFollower(Service):
             await self._backoff("feed", ConnectionError("feed connection lost"))
 
     async def _backoff(self, what: str, reason: Exception) -> None:
+        self.faults.mark(self.clock.seconds())
         self.state = FollowerState.BACKOFF
         self._failures += 1
         m.RETRIES.labels(what=what).inc()
@@ -394,7 +401,7 @@ class FeedFollower(Service):
             self.backlog -= batch.frames
             lags = [max(0.0, now - msg.sent_ms / 1000) for msg in result.inserted]
             _LAG.observe_many(lags)
-            self.recent_lags.extend((now, lag) for lag in lags)
+            self.recent_lags.extend((now, lag, self.faults.met(now - lag, now)) for lag in lags)
             if self.peer is not None and batch.frames:
                 self.peer.credit(batch.frames)
         finally:

@@ -58,6 +58,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge import ids
+from bridge.faults import FaultMoments
 from bridge.ops import metrics
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.store import outbox as outbox_store
@@ -167,8 +168,11 @@ class OutboxInjector(PollingLoop):
         #: Rows injected new, acknowledged as duplicates, skipped; failed injections
         #: (released for a retry). ``ticks`` and ``loop_failures`` come from PollingLoop.
         self.injected = 0
-        #: (time, lag seconds) of recent injections, for the worker's heartbeat
-        self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
+        #: (time, lag seconds, met a fault) of recent injections, for the worker's heartbeat
+        self.recent_lags: deque[tuple[float, float, bool]] = deque(maxlen=10_000)
+        #: when this injector met a fault (its start, a failed injection, a lost claim, the
+        #: database down): a row that waited across one has lag from the fault
+        self.faults = FaultMoments()
         self.duplicates = 0
         self.skipped = 0
         self.failures = 0
@@ -403,12 +407,24 @@ class OutboxInjector(PollingLoop):
                 metrics.DUPLICATES.labels(direction=DIRECTION).inc()
             lag = max(0, now_ms - item.waiting_since_ms) / 1000
             metrics.LAG.labels(direction=DIRECTION).observe(lag)
-            self.recent_lags.append((now_ms / 1000, lag))
+            # a row claimed before (by a worker that died, or whose claim ran out) met a fault
+            met = item.attempts > 1 or self.faults.met(item.waiting_since_ms / 1000,
+                                                       now_ms / 1000)
+            self.recent_lags.append((now_ms / 1000, lag, met))
         if lost:
             self._claim_lost("complete", lost)
 
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        self.faults.mark(self._clock.seconds())  # rows queued before the start waited for it
+        super().startService()
+
+    def _database_down(self, error: Exception) -> None:
+        self.faults.mark(self._clock.seconds())
+        super()._database_down(error)
+
     def _claim_lost(self, what: str, items: Sequence[OutboxItem]) -> None:
         """A late call from a claim that ran out and was taken again: it changed nothing."""
+        self.faults.mark(self._clock.seconds())
         self.late_claims += len(items)
         log.warn("outbox claim of conversation {cid} ran out before {what} ({count} rows, "
                  "from seq {seq}); another claim holds them now, nothing written",
@@ -451,6 +467,7 @@ class OutboxInjector(PollingLoop):
             tried = 0
         else:
             tried = 1  # the first row failed; the rest waited behind it
+        self.faults.mark(self._clock.seconds())
         delay_s = self.config.retry.delay(max(first.attempts, 1), self._rng)
         await self._hand_back(items, reason, self._now_ms() + round(delay_s * 1000),
                               tried=tried)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from bridge.accounts import import_accounts
 from bridge.discovery import discover
+from bridge.faults import split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
 from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
@@ -251,6 +252,11 @@ class BridgeWorker(MultiService):
             self.ring = HashRing(ids)
             log.info("{n} supernodes in the directory", n=len(ids))
         self._lease_soon(0)
+        if self.injector is not None:
+            # Injection links are opened ahead of need, and again at each discovery when
+            # one was lost: a first injection otherwise finds none and waits a retry.
+            for sn in ids:
+                self._peer_for(sn)
 
     # -- leases: which feeds this worker follows --------------------------------------------
 
@@ -367,14 +373,21 @@ class BridgeWorker(MultiService):
         self._reported_state = state
         now = self.clock.seconds()
         since = now - self.config.lag_window_s
-        lags = [lag for f in self.followers.values() for t, lag in f.recent_lags if t >= since]
+        cloud_samples = [(lag, met) for f in self.followers.values()
+                         for t, lag, met in f.recent_lags if t >= since]
         injector = self.injector
-        legacy_lags = []
+        legacy_samples = []
         if injector is not None and hasattr(injector, "recent_lags"):
-            legacy_lags = [lag for t, lag in injector.recent_lags if t >= since]
+            legacy_samples = [(lag, met) for t, lag, met in injector.recent_lags if t >= since]
+        lags = [lag for lag, _met in cloud_samples]
+        legacy_lags = [lag for lag, _met in legacy_samples]
         detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())},
                   "lag_p50_to_cloud_ms": percentile_ms(lags, 0.50),
-                  "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50)}
+                  "lag_p50_to_legacy_ms": percentile_ms(legacy_lags, 0.50),
+                  # how much of the lag is the faults': the p99 of the messages that met
+                  # none, and how many did (bridge.faults)
+                  "lag_to_cloud": split_p99_ms(cloud_samples),
+                  "lag_to_legacy": split_p99_ms(legacy_samples)}
         backlog = getattr(injector, "backlog", None)
         if backlog is not None:  # the outbox as this worker's injector last read it
             detail["outbox_pending"], detail["outbox_oldest_age_ms"] = backlog

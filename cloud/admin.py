@@ -65,6 +65,10 @@ class WorkerRow:
     mirrored_to_cloud: int
     mirrored_to_legacy: int
     feeds: int
+    #: the rest of its report (``bridge.worker``): per-feed states, p50 lags, the lag
+    #: outside faults (``lag_to_cloud``/``lag_to_legacy``: p99_steady_ms, samples,
+    #: met_faults), the outbox as its injector last read it
+    detail: dict = attrs.field(factory=dict)
 
     def live(self, now_ms: int, within_ms: int = LIVE_WORKER_MS) -> bool:
         """Heartbeat within *within_ms* of now, and not reported as stopped."""
@@ -324,7 +328,7 @@ def open_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[u
 
 
 _WORKER_COLS = ("worker_id, state, started_ms, heartbeat_ms, lag_to_cloud_ms, lag_to_legacy_ms, "
-                "mirrored_to_cloud, mirrored_to_legacy, feeds")
+                "mirrored_to_cloud, mirrored_to_legacy, feeds, coalesce(detail, '{}'::jsonb)")
 
 
 def workers(conn: psycopg.Connection) -> list[WorkerRow]:

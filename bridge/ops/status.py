@@ -30,6 +30,17 @@ def _max(values: list[int | None]) -> int | None:
     return max(present) if present else None
 
 
+def _steady(live: list[Any], direction: str) -> dict[str, Any]:
+    """How much of the live workers' lag in *direction* is the faults': the worst p99 of
+    the messages that met no fault, and how many of their recent messages met one."""
+    parts = [w.detail.get(f"lag_{direction}") or {} for w in live]
+    samples = sum(p.get("samples") or 0 for p in parts)
+    met = sum(p.get("met_faults") or 0 for p in parts)
+    return {"p99_ms": _max([p.get("p99_steady_ms") for p in parts]), "samples": samples,
+            "met_faults": met,
+            "met_faults_share": round(met / samples, 3) if samples else None}
+
+
 def gather(conn: psycopg.Connection, now_ms: int, *,
            live_within_ms: int = admin.LIVE_WORKER_MS) -> dict[str, Any]:
     """Everything status shows, read in one transaction (``fn(conn, ...)``).
@@ -37,6 +48,9 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     ``mirror_lag_ms`` is the worst lag over the live workers per direction (None: no live
     worker measured one); each worker's own lags are in ``workers``. ``findings`` counts
     every finding by kind and state (open, repaired, failed, dismissed).
+    ``lag_outside_faults`` says how much of that lag is the faults' (``bridge.faults``): per
+    direction, the worst p99 of the messages that met no fault (a lost feed, a failed
+    injection, a database outage, a worker's restart) and how many recent ones met one.
     """
     workers = admin.workers(conn)
     live = [w for w in workers if w.live(now_ms, live_within_ms)]
@@ -49,12 +63,15 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
         "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
         "mirror_lag_ms": {"to_cloud": _max([w.lag_to_cloud_ms for w in live]),
                           "to_legacy": _max([w.lag_to_legacy_ms for w in live])},
+        "lag_outside_faults": {d: _steady(live, d) for d in ("to_cloud", "to_legacy")},
         "workers": [{
             "worker_id": w.worker_id, "state": w.state, "live": w.live(now_ms, live_within_ms),
             "heartbeat_age_ms": now_ms - w.heartbeat_ms, "started_ms": w.started_ms,
             "lag_to_cloud_ms": w.lag_to_cloud_ms, "lag_to_legacy_ms": w.lag_to_legacy_ms,
             "mirrored_to_cloud": w.mirrored_to_cloud, "mirrored_to_legacy": w.mirrored_to_legacy,
-            "feeds": w.feeds} for w in workers],
+            "feeds": w.feeds,
+            "lag_outside_faults": {d: w.detail.get(f"lag_{d}") for d in ("to_cloud", "to_legacy")},
+        } for w in workers],
         "live_workers": len(live),
         "outbox_to_legacy": {"pending": pending, "oldest_age_ms": oldest},
         "open_findings": {kind: n["open"] for kind, n in findings.items() if n["open"]},
@@ -94,6 +111,12 @@ def render(status: dict[str, Any]) -> str:
     lag = status["mirror_lag_ms"]
     out.append(f"mirror lag:    to cloud {_ms(lag['to_cloud'])}, "
                f"to legacy {_ms(lag['to_legacy'])}  (worst live worker, p99)")
+    steady = status["lag_outside_faults"]
+    out.append("  outside faults: " + ", ".join(
+        f"{d.replace('_', ' ')} {_ms(steady[d]['p99_ms'])}"
+        + (f" ({steady[d]['met_faults']} of {steady[d]['samples']} recent messages met a "
+           f"fault)" if steady[d]["samples"] else "")
+        for d in ("to_cloud", "to_legacy")))
     box = status["outbox_to_legacy"]
     out.append(f"outbox:        {box['pending']} pending to legacy"
                + (f", oldest {_ms(box['oldest_age_ms'])}" if box["pending"] else ""))

@@ -133,7 +133,13 @@
            phaseBar(acc.per_phase, acc.total), ...phases),
       card("Mirror lag (p99, worst live worker)",
            kv("to cloud", field("mirror_lag_ms.to_cloud", lag.to_cloud, fmtMs(lag.to_cloud))),
-           kv("to legacy", field("mirror_lag_ms.to_legacy", lag.to_legacy, fmtMs(lag.to_legacy)))),
+           kv("to legacy", field("mirror_lag_ms.to_legacy", lag.to_legacy, fmtMs(lag.to_legacy))),
+           ...["to_cloud", "to_legacy"].map(d => {
+             const s = (st.lag_outside_faults || {})[d] || {};
+             const note = s.samples ? " (" + s.met_faults + " of " + s.samples + " met a fault)" : "";
+             return kv(d.replace("_", " ") + ", outside faults",
+                       field("lag_outside_faults." + d + ".p99_ms", s.p99_ms, fmtMs(s.p99_ms) + note));
+           })),
       card("Throughput",
            kv("to cloud", field("rate.to_cloud", last ? last.rate_to_cloud : null, fmtRate(last && last.rate_to_cloud))),
            kv("to legacy", field("rate.to_legacy", last ? last.rate_to_legacy : null, fmtRate(last && last.rate_to_legacy))),

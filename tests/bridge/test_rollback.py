@@ -239,8 +239,9 @@ def test_backfilled_messages_age_and_lag_from_when_they_were_queued(conn, make_s
     assert s.links.calls == 2 and s.injector.failures == 1 and s.injector.given_up == 0
     assert legacy_guids(s, talk) == guids(sent)
     assert outbox_states(conn, talk) == [(1, "done", None)]
-    [(_, lag)] = s.injector.recent_lags
+    [(_, lag, met_fault)] = s.injector.recent_lags
     assert lag < 10  # seconds since the move queued it (the retry's backoff), not two days
+    assert met_fault  # its first injection failed: its lag is the fault's
 
 
 class MoveBeforeTheSkip:

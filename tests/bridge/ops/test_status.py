@@ -22,7 +22,15 @@ def populate(conn) -> None:
     add_worker(conn, "w3", lag_cloud=99_999, lag_legacy=99_999, age_ms=300_000)  # gone
     add_worker(conn, "w4", lag_cloud=50_000, state="stopped")  # stopped: not live
     conn.execute("UPDATE bridge_workers SET detail = %s::jsonb, feeds = 4 "
-                 "WHERE worker_id = 'w1'", (json.dumps({"token": SECRET}),))
+                 "WHERE worker_id = 'w1'", (json.dumps({
+                     "token": SECRET,
+                     "lag_to_cloud": {"p99_steady_ms": 90, "samples": 200, "met_faults": 10},
+                     "lag_to_legacy": {"p99_steady_ms": 300, "samples": 50,
+                                       "met_faults": 0}}),))
+    for wid, cloud in (("w2", {"p99_steady_ms": 70, "samples": 100, "met_faults": 30}),
+                       ("w3", {"p99_steady_ms": 9_000, "samples": 5, "met_faults": 5})):
+        conn.execute("UPDATE bridge_workers SET detail = %s::jsonb WHERE worker_id = %s",
+                     (json.dumps({"lag_to_cloud": cloud}), wid))
     cid = uuid.uuid4()
     for seq, (state, created) in enumerate([("pending", NOW - 5_000), ("pending", NOW - 2_000),
                                             ("done", NOW - 60_000)], start=1):
@@ -68,13 +76,22 @@ def test_status_reports_every_section_from_the_rows(conn):
                                             "cloud-only": 1}
     assert got["accounts"]["total"] == 6
     assert got["mirror_lag_ms"] == {"to_cloud": 120, "to_legacy": 340}  # w1 and w2 only
+    # how much of it is the faults': the steady p99 and the share that met one (live only)
+    assert got["lag_outside_faults"] == {
+        "to_cloud": {"p99_ms": 90, "samples": 300, "met_faults": 40,
+                     "met_faults_share": 0.133},
+        "to_legacy": {"p99_ms": 300, "samples": 50, "met_faults": 0,
+                      "met_faults_share": 0.0}}
     assert got["live_workers"] == 2
     workers = {w["worker_id"]: w for w in got["workers"]}
     assert [w["worker_id"] for w in got["workers"]] == ["w1", "w4", "w2", "w3"]
     assert workers["w1"] == {
         "worker_id": "w1", "state": "ready", "live": True, "heartbeat_age_ms": 1_000,
         "started_ms": NOW - 600_000, "lag_to_cloud_ms": 120, "lag_to_legacy_ms": 340,
-        "mirrored_to_cloud": 0, "mirrored_to_legacy": 0, "feeds": 4}
+        "mirrored_to_cloud": 0, "mirrored_to_legacy": 0, "feeds": 4,
+        "lag_outside_faults": {
+            "to_cloud": {"p99_steady_ms": 90, "samples": 200, "met_faults": 10},
+            "to_legacy": {"p99_steady_ms": 300, "samples": 50, "met_faults": 0}}}
     assert (workers["w2"]["live"], workers["w3"]["live"], workers["w4"]["live"]) == \
         (True, False, False)
     assert workers["w3"]["heartbeat_age_ms"] == 300_000
