@@ -18,6 +18,9 @@ One outbox row (``outbox_to_legacy.state``)::
        +-- the failure was attempt max_attempts, or the row is older than max_age_s
            --> failed (+ finding inject_failed; the later rows go on)
 
+A row of kind ``members`` (a membership change made on the cloud) takes the same path and
+the same order, as an InjectMembership of its delta (``inject_membership_change``).
+
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
 ``duplicate``). Each claim carries a token; completes and releases touch only rows still held
@@ -44,7 +47,7 @@ import collections
 import random
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -55,6 +58,12 @@ from twisted.logger import Logger
 
 from bridge import ids
 from bridge.ops import metrics
+from bridge.outbox_membership import (
+    MEMBERSHIP_APPLIED,
+    ORIGIN,
+    inject_membership_change,
+    membership_detail,
+)
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.store import findings as findings_store
 from cloud.store import outbox as outbox_store
@@ -134,9 +143,9 @@ class InjectorConfig:
 def _lock_if_held(conn: psycopg.Connection, item: OutboxItem) -> bool:
     """Lock *item*'s row if it is still pending under *item*'s claim; False otherwise."""
     return conn.execute(
-        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s AND sub = %s "
         "AND state = 'pending' AND claim_token = %s FOR UPDATE",
-        (item.conversation_id, item.seq, item.claim_token)).fetchone() is not None
+        (item.conversation_id, item.seq, item.sub, item.claim_token)).fetchone() is not None
 
 
 def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
@@ -148,7 +157,8 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
     findings_store.record_finding(
         conn, INJECT_REFUSED,
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
+         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle,
+         **membership_detail(item)},
         now_ms, conversation_id=item.conversation_id)
     outbox_store.complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True)
     return True
@@ -163,12 +173,13 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
     findings_store.record_finding(
         conn, INJECT_FAILED,
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle},
+         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle,
+         **membership_detail(item)},
         now_ms, conversation_id=item.conversation_id)
     conn.execute(
         "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
-        (now_ms, reason[:500], item.conversation_id, item.seq))
+        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending'",
+        (now_ms, reason[:500], item.conversation_id, item.seq, item.sub))
     return True
 
 
@@ -214,6 +225,8 @@ class OutboxInjector(PollingLoop):
         #: (time, lag seconds) of recent injections, for the worker's heartbeat
         self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
         self.duplicates = 0
+        #: Membership change rows applied at their chat's home.
+        self.membership_changes = 0
         self.skipped = 0
         self.failures = 0
         #: Rows given up (state failed, with an inject_failed finding).
@@ -324,6 +337,8 @@ class OutboxInjector(PollingLoop):
             else:
                 self._claim_lost("skip", [item])
             return None
+        if item.kind == outbox_store.MEMBERS:
+            return await self._inject_membership(item, chat_id)
         guid = ids.guid_for_cloud_message(item.message_id)
         members = tuple(sorted(set(item.member_handles)))
         if len(members) < 2:
@@ -332,18 +347,38 @@ class OutboxInjector(PollingLoop):
             return await self._refuse(item, chat_id, "the sender is not among the members")
         message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
                                    sender=item.sender_handle, ts_ms=item.sent_ms,
-                                   body=item.body, origin="cloud")
+                                   body=item.body, origin=ORIGIN)
         try:  # a body or member list the wire format cannot carry will never fit
             wire.encode(wire.InjectMessage(req_id=0, message=message, members=members))
         except wire.WireError as e:
             return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
         try:
-            ack = await self._send(chat_id, message, members)
+            ack = await self._send(chat_id, lambda peer: peer.inject_message(message, members),
+                                   message.guid)
         except _Refused as e:
             return await self._refuse(item, chat_id, f"the supernode refused it: {e}")
         if ack.status not in ("new", "duplicate"):
             raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
         return outbox_store.Injected(item, chat_id, guid), ack
+
+    async def _inject_membership(self, item: OutboxItem, chat_id: str
+                                 ) -> tuple[outbox_store.Injected, wire.Ack] | None:
+        """Apply one membership change row at the chat's home (as ``_inject`` does a
+        message)."""
+        try:  # a handle the wire format cannot carry will never fit
+            wire.encode(wire.InjectMembership(req_id=0, chat_id=chat_id, add=item.add_handles,
+                                              remove=item.remove_handles, origin=ORIGIN))
+        except wire.WireError as e:
+            return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
+        try:
+            ack = await self._send(
+                chat_id, lambda peer: inject_membership_change(peer, item, chat_id),
+                f"membership change {item.seq}.{item.sub}")
+        except _Refused as e:
+            return await self._refuse(item, chat_id, f"the supernode refused it: {e}")
+        if ack.status not in MEMBERSHIP_APPLIED:
+            raise _Retry(f"unexpected Ack status {ack.status!r} from the supernode")
+        return outbox_store.Injected(item, chat_id, None), ack
 
     async def _complete(self, acked: list[tuple[outbox_store.Injected, wire.Ack]]) -> None:
         """Record acknowledged rows in one transaction, then count them."""
@@ -352,12 +387,15 @@ class OutboxInjector(PollingLoop):
         now_ms = self._now_ms()
         done = await self._db.run("complete_outbox_batch", outbox_store.complete_outbox_batch,
                                   [injected for injected, _ in acked], now_ms)
-        completed = {(item.conversation_id, item.seq) for item in done}
+        completed = {(item.conversation_id, item.seq, item.sub) for item in done}
         lost = []
         for injected, ack in acked:
             item = injected.item
-            if (item.conversation_id, item.seq) not in completed:
+            if (item.conversation_id, item.seq, item.sub) not in completed:
                 lost.append(item)
+                continue
+            if item.kind == outbox_store.MEMBERS:
+                self.membership_changes += 1
                 continue
             if ack.status == "new":
                 self.injected += 1
@@ -385,20 +423,20 @@ class OutboxInjector(PollingLoop):
         if held < len(items):
             self._claim_lost("release", items[held:])
 
-    async def _send(self, chat_id: str, message: wire.ChatMessage,
-                    members: tuple[str, ...]) -> wire.Ack:
-        """The home supernode's Ack; ``_Refused`` if it never will, else ``_Retry``."""
+    async def _send(self, chat_id: str, request: Callable[[PeerConnection], defer.Deferred],
+                    what: str) -> wire.Ack:
+        """The home supernode's Ack to *request* (an inject of *what*, for the log);
+        ``_Refused`` if it never will, else ``_Retry``."""
         timeout_s = self.config.inject_timeout_s
         try:
             peer = self._peers.for_chat(chat_id)
             if peer is None:
                 raise _Retry(f"home supernode of {chat_id!r} is unreachable")
-            return await defer.maybeDeferred(peer.inject_message, message, members).addTimeout(
-                timeout_s, self._clock)
+            return await defer.maybeDeferred(request, peer).addTimeout(timeout_s, self._clock)
         except _Retry:
             raise
         except PeerRequestFailed as e:
-            if e.code == "bad_message":
+            if e.code in ("bad_message", "bad_members"):
                 raise _Refused(e.reason) from e
             raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
         except defer.TimeoutError as e:
@@ -406,8 +444,7 @@ class OutboxInjector(PollingLoop):
         except _TRANSIENT as e:
             raise _Retry(f"{type(e).__name__}: {e}") from e
         except Exception as e:
-            log.failure("injecting {guid} failed unexpectedly; retrying later",
-                        guid=message.guid)
+            log.failure("injecting {what} failed unexpectedly; retrying later", what=what)
             raise _Retry(f"{type(e).__name__}: {e}") from e
 
     async def _refuse(self, item: OutboxItem, chat_id: str, reason: str) -> None:
