@@ -9,7 +9,12 @@ import uuid
 import pytest
 
 from cloud.model import MAX_MEMBERS
-from tests.cloud.test_api import Harness, h, post  # noqa: F401 - h is the fixture
+from tests.cloud.test_api import Harness, make_harness, post
+
+
+@pytest.fixture
+def h(conn) -> Harness:
+    return make_harness(conn)
 
 
 def outbox(h: Harness, cid: uuid.UUID) -> list[tuple]:
