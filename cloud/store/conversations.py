@@ -6,7 +6,10 @@ Membership moves between the stacks as changes, never as a union of lists (issue
   ``outbox_to_legacy`` row of kind ``members``, in order with the conversation's messages;
 - a legacy chat's new member list (a feed's FeedChat) is applied as its difference from the
   list the bridge saw before, ``conversations.legacy_members`` (``apply_legacy_member_lists``),
-  and queues nothing back.
+  and queues nothing back; but a member removed on the cloud (``conversations.cloud_removed``)
+  is added back only on the cloud: a legacy list that names one again (a client's stale
+  list, sent to a home supernode that forgot the removal in a crash) gets the removal queued
+  for legacy once more instead.
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ def member_handles(conn: psycopg.Connection,
 
 def apply_legacy_member_lists(
         conn: psycopg.Connection,
-        lists: Mapping[uuid.UUID, Sequence[tuple[Sequence[str], str]]]) -> dict[uuid.UUID, str]:
+        lists: Mapping[uuid.UUID, Sequence[tuple[Sequence[str], str]]],
+        now_ms: int) -> dict[uuid.UUID, str]:
     """Mirror legacy chats' member lists as changes: conversation id -> the lists its chat
     announced, in feed order, each with how to apply it (``CHANGE``, ``ECHO``,
     ``SNAPSHOT``). The conversations must exist and every handle named have an account.
@@ -207,17 +211,21 @@ def apply_legacy_member_lists(
     lists still sees the right difference); the first list a chat ever shows only adds. A
     member a change does not name is left alone: one added or removed on the cloud since
     stays so. The conversations whose adds would pass ``MAX_MEMBERS`` get no adds and are
-    returned with why (their removals and list still apply). Nothing is queued for legacy.
+    returned with why (their removals and list still apply). Nothing is queued for legacy,
+    but for an add of a member removed on the cloud: not made, its removal is queued again.
     """
     if not lists:
         return {}
     cids = sorted(lists)
-    before = dict(conn.execute(
-        "SELECT conversation_id, legacy_members FROM conversations "
-        "WHERE conversation_id = ANY(%s)", (cids,)).fetchall())
+    rows = conn.execute(
+        "SELECT conversation_id, legacy_members, cloud_removed FROM conversations "
+        "WHERE conversation_id = ANY(%s)", (cids,)).fetchall()
+    before = {cid: seen for cid, seen, _ in rows}
+    banned = {cid: set(removed) for cid, _, removed in rows}
     adds: list[tuple[uuid.UUID, str]] = []
     removes: list[tuple[uuid.UUID, str]] = []
     latest: list[tuple[uuid.UUID, list[str]]] = []
+    again: list[tuple[uuid.UUID, str]] = []
     for cid in cids:
         seen = before.get(cid)
         known: tuple[str, ...] | None = None if seen is None else tuple(seen)
@@ -236,7 +244,9 @@ def apply_legacy_member_lists(
             elif how != ECHO:
                 raise ValueError(f"unknown way to apply a member list: {how!r}")
             known = members
-        adds += [(cid, h) for h, added in net.items() if added]
+        adds += [(cid, h) for h, added in net.items()
+                 if added and h not in banned.get(cid, ())]
+        again += [(cid, h) for h, added in net.items() if added and h in banned.get(cid, ())]
         removes += [(cid, h) for h, added in net.items() if not added]
         if known is not None and (seen is None or tuple(seen) != known):
             latest.append((cid, list(known)))
@@ -266,6 +276,8 @@ def apply_legacy_member_lists(
         conn.cursor().executemany(
             "UPDATE conversations SET legacy_members = %s WHERE conversation_id = %s",
             [(members, cid) for cid, members in latest])
+    for cid, handle in again:
+        queue_membership_change(conn, cid, (), (handle,), now_ms)
     return refused
 
 
@@ -310,13 +322,12 @@ def create_conversation_with(conn: psycopg.Connection, conversation_id: uuid.UUI
 
 
 def _lock_for_change(conn: psycopg.Connection, conversation_id: uuid.UUID,
-                     actor: uuid.UUID) -> int:
+                     actor: uuid.UUID) -> None:
     """Check *actor* is a member, then lock the conversation as a message post does (so a
-    change and the posts around it take turns and are queued in that order); its
-    ``next_seq``."""
+    change and the posts around it take turns and are queued in that order)."""
     check_member(conn, conversation_id, actor)
-    return conn.execute("SELECT next_seq FROM conversations WHERE conversation_id = %s "
-                        "FOR NO KEY UPDATE", (conversation_id,)).fetchone()[0]
+    conn.execute("SELECT 1 FROM conversations WHERE conversation_id = %s FOR NO KEY UPDATE",
+                 (conversation_id,))
 
 
 def _legacy_handle(conn: psycopg.Connection, account_id: uuid.UUID) -> str:
@@ -324,17 +335,22 @@ def _legacy_handle(conn: psycopg.Connection, account_id: uuid.UUID) -> str:
                         "WHERE account_id = %s", (account_id,)).fetchone()[0]
 
 
-def _queue_change(conn: psycopg.Connection, conversation_id: uuid.UUID, next_seq: int,
-                  account_id: uuid.UUID, added: bool, now_ms: int) -> bool:
-    """Queue one member added or removed for legacy, after the conversation's last message;
-    only when a member (or the one removed) still has legacy clients. True if queued."""
+def queue_membership_change(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                            add: Sequence[str], remove: Sequence[str], now_ms: int) -> bool:
+    """Queue a membership change (legacy-side handles) for legacy, after the conversation's
+    last message; only when a member, or one it removes, still has legacy clients. Locks
+    the conversation as a post does, so it takes its place among the posts. True if queued.
+    """
+    next_seq = conn.execute("SELECT next_seq FROM conversations WHERE conversation_id = %s "
+                            "FOR NO KEY UPDATE", (conversation_id,)).fetchone()[0]
     legacy = conn.execute(
-        "SELECT 1 FROM accounts a WHERE a.phase = ANY(%s) AND (a.account_id = %s OR "
-        "  a.account_id IN (SELECT account_id FROM members WHERE conversation_id = %s)) "
-        "LIMIT 1", (list(LEGACY_CLIENT_PHASES), account_id, conversation_id)).fetchone()
+        "SELECT 1 FROM accounts a WHERE a.phase = ANY(%s) AND ("
+        "  a.account_id IN (SELECT account_id FROM members WHERE conversation_id = %s) "
+        "  OR a.account_id IN (SELECT account_id FROM account_handles "
+        "                      WHERE handle = ANY(%s))) "
+        "LIMIT 1", (list(LEGACY_CLIENT_PHASES), conversation_id, list(remove))).fetchone()
     if legacy is None:
         return False
-    handle = [_legacy_handle(conn, account_id)]
     conn.execute(
         "INSERT INTO outbox_to_legacy (conversation_id, seq, sub, kind, message_id, "
         "  created_ms, add_handles, remove_handles) "
@@ -342,7 +358,7 @@ def _queue_change(conn: psycopg.Connection, conversation_id: uuid.UUID, next_seq
         "  %(add)s, %(remove)s "
         "FROM outbox_to_legacy WHERE conversation_id = %(cid)s AND seq = %(seq)s",
         {"cid": conversation_id, "seq": next_seq - 1, "kind": MEMBERS, "now": now_ms,
-         "add": handle if added else [], "remove": [] if added else handle})
+         "add": list(add), "remove": list(remove)})
     conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(conversation_id)))
     return True
 
@@ -354,11 +370,14 @@ def add_member(conn: psycopg.Connection, conversation_id: uuid.UUID, actor: uuid
 
     ``NotFound`` (unknown conversation or handle), ``NotMember`` (the actor is not one),
     ``TooManyMembers``: nothing written."""
-    next_seq = _lock_for_change(conn, conversation_id, actor)
+    _lock_for_change(conn, conversation_id, actor)
     account_id = _accounts_by_handle(conn, [handle])[handle]
     if not add_members(conn, conversation_id, [account_id]):
         return False
-    _queue_change(conn, conversation_id, next_seq, account_id, True, now_ms)
+    legacy_handle = _legacy_handle(conn, account_id)
+    conn.execute("UPDATE conversations SET cloud_removed = array_remove(cloud_removed, %s) "
+                 "WHERE conversation_id = %s", (legacy_handle, conversation_id))
+    queue_membership_change(conn, conversation_id, (legacy_handle,), (), now_ms)
     return True
 
 
@@ -370,10 +389,14 @@ def remove_member(conn: psycopg.Connection, conversation_id: uuid.UUID, actor: u
 
     ``NotFound`` (unknown conversation or handle, or not a member), ``NotMember`` (the
     actor is not one): nothing written."""
-    next_seq = _lock_for_change(conn, conversation_id, actor)
+    _lock_for_change(conn, conversation_id, actor)
     account_id = _accounts_by_handle(conn, [handle])[handle]
     gone = conn.execute("DELETE FROM members WHERE conversation_id = %s AND account_id = %s",
                         (conversation_id, account_id)).rowcount
     if not gone:
         raise NotFound(f"{handle!r} is not a member of this conversation")
-    _queue_change(conn, conversation_id, next_seq, account_id, False, now_ms)
+    legacy_handle = _legacy_handle(conn, account_id)
+    conn.execute("UPDATE conversations SET cloud_removed = "
+                 "array_append(array_remove(cloud_removed, %s), %s) "
+                 "WHERE conversation_id = %s", (legacy_handle, legacy_handle, conversation_id))
+    queue_membership_change(conn, conversation_id, (), (legacy_handle,), now_ms)

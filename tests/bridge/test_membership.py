@@ -181,3 +181,44 @@ def test_a_removal_on_the_cloud_reaches_legacy_and_nothing_adds_it_back(conn):
         (2, 0, "message", "done"), (2, 1, "members", "done"), (3, 0, "message", "done")]
     assert worker.injector.membership_changes == 1
     net.wait(worker.stopService())
+
+
+def test_a_cloud_removal_forgotten_by_a_crashed_home_is_queued_again_not_undone(conn):
+    """The home crashes and forgets carol's removal; bob's stale list brings her back on
+    legacy, but not on the cloud: the bridge queues her removal again, and the next message
+    from that stale list is not delivered to her."""
+    net, devices, worker, home = _scene(conn)
+    alice = account(conn, "alice")
+    tx(conn, conversations_store.remove_member, CID, alice, "carol",
+       int(net.clock.seconds() * 1000))
+    net.run(3.0)
+    assert home.mem.chats[CHAT].members == ("alice", "bob")
+    net.wait(home.crash())
+    net.run(1.0)
+    net.wait(home.restart())
+    net.run(5.0)
+    devices["bob"].send(CHAT, ("alice", "bob", "carol"), "stale list, to a home that forgot")
+    net.run(5.0)
+    assert cloud_members(conn) == {"alice", "bob"}
+    assert home.mem.chats[CHAT].members == ("alice", "bob")
+    assert conn.execute(
+        "SELECT kind, remove_handles, state FROM outbox_to_legacy ORDER BY seq, sub"
+    ).fetchall() == [("members", ["carol"], "done"), ("members", ["carol"], "done")]
+    later = devices["bob"].send(CHAT, ("alice", "bob", "carol"), "stale list again")
+    net.run(3.0)
+    assert later not in {m.guid for m in devices["carol"].deliveries}
+    assert cloud_members(conn) == {"alice", "bob"}
+    net.wait(worker.stopService())
+
+
+def test_a_member_removed_on_the_cloud_is_added_back_only_on_the_cloud(conn):
+    """Once carol is added again on the cloud, legacy lists that name her are honoured."""
+    mirror(conn, (("alice", "bob", "carol"), CHANGE))
+    alice = account(conn, "alice")
+    tx(conn, conversations_store.remove_member, CID, alice, "carol", 5)
+    mirror(conn, (("alice", "bob"), ECHO), (("alice", "bob", "carol"), CHANGE))
+    assert cloud_members(conn) == {"alice", "bob"}
+    tx(conn, conversations_store.add_member, CID, alice, "carol", 6)
+    mirror(conn, (("alice", "bob", "carol"), ECHO), (("alice", "bob"), CHANGE),
+           (("alice", "bob", "carol"), CHANGE))
+    assert cloud_members(conn) == {"alice", "bob", "carol"}
