@@ -75,7 +75,8 @@ OUTBOX_CLAIM_PER_CONVERSATION = 50
 
 # The claim, in steps whose locks follow the rows it claims (one pass over the pending rows
 # finds each conversation's head and size; nothing else is read per conversation):
-#   heads   each conversation's lowest pending row (a claim always starts there) and count;
+#   heads   each conversation's lowest pending seq and count; its head (a claim always starts
+#           there) is the row of that seq with the lowest sub;
 #   ready   the conversations whose head is not claimed, oldest first, with how many rows
 #           the ones before each would take (*per_conversation* at most each);
 #   owned   their heads, locked in that order without waiting, skipping heads another
@@ -87,21 +88,22 @@ OUTBOX_CLAIM_PER_CONVERSATION = 50
 #           claims and each claim starts at the head.
 _CLAIM = (
     "WITH heads AS ("
-    "  SELECT conversation_id, min(ARRAY[seq, sub]) AS head, count(*) AS pending "
+    "  SELECT conversation_id, min(seq) AS head, count(*) AS pending "
     "  FROM outbox_to_legacy WHERE state = 'pending' GROUP BY conversation_id), "
     "ready AS ("
-    "  SELECT h.conversation_id, h.head, o.created_ms, "
+    "  SELECT h.conversation_id, h.head, o.sub AS head_sub, o.created_ms, "
     "         sum(least(h.pending, %(per_conversation)s)) OVER ("
     "           ORDER BY o.created_ms, h.conversation_id ROWS UNBOUNDED PRECEDING) "
     "         - least(h.pending, %(per_conversation)s) AS before "
-    "  FROM heads h JOIN outbox_to_legacy o "
-    "    ON o.conversation_id = h.conversation_id AND o.seq = h.head[1] "
-    "    AND o.sub = h.head[2] "
+    "  FROM heads h CROSS JOIN LATERAL ("
+    "    SELECT o.sub, o.created_ms, o.claimed_until_ms FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = h.conversation_id AND o.seq = h.head "
+    "      AND o.state = 'pending' ORDER BY o.sub LIMIT 1) o "
     "  WHERE o.claimed_until_ms <= %(now)s), "
     "owned AS ("
     "  SELECT o.conversation_id, r.created_ms FROM ready r JOIN outbox_to_legacy o "
-    "    ON o.conversation_id = r.conversation_id AND o.seq = r.head[1] "
-    "    AND o.sub = r.head[2] "
+    "    ON o.conversation_id = r.conversation_id AND o.seq = r.head "
+    "    AND o.sub = r.head_sub "
     "  WHERE o.state = 'pending' AND o.claimed_until_ms <= %(now)s "
     "  ORDER BY r.created_ms, r.conversation_id "
     "  LIMIT (SELECT count(*) FROM ready WHERE before < %(limit)s) "
