@@ -225,6 +225,7 @@ def apply_legacy_member_lists(
     adds: list[tuple[uuid.UUID, str]] = []
     removes: list[tuple[uuid.UUID, str]] = []
     latest: list[tuple[uuid.UUID, list[str]]] = []
+    seeded: list[tuple[uuid.UUID, list[str]]] = []  # lists only a SNAPSHOT gave
     again: list[tuple[uuid.UUID, str]] = []
     for cid in cids:
         seen = before.get(cid)
@@ -249,7 +250,8 @@ def apply_legacy_member_lists(
         again += [(cid, h) for h, added in net.items() if added and h in banned.get(cid, ())]
         removes += [(cid, h) for h, added in net.items() if not added]
         if known is not None and (seen is None or tuple(seen) != known):
-            latest.append((cid, list(known)))
+            only_seeded = all(how == SNAPSHOT for _, how in lists[cid])
+            (seeded if only_seeded else latest).append((cid, list(known)))
     if removes:
         conn.execute(
             "DELETE FROM members m USING unnest(%s::uuid[], %s::text[]) AS r(c, h) "
@@ -276,6 +278,12 @@ def apply_legacy_member_lists(
         conn.cursor().executemany(
             "UPDATE conversations SET legacy_members = %s WHERE conversation_id = %s",
             [(members, cid) for cid, members in latest])
+    if seeded:
+        # A repair's list read earlier must not overwrite one a follower committed meanwhile.
+        conn.cursor().executemany(
+            "UPDATE conversations SET legacy_members = %s "
+            "WHERE conversation_id = %s AND legacy_members IS NULL",
+            [(members, cid) for cid, members in seeded])
     for cid, handle in again:
         queue_membership_change(conn, cid, (), (handle,), now_ms)
     return refused

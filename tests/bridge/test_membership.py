@@ -55,6 +55,8 @@ def test_a_legacy_list_is_mirrored_as_its_difference_from_the_one_before(conn):
     mirror(conn, (("alice", "bob"), CHANGE))
     assert cloud_members(conn) == {"alice", "bob", "dave"}
     assert conversations_store.legacy_members(conn, CID) == ("alice", "bob")
+    mirror(conn, (("alice", "bob", "carol"), CHANGE))  # legacy takes carol back: legacy's call
+    assert cloud_members(conn) == {"alice", "bob", "carol", "dave"}
     assert conn.execute("SELECT count(*) FROM outbox_to_legacy").fetchone()[0] == 0
 
 
