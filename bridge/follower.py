@@ -394,6 +394,11 @@ class FeedFollower(Service):
             m.MIRRORED.labels(direction="to_cloud").inc(inserted)
             m.DUPLICATES.labels(direction="to_cloud").inc(result.duplicates)
             m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
+            if outcome.members_added or outcome.members_removed:
+                m.MEMBER_CHANGES.labels(direction="to_cloud", change="added").inc(
+                    outcome.members_added)
+                m.MEMBER_CHANGES.labels(direction="to_cloud", change="removed").inc(
+                    outcome.members_removed)
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
             self.backlog -= batch.frames

@@ -151,6 +151,9 @@ class CommitOutcome:
 
     result: MirrorResult
     chats: Mapping[str, tuple[str, ...]]
+    #: memberships the chats' member lists added and removed
+    members_added: int = 0
+    members_removed: int = 0
 
 
 def new_handles(changes: LegacyChanges, known: KnownIds) -> list[str]:
@@ -220,9 +223,9 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
     refused = conversations_store.ensure_legacy_conversations(conn, {
         c.chat_id: (c.conversation_id, list(c.member_ids)) for c in plan.conversations})
     by_conversation = {c.conversation_id: c.chat_id for c in plan.conversations}
-    too_big = conversations_store.apply_legacy_member_lists(conn, {
+    applied = conversations_store.apply_legacy_member_lists(conn, {
         c.conversation_id: c.lists for c in plan.conversations if c.lists}, now_ms)
-    refused.update({by_conversation[cid]: reason for cid, reason in too_big.items()})
+    refused.update({by_conversation[cid]: reason for cid, reason in applied.refused.items()})
     for chat_id, reason in sorted(refused.items()):
         # A legacy chat holds at most as many members as a conversation, but members added
         # on the cloud meanwhile may leave no room for the ones legacy adds: record it for
@@ -243,7 +246,7 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
         findings_store.record_finding(conn, "feed_gap", gap, now_ms)
     ensured = {c.chat_id: c.member_handles for c in plan.conversations
                if c.complete and c.chat_id not in refused}
-    return CommitOutcome(result, ensured)
+    return CommitOutcome(result, ensured, applied.added, applied.removed)
 
 
 def mirror_changes(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int, *,

@@ -396,6 +396,11 @@ class OutboxInjector(PollingLoop):
                 continue
             if item.kind == outbox_store.MEMBERS:
                 self.membership_changes += 1
+                if ack.status == "changed":
+                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="added").inc(
+                        len(item.add_handles))
+                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="removed").inc(
+                        len(item.remove_handles))
                 continue
             if ack.status == "new":
                 self.injected += 1

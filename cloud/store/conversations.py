@@ -17,6 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
+import attrs
 import psycopg
 
 from cloud.model import LEGACY_CLIENT_PHASES, MAX_MEMBERS
@@ -198,10 +199,21 @@ def member_handles(conn: psycopg.Connection,
 
 # ---------------------------------------------------------------- legacy lists as changes
 
+@attrs.frozen
+class MemberListsApplied:
+    """What ``apply_legacy_member_lists`` did."""
+
+    #: conversation id -> why it got no adds (they would pass ``MAX_MEMBERS``)
+    refused: Mapping[uuid.UUID, str]
+    #: memberships added and removed
+    added: int = 0
+    removed: int = 0
+
+
 def apply_legacy_member_lists(
         conn: psycopg.Connection,
         lists: Mapping[uuid.UUID, Sequence[tuple[Sequence[str], str]]],
-        now_ms: int) -> dict[uuid.UUID, str]:
+        now_ms: int) -> MemberListsApplied:
     """Mirror legacy chats' member lists as changes: conversation id -> the lists its chat
     announced, in feed order, each with how to apply it (``CHANGE``, ``ECHO``,
     ``SNAPSHOT``). The conversations must exist and every handle named have an account.
@@ -211,11 +223,12 @@ def apply_legacy_member_lists(
     lists still sees the right difference); the first list a chat ever shows only adds. A
     member a change does not name is left alone: one added or removed on the cloud since
     stays so. The conversations whose adds would pass ``MAX_MEMBERS`` get no adds and are
-    returned with why (their removals and list still apply). Nothing is queued for legacy,
-    but for an add of a member removed on the cloud: not made, its removal is queued again.
+    returned with why, in ``refused`` (their removals and list still apply). Nothing is
+    queued for legacy, but for an add of a member removed on the cloud: not made, its
+    removal is queued again.
     """
     if not lists:
-        return {}
+        return MemberListsApplied({})
     cids = sorted(lists)
     rows = conn.execute(
         "SELECT conversation_id, legacy_members, cloud_removed FROM conversations "
@@ -252,12 +265,13 @@ def apply_legacy_member_lists(
         if known is not None and (seen is None or tuple(seen) != known):
             only_seeded = all(how == SNAPSHOT for _, how in lists[cid])
             (seeded if only_seeded else latest).append((cid, list(known)))
+    removed = added = 0
     if removes:
-        conn.execute(
+        removed = conn.execute(
             "DELETE FROM members m USING unnest(%s::uuid[], %s::text[]) AS r(c, h) "
             "JOIN account_handles ah ON ah.handle = r.h "
             "WHERE m.conversation_id = r.c AND m.account_id = ah.account_id",
-            ([c for c, _ in removes], [h for _, h in removes]))
+            ([c for c, _ in removes], [h for _, h in removes])).rowcount
     refused: dict[uuid.UUID, str] = {}
     if adds:
         found = dict(conn.execute("SELECT handle, account_id FROM account_handles "
@@ -269,10 +283,10 @@ def apply_legacy_member_lists(
         pairs = sorted({(c, found[h]) for c, h in adds})
         too_big = _over_member_limit(conn, pairs)
         keep = [(c, a) for c, a in pairs if c not in too_big]
-        conn.execute(
+        added = conn.execute(
             "INSERT INTO members (conversation_id, account_id) "
             "SELECT * FROM unnest(%s::uuid[], %s::uuid[]) ON CONFLICT DO NOTHING",
-            ([c for c, _a in keep], [a for _c, a in keep]))
+            ([c for c, _a in keep], [a for _c, a in keep])).rowcount
         refused = {c: _too_many_members(total) for c, total in too_big.items()}
     if latest:
         conn.cursor().executemany(
@@ -286,7 +300,7 @@ def apply_legacy_member_lists(
             [(members, cid) for cid, members in seeded])
     for cid, handle in again:
         queue_membership_change(conn, cid, (), (handle,), now_ms)
-    return refused
+    return MemberListsApplied(refused, added, removed)
 
 
 def legacy_members(conn: psycopg.Connection,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import uuid
 
+from prometheus_client import REGISTRY
+
 from bridge import ids
 from bridge.follower import FollowerConfig
 from bridge.mirror import LegacyChanges, mirror_changes
@@ -36,6 +38,11 @@ def cloud_members(conn, cid: uuid.UUID = CID) -> set[str]:
 def account(conn, handle: str) -> uuid.UUID:
     return conn.execute("SELECT account_id FROM accounts WHERE handle = %s",
                         (handle,)).fetchone()[0]
+
+
+def changes(direction: str, change: str) -> float:
+    return REGISTRY.get_sample_value("bridge_member_changes_total",
+                                     {"direction": direction, "change": change}) or 0.0
 
 
 def mirror(conn, *lists: tuple[tuple[str, ...], str], chat: str = CHAT) -> None:
@@ -143,9 +150,11 @@ def test_a_removal_on_legacy_is_not_undone_by_the_next_cloud_post(conn):
     cloud post is injected without adding her back, and carol's device never gets it."""
     net, devices, worker, home = _scene(conn)
     assert cloud_members(conn) == {"alice", "bob", "carol"}
+    removed = changes("to_cloud", "removed")
     devices["alice"].send(CHAT, ("alice", "bob"), "carol is out")
     net.run(3.0)
     assert cloud_members(conn) == {"alice", "bob"}
+    assert changes("to_cloud", "removed") - removed == 1
     guid = _post(net, conn, account(conn, "alice"), "after carol left")
     net.run(3.0)
     assert guid in {m.guid for m in home.history(CHAT)}
@@ -163,6 +172,7 @@ def test_a_removal_on_the_cloud_reaches_legacy_and_nothing_adds_it_back(conn):
     and the bridge's own injections, add her back on neither stack nor deliver to her."""
     net, devices, worker, home = _scene(conn)
     alice = account(conn, "alice")
+    removed = changes("to_legacy", "removed")
     before = _post(net, conn, alice, "before the removal")
     tx(conn, conversations_store.remove_member, CID, alice, "carol",
        int(net.clock.seconds() * 1000))
@@ -182,6 +192,7 @@ def test_a_removal_on_the_cloud_reaches_legacy_and_nothing_adds_it_back(conn):
         "SELECT seq, sub, kind, state FROM outbox_to_legacy ORDER BY seq, sub").fetchall() == [
         (2, 0, "message", "done"), (2, 1, "members", "done"), (3, 0, "message", "done")]
     assert worker.injector.membership_changes == 1
+    assert changes("to_legacy", "removed") - removed == 1
     net.wait(worker.stopService())
 
 
