@@ -43,11 +43,12 @@ from twisted.logger import Logger
 from bridge import mirror
 from bridge.faults import FaultMoments
 from bridge.ids import LEGACY_PRESENCE_PREFIX
-from bridge.mirror import KnownIds, LegacyChanges
+from bridge.mirror import KnownIds, LegacyChanges, MemberList
 from bridge.ops import metrics as m
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import FeedCheckpoint
 from cloud.store import coordination as coordination_store
+from cloud.store.conversations import CHANGE, ECHO
 from cloud.store.errors import StaleFence
 from legacy import wire
 from legacy.network import Network
@@ -97,7 +98,7 @@ class FeedBatch:
     epoch: int
     offset: int                 # the checkpoint after this batch: next offset to read
     frames: int = 0
-    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)
+    chats: dict[str, list[MemberList]] = attrs.Factory(dict)  # chat id -> lists, in order
     messages: list[wire.ChatMessage] = attrs.Factory(list)
     presence: list[wire.FeedPresence] = attrs.Factory(list)
     gaps: list[dict] = attrs.Factory(list)
@@ -106,7 +107,8 @@ class FeedBatch:
     def changes(self, fence: int) -> LegacyChanges:
         """What this batch mirrors, with the checkpoint that commits with it."""
         return LegacyChanges(
-            chats=dict(self.chats), messages=self.messages, presence=self.presence,
+            chats={chat: tuple(lists) for chat, lists in self.chats.items()},
+            messages=self.messages, presence=self.presence,
             presence_source=LEGACY_PRESENCE_PREFIX + self.source, gaps=self.gaps,
             checkpoint=FeedCheckpoint(self.source, str(self.epoch), self.offset, fence))
 
@@ -312,7 +314,10 @@ class FeedFollower(Service):
                 batch.loops += 1
                 m.LOOPS.labels(direction="to_cloud").inc()
         elif isinstance(f, wire.FeedChat):
-            batch.chats[f.chat_id] = tuple(f.members)
+            # A legacy client's list is a change to mirror; the bridge's own injections
+            # come back too and are only remembered (no loops).
+            batch.chats.setdefault(f.chat_id, []).append(
+                (tuple(f.members), CHANGE if f.origin == "legacy" else ECHO))
         elif isinstance(f, wire.FeedPresence):
             if f.origin == "legacy":
                 batch.presence.append(f)
@@ -396,6 +401,11 @@ class FeedFollower(Service):
             m.MIRRORED.labels(direction="to_cloud").inc(inserted)
             m.DUPLICATES.labels(direction="to_cloud").inc(result.duplicates)
             m.PRESENCE.labels(direction="to_cloud").inc(len(batch.presence))
+            if outcome.members_added or outcome.members_removed:
+                m.MEMBER_CHANGES.labels(direction="to_cloud", change="added").inc(
+                    outcome.members_added)
+                m.MEMBER_CHANGES.labels(direction="to_cloud", change="removed").inc(
+                    outcome.members_removed)
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
             self.backlog -= batch.frames

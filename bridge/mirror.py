@@ -6,8 +6,9 @@ them in one transaction. The feed followers and the gaps reconciler's repairs bo
          +------------- translate(changes, known) --> MirrorPlan   (pure: no I/O)
                                                           |
                         commit_plan(conn, plan) ----------+--> CommitOutcome
-                        lease check, conversations, messages with their notifications
-                        and the feed checkpoint, presence, gap findings: one transaction
+                        lease check, conversations and their member changes, messages
+                        with their notifications and the feed checkpoint, presence, gap
+                        findings: one transaction
 
 Accounts come first, apart: the batch's transaction is long (hundreds of messages), and
 while it runs every other feed's batch that names one of the same new handles would wait on
@@ -15,7 +16,10 @@ its uncommitted account rows (at start-up, with every handle new, one feed's fir
 waited 626 ms). Committed apart, they are held for milliseconds; an account whose messages
 then fail to commit is harmless, the replay finds it. Everything else the plan needs is
 derived from the changes and the ids the store is known to have, so ``translate`` is pure
-and ``commit_plan`` only writes.
+and ``commit_plan`` only writes, but for one read: membership is mirrored as changes
+(issue 16), so a chat's new member list is compared, in the commit's transaction, with the
+list committed before it (``conversations.legacy_members``, see
+``cloud.store.conversations.apply_legacy_member_lists``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ from cloud.store import mirror as mirror_store
 from cloud.store import presence as presence_store
 from legacy import wire
 
+#: One member list a chat announced, and how it applies: ``CHANGE``, ``ECHO`` or
+#: ``SNAPSHOT`` of ``cloud.store.conversations``.
+MemberList = tuple[tuple[str, ...], str]
+
 #: The fault points of the write path, in order; a fault hook may fail at any of them (the
 #: crash tests kill the bridge there).
 COMMIT_STEPS = ("accounts", "lease", "conversations", "messages", "presence", "gaps")
@@ -57,7 +65,8 @@ class KnownIds:
     """
 
     accounts: dict[str, Any] = attrs.Factory(dict)   # handle -> account id
-    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)  # chat id -> members ensured
+    #: chat id -> its last member list committed (its conversation exists)
+    chats: dict[str, tuple[str, ...]] = attrs.Factory(dict)
 
     def learn(self, accounts: Mapping[str, Any], chats: Mapping[str, tuple[str, ...]]) -> None:
         self.accounts.update(accounts)
@@ -69,7 +78,10 @@ class LegacyChanges:
     """What the legacy side changed, to be mirrored: one feed batch, or what a repair
     fetched. *checkpoint* (a feed's) commits with the data it covers."""
 
-    chats: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)  # chat id -> members
+    #: chat id -> the member lists it announced, in order, each with how it applies: a
+    #: feed's FeedChat is a ``CHANGE`` (a legacy client's) or an ``ECHO`` (the bridge's own
+    #: injection); a repair's list read from the chat's home is a ``SNAPSHOT``
+    chats: Mapping[str, tuple[MemberList, ...]] = attrs.field(factory=dict)
     messages: tuple[wire.ChatMessage, ...] = attrs.field(default=(), converter=tuple)
     presence: tuple[wire.FeedPresence, ...] = attrs.field(default=(), converter=tuple)
     presence_source: str = ""
@@ -79,8 +91,9 @@ class LegacyChanges:
     def handles(self) -> set[str]:
         """Every legacy handle the changes name: chat members, senders, presence."""
         found: set[str] = set()
-        for members in self.chats.values():
-            found.update(members)
+        for lists in self.chats.values():
+            for members, _how in lists:
+                found.update(members)
         found.update(msg.sender for msg in self.messages)
         found.update(p.handle for p in self.presence)
         return found
@@ -88,15 +101,26 @@ class LegacyChanges:
 
 @attrs.frozen
 class ConversationPlan:
-    """A legacy chat as the cloud store gets it: its conversation and members."""
+    """A legacy chat as the cloud store gets it: its conversation, and the member lists it
+    announced (applied as changes), or for a chat first seen through a message its sender."""
 
     chat_id: str
     conversation_id: uuid.UUID
-    member_handles: tuple[str, ...]
-    member_ids: tuple[uuid.UUID, ...]
-    #: False for a chat first seen through a message: created with its sender only, its
-    #: member list is not known yet (so ``KnownIds`` does not learn it).
-    complete: bool = True
+    #: the member lists to apply, in feed order (``apply_legacy_member_lists``)
+    lists: tuple[MemberList, ...]
+    #: members added as they are: a chat first seen through a message gets its sender
+    member_ids: tuple[uuid.UUID, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """False for a chat first seen through a message: its member list is not known yet
+        (so ``KnownIds`` does not learn it)."""
+        return bool(self.lists)
+
+    @property
+    def member_handles(self) -> tuple[str, ...]:
+        """The last member list it announced."""
+        return self.lists[-1][0] if self.lists else ()
 
 
 @attrs.frozen
@@ -127,6 +151,9 @@ class CommitOutcome:
 
     result: MirrorResult
     chats: Mapping[str, tuple[str, ...]]
+    #: memberships the chats' member lists added and removed
+    members_added: int = 0
+    members_removed: int = 0
 
 
 def new_handles(changes: LegacyChanges, known: KnownIds) -> list[str]:
@@ -149,16 +176,19 @@ def translate(changes: LegacyChanges, known: KnownIds) -> MirrorPlan:
     missing = [h for h in changes.handles() if h not in accounts]  # not a copy of all known
     if missing:
         raise ValueError(f"accounts not ensured for {sorted(missing)[:5]}")
-    wanted = {chat_id: members for chat_id, members in changes.chats.items()
-              if known.chats.get(chat_id) != members}
+    # Every list goes to the commit: whether it changes anything depends on the list
+    # committed before it, which only the store knows for sure (another worker may have
+    # followed this feed meanwhile).
+    listed = tuple(ConversationPlan(chat_id, ids.conversation_id(chat_id),
+                                    tuple((tuple(m), how) for m, how in lists))
+                   for chat_id, lists in changes.chats.items() if lists)
     # A chat first seen through a message (its FeedChat fell into a gap): create it with the
     # sender; its other members arrive with the chat's next FeedChat.
-    first_seen = {msg.chat_id: (msg.sender,) for msg in changes.messages
+    first_seen = {msg.chat_id: msg.sender for msg in changes.messages
                   if msg.chat_id not in changes.chats and msg.chat_id not in known.chats}
-    conversations = tuple(
-        ConversationPlan(chat_id, ids.conversation_id(chat_id), members,
-                         tuple(accounts[h] for h in members), complete=chat_id in wanted)
-        for chat_id, members in (*wanted.items(), *first_seen.items()))
+    conversations = listed + tuple(
+        ConversationPlan(chat_id, ids.conversation_id(chat_id), (), (accounts[sender],))
+        for chat_id, sender in first_seen.items())
     refusals: list[Refusal] = []
     mirrored: list[MirroredMessage] = []
     for msg in changes.messages:
@@ -192,10 +222,14 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
     step("conversations")
     refused = conversations_store.ensure_legacy_conversations(conn, {
         c.chat_id: (c.conversation_id, list(c.member_ids)) for c in plan.conversations})
+    by_conversation = {c.conversation_id: c.chat_id for c in plan.conversations}
+    applied = conversations_store.apply_legacy_member_lists(conn, {
+        c.conversation_id: c.lists for c in plan.conversations if c.lists}, now_ms)
+    refused.update({by_conversation[cid]: reason for cid, reason in applied.refused.items()})
     for chat_id, reason in sorted(refused.items()):
-        # A legacy chat holds at most as many members as a conversation, but its member
-        # list may be replaced over time while the cloud keeps the union: record it for the
-        # operator instead of failing the batch forever.
+        # A legacy chat holds at most as many members as a conversation, but members added
+        # on the cloud meanwhile may leave no room for the ones legacy adds: record it for
+        # the operator instead of failing the batch forever.
         findings_store.record_finding(conn, "mirror_refused",
                                       {"chat_id": chat_id, "reason": reason}, now_ms,
                                       conversation_id=ids.conversation_id(chat_id))
@@ -212,7 +246,7 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
         findings_store.record_finding(conn, "feed_gap", gap, now_ms)
     ensured = {c.chat_id: c.member_handles for c in plan.conversations
                if c.complete and c.chat_id not in refused}
-    return CommitOutcome(result, ensured)
+    return CommitOutcome(result, ensured, applied.added, applied.removed)
 
 
 def mirror_changes(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int, *,

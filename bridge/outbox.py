@@ -18,6 +18,9 @@ One outbox row (``outbox_to_legacy.state``)::
        +-- the failure was attempt max_attempts, or the row is older than max_age_s
            --> failed (+ finding inject_failed; the later rows go on)
 
+A row of kind ``members`` (a membership change made on the cloud) takes the same path and
+the same order, as an InjectMembership of its delta (``inject_membership_change``).
+
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
 after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
 ``duplicate``). Each claim carries a token; completes and releases touch only rows still held
@@ -49,7 +52,7 @@ import collections
 import random
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -60,6 +63,12 @@ from twisted.logger import Logger
 from bridge import ids
 from bridge.faults import FaultMoments
 from bridge.ops import metrics
+from bridge.outbox_config import InjectorConfig
+from bridge.outbox_membership import (
+    MEMBERSHIP_APPLIED,
+    ORIGIN,
+    inject_membership_change,
+)
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.store import outbox as outbox_store
 from cloud.store.outbox import (
@@ -71,8 +80,6 @@ from cloud.store.outbox import (
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop, failure_counter
-from servicekit.retry import RetryPolicy
-from servicekit.validators import positive
 
 log = Logger()
 
@@ -98,47 +105,15 @@ class LegacyPeers(Protocol):
         """A ready connection to any supernode, or None if none is reachable now."""
 
 
-_COUNT = [attrs.validators.instance_of(int), positive]
-
+# ---------------------------------------------------------------- the injector
 
 @attrs.frozen
-class InjectorConfig:
-    """How the outbox injector paces itself. Times in seconds."""
+class _Request:
+    """One injection to send: how to send it on a connection, and what it is (for a log)."""
 
-    #: Most outbox rows claimed by one tick.
-    batch: int = attrs.field(default=500, validator=_COUNT)
-    #: How long claimed rows stay invisible to other workers; must outlast an injection.
-    claim_s: float = attrs.field(default=30.0, converter=float, validator=positive)
-    #: Pause between ticks when the last one did not fill a batch (NOTIFY wakes it earlier).
-    poll_interval_s: float = attrs.field(default=1.0, converter=float, validator=positive)
-    #: A supernode that has not acknowledged an injection by then is treated as unreachable.
-    inject_timeout_s: float = attrs.field(default=10.0, converter=float, validator=positive)
-    #: Backoff after a failed injection.
-    retry: RetryPolicy = attrs.field(
-        factory=lambda: RetryPolicy(initial_s=1.0, factor=2.0, cap_s=60.0, jitter=0.2),
-        validator=attrs.validators.instance_of(RetryPolicy))
-    #: Most rows of one conversation in a claim (a claim spreads over the oldest
-    #: conversations; a conversation's rows are injected in seq order).
-    per_conversation: int = attrs.field(default=50, validator=_COUNT)
-    #: Most injections in flight at once, over all connections (a claim's rows are sent
-    #: without waiting for each other's Acks, up to this many).
-    window: int = attrs.field(default=1000, validator=_COUNT)
-    #: A row whose injection failed this many times is given up: state ``failed``, with an
-    #: ``inject_failed`` finding (its conversation's later rows go on).
-    max_attempts: int = attrs.field(default=30, validator=_COUNT)
-    #: ... and so is a row whose injection failed once it is older than this.
-    max_age_s: float = attrs.field(default=6 * 3600.0, converter=float, validator=positive)
-    #: How often the pending rows are counted (for the heartbeat, the metrics and status):
-    #: not every tick, where a count over a large backlog would cost more than the claim.
-    backlog_every_s: float = attrs.field(default=5.0, converter=float, validator=positive)
+    send: Callable[[PeerConnection], defer.Deferred]
+    what: str
 
-    def __attrs_post_init__(self) -> None:
-        if self.claim_s <= self.inject_timeout_s:
-            raise ValueError(f"claim_s ({self.claim_s}) must be longer than inject_timeout_s "
-                             f"({self.inject_timeout_s}): a claim must outlast one injection")
-
-
-# ---------------------------------------------------------------- the injector
 
 class _Retry(Exception):
     """This injection failed for now; the row and the rest of its conversation go back."""
@@ -174,6 +149,8 @@ class OutboxInjector(PollingLoop):
         #: database down): a row that waited across one has lag from the fault
         self.faults = FaultMoments()
         self.duplicates = 0
+        #: Membership change rows applied at their chat's home.
+        self.membership_changes = 0
         self.skipped = 0
         self.failures = 0
         #: Rows given up (state failed, with an inject_failed finding).
@@ -266,7 +243,7 @@ class OutboxInjector(PollingLoop):
                     prepared = await self._prepare(item)
                     if prepared is None:
                         continue  # skipped or refused, and recorded
-                    injected, message, members = prepared
+                    injected, request = prepared
                     if peer is None:
                         peer = self._peer(injected.legacy_chat_id)
                     await self._window.acquire()
@@ -276,7 +253,7 @@ class OutboxInjector(PollingLoop):
                         self._window.release()
                         unsent = items[i:]
                         break
-                    sent.append((item, injected, self._send(peer, message, members)))
+                    sent.append((item, injected, self._send(peer, request)))
                 except _Retry as e:
                     unsent, failed = items[i:], str(e)
                     break
@@ -293,7 +270,8 @@ class OutboxInjector(PollingLoop):
                         later.addErrback(lambda _f: None)  # forgotten: see the docstring
                     unsent, failed = [s[0] for s in sent[j:]] + unsent, str(e)
                     break
-                if ack.status not in ("new", "duplicate"):
+                if ack.status not in (MEMBERSHIP_APPLIED if item.kind == outbox_store.MEMBERS
+                                      else ("new", "duplicate")):
                     for _, _, later in sent[j + 1:]:
                         later.addErrback(lambda _f: None)
                     unsent = [s[0] for s in sent[j:]] + unsent
@@ -319,8 +297,7 @@ class OutboxInjector(PollingLoop):
             d.addErrback(lambda _f: None)
         return []
 
-    async def _prepare(self, item: OutboxItem) -> tuple[outbox_store.Injected, wire.ChatMessage,
-                                                         tuple[str, ...]] | None:
+    async def _prepare(self, item: OutboxItem) -> tuple[outbox_store.Injected, _Request] | None:
         """What to inject for one row; None when the row was skipped or refused (and
         recorded already), before anything was sent."""
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
@@ -333,6 +310,8 @@ class OutboxInjector(PollingLoop):
             else:
                 self._claim_lost("skip", [item])
             return None
+        if item.kind == outbox_store.MEMBERS:
+            return await self._prepare_membership(item, chat_id)
         guid = ids.guid_for_cloud_message(item.message_id)
         members = tuple(sorted(set(item.member_handles)))
         if len(members) < 2:
@@ -341,12 +320,13 @@ class OutboxInjector(PollingLoop):
             return await self._refuse(item, chat_id, "the sender is not among the members")
         message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
                                    sender=item.sender_handle, ts_ms=item.sent_ms,
-                                   body=item.body, origin="cloud")
+                                   body=item.body, origin=ORIGIN)
         try:  # a body or member list the wire format cannot carry will never fit
             wire.encode(wire.InjectMessage(req_id=0, message=message, members=members))
         except wire.WireError as e:
             return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
-        return outbox_store.Injected(item, chat_id, guid), message, members
+        return outbox_store.Injected(item, chat_id, guid), _Request(
+            lambda peer: peer.inject_message(message, members), guid)
 
     def _peer(self, chat_id: str) -> PeerConnection:
         """The connection to the chat's home supernode; ``_Retry`` if there is none now."""
@@ -355,14 +335,13 @@ class OutboxInjector(PollingLoop):
             raise _Retry(f"home supernode of {chat_id!r} is unreachable")
         return peer
 
-    def _send(self, peer: PeerConnection, message: wire.ChatMessage,
-              members: tuple[str, ...]) -> defer.Deferred:
-        """Send one injection under a window slot the caller acquired (released at the
-        answer); a Deferred firing with the home supernode's Ack, or failing with
+    def _send(self, peer: PeerConnection, request: _Request) -> defer.Deferred:
+        """Send one injection (*request*) under a window slot the caller acquired (released
+        at the answer); a Deferred firing with the home supernode's Ack, or failing with
         ``_Refused`` (it never will) or ``_Retry``."""
         timeout_s = self.config.inject_timeout_s
         try:
-            d = defer.maybeDeferred(peer.inject_message, message, members)
+            d = defer.maybeDeferred(request.send, peer)
         except BaseException:
             self._window.release()
             raise
@@ -372,18 +351,31 @@ class OutboxInjector(PollingLoop):
         def classify(failure: Any) -> Any:
             e = failure.value
             if isinstance(e, PeerRequestFailed):
-                if e.code == "bad_message":
+                if e.code in ("bad_message", "bad_members"):
                     raise _Refused(e.reason) from e
                 raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
             if isinstance(e, defer.TimeoutError):
                 raise _Retry(f"no Ack from the home supernode within {timeout_s}s") from e
             if isinstance(e, _TRANSIENT):
                 raise _Retry(f"{type(e).__name__}: {e}") from e
-            log.failure("injecting {guid} failed unexpectedly; retrying later", failure,
-                        guid=message.guid)
+            log.failure("injecting {what} failed unexpectedly; retrying later", failure,
+                        what=request.what)
             raise _Retry(f"{type(e).__name__}: {e}") from e
 
         return d.addErrback(classify)
+
+    async def _prepare_membership(self, item: OutboxItem, chat_id: str
+                                  ) -> tuple[outbox_store.Injected, _Request] | None:
+        """What applies one membership change row at the chat's home (as ``_prepare`` does
+        for a message); None when it was refused (and recorded)."""
+        try:  # a handle the wire format cannot carry will never fit
+            wire.encode(wire.InjectMembership(req_id=0, chat_id=chat_id, add=item.add_handles,
+                                              remove=item.remove_handles, origin=ORIGIN))
+        except wire.WireError as e:
+            return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
+        return outbox_store.Injected(item, chat_id, None), _Request(
+            lambda peer: inject_membership_change(peer, item, chat_id),
+            f"membership change {item.seq}.{item.sub}")
 
     async def _complete(self, acked: list[tuple[outbox_store.Injected, wire.Ack]]) -> None:
         """Record acknowledged rows in one transaction, then count them."""
@@ -392,12 +384,20 @@ class OutboxInjector(PollingLoop):
         now_ms = self._now_ms()
         done = await self._db.run("complete_outbox_batch", outbox_store.complete_outbox_batch,
                                   [injected for injected, _ in acked], now_ms)
-        completed = {(item.conversation_id, item.seq) for item in done}
+        completed = {(item.conversation_id, item.seq, item.sub) for item in done}
         lost = []
         for injected, ack in acked:
             item = injected.item
-            if (item.conversation_id, item.seq) not in completed:
+            if (item.conversation_id, item.seq, item.sub) not in completed:
                 lost.append(item)
+                continue
+            if item.kind == outbox_store.MEMBERS:
+                self.membership_changes += 1
+                if ack.status == "changed":
+                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="added").inc(
+                        len(item.add_handles))
+                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="removed").inc(
+                        len(item.remove_handles))
                 continue
             if ack.status == "new":
                 self.injected += 1

@@ -11,6 +11,10 @@ Routes, all under ``/v1``::
     POST /v1/login                                    200; 400 401 403(not_migrated) 429
     GET  /v1/healthz                                  200 (no token needed)
     GET  /v1/conversations                            200
+    POST /v1/conversations                            201 {members: [handle...], title?}; 404
+    POST /v1/conversations/{conversation_id}/members  200 {handle} (added: false if one
+                                                      already); 403 404
+    DELETE /v1/conversations/{conversation_id}/members/{handle}   200; 403 404
     POST /v1/conversations/{conversation_id}/messages 201 new, 200 replay; 403 404
     GET  /v1/conversations/{conversation_id}/messages 200 (?after=&limit=); 403 404
     PUT  /v1/presence                                 200
@@ -22,7 +26,8 @@ Every route but login and healthz needs ``Authorization: Bearer <token>``; witho
 token for an existing account the answer is 401 ``unauthorized``. Every error is
 ``{"error": {"code": ..., "message": ...}}`` and every check runs before any write, so a
 refused request changes nothing. A path id that is not a UUID answers 404 ``not_found``, as
-an unknown id does: both name a resource that does not exist. Requests are read strictly:
+an unknown id does: both name a resource that does not exist; so does a handle in a path
+that is not valid UTF-8 text without control characters. Requests are read strictly:
 unknown or repeated query parameters, unknown or missing body fields, wrong JSON types and
 a body on a route that takes none are all 400.
 
@@ -32,10 +37,11 @@ the budget a login is 429 ``rate_limited`` with ``Retry-After``, before any pass
 Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
 characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
 
-The module is long (about 800 lines) because it is the whole HTTP surface: the request
+The module is long (about 900 lines) because it is the whole HTTP surface: the request
 pipeline above and every route's input checks sit together, so the 4xx contract can be read
-(and fuzzed, ``tests/cloud/test_fuzz_api.py``) in one place. New routes (conversations and
-members, the web client) should bring a split by resource with them.
+(and fuzzed, ``tests/cloud/test_fuzz_api.py``) in one place. The conversation and member
+routes (issue 16) came without the split by resource that this size now asks for; it is
+still owed.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from twisted.web import resource, server
 
 from cloud import tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
-from cloud.model import MAX_MESSAGE_CHARS, PRESENCE_STATUSES, Account, Presence
+from cloud.model import MAX_MEMBERS, MAX_MESSAGE_CHARS, PRESENCE_STATUSES, Account, Presence
 from cloud.passwords import hash_password, verify_password
 from cloud.push import NotificationChannel
 from cloud.ratelimit import LoginLimiter, LoginLimits, retry_after_header
@@ -94,6 +100,7 @@ DEFAULT_LONGPOLL_S = 25
 MAX_HANDLE_CHARS = 256
 MAX_PASSWORD_CHARS = 1024
 MAX_CLIENT_MESSAGE_ID_CHARS = 128
+MAX_TITLE_CHARS = 200
 _BIGINT_MAX = (1 << 63) - 1
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _UINT_RE = re.compile(r"[0-9]{1,19}")
@@ -220,6 +227,39 @@ class PostMessageRequest:
 
 
 @attrs.frozen
+class NewConversation:
+    """Who a new conversation is with (handles; its creator is a member anyway)."""
+
+    members: tuple[str, ...]
+    title: str = ""
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> NewConversation:
+        _fields(obj, "the conversation", ("members",), ("title",))
+        members = obj["members"]
+        if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+            raise _bad("invalid_field",
+                       f"members must be a list of 1 to {MAX_MEMBERS} handles")
+        handles = tuple(_check_text("every member", h, 1, MAX_HANDLE_CHARS) for h in members)
+        if len(set(handles)) != len(handles):
+            raise _bad("invalid_field", "members must be distinct")
+        title = _check_text("title", obj.get("title", ""), 0, MAX_TITLE_CHARS)
+        return cls(handles, title)
+
+
+@attrs.frozen
+class MemberChange:
+    """The member to add, by handle."""
+
+    handle: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> MemberChange:
+        _fields(obj, "the member", ("handle",))
+        return cls(_check_text("handle", obj["handle"], 1, MAX_HANDLE_CHARS))
+
+
+@attrs.frozen
 class PresenceUpdate:
     status: str
     ttl_s: int = 90
@@ -290,6 +330,8 @@ class Call:
     exchange: _Exchange
     #: the client's address (its host), for per-address limits
     client: str = ""
+    #: path parameters that are names, not ids (a member's handle)
+    names: Mapping[str, str] = attrs.Factory(dict)
 
 
 Handler = Callable[[Call], Awaitable[tuple[int, dict]]]
@@ -425,7 +467,13 @@ class CloudAPI:
             Route("/v1/login", {b"POST": Endpoint(self._login, authenticated=False,
                                                   body=LoginRequest.from_json)}),
             Route("/v1/healthz", {b"GET": Endpoint(self._healthz, authenticated=False)}),
-            Route("/v1/conversations", {b"GET": Endpoint(self._list_conversations)}),
+            Route("/v1/conversations", {
+                b"GET": Endpoint(self._list_conversations),
+                b"POST": Endpoint(self._create_conversation, body=NewConversation.from_json)}),
+            Route("/v1/conversations/{conversation_id}/members", {
+                b"POST": Endpoint(self._add_member, body=MemberChange.from_json)}),
+            Route("/v1/conversations/{conversation_id}/members/{handle}", {
+                b"DELETE": Endpoint(self._remove_member)}),
             Route("/v1/conversations/{conversation_id}/messages", {
                 b"GET": Endpoint(self._read_messages, query=SyncQuery.from_query),
                 b"POST": Endpoint(self._post_message,
@@ -515,7 +563,10 @@ class CloudAPI:
                     raw_ids: dict[str, bytes], exchange: _Exchange) -> tuple[int, dict]:
         body = self._read_body(request)
         account = await self._authenticate(request) if endpoint.authenticated else None
-        ids = {name: _path_uuid(value) for name, value in raw_ids.items()}
+        ids = {name: _path_uuid(value) for name, value in raw_ids.items()
+               if name not in _NAME_PARAMS}
+        names = {name: _path_name(value) for name, value in raw_ids.items()
+                 if name in _NAME_PARAMS}
         query = _parse_query(request.uri)
         if endpoint.query is not None:
             query = endpoint.query(query)
@@ -529,7 +580,7 @@ class CloudAPI:
         elif obj:
             raise _bad("unknown_field", "this route takes no body")
         return await endpoint.handler(Call(account, ids, query, obj, self.now_ms(), exchange,
-                                           _client_host(request)))
+                                           _client_host(request), names))
 
     def _read_body(self, request: server.Request) -> bytes:
         """The body, or 413 when the declared or actual length is over the limit."""
@@ -627,6 +678,29 @@ class CloudAPI:
         rows = await self._store("list_conversations", conversations_store.list_conversations,
                                  call.account.account_id)
         return 200, {"conversations": rows}
+
+    async def _create_conversation(self, call: Call) -> tuple[int, dict]:
+        new: NewConversation = call.body
+        conversation_id = uuid.uuid4()
+        members = await self._store(
+            "create_conversation", conversations_store.create_conversation_with,
+            conversation_id, call.account.account_id, list(new.members), new.title)
+        return 201, {"conversation_id": str(conversation_id), "title": new.title,
+                     "members": [str(m) for m in members]}
+
+    async def _add_member(self, call: Call) -> tuple[int, dict]:
+        change: MemberChange = call.body
+        added = await self._store("add_member", conversations_store.add_member,
+                                  call.ids["conversation_id"], call.account.account_id,
+                                  change.handle, call.now_ms)
+        return 200, {"handle": change.handle, "added": added}
+
+    async def _remove_member(self, call: Call) -> tuple[int, dict]:
+        handle = call.names["handle"]
+        await self._store("remove_member", conversations_store.remove_member,
+                          call.ids["conversation_id"], call.account.account_id, handle,
+                          call.now_ms)
+        return 200, {"handle": handle, "removed": True}
 
     async def _post_message(self, call: Call) -> tuple[int, dict]:
         post: PostMessageRequest = call.body
@@ -729,6 +803,18 @@ def _path_uuid(segment: bytes) -> uuid.UUID:
         return _parse_uuid("id", segment.decode("ascii"))
     except (UnicodeDecodeError, ApiError):
         raise ApiError(404, "not_found", "no such resource (ids are UUIDs)") from None
+
+
+#: Path parameters that are names (text), not UUIDs.
+_NAME_PARAMS = frozenset({"handle"})
+
+
+def _path_name(segment: bytes) -> str:
+    """A name in a path (already percent-decoded); 404 unless it is text a handle can be."""
+    try:
+        return _check_text("handle", segment.decode("utf-8"), 1, MAX_HANDLE_CHARS)
+    except (UnicodeDecodeError, ApiError):
+        raise ApiError(404, "not_found", "no such member (not a valid handle)") from None
 
 
 def _parse_query(uri: bytes) -> dict[str, str]:

@@ -155,6 +155,14 @@ class PeerConnection(FrameProtocol):
         return self._request(lambda r: wire.InjectMessage(req_id=r, message=message,
                                                           members=members))
 
+    def inject_membership(self, chat_id: str, add: tuple, remove: tuple,
+                          origin: str) -> defer.Deferred:
+        """Change a chat's members at its home by a delta; fires with the ``Ack`` (status
+        ``changed``, ``unchanged`` or ``no_chat``; value = members after)."""
+        return self._request(lambda r: wire.InjectMembership(req_id=r, chat_id=chat_id,
+                                                             add=add, remove=remove,
+                                                             origin=origin))
+
     def inject_presence(self, handle: str, status: str, ttl_ms: int,
                         origin: str) -> defer.Deferred:
         return self._request(lambda r: wire.InjectPresence(req_id=r, handle=handle,

@@ -41,6 +41,7 @@ from cloud.db import TransactionRunner
 from cloud.model import Digest
 from cloud.store import conversations as conversations_store
 from cloud.store import digests as digests_store
+from cloud.store.conversations import SNAPSHOT
 from legacy import wire
 from legacy.peer import PeerConnection
 from reconcilers.runner import RunContext
@@ -368,7 +369,9 @@ class GapsReconciler:
         report = ctx.report
         report.bytes_from_legacy += sum(len(m.body.encode()) + len(m.guid) + len(m.sender)
                                         for m in messages)
-        chats = {diff.chat_id: members} if members else {}
+        # A list read now may be older than one the follower has mirrored since: it only
+        # seeds a chat that has no list yet, it never changes members.
+        chats = {diff.chat_id: ((members, SNAPSHOT),)} if members else {}
         detail = {"chat_id": diff.chat_id, "count": len(messages),
                   "guids": sorted(m.guid for m in messages)[:50]}
         try:

@@ -25,6 +25,10 @@ DUPLICATES = Counter(
     "bridge_duplicates_suppressed_total",
     "Messages the other stack already had (replays after reconnects or restarts).",
     ["direction"])
+MEMBER_CHANGES = Counter(
+    "bridge_member_changes_total",
+    "Members the bridge added to or removed from a conversation on the other stack "
+    "(membership is mirrored as changes).", ["direction", "change"])
 LOOPS = Counter(
     "bridge_loop_suppressed_total",
     "Feed entries not mirrored because they came from the other stack (no loops).",
@@ -155,3 +159,5 @@ for _phase in ("legacy", "dual", "cloud", "cloud-only"):
 for _d in DIRECTIONS:
     for _m in (MIRRORED, DUPLICATES, LOOPS, LAG, BATCH_SIZE, BATCH_SECONDS, BACKLOG, PRESENCE):
         _m.labels(direction=_d)
+    for _change in ("added", "removed"):
+        MEMBER_CHANGES.labels(direction=_d, change=_change)

@@ -84,8 +84,9 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     """A cloud client's message; the same client message id returns the same message.
 
     Returns ``(message, created)``. In the same transaction: notification rows for
-    cloud-capable members, and an ``outbox_to_legacy`` row when any member still has legacy
-    clients (the bridge is woken by NOTIFY when this commits).
+    cloud-capable members, and an ``outbox_to_legacy`` row, with the members of this moment,
+    when any member still has legacy clients (the bridge is woken by NOTIFY when this
+    commits).
     """
     if "\x00" in body or "\x00" in client_message_id:
         raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
@@ -117,9 +118,17 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
         "WHERE mb.conversation_id = %s AND a.phase = ANY(%s) LIMIT 1",
         (conversation_id, list(LEGACY_CLIENT_PHASES))).fetchone()
     if legacy_members is not None:
+        # The members now are the ones it is delivered to on legacy too (not whoever is a
+        # member when the bridge gets to it): their handles go with the row.
         conn.execute(
-            "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
-            "VALUES (%s, %s, %s, %s)", (conversation_id, next_seq, message.message_id, now_ms))
+            "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
+            "  member_handles) "
+            "SELECT %(cid)s, %(seq)s, %(mid)s, %(now)s, "
+            "  array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
+            "        JOIN accounts a USING (account_id) "
+            "        WHERE mb.conversation_id = %(cid)s ORDER BY 1)",
+            {"cid": conversation_id, "seq": next_seq, "mid": message.message_id,
+             "now": now_ms})
         conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(conversation_id)))
     return message, True
 

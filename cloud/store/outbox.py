@@ -1,6 +1,12 @@
-"""The outbox to legacy: cloud messages the bridge must inject into the legacy network,
-claimed per conversation in seq order. The rows are written with their message
-(``cloud.store.messages``), or by ``backfill_outbox`` when an account leaves cloud-only.
+"""The outbox to legacy: cloud messages and membership changes the bridge must inject into
+the legacy network, claimed per conversation in order. A message's row is written with the
+message (``cloud.store.messages``), a membership change's with the change
+(``cloud.store.conversations``); ``backfill_outbox`` queues what legacy missed when an
+account leaves cloud-only.
+
+A conversation's rows are ordered by ``(seq, sub)``: a message's row has its message's seq
+and sub 0; a membership change made after message N has seq N and sub 1, 2, ... (migration
+0010), so it is injected after message N and before message N + 1.
 """
 
 from __future__ import annotations
@@ -29,20 +35,31 @@ REFUSED = "refused"
 SKIP_REASONS = (NO_LEGACY_CLIENTS, REFUSED)
 
 
+#: The kinds of outbox row.
+MESSAGE = "message"
+MEMBERS = "members"
+
+
 @attrs.frozen
 class OutboxItem:
-    """One cloud message the bridge must inject into the legacy network."""
+    """One cloud message, or membership change, the bridge must inject into the legacy
+    network."""
 
     conversation_id: uuid.UUID
     seq: int
-    message_id: uuid.UUID
+    #: None for a membership change
+    message_id: uuid.UUID | None
     legacy_chat_id: str | None
     sender_handle: str
+    #: when the message was sent (or the membership change made)
     sent_ms: int
     body: str
-    #: every member's legacy-side handle (legacy_handle, else the cloud handle), sorted
+    #: the members' legacy-side handles (legacy_handle, else the cloud handle), sorted: as
+    #: they were when the message was posted (for rows queued before migration 0009, and
+    #: for membership changes, as they are now)
     member_handles: tuple[str, ...]
-    #: how many members are in a phase with legacy clients (legacy, dual, cloud)
+    #: how many members are in a phase with legacy clients (legacy, dual, cloud); for a
+    #: membership change, counting the members it removes
     legacy_client_members: int
     attempts: int
     #: the claim this row is held under; complete and release take effect only under it
@@ -57,6 +74,12 @@ class OutboxItem:
         count from here, so a back-filled message, sent long before anyone on legacy was
         owed it, is neither given up at once for its age nor reported as hours of lag."""
         return self.sent_ms if self.queued_ms is None else self.queued_ms
+    #: 0 for a message; 1, 2, ... for membership changes made after message *seq*
+    sub: int = 0
+    kind: str = MESSAGE
+    #: a membership change: the legacy-side handles it adds and removes
+    add_handles: tuple[str, ...] = ()
+    remove_handles: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -75,7 +98,8 @@ OUTBOX_CLAIM_PER_CONVERSATION = 50
 
 # The claim, in steps whose locks follow the rows it claims (one pass over the pending rows
 # finds each conversation's head and size; nothing else is read per conversation):
-#   heads   each conversation's lowest pending row (a claim always starts there) and count;
+#   heads   each conversation's lowest pending seq and count; its head (a claim always starts
+#           there) is the row of that seq with the lowest sub;
 #   ready   the conversations whose head is not claimed, oldest first, with how many rows
 #           the ones before each would take (*per_conversation* at most each);
 #   owned   their heads, locked in that order without waiting, skipping heads another
@@ -90,55 +114,65 @@ _CLAIM = (
     "  SELECT conversation_id, min(seq) AS head, count(*) AS pending "
     "  FROM outbox_to_legacy WHERE state = 'pending' GROUP BY conversation_id), "
     "ready AS ("
-    "  SELECT h.conversation_id, h.head, o.created_ms, "
+    "  SELECT h.conversation_id, h.head, o.sub AS head_sub, o.created_ms, "
     "         sum(least(h.pending, %(per_conversation)s)) OVER ("
     "           ORDER BY o.created_ms, h.conversation_id ROWS UNBOUNDED PRECEDING) "
     "         - least(h.pending, %(per_conversation)s) AS before "
-    "  FROM heads h JOIN outbox_to_legacy o "
-    "    ON o.conversation_id = h.conversation_id AND o.seq = h.head "
+    "  FROM heads h CROSS JOIN LATERAL ("
+    "    SELECT o.sub, o.created_ms, o.claimed_until_ms FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = h.conversation_id AND o.seq = h.head "
+    "      AND o.state = 'pending' ORDER BY o.sub LIMIT 1) o "
     "  WHERE o.claimed_until_ms <= %(now)s), "
     "owned AS ("
     "  SELECT o.conversation_id, r.created_ms FROM ready r JOIN outbox_to_legacy o "
     "    ON o.conversation_id = r.conversation_id AND o.seq = r.head "
+    "    AND o.sub = r.head_sub "
     "  WHERE o.state = 'pending' AND o.claimed_until_ms <= %(now)s "
     "  ORDER BY r.created_ms, r.conversation_id "
     "  LIMIT (SELECT count(*) FROM ready WHERE before < %(limit)s) "
     "  FOR UPDATE OF o SKIP LOCKED), "
     "wanted AS ("
-    "  SELECT r.conversation_id, w.seq, w.rank FROM owned r, LATERAL ("
-    "    SELECT o.seq, row_number() OVER (ORDER BY o.seq) AS rank FROM outbox_to_legacy o "
+    "  SELECT r.conversation_id, w.seq, w.sub, w.rank FROM owned r, LATERAL ("
+    "    SELECT o.seq, o.sub, row_number() OVER (ORDER BY o.seq, o.sub) AS rank "
+    "    FROM outbox_to_legacy o "
     "    WHERE o.conversation_id = r.conversation_id AND o.state = 'pending' "
-    "    ORDER BY o.seq LIMIT %(per_conversation)s) w "
-    "  ORDER BY r.created_ms, r.conversation_id, w.seq LIMIT %(limit)s), "
+    "    ORDER BY o.seq, o.sub LIMIT %(per_conversation)s) w "
+    "  ORDER BY r.created_ms, r.conversation_id, w.seq, w.sub LIMIT %(limit)s), "
     "locked AS ("
-    "  SELECT o.conversation_id, o.seq, w.rank FROM outbox_to_legacy o "
+    "  SELECT o.conversation_id, o.seq, o.sub, w.rank FROM outbox_to_legacy o "
     "  JOIN wanted w ON o.conversation_id = w.conversation_id AND o.seq = w.seq "
+    "    AND o.sub = w.sub "
     "  WHERE o.state = 'pending' FOR UPDATE OF o SKIP LOCKED), "
     "due AS ("
-    "  SELECT conversation_id, seq FROM ("
-    "    SELECT conversation_id, seq, rank, "
-    "           row_number() OVER (PARTITION BY conversation_id ORDER BY seq) AS got "
+    "  SELECT conversation_id, seq, sub FROM ("
+    "    SELECT conversation_id, seq, sub, rank, "
+    "           row_number() OVER (PARTITION BY conversation_id ORDER BY seq, sub) AS got "
     "    FROM locked) l WHERE rank = got), "
     "claimed AS ("
     "  UPDATE outbox_to_legacy o SET claimed_until_ms = %(until)s, "
     "    attempts = o.attempts + 1, claim_token = %(token)s FROM due "
     "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
-    "  RETURNING o.conversation_id, o.seq, o.message_id, o.attempts, o.created_ms) "
+    "    AND o.sub = due.sub "
+    "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, o.message_id, o.attempts, "
+    "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
-    "       (SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
-    "        WHERE s.account_id = m.sender_account_id), "
-    "       m.sent_ms, m.body, "
-    "       array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
-    "             JOIN accounts a USING (account_id) "
-    "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1), "
+    "       coalesce((SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
+    "                 WHERE s.account_id = m.sender_account_id), ''), "
+    "       coalesce(m.sent_ms, c.created_ms), coalesce(m.body, ''), "
+    "       coalesce(c.member_handles, array(SELECT coalesce(a.legacy_handle, a.handle) "
+    "             FROM members mb JOIN accounts a USING (account_id) "
+    "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1)), "
     "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
     "        WHERE mb.conversation_id = c.conversation_id "
-    "          AND a.phase = ANY(%(phases)s)), "
-    "       c.attempts, c.created_ms "
-    "FROM claimed c JOIN messages m ON m.conversation_id = c.conversation_id "
-    "  AND m.seq = c.seq "
+    "          AND a.phase = ANY(%(phases)s)) "
+    "       + (SELECT count(*) FROM account_handles h JOIN accounts a USING (account_id) "
+    "          WHERE h.handle = ANY(c.remove_handles) AND a.phase = ANY(%(phases)s)), "
+    "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
+    "       coalesce(c.remove_handles, '{}') "
+    "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
+    "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
-    "ORDER BY c.conversation_id, c.seq")
+    "ORDER BY c.conversation_id, c.seq, c.sub")
 
 
 def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
@@ -159,7 +193,8 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
          "per_conversation": max(1, per_conversation), "token": token,
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token, r[10]) for r in rows]
+                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]))
+            for r in rows]
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
@@ -193,15 +228,17 @@ def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: 
             conn.execute(
                 "UPDATE outbox_to_legacy SET claimed_until_ms = %s, claim_token = NULL, "
                 "  attempts = greatest(attempts - 1, 0) "
-                "WHERE conversation_id = %s AND seq = %s AND state = 'pending' "
+                "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
                 "  AND claim_token = %s",
-                (now_ms, item.conversation_id, item.seq, item.claim_token))
+                (now_ms, item.conversation_id, item.seq, item.sub, item.claim_token))
             return False
     return conn.execute(
         "UPDATE outbox_to_legacy SET state = 'skipped', skip_reason = %s, done_ms = %s, "
         "  last_error = NULL "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
-        (skip_reason, now_ms, item.conversation_id, item.seq, item.claim_token)).rowcount == 1
+        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
+        "AND claim_token = %s",
+        (skip_reason, now_ms, item.conversation_id, item.seq, item.sub,
+         item.claim_token)).rowcount == 1
 
 
 def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) -> bool:
@@ -220,26 +257,27 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
         return []
     done = conn.execute(
         "WITH batch AS ("
-        "  SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::uuid[], %s::text[]) "
-        "  AS b(conversation_id, seq, token, guid)), "
+        "  SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::int[], %s::uuid[], %s::text[]) "
+        "  AS b(conversation_id, seq, sub, token, guid)), "
         "done AS ("
         "  UPDATE outbox_to_legacy o SET state = 'done', done_ms = %s, last_error = NULL "
         "  FROM batch b WHERE o.conversation_id = b.conversation_id AND o.seq = b.seq "
-        "    AND o.state = 'pending' AND o.claim_token = b.token "
-        "  RETURNING o.conversation_id, o.seq, b.guid), "
+        "    AND o.sub = b.sub AND o.state = 'pending' AND o.claim_token = b.token "
+        "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, b.guid), "
         "guids AS ("
         "  UPDATE messages m SET legacy_guid = d.guid FROM done d "
-        "  WHERE m.conversation_id = d.conversation_id AND m.seq = d.seq "
-        "    AND m.legacy_guid IS DISTINCT FROM d.guid) "
-        "SELECT conversation_id, seq FROM done",
+        "  WHERE d.kind = 'message' AND m.conversation_id = d.conversation_id "
+        "    AND m.seq = d.seq AND m.legacy_guid IS DISTINCT FROM d.guid) "
+        "SELECT conversation_id, seq, sub FROM done",
         ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
-         [r.item.claim_token for r in rows], [r.legacy_guid for r in rows], now_ms)
+         [r.item.sub for r in rows], [r.item.claim_token for r in rows],
+         [r.legacy_guid for r in rows], now_ms)
     ).fetchall()
     completed = set(done)
     # cloud-born conversations keep the chat id the bridge made up for them
     chats = {r.item.conversation_id: r.legacy_chat_id for r in rows
              if r.item.legacy_chat_id is None
-             and (r.item.conversation_id, r.item.seq) in completed}
+             and (r.item.conversation_id, r.item.seq, r.item.sub) in completed}
     if chats:
         conn.execute(
             "WITH new AS (SELECT * FROM unnest(%s::text[], %s::uuid[]) "
@@ -249,7 +287,8 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
             "UPDATE conversations c SET legacy_chat_id = new.legacy_chat_id FROM new "
             "WHERE c.conversation_id = new.conversation_id AND c.legacy_chat_id IS NULL",
             (list(chats.values()), list(chats)))
-    return [r.item for r in rows if (r.item.conversation_id, r.item.seq) in completed]
+    return [r.item for r in rows
+            if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
 
 
 def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
@@ -263,9 +302,10 @@ def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
     return conn.execute(
         "UPDATE outbox_to_legacy SET claimed_until_ms = %s, last_error = %s, "
         "  attempts = greatest(attempts - %s, 0) "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending' AND claim_token = %s",
+        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
+        "AND claim_token = %s",
         (retry_at_ms, error[:500], 0 if tried else 1, item.conversation_id, item.seq,
-         item.claim_token)).rowcount == 1
+         item.sub, item.claim_token)).rowcount == 1
 
 
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:
@@ -278,12 +318,21 @@ def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | No
 
 # ---------------------------------------------------------------- refusals, give-ups, releases
 
+def membership_detail(item: OutboxItem) -> dict:
+    """What a finding about a row says besides a message's fields: for a membership change,
+    its kind, place and delta; nothing for a message."""
+    if item.kind != MEMBERS:
+        return {}
+    return {"kind": item.kind, "sub": item.sub, "add": list(item.add_handles),
+            "remove": list(item.remove_handles)}
+
+
 def _lock_if_held(conn: psycopg.Connection, item: OutboxItem) -> bool:
     """Lock *item*'s row if it is still pending under *item*'s claim; False otherwise."""
     return conn.execute(
-        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s "
+        "SELECT 1 FROM outbox_to_legacy WHERE conversation_id = %s AND seq = %s AND sub = %s "
         "AND state = 'pending' AND claim_token = %s FOR UPDATE",
-        (item.conversation_id, item.seq, item.claim_token)).fetchone() is not None
+        (item.conversation_id, item.seq, item.sub, item.claim_token)).fetchone() is not None
 
 
 def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
@@ -295,7 +344,8 @@ def refuse_outbox_item(conn: psycopg.Connection, item: OutboxItem, legacy_chat_i
     findings_store.record_finding(
         conn, INJECT_REFUSED,
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle},
+         "legacy_chat_id": legacy_chat_id, "sender": item.sender_handle,
+         **membership_detail(item)},
         now_ms, conversation_id=item.conversation_id)
     complete_outbox(conn, item, legacy_chat_id, None, now_ms, skipped=True,
                     skip_reason=REFUSED)
@@ -311,12 +361,13 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
     findings_store.record_finding(
         conn, INJECT_FAILED,
         {"reason": reason, "message_id": str(item.message_id), "seq": item.seq,
-         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle},
+         "attempts": item.attempts, "sent_ms": item.sent_ms, "sender": item.sender_handle,
+         **membership_detail(item)},
         now_ms, conversation_id=item.conversation_id)
     conn.execute(
         "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
-        "WHERE conversation_id = %s AND seq = %s AND state = 'pending'",
-        (now_ms, reason[:500], item.conversation_id, item.seq))
+        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending'",
+        (now_ms, reason[:500], item.conversation_id, item.seq, item.sub))
     return True
 
 
@@ -365,7 +416,7 @@ class Backfill:
 _MISSED = (
     "m.conversation_id = ANY(%(cids)s) AND m.origin = 'cloud' AND m.legacy_guid IS NULL "
     "AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = "
-    "  m.conversation_id AND o.seq = m.seq "
+    "  m.conversation_id AND o.seq = m.seq AND o.sub = 0 "
     "  AND o.skip_reason IS DISTINCT FROM 'no_legacy_clients')")
 
 
@@ -382,7 +433,7 @@ def preview_backfill(conn: psycopg.Connection, account_id: uuid.UUID,
         "       count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NOT NULL), "
         "       count(*) FILTER (WHERE m.sent_ms < %(since)s) "
         "FROM messages m LEFT JOIN outbox_to_legacy o "
-        "  ON o.conversation_id = m.conversation_id AND o.seq = m.seq "
+        "  ON o.conversation_id = m.conversation_id AND o.seq = m.seq AND o.sub = 0 "
         f"WHERE {_MISSED}", {"cids": cids, "since": since_ms}).fetchone()
     return Backfill(len(cids), queued, requeued, too_old)
 
@@ -413,7 +464,7 @@ def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: i
         "  created_ms = %(now)s "
         "FROM messages m WHERE o.conversation_id = ANY(%(cids)s) AND o.state = 'skipped' "
         "  AND o.skip_reason = 'no_legacy_clients' AND m.conversation_id = o.conversation_id "
-        "  AND m.seq = o.seq AND m.sent_ms >= %(since)s", params).rowcount
+        "  AND m.seq = o.seq AND o.sub = 0 AND m.sent_ms >= %(since)s", params).rowcount
     queued = conn.execute(
         "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
         "SELECT m.conversation_id, m.seq, m.message_id, %(now)s FROM messages m "

@@ -6,6 +6,7 @@ One handler per request frame, in ``PEER_HANDLERS``:
     DigestRequest, ListRequest   range digests and GUID lists of a chat homed here
     FetchRequest                 messages by GUID
     InjectMessage, InjectPresence   append on behalf of users (origin marked, GUID chosen)
+    InjectMembership             change a chat's members by a delta, on behalf of users
     ChatsRequest, HostCacheRequest  the chats homed here, every supernode's address
 
 A request that can not be served answers ``RequestFailed`` and the connection stays open; a
@@ -165,6 +166,33 @@ class PeerApi:
         proto.send(wire.Ack(req_id=f.req_id, status="new" if new else "duplicate",
                             value=msg.legacy_seq))
 
+    def inject_membership(self, proto: SupernodeProtocol, f: wire.InjectMembership) -> None:
+        """Apply a membership delta from the other stack (``Routing.change_members``)."""
+        problem = None
+        if not f.chat_id:
+            problem = "chat_id must not be empty"
+        elif not f.origin or f.origin == "legacy":
+            problem = "a membership change needs an origin mark other than 'legacy'"
+        elif len(set(f.add)) != len(f.add) or len(set(f.remove)) != len(f.remove):
+            problem = "add and remove must each list distinct members"
+        elif set(f.add) & set(f.remove):
+            problem = "a member can not be both added and removed"
+        elif not all(f.add) or not all(f.remove):
+            problem = "members must not be empty"
+        elif has_control(f.chat_id, *f.add, *f.remove):
+            problem = "ids must not contain control characters"
+        if problem is not None:
+            proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_members", reason=problem))
+            return
+        if not self._check_home(f.req_id, f.chat_id, proto):
+            return
+        try:
+            status, count = self.sn.routing.change_members(f.chat_id, f.add, f.remove, f.origin)
+        except ValueError as e:
+            proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_members", reason=str(e)))
+            return
+        proto.send(wire.Ack(req_id=f.req_id, status=status, value=count))
+
     def inject_presence(self, proto: SupernodeProtocol, f: wire.InjectPresence) -> None:
         if f.status not in PRESENCE_STATUSES or not f.origin or f.origin == "legacy":
             proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_presence",
@@ -189,6 +217,7 @@ PEER_HANDLERS: dict[type, Callable[[PeerApi, SupernodeProtocol, Any], None]] = {
     wire.FetchRequest: PeerApi.fetch,
     wire.InjectMessage: PeerApi.inject_message,
     wire.InjectPresence: PeerApi.inject_presence,
+    wire.InjectMembership: PeerApi.inject_membership,
     wire.ChatsRequest: PeerApi.chats,
     wire.HostCacheRequest: PeerApi.host_cache,
 }

@@ -40,16 +40,26 @@ class Routing:
 
     def accept(self, chat_id: str, members: tuple, guid: str, sender: str, body: str,
                origin: str, ts_ms: int = 0) -> tuple[wire.ChatMessage, bool]:
-        """Append a message to its chat unless the GUID is known; route it if it is new."""
+        """Append a message to its chat unless the GUID is known; route it if it is new.
+
+        A legacy client's list (origin ``legacy``) replaces the chat's, as the legacy protocol
+        has it, except for members a peer removed (``ChatState.removed``): a client's stale
+        list does not add them back. An injected message (any other origin) never changes
+        an existing chat's list; it creates a chat that does not exist, and it is delivered
+        only to members of both its own list and the chat's.
+        """
         sn = self.sn
         mem = sn.mem
         chat = mem.chats.get(chat_id)
         if chat is None:
             chat = mem.chats[chat_id] = ChatState(members=members)
-            sn.feed_append(lambda o: wire.FeedChat(offset=o, chat_id=chat_id, members=members))
-        elif chat.members != members:
-            chat.members = members
-            sn.feed_append(lambda o: wire.FeedChat(offset=o, chat_id=chat_id, members=members))
+            self._announce(chat_id, members, origin)
+        elif origin == "legacy":
+            if chat.removed:
+                members = tuple(m for m in members if m not in chat.removed)
+            if chat.members != members:
+                chat.members = members
+                self._announce(chat_id, members, origin)
         existing = chat.history.get(guid)
         if existing is not None:
             sn.trace.record("dup", sn.sn_id, guid)
@@ -62,8 +72,42 @@ class Routing:
         MESSAGES_APPENDED.labels(origin=origin).inc()
         sn.trace.record("append", sn.sn_id, chat_id, guid, msg.legacy_seq)
         sn.feed_append(lambda o: wire.FeedMessage(offset=o, message=msg))
-        self._route(msg, tuple(m for m in members if m != sender))
+        allowed = set(members)
+        self._route(msg, tuple(m for m in chat.members if m != sender and m in allowed))
         return msg, True
+
+    def change_members(self, chat_id: str, add: tuple, remove: tuple,
+                       origin: str) -> tuple[str, int]:
+        """Apply a peer's membership delta to a chat homed here: ``(status, members after)``,
+        status ``changed``, ``unchanged`` or ``no_chat`` (a chat that does not exist is
+        created only when the delta leaves it 2 or more members).
+
+        Who a peer removes is remembered (until a peer adds them back), so that a legacy
+        client's stale list does not add them again."""
+        chat = self.sn.mem.chats.get(chat_id)
+        gone = set(remove)
+        if chat is None:
+            members = tuple(m for m in add if m not in gone)
+            if len(members) < 2:
+                return "no_chat", len(members)
+            _fits(members)
+            chat = self.sn.mem.chats[chat_id] = ChatState(members=members)
+            chat.removed = gone
+            self._announce(chat_id, members, origin)
+            return "changed", len(members)
+        kept = tuple(m for m in chat.members if m not in gone)
+        members = kept + tuple(m for m in add if m not in kept and m not in gone)
+        _fits(members)
+        chat.removed = (chat.removed - set(add)) | gone
+        if members == chat.members:
+            return "unchanged", len(members)
+        chat.members = members
+        self._announce(chat_id, members, origin)
+        return "changed", len(members)
+
+    def _announce(self, chat_id: str, members: tuple, origin: str) -> None:
+        self.sn.feed_append(lambda o: wire.FeedChat(offset=o, chat_id=chat_id, members=members,
+                                                    origin=origin))
 
     def _route(self, msg: wire.ChatMessage, recipients: tuple) -> None:
         sn = self.sn
@@ -194,6 +238,13 @@ class Routing:
                 if history[guid].ts_ms >= horizon:
                     break
                 del history[guid]
+
+
+def _fits(members: tuple) -> None:
+    """ValueError, before anything changes, for a list longer than a chat may hold."""
+    if len(members) > wire.MAX_MEMBERS:
+        raise ValueError(f"a chat has at most {wire.MAX_MEMBERS} members; this one would "
+                         f"have {len(members)}")
 
 
 #: The supernode frames routing handles, by type.

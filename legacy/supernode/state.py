@@ -27,6 +27,9 @@ class ChatState:
     members: tuple
     next_seq: int = 1
     history: dict = attrs.Factory(dict)  # guid -> ChatMessage, in legacy_seq order
+    #: handles a privileged peer removed (and has not added back): a legacy client's list
+    #: does not bring them back (it may predate the removal)
+    removed: set = attrs.Factory(set)
 
 
 @attrs.define

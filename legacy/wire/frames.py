@@ -5,6 +5,9 @@ wire kind (``legacy.wire.codec``), so this table is the whole schema. The groups
 who may send what: the handshake, the login server, client <-> supernode, supernode <->
 supernode, privileged peer <-> supernode; ``CLIENT_FRAMES``, ``SUPERNODE_FRAMES`` and
 ``PEER_FRAMES`` at the end are what each authenticated role may send.
+
+The module is long (about 500 lines) because it is the whole schema: every frame of every
+role sits in one table, so a reader checks the protocol, and a fuzzer covers it, in one place.
 """
 
 from __future__ import annotations
@@ -391,9 +394,16 @@ class FeedPresence:
 
 @frame(0x45)
 class FeedChat:
+    """A chat's member list changed (or the chat was created) at its home.
+
+    ``origin`` says who changed it: ``legacy`` for a legacy client's send (its list replaces
+    the chat's), else the origin mark of the privileged peer whose injection did (the bridge
+    mirrors only ``legacy`` changes, so its own never come back as changes)."""
+
     offset: int = w(U64)
     chat_id: str = w(NAME)
     members: tuple = w(MEMBERS)
+    origin: str = w(NAME, default="legacy")
 
 
 @frame(0x50)
@@ -448,6 +458,20 @@ class InjectMessage:
     members: tuple = w(MEMBERS)
 
 
+@frame(0x5A)
+class InjectMembership:
+    """Peer -> home SN: change a chat's member list by a delta (add, then remove), on behalf
+    of the other stack. Answered ``Ack`` (status ``changed``, ``unchanged`` or ``no_chat``,
+    value: the members the chat has after it) or ``RequestFailed`` (``bad_members``,
+    ``not_home``)."""
+
+    req_id: int = w(U32)
+    chat_id: str = w(NAME)
+    add: tuple = w(MEMBERS)
+    remove: tuple = w(MEMBERS)
+    origin: str = w(NAME)
+
+
 @frame(0x57)
 class InjectPresence:
     req_id: int = w(U32)
@@ -478,4 +502,5 @@ SUPERNODE_FRAMES = (RouteSend, RouteAck, RouteToIndex, DeliverLocal, HoldBack, H
                     IndexPut, FlushHeld, PresencePublish, PresenceSubscribe, PresenceFanout)
 #: Frames only an authenticated privileged peer (bridge, reconciler) may send.
 PEER_FRAMES = (FeedSubscribe, FeedCredit, DigestRequest, ListRequest, FetchRequest,
-               InjectMessage, InjectPresence, ChatsRequest, HostCacheRequest)
+               InjectMessage, InjectPresence, InjectMembership, ChatsRequest,
+               HostCacheRequest)

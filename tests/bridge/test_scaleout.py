@@ -106,7 +106,8 @@ def test_a_stale_worker_can_not_commit(conn):
     assert new == old + 1
     msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
                            body="x", origin="legacy")
-    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
+    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": [(("alice", "bob"), "change")]},
+                       messages=[msg])
     with pytest.raises(StaleFence), conn.transaction():
         commit_feed_batch(conn, batch, old, now + 2001, ("feed:sn0", "old"))
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
@@ -168,7 +169,8 @@ def test_a_restarted_worker_takes_its_own_leases_back_and_fences_its_old_self(co
     assert new == old + 1
     msg = wire.ChatMessage(chat_id="c", guid="g1", legacy_seq=1, sender="alice", ts_ms=now,
                            body="x", origin="legacy")
-    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": ("alice", "bob")}, messages=[msg])
+    batch = FeedBatch("sn0", 5, 1, frames=1, chats={"c": [(("alice", "bob"), "change")]},
+                       messages=[msg])
     with pytest.raises(StaleFence), conn.transaction():
         commit_feed_batch(conn, batch, old, now + 30, ("feed:sn0", "w1"))
     with conn.transaction():

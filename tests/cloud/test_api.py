@@ -526,6 +526,9 @@ AUTHENTICATED = [
     ("GET", "/v1/presence", "accounts={account_id}", None),
     ("GET", "/v1/notifications", "timeout=0", None),
     ("POST", "/v1/notifications/{notification_id}/ack", "", None),
+    ("POST", "/v1/conversations", "", {"members": ["bob"]}),
+    ("POST", "/v1/conversations/{conversation_id}/members", "", {"handle": "ghost"}),
+    ("DELETE", "/v1/conversations/{conversation_id}/members/{handle}", "", None),
 ]
 
 
@@ -551,7 +554,8 @@ def test_every_authenticated_route_refuses_a_bad_token(h, method, template, quer
     headers = []
     if credential == "not bearer":
         headers = [(b"Authorization", b"Basic " + h.token(alice).encode())]
-    ids = {"conversation_id": cid, "notification_id": nid, "account_id": alice}
+    ids = {"conversation_id": cid, "notification_id": nid, "account_id": alice,
+           "handle": "bob"}
     path = template.format(**ids) + ("?" + query.format(**ids) if query else "")
     before = h.snapshot()
     r = h.request(method, path, json_body=body, token=token, headers=headers)
@@ -715,12 +719,17 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
         ("presence-get", b"GET", f"/v1/presence?accounts={w.alice}", None, True),
         ("poll", b"GET", "/v1/notifications?timeout=0", None, True),
         ("ack", b"POST", f"/v1/notifications/{w.nid}/ack", None, True),
+        ("create", b"POST", "/v1/conversations", {"members": ["bob"]}, True),
+        ("add-member", b"POST", f"/v1/conversations/{w.cid}/members", {"handle": "carol"},
+         True),
+        ("remove-member", b"DELETE", f"/v1/conversations/{w.cid}/members/bob", None, True),
     ]
 
 
-ALLOWED = {"/v1/login": {b"POST"}, "/v1/healthz": {b"GET"}, "/v1/conversations": {b"GET"},
-           "messages": {b"GET", b"POST"}, "/v1/presence": {b"GET", b"PUT"},
-           "/v1/notifications": {b"GET"}, "ack": {b"POST"}}
+ALLOWED = {"/v1/login": {b"POST"}, "/v1/healthz": {b"GET"},
+           "/v1/conversations": {b"GET", b"POST"}, "messages": {b"GET", b"POST"},
+           "/v1/presence": {b"GET", b"PUT"}, "/v1/notifications": {b"GET"}, "ack": {b"POST"},
+           "members": {b"POST"}, "member": {b"DELETE"}}
 
 #: Per JSON field: values that field refuses.
 BAD_FIELD_VALUES = {
@@ -732,6 +741,8 @@ BAD_FIELD_VALUES = {
     "body": st.one_of(st.just(""), st.just("b" * 4001), st.just("\x00"), st.just("\ud800")),
     "status": st.text(max_size=10).filter(lambda s: s not in ("online", "away", "busy",
                                                               "offline")),
+    "members": st.sampled_from([[], ["bob", "bob"], [""], ["x" * 300], ["nobody"], ["bo\x00b"],
+                                ["alice"], [f"u{i}" for i in range(101)], [7]]),
 }
 
 
@@ -749,7 +760,10 @@ def bad_json_bodies(draw, valid: dict) -> bytes:
         del obj[field]
     elif how == "add":
         # ttl_s is optional and could come out valid; every other new name is unknown
-        name = draw(st.text(max_size=12).filter(lambda k: k not in valid and k != "ttl_s"))
+        # ttl_s and title are optional and could come out valid; every other new name is
+        # unknown
+        name = draw(st.text(max_size=12).filter(
+            lambda k: k not in valid and k not in ("ttl_s", "title")))
         obj[name] = draw(strategies.json_values(4))
     elif how == "mistype":
         obj[field] = draw(_mistyped(obj[field]))
@@ -798,10 +812,12 @@ def hostile_requests(draw, w: World) -> tuple[bytes, bytes, bytes, list, bool]:
     route, _, query = path.partition("?")
     raw_body = b"" if body is None else json.dumps(body).encode()
     token = w.token if needs_token else None
-    key = "messages" if route.endswith("/messages") else "ack" if route.endswith(
-        "/ack") else route
+    key = ("messages" if route.endswith("/messages") else "ack" if route.endswith("/ack")
+           else "members" if route.endswith("/members")
+           else "member" if "/members/" in route else route)
     flaws = ["method", "path", "query", "json", "size", "login"]
-    flaws += ["id"] * (key in ("messages", "ack")) + ["token"] * needs_token
+    flaws += ["id"] * (key in ("messages", "ack", "members", "member"))
+    flaws += ["token"] * needs_token + ["handle"] * (key == "member")
     flaws += ["body"] * (body is not None)
     flaw = draw(st.sampled_from(flaws))
     if flaw == "method":
@@ -814,6 +830,10 @@ def hostile_requests(draw, w: World) -> tuple[bytes, bytes, bytes, list, bool]:
         parts = route.split("/")
         parts[3] = quote(draw(st.one_of(strategies.not_uuid_text(), st.uuids().map(str))),
                          safe="")
+        route = "/".join(parts)
+    elif flaw == "handle":  # not a member: unknown, not one, or not a handle at all
+        parts = route.split("/")
+        parts[-1] = draw(st.sampled_from(["nobody", "old", "%00", "%FF", "x" * 300, "a%1Fb"]))
         route = "/".join(parts)
     elif flaw == "token":
         token = draw(st.one_of(st.none(), st.text(alphabet="abcXYZ-_=.", max_size=80),
@@ -846,6 +866,7 @@ def fuzz_world(conn) -> tuple[Harness, World]:
     h = make_harness(conn, max_body_bytes=2048, max_message_chars=4000)
     alice, bob = h.account("alice"), h.account("bob")
     h.account("old", "legacy")
+    h.account("carol")
     cid = h.conversation(alice, bob)
     post(h, h.token(bob), cid, "c-0")
     nid = h.conn.execute("SELECT notification_id FROM notifications").fetchone()[0]

@@ -33,7 +33,8 @@ from tests.cloud.test_api import (
 )
 
 ROUTE_WORDS = ["v1", "login", "healthz", "conversations", "messages", "presence",
-               "notifications", "ack", "metrics", "..", ".", "%2e%2e", "%2E%2e%2f", "%2F",
+               "notifications", "ack", "members", "bob", "metrics", "..", ".", "%2e%2e",
+               "%2E%2e%2f", "%2F",
                "..%2F..", "%00", "~", "v1;x", "login?"]
 
 
@@ -47,6 +48,8 @@ def targets(w: World) -> st.SearchStrategy[bytes]:
     known = st.sampled_from([
         "/v1/login", "/v1/healthz", "/v1/conversations", f"/v1/conversations/{w.cid}/messages",
         "/v1/presence", "/v1/notifications", f"/v1/notifications/{w.nid}/ack", "/metrics",
+        f"/v1/conversations/{w.cid}/members", f"/v1/conversations/{w.cid}/members/bob",
+        f"/v1/conversations/{w.cid}/members/%00", f"/v1/conversations/{w.cid}/members/%ff",
         "/v1/../v1/login", "/v1/./login", "//v1/login", "/v1/login/..", "/v1/%6cogin",
         f"/v1/conversations/{w.cid}/../{w.cid}/messages"])
     long = st.integers(1_000, 20_000).map(lambda n: "/v1/" + "a" * n)
@@ -78,6 +81,8 @@ def bodies() -> st.SearchStrategy[bytes]:
             b'{"client_message_id": "c", "body": "\\ud83d"}',
             b'{"client_message_id": "c", "body": "nul\\u0000"}',
             b'{"status": "online", "ttl_s": 1e400}',
+            b'{"members": ["bob", "\\u0000"]}', b'{"members": "bob"}', b'{"handle": ["bob"]}',
+            b'{"members": [], "title": "t"}', b'{"handle": "\\ud800"}',
             b'{"status": "online", "ttl_s": 123456789012345678901234567890}',
             b"\x00" * 100, b"\xef\xbb\xbf{}", b"\xff\xfe\x00{\x00}"]),
         st.binary(max_size=300))
@@ -105,7 +110,7 @@ def hostile_requests(draw, w: World) -> tuple[str, bytes]:
     """(how the body is framed, the raw bytes of one request, perhaps more after it)."""
     # Mostly the methods routes take, so the checks behind the method are reached too.
     usual = draw(st.integers(0, 9)) < 7
-    method = draw(st.sampled_from([b"GET", b"POST", b"PUT"]) if usual
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]) if usual
                   else strategies.http_methods())
     target = draw(targets(w))
     body = draw(bodies())

@@ -144,3 +144,41 @@ def test_concurrent_claimers_take_whole_runs_from_each_head_in_order(db_dsn, con
     again = tx(conn, outbox_store.claim_outbox, NOW + 6000, 100, 5000, 5)
     assert {i.conversation_id: i.seq for i in reversed(again)} == {
         cid: 1 for cid in cids}
+
+
+def test_membership_changes_are_claimed_in_order_with_the_messages(conn):
+    """post, remove carol, add her back, post: one claim returns the four rows in that order
+    ((seq, sub)), the changes with their deltas, each message with its members of the
+    moment; completing a change leaves its message's legacy GUID alone."""
+    from cloud.store import conversations as conversations_store
+
+    a, b = make_account(conn, "alice", "cloud"), make_account(conn, "bob", "legacy")
+    make_account(conn, "carol", "legacy")
+    carol = conn.execute("SELECT account_id FROM accounts WHERE handle = 'carol'").fetchone()[0]
+    cid = make_conversation(conn, a, b, carol)
+    tx(conn, messages_store.post_message, cid, a, "c0", "m0", NOW)
+    tx(conn, conversations_store.remove_member, cid, a, "carol", NOW + 1)
+    tx(conn, conversations_store.add_member, cid, a, "carol", NOW + 2)
+    tx(conn, conversations_store.remove_member, cid, a, "carol", NOW + 3)
+    tx(conn, messages_store.post_message, cid, a, "c1", "m1", NOW + 4)
+    items = tx(conn, outbox_store.claim_outbox, NOW + 10, 10, 1000)
+    assert [(i.seq, i.sub, i.kind, i.message_id is None, i.add_handles, i.remove_handles,
+             i.sent_ms) for i in items] == [
+        (1, 0, "message", False, (), (), NOW),
+        (1, 1, "members", True, (), ("carol",), NOW + 1),
+        (1, 2, "members", True, ("carol",), (), NOW + 2),
+        (1, 3, "members", True, (), ("carol",), NOW + 3),
+        (2, 0, "message", False, (), (), NOW + 4)]
+    assert items[0].member_handles == ("alice", "bob", "carol")
+    assert items[4].member_handles == ("alice", "bob")
+    # counted now (alice is in phase cloud, so she has legacy clients too); a removal also
+    # counts the member it removes
+    assert [i.legacy_client_members for i in items] == [2, 3, 2, 3, 2]
+    tx(conn, outbox_store.complete_outbox_batch,
+       [outbox_store.Injected(items[0], "chat-x", "cloud:g1"),
+        outbox_store.Injected(items[1], "chat-x", None)], NOW + 20)
+    assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
+        (1, "cloud:g1"), (2, None)]
+    assert conn.execute("SELECT seq, sub, state FROM outbox_to_legacy ORDER BY seq, sub"
+                        ).fetchall() == [(1, 0, "done"), (1, 1, "done"), (1, 2, "pending"),
+                                         (1, 3, "pending"), (2, 0, "pending")]

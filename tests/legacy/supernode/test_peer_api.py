@@ -329,3 +329,160 @@ def test_an_unanswered_request_times_out_instead_of_hanging():
     hosts.addErrback(failures.append)
     assert [f.check(defer.TimeoutError) for f in failures] == [defer.TimeoutError] * 2
     assert peer._pending == {}
+
+
+# ---------------------------------------------------------------- membership (issue 16)
+
+def _feed(net: LegacyNet, sn: str) -> list[Any]:
+    """Subscribe a fresh peer to *sn*'s feed from now on; the list fills as frames arrive."""
+    home = net.supernodes[sn]
+    frames: list[Any] = []
+    net.peer(sn).subscribe(home.epoch, home.mem.feed.next_offset, 100, frames.append)
+    return frames
+
+
+def test_an_injected_message_never_changes_an_existing_chats_members():
+    """An injected list other than the chat's changes nothing: no FeedChat, the chat keeps
+    its list, and the message reaches only members of both lists."""
+    net = LegacyNet(4).start()
+    chat = net.chat_homed_at("sn1")
+    alice, bob, carol = (net.add_user(h) for h in ("alice", "bob", "carol"))
+    da, db, dc = net.device(alice), net.device(bob), net.device(carol)
+    net.online(da, db, dc)
+    da.send(chat, ("alice", "bob"), "legacy list: alice and bob")  # carol was removed
+    net.run(1)
+    home = net.supernodes["sn1"]
+    feed = _feed(net, "sn1")
+    peer = net.peer("sn1")
+    ack = net.wait(peer.inject_message(cloud_message(chat, "cloud-1"),
+                                       ("alice", "bob", "carol")))
+    net.run(2)
+    assert ack.status == "new"
+    assert home.mem.chats[chat].members == ("alice", "bob")
+    assert not [f for f in feed if isinstance(f, wire.FeedChat)]
+    assert "cloud-1" in {m.guid for m in db.deliveries}
+    assert "cloud-1" not in {m.guid for m in dc.deliveries}
+
+
+def test_an_injected_message_creates_a_missing_chat_with_its_members_marked_with_its_origin():
+    """A chat the home does not have is created with the injected list; its FeedChat carries
+    the injector's origin (so the bridge does not mirror it back as a change)."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    feed = _feed(net, "sn0")
+    net.wait(net.peer("sn0").inject_message(cloud_message(chat, "g"), ("alice", "bob")))
+    net.run(1)
+    [announced] = [f for f in feed if isinstance(f, wire.FeedChat)]
+    assert (announced.members, announced.origin) == (("alice", "bob"), "cloud")
+    assert net.supernodes["sn0"].mem.chats[chat].members == ("alice", "bob")
+
+
+def test_inject_membership_applies_a_delta_and_announces_it():
+    """InjectMembership removes and adds members of an existing chat, answers the count, and
+    appends one FeedChat per change with the peer's origin; a no-op changes nothing."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn2")
+    home = net.supernodes["sn2"]
+    peer = net.peer("sn2")
+    net.wait(peer.inject_message(cloud_message(chat, "g"), ("alice", "bob", "carol")))
+    feed = _feed(net, "sn2")
+    removed = net.wait(peer.inject_membership(chat, (), ("carol",), "cloud"))
+    added = net.wait(peer.inject_membership(chat, ("dave",), (), "cloud"))
+    again = net.wait(peer.inject_membership(chat, ("dave",), ("carol",), "cloud"))
+    net.run(1)
+    assert [(a.status, a.value) for a in (removed, added, again)] == [
+        ("changed", 2), ("changed", 3), ("unchanged", 3)]
+    assert home.mem.chats[chat].members == ("alice", "bob", "dave")
+    assert [(f.members, f.origin) for f in feed if isinstance(f, wire.FeedChat)] == [
+        (("alice", "bob"), "cloud"), (("alice", "bob", "dave"), "cloud")]
+
+
+def test_inject_membership_creates_a_chat_only_with_two_or_more_members():
+    """On a chat the home does not have, the delta's adds make it, if 2 or more remain."""
+    net = LegacyNet(3).start()
+    peer = net.peer("sn0")
+    lone, pair = net.chat_homed_at("sn0", "lone"), net.chat_homed_at("sn0", "pair")
+    assert net.wait(peer.inject_membership(lone, ("alice",), (), "cloud")).status == "no_chat"
+    made = net.wait(peer.inject_membership(pair, ("alice", "bob"), ("carol",), "cloud"))
+    assert (made.status, made.value) == ("changed", 2)
+    chats = net.supernodes["sn0"].mem.chats
+    assert lone not in chats and chats[pair].members == ("alice", "bob")
+
+
+def test_a_member_a_peer_removed_is_not_added_back_by_a_legacy_clients_stale_list():
+    """After a peer removed carol, a legacy client that still lists her does not bring her
+    back (nor deliver to her); a peer adding her back lifts that."""
+    net = LegacyNet(4).start()
+    chat = net.chat_homed_at("sn1")
+    alice, carol = net.add_user("alice"), net.add_user("carol")
+    da, dc = net.device(alice), net.device(carol)
+    net.online(da, dc)
+    everyone = ("alice", "bob", "carol")
+    da.send(chat, everyone, "before")
+    net.run(1)
+    peer = net.peer("sn1")
+    net.wait(peer.inject_membership(chat, (), ("carol",), "cloud"))
+    stale = da.send(chat, everyone, "after, from a stale list")
+    net.run(1)
+    home = net.supernodes["sn1"]
+    assert home.mem.chats[chat].members == ("alice", "bob")
+    assert stale not in {m.guid for m in dc.deliveries}
+    net.wait(peer.inject_membership(chat, ("carol",), (), "cloud"))
+    back = da.send(chat, everyone, "carol is back")
+    net.run(1)
+    assert home.mem.chats[chat].members == everyone
+    assert back in {m.guid for m in dc.deliveries}
+
+
+@pytest.mark.parametrize("add, remove, origin, chat_ok", [
+    (("bob",), (), "legacy", True),            # a peer change must not claim to be legacy
+    (("bob",), (), "", True),
+    (("bob", "bob"), (), "cloud", True),       # not distinct
+    ((), ("bob", "bob"), "cloud", True),
+    (("bob",), ("bob",), "cloud", True),       # both added and removed
+    (("",), (), "cloud", True),                # an empty handle
+    (("bo\x1fb",), (), "cloud", True),         # a control character
+    ((), ("bob\x00",), "cloud", True),
+    (("bob",), (), "cloud", False),            # an empty chat id
+])
+def test_inject_membership_rejects_bad_requests_and_changes_nothing(add, remove, origin,
+                                                                    chat_ok):
+    """A malformed delta is bad_members: the chat's list and the feed stay as they were."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    home = net.supernodes["sn0"]
+    peer = net.peer("sn0")
+    net.wait(peer.inject_message(cloud_message(chat, "g"), ("alice", "carol")))
+    offset = home.mem.feed.next_offset
+    failure = request_failure(net, peer.inject_membership(chat if chat_ok else "", add, remove,
+                                                          origin))
+    assert failure.code == "bad_members"
+    assert home.mem.chats[chat].members == ("alice", "carol")
+    assert home.mem.chats[chat].removed == set()
+    assert home.mem.feed.next_offset == offset
+
+
+def test_inject_membership_past_the_member_limit_is_refused_and_changes_nothing():
+    """A delta that would take a chat past MAX_MEMBERS is bad_members, nothing changed."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    home = net.supernodes["sn0"]
+    peer = net.peer("sn0")
+    crowd = tuple(f"u{i}" for i in range(wire.MAX_MEMBERS))
+    net.wait(peer.inject_message(cloud_message(chat, "g", sender="u0"), crowd))
+    offset = home.mem.feed.next_offset
+    failure = request_failure(net, peer.inject_membership(chat, ("one-more",), ("u1x",),
+                                                          "cloud"))
+    assert failure.code == "bad_members"
+    assert home.mem.chats[chat].members == crowd and home.mem.chats[chat].removed == set()
+    assert home.mem.feed.next_offset == offset
+
+
+def test_inject_membership_on_a_non_home_supernode_answers_not_home():
+    """Only a chat's home changes its members."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn1")
+    failure = request_failure(net, net.peer("sn0").inject_membership(chat, ("a", "b"), (),
+                                                                     "cloud"))
+    assert failure.code == "not_home"
+    assert chat not in net.supernodes["sn1"].mem.chats
