@@ -577,6 +577,27 @@ def test_a_token_of_an_account_moved_back_to_legacy_is_refused(h):
     assert (r.status, r.code) == (403, "not_migrated")
 
 
+def test_a_post_checks_the_tokens_account_in_its_own_statement(h):
+    """Posting reads no account before the post (one query per post): a token whose account
+    is gone still gets 401, one moved back to legacy 403 not_migrated, nothing written."""
+    alice, bob = h.account("alice"), h.account("bob")
+    cid = h.conversation(alice, bob)
+    alice_token, bob_token = h.token(alice), h.token(bob)
+    with h.conn.transaction():
+        accounts_store.set_phase(h.conn, alice, "legacy")
+    h.conn.execute("DELETE FROM members WHERE account_id = %s", (bob,))
+    h.conn.execute("DELETE FROM accounts WHERE account_id = %s", (bob,))
+    before = h.snapshot()
+    r = post(h, alice_token, cid, "c-1")
+    assert (r.status, r.code) == (403, "not_migrated")
+    r = post(h, bob_token, cid, "c-2")
+    assert (r.status, r.code) == (401, "unauthorized")
+    assert h.snapshot() == before
+    served = {route.template: route.endpoints[b"POST"] for route in h.api.routes
+              if b"POST" in route.endpoints}
+    assert served["/v1/conversations/{conversation_id}/messages"].account_checked_by_handler
+
+
 def test_healthz_needs_no_token(h):
     """The health check answers without authentication."""
     assert h.request("GET", "/v1/healthz").json() == {"ok": True}
