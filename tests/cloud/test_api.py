@@ -9,6 +9,7 @@ channel delivers. No real sleeps and no global reactor.
 from __future__ import annotations
 
 import json
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -25,6 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from cloud import api as api_module
 from cloud import tokens
 from cloud.api import CloudAPI
 from cloud.db import DatabaseUnavailable, InlineDatabase
@@ -596,6 +598,29 @@ def test_a_post_checks_the_tokens_account_in_its_own_statement(h):
     served = {route.template: route.endpoints[b"POST"] for route in h.api.routes
               if b"POST" in route.endpoints}
     assert served["/v1/conversations/{conversation_id}/messages"].account_checked_by_handler
+
+
+def test_a_token_that_authenticated_before_still_expires_on_the_clock(h):
+    """Verified tokens are remembered, their expiry is not: past it, 401 expired."""
+    alice = h.account("alice")
+    token = h.token(alice)  # valid for an hour
+    assert h.request("GET", "/v1/conversations", token=token).status == 200
+    h.clock.advance(3600)
+    r = h.request("GET", "/v1/conversations", token=token)
+    assert (r.status, r.code) == (401, "unauthorized") and "expired" in r.json()["error"][
+        "message"]
+
+
+def test_text_fields_refuse_exactly_unicodes_control_and_surrogate_characters():
+    """The refused-character class is Unicode's categories Cc and Cs, less the controls a
+    field allows (a message body: tab, newline, carriage return), over every code point."""
+    for allowed in (frozenset(), frozenset("\t\n\r")):
+        refused = api_module._refused_characters(allowed)
+        for code in range(0x110000):
+            ch = chr(code)
+            category = unicodedata.category(ch)
+            expected = category == "Cs" or (category == "Cc" and ch not in allowed)
+            assert bool(refused.search(ch)) == expected, hex(code)
 
 
 def test_healthz_needs_no_token(h):
