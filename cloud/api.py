@@ -64,6 +64,7 @@ from cloud import tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.model import MAX_MESSAGE_CHARS, PHASES, PRESENCE_STATUSES, Account, Presence
 from cloud.passwords import hash_password, verify_password
+from cloud.posting import PostBatcher
 from cloud.push import NotificationChannel
 from cloud.ratelimit import LoginLimiter, LoginLimits, retry_after_header
 from cloud.store import accounts as accounts_store
@@ -72,6 +73,7 @@ from cloud.store import messages as messages_store
 from cloud.store import notifications as notifications_store
 from cloud.store import presence as presence_store
 from cloud.store.errors import Conflict, NotFound, NotMember, PhaseRefused, UnknownAccount
+from cloud.store.messages import Post
 
 log = Logger()
 
@@ -443,6 +445,7 @@ class CloudAPI:
             lambda password, encoded: defer.succeed(verify_password(password, encoded)))
         self._channel = channel
         self._secret = tokens.check_secret(secret)
+        self._posts = PostBatcher(db, sender_phases=CLOUD_API_PHASES)
         #: token -> (account id, expiry ms) of tokens whose signature was checked: a client
         #: sends the same token with every request, and the HMAC and decoding cost more than
         #: the rest of the bearer check (the expiry is still checked every time).
@@ -612,24 +615,10 @@ class CloudAPI:
             raise _not_migrated()
         return account
 
-    async def _store(self, desc: str, fn: Callable[..., Any], *args: Any,
-                     **kwargs: Any) -> Any:
+    async def _store(self, desc: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one store transaction named *desc*, turning the store's refusals into API
         errors."""
-        try:
-            return await self._db.run(desc, fn, *args, **kwargs)
-        except NotFound as e:
-            raise ApiError(404, "not_found", str(e)) from None
-        except NotMember as e:
-            raise ApiError(403, "not_member", str(e)) from None
-        except UnknownAccount:
-            raise _unauthorized("the token's account no longer exists") from None
-        except PhaseRefused:
-            raise _not_migrated() from None
-        except Conflict as e:
-            raise ApiError(409, "conflict", str(e)) from None
-        except ValueError as e:
-            raise _bad("invalid_request", str(e)) from None
+        return await _refusals_as_api_errors(self._db.run(desc, fn, *args))
 
     # ------------------------------------------------------------ handlers
 
@@ -679,10 +668,9 @@ class CloudAPI:
 
     async def _post_message(self, call: Call) -> tuple[int, dict]:
         post: PostMessageRequest = call.body
-        message, created = await self._store(
-            "post_message", messages_store.post_message, call.ids["conversation_id"],
-            call.account_id, post.client_message_id, post.body, call.now_ms,
-            sender_phases=CLOUD_API_PHASES)
+        message, created = await _refusals_as_api_errors(self._posts.post(Post(
+            call.ids["conversation_id"], call.account_id, post.client_message_id, post.body,
+            call.now_ms)))
         return (201 if created else 200), message.to_json()
 
     async def _read_messages(self, call: Call) -> tuple[int, dict]:
@@ -748,6 +736,24 @@ class CloudAPIResource(resource.Resource):
 
 
 # ---------------------------------------------------------------- helpers of the pipeline
+
+async def _refusals_as_api_errors(result: Awaitable[Any]) -> Any:
+    """Await a store call, turning the store's refusals into API errors."""
+    try:
+        return await result
+    except NotFound as e:
+        raise ApiError(404, "not_found", str(e)) from None
+    except NotMember as e:
+        raise ApiError(403, "not_member", str(e)) from None
+    except UnknownAccount:
+        raise _unauthorized("the token's account no longer exists") from None
+    except PhaseRefused:
+        raise _not_migrated() from None
+    except Conflict as e:
+        raise ApiError(409, "conflict", str(e)) from None
+    except ValueError as e:
+        raise _bad("invalid_request", str(e)) from None
+
 
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})

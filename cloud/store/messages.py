@@ -13,12 +13,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+import attrs
 import psycopg
 
 from cloud.db import one_statement
 from cloud.model import CLOUD_CLIENT_PHASES, LEGACY_CLIENT_PHASES, PHASES, Message
 from cloud.store.conversations import check_member
-from cloud.store.errors import NotFound, NotMember, PhaseRefused, UnknownAccount
+from cloud.store.errors import (
+    NotFound,
+    NotMember,
+    PhaseRefused,
+    StoreError,
+    UnknownAccount,
+)
 from cloud.store.outbox import OUTBOX_CHANNEL
 
 MESSAGE_COLS = ("conversation_id, seq, message_id, sender_account_id, sender_handle, "
@@ -117,6 +124,17 @@ _POST = (
     "WHERE NOT EXISTS (SELECT 1 FROM sender)")
 
 
+@attrs.frozen
+class Post:
+    """One cloud client's message to post (see ``post_message``)."""
+
+    conversation_id: uuid.UUID
+    sender_account_id: uuid.UUID
+    client_message_id: str
+    body: str
+    now_ms: int
+
+
 @one_statement
 def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
                  sender_account_id: uuid.UUID, client_message_id: str, body: str,
@@ -134,36 +152,77 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     (``one_statement``). A post that raced another with the same client message id fails
     on the unique index; run again, it finds that message and returns it.
 
-    Refusals, nothing written: ``UnknownAccount`` (no such sender), ``PhaseRefused`` (the
-    sender's phase is not in *sender_phases*: the cloud API checks its token's account here,
-    in the post's own statement, instead of with a query of its own), ``NotFound``,
-    ``NotMember``.
+    Refusals, nothing written: ``ValueError`` (text PostgreSQL can not store),
+    ``UnknownAccount`` (no such sender), ``PhaseRefused`` (the sender's phase is not in
+    *sender_phases*: the cloud API checks its token's account here, in the post's own
+    statement, instead of with a query of its own), ``NotFound``, ``NotMember``.
     """
-    if "\x00" in body or "\x00" in client_message_id:
-        raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
-    try:
-        body.encode("utf-8")
-        client_message_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    params = {"cid": conversation_id, "sender": sender_account_id,
-              "client_id": client_message_id, "body": body, "now": now_ms,
-              "message_id": uuid.uuid4(), "legacy_phases": list(LEGACY_CLIENT_PHASES),
-              "channel": OUTBOX_CHANNEL, "phases": list(sender_phases)}
+    post = Post(conversation_id, sender_account_id, client_message_id, body, now_ms)
+    params = _post_params(post, sender_phases)
     try:
         row = _execute_atomically(conn, _POST, params)
     except psycopg.errors.UniqueViolation as e:
         if e.diag.constraint_name != "messages_client_message_id":
             raise
         row = _execute_atomically(conn, _POST, params)  # the other post committed: a replay
+    return _posted(row, post, sender_phases)
+
+
+def post_messages(conn: psycopg.Connection, posts: Sequence[Post], *,
+                  sender_phases: Sequence[str] = PHASES
+                  ) -> list[tuple[Message, bool] | StoreError | ValueError]:
+    """Several posts in the caller's one transaction, each as ``post_message`` would write
+    it; for each, ``(message, created)`` or the refusal it would raise.
+
+    One commit for many posts, and their statements go out in one pipeline (one round
+    trip): what the API's ``PostBatcher`` uses under load. They run in conversation id order
+    (stable, so one conversation's posts keep theirs), the order every writer locks
+    conversations in, so two batches never deadlock. A statement that fails (a race on a
+    client message id with another transaction) fails them all: run them one by one then.
+    """
+    results: list = [None] * len(posts)
+    order = sorted(range(len(posts)), key=lambda i: posts[i].conversation_id)
+    params = {}
+    for i in order:
+        try:
+            params[i] = _post_params(posts[i], sender_phases)
+        except ValueError as e:
+            results[i] = e
+    with conn.pipeline():
+        cursors = [(i, conn.execute(_POST, params[i])) for i in order if i in params]
+    for i, cursor in cursors:
+        try:
+            results[i] = _posted(cursor.fetchone(), posts[i], sender_phases)
+        except StoreError as e:
+            results[i] = e
+    return results
+
+
+def _post_params(post: Post, sender_phases: Sequence[str]) -> dict:
+    """The statement's parameters; ValueError for text PostgreSQL can not store."""
+    if "\x00" in post.body or "\x00" in post.client_message_id:
+        raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
+    try:
+        post.body.encode("utf-8")
+        post.client_message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return {"cid": post.conversation_id, "sender": post.sender_account_id,
+            "client_id": post.client_message_id, "body": post.body, "now": post.now_ms,
+            "message_id": uuid.uuid4(), "legacy_phases": list(LEGACY_CLIENT_PHASES),
+            "channel": OUTBOX_CHANNEL, "phases": list(sender_phases)}
+
+
+def _posted(row: tuple | None, post: Post, sender_phases: Sequence[str]) -> tuple[Message, bool]:
+    """The statement's one row as ``(message, created)``, or the refusal it names."""
     status = row[0] if row is not None else "not_found"
     if status == "no_account":
-        raise UnknownAccount(f"no account {sender_account_id}")
+        raise UnknownAccount(f"no account {post.sender_account_id}")
     if status == "phase_refused":
-        raise PhaseRefused(f"account {sender_account_id} is not in phase "
+        raise PhaseRefused(f"account {post.sender_account_id} is not in phase "
                            f"{' or '.join(sender_phases)}")
     if status == "not_found":
-        raise NotFound(f"no conversation {conversation_id}")
+        raise NotFound(f"no conversation {post.conversation_id}")
     if status == "not_member":
         raise NotMember("you are not a member of this conversation")
     return _message(row[2:]), status == "created"

@@ -12,6 +12,7 @@ import pytest
 
 from cloud.store import messages as messages_store
 from cloud.store.errors import NotFound, NotMember, PhaseRefused, UnknownAccount
+from cloud.store.messages import Post
 from cloud.store.outbox import OUTBOX_CHANNEL
 from tests.cloud.store.storefixture import NOW, table_rows
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
@@ -196,3 +197,23 @@ def test_notify_wakes_for_a_conversations_first_waiting_row_only(conn, db_dsn):
         tx(conn, messages_store.post_message, second, a, "m-3", "x", NOW + 1)
         assert woken_until_marker() == [str(first)]
     assert table_rows(conn, "outbox_to_legacy") == 8
+
+
+def test_posts_in_one_transaction_each_get_what_post_message_would_give(conn):
+    """post_messages: each post numbered in its conversation in the order given, a repeated
+    client message id a replay of the first, and a refused post refused alone."""
+    a, b, c = make_account(conn, "alice"), make_account(conn, "bob"), make_account(conn, "cy")
+    ab, ac = make_conversation(conn, a, b), make_conversation(conn, a, c)
+    posts = [Post(ac, a, "x-1", "one", NOW), Post(ab, a, "y-1", "two", NOW),
+             Post(ac, a, "x-2", "three", NOW), Post(ab, b, "y-1", "four", NOW),
+             Post(ab, c, "z-1", "not a member", NOW), Post(ac, a, "x-1", "again", NOW),
+             Post(ab, a, "bad", "nul \x00", NOW), Post(uuid.uuid4(), a, "q", "?", NOW)]
+    results = tx(conn, messages_store.post_messages, posts)
+    created = [(r[0].conversation_id, r[0].seq, r[0].body, r[1]) for r in results[:4]]
+    assert created == [(ac, 1, "one", True), (ab, 1, "two", True), (ac, 2, "three", True),
+                       (ab, 2, "four", True)]
+    assert isinstance(results[4], NotMember)
+    assert results[5] == (results[0][0], False)
+    assert isinstance(results[6], ValueError) and isinstance(results[7], NotFound)
+    assert table_rows(conn, "messages") == 4 and table_rows(conn, "notifications") == 4
+    assert table_rows(conn, "outbox_to_legacy") == 4  # members in phase dual
