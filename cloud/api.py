@@ -6,7 +6,8 @@
       -> path ids (404) -> query (400) -> JSON body (400) -> handler -> JSON response
       (login: failed-login budget of the address, then of the account (429) -> password)
       (posting a message: the token's account is checked in the post's own statement, so
-       after the body: one query per post instead of two)
+       after the body: one query per post instead of two; posts that arrive while the
+       writers are busy share a transaction, ``cloud.posting.PostBatcher``)
     ApiError -> its 4xx;  DatabaseUnavailable -> 503;  anything else -> 500, logged
 
 Routes, all under ``/v1``::
