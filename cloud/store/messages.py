@@ -188,9 +188,15 @@ def post_messages(conn: psycopg.Connection, posts: Sequence[Post], *,
             params[i] = _post_params(posts[i], sender_phases)
         except ValueError as e:
             results[i] = e
-    with conn.pipeline():
-        cursors = [(i, conn.execute(_POST, params[i])) for i in order if i in params]
-    for i, cursor in cursors:
+    sent = [i for i in order if i in params]
+    if not sent:
+        return results
+    cursor = conn.cursor()
+    # executemany pipelines the statements and converts the query once, not once a post
+    cursor.executemany(_POST, [params[i] for i in sent], returning=True)
+    for n, i in enumerate(sent):
+        if n:
+            cursor.nextset()
         try:
             results[i] = _posted(cursor.fetchone(), posts[i], sender_phases)
         except StoreError as e:
