@@ -26,11 +26,12 @@ The loop itself::
                        ^                  |
                        +---- done --------+     stop: cancel the timer, or wait for the tick
 
-Never more than one tick is in flight. A tick claims up to ``batch`` due rows, pushes them
-concurrently and records each outcome; a full batch means a backlog, so the next tick runs
-at once instead of after ``poll_interval_s``. A failed tick is logged (an unreachable
-database once per outage, anything else with its traceback), counted in
-``cloud_dispatcher_loop_failures_total`` and followed by the next tick as usual.
+Never more than one tick is in flight. A tick claims up to ``batch`` due rows (one
+statement), pushes them concurrently and records their outcomes together in one more; a full
+batch means a backlog, so the next tick runs at once instead of after ``poll_interval_s``.
+A failed tick is logged (an unreachable database once per outage, anything else with its
+traceback), counted in ``cloud_dispatcher_loop_failures_total`` and followed by the next
+tick as usual.
 """
 
 from __future__ import annotations
@@ -120,42 +121,55 @@ class NotificationDispatcher(PollingLoop):
             log.warn("{count} notifications failed after {attempts} attempts without an "
                      "acknowledgement", count=len(failed), attempts=cfg.max_attempts)
         if to_push:
-            await defer.gatherResults(
+            outcomes = await defer.gatherResults(
                 [defer.Deferred.fromCoroutine(self._push(n)) for n in to_push],
                 consumeErrors=True)
+            await self._record([o for o in outcomes if o is not None])
         return len(to_push) + len(failed) >= cfg.batch
 
-    async def _push(self, n: Notification) -> None:
-        """Push one claimed notification and record the outcome; never raises."""
+    async def _push(self, n: Notification) -> notifications_store.PushOutcome | None:
+        """Push one claimed notification; its outcome to record, or None after a bug (the
+        row comes due again by itself). Never raises."""
         message = PushMessage(n.account_id, n.notification_id, n.conversation_id,
                               n.message_id, n.seq)
         timeout_s = self.config.push_timeout_s
         try:
-            try:
-                await defer.maybeDeferred(self._gateway.push, message).addTimeout(
-                    timeout_s, self._clock)
-            except (PushRejected, defer.TimeoutError) as e:
-                NOTIFICATIONS_PUSH_ERRORS.inc()
-                delay_s = self.config.retry.delay(n.attempts, self._rng)
-                retry_at_ms = self._now_ms() + round(delay_s * 1000)
-                if isinstance(e, PushRejected):
-                    error = str(e) or "rejected by the push gateway"
-                else:
-                    error = f"no answer from the push gateway within {timeout_s}s"
-                await self._db.run("mark_notification_error",
-                                   notifications_store.mark_notification_error, n.account_id,
-                                   n.notification_id, error, retry_at_ms)
-                return
-            NOTIFICATIONS_PUSHED.inc()
+            await defer.maybeDeferred(self._gateway.push, message).addTimeout(
+                timeout_s, self._clock)
+        except (PushRejected, defer.TimeoutError) as e:
+            NOTIFICATIONS_PUSH_ERRORS.inc()
+            delay_s = self.config.retry.delay(n.attempts, self._rng)
             now_ms = self._now_ms()
-            # the device's time to acknowledge runs from acceptance, not from the claim
-            await self._db.run("mark_notification_sent", notifications_store.mark_notification_sent,
-                               n.account_id, n.notification_id, now_ms,
-                               now_ms + round(self.config.resend_after_s * 1000))
-        except DatabaseUnavailable as e:
-            # The row was rescheduled when it was claimed, so it comes due again by itself.
-            self._database_down(e)
+            if isinstance(e, PushRejected):
+                error = str(e) or "rejected by the push gateway"
+            else:
+                error = f"no answer from the push gateway within {timeout_s}s"
+            return notifications_store.PushOutcome(
+                n.account_id, n.notification_id, now_ms, now_ms + round(delay_s * 1000), error)
         except Exception:
             LOOP_FAILURES.labels(reason="error").inc()
             log.failure("pushing notification {nid} failed unexpectedly; it comes due again",
                         nid=n.notification_id)
+            return None
+        NOTIFICATIONS_PUSHED.inc()
+        now_ms = self._now_ms()
+        # the device's time to acknowledge runs from acceptance, not from the claim
+        return notifications_store.PushOutcome(
+            n.account_id, n.notification_id, now_ms,
+            now_ms + round(self.config.resend_after_s * 1000))
+
+    async def _record(self, outcomes: list[notifications_store.PushOutcome]) -> None:
+        """The tick's outcomes in one transaction (one per push cost the API's database a
+        transaction per message). If it fails, the rows were rescheduled when they were
+        claimed, so they come due again by themselves."""
+        if not outcomes:
+            return
+        try:
+            await self._db.run("record_push_outcomes",
+                               notifications_store.record_push_outcomes, outcomes)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+        except Exception:
+            LOOP_FAILURES.labels(reason="error").inc()
+            log.failure("recording {count} push outcomes failed unexpectedly; those rows come "
+                        "due again", count=len(outcomes))

@@ -79,6 +79,11 @@ def verify(secret: bytes, token: str, now_ms: int) -> uuid.UUID:
     The reason is ``malformed``, ``bad signature`` or ``expired``, checked in that order:
     the expiry of a token with a bad signature is not worth reporting.
     """
+    return verify_with_expiry(secret, token, now_ms)[0]
+
+
+def verify_with_expiry(secret: bytes, token: str, now_ms: int) -> tuple[uuid.UUID, int]:
+    """``verify``, and the token's expiry in ms (for a cache of verified tokens)."""
     check_secret(secret)
     raw = _decode(token)
     payload, mac = raw[:_PAYLOAD.size], raw[_PAYLOAD.size:]
@@ -89,4 +94,4 @@ def verify(secret: bytes, token: str, now_ms: int) -> uuid.UUID:
         raise TokenError("bad signature")
     if now_ms >= expiry:
         raise TokenError("expired")
-    return uuid.UUID(bytes=account)
+    return uuid.UUID(bytes=account), expiry

@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 
+from cloud.db import one_statement
 from cloud.model import PHASES, Account
 from cloud.store.errors import Conflict, NotFound
 
@@ -76,6 +77,7 @@ def accounts_by_phase(conn: psycopg.Connection) -> dict[str, int]:
     return counts
 
 
+@one_statement
 def get_account(conn: psycopg.Connection, account_id: uuid.UUID) -> Account | None:
     row = conn.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE account_id = %s",
                        (account_id,)).fetchone()

@@ -20,6 +20,18 @@ class NotMember(StoreError):
     code = "not_member"
 
 
+class UnknownAccount(StoreError):
+    """The account a request acts for does not exist (any more)."""
+
+    code = "unknown_account"
+
+
+class PhaseRefused(StoreError):
+    """The account is not in a phase the request allows (e.g. posting while in legacy)."""
+
+    code = "phase_refused"
+
+
 class Conflict(StoreError):
     code = "conflict"
 

@@ -5,17 +5,48 @@ acknowledgements. The rows are written with their message (``cloud.store.message
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import attrs
 import psycopg
 from psycopg.rows import tuple_row
 
+from cloud.db import one_statement
 from cloud.model import Notification
 
 _NOTIFICATION_COLS = ("account_id, notification_id, conversation_id, message_id, seq, state, "
                       "attempts")
 
 
+# The claim as one statement: the due rows, locked (skipping rows another dispatcher holds);
+# those out of attempts become failed with a finding each, the others count an attempt and
+# are rescheduled.
+_CLAIM = (
+    "WITH due AS ("
+    "  SELECT account_id, notification_id FROM notifications "
+    "  WHERE state IN ('pending', 'sent') AND next_attempt_ms <= %(now)s "
+    "  ORDER BY next_attempt_ms LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
+    "failed AS ("
+    "  UPDATE notifications n SET state = 'failed', "
+    "    last_error = coalesce(n.last_error, 'never acknowledged') FROM due "
+    "  WHERE n.account_id = due.account_id AND n.notification_id = due.notification_id "
+    "  AND n.attempts >= %(max_attempts)s "
+    f"  RETURNING {', '.join('n.' + c for c in _NOTIFICATION_COLS.split(', '))}), "
+    "found AS ("
+    "  INSERT INTO reconcile_findings (kind, state, conversation_id, account_id, detail, "
+    "    created_ms) "
+    "  SELECT 'notification_failed', 'open', conversation_id, account_id, "
+    "    jsonb_build_object('notification_id', notification_id::text, 'attempts', attempts), "
+    "    %(now)s FROM failed), "
+    "pushed AS ("
+    "  UPDATE notifications n SET attempts = n.attempts + 1, next_attempt_ms = %(resend)s "
+    "  FROM due WHERE n.account_id = due.account_id "
+    "  AND n.notification_id = due.notification_id AND n.attempts < %(max_attempts)s "
+    f"  RETURNING {', '.join('n.' + c for c in _NOTIFICATION_COLS.split(', '))}) "
+    "SELECT true, * FROM pushed UNION ALL SELECT false, * FROM failed")
+
+
+@one_statement
 def claim_due_notifications(conn: psycopg.Connection, now_ms: int, limit: int,
                             resend_after_ms: int, max_attempts: int
                             ) -> tuple[list[Notification], list[Notification]]:
@@ -24,59 +55,52 @@ def claim_due_notifications(conn: psycopg.Connection, now_ms: int, limit: int,
     A due notification is pending, or sent but not acknowledged by its resend time. Each one
     taken counts an attempt and is rescheduled *resend_after_ms* ahead before it is pushed,
     so a dispatcher that dies mid-push loses nothing: the row comes due again. One that has
-    used *max_attempts* becomes ``failed`` with an open finding instead.
+    used *max_attempts* becomes ``failed`` with an open finding instead. One statement.
     """
-    rows = conn.execute(
-        f"SELECT {_NOTIFICATION_COLS} FROM notifications "
-        "WHERE state IN ('pending', 'sent') AND next_attempt_ms <= %s "
-        "ORDER BY next_attempt_ms LIMIT %s FOR UPDATE SKIP LOCKED",
-        (now_ms, limit)).fetchall()
-    to_push, failed = [], []
-    for r in rows:
-        n = Notification(*r)
-        if n.attempts >= max_attempts:
-            conn.execute(
-                "UPDATE notifications SET state = 'failed', "
-                "last_error = coalesce(last_error, 'never acknowledged') "
-                "WHERE account_id = %s AND notification_id = %s",
-                (n.account_id, n.notification_id))
-            conn.execute(
-                "INSERT INTO reconcile_findings (kind, state, conversation_id, account_id, "
-                "detail, created_ms) VALUES ('notification_failed', 'open', %s, %s, "
-                "jsonb_build_object('notification_id', %s::text, 'attempts', %s::int), %s)",
-                (n.conversation_id, n.account_id, str(n.notification_id), n.attempts, now_ms))
-            failed.append(n)
-        else:
-            conn.execute(
-                "UPDATE notifications SET attempts = attempts + 1, next_attempt_ms = %s "
-                "WHERE account_id = %s AND notification_id = %s",
-                (now_ms + resend_after_ms, n.account_id, n.notification_id))
-            to_push.append(attrs.evolve(n, attempts=n.attempts + 1))
+    rows = conn.execute(_CLAIM, {"now": now_ms, "limit": limit, "max_attempts": max_attempts,
+                                 "resend": now_ms + resend_after_ms}).fetchall()
+    to_push = [Notification(*r[1:]) for r in rows if r[0]]
+    failed = [Notification(*r[1:]) for r in rows if not r[0]]
     return to_push, failed
 
 
-def mark_notification_sent(conn: psycopg.Connection, account_id: uuid.UUID,
-                           notification_id: uuid.UUID, now_ms: int,
-                           resend_at_ms: int | None = None) -> None:
-    """The gateway accepted the push (which is not proof of delivery: wait for the ack).
+@attrs.frozen
+class PushOutcome:
+    """What the gateway said to one push: accepted (``error`` None) or refused."""
 
-    *resend_at_ms* restarts the acknowledgement window from now (the claim set one from the
-    claim time, which a slow gateway would otherwise eat into).
+    account_id: uuid.UUID
+    notification_id: uuid.UUID
+    #: accepted: when; refused: also when (not stored)
+    at_ms: int
+    #: accepted: the acknowledgement window's end; refused: when to try again
+    next_attempt_ms: int
+    error: str | None = None
+
+
+@one_statement
+def record_push_outcomes(conn: psycopg.Connection, outcomes: Sequence[PushOutcome]) -> int:
+    """Record a tick's pushes in one statement; returns how many rows changed.
+
+    Accepted (which is not proof of delivery: wait for the ack): state ``sent``, and the
+    acknowledgement window restarts from acceptance (the claim set one from the claim time,
+    which a slow gateway would otherwise eat into). Refused: the error, and the retry time.
+    A row acknowledged (or failed) meanwhile is left as it is.
     """
-    conn.execute(
-        "UPDATE notifications SET state = 'sent', sent_ms = %s, last_error = NULL, "
-        "next_attempt_ms = coalesce(%s, next_attempt_ms) "
-        "WHERE account_id = %s AND notification_id = %s AND state IN ('pending', 'sent')",
-        (now_ms, resend_at_ms, account_id, notification_id))
-
-
-def mark_notification_error(conn: psycopg.Connection, account_id: uuid.UUID,
-                            notification_id: uuid.UUID, error: str, retry_at_ms: int) -> None:
-    """The gateway refused the push; try again at *retry_at_ms*."""
-    conn.execute(
-        "UPDATE notifications SET last_error = %s, next_attempt_ms = %s "
-        "WHERE account_id = %s AND notification_id = %s AND state IN ('pending', 'sent')",
-        (error[:500], retry_at_ms, account_id, notification_id))
+    if not outcomes:
+        return 0
+    cur = conn.execute(
+        "UPDATE notifications n SET "
+        "  state = CASE WHEN o.error IS NULL THEN 'sent' ELSE n.state END, "
+        "  sent_ms = CASE WHEN o.error IS NULL THEN o.at_ms ELSE n.sent_ms END, "
+        "  last_error = left(o.error, 500), next_attempt_ms = o.next_attempt_ms "
+        "FROM unnest(%s::uuid[], %s::uuid[], %s::bigint[], %s::bigint[], %s::text[]) "
+        "  AS o(account_id, notification_id, at_ms, next_attempt_ms, error) "
+        "WHERE n.account_id = o.account_id AND n.notification_id = o.notification_id "
+        "AND n.state IN ('pending', 'sent')",
+        ([o.account_id for o in outcomes], [o.notification_id for o in outcomes],
+         [o.at_ms for o in outcomes], [o.next_attempt_ms for o in outcomes],
+         [o.error for o in outcomes]))
+    return cur.rowcount
 
 
 def ack_notification(conn: psycopg.Connection, account_id: uuid.UUID,

@@ -9,6 +9,7 @@ channel delivers. No real sleeps and no global reactor.
 from __future__ import annotations
 
 import json
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -25,6 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from cloud import api as api_module
 from cloud import tokens
 from cloud.api import CloudAPI
 from cloud.db import DatabaseUnavailable, InlineDatabase
@@ -579,6 +581,50 @@ def test_a_token_of_an_account_moved_back_to_legacy_is_refused(h):
         accounts_store.set_phase(h.conn, alice, "legacy")
     r = h.request("GET", "/v1/conversations", token=token)
     assert (r.status, r.code) == (403, "not_migrated")
+
+
+def test_a_post_checks_the_tokens_account_in_its_own_statement(h):
+    """Posting reads no account before the post (one query per post): a token whose account
+    is gone still gets 401, one moved back to legacy 403 not_migrated, nothing written."""
+    alice, bob = h.account("alice"), h.account("bob")
+    cid = h.conversation(alice, bob)
+    alice_token, bob_token = h.token(alice), h.token(bob)
+    with h.conn.transaction():
+        accounts_store.set_phase(h.conn, alice, "legacy")
+    h.conn.execute("DELETE FROM members WHERE account_id = %s", (bob,))
+    h.conn.execute("DELETE FROM accounts WHERE account_id = %s", (bob,))
+    before = h.snapshot()
+    r = post(h, alice_token, cid, "c-1")
+    assert (r.status, r.code) == (403, "not_migrated")
+    r = post(h, bob_token, cid, "c-2")
+    assert (r.status, r.code) == (401, "unauthorized")
+    assert h.snapshot() == before
+    served = {route.template: route.endpoints[b"POST"] for route in h.api.routes
+              if b"POST" in route.endpoints}
+    assert served["/v1/conversations/{conversation_id}/messages"].account_checked_by_handler
+
+
+def test_a_token_that_authenticated_before_still_expires_on_the_clock(h):
+    """Verified tokens are remembered, their expiry is not: past it, 401 expired."""
+    alice = h.account("alice")
+    token = h.token(alice)  # valid for an hour
+    assert h.request("GET", "/v1/conversations", token=token).status == 200
+    h.clock.advance(3600)
+    r = h.request("GET", "/v1/conversations", token=token)
+    assert (r.status, r.code) == (401, "unauthorized") and "expired" in r.json()["error"][
+        "message"]
+
+
+def test_text_fields_refuse_exactly_unicodes_control_and_surrogate_characters():
+    """The refused-character class is Unicode's categories Cc and Cs, less the controls a
+    field allows (a message body: tab, newline, carriage return), over every code point."""
+    for allowed in (frozenset(), frozenset("\t\n\r")):
+        refused = api_module._refused_characters(allowed)
+        for code in range(0x110000):
+            ch = chr(code)
+            category = unicodedata.category(ch)
+            expected = category == "Cs" or (category == "Cc" and ch not in allowed)
+            assert bool(refused.search(ch)) == expected, hex(code)
 
 
 def test_healthz_needs_no_token(h):

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud.db import Database, InlineDatabase, run_transaction
+from cloud.db import Database, InlineDatabase, one_statement, run_transaction
 from cloud.store import accounts as accounts_store
 from cloud.store.errors import NotFound
 
@@ -106,3 +106,18 @@ def test_database_runs_and_closes_on_the_injected_reactor(db_dsn):
     _CASE.assertNoResult(stopped)
     reactor.run_calls()
     _CASE.successResultOf(stopped)
+
+
+def test_a_one_statement_function_runs_without_begin_and_commit(conn):
+    """Marked ``one_statement``, a function runs on the idle autocommit connection as it is
+    (its statement is the transaction); unmarked, inside BEGIN ... COMMIT; and marked but
+    called inside a caller's transaction, it stays inside it."""
+    idle = psycopg.pq.TransactionStatus.IDLE
+
+    def status(c: psycopg.Connection) -> psycopg.pq.TransactionStatus:
+        return c.info.transaction_status
+
+    assert run_transaction(conn, "test_db_status", status) != idle
+    assert run_transaction(conn, "test_db_status", one_statement(status)) == idle
+    with conn.transaction():
+        assert run_transaction(conn, "test_db_status", one_statement(status)) != idle

@@ -4,13 +4,16 @@ rows, refusals.
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import psycopg
 import pytest
 
 from cloud.store import messages as messages_store
-from cloud.store.errors import NotFound, NotMember
+from cloud.store.errors import NotFound, NotMember, PhaseRefused, UnknownAccount
+from cloud.store.messages import Post
+from cloud.store.outbox import OUTBOX_CHANNEL
 from tests.cloud.store.storefixture import NOW, table_rows
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
@@ -110,3 +113,107 @@ def test_post_refuses_text_postgresql_can_not_store(conn, body):
     with pytest.raises(ValueError):
         tx(conn, messages_store.post_message, cid, a, "c1", body, NOW)
     assert table_rows(conn, "messages") == 0
+
+
+def test_a_post_checks_its_senders_account_and_phase_first_and_writes_nothing(conn):
+    """With sender_phases, an unknown sender is UnknownAccount and one in another phase
+    PhaseRefused, before the conversation is looked at; nothing is written."""
+    a, old = make_account(conn, "alice", "dual"), make_account(conn, "old", "legacy")
+    cid = make_conversation(conn, a, old)
+    phases = ("dual", "cloud", "cloud-only")
+    with pytest.raises(UnknownAccount):
+        tx(conn, messages_store.post_message, uuid.uuid4(), uuid.uuid4(), "c", "x", NOW,
+           sender_phases=phases)
+    with pytest.raises(PhaseRefused):
+        tx(conn, messages_store.post_message, cid, old, "c", "x", NOW, sender_phases=phases)
+    assert table_rows(conn, "messages") == 0 and table_rows(conn, "notifications") == 0
+    assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == 1
+    message, created = tx(conn, messages_store.post_message, cid, a, "c", "x", NOW,
+                          sender_phases=phases)
+    assert created and message.seq == 1
+
+
+def test_a_post_racing_one_with_the_same_client_message_id_returns_that_message(conn, db_dsn):
+    """Two posts of one client message id at once: the second waits for the conversation's
+    lock, then finds the first one's message (a replay), and seq has no gap."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    with psycopg.connect(db_dsn, autocommit=True) as other:
+        with other.transaction():
+            first, _ = messages_store.post_message(other, cid, a, "c-1", "hello", NOW)
+            racing = threading.Thread(target=lambda: results.append(
+                messages_store.post_message(conn, cid, a, "c-1", "hello", NOW)))
+            results: list = []
+            racing.start()
+            wait_until_blocked(other, racing)
+        racing.join(timeout=10)
+    [(second, created)] = results
+    assert second == first and not created
+    assert table_rows(conn, "messages") == 1
+    assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == 2
+
+
+def wait_until_blocked(observer: psycopg.Connection, thread: threading.Thread) -> None:
+    """Until another backend waits for a lock (the racing post), or *thread* ended."""
+    for _ in range(500):
+        waiting = observer.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").fetchone()[0]
+        if waiting or not thread.is_alive():
+            return
+        thread.join(timeout=0.01)
+    raise AssertionError("the racing post never waited for the lock")
+
+
+def test_notify_wakes_for_a_conversations_first_waiting_row_only(conn, db_dsn):
+    """A post NOTIFYs when its outbox row is the only one of its conversation waiting for a
+    claim; behind an unclaimed row it does not (that row's wake covers both); behind rows
+    that are claimed, it does again."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob", "legacy")
+    first, second = make_conversation(conn, a, b), make_conversation(conn, a, b)
+    with psycopg.connect(db_dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {OUTBOX_CHANNEL}")
+
+        def woken_until_marker() -> list[str]:
+            """The wakes so far, ended by a post to a new conversation (notifications
+            arrive in commit order, so a wake missing before it was never sent)."""
+            marker = make_conversation(conn, a, b)
+            tx(conn, messages_store.post_message, marker, a, "marker", "x", NOW)
+            got = []
+            for n in listener.notifies(timeout=10):
+                if n.payload == str(marker):
+                    return got
+                got.append(n.payload)
+            raise AssertionError(f"no wake for the marker post, only {got}")
+
+        tx(conn, messages_store.post_message, first, a, "c-1", "x", NOW)
+        tx(conn, messages_store.post_message, first, a, "c-2", "x", NOW)  # behind c-1
+        tx(conn, messages_store.post_message, second, a, "m-1", "x", NOW)
+        assert woken_until_marker() == [str(first), str(second)]
+        conn.execute("UPDATE outbox_to_legacy SET claimed_until_ms = %s "
+                     "WHERE conversation_id = %s", (NOW + 60_000, first))
+        tx(conn, messages_store.post_message, first, a, "c-3", "x", NOW)  # behind claimed
+        tx(conn, messages_store.post_message, second, a, "m-2", "x", NOW)  # behind m-1
+        tx(conn, messages_store.post_message, second, a, "m-3", "x", NOW + 1)
+        assert woken_until_marker() == [str(first)]
+    assert table_rows(conn, "outbox_to_legacy") == 8
+
+
+def test_posts_in_one_transaction_each_get_what_post_message_would_give(conn):
+    """post_messages: each post numbered in its conversation in the order given, a repeated
+    client message id a replay of the first, and a refused post refused alone."""
+    a, b, c = make_account(conn, "alice"), make_account(conn, "bob"), make_account(conn, "cy")
+    ab, ac = make_conversation(conn, a, b), make_conversation(conn, a, c)
+    posts = [Post(ac, a, "x-1", "one", NOW), Post(ab, a, "y-1", "two", NOW),
+             Post(ac, a, "x-2", "three", NOW), Post(ab, b, "y-1", "four", NOW),
+             Post(ab, c, "z-1", "not a member", NOW), Post(ac, a, "x-1", "again", NOW),
+             Post(ab, a, "bad", "nul \x00", NOW), Post(uuid.uuid4(), a, "q", "?", NOW)]
+    results = tx(conn, messages_store.post_messages, posts)
+    created = [(r[0].conversation_id, r[0].seq, r[0].body, r[1]) for r in results[:4]]
+    assert created == [(ac, 1, "one", True), (ab, 1, "two", True), (ac, 2, "three", True),
+                       (ab, 2, "four", True)]
+    assert isinstance(results[4], NotMember)
+    assert results[5] == (results[0][0], False)
+    assert isinstance(results[6], ValueError) and isinstance(results[7], NotFound)
+    assert table_rows(conn, "messages") == 4 and table_rows(conn, "notifications") == 4
+    assert table_rows(conn, "outbox_to_legacy") == 4  # members in phase dual
