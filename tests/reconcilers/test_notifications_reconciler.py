@@ -40,11 +40,13 @@ def lock_conn(db_dsn):
 
 def reconcile(conn, clock: Clock, lock_conn, *, config: NotificationsConfig = QUICK,
               dry_run: bool = False, max_seconds: float | None = None,
-              step=None) -> runner.Report:
-    """One run; the clock moves in 0.1 s steps (through *step*, e.g. acking devices)."""
+              step=None, stop: bool = False) -> runner.Report:
+    """One run; the clock moves in 0.1 s steps (through *step*, e.g. acking devices);
+    *stop* asks it to stop at its first check (as Ctrl-C would)."""
     d = defer.Deferred.fromCoroutine(runner.run_one(
         NotificationsReconciler(config), clock=clock, db=InlineDatabase(conn),
-        lock_conn=lock_conn, dry_run=dry_run, max_seconds=max_seconds))
+        lock_conn=lock_conn, dry_run=dry_run, max_seconds=max_seconds,
+        stop_requested=lambda: stop))
     for _ in range(600):
         if d.called:
             break
@@ -221,8 +223,9 @@ def test_a_second_concurrent_run_exits_locked(conn, lock_conn, db_dsn):
     assert conn.execute("SELECT count(*) FROM reconcile_runs").fetchone()[0] == 0
 
 
-def test_max_seconds_interrupts_and_the_next_run_resumes(conn, lock_conn):
-    """A bounded run stops after a page, saved as 'interrupted'; the next resumes after it."""
+def test_a_stopped_run_is_partial_and_the_next_run_resumes(conn, lock_conn):
+    """A run stopped after a page is saved as 'interrupted' and partial (exit 3); the next
+    resumes after it."""
     sender, member = uuid.uuid4(), uuid.uuid4()
     with conn.transaction():
         accounts_store.create_account(conn, Account(sender, "sender", "cloud"), None)
@@ -235,9 +238,9 @@ def test_max_seconds_interrupts_and_the_next_run_resumes(conn, lock_conn):
     clock = Clock()
     clock.advance(T0 + 10)
     config = attrs.evolve(QUICK, batch=1)
-    first = reconcile(conn, clock, lock_conn, config=config, max_seconds=0.0)
+    first = reconcile(conn, clock, lock_conn, config=config, stop=True)
     assert not first.completed and first.repaired == 1 and not first.resumed
-    assert first.exit_code() == runner.EXIT_IN_SYNC and not first.clean
+    assert first.exit_code() == runner.EXIT_DIFFERENCES and not first.clean
     second = reconcile(conn, clock, lock_conn, config=config)
     assert second.completed and second.resumed and second.repaired == 2
     assert conn.execute("SELECT count(*) FROM notifications").fetchone()[0] == 3
