@@ -68,6 +68,14 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
     (["reconcile", "gaps", "--legacy", "nohost"], 2, "is not HOST:PORT"),
     (["reconcile", "notifications", "--since", "soon"], 2, "not a duration"),
     (["reconcile", "notifications", "--max-seconds", "0"], 2, "--max-seconds must be"),
+    (["reconcile", "notifications", "--max-seconds", "-5"], 2, "--max-seconds must be"),
+    (["reconcile", "notifications", "--max-seconds", "inf"], 2, "not a finite number"),
+    (["reconcile", "presence", "--legacy", "127.0.0.1:1", "--since", "1h"], 2,
+     "presence has no time window"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--notifications-since", "1h"], 2,
+     "--notifications-since applies to notifications and all"),
+    (["reconcile", "notifications", "--since", "1h", "--notifications-since", "2h"], 2,
+     "not both"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""
@@ -88,3 +96,16 @@ def test_reconcile_writes_textfile_metrics_and_an_empty_store_is_an_error(conn, 
     text = prom.read_text()
     assert 'bridge_reconcile_exit_code{kind="notifications"} 1.0' in text
     assert "bridge_reconcile_compared" in text
+
+
+def test_reconcile_help_says_what_since_means_for_each_kind(tmp_path):
+    """--help names the deadline's default and --since's one meaning per kind."""
+    out = subprocess.run([*BRIDGECTL, "reconcile", "--help"], capture_output=True, text=True,
+                         timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    for needle in ("gaps and all: compare messages sent within it (default 30d)",
+                   "notifications: look for notifications owed",
+                   "presence: has no window", "never widens the notifications window",
+                   "--notifications-since", "default 600", "3 partial"):
+        assert needle in text, needle
