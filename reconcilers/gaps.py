@@ -91,9 +91,12 @@ class GapsConfig:
     hot_range: int = 20_000              # split a time window holding more than this
     confirm_after_s: float = 1.0         # the second look
     fetch_batch: int = 200
-    #: with a deadline, stop comparing this long before it (at most a quarter of the run's
-    #: time) so the second look and the repairs of what was found still fit
+    #: with a deadline, stop comparing this long (at most a quarter of the run's time), plus
+    #: the second look's delay, before it, so the repairs of what was found still fit
     repair_reserve_s: float = 15.0
+    #: confirm and repair after this many conversations with differences (a round), so a
+    #: run cut by its deadline keeps the repairs of its earlier rounds
+    confirm_every: int = 50
 
 
 @attrs.define
@@ -177,8 +180,8 @@ class GapsReconciler:
     async def run(self, ctx: RunContext) -> None:
         cfg, report, db, progress = self.config, ctx.report, ctx.db, ctx.progress
         now = ctx.now_ms()
-        reserve = (0.0 if ctx.deadline is None
-                   else min(cfg.repair_reserve_s, max(0.0, ctx.time_left() or 0.0) / 4))
+        left = ctx.time_left()
+        reserve = 0.0 if left is None else min(cfg.repair_reserve_s, max(0.0, left) / 4)
         chats, unreachable = await self._all_chats(db)
         ring = self.legacy.ring
         #: supernode -> why, for those lost at the start or mid-pass; their chats not compared
@@ -233,10 +236,42 @@ class GapsReconciler:
         again = sorted(c for c in retry if c in chats and c not in ahead)
         order = [("retry", c) for c in again] + order
         diffs: list[ChatDiff] = []
+
+        async def confirm_round() -> None:
+            """Second look at what was found so far, and its repair: done in rounds, so a
+            run the deadline cuts has repaired what earlier rounds found."""
+            await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
+            batch = diffs[:]
+            diffs.clear()
+            for diff in batch:
+                home = ring.home_of(diff.chat_id)
+                if home in lost:
+                    not_covered(diff.chat_id)
+                    continue
+                try:
+                    await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
+                except Exception as e:
+                    if isinstance(e, CUT_OFF):
+                        raise  # the run ended at its deadline: this chat stays in retry
+                    if isinstance(e, LINK_ERRORS):
+                        self._lose(report, lost, home, e)
+                        not_covered(diff.chat_id)
+                        continue
+                    report.failed += 1
+                    report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
+                    continue
+                retry.discard(diff.chat_id)
+                progress["retry"] = sorted(retry)
+            await ctx.save()
+
         pending_unsaved = 0
         for i, (phase, chat_id) in enumerate(order):
-            # every run compares at least one: it always advances
-            if i and (ctx.out_of_time() or (reserve and (ctx.time_left() or 0) < reserve)):
+            # every run compares at least one: it always advances; and it stops comparing
+            # while the second look and the repairs of what it found still fit
+            left = ctx.time_left()
+            if i and (ctx.out_of_time() or (
+                    left is not None
+                    and left < reserve + (cfg.confirm_after_s if diffs else 0.0))):
                 ctx.interrupted = True
                 await ctx.save()
                 break
@@ -273,28 +308,10 @@ class GapsReconciler:
                 await ctx.save()
             ctx.on_progress(f"gaps: {i + 1}/{len(order)} conversations, "
                             f"{report.suspects} suspects")
+            if len(diffs) >= cfg.confirm_every:
+                await confirm_round()
         if diffs:
-            await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
-            for diff in diffs:
-                home = ring.home_of(diff.chat_id)
-                if home in lost:
-                    not_covered(diff.chat_id)
-                    continue
-                try:
-                    await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
-                except Exception as e:
-                    if isinstance(e, CUT_OFF):
-                        raise  # the run ended at its deadline: this chat stays in retry
-                    if isinstance(e, LINK_ERRORS):
-                        self._lose(report, lost, home, e)
-                        not_covered(diff.chat_id)
-                        continue
-                    report.failed += 1
-                    report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
-                    continue
-                retry.discard(diff.chat_id)
-                progress["retry"] = sorted(retry)
-            await ctx.save()
+            await confirm_round()
         if uncovered:
             report.uncovered = sum(len(v) for v in uncovered.values())
             report.detail["uncovered"] = {sn: sorted(set(v))[:UNCOVERED_NAMED]
