@@ -279,7 +279,8 @@ def _within_deadline(work: Any, ctx: RunContext, cut_off: list[bool]) -> defer.D
         if timer.active():
             timer.cancel()
         if done.called:  # cut off already: only a failure other than the cancel is news
-            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            if isinstance(result, Failure) and not result.check(defer.CancelledError,
+                                                                RunCutOff):
                 log.failure("reconciler {kind} failed after its deadline", result,
                             kind=ctx.report.kind)
             return

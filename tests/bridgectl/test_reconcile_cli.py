@@ -109,3 +109,29 @@ def test_reconcile_help_says_what_since_means_for_each_kind(tmp_path):
                    "presence: has no window", "never widens the notifications window",
                    "--notifications-since", "default 600", "3 partial"):
         assert needle in text, needle
+
+
+def test_a_login_server_that_never_answers_can_not_hold_a_run_past_its_deadline(db_dsn,
+                                                                                tmp_path):
+    """Discovery against a port that accepts and never answers ends at --max-seconds
+    (exit 1: the legacy network was unreachable at the start), not at any peer timeout."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        out = subprocess.run([*BRIDGECTL, "reconcile", "presence", "--dsn", db_dsn,
+                              "--legacy", f"127.0.0.1:{port}", "--max-seconds", "1"],
+                             capture_output=True, text=True, timeout=60,
+                             env={"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert out.returncode == 1 and "cannot reach the legacy network" in out.stderr
+    assert "Traceback" not in out.stderr
+    # the deadline plus the interpreter's start and exit; below the 5 s handshake bound,
+    # which would otherwise be what ended the wait
+    assert took < 4.5
