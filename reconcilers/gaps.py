@@ -186,7 +186,7 @@ class GapsReconciler:
         ring = self.legacy.ring
         #: supernode -> why, for those lost at the start or mid-pass; their chats not compared
         lost: dict[str, str] = dict(unreachable)
-        uncovered: dict[str, list[str]] = {}
+        uncovered: dict[str, set[str]] = {}
         gap_sources = sorted(set(await db.run("open_gap_sources", open_gap_sources)))
         if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
             # new feed gaps since the pass began: their chats would move ahead of where the
@@ -198,7 +198,14 @@ class GapsReconciler:
         retry: set[str] = set(progress.get("retry", []))
 
         def not_covered(chat_id: str) -> None:
-            uncovered.setdefault(ring.home_of(chat_id), []).append(chat_id)
+            # named as it happens: a run cut off at its deadline reports them too
+            sn = ring.home_of(chat_id)
+            if chat_id not in uncovered.setdefault(sn, set()):
+                uncovered[sn].add(chat_id)
+                report.uncovered += 1
+                named = report.detail.setdefault("uncovered", {}).setdefault(sn, [])
+                if len(named) < UNCOVERED_NAMED:
+                    named.append(chat_id)
             retry.add(chat_id)
             progress["retry"] = sorted(retry)
 
@@ -312,10 +319,6 @@ class GapsReconciler:
                 await confirm_round()
         if diffs:
             await confirm_round()
-        if uncovered:
-            report.uncovered = sum(len(v) for v in uncovered.values())
-            report.detail["uncovered"] = {sn: sorted(set(v))[:UNCOVERED_NAMED]
-                                          for sn, v in sorted(uncovered.items())}
         report.detail.update(attrs.asdict(self.counters))
         if (not ctx.interrupted and report.failed == 0 and not uncovered
                 and not ctx.dry_run):
