@@ -135,3 +135,23 @@ def test_a_login_server_that_never_answers_can_not_hold_a_run_past_its_deadline(
     # the deadline plus the interpreter's start and exit; below the 5 s handshake bound,
     # which would otherwise be what ended the wait
     assert took < 4.5
+
+
+def test_a_reconcile_connection_bounds_every_statement_and_lock_wait(db_dsn):
+    """The run's connections (statement_timeout_s) cut a slow statement and a lock wait
+    off on the server, so no database wait of a run is unbounded."""
+    import psycopg
+
+    from bridgectl.database import connect
+
+    with connect(db_dsn, "test", statement_timeout_s=0.3) as conn, \
+            psycopg.connect(db_dsn, autocommit=True) as holder:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        assert time.monotonic() - t0 < 5
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        t0 = time.monotonic()
+        with pytest.raises((psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
+            conn.execute("SELECT pg_advisory_lock(4242)")
+        assert time.monotonic() - t0 < 5
