@@ -1,35 +1,68 @@
-"""``bridgectl reconcile gaps|notifications|presence|all``: one cron run of the reconcilers."""
+"""``bridgectl reconcile gaps|notifications|presence|all``: one cron run of the reconcilers.
+
+One deadline bounds the whole invocation (``--max-seconds``, else
+``reconcilers.runner.DEFAULT_MAX_SECONDS``): discovery, every kind of ``all``, and every
+database statement (``statement_timeout``) fit in it, so a cron run never outlives it.
+``all`` runs notifications and presence first, each within a fair share of the time left,
+then gaps with the rest (its reports still print in ``KINDS`` order).
+
+``--since`` means one thing per kind (``SINCE_HELP``): the gaps window for ``gaps`` and
+``all``, the owed-notifications window for ``notifications``; presence has none. Under
+``all`` the notifications keep their own window (24 h) unless ``--notifications-since``
+says otherwise, so a month-wide gaps pass never pushes month-old notifications.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 
 from bridgectl import options, runtime
 from bridgectl.database import connect, current_database
 from bridgectl.errors import RuntimeFailure, UsageError
 
+#: What --since means for each kind (the --help text says the same).
+SINCE_HELP = ("how far back to look, e.g. 90m, 12h, 30d; one meaning per kind: gaps and "
+              "all: compare messages sent within it (default 30d); notifications: look for "
+              "notifications owed for messages sent within it (default 24h, the "
+              "notifications window); presence: has no window (it corrects presence as it "
+              "is now) and refuses --since; under all, --since is the gaps window only and "
+              "never widens the notifications window (see --notifications-since)")
+
+
+#: Bound on one database statement of a run (lower when the deadline is shorter).
+STATEMENT_TIMEOUT_S = 60.0
+
 
 def add_commands(sub: Any) -> None:
+    from reconcilers.runner import DEFAULT_MAX_SECONDS
+
     rec = sub.add_parser(
         "reconcile", help="find and repair divergence between the stacks (a cron job)",
-        description="One reconcile run per invocation. Exit codes: 0 in sync (or all "
-                    "repaired), 1 error (also: compared nothing), 2 bad arguments, "
-                    "3 differences remain (dry run or failed repairs), 4 another run of "
-                    "the same kind holds the lock.")
+        description="One reconcile run per invocation, ended by its deadline (--max-seconds, "
+                    f"default {DEFAULT_MAX_SECONDS:g} s) at the latest. Exit codes: 0 in sync "
+                    "(or all repaired), 1 error (also: compared nothing), 2 bad arguments, "
+                    "3 partial or differences remain (dry run, failed repairs, a supernode "
+                    "unreachable or lost mid-pass, or the deadline reached: the next run "
+                    "resumes), 4 another run of the same kind holds the lock.")
     rec.add_argument("kind", choices=("gaps", "notifications", "presence", "all"),
                      help="what to reconcile")
     options.add_dsn_option(rec)
     rec.add_argument("--legacy", metavar="HOST:PORT", type=options.host_port,
                      help="the legacy login server (needed by gaps, presence and all)")
     rec.add_argument("--since", type=options.duration_ms, metavar="DURATION",
-                     help="how far back to look, e.g. 90m, 12h, 30d (default: 30d for gaps, "
-                          "24h for notifications)")
+                     help=SINCE_HELP)
+    rec.add_argument("--notifications-since", type=options.duration_ms, metavar="DURATION",
+                     help="notifications and all: look for notifications owed for messages "
+                          "sent within DURATION (default 24h, the notifications window); "
+                          "the only way to widen it under all")
     rec.add_argument("--margin", type=options.number, default=10.0, metavar="S",
                      help="gaps: compare only what is older than now minus the bridge's "
                           "measured lag minus S seconds (default 10)")
@@ -39,7 +72,11 @@ def add_commands(sub: Any) -> None:
                           "to compare everything up to now minus --margin)")
     rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
     rec.add_argument("--max-seconds", type=options.number, metavar="S",
-                     help="stop after S seconds; the next run resumes where this one stopped")
+                     default=DEFAULT_MAX_SECONDS,
+                     help="the run's deadline: at S seconds it saves its progress, releases "
+                          "its lock and exits 3; the next run resumes where it stopped "
+                          f"(default {DEFAULT_MAX_SECONDS:g}; all: S for the three kinds "
+                          "together)")
     rec.add_argument("--json", action="store_true", help="print one JSON report object")
     rec.add_argument("--textfile", type=Path, metavar="PATH",
                      help="write metrics for node_exporter's textfile collector to PATH")
@@ -56,10 +93,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from reconcilers.report import ProgressLine, render_text
 
     kinds = list(runner.KINDS) if args.kind == "all" else [args.kind]
-    if args.max_seconds is not None and args.max_seconds <= 0:
-        raise UsageError("--max-seconds must be positive")
+    if not (args.max_seconds > 0 and math.isfinite(args.max_seconds)):
+        raise UsageError("--max-seconds must be a positive number of seconds")
     if args.margin < 0:
         raise UsageError("--margin must not be negative")
+    if args.kind == "presence" and args.since is not None:
+        raise UsageError("presence has no time window (it corrects presence as it is now); "
+                         "--since applies to gaps and notifications")
+    if args.notifications_since is not None and args.kind not in ("notifications", "all"):
+        raise UsageError("--notifications-since applies to notifications and all")
+    if (args.kind == "notifications" and args.since is not None
+            and args.notifications_since is not None):
+        raise UsageError("give --since or --notifications-since, not both (for "
+                         "notifications they mean the same)")
     needs_legacy = {"gaps", "presence"} & set(kinds)
     if needs_legacy and args.legacy is None:
         raise UsageError("--legacy HOST:PORT is needed to reconcile "
@@ -68,35 +114,43 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         raise UsageError("--pushgateway must be an http:// URL")
     secret = options.peer_secret(args) if needs_legacy else None
     dsn, origin = current_database(args)
+    # every statement ends well within the deadline: a blocked or runaway query can not
+    # hold the run (and its lock) past it
+    statement_s = min(STATEMENT_TIMEOUT_S, args.max_seconds)
 
     async def reconcile(reactor: Any, stop_signal: Any) -> list[Any]:
         # Ctrl-C / SIGTERM fire stop_signal: the reconciler stops at its next check, saves
         # its progress (the run ends 'interrupted'), and shutdown waits for that.
+        deadline = reactor.seconds() + args.max_seconds
         links = None
         if needs_legacy:
             network = TCPNetwork(reactor)
             host, port = args.legacy
             try:
-                directory = await discover(network, host, port, name="reconciler",
-                                           secret=secret)
+                found = defer.Deferred.fromCoroutine(discover(
+                    network, host, port, name="reconciler", secret=secret))
+                directory = await found.addTimeout(args.max_seconds, reactor)
             except Exception as e:
                 raise RuntimeFailure(f"cannot reach the legacy network via {host}:{port}: "
                                      f"{e}") from None
             links = SupernodeLinks(network, directory, name="reconciler", secret=secret)
-        reports = []
-        with connect(dsn, origin) as conn, connect(dsn, origin) as lock_conn:
+        reports = {}
+        order = sorted(kinds, key=lambda k: k == "gaps")  # gaps last: it takes what is left
+        with connect(dsn, origin, statement_timeout_s=statement_s) as conn, \
+                connect(dsn, origin, statement_timeout_s=statement_s) as lock_conn:
             db = InlineDatabase(conn)
             progress = ProgressLine(sys.stderr)  # a bar on a terminal, a line per 10 s in cron
-            for kind in kinds:
-                report = await runner.run_one(
+            for i, kind in enumerate(order):
+                left = deadline - reactor.seconds()
+                budget = left if kind == "gaps" else left / (len(order) - i)
+                reports[kind] = await runner.run_one(
                     _reconciler(kind, args, links), clock=reactor, db=db,
-                    lock_conn=lock_conn, dry_run=args.dry_run, max_seconds=args.max_seconds,
+                    lock_conn=lock_conn, dry_run=args.dry_run, max_seconds=max(0.0, budget),
                     on_progress=progress, stop_requested=lambda: stop_signal.called)
                 progress.done()
-                reports.append(report)
         if links is not None:
             links.close()
-        return reports
+        return [reports[k] for k in kinds]
 
     reports = runtime.run_until_stopped(reconcile)
     try:
@@ -125,7 +179,12 @@ def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
         return GapsReconciler(links, config)
     if kind == "notifications":
         from reconcilers.notifications import NotificationsReconciler
-        return NotificationsReconciler.for_cli(since_ms=args.since)
+        # under all, --since is the gaps window: notifications keep their own unless
+        # --notifications-since widens (or narrows) it
+        since = args.notifications_since
+        if since is None and args.kind == "notifications":
+            since = args.since
+        return NotificationsReconciler.for_cli(since_ms=since)
     from reconcilers.presence import PresenceReconciler
     return PresenceReconciler.for_cli(links)
 

@@ -40,10 +40,21 @@ def redact_dsn(dsn: str) -> str:
     return conninfo.make_conninfo(**params)
 
 
-def connect(dsn: str, origin: str) -> psycopg.Connection:
-    """An autocommit connection (one transaction per ``run_transaction``), or one line."""
+def connect(dsn: str, origin: str, *,
+            statement_timeout_s: float | None = None) -> psycopg.Connection:
+    """An autocommit connection (one transaction per ``run_transaction``), or one line.
+
+    With *statement_timeout_s* every statement (and lock wait) is cut off by the server
+    after that long, and TCP keepalives notice a server that vanished, so no wait on this
+    connection is unbounded (a cron run's deadline depends on it)."""
+    bounds: dict = {}
+    if statement_timeout_s is not None:
+        ms = max(1, int(statement_timeout_s * 1000))
+        bounds = {"options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+                  "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                  "keepalives_count": 3}
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, **bounds)
     except psycopg.OperationalError as e:
         first = (str(e).strip().splitlines() or ["connection failed"])[0]
         raise RuntimeFailure(f"cannot connect to the database ({origin}: "

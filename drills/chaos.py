@@ -23,6 +23,14 @@ from drills.demo import Demo
 
 Plan = list[tuple[float, str, dict[str, Any]]]
 
+#: reconcile-crash: the cron runs' interval and deadline, the operator's run's deadline, and
+#: how much longer than its deadline a run's process may take (interpreter start, schema
+#: check and database connect before the deadline's clock starts; exit after it).
+RECONCILE_CRON_EVERY_S = 5.0
+RECONCILE_CRON_DEADLINE_S = 12.0
+RECONCILE_BY_HAND_S = 20.0
+PROCESS_SLACK_S = 8.0
+
 
 def _bridge_kill(rng: random.Random, window: float) -> Plan:
     return [(rng.uniform(0.05, 0.85) * window, "kill_worker",
@@ -36,6 +44,14 @@ def _pg_restart(rng: random.Random, window: float) -> Plan:
 def _supernode_crash(rng: random.Random, window: float) -> Plan:
     return [(rng.uniform(0.25, 0.45) * window, "legacy",
              {"crash": 0.3, "restart_after": 5.0, "storm": True})]
+
+
+def _reconcile_during_crash(rng: random.Random, window: float) -> Plan:
+    """30% of the supernodes crash while cron runs (every few seconds, short deadline) and
+    an operator's run by hand are under way; they come back 10 s later."""
+    t = rng.uniform(0.25, 0.45) * window
+    return [(t, "legacy", {"crash": 0.3, "restart_after": 10.0}),
+            (t + rng.uniform(0.5, 2.0), "reconcile", {"max_seconds": RECONCILE_BY_HAND_S})]
 
 
 def _partition(rng: random.Random, window: float) -> Plan:
@@ -64,6 +80,11 @@ SCENARIOS = {s.name: s for s in (
              _supernode_crash),
     Scenario("partition", "the bridge workers cut off from half the supernodes for 20 s",
              _partition),
+    Scenario("reconcile-crash", "reconcile all every 5 s (deadline 12 s) and once by hand "
+             "(deadline 20 s) while 30% of supernodes crash, back after 10 s: every run "
+             "exits 0, 3 or 4 within its deadline",
+             _reconcile_during_crash, reconcile_every=RECONCILE_CRON_EVERY_S,
+             reconcile_max_seconds=RECONCILE_CRON_DEADLINE_S),
     Scenario("push-loss", "the push gateway loses 20% of notifications",
              lambda _rng, _w: [], push_loss=0.2),
     Scenario("inject-kill", "400 cloud messages posted at once, every worker SIGKILLed while "
@@ -102,6 +123,7 @@ class ChaosResult:
             "leases_when_paused": s.get("leases_when_paused"),
             "chaos_events": s.get("chaos_events"),
             "kills_mid_injection": s.get("kills_mid_injection"),
+            "reconcile_runs": s.get("reconcile_runs"),
         }
 
 
@@ -121,6 +143,16 @@ def verdict(scenario: Scenario, summary: dict[str, Any]) -> tuple[bool, str]:
         problems.append(f"final reconcile exit {summary['final_reconcile_exit']}")
     if not summary["converged"] and not problems:
         problems.append("not converged")
+    if scenario.reconcile_max_seconds is not None:
+        runs = [r for r in summary.get("reconcile_runs", []) if r["why"] != "final"]
+        if not any(r["why"] == "hand" for r in runs) or len(runs) < 3:
+            problems.append(f"too few reconcile runs to judge ({len(runs)})")
+        for r in runs:
+            if r["exit_code"] not in (0, 3, 4):
+                problems.append(f"reconcile ({r['why']}, t={r['t']}) exit {r['exit_code']}")
+            if r["seconds"] > r["max_seconds"] + PROCESS_SLACK_S:
+                problems.append(f"reconcile ({r['why']}, t={r['t']}) took {r['seconds']} s "
+                                f"past its {r['max_seconds']:g} s deadline")
     planned = sum(1 for _t, action, _kw in scenario.plan(random.Random(0), 60.0)
                   if action == "pause_worker")
     fenced = summary.get("fenced_after_pause", {})
@@ -154,7 +186,8 @@ async def run_suite(reactor: Any, names: list[str], seeds: list[int], *, server_
             dbname = f"bridge_chaos_{name.replace('-', '_')}_{seed}_{os.getpid()}"
             dsn = await reactor_thread(reactor, fresh_database, server_dsn, dbname)
             config = DemoConfig(duration=duration, seed=seed, faults="none",
-                                reconcile_every=max(10.0, duration / 3), **(sizes or {}))
+                                reconcile_every=scenario.reconcile_every
+                                or max(10.0, duration / 3), **(sizes or {}))
             workdir = home / "chaos" / f"{name}-{seed}"
             print(f"== {name} (seed {seed}): {scenario.description}", file=status_stream,
                   flush=True)

@@ -36,7 +36,13 @@ class Scenario:
     ``plan(rng, window)`` returns ``(seconds into the traffic, action, arguments)``; actions:
     ``kill_worker`` (SIGKILL, restart after ``restart_after`` s), ``pause_worker`` (SIGSTOP
     for ``seconds``, then SIGCONT), ``legacy`` (a ``legacy run --control-dir`` command),
-    ``pg_restart`` (the embedded PostgreSQL stopped for ``down_s`` and started again).
+    ``pg_restart`` (the embedded PostgreSQL stopped for ``down_s`` and started again),
+    ``reconcile`` (an operator's ``reconcile all`` by hand, alongside the cron runs, with
+    ``--max-seconds max_seconds``).
+
+    ``reconcile_every`` / ``reconcile_max_seconds`` replace the cron runs' interval and
+    deadline; with ``reconcile_max_seconds`` the verdict also wants every run during the
+    traffic to exit 0, 3 or 4 within its deadline (``drills.chaos.verdict``).
     """
 
     name: str
@@ -46,6 +52,8 @@ class Scenario:
     push_loss: float = 0.0
     push_errors: float = 0.0
     needs_embedded: bool = False
+    reconcile_every: float | None = None
+    reconcile_max_seconds: float | None = None
 
 
 @attrs.frozen

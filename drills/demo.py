@@ -327,6 +327,9 @@ class Demo:
             self._legacy_command(kw)
         elif action == "pg_restart":
             await self._pg_restart(float(kw.get("down_s", 5.0)))
+        elif action == "reconcile":  # by hand, alongside the cron runs; awaited before the heal
+            self.pending_faults.append(defer.Deferred.fromCoroutine(
+                self._reconcile("hand", max_seconds=float(kw["max_seconds"]))))
         else:
             raise DemoError(f"unknown fault action {action!r}")
 
@@ -431,23 +434,33 @@ class Demo:
                          or "held under a newer fence" in line)
         return out
 
-    async def _reconcile(self, why: str) -> int:
+    async def _reconcile(self, why: str, max_seconds: float | None = None) -> int:
         # the final run comes after the traffic stopped and the bridge drained: compare
         # everything (the workers' measured p99 lag still remembers the faults' spikes)
         final = ("--lag-ms", "0", "--margin", "1") if why == "final" else ("--margin", "5")
+        if max_seconds is None:
+            max_seconds = 120.0
+            if why == "cron" and self.scenario is not None \
+                    and self.scenario.reconcile_max_seconds is not None:
+                max_seconds = self.scenario.reconcile_max_seconds
         args = ["reconcile", "all", "--legacy", f"127.0.0.1:{self.login_port}", "--json",
-                "--since", "1d", "--max-seconds", "120", *final]
-        code, report = await self.command("reconcile", args, timeout=180)
+                "--since", "1d", "--max-seconds", f"{max_seconds:g}", *final]
+        started = self.reactor.seconds()
+        # the SIGTERM is a backstop far past the deadline: a run must end by itself
+        code, report = await self.command("reconcile", args, timeout=max_seconds + 60)
+        seconds = self.reactor.seconds() - started
         repaired = found = 0
         for r in (report or {}).get("reports", []):
             repaired += int(r.get("repaired") or 0)
             found += int(r.get("confirmed") or 0)
         self.reconcile_runs.append({"why": why, "exit_code": code, "confirmed": found,
                                     "repaired": repaired,
-                                    "t": round(self.reactor.seconds() - self.t0, 1)})
-        meaning = {0: "in sync", 1: "error", 3: "differences remain", 4: "locked"}.get(code, "?")
+                                    "t": round(self.reactor.seconds() - self.t0, 1),
+                                    "seconds": round(seconds, 1), "max_seconds": max_seconds})
+        meaning = {0: "in sync", 1: "error", 3: "partial or differences remain",
+                   4: "locked"}.get(code, "?")
         self.note(f"reconcile all ({why}): exit {code} ({meaning}), {found} differences, "
-                  f"{repaired} repaired")
+                  f"{repaired} repaired, {seconds:.1f} s of {max_seconds:g}")
         return code
 
     async def _migrate_cohort(self, step: int) -> bool:

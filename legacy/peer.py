@@ -189,8 +189,21 @@ def connect_peer(network: Network, host: str, port: int, *, name: str, secret: b
                  timeout: float = 5.0,
                  request_timeout: float | None = REQUEST_TIMEOUT_S) -> defer.Deferred:
     """Connect and authenticate; fires with a ready ``PeerConnection`` whose requests fail
-    with TimeoutError after *request_timeout* seconds on the network's clock."""
+    with TimeoutError after *request_timeout* seconds on the network's clock. The
+    handshake is part of connecting: a server that accepts and never answers (half-open,
+    hung) fails it with TimeoutError after *timeout* seconds, and the link is dropped."""
     d = network.connect(host, port, Factory.forProtocol(
         lambda: PeerConnection(name, secret, clock=network.clock,
                                request_timeout=request_timeout)), timeout=timeout)
-    return d.addCallback(lambda proto: proto.ready)
+
+    def handshake(proto: PeerConnection) -> defer.Deferred:
+        ready = proto.ready.addTimeout(timeout, network.clock)
+
+        def drop(failure: Any) -> Any:
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+            return failure
+
+        return ready.addErrback(drop)
+
+    return d.addCallback(handshake)

@@ -20,6 +20,17 @@ lag minus a margin) keeps messages still in flight out of the comparison.
 
 Conversations homed at supernodes with open ``feed_gap`` findings go first; a completed pass
 over everything marks those findings repaired (the pass covered their ranges).
+
+Partial runs: a supernode that can not list its chats at the start, or whose link fails
+(refused, lost, timed out) while the pass runs, is *lost* for the rest of the run: its
+conversations are not compared (no reconnect-and-wait per chat), they are named in
+``detail.uncovered`` and counted in ``report.uncovered``, and the run exits 3. They stay in
+``progress["retry"]`` with the conversations whose differences were found but not yet
+repaired, so a run the deadline stops is resumed with those first, then after the last
+conversation it finished: nothing is skipped.
+
+The module is long (just over 500 lines) because its SQL transactions (each a function, safe
+to run twice) sit beside the pass that runs them, as the other reconcilers' do.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Any, Protocol
 import attrs
 import psycopg
 from psycopg.types.json import Jsonb
-from twisted.internet import task
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from bridge import ids
@@ -44,7 +55,7 @@ from cloud.store import digests as digests_store
 from cloud.store.conversations import SNAPSHOT
 from legacy import wire
 from legacy.peer import PeerConnection
-from reconcilers.runner import RunContext
+from reconcilers.runner import RunContext, RunCutOff
 
 log = Logger()
 
@@ -52,6 +63,13 @@ log = Logger()
 ORIGIN = "reconciler"
 SPLIT_BITS = 4
 LIST_LIMIT = 400          # a supernode lists at most this many GUIDs per request
+#: How many conversation ids ``detail.uncovered`` names per supernode (the count is exact).
+UNCOVERED_NAMED = 200
+
+#: A failure of the link to a supernode (not of the reconciler): refused, lost, timed out.
+LINK_ERRORS = (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, ConnectionError)
+#: The run was cut off at its deadline (``reconcilers.runner``): stop, do not count it.
+CUT_OFF = (defer.CancelledError, RunCutOff)
 
 
 class LegacyHistory(Protocol):
@@ -74,6 +92,12 @@ class GapsConfig:
     hot_range: int = 20_000              # split a time window holding more than this
     confirm_after_s: float = 1.0         # the second look
     fetch_batch: int = 200
+    #: with a deadline, stop comparing this long (at most a quarter of the run's time), plus
+    #: the second look's delay, before it, so the repairs of what was found still fit
+    repair_reserve_s: float = 15.0
+    #: confirm and repair after this many conversations with differences (a round), so a
+    #: run cut by its deadline keeps the repairs of its earlier rounds
+    confirm_every: int = 50
 
 
 @attrs.define
@@ -157,25 +181,46 @@ class GapsReconciler:
     async def run(self, ctx: RunContext) -> None:
         cfg, report, db, progress = self.config, ctx.report, ctx.db, ctx.progress
         now = ctx.now_ms()
+        left = ctx.time_left()
+        reserve = 0.0 if left is None else min(cfg.repair_reserve_s, max(0.0, left) / 4)
         chats, unreachable = await self._all_chats(db)
-        if unreachable:
-            # a supernode down right now (crashed, partitioned): compare everything else and
-            # report the run as partial (exit 3); the next run covers its chats
-            report.failed += len(unreachable)
-            report.detail.setdefault("errors", []).extend(
-                f"supernode {sn} unreachable: {why}" for sn, why in sorted(unreachable.items()))
-            skipped = sorted(c for c in chats if self.legacy.ring.home_of(c) in unreachable)
-            report.detail["unreachable_supernodes"] = sorted(unreachable)
-            report.detail["skipped_conversations"] = len(skipped)
-            for chat_id in skipped:
-                del chats[chat_id]
+        ring = self.legacy.ring
+        #: supernode -> why, for those lost at the start or mid-pass; their chats not compared
+        lost: dict[str, str] = dict(unreachable)
+        uncovered: dict[str, set[str]] = {}
         gap_sources = sorted(set(await db.run("open_gap_sources", open_gap_sources)))
         if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
             # new feed gaps since the pass began: their chats would move ahead of where the
             # pass stopped and be skipped; start the pass over instead
-            for key in ("phase", "after"):
+            for key in ("phase", "after", "retry"):
                 progress.pop(key, None)
             report.detail["restarted"] = True
+        #: conversations of this pass not yet known to be in sync (see the module docstring)
+        retry: set[str] = set(progress.get("retry", []))
+
+        def not_covered(chat_id: str) -> None:
+            # named as it happens: a run cut off at its deadline reports them too
+            sn = ring.home_of(chat_id)
+            if chat_id not in uncovered.setdefault(sn, set()):
+                uncovered[sn].add(chat_id)
+                report.uncovered += 1
+                named = report.detail.setdefault("uncovered", {}).setdefault(sn, [])
+                if len(named) < UNCOVERED_NAMED:
+                    named.append(chat_id)
+            retry.add(chat_id)
+            progress["retry"] = sorted(retry)
+
+        if unreachable:
+            # a supernode down right now (crashed, partitioned): compare everything else and
+            # report the run as partial (exit 3); the next run covers its chats
+            report.detail.setdefault("errors", []).extend(
+                f"supernode {sn} unreachable: {why}" for sn, why in sorted(unreachable.items()))
+            skipped = sorted(c for c in chats if ring.home_of(c) in unreachable)
+            report.detail["unreachable_supernodes"] = sorted(unreachable)
+            report.detail["skipped_conversations"] = len(skipped)
+            for chat_id in skipped:
+                del chats[chat_id]
+                not_covered(chat_id)
         if progress.get("phase") is None:  # a new pass: fix its window and its gap set
             lag = (cfg.lag_ms if cfg.lag_ms is not None
                    else await db.run("mirror_lag_ms", lag_ms, now))
@@ -185,7 +230,6 @@ class GapsReconciler:
         end, start = progress["watermark_ms"], progress["since_ms"]
         report.detail.update({"watermark_ms": end, "since_ms": start,
                               "lag_ms": progress["lag_ms"]})
-        ring = self.legacy.ring
         first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
         rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
@@ -195,16 +239,64 @@ class GapsReconciler:
             order = [(ph, c) for ph, c in order
                      if phases.index(ph) > phases.index(done_phase)
                      or (ph == done_phase and c > done_after)]
+        # what an earlier run of this pass left uncovered or unrepaired goes first
+        ahead = {c for _, c in order}
+        again = sorted(c for c in retry if c in chats and c not in ahead)
+        order = [("retry", c) for c in again] + order
         diffs: list[ChatDiff] = []
+
+        async def confirm_round() -> None:
+            """Second look at what was found so far, and its repair: done in rounds, so a
+            run the deadline cuts has repaired what earlier rounds found."""
+            await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
+            batch = diffs[:]
+            diffs.clear()
+            for diff in batch:
+                home = ring.home_of(diff.chat_id)
+                if home in lost:
+                    not_covered(diff.chat_id)
+                    continue
+                try:
+                    await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
+                except Exception as e:
+                    if isinstance(e, CUT_OFF):
+                        raise  # the run ended at its deadline: this chat stays in retry
+                    if isinstance(e, LINK_ERRORS):
+                        self._lose(report, lost, home, e)
+                        not_covered(diff.chat_id)
+                        continue
+                    report.failed += 1
+                    report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
+                    continue
+                retry.discard(diff.chat_id)
+                progress["retry"] = sorted(retry)
+            await ctx.save()
+
         pending_unsaved = 0
         for i, (phase, chat_id) in enumerate(order):
-            if i and ctx.out_of_time():  # every run compares at least one: it always advances
+            # every run compares at least one: it always advances; and it stops comparing
+            # while the second look and the repairs of what it found still fit
+            left = ctx.time_left()
+            if i and (ctx.out_of_time() or (
+                    left is not None
+                    and left < reserve + (cfg.confirm_after_s if diffs else 0.0))):
+                ctx.interrupted = True
                 await ctx.save()
                 break
+            home = ring.home_of(chat_id)
+            if home in lost:
+                not_covered(chat_id)
+                continue
             cid, members = chats[chat_id]
             try:
                 diff = await self._compare_chat(db, chat_id, cid, start, end)
             except Exception as e:
+                if isinstance(e, CUT_OFF):
+                    raise  # the run ended at its deadline: this chat stays to do
+                if isinstance(e, LINK_ERRORS):
+                    self._lose(report, lost, home, e)
+                    not_covered(chat_id)
+                    continue
                 report.failed += 1
                 report.detail.setdefault("errors", []).append(f"{chat_id}: {e}")
                 continue
@@ -212,22 +304,36 @@ class GapsReconciler:
             if diff.missing_in_cloud or diff.missing_in_legacy:
                 report.suspects += len(diff.missing_in_cloud) + len(diff.missing_in_legacy)
                 diffs.append(diff)
-            ctx.progress.update({"phase": phase, "after": chat_id})
+                retry.add(chat_id)  # until repaired: a cut-off run leaves it to the next
+            else:
+                retry.discard(chat_id)
+            progress["retry"] = sorted(retry)
+            if phase != "retry":
+                progress.update({"phase": phase, "after": chat_id})
             pending_unsaved += 1
             if pending_unsaved >= 50 or i == len(order) - 1:
                 pending_unsaved = 0
                 await ctx.save()
             ctx.on_progress(f"gaps: {i + 1}/{len(order)} conversations, "
                             f"{report.suspects} suspects")
+            if len(diffs) >= cfg.confirm_every:
+                await confirm_round()
         if diffs:
-            await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
-            for diff in diffs:
-                await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
+            await confirm_round()
         report.detail.update(attrs.asdict(self.counters))
-        if not ctx.interrupted and report.failed == 0 and not ctx.dry_run:
+        if (not ctx.interrupted and report.failed == 0 and not uncovered
+                and not ctx.dry_run):
             closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
                                   report.run_id, ctx.now_ms())
             report.detail["feed_gaps_covered"] = closed
+
+    @staticmethod
+    def _lose(report: Any, lost: dict[str, str], sn: str, e: Exception) -> None:
+        """Supernode *sn*'s link failed mid-pass: its other chats are not tried this run."""
+        why = f"{type(e).__name__}: {e}"
+        lost[sn] = why
+        report.detail.setdefault("lost_supernodes", {})[sn] = why
+        report.detail.setdefault("errors", []).append(f"supernode {sn} lost mid-pass: {why}")
 
     async def _all_chats(self, db: TransactionRunner
                          ) -> tuple[dict[str, tuple[uuid.UUID, tuple[str, ...] | None]],
@@ -251,6 +357,8 @@ class GapsReconciler:
                     if page.done or not page.chats:
                         break
                     after = page.chats[-1].chat_id
+            except CUT_OFF:
+                raise
             except Exception as e:
                 unreachable[sn] = str(e) or type(e).__name__
         return chats, unreachable

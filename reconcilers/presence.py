@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import attrs
 import psycopg
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from bridge.ids import LEGACY_PRESENCE_PREFIX
 from cloud.presence import GRACE_MS
@@ -295,6 +295,8 @@ class PresenceReconciler:
         for sn in sorted(self.links.directory):
             try:
                 peer = await self.links.peer(sn)
+            except defer.CancelledError:
+                raise  # the run ended at its deadline (reconcilers.runner)
             except Exception:
                 unreachable.append(sn)
                 continue
@@ -426,6 +428,8 @@ class PresenceReconciler:
             try:
                 peer = await self.links.peer(p.hub)
                 await peer.inject_presence(p.handle, p.status, ttl, "cloud")
+            except defer.CancelledError:
+                raise  # the run ended at its deadline: nothing more is injected
             except Exception as e:
                 failed.append((p, f"{type(e).__name__}: {e}"))
                 continue

@@ -55,8 +55,8 @@ PER_RUN: dict[str, tuple[str, Callable[[Report], float]]] = {
     "bridge_reconcile_failed": (
         "Repairs that failed in the last reconcile run.", lambda r: r.failed),
     "bridge_reconcile_exit_code": (
-        "Exit code of the last reconcile run (0 in sync, 1 error, 3 differences remain, "
-        "4 locked).", lambda r: r.exit_code()),
+        "Exit code of the last reconcile run (0 in sync, 1 error, 3 partial or differences "
+        "remain, 4 locked).", lambda r: r.exit_code()),
 }
 METRIC_NAMES = (LAST_SUCCESS, *PER_RUN)
 
@@ -166,6 +166,7 @@ def render_text(report: Report) -> str:
     status = ("error: " + report.error if report.error else
               "compared nothing" if report.completed and report.compared == 0 else
               "interrupted (the next run resumes)" if not report.completed else
+              f"partial: {report.uncovered} not covered" if report.uncovered else
               "differences remain" if report.exit_code() else
               "repaired" if report.confirmed else "in sync")
     return (f"{report.kind}: {status}; compared {report.compared}, suspects "

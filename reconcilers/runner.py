@@ -5,7 +5,10 @@
     open a reconcile_runs row (state running), resuming the progress of the newest
       interrupted run of the same kind
     reconciler.run(ctx): compares and repairs, saving ctx.progress as it goes
-      -> deadline (--max-seconds) reached: the row ends 'interrupted', the next run resumes
+      -> deadline (--max-seconds) reached: the reconciler stops at its next check; a wait
+         still in flight at the deadline is cancelled (the run is cut off there, never
+         later); the row ends 'interrupted' with the progress as it stood, exit 3, and
+         the next run resumes
       -> an exception: the row ends 'failed', exit EXIT_ERROR
     the row ends 'finished' with the report; the report's ``clean`` is what the migration
       gate ``recent_clean_reconcile`` looks for
@@ -14,7 +17,9 @@ Exit codes (documented in the README and docs/reconcilers.md):
   0  in sync, or every difference found was repaired
   1  error, including a run that compared nothing (nothing compared is never "in sync")
   2  bad arguments
-  3  differences remain (a dry run, or repairs that failed)
+  3  partial, or differences remain: a dry run that found some, repairs that failed,
+     conversations not covered (a supernode unreachable or lost mid-pass), or a run the
+     deadline stopped before its pass was done
   4  another run of the same kind holds the lock
 """
 
@@ -27,7 +32,10 @@ from typing import Any, Protocol
 import attrs
 import psycopg
 from psycopg.types.json import Jsonb
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cloud.db import TransactionRunner
 
@@ -38,6 +46,12 @@ EXIT_DIFFERENCES = 3
 EXIT_LOCKED = 4
 
 KINDS = ("gaps", "notifications", "presence")
+
+#: A cron run's deadline when --max-seconds is not given: a run never holds its lock (and
+#: the ``recent_clean_reconcile`` gate) for longer than this.
+DEFAULT_MAX_SECONDS = 600.0
+
+log = Logger()
 
 #: Advisory lock keys, one per kind (a gaps run and a notifications run may overlap).
 LOCK_KEYS = {kind: 0x72636E00 + i for i, kind in enumerate(KINDS)}
@@ -54,6 +68,9 @@ class Report:
     confirmed: int = 0
     repaired: int = 0
     failed: int = 0
+    #: conversations this run could not compare (their supernode unreachable, or lost
+    #: mid-pass); named in ``detail.uncovered``; the run is partial (exit 3)
+    uncovered: int = 0
     bytes_from_legacy: int = 0
     duration_s: float = 0.0
     run_id: int | None = None
@@ -65,17 +82,20 @@ class Report:
 
     @property
     def clean(self) -> bool:
-        """Compared something, completed, and nothing is left different."""
+        """Compared something, completed, covered everything, and nothing is left
+        different."""
         return (self.error is None and self.completed and self.compared > 0
-                and self.confirmed == self.repaired and self.failed == 0)
+                and self.confirmed == self.repaired and self.failed == 0
+                and self.uncovered == 0)
 
     def exit_code(self) -> int:
         if self.locked:
             return EXIT_LOCKED
         if self.error is not None or (self.completed and self.compared == 0):
             return EXIT_ERROR
-        if self.confirmed > self.repaired or self.failed:
-            return EXIT_DIFFERENCES
+        if (not self.completed or self.uncovered or self.confirmed > self.repaired
+                or self.failed):
+            return EXIT_DIFFERENCES  # partial, or differences remain
         return EXIT_IN_SYNC
 
     def to_json(self) -> dict[str, Any]:
@@ -107,6 +127,10 @@ class RunContext:
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - self.clock.seconds()
 
     def out_of_time(self) -> bool:
         """True once the deadline passed; the reconciler saves progress and returns."""
@@ -184,13 +208,18 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
                                                  int(clock.seconds() * 1000), dry_run)
         report.run_id, report.resumed = run_id, resumed
         deadline = None if max_seconds is None else clock.seconds() + max_seconds
-        ctx = RunContext(clock, db, report, progress, deadline,
-                         lambda: db.run("save_progress", save_progress, run_id,
-                                        progress), on_progress,
-                         stop_requested=stop_requested)
+        cut_off: list[bool] = []
+
+        def save() -> defer.Deferred:
+            if cut_off:  # the run has ended; a straggler saves nothing
+                return defer.succeed(None)
+            return db.run("save_progress", save_progress, run_id, progress)
+
+        ctx = RunContext(clock, _UntilCutOff(db, cut_off), report, progress, deadline, save,
+                         on_progress, stop_requested=stop_requested)
         state = "failed"
         try:
-            await reconciler.run(ctx)
+            await _within_deadline(reconciler.run(ctx), ctx, cut_off)
             report.completed = not ctx.interrupted
             state = "finished" if report.completed else "interrupted"
             if report.completed:
@@ -201,10 +230,64 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
             raise
         finally:
             report.duration_s = time.monotonic() - started
-            await db.run("finish_run", finish_run, run_id, state, report.to_json(), progress,
-                         int(clock.seconds() * 1000))
+            await db.run("finish_run", finish_run, run_id, state, report.to_json(),
+                         dict(progress), int(clock.seconds() * 1000))
     except Exception as e:
         report.error = report.error or f"{type(e).__name__}: {e}"
     finally:
         unlock(lock_conn, kind)
     return report
+
+
+class RunCutOff(Exception):
+    """A transaction asked for by a reconciler after its run was cut off at the deadline."""
+
+
+class _UntilCutOff:
+    """The run's transaction runner, closed once the run is cut off: a reconciler still
+    unwinding from the cancelled wait writes nothing after its run row is final."""
+
+    def __init__(self, db: TransactionRunner, cut_off: list[bool]) -> None:
+        self._db, self._cut_off = db, cut_off
+
+    def run(self, desc: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+            ) -> defer.Deferred:
+        if self._cut_off:
+            return defer.fail(RunCutOff(f"{desc}: the run ended at its deadline"))
+        return self._db.run(desc, fn, *args, **kwargs)
+
+
+def _within_deadline(work: Any, ctx: RunContext, cut_off: list[bool]) -> defer.Deferred:
+    """Run the reconciler's coroutine *work*; at ``ctx.deadline`` cancel the wait it is in
+    (a request to a silent supernode, the second look's sleep) and fire at once, so the
+    run ends at its deadline whatever it waits for. The progress the run saved (and holds
+    in ``ctx.progress``) is only ever advanced past finished work, so nothing is skipped."""
+    running = defer.Deferred.fromCoroutine(work)
+    if ctx.deadline is None:
+        return running
+    done: defer.Deferred = defer.Deferred()
+
+    def cut() -> None:
+        cut_off.append(True)
+        ctx.interrupted = True
+        done.callback(None)
+        running.cancel()
+
+    timer = ctx.clock.callLater(max(0.0, ctx.deadline - ctx.clock.seconds()), cut)
+
+    def finished(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if done.called:  # cut off already: only a failure other than the cancel is news
+            if isinstance(result, Failure) and not result.check(defer.CancelledError,
+                                                                RunCutOff):
+                log.failure("reconciler {kind} failed after its deadline", result,
+                            kind=ctx.report.kind)
+            return
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.callback(result)
+
+    running.addBoth(finished)
+    return done

@@ -68,6 +68,14 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
     (["reconcile", "gaps", "--legacy", "nohost"], 2, "is not HOST:PORT"),
     (["reconcile", "notifications", "--since", "soon"], 2, "not a duration"),
     (["reconcile", "notifications", "--max-seconds", "0"], 2, "--max-seconds must be"),
+    (["reconcile", "notifications", "--max-seconds", "-5"], 2, "--max-seconds must be"),
+    (["reconcile", "notifications", "--max-seconds", "inf"], 2, "not a finite number"),
+    (["reconcile", "presence", "--legacy", "127.0.0.1:1", "--since", "1h"], 2,
+     "presence has no time window"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--notifications-since", "1h"], 2,
+     "--notifications-since applies to notifications and all"),
+    (["reconcile", "notifications", "--since", "1h", "--notifications-since", "2h"], 2,
+     "not both"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""
@@ -88,3 +96,62 @@ def test_reconcile_writes_textfile_metrics_and_an_empty_store_is_an_error(conn, 
     text = prom.read_text()
     assert 'bridge_reconcile_exit_code{kind="notifications"} 1.0' in text
     assert "bridge_reconcile_compared" in text
+
+
+def test_reconcile_help_says_what_since_means_for_each_kind(tmp_path):
+    """--help names the deadline's default and --since's one meaning per kind."""
+    out = subprocess.run([*BRIDGECTL, "reconcile", "--help"], capture_output=True, text=True,
+                         timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    for needle in ("gaps and all: compare messages sent within it (default 30d)",
+                   "notifications: look for notifications owed",
+                   "presence: has no window", "never widens the notifications window",
+                   "--notifications-since", "default 600", "3 partial"):
+        assert needle in text, needle
+
+
+def test_a_login_server_that_never_answers_can_not_hold_a_run_past_its_deadline(db_dsn,
+                                                                                tmp_path):
+    """Discovery against a port that accepts and never answers ends at --max-seconds
+    (exit 1: the legacy network was unreachable at the start), not at any peer timeout."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        out = subprocess.run([*BRIDGECTL, "reconcile", "presence", "--dsn", db_dsn,
+                              "--legacy", f"127.0.0.1:{port}", "--max-seconds", "1"],
+                             capture_output=True, text=True, timeout=60,
+                             env={"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert out.returncode == 1 and "cannot reach the legacy network" in out.stderr
+    assert "Traceback" not in out.stderr
+    # the deadline plus the interpreter's start and exit; below the 5 s handshake bound,
+    # which would otherwise be what ended the wait
+    assert took < 4.5
+
+
+def test_a_reconcile_connection_bounds_every_statement_and_lock_wait(db_dsn):
+    """The run's connections (statement_timeout_s) cut a slow statement and a lock wait
+    off on the server, so no database wait of a run is unbounded."""
+    import psycopg
+
+    from bridgectl.database import connect
+
+    with connect(db_dsn, "test", statement_timeout_s=0.3) as conn, \
+            psycopg.connect(db_dsn, autocommit=True) as holder:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        assert time.monotonic() - t0 < 5
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        t0 = time.monotonic()
+        with pytest.raises((psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
+            conn.execute("SELECT pg_advisory_lock(4242)")
+        assert time.monotonic() - t0 < 5

@@ -60,7 +60,8 @@ def test_plans_fit_the_window_and_follow_the_seed(name):
     assert plan == scenario.plan(random.Random(7), 45.0)
     for t, action, kw in plan:
         assert 0 <= t <= 45.0 and action in ("kill_worker", "pause_worker", "legacy",
-                                             "pg_restart", "kill_injecting")
+                                             "pg_restart", "reconcile",
+                                             "kill_injecting")
         if action == "pause_worker":
             assert kw["seconds"] > 15.0  # past the 15 s lease, or it proves nothing
     if name == "bridge-kill":
@@ -85,6 +86,49 @@ def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
     assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
     assert run["leases_when_paused"]["2"] and run["fenced_after_pause"]["2"] > 0
     assert [e["action"] for e in run["chaos_events"]] == ["kill_worker", "pause_worker"]
+
+
+def test_reconcile_crash_wants_every_run_to_exit_0_3_or_4_within_its_deadline():
+    """The reconcile-crash verdict: cron and hand runs each end 0, 3 or 4, within their
+    --max-seconds (plus the process's start-up slack); an exit 1 or an overrun fails it."""
+    scenario = chaos.SCENARIOS["reconcile-crash"]
+    runs = [{"why": "cron", "exit_code": 0, "seconds": 2.0, "max_seconds": 12.0, "t": 10},
+            {"why": "hand", "exit_code": 4, "seconds": 1.0, "max_seconds": 20.0, "t": 19},
+            {"why": "cron", "exit_code": 3, "seconds": 12.5, "max_seconds": 12.0, "t": 24},
+            {"why": "final", "exit_code": 0, "seconds": 3.0, "max_seconds": 120.0, "t": 40}]
+    assert chaos.verdict(scenario, {**GOOD, "reconcile_runs": runs}) == (True, "ok")
+    failed = [*runs[:2], {**runs[2], "exit_code": 1}, runs[3]]
+    passed, why = chaos.verdict(scenario, {**GOOD, "reconcile_runs": failed})
+    assert not passed and "exit 1" in why
+    late = [*runs[:2], {**runs[2], "seconds": 12.0 + chaos.PROCESS_SLACK_S + 1}, runs[3]]
+    passed, why = chaos.verdict(scenario, {**GOOD, "reconcile_runs": late})
+    assert not passed and "past its 12 s deadline" in why
+    passed, why = chaos.verdict(scenario, {**GOOD, "reconcile_runs": runs[:1]})
+    assert not passed and "too few reconcile runs" in why
+
+
+@pytest.mark.db
+def test_reconcile_crash_scenario_passes_on_real_processes(db_server, tmp_path):
+    """Cron-like reconcile runs and one by hand while 30% of 10 supernodes crash: each run
+    exits 0, 3 or 4 within its deadline, and the final one is clean with nothing lost (in
+    the bounded subset: it runs in about 52 s here)."""
+    env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
+    env.pop("BRIDGE_DSN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "reconcile-crash",
+         "--seeds", "1", "--first-seed", "2", "--duration", "35", "--supernodes", "10",
+         "--legacy-users", "40", "--rate", "8", "--dsn", db_server, "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["passed"] is True
+    [run] = out["runs"]
+    assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
+    runs = run["reconcile_runs"]
+    assert {r["why"] for r in runs} == {"cron", "hand", "final"}
+    assert all(r["exit_code"] in (0, 3, 4) for r in runs)
+    assert runs[-1]["why"] == "final" and runs[-1]["exit_code"] == 0
+    assert [e["action"] for e in run["chaos_events"]] == ["legacy", "reconcile"]
 
 
 @pytest.mark.db

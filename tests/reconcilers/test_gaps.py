@@ -41,13 +41,18 @@ class Scene:
         bridge.stop(self.net)
 
     def reconcile(self, *, dry_run: bool = False, max_seconds: float | None = None,
-                  config: GapsConfig | None = None) -> tuple[runner.Report, GapsReconciler]:
+                  config: GapsConfig | None = None, stop_after: int | None = None
+                  ) -> tuple[runner.Report, GapsReconciler]:
+        """One run; *stop_after* N root digests asks it to stop (as Ctrl-C or a deadline
+        would at its next check) once it has compared N conversations."""
         self.net.run(15.0)  # let the watermark pass everything sent so far
         rec = GapsReconciler(self.links, config or GapsConfig(margin_ms=1000,
                                                               confirm_after_s=0.5))
         d = defer.Deferred.fromCoroutine(runner.run_one(
             rec, clock=self.net.clock, db=self.db, lock_conn=self.lock_conn,
-            dry_run=dry_run, max_seconds=max_seconds))
+            dry_run=dry_run, max_seconds=max_seconds,
+            stop_requested=lambda: stop_after is not None
+            and rec.counters.digest_requests >= stop_after))
         return self.net.wait(d, timeout=600), rec
 
 
@@ -185,12 +190,14 @@ def test_descent_moves_o_k_log_n_not_the_history(scene):
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(scene):
-    """--max-seconds stops a pass (state interrupted); the next run resumes, not restarts."""
+    """A stopped pass (state interrupted, exit 3 partial) is resumed by the next run, not
+    restarted."""
     for i in range(6):
         scene.chat(f"chat-{i}", 2, members=(f"u{i}a", f"u{i}b"))
     scene.mirror()
-    first, _ = scene.reconcile(max_seconds=0.0001)
+    first, _ = scene.reconcile(stop_after=2)
     assert not first.completed and first.compared >= 1
+    assert first.exit_code() == runner.EXIT_DIFFERENCES
     second, _ = scene.reconcile()
     assert second.resumed and second.completed
     assert first.compared + second.compared == 6
@@ -232,7 +239,7 @@ def test_an_interrupted_dry_run_does_not_make_a_real_run_skip_anything(scene):
         guids += scene.chat(f"chat-{i}", 2, members=(f"v{i}a", f"v{i}b"))
     scene.mirror()
     drop_from_cloud(scene.conn, guids)
-    dry, _ = scene.reconcile(dry_run=True, max_seconds=0.0001)
+    dry, _ = scene.reconcile(dry_run=True, stop_after=2)
     assert not dry.completed and dry.compared >= 1
     real, _ = scene.reconcile()
     assert not real.resumed and real.compared == 4 and real.repaired == len(guids)
@@ -245,7 +252,7 @@ def test_a_feed_gap_found_mid_pass_restarts_the_pass_instead_of_skipping(scene):
     for i in range(6):
         per_chat[f"chat-{i}"] = scene.chat(f"chat-{i}", 2, members=(f"w{i}a", f"w{i}b"))
     scene.mirror()
-    first, _ = scene.reconcile(max_seconds=0.0001)
+    first, _ = scene.reconcile(stop_after=2)
     assert not first.completed
     lost_chat = "chat-4"
     drop_from_cloud(scene.conn, per_chat[lost_chat])
@@ -277,3 +284,101 @@ def test_lag_override_compares_what_the_measured_lag_would_hold_back(scene):
                                                   lag_ms=0))
     assert report.detail["lag_ms"] == 0
     assert (report.confirmed, report.repaired) == (3, 3)
+
+
+def _crash_after(scene, sn: str, compared: int):
+    """An on_progress hook that crashes supernode *sn* once *compared* chats are done."""
+    seen = []
+
+    def on_progress(_text: str) -> None:
+        seen.append(_text)
+        if len(seen) == compared:
+            scene.net.supernodes[sn].crash()
+    return on_progress
+
+
+def _run(scene, rec, **kw):
+    d = defer.Deferred.fromCoroutine(runner.run_one(
+        rec, clock=scene.net.clock, db=scene.db, lock_conn=scene.lock_conn, dry_run=False,
+        max_seconds=None, **kw))
+    return scene.net.wait(d, timeout=600)
+
+
+def test_a_supernode_crashing_mid_pass_makes_the_run_partial_and_the_next_resumes(scene):
+    """Lost mid-pass (its link refused/lost): its chats not yet covered are named, exit 3
+    (not 1), the lock is released; the next run resumes with them first and, with the
+    supernode back, is clean."""
+    chats = [f"chat-{i:02d}" for i in range(12)]
+    for i, c in enumerate(chats):
+        scene.chat(c, 2, members=(f"x{i}a", f"x{i}b"))
+    scene.mirror()
+    homes = {c: scene.net.ring.home_of(c) for c in chats}
+    victim = homes[chats[6]]  # crashed once 3 chats are compared: some of its chats later
+    later = [c for c in chats[3:] if homes[c] == victim]
+    assert later
+    scene.net.run(15.0)
+    rec = GapsReconciler(scene.links, GapsConfig(margin_ms=1000, confirm_after_s=0.5))
+    first = _run(scene, rec, on_progress=_crash_after(scene, victim, 3),
+                 stop_requested=lambda: rec.counters.digest_requests >= 8)
+    assert first.error is None and first.exit_code() == runner.EXIT_DIFFERENCES
+    assert not first.completed and not first.clean
+    uncovered = first.detail["uncovered"][victim]
+    assert set(uncovered) <= set(later) and uncovered and first.uncovered == len(uncovered)
+    assert victim in first.detail["lost_supernodes"]
+    assert runner.try_lock(scene.conn, "gaps")  # released
+    runner.unlock(scene.conn, "gaps")
+    scene.net.wait(scene.net.supernodes[victim].restart())
+    scene.net.run(15.0)
+    again = GapsReconciler(scene.links, GapsConfig(margin_ms=1000, confirm_after_s=0.5))
+    second = _run(scene, again)
+    assert second.resumed and second.completed and second.exit_code() == runner.EXIT_IN_SYNC
+    assert second.clean and second.uncovered == 0
+    # every chat compared once over the two runs, the lost ones by the second
+    assert first.compared + second.compared == len(chats)
+    # the crash lost the victim's history: the chats it had not covered are injected back
+    for c in uncovered:
+        assert len(scene.net.supernodes[victim].history(c)) == 2
+
+
+def test_a_deadline_cuts_off_a_wait_on_a_silent_supernode(scene):
+    """A supernode that accepts and never answers: the run ends at its deadline (not at
+    the peer timeouts), interrupted, exit 3, progress saved and the lock released."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    for i in range(4):
+        scene.chat(f"chat-{i}", 2, members=(f"y{i}a", f"y{i}b"))
+    scene.mirror()
+    silent = sorted(scene.net.supernodes)[0]
+    scene.net.wait(scene.net.supernodes[silent].crash())
+    addr = scene.net.directory[silent]
+    scene.net.wait(scene.net.net.listen(addr.host, addr.port, Factory.forProtocol(Protocol)))
+    scene.links.timeout = 60.0  # a long handshake bound: only the deadline can end the wait
+    report, _ = scene.reconcile(max_seconds=3.0)
+    assert not report.completed and report.error is None
+    assert report.exit_code() == runner.EXIT_DIFFERENCES
+    started, finished, state = scene.conn.execute(
+        "SELECT started_ms, finished_ms, state FROM reconcile_runs").fetchone()
+    assert state == "interrupted" and finished - started <= 3000
+    assert runner.try_lock(scene.conn, "gaps")
+    runner.unlock(scene.conn, "gaps")
+
+
+def test_a_half_open_supernode_fails_its_handshake_within_the_connect_bound(scene):
+    """Accepting and never answering is 'unreachable' after the connect timeout (5 s): the
+    run goes on with the rest and is partial, never hung."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    for i in range(6):
+        scene.chat(f"chat-{i}", 2, members=(f"z{i}a", f"z{i}b"))
+    scene.mirror()
+    silent = scene.net.ring.home_of("chat-0")
+    scene.net.wait(scene.net.supernodes[silent].crash())
+    addr = scene.net.directory[silent]
+    scene.net.wait(scene.net.net.listen(addr.host, addr.port, Factory.forProtocol(Protocol)))
+    report, _ = scene.reconcile()
+    assert report.completed and report.exit_code() == runner.EXIT_DIFFERENCES
+    assert report.detail["unreachable_supernodes"] == [silent]
+    assert "chat-0" in report.detail["uncovered"][silent]
+    started, finished = scene.conn.execute(
+        "SELECT started_ms, finished_ms FROM reconcile_runs").fetchone()
+    assert finished - started < 20_000

@@ -40,11 +40,13 @@ def lock_conn(db_dsn):
 
 def reconcile(conn, clock: Clock, lock_conn, *, config: NotificationsConfig = QUICK,
               dry_run: bool = False, max_seconds: float | None = None,
-              step=None) -> runner.Report:
-    """One run; the clock moves in 0.1 s steps (through *step*, e.g. acking devices)."""
+              step=None, stop: bool = False) -> runner.Report:
+    """One run; the clock moves in 0.1 s steps (through *step*, e.g. acking devices);
+    *stop* asks it to stop at its first check (as Ctrl-C would)."""
     d = defer.Deferred.fromCoroutine(runner.run_one(
         NotificationsReconciler(config), clock=clock, db=InlineDatabase(conn),
-        lock_conn=lock_conn, dry_run=dry_run, max_seconds=max_seconds))
+        lock_conn=lock_conn, dry_run=dry_run, max_seconds=max_seconds,
+        stop_requested=lambda: stop))
     for _ in range(600):
         if d.called:
             break
@@ -221,8 +223,9 @@ def test_a_second_concurrent_run_exits_locked(conn, lock_conn, db_dsn):
     assert conn.execute("SELECT count(*) FROM reconcile_runs").fetchone()[0] == 0
 
 
-def test_max_seconds_interrupts_and_the_next_run_resumes(conn, lock_conn):
-    """A bounded run stops after a page, saved as 'interrupted'; the next resumes after it."""
+def test_a_stopped_run_is_partial_and_the_next_run_resumes(conn, lock_conn):
+    """A run stopped after a page is saved as 'interrupted' and partial (exit 3); the next
+    resumes after it."""
     sender, member = uuid.uuid4(), uuid.uuid4()
     with conn.transaction():
         accounts_store.create_account(conn, Account(sender, "sender", "cloud"), None)
@@ -235,9 +238,9 @@ def test_max_seconds_interrupts_and_the_next_run_resumes(conn, lock_conn):
     clock = Clock()
     clock.advance(T0 + 10)
     config = attrs.evolve(QUICK, batch=1)
-    first = reconcile(conn, clock, lock_conn, config=config, max_seconds=0.0)
+    first = reconcile(conn, clock, lock_conn, config=config, stop=True)
     assert not first.completed and first.repaired == 1 and not first.resumed
-    assert first.exit_code() == runner.EXIT_IN_SYNC and not first.clean
+    assert first.exit_code() == runner.EXIT_DIFFERENCES and not first.clean
     second = reconcile(conn, clock, lock_conn, config=config)
     assert second.completed and second.resumed and second.repaired == 2
     assert conn.execute("SELECT count(*) FROM notifications").fetchone()[0] == 3
@@ -262,3 +265,47 @@ def test_config_is_validated():
                          ({"since_ms": float("nan")}, "since_ms")):
         with pytest.raises(ValueError, match=name):
             NotificationsConfig(**kwargs)
+
+
+def _cli_notifications(argv: list[str]) -> NotificationsReconciler:
+    """The notifications reconciler ``bridgectl <argv>`` builds (parsed by the real CLI)."""
+    from bridgectl import cmd_reconcile
+    from bridgectl import main as cli
+
+    return cmd_reconcile._reconciler("notifications", cli.build_parser().parse_args(argv), None)
+
+
+@pytest.mark.parametrize("argv,created", [
+    (["reconcile", "all", "--since", "30d"], 0),          # the gaps window, not theirs
+    (["reconcile", "all", "--since", "30d", "--notifications-since", "30d"], 1),
+    (["reconcile", "notifications", "--since", "30d"], 1),  # asked for explicitly
+    (["reconcile", "notifications"], 0),                   # their own window: 24 h
+])
+def test_since_never_widens_the_notifications_window_unless_asked(conn, lock_conn, argv,
+                                                                  created):
+    """A message two days old whose notification is missing: only an explicit
+    notifications window (--since for notifications, --notifications-since for all) makes
+    the reconciler owe it now; reconcile all --since 30d leaves it alone."""
+    sender, member = uuid.uuid4(), uuid.uuid4()
+    two_days_ago = T0 - 2 * 86400
+    with conn.transaction():
+        accounts_store.create_account(conn, Account(sender, "sender", "cloud"), None)
+        accounts_store.create_account(conn, Account(member, "member", "cloud"), None)
+        cid = uuid.uuid4()
+        conversations_store.create_conversation(conn, cid, [sender, member])
+        messages_store.post_message(conn, cid, sender, "old", "hello",
+                                    round(two_days_ago * 1000))
+    conn.execute("DELETE FROM notifications")
+    clock = Clock()
+    clock.advance(T0)
+    rec = _cli_notifications(argv)
+    d = defer.Deferred.fromCoroutine(runner.run_one(
+        rec, clock=clock, db=InlineDatabase(conn), lock_conn=lock_conn, dry_run=False,
+        max_seconds=None))
+    for _ in range(100):
+        if d.called:
+            break
+        clock.advance(0.1)
+    report = result_of(d)
+    assert report.error is None and report.repaired == created
+    assert conn.execute("SELECT count(*) FROM notifications").fetchone()[0] == created

@@ -31,11 +31,13 @@ class Scene:
         return int(self.net.clock.seconds() * 1000)
 
     def reconcile(self, *, dry_run: bool = False, max_seconds: float | None = None,
-                  config: PresenceConfig = PresenceConfig(confirm_after_s=0.5)
-                  ) -> runner.Report:
+                  config: PresenceConfig = PresenceConfig(confirm_after_s=0.5),
+                  stop: bool = False) -> runner.Report:
+        """One run; *stop* asks it to stop at its first check (as Ctrl-C would)."""
         d = defer.Deferred.fromCoroutine(runner.run_one(
             PresenceReconciler(self.links, config), clock=self.net.clock, db=self.db,
-            lock_conn=self.lock_conn, dry_run=dry_run, max_seconds=max_seconds))
+            lock_conn=self.lock_conn, dry_run=dry_run, max_seconds=max_seconds,
+            stop_requested=lambda: stop))
         return self.net.wait(d, timeout=600)
 
     def effective(self, handle: str) -> str:
@@ -148,13 +150,15 @@ def test_cloud_presence_missing_on_legacy_is_reinjected_and_watchers_see_it(scen
     assert [f[3] for f in findings(scene.conn)] == ["no_baseline", "hub_restarted"]
 
 
-def test_max_seconds_interrupts_and_the_next_run_resumes(scene):
-    """A bounded run stops after one page; the next run resumes and finishes the pass."""
+def test_a_stopped_run_is_partial_and_the_next_run_resumes(scene):
+    """A run stopped after one page is partial (exit 3); the next run resumes and finishes
+    the pass."""
     for i in range(3):
         scene.set_presence(f"user{i}", "legacy:sn9", "online", 120_000)
     config = PresenceConfig(confirm_after_s=0.5, batch=1)
-    first = scene.reconcile(max_seconds=0.0, config=config)
+    first = scene.reconcile(stop=True, config=config)
     assert not first.completed and first.repaired == 1
+    assert first.exit_code() == runner.EXIT_DIFFERENCES
     second = scene.reconcile(config=config)
     assert second.completed and second.resumed and second.repaired == 2
     assert {r[1] for r in scene.legacy_rows()} == {"offline"}
