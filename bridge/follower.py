@@ -110,6 +110,26 @@ class FeedBatch:
             checkpoint=FeedCheckpoint(self.source, str(self.epoch), self.offset, fence))
 
 
+def feed_gaps(source: str, status: wire.FeedStatus) -> list[dict]:
+    """The ``feed_gap`` findings' details for a ``FeedStatus`` that reports a gap.
+
+    The status names one range: an old epoch's tail (``epoch``), another incarnation's tail
+    (``ahead``: the checkpoint is beyond this feed's end in the same epoch), or what fell out
+    of this feed's buffer (``expired``). After an ``epoch`` or ``ahead`` gap the stream
+    resumes at this feed's ``first_offset``; when the buffer has already wrapped, this
+    incarnation's ``[0, first_offset)`` is not streamed either, so it is a second,
+    ``expired`` gap of its own: its messages are still in the supernode's history, and a
+    reconcile pass can repair them, where the old incarnation's died with its memory.
+    """
+    common = {"source": source, "epoch": status.epoch, "resumed_at": status.first_offset}
+    gaps = [{**common, "gap": status.gap, "gap_epoch": status.gap_epoch,
+             "gap_from": status.gap_from, "gap_to": status.gap_to}]
+    if status.gap in ("epoch", "ahead") and status.first_offset > 0:
+        gaps.append({**common, "gap": "expired", "gap_epoch": status.epoch, "gap_from": 0,
+                     "gap_to": status.first_offset})
+    return gaps
+
+
 class FeedFollower(Service):
     """Mirrors one supernode's feed into the cloud store, from its committed checkpoint."""
 
@@ -283,14 +303,17 @@ class FeedFollower(Service):
         if isinstance(f, wire.FeedStatus):
             batch.epoch = f.epoch
             if f.gap != "none":
-                # Resuming after a gap: the range is recorded for the reconcilers, and the
-                # checkpoint moves past it (it can never be read from this feed again).
-                self.gaps += 1
-                m.FEED_GAPS.labels(kind=f.gap).inc()
-                batch.gaps.append({"source": self.source, "gap": f.gap,
-                                   "gap_epoch": f.gap_epoch, "gap_from": f.gap_from,
-                                   "gap_to": f.gap_to, "epoch": f.epoch,
-                                   "resumed_at": f.first_offset})
+                # Resuming after a gap: the ranges are recorded for the reconcilers, and the
+                # checkpoint moves past them (they can never be read from this feed again).
+                for gap in feed_gaps(self.source, f):
+                    self.gaps += 1
+                    m.FEED_GAPS.labels(kind=gap["gap"]).inc()
+                    batch.gaps.append(gap)
+                if f.gap == "ahead":
+                    log.warn("supernode {sn}: checkpoint {at} is ahead of its feed (next "
+                             "offset {next}) in epoch {epoch}: another incarnation's; "
+                             "reading this feed from its start", sn=self.source,
+                             at=f.gap_from, next=f.next_offset, epoch=f.epoch)
                 batch.offset = f.first_offset
                 self._head = (batch.epoch, batch.offset)
                 self._commit_soon(batch)
