@@ -68,6 +68,10 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
     (["reconcile", "gaps", "--legacy", "nohost"], 2, "is not HOST:PORT"),
     (["reconcile", "notifications", "--since", "soon"], 2, "not a duration"),
     (["reconcile", "notifications", "--max-seconds", "0"], 2, "--max-seconds must be"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--retention-margin", "30d"], 2,
+     "--retention-margin must not be negative and must be shorter than --legacy-retention"),
+    (["reconcile", "all", "--legacy", "127.0.0.1:1", "--legacy-retention", "0"], 2,
+     "must be positive"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""
