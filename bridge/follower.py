@@ -110,7 +110,8 @@ class FeedBatch:
             checkpoint=FeedCheckpoint(self.source, str(self.epoch), self.offset, fence))
 
 
-def feed_gaps(source: str, status: wire.FeedStatus) -> list[dict]:
+def feed_gaps(source: str, status: wire.FeedStatus,
+              lost_after_ms: int | None = None) -> list[dict]:
     """The ``feed_gap`` findings' details for a ``FeedStatus`` that reports a gap.
 
     The status names one range: an old epoch's tail (``epoch``), another incarnation's tail
@@ -120,8 +121,14 @@ def feed_gaps(source: str, status: wire.FeedStatus) -> list[dict]:
     incarnation's ``[0, first_offset)`` is not streamed either, so it is a second,
     ``expired`` gap of its own: its messages are still in the supernode's history, and a
     reconcile pass can repair them, where the old incarnation's died with its memory.
+
+    *lost_after_ms*, when known, is the timestamp of the last message this follower read
+    from the feed: what the gap lost was appended after it, so a reconcile pass whose window
+    starts at or before it has covered the gap (``reconcilers.gaps.close_gap_findings``).
     """
     common = {"source": source, "epoch": status.epoch, "resumed_at": status.first_offset}
+    if lost_after_ms is not None:
+        common["lost_after_ms"] = lost_after_ms
     gaps = [{**common, "gap": status.gap, "gap_epoch": status.gap_epoch,
              "gap_from": status.gap_from, "gap_to": status.gap_to}]
     if status.gap in ("epoch", "ahead") and status.first_offset > 0:
@@ -168,6 +175,9 @@ class FeedFollower(Service):
         self.mirrored = 0
         self.duplicates = 0
         self.gaps = 0
+        #: the timestamp of the last legacy message committed from this feed (None: none
+        #: since this follower started): what a gap found later lost is younger
+        self.last_read_ms: int | None = None
         #: feed entries received and not committed yet (bridge_backlog_messages)
         self.backlog = 0
         self.recent_lags: deque[tuple[float, float]] = deque(maxlen=10_000)
@@ -305,7 +315,7 @@ class FeedFollower(Service):
             if f.gap != "none":
                 # Resuming after a gap: the ranges are recorded for the reconcilers, and the
                 # checkpoint moves past them (they can never be read from this feed again).
-                for gap in feed_gaps(self.source, f):
+                for gap in feed_gaps(self.source, f, self.last_read_ms):
                     self.gaps += 1
                     m.FEED_GAPS.labels(kind=gap["gap"]).inc()
                     batch.gaps.append(gap)
@@ -415,6 +425,9 @@ class FeedFollower(Service):
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
             self.backlog -= batch.frames
+            if batch.messages:
+                self.last_read_ms = max(self.last_read_ms or 0,
+                                        max(msg.ts_ms for msg in batch.messages))
             lags = [max(0.0, now - msg.sent_ms / 1000) for msg in result.inserted]
             _LAG.observe_many(lags)
             self.recent_lags.extend((now, lag) for lag in lags)

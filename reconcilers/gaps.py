@@ -19,7 +19,7 @@ exactly the k missing messages are fetched. The watermark (now minus the bridge'
 lag minus a margin) keeps messages still in flight out of the comparison.
 
 Conversations homed at supernodes with open ``feed_gap`` findings go first; a completed pass
-over everything closes those findings: ``repaired`` when the pass could compare what was
+closes those whose losses its window reached: ``repaired`` when the pass could compare what was
 lost (entries out of a live feed's buffer), ``unrecoverable`` when it died with the
 supernode's memory (an old epoch's tail).
 
@@ -150,9 +150,12 @@ LOST_WITH_MEMORY = ("epoch", "ahead")
 
 
 def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequence[str],
-                       run_id: int | None, now_ms: int) -> dict[str, int]:
+                       run_id: int | None, now_ms: int, *, window_start_ms: int = 0,
+                       whole_retention: bool = True) -> dict[str, int]:
     """Close the feed_gap findings a completed pass covered: those of the supernodes whose
-    chats it compared first, found before its watermark (so their losses were compared).
+    chats it compared first, found before its watermark, and whose losses its window
+    reached: lost after ``window_start_ms`` (``detail.lost_after_ms``), or, when that is
+    not known, by a pass over everything legacy still holds (*whole_retention*).
     A gap whose entries died with a supernode's memory ends ``unrecoverable``, never
     ``repaired``; the rest ``repaired``. Returns how many ended in each state."""
     rows = conn.execute(
@@ -160,8 +163,10 @@ def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequen
         "state = CASE WHEN detail->>'gap' = ANY(%s) THEN 'unrecoverable' ELSE 'repaired' END, "
         "detail = detail || jsonb_build_object('covered_by_run', %s::bigint) "
         "WHERE kind = 'feed_gap' AND state = 'open' AND created_ms < %s "
-        "AND detail->>'source' = ANY(%s) RETURNING state",
-        (now_ms, list(LOST_WITH_MEMORY), run_id, before_ms, list(sources))).fetchall()
+        "AND detail->>'source' = ANY(%s) "
+        "AND (%s OR (detail->>'lost_after_ms')::bigint >= %s) RETURNING state",
+        (now_ms, list(LOST_WITH_MEMORY), run_id, before_ms, list(sources), whole_retention,
+         window_start_ms)).fetchall()
     closed = {"repaired": 0, "unrecoverable": 0}
     for (state,) in rows:
         closed[state] += 1
@@ -277,8 +282,11 @@ class GapsReconciler:
                 await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
         report.detail.update(attrs.asdict(self.counters))
         if not ctx.interrupted and report.failed == 0 and not ctx.dry_run:
+            # a short --since compares recent history only: a gap whose losses may be older
+            # stays open (its supernode keeps going first) until a pass reaches them
             closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
-                                  report.run_id, ctx.now_ms())
+                                  report.run_id, ctx.now_ms(), window_start_ms=start,
+                                  whole_retention=start <= max(floor, 0))
             report.detail["feed_gaps_covered"] = sum(closed.values())
             report.detail["feed_gaps_unrecoverable"] = closed["unrecoverable"]
 

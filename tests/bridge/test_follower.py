@@ -137,9 +137,12 @@ def test_a_supernode_restart_is_recorded_as_a_feed_gap(net, conn):
     net.run(1.0)
     net.wait(net.supernodes[home].restart())
     net.run(10.0)
-    gaps = conn.execute("SELECT detail->>'source', detail->>'gap' FROM reconcile_findings "
+    gaps = conn.execute("SELECT detail->>'source', detail->>'gap', "
+                        "(detail->>'lost_after_ms')::bigint FROM reconcile_findings "
                         "WHERE kind = 'feed_gap'").fetchall()
-    assert (home, "epoch") in gaps
+    # what the restart lost was appended after the last message this follower had read
+    last_read = conn.execute("SELECT max(sent_ms) FROM messages").fetchone()[0]
+    assert (home, "epoch", last_read) in gaps
     cp = coordination_store.load_checkpoints(conn)[home]
     assert int(cp.epoch) == net.supernodes[home].mem.epoch
     bridge.stop(net)

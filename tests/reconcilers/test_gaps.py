@@ -415,3 +415,28 @@ def test_the_window_stays_inside_legacy_retention_over_a_month(month):
     later, _ = scene.reconcile()
     assert later.clean and later.confirmed == 0 and later.failed == 0
     assert len(chat_messages(scene.conn, "chat-recent")) == len(recent)
+
+
+def test_a_short_window_closes_only_the_feed_gaps_it_reached(scene):
+    """A pass with --since 2h compares recent history only: it closes a feed gap whose
+    losses are younger than its window (detail.lost_after_ms), and leaves open one whose
+    losses may be older, or of unknown age, until a pass over the whole retention."""
+    scene.chat("chat-a", 3)
+    scene.mirror()
+    home = scene.net.ring.home_of("chat-a")
+    scene.net.run_until(DAY_S)
+    now_ms = int(scene.net.clock.seconds() * 1000)
+    with scene.conn.transaction():
+        for lost_after in (now_ms - 1_800_000, now_ms - 3 * 3_600_000, None):
+            detail = {"source": home, "gap": "expired"}
+            if lost_after is not None:
+                detail["lost_after_ms"] = lost_after
+            findings_store.record_finding(scene.conn, "feed_gap", detail, now_ms)
+    recent, _ = scene.reconcile(config=GapsConfig(margin_ms=1000, confirm_after_s=0.5,
+                                                  since_ms=2 * 3_600_000))
+    assert recent.clean and recent.detail["feed_gaps_covered"] == 1
+    assert feed_gap_states(scene.conn) == [("expired", "repaired"), ("expired", "open"),
+                                           ("expired", "open")]
+    whole, _ = scene.reconcile()
+    assert whole.clean and whole.detail["feed_gaps_covered"] == 2
+    assert [s for _, s in feed_gap_states(scene.conn)] == ["repaired"] * 3
