@@ -124,7 +124,7 @@ def feed_gaps(source: str, status: wire.FeedStatus,
 
     *lost_after_ms*, when known, is the timestamp of the last message this follower read
     from the feed: what the gap lost was appended after it, so a reconcile pass whose window
-    starts at or before it has covered the gap (``reconcilers.gaps.close_gap_findings``).
+    starts at or before it has covered the gap (``reconcilers.feed_gaps.close_gap_findings``).
     """
     common = {"source": source, "epoch": status.epoch, "resumed_at": status.first_offset}
     if lost_after_ms is not None:

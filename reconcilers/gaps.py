@@ -50,6 +50,7 @@ from cloud.store import conversations as conversations_store
 from cloud.store import digests as digests_store
 from legacy import wire
 from legacy.peer import PeerConnection
+from reconcilers.feed_gaps import close_gap_findings, open_gap_sources
 from reconcilers.runner import RunContext
 
 log = Logger()
@@ -58,6 +59,7 @@ log = Logger()
 ORIGIN = "reconciler"
 SPLIT_BITS = 4
 LIST_LIMIT = 400          # a supernode lists at most this many GUIDs per request
+REPAIRED_NAMED = 100      # conversations a closed feed gap names at most
 
 
 class LegacyHistory(Protocol):
@@ -133,44 +135,6 @@ def lag_ms(conn: psycopg.Connection, now_ms: int) -> int:
     """The worst lag live bridge workers report (0 when none report one)."""
     return max((max(w.lag_to_cloud_ms or 0, w.lag_to_legacy_ms or 0)
                 for w in admin.live_workers(conn, now_ms)), default=0)
-
-
-def open_gap_sources(conn: psycopg.Connection) -> list[str]:
-    return [r[0] for r in conn.execute(
-        "SELECT DISTINCT detail->>'source' FROM reconcile_findings "
-        "WHERE kind = 'feed_gap' AND state = 'open'")]
-
-
-#: Feed gaps whose entries died with the supernode's memory: an old epoch's tail, or another
-#: incarnation's (``ahead``). A pass re-injects what the cloud has into the new incarnation,
-#: but what only the lost one held is gone: such a gap is closed ``unrecoverable``. An
-#: ``expired`` gap (entries that fell out of a live feed's buffer, still in the supernode's
-#: history) is what a pass compares and repairs: it is closed ``repaired``.
-LOST_WITH_MEMORY = ("epoch", "ahead")
-
-
-def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequence[str],
-                       run_id: int | None, now_ms: int, *, window_start_ms: int = 0,
-                       whole_retention: bool = True) -> dict[str, int]:
-    """Close the feed_gap findings a completed pass covered: those of the supernodes whose
-    chats it compared first, found before its watermark, and whose losses its window
-    reached: lost after ``window_start_ms`` (``detail.lost_after_ms``), or, when that is
-    not known, by a pass over everything legacy still holds (*whole_retention*).
-    A gap whose entries died with a supernode's memory ends ``unrecoverable``, never
-    ``repaired``; the rest ``repaired``. Returns how many ended in each state."""
-    rows = conn.execute(
-        "UPDATE reconcile_findings SET resolved_ms = %s, "
-        "state = CASE WHEN detail->>'gap' = ANY(%s) THEN 'unrecoverable' ELSE 'repaired' END, "
-        "detail = detail || jsonb_build_object('covered_by_run', %s::bigint) "
-        "WHERE kind = 'feed_gap' AND state = 'open' AND created_ms < %s "
-        "AND detail->>'source' = ANY(%s) "
-        "AND (%s OR (detail->>'lost_after_ms')::bigint >= %s) RETURNING state",
-        (now_ms, list(LOST_WITH_MEMORY), run_id, before_ms, list(sources), whole_retention,
-         window_start_ms)).fetchall()
-    closed = {"repaired": 0, "unrecoverable": 0}
-    for (state,) in rows:
-        closed[state] += 1
-    return closed
 
 
 def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state: str,
@@ -286,7 +250,8 @@ class GapsReconciler:
             # stays open (its supernode keeps going first) until a pass reaches them
             closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
                                   report.run_id, ctx.now_ms(), window_start_ms=start,
-                                  whole_retention=start <= max(floor, 0))
+                                  whole_retention=start <= max(floor, 0),
+                                  repaired=progress.get("repaired_by_source", {}))
             report.detail["feed_gaps_covered"] = sum(closed.values())
             report.detail["feed_gaps_unrecoverable"] = closed["unrecoverable"]
 
@@ -433,6 +398,16 @@ class GapsReconciler:
             self.counters.fetched_messages += len(found)
         return found, missing
 
+    def _note_repair(self, ctx: RunContext, diff: ChatDiff) -> None:
+        """Remember (in the pass's progress, so a resumed pass keeps it) a conversation
+        repaired at a supernode with open feed gaps: the gaps' findings name it."""
+        sn = self.legacy.ring.home_of(diff.chat_id)
+        if sn in ctx.progress.get("gap_sources", ()):
+            noted = ctx.progress.setdefault("repaired_by_source", {}).setdefault(sn, [])
+            cid = str(diff.conversation_id)
+            if cid not in noted and len(noted) < REPAIRED_NAMED:
+                noted.append(cid)
+
     async def _repair_cloud(self, ctx: RunContext, diff: ChatDiff,
                             members: tuple[str, ...] | None,
                             messages: list[wire.ChatMessage]) -> None:
@@ -457,6 +432,8 @@ class GapsReconciler:
         result = outcome.result
         resolved = len(result.inserted) + result.duplicates
         report.repaired += resolved
+        if resolved:
+            self._note_repair(ctx, diff)
         report.failed += len(messages) - resolved
         detail["inserted"] = len(result.inserted)
         await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
@@ -478,6 +455,8 @@ class GapsReconciler:
             except Exception as e:
                 errors.append(f"{guid}: {e}")
         report.repaired += len(repaired)
+        if repaired:
+            self._note_repair(ctx, diff)
         report.failed += len(rows) - len(repaired)
         detail = {"chat_id": diff.chat_id, "count": len(repaired), "guids": repaired[:50]}
         if repaired:

@@ -326,6 +326,11 @@ def test_an_epoch_gap_is_unrecoverable_and_a_wrapped_prefix_is_repaired(small_fe
     assert report.detail["feed_gaps_covered"] == 2
     assert report.detail["feed_gaps_unrecoverable"] == 1
     assert feed_gap_states(scene.conn) == [("epoch", "unrecoverable"), ("expired", "repaired")]
+    # each names the conversations the pass repaired at that supernode
+    named = {str(ids.conversation_id(c)) for c in ("chat-a", wrapped_chat)}
+    assert [set(r[0]) for r in scene.conn.execute(
+        "SELECT detail->'repaired_conversations' FROM reconcile_findings "
+        "WHERE kind = 'feed_gap' ORDER BY finding_id")] == [named, named]
     assert sorted(r[1] for r in chat_messages(scene.conn, wrapped_chat)) == sorted(wrapped)
     # what the cloud had went back to legacy; what only the lost incarnation had is gone
     assert {r[1] for r in chat_messages(scene.conn, "chat-a")} == set(kept)
