@@ -1,4 +1,4 @@
--- 0010: a finding may end 'unrecoverable': the legacy network's own loss, which no repair
+-- 0011: a finding may end 'unrecoverable': the legacy network's own loss, which no repair
 -- can undo (a feed gap whose entries died with a supernode's memory). Reported apart from
 -- 'repaired', and never counted as open. Open feed gaps are looked up by their supernode
 -- (detail->>'source') by the gaps reconciler; index that.
