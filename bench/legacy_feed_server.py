@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import secrets
 import signal
 import sys
 from typing import Any
@@ -44,7 +45,8 @@ def main() -> None:
     config = RunConfig(supernodes=sns, users=2000, rate=0, duration=None, base_port=base,
                        feed_capacity=1_000_000)
     dep = LegacyDeployment(config, TCPNetwork(reactor), peer_secret=state.secret(home, "peer"),
-                           login_secret=state.secret(home, "login"))
+                           login_secret=state.secret(home, "login"),
+                           run_id=secrets.randbits(64))  # fresh epochs for every run
     # The feeds and chat histories keep every message (hundreds of thousands of objects in a
     # lag run), so each full collection walks them all: pauses of 50-380 ms, growing with
     # the run, every few seconds, with every frame held back meanwhile. That pause belongs to

@@ -113,6 +113,33 @@ class FeedBatch:
             checkpoint=FeedCheckpoint(self.source, str(self.epoch), self.offset, fence))
 
 
+def feed_gaps(source: str, status: wire.FeedStatus,
+              lost_after_ms: int | None = None) -> list[dict]:
+    """The ``feed_gap`` findings' details for a ``FeedStatus`` that reports a gap.
+
+    The status names one range: an old epoch's tail (``epoch``), another incarnation's tail
+    (``ahead``: the checkpoint is beyond this feed's end in the same epoch), or what fell out
+    of this feed's buffer (``expired``). After an ``epoch`` or ``ahead`` gap the stream
+    resumes at this feed's ``first_offset``; when the buffer has already wrapped, this
+    incarnation's ``[0, first_offset)`` is not streamed either, so it is a second,
+    ``expired`` gap of its own: its messages are still in the supernode's history, and a
+    reconcile pass can repair them, where the old incarnation's died with its memory.
+
+    *lost_after_ms*, when known, is the timestamp of the last message this follower read
+    from the feed: what the gap lost was appended after it, so a reconcile pass whose window
+    starts at or before it has covered the gap (``reconcilers.feed_gaps.close_gap_findings``).
+    """
+    common = {"source": source, "epoch": status.epoch, "resumed_at": status.first_offset}
+    if lost_after_ms is not None:
+        common["lost_after_ms"] = lost_after_ms
+    gaps = [{**common, "gap": status.gap, "gap_epoch": status.gap_epoch,
+             "gap_from": status.gap_from, "gap_to": status.gap_to}]
+    if status.gap in ("epoch", "ahead") and status.first_offset > 0:
+        gaps.append({**common, "gap": "expired", "gap_epoch": status.epoch, "gap_from": 0,
+                     "gap_to": status.first_offset})
+    return gaps
+
+
 class FeedFollower(Service):
     """Mirrors one supernode's feed into the cloud store, from its committed checkpoint."""
 
@@ -151,6 +178,9 @@ class FeedFollower(Service):
         self.mirrored = 0
         self.duplicates = 0
         self.gaps = 0
+        #: the timestamp of the last legacy message committed from this feed (None: none
+        #: since this follower started): what a gap found later lost is younger
+        self.last_read_ms: int | None = None
         #: feed entries received and not committed yet (bridge_backlog_messages)
         self.backlog = 0
         #: (time, lag seconds, met a fault) of recent commits, for the worker's heartbeat
@@ -292,14 +322,17 @@ class FeedFollower(Service):
         if isinstance(f, wire.FeedStatus):
             batch.epoch = f.epoch
             if f.gap != "none":
-                # Resuming after a gap: the range is recorded for the reconcilers, and the
-                # checkpoint moves past it (it can never be read from this feed again).
-                self.gaps += 1
-                m.FEED_GAPS.labels(kind=f.gap).inc()
-                batch.gaps.append({"source": self.source, "gap": f.gap,
-                                   "gap_epoch": f.gap_epoch, "gap_from": f.gap_from,
-                                   "gap_to": f.gap_to, "epoch": f.epoch,
-                                   "resumed_at": f.first_offset})
+                # Resuming after a gap: the ranges are recorded for the reconcilers, and the
+                # checkpoint moves past them (they can never be read from this feed again).
+                for gap in feed_gaps(self.source, f, self.last_read_ms):
+                    self.gaps += 1
+                    m.FEED_GAPS.labels(kind=gap["gap"]).inc()
+                    batch.gaps.append(gap)
+                if f.gap == "ahead":
+                    log.warn("supernode {sn}: checkpoint {at} is ahead of its feed (next "
+                             "offset {next}) in epoch {epoch}: another incarnation's; "
+                             "reading this feed from its start", sn=self.source,
+                             at=f.gap_from, next=f.next_offset, epoch=f.epoch)
                 batch.offset = f.first_offset
                 self._head = (batch.epoch, batch.offset)
                 self._commit_soon(batch)
@@ -409,6 +442,9 @@ class FeedFollower(Service):
             m.BATCH_SIZE.labels(direction="to_cloud").observe(len(batch.messages))
             m.BATCH_SECONDS.labels(direction="to_cloud").observe(now - started)
             self.backlog -= batch.frames
+            if batch.messages:
+                self.last_read_ms = max(self.last_read_ms or 0,
+                                        max(msg.ts_ms for msg in batch.messages))
             lags = [max(0.0, now - msg.sent_ms / 1000) for msg in result.inserted]
             _LAG.observe_many(lags)
             self.recent_lags.extend((now, lag, self.faults.met(now - lag, now)) for lag in lags)

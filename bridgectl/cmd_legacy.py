@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def add_commands(sub: Any) -> None:
                           "suite: crash a fraction of supernodes, cut the bridge off some)")
     run.add_argument("--record", type=Path, metavar="FILE",
                      help="at the end, write the clients' record (acknowledged messages, "
-                          "supernode crashes) to FILE as JSON, for an outside check")
+                          "supernode crashes, each supernode's epochs) to FILE as JSON, for "
+                          "an outside check")
     run.add_argument("--metrics-port", type=options.port, metavar="P",
                      help="serve the network's /metrics, /healthz and /readyz on "
                           "127.0.0.1:P (0: any free port; default: not served)")
@@ -134,8 +136,10 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
             print(f"legacy network metrics on http://127.0.0.1:{metrics.address()[1]}/metrics",
                   file=sys.stderr, flush=True)
         try:
+            # a fresh run id: epochs never repeat those of an earlier run with this seed
             return await run_tcp(reactor, config, peer_secret=peer_secret,
-                                 login_secret=login_secret, on_listening=listening,
+                                 login_secret=login_secret, run_id=secrets.randbits(64),
+                                 on_listening=listening,
                                  stop_signal=stop_signal, heal_signal=heal_signal,
                                  on_done=write_record)
         finally:

@@ -70,6 +70,16 @@ def add_commands(sub: Any) -> None:
                      help="gaps: assume this bridge lag instead of the one live workers "
                           "report (e.g. 0 once traffic is stopped and the bridge drained, "
                           "to compare everything up to now minus --margin)")
+    rec.add_argument("--legacy-retention", type=options.duration_ms, default="30d",
+                     metavar="DURATION",
+                     help="gaps: how long legacy supernodes keep history (their "
+                          "retention_seconds; default 30d). Nothing older than the retention "
+                          "less --retention-margin is compared or re-injected, whatever "
+                          "--since says")
+    rec.add_argument("--retention-margin", type=options.duration_ms, default="1h",
+                     metavar="DURATION",
+                     help="gaps: how far inside the legacy retention the window ends "
+                          "(default 1h; longer than a run, so nothing ages out during it)")
     rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
     rec.add_argument("--max-seconds", type=options.number, metavar="S",
                      default=DEFAULT_MAX_SECONDS,
@@ -106,6 +116,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             and args.notifications_since is not None):
         raise UsageError("give --since or --notifications-since, not both (for "
                          "notifications they mean the same)")
+    if "gaps" in kinds:
+        _gaps_config(args)  # checked before anything runs
     needs_legacy = {"gaps", "presence"} & set(kinds)
     if needs_legacy and args.legacy is None:
         raise UsageError("--legacy HOST:PORT is needed to reconcile "
@@ -172,11 +184,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
     if kind == "gaps":
-        from reconcilers.gaps import GapsConfig, GapsReconciler
-        config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms)
-        if args.since is not None:
-            config = attrs.evolve(config, since_ms=args.since)
-        return GapsReconciler(links, config)
+        from reconcilers.gaps import GapsReconciler
+        return GapsReconciler(links, _gaps_config(args))
     if kind == "notifications":
         from reconcilers.notifications import NotificationsReconciler
         # under all, --since is the gaps window: notifications keep their own unless
@@ -187,6 +196,20 @@ def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
         return NotificationsReconciler.for_cli(since_ms=since)
     from reconcilers.presence import PresenceReconciler
     return PresenceReconciler.for_cli(links)
+
+
+def _gaps_config(args: argparse.Namespace) -> Any:
+    """The gaps reconciler's configuration from the flags (a bad combination: exit 2)."""
+    from reconcilers.gaps import GapsConfig
+    try:
+        config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms,
+                            legacy_retention_ms=args.legacy_retention,
+                            retention_margin_ms=args.retention_margin)
+        if args.since is not None:
+            config = attrs.evolve(config, since_ms=args.since)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 def _emit_metrics(args: argparse.Namespace, reports: list[Any]) -> None:

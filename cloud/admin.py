@@ -26,7 +26,7 @@ LIVE_WORKER_MS = 30_000
 #: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
 CLEAN_RECONCILE_KINDS = ("gaps", "all")
 #: The states of a reconcile finding (``reconcile_findings.state``), in display order.
-FINDING_STATES = ("open", "repaired", "failed", "dismissed")
+FINDING_STATES = ("open", "repaired", "failed", "unrecoverable", "dismissed")
 
 
 class PhaseChanged(Conflict):

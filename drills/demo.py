@@ -581,6 +581,7 @@ class Demo:
             "lost": verdict.lost, "duplicates": verdict.duplicates,
             "findings_repaired": final["findings_repaired"],
             "findings_open": final["findings_open"],
+            "findings_unrecoverable": final["findings_unrecoverable"],
             "notifications_owed": sum(n.values()),
             "notifications_acked": n["acked"], "notifications_failed": n["failed"],
             "notifications_unsettled": unsettled,
@@ -667,7 +668,9 @@ def render_summary(summary: dict[str, Any]) -> str:
            "acknowledged by a supernode that crashed before the bridge read them)"
            if check["lost_by_legacy_network"] else ""),
         f"findings:             {summary['findings_repaired']} repaired, "
-        f"{summary['findings_open']} open",
+        f"{summary['findings_open']} open"
+        + (f", {summary['findings_unrecoverable']} unrecoverable (lost by the legacy "
+           "network itself)" if summary["findings_unrecoverable"] else ""),
         f"notifications:        {summary['notifications_owed']} owed, "
         f"{summary['notifications_acked']} acked, {summary['notifications_failed']} failed, "
         f"{summary['notifications_unsettled']} unsettled",

@@ -36,6 +36,7 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "findings_open": findings["open"],
         "findings_repaired": findings["repaired"],
         "findings_failed": findings["failed"],
+        "findings_unrecoverable": findings["unrecoverable"],
         "accounts_by_phase": admin.accounts_per_phase(conn),
         "notifications": notifications_store.notification_counts(conn),
     }

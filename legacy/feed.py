@@ -12,7 +12,7 @@ class FeedPosition:
     """Where a subscriber will resume, and any range it can never get back."""
 
     start: int
-    gap: str  # "none", "epoch" or "expired"
+    gap: str  # "none", "epoch", "expired" or "ahead"
     gap_epoch: int = 0
     gap_from: int = 0
     gap_to: int = 0
@@ -54,11 +54,16 @@ class Feed:
             raise IndexError(f"offset {offset} is not in the buffer")
         return self._entries[self._evicted + offset - self.first_offset]
 
-    def position_for(self, epoch: int, offset: int) -> FeedPosition | None:
-        """Where a subscriber asking for (epoch, offset) resumes; None if it asks for the future.
+    def position_for(self, epoch: int, offset: int) -> FeedPosition:
+        """Where a subscriber asking for (epoch, offset) resumes.
 
         Epoch 0 means "from the start of what you have". An old epoch or an offset that fell out
         of the buffer is a gap, reported so the range can be repaired, never silently skipped.
+        An offset beyond this feed's end in this epoch ("ahead") was read from another
+        incarnation that had the same epoch (a network started again with the same seed,
+        before epochs mixed in a run id): what that one held from *offset* on is gone, and
+        this feed is new to the subscriber, so it resumes at this feed's start. Waiting for
+        the feed to grow past *offset* would skip every entry before it.
         """
         if epoch == 0:
             if self.first_offset > 0:
@@ -67,7 +72,7 @@ class Feed:
         if epoch != self.epoch:
             return FeedPosition(self.first_offset, "epoch", epoch, offset, 0)
         if offset > self.next_offset:
-            return None
+            return FeedPosition(self.first_offset, "ahead", epoch, offset, 0)
         if offset < self.first_offset:
             return FeedPosition(self.first_offset, "expired", epoch, offset, self.first_offset)
         return FeedPosition(offset, "none")

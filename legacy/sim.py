@@ -92,7 +92,10 @@ class LegacyDeployment(service.MultiService):
     """The login server, the supernodes, the population and the faults of one run."""
 
     def __init__(self, config: RunConfig, network: Network, *, peer_secret: bytes,
-                 login_secret: bytes) -> None:
+                 login_secret: bytes, run_id: int | None = None) -> None:
+        """*run_id* is mixed into every supernode epoch (``incarnation_epoch``): a TCP run
+        passes a fresh one, so a network started again with the same seed never reuses an
+        epoch; None takes one from the seed, so a simulation stays one seed, one trace."""
         super().__init__()
         self.config = config
         self.network = network
@@ -105,6 +108,7 @@ class LegacyDeployment(service.MultiService):
         self.rng_faults = random.Random(root.getrandbits(64))
         self.rng_nodes = random.Random(root.getrandbits(64))
         self.rng_devices = random.Random(root.getrandbits(64))
+        self.run_id = root.getrandbits(64) if run_id is None else run_id
         self.secrets = Secrets(peer_secret=peer_secret, login_secret=login_secret)
         self.hop_faults = HopFaults(config.plan, self.rng_faults)
         self.stats = TrafficStats()
@@ -122,7 +126,7 @@ class LegacyDeployment(service.MultiService):
                                 refresh_interval=config.refresh_interval),
                 network=network, ring=self.ring, directory=self.directory,
                 secrets=self.secrets, hop_faults=self.hop_faults, trace=self.trace,
-                rng=random.Random(self.rng_nodes.getrandbits(64)))
+                rng=random.Random(self.rng_nodes.getrandbits(64)), run_id=self.run_id)
             self.supernodes[sn] = node
             node.setServiceParent(self)
         login_port = config.login_port or config.base_port + config.supernodes
@@ -323,9 +327,10 @@ class LegacyDeployment(service.MultiService):
         """The clients' own record of what the network acknowledged, for an outside check.
 
         ``acked``: ``[guid, chat id, home supernode, seconds since begin]`` per acknowledged
-        message; ``crashes``: ``[seconds since begin, supernode]``. A checker uses them to
-        tell the network's own losses (a home supernode that crashed after acknowledging,
-        losing its memory) from losses anyone else caused.
+        message; ``crashes``: ``[seconds since begin, supernode]``; ``epochs``: supernode ->
+        the epoch of each of its incarnations. A checker uses them to tell the network's own
+        losses (a home supernode that crashed after acknowledging, losing its memory) from
+        losses anyone else caused.
         """
         stats, t0 = self.stats, self.started_at
         acked = sorted(g for g in stats.acked if g in stats.sent)
@@ -333,6 +338,7 @@ class LegacyDeployment(service.MultiService):
             "acked": [[g, stats.chat_of[g], self.ring.home_of(stats.chat_of[g]),
                        round(stats.acked_at.get(g, t0) - t0, 3)] for g in acked],
             "crashes": [[round(t, 3), sn] for t, sn in self.crash_log],
+            "epochs": {sn: list(node.epochs) for sn, node in sorted(self.supernodes.items())},
         }
 
 
@@ -363,17 +369,20 @@ def simulate(config: RunConfig, *, peer_secret: bytes = b"sim-peer",
 
 @defer.inlineCallbacks
 def run_tcp(reactor: Any, config: RunConfig, *, peer_secret: bytes, login_secret: bytes,
-            on_listening: Any = None, stop_signal: defer.Deferred | None = None,
+            run_id: int, on_listening: Any = None, stop_signal: defer.Deferred | None = None,
             heal_signal: defer.Deferred | None = None, on_done: Any = None) -> Any:
     """Run *config* over loopback TCP with *reactor*; fires with the summary.
 
+    *run_id* must be new for every run (the CLI draws one from ``secrets``): it makes the
+    supernodes' epochs differ from those of any earlier run with the same seed.
     Without a duration the run lasts until *stop_signal* fires (Ctrl-C in the CLI).
     *heal_signal* firing heals early (traffic and faults stop, crashed supernodes restart)
     while the network keeps serving until the run ends. *on_done(dep)* is called before the
     services stop, e.g. to write the clients' record.
     """
     network = TCPNetwork(reactor)
-    dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret)
+    dep = LegacyDeployment(config, network, peer_secret=peer_secret, login_secret=login_secret,
+                           run_id=run_id)
     wall = time.perf_counter()
     try:
         yield defer.gatherResults([defer.maybeDeferred(s.startService) for s in dep],

@@ -19,7 +19,9 @@ exactly the k missing messages are fetched. The watermark (now minus the bridge'
 lag minus a margin) keeps messages still in flight out of the comparison.
 
 Conversations homed at supernodes with open ``feed_gap`` findings go first; a completed pass
-over everything marks those findings repaired (the pass covered their ranges).
+closes those whose losses its window reached: ``repaired`` when the pass could compare what was
+lost (entries out of a live feed's buffer), ``unrecoverable`` when it died with the
+supernode's memory (an old epoch's tail).
 
 Partial runs: a supernode that can not list its chats at the start, or whose link fails
 (refused, lost, timed out) while the pass runs, is *lost* for the rest of the run: its
@@ -28,6 +30,11 @@ conversations are not compared (no reconnect-and-wait per chat), they are named 
 ``progress["retry"]`` with the conversations whose differences were found but not yet
 repaired, so a run the deadline stops is resumed with those first, then after the last
 conversation it finished: nothing is skipped.
+
+The window never reaches past the legacy retention (less a margin): history a supernode is
+about to drop would look missing there, and its re-injection would be refused as too old.
+The floor is taken again by every run (a resumed pass too), and a message that aged past it
+between the looks is not re-injected.
 
 The module is long (just over 500 lines) because its SQL transactions (each a function, safe
 to run twice) sit beside the pass that runs them, as the other reconcilers' do.
@@ -55,6 +62,7 @@ from cloud.store import digests as digests_store
 from cloud.store.conversations import SNAPSHOT
 from legacy import wire
 from legacy.peer import PeerConnection
+from reconcilers.feed_gaps import close_gap_findings, open_gap_sources
 from reconcilers.runner import RunContext, RunCutOff
 
 log = Logger()
@@ -70,6 +78,7 @@ UNCOVERED_NAMED = 200
 LINK_ERRORS = (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, ConnectionError)
 #: The run was cut off at its deadline (``reconcilers.runner``): stop, do not count it.
 CUT_OFF = (defer.CancelledError, RunCutOff)
+REPAIRED_NAMED = 100      # conversations a closed feed gap names at most
 
 
 class LegacyHistory(Protocol):
@@ -83,10 +92,20 @@ class LegacyHistory(Protocol):
     async def for_chat(self, chat_id: str) -> PeerConnection: ...
 
 
+#: How long a legacy supernode keeps history (``SupernodeConfig.retention_seconds``).
+LEGACY_RETENTION_MS = 30 * 86400 * 1000
+#: The window ends this far inside the retention: longer than a run (and a resumed pass's
+#: next run takes the floor again), and than any skew between the clocks.
+RETENTION_MARGIN_MS = 3600 * 1000
+
+
 @attrs.frozen
 class GapsConfig:
-    since_ms: int = 30 * 86400 * 1000    # how far back to compare
+    since_ms: int = 30 * 86400 * 1000    # how far back to compare (within the retention)
     margin_ms: int = 10_000              # below the watermark beyond the measured lag
+    #: compare only what is younger than the legacy retention less this margin
+    legacy_retention_ms: int = LEGACY_RETENTION_MS
+    retention_margin_ms: int = RETENTION_MARGIN_MS
     lag_ms: int | None = None            # use this instead of the workers' measured lag
     list_at: int = 64                    # list a range's GUIDs at or below this many messages
     hot_range: int = 20_000              # split a time window holding more than this
@@ -98,6 +117,23 @@ class GapsConfig:
     #: confirm and repair after this many conversations with differences (a round), so a
     #: run cut by its deadline keeps the repairs of its earlier rounds
     confirm_every: int = 50
+
+    def __attrs_post_init__(self) -> None:
+        if self.since_ms <= 0:
+            raise ValueError("--since must be positive")
+        if self.margin_ms < 0:
+            raise ValueError("--margin must not be negative")
+        if self.legacy_retention_ms <= 0:
+            raise ValueError("--legacy-retention must be positive")
+        if not 0 <= self.retention_margin_ms < self.legacy_retention_ms:
+            raise ValueError("--retention-margin must not be negative and must be shorter "
+                             "than --legacy-retention")
+
+    def retention_floor_ms(self, now_ms: int) -> int:
+        """The oldest moment a comparison (or a re-injection) may reach back to at *now_ms*:
+        the legacy retention less the margin. Legacy drops what is older, and refuses to
+        take it again."""
+        return now_ms - self.legacy_retention_ms + self.retention_margin_ms
 
 
 @attrs.define
@@ -124,24 +160,6 @@ def lag_ms(conn: psycopg.Connection, now_ms: int) -> int:
     """The worst lag live bridge workers report (0 when none report one)."""
     return max((max(w.lag_to_cloud_ms or 0, w.lag_to_legacy_ms or 0)
                 for w in admin.live_workers(conn, now_ms)), default=0)
-
-
-def open_gap_sources(conn: psycopg.Connection) -> list[str]:
-    return [r[0] for r in conn.execute(
-        "SELECT DISTINCT detail->>'source' FROM reconcile_findings "
-        "WHERE kind = 'feed_gap' AND state = 'open'")]
-
-
-def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequence[str],
-                       run_id: int | None, now_ms: int) -> int:
-    """Close the feed_gap findings a completed pass covered: those of the supernodes whose
-    chats it compared first, found before its watermark (so their losses were compared)."""
-    return conn.execute(
-        "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
-        "detail = detail || jsonb_build_object('covered_by_run', %s::bigint) "
-        "WHERE kind = 'feed_gap' AND state = 'open' AND created_ms < %s "
-        "AND detail->>'source' = ANY(%s)",
-        (now_ms, run_id, before_ms, list(sources))).rowcount
 
 
 def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state: str,
@@ -227,9 +245,14 @@ class GapsReconciler:
             progress.update({"watermark_ms": now - lag - cfg.margin_ms,
                              "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
                              "gap_sources": gap_sources})
-        end, start = progress["watermark_ms"], progress["since_ms"]
+        # The retention floor is taken again by every run, a resumed pass's too: what aged
+        # past it since the pass began is no longer compared.
+        floor = cfg.retention_floor_ms(now)
+        end, start = progress["watermark_ms"], max(progress["since_ms"], floor)
         report.detail.update({"watermark_ms": end, "since_ms": start,
-                              "lag_ms": progress["lag_ms"]})
+                              "lag_ms": progress["lag_ms"], "retention_floor_ms": floor,
+                              "since_clamped_to_retention": start > progress["since_ms"]})
+        ring = self.legacy.ring
         first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
         rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
@@ -323,9 +346,14 @@ class GapsReconciler:
         report.detail.update(attrs.asdict(self.counters))
         if (not ctx.interrupted and report.failed == 0 and not uncovered
                 and not ctx.dry_run):
+            # a short --since compares recent history only: a gap whose losses may be older
+            # stays open (its supernode keeps going first) until a pass reaches them
             closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
-                                  report.run_id, ctx.now_ms())
-            report.detail["feed_gaps_covered"] = closed
+                                  report.run_id, ctx.now_ms(), window_start_ms=start,
+                                  whole_retention=start <= max(floor, 0),
+                                  repaired=progress.get("repaired_by_source", {}))
+            report.detail["feed_gaps_covered"] = sum(closed.values())
+            report.detail["feed_gaps_unrecoverable"] = closed["unrecoverable"]
 
     @staticmethod
     def _lose(report: Any, lost: dict[str, str], sn: str, e: Exception) -> None:
@@ -447,10 +475,19 @@ class GapsReconciler:
             # the second look asks for the messages themselves: only what it still lacks counts
             _, lacking = await self._fetch(peer, diff.chat_id, sorted(diff.missing_in_legacy),
                                            count=False)
-            confirmed_guids = sorted(lacking & diff.missing_in_legacy)
-            report.confirmed += len(confirmed_guids)
-            if confirmed_guids and not ctx.dry_run:
-                await self._repair_legacy(ctx, diff, peer, handles, confirmed_guids)
+            lacking &= diff.missing_in_legacy
+            rows = await db.run("messages_by_guid", digests_store.messages_by_guid,
+                                diff.conversation_id, sorted(lacking)) if lacking else []
+            # A message that aged past the retention floor since the first look is legacy's
+            # to drop, not missing: re-injecting it would be refused as too old.
+            floor = self.config.retention_floor_ms(ctx.now_ms())
+            kept = [r for r in rows if r[2] >= floor]
+            if len(kept) < len(rows):
+                aged = report.detail.get("aged_out", 0) + len(rows) - len(kept)
+                report.detail["aged_out"] = aged
+            report.confirmed += len(kept)
+            if kept and not ctx.dry_run:
+                await self._repair_legacy(ctx, diff, peer, handles, kept)
 
     async def _fetch(self, peer: PeerConnection, chat_id: str, guids: list[str], *,
                      count: bool = True) -> tuple[list[wire.ChatMessage], set[str]]:
@@ -470,6 +507,16 @@ class GapsReconciler:
         if count:
             self.counters.fetched_messages += len(found)
         return found, missing
+
+    def _note_repair(self, ctx: RunContext, diff: ChatDiff) -> None:
+        """Remember (in the pass's progress, so a resumed pass keeps it) a conversation
+        repaired at a supernode with open feed gaps: the gaps' findings name it."""
+        sn = self.legacy.ring.home_of(diff.chat_id)
+        if sn in ctx.progress.get("gap_sources", ()):
+            noted = ctx.progress.setdefault("repaired_by_source", {}).setdefault(sn, [])
+            cid = str(diff.conversation_id)
+            if cid not in noted and len(noted) < REPAIRED_NAMED:
+                noted.append(cid)
 
     async def _repair_cloud(self, ctx: RunContext, diff: ChatDiff,
                             members: tuple[str, ...] | None,
@@ -497,6 +544,8 @@ class GapsReconciler:
         result = outcome.result
         resolved = len(result.inserted) + result.duplicates
         report.repaired += resolved
+        if resolved:
+            self._note_repair(ctx, diff)
         report.failed += len(messages) - resolved
         detail["inserted"] = len(result.inserted)
         await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
@@ -504,10 +553,10 @@ class GapsReconciler:
                          diff.conversation_id, detail, ctx.now_ms())
 
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,
-                             handles: tuple[str, ...], guids: list[str]) -> None:
+                             handles: tuple[str, ...], rows: list[tuple]) -> None:
+        """Inject *rows* (``messages_by_guid``'s: guid, sender, sent_ms, body) from the cloud
+        into the chat's home supernode."""
         report = ctx.report
-        rows = await ctx.db.run("messages_by_guid", digests_store.messages_by_guid,
-                                diff.conversation_id, guids)
         repaired, errors = [], []
         for guid, sender, sent_ms, body in rows:
             msg = wire.ChatMessage(chat_id=diff.chat_id, guid=guid, legacy_seq=0, sender=sender,
@@ -518,7 +567,9 @@ class GapsReconciler:
             except Exception as e:
                 errors.append(f"{guid}: {e}")
         report.repaired += len(repaired)
-        report.failed += len(guids) - len(repaired)
+        if repaired:
+            self._note_repair(ctx, diff)
+        report.failed += len(rows) - len(repaired)
         detail = {"chat_id": diff.chat_id, "count": len(repaired), "guids": repaired[:50]}
         if repaired:
             await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_legacy",

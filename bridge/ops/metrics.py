@@ -125,7 +125,8 @@ BACKLOG = Gauge(
 PRESENCE = Counter(
     "bridge_presence_updates_total", "Presence updates mirrored.", ["direction"])
 FEED_GAPS = Counter(
-    "bridge_feed_gaps_total", "Feed gaps found (new epoch or offset out of the buffer).",
+    "bridge_feed_gaps_total", "Feed gaps found (new epoch, offset out of the buffer, or "
+    "a checkpoint ahead of the feed).",
     ["kind"])
 OUTBOX_PENDING = Gauge(
     "bridge_outbox_pending",

@@ -47,7 +47,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
 
     ``mirror_lag_ms`` is the worst lag over the live workers per direction (None: no live
     worker measured one); each worker's own lags are in ``workers``. ``findings`` counts
-    every finding by kind and state (open, repaired, failed, dismissed).
+    every finding by kind and state (open, repaired, failed, unrecoverable, dismissed);
+    ``unrecoverable_findings`` the legacy network's own losses by kind, reported apart.
     ``lag_outside_faults`` says how much of that lag is the faults' (``bridge.faults``): per
     direction, the worst p99 of the messages that met no fault (a lost feed, a failed
     injection, a database outage, a worker's restart) and how many recent ones met one.
@@ -75,6 +76,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
         "live_workers": len(live),
         "outbox_to_legacy": {"pending": pending, "oldest_age_ms": oldest},
         "open_findings": {kind: n["open"] for kind, n in findings.items() if n["open"]},
+        "unrecoverable_findings": {kind: n["unrecoverable"] for kind, n in findings.items()
+                                   if n["unrecoverable"]},
         "findings": findings,
         "reconcile": {kind: _run(run, now_ms)
                       for kind, run in sorted(admin.last_reconcile_runs(conn).items())},
@@ -125,6 +128,10 @@ def render(status: dict[str, Any]) -> str:
     findings = status["open_findings"]
     out.append("open findings: " + ("  ".join(f"{k} {v}" for k, v in findings.items())
                                     if findings else "none"))
+    lost = status["unrecoverable_findings"]
+    if lost:  # the legacy network's own losses: no repair can undo them
+        out.append("unrecoverable: " + "  ".join(f"{k} {v}" for k, v in lost.items())
+                   + "  (lost by the legacy network itself)")
     out.append(f"workers:       {status['live_workers']} live of {len(status['workers'])}")
     for w in status["workers"]:
         out.append(f"  {w['worker_id']:<20} {w['state']:<9} "

@@ -1,7 +1,9 @@
 """Findings: divergences the reconcilers repair (a feed gap, a refused injection, ...).
 
-Their lifecycle (open, repaired, failed, dismissed) belongs to the reconcilers; the bridge
-only opens them.
+Their lifecycle (open -> repaired | failed | unrecoverable | dismissed) belongs to the
+reconcilers and the operator; the bridge only opens them. ``unrecoverable`` is the legacy
+network's own loss (a feed gap whose entries died with a supernode's memory): reported apart,
+never called repaired.
 """
 
 from __future__ import annotations

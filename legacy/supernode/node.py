@@ -16,6 +16,7 @@ new epoch.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import types
 from collections.abc import Callable
@@ -70,6 +71,19 @@ class SupernodeConfig:
     link_queue_limit: int = 10_000
 
 
+def incarnation_epoch(run_id: int, sn_id: str, draw: int) -> int:
+    """The epoch of one incarnation of supernode *sn_id*: a hash of the run's id, the node's
+    id and a draw from its seeded stream, in [1, 2**62].
+
+    The draw alone repeats when a network is started again with the same seed, and a bridge
+    whose checkpoint names that epoch would then read the new feed as the old one (its
+    checkpoint ahead of the feed, or past entries it never read). The run id tells runs
+    apart: fresh for every TCP run, fixed by the seed in a simulation (same seed, same run).
+    """
+    digest = hashlib.sha256(f"{run_id}:{sn_id}:{draw}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 2) + 1
+
+
 def _bound(role: Any, table: dict[type, Callable[..., None]]) -> dict[type, Callable[..., None]]:
     """*table*'s handlers bound to *role*, so that a frame costs one lookup and one call."""
     return {frame_type: types.MethodType(fn, role) for frame_type, fn in table.items()}
@@ -80,7 +94,8 @@ class Supernode(service.Service):
 
     def __init__(self, config: SupernodeConfig, *, network: Network, ring: HashRing,
                  directory: dict[str, wire.SupernodeAddress], secrets: Secrets,
-                 hop_faults: HopFaults, trace: Trace, rng: random.Random) -> None:
+                 hop_faults: HopFaults, trace: Trace, rng: random.Random,
+                 run_id: int = 0) -> None:
         self.config = config
         self.sn_id = config.sn_id
         self.name = config.sn_id
@@ -92,6 +107,10 @@ class Supernode(service.Service):
         self.faults = hop_faults
         self.trace = trace
         self.rng = rng
+        #: mixed into every epoch, so that no two runs' incarnations share one
+        self.run_id = run_id
+        #: the epoch of every incarnation so far, in order
+        self.epochs: list[int] = []
         self.mem: Memory | None = None
         self.generation = 0
         self._port: Any = None
@@ -112,8 +131,9 @@ class Supernode(service.Service):
     def startService(self) -> defer.Deferred:  # noqa: N802
         super().startService()
         self.generation += 1
-        epoch = self.rng.getrandbits(62) + 1
+        epoch = incarnation_epoch(self.run_id, self.sn_id, self.rng.getrandbits(64))
         self.mem = Memory(epoch, self.config.feed_capacity)
+        self.epochs.append(epoch)
         self.trace.record("sn_start", self.sn_id, epoch)
         SUPERNODES_UP.inc()
         factory = Factory.forProtocol(lambda: SupernodeProtocol(self))

@@ -55,8 +55,6 @@ class PeerApi:
     def feed_subscribe(self, proto: SupernodeProtocol, f: wire.FeedSubscribe) -> None:
         mem = self.sn.mem
         pos = mem.feed.position_for(f.epoch, f.offset)
-        if pos is None:
-            raise ProtocolViolation("bad_offset", "offset is ahead of the feed")
         if proto.feed_sub is not None:
             mem.feed_subs.remove(proto.feed_sub)
         proto.send(wire.FeedStatus(epoch=mem.epoch, first_offset=mem.feed.first_offset,

@@ -359,8 +359,10 @@ class FeedSubscribe:
 
 @frame(0x41)
 class FeedStatus:
-    """Answer to FeedSubscribe. ``gap`` is ``none``, ``epoch`` or ``expired``; a gap covers
-    offsets [gap_from, gap_to) of the old epoch (``gap_to`` is 0 when unknown)."""
+    """Answer to FeedSubscribe. ``gap`` is ``none``, ``epoch``, ``expired`` or ``ahead`` (the
+    asked offset is beyond this feed's end in its own epoch: another incarnation's, read
+    from ``first_offset`` again); a gap covers offsets [gap_from, gap_to) of ``gap_epoch``
+    (``gap_to`` is 0 when unknown). The stream goes on from ``first_offset`` after a gap."""
 
     epoch: int = w(U64)
     first_offset: int = w(U64)

@@ -76,6 +76,10 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
      "--notifications-since applies to notifications and all"),
     (["reconcile", "notifications", "--since", "1h", "--notifications-since", "2h"], 2,
      "not both"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--retention-margin", "30d"], 2,
+     "--retention-margin must not be negative and must be shorter than --legacy-retention"),
+    (["reconcile", "all", "--legacy", "127.0.0.1:1", "--legacy-retention", "0"], 2,
+     "must be positive"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""

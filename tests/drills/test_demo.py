@@ -62,7 +62,8 @@ def test_a_short_demo_converges(db_server, tmp_path):
     assert out["faults"]["bridge_kills"] == 1
     assert out["final_reconcile_exit"] == 0
     assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
-    for key in ("messages_legacy", "findings_repaired", "notifications_failed"):
+    for key in ("messages_legacy", "findings_repaired", "findings_unrecoverable",
+                "notifications_failed"):
         assert isinstance(out[key], int)
     logs = tmp_path / "demo"
     assert {"legacy.log", "cloud.log", "bridge-1.log", "bridge-2.log"} <= {

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from legacy import wire
 from legacy.feed import Feed, FeedPosition
-from legacy.peer import PeerRefused
 from legacy.supernode import Supernode
 from tests.legacy.netfixture import LegacyNet
 
@@ -54,9 +53,10 @@ def test_another_epoch_is_an_epoch_gap_from_the_old_offset():
     assert feed.position_for(99, 4) == FeedPosition(7, "epoch", 99, 4, 0)
 
 
-def test_offset_in_the_future_has_no_position():
-    """An offset past the head of the feed is refused (None), never clamped."""
-    assert feed_with(7, 3, 5).position_for(7, 6) is None
+def test_offset_in_the_future_is_an_ahead_gap_resuming_at_the_feed_start():
+    """An offset past the head of the feed (another incarnation's) is an 'ahead' gap from
+    that offset, resumed at the start of this feed: never clamped to the head."""
+    assert feed_with(7, 3, 5).position_for(7, 6) == FeedPosition(2, "ahead", 7, 6, 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -244,15 +244,18 @@ def test_subscriber_that_falls_behind_the_buffer_gets_a_gap_status():
     assert log.frames.index(gaps[0]) == log.frames.index(log.entries[2]) - 1
 
 
-def test_subscribing_ahead_of_the_feed_closes_the_connection():
-    """An offset in the future is a protocol error (bad_offset), not a silent clamp."""
-    net, sn, chat = setup_home()
-    append(sn, chat, 1, "m")
+def test_subscribing_ahead_of_the_feed_gets_an_ahead_gap_and_the_whole_feed():
+    """A checkpoint beyond the feed's end in its epoch is answered with an 'ahead' gap and
+    the feed from its start, on a connection that stays open (no refusal to loop on)."""
+    net, sn, chat = setup_home(feed_capacity=5)
+    guids = append(sn, chat, 8, "m")  # offsets 0..8 (chat + 8 messages); buffer 4..8
     peer = net.peer("sn0")
-    peer.subscribe(sn.epoch, sn.mem.feed.next_offset + 5, 100, FeedLog())
-    pending = peer.chats()  # fails with the server's reason when the connection is closed
-    with pytest.raises(PeerRefused) as e:
-        net.wait(pending)
-    assert e.value.code == "bad_offset"
-    net.wait(peer.closed)
-    assert sn.mem.feed_subs == []
+    log = FeedLog()
+    peer.subscribe(sn.epoch, sn.mem.feed.next_offset + 5, 100, log)
+    net.run(1)
+    [status] = log.statuses
+    assert (status.gap, status.gap_epoch, status.gap_from, status.gap_to) == (
+        "ahead", sn.epoch, 14, 0)
+    assert (status.epoch, status.first_offset, status.next_offset) == (sn.epoch, 4, 9)
+    assert log.offsets == [4, 5, 6, 7, 8] and log.guids == guids[3:]
+    assert not peer.closed.called and len(sn.mem.feed_subs) == 1

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from drills.ports import free_port_range
-from legacy.sim import RunConfig, simulate
+from legacy.network import MemoryNetwork
+from legacy.sim import LegacyDeployment, RunConfig, simulate
+from legacy.simclock import SimClock
 
 WALL_CLOCK_FIELDS = ("wall_seconds", "events_per_s")
 
@@ -129,3 +131,49 @@ def test_bridgectl_legacy_run_serves_its_metrics_when_asked(tmp_path):
     assert done.returncode == 1
     assert f"bridgectl: error: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _epochs(run_id: int | None, *, seed: int = 1) -> dict[str, int]:
+    """The first epoch of each supernode of a deployment with *seed* and *run_id*."""
+    clock = SimClock()
+    dep = LegacyDeployment(RunConfig(supernodes=4, users=4, rate=0, duration=60, seed=seed),
+                           MemoryNetwork(clock), peer_secret=b"p" * 16, login_secret=b"l" * 16,
+                           run_id=run_id)
+    dep.startService()
+    clock.run_until(0.0)
+    epochs = {sn: node.epoch for sn, node in dep.supernodes.items()}
+    dep.stopService()
+    return epochs
+
+
+def test_epochs_are_fixed_by_the_seed_in_a_simulation_and_new_with_every_run_id():
+    """Same seed, no run id (a simulation): the same epochs, so the same trace. Same seed,
+    another run id (a TCP run started again): no epoch of the first run comes back."""
+    simulated = _epochs(None)
+    assert _epochs(None) == simulated
+    first, second = _epochs(11), _epochs(12)
+    assert not set(first.values()) & set(second.values())
+    assert not set(simulated.values()) & (set(first.values()) | set(second.values()))
+    assert all(0 < e <= 2**62 for e in (*first.values(), *second.values()))
+
+
+def test_bridgectl_legacy_run_started_again_with_the_same_seed_never_reuses_an_epoch(
+        tmp_path):
+    """Two `legacy run`s with one seed (the issue's way to a feed behind its checkpoint):
+    the record of each names its supernodes' epochs, and the two share none."""
+    bridgectl = Path(sys.executable).with_name("bridgectl")
+    env = dict(os.environ, BRIDGE_HOME=str(tmp_path / "home"))
+    epochs = []
+    for i in range(2):
+        base = free_port_range(4)
+        record = tmp_path / f"record-{i}.json"
+        proc = subprocess.run(
+            [str(bridgectl), "legacy", "run", "--supernodes", "3", "--users", "10", "--rate",
+             "1", "--duration", "1", "--seed", "7", "--port", str(base), "--record",
+             str(record)], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        by_sn = json.loads(record.read_text())["epochs"]
+        assert sorted(by_sn) == ["sn0000", "sn0001", "sn0002"]
+        epochs.append({e for sn_epochs in by_sn.values() for e in sn_epochs})
+    assert len(epochs[0]) == 3 and len(epochs[1]) == 3
+    assert not epochs[0] & epochs[1]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import psycopg
 import pytest
 from twisted.internet import defer
 
 from bridge import ids
 from bridge.discovery import SupernodeLinks
+from bridge.ops import status
 from cloud.db import InlineDatabase
 from cloud.store import coordination as coordination_store
 from cloud.store import findings as findings_store
@@ -20,8 +22,9 @@ from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 
 
 class Scene:
-    def __init__(self, conn, db_dsn, supernodes: int = 4, seed: int = 31) -> None:
-        self.net = LegacyNet(supernodes, seed=seed).start()
+    def __init__(self, conn, db_dsn, supernodes: int = 4, seed: int = 31,
+                 **sn_config) -> None:
+        self.net = LegacyNet(supernodes, seed=seed, **sn_config).start()
         self.conn, self.db = conn, InlineDatabase(conn)
         self.lock_conn = psycopg.connect(db_dsn, autocommit=True)
         self.links = SupernodeLinks(self.net.net, list(self.net.directory.values()),
@@ -131,7 +134,7 @@ def test_a_supernode_down_during_the_run_makes_it_partial_not_an_error(scene):
     down = homes[down_chat]
     with scene.conn.transaction():  # a feed gap on a supernode that stays up
         findings_store.record_finding(scene.conn, "feed_gap",
-                                      {"source": homes[up_chat], "gap": "epoch"},
+                                      {"source": homes[up_chat], "gap": "expired"},
                                       int(scene.net.clock.seconds() * 1000))
     feed_gap = "SELECT state FROM reconcile_findings WHERE kind = 'feed_gap'"
     scene.net.wait(scene.net.supernodes[down].crash())
@@ -224,7 +227,7 @@ def test_feed_gap_chats_go_first_and_a_full_pass_closes_their_findings(scene):
     scene.mirror()
     home = scene.net.ring.home_of("chat-a")
     with scene.conn.transaction():
-        findings_store.record_finding(scene.conn, "feed_gap", {"source": home, "gap": "epoch"},
+        findings_store.record_finding(scene.conn, "feed_gap", {"source": home, "gap": "expired"},
                                       int(scene.net.clock.seconds() * 1000))
     report, _ = scene.reconcile()
     assert report.clean and report.detail["feed_gaps_covered"] == 1
@@ -258,7 +261,8 @@ def test_a_feed_gap_found_mid_pass_restarts_the_pass_instead_of_skipping(scene):
     drop_from_cloud(scene.conn, per_chat[lost_chat])
     with scene.conn.transaction():
         findings_store.record_finding(scene.conn, "feed_gap",
-                                      {"source": scene.net.ring.home_of(lost_chat), "gap": "epoch"},
+                                      {"source": scene.net.ring.home_of(lost_chat),
+                                       "gap": "expired"},
                                       int(scene.net.clock.seconds() * 1000))
     second, _ = scene.reconcile()
     assert second.detail.get("restarted") and second.completed and second.compared == 6
@@ -382,3 +386,165 @@ def test_a_half_open_supernode_fails_its_handshake_within_the_connect_bound(scen
     started, finished = scene.conn.execute(
         "SELECT started_ms, finished_ms FROM reconcile_runs").fetchone()
     assert finished - started < 20_000
+def feed_gap_states(conn) -> list[tuple[str, str]]:
+    return conn.execute("SELECT detail->>'gap', state FROM reconcile_findings "
+                        "WHERE kind = 'feed_gap' ORDER BY finding_id").fetchall()
+
+
+def restart(scene, sn: str) -> None:
+    """Crash *sn* (its memory and history are gone) and start it again."""
+    scene.net.wait(scene.net.supernodes[sn].crash())
+    scene.net.run(1.0)
+    scene.net.wait(scene.net.supernodes[sn].restart())
+    scene.net.run(15.0)  # devices attach again
+
+
+@pytest.fixture
+def small_feeds(conn, db_dsn):
+    s = Scene(conn, db_dsn, feed_capacity=10)
+    yield s
+    s.lock_conn.close()
+
+
+def test_an_epoch_gap_is_unrecoverable_and_a_wrapped_prefix_is_repaired(small_feeds):
+    """Issue 17, case 5: messages acknowledged by a supernode that crashed before the bridge
+    read them died with its memory: the old epoch's gap is closed 'unrecoverable' by a clean
+    pass, never 'repaired'; the new epoch's wrapped prefix (its messages still in the
+    supernode's history) is fetched by the same pass and closed 'repaired'. Status reports
+    the unrecoverable apart."""
+    scene = small_feeds
+    home = scene.net.ring.home_of("chat-a")
+    kept = scene.chat("chat-a", 3)
+    scene.mirror()
+    died = scene.chat("chat-a", 2)  # acknowledged, never read by the bridge: then the crash
+    restart(scene, home)
+    wrapped_chat = scene.net.chat_homed_at(home, "wrapped")
+    wrapped = scene.chat(wrapped_chat, 15, members=("carol", "dave"))
+    scene.mirror()
+    assert feed_gap_states(scene.conn) == [("epoch", "open"), ("expired", "open")]
+    assert not set(wrapped) <= {r[1] for r in chat_messages(scene.conn, wrapped_chat)}
+
+    report, _ = scene.reconcile()
+    assert report.clean and report.exit_code() == runner.EXIT_IN_SYNC
+    assert report.detail["feed_gaps_covered"] == 2
+    assert report.detail["feed_gaps_unrecoverable"] == 1
+    assert feed_gap_states(scene.conn) == [("epoch", "unrecoverable"), ("expired", "repaired")]
+    # each names the conversations the pass repaired at that supernode
+    named = {str(ids.conversation_id(c)) for c in ("chat-a", wrapped_chat)}
+    assert [set(r[0]) for r in scene.conn.execute(
+        "SELECT detail->'repaired_conversations' FROM reconcile_findings "
+        "WHERE kind = 'feed_gap' ORDER BY finding_id")] == [named, named]
+    assert sorted(r[1] for r in chat_messages(scene.conn, wrapped_chat)) == sorted(wrapped)
+    # what the cloud had went back to legacy; what only the lost incarnation had is gone
+    assert {r[1] for r in chat_messages(scene.conn, "chat-a")} == set(kept)
+    assert not set(died) & {m.guid for m in scene.net.supernodes[home].history("chat-a")}
+    now_ms = int(scene.net.clock.seconds() * 1000)
+    seen = status.gather(scene.conn, now_ms)
+    assert seen["unrecoverable_findings"] == {"feed_gap": 1}
+    assert "feed_gap" not in seen["open_findings"]
+    assert seen["findings"]["feed_gap"]["unrecoverable"] == 1
+    assert "unrecoverable: feed_gap 1" in status.render(seen)
+    again, _ = scene.reconcile()  # a later clean pass does not call it repaired either
+    assert again.clean and feed_gap_states(scene.conn) == [("epoch", "unrecoverable"),
+                                                           ("expired", "repaired")]
+
+
+DAY_S = 86400.0
+RETENTION_S = 30 * DAY_S
+
+
+@pytest.fixture
+def month(conn, db_dsn):
+    """A scene whose supernodes keep the real 30 days of history (swept every 10 min; the
+    presence refresh hourly, so a month of simulated time runs in seconds)."""
+    s = Scene(conn, db_dsn, sweep_interval=600.0, refresh_interval=3600.0,
+              presence_ttl=7200.0)
+    yield s
+    s.lock_conn.close()
+
+
+def run_to(scene, t: float) -> None:
+    """Move the simulated clock to *t* (minus the 15 s ``Scene.reconcile`` runs first), so
+    that the next pass starts at *t*."""
+    assert scene.net.clock.seconds() < t - 15.0
+    scene.net.run_until(t - 15.0)
+
+
+def test_the_window_stays_inside_legacy_retention_over_a_month(month):
+    """Issue 17, case 3, on the simulated clock: a pass compares only what is younger than
+    the legacy retention less the margin. At the boundary (inside) a message legacy lost is
+    re-injected; 10 s before it ages out on legacy it is left out, so its re-injection is not
+    refused and the run is clean; one that ages past the floor between the two looks is not
+    'missing' and not re-injected; after more than 30 days of operation a run is clean."""
+    scene = month
+    scene.net.run_until(DAY_S)
+    old = scene.chat("chat-old", 4)
+    old_ts = max(m.ts_ms for m in scene.net.supernodes[scene.net.ring.home_of("chat-old")]
+                 .history("chat-old")) / 1000
+    home = scene.net.ring.home_of("chat-old")
+    scene.net.run_until(2 * DAY_S)
+    new_chat = scene.net.chat_homed_at(home, "new")
+    new = scene.chat(new_chat, 4, members=("carol", "dave"))
+    new_ts = max(m.ts_ms for m in scene.net.supernodes[home].history(new_chat)) / 1000
+    scene.mirror()
+    config = GapsConfig(margin_ms=1000, confirm_after_s=30.0)
+
+    restart(scene, home)  # legacy lost both chats' history; the cloud has it
+    run_to(scene, old_ts + RETENTION_S - 3600 - 60)  # chat-old just inside the window
+    inside, _ = scene.reconcile(config=config)
+    assert inside.clean and inside.repaired == 8 and inside.failed == 0
+    assert inside.detail["since_clamped_to_retention"]  # --since 30d reaches past it
+    assert inside.detail["retention_floor_ms"] <= min(
+        m.ts_ms for m in scene.net.supernodes[home].history("chat-old"))
+
+    restart(scene, home)
+    run_to(scene, old_ts + RETENTION_S - 10)  # chat-old ages out during this pass
+    edge, _ = scene.reconcile(config=config)
+    assert edge.clean and edge.exit_code() == runner.EXIT_IN_SYNC
+    assert (edge.confirmed, edge.repaired, edge.failed) == (4, 4, 0)  # chat-new only
+    assert edge.detail["since_clamped_to_retention"]
+    assert not {m.guid for m in scene.net.supernodes[home].history("chat-old")} & set(old)
+    assert {m.guid for m in scene.net.supernodes[home].history(new_chat)} == set(new)
+
+    # a thin margin lets chat-new into the window 20 s before it ages out; the second look,
+    # 30 s later, finds it past the floor: not missing, not re-injected
+    restart(scene, home)
+    run_to(scene, new_ts + RETENTION_S - 20)
+    thin = attrs.evolve(config, retention_margin_ms=5_000)
+    aged, _ = scene.reconcile(config=thin)
+    assert aged.suspects == 4 and aged.detail["aged_out"] == 4
+    assert (aged.confirmed, aged.repaired, aged.failed) == (0, 0, 0) and aged.clean
+    assert scene.net.supernodes[home].history(new_chat) == []
+
+    # 31 days on: new traffic, and a default run is clean
+    assert scene.net.clock.seconds() > RETENTION_S + 2 * DAY_S
+    recent = scene.chat("chat-recent", 3, members=("erin", "frank"))
+    scene.mirror()
+    later, _ = scene.reconcile()
+    assert later.clean and later.confirmed == 0 and later.failed == 0
+    assert len(chat_messages(scene.conn, "chat-recent")) == len(recent)
+
+
+def test_a_short_window_closes_only_the_feed_gaps_it_reached(scene):
+    """A pass with --since 2h compares recent history only: it closes a feed gap whose
+    losses are younger than its window (detail.lost_after_ms), and leaves open one whose
+    losses may be older, or of unknown age, until a pass over the whole retention."""
+    scene.chat("chat-a", 3)
+    scene.mirror()
+    home = scene.net.ring.home_of("chat-a")
+    scene.net.run_until(DAY_S)
+    now_ms = int(scene.net.clock.seconds() * 1000)
+    with scene.conn.transaction():
+        for lost_after in (now_ms - 1_800_000, now_ms - 3 * 3_600_000, None):
+            detail = {"source": home, "gap": "expired"}
+            if lost_after is not None:
+                detail["lost_after_ms"] = lost_after
+            findings_store.record_finding(scene.conn, "feed_gap", detail, now_ms)
+    recent, _ = scene.reconcile(config=GapsConfig(margin_ms=1000, confirm_after_s=0.5,
+                                                  since_ms=2 * 3_600_000))
+    assert recent.clean and recent.detail["feed_gaps_covered"] == 1
+    assert feed_gap_states(scene.conn) == [("expired", "repaired"), ("expired", "open"),
+                                           ("expired", "open")]
+    whole, _ = scene.reconcile()
+    assert whole.clean and whole.detail["feed_gaps_covered"] == 2
+    assert [s for _, s in feed_gap_states(scene.conn)] == ["repaired"] * 3

@@ -514,21 +514,12 @@ def test_send_with_a_control_character_in_an_id_is_refused(live, case):
     live.assert_serves_a_client()
 
 
-@pytest.mark.parametrize("f,code", [
-    (wire.FeedCredit(count=10), "no_subscription"),
-    (wire.FeedSubscribe(epoch=0, offset=0, window=1), None),
-], ids=["credit-without-subscription", "subscribe-then-ahead"])
-def test_peer_protocol_violation_is_refused(live, f, code):
-    """Credit without a subscription, or an offset ahead of the feed, closes the peer."""
+def test_peer_protocol_violation_is_refused(live):
+    """Credit without a subscription closes the peer."""
     conn = live.raw()
     conn.auth_peer()
-    if code is None:
-        conn.send(f)
-        status = conn.received()[0]
-        assert isinstance(status, wire.FeedStatus)
-        f = wire.FeedSubscribe(epoch=status.epoch, offset=status.next_offset + 1, window=1)
-        code = "bad_offset"
-    reject_and_check(live, conn, framed(wire.encode(f)), code)
+    reject_and_check(live, conn, framed(wire.encode(wire.FeedCredit(count=10))),
+                     "no_subscription")
 
 
 @live_settings
@@ -558,7 +549,7 @@ def test_peer_requests_never_cause_an_internal_error(sequence):
         for f in sequence:
             conn.send(f)
         errors = [f.code for f in conn.received() if isinstance(f, wire.Error)]
-        assert set(errors) <= {"no_subscription", "bad_offset"}
+        assert set(errors) <= {"no_subscription"}
         live.assert_serves_a_client()
 
 
