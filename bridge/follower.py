@@ -31,7 +31,7 @@ import enum
 import random
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -119,7 +119,8 @@ class FeedFollower(Service):
                  lease: str | None = None,
                  fault: Callable[[str], None] | None = None,
                  known: KnownIds | None = None,
-                 on_streaming: Callable[[], None] | None = None) -> None:
+                 on_streaming: Callable[[], None] | None = None,
+                 supernodes: Callable[[], Sequence[str]] | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
@@ -131,6 +132,9 @@ class FeedFollower(Service):
         self.fault = fault
         #: called each time the feed starts streaming (the worker reports itself ready)
         self.on_streaming = on_streaming
+        #: the supernode ids of the directory now: a feed gap records them, so the gates can
+        #: tell which conversations were homed at this supernode when entries were lost
+        self.supernodes = supernodes
         self.known = known if known is not None else KnownIds()
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
@@ -290,7 +294,9 @@ class FeedFollower(Service):
                 batch.gaps.append({"source": self.source, "gap": f.gap,
                                    "gap_epoch": f.gap_epoch, "gap_from": f.gap_from,
                                    "gap_to": f.gap_to, "epoch": f.epoch,
-                                   "resumed_at": f.first_offset})
+                                   "resumed_at": f.first_offset,
+                                   **({"ring": sorted(self.supernodes())}
+                                      if self.supernodes is not None else {})})
                 batch.offset = f.first_offset
                 self._head = (batch.epoch, batch.offset)
                 self._commit_soon(batch)

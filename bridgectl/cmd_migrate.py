@@ -160,6 +160,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             outcome = done[0]
             if not isinstance(outcome, phases.MigrationOutcome):
                 outcome.raiseException()
+    if outcome.held:  # gates evaluated again when applying held some planned moves
+        gated = EXIT_GATED
     report = migration_report.plan_to_json(plan, outcome)
     print(json.dumps(report, sort_keys=True) if args.json
           else migration_report.render_plan(report))

@@ -18,6 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from cloud.model import LEGACY_CLIENT_PHASES, PHASES, Account
+from cloud.store import findings as findings_store
 from cloud.store import outbox as outbox_store
 from cloud.store.errors import Conflict, NotFound
 
@@ -26,7 +27,7 @@ LIVE_WORKER_MS = 30_000
 #: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
 CLEAN_RECONCILE_KINDS = ("gaps", "all")
 #: The states of a reconcile finding (``reconcile_findings.state``), in display order.
-FINDING_STATES = ("open", "repaired", "failed", "dismissed")
+FINDING_STATES = findings_store.FINDING_STATES
 
 
 class PhaseChanged(Conflict):
@@ -299,28 +300,115 @@ def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAcc
 
 # ---------------------------------------------------------------- what the gates read
 
-def open_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
-                               ) -> dict[uuid.UUID, dict[str, int]]:
-    """Open findings per account, by kind: those about the account itself and those about
-    any conversation it is a member of. Accounts without any are missing from the result."""
+@attrs.frozen
+class HoldingFindings:
+    """Open or failed findings about one account or a conversation it is in, by
+    ``(kind, state)``; the ids of some, for the operator to look up."""
+
+    counts: Mapping[tuple[str, str], int]
+    sample_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class SourceFinding:
+    """Findings scoped to a whole legacy supernode (``reconcile_findings.source``) that
+    share a kind, a state and a ring: how many, the newest's time, the lowest id."""
+
+    kind: str
+    state: str
+    source: str
+    #: the supernode ids the homes were computed on when it was found (None: not recorded)
+    ring: tuple[str, ...] | None
+    count: int
+    newest_ms: int
+    first_id: int
+
+
+@attrs.frozen
+class ConversationCoverage:
+    """One of an account's conversations with a legacy chat, and what a clean reconcile
+    vouched for in it."""
+
+    account_id: uuid.UUID
+    conversation_id: uuid.UUID
+    legacy_chat_id: str
+    #: the watermark of the newest gaps pass that compared it clean (None: never)
+    last_clean_reconcile_ms: int | None
+    #: when its newest finding about messages was made, whatever its state but dismissed
+    #: (None: none)
+    last_finding_ms: int | None
+
+
+#: Finding kinds that are not about messages: a clean gaps compare does not answer them, so
+#: they do not ask for one (SQL LIKE patterns).
+NOT_MESSAGE_FINDINGS = ("notification\\_%", "presence\\_%")
+
+
+def holding_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
+                                  ) -> dict[uuid.UUID, HoldingFindings]:
+    """Open and failed findings per account: those naming the account (``account_id`` or
+    ``detail.account_ids``) and those about any conversation it is a member of. Findings
+    scoped to a supernode are not here (``source_findings``: their homes need the ring).
+    Accounts without any are missing from the result."""
     if not account_ids:
         return {}
     rows = conn.execute(
-        "WITH acct AS (SELECT unnest(%s::uuid[]) AS account_id), "
+        "WITH acct AS (SELECT unnest(%(ids)s::uuid[]) AS account_id), "
         "hits AS ("
-        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
-        "  JOIN reconcile_findings f ON f.account_id = acct.account_id AND f.state = 'open' "
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
+        "  JOIN reconcile_findings f ON f.account_id = acct.account_id "
+        "    AND f.state = ANY(%(holding)s) "
         "  UNION "
-        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
+        "  JOIN reconcile_findings f ON f.account_id IS NULL AND f.state = ANY(%(holding)s) "
+        "    AND f.detail->'account_ids' ? acct.account_id::text "
+        "  UNION "
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
         "  JOIN members m ON m.account_id = acct.account_id "
         "  JOIN reconcile_findings f ON f.conversation_id = m.conversation_id "
-        "    AND f.state = 'open') "
-        "SELECT account_id, kind, count(*) FROM hits GROUP BY 1, 2 ORDER BY 1, 2",
-        (list(account_ids),)).fetchall()
-    out: dict[uuid.UUID, dict[str, int]] = {}
-    for account_id, kind, n in rows:
-        out.setdefault(account_id, {})[kind] = n
-    return out
+        "    AND f.state = ANY(%(holding)s)) "
+        "SELECT account_id, kind, state, count(*), "
+        "       (array_agg(finding_id ORDER BY finding_id))[1:5] "
+        "FROM hits GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        {"ids": list(account_ids), "holding": list(findings_store.HOLDING_STATES)}).fetchall()
+    counts: dict[uuid.UUID, dict[tuple[str, str], int]] = {}
+    samples: dict[uuid.UUID, list[int]] = {}
+    for account_id, kind, state, n, some in rows:
+        counts.setdefault(account_id, {})[(kind, state)] = n
+        samples.setdefault(account_id, []).extend(some)
+    return {a: HoldingFindings(c, tuple(sorted(samples[a])[:5])) for a, c in counts.items()}
+
+
+def source_findings(conn: psycopg.Connection) -> list[SourceFinding]:
+    """Every finding scoped to a whole supernode but dismissed ones, grouped by kind, state,
+    supernode and ring: the open and failed ones hold the accounts homed there, and every
+    one asks for a clean compare of those conversations after it."""
+    rows = conn.execute(
+        "SELECT kind, state, source, detail->'ring', count(*), max(created_ms), "
+        "       min(finding_id) FROM reconcile_findings "
+        "WHERE source IS NOT NULL AND state <> 'dismissed' "
+        "GROUP BY kind, state, source, detail->'ring' ORDER BY 3, 1, 2").fetchall()
+    return [SourceFinding(kind, state, source,
+                          tuple(ring) if isinstance(ring, list) else None, n, newest, first)
+            for kind, state, source, ring, n, newest, first in rows]
+
+
+def conversation_coverage(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
+                          ) -> list[ConversationCoverage]:
+    """The accounts' conversations that have a legacy chat (those the gaps reconciler
+    compares), each with its clean-compare watermark and its newest message finding."""
+    if not account_ids:
+        return []
+    rows = conn.execute(
+        "SELECT m.account_id, c.conversation_id, c.legacy_chat_id, c.last_clean_reconcile_ms, "
+        "  (SELECT max(f.created_ms) FROM reconcile_findings f "
+        "    WHERE f.conversation_id = c.conversation_id AND f.state <> 'dismissed' "
+        "      AND NOT f.kind LIKE ANY(%(skip)s)) "
+        "FROM members m JOIN conversations c USING (conversation_id) "
+        "WHERE m.account_id = ANY(%(ids)s) AND c.legacy_chat_id IS NOT NULL "
+        "ORDER BY 1, 2",
+        {"ids": list(account_ids), "skip": list(NOT_MESSAGE_FINDINGS)}).fetchall()
+    return [ConversationCoverage(*r) for r in rows]
 
 
 _WORKER_COLS = ("worker_id, state, started_ms, heartbeat_ms, lag_to_cloud_ms, lag_to_legacy_ms, "

@@ -20,6 +20,13 @@ lag minus a margin) keeps messages still in flight out of the comparison.
 
 Conversations homed at supernodes with open ``feed_gap`` findings go first; a completed pass
 over everything marks those findings repaired (the pass covered their ranges).
+
+Each conversation compared equal is written down as it goes (``record_clean_compares``):
+its ``last_clean_reconcile_ms`` becomes the pass's watermark, and its earlier open or failed
+repair findings within the window are repaired. The migration gate asks this of every
+conversation of a cohort, so a run that stopped at its deadline, or resumed and compared only
+the tail, vouches for the conversations it compared and no others. A conversation repaired
+in this pass is vouched for by the next one.
 """
 
 from __future__ import annotations
@@ -119,6 +126,34 @@ def close_gap_findings(conn: psycopg.Connection, before_ms: int, sources: Sequen
         (now_ms, run_id, before_ms, list(sources))).rowcount
 
 
+#: Finding kinds of this reconciler's own repairs: a later clean compare answers them.
+REPAIR_KINDS = ("missing_in_cloud", "missing_in_legacy")
+
+
+def record_clean_compares(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
+                          watermark_ms: int, since_ms: int, run_id: int | None,
+                          now_ms: int) -> int:
+    """These conversations were compared and found equal on both stacks over
+    ``[since_ms, watermark_ms)``: their ``last_clean_reconcile_ms`` moves up to the
+    watermark (what the migration gate asks of a cohort's conversations), and their open or
+    failed repair findings made within that window are repaired (the divergence is gone).
+    Returns how many findings that closed."""
+    if not conversation_ids:
+        return 0
+    ids_ = list(conversation_ids)
+    conn.execute(
+        "UPDATE conversations SET last_clean_reconcile_ms = "
+        "greatest(coalesce(last_clean_reconcile_ms, 0), %s) WHERE conversation_id = ANY(%s)",
+        (watermark_ms, ids_))
+    return conn.execute(
+        "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
+        "detail = detail || jsonb_build_object('resolved_by_run', %s::bigint, "
+        "'was', state) "
+        "WHERE conversation_id = ANY(%s) AND kind = ANY(%s) AND state IN ('open', 'failed') "
+        "AND created_ms >= %s AND created_ms < %s",
+        (now_ms, run_id, ids_, list(REPAIR_KINDS), since_ms, watermark_ms)).rowcount
+
+
 def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state: str,
                   conversation_id: uuid.UUID, detail: dict, now_ms: int) -> None:
     """One finding (already repaired, or failed) and its audit row, in one transaction."""
@@ -195,10 +230,24 @@ class GapsReconciler:
                      if phases.index(ph) > phases.index(done_phase)
                      or (ph == done_phase and c > done_after)]
         diffs: list[ChatDiff] = []
+        clean: list[uuid.UUID] = []  # compared equal, not yet written down
         pending_unsaved = 0
+
+        async def save() -> None:
+            # what was compared clean is written before the progress that skips it next time
+            if clean and not ctx.dry_run:
+                closed = await db.run("record_clean_compares", record_clean_compares,
+                                      list(clean), end, start, report.run_id, ctx.now_ms())
+                report.detail["findings_closed"] = (report.detail.get("findings_closed", 0)
+                                                    + closed)
+                report.detail["compared_clean"] = (report.detail.get("compared_clean", 0)
+                                                   + len(clean))
+            clean.clear()
+            await ctx.save()
+
         for i, (phase, chat_id) in enumerate(order):
             if i and ctx.out_of_time():  # every run compares at least one: it always advances
-                await ctx.save()
+                await save()
                 break
             cid, members = chats[chat_id]
             try:
@@ -211,13 +260,17 @@ class GapsReconciler:
             if diff.missing_in_cloud or diff.missing_in_legacy:
                 report.suspects += len(diff.missing_in_cloud) + len(diff.missing_in_legacy)
                 diffs.append(diff)
+            else:
+                clean.append(cid)
             ctx.progress.update({"phase": phase, "after": chat_id})
             pending_unsaved += 1
             if pending_unsaved >= 50 or i == len(order) - 1:
                 pending_unsaved = 0
-                await ctx.save()
+                await save()
             ctx.on_progress(f"gaps: {i + 1}/{len(order)} conversations, "
                             f"{report.suspects} suspects")
+        if clean:  # the last conversations' compare raised: the ones before it still count
+            await save()
         if diffs:
             await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
             for diff in diffs:

@@ -36,7 +36,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
 
     ``mirror_lag_ms`` is the worst lag over the live workers per direction (None: no live
     worker measured one); each worker's own lags are in ``workers``. ``findings`` counts
-    every finding by kind and state (open, repaired, failed, dismissed).
+    every finding by kind and state (open, repaired, failed, unrecoverable, dismissed).
     """
     workers = admin.workers(conn)
     live = [w for w in workers if w.live(now_ms, live_within_ms)]

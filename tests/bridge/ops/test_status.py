@@ -80,7 +80,7 @@ def test_status_reports_every_section_from_the_rows(conn):
     assert workers["w3"]["heartbeat_age_ms"] == 300_000
     assert got["outbox_to_legacy"] == {"pending": 2, "oldest_age_ms": 5_000}
     assert got["open_findings"] == {"gap": 2, "notification_failed": 1}
-    none = {"open": 0, "repaired": 0, "failed": 0, "dismissed": 0}
+    none = {"open": 0, "repaired": 0, "failed": 0, "unrecoverable": 0, "dismissed": 0}
     assert got["findings"] == {"gap": {**none, "open": 2},
                                "notification_failed": {**none, "open": 1},
                                "presence": {**none, "repaired": 1}}
