@@ -54,10 +54,10 @@ class AccountScope:
     """What the per-account gates see of one account."""
 
     #: open and failed findings about the account or a conversation it is in
-    findings: admin.HoldingFindings | None = None
+    findings: findings_store.HoldingFindings | None = None
     #: open and failed findings about a whole supernode that is the home of some of its
     #: conversations: (the findings, how many of its conversations are homed there)
-    source_holds: tuple[tuple[admin.SourceFinding, int], ...] = ()
+    source_holds: tuple[tuple[findings_store.SourceFinding, int], ...] = ()
     #: its conversations with a legacy chat (those a gaps pass compares)
     conversations: int = 0
     #: those not compared clean since their last finding, or not within the window
@@ -210,6 +210,23 @@ def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig
                                         config.reconcile_window_ms, now_ms))
 
 
+class _Homes:
+    """Homes of legacy chats on the rings findings recorded, each ring built once."""
+
+    def __init__(self) -> None:
+        self._rings: dict[tuple[str, ...], HashRing] = {}
+
+    def homed_at(self, ring_ids: tuple[str, ...] | None, source: str, chat_id: str) -> bool:
+        """Is *chat_id* homed at *source* on that ring? Always, when no ring was recorded
+        (the finding then holds every conversation)."""
+        if not ring_ids:
+            return True
+        ring = self._rings.get(ring_ids)
+        if ring is None:
+            ring = self._rings[ring_ids] = HashRing(ring_ids)
+        return ring.home_of(chat_id) == source
+
+
 def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
                      config: GateConfig, now_ms: int) -> GateInputs:
     """Read what the gates need for promoting *account_ids*, in the caller's transaction.
@@ -219,18 +236,10 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     it was found): the store keeps no homes, and the ring of the time is the one under which
     the lost messages were homed. A finding without a ring holds every conversation.
     """
-    holding = admin.holding_findings_for_accounts(conn, account_ids)
+    holding = findings_store.holding_findings_for_accounts(conn, account_ids)
     coverage = admin.conversation_coverage(conn, account_ids)
-    by_source = admin.source_findings(conn) if coverage else []
-    rings: dict[tuple[str, ...], HashRing] = {}
-
-    def homed_here(sf: admin.SourceFinding, chat_id: str) -> bool:
-        if sf.ring is None:
-            return True
-        ring = rings.get(sf.ring)
-        if ring is None:
-            ring = rings[sf.ring] = HashRing(sf.ring)
-        return ring.home_of(chat_id) == sf.source
+    by_source = findings_store.source_findings(conn) if coverage else []
+    homes = _Homes()
 
     conversations: dict[uuid.UUID, list[admin.ConversationCoverage]] = {}
     for c in coverage:
@@ -244,7 +253,7 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
         for c in convs:
             last = c.last_finding_ms
             for sf in by_source:
-                if not homed_here(sf, c.legacy_chat_id):
+                if not homes.homed_at(sf.ring, sf.source, c.legacy_chat_id):
                     continue
                 last = sf.newest_ms if last is None else max(last, sf.newest_ms)
                 if sf.state in findings_store.HOLDING_STATES:
@@ -261,3 +270,22 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
         last_clean_reconcile=admin.last_clean_reconcile(conn), scopes=scopes,
         oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
 
+
+
+def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
+                         limit: int) -> list[dict[str, Any]]:
+    """What ``bridgectl findings list`` shows: the open and failed findings, newest first;
+    with *account_id*, those that hold it (``gate_no_open_findings``'s scope), findings
+    about the home supernode of one of its conversations included."""
+    rows = findings_store.holding_finding_rows(conn, account_id, limit)
+    if account_id is None:
+        return rows
+    chats = [c.legacy_chat_id for c in admin.conversation_coverage(conn, [account_id])]
+    homes = _Homes()
+    for r in findings_store.source_finding_rows(conn):
+        ring = r["detail"].get("ring")
+        ring = tuple(ring) if isinstance(ring, list) else None
+        if any(homes.homed_at(ring, r["source"], chat) for chat in chats):
+            rows.append(r)
+    rows.sort(key=lambda r: (r["created_ms"], r["finding_id"]), reverse=True)
+    return rows[:limit]

@@ -301,30 +301,6 @@ def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAcc
 # ---------------------------------------------------------------- what the gates read
 
 @attrs.frozen
-class HoldingFindings:
-    """Open or failed findings about one account or a conversation it is in, by
-    ``(kind, state)``; the ids of some, for the operator to look up."""
-
-    counts: Mapping[tuple[str, str], int]
-    sample_ids: tuple[int, ...] = ()
-
-
-@attrs.frozen
-class SourceFinding:
-    """Findings scoped to a whole legacy supernode (``reconcile_findings.source``) that
-    share a kind, a state and a ring: how many, the newest's time, the lowest id."""
-
-    kind: str
-    state: str
-    source: str
-    #: the supernode ids the homes were computed on when it was found (None: not recorded)
-    ring: tuple[str, ...] | None
-    count: int
-    newest_ms: int
-    first_id: int
-
-
-@attrs.frozen
 class ConversationCoverage:
     """One of an account's conversations with a legacy chat, and what a clean reconcile
     vouched for in it."""
@@ -342,55 +318,6 @@ class ConversationCoverage:
 #: Finding kinds that are not about messages: a clean gaps compare does not answer them, so
 #: they do not ask for one (SQL LIKE patterns).
 NOT_MESSAGE_FINDINGS = ("notification\\_%", "presence\\_%")
-
-
-def holding_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
-                                  ) -> dict[uuid.UUID, HoldingFindings]:
-    """Open and failed findings per account: those naming the account (``account_id`` or
-    ``detail.account_ids``) and those about any conversation it is a member of. Findings
-    scoped to a supernode are not here (``source_findings``: their homes need the ring).
-    Accounts without any are missing from the result."""
-    if not account_ids:
-        return {}
-    rows = conn.execute(
-        "WITH acct AS (SELECT unnest(%(ids)s::uuid[]) AS account_id), "
-        "hits AS ("
-        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
-        "  JOIN reconcile_findings f ON f.account_id = acct.account_id "
-        "    AND f.state = ANY(%(holding)s) "
-        "  UNION "
-        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
-        "  JOIN reconcile_findings f ON f.account_id IS NULL AND f.state = ANY(%(holding)s) "
-        "    AND f.detail->'account_ids' ? acct.account_id::text "
-        "  UNION "
-        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
-        "  JOIN members m ON m.account_id = acct.account_id "
-        "  JOIN reconcile_findings f ON f.conversation_id = m.conversation_id "
-        "    AND f.state = ANY(%(holding)s)) "
-        "SELECT account_id, kind, state, count(*), "
-        "       (array_agg(finding_id ORDER BY finding_id))[1:5] "
-        "FROM hits GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-        {"ids": list(account_ids), "holding": list(findings_store.HOLDING_STATES)}).fetchall()
-    counts: dict[uuid.UUID, dict[tuple[str, str], int]] = {}
-    samples: dict[uuid.UUID, list[int]] = {}
-    for account_id, kind, state, n, some in rows:
-        counts.setdefault(account_id, {})[(kind, state)] = n
-        samples.setdefault(account_id, []).extend(some)
-    return {a: HoldingFindings(c, tuple(sorted(samples[a])[:5])) for a, c in counts.items()}
-
-
-def source_findings(conn: psycopg.Connection) -> list[SourceFinding]:
-    """Every finding scoped to a whole supernode but dismissed ones, grouped by kind, state,
-    supernode and ring: the open and failed ones hold the accounts homed there, and every
-    one asks for a clean compare of those conversations after it."""
-    rows = conn.execute(
-        "SELECT kind, state, source, detail->'ring', count(*), max(created_ms), "
-        "       min(finding_id) FROM reconcile_findings "
-        "WHERE source IS NOT NULL AND state <> 'dismissed' "
-        "GROUP BY kind, state, source, detail->'ring' ORDER BY 3, 1, 2").fetchall()
-    return [SourceFinding(kind, state, source,
-                          tuple(ring) if isinstance(ring, list) else None, n, newest, first)
-            for kind, state, source, ring, n, newest, first in rows]
 
 
 def conversation_coverage(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]

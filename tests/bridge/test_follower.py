@@ -29,7 +29,8 @@ class Bridge:
     def __init__(self, net: LegacyNet, db, config: FollowerConfig = FAST) -> None:
         self.followers = {
             sn: FeedFollower(net.clock, net.net, addr, db, worker_id="test-bridge",
-                             secret=PEER_SECRET, rng=random.Random(7), config=config)
+                             secret=PEER_SECRET, rng=random.Random(7), config=config,
+                             supernodes=lambda: tuple(net.directory))
             for sn, addr in net.directory.items()}
 
     def start(self) -> Bridge:
@@ -137,9 +138,10 @@ def test_a_supernode_restart_is_recorded_as_a_feed_gap(net, conn):
     net.run(1.0)
     net.wait(net.supernodes[home].restart())
     net.run(10.0)
-    gaps = conn.execute("SELECT detail->>'source', detail->>'gap' FROM reconcile_findings "
-                        "WHERE kind = 'feed_gap'").fetchall()
-    assert (home, "epoch") in gaps
+    gaps = conn.execute("SELECT detail->>'source', detail->>'gap', source, detail->'ring' "
+                        "FROM reconcile_findings WHERE kind = 'feed_gap'").fetchall()
+    # scoped to the supernode as a whole, with the ring its conversations were homed on
+    assert (home, "epoch", home, sorted(net.directory)) in gaps
     cp = coordination_store.load_checkpoints(conn)[home]
     assert int(cp.epoch) == net.supernodes[home].mem.epoch
     bridge.stop(net)
