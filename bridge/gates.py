@@ -271,7 +271,6 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
         oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
 
 
-
 def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
                          limit: int) -> list[dict[str, Any]]:
     """What ``bridgectl findings list`` shows: the open and failed findings, newest first;
