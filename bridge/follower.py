@@ -31,7 +31,7 @@ import enum
 import random
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -149,7 +149,8 @@ class FeedFollower(Service):
                  lease: str | None = None,
                  fault: Callable[[str], None] | None = None,
                  known: KnownIds | None = None,
-                 on_streaming: Callable[[], None] | None = None) -> None:
+                 on_streaming: Callable[[], None] | None = None,
+                 supernodes: Callable[[], Sequence[str]] | None = None) -> None:
         self.setName(f"feed:{address.sn_id}")
         self.clock, self.network, self.address, self.db = clock, network, address, db
         self.worker_id, self._secret, self._rng = worker_id, secret, rng
@@ -161,6 +162,9 @@ class FeedFollower(Service):
         self.fault = fault
         #: called each time the feed starts streaming (the worker reports itself ready)
         self.on_streaming = on_streaming
+        #: the supernode ids of the directory now: a feed gap records them, so the gates can
+        #: tell which conversations were homed at this supernode when entries were lost
+        self.supernodes = supernodes
         self.known = known if known is not None else KnownIds()
         self.state = FollowerState.IDLE
         self.peer: PeerConnection | None = None
@@ -325,6 +329,8 @@ class FeedFollower(Service):
                 # Resuming after a gap: the ranges are recorded for the reconcilers, and the
                 # checkpoint moves past them (they can never be read from this feed again).
                 for gap in feed_gaps(self.source, f, self.last_read_ms):
+                    if self.supernodes is not None:  # the ring its lost messages were on
+                        gap["ring"] = sorted(self.supernodes())
                     self.gaps += 1
                     m.FEED_GAPS.labels(kind=gap["gap"]).inc()
                     batch.gaps.append(gap)

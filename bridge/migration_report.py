@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.phases import MOVE, UNCHANGED, MigrationOutcome, MigrationPlan
+from bridge.phases import HELD, MOVE, UNCHANGED, MigrationOutcome, MigrationPlan
 
 
 def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
@@ -16,6 +16,7 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
     failed = {c.account_id: why for c, why in (outcome.failed if outcome else ())}
     # what was queued for legacy; before applying (a dry run), what would be
     backfills = outcome.backfills if outcome else plan.backfill_preview
+    held_at_apply = {c.account_id: gates for c, gates in (outcome.held if outcome else ())}
     moved = {c.account_id for c in (outcome.moved if outcome else ())}
     already = {c.account_id for c in (outcome.already if outcome else ())}
     accounts = []
@@ -23,9 +24,16 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
         c = m.change
         result = m.outcome
         reason = m.reason
+        gates = m.gates
         if m.outcome == MOVE:
             if dry_run or outcome is None:
                 result = "would_move"
+            elif c.account_id in held_at_apply:
+                # planned to move, held by the gates evaluated again in its transaction
+                gates = held_at_apply[c.account_id]
+                result = HELD
+                reason = "; ".join(f"{g.name}: {g.reason} (when applied)" for g in gates
+                                   if not g.passed)
             elif c.account_id in moved:
                 result = "moved"
             elif c.account_id in already:
@@ -35,7 +43,7 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
         accounts.append({
             "account_id": str(c.account_id), "handle": c.handle, "from": c.from_phase,
             "to": c.to_phase, "direction": c.direction, "result": result, "reason": reason,
-            "forced": m.forced, "gates": [g.to_json() for g in m.gates],
+            "forced": m.forced, "gates": [g.to_json() for g in gates],
             "backfill": (backfills[c.account_id].to_json() if c.account_id in backfills
                          else None)})
     counts: dict[str, int] = {}
@@ -58,7 +66,12 @@ def render_plan(report: dict[str, Any]) -> str:
         if a["forced"]:
             label += " (forced)"
         lines.append(f"{a['handle']:<{width}}  {a['from']:>10} -> {a['to']:<10}  {label}")
-        if a["reason"] and a["result"] in ("held", "failed"):
+        failed_gates = [g for g in a["gates"] if not g["passed"]]
+        if a["result"] == "held" and failed_gates:  # one line per gate that held it, and why
+            when = " (when applied)" if a["reason"].endswith("(when applied)") else ""
+            for g in failed_gates:
+                lines.append(f"{'':<{width}}    held by {g['name']}{when}: {g['reason']}")
+        elif a["reason"] and a["result"] in ("held", "failed"):
             for part in a["reason"].split("; "):
                 lines.append(f"{'':<{width}}    {part}")
         elif a["forced"]:
@@ -78,6 +91,15 @@ def render_plan(report: dict[str, Any]) -> str:
                  + (f"; {_messages(queued)} {'would be ' * report['dry_run']}queued for "
                     "legacy" if backfilled else "")
                  + f" ({verb})")
+    by_gate: dict[str, int] = {}
+    for a in rows:
+        if a["result"] == "held":
+            for g in a["gates"]:
+                if not g["passed"]:
+                    by_gate[g["name"]] = by_gate.get(g["name"], 0) + 1
+    if by_gate:
+        lines.append("held by " + ", ".join(
+            f"{name}: {n} account{'s' * (n != 1)}" for name, n in sorted(by_gate.items())))
     return "\n".join(lines)
 
 

@@ -243,7 +243,9 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
         presence_store.set_presence(conn, presence)
     step("gaps")
     for gap in plan.gaps:
-        findings_store.record_finding(conn, "feed_gap", gap, now_ms)
+        # no conversation can be named (the lost entries are unknown): the finding concerns
+        # everything homed at its supernode, which the gates find through detail["ring"]
+        findings_store.record_finding(conn, "feed_gap", gap, now_ms, source=gap.get("source"))
     ensured = {c.chat_id: c.member_handles for c in plan.conversations
                if c.complete and c.chat_id not in refused}
     return CommitOutcome(result, ensured, applied.added, applied.removed)

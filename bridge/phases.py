@@ -7,13 +7,15 @@
                                                  needs force (force also overrides gates)
 
     load_plan (one read transaction)               apply_plan (per account, in order)
-    selection -> accounts, gate inputs -> plan  -> [login server: set_moved] -> phase + audit
+    selection -> accounts, gate inputs -> plan  -> [gates again; login server: set_moved]
+                                                -> one tx: lock, gates again, phase + audit
                                                    (out of cloud-only: + back-fill, same tx)
 
 A plan is computed from the store, shown (``--dry-run`` stops there) and applied one account
-at a time, each in its own transaction that re-checks the phase it was planned from. The
-gates are pure functions of what ``load_plan`` read and of ``now_ms``: nothing here reads the
-wall clock.
+at a time, each in its own transaction that re-checks the phase it was planned from and
+evaluates a forward move's gates (``bridge.gates``) again on what is committed then: a
+finding opened between plan and apply holds the move. The gates are pure functions of what
+was read and of ``now_ms``: nothing here reads the wall clock.
 
 Leaving cloud-only back-fills legacy: while every member of a conversation was cloud-only,
 its cloud messages were never queued for legacy (or their rows were skipped), so the move's
@@ -33,6 +35,14 @@ import psycopg
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
+from bridge.gates import (  # noqa: F401 (GATES: the gate names, shown with a plan)
+    GATES,
+    GateConfig,
+    GateInputs,
+    GateResult,
+    evaluate_gates,
+    read_gate_inputs,
+)
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import PHASES, Account
@@ -45,8 +55,6 @@ CLOUD_ONLY = "cloud-only"
 FORWARD, BACKWARD, NONE = "forward", "backward", "none"
 #: What a plan does with one account.
 MOVE, HELD, UNCHANGED = "move", "held", "unchanged"
-#: Gate names, in the order they are evaluated and shown.
-GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile")
 #: How long a legacy supernode keeps history (``SupernodeConfig.retention_seconds``'s
 #: default): a back-fill queues nothing older, which the supernode would refuse.
 LEGACY_RETENTION_MS = 30 * 86_400_000
@@ -68,6 +76,15 @@ class UnknownAccounts(Exception):
         shown = ", ".join(repr(r) for r in refs[:5]) + (", ..." if len(refs) > 5 else "")
         super().__init__(f"unknown account{'s' if len(refs) > 1 else ''}: {shown}")
         self.refs = tuple(refs)
+
+
+class GatesHeld(Exception):
+    """A forward move's gates, evaluated again when it was applied, failed: nothing moved."""
+
+    def __init__(self, gates: Sequence[GateResult]) -> None:
+        self.gates = tuple(gates)
+        super().__init__("; ".join(f"{g.name}: {g.reason}" for g in self.gates
+                                   if not g.passed))
 
 
 class LoginServerLink(Protocol):
@@ -98,42 +115,6 @@ class Selection:
     @property
     def is_cohort(self) -> bool:
         return self.percent is not None
-
-
-@attrs.frozen
-class GateConfig:
-    #: every live worker's p99 lag, both directions, must be under this
-    lag_bound_ms: int = attrs.field(default=5_000, validator=attrs.validators.gt(0))
-    #: a clean reconcile run must have finished at most this long ago
-    reconcile_window_ms: int = attrs.field(default=3_600_000, validator=attrs.validators.gt(0))
-    #: a worker is live while its heartbeat is at most this old
-    live_within_ms: int = admin.LIVE_WORKER_MS
-    #: the oldest outbox row waiting for the legacy network must be younger than this (a
-    #: stuck cloud -> legacy leg completes nothing, so the lag gate alone would not see it)
-    outbox_age_bound_ms: int = attrs.field(default=300_000, validator=attrs.validators.gt(0))
-
-
-@attrs.frozen
-class GateInputs:
-    """Everything the gates look at, read in one transaction."""
-
-    live_workers: tuple[admin.WorkerRow, ...]
-    last_clean_reconcile: admin.ReconcileRun | None
-    #: open findings by kind, per account (its own and its conversations'); absent: none
-    open_findings: Mapping[uuid.UUID, Mapping[str, int]] = attrs.field(factory=dict)
-    #: when the oldest outbox row still waiting for the legacy network was written
-    oldest_outbox_ms: int | None = None
-
-
-@attrs.frozen
-class GateResult:
-    name: str
-    passed: bool
-    #: why it failed, or what it saw when it passed
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "reason": self.reason}
 
 
 @attrs.frozen
@@ -181,6 +162,8 @@ class MigrationPlan:
     force: bool = False
     #: what leaving cloud-only would queue for legacy now, by account (a dry run shows it)
     backfill_preview: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
+    #: the gate bounds it was planned with: applying evaluates the gates again with them
+    config: GateConfig = attrs.field(factory=GateConfig)
 
     @property
     def to_move(self) -> tuple[PlannedMove, ...]:
@@ -211,89 +194,9 @@ class MigrationOutcome:
     already: tuple[PhaseChange, ...] = ()
     #: what each move out of cloud-only queued for legacy, by account
     backfills: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
-
-
-# ---------------------------------------------------------------- gates
-
-def gate_no_open_findings(findings: Mapping[str, int] | None) -> GateResult:
-    if not findings:
-        return GateResult("no_open_findings", True,
-                          "no open findings for the account or its conversations")
-    total = sum(findings.values())
-    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(findings.items()))
-    return GateResult("no_open_findings", False,
-                      f"{total} open finding{'s' if total != 1 else ''} for the account or "
-                      f"its conversations ({kinds})")
-
-
-def gate_mirror_lag(live: Sequence[admin.WorkerRow], bound_ms: int) -> GateResult:
-    """At least one live worker; none degraded; every measured lag under the bound.
-
-    A lag the worker did not measure (no traffic in its window) is no lag.
-    """
-    if not live:
-        return GateResult("mirror_lag", False, "no live bridge worker (no heartbeat within "
-                                               f"{admin.LIVE_WORKER_MS // 1000} s)")
-    problems = []
-    for w in live:
-        if w.state == "degraded":
-            problems.append(f"worker {w.worker_id} is degraded")
-        for label, lag in (("to cloud", w.lag_to_cloud_ms), ("to legacy", w.lag_to_legacy_ms)):
-            if lag is not None and lag >= bound_ms:
-                problems.append(f"worker {w.worker_id} lags {lag} ms {label}")
-    if problems:
-        return GateResult("mirror_lag", False,
-                          "; ".join(problems) + f" (bound {bound_ms} ms)")
-    worst = max((lag for w in live for lag in (w.lag_to_cloud_ms, w.lag_to_legacy_ms)
-                 if lag is not None), default=None)
-    seen = "no lag measured" if worst is None else f"worst lag {worst} ms"
-    return GateResult("mirror_lag", True, f"{len(live)} live worker{'s' * (len(live) != 1)}, "
-                                          f"{seen} (bound {bound_ms} ms)")
-
-
-def gate_outbox_flowing(oldest_ms: int | None, bound_ms: int, now_ms: int) -> GateResult:
-    """The cloud -> legacy leg is moving: no outbox row has waited longer than the bound."""
-    if oldest_ms is None:
-        return GateResult("outbox_flowing", True, "no outbox row waits for legacy")
-    age = now_ms - oldest_ms
-    if age > bound_ms:
-        return GateResult("outbox_flowing", False,
-                          f"the oldest outbox row to legacy has waited {_age(age)} "
-                          f"(bound {_age(bound_ms)})")
-    return GateResult("outbox_flowing", True,
-                      f"the oldest outbox row to legacy has waited {_age(age)}")
-
-
-def _age(ms: int) -> str:
-    s = max(ms, 0) // 1000
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"
-
-
-def gate_recent_clean_reconcile(run: admin.ReconcileRun | None, window_ms: int,
-                                now_ms: int) -> GateResult:
-    if run is None or run.finished_ms is None:
-        return GateResult("recent_clean_reconcile", False,
-                          "no clean reconcile run (kind gaps or all) has finished")
-    age = now_ms - run.finished_ms
-    what = f"clean {run.kind} run {run.run_id} finished {_age(age)} ago"
-    if age > window_ms:
-        return GateResult("recent_clean_reconcile", False,
-                          f"the last {what}; the window is {_age(window_ms)}")
-    return GateResult("recent_clean_reconcile", True, what)
-
-
-def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig,
-                   now_ms: int) -> tuple[GateResult, ...]:
-    """Every gate for promoting *account_id*, in ``GATES`` order."""
-    return (gate_no_open_findings(inputs.open_findings.get(account_id)),
-            gate_mirror_lag(inputs.live_workers, config.lag_bound_ms),
-            gate_outbox_flowing(inputs.oldest_outbox_ms, config.outbox_age_bound_ms, now_ms),
-            gate_recent_clean_reconcile(inputs.last_clean_reconcile,
-                                        config.reconcile_window_ms, now_ms))
+    #: planned moves a gate held when they were applied (a finding opened, a worker fell
+    #: behind, ... since the plan was made), with the gates as evaluated then
+    held: tuple[tuple[PhaseChange, tuple[GateResult, ...]], ...] = ()
 
 
 # ---------------------------------------------------------------- planning
@@ -331,7 +234,7 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
                     change, HELD, "; ".join(f"{g.name}: {g.reason}" for g in failed), gates))
             else:
                 moves.append(PlannedMove(change, MOVE, gates=gates, forced=bool(failed)))
-    return MigrationPlan(target, tuple(moves), force)
+    return MigrationPlan(target, tuple(moves), force, config=config)
 
 
 def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
@@ -351,11 +254,7 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
         if unknown:
             raise UnknownAccounts(unknown)
     promoted = [a.account_id for a in accounts if direction(a.phase, target) == FORWARD]
-    inputs = GateInputs(
-        live_workers=tuple(admin.live_workers(conn, now_ms, config.live_within_ms)),
-        last_clean_reconcile=admin.last_clean_reconcile(conn),
-        open_findings=admin.open_findings_for_accounts(conn, promoted),
-        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
+    inputs = read_gate_inputs(conn, promoted, config, now_ms)
     plan = plan_moves(accounts, target, inputs, config, now_ms, force=force,
                       promote_only=selection.is_cohort)
     since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
@@ -375,6 +274,44 @@ def backfill_since_ms(now_ms: int, legacy_retention_ms: int) -> int:
     return now_ms - legacy_retention_ms + BACKFILL_MARGIN_MS
 
 
+def recheck_gates(conn: psycopg.Connection, move: PlannedMove, config: GateConfig,
+                  now_ms: int, *, force: bool) -> tuple[tuple[GateResult, ...], bool]:
+    """The gates of a forward move, evaluated again on what is committed now: (gates,
+    forced). ``GatesHeld`` when one fails and *force* is off. A move that is not forward, or
+    whose account is no longer in the phase it was planned from (``apply_phase_change``
+    says what to do then), keeps the gates and the force it was planned with."""
+    change = move.change
+    if change.direction != FORWARD:
+        return move.gates, move.forced
+    row = conn.execute("SELECT phase FROM accounts WHERE account_id = %s",
+                       (change.account_id,)).fetchone()
+    if row is None or row[0] != change.from_phase:
+        return move.gates, move.forced
+    inputs = read_gate_inputs(conn, [change.account_id], config, now_ms)
+    gates = evaluate_gates(change.account_id, inputs, config, now_ms)
+    failed = any(not g.passed for g in gates)
+    if failed and not force:
+        raise GatesHeld(gates)
+    return gates, failed
+
+
+def apply_move(conn: psycopg.Connection, move: PlannedMove, config: GateConfig, *,
+               force: bool, actor: str, now_ms: int,
+               backfill_since_ms: int | None) -> admin.AppliedChange:
+    """One account's move, in one transaction: the account row is locked, a forward move's
+    gates are evaluated again (``recheck_gates``) and the phase is changed with them, so a
+    finding opened since the plan was made holds the move. (A finding committed after this
+    transaction read the findings counts as found after the move.)"""
+    change = move.change
+    conn.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE",
+                 (change.account_id,))
+    gates, forced = recheck_gates(conn, move, config, now_ms, force=force)
+    return admin.apply_phase_change(
+        conn, change.account_id, change.from_phase, change.to_phase, actor=actor,
+        now_ms=now_ms, forced=forced, gates=[g.to_json() for g in gates],
+        backfill_since_ms=backfill_since_ms)
+
+
 async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
                      login: LoginServerLink | None, *, actor: str, now_ms: int,
                      clock: IReactorTime | None = None, login_timeout_s: float = 10.0,
@@ -387,12 +324,15 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
     (Ctrl-C): the accounts not reached yet are reported as failed, nothing is half done.
     One account's failure does not stop the others. A move out of cloud-only queues for
     legacy, in its own transaction, what legacy missed within *legacy_retention_ms*.
+    A forward move's gates are evaluated again in its transaction (``apply_move``); a move
+    they hold now is reported in ``held`` (and a login server already told is set back).
     """
     since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
     backfills: dict[uuid.UUID, Backfill] = {}
     moved: list[PhaseChange] = []
     failed: list[tuple[PhaseChange, str]] = []
     already: list[PhaseChange] = []
+    held: list[tuple[PhaseChange, tuple[GateResult, ...]]] = []
     login_broken: str | None = None
     for move in plan.to_move:
         change = move.change
@@ -412,6 +352,16 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
             if login_broken is not None:
                 failed.append((change, login_broken))
                 continue
+            if change.direction == FORWARD:
+                try:  # a gate that fails already is not worth telling the login server
+                    await db.run("recheck_gates", recheck_gates, move, plan.config, now_ms,
+                                 force=plan.force)
+                except GatesHeld as e:
+                    held.append((change, e.gates))
+                    continue
+                except Exception as e:
+                    failed.append((change, f"store: {_describe(e)}"))
+                    continue
             try:
                 await _set_moved(login, change.legacy_handle, change.to_phase == CLOUD_ONLY,
                                  clock, login_timeout_s)
@@ -425,9 +375,16 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
             told_login = True
         try:
             applied = await db.run(
-                "apply_phase_change", admin.apply_phase_change, change.account_id,
-                change.from_phase, change.to_phase, actor=actor, now_ms=now_ms, forced=move.forced,
-                gates=[g.to_json() for g in move.gates], backfill_since_ms=since_ms)
+                "apply_phase_change", apply_move, move, plan.config, force=plan.force,
+                actor=actor, now_ms=now_ms, backfill_since_ms=since_ms)
+        except GatesHeld as e:
+            trouble = (await _restore_login(login, change, change.from_phase, clock,
+                                            login_timeout_s) if told_login else "")
+            if trouble:  # held, but the login server now disagrees with the store
+                failed.append((change, f"held at apply by {e}{trouble}"))
+            else:
+                held.append((change, e.gates))
+            continue
         except admin.PhaseChanged as e:
             why = str(e)
             if told_login:
@@ -442,7 +399,8 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
         (moved if applied.moved else already).append(change)
         if applied.backfill is not None:
             backfills[change.account_id] = applied.backfill
-    return MigrationOutcome(tuple(moved), tuple(failed), tuple(already), backfills)
+    return MigrationOutcome(tuple(moved), tuple(failed), tuple(already), backfills,
+                            tuple(held))
 
 
 def _describe(exc: BaseException) -> str:

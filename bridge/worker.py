@@ -338,7 +338,8 @@ class BridgeWorker(MultiService):
                                 rng=random.Random(self._rng.random()),
                                 config=self.config.follower, fence=fence,
                                 lease=f"feed:{addr.sn_id}", known=self.known,
-                                on_streaming=self._feed_streaming)
+                                on_streaming=self._feed_streaming,
+                                supernodes=lambda: tuple(self.directory))
         self.followers[addr.sn_id] = follower
         follower.setServiceParent(self)
         log.info("following feed {sn} (fence {f})", sn=addr.sn_id, f=fence)

@@ -21,8 +21,12 @@ def add_commands(sub: Any) -> None:
     mig = sub.add_parser(
         "migrate", help="move accounts between migration phases",
         description="Move the selected accounts to --to PHASE (legacy, dual, cloud, "
-                    "cloud-only). Forward moves are gated (no open findings, mirror lag, a "
-                    "recent clean reconcile); backward moves are not, but leaving cloud-only "
+                    "cloud-only). Forward moves are gated (no open or failed findings in "
+                    "the account's scope, mirror lag, the outbox flowing, its conversations "
+                    "compared clean by a recent reconcile since their last finding), when "
+                    "planned and again when each move is applied; each held account is "
+                    "shown with the gates that held it and why. Backward moves are not "
+                    "gated, but leaving cloud-only "
                     "needs --force, and queues for legacy, in the same transaction, the "
                     "messages legacy missed while nobody in a conversation had legacy clients "
                     "(the count is reported). Every move is written to the audit log. Exit "
@@ -55,8 +59,9 @@ def add_commands(sub: Any) -> None:
                      help="outbox gate: no outbox row to legacy waiting longer than S seconds "
                           "(default 300)")
     mig.add_argument("--reconcile-window", type=options.number, default=3600.0, metavar="S",
-                     help="reconcile gate: a clean run finished within S seconds "
-                          "(default 3600)")
+                     help="reconcile gate: a clean run finished within S seconds, and "
+                          "each of the account's conversations compared clean within S "
+                          "seconds and since its last finding (default 3600)")
     mig.add_argument("--legacy-retention", type=options.number, default=30 * 86400.0,
                      metavar="S",
                      help="how long legacy supernodes keep history (their retention_seconds; "
@@ -93,15 +98,6 @@ def _selection(args: argparse.Namespace) -> Any:
     return Selection(refs=tuple(r for r in refs if r))
 
 
-def _os_user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in this environment (KeyError, OSError)
-        raise UsageError("cannot tell who you are for the audit log; pass --actor NAME") from None
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     from twisted.internet import defer
 
@@ -126,9 +122,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--legacy-retention must be more than "
                          f"{phases.BACKFILL_MARGIN_MS // 1000} seconds (the back-fill stops "
                          "that far inside it)")
-    actor = args.actor if args.actor is not None else _os_user()
-    if not 0 < len(actor) <= 200 or any(ord(c) < 32 for c in actor):
-        raise UsageError("--actor must be 1-200 printable characters")
+    actor = options.actor(args)
     dsn, origin = current_database(args)
     with connect(dsn, origin) as conn:
         try:
@@ -160,6 +154,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             outcome = done[0]
             if not isinstance(outcome, phases.MigrationOutcome):
                 outcome.raiseException()
+    if outcome.held:  # gates evaluated again when applying held some planned moves
+        gated = EXIT_GATED
     report = migration_report.plan_to_json(plan, outcome)
     print(json.dumps(report, sort_keys=True) if args.json
           else migration_report.render_plan(report))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import state
+from bridgectl.errors import UsageError
 
 
 def non_negative_int(text: str) -> int:
@@ -93,3 +94,20 @@ def peer_secret(args: argparse.Namespace) -> bytes:
     if path is not None:
         return state.read_secret_file(path)
     return state.secret(state.state_home(), "peer")
+
+
+def actor(args: argparse.Namespace) -> str:
+    """Who acts, for the audit log: ``--actor``, else the OS user; a usage error when neither
+    gives 1-200 printable characters."""
+    name = args.actor
+    if name is None:
+        import getpass
+
+        try:
+            name = getpass.getuser()
+        except Exception:  # no login name in this environment (KeyError, OSError)
+            raise UsageError("cannot tell who you are for the audit log; "
+                             "pass --actor NAME") from None
+    if not 0 < len(name) <= 200 or any(ord(c) < 32 for c in name):
+        raise UsageError("--actor must be 1-200 printable characters")
+    return name

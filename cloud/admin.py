@@ -18,6 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from cloud.model import LEGACY_CLIENT_PHASES, PHASES, Account
+from cloud.store import findings as findings_store
 from cloud.store import outbox as outbox_store
 from cloud.store.errors import Conflict, NotFound
 
@@ -26,7 +27,7 @@ LIVE_WORKER_MS = 30_000
 #: Reconcile kinds whose clean run vouches for the mirrored messages (the migration gate).
 CLEAN_RECONCILE_KINDS = ("gaps", "all")
 #: The states of a reconcile finding (``reconcile_findings.state``), in display order.
-FINDING_STATES = ("open", "repaired", "failed", "unrecoverable", "dismissed")
+FINDING_STATES = findings_store.FINDING_STATES
 
 
 class PhaseChanged(Conflict):
@@ -303,28 +304,42 @@ def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAcc
 
 # ---------------------------------------------------------------- what the gates read
 
-def open_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
-                               ) -> dict[uuid.UUID, dict[str, int]]:
-    """Open findings per account, by kind: those about the account itself and those about
-    any conversation it is a member of. Accounts without any are missing from the result."""
+@attrs.frozen
+class ConversationCoverage:
+    """One of an account's conversations with a legacy chat, and what a clean reconcile
+    vouched for in it."""
+
+    account_id: uuid.UUID
+    conversation_id: uuid.UUID
+    legacy_chat_id: str
+    #: the watermark of the newest gaps pass that compared it clean (None: never)
+    last_clean_reconcile_ms: int | None
+    #: when its newest finding about messages was made, whatever its state but dismissed
+    #: (None: none)
+    last_finding_ms: int | None
+
+
+#: Finding kinds that are not about messages: a clean gaps compare does not answer them, so
+#: they do not ask for one (SQL LIKE patterns).
+NOT_MESSAGE_FINDINGS = ("notification\\_%", "presence\\_%")
+
+
+def conversation_coverage(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
+                          ) -> list[ConversationCoverage]:
+    """The accounts' conversations that have a legacy chat (those the gaps reconciler
+    compares), each with its clean-compare watermark and its newest message finding."""
     if not account_ids:
-        return {}
+        return []
     rows = conn.execute(
-        "WITH acct AS (SELECT unnest(%s::uuid[]) AS account_id), "
-        "hits AS ("
-        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
-        "  JOIN reconcile_findings f ON f.account_id = acct.account_id AND f.state = 'open' "
-        "  UNION "
-        "  SELECT acct.account_id, f.finding_id, f.kind FROM acct "
-        "  JOIN members m ON m.account_id = acct.account_id "
-        "  JOIN reconcile_findings f ON f.conversation_id = m.conversation_id "
-        "    AND f.state = 'open') "
-        "SELECT account_id, kind, count(*) FROM hits GROUP BY 1, 2 ORDER BY 1, 2",
-        (list(account_ids),)).fetchall()
-    out: dict[uuid.UUID, dict[str, int]] = {}
-    for account_id, kind, n in rows:
-        out.setdefault(account_id, {})[kind] = n
-    return out
+        "SELECT m.account_id, c.conversation_id, c.legacy_chat_id, c.last_clean_reconcile_ms, "
+        "  (SELECT max(f.created_ms) FROM reconcile_findings f "
+        "    WHERE f.conversation_id = c.conversation_id AND f.state <> 'dismissed' "
+        "      AND NOT f.kind LIKE ANY(%(skip)s)) "
+        "FROM members m JOIN conversations c USING (conversation_id) "
+        "WHERE m.account_id = ANY(%(ids)s) AND c.legacy_chat_id IS NOT NULL "
+        "ORDER BY 1, 2",
+        {"ids": list(account_ids), "skip": list(NOT_MESSAGE_FINDINGS)}).fetchall()
+    return [ConversationCoverage(*r) for r in rows]
 
 
 _WORKER_COLS = ("worker_id, state, started_ms, heartbeat_ms, lag_to_cloud_ms, lag_to_legacy_ms, "

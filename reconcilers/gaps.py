@@ -36,6 +36,13 @@ about to drop would look missing there, and its re-injection would be refused as
 The floor is taken again by every run (a resumed pass too), and a message that aged past it
 between the looks is not re-injected.
 
+Each conversation compared equal is written down as it goes (``record_clean_compares``):
+its ``last_clean_reconcile_ms`` becomes the pass's watermark, and its earlier open or failed
+repair findings within the window are repaired. The migration gate asks this of every
+conversation of a cohort, so a run that stopped at its deadline, or resumed and compared only
+the tail, vouches for the conversations it compared and no others. A conversation repaired
+in this pass is vouched for by the next one.
+
 The module is long (just over 500 lines) because its SQL transactions (each a function, safe
 to run twice) sit beside the pass that runs them, as the other reconcilers' do.
 """
@@ -160,6 +167,34 @@ def lag_ms(conn: psycopg.Connection, now_ms: int) -> int:
     """The worst lag live bridge workers report (0 when none report one)."""
     return max((max(w.lag_to_cloud_ms or 0, w.lag_to_legacy_ms or 0)
                 for w in admin.live_workers(conn, now_ms)), default=0)
+
+
+#: Finding kinds of this reconciler's own repairs: a later clean compare answers them.
+REPAIR_KINDS = ("missing_in_cloud", "missing_in_legacy")
+
+
+def record_clean_compares(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
+                          watermark_ms: int, since_ms: int, run_id: int | None,
+                          now_ms: int) -> int:
+    """These conversations were compared and found equal on both stacks over
+    ``[since_ms, watermark_ms)``: their ``last_clean_reconcile_ms`` moves up to the
+    watermark (what the migration gate asks of a cohort's conversations), and their open or
+    failed repair findings made within that window are repaired (the divergence is gone).
+    Returns how many findings that closed."""
+    if not conversation_ids:
+        return 0
+    ids_ = list(conversation_ids)
+    conn.execute(
+        "UPDATE conversations SET last_clean_reconcile_ms = "
+        "greatest(coalesce(last_clean_reconcile_ms, 0), %s) WHERE conversation_id = ANY(%s)",
+        (watermark_ms, ids_))
+    return conn.execute(
+        "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
+        "detail = detail || jsonb_build_object('resolved_by_run', %s::bigint, "
+        "'was', state) "
+        "WHERE conversation_id = ANY(%s) AND kind = ANY(%s) AND state IN ('open', 'failed') "
+        "AND created_ms >= %s AND created_ms < %s",
+        (now_ms, run_id, ids_, list(REPAIR_KINDS), since_ms, watermark_ms)).rowcount
 
 
 def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state: str,
@@ -293,9 +328,23 @@ class GapsReconciler:
                     continue
                 retry.discard(diff.chat_id)
                 progress["retry"] = sorted(retry)
+            await save()
+
+        clean: list[uuid.UUID] = []  # compared equal, not yet written down
+        pending_unsaved = 0
+
+        async def save() -> None:
+            # what was compared clean is written before the progress that skips it next time
+            if clean and not ctx.dry_run:
+                closed = await db.run("record_clean_compares", record_clean_compares,
+                                      list(clean), end, start, report.run_id, ctx.now_ms())
+                report.detail["findings_closed"] = (report.detail.get("findings_closed", 0)
+                                                    + closed)
+                report.detail["compared_clean"] = (report.detail.get("compared_clean", 0)
+                                                   + len(clean))
+            clean.clear()
             await ctx.save()
 
-        pending_unsaved = 0
         for i, (phase, chat_id) in enumerate(order):
             # every run compares at least one: it always advances; and it stops comparing
             # while the second look and the repairs of what it found still fit
@@ -304,7 +353,7 @@ class GapsReconciler:
                     left is not None
                     and left < reserve + (cfg.confirm_after_s if diffs else 0.0))):
                 ctx.interrupted = True
-                await ctx.save()
+                await save()
                 break
             home = ring.home_of(chat_id)
             if home in lost:
@@ -330,17 +379,20 @@ class GapsReconciler:
                 retry.add(chat_id)  # until repaired: a cut-off run leaves it to the next
             else:
                 retry.discard(chat_id)
+                clean.append(cid)
             progress["retry"] = sorted(retry)
             if phase != "retry":
                 progress.update({"phase": phase, "after": chat_id})
             pending_unsaved += 1
             if pending_unsaved >= 50 or i == len(order) - 1:
                 pending_unsaved = 0
-                await ctx.save()
+                await save()
             ctx.on_progress(f"gaps: {i + 1}/{len(order)} conversations, "
                             f"{report.suspects} suspects")
             if len(diffs) >= cfg.confirm_every:
                 await confirm_round()
+        if clean:  # the last conversations' compare raised: the ones before it still count
+            await save()
         if diffs:
             await confirm_round()
         report.detail.update(attrs.asdict(self.counters))

@@ -181,6 +181,18 @@ def expire_legacy_rows(conn: psycopg.Connection, rows: Sequence[LegacyRow], now_
     return confirmed, written
 
 
+def close_hub_failures(conn: psycopg.Connection, hubs: Sequence[str], run_id: int | None,
+                       now_ms: int) -> int:
+    """A completed pass re-injected at these hubs every cloud presence they lacked, without
+    a failure: the failed findings of earlier injections there are repaired."""
+    return conn.execute(
+        "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
+        "detail = detail || jsonb_build_object('resolved_by_run', %s::bigint) "
+        "WHERE kind = %s AND state = 'failed' AND detail->>'side' = 'legacy' "
+        "AND detail->>'hub' = ANY(%s) AND created_ms < %s",
+        (now_ms, run_id, KIND, list(hubs), now_ms)).rowcount
+
+
 _CLOUD_LIVE = ("FROM presence p JOIN accounts a USING (account_id) "
                "WHERE p.source = 'cloud' AND p.expires_ms > %(now)s AND p.status <> 'offline' "
                "AND a.legacy_handle IS NOT NULL AND a.phase = ANY(%(phases)s) ")
@@ -233,9 +245,11 @@ def record_injections(conn: psycopg.Connection, done: Sequence[CloudPresence],
     for p, error in failed:
         by_hub.setdefault(p.hub, []).append((p, error))
     for hub, items in sorted(by_hub.items()):  # one per hub: the next run tries them again
+        # names every account it failed for (a batch's worth at most): the gates hold them
         record_repair(conn, run_id, KIND, "failed",
                       {"side": "legacy", "hub": hub, "count": len(items),
                        "handles": [p.handle for p, _ in items[:SAMPLE]],
+                       "account_ids": sorted(str(p.account_id) for p, _ in items),
                        "error": items[0][1]}, now_ms, subject=f"hub {hub}")
         written += 1
     return written
@@ -288,6 +302,10 @@ class PresenceReconciler:
             report.detail["hub_epochs"] = {
                 sn: e for sn, e in start_epochs.items()
                 if end_epochs.get(sn) == e and sn not in failed_hubs}
+            if report.detail["hub_epochs"]:
+                report.detail["failures_closed"] = await ctx.db.run(
+                    "close_hub_failures", close_hub_failures,
+                    sorted(report.detail["hub_epochs"]), report.run_id, ctx.now_ms())
 
     async def _probe(self) -> tuple[dict[str, str], list[str]]:
         """Every supernode's epoch now (as text, like the checkpoints) and those unreachable."""

@@ -4,7 +4,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const PHASES = ["legacy", "dual", "cloud", "cloud-only"];
   const NOTIFICATION_STATES = ["pending", "sent", "acked", "failed"];
-  const FINDING_STATES = ["open", "repaired", "failed", "dismissed"];
+  const FINDING_STATES = ["open", "repaired", "failed", "unrecoverable", "dismissed"];
   const page = { refreshes: 0, failedRefreshes: 0, fetchedAt: Date.now(), data: null };
 
   function el(tag, attrs, ...children) {

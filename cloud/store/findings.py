@@ -1,24 +1,192 @@
 """Findings: divergences the reconcilers repair (a feed gap, a refused injection, ...).
 
-Their lifecycle (open -> repaired | failed | unrecoverable | dismissed) belongs to the
-reconcilers and the operator; the bridge only opens them. ``unrecoverable`` is the legacy
-network's own loss (a feed gap whose entries died with a supernode's memory): reported apart,
-never called repaired.
+Lifecycle::
+
+    open ──> repaired        the divergence is gone (a repair, or a later clean compare)
+      │  ──> failed          a repair was tried and did not work: still divergent
+      │  ──> unrecoverable   the legacy network's own loss: reported apart, never "repaired"
+      └──> dismissed         an operator looked and let it go (audited)
+    failed ──> repaired | dismissed
+
+A finding names what it concerns as narrowly as can be known: its conversation, its account
+(``account_id``, or several in ``detail.account_ids``), else the legacy supernode it concerns
+as a whole (``source``, e.g. a feed gap, whose lost messages can not be named). The migration
+gates count the ``open`` and ``failed`` ones in an account's scope (``HOLDING_STATES``).
+The bridge only opens findings; the reconcilers and operators move them on.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
 import psycopg
 from psycopg.types.json import Jsonb
+
+from cloud.store.errors import Conflict, NotFound
+
+#: Every state, in display order.
+FINDING_STATES = ("open", "repaired", "failed", "unrecoverable", "dismissed")
+#: States that hold the migration gates: the divergence is still there.
+HOLDING_STATES = ("open", "failed")
 
 
 def record_finding(conn: psycopg.Connection, kind: str, detail: dict, now_ms: int, *,
                    conversation_id: uuid.UUID | None = None,
-                   account_id: uuid.UUID | None = None, run_id: int | None = None) -> int:
-    """Open a finding for the reconcilers (a feed gap, a refused injection, ...)."""
+                   account_id: uuid.UUID | None = None, run_id: int | None = None,
+                   account_ids: Sequence[uuid.UUID] = (), source: str | None = None) -> int:
+    """Open a finding for the reconcilers (a feed gap, a refused injection, ...).
+
+    *account_ids* names several accounts (kept in ``detail.account_ids``); *source* scopes
+    it to everything homed at that legacy supernode, for when no conversation is known.
+    """
+    if account_ids:
+        detail = {**detail, "account_ids": sorted(str(a) for a in account_ids)}
     return conn.execute(
         "INSERT INTO reconcile_findings (run_id, kind, state, conversation_id, account_id, "
-        "detail, created_ms) VALUES (%s, %s, 'open', %s, %s, %s, %s) RETURNING finding_id",
-        (run_id, kind, conversation_id, account_id, Jsonb(detail), now_ms)).fetchone()[0]
+        "source, detail, created_ms) VALUES (%s, %s, 'open', %s, %s, %s, %s, %s) "
+        "RETURNING finding_id",
+        (run_id, kind, conversation_id, account_id, source, Jsonb(detail),
+         now_ms)).fetchone()[0]
+
+
+def dismiss_finding(conn: psycopg.Connection, finding_id: int, *, actor: str, why: str,
+                    now_ms: int) -> str:
+    """An operator lets an open or failed finding go: state ``dismissed``, with who and why
+    in its detail and an ``audit_log`` row. Returns the state it had. ``NotFound`` for no
+    such finding; ``Conflict`` when it is no longer open or failed (nothing written)."""
+    row = conn.execute("SELECT state FROM reconcile_findings WHERE finding_id = %s FOR UPDATE",
+                       (finding_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no finding {finding_id}")
+    if row[0] not in HOLDING_STATES:
+        raise Conflict(f"finding {finding_id} is {row[0]}, not open or failed")
+    conn.execute(
+        "UPDATE reconcile_findings SET state = 'dismissed', resolved_ms = %s, "
+        "detail = detail || jsonb_build_object('dismissed_by', %s::text, 'why', %s::text, "
+        "'was', %s::text) WHERE finding_id = %s",
+        (now_ms, actor, why, row[0], finding_id))
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, detail) "
+        "VALUES (to_timestamp(%s / 1000.0), %s, 'finding_dismissed', %s, %s)",
+        (now_ms, actor, str(finding_id), Jsonb({"why": why, "was": row[0]})))
+    return row[0]
+
+
+# ---------------------------------------------------------------- what holds the gates
+
+@attrs.frozen
+class HoldingFindings:
+    """Open or failed findings about one account or a conversation it is in, by
+    ``(kind, state)``; the ids of some, for the operator to look up."""
+
+    counts: Mapping[tuple[str, str], int]
+    sample_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class SourceFinding:
+    """Findings scoped to a whole legacy supernode (``reconcile_findings.source``) that
+    share a kind, a state and a ring: how many, the newest's time, the lowest id."""
+
+    kind: str
+    state: str
+    source: str
+    #: the supernode ids the homes were computed on when it was found (None: not recorded)
+    ring: tuple[str, ...] | None
+    count: int
+    newest_ms: int
+    first_id: int
+
+
+def holding_findings_for_accounts(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
+                                  ) -> dict[uuid.UUID, HoldingFindings]:
+    """Open and failed findings per account: those naming the account (``account_id`` or
+    ``detail.account_ids``) and those about any conversation it is a member of. Findings
+    scoped to a supernode are not here (``source_findings``: their homes need the ring).
+    Accounts without any are missing from the result."""
+    if not account_ids:
+        return {}
+    rows = conn.execute(
+        "WITH acct AS (SELECT unnest(%(ids)s::uuid[]) AS account_id), "
+        "hits AS ("
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
+        "  JOIN reconcile_findings f ON f.account_id = acct.account_id "
+        "    AND f.state = ANY(%(holding)s) "
+        "  UNION "
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
+        "  JOIN reconcile_findings f ON f.account_id IS NULL AND f.state = ANY(%(holding)s) "
+        "    AND f.detail->'account_ids' ? acct.account_id::text "
+        "  UNION "
+        "  SELECT acct.account_id, f.finding_id, f.kind, f.state FROM acct "
+        "  JOIN members m ON m.account_id = acct.account_id "
+        "  JOIN reconcile_findings f ON f.conversation_id = m.conversation_id "
+        "    AND f.state = ANY(%(holding)s)) "
+        "SELECT account_id, kind, state, count(*), "
+        "       (array_agg(finding_id ORDER BY finding_id))[1:5] "
+        "FROM hits GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        {"ids": list(account_ids), "holding": list(HOLDING_STATES)}).fetchall()
+    counts: dict[uuid.UUID, dict[tuple[str, str], int]] = {}
+    samples: dict[uuid.UUID, list[int]] = {}
+    for account_id, kind, state, n, some in rows:
+        counts.setdefault(account_id, {})[(kind, state)] = n
+        samples.setdefault(account_id, []).extend(some)
+    return {a: HoldingFindings(c, tuple(sorted(samples[a])[:5])) for a, c in counts.items()}
+
+
+_FINDING_COLS = ("f.finding_id, f.kind, f.state, f.conversation_id, f.account_id, f.source, "
+                 "f.created_ms, f.detail")
+
+
+def _finding_row(r: Sequence[Any]) -> dict[str, Any]:
+    return {"finding_id": r[0], "kind": r[1], "state": r[2],
+            "conversation_id": None if r[3] is None else str(r[3]),
+            "account_id": None if r[4] is None else str(r[4]), "source": r[5],
+            "created_ms": r[6], "detail": r[7]}
+
+
+def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
+                         limit: int) -> list[dict[str, Any]]:
+    """Open and failed findings, newest first, as JSON-able rows: every one, or (with
+    *account_id*) those naming the account or a conversation it is in. Findings about a
+    whole supernode are among "every one" but not the account's: their homes need the ring
+    (``source_finding_rows``)."""
+    holding = list(HOLDING_STATES)
+    if account_id is None:
+        rows = conn.execute(
+            f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.state = ANY(%s) "
+            "ORDER BY f.created_ms DESC, f.finding_id DESC LIMIT %s", (holding, limit))
+    else:
+        rows = conn.execute(
+            f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.state = ANY(%(h)s) "
+            "AND (f.account_id = %(a)s OR f.detail->'account_ids' ? %(a)s::text "
+            "  OR f.conversation_id IN (SELECT conversation_id FROM members "
+            "                           WHERE account_id = %(a)s)) "
+            "ORDER BY f.created_ms DESC, f.finding_id DESC LIMIT %(n)s",
+            {"h": holding, "a": account_id, "n": limit})
+    return [_finding_row(r) for r in rows]
+
+
+def source_finding_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Open and failed findings about a whole supernode, newest first (few: feed gaps not
+    yet covered), as JSON-able rows."""
+    return [_finding_row(r) for r in conn.execute(
+        f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.source IS NOT NULL "
+        "AND f.state = ANY(%s) ORDER BY f.created_ms DESC, f.finding_id DESC",
+        (list(HOLDING_STATES),))]
+
+
+def source_findings(conn: psycopg.Connection) -> list[SourceFinding]:
+    """Every finding scoped to a whole supernode but dismissed ones, grouped by kind, state,
+    supernode and ring: the open and failed ones hold the accounts homed there, and every
+    one asks for a clean compare of those conversations after it."""
+    rows = conn.execute(
+        "SELECT kind, state, source, detail->'ring', count(*), max(created_ms), "
+        "       min(finding_id) FROM reconcile_findings "
+        "WHERE source IS NOT NULL AND state <> 'dismissed' "
+        "GROUP BY kind, state, source, detail->'ring' ORDER BY 3, 1, 2").fetchall()
+    return [SourceFinding(kind, state, source,
+                          tuple(ring) if isinstance(ring, list) else None, n, newest, first)
+            for kind, state, source, ring, n, newest, first in rows]

@@ -29,7 +29,8 @@ class Bridge:
     def __init__(self, net: LegacyNet, db, config: FollowerConfig = FAST) -> None:
         self.followers = {
             sn: FeedFollower(net.clock, net.net, addr, db, worker_id="test-bridge",
-                             secret=PEER_SECRET, rng=random.Random(7), config=config)
+                             secret=PEER_SECRET, rng=random.Random(7), config=config,
+                             supernodes=lambda: tuple(net.directory))
             for sn, addr in net.directory.items()}
 
     def start(self) -> Bridge:
@@ -138,11 +139,12 @@ def test_a_supernode_restart_is_recorded_as_a_feed_gap(net, conn):
     net.wait(net.supernodes[home].restart())
     net.run(10.0)
     gaps = conn.execute("SELECT detail->>'source', detail->>'gap', "
-                        "(detail->>'lost_after_ms')::bigint FROM reconcile_findings "
-                        "WHERE kind = 'feed_gap'").fetchall()
-    # what the restart lost was appended after the last message this follower had read
+                        "(detail->>'lost_after_ms')::bigint, source, detail->'ring' "
+                        "FROM reconcile_findings WHERE kind = 'feed_gap'").fetchall()
+    # what the restart lost was appended after the last message this follower had read;
+    # scoped to the supernode as a whole, with the ring its conversations were homed on
     last_read = conn.execute("SELECT max(sent_ms) FROM messages").fetchone()[0]
-    assert (home, "epoch", last_read) in gaps
+    assert (home, "epoch", last_read, home, sorted(net.directory)) in gaps
     cp = coordination_store.load_checkpoints(conn)[home]
     assert int(cp.epoch) == net.supernodes[home].mem.epoch
     bridge.stop(net)

@@ -255,3 +255,44 @@ def test_import_then_cloud_only_over_tcp_makes_the_legacy_login_refuse(conn, db_
     finally:
         legacy.send_signal(signal.SIGTERM)
         legacy.wait(timeout=30)
+
+
+def test_migrate_says_which_gate_held_which_account_and_why(conn, db_dsn, home, capsys):
+    """Each held account gets one line per gate that held it, naming the findings (a failed
+    repair, a feed gap of its conversation's home supernode) and the conversation no clean
+    compare has covered; a last line counts the accounts each gate held."""
+    from bridge import ids
+    from cloud.store import conversations as conversations_store
+    from cloud.store import findings as findings_store
+    from legacy.ring import HashRing
+    from tests.dbfixture import tx
+
+    now = now_ms()
+    healthy(conn, now=now)
+    alice, bob = make_account(conn, "alice"), make_account(conn, "bob")
+    make_account(conn, "carol")
+    ring = ("sn-0", "sn-1", "sn-2")
+    chat = "chat-1"
+    tx(conn, conversations_store.create_conversation, ids.conversation_id(chat), [alice, bob],
+       legacy_chat_id=chat)
+    tx(conn, findings_store.record_finding, "feed_gap", {"gap": "epoch", "ring": list(ring)},
+       now - 1000, source=HashRing(ring).home_of(chat))
+    tx(conn, findings_store.record_finding, "inject_failed", {}, now - 1000, account_id=bob)
+    conn.execute("UPDATE reconcile_findings SET state = 'failed' WHERE kind = 'inject_failed'")
+    assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob,carol", "--dry-run") == \
+        cli.EXIT_GATED
+    out = capsys.readouterr().out
+    home_sn = HashRing(ring).home_of(chat)
+    assert re.search(r"alice\s+legacy -> dual\s+held", out)
+    assert re.search(r"carol\s+legacy -> dual\s+would move", out)
+    assert (f"held by no_open_findings: 1 open finding for the account or its conversations "
+            f"(feed_gap: 1); open feed_gap of supernode {home_sn} (finding 1), the home of 1 "
+            "of its conversations") in out
+    assert ("held by no_open_findings: 2 open or failed findings for the account or its "
+            "conversations (feed_gap: 1, inject_failed (failed): 1); finding 2;") in out
+    assert re.search(r"held by recent_clean_reconcile: 1 of its 1 conversation not compared "
+                     r"clean within 60 min and since its last finding: chat chat-1 never "
+                     r"compared clean, last finding \d+ s ago", out)
+    assert out.rstrip().endswith(
+        "held by no_open_findings: 2 accounts, recent_clean_reconcile: 2 accounts")
+    assert phases_of(conn) == {"alice": "legacy", "bob": "legacy", "carol": "legacy"}

@@ -75,3 +75,27 @@ def test_every_unique_constraint_on_growing_tables_has_the_distribution_key(conn
     assert {r[0] for r in rows} == set(keys)
     for table, columns in rows:
         assert keys[table] in columns, (table, columns)
+
+
+def test_findings_migration_scopes_old_feed_gaps_to_their_supernode(empty_dsn, monkeypatch):
+    """0012 on a store with findings: a feed_gap recorded before it gets its supernode as
+    ``source`` (so it holds the accounts homed there); other findings get none; the new
+    state ``unrecoverable`` is accepted and an unknown one still refused."""
+    shipped = schema.shipped_migrations()
+    before = [m for m in shipped if m.name != "findings_scope_coverage"]
+    assert len(before) == len(shipped) - 1
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        monkeypatch.setattr(schema, "shipped_migrations", lambda: before)
+        schema.upgrade(conn)
+        conn.execute(
+            "INSERT INTO reconcile_findings (kind, state, detail, created_ms) VALUES "
+            "('feed_gap', 'open', '{\"source\": \"sn-2\", \"gap\": \"epoch\"}', 1), "
+            "('inject_failed', 'open', '{\"source\": \"not a supernode\"}', 2)")
+        monkeypatch.setattr(schema, "shipped_migrations", lambda: shipped)
+        schema.upgrade(conn)
+        assert conn.execute("SELECT kind, source FROM reconcile_findings ORDER BY created_ms"
+                            ).fetchall() == [("feed_gap", "sn-2"), ("inject_failed", None)]
+        conn.execute("UPDATE reconcile_findings SET state = 'unrecoverable' "
+                     "WHERE kind = 'feed_gap'")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE reconcile_findings SET state = 'lost'")

@@ -164,3 +164,29 @@ def test_a_stopped_run_is_partial_and_the_next_run_resumes(scene):
     assert {r[1] for r in scene.legacy_rows()} == {"offline"}
     assert [r[0] for r in scene.conn.execute(
         "SELECT state FROM reconcile_runs ORDER BY run_id")] == ["failed", "finished"]
+
+
+def test_a_failed_injection_names_its_accounts_and_a_clean_pass_at_its_hub_closes_it(scene):
+    """An injection that failed at a hub is a failed finding naming every account it failed
+    for (so the migration gates hold them); the next complete pass that re-injects at that
+    hub without a failure repairs it."""
+    from cloud.store import findings as findings_store
+    from reconcilers.presence import CloudPresence, record_injections
+
+    scene.net.add_user("bob")
+    scene.set_presence("bob", "cloud", "busy", 600_000, phase="dual")
+    bob = ids.account_id("bob")
+    hub = scene.net.ring.index_owner("bob")
+    failure = CloudPresence(bob, "bob", "busy", scene.now_ms() + 600_000, hub, "no_baseline")
+    with scene.conn.transaction():
+        record_injections(scene.conn, [], [(failure, "ConnectionDone: gone")],
+                          scene.now_ms(), None, 10)
+    held = findings_store.holding_findings_for_accounts(scene.conn, [bob])
+    assert held[bob].counts == {("presence_corrected", "failed"): 1}
+    scene.net.run(1.0)
+    report = scene.reconcile()
+    assert report.clean and report.repaired == 1 and report.detail["failures_closed"] == 1
+    assert scene.conn.execute(
+        "SELECT state, detail->'account_ids' FROM reconcile_findings WHERE detail ? 'error'"
+    ).fetchall() == [("repaired", [str(bob)])]
+    assert findings_store.holding_findings_for_accounts(scene.conn, [bob]) == {}
