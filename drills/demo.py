@@ -91,6 +91,9 @@ class Demo:
         self.reconcile_runs: list[dict[str, Any]] = []
         self.cohorts: list[dict[str, Any]] = []
         self.bridge_kills = 0
+        #: the mirror lag the workers reported under traffic (p99, and outside faults)
+        self.traffic_lag: dict[str, Any] = {"last": {}, "worst_outside_faults_ms": {}}
+        self.t_heal: float | None = None
         #: rows under a live outbox claim at each kill_injecting fault
         self.kills_mid_injection: list[int] = []
         self._last_held = ""
@@ -496,13 +499,28 @@ class Demo:
         except Exception as e:  # the store is down for a moment: say so, carry on
             self._status_print(f"store unavailable: {e}")
             return
-        lag = "-" if f["lag_to_cloud_ms"] is None else f"{f['lag_to_cloud_ms']} ms"
+        out = f["lag_outside_faults"]
+
+        def ms(v: Any) -> str:
+            return "-" if v is None else f"{v} ms"
+
+        lag = (f"{ms(f['lag_to_cloud_ms'])} to cloud ({ms(out['to_cloud']['p99_ms'])} outside "
+               f"faults), {ms(f['lag_to_legacy_ms'])} to legacy "
+               f"({ms(out['to_legacy']['p99_ms'])})")
+        if self.t_heal is None:  # what the status page showed under traffic, for the summary
+            self.traffic_lag = {"last": {d: {"p99_ms": f[f"lag_{d}_ms"], **out[d]}
+                                         for d in ("to_cloud", "to_legacy")},
+                                "worst_outside_faults_ms": {
+                                    d: max(filter(None, (
+                                        self.traffic_lag["worst_outside_faults_ms"].get(d),
+                                        out[d]["p99_ms"])), default=None)
+                                    for d in ("to_cloud", "to_legacy")}}
         phases = " ".join(f"{p} {n}" for p, n in f["accounts_by_phase"].items())
         t = self.reactor.seconds() - self.t0
         acked = self.legacy_progress.get("acked", "?")
         self._status_print(
             f"[{t:5.0f}s] legacy acked {acked} | cloud {f['messages_cloud']} msgs | mirrored "
-            f"to cloud {f['mirrored_to_cloud']}, to legacy {f['mirrored_to_legacy']} | lag "
+            f"to cloud {f['mirrored_to_cloud']}, to legacy {f['mirrored_to_legacy']} | p99 lag "
             f"{lag} | findings open {f['findings_open']} repaired {f['findings_repaired']} | "
             f"{phases}")
 
@@ -532,7 +550,7 @@ class Demo:
         assert self.legacy is not None
         self.legacy.signal(signal.SIGUSR1)
         self.note("traffic stopped; healing the legacy network, draining the bridge")
-        t_heal = self.reactor.seconds()
+        t_heal = self.t_heal = self.reactor.seconds()
         self.stop_requested = False  # a Ctrl-C from here on aborts (see request_abort)
         await self._check_children()
         await self._settle(quiet_s=4.0)
@@ -596,6 +614,7 @@ class Demo:
             "leases_when_paused": {str(k): [n for n, _f in v]
                                    for k, v in self.paused_leases.items()},
             "kills_mid_injection": self.kills_mid_injection,
+            "lag_under_traffic": self.traffic_lag,
             "faults": {"preset": self.legacy_faults, "bridge_kills": self.bridge_kills,
                        "supernode_crashes": len((record or {}).get("crashes", [])),
                        "push_loss": self.faults.push_loss,
@@ -651,6 +670,22 @@ class Demo:
         await task.deferLater(self.reactor, 0, lambda: None)
 
 
+def _lag_line(lag: dict[str, Any]) -> str:
+    """The workers' p99 lag at the end of the traffic, and outside the faults' windows."""
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v} ms"
+
+    last, worst = lag.get("last") or {}, lag.get("worst_outside_faults_ms") or {}
+    parts = []
+    for d in ("to_cloud", "to_legacy"):
+        x = last.get(d) or {}
+        parts.append(f"{d.replace('_', ' ')} {ms(x.get('p99_ms'))}, outside faults worst "
+                     f"{ms(worst.get(d))}"
+                     + (f", {x['met_faults']} of {x['samples']} recent met a fault"
+                        if x.get("samples") else ""))
+    return "p99 lag (traffic):    " + "; ".join(parts)
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary for a terminal."""
     if summary.get("aborted"):
@@ -680,6 +715,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"{summary['faults']['supernode_crashes']} supernode crashes, "
         f"{summary['faults']['bridge_kills']} bridge kills, "
         f"push loss {summary['faults']['push_loss']:.0%}",
+        _lag_line(summary.get("lag_under_traffic") or {}),
         f"final reconcile:      exit {summary['final_reconcile_exit']}",
         f"time:                 set-up {summary['seconds']['setup']} s, traffic "
         f"{summary['seconds']['traffic']} s, heal to converged "

@@ -23,6 +23,16 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
     workers = admin.live_workers(conn, now_ms)
     lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
+    legacy_lags = [w.lag_to_legacy_ms for w in workers if w.lag_to_legacy_ms is not None]
+    # how much of the lag is the faults' (bridge.faults): the worst p99 of the messages that
+    # met none, and how many of the workers' recent messages met one
+    outside: dict[str, Any] = {}
+    for d in ("to_cloud", "to_legacy"):
+        parts = [w.detail.get(f"lag_{d}") or {} for w in workers]
+        steady = [p["p99_steady_ms"] for p in parts if p.get("p99_steady_ms") is not None]
+        outside[d] = {"p99_ms": max(steady) if steady else None,
+                      "met_faults": sum(p.get("met_faults") or 0 for p in parts),
+                      "samples": sum(p.get("samples") or 0 for p in parts)}
     pending, _oldest = outbox_store.outbox_backlog(conn, now_ms)
     leased = len(_feed_leases(conn, now_ms))
     return {
@@ -30,6 +40,8 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "mirrored_to_cloud": from_legacy, "cloud_posts": from_cloud,
         "mirrored_to_legacy": to_legacy, "outbox_pending": pending,
         "lag_to_cloud_ms": max(lags) if lags else None,
+        "lag_to_legacy_ms": max(legacy_lags) if legacy_lags else None,
+        "lag_outside_faults": outside,
         "live_workers": len(workers),
         "feeds_leased": leased,
         "feeds_streaming": sum(w.feeds or 0 for w in workers),

@@ -62,6 +62,12 @@ def test_a_short_demo_converges(db_server, tmp_path):
     assert out["faults"]["bridge_kills"] == 1
     assert out["final_reconcile_exit"] == 0
     assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
+    # the lag the workers reported under traffic, and how much of it was the faults'
+    lag = out["lag_under_traffic"]["last"]
+    assert lag["to_cloud"]["p99_ms"] is not None and lag["to_cloud"]["samples"] > 0
+    assert lag["to_cloud"]["met_faults"] <= lag["to_cloud"]["samples"]
+    assert set(out["lag_under_traffic"]["worst_outside_faults_ms"]) == {"to_cloud",
+                                                                         "to_legacy"}
     for key in ("messages_legacy", "findings_repaired", "findings_unrecoverable",
                 "notifications_failed"):
         assert isinstance(out[key], int)

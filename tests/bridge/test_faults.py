@@ -1,0 +1,46 @@
+"""Which lag came from faults (bridge/faults.py), and the injector's and follower's use of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.faults import FaultMoments, split_p99_ms
+from tests.bridge.test_outbox import make_scene, two_party  # noqa: F401 - fixtures
+
+
+def test_a_span_holding_a_fault_moment_met_it_and_old_moments_are_dropped():
+    faults = FaultMoments(keep_s=100.0)
+    for t in (10.0, 50.0):
+        faults.mark(t)
+    assert faults.met(5.0, 10.0) and faults.met(40.0, 60.0) and faults.met(10.0, 10.0)
+    assert not faults.met(11.0, 49.9) and not faults.met(50.1, 200.0)
+    faults.mark(155.0)  # 10.0 and 50.0 are now older than keep_s
+    assert not faults.met(0.0, 100.0) and faults.met(150.0, 160.0)
+
+
+def test_the_steady_p99_leaves_out_the_samples_that_met_a_fault():
+    samples = [(0.010 * i, False) for i in range(1, 101)] + [(30.0, True)] * 5
+    got = split_p99_ms(samples)
+    assert got == {"p99_steady_ms": 1000, "samples": 105, "met_faults": 5}
+    assert split_p99_ms([]) == {"p99_steady_ms": None, "samples": 0, "met_faults": 0}
+    assert split_p99_ms([(2.0, True)])["p99_steady_ms"] is None
+
+
+@pytest.mark.db
+def test_rows_that_waited_through_a_failed_injection_are_tagged_and_others_not(
+        conn, make_scene):  # noqa: F811
+    """A conversation whose home was down at the first pass: its rows' lag met a fault; a
+    later row, posted and injected while all is well, did not."""
+    s = make_scene(start=False)
+    cid, alice, _ = two_party(conn)
+    home = s.stop_home(cid)
+    s.post(cid, alice, "during")
+    s.injector.startService()
+    s.run(0.2)
+    s.net.wait(home.startService())
+    s.run(10)
+    s.run(60)  # past the start and the failure: the next row's span holds no fault
+    s.post(cid, alice, "after")
+    s.injector.wake()
+    s.run(2)
+    assert [met for _t, _lag, met in s.injector.recent_lags] == [True, False]
