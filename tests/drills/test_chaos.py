@@ -68,21 +68,31 @@ def test_plans_fit_the_window_and_follow_the_seed(name):
         assert sum(a == "kill_worker" for _, a, _ in plan) == 10
 
 
-@pytest.mark.db
-def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
-    """Two workers, one SIGKILLed and one paused past its lease: nothing lost or doubled,
-    and the paused one noticed it was fenced off (the bounded subset of make chaos)."""
+def run_scenario(db_server: str, tmp_path, name: str, *, duration: int, supernodes: int,
+                 legacy_users: int) -> dict:
+    """``bridgectl chaos --scenario NAME`` once (seed 2) on real processes: it must pass;
+    its one run's JSON."""
     env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
     env.pop("BRIDGE_DSN", None)
     done = subprocess.run(
-        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "pause-worker",
-         "--seeds", "1", "--first-seed", "2", "--duration", "35", "--supernodes", "3",
-         "--legacy-users", "24", "--rate", "8", "--dsn", db_server, "--json"],
+        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", name,
+         "--seeds", "1", "--first-seed", "2", "--duration", str(duration), "--supernodes",
+         str(supernodes), "--legacy-users", str(legacy_users), "--rate", "8",
+         "--dsn", db_server, "--json"],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
     assert out["passed"] is True
     [run] = out["runs"]
+    return run
+
+
+@pytest.mark.db
+def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
+    """Two workers, one SIGKILLed and one paused past its lease: nothing lost or doubled,
+    and the paused one noticed it was fenced off (the bounded subset of make chaos)."""
+    run = run_scenario(db_server, tmp_path, "pause-worker", duration=35, supernodes=3,
+                       legacy_users=24)
     assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
     assert run["leases_when_paused"]["2"] and run["fenced_after_pause"]["2"] > 0
     assert [e["action"] for e in run["chaos_events"]] == ["kill_worker", "pause_worker"]
@@ -112,17 +122,8 @@ def test_reconcile_crash_scenario_passes_on_real_processes(db_server, tmp_path):
     """Cron-like reconcile runs and one by hand while 30% of 10 supernodes crash: each run
     exits 0, 3 or 4 within its deadline, and the final one is clean with nothing lost (in
     the bounded subset: it runs in about 52 s here)."""
-    env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
-    env.pop("BRIDGE_DSN", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "reconcile-crash",
-         "--seeds", "1", "--first-seed", "2", "--duration", "35", "--supernodes", "10",
-         "--legacy-users", "40", "--rate", "8", "--dsn", db_server, "--json"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
-    assert out["passed"] is True
-    [run] = out["runs"]
+    run = run_scenario(db_server, tmp_path, "reconcile-crash", duration=35, supernodes=10,
+                       legacy_users=40)
     assert run["lost"] == 0 and run["duplicates"] == 0 and run["acked_legacy"] > 0
     runs = run["reconcile_runs"]
     assert {r["why"] for r in runs} == {"cron", "hand", "final"}
@@ -135,17 +136,8 @@ def test_reconcile_crash_scenario_passes_on_real_processes(db_server, tmp_path):
 def test_inject_kill_scenario_passes_on_real_processes(db_server, tmp_path):
     """Every worker SIGKILLed while an injection batch is in flight, four times: nothing
     lost or duplicated, and each kill met rows under a live claim."""
-    env = {**os.environ, "BRIDGE_HOME": str(tmp_path)}
-    env.pop("BRIDGE_DSN", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "bridgectl.main", "chaos", "--scenario", "inject-kill",
-         "--seeds", "1", "--first-seed", "2", "--duration", "30", "--supernodes", "3",
-         "--legacy-users", "24", "--rate", "8", "--dsn", db_server, "--json"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
-    assert out["passed"] is True
-    [run] = out["runs"]
+    run = run_scenario(db_server, tmp_path, "inject-kill", duration=30, supernodes=3,
+                       legacy_users=24)
     assert run["lost"] == 0 and run["duplicates"] == 0
     assert [e["action"] for e in run["chaos_events"]] == ["kill_injecting"] * 4
     assert sum(n > 0 for n in run["kills_mid_injection"]) >= 2
