@@ -59,6 +59,12 @@ TARGETS = (
      0.75),
     ("cloud API posts/s, 50 clients (4x the 535 of issue 16)", "cloud.api.posts_per_s.median",
      ">=", 2140),
+    ("bridge cloud -> legacy / legacy -> cloud drain", "bridge.to_legacy_ratio_to_drain",
+     ">=", 0.5),
+    ("bridge cloud -> legacy p99 lag at half load, ms", "bridge.to_legacy_p99_lag_ms.median",
+     "<=", 100),
+    ("bridge cloud -> legacy peak RSS, MB (worst run)", "bridge.to_legacy_peak_rss_mb.max",
+     "<=", 256),
 )
 
 
@@ -230,9 +236,10 @@ def bridge_section(server: str, repeat: int, quick: bool,
         "db_p99_lag_ms", "recent_p99_lag_ms", "peak_rss_mb")}
     out["ratio_to_copy_per_run"] = summarize(
         [d["msgs_per_s"] / d["copy_rows_per_s"] for d in drains], 3)
-    log(f"bridge: cloud -> legacy, {repeat} runs")
-    out["to_legacy_msgs_per_s"] = bench_bridge.to_legacy(server, repeat,
-                                                         1000 if quick else 5000)
+    log(f"bridge: cloud -> legacy: a {n:,}-row outbox drained by {workers} worker(s), then "
+        f"the lag at half of that speed, {repeat} runs each")
+    out.update(bench_bridge.to_legacy(server, repeat, n, list(workers), 5 if quick else 10,
+                                      one["msgs_per_s"]["median"]))
     out["scaling"] = points
     return out
 
@@ -370,7 +377,21 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
                     p["recent_p99_lag_ms"])
             add(f"bridge peak RSS per worker, {k} worker(s), MB", p["peak_rss_mb"],
                 target=_target(r, "bridge.peak_rss_mb.max") if first else "")
-        add("bridge cloud -> legacy (1 worker), msgs/s", bridge["to_legacy_msgs_per_s"])
+        for p in bridge.get("to_legacy_scaling", []):
+            k, first = p["workers"], p["workers"] == bridge["to_legacy_scaling"][0]["workers"]
+            add(f"bridge cloud -> legacy, {p['outbox_rows']:,}-row outbox, {k} worker(s), "
+                f"msgs/s", p["msgs_per_s"],
+                ratio=(f"{bridge['to_legacy_ratio_to_drain']:.3f}"
+                       if first and bridge.get("to_legacy_ratio_to_drain") is not None
+                       else ""),
+                target=_target(r, "bridge.to_legacy_ratio_to_drain") if first else "")
+            add(f"bridge cloud -> legacy p99 lag at half load ({_n(p['half_load_rate'])}/s), "
+                f"{k} worker(s), ms", p["p99_lag_ms"],
+                target=_target(r, "bridge.to_legacy_p99_lag_ms.median") if first else "")
+            add(f"bridge cloud -> legacy peak RSS, {k} worker(s), MB", p["peak_rss_mb"],
+                target=_target(r, "bridge.to_legacy_peak_rss_mb.max") if first else "")
+        if "to_legacy_scaling" not in bridge and "to_legacy_msgs_per_s" in bridge:
+            add("bridge cloud -> legacy (1 worker), msgs/s", bridge["to_legacy_msgs_per_s"])
     rec = r.get("reconcile")
     if rec:
         for key, s in sorted(rec["by_size"].items(), key=lambda kv: int(kv[0])):

@@ -74,3 +74,23 @@ def test_the_lag_quantile_is_read_from_the_histogram_between_two_scrapes():
     assert abs(bench_bridge.histogram_quantile(0.995, before, after) - 175.0) < 1e-9
     beyond = {0.05: 0.0, 0.1: 0.0, 0.25: 0.0, inf: 10.0}
     assert bench_bridge.histogram_quantile(0.99, {}, beyond) == 250.0
+
+
+def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
+    """The issue's cloud -> legacy targets: the ratio to the drain of the same run (>= 0.5),
+    the p99 lag at half load (<= 100 ms) and the worst peak RSS (<= 256 MB); the table has a
+    row per worker count."""
+    r = results(ratio=0.65, p99=80, rss=70, seconds=5.5, moved=0.007)
+    point = {"workers": 1, "outbox_rows": 50_000, "msgs_per_s": s(5_000),
+             "half_load_rate": 2_500, "p99_lag_ms": s(50), "peak_rss_mb": s(62)}
+    r["bridge"].update({"to_legacy_msgs_per_s": s(5_000), "to_legacy_ratio_to_drain": 0.25,
+                        "to_legacy_p99_lag_ms": s(50), "to_legacy_peak_rss_mb": s(300),
+                        "to_legacy_scaling": [point, {**point, "workers": 2}]})
+    r["targets"] = run_all.judge(r)
+    verdicts = {t["path"]: t["met"] for t in r["targets"]}
+    assert verdicts["bridge.to_legacy_ratio_to_drain"] is False       # 0.25 < 0.5
+    assert verdicts["bridge.to_legacy_p99_lag_ms.median"] is True     # 50 ms
+    assert verdicts["bridge.to_legacy_peak_rss_mb.max"] is False      # max 330 MB
+    table = run_all.render(r, markdown=True).splitlines()
+    rows = [line for line in table if "cloud -> legacy, 50,000-row outbox" in line]
+    assert len(rows) == 2 and "0.250" in rows[0] and ">= 0.5: NOT met" in rows[0]
