@@ -409,8 +409,9 @@ class OutboxInjector(PollingLoop):
             lag = max(0, now_ms - item.waiting_since_ms) / 1000
             metrics.LAG.labels(direction=DIRECTION).observe(lag)
             # a row claimed before (by a worker that died, or whose claim ran out) met a fault
-            met = item.attempts > 1 or self.faults.met(item.waiting_since_ms / 1000,
-                                                       now_ms / 1000)
+            # or went back before (here or at another worker)
+            met = (item.attempts > 1 or item.retried
+                   or self.faults.met(item.waiting_since_ms / 1000, now_ms / 1000))
             self.recent_lags.append((now_ms / 1000, lag, met))
         if lost:
             self._claim_lost("complete", lost)

@@ -80,6 +80,9 @@ class OutboxItem:
     #: a membership change: the legacy-side handles it adds and removes
     add_handles: tuple[str, ...] = ()
     remove_handles: tuple[str, ...] = ()
+    #: the row went back before (a failed injection, or handed back behind one): its wait
+    #: met a fault, whichever worker saw it
+    retried: bool = False
 
 
 @attrs.frozen
@@ -154,7 +157,8 @@ _CLAIM = (
     "  WHERE o.conversation_id = due.conversation_id AND o.seq = due.seq "
     "    AND o.sub = due.sub "
     "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, o.message_id, o.attempts, "
-    "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles) "
+    "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles, "
+    "    o.last_error IS NOT NULL AS retried) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       coalesce((SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
     "                 WHERE s.account_id = m.sender_account_id), ''), "
@@ -168,7 +172,7 @@ _CLAIM = (
     "       + (SELECT count(*) FROM account_handles h JOIN accounts a USING (account_id) "
     "          WHERE h.handle = ANY(c.remove_handles) AND a.phase = ANY(%(phases)s)), "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
-    "       coalesce(c.remove_handles, '{}') "
+    "       coalesce(c.remove_handles, '{}'), c.retried "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
     "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
@@ -193,7 +197,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
          "per_conversation": max(1, per_conversation), "token": token,
          "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]))
+                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15])
             for r in rows]
 
 

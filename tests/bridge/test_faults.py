@@ -44,3 +44,26 @@ def test_rows_that_waited_through_a_failed_injection_are_tagged_and_others_not(
     s.injector.wake()
     s.run(2)
     assert [met for _t, _lag, met in s.injector.recent_lags] == [True, False]
+
+
+@pytest.mark.db
+def test_a_claim_says_which_rows_went_back_before(conn, make_scene):  # noqa: F811
+    """A row released after a failure (or handed back behind one) is claimed again as
+    ``retried``, so whichever worker injects it tags its lag as the fault's; a fresh row and
+    a row whose claim merely ran out are not."""
+    from cloud.store import outbox as outbox_store
+    from tests.dbfixture import tx
+
+    s = make_scene(start=False)
+    cid, alice, _ = two_party(conn)
+    for body in ("first", "second"):
+        s.post(cid, alice, body)
+    now = s.now_ms()
+    claimed = tx(conn, outbox_store.claim_outbox, now, 10, 1_000)
+    assert [i.retried for i in claimed] == [False, False]
+    tx(conn, outbox_store.release_outbox_items, claimed, "home unreachable", now, 1)
+    again = tx(conn, outbox_store.claim_outbox, now + 1, 10, 1_000)
+    assert [(i.seq, i.retried) for i in again] == [(1, True), (2, True)]
+    s.post(cid, alice, "third")
+    later = tx(conn, outbox_store.claim_outbox, now + 5_000, 10, 1_000)  # claims ran out
+    assert [(i.seq, i.retried) for i in later] == [(1, True), (2, True), (3, False)]
