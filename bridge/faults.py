@@ -35,11 +35,21 @@ class FaultMoments:
         return i < len(self._times) and self._times[i] <= end
 
 
+def percentile_ms(samples: list[float], q: float) -> int | None:
+    """The *q* quantile of lags in seconds, as milliseconds (None without samples)."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000)
+
+
+def p99_ms(samples: list[float]) -> int | None:
+    return percentile_ms(samples, 0.99)
+
+
 def split_p99_ms(samples: list[tuple[float, bool]]) -> dict[str, int | None]:
     """From (lag seconds, met a fault) samples: the p99 of the steady ones, in ms, and how
     many there were, and how many met a fault."""
-    steady = sorted(lag for lag, met in samples if not met)
-    p99 = (None if not steady
-           else round(steady[min(len(steady) - 1, int(0.99 * len(steady)))] * 1000))
-    return {"p99_steady_ms": p99, "samples": len(samples),
-            "met_faults": sum(1 for _lag, met in samples if met)}
+    steady = [lag for lag, met in samples if not met]
+    return {"p99_steady_ms": p99_ms(steady), "samples": len(samples),
+            "met_faults": len(samples) - len(steady)}

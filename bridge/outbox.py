@@ -114,6 +114,12 @@ class _Request:
     what: str
 
 
+def _forget(sent: Sequence[tuple[Any, Any, defer.Deferred]]) -> None:
+    """Injections whose answers nobody will read: their failures are not errors to log."""
+    for _, _, d in sent:
+        d.addErrback(lambda _f: None)
+
+
 class _Retry(Exception):
     """This injection failed for now; the row and the rest of its conversation go back."""
 
@@ -267,18 +273,16 @@ class OutboxInjector(PollingLoop):
                                        f"the supernode refused it: {e}")
                     continue
                 except _Retry as e:
-                    for _, _, later in sent[j + 1:]:
-                        later.addErrback(lambda _f: None)  # forgotten: see the docstring
-                    unsent, failed = [s[0] for s in sent[j:]] + unsent, str(e)
-                    break
-                if ack.status not in (MEMBERSHIP_APPLIED if item.kind == outbox_store.MEMBERS
+                    why = str(e)
+                else:
+                    if ack.status in (MEMBERSHIP_APPLIED if item.kind == outbox_store.MEMBERS
                                       else ("new", "duplicate")):
-                    for _, _, later in sent[j + 1:]:
-                        later.addErrback(lambda _f: None)
-                    unsent = [s[0] for s in sent[j:]] + unsent
-                    failed = f"unexpected Ack status {ack.status!r} from the supernode"
-                    break
-                acked.append((injected, ack))
+                        acked.append((injected, ack))
+                        continue
+                    why = f"unexpected Ack status {ack.status!r} from the supernode"
+                _forget(sent[j + 1:])  # still in flight: see the docstring
+                unsent, failed = [s[0] for s in sent[j:]] + unsent, why
+                break
             if unsent and failed is None:
                 await self._hand_back(unsent, "handed back unattempted (stopping or claim "
                                       "ending)", self._now_ms())
@@ -294,8 +298,7 @@ class OutboxInjector(PollingLoop):
             OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
             log.failure("injecting conversation {cid} failed unexpectedly; its rows come due "
                         "again", cid=items[0].conversation_id)
-        for _, _, d in sent:
-            d.addErrback(lambda _f: None)
+        _forget(sent)
         return []
 
     async def _prepare(self, item: OutboxItem) -> tuple[outbox_store.Injected, _Request] | None:

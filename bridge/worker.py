@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from bridge.accounts import import_accounts
 from bridge.discovery import discover
-from bridge.faults import split_p99_ms
+from bridge.faults import p99_ms, percentile_ms, split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
 from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
@@ -54,18 +54,6 @@ class WorkerConfig:
     lag_window_s: float = 60.0
     follower: FollowerConfig = FollowerConfig()
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
-
-
-def percentile_ms(samples: list[float], q: float) -> int | None:
-    """The *q* quantile of lags in seconds, as milliseconds (None without samples)."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000)
-
-
-def p99_ms(samples: list[float]) -> int | None:
-    return percentile_ms(samples, 0.99)
 
 
 class BridgeWorker(MultiService):

@@ -92,7 +92,8 @@ class Demo:
         self.cohorts: list[dict[str, Any]] = []
         self.bridge_kills = 0
         #: the mirror lag the workers reported under traffic (p99, and outside faults)
-        self.traffic_lag: dict[str, Any] = {"last": {}, "worst_outside_faults_ms": {}}
+        self.traffic_lag: dict[str, Any] = {
+            "last": {}, "worst_outside_faults_ms": {"to_cloud": None, "to_legacy": None}}
         self.t_heal: float | None = None
         #: rows under a live outbox claim at each kill_injecting fault
         self.kills_mid_injection: list[int] = []
@@ -508,13 +509,14 @@ class Demo:
                f"faults), {ms(f['lag_to_legacy_ms'])} to legacy "
                f"({ms(out['to_legacy']['p99_ms'])})")
         if self.t_heal is None:  # what the status page showed under traffic, for the summary
-            self.traffic_lag = {"last": {d: {"p99_ms": f[f"lag_{d}_ms"], **out[d]}
-                                         for d in ("to_cloud", "to_legacy")},
-                                "worst_outside_faults_ms": {
-                                    d: max(filter(None, (
-                                        self.traffic_lag["worst_outside_faults_ms"].get(d),
-                                        out[d]["p99_ms"])), default=None)
-                                    for d in ("to_cloud", "to_legacy")}}
+            worst = self.traffic_lag["worst_outside_faults_ms"]
+            for d in ("to_cloud", "to_legacy"):
+                steady = out[d]["p99_ms"]
+                self.traffic_lag["last"][d] = {
+                    "p99_ms": f[f"lag_{d}_ms"], "p99_outside_faults_ms": steady,
+                    "samples": out[d]["samples"], "met_faults": out[d]["met_faults"]}
+                if steady is not None and (worst.get(d) is None or steady > worst[d]):
+                    worst[d] = steady
         phases = " ".join(f"{p} {n}" for p, n in f["accounts_by_phase"].items())
         t = self.reactor.seconds() - self.t0
         acked = self.legacy_progress.get("acked", "?")
@@ -679,8 +681,8 @@ def _lag_line(lag: dict[str, Any]) -> str:
     parts = []
     for d in ("to_cloud", "to_legacy"):
         x = last.get(d) or {}
-        parts.append(f"{d.replace('_', ' ')} {ms(x.get('p99_ms'))}, outside faults worst "
-                     f"{ms(worst.get(d))}"
+        parts.append(f"{d.replace('_', ' ')} {ms(x.get('p99_ms'))} (outside faults "
+                     f"{ms(x.get('p99_outside_faults_ms'))}, worst {ms(worst.get(d))})"
                      + (f", {x['met_faults']} of {x['samples']} recent met a fault"
                         if x.get("samples") else ""))
     return "p99 lag (traffic):    " + "; ".join(parts)

@@ -7,7 +7,10 @@ from typing import Any
 
 import psycopg
 
+from bridge.ops import status
 from cloud import admin
+from cloud.model import LEGACY_CLIENT_PHASES
+from cloud.store import messages as messages_store
 from cloud.store import notifications as notifications_store
 from cloud.store import outbox as outbox_store
 
@@ -24,15 +27,6 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     workers = admin.live_workers(conn, now_ms)
     lags = [w.lag_to_cloud_ms for w in workers if w.lag_to_cloud_ms is not None]
     legacy_lags = [w.lag_to_legacy_ms for w in workers if w.lag_to_legacy_ms is not None]
-    # how much of the lag is the faults' (bridge.faults): the worst p99 of the messages that
-    # met none, and how many of the workers' recent messages met one
-    outside: dict[str, Any] = {}
-    for d in ("to_cloud", "to_legacy"):
-        parts = [w.detail.get(f"lag_{d}") or {} for w in workers]
-        steady = [p["p99_steady_ms"] for p in parts if p.get("p99_steady_ms") is not None]
-        outside[d] = {"p99_ms": max(steady) if steady else None,
-                      "met_faults": sum(p.get("met_faults") or 0 for p in parts),
-                      "samples": sum(p.get("samples") or 0 for p in parts)}
     pending, _oldest = outbox_store.outbox_backlog(conn, now_ms)
     leased = len(_feed_leases(conn, now_ms))
     return {
@@ -41,7 +35,8 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
         "mirrored_to_legacy": to_legacy, "outbox_pending": pending,
         "lag_to_cloud_ms": max(lags) if lags else None,
         "lag_to_legacy_ms": max(legacy_lags) if legacy_lags else None,
-        "lag_outside_faults": outside,
+        "lag_outside_faults": {d: status.lag_outside_faults(workers, d)
+                               for d in ("to_cloud", "to_legacy")},
         "live_workers": len(workers),
         "feeds_leased": leased,
         "feeds_streaming": sum(w.feeds or 0 for w in workers),
@@ -79,9 +74,6 @@ def post_burst(conn: psycopg.Connection, count: int, now_ms: int, tag: str) -> i
     """Post *count* cloud messages through the store's own path, round robin over up to 20
     conversations that legacy is owed messages of (a legacy chat and a member with legacy
     clients), in one transaction: a burst for the outbox injectors to drain. How many."""
-    from cloud.model import LEGACY_CLIENT_PHASES
-    from cloud.store import messages as messages_store
-
     targets = conn.execute(
         "SELECT c.conversation_id, min(mb.account_id::text)::uuid "
         "FROM conversations c JOIN members mb USING (conversation_id) "
@@ -89,10 +81,16 @@ def post_burst(conn: psycopg.Connection, count: int, now_ms: int, tag: str) -> i
         "  SELECT 1 FROM members m2 JOIN accounts a USING (account_id) "
         "  WHERE m2.conversation_id = c.conversation_id AND a.phase = ANY(%s)) "
         "GROUP BY 1 ORDER BY 1 LIMIT 20", (list(LEGACY_CLIENT_PHASES),)).fetchall()
-    for i in range(count if targets else 0):
-        cid, sender = targets[i % len(targets)]
-        messages_store.post_message(conn, cid, sender, f"{tag}-{i}", f"{tag} #{i}", now_ms)
-    return count if targets else 0
+    if not targets:
+        return 0
+    # the batched path (post_message in a loop would put each post in a savepoint)
+    results = messages_store.post_messages(conn, [
+        messages_store.Post(*targets[i % len(targets)], f"{tag}-{i}", f"{tag} #{i}", now_ms)
+        for i in range(count)])
+    refused = [r for r in results if not isinstance(r, tuple)]
+    if refused:
+        raise RuntimeError(f"posting the burst failed: {refused[0]!r}")
+    return count
 
 
 def rows_under_claim(conn: psycopg.Connection, now_ms: int) -> int:

@@ -30,7 +30,7 @@ def _max(values: list[int | None]) -> int | None:
     return max(present) if present else None
 
 
-def _steady(live: list[Any], direction: str) -> dict[str, Any]:
+def lag_outside_faults(live: list[Any], direction: str) -> dict[str, Any]:
     """How much of the live workers' lag in *direction* is the faults': the worst p99 of
     the messages that met no fault, and how many of their recent messages met one."""
     parts = [w.detail.get(f"lag_{direction}") or {} for w in live]
@@ -64,7 +64,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
         "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
         "mirror_lag_ms": {"to_cloud": _max([w.lag_to_cloud_ms for w in live]),
                           "to_legacy": _max([w.lag_to_legacy_ms for w in live])},
-        "lag_outside_faults": {d: _steady(live, d) for d in ("to_cloud", "to_legacy")},
+        "lag_outside_faults": {d: lag_outside_faults(live, d) for d in ("to_cloud", "to_legacy")},
         "workers": [{
             "worker_id": w.worker_id, "state": w.state, "live": w.live(now_ms, live_within_ms),
             "heartbeat_age_ms": now_ms - w.heartbeat_ms, "started_ms": w.started_ms,

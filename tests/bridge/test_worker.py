@@ -9,9 +9,10 @@ import uuid
 from prometheus_client import REGISTRY
 from twisted.web.test.requesthelper import DummyRequest
 
+from bridge.faults import p99_ms
 from bridge.follower import FollowerConfig
 from bridge.ops.health import OperationsResource
-from bridge.worker import BridgeWorker, WorkerConfig, p99_ms
+from bridge.worker import BridgeWorker, WorkerConfig
 from cloud.db import InlineDatabase
 from cloud.passwords import verify_password
 from tests.bridge.test_follower import chat_messages, send_some

@@ -66,6 +66,7 @@ def test_a_short_demo_converges(db_server, tmp_path):
     lag = out["lag_under_traffic"]["last"]
     assert lag["to_cloud"]["p99_ms"] is not None and lag["to_cloud"]["samples"] > 0
     assert lag["to_cloud"]["met_faults"] <= lag["to_cloud"]["samples"]
+    assert "p99_outside_faults_ms" in lag["to_cloud"]  # beside the p99 of all, not over it
     assert set(out["lag_under_traffic"]["worst_outside_faults_ms"]) == {"to_cloud",
                                                                          "to_legacy"}
     for key in ("messages_legacy", "findings_repaired", "findings_unrecoverable",
