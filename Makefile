@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test chaos lint bench bench-legacy bench-cloud bench-bridge bench-reconcile clean
+.PHONY: demo test chaos swarm lint bench bench-legacy bench-cloud bench-bridge bench-reconcile clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 # CHAOS_ARGS adds flags, e.g. make chaos CHAOS_ARGS="--scenario partition --seeds 5".
 chaos: $(STAMP)
 	$(BIN)/bridgectl chaos $(CHAOS_ARGS)
+
+# A swarm of whole-migration simulations: 20 seeds of 2 simulated days, 200 users each
+# (about 15 minutes); prints each failing seed with the command that replays it.
+# SWARM_ARGS adds or overrides flags, e.g. make swarm SWARM_ARGS="--faults heavy".
+swarm: $(STAMP)
+	$(BIN)/bridgectl simulate --seeds 1..20 --days 2 --users 200 --supernodes 8 $(SWARM_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

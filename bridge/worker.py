@@ -80,6 +80,7 @@ class BridgeWorker(MultiService):
         self._discovery_failures = 0
         self.directory: dict[str, wire.SupernodeAddress] = {}
         self._leasing: defer.Deferred | None = None
+        self._lease_call: Any = None
         self._lease_expiry: dict[str, float] = {}
         self.known = KnownIds()
         #: the state the last report wrote (or is writing) to ``bridge_workers``
@@ -199,9 +200,11 @@ class BridgeWorker(MultiService):
 
         return d.addCallback(final_heartbeat)
 
-    def _later(self, seconds: float, fn: Any) -> None:
+    def _later(self, seconds: float, fn: Any) -> Any:
         self._calls = [c for c in self._calls if c.active()]
-        self._calls.append(self.clock.callLater(seconds, fn))
+        call = self.clock.callLater(seconds, fn)
+        self._calls.append(call)
+        return call
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -234,12 +237,13 @@ class BridgeWorker(MultiService):
         self._discover_soon(self.config.discovery_s)
 
     def _adopt(self, directory: list[wire.SupernodeAddress]) -> None:
-        self.directory = {a.sn_id: a for a in directory}
+        before, self.directory = self.directory, {a.sn_id: a for a in directory}
         ids = tuple(sorted(self.directory))
         if self.ring is None or self.ring.sn_ids != ids:
             self.ring = HashRing(ids)
             log.info("{n} supernodes in the directory", n=len(ids))
-        self._lease_soon(0)
+        if self.directory != before:  # else the lease timer's own pace is soon enough
+            self._lease_soon(0)
         if self.injector is not None:
             # Injection links are opened ahead of need, and again at each discovery when
             # one was lost: a first injection otherwise finds none and waits a retry.
@@ -249,7 +253,15 @@ class BridgeWorker(MultiService):
     # -- leases: which feeds this worker follows --------------------------------------------
 
     def _lease_soon(self, seconds: float) -> None:
-        self._later(seconds, self._lease_tick)
+        """Balance the leases within *seconds*. There is one lease timer: a request for
+        sooner moves it, one for later leaves it (each discovery asks for one; as separate
+        timers they added a balancing chain a discovery, without end)."""
+        call = self._lease_call
+        if call is not None and call.active():
+            if call.getTime() <= self.clock.seconds() + seconds:
+                return
+            call.cancel()
+        self._lease_call = self._later(seconds, self._lease_tick)
 
     def _lease_tick(self) -> None:
         if not self.running or self._leasing is not None:

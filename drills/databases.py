@@ -1,5 +1,5 @@
 """The drills' own databases: created afresh and migrated for a run, dropped after it. Only
-names that start with ``bridge_demo`` or ``bridge_chaos`` are ever touched."""
+names that start with ``bridge_demo``, ``bridge_chaos`` or ``bridge_sim`` are ever touched."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from drills.processes import DemoError
 
 def fresh_database(server_dsn: str, name: str) -> str:
     """Drop and create database *name* on the server of *server_dsn*, migrate it, and
-    return its DSN. Only names starting with ``bridge_demo`` or ``bridge_chaos``: nothing
-    else on the server is ever touched."""
+    return its DSN. Only names starting with ``bridge_demo``, ``bridge_chaos`` or
+    ``bridge_sim``: nothing else on the server is ever touched."""
     from psycopg import conninfo, sql
 
     from cloud import schema
@@ -35,7 +35,7 @@ def drop_database(server_dsn: str, name: str) -> None:
     """Drop a database ``fresh_database`` made (same name rule)."""
     from psycopg import sql
 
-    if not re.fullmatch(r"bridge_(demo|chaos)[a-z0-9_]{0,50}", name):
+    if not re.fullmatch(r"bridge_(demo|chaos|sim)[a-z0-9_]{0,50}", name):
         raise DemoError(f"refusing to drop or recreate database {name!r}")
     with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(

@@ -55,6 +55,7 @@ class RunConfig:
     feed_capacity: int = 10_000
     presence_ttl: float = 120.0
     refresh_interval: float = 40.0
+    sweep_interval: float = 10.0
     fault_window: float | None = None  # None: until heal_at (600 s without a duration)
 
     def __attrs_post_init__(self) -> None:
@@ -123,7 +124,8 @@ class LegacyDeployment(service.MultiService):
                 SupernodeConfig(sn_id=sn, host=config.host, port=self.directory[sn].port,
                                 feed_capacity=config.feed_capacity,
                                 presence_ttl=config.presence_ttl,
-                                refresh_interval=config.refresh_interval),
+                                refresh_interval=config.refresh_interval,
+                                sweep_interval=config.sweep_interval),
                 network=network, ring=self.ring, directory=self.directory,
                 secrets=self.secrets, hop_faults=self.hop_faults, trace=self.trace,
                 rng=random.Random(self.rng_nodes.getrandbits(64)), run_id=self.run_id)
@@ -195,7 +197,7 @@ class LegacyDeployment(service.MultiService):
         if plan.crash_interval:
             every(plan.crash_interval, self._crash_one)
         if plan.link_drop_interval:
-            every(plan.link_drop_interval, self._drop_link)
+            every(plan.link_drop_interval, self.drop_link)
         if plan.partition_at >= 0:
             at(self.clock.callLater(window * plan.partition_at, self._partition))
         if plan.correlated_crash_at >= 0:
@@ -203,10 +205,15 @@ class LegacyDeployment(service.MultiService):
         if plan.relogin_storm_at >= 0:
             at(self.clock.callLater(window * plan.relogin_storm_at, self._storm))
 
-    def _running(self) -> list[str]:
+    def down_supernodes(self) -> list[str]:
+        """The supernodes crashed and not restarted yet."""
+        return list(self._down)
+
+    def running_supernodes(self) -> list[str]:
         return [sn for sn in self.supernodes if sn not in self._down]
 
-    def _crash(self, sn: str, restart_after: float) -> None:
+    def crash(self, sn: str, restart_after: float) -> None:
+        """Crash supernode *sn* (its memory is lost) and restart it *restart_after* s later."""
         self._down[sn] = None
         self.crashes += 1
         self.crash_log.append((self.clock.seconds() - self.started_at, sn))
@@ -219,28 +226,31 @@ class LegacyDeployment(service.MultiService):
             self.supernodes[sn].restart()
 
     def _crash_one(self) -> None:
-        running = self._running()
+        running = self.running_supernodes()
         if len(running) > 1:
-            self._crash(running[self.rng_faults.randrange(len(running))],
+            self.crash(running[self.rng_faults.randrange(len(running))],
                         self.config.plan.restart_after)
 
     def _correlated_crash(self) -> None:
-        running = self._running()
+        running = self.running_supernodes()
         n = int(len(running) * self.config.plan.correlated_fraction)
         self.trace.record("correlated_crash", n)
         for sn in self.rng_faults.sample(running, n):
-            self._crash(sn, self.config.plan.restart_after * 2)
+            self.crash(sn, self.config.plan.restart_after * 2)
 
-    def _drop_link(self) -> None:
-        running = self._running()
+    def drop_link(self) -> bool:
+        """Abort one connection of a running supernode, chosen at random; False if none."""
+        running = self.running_supernodes()
         if not running:
-            return
+            return False
         node = self.supernodes[running[self.rng_faults.randrange(len(running))]]
         conns = list(node._conns)
-        if conns:
-            victim = conns[self.rng_faults.randrange(len(conns))]
-            self.trace.record("link_drop", node.sn_id, victim.role, victim.handle)
-            victim.transport.abortConnection()
+        if not conns:
+            return False
+        victim = conns[self.rng_faults.randrange(len(conns))]
+        self.trace.record("link_drop", node.sn_id, victim.role, victim.handle)
+        victim.transport.abortConnection()
+        return True
 
     def _partition(self) -> None:
         ids = list(self.supernodes)
@@ -270,11 +280,11 @@ class LegacyDeployment(service.MultiService):
         seconds.
         """
         if "crash" in cmd:
-            running = self._running()
+            running = self.running_supernodes()
             n = max(1, round(len(running) * float(cmd["crash"])))
             victims = self.rng_faults.sample(running, min(n, len(running)))
             for sn in victims:
-                self._crash(sn, float(cmd.get("restart_after", 5.0)))
+                self.crash(sn, float(cmd.get("restart_after", 5.0)))
             if cmd.get("storm"):
                 self._fault_calls.append(self.clock.callLater(
                     float(cmd.get("restart_after", 5.0)) + 0.5, self._storm))

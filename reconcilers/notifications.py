@@ -54,6 +54,7 @@ from psycopg.types.json import Jsonb
 from twisted.internet import task
 
 from cloud.model import CLOUD_CLIENT_PHASES
+from cloud.store.notifications import NOTIFICATION_ID_SQL
 from reconcilers.runner import RunContext
 from servicekit.validators import finite_number
 
@@ -266,7 +267,9 @@ def create_missing(conn: psycopg.Connection, owed: Sequence[Owed],
     created = conn.execute(
         "INSERT INTO notifications (account_id, notification_id, conversation_id, message_id, "
         "  seq, next_attempt_ms, created_ms) "
-        "SELECT mb.account_id, gen_random_uuid(), m.conversation_id, m.message_id, m.seq, "
+        "SELECT mb.account_id, "
+        + NOTIFICATION_ID_SQL.format(account="mb.account_id", message="m.message_id")
+        + ", m.conversation_id, m.message_id, m.seq, "
         "  %(now)s, %(now)s " + owed + "ON CONFLICT DO NOTHING "
         "RETURNING account_id, notification_id, conversation_id, message_id, seq",
         params).fetchall()

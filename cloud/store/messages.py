@@ -26,6 +26,7 @@ from cloud.store.errors import (
     StoreError,
     UnknownAccount,
 )
+from cloud.store.notifications import NOTIFICATION_ID_SQL
 from cloud.store.outbox import OUTBOX_CHANNEL
 
 MESSAGE_COLS = ("conversation_id, seq, message_id, sender_account_id, sender_handle, "
@@ -61,7 +62,9 @@ def owed_notifications_sql(rows: str, conversations: str) -> str:
             f"                AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) o) "
             "INSERT INTO notifications (account_id, notification_id, conversation_id, "
             "  message_id, seq, next_attempt_ms, created_ms) "
-            "SELECT o.account_id, gen_random_uuid(), r.conversation_id, r.message_id, r.seq, "
+            "SELECT o.account_id, "
+            + NOTIFICATION_ID_SQL.format(account="o.account_id", message="r.message_id")
+            + ", r.conversation_id, r.message_id, r.seq, "
             "       %(now)s, %(now)s "
             f"FROM {rows} r JOIN owed_to o ON o.conversation_id = r.conversation_id "
             "WHERE o.account_id <> r.sender_account_id "
@@ -142,13 +145,16 @@ class Post:
     client_message_id: str
     body: str
     now_ms: int
+    #: the new message's id; None draws a random one (a simulation passes its own, from
+    #: its seed, so that a run replays exactly)
+    message_id: uuid.UUID | None = None
 
 
 @one_statement
 def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
                  sender_account_id: uuid.UUID, client_message_id: str, body: str,
-                 now_ms: int, *, sender_phases: Sequence[str] = PHASES
-                 ) -> tuple[Message, bool]:
+                 now_ms: int, *, sender_phases: Sequence[str] = PHASES,
+                 message_id: uuid.UUID | None = None) -> tuple[Message, bool]:
     """A cloud client's message; the same client message id returns the same message.
 
     Returns ``(message, created)``. In the same transaction: notification rows for
@@ -166,7 +172,8 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     *sender_phases*: the cloud API checks its token's account here, in the post's own
     statement, instead of with a query of its own), ``NotFound``, ``NotMember``.
     """
-    post = Post(conversation_id, sender_account_id, client_message_id, body, now_ms)
+    post = Post(conversation_id, sender_account_id, client_message_id, body, now_ms,
+                message_id)
     params = _post_params(post, sender_phases)
     try:
         row = _execute_atomically(conn, _POST, params)
@@ -224,7 +231,8 @@ def _post_params(post: Post, sender_phases: Sequence[str]) -> dict:
         raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     return {"cid": post.conversation_id, "sender": post.sender_account_id,
             "client_id": post.client_message_id, "body": post.body, "now": post.now_ms,
-            "message_id": uuid.uuid4(), "legacy_phases": list(LEGACY_CLIENT_PHASES),
+            "message_id": post.message_id or uuid.uuid4(),
+            "legacy_phases": list(LEGACY_CLIENT_PHASES),
             "channel": OUTBOX_CHANNEL, "phases": list(sender_phases)}
 
 

@@ -14,6 +14,11 @@ from psycopg.rows import tuple_row
 from cloud.db import one_statement
 from cloud.model import Notification
 
+#: A notification's id, from its account and message (SQL; format with ``account`` and
+#: ``message`` expressions): the same notification always gets the same id, whichever path
+#: writes it (the post, the mirror or the reconciler), so a run replays exactly from its seed.
+NOTIFICATION_ID_SQL = "md5({account}::text || ':' || {message}::text)::uuid"
+
 _NOTIFICATION_COLS = ("account_id, notification_id, conversation_id, message_id, seq, state, "
                       "attempts")
 
@@ -25,7 +30,8 @@ _CLAIM = (
     "WITH due AS ("
     "  SELECT account_id, notification_id FROM notifications "
     "  WHERE state IN ('pending', 'sent') AND next_attempt_ms <= %(now)s "
-    "  ORDER BY next_attempt_ms LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
+    "  ORDER BY next_attempt_ms, account_id, notification_id LIMIT %(limit)s "
+    "  FOR UPDATE SKIP LOCKED), "
     "failed AS ("
     "  UPDATE notifications n SET state = 'failed', "
     "    last_error = coalesce(n.last_error, 'never acknowledged') FROM due "
@@ -59,6 +65,9 @@ def claim_due_notifications(conn: psycopg.Connection, now_ms: int, limit: int,
     """
     rows = conn.execute(_CLAIM, {"now": now_ms, "limit": limit, "max_attempts": max_attempts,
                                  "resend": now_ms + resend_after_ms}).fetchall()
+    # in key order, whatever order the join returned them in: a seeded run pushes (and draws
+    # the gateway's fates) in the same order every time
+    rows.sort(key=lambda r: (r[1], r[2]))
     to_push = [Notification(*r[1:]) for r in rows if r[0]]
     failed = [Notification(*r[1:]) for r in rows if not r[0]]
     return to_push, failed

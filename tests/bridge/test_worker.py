@@ -150,3 +150,33 @@ def test_the_heartbeat_reports_the_outbox_as_the_injector_last_counted_it(conn):
                           ).fetchone()[0]
     assert detail["outbox_pending"] == 2 and detail["outbox_oldest_age_ms"] >= 4_500
     net.wait(worker.stopService())
+
+
+def test_each_discovery_moves_the_one_lease_timer_instead_of_adding_a_balancing_chain(conn):
+    """Every discovery asks for a lease balance; the worker keeps a single lease timer, so
+    an hour of discoveries balances at the lease pace, not once more per discovery (it
+    added a timer chain per discovery: a month-long simulation balanced thousands of
+    times a minute)."""
+    net = LegacyNet(3, seed=5).start()
+    config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
+                          heartbeat_s=10.0, discovery_s=5.0, lease_ttl_s=30.0,
+                          follower=FollowerConfig(linger_s=0.01))
+    balances = []
+
+    class Counting(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            if desc == "live_workers":  # once per balance
+                balances.append(net.clock.seconds())
+            return super().run(desc, fn, *args, **kwargs)
+
+    worker = BridgeWorker(net.clock, net.net, Counting(conn), PEER_SECRET, random.Random(1),
+                          config)
+    worker.startService()
+    net.run(3600.0)
+    assert set(worker.followers) == set(net.directory)
+    timers = [c for c in net.clock.getDelayedCalls() if c.func == worker._lease_tick]
+    assert len(timers) == 1
+    # a balance every lease_ttl_s / 3 = 10 s (plus the first ones): about 360, not 720 more
+    # for the 720 discoveries
+    assert 300 <= len(balances) <= 420, len(balances)
+    net.wait(worker.stopService())

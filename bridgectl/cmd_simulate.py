@@ -1,0 +1,203 @@
+"""``bridgectl simulate``: a months-long migration rehearsed in minutes on one simulated
+clock (``drills.simulation``); ``--seeds A..B`` runs a swarm of seeds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridgectl import options
+from bridgectl.database import redact_dsn, resolve_dsn
+from bridgectl.errors import EXIT_OK, RuntimeFailure, UsageError
+
+#: Exit code of a run (or a swarm) that did not converge.
+EXIT_NOT_CONVERGED = 3
+_MAX_SWARM = 1000
+
+
+def add_commands(sub: Any) -> None:
+    sim = sub.add_parser(
+        "simulate", help="rehearse a months-long migration in minutes (deterministic)",
+        description="Run the whole migration on one simulated clock, in one process: the "
+                    "in-memory legacy network and its users (sessions follow a working day), "
+                    "the bridge workers, cloud devices posting through the store, the "
+                    "notification dispatcher, the reconcilers on their cron schedule, cohort "
+                    "moves from a plan, and faults. At the end it heals, reconciles and "
+                    "checks the invariants from both stacks' own records. The same seed "
+                    "gives the same outcome_hash. Exit codes: 0 converged, 3 not converged "
+                    "(for a swarm: any seed), 1 failure, 2 usage.")
+    sim.add_argument("--days", type=options.number, default=45.0, metavar="D",
+                     help="simulated days (default 45)")
+    sim.add_argument("--users", type=options.non_negative_int, default=2000, metavar="N",
+                     help="legacy users, each linked to a cloud account (default 2000)")
+    sim.add_argument("--supernodes", type=options.non_negative_int, default=16, metavar="N",
+                     help="legacy supernodes (default 16)")
+    sim.add_argument("--rate", type=options.number, default=3.0, metavar="MSGS",
+                     help="messages per user per simulated day, over a working-day cycle "
+                          "(default 3)")
+    sim.add_argument("--seed", type=options.non_negative_int, default=1, metavar="N",
+                     help="seed of every random choice (default 1)")
+    sim.add_argument("--seeds", metavar="A..B",
+                     help="run seeds A to B (a swarm); prints each failing seed with the "
+                          "command that replays it")
+    sim.add_argument("--faults", choices=("none", "light", "heavy", "outage-2010"),
+                     default="light",
+                     help="none; light: a supernode crash every other day, link drops, "
+                          "windows of hop loss, 2%% push loss; heavy: all of it more often; "
+                          "outage-2010: light plus the 2010 outage 60%% of the way in "
+                          "(default light)")
+    sim.add_argument("--plan", type=Path, metavar="FILE",
+                     help="cohort plan: a JSON list of {\"day\": D, \"percent\": P, "
+                          "\"phase\": \"dual\"} (default: the built-in plan over 45 days, "
+                          "stretched to --days)")
+    sim.add_argument("--dedicated-supernodes", action="store_true",
+                     help="supernodes on fixed hosts that restart only by faults (default: "
+                          "client-hosted, 40%% short-lived)")
+    sim.add_argument("--reconcile-every", type=options.number, default=6.0, metavar="H",
+                     help="simulated hours between reconcile runs (default 6)")
+    options.add_dsn_option(sim)
+    sim.add_argument("--database", default="bridge_sim", metavar="NAME",
+                     help="the run's own database on that server, dropped and created afresh "
+                          "for each seed (must start with bridge_sim; default bridge_sim)")
+    sim.add_argument("--json", action="store_true",
+                     help="print the report as one JSON object on stdout (a swarm: one per "
+                          "line)")
+    sim.set_defaults(handler=cmd_simulate)
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.seeds is None:
+        return [args.seed]
+    m = re.fullmatch(r"(\d+)\.\.(\d+)", args.seeds.strip())
+    if m is None:
+        raise UsageError("--seeds must look like A..B (for example 1..20)")
+    a, b = int(m[1]), int(m[2])
+    if b < a:
+        raise UsageError("--seeds A..B needs A <= B")
+    if b - a + 1 > _MAX_SWARM:
+        raise UsageError(f"--seeds runs at most {_MAX_SWARM} seeds at once")
+    return list(range(a, b + 1))
+
+
+def _config(args: argparse.Namespace, seed: int) -> Any:
+    from drills.simplan import SimConfig, parse_plan
+
+    plan = None
+    if args.plan is not None:
+        try:
+            text = args.plan.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --plan {args.plan}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        try:
+            plan = parse_plan(text)
+        except ValueError as e:
+            raise UsageError(f"--plan {args.plan}: {e}") from None
+    try:
+        return SimConfig(days=args.days, users=args.users, supernodes=args.supernodes,
+                         rate=args.rate, seed=seed, faults=args.faults, plan=plan,
+                         dedicated_supernodes=args.dedicated_supernodes,
+                         reconcile_every_h=args.reconcile_every)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def replay_command(args: argparse.Namespace, seed: int) -> str:
+    """The command line that runs *seed* alone with the same settings."""
+    parts = ["bridgectl", "simulate", "--seed", str(seed), "--days", f"{args.days:g}",
+             "--users", str(args.users), "--supernodes", str(args.supernodes),
+             "--rate", f"{args.rate:g}", "--faults", args.faults,
+             "--reconcile-every", f"{args.reconcile_every:g}"]
+    if args.plan is not None:
+        parts += ["--plan", str(args.plan)]
+    if args.dedicated_supernodes:
+        parts.append("--dedicated-supernodes")
+    return shlex.join(parts)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from drills.databases import fresh_database
+    from drills.processes import DemoError
+    from drills.simulation import Simulation
+
+    seeds = _seeds(args)
+    configs = [_config(args, seed) for seed in seeds]  # every usage error before any run
+    if not re.fullmatch(r"bridge_sim[a-z0-9_]{0,50}", args.database):
+        raise UsageError("--database must start with bridge_sim and hold only a-z, 0-9 "
+                         "and _ (it is dropped and created afresh)")
+    server_dsn, origin = resolve_dsn(args)
+    failing = []
+    for config in configs:
+        try:
+            dsn = fresh_database(server_dsn, args.database)
+        except DemoError as e:
+            raise RuntimeFailure(f"{e} ({origin}: {redact_dsn(server_dsn)})") from None
+        print(f"simulate: seed {config.seed}, {config.days:g} days, {config.users} users, "
+              f"{config.supernodes} supernodes, faults {config.faults}; database "
+              f"{args.database} on {origin}", file=sys.stderr, flush=True)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn, \
+                    psycopg.connect(dsn, autocommit=True) as lock_conn:
+                report = Simulation(config, conn, lock_conn, progress=_progress).run()
+        except psycopg.OperationalError as e:
+            raise RuntimeFailure(f"the database went away during the run: "
+                                 f"{str(e).strip()}") from None
+        report["replay"] = replay_command(args, config.seed)
+        if not report["converged"]:
+            failing.append(config.seed)
+        if args.json:
+            print(json.dumps(report, sort_keys=True), flush=True)
+        else:
+            print(render(report), flush=True)
+    if len(configs) > 1:
+        print(f"simulate: {len(configs) - len(failing)} of {len(configs)} seeds converged",
+              file=sys.stderr)
+        for seed in failing:
+            print(f"  seed {seed} did not converge; replay: {replay_command(args, seed)}",
+                  file=sys.stderr)
+    return EXIT_NOT_CONVERGED if failing else EXIT_OK
+
+
+def _progress(line: str) -> None:
+    print(f"simulate: {line}", file=sys.stderr, flush=True)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for a reader: the verdict first, then what happened."""
+    m = report["messages"]
+    verdict = "converged" if report["converged"] else "NOT CONVERGED"
+    runs = report["reconcile_runs"]
+    clean = sum(1 for r in runs if r["clean"])
+    findings = ", ".join(f"{kind} {'/'.join(f'{s} {n}' for s, n in states.items())}"
+                         for kind, states in report["findings"].items()) or "none"
+    last = report["accounts_by_phase"][-1] if report["accounts_by_phase"] else {}
+    phases = ", ".join(f"{p} {n}" for p, n in last.items() if p != "day")
+    lines = [
+        f"seed {report['seed']}: {verdict} after {report['simulated_days']:g} simulated days "
+        f"({report['wall_seconds']} s wall)",
+        f"  messages: {m['legacy_sent']:,} sent on legacy, {m['cloud_posted']:,} posted on "
+        f"the cloud; lost {report['lost']}, duplicates {report['duplicates']}, lost by the "
+        f"legacy network itself {report['lost_in_legacy']}",
+        f"  notifications: {report['notifications_owed']:,} owed, "
+        f"{report['notifications_acked']:,} acknowledged, "
+        f"{report['notifications_failed']:,} failed",
+        f"  reconcile runs: {len(runs)}, {clean} clean; findings: {findings}",
+        f"  cohort moves: {sum(x['moved'] for x in report['moves']):,} accounts moved, "
+        f"{sum(x['held'] for x in report['moves']):,} held by the gates, "
+        f"{sum(x['failed'] for x in report['moves']):,} failed, in {len(report['moves'])} "
+        f"steps; accounts at the end: {phases}",
+        "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                  for k, v in report["faults"].items()),
+        f"  outcome_hash {report['outcome_hash']}",
+    ]
+    if not report["converged"]:
+        lines.append(f"  replay: {report['replay']}")
+    return "\n".join(lines)
+

@@ -1,0 +1,168 @@
+"""What one whole-migration simulation runs (``drills.simulation``): its settings
+(``SimConfig``), the cohort plan (``PlanStep``, ``parse_plan``, the built-in default) and
+what each ``--faults`` profile means over days rather than minutes (``FaultProfile``).
+
+Everything here is validated when it is built, so the command line, a plan file and a test
+get the same clear errors (``ValueError`` with a sentence a user can act on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+from cloud.model import PHASES
+
+#: One simulated day, in seconds.
+DAY_S = 86_400.0
+
+
+@attrs.frozen
+class PlanStep:
+    """On *day* (from the start, fractions allowed), move the stable *percent* cohort of
+    linked accounts forward to *phase* (a cohort never moves back: its accounts already past
+    *phase* stay where they are). Gates decide per account; a held account is tried again at
+    the next step."""
+
+    day: float
+    percent: int
+    phase: str
+
+    def __attrs_post_init__(self) -> None:
+        if not (isinstance(self.day, (int, float)) and math.isfinite(self.day)
+                and self.day >= 0):
+            raise ValueError(f"a plan step's day must be a number >= 0, not {self.day!r}")
+        if not isinstance(self.percent, int) or isinstance(self.percent, bool) \
+                or not 0 <= self.percent <= 100:
+            raise ValueError(f"a plan step's percent must be a whole number 0..100, "
+                             f"not {self.percent!r}")
+        if self.phase not in PHASES[1:]:
+            raise ValueError(f"a plan step's phase must be one of {', '.join(PHASES[1:])}, "
+                             f"not {self.phase!r}")
+
+
+#: The built-in plan, laid out over 45 days (``default_plan`` stretches it to the run):
+#: a pilot cohort, then wider waves, each cohort dual for a few days before cloud, and the
+#: first cloud-only accounts after three weeks, past the legacy retention's first month.
+_DEFAULT_45 = (
+    (2, 5, "dual"), (4, 5, "cloud"), (6, 20, "dual"), (9, 20, "cloud"),
+    (12, 50, "dual"), (16, 50, "cloud"), (20, 5, "cloud-only"), (24, 80, "dual"),
+    (28, 80, "cloud"), (32, 20, "cloud-only"), (36, 100, "dual"), (40, 100, "cloud"),
+    (43, 50, "cloud-only"))
+
+
+def default_plan(days: float) -> tuple[PlanStep, ...]:
+    """The built-in plan, its days scaled from 45 to *days*."""
+    scale = days / 45.0
+    return tuple(PlanStep(round(d * scale, 3), p, ph) for d, p, ph in _DEFAULT_45)
+
+
+def parse_plan(text: str) -> tuple[PlanStep, ...]:
+    """A plan file: JSON, a list of ``{"day": D, "percent": P, "phase": "dual"}`` (or
+    ``[D, P, "dual"]``) steps. ValueError naming the step that is wrong."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the plan is not JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("the plan must be a non-empty JSON list of steps")
+    steps = []
+    for i, item in enumerate(raw, 1):
+        try:
+            if isinstance(item, dict):
+                extra = set(item) - {"day", "percent", "phase"}
+                if extra:
+                    raise ValueError(f"unknown key {sorted(extra)[0]!r}")
+                steps.append(PlanStep(item["day"], item["percent"], item["phase"]))
+            elif isinstance(item, list) and len(item) == 3:
+                steps.append(PlanStep(*item))
+            else:
+                raise ValueError('want {"day": D, "percent": P, "phase": NAME}')
+        except KeyError as e:
+            raise ValueError(f"plan step {i}: missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"plan step {i}: {e}") from None
+    return tuple(sorted(steps, key=lambda s: s.day))
+
+
+@attrs.frozen
+class FaultProfile:
+    """What ``--faults`` means over a months-long run. Rates are per simulated day."""
+
+    #: supernode crashes (memory lost, restarted after ``restart_after_s``)
+    crashes_per_day: float = 0.0
+    restart_after_s: float = 120.0
+    #: link drops (one supernode connection closed)
+    link_drops_per_day: float = 0.0
+    #: windows of per-hop loss, duplication and delay (the legacy preset of that name)
+    hop_windows_per_day: float = 0.0
+    hop_window_s: float = 1800.0
+    hop_preset: str = "none"
+    #: pushes the simulated gateway loses or refuses
+    push_loss: float = 0.0
+    push_errors: float = 0.0
+    #: the 2010 outage, at this fraction of the run (None: none)
+    outage_at: float | None = None
+
+
+FAULTS: dict[str, FaultProfile] = {
+    "none": FaultProfile(),
+    "light": FaultProfile(crashes_per_day=0.5, link_drops_per_day=4, hop_windows_per_day=0.5,
+                          hop_preset="light", push_loss=0.02),
+    "heavy": FaultProfile(crashes_per_day=3, link_drops_per_day=20, hop_windows_per_day=2,
+                          hop_preset="heavy", push_loss=0.1, push_errors=0.05),
+    "outage-2010": FaultProfile(crashes_per_day=0.5, link_drops_per_day=4,
+                                hop_windows_per_day=0.5, hop_preset="light", push_loss=0.02,
+                                outage_at=0.6),
+}
+
+
+def _positive_int(name: str, low: int, high: int) -> Any:
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"--{name} must be a whole number between {low} and {high}")
+    return check
+
+
+def _finite(name: str, low: float, high: float) -> Any:
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or not low < value <= high:
+            raise ValueError(f"--{name} must be a number above {low:g} and at most {high:g}")
+    return check
+
+
+@attrs.frozen
+class SimConfig:
+    """One simulated migration."""
+
+    days: float = attrs.field(default=45.0, validator=_finite("days", 0, 3650))
+    users: int = attrs.field(default=2000, validator=_positive_int("users", 2, 1_000_000))
+    supernodes: int = attrs.field(default=16, validator=_positive_int("supernodes", 1, 5000))
+    #: messages per user per simulated day, spread over the working-day cycle
+    rate: float = attrs.field(default=3.0, validator=_finite("rate", 0, 10_000))
+    seed: int = attrs.field(default=1, validator=_positive_int("seed", 0, 2**63 - 1))
+    faults: str = "light"
+    plan: tuple[PlanStep, ...] | None = None  # None: default_plan(days)
+    #: the seed's intermediate stage: supernodes on fixed hosts that restart only by faults
+    dedicated_supernodes: bool = False
+    #: cron interval of the reconcilers, in simulated hours
+    reconcile_every_h: float = attrs.field(default=6.0, validator=_finite(
+        "reconcile-every", 0, 24 * 30))
+    #: bridge workers sharing the feeds
+    workers: int = attrs.field(default=1, validator=_positive_int("workers", 1, 16))
+
+    def __attrs_post_init__(self) -> None:
+        if self.faults not in FAULTS:
+            raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
+
+    @property
+    def steps(self) -> tuple[PlanStep, ...]:
+        return self.plan if self.plan is not None else default_plan(self.days)
+
+    @property
+    def profile(self) -> FaultProfile:
+        return FAULTS[self.faults]

@@ -1,0 +1,148 @@
+"""The whole-migration simulation (``drills.simulation``, ``bridgectl simulate``): a bounded
+run converges, replays exactly from its seed, and bad flags or plans are refused."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from bridgectl import main as cli
+from drills.simplan import FAULTS, PlanStep, SimConfig, default_plan, parse_plan
+from drills.simulation import Simulation
+from tests.dbfixture import truncate_all
+
+#: Reconciles every 2 simulated hours, so the gates have a recent clean run to see; every
+#: account dual on the first afternoon, then cloud, then half of them cloud-only.
+PLAN = (PlanStep(0.55, 100, "dual"), PlanStep(0.8, 100, "cloud"),
+        PlanStep(1.05, 50, "cloud-only"))
+
+
+def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> dict:
+    truncate_all(conn)
+    config = SimConfig(**{"days": 1.5, "users": 60, "supernodes": 4, "seed": seed,
+                          "faults": "light", "plan": PLAN, "reconcile_every_h": 2.0,
+                          **overrides})
+    with psycopg.connect(db_dsn, autocommit=True) as lock_conn:
+        return Simulation(config, conn, lock_conn).run()
+
+
+def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn):
+    """A day and a half under light faults, cohorts moving to cloud-only while both stacks
+    post: nothing lost, nothing duplicated, every notification acknowledged or failed in
+    sight; the same seed gives the same outcome hash, another seed another one."""
+    first = simulate(conn, db_dsn, 7)
+    assert first["converged"], json.dumps(first["verdict"])
+    assert first["lost"] == 0 and first["duplicates"] == 0
+    m = first["messages"]
+    assert m["legacy_sent"] > 20 and m["cloud_posted"] > 20  # both stacks carried traffic
+    assert sum(x["moved"] for x in first["moves"]) > 0
+    assert first["accounts_by_phase"][-1]["cloud-only"] > 0
+    # every notification owed was acknowledged or is visibly failed, none left pending
+    assert first["notifications_owed"] > 0
+    assert first["notifications_pending"] == 0
+    assert (first["notifications_acked"] + first["notifications_failed"]
+            == first["notifications_owed"])
+    kinds = {r["kind"] for r in first["reconcile_runs"]}
+    assert kinds == {"gaps", "notifications", "presence"}
+    assert first["final_reconcile_clean"] or first["lost"] == 0
+    again = simulate(conn, db_dsn, 7)
+    assert again["outcome_hash"] == first["outcome_hash"]
+    assert again["trace_hash"] == first["trace_hash"]
+    assert again["messages"] == first["messages"]
+    other = simulate(conn, db_dsn, 8)
+    assert other["outcome_hash"] != first["outcome_hash"]
+
+
+def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(conn, db_dsn):
+    """Over a quarter of the supernodes go down together and every device logs in again:
+    what the legacy network itself lost is counted apart, nothing else is lost."""
+    out = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=1.0,
+                   plan=(PlanStep(0.4, 50, "dual"),))
+    assert out["faults"]["outages"] == 1
+    assert out["faults"]["supernode_crashes"] >= 2  # 28% of 8
+    assert out["converged"], json.dumps(out["verdict"])
+
+
+# ---------------------------------------------------------------- plans and flags
+
+def test_the_default_plan_is_stretched_to_the_run_and_ends_with_cloud_only():
+    plan = default_plan(90)
+    assert plan[-1].phase == "cloud-only" and plan[-1].day == 86.0
+    assert [s.day for s in plan] == sorted(s.day for s in plan)
+    assert default_plan(45)[0] == PlanStep(2, 5, "dual")
+
+
+def test_a_plan_file_reads_objects_and_triples_in_day_order():
+    steps = parse_plan('[[3, 20, "cloud"], {"day": 1.5, "percent": 20, "phase": "dual"}]')
+    assert steps == (PlanStep(1.5, 20, "dual"), PlanStep(3, 20, "cloud"))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("not json", "not JSON"),
+    ("[]", "non-empty JSON list"),
+    ('{"day": 1}', "non-empty JSON list"),
+    ('[{"day": 1, "percent": 10}]', "plan step 1: missing 'phase'"),
+    ('[{"day": 1, "percent": 10, "phase": "legacy"}]', "phase must be one of"),
+    ('[[1, 10, "dual"], [2, 150, "cloud"]]', "plan step 2: a plan step's percent"),
+    ('[[-1, 10, "dual"]]', "day must be a number >= 0"),
+    ('[[1, 10, "dual", 4]]', "want {"),
+    ('[{"day": 1, "percent": 10, "phase": "dual", "when": 3}]', "unknown key 'when'"),
+])
+def test_a_bad_plan_is_refused_with_the_step_it_concerns(text, needle):
+    with pytest.raises(ValueError) as e:
+        parse_plan(text)
+    assert needle in str(e.value)
+
+
+def test_every_fault_profile_is_a_choice_of_the_command():
+    assert set(FAULTS) == {"none", "light", "heavy", "outage-2010"}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--days", "0"], "--days must be a number above 0"),
+    (["--users", "1"], "--users must be a whole number between 2"),
+    (["--supernodes", "0"], "--supernodes must be a whole number between 1"),
+    (["--rate", "-1"], "--rate must be a number above 0"),
+    (["--seeds", "5..1"], "A <= B"),
+    (["--seeds", "1-5"], "--seeds must look like A..B"),
+    (["--seeds", "1..5000"], "at most 1000 seeds"),
+    (["--reconcile-every", "0"], "--reconcile-every"),
+    (["--database", "postgres"], "--database must start with bridge_sim"),
+    (["--plan", "/nonexistent/plan.json"], "cannot read --plan"),
+])
+def test_bad_flags_exit_2_with_one_clear_line_before_anything_runs(argv, needle, capsys,
+                                                                     tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGE_HOME", str(tmp_path))
+    monkeypatch.setenv("BRIDGE_DSN", "postgresql://nobody@127.0.0.1:1/none")  # never reached
+    assert cli.main(["simulate", *argv]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bridgectl: error:") and needle in err[0], err
+
+
+def test_a_bad_plan_file_exits_2_naming_the_file_and_the_step(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGE_HOME", str(tmp_path))
+    monkeypatch.setenv("BRIDGE_DSN", "postgresql://nobody@127.0.0.1:1/none")
+    plan = tmp_path / "plan.json"
+    plan.write_text('[[1, 10, "dual"], [2, 10, "sideways"]]')
+    assert cli.main(["simulate", "--plan", str(plan)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(plan) in err and "plan step 2" in err and "sideways" in err
+
+
+def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_server,
+                                                                     tmp_path, monkeypatch):
+    """Two seeds through the command: a JSON report each, exit 0 when both converged."""
+    monkeypatch.setenv("BRIDGE_HOME", str(tmp_path))
+    monkeypatch.setenv("BRIDGE_DSN", db_server)
+    code = cli.main(["simulate", "--days", "0.5", "--users", "20", "--supernodes", "3",
+                     "--faults", "none", "--seeds", "4..5", "--json",
+                     "--database", "bridge_sim_test"])
+    out, err = capsys.readouterr()
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert [r["seed"] for r in reports] == [4, 5]
+    assert code == (cli.EXIT_OK if all(r["converged"] for r in reports) else 3)
+    assert reports[0]["replay"].startswith("bridgectl simulate --seed 4 --days 0.5")
+    assert "2 of 2 seeds converged" in err or "did not converge; replay:" in err
+    assert "day 0.5/0.5" in err  # the progress line
