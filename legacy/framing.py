@@ -27,7 +27,7 @@ REJECTED_FRAMES = Counter(
 
 
 class FrameCount(Collector):
-    """``legacy_frames_received_total``: frames decoded, counted without a lock.
+    """A counter of frames (``<name>_total``), counted without a lock.
 
     Every frame of every legacy connection is counted, on the reactor thread (protocols run
     there). prometheus_client's ``Counter.inc`` takes a lock each time: in the bridge's drain
@@ -35,15 +35,16 @@ class FrameCount(Collector):
     ``_created``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
         self.value = 0
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("legacy_frames_received", "Frames decoded by legacy endpoints.",
-                                  value=self.value)
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
 
 
-FRAMES_RECEIVED = FrameCount()
+FRAMES_RECEIVED = FrameCount("legacy_frames_received", "Frames decoded by legacy endpoints.")
 REGISTRY.register(FRAMES_RECEIVED)
 
 
@@ -67,6 +68,13 @@ class FrameProtocol(Int32StringReceiver):
     log = Logger()
     rejected: str | None = None
 
+    #: the transport's ``write_frame`` when it carries frames (the in-memory network)
+    _write_frame: Any = None
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        self._write_frame = getattr(transport, "write_frame", None)
+        super().makeConnection(transport)
+
     def stringReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted naming)
         if self.rejected is not None:
             return
@@ -74,6 +82,12 @@ class FrameProtocol(Int32StringReceiver):
             frame = wire.decode(data)
         except wire.WireError as e:
             self.reject(e.code, e.reason)
+            return
+        self.frame_arrived(frame)
+
+    def frame_arrived(self, frame: Any) -> None:
+        """Serve one decoded frame (the in-memory network hands frame protocols theirs)."""
+        if self.rejected is not None:
             return
         FRAMES_RECEIVED.value += 1
         try:
@@ -95,7 +109,11 @@ class FrameProtocol(Int32StringReceiver):
         """Encode and write one frame (silently dropped once the connection is closing)."""
         if self.transport is None or self.rejected is not None:
             return
-        self.sendString(wire.encode(frame))
+        data = wire.encode(frame)
+        if self._write_frame is not None:
+            self._write_frame(frame, data)
+        else:
+            self.sendString(data)
 
     def reject(self, code: str, reason: str) -> None:
         """Close this one connection because of bad input, with a logged reason."""

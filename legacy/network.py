@@ -5,11 +5,19 @@ Everything in ``legacy`` reaches the network only through ``Network.listen`` and
 pairs with transports that deliver bytes through ``clock.callLater``, so with a
 ``twisted.internet.task.Clock`` a whole run is a pure function of its seed::
 
-    client proto --write--> MemoryTransport --callLater(latency)--> server proto.dataReceived
+    client proto --write--> MemoryTransport --(one timer per due time)--> server proto.dataReceived
+                 --write_frame(frame, bytes)------------------------> server proto.frame_arrived
+
+A frame protocol (``legacy.framing``) hands the transport its encoded frame together with the
+frame itself; if the other end is a frame protocol too, it gets the frame without decoding
+its bytes again (encoding checked every value; the bytes still decode to an equal frame).
+Raw bytes (hostile-input tests) take the byte path, in order with the frames. Every
+transport with something due at one moment is flushed by one timer for that moment.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Protocol
 
 from twisted.internet import defer, error
@@ -63,8 +71,10 @@ class MemoryTransport:
         self._peer = peer
         self.other: MemoryTransport | None = None
         self.protocol: Any = None
-        self._pending: list[bytes] = []
-        self._flush_call: Any = None
+        #: what waits for delivery, in order: raw bytes, or (frame, its encoding)
+        self._pending: list[Any] = []
+        #: the flush this transport waits for (0: none); a cancelled one is a stale number
+        self._flush_ticket = 0
         self.closed = False
         self.producer: Any = None
 
@@ -73,8 +83,16 @@ class MemoryTransport:
         if self.disconnecting or self.closed or not data:
             return
         self._pending.append(data)
-        if self._flush_call is None:
-            self._flush_call = self.network.clock.callLater(self.network.latency, self._flush)
+        if not self._flush_ticket:
+            self._flush_ticket = self.network._due(self)
+
+    def write_frame(self, frame: Any, data: bytes) -> None:
+        """Write one frame, given with its encoding *data* (without the length prefix)."""
+        if self.disconnecting or self.closed:
+            return
+        self._pending.append((frame, data))
+        if not self._flush_ticket:
+            self._flush_ticket = self.network._due(self)
 
     def writeSequence(self, seq: list[bytes]) -> None:  # noqa: N802
         for data in seq:
@@ -85,7 +103,7 @@ class MemoryTransport:
         if self.disconnecting or self.closed:
             return
         self.disconnecting = True
-        if self._flush_call is None:
+        if not self._flush_ticket:
             self.network.clock.callLater(self.network.latency, self._close, error.ConnectionDone())
 
     def abortConnection(self) -> None:  # noqa: N802
@@ -93,9 +111,7 @@ class MemoryTransport:
         if self.closed:
             return
         self._pending.clear()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._flush_ticket = 0
         self._close(error.ConnectionLost("aborted"))
 
     def getPeer(self) -> IPv4Address:  # noqa: N802
@@ -122,14 +138,13 @@ class MemoryTransport:
 
     # delivery
     def _flush(self) -> None:
-        self._flush_call = None
+        self._flush_ticket = 0
         if self.closed:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
+        pending, self._pending = self._pending, []
         other = self.other
         if other is not None and not other.closed and other.protocol is not None:
-            other.protocol.dataReceived(data)
+            _deliver(other, pending)
         if self.disconnecting and not self.closed:
             self._close(error.ConnectionDone())
 
@@ -143,12 +158,39 @@ class MemoryTransport:
             proto.connectionLost(Failure(reason))
         if other is not None and not other.closed:
             other._pending.clear()
-            if other._flush_call is not None and other._flush_call.active():
-                other._flush_call.cancel()
-            other._flush_call = None
+            other._flush_ticket = 0
             other.closed = True
             if other.protocol is not None:
                 other.protocol.connectionLost(Failure(reason))
+
+
+_PREFIX = struct.Struct(">I").pack
+
+
+def _deliver(dst: MemoryTransport, pending: list[Any]) -> None:
+    """Hand *pending* (raw bytes and encoded frames, in order) to *dst*'s protocol.
+
+    A frame goes straight to ``frame_arrived`` when the protocol has one and holds no partial
+    frame from raw bytes; otherwise its bytes join the stream, prefixed as on the wire."""
+    proto = dst.protocol
+    arrived = getattr(proto, "frame_arrived", None)
+    raw: list[bytes] = []
+    for item in pending:
+        if dst.closed:
+            return
+        if type(item) is bytes:
+            raw.append(item)
+            continue
+        frame, data = item
+        if arrived is not None and not raw and not proto._unprocessed:
+            arrived(frame)
+        else:
+            raw.append(_PREFIX(len(data)) + data)
+            if arrived is not None:
+                proto.dataReceived(b"".join(raw))
+                raw.clear()
+    if raw and not dst.closed:
+        proto.dataReceived(b"".join(raw))
 
 
 class _MemoryPort:
@@ -172,6 +214,26 @@ class MemoryNetwork:
         self.latency = latency
         self._listeners: dict[tuple[str, int], Factory] = {}
         self._next_client_port = 40000
+        # due time -> [(transport, ticket)]: one timer flushes them all, in order
+        self._batches: dict[float, list[tuple[MemoryTransport, int]]] = {}
+        self._tickets = 0
+
+    def _due(self, transport: MemoryTransport) -> int:
+        """Schedule *transport*'s flush after the latency; returns its ticket."""
+        self._tickets += 1
+        due = self.clock.seconds() + self.latency
+        batch = self._batches.get(due)
+        if batch is None:
+            batch = self._batches[due] = []
+            self.clock.callLater(self.latency, self._flush_batch, due)
+        batch.append((transport, self._tickets))
+        return self._tickets
+
+    def _flush_batch(self, due: float) -> None:
+        batch = self._batches.pop(due)
+        for transport, ticket in batch:
+            if transport._flush_ticket == ticket:
+                transport._flush()
 
     def listen(self, host: str, port: int, factory: Factory) -> defer.Deferred:
         key = (host, port)

@@ -6,6 +6,9 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 
+#: Answers a ring remembers before it starts over.
+_MEMO_LIMIT = 1 << 20
+
 
 def _point(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
@@ -21,10 +24,19 @@ class HashRing:
         self._keys = [p for p, _ in points]
         self._owners = [sn for _, sn in points]
         self.sn_ids = tuple(sn_ids)
+        # The ring never changes, and every routed frame asks it again (a SHA-256 and a
+        # bisection each time): remember the answers, up to a bound (the bridge asks about
+        # every chat it ever mirrors).
+        self._memo: dict[str, str] = {}
 
     def owner(self, key: str) -> str:
-        i = bisect.bisect(self._keys, _point(key)) % len(self._keys)
-        return self._owners[i]
+        sn = self._memo.get(key)
+        if sn is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            i = bisect.bisect(self._keys, _point(key)) % len(self._keys)
+            sn = self._memo[key] = self._owners[i]
+        return sn
 
     def home_of(self, chat_id: str) -> str:
         """The supernode that orders and stores a conversation."""

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from legacy import wire
 from legacy.auth import Secrets
 from legacy.faults import HopFaults
-from legacy.framing import ProtocolViolation
+from legacy.framing import FrameCount, ProtocolViolation
 from legacy.network import Network
 from legacy.ring import HashRing
 from legacy.supernode.clients import ClientSessions
@@ -47,7 +47,8 @@ from legacy.trace import Trace
 
 log = Logger()
 
-HOP_FRAMES = Counter("legacy_hop_frames_total", "Frames sent between supernodes.")
+HOP_FRAMES = FrameCount("legacy_hop_frames", "Frames sent between supernodes.")
+REGISTRY.register(HOP_FRAMES)
 LOOP_FAILURES = Counter("legacy_loop_failures_total",
                         "Background passes of a supernode that failed (and were retried).",
                         ["loop"])
@@ -250,7 +251,7 @@ class Supernode(service.Service):
             raise ProtocolViolation("unknown_supernode", f"no supernode {dst!r}")
         gen = self.generation
         for delay in self.faults.delays(self.sn_id, dst):
-            HOP_FRAMES.inc()
+            HOP_FRAMES.value += 1
             if delay <= 0:
                 self._link(dst).send(frame)
             else:

@@ -8,6 +8,13 @@ The hub keeps one entry per source (a supernode, or ``peer:<origin>`` for inject
 and merges them, so a device logging off on one supernode does not hide the user's device
 online on another. Everything carries an expiry: the user's SN refreshes it, and the sweep
 sets what went stale offline, at the hub and where it was seen.
+
+Fan-out is coalesced: a change (or a new subscription) only marks the handle as owed to the
+subscriber, and at the end of the moment (``callLater(0)``) the hub sends each subscriber
+one ``PresenceFanout`` with the current state of every handle it is owed. Refreshes arrive
+in rounds (every user of a supernode at once), so a hub sends a few frames per subscriber
+per round instead of one per handle; a handle that changed twice in one moment is sent once,
+in its last state.
 """
 
 from __future__ import annotations
@@ -103,33 +110,59 @@ class PresenceHub:
         self._fanout(handle)
 
     def _fanout(self, handle: str) -> None:
+        for subscriber in self.sn.mem.hub_subscribers.get(handle, ()):
+            self._owe(subscriber, handle)
+
+    def _owe(self, subscriber: str, handle: str) -> None:
+        """Send *subscriber* *handle*'s state at the end of this moment (coalesced)."""
+        mem = self.sn.mem
+        owed = mem.fanout_owed
+        if not owed:
+            self.sn.clock.callLater(0, self._send_owed, mem)
+        handles = owed.get(subscriber)
+        if handles is None:
+            handles = owed[subscriber] = {}
+        handles[handle] = None
+
+    def _send_owed(self, mem: Any) -> None:
+        """One ``PresenceFanout`` per subscriber (split past ``MAX_FANOUT_ENTRIES``), each
+        with the current state of the handles it is owed."""
         sn = self.sn
-        mem = sn.mem
-        p = mem.hub[handle]
-        for subscriber in mem.hub_subscribers.get(handle, ()):
-            sn.send_to(subscriber, wire.PresenceFanout(handle=handle, status=p.status,
-                                                       version=p.version,
-                                                       expires_ms=p.expires_ms))
+        if mem is not sn.mem:
+            return  # crashed since: what was owed went with the memory
+        owed, mem.fanout_owed = mem.fanout_owed, {}
+        hub = mem.hub
+        limit = wire.MAX_FANOUT_ENTRIES
+        for subscriber, handles in owed.items():
+            entries = []
+            for handle in handles:
+                p = hub.get(handle)
+                if p is not None:
+                    entries.append(wire.PresenceState(handle=handle, status=p.status,
+                                                      version=p.version,
+                                                      expires_ms=p.expires_ms))
+            for i in range(0, len(entries), limit):
+                sn.send_to(subscriber, wire.PresenceFanout(entries=entries[i:i + limit]))
 
     def on_presence_subscribe(self, f: wire.PresenceSubscribe) -> None:
         mem = self.sn.mem
         mem.hub_subscribers.setdefault(f.handle, {})[f.subscriber_sn] = None
-        p = mem.hub.get(f.handle)
-        if p is not None:
-            self.sn.send_to(f.subscriber_sn, wire.PresenceFanout(
-                handle=f.handle, status=p.status, version=p.version, expires_ms=p.expires_ms))
+        if f.handle in mem.hub:
+            self._owe(f.subscriber_sn, f.handle)
 
     # -- the subscriber (a supernode with watchers of the handle) ---------------------------------
 
     def on_presence_fanout(self, f: wire.PresenceFanout) -> None:
         mem = self.sn.mem
-        cur = mem.seen.get(f.handle)
-        if cur is not None and f.version <= cur.version:
-            return
-        mem.seen[f.handle] = PresenceEntry(f.status, f.version, f.expires_ms)
-        if cur is None or cur.status != f.status:
-            self.sn.trace.record("presence", self.sn.sn_id, f.handle, f.status)
-            self._notify_watchers(f.handle, f.status, f.version, f.expires_ms)
+        seen = mem.seen
+        for e in f.entries:
+            cur = seen.get(e.handle)
+            if cur is not None and e.version <= cur.version:
+                continue
+            seen[e.handle] = PresenceEntry(e.status, e.version, e.expires_ms)
+            if cur is None or cur.status != e.status:
+                self.sn.trace.record("presence", self.sn.sn_id, e.handle, e.status)
+                self._notify_watchers(e.handle, e.status, e.version, e.expires_ms)
 
     def _notify_watchers(self, handle: str, status: str, version: int, expires_ms: int) -> None:
         mem = self.sn.mem

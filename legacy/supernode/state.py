@@ -53,6 +53,8 @@ class Memory:
         self.hub: dict[str, PresenceEntry] = {}  # merged presence, what subscribers see
         self.hub_sources: dict[str, dict[str, PresenceEntry]] = {}
         self.hub_subscribers: dict[str, dict[str, None]] = {}
+        #: subscriber SN -> handles whose state it is owed at the end of this moment
+        self.fanout_owed: dict[str, dict[str, None]] = {}
         # local users
         self.sessions: dict[str, dict[str, SupernodeProtocol]] = {}
         self.local_status: dict[str, str] = {}

@@ -20,7 +20,8 @@ from typing import Any
 
 import attrs
 
-PROTOCOL_VERSION = 1
+#: 2: a PresenceFanout carries a list of handles' presence (in 1 it carried one).
+PROTOCOL_VERSION = 2
 #: Hard maximum for one frame (version + type + payload). Larger frames close the connection.
 MAX_FRAME_BYTES = 64 * 1024
 

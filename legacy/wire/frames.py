@@ -26,6 +26,8 @@ MAX_MEMBERS = 100
 #: The longest presence a privileged peer may inject (InjectPresence.ttl_ms).
 MAX_PRESENCE_TTL_MS = 3_600_000
 MAX_NAME_BYTES = 128
+#: Entries of one PresenceFanout frame: even with the longest names it stays under 64 KiB.
+MAX_FANOUT_ENTRIES = 200
 #: The field kinds of this protocol: names and ids, message bodies, nonces and proofs, members.
 NAME = text(MAX_NAME_BYTES)
 TEXT = text(MAX_BODY_BYTES)
@@ -53,6 +55,16 @@ class ChatMessage:
     ts_ms: int = w(U64)
     body: str = w(TEXT)
     origin: str = w(NAME)
+
+
+@value
+class PresenceState:
+    """One handle's merged presence at its hub, as a subscriber's supernode sees it."""
+
+    handle: str = w(NAME)
+    status: str = w(NAME)
+    version: int = w(U64)
+    expires_ms: int = w(U64)
 
 
 @value
@@ -340,12 +352,13 @@ class PresenceSubscribe:
 
 @frame(0x3A)
 class PresenceFanout:
-    """Index owner -> subscriber SNs."""
+    """Index owner -> one subscriber SN: the merged presence of some handles it watches.
 
-    handle: str = w(NAME)
-    status: str = w(NAME)
-    version: int = w(U64)
-    expires_ms: int = w(U64)
+    A hub sends each subscriber one frame for everything that changed in one moment (a
+    refresh round changes hundreds of handles at once), in frames of at most
+    ``MAX_FANOUT_ENTRIES`` entries. Protocol version 2; in version 1 it carried one handle."""
+
+    entries: tuple = w(list_of(record(PresenceState), MAX_FANOUT_ENTRIES))
 
 
 # -- privileged peer <-> supernode ---------------------------------------------------------------

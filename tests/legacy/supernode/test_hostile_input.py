@@ -285,8 +285,8 @@ def test_truncated_frame_is_refused(f, data):
 def test_unknown_type_is_refused(type_id, payload):
     """A frame of an unregistered type is refused with 'unknown_type'."""
     with live_supernode() as live:
-        reject_and_check(live, live.raw(), framed(bytes((1, type_id)) + payload),
-                         "unknown_type")
+        header = bytes((wire.PROTOCOL_VERSION, type_id))
+        reject_and_check(live, live.raw(), framed(header + payload), "unknown_type")
 
 
 @live_settings
@@ -622,7 +622,7 @@ class RawBytesClient(Protocol):
 
 @pytest.mark.parametrize("payload,code", [
     (b"\xff\xff\xff\xffjunk", "too_large"),
-    (framed(b"\x01\x99"), "unknown_type"),
+    (framed(bytes((wire.PROTOCOL_VERSION, 0x99))), "unknown_type"),
     (framed(wire.encode(wire.Send(guid="g", chat_id="c", members=("a", "b"), body="x"))),
      "not_authenticated"),
 ], ids=["oversized", "unknown-type", "send-before-login"])

@@ -109,7 +109,8 @@ def test_trailing_bytes_are_refused(f, extra):
                               "above-u10ffff"])
 def test_invalid_utf8_in_a_string_field_is_refused(bad):
     """A string field holding invalid UTF-8 is refused with 'utf8', at top level and nested."""
-    login = bytes((1, wire.LoginRequest.TYPE_ID)) + _str_field(bad) + _str_field(b"pw")
+    header = bytes((wire.PROTOCOL_VERSION, wire.LoginRequest.TYPE_ID))
+    login = header + _str_field(bad) + _str_field(b"pw")
     assert _code(login) == "utf8"
     msg = wire.ChatMessage(chat_id="c", guid="g", legacy_seq=1, sender="s", ts_ms=2,
                            body="PLACEHOLDER", origin="legacy")
@@ -147,7 +148,8 @@ def test_list_count_above_its_limit_is_refused(cls, name, kind, data, extra):
 
 def test_string_longer_than_its_limit_is_refused():
     """A NAME field whose length prefix exceeds 128 bytes is refused with 'too_long'."""
-    data = bytes((1, wire.LoginRequest.TYPE_ID)) + _str_field(b"a" * 129) + _str_field(b"")
+    header = bytes((wire.PROTOCOL_VERSION, wire.LoginRequest.TYPE_ID))
+    data = header + _str_field(b"a" * 129) + _str_field(b"")
     assert _code(data) == "too_long"
 
 

@@ -1,0 +1,100 @@
+"""Coalesced presence fan-out: one frame per subscriber supernode per moment, last state wins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from legacy import wire
+from tests.legacy.netfixture import LegacyNet
+
+
+def record_fanouts(net: LegacyNet, sn_id: str) -> list[wire.PresenceFanout]:
+    """Every PresenceFanout supernode *sn_id* serves from now on, in arrival order."""
+    node = net.supernodes[sn_id]
+    got: list[wire.PresenceFanout] = []
+    serve = node.handle_supernode_frame
+
+    def recording(f: Any) -> None:
+        if isinstance(f, wire.PresenceFanout):
+            got.append(f)
+        serve(f)
+
+    node.handle_supernode_frame = recording
+    return got
+
+
+def test_changes_in_one_moment_reach_a_subscriber_once_in_their_last_state():
+    """Two status changes in one moment reach the subscriber's SN as one entry: the last."""
+    net = LegacyNet(4).start()
+    x = net.handle_indexed_at("sn2", "xavier")  # hub sn2, x at sn1, subscriber at sn3
+    sub = net.device(net.add_user("sub", contacts=(x,)), at="sn3")
+    x_dev = net.device(net.add_user(x), at="sn1")
+    net.online(sub, x_dev)
+    net.run(1)
+    assert sub.presence[x] == "online"
+    fanouts = record_fanouts(net, "sn3")
+    notices = net.stats.presence_notices
+
+    x_dev.proto.send(wire.SetPresence(status="away"))
+    x_dev.proto.send(wire.SetPresence(status="busy"))
+    net.run(1)
+    assert [[(e.handle, e.status) for e in f.entries] for f in fanouts] == [[(x, "busy")]]
+    assert sub.presence[x] == "busy"
+    assert net.stats.presence_notices == notices + 1
+    assert net.supernodes["sn3"].mem.seen[x].version == net.supernodes["sn2"].mem.hub[x].version
+
+
+def test_a_refresh_round_reaches_a_subscriber_supernode_in_one_frame():
+    """A refresh of many users at one SN reaches a subscriber's SN as one frame per hub."""
+    net = LegacyNet(4, presence_ttl=30.0, refresh_interval=10.0).start()
+    handles = [h for h in (f"user-{i}" for i in range(200))
+               if net.ring.index_owner(h) == "sn2"][:5]
+    users = [net.device(net.add_user(h), at="sn1") for h in handles]
+    sub = net.device(net.add_user("sub", contacts=tuple(handles)), at="sn3")
+    net.online(sub, *users)
+    net.run_until(9.0)
+    before = {h: net.supernodes["sn3"].mem.seen[h].expires_ms for h in handles}
+    fanouts = record_fanouts(net, "sn3")
+
+    net.run_until(10.5)  # the first refresh round, at 10 s
+    assert len(fanouts) == 1
+    assert sorted(e.handle for e in fanouts[0].entries) == sorted(handles)
+    seen = net.supernodes["sn3"].mem.seen
+    assert all(seen[h].expires_ms > before[h] for h in handles)
+    assert all(sub.presence[h] == "online" for h in handles)
+
+
+def test_a_fanout_longer_than_one_frame_is_split_and_all_of_it_arrives():
+    """More handles owed than one frame holds go out in frames of MAX_FANOUT_ENTRIES."""
+    net = LegacyNet(4).start()
+    hub = net.supernodes["sn2"]
+    n = 2 * wire.MAX_FANOUT_ENTRIES + 50
+    expires = hub.now_ms() + 60_000
+    for i in range(n):
+        h = f"h{i}"
+        hub.presence.on_presence_publish(wire.PresencePublish(
+            handle=h, status="online", version=1, expires_ms=expires, origin="legacy",
+            source="sn1"))
+        hub.presence.on_presence_subscribe(wire.PresenceSubscribe(handle=h, subscriber_sn="sn3"))
+    fanouts = record_fanouts(net, "sn3")
+    net.run(1)
+    assert [len(f.entries) for f in fanouts] == [wire.MAX_FANOUT_ENTRIES,
+                                                 wire.MAX_FANOUT_ENTRIES, 50]
+    seen = net.supernodes["sn3"].mem.seen
+    assert all(seen[f"h{i}"].status == "online" for i in range(n))
+
+
+def test_what_a_hub_owed_when_it_crashed_is_not_sent():
+    """A hub that crashes in the moment it owed fan-out sends nothing, and fails nothing."""
+    net = LegacyNet(4).start()
+    hub = net.supernodes["sn2"]
+    hub.presence.on_presence_publish(wire.PresencePublish(
+        handle="h", status="online", version=1, expires_ms=hub.now_ms() + 60_000,
+        origin="legacy", source="sn1"))
+    hub.presence.on_presence_subscribe(wire.PresenceSubscribe(handle="h", subscriber_sn="sn3"))
+    fanouts = record_fanouts(net, "sn3")
+    hub.crash()
+    hub.restart()
+    net.run(1)
+    assert fanouts == []
+    assert "h" not in net.supernodes["sn3"].mem.seen
