@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test chaos swarm lint bench bench-legacy bench-cloud bench-bridge bench-reconcile clean
+.PHONY: demo test chaos swarm lint bench bench-legacy bench-cloud bench-bridge bench-reconcile bench-sim clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-bridge: $(STAMP)
 
 bench-reconcile: $(STAMP)
 	$(BIN)/python bench/bench_reconcile.py
+
+# The whole-migration simulation's pace: 2 simulated days of 2,000 users (several minutes).
+bench-sim: $(STAMP)
+	$(BIN)/python bench/bench_sim.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,69 @@
+"""Whole-migration simulation benchmark (not a test): prints one JSON document.
+
+Runs ``drills.simulation.Simulation`` (what ``bridgectl simulate`` runs) for --days
+simulated days of --users users, --repeat times with seeds 1.., each in a fresh database,
+and reports per run the wall seconds, simulated days per wall minute, the messages carried
+and whether it converged; then the medians, and the wall time a 45-day run of the same size
+would take at that pace (``projected_45_days_wall_s``: a projection, labelled as one; the
+issue's target is 5 minutes for 45 days of 2,000 users).
+
+Usage: python bench/bench_sim.py [--dsn DSN] [--days D] [--users N] [--supernodes N]
+                                 [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import psycopg
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_cloud import scratch_database  # noqa: E402
+
+from cloud import embedded  # noqa: E402
+from drills.simplan import SimConfig  # noqa: E402
+from drills.simulation import Simulation  # noqa: E402
+
+
+def one_run(server: str, config: SimConfig) -> dict:
+    with scratch_database(server, "bridge_benchsim") as dsn, \
+            psycopg.connect(dsn, autocommit=True) as conn, \
+            psycopg.connect(dsn, autocommit=True) as lock_conn:
+        report = Simulation(config, conn, lock_conn).run()
+    m = report["messages"]
+    wall = report["wall_seconds"]
+    return {"seed": config.seed, "wall_seconds": wall,
+            "sim_days_per_wall_minute": round(config.days / wall * 60, 3),
+            "messages": m["legacy_sent"] + m["cloud_posted"],
+            "converged": report["converged"], "outcome_hash": report["outcome_hash"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dsn", help="server DSN (default: the embedded PostgreSQL)")
+    p.add_argument("--days", type=float, default=2.0)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--supernodes", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1)
+    args = p.parse_args()
+    server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
+    runs = [one_run(server, SimConfig(days=args.days, users=args.users,
+                                      supernodes=args.supernodes, seed=seed))
+            for seed in range(1, args.repeat + 1)]
+    wall = statistics.median(r["wall_seconds"] for r in runs)
+    print(json.dumps({"simulation": {
+        "days": args.days, "users": args.users, "supernodes": args.supernodes,
+        "runs": runs, "wall_seconds_median": wall,
+        "sim_days_per_wall_minute_median": round(args.days / wall * 60, 3),
+        "projected_45_days_wall_s": round(wall / args.days * 45),
+        "target_45_days_2000_users_wall_s": 300,
+        "all_converged": all(r["converged"] for r in runs)}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
