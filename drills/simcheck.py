@@ -5,7 +5,8 @@ leave behind (``drills.simulation``).
 ``drills.convergence`` (written without the reconcilers' code): the supernodes' histories,
 the store's messages, what each stack acknowledged to its senders. Past the legacy
 retention (30 days, less a margin) the legacy network has dropped its history by design,
-so messages older than that are checked on the cloud side only.
+so messages older than that are checked on the cloud side only; so are the chats whose
+members have all left legacy (cloud-only): legacy owes them nothing any more.
 
 ``outcome_hash`` is what makes a run replayable: the same seed gives the same hash of the
 final stores' contents and the legacy event trace.
@@ -20,6 +21,7 @@ from typing import Any
 import psycopg
 
 from bridge import ids
+from cloud.model import LEGACY_CLIENT_PHASES
 from drills import convergence
 from legacy.sim import LegacyDeployment
 
@@ -68,10 +70,26 @@ def verdict(conn: psycopg.Connection, legacy: LegacyDeployment,
         guids = held.setdefault(chat, [])
         if guid not in guids:  # aged out of the legacy retention: not legacy's to hold
             guids.append(guid)
+    # A chat none of whose members has legacy clients any more is owed nothing by legacy
+    # (invariant 1: "wherever a participant still uses legacy clients"): what its home
+    # forgot in a crash after they all left stays forgotten, and nobody reads it there.
+    for chat in _left_legacy(conn):
+        guids = held.setdefault(chat, [])
+        have = set(guids)
+        guids.extend(g for g in cloud.get(chat, ()) if g not in have)
     return convergence.judge(
         held, cloud, legacy_record=legacy.record(),
         cloud_posts_missing=convergence.cloud_posts_missing(conn, posted),
         acked_cloud=len(posted), cloud_duplicates=convergence.cloud_duplicates(conn))
+
+
+def _left_legacy(conn: psycopg.Connection) -> list[str]:
+    """Legacy chat ids whose members are all in phases without legacy clients."""
+    return [chat for (chat,) in conn.execute(
+        "SELECT l.legacy_chat_id FROM conversation_legacy_ids l "
+        "WHERE NOT EXISTS (SELECT 1 FROM members mb JOIN accounts a USING (account_id) "
+        "                  WHERE mb.conversation_id = l.conversation_id "
+        "                  AND a.phase = ANY(%s))", (list(LEGACY_CLIENT_PHASES),))]
 
 
 def store_summary(conn: psycopg.Connection) -> dict[str, Any]:

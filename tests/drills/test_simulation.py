@@ -9,9 +9,15 @@ import psycopg
 import pytest
 
 from bridgectl import main as cli
+from cloud.store import accounts as accounts_store
+from cloud.store import messages as messages_store
+from drills import simcheck
 from drills.simplan import FAULTS, PlanStep, SimConfig, default_plan, parse_plan
 from drills.simulation import Simulation
-from tests.dbfixture import truncate_all
+from legacy.network import MemoryNetwork
+from legacy.sim import LegacyDeployment, RunConfig
+from legacy.simclock import SimClock
+from tests.dbfixture import make_account, make_conversation, truncate_all, tx
 
 #: Reconciles every 2 simulated hours, so the gates have a recent clean run to see; every
 #: account dual on the first afternoon, then cloud, then half of them cloud-only.
@@ -146,3 +152,25 @@ def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_s
     assert reports[0]["replay"].startswith("bridgectl simulate --seed 4 --days 0.5")
     assert "2 of 2 seeds converged" in err or "did not converge; replay:" in err
     assert "day 0.5/0.5" in err  # the progress line
+
+
+def test_the_check_owes_legacy_nothing_in_a_chat_all_of_whose_members_left_it(conn):
+    """A cloud message legacy never got is lost while a member still has legacy clients;
+    once every member is cloud-only, legacy owes that chat nothing (invariant 1: "wherever
+    a participant still uses legacy clients"); a 45-day run had counted 122 such messages,
+    forgotten by home supernodes that restarted after the chats' members had all left."""
+    dep = LegacyDeployment(RunConfig(supernodes=1, users=2, duration=None),
+                           MemoryNetwork(SimClock()), peer_secret=b"p" * 20,
+                           login_secret=b"l" * 20)
+    chat = dep.chats[0]
+    a, b = [make_account(conn, handle, "cloud") for handle in chat.members]
+    cid = make_conversation(conn, a, b, chat=chat.chat_id)
+    message, _ = tx(conn, messages_store.post_message, cid, a, "c1", "hi", 1_000)
+    posted = {"c1": (str(cid), message.seq)}
+    month_ms = 30 * 86_400_000
+    owed = simcheck.verdict(conn, dep, posted, 2_000, month_ms)
+    assert not owed.converged
+    assert owed.missing_in_legacy == (f"{chat.chat_id}/cloud:{message.message_id}",)
+    for account in (a, b):
+        tx(conn, accounts_store.set_phase, account, "cloud-only")
+    assert simcheck.verdict(conn, dep, posted, 2_000, month_ms).converged
