@@ -231,6 +231,20 @@ class FeedFollower(Service):
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
+    def crash(self) -> None:
+        """Die as a SIGKILL would: nothing more is committed (what arrived and was not is
+        replayed from the checkpoint by whoever follows next), the link just drops. For
+        simulations and tests of invariant 4."""
+        self.running = False
+        self.state = FollowerState.STOPPED
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._pending = None
+        self._sleeper.wake()
+        if self.peer is not None:
+            self.peer.disconnect()
+        _FOLLOWERS.discard(self)
+
     # -- connection loop -------------------------------------------------------------------
 
     def _step(self, name: str) -> None:

@@ -200,6 +200,26 @@ class BridgeWorker(MultiService):
 
         return d.addCallback(final_heartbeat)
 
+    def crash(self) -> None:
+        """Die as a SIGKILL would: no drain, no lease release, no last heartbeat. Its feeds
+        move to the other workers when the leases run out, its outbox claims when they do.
+        For simulations and tests of invariant 4 (the process-level kill is the chaos
+        suite's)."""
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        self.running = False
+        for follower in self.followers.values():
+            follower.crash()
+        self.followers = {}
+        for link in self._links.values():
+            link.disconnect()
+        self._links.clear()
+        for child in (self.injector, self.presence):  # their loops write nothing on stop
+            if child is not None and child.running:
+                child.stopService()
+
     def _later(self, seconds: float, fn: Any) -> Any:
         self._calls = [c for c in self._calls if c.active()]
         call = self.clock.callLater(seconds, fn)

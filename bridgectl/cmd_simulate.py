@@ -48,7 +48,8 @@ def add_commands(sub: Any) -> None:
     sim.add_argument("--faults", choices=("none", "light", "heavy", "outage-2010"),
                      default="light",
                      help="none; light: a supernode crash every other day, link drops, "
-                          "windows of hop loss, 2%% push loss; heavy: all of it more often; "
+                          "windows of hop loss, 2%% push loss, a bridge worker killed every "
+                          "other day; heavy: all of it more often; "
                           "outage-2010: light plus the 2010 outage 60%% of the way in "
                           "(default light)")
     sim.add_argument("--plan", type=Path, metavar="FILE",

@@ -9,6 +9,8 @@ fault stream, plus the lifetimes of client-hosted supernodes.
   (median 1.75 days), the rest long-lived (median 67.5 days), both log-normal; at the end of
   one the slot comes back as a new incarnation, memory lost. ``--dedicated-supernodes``
   turns these off: dedicated hosts restart only by faults;
+- bridge workers killed as by SIGKILL (nothing drained, no lease released) and started
+  again under a new id a minute later (invariant 4 over months);
 - the 2010 outage: 25-30% of supernodes lost at once, back after an hour, every device
   logging in again as they return.
 """
@@ -41,14 +43,19 @@ class FaultCounts:
     link_drops: int = 0
     hop_windows: int = 0
     outages: int = 0
+    worker_kills: int = 0
 
 
 class SimFaults:
     """Schedules a profile's faults over *days* on *clock*; ``cancel`` stops them all."""
 
     def __init__(self, clock: IReactorTime, legacy: LegacyDeployment, hops: HopFaults,
-                 profile: FaultProfile, rng: random.Random, *, dedicated: bool) -> None:
+                 profile: FaultProfile, rng: random.Random, *, dedicated: bool,
+                 kill_worker: Callable[[random.Random], bool]) -> None:
+        """*kill_worker(rng)* kills one bridge worker (False: none to kill) and sees to its
+        restart."""
         self.clock, self.legacy, self.hops = clock, legacy, hops
+        self._kill_worker = kill_worker
         self.profile, self.rng, self.dedicated = profile, rng, dedicated
         self.counts = FaultCounts()
         self._calls: list[Any] = []
@@ -72,6 +79,7 @@ class SimFaults:
         every(profile.crashes_per_day, self._crash_one)
         every(profile.link_drops_per_day, self._drop_link)
         every(profile.hop_windows_per_day, self._hop_window)
+        every(profile.worker_kills_per_day, self._worker_kill)
         if profile.outage_at is not None:
             self._later(window * profile.outage_at, self._outage)
         if not self.dedicated:
@@ -112,6 +120,10 @@ class SimFaults:
     def _drop_link(self) -> None:
         if self.legacy.drop_link():
             self.counts.link_drops += 1
+
+    def _worker_kill(self) -> None:
+        if self._kill_worker(self.rng):
+            self.counts.worker_kills += 1
 
     def _hop_window(self) -> None:
         self.hops.enabled = True

@@ -104,6 +104,10 @@ class FaultProfile:
     #: pushes the simulated gateway loses or refuses
     push_loss: float = 0.0
     push_errors: float = 0.0
+    #: bridge workers killed (as SIGKILL: nothing drained or released), restarted after
+    #: ``worker_restart_s`` under a new id
+    worker_kills_per_day: float = 0.0
+    worker_restart_s: float = 60.0
     #: the 2010 outage, at this fraction of the run (None: none)
     outage_at: float | None = None
 
@@ -111,12 +115,13 @@ class FaultProfile:
 FAULTS: dict[str, FaultProfile] = {
     "none": FaultProfile(),
     "light": FaultProfile(crashes_per_day=0.5, link_drops_per_day=4, hop_windows_per_day=0.5,
-                          hop_preset="light", push_loss=0.02),
+                          hop_preset="light", push_loss=0.02, worker_kills_per_day=0.5),
     "heavy": FaultProfile(crashes_per_day=3, link_drops_per_day=20, hop_windows_per_day=2,
-                          hop_preset="heavy", push_loss=0.1, push_errors=0.05),
+                          hop_preset="heavy", push_loss=0.1, push_errors=0.05,
+                          worker_kills_per_day=2),
     "outage-2010": FaultProfile(crashes_per_day=0.5, link_drops_per_day=4,
                                 hop_windows_per_day=0.5, hop_preset="light", push_loss=0.02,
-                                outage_at=0.6),
+                                worker_kills_per_day=0.5, outage_at=0.6),
 }
 
 

@@ -49,7 +49,7 @@ from cloud.push import NotificationChannel, PushMessage
 from cloud.store import messages as messages_store
 from cloud.store import notifications as notifications_store
 from cloud.store.errors import StoreError
-from drills import convergence, simcheck
+from drills import convergence, simcheck, simtraffic
 from drills.simfaults import SimFaults
 from drills.simplan import DAY_S, PlanStep, SimConfig
 from legacy.client import Device
@@ -68,18 +68,6 @@ from servicekit.retry import RetryPolicy
 START_S = 1_291_161_600.0
 PEER_SECRET = b"simulate-peer-secret-0123456789"
 LOGIN_SECRET = b"simulate-login-secret-0123456789"
-
-#: Relative message rate by hour of the day (a working day: quiet nights, a morning and an
-#: afternoon peak, an evening tail). Mean 1, so ``rate`` stays messages per user per day.
-_HOURLY = (0.1, 0.05, 0.05, 0.05, 0.1, 0.2, 0.5, 1.0, 1.6, 2.0, 2.0, 1.8,
-           1.5, 1.8, 2.0, 1.9, 1.7, 1.4, 1.1, 1.0, 0.9, 0.7, 0.4, 0.2)
-_HOURLY_MEAN = sum(_HOURLY) / 24
-_PEAK = max(_HOURLY) / _HOURLY_MEAN
-#: A weekend day carries this share of a working day's traffic and sessions.
-_WEEKEND = 0.35
-
-#: Share of a user's messages sent from cloud clients, by phase.
-_CLOUD_SHARE = {"legacy": 0.0, "dual": 0.5, "cloud": 0.9, "cloud-only": 1.0}
 
 @attrs.define
 class _Counts:
@@ -131,7 +119,8 @@ class Simulation:
             node.faults = hops
         self.legacy.hop_faults = hops
         self.faults = SimFaults(self.clock, self.legacy, hops, profile, self.rng_faults,
-                                dedicated=config.dedicated_supernodes)
+                                dedicated=config.dedicated_supernodes,
+                                kill_worker=self._kill_worker)
         self.login_port = self.legacy.login.port
         self.host = self.legacy.config.host
         self.channel = _AckingChannel(self)
@@ -141,7 +130,8 @@ class Simulation:
         self.dispatcher = NotificationDispatcher(
             self.clock, self.db, self.gateway, random.Random(self.rng_cloud.getrandbits(64)),
             DispatcherConfig(poll_interval_s=60.0, resend_after_s=600.0))
-        self.workers = [self._worker(i) for i in range(config.workers)]
+        self.workers = [self._worker(f"sim-w{i}") for i in range(config.workers)]
+        self._restarts = 0
         self.counts = _Counts()
         #: client message id -> (conversation id, seq) of every post the store accepted
         self.posted: dict[str, tuple[str, int]] = {}
@@ -157,9 +147,9 @@ class Simulation:
 
     # -- composition -------------------------------------------------------------------------
 
-    def _worker(self, i: int) -> BridgeWorker:
+    def _worker(self, worker_id: str) -> BridgeWorker:
         config = WorkerConfig(
-            worker_id=f"sim-w{i}", bootstrap_host=self.host, bootstrap_port=self.login_port,
+            worker_id=worker_id, bootstrap_host=self.host, bootstrap_port=self.login_port,
             heartbeat_s=120.0, discovery_s=600.0, lease_ttl_s=900.0, accounts_sync_s=3600.0,
             lag_window_s=600.0, follower=FollowerConfig(linger_s=0.05))
         rng = random.Random(self.rng_bridge.getrandbits(64))
@@ -172,6 +162,25 @@ class Simulation:
                                                  jitter=0.2))))
         worker.presence.poll_s = 60.0
         return worker
+
+    def _kill_worker(self, rng: random.Random) -> bool:
+        """A bridge worker dies as by SIGKILL; its process comes back (a new worker id)
+        after the profile's restart delay. False when no worker is running."""
+        alive = [i for i, w in enumerate(self.workers) if w.running]
+        if not alive:
+            return False
+        i = alive[rng.randrange(len(alive))]
+        self.workers[i].crash()
+        self._later(self.config.profile.worker_restart_s, self._restart_worker, i)
+        return True
+
+    def _restart_worker(self, i: int) -> None:
+        if self.workers[i].running:
+            return
+        self._restarts += 1
+        worker = self._worker(f"sim-w{i}-r{self._restarts}")
+        self.workers[i] = worker
+        worker.startService()
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -262,18 +271,9 @@ class Simulation:
     def _plan_device_day(self, dev: Device, day: int) -> None:
         """Schedule *dev*'s sessions of *day*: a working-day session most days, an evening
         one sometimes; then plan the next day."""
-        rng = self.rng_sessions
         base = START_S + day * DAY_S
-        weekend = day % 7 in (5, 6)  # day 0 is a Wednesday; close enough for a rhythm
-        sessions = []
-        if rng.random() < (_WEEKEND if weekend else 0.9):
-            on = rng.gauss(9.0, 1.0)
-            sessions.append((on, on + max(1.0, rng.gauss(8.0, 1.5))))
-        if rng.random() < 0.3:
-            on = rng.uniform(19.0, 22.0)
-            sessions.append((on, on + rng.uniform(0.5, 2.5)))
         now = self.clock.seconds()
-        for on_h, off_h in sessions:
+        for on_h, off_h in simtraffic.day_sessions(self.rng_sessions, day):
             on_s, off_s = base + on_h * 3600.0, base + off_h * 3600.0
             if off_s > now:
                 self._later(max(0.0, on_s - now), self._device_on, dev)
@@ -292,8 +292,8 @@ class Simulation:
 
     def _schedule_message(self) -> None:
         """The next candidate of a Poisson process at the peak rate, thinned by the hour's
-        weight (``_HOURLY``): messages follow the working day."""
-        peak = self.config.users * self.config.rate / DAY_S * _PEAK
+        weight (``simtraffic.weight``): messages follow the working day."""
+        peak = self.config.users * self.config.rate / DAY_S * simtraffic.PEAK
         if peak <= 0:
             return
         self._later(self.rng_traffic.expovariate(peak), self._maybe_send)
@@ -301,13 +301,8 @@ class Simulation:
     def _maybe_send(self) -> None:
         if not self._traffic_on:
             return
-        rng = self.rng_traffic
-        seconds = self.clock.seconds() - START_S
-        hour = int(seconds % DAY_S // 3600)
-        weight = _HOURLY[hour] / _HOURLY_MEAN
-        if int(seconds // DAY_S) % 7 in (5, 6):
-            weight *= _WEEKEND
-        if rng.random() * _PEAK < weight:
+        weight = simtraffic.weight(self.clock.seconds() - START_S)
+        if self.rng_traffic.random() * simtraffic.PEAK < weight:
             self._send_one()
         self._schedule_message()
 
@@ -319,7 +314,7 @@ class Simulation:
         phase = self.phase_of.get(sender, "legacy")
         n = self.counts.legacy_sent + self.counts.cloud_posted + self.counts.cloud_refused + 1
         body = f"m{n} " + "x" * rng.randint(5, 60)
-        if rng.random() < _CLOUD_SHARE[phase]:
+        if rng.random() < simtraffic.CLOUD_SHARE[phase]:
             self._post(chat.chat_id, sender, f"sim-{self.config.seed}-{n}", body)
             return
         online = [d for d in self.legacy.devices[sender] if d.state == "online"]
@@ -431,6 +426,8 @@ class Simulation:
         self._calls.clear()
         self.faults.cancel()
         self.legacy.heal()
+        for i in range(len(self.workers)):  # a worker killed and not back yet comes back
+            self._restart_worker(i)
         for name in ("migrate", "reconcile"):
             if name in self._busy:
                 self.wait(self._busy[name], timeout_s=4 * 3600.0)
@@ -442,7 +439,8 @@ class Simulation:
                                    LEGACY_RETENTION_MS)
         report = self._report(verdict, final)
         for w in self.workers:
-            w.stopService()
+            if w.running:
+                w.stopService()
         self.dispatcher.stopService()
         if self._login_link is not None:
             self._login_link.disconnect()

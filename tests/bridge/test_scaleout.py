@@ -41,15 +41,8 @@ def make_worker(net: LegacyNet, dsn: str, worker_id: str) -> BridgeWorker:
 
 def kill(worker: BridgeWorker) -> None:
     """SIGKILL, as far as the others can tell: no drain, no lease release, no last words."""
-    for call in worker._calls:
-        if call.active():
-            call.cancel()
-    worker.running = False
-    for follower in worker.followers.values():
-        follower.running = False
-        if follower.peer is not None:
-            follower.peer.disconnect()
-    worker.followers = {}
+    worker.crash()
+    assert not worker.running and not worker.followers
 
 
 def test_two_workers_split_the_feeds_and_one_takes_over_when_the_other_dies(conn, db_dsn):

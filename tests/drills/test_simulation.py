@@ -4,6 +4,7 @@ run converges, replays exactly from its seed, and bad flags or plans are refused
 from __future__ import annotations
 
 import json
+import random
 
 import psycopg
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from bridgectl import main as cli
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
-from drills import simcheck
+from drills import simcheck, simtraffic
 from drills.simplan import FAULTS, PlanStep, SimConfig, default_plan, parse_plan
 from drills.simulation import Simulation
 from legacy.network import MemoryNetwork
@@ -69,6 +70,18 @@ def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(co
     assert out["faults"]["outages"] == 1
     assert out["faults"]["supernode_crashes"] >= 2  # 28% of 8
     assert out["converged"], json.dumps(out["verdict"])
+
+
+def test_heavy_faults_with_bridge_workers_killed_mid_run_lose_and_duplicate_nothing(
+        conn, db_dsn):
+    """Supernode crashes, hop loss, push errors and bridge workers dying as by SIGKILL
+    (nothing drained, no lease released) and coming back under new ids: invariant 4 over a
+    simulated day and a half."""
+    out = simulate(conn, db_dsn, 11, faults="heavy")
+    assert out["faults"]["worker_kills"] >= 1
+    assert out["faults"]["supernode_crashes"] >= 1
+    assert out["converged"], json.dumps(out["verdict"])
+    assert out["duplicates"] == 0 and out["lost"] == 0
 
 
 # ---------------------------------------------------------------- plans and flags
@@ -174,3 +187,19 @@ def test_the_check_owes_legacy_nothing_in_a_chat_all_of_whose_members_left_it(co
     for account in (a, b):
         tx(conn, accounts_store.set_phase, account, "cloud-only")
     assert simcheck.verdict(conn, dep, posted, 2_000, month_ms).converged
+
+
+def test_traffic_follows_a_working_day_and_a_week():
+    """The hourly weights average 1 over a working day (so --rate is messages per user per
+    day), nights are quieter than mornings, weekends carry a share; sessions start in the
+    morning or evening and end after they start."""
+    day = [simtraffic.weight(h * 3600 + 1) for h in range(24)]
+    assert sum(day) / 24 == pytest.approx(1.0)
+    assert simtraffic.weight(3 * 3600) < 0.2 < 1.5 < simtraffic.weight(10 * 3600)
+    assert simtraffic.weight(5 * 86_400 + 10 * 3600) == pytest.approx(
+        simtraffic.weight(10 * 3600) * simtraffic.WEEKEND)
+    assert max(day) / 1.0 == pytest.approx(simtraffic.PEAK)
+    rng = random.Random(1)
+    sessions = [s for d in range(70) for s in simtraffic.day_sessions(rng, d)]
+    assert len(sessions) > 50 and all(off > on for on, off in sessions)
+    assert all(5 <= on <= 13 or 19 <= on <= 22 for on, _ in sessions)
