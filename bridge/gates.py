@@ -4,6 +4,10 @@ Every gate is a pure function of what ``read_gate_inputs`` read in one transacti
 ``now_ms``. ``bridge.phases`` evaluates them when it plans and again inside the transaction
 that applies each move.
 
+The ``frozen`` gate is global: while an operator has frozen the migration
+(``bridgectl freeze on``) it fails for every account, and ``--force`` does not override it
+(``UNFORCEABLE``): a freeze is what an operator reaches for when something is wrong.
+
 Scope of an account: itself, the conversations it is a member of, and the legacy
 supernodes that are the home of those conversations (a finding about a whole supernode,
 such as a feed gap, holds every account with a conversation homed there).
@@ -11,6 +15,7 @@ such as a feed gap, holds every account with a conversation homed there).
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,11 +24,15 @@ import attrs
 import psycopg
 
 from cloud import admin
+from cloud.store import controls as controls_store
 from cloud.store import findings as findings_store
 from legacy.ring import HashRing
 
 #: Gate names, in the order they are evaluated and shown.
-GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile")
+GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile",
+         "frozen")
+#: Gates that hold a move even with force: only the operator who froze can let it go.
+UNFORCEABLE = frozenset({"frozen"})
 
 
 @attrs.frozen
@@ -74,6 +83,8 @@ class GateInputs:
     scopes: Mapping[uuid.UUID, AccountScope] = attrs.field(factory=dict)
     #: when the oldest outbox row still waiting for the legacy network was written
     oldest_outbox_ms: int | None = None
+    #: the migration freeze, when an operator has set one
+    freeze: controls_store.Freeze | None = None
 
 
 @attrs.frozen
@@ -199,6 +210,16 @@ def _uncovered(u: Uncovered, now_ms: int) -> str:
     return f"chat {u.legacy_chat_id} {clean}{found}"
 
 
+def gate_frozen(freeze: controls_store.Freeze | None, now_ms: int) -> GateResult:
+    """No operator has frozen the migration (``bridgectl freeze on``)."""
+    if freeze is None:
+        return GateResult("frozen", True, "promotions are not frozen")
+    at = datetime.datetime.fromtimestamp(freeze.set_ms / 1000, datetime.UTC)
+    return GateResult("frozen", False,
+                      f"promotions frozen by {freeze.set_by} at {at:%Y-%m-%d %H:%M:%S} UTC "
+                      f"({_age(now_ms - freeze.set_ms)} ago): {freeze.reason}")
+
+
 def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig,
                    now_ms: int) -> tuple[GateResult, ...]:
     """Every gate for promoting *account_id*, in ``GATES`` order."""
@@ -207,7 +228,13 @@ def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig
             gate_mirror_lag(inputs.live_workers, config.lag_bound_ms),
             gate_outbox_flowing(inputs.oldest_outbox_ms, config.outbox_age_bound_ms, now_ms),
             gate_recent_clean_reconcile(inputs.last_clean_reconcile, scope,
-                                        config.reconcile_window_ms, now_ms))
+                                        config.reconcile_window_ms, now_ms),
+            gate_frozen(inputs.freeze, now_ms))
+
+
+def overridable(gates: Sequence[GateResult]) -> bool:
+    """Can force move past these failed gates? Not when one of them is ``UNFORCEABLE``."""
+    return not any(g.name in UNFORCEABLE and not g.passed for g in gates)
 
 
 class _Homes:
@@ -268,7 +295,8 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     return GateInputs(
         live_workers=tuple(admin.live_workers(conn, now_ms, config.live_within_ms)),
         last_clean_reconcile=admin.last_clean_reconcile(conn), scopes=scopes,
-        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
+        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn),
+        freeze=controls_store.read_freeze(conn))
 
 
 def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,

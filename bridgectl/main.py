@@ -24,6 +24,7 @@ from bridgectl import (
     cmd_db,
     cmd_demo,
     cmd_findings,
+    cmd_freeze,
     cmd_legacy,
     cmd_migrate,
     cmd_reconcile,
@@ -40,8 +41,8 @@ from bridgectl.errors import (  # noqa: F401 - the exit codes, for callers of ma
 )
 
 #: The command groups, in the order ``bridgectl --help`` lists them.
-GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_status, cmd_accounts,
-          cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
+GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_freeze, cmd_status,
+          cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
 
 Handler = Callable[[argparse.Namespace], int]
 
