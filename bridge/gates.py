@@ -299,17 +299,29 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
         freeze=controls_store.read_freeze(conn))
 
 
-def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
-                         limit: int) -> list[dict[str, Any]]:
-    """What ``bridgectl findings list`` shows: the open and failed findings, newest first;
-    with *account_id*, those that hold it (``gate_no_open_findings``'s scope), findings
-    about the home supernode of one of its conversations included."""
-    rows = findings_store.holding_finding_rows(conn, account_id, limit)
-    if account_id is None:
+def finding_rows(conn: psycopg.Connection, *,
+                 states: Sequence[str] = findings_store.HOLDING_STATES, kind: str | None = None,
+                 account_id: uuid.UUID | None = None, conversation_id: uuid.UUID | None = None,
+                 limit: int = 100) -> list[dict[str, Any]]:
+    """What ``bridgectl findings list`` shows: findings in *states* (default: open and
+    failed, the ones the gates count), newest first, filtered by *kind*; with *account_id*
+    those in its scope (``gate_no_open_findings``'s), with *conversation_id* those about
+    that conversation, findings about the home supernode of a conversation in scope
+    included (homed on the ring the finding recorded)."""
+    rows = findings_store.finding_rows(conn, states=states, kind=kind, account_id=account_id,
+                                       conversation_id=conversation_id, limit=limit)
+    if account_id is None and conversation_id is None:
         return rows
-    chats = [c.legacy_chat_id for c in admin.conversation_coverage(conn, [account_id])]
+    chats = set()
+    if account_id is not None:
+        chats = {c.legacy_chat_id for c in admin.conversation_coverage(conn, [account_id])
+                 if conversation_id is None or c.conversation_id == conversation_id}
+    else:
+        row = conn.execute("SELECT legacy_chat_id FROM conversations "
+                           "WHERE conversation_id = %s", (conversation_id,)).fetchone()
+        chats = {row[0]} if row is not None and row[0] is not None else set()
     homes = _Homes()
-    for r in findings_store.source_finding_rows(conn):
+    for r in findings_store.source_finding_rows(conn, states, kind):
         ring = r["detail"].get("ring")
         ring = tuple(ring) if isinstance(ring, list) else None
         if any(homes.homed_at(ring, r["source"], chat) for chat in chats):
