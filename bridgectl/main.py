@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bridge import state
+from bridge.ops import build
 from bridgectl import (
     cmd_accounts,
     cmd_bridge,
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bridgectl",
         description="Dual-stack migration bridge: legacy supernode network <-> cloud service.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {build.version()}",
+                   help="print the version of bridgectl (the installed package) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for group in GROUPS:
