@@ -4,10 +4,11 @@ none, an empty reason and a dry run change nothing."""
 from __future__ import annotations
 
 import json
+import time
 
 from bridgectl import main as cli
-from tests.bridge.test_phases import audit_rows
-from tests.bridgectl.test_cli_migrate import home  # noqa: F401 (fixture)
+from tests.bridge.test_phases import audit_rows, healthy, make_account, phase_of
+from tests.bridgectl.test_cli_migrate import home, migrate  # noqa: F401 (fixture)
 
 
 def freeze(db_dsn: str, *argv: str) -> int:
@@ -76,3 +77,23 @@ def test_bad_freezes_exit_2_and_change_nothing(conn, db_dsn, home, capsys):  # n
     assert err == ["bridgectl: error: promotions are already frozen by ops-dana: first"]
     assert stored(conn) == [("migration_freeze", {"reason": "first"}, "ops-dana")]
     assert len(audit_rows(conn)) == 1
+
+
+def test_migrate_exits_3_with_the_freeze_as_the_reason(conn, db_dsn, home, capsys):  # noqa: F811
+    """Frozen: a healthy promotion is held, exit 3, the output names the frozen gate and
+    why (the only gate that fails); --force does not get it through; a backward move
+    still goes."""
+    healthy(conn, now=int(time.time() * 1000))  # the command plans at the real time
+    alice = make_account(conn, "alice")
+    bob = make_account(conn, "bob", "cloud")
+    assert freeze(db_dsn, "on", "--reason", "incident 42") == cli.EXIT_OK
+    capsys.readouterr()
+    for force in ([], ["--force"]):
+        assert migrate(db_dsn, "--to", "dual", "--accounts", "alice", *force) == cli.EXIT_GATED
+        out = capsys.readouterr().out
+        held = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("held by")]
+        assert len(held) == 2 and held[0].startswith("held by frozen: promotions frozen by "
+                                                     "ops-dana at "), out
+        assert held[0].endswith("): incident 42") and held[1] == "held by frozen: 1 account"
+    assert migrate(db_dsn, "--to", "dual", "--accounts", "bob") == cli.EXIT_OK
+    assert phase_of(conn, alice) == "legacy" and phase_of(conn, bob) == "dual"
