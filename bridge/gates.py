@@ -4,6 +4,10 @@ Every gate is a pure function of what ``read_gate_inputs`` read in one transacti
 ``now_ms``. ``bridge.phases`` evaluates them when it plans and again inside the transaction
 that applies each move.
 
+The ``frozen`` gate is global: while an operator has frozen the migration
+(``bridgectl freeze on``) it fails for every account, and ``--force`` does not override it
+(``UNFORCEABLE``): a freeze is what an operator reaches for when something is wrong.
+
 Scope of an account: itself, the conversations it is a member of, and the legacy
 supernodes that are the home of those conversations (a finding about a whole supernode,
 such as a feed gap, holds every account with a conversation homed there).
@@ -11,6 +15,7 @@ such as a feed gap, holds every account with a conversation homed there).
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,11 +24,15 @@ import attrs
 import psycopg
 
 from cloud import admin
+from cloud.store import controls as controls_store
 from cloud.store import findings as findings_store
 from legacy.ring import HashRing
 
 #: Gate names, in the order they are evaluated and shown.
-GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile")
+GATES = ("no_open_findings", "mirror_lag", "outbox_flowing", "recent_clean_reconcile",
+         "frozen")
+#: Gates that hold a move even with force: only the operator who froze can let it go.
+UNFORCEABLE = frozenset({"frozen"})
 
 
 @attrs.frozen
@@ -74,6 +83,8 @@ class GateInputs:
     scopes: Mapping[uuid.UUID, AccountScope] = attrs.field(factory=dict)
     #: when the oldest outbox row still waiting for the legacy network was written
     oldest_outbox_ms: int | None = None
+    #: the migration freeze, when an operator has set one
+    freeze: controls_store.Freeze | None = None
 
 
 @attrs.frozen
@@ -199,6 +210,16 @@ def _uncovered(u: Uncovered, now_ms: int) -> str:
     return f"chat {u.legacy_chat_id} {clean}{found}"
 
 
+def gate_frozen(freeze: controls_store.Freeze | None, now_ms: int) -> GateResult:
+    """No operator has frozen the migration (``bridgectl freeze on``)."""
+    if freeze is None:
+        return GateResult("frozen", True, "promotions are not frozen")
+    at = datetime.datetime.fromtimestamp(freeze.set_ms / 1000, datetime.UTC)
+    return GateResult("frozen", False,
+                      f"promotions frozen by {freeze.set_by} at {at:%Y-%m-%d %H:%M:%S} UTC "
+                      f"({_age(now_ms - freeze.set_ms)} ago): {freeze.reason}")
+
+
 def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig,
                    now_ms: int) -> tuple[GateResult, ...]:
     """Every gate for promoting *account_id*, in ``GATES`` order."""
@@ -207,7 +228,13 @@ def evaluate_gates(account_id: uuid.UUID, inputs: GateInputs, config: GateConfig
             gate_mirror_lag(inputs.live_workers, config.lag_bound_ms),
             gate_outbox_flowing(inputs.oldest_outbox_ms, config.outbox_age_bound_ms, now_ms),
             gate_recent_clean_reconcile(inputs.last_clean_reconcile, scope,
-                                        config.reconcile_window_ms, now_ms))
+                                        config.reconcile_window_ms, now_ms),
+            gate_frozen(inputs.freeze, now_ms))
+
+
+def overridable(gates: Sequence[GateResult]) -> bool:
+    """Can force move past these failed gates? Not when one of them is ``UNFORCEABLE``."""
+    return not any(g.name in UNFORCEABLE and not g.passed for g in gates)
 
 
 class _Homes:
@@ -268,20 +295,33 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     return GateInputs(
         live_workers=tuple(admin.live_workers(conn, now_ms, config.live_within_ms)),
         last_clean_reconcile=admin.last_clean_reconcile(conn), scopes=scopes,
-        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn))
+        oldest_outbox_ms=admin.oldest_pending_outbox_ms(conn),
+        freeze=controls_store.read_freeze(conn))
 
 
-def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
-                         limit: int) -> list[dict[str, Any]]:
-    """What ``bridgectl findings list`` shows: the open and failed findings, newest first;
-    with *account_id*, those that hold it (``gate_no_open_findings``'s scope), findings
-    about the home supernode of one of its conversations included."""
-    rows = findings_store.holding_finding_rows(conn, account_id, limit)
-    if account_id is None:
+def finding_rows(conn: psycopg.Connection, *,
+                 states: Sequence[str] = findings_store.HOLDING_STATES, kind: str | None = None,
+                 account_id: uuid.UUID | None = None, conversation_id: uuid.UUID | None = None,
+                 limit: int = 100) -> list[dict[str, Any]]:
+    """What ``bridgectl findings list`` shows: findings in *states* (default: open and
+    failed, the ones the gates count), newest first, filtered by *kind*; with *account_id*
+    those in its scope (``gate_no_open_findings``'s), with *conversation_id* those about
+    that conversation, findings about the home supernode of a conversation in scope
+    included (homed on the ring the finding recorded)."""
+    rows = findings_store.finding_rows(conn, states=states, kind=kind, account_id=account_id,
+                                       conversation_id=conversation_id, limit=limit)
+    if account_id is None and conversation_id is None:
         return rows
-    chats = [c.legacy_chat_id for c in admin.conversation_coverage(conn, [account_id])]
+    chats = set()
+    if account_id is not None:
+        chats = {c.legacy_chat_id for c in admin.conversation_coverage(conn, [account_id])
+                 if conversation_id is None or c.conversation_id == conversation_id}
+    else:
+        row = conn.execute("SELECT legacy_chat_id FROM conversations "
+                           "WHERE conversation_id = %s", (conversation_id,)).fetchone()
+        chats = {row[0]} if row is not None and row[0] is not None else set()
     homes = _Homes()
-    for r in findings_store.source_finding_rows(conn):
+    for r in findings_store.source_finding_rows(conn, states, kind):
         ring = r["detail"].get("ring")
         ring = tuple(ring) if isinstance(ring, list) else None
         if any(homes.homed_at(ring, r["source"], chat) for chat in chats):

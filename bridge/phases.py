@@ -4,7 +4,8 @@
 
     legacy ──> dual ──> cloud ──> cloud-only     forward, by any number of steps: gated
       <──────── <──────── <────────              backward: not gated; leaving cloud-only
-                                                 needs force (force also overrides gates)
+                                                 needs force (force also overrides gates,
+                                                 but never the freeze: gate ``frozen``)
 
     load_plan (one read transaction)               apply_plan (per account, in order)
     selection -> accounts, gate inputs -> plan  -> [gates again; login server: set_moved]
@@ -41,6 +42,7 @@ from bridge.gates import (  # noqa: F401 (GATES: the gate names, shown with a pl
     GateInputs,
     GateResult,
     evaluate_gates,
+    overridable,
     read_gate_inputs,
 )
 from cloud import admin
@@ -229,7 +231,7 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
         else:
             gates = evaluate_gates(a.account_id, inputs, config, now_ms)
             failed = [g for g in gates if not g.passed]
-            if failed and not force:
+            if failed and not (force and overridable(gates)):
                 moves.append(PlannedMove(
                     change, HELD, "; ".join(f"{g.name}: {g.reason}" for g in failed), gates))
             else:
@@ -290,7 +292,7 @@ def recheck_gates(conn: psycopg.Connection, move: PlannedMove, config: GateConfi
     inputs = read_gate_inputs(conn, [change.account_id], config, now_ms)
     gates = evaluate_gates(change.account_id, inputs, config, now_ms)
     failed = any(not g.passed for g in gates)
-    if failed and not force:
+    if failed and not (force and overridable(gates)):
         raise GatesHeld(gates)
     return gates, failed
 

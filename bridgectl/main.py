@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bridge import state
+from bridge.ops import build
 from bridgectl import (
     cmd_accounts,
     cmd_bridge,
@@ -24,6 +25,7 @@ from bridgectl import (
     cmd_db,
     cmd_demo,
     cmd_findings,
+    cmd_freeze,
     cmd_legacy,
     cmd_migrate,
     cmd_reconcile,
@@ -40,8 +42,8 @@ from bridgectl.errors import (  # noqa: F401 - the exit codes, for callers of ma
 )
 
 #: The command groups, in the order ``bridgectl --help`` lists them.
-GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_status, cmd_accounts,
-          cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
+GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_freeze, cmd_status,
+          cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bridgectl",
         description="Dual-stack migration bridge: legacy supernode network <-> cloud service.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {build.version()}",
+                   help="print the version of bridgectl (the installed package) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for group in GROUPS:

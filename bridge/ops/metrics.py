@@ -16,6 +16,8 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from bridge.ops import build
+
 DIRECTIONS = ("to_cloud", "to_legacy")
 
 MIRRORED = Counter(
@@ -152,6 +154,11 @@ GC_FROZEN = Gauge(
     "bridge_gc_frozen_objects",
     "Objects moved out of the garbage collector's reach once the worker started (gc.freeze).")
 GC_FROZEN.set_function(gc.get_freeze_count)
+BUILD_INFO = Gauge(
+    "bridge_build_info",
+    "Always 1; its label says which release this worker runs (the package version).",
+    ["version"])
+BUILD_INFO.labels(version=build.version()).set(1)
 ACCOUNTS_CREATED = Counter(
     "bridge_accounts_created_total", "Cloud accounts created for legacy handles on first sight.")
 

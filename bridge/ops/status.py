@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from cloud import admin
+from cloud.store import controls as controls_store
 from cloud.store import notifications as notifications_store
 from cloud.store import outbox as outbox_store
 
@@ -49,6 +50,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     worker measured one); each worker's own lags are in ``workers``. ``findings`` counts
     every finding by kind and state (open, repaired, failed, unrecoverable, dismissed);
     ``unrecoverable_findings`` the legacy network's own losses by kind, reported apart.
+    ``freeze`` is the migration freeze (who, when, why, its age) or None: while it is set,
+    every promotion is held by the gate ``frozen``.
     ``lag_outside_faults`` says how much of that lag is the faults' (``bridge.faults``): per
     direction, the worst p99 of the messages that met no fault (a lost feed, a failed
     injection, a database outage, a worker's restart) and how many recent ones met one.
@@ -59,8 +62,10 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     per_phase = admin.accounts_per_phase(conn)
     last_clean = admin.last_clean_reconcile(conn)
     findings = admin.findings_by_state(conn)
+    freeze = controls_store.read_freeze(conn)
     return {
         "now_ms": now_ms,
+        "freeze": None if freeze is None else freeze.to_json(now_ms),
         "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
         "mirror_lag_ms": {"to_cloud": _max([w.lag_to_cloud_ms for w in live]),
                           "to_legacy": _max([w.lag_to_legacy_ms for w in live])},
@@ -108,6 +113,11 @@ def render(status: dict[str, Any]) -> str:
     out = []
     if "database" in status:
         out.append(f"database:      {status['database']}")
+    freeze = status.get("freeze")
+    out.append("freeze:        " + ("off" if freeze is None else
+                                    f"ON, promotions held (gate frozen), set by "
+                                    f"{freeze['set_by']} {_ms(freeze['age_ms'])} ago: "
+                                    f"{freeze['reason']}"))
     acc = status["accounts"]
     phases = "  ".join(f"{p} {n}" for p, n in acc["per_phase"].items())
     out.append(f"accounts:      {acc['total']}  ({phases})")

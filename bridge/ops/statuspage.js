@@ -215,6 +215,10 @@
     if (!st) {
       parts.push(el("p", { class: "banner info" }, "Waiting for the first sample of the store."));
     } else {
+      if (st.freeze) {
+        parts.push(el("p", { class: "banner", "data-field": "freeze", "data-value": JSON.stringify(st.freeze) },
+          `Promotions are frozen (gate frozen) by ${st.freeze.set_by}, ${fmtMs(st.freeze.age_ms)} ago: ${st.freeze.reason}`));
+      }
       const samples = data.history;
       const last = samples.length ? samples[samples.length - 1] : null;
       parts.push(tiles(st, last));

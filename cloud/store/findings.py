@@ -8,6 +8,9 @@ Lifecycle::
       └──> dismissed         an operator looked and let it go (audited)
     failed ──> repaired | dismissed
 
+An operator closes an open or failed one by hand: ``resolve_finding`` (repaired, with a
+note) or ``dismiss_finding`` (with a reason), each audited.
+
 A finding names what it concerns as narrowly as can be known: its conversation, its account
 (``account_id``, or several in ``detail.account_ids``), else the legacy supernode it concerns
 as a whole (``source``, e.g. a feed gap, whose lost messages can not be named). The migration
@@ -31,6 +34,11 @@ from cloud.store.errors import Conflict, NotFound
 FINDING_STATES = ("open", "repaired", "failed", "unrecoverable", "dismissed")
 #: States that hold the migration gates: the divergence is still there.
 HOLDING_STATES = ("open", "failed")
+#: Every kind of finding the code records (``bridgectl findings list --kind`` checks a name
+#: against it).
+FINDING_KINDS = ("feed_gap", "mirror_refused", "inject_refused", "inject_failed",
+                 "missing_in_cloud", "missing_in_legacy", "notification_failed",
+                 "notification_missing", "notification_resent", "presence_corrected")
 
 
 def record_finding(conn: psycopg.Connection, kind: str, detail: dict, now_ms: int, *,
@@ -57,6 +65,24 @@ def dismiss_finding(conn: psycopg.Connection, finding_id: int, *, actor: str, wh
     """An operator lets an open or failed finding go: state ``dismissed``, with who and why
     in its detail and an ``audit_log`` row. Returns the state it had. ``NotFound`` for no
     such finding; ``Conflict`` when it is no longer open or failed (nothing written)."""
+    return _close_by_operator(conn, finding_id, "dismissed", "finding_dismissed", now_ms,
+                              {"dismissed_by": actor, "why": why}, actor, {"why": why})
+
+
+def resolve_finding(conn: psycopg.Connection, finding_id: int, *, actor: str, note: str,
+                    now_ms: int) -> str:
+    """An operator repaired an open or failed finding's divergence by hand: state
+    ``repaired``, with who and the note in its detail and an ``audit_log`` row
+    (``finding_resolved``). Unlike a dismissal it says the divergence is gone, so a message
+    finding still asks for a clean compare after it (as any repaired one does). Returns the
+    state it had; ``NotFound`` / ``Conflict`` as ``dismiss_finding``."""
+    return _close_by_operator(conn, finding_id, "repaired", "finding_resolved", now_ms,
+                              {"resolved_by": actor, "note": note}, actor, {"note": note})
+
+
+def _close_by_operator(conn: psycopg.Connection, finding_id: int, to_state: str, action: str,
+                       now_ms: int, detail: dict[str, str], actor: str,
+                       audit: dict[str, str]) -> str:
     row = conn.execute("SELECT state FROM reconcile_findings WHERE finding_id = %s FOR UPDATE",
                        (finding_id,)).fetchone()
     if row is None:
@@ -64,15 +90,32 @@ def dismiss_finding(conn: psycopg.Connection, finding_id: int, *, actor: str, wh
     if row[0] not in HOLDING_STATES:
         raise Conflict(f"finding {finding_id} is {row[0]}, not open or failed")
     conn.execute(
-        "UPDATE reconcile_findings SET state = 'dismissed', resolved_ms = %s, "
-        "detail = detail || jsonb_build_object('dismissed_by', %s::text, 'why', %s::text, "
-        "'was', %s::text) WHERE finding_id = %s",
-        (now_ms, actor, why, row[0], finding_id))
+        "UPDATE reconcile_findings SET state = %s, resolved_ms = %s, detail = detail || %s "
+        "WHERE finding_id = %s",
+        (to_state, now_ms, Jsonb({**detail, "was": row[0]}), finding_id))
     conn.execute(
         "INSERT INTO audit_log (at, actor, action, subject, detail) "
-        "VALUES (to_timestamp(%s / 1000.0), %s, 'finding_dismissed', %s, %s)",
-        (now_ms, actor, str(finding_id), Jsonb({"why": why, "was": row[0]})))
+        "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s)",
+        (now_ms, actor, action, str(finding_id), Jsonb({**audit, "was": row[0]})))
     return row[0]
+
+
+def finding_detail(conn: psycopg.Connection, finding_id: int) -> dict[str, Any] | None:
+    """One finding in full, as a JSON-able dict (None: no such finding): every column, and
+    what operators did to it (its ``audit_log`` rows, oldest first)."""
+    row = conn.execute(
+        f"SELECT {_FINDING_COLS}, f.run_id, f.resolved_ms FROM reconcile_findings f "
+        "WHERE f.finding_id = %s", (finding_id,)).fetchone()
+    if row is None:
+        return None
+    out = {**_finding_row(row), "run_id": row[8], "resolved_ms": row[9]}
+    out["history"] = [
+        {"at_ms": at_ms, "actor": actor, "action": action, "detail": detail}
+        for at_ms, actor, action, detail in conn.execute(
+            "SELECT (extract(epoch FROM at) * 1000)::bigint, actor, action, detail "
+            "FROM audit_log WHERE subject = %s AND action LIKE 'finding\\_%%' "
+            "ORDER BY at, audit_id", (str(finding_id),))]
+    return out
 
 
 # ---------------------------------------------------------------- what holds the gates
@@ -147,35 +190,41 @@ def _finding_row(r: Sequence[Any]) -> dict[str, Any]:
             "created_ms": r[6], "detail": r[7]}
 
 
-def holding_finding_rows(conn: psycopg.Connection, account_id: uuid.UUID | None,
-                         limit: int) -> list[dict[str, Any]]:
-    """Open and failed findings, newest first, as JSON-able rows: every one, or (with
-    *account_id*) those naming the account or a conversation it is in. Findings about a
-    whole supernode are among "every one" but not the account's: their homes need the ring
+def finding_rows(conn: psycopg.Connection, *, states: Sequence[str] = HOLDING_STATES,
+                 kind: str | None = None, account_id: uuid.UUID | None = None,
+                 conversation_id: uuid.UUID | None = None,
+                 limit: int = 100) -> list[dict[str, Any]]:
+    """Findings in *states* (default: open and failed), newest first, as JSON-able rows;
+    only those of *kind*, about *conversation_id*, or naming *account_id* or a conversation
+    it is in, when given. Findings about a whole supernode are among the unscoped ones but
+    not an account's or a conversation's: their homes need the ring
     (``source_finding_rows``)."""
-    holding = list(HOLDING_STATES)
-    if account_id is None:
-        rows = conn.execute(
-            f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.state = ANY(%s) "
-            "ORDER BY f.created_ms DESC, f.finding_id DESC LIMIT %s", (holding, limit))
-    else:
-        rows = conn.execute(
-            f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.state = ANY(%(h)s) "
-            "AND (f.account_id = %(a)s OR f.detail->'account_ids' ? %(a)s::text "
-            "  OR f.conversation_id IN (SELECT conversation_id FROM members "
-            "                           WHERE account_id = %(a)s)) "
-            "ORDER BY f.created_ms DESC, f.finding_id DESC LIMIT %(n)s",
-            {"h": holding, "a": account_id, "n": limit})
+    where = ["f.state = ANY(%(states)s)"]
+    if kind is not None:
+        where.append("f.kind = %(kind)s")
+    if conversation_id is not None:
+        where.append("f.conversation_id = %(c)s")
+    if account_id is not None:
+        where.append("(f.account_id = %(a)s OR f.detail->'account_ids' ? %(a)s::text "
+                     " OR f.conversation_id IN (SELECT conversation_id FROM members "
+                     "                          WHERE account_id = %(a)s))")
+    rows = conn.execute(
+        f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE {' AND '.join(where)} "
+        "ORDER BY f.created_ms DESC, f.finding_id DESC LIMIT %(n)s",
+        {"states": list(states), "kind": kind, "c": conversation_id, "a": account_id,
+         "n": limit})
     return [_finding_row(r) for r in rows]
 
 
-def source_finding_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Open and failed findings about a whole supernode, newest first (few: feed gaps not
-    yet covered), as JSON-able rows."""
+def source_finding_rows(conn: psycopg.Connection, states: Sequence[str] = HOLDING_STATES,
+                        kind: str | None = None) -> list[dict[str, Any]]:
+    """Findings about a whole supernode in *states* (default: open and failed; few: feed
+    gaps not yet covered), newest first, as JSON-able rows."""
     return [_finding_row(r) for r in conn.execute(
         f"SELECT {_FINDING_COLS} FROM reconcile_findings f WHERE f.source IS NOT NULL "
-        "AND f.state = ANY(%s) ORDER BY f.created_ms DESC, f.finding_id DESC",
-        (list(HOLDING_STATES),))]
+        "AND f.state = ANY(%s) AND (%s::text IS NULL OR f.kind = %s) "
+        "ORDER BY f.created_ms DESC, f.finding_id DESC",
+        (list(states), kind, kind))]
 
 
 def source_findings(conn: psycopg.Connection) -> list[SourceFinding]:

@@ -308,7 +308,7 @@ def test_force_overrides_failed_gates_and_records_them(conn):
     assert detail["forced"] is True
     assert {g["name"]: g["passed"] for g in detail["gates"]} == {
         "no_open_findings": True, "mirror_lag": False, "outbox_flowing": True,
-        "recent_clean_reconcile": False}
+        "recent_clean_reconcile": False, "frozen": True}
 
 
 def test_account_already_in_the_target_phase_is_unchanged_without_audit(conn):

@@ -63,8 +63,8 @@ def test_status_of_an_empty_store(conn):
     assert got["workers"] == [] and got["leases"] == [] and got["reconcile"] == {}
     assert got["outbox_to_legacy"] == {"pending": 0, "oldest_age_ms": None}
     assert got["open_findings"] == {} and got["findings"] == {}
-    assert got["last_clean_reconcile"] is None
-    assert "no runs yet" in status.render(got)
+    assert got["last_clean_reconcile"] is None and got["freeze"] is None
+    assert "no runs yet" in status.render(got) and "freeze:        off" in status.render(got)
 
 
 def test_status_reports_every_section_from_the_rows(conn):

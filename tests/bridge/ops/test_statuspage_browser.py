@@ -129,8 +129,12 @@ def now_ms() -> int:
 
 def seed(conn) -> None:
     """Accounts in three cloud phases, open and repaired findings, two reconcile runs (one
-    clean), notifications in every state but sent, and a worker that stopped long ago."""
+    clean), notifications in every state but sent, a worker that stopped long ago, and a
+    migration freeze."""
     now = now_ms()
+    conn.execute("INSERT INTO operator_controls (name, value, set_by, set_ms) "
+                 "VALUES ('migration_freeze', '{\"reason\": \"incident 42\"}', 'ops-dana', %s)",
+                 (now - 60_000,))
     for handle, phase in SEEDED_PHASES.items():
         make_account(conn, handle, phase)
     add_finding(conn, "gap")
@@ -283,6 +287,10 @@ def test_status_page_renders_in_chromium_and_matches_bridgectl_status(conn, db_d
     shows("last_clean_reconcile.run_id", expected["last_clean_reconcile"]["run_id"])
     for w in expected["workers"]:
         shows(f"workers.{w['worker_id']}.state", w["state"])
+    raw_freeze, freeze_text = fields["freeze"]  # its age differs: the page sampled earlier
+    assert {k: raw_freeze[k] for k in ("reason", "set_by", "set_ms")} == \
+        {k: expected["freeze"][k] for k in ("reason", "set_by", "set_ms")}
+    assert "frozen" in freeze_text and "ops-dana" in freeze_text and "incident 42" in freeze_text
 
     page_text = dom.text()
     assert expected["dsn"] not in page_text and "password" not in page_text
