@@ -4,7 +4,10 @@ run converges, replays exactly from its seed, and bad flags or plans are refused
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import psycopg
 import pytest
@@ -22,13 +25,13 @@ from tests.dbfixture import make_account, make_conversation, truncate_all, tx
 
 #: Reconciles every 2 simulated hours, so the gates have a recent clean run to see; every
 #: account dual on the first afternoon, then cloud, then half of them cloud-only.
-PLAN = (PlanStep(0.55, 100, "dual"), PlanStep(0.8, 100, "cloud"),
-        PlanStep(1.05, 50, "cloud-only"))
+PLAN = (PlanStep(0.45, 100, "dual"), PlanStep(0.6, 100, "cloud"),
+        PlanStep(0.75, 50, "cloud-only"))
 
 
 def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> dict:
     truncate_all(conn)
-    config = SimConfig(**{"days": 1.5, "users": 60, "supernodes": 4, "seed": seed,
+    config = SimConfig(**{"days": 1.0, "users": 50, "supernodes": 4, "seed": seed,
                           "faults": "light", "plan": PLAN, "reconcile_every_h": 2.0,
                           **overrides})
     with psycopg.connect(db_dsn, autocommit=True) as lock_conn:
@@ -36,7 +39,7 @@ def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> d
 
 
 def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn):
-    """A day and a half under light faults, cohorts moving to cloud-only while both stacks
+    """A day under light faults, cohorts moving to cloud-only while both stacks
     post: nothing lost, nothing duplicated, every notification acknowledged or failed in
     sight; the same seed gives the same outcome hash, another seed another one."""
     first = simulate(conn, db_dsn, 7)
@@ -65,7 +68,7 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
 def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(conn, db_dsn):
     """Over a quarter of the supernodes go down together and every device logs in again:
     what the legacy network itself lost is counted apart, nothing else is lost."""
-    out = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=1.0,
+    out = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=0.75,
                    plan=(PlanStep(0.4, 50, "dual"),))
     assert out["faults"]["outages"] == 1
     assert out["faults"]["supernode_crashes"] >= 2  # 28% of 8
@@ -76,7 +79,7 @@ def test_heavy_faults_with_bridge_workers_killed_mid_run_lose_and_duplicate_noth
         conn, db_dsn):
     """Supernode crashes, hop loss, push errors and bridge workers dying as by SIGKILL
     (nothing drained, no lease released) and coming back under new ids: invariant 4 over a
-    simulated day and a half."""
+    simulated day."""
     out = simulate(conn, db_dsn, 11, faults="heavy")
     assert out["faults"]["worker_kills"] >= 1
     assert out["faults"]["supernode_crashes"] >= 1
@@ -203,3 +206,21 @@ def test_traffic_follows_a_working_day_and_a_week():
     sessions = [s for d in range(70) for s in simtraffic.day_sessions(rng, d)]
     assert len(sessions) > 50 and all(off > on for on, off in sessions)
     assert all(5 <= on <= 13 or 19 <= on <= 22 for on, _ in sessions)
+
+
+def test_a_seed_replays_in_another_process_with_other_string_hashes(db_server, tmp_path):
+    """What a swarm prints as the replay command gives the same outcome in a new process,
+    whatever Python's string hash seed there (nothing that decides iterates a set of
+    strings or objects)."""
+    hashes = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "BRIDGE_DSN": db_server,
+               "BRIDGE_HOME": str(tmp_path)}
+        done = subprocess.run(
+            [sys.executable, "-m", "bridgectl", "simulate", "--days", "0.5", "--users", "30",
+             "--supernodes", "3", "--faults", "heavy", "--seed", "5", "--json",
+             "--database", "bridge_sim_replay"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode in (0, 3), done.stderr[-2000:]
+        hashes.append(json.loads(done.stdout)["outcome_hash"])
+    assert hashes[0] == hashes[1]
