@@ -1,14 +1,19 @@
-"""The users' rhythm in a whole-migration simulation (``drills.simulation``): when devices
-are online and when messages are sent, over a working day and a week.
-
-Pure functions of a seeded ``random.Random`` and the time since day 0, so the simulation
-stays replayable and the shape can be tested on its own.
+"""The users in a whole-migration simulation (``drills.simulation``): when devices are
+online and when messages are sent, over a working day and a week (pure functions of a
+seeded ``random.Random`` and the time since day 0, so the shape can be tested on its own),
+and the cloud devices' side of the push channel (``AckingChannel``).
 """
 
 from __future__ import annotations
 
 import random
 
+import psycopg
+from twisted.internet.interfaces import IReactorTime
+
+from cloud.db import run_transaction
+from cloud.push import NotificationChannel, PushMessage
+from cloud.store import notifications as notifications_store
 from drills.simplan import DAY_S
 
 #: Relative message rate by hour of the day (a working day: quiet nights, a morning and an
@@ -47,3 +52,23 @@ def day_sessions(rng: random.Random, day: int) -> list[tuple[float, float]]:
         on = rng.uniform(19.0, 22.0)
         sessions.append((on, on + rng.uniform(0.5, 2.5)))
     return sessions
+
+
+class AckingChannel(NotificationChannel):
+    """The cloud devices' side of the push channel: each notification the gateway delivers
+    is acknowledged by its device 1 to 60 s later (from *rng*), as a real device would."""
+
+    def __init__(self, clock: IReactorTime, conn: psycopg.Connection,
+                 rng: random.Random) -> None:
+        super().__init__(clock)
+        self._clock, self._conn, self._rng = clock, conn, rng
+        self.acks = 0
+
+    def deliver(self, message: PushMessage) -> None:
+        self._clock.callLater(self._rng.uniform(1.0, 60.0), self._ack, message)
+
+    def _ack(self, message: PushMessage) -> None:
+        run_transaction(self._conn, "ack_notification", notifications_store.ack_notification,
+                        message.account_id, message.notification_id,
+                        int(self._clock.seconds() * 1000))
+        self.acks += 1

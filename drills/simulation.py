@@ -46,9 +46,7 @@ from cloud.db import InlineDatabase, run_transaction
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.model import PHASES
-from cloud.push import NotificationChannel, PushMessage
 from cloud.store import messages as messages_store
-from cloud.store import notifications as notifications_store
 from cloud.store.errors import StoreError
 from drills import convergence, simcheck, simtraffic
 from drills.simfaults import SimFaults
@@ -76,7 +74,6 @@ class _Counts:
     cloud_posted: int = 0
     cloud_refused: int = 0
     skipped_offline: int = 0
-    acks: int = 0
 
 
 class Simulation:
@@ -124,7 +121,7 @@ class Simulation:
                                 kill_worker=self._kill_worker)
         self.login_port = self.legacy.login.port
         self.host = self.legacy.config.host
-        self.channel = _AckingChannel(self)
+        self.channel = simtraffic.AckingChannel(self.clock, self.conn, self.rng_cloud)
         self.gateway = SimulatedPushGateway(
             self.clock, random.Random(self.rng_cloud.getrandbits(64)), self.channel,
             loss=profile.push_loss, error_rate=profile.push_errors, latency_s=0.05)
@@ -497,22 +494,3 @@ class Simulation:
             "simulated_days": self.config.days,
             "seed": self.config.seed,
         }
-
-
-class _AckingChannel(NotificationChannel):
-    """The cloud devices' side of the push channel: each delivered notification is
-    acknowledged by its device a little later, as a real device would."""
-
-    def __init__(self, sim: Simulation) -> None:
-        super().__init__(sim.clock)
-        self._sim = sim
-
-    def deliver(self, message: PushMessage) -> None:
-        delay = self._sim.rng_cloud.uniform(1.0, 60.0)
-        self._sim.clock.callLater(delay, self._ack, message)
-
-    def _ack(self, message: PushMessage) -> None:
-        run_transaction(self._sim.conn, "ack_notification",
-                        notifications_store.ack_notification, message.account_id,
-                        message.notification_id, self._sim._now_ms())
-        self._sim.counts.acks += 1
