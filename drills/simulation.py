@@ -216,13 +216,10 @@ class Simulation:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """The whole run; returns the report (``to_json`` shape of the command).
-
-        Python's cyclic garbage collector runs only at the top of each simulated hour
-        while it lasts: collecting can finalize an abandoned coroutine, whose ``finally``
-        may drop a link or log, and at a moment set by allocation counts that would differ
-        from run to run. Objects from before the traffic starts are frozen out of the
-        collections, so each one scans only what the run made since."""
+        """The whole run; returns the report (``to_json`` shape of the command). Python's
+        cyclic GC runs only at the top of each simulated hour (finalizing an abandoned
+        coroutine runs its ``finally``: not at moments set by allocation counts), with the
+        objects from before the traffic frozen out of its scans."""
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -231,6 +228,7 @@ class Simulation:
             gc.unfreeze()
             if gc_enabled:
                 gc.enable()
+
 
     def _run(self) -> dict[str, Any]:
         self._wall0 = time.perf_counter()
@@ -387,7 +385,8 @@ class Simulation:
 
     def _refresh_phases(self) -> None:
         self.phase_of = {h: p for h, p in self.conn.execute(
-            "SELECT legacy_handle, phase FROM accounts WHERE legacy_handle IS NOT NULL")}
+            "SELECT legacy_handle, phase FROM accounts WHERE legacy_handle IS NOT NULL "
+            "ORDER BY legacy_handle")}
         for handle, phase in self.phase_of.items():
             if phase == "cloud-only":  # the user left legacy: their legacy clients go quiet
                 for dev in self.legacy.devices.get(handle, ()):
