@@ -62,7 +62,6 @@ class AckingChannel(NotificationChannel):
                  rng: random.Random) -> None:
         super().__init__(clock)
         self._clock, self._conn, self._rng = clock, conn, rng
-        self.acks = 0
 
     def deliver(self, message: PushMessage) -> None:
         self._clock.callLater(self._rng.uniform(1.0, 60.0), self._ack, message)
@@ -71,4 +70,3 @@ class AckingChannel(NotificationChannel):
         run_transaction(self._conn, "ack_notification", notifications_store.ack_notification,
                         message.account_id, message.notification_id,
                         int(self._clock.seconds() * 1000))
-        self.acks += 1

@@ -33,7 +33,6 @@ from typing import Any
 import attrs
 import psycopg
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from bridge import ids
 from bridge import phases as phases_mod
@@ -201,17 +200,7 @@ class Simulation:
 
     def wait(self, d: defer.Deferred, timeout_s: float = 86_400.0) -> Any:
         """Run the clock until *d* has a result (at most *timeout_s* simulated seconds)."""
-        results: list[Any] = []
-        d.addBoth(results.append)
-        deadline = self.clock.seconds() + timeout_s
-        while not results:
-            nxt = self.clock.next_call_time()
-            if nxt is None or nxt > deadline:
-                raise RuntimeError(f"nothing finished within {timeout_s:g} simulated seconds")
-            self.clock.run_until(nxt)
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        return results[0]
+        return self.clock.result_of(d, timeout_s)
 
     # -- the run -----------------------------------------------------------------------------
 

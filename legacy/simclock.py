@@ -12,8 +12,10 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.base import DelayedCall
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 
 class SimClock(Clock):
@@ -65,6 +67,21 @@ class SimClock(Clock):
     def run_until(self, until: float) -> None:
         """Run every call due up to *until*, jumping straight from one to the next."""
         self.advance(max(0.0, until - self.rightNow))
+
+    def result_of(self, d: defer.Deferred, timeout_s: float) -> Any:
+        """Run the clock until *d* has a result, at most *timeout_s* simulated seconds on;
+        return it or raise its exception (``TimeoutError`` when it has none by then)."""
+        results: list[Any] = []
+        d.addBoth(results.append)
+        deadline = self.rightNow + timeout_s
+        while not results:
+            nxt = self.next_call_time()
+            if nxt is None or nxt > deadline:
+                raise TimeoutError(f"no result within {timeout_s:g} simulated seconds")
+            self.run_until(nxt)
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
 
     def getDelayedCalls(self) -> list[DelayedCall]:  # noqa: N802
         return [dc for _, seq, dc in self._heap

@@ -15,7 +15,6 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
-from twisted.python.failure import Failure
 
 from legacy import auth, wire
 from legacy.auth import Secrets
@@ -39,20 +38,11 @@ BASE_PORT = 47100
 def wait(clock: SimClock, d: defer.Deferred, timeout: float = 60.0) -> Any:
     """Run *clock* until *d* has a result (at most *timeout* simulated seconds); return it
     or raise its exception."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    deadline = clock.seconds() + timeout
-    while not results:
-        nxt = clock.next_call_time()
-        if nxt is None or nxt > deadline:
-            break
-        clock.run_until(nxt)
-    if not results:
-        raise AssertionError(f"Deferred had no result after {timeout} simulated seconds")
-    result = results[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
+    try:
+        return clock.result_of(d, timeout)
+    except TimeoutError:
+        raise AssertionError(f"Deferred had no result after {timeout} simulated seconds"
+                             ) from None
 
 
 class RecordingDevice(Device):
