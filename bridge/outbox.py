@@ -38,12 +38,20 @@ acknowledged in one pass are completed together in one transaction
 chat's home between two of its rows would accept the later row after refusing the earlier
 one (``not_home``), which then arrives after it.
 
-The loop is the dispatcher's (``cloud.dispatcher``)::
+Passes overlap: a tick claims a batch and starts its pass (inject, then record), and the
+next tick claims the next batch while it runs, up to ``passes`` at once; claims hold whole
+conversations, so that changes no order. A pass that ends wakes the loop for the rows that
+waited behind it. The loop is the dispatcher's (``cloud.dispatcher``)::
 
-    idle --start--> waiting --timer or wake()--> ticking --done, full batch or woken--> ticking
+    idle --start--> waiting --timer or wake()--> ticking --claimed something or woken--> ticking
                        ^                            |
-                       +---------- done ------------+   stop: cancel the timer, or wait for
-                                                        the tick (which injects no further row)
+                       +------ claimed nothing -----+   stop: cancel the timer, or wait for
+                                                        the tick and the passes in flight
+                                                        (which inject no further row)
+
+This module is long because the claim, the pass, the pipelined sends and the recording of
+each outcome all turn on the same claim token and order argument; split, that argument would
+be spread over files that each hold half of it.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ from cloud.store.outbox import (
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop, failure_counter
+from servicekit.timeouts import FifoTimeouts
 
 log = Logger()
 
@@ -165,55 +174,111 @@ class OutboxInjector(PollingLoop):
         #: Pending rows and the age in ms of the oldest, as last read (every backlog_every_s).
         self.backlog: tuple[int, int | None] = (0, None)
         self._backlog_read_at: float | None = None
+        self._recorded_since_count = False
         self._window = defer.DeferredSemaphore(self.config.window)
+        self._passes = defer.DeferredSemaphore(self.config.passes)
+        #: every injection's time limit, on one timer (``servicekit.timeouts``)
+        self._limits = FifoTimeouts(clock, self.config.inject_timeout_s)
+        #: passes (claims being injected and recorded) not finished yet
+        self._in_flight: set[defer.Deferred] = set()
 
     async def _tick(self) -> bool:
-        """One pass; True when it claimed a full batch (so more are probably due)."""
-        cfg = self.config
-        started = self._clock.seconds()
-        now_ms = self._now_ms()
-        claim_ms = round(cfg.claim_s * 1000)
+        """Claim one batch and start its pass (injecting and recording it) without waiting
+        for it: up to ``passes`` run at once. True when it claimed something (more is
+        probably due)."""
+        await self._passes.acquire()
+        started = False
         try:
-            token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
-            items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms, cfg.batch,
-                                       claim_ms, cfg.per_conversation, token)
-        except DatabaseUnavailable as e:
-            self._database_down(e)
-            return False
-        self._database_up()
-        if items:
-            by_conversation: dict[Any, list[OutboxItem]] = {}
-            for item in items:  # claim_outbox returns them in seq order per conversation
-                by_conversation.setdefault(item.conversation_id, []).append(item)
-            results = await defer.gatherResults(
-                [defer.Deferred.fromCoroutine(self._conversation(rows, now_ms + claim_ms))
-                 for rows in by_conversation.values()],
-                consumeErrors=True)
-            # Acknowledged rows stay claimed until here; the later rows of a conversation
-            # that went back wait behind them, so order holds.
+            if not self.running:
+                return False
+            cfg = self.config
+            now_ms = self._now_ms()
+            claim_ms = round(cfg.claim_s * 1000)
             try:
-                await self._complete([ok for acked in results for ok in acked])
+                token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
+                items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms,
+                                           cfg.batch, claim_ms, cfg.per_conversation, token)
             except DatabaseUnavailable as e:
-                # Not recorded: the rows come due again when their claim runs out, and
-                # injecting them again then is a no-op on the legacy side (duplicates).
                 self._database_down(e)
                 return False
-            metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
-            metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
-                self._clock.seconds() - started)
-        await self._read_backlog()
-        # Tick again at once after any pass that claimed something: more is probably due
-        # when the batch was full or a conversation hit its share, and a post whose NOTIFY
-        # was left out (an earlier row of its conversation was waiting, so one wake would
-        # serve both: cloud.store.messages) may have come in after this claim; the next
-        # claim finds it, or nothing, which ends the burst.
+            self._database_up()
+            if items:
+                done = defer.Deferred.fromCoroutine(
+                    self._pass(items, self._clock.seconds(), now_ms + claim_ms))
+                started = True
+                self._in_flight.add(done)
+                done.addBoth(self._pass_ended, done)
+        finally:
+            if not started:
+                self._passes.release()
+        # at rest (nothing claimed, nothing in flight) after rows were recorded, count again
+        # at once: the count is cheap then, and a drained outbox reads 0 without a delay
+        await self._read_backlog(force=self._recorded_since_count and not items
+                                 and not self._in_flight)
+        # Tick again at once after any claim: more is probably due when the batch was full
+        # or a conversation hit its share, and a post whose NOTIFY was left out (an earlier
+        # row of its conversation was waiting, so one wake would serve both:
+        # cloud.store.messages) may have come in after this claim; the next claim finds it,
+        # or nothing, which ends the burst (and a pass that ends wakes the loop again).
         return bool(items)
 
-    async def _read_backlog(self) -> None:
-        """Count the pending rows, at most every ``backlog_every_s``: the heartbeat reports
-        them, the metrics show them, and the migration gate reads the oldest's age."""
+    @property
+    def passes_in_flight(self) -> int:
+        """Claims whose rows are being injected or recorded now."""
+        return len(self._in_flight)
+
+    def _pass_ended(self, result: Any, done: defer.Deferred) -> None:
+        self._in_flight.discard(done)
+        self._passes.release()
+        if self.running:
+            self.wake()  # rows waiting behind this pass's claims are due now
+
+    async def _pass(self, items: list[OutboxItem], started: float,
+                    claimed_until_ms: int) -> None:
+        """Inject one claim's rows, conversations side by side, and record the acknowledged
+        ones in one transaction; never raises."""
+        by_conversation: dict[Any, list[OutboxItem]] = {}
+        for item in items:  # claim_outbox returns them in seq order per conversation
+            by_conversation.setdefault(item.conversation_id, []).append(item)
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self._conversation(rows, claimed_until_ms))
+             for rows in by_conversation.values()],
+            consumeErrors=True)
+        # Acknowledged rows stay claimed until here; the later rows of a conversation
+        # that went back wait behind them, so order holds.
+        try:
+            await self._complete([ok for acked in results for ok in acked])
+        except DatabaseUnavailable as e:
+            # Not recorded: the rows come due again when their claim runs out, and
+            # injecting them again then is a no-op on the legacy side (duplicates).
+            self._database_down(e)
+            return
+        except Exception:
+            self.loop_failures += 1
+            OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
+            log.failure("recording an injected batch failed unexpectedly; its rows come due "
+                        "again when their claim runs out")
+            return
+        metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
+        metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
+            self._clock.seconds() - started)
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
+        """Stop claiming; fires once the tick and every pass in flight have finished (a
+        pass injects no further row once stopping: its rows go back, due at once)."""
+        stopped = super().stopService()
+        passes = list(self._in_flight)
+        if not passes:
+            return stopped
+        return defer.gatherResults([stopped, *passes], consumeErrors=True).addBoth(
+            lambda _: None)
+
+    async def _read_backlog(self, *, force: bool = False) -> None:
+        """Count the pending rows, at most every ``backlog_every_s`` unless *force*: the
+        heartbeat reports them, the metrics show them, and the migration gate reads the
+        oldest's age."""
         now = self._clock.seconds()
-        if (self._backlog_read_at is not None
+        if (not force and self._backlog_read_at is not None
                 and now - self._backlog_read_at < self.config.backlog_every_s):
             return
         try:
@@ -223,6 +288,7 @@ class OutboxInjector(PollingLoop):
             self._database_down(e)
             return
         self._backlog_read_at = now
+        self._recorded_since_count = False
         pending, oldest_ms = self.backlog
         metrics.BACKLOG.labels(direction=DIRECTION).set(pending)
         metrics.OUTBOX_PENDING.set(pending)
@@ -349,11 +415,25 @@ class OutboxInjector(PollingLoop):
         except BaseException:
             self._window.release()
             raise
-        d.addTimeout(timeout_s, self._clock)
-        d.addBoth(lambda result: (self._window.release(), result)[1])
+        timed_out: list[bool] = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        deadline = self._limits.start(expire)
+
+        def answered(result: Any) -> Any:
+            deadline.clear()
+            self._window.release()
+            return result
+
+        d.addBoth(answered)
 
         def classify(failure: Any) -> Any:
             e = failure.value
+            if timed_out and isinstance(e, defer.CancelledError):
+                e = defer.TimeoutError()
             if isinstance(e, PeerRequestFailed):
                 if e.code in ("bad_message", "bad_members"):
                     raise _Refused(e.reason) from e
@@ -389,6 +469,7 @@ class OutboxInjector(PollingLoop):
         done = await self._db.run("complete_outbox_batch", outbox_store.complete_outbox_batch,
                                   [injected for injected, _ in acked], now_ms)
         completed = {(item.conversation_id, item.seq, item.sub) for item in done}
+        self._recorded_since_count = self._recorded_since_count or bool(done)
         lost = []
         for injected, ack in acked:
             item = injected.item

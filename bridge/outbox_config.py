@@ -33,6 +33,10 @@ class InjectorConfig:
     #: Most injections in flight at once, over all connections (a claim's rows are sent
     #: without waiting for each other's Acks, up to this many).
     window: int = attrs.field(default=1000, validator=_COUNT)
+    #: Claims in flight at once: the next batch is claimed while the last one is injected
+    #: and recorded, so the database's round trips overlap the supernodes' (each claim
+    #: holds whole conversations, so order per conversation is kept all the same).
+    passes: int = attrs.field(default=2, validator=_COUNT)
     #: A row whose injection failed this many times is given up: state ``failed``, with an
     #: ``inject_failed`` finding (its conversation's later rows go on).
     max_attempts: int = attrs.field(default=30, validator=_COUNT)

@@ -20,7 +20,7 @@ was read and of ``now_ms``: nothing here reads the wall clock.
 
 Leaving cloud-only back-fills legacy: while every member of a conversation was cloud-only,
 its cloud messages were never queued for legacy (or their rows were skipped), so the move's
-transaction queues them (``cloud.store.outbox.backfill_outbox``), those sent within the
+transaction queues them (``cloud.store.outbox_backfill.backfill_outbox``), those sent within the
 legacy network's retention (less ``BACKFILL_MARGIN_MS``); older ones are counted, not
 queued. The counts come back in the outcome and the report.
 """
@@ -48,8 +48,8 @@ from bridge.gates import (  # noqa: F401 (GATES: the gate names, shown with a pl
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import PHASES, Account
-from cloud.store import outbox as outbox_store
-from cloud.store.outbox import Backfill
+from cloud.store import outbox_backfill
+from cloud.store.outbox_backfill import Backfill
 from legacy.peer import PeerRequestFailed
 
 CLOUD_ONLY = "cloud-only"
@@ -261,7 +261,7 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
                       promote_only=selection.is_cohort)
     since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
     return attrs.evolve(plan, backfill_preview={
-        m.change.account_id: outbox_store.preview_backfill(conn, m.change.account_id, since_ms)
+        m.change.account_id: outbox_backfill.preview_backfill(conn, m.change.account_id, since_ms)
         for m in plan.to_move if m.change.from_phase == CLOUD_ONLY})
 
 

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from cloud.model import LEGACY_CLIENT_PHASES, PHASES, Account
 from cloud.store import findings as findings_store
-from cloud.store import outbox as outbox_store
+from cloud.store import outbox_backfill
 from cloud.store.errors import Conflict, NotFound
 
 #: A bridge worker counts as live while its last heartbeat is younger than this.
@@ -50,7 +50,7 @@ class AppliedChange:
     #: False: the account was in the target phase already (nothing written)
     moved: bool
     #: what a move out of cloud-only queued for legacy (None for every other move)
-    backfill: outbox_store.Backfill | None = None
+    backfill: outbox_backfill.Backfill | None = None
 
 
 @attrs.frozen
@@ -201,7 +201,7 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
 
     A move out of cloud-only (into a phase with legacy clients) first queues for legacy what
     it missed in the account's conversations, sent at or after *backfill_since_ms*
-    (``cloud.store.outbox.backfill_outbox``), in this same transaction: the back-fill and
+    (``cloud.store.outbox_backfill.backfill_outbox``), in this same transaction: the back-fill and
     the phase commit together or not at all, and the audit row says what was queued.
     """
     if from_phase not in PHASES or to_phase not in PHASES:
@@ -226,7 +226,7 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
                               "forced": forced, "gates": [dict(g) for g in gates]}
     if leaves_cloud_only:
         assert backfill_since_ms is not None
-        backfill = outbox_store.backfill_outbox(conn, account_id, backfill_since_ms, now_ms)
+        backfill = outbox_backfill.backfill_outbox(conn, account_id, backfill_since_ms, now_ms)
         detail["backfill"] = {**backfill.to_json(), "since_ms": backfill_since_ms}
     conn.execute("UPDATE accounts SET phase = %s, phase_changed_at = to_timestamp(%s / 1000.0) "
                  "WHERE account_id = %s", (to_phase, now_ms, account_id))

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from legacy import auth, wire
 from legacy.framing import CodedError, FrameProtocol, ProtocolViolation
 from legacy.network import Network
+from servicekit.timeouts import Deadline, FifoTimeouts
 
 FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
 _REPLIES = (wire.Ack, wire.DigestReply, wire.ListReply, wire.FetchReply, wire.ChatsReply,
@@ -46,6 +47,10 @@ class PeerConnection(FrameProtocol):
         self.epoch = 0
         self._next_req = 0
         self._pending: dict[int, defer.Deferred] = {}
+        #: the request limits, on one timer (``servicekit.timeouts``: no DelayedCall each)
+        self._limits = (FifoTimeouts(clock, request_timeout)
+                        if clock is not None and request_timeout is not None else None)
+        self._deadlines: dict[int, Deadline] = {}
         self._host_cache: deque[defer.Deferred] = deque()
         self.feed_handler: Callable[[Any], None] | None = None
         self.closed: defer.Deferred = defer.Deferred()
@@ -80,6 +85,8 @@ class PeerConnection(FrameProtocol):
             d = self._pending.pop(f.req_id, None)
             if d is None:
                 return
+            if self._limits is not None:
+                self._deadlines.pop(f.req_id).clear()
             if isinstance(f, wire.RequestFailed):
                 d.errback(PeerRequestFailed(f.code, f.reason))
             else:
@@ -97,6 +104,9 @@ class PeerConnection(FrameProtocol):
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
+        self._deadlines = {}
+        if self._limits is not None:
+            self._limits.cancel_all()
         for d in pending.values():
             d.errback(exc)
         while self._host_cache:
@@ -109,8 +119,18 @@ class PeerConnection(FrameProtocol):
         req_id = self._next_req
         d: defer.Deferred = defer.Deferred()
         self._pending[req_id] = d
+        if self._limits is not None:
+            self._deadlines[req_id] = self._limits.start(lambda: self._expire(req_id))
         self.send(make(req_id))
-        return self._bounded(d, lambda: self._pending.pop(req_id, None))
+        return d
+
+    def _expire(self, req_id: int) -> None:
+        """No reply within the limit: the request fails with TimeoutError (a late reply
+        then finds nobody)."""
+        self._deadlines.pop(req_id, None)
+        d = self._pending.pop(req_id, None)
+        if d is not None:
+            d.errback(defer.TimeoutError(f"no reply within {self._timeout}s"))
 
     def _bounded(self, d: defer.Deferred, forget: Callable[[], Any]) -> defer.Deferred:
         if self._clock is not None and self._timeout is not None:

@@ -1,8 +1,8 @@
 """The outbox to legacy: cloud messages and membership changes the bridge must inject into
 the legacy network, claimed per conversation in order. A message's row is written with the
 message (``cloud.store.messages``), a membership change's with the change
-(``cloud.store.conversations``); ``backfill_outbox`` queues what legacy missed when an
-account leaves cloud-only.
+(``cloud.store.conversations``); ``cloud.store.outbox_backfill`` queues what legacy missed
+when an account leaves cloud-only.
 
 A conversation's rows are ordered by ``(seq, sub)``: a message's row has its message's seq
 and sub 0; a membership change made after message N has seq N and sub 1, 2, ... (migration
@@ -99,12 +99,15 @@ class Injected:
 #: and spreads over conversations (which are injected concurrently, each in seq order).
 OUTBOX_CLAIM_PER_CONVERSATION = 50
 
-# The claim, in steps whose locks follow the rows it claims (one pass over the pending rows
-# finds each conversation's head and size; nothing else is read per conversation):
-#   heads   each conversation's lowest pending seq and count; its head (a claim always starts
-#           there) is the row of that seq with the lowest sub;
-#   ready   the conversations whose head is not claimed, oldest first, with how many rows
-#           the ones before each would take (*per_conversation* at most each);
+# The claim, in steps whose locks follow the rows it claims (nothing is read per row that
+# is not claimed, beyond the window):
+#   recent  the oldest *window* pending rows (through the pending index by age; all of
+#           them when *window* is NULL): the conversations that come first;
+#   heads   those conversations, with how many of their rows the window holds;
+#   ready   the ones whose head (their lowest pending seq, lowest sub: a claim always
+#           starts there; found through the index, wherever it lies) is not claimed,
+#           oldest head first, with how many rows the ones before each would take
+#           (*per_conversation* at most each);
 #   owned   their heads, locked in that order without waiting, skipping heads another
 #           claimer holds, until as many conversations as *limit* rows need are held;
 #   wanted  the owned conversations' first pending rows in seq order, cut to *limit* rows,
@@ -113,18 +116,20 @@ OUTBOX_CLAIM_PER_CONVERSATION = 50
 #           unbroken run from the head: one conversation's rows are never split between
 #           claims and each claim starts at the head.
 _CLAIM = (
-    "WITH heads AS ("
-    "  SELECT conversation_id, min(seq) AS head, count(*) AS pending "
-    "  FROM outbox_to_legacy WHERE state = 'pending' GROUP BY conversation_id), "
+    "WITH recent AS ("
+    "  SELECT conversation_id FROM outbox_to_legacy WHERE state = 'pending' "
+    "  ORDER BY created_ms LIMIT %(window)s), "
+    "heads AS ("
+    "  SELECT conversation_id, count(*) AS pending FROM recent GROUP BY conversation_id), "
     "ready AS ("
-    "  SELECT h.conversation_id, h.head, o.sub AS head_sub, o.created_ms, "
+    "  SELECT h.conversation_id, o.seq AS head, o.sub AS head_sub, o.created_ms, "
     "         sum(least(h.pending, %(per_conversation)s)) OVER ("
     "           ORDER BY o.created_ms, h.conversation_id ROWS UNBOUNDED PRECEDING) "
     "         - least(h.pending, %(per_conversation)s) AS before "
     "  FROM heads h CROSS JOIN LATERAL ("
-    "    SELECT o.sub, o.created_ms, o.claimed_until_ms FROM outbox_to_legacy o "
-    "    WHERE o.conversation_id = h.conversation_id AND o.seq = h.head "
-    "      AND o.state = 'pending' ORDER BY o.sub LIMIT 1) o "
+    "    SELECT o.seq, o.sub, o.created_ms, o.claimed_until_ms FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = h.conversation_id AND o.state = 'pending' "
+    "    ORDER BY o.seq, o.sub LIMIT 1) o "
     "  WHERE o.claimed_until_ms <= %(now)s), "
     "owned AS ("
     "  SELECT o.conversation_id, r.created_ms FROM ready r JOIN outbox_to_legacy o "
@@ -158,7 +163,14 @@ _CLAIM = (
     "    AND o.sub = due.sub "
     "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, o.message_id, o.attempts, "
     "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles, "
-    "    o.last_error IS NOT NULL AS retried) "
+    "    o.last_error IS NOT NULL AS retried), "
+    # members with legacy clients, counted once per conversation (not once per row)
+    "legacy_clients AS MATERIALIZED ("
+    "  SELECT d.conversation_id, (SELECT count(*) FROM members mb "
+    "    WHERE mb.conversation_id = d.conversation_id AND EXISTS ("
+    "      SELECT 1 FROM accounts a WHERE a.account_id = mb.account_id "
+    "      AND a.phase = ANY(%(phases)s))) AS members "
+    "  FROM (SELECT DISTINCT conversation_id FROM claimed) d) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       coalesce((SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
     "                 WHERE s.account_id = m.sender_account_id), ''), "
@@ -166,22 +178,31 @@ _CLAIM = (
     "       coalesce(c.member_handles, array(SELECT coalesce(a.legacy_handle, a.handle) "
     "             FROM members mb JOIN accounts a USING (account_id) "
     "             WHERE mb.conversation_id = c.conversation_id ORDER BY 1)), "
-    "       (SELECT count(*) FROM members mb JOIN accounts a USING (account_id) "
-    "        WHERE mb.conversation_id = c.conversation_id "
-    "          AND a.phase = ANY(%(phases)s)) "
-    "       + (SELECT count(*) FROM account_handles h JOIN accounts a USING (account_id) "
-    "          WHERE h.handle = ANY(c.remove_handles) AND a.phase = ANY(%(phases)s)), "
+    "       lc.members "
+    "       + CASE WHEN cardinality(c.remove_handles) > 0 THEN ("
+    "           SELECT count(*) FROM account_handles h JOIN accounts a USING (account_id) "
+    "           WHERE h.handle = ANY(c.remove_handles) AND a.phase = ANY(%(phases)s)) "
+    "         ELSE 0 END, "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
     "       coalesce(c.remove_handles, '{}'), c.retried "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
     "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
+    "JOIN legacy_clients lc ON lc.conversation_id = c.conversation_id "
     "ORDER BY c.conversation_id, c.seq, c.sub")
+
+
+def claim_window(limit: int) -> int:
+    """How many of the oldest pending rows a claim of *limit* rows looks at first: enough
+    for every conversation among them to give its share, so a claim reads about what it
+    claims and not the whole backlog."""
+    return max(4 * limit, 1000)
 
 
 def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
                  per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION,
-                 token: uuid.UUID | None = None) -> list[OutboxItem]:
+                 token: uuid.UUID | None = None, *,
+                 window: int | None = None) -> list[OutboxItem]:
     """Claim up to *limit* due rows for *claim_ms*, oldest first, in seq order per conversation.
 
     A claimed row is invisible to other workers until its claim runs out; a worker that
@@ -189,13 +210,24 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
     conversation's lowest pending row and rows come back in seq order, so injection order
     per conversation is kept across workers. The rows are held under *token* (a new random
     one when None), which the returned items carry.
+
+    It looks at the oldest *window* pending rows first (``claim_window`` when None), and at
+    every pending row only when those did not fill the claim and more are pending.
     """
     token = token if token is not None else uuid.uuid4()
-    rows = conn.execute(
-        _CLAIM,
-        {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
-         "per_conversation": max(1, per_conversation), "token": token,
-         "phases": list(LEGACY_CLIENT_PHASES)}).fetchall()
+    params = {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
+              "per_conversation": max(1, per_conversation), "token": token,
+              "phases": list(LEGACY_CLIENT_PHASES),
+              "window": claim_window(limit) if window is None else window}
+    rows = conn.execute(_CLAIM, params).fetchall()
+    if len(rows) < limit and conn.execute(
+            "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "
+            "  WHERE state = 'pending' LIMIT %(window)s + 1) w", params).fetchone()[0]:
+        # The window held only conversations already claimed (one long backlog in front,
+        # say) while others wait behind it: look at every pending row, as a claim without
+        # a window would, for the rest (this claim's own heads are claimed now).
+        rows += conn.execute(_CLAIM, {**params, "limit": limit - len(rows),
+                                      "window": None}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
                        token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15])
             for r in rows]
@@ -214,9 +246,9 @@ def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: 
 
     A skip for ``NO_LEGACY_CLIENTS`` checks again, under the conversation's lock, that
     nobody has legacy clients now: an account may have left cloud-only since the claim
-    counted them, and its back-fill (``backfill_outbox``, which takes the same lock) could
-    not see a row that was still pending. Then the row is handed back, due at once and
-    untried, for the next claim to inject, and False comes back.
+    counted them, and its back-fill (``outbox_backfill.backfill_outbox``, which takes the
+    same lock) could not see a row that was still pending. Then the row is handed back,
+    due at once and untried, for the next claim to inject, and False comes back.
     """
     if not skipped:
         return bool(complete_outbox_batch(
@@ -259,6 +291,10 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     under their item's claim), in the order given."""
     if not rows:
         return []
+    # Each row is found through the primary key: the planner, misled by unnest's estimate
+    # and the cost of random reads, would hash the whole pending set instead (12 of 17 ms
+    # for 500 rows at 50,000 pending; it grows with the backlog, not with the batch).
+    conn.execute("SET LOCAL enable_hashjoin = off")
     done = conn.execute(
         "WITH batch AS ("
         "  SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::int[], %s::uuid[], %s::text[]) "
@@ -382,101 +418,3 @@ def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], 
     the first *tried* of them were injected; the rest get their claim's attempt back."""
     return sum(release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
                for i, item in enumerate(items))
-
-
-# ---------------------------------------------------------------- back-fill
-
-@attrs.frozen
-class Backfill:
-    """What ``backfill_outbox`` did (or, from ``preview_backfill``, would do) for one account
-    leaving cloud-only."""
-
-    #: the account's conversations it looked at (each locked while it did)
-    conversations: int = 0
-    #: cloud messages that never had an outbox row (nobody had legacy clients when they
-    #: were posted), now queued
-    queued: int = 0
-    #: rows skipped because nobody had legacy clients when they were drained, pending again
-    requeued: int = 0
-    #: messages legacy missed that were sent before the window: not queued (the legacy
-    #: network would have dropped them from its history by now, and refuses them)
-    too_old: int = 0
-
-    @property
-    def total(self) -> int:
-        """Messages queued for legacy."""
-        return self.queued + self.requeued
-
-    def to_json(self) -> dict[str, int]:
-        return {"conversations": self.conversations, "queued": self.queued,
-                "requeued": self.requeued, "queued_for_legacy": self.total,
-                "older_than_window": self.too_old}
-
-
-# What legacy never got, in the account's conversations: a cloud message with no legacy
-# GUID (it would have one once injected) that either has no outbox row or whose row was
-# skipped because nobody was on legacy. Rows skipped as refused, failed (given up, with a
-# finding), pending or done are left as they are.
-_MISSED = (
-    "m.conversation_id = ANY(%(cids)s) AND m.origin = 'cloud' AND m.legacy_guid IS NULL "
-    "AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = "
-    "  m.conversation_id AND o.seq = m.seq AND o.sub = 0 "
-    "  AND o.skip_reason IS DISTINCT FROM 'no_legacy_clients')")
-
-
-def preview_backfill(conn: psycopg.Connection, account_id: uuid.UUID,
-                     since_ms: int) -> Backfill:
-    """What ``backfill_outbox`` would do now, read without locking or writing anything (for
-    a dry run: posts and drains may change it before the move)."""
-    cids = [r[0] for r in conn.execute(
-        "SELECT conversation_id FROM members WHERE account_id = %s ORDER BY 1", (account_id,))]
-    if not cids:
-        return Backfill()
-    queued, requeued, too_old = conn.execute(
-        "SELECT count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NULL), "
-        "       count(*) FILTER (WHERE m.sent_ms >= %(since)s AND o.seq IS NOT NULL), "
-        "       count(*) FILTER (WHERE m.sent_ms < %(since)s) "
-        "FROM messages m LEFT JOIN outbox_to_legacy o "
-        "  ON o.conversation_id = m.conversation_id AND o.seq = m.seq AND o.sub = 0 "
-        f"WHERE {_MISSED}", {"cids": cids, "since": since_ms}).fetchone()
-    return Backfill(len(cids), queued, requeued, too_old)
-
-
-def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: int,
-                    now_ms: int) -> Backfill:
-    """Queue for legacy what it missed in *account_id*'s conversations while nobody in them
-    had legacy clients: run it in the transaction that moves the account out of cloud-only.
-
-    Messages sent at or after *since_ms* get an outbox row (created at *now_ms*), or their
-    skipped row back to pending; older ones are only counted. The conversations are locked
-    first, in id order, as ``post_message`` locks them: a post that committed before the
-    lock is seen here, and one that waited for it sees the account's new phase and writes
-    its own outbox row, so none falls between the two. Safe to run twice: a second run finds
-    every row it queued pending already. The claim takes each conversation's rows from its
-    lowest pending seq, so the back-filled rows go out in seq order, before later posts.
-    """
-    cids = [r[0] for r in conn.execute(
-        "SELECT c.conversation_id FROM conversations c JOIN members mb USING (conversation_id) "
-        "WHERE mb.account_id = %s ORDER BY c.conversation_id FOR NO KEY UPDATE OF c",
-        (account_id,))]
-    if not cids:
-        return Backfill()
-    params = {"cids": cids, "since": since_ms, "now": now_ms}
-    requeued = conn.execute(
-        "UPDATE outbox_to_legacy o SET state = 'pending', skip_reason = NULL, done_ms = NULL, "
-        "  claimed_until_ms = 0, claim_token = NULL, attempts = 0, last_error = NULL, "
-        "  created_ms = %(now)s "
-        "FROM messages m WHERE o.conversation_id = ANY(%(cids)s) AND o.state = 'skipped' "
-        "  AND o.skip_reason = 'no_legacy_clients' AND m.conversation_id = o.conversation_id "
-        "  AND m.seq = o.seq AND o.sub = 0 AND m.sent_ms >= %(since)s", params).rowcount
-    queued = conn.execute(
-        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
-        "SELECT m.conversation_id, m.seq, m.message_id, %(now)s FROM messages m "
-        f"WHERE {_MISSED} AND m.sent_ms >= %(since)s "
-        "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING", params).rowcount
-    too_old = conn.execute(
-        f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
-        params).fetchone()[0]
-    if queued or requeued:
-        conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(account_id)))
-    return Backfill(len(cids), queued, requeued, too_old)

@@ -24,7 +24,8 @@ from cloud.db import InlineDatabase, TransactionRunner
 from cloud.model import Message
 from cloud.store import accounts as accounts_store
 from cloud.store import outbox as outbox_store
-from cloud.store.outbox import Backfill
+from cloud.store import outbox_backfill
+from cloud.store.outbox_backfill import Backfill
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
 from tests.bridge.test_outbox import FAST, T0, NetPeers, Scene, ScriptedPeers
@@ -216,7 +217,7 @@ def test_a_failed_or_repeated_rollback_loses_and_duplicates_nothing(conn, make_s
     assert move(s, ["alice"], "cloud").backfills[alice].queued == 4
     again = move(s, ["alice"], "cloud")
     assert again.moved == () and again.backfills == {}
-    assert tx(conn, outbox_store.backfill_outbox, bob, 0, s.now_ms()).total == 0
+    assert tx(conn, outbox_backfill.backfill_outbox, bob, 0, s.now_ms()).total == 0
     s.run(2)
     assert legacy_guids(s, talk) == guids(sent)
     assert cloud_guids(conn, talk) == guids(sent)

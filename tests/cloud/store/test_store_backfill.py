@@ -15,7 +15,8 @@ from cloud import admin
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
-from cloud.store.outbox import Backfill
+from cloud.store import outbox_backfill
+from cloud.store.outbox_backfill import Backfill
 from tests.cloud.store.storefixture import NOW
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
@@ -84,11 +85,11 @@ def test_the_backfill_queues_only_what_legacy_missed(conn, pair):
         (4, "skipped", "no_legacy_clients")]
 
     expected = Backfill(conversations=1, queued=2, requeued=1, too_old=1)
-    assert tx(conn, outbox_store.preview_backfill, alice, SINCE) == expected
+    assert tx(conn, outbox_backfill.preview_backfill, alice, SINCE) == expected
     assert len(rows(conn, cid)) == 4  # the preview wrote nothing
     applied = leave_cloud_only(conn, alice)
     assert applied == admin.AppliedChange(True, expected)
-    assert tx(conn, outbox_store.preview_backfill, alice, SINCE) == Backfill(1, 0, 0, 1)
+    assert tx(conn, outbox_backfill.preview_backfill, alice, SINCE) == Backfill(1, 0, 0, 1)
     assert rows(conn, cid) == [
         (1, "done", None, 1, NOW - 5000, False), (2, "skipped", "refused", 1, NOW - 4000, False),
         (3, "failed", None, 0, NOW - 3900, True),
@@ -110,8 +111,8 @@ def test_the_backfill_is_safe_to_run_twice(conn, pair):
     cid, alice, bob, *_ = pair
     for i in range(3):
         post(conn, cid, alice, f"m{i}", NOW - 1000 + i)
-    first = tx(conn, outbox_store.backfill_outbox, alice, SINCE, NOW)
-    again = tx(conn, outbox_store.backfill_outbox, bob, SINCE, NOW + 5)
+    first = tx(conn, outbox_backfill.backfill_outbox, alice, SINCE, NOW)
+    again = tx(conn, outbox_backfill.backfill_outbox, bob, SINCE, NOW + 5)
     assert (first.queued, again.queued, again.requeued) == (3, 0, 0)
     assert [r[0] for r in rows(conn, cid)] == [1, 2, 3]
 

@@ -182,3 +182,20 @@ def test_membership_changes_are_claimed_in_order_with_the_messages(conn):
     assert conn.execute("SELECT seq, sub, state FROM outbox_to_legacy ORDER BY seq, sub"
                         ).fetchall() == [(1, 0, "done"), (1, 1, "done"), (1, 2, "pending"),
                                          (1, 3, "pending"), (2, 0, "pending")]
+
+
+def test_a_claim_looks_past_a_window_of_already_claimed_conversations(conn):
+    """The claim first reads only the oldest rows: when they all belong to a conversation
+    whose head is claimed (a long backlog in front), it still finds the conversations
+    waiting behind it, oldest head first, and never a row of the claimed one."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    busy, quiet = make_conversation(conn, a, c), make_conversation(conn, a, c)
+    for i in range(6):
+        tx(conn, messages_store.post_message, busy, a, f"b{i}", f"b{i}", NOW + i)
+    tx(conn, messages_store.post_message, quiet, a, "q0", "q0", NOW + 10)
+    first = tx(conn, outbox_store.claim_outbox, NOW + 20, 2, 5000, 2, window=3)
+    assert [(i.conversation_id, i.seq) for i in first] == [(busy, 1), (busy, 2)]
+    # the three oldest rows are busy's, whose head is claimed now: the window finds nothing
+    second = tx(conn, outbox_store.claim_outbox, NOW + 30, 10, 5000, 2, window=3)
+    assert [(i.conversation_id, i.seq) for i in second] == [(quiet, 1)]
+    assert tx(conn, outbox_store.claim_outbox, NOW + 40, 10, 5000, 2, window=3) == []
