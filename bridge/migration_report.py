@@ -50,16 +50,19 @@ def plan_to_json(plan: MigrationPlan, outcome: MigrationOutcome | None = None,
     for a in accounts:
         counts[a["result"]] = counts.get(a["result"], 0) + 1
     return {"to": plan.target, "dry_run": dry_run, "force": plan.force,
+            "allow_rollback": plan.allow_rollback,
             "accounts": accounts, "counts": counts,
             "queued_for_legacy": sum(b.total for b in backfills.values()),
             "older_than_legacy_retention": sum(b.too_old for b in backfills.values())}
 
 
-def render_plan(report: dict[str, Any]) -> str:
+def render_plan(report: dict[str, Any], total: int | None = None) -> str:
     """``plan_to_json``'s object as text: one line per account, held reasons and what was
-    (or would be) queued for legacy indented."""
+    (or would be) queued for legacy indented. *total*: how many accounts were selected,
+    when the report lists only some of them (the counts are of all)."""
     lines = []
     rows = report["accounts"]
+    total = len(rows) if total is None else total
     width = max((len(a["handle"]) for a in rows), default=0)
     for a in rows:
         label = a["result"].replace("_", " ")
@@ -86,7 +89,7 @@ def render_plan(report: dict[str, Any]) -> str:
     verb = "dry run, nothing changed" if report["dry_run"] else "done"
     queued = report.get("queued_for_legacy", 0)
     backfilled = any(a.get("backfill") is not None for a in rows)
-    lines.append(f"{len(rows)} account{'s' * (len(rows) != 1)} selected for {report['to']}: "
+    lines.append(f"{total} account{'s' * (total != 1)} selected for {report['to']}: "
                  f"{summary or 'none'}"
                  + (f"; {_messages(queued)} {'would be ' * report['dry_run']}queued for "
                     "legacy" if backfilled else "")

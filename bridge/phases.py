@@ -3,9 +3,11 @@
 ::
 
     legacy ──> dual ──> cloud ──> cloud-only     forward, by any number of steps: gated
-      <──────── <──────── <────────              backward: not gated; leaving cloud-only
-                                                 needs force (force also overrides gates,
-                                                 but never the freeze: gate ``frozen``)
+      <──────── <──────── <────────              (force overrides failed gates, never the
+                                                 freeze: gate ``frozen``); backward: not
+                                                 gated; leaving cloud-only needs
+                                                 allow_rollback (``cohort reverse`` is the
+                                                 usual way)
 
     load_plan (one read transaction)               apply_plan (per account, in order)
     selection -> accounts, gate inputs -> plan  -> [gates again; login server: set_moved]
@@ -60,6 +62,9 @@ MOVE, HELD, UNCHANGED = "move", "held", "unchanged"
 #: How long a legacy supernode keeps history (``SupernodeConfig.retention_seconds``'s
 #: default): a back-fill queues nothing older, which the supernode would refuse.
 LEGACY_RETENTION_MS = 30 * 86_400_000
+#: Why a move out of cloud-only was held: it is a rollback, asked for explicitly.
+ROLLBACK_NEEDED = ("leaving cloud-only needs --allow-rollback (or `bridgectl cohort reverse` "
+                   "of the cohort that moved it)")
 #: The back-fill window ends this far inside the retention, so that a message queued near its
 #: edge has not aged out of it by the time the injector reaches it.
 BACKFILL_MARGIN_MS = 3_600_000
@@ -149,7 +154,7 @@ class PlannedMove:
     reason: str = ""
     #: gate results (empty unless the move is forward)
     gates: tuple[GateResult, ...] = ()
-    #: the move happens only because force overrode a failed gate or the cloud-only exit
+    #: the move happens only because force overrode a failed gate
     forced: bool = False
 
     @property
@@ -161,11 +166,16 @@ class PlannedMove:
 class MigrationPlan:
     target: str
     moves: tuple[PlannedMove, ...]
+    #: failed gates (never ``frozen``) do not hold a forward move
     force: bool = False
     #: what leaving cloud-only would queue for legacy now, by account (a dry run shows it)
     backfill_preview: Mapping[uuid.UUID, Backfill] = attrs.field(factory=dict)
     #: the gate bounds it was planned with: applying evaluates the gates again with them
     config: GateConfig = attrs.field(factory=GateConfig)
+    #: moves out of cloud-only are allowed (the operator asked for a rollback)
+    allow_rollback: bool = False
+    #: the named cohort the moves belong to, if any (kept in each move's audit row)
+    cohort: str | None = None
 
     @property
     def to_move(self) -> tuple[PlannedMove, ...]:
@@ -205,12 +215,13 @@ class MigrationOutcome:
 
 def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
                config: GateConfig, now_ms: int, *, force: bool = False,
-               promote_only: bool = False) -> MigrationPlan:
+               promote_only: bool = False, allow_rollback: bool = False) -> MigrationPlan:
     """Decide, for each account, whether it moves to *target*. Pure.
 
-    *promote_only* (cohort selections): an account already past the target stays where it
-    is, so re-running an earlier, wider cohort step never demotes the accounts that went
-    further.
+    *force* overrides failed gates (never ``frozen``); *allow_rollback* lets an account
+    leave cloud-only (held otherwise). *promote_only* (percent and named cohorts): an
+    account already past the target stays where it is, so re-running an earlier, wider
+    cohort step never demotes the accounts that went further.
     """
     if target not in PHASES:
         raise ValueError(f"unknown phase {target!r}")
@@ -224,10 +235,10 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
             moves.append(PlannedMove(change, UNCHANGED,
                                      f"already past {target} (a cohort only promotes)"))
         elif way == BACKWARD:
-            if a.phase == CLOUD_ONLY and not force:
-                moves.append(PlannedMove(change, HELD, "leaving cloud-only needs --force"))
+            if a.phase == CLOUD_ONLY and not allow_rollback:
+                moves.append(PlannedMove(change, HELD, ROLLBACK_NEEDED))
             else:
-                moves.append(PlannedMove(change, MOVE, forced=a.phase == CLOUD_ONLY))
+                moves.append(PlannedMove(change, MOVE))
         else:
             gates = evaluate_gates(a.account_id, inputs, config, now_ms)
             failed = [g for g in gates if not g.passed]
@@ -236,11 +247,13 @@ def plan_moves(accounts: Sequence[Account], target: str, inputs: GateInputs,
                     change, HELD, "; ".join(f"{g.name}: {g.reason}" for g in failed), gates))
             else:
                 moves.append(PlannedMove(change, MOVE, gates=gates, forced=bool(failed)))
-    return MigrationPlan(target, tuple(moves), force, config=config)
+    return MigrationPlan(target, tuple(moves), force, config=config,
+                         allow_rollback=allow_rollback)
 
 
 def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
               config: GateConfig, now_ms: int, *, force: bool = False,
+              allow_rollback: bool = False,
               legacy_retention_ms: int = LEGACY_RETENTION_MS) -> MigrationPlan:
     """One read transaction: resolve the selection, read the gate inputs, plan, and count
     what each move out of cloud-only would queue for legacy.
@@ -258,7 +271,13 @@ def load_plan(conn: psycopg.Connection, selection: Selection, target: str,
     promoted = [a.account_id for a in accounts if direction(a.phase, target) == FORWARD]
     inputs = read_gate_inputs(conn, promoted, config, now_ms)
     plan = plan_moves(accounts, target, inputs, config, now_ms, force=force,
-                      promote_only=selection.is_cohort)
+                      promote_only=selection.is_cohort, allow_rollback=allow_rollback)
+    return with_backfill_preview(conn, plan, now_ms, legacy_retention_ms)
+
+
+def with_backfill_preview(conn: psycopg.Connection, plan: MigrationPlan, now_ms: int,
+                          legacy_retention_ms: int) -> MigrationPlan:
+    """*plan* with what each of its moves out of cloud-only would queue for legacy now."""
     since_ms = backfill_since_ms(now_ms, legacy_retention_ms)
     return attrs.evolve(plan, backfill_preview={
         m.change.account_id: outbox_backfill.preview_backfill(conn, m.change.account_id, since_ms)
@@ -298,8 +317,8 @@ def recheck_gates(conn: psycopg.Connection, move: PlannedMove, config: GateConfi
 
 
 def apply_move(conn: psycopg.Connection, move: PlannedMove, config: GateConfig, *,
-               force: bool, actor: str, now_ms: int,
-               backfill_since_ms: int | None) -> admin.AppliedChange:
+               force: bool, actor: str, now_ms: int, backfill_since_ms: int | None,
+               cohort: str | None = None) -> admin.AppliedChange:
     """One account's move, in one transaction: the account row is locked, a forward move's
     gates are evaluated again (``recheck_gates``) and the phase is changed with them, so a
     finding opened since the plan was made holds the move. (A finding committed after this
@@ -311,7 +330,7 @@ def apply_move(conn: psycopg.Connection, move: PlannedMove, config: GateConfig, 
     return admin.apply_phase_change(
         conn, change.account_id, change.from_phase, change.to_phase, actor=actor,
         now_ms=now_ms, forced=forced, gates=[g.to_json() for g in gates],
-        backfill_since_ms=backfill_since_ms)
+        backfill_since_ms=backfill_since_ms, cohort=cohort)
 
 
 async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
@@ -378,7 +397,7 @@ async def apply_plan(plan: MigrationPlan, db: TransactionRunner,
         try:
             applied = await db.run(
                 "apply_phase_change", apply_move, move, plan.config, force=plan.force,
-                actor=actor, now_ms=now_ms, backfill_since_ms=since_ms)
+                actor=actor, now_ms=now_ms, backfill_since_ms=since_ms, cohort=plan.cohort)
         except GatesHeld as e:
             trouble = (await _restore_login(login, change, change.from_phase, clock,
                                             login_timeout_s) if told_login else "")

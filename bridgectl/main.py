@@ -6,7 +6,8 @@ one place. How a command runs (the reactor, the service tree, signals, logging) 
 ``bridgectl.runtime``, the only code that touches the global reactor.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments,
-3 (migrate) some accounts held back by the migration gates; (demo) did not converge.
+3 (migrate, cohort advance) some accounts held back by the migration gates; (demo) did not
+converge.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bridgectl import (
     cmd_bridge,
     cmd_chaos,
     cmd_cloud,
+    cmd_cohort,
     cmd_db,
     cmd_demo,
     cmd_findings,
@@ -42,8 +44,8 @@ from bridgectl.errors import (  # noqa: F401 - the exit codes, for callers of ma
 )
 
 #: The command groups, in the order ``bridgectl --help`` lists them.
-GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_freeze, cmd_status,
-          cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
+GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_cohort, cmd_freeze,
+          cmd_status, cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -111,3 +111,14 @@ def actor(args: argparse.Namespace) -> str:
     if not 0 < len(name) <= 200 or any(ord(c) < 32 for c in name):
         raise UsageError("--actor must be 1-200 printable characters")
     return name
+
+
+def account_file(path: Path) -> tuple[str, ...]:
+    """The handles or account ids in *path*, one per line (``#`` starts a comment, blank
+    lines skipped); a usage error when it can not be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --file {path}: {getattr(e, 'strerror', e)}") from None
+    refs = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return tuple(r for r in refs if r)

@@ -192,7 +192,8 @@ def cohort_accounts(conn: psycopg.Connection, percent: int) -> list[Account]:
 def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_phase: str,
                        to_phase: str, *, actor: str, now_ms: int, forced: bool = False,
                        gates: Sequence[Mapping[str, Any]] = (),
-                       backfill_since_ms: int | None = None) -> AppliedChange:
+                       backfill_since_ms: int | None = None,
+                       cohort: str | None = None) -> AppliedChange:
     """Move an account from *from_phase* to *to_phase* and write its ``audit_log`` row.
 
     The account row is locked first; if its phase is no longer *from_phase* the move is
@@ -203,6 +204,7 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
     it missed in the account's conversations, sent at or after *backfill_since_ms*
     (``cloud.store.outbox_backfill.backfill_outbox``), in this same transaction: the back-fill and
     the phase commit together or not at all, and the audit row says what was queued.
+    A move made by a named cohort's command keeps the cohort's name in the audit row.
     """
     if from_phase not in PHASES or to_phase not in PHASES:
         raise ValueError(f"unknown phase in {from_phase!r} -> {to_phase!r}")
@@ -224,6 +226,8 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
     backfill = None
     detail: dict[str, Any] = {"from": from_phase, "to": to_phase, "handle": handle,
                               "forced": forced, "gates": [dict(g) for g in gates]}
+    if cohort is not None:
+        detail["cohort"] = cohort
     if leaves_cloud_only:
         assert backfill_since_ms is not None
         backfill = outbox_backfill.backfill_outbox(conn, account_id, backfill_since_ms, now_ms)

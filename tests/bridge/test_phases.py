@@ -70,9 +70,9 @@ def healthy(conn, now: int = NOW) -> None:
 
 
 def plan(conn, refs, to: str, *, force: bool = False, config: GateConfig | None = None,
-         now: int = NOW) -> phases.MigrationPlan:
+         now: int = NOW, allow_rollback: bool = False) -> phases.MigrationPlan:
     return tx(conn, phases.load_plan, Selection(refs=tuple(refs)), to, config or GateConfig(),
-              now, force=force)
+              now, force=force, allow_rollback=allow_rollback)
 
 
 def apply(conn, the_plan, *, login=None, net: LegacyNet | None = None, db=None,
@@ -284,17 +284,21 @@ def test_backward_moves_are_not_gated(conn):
                       "gates": []}
 
 
-def test_leaving_cloud_only_needs_force_and_force_is_audited(conn):
-    """cloud-only -> cloud is held without --force; with it, it moves and says forced."""
+def test_leaving_cloud_only_needs_allow_rollback_not_force(conn):
+    """cloud-only -> cloud is held without allow_rollback, force or not (force only
+    overrides failed gates); with it, it moves, audited as a move not forced."""
     bob = make_account(conn, "bob", "cloud-only", linked=False)
-    held = only(plan(conn, ["bob"], "cloud"))
-    assert held.outcome == phases.HELD and held.reason == "leaving cloud-only needs --force"
-    assert apply(conn, plan(conn, ["bob"], "cloud")).moved == ()
+    for force in (False, True):
+        held = only(plan(conn, ["bob"], "cloud", force=force))
+        assert held.outcome == phases.HELD and held.reason == phases.ROLLBACK_NEEDED
+        assert "--allow-rollback" in held.reason
+        assert apply(conn, plan(conn, ["bob"], "cloud", force=force)).moved == ()
     assert audit_rows(conn) == []
-    apply(conn, plan(conn, ["bob"], "cloud", force=True))
+    apply(conn, plan(conn, ["bob"], "cloud", allow_rollback=True))
     assert phase_of(conn, bob) == "cloud"
     [(_, _, _, detail, _)] = audit_rows(conn)
-    assert detail["forced"] is True and (detail["from"], detail["to"]) == ("cloud-only", "cloud")
+    assert detail["forced"] is False and (detail["from"], detail["to"]) == ("cloud-only",
+                                                                            "cloud")
 
 
 def test_force_overrides_failed_gates_and_records_them(conn):
@@ -417,7 +421,7 @@ def net() -> LegacyNet:
 
 def test_cloud_only_makes_the_login_server_refuse_the_handle_and_back_clears_it(conn, net):
     """Entering cloud-only sets moved on the login server (legacy login refused as moved);
-    leaving it (with --force) clears it, and both moves are audited."""
+    leaving it (with allow_rollback) clears it, and both moves are audited."""
     net.add_user("alice")
     assert isinstance(legacy_login(net, "alice"), wire.Credential)
     healthy(conn)
@@ -431,7 +435,8 @@ def test_cloud_only_makes_the_login_server_refuse_the_handle_and_back_clears_it(
     assert isinstance(refused, wire.Error) and refused.code == "moved"
     assert "moved to the cloud service" in refused.reason
 
-    assert apply(conn, plan(conn, ["alice"], "dual", force=True), login=peer, net=net).moved
+    assert apply(conn, plan(conn, ["alice"], "dual", allow_rollback=True), login=peer,
+                 net=net).moved
     assert phase_of(conn, alice) == "dual" and net.login.accounts["alice"][1] is False
     assert isinstance(legacy_login(net, "alice"), wire.Credential)
     assert [(r[3]["from"], r[3]["to"]) for r in audit_rows(conn)] == [

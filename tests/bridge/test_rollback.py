@@ -71,9 +71,10 @@ def users(s: Scene, phase: str, *handles: str) -> list[uuid.UUID]:
 
 def move(s: Scene, handles: list[str], to: str, *,
          db: TransactionRunner | None = None) -> phases.MigrationOutcome:
-    """``bridgectl migrate --to TO --accounts ... --force``, on the scene's clock."""
+    """``bridgectl migrate --to TO --accounts ... --force --allow-rollback``, on the
+    scene's clock."""
     the_plan = tx(s.conn, phases.load_plan, Selection(refs=tuple(handles)), to, GateConfig(),
-                  s.now_ms(), force=True)
+                  s.now_ms(), force=True, allow_rollback=True)
     return s.net.wait(defer.Deferred.fromCoroutine(phases.apply_plan(
         the_plan, db or InlineDatabase(s.conn), s.net.login_peer(), actor="ops",
         now_ms=s.now_ms(), clock=s.net.clock)))

@@ -111,7 +111,7 @@ def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, hom
     now = now_ms()
     for i, at in enumerate((now - 5000, now - 4000, now - 3 * 86_400_000)):
         tx(conn, messages_store.post_message, talk, ann, f"c{i}", f"m{i}", at)
-    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force", "--dry-run",
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--allow-rollback", "--dry-run",
                    "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert ("would queue 2 messages for legacy from 1 conversation (2 never queued, 0 skipped "
@@ -119,7 +119,7 @@ def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, hom
             ) in out
     assert "1 would move; 2 messages would be queued for legacy (dry run" in out
     assert conn.execute("SELECT count(*) FROM outbox_to_legacy").fetchone() == (0,)
-    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--force",
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ann", "--allow-rollback",
                    "--legacy-retention", str(2 * 86400)) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert ("queued 2 messages for legacy from 1 conversation (2 never queued, 0 skipped "
@@ -128,8 +128,8 @@ def test_leaving_cloud_only_reports_what_was_queued_for_legacy(conn, db_dsn, hom
     assert "1 account selected for cloud: 1 moved; 2 messages queued for legacy (done)" in out
     assert conn.execute("SELECT seq, state FROM outbox_to_legacy ORDER BY seq").fetchall() == [
         (1, "pending"), (2, "pending")]
-    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ben", "--force", "--json") == \
-        cli.EXIT_OK
+    assert migrate(db_dsn, "--to", "cloud", "--accounts", "ben", "--allow-rollback",
+                   "--json") == cli.EXIT_OK
     report = json.loads(capsys.readouterr().out)
     assert report["queued_for_legacy"] == 1 and report["older_than_legacy_retention"] == 0
     assert report["accounts"][0]["backfill"] == {
@@ -157,7 +157,8 @@ def test_accounts_held_back_by_gates_exit_3_and_the_others_move(conn, db_dsn, ho
 
 def test_dry_run_shows_moves_and_failed_gates_and_changes_nothing(conn, db_dsn, home, capsys):
     """--dry-run prints what would move and why others would not; no phase, no audit row;
-    it exits as the real run would (3: something would be held)."""
+    it exits as the real run would (3: something would be held). --force overrides failed
+    gates only; --allow-rollback only lets an account leave cloud-only."""
     make_account(conn, "alice")
     make_account(conn, "bob", "cloud-only", linked=False)
     assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob", "--dry-run") == \
@@ -166,12 +167,20 @@ def test_dry_run_shows_moves_and_failed_gates_and_changes_nothing(conn, db_dsn, 
     assert re.search(r"alice\s+legacy -> dual\s+held", out)
     assert "mirror_lag: no live bridge worker" in out
     assert "recent_clean_reconcile: no clean reconcile run" in out
-    assert "leaving cloud-only needs --force" in out and "(dry run, nothing changed)" in out
+    assert "leaving cloud-only needs --allow-rollback" in out
+    assert "(dry run, nothing changed)" in out
     assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob", "--dry-run",
-                   "--force") == cli.EXIT_OK
+                   "--force") == cli.EXIT_GATED  # --force overrides gates, not the rollback
     out = capsys.readouterr().out
     assert re.search(r"alice\s+legacy -> dual\s+would move \(forced\)", out)
-    assert "overrode mirror_lag" in out
+    assert "overrode mirror_lag" in out and "needs --allow-rollback" in out
+    assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob", "--dry-run",
+                   "--allow-rollback") == cli.EXIT_GATED  # and --allow-rollback no gate
+    out = capsys.readouterr().out
+    assert re.search(r"alice\s+legacy -> dual\s+held", out)
+    assert re.search(r"bob\s+cloud-only -> dual\s+would move\n", out)
+    assert migrate(db_dsn, "--to", "dual", "--accounts", "alice,bob", "--dry-run",
+                   "--force", "--allow-rollback") == cli.EXIT_OK
     assert phases_of(conn) == {"alice": "legacy", "bob": "cloud-only"}
     assert audit_rows(conn) == []
 
