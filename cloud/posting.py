@@ -11,9 +11,10 @@ At most ``writers`` batches are in flight. A post that finds a writer free goes 
 once, so a quiet API adds no wait; under load the posts that arrive while the writers are
 busy form the next batches by themselves. A batch pays one thread hop, one round trip, one
 statement's planning and one commit for all its posts: the per-post transaction cost (the
-API's measured limit) is shared. A batch that fails as a whole (a statement error, e.g. a race on a client message id
-with another transaction) is retried post by post, so one post's trouble is its own;
-``DatabaseUnavailable`` fails the batch's posts at once (the API answers 503).
+API's measured limit) is shared. A batch that fails as a whole (a statement error, e.g. a
+race on a client message id with another transaction) is retried post by post, so one
+post's trouble is its own; ``DatabaseUnavailable`` fails the batch's posts at once (the API
+answers 503).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 # which a prepared statement keeps, is made for the sizes of the store at its first runs:
 # made while the store was empty (and kept, with no ANALYZE to replace it), it scanned the
 # messages and the outbox's pending rows in full for every post, a cost growing with the
-# history (tested). Planning costs a few milliseconds a statement, shared by its posts.
+# history (tested). Parsing and planning it take about 2.5 ms, once for the whole batch.
 _POSTS = (
     "WITH checked AS MATERIALIZED ("
     "  SELECT i.*, a.handle, s.seq AS stored_seq, CASE "
