@@ -2,18 +2,19 @@
 
     post() --> queue --> (a writer free?) --> batch of up to max_batch queued posts
                  ^                               |  one:  post_message (one statement)
-                 |                               |  more: post_messages (one transaction,
-                 +---- a writer is done ---------+        one pipeline, one commit)
+                 |                               |  more: post_messages (one statement
+                 +---- a writer is done ---------+        for all, so one commit)
                        and posts are queued         each post's Deferred fires with its own
                                                     (message, created) or refusal
 
 At most ``writers`` batches are in flight. A post that finds a writer free goes alone at
 once, so a quiet API adds no wait; under load the posts that arrive while the writers are
-busy form the next batches by themselves. A batch pays one thread hop, one round trip and
-one commit for all its posts: the per-post transaction cost (the API's measured limit) is
-shared. A batch that fails as a whole (a statement error, e.g. a race on a client message id
-with another transaction) is retried post by post, so one post's trouble is its own;
-``DatabaseUnavailable`` fails the batch's posts at once (the API answers 503).
+busy form the next batches by themselves. A batch pays one thread hop, one round trip, one
+statement's planning and one commit for all its posts: the per-post transaction cost (the
+API's measured limit) is shared. A batch that fails as a whole (a statement error, e.g. a
+race on a client message id with another transaction) is retried post by post, so one
+post's trouble is its own; ``DatabaseUnavailable`` fails the batch's posts at once (the API
+answers 503).
 """
 
 from __future__ import annotations

@@ -42,11 +42,12 @@ def _message(row: tuple) -> Message:
 _CLOUD_PHASES_SQL = ", ".join(f"'{phase}'" for phase in CLOUD_CLIENT_PHASES)
 
 
-def owed_notifications_sql(rows: str, conversations: str) -> str:
+def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") -> str:
     """The one rule for who is owed a notification, as an INSERT for the new messages in
     *rows* (a table expression with conversation_id, message_id, seq, sender_account_id) of
     *conversations* (an SQL array of their ids): every member in a phase with cloud devices,
-    except the sender."""
+    except the sender. *now*, the rows' creation time, is an SQL expression; it may name
+    *rows* as ``r``."""
     # The members owed anything are found once per conversation of the batch (``OFFSET 0``
     # keeps the lateral a probe per conversation, ``MATERIALIZED`` keeps the planner from
     # running it again for every row): from the members primary key, each
@@ -65,75 +66,107 @@ def owed_notifications_sql(rows: str, conversations: str) -> str:
             "SELECT o.account_id, "
             + NOTIFICATION_ID_SQL.format(account="o.account_id", message="r.message_id")
             + ", r.conversation_id, r.message_id, r.seq, "
-            "       %(now)s, %(now)s "
+            f"       {now}, {now} "
             f"FROM {rows} r JOIN owed_to o ON o.conversation_id = r.conversation_id "
             "WHERE o.account_id <> r.sender_account_id "
             "ON CONFLICT DO NOTHING")
 
 
-# The post, as one statement (see post_message). Its steps, in order of the CTEs:
-#   sender    the sender's handle, if the sender is a member in one of the phases allowed
-#             (else nothing is written)
-#   existing  the message already posted under this client message id (a replay)
-#   numbered  the next seq, taken with the conversation row's lock by the UPDATE, unless a
-#             replay or a refusal; a rollback gives it back (seq stays gapless)
-#   posted    the message
-#   owed      its notification rows (the one rule, ``owed_notifications_sql``)
-#   queued    its outbox row, when a member still has legacy clients
-#   woken     NOTIFY, unless an earlier row of the conversation still waits for a claim
-#   (final)   one row: created or replayed, with the message; or why nothing was written
-#             (no_account, phase_refused, not_found, not_member: checked in that order)
-_POST = (
-    "WITH sender AS ("
-    "  SELECT a.handle FROM accounts a WHERE a.account_id = %(sender)s "
-    "  AND a.phase = ANY(%(phases)s) AND EXISTS ("
-    "    SELECT 1 FROM members m WHERE m.conversation_id = %(cid)s "
-    "    AND m.account_id = %(sender)s)), "
-    "existing AS ("
-    f"  SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = %(cid)s "
-    "  AND sender_account_id = %(sender)s AND client_message_id = %(client_id)s "
-    "  AND EXISTS (SELECT 1 FROM sender)), "
-    "numbered AS ("
-    "  UPDATE conversations SET next_seq = next_seq + 1 WHERE conversation_id = %(cid)s "
-    "  AND EXISTS (SELECT 1 FROM sender) AND NOT EXISTS (SELECT 1 FROM existing) "
-    "  RETURNING next_seq - 1 AS seq), "
+# The posts of a batch, as one statement (see post_messages), one row of results per post;
+# no two of them have the same client message id. Its steps, in order of the CTEs (a post's
+# ``ord`` is its place in the batch, from 1):
+#   checked   each post with its sender's handle and why it is refused (NULL: it is not;
+#             no_account, phase_refused, not_member, not_found, checked in that order;
+#             nothing is written for it), and the seq of the message already stored under
+#             its client message id (a replay, nothing written either)
+#   counts    new posts per conversation
+#   locked    their conversations locked, in id order (two writers never deadlock)
+#   bump      next_seq advanced by the new posts, read from the row the lock got; a
+#             rollback gives the numbers back (seq stays gapless)
+#   numbered  each new post's seq: its conversation's next, in the order of the batch
+#   posted    the messages
+#   owed      their notification rows (the one rule, ``owed_notifications_sql``)
+#   legacy    per conversation, whether a member still has legacy clients, and the members'
+#             legacy-side handles. Every member's account row is share-locked and read in
+#             the version the lock got: a move out of cloud-only that committed while this
+#             post waited (its back-fill could not see this post) is seen here, so the post
+#             queues its own row
+#   queued    the outbox rows, when a member still has legacy clients; the members of this
+#             moment go with the row: legacy delivers it to them only
+#   woken     NOTIFY per conversation, unless an earlier row of it still waits for a claim
+#             (the conversation's first new row is the only one that can be first)
+#   (final)   per post: created or replayed, with the message, or the refusal
+# Run unprepared, so each batch is planned for the tables as they are then. A generic plan,
+# which a prepared statement keeps, is made for the sizes of the store at its first runs:
+# made while the store was empty (and kept, with no ANALYZE to replace it), it scanned the
+# messages and the outbox's pending rows in full for every post, a cost growing with the
+# history (tested). Parsing and planning it take about 2.5 ms, once for the whole batch.
+_POSTS = (
+    "WITH checked AS MATERIALIZED ("
+    "  SELECT i.*, a.handle, s.seq AS stored_seq, CASE "
+    "    WHEN a.account_id IS NULL THEN 'no_account' "
+    "    WHEN a.phase <> ALL(%(phases)s) THEN 'phase_refused' "
+    "    WHEN m.account_id IS NOT NULL THEN NULL "
+    "    WHEN EXISTS (SELECT 1 FROM conversations c WHERE c.conversation_id = i.cid) "
+    "      THEN 'not_member' ELSE 'not_found' END AS refusal "
+    "  FROM unnest(%(cids)s::uuid[], %(senders)s::uuid[], %(client_ids)s::text[], "
+    "    %(bodies)s::text[], %(message_ids)s::uuid[], %(nows)s::bigint[]) WITH ORDINALITY "
+    "    AS i(cid, sender, client_id, body, message_id, now_ms, ord) "
+    "  LEFT JOIN accounts a ON a.account_id = i.sender "
+    "  LEFT JOIN members m ON m.conversation_id = i.cid AND m.account_id = i.sender "
+    "  LEFT JOIN messages s ON s.conversation_id = i.cid AND s.sender_account_id = i.sender "
+    "    AND s.client_message_id = i.client_id), "
+    "counts AS MATERIALIZED ("
+    "  SELECT cid, count(*) AS n FROM checked "
+    "  WHERE refusal IS NULL AND stored_seq IS NULL GROUP BY cid), "
+    "locked AS MATERIALIZED ("
+    "  SELECT c.conversation_id FROM conversations c "
+    "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
+    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
+    "bump AS ("
+    "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
+    "  WHERE c.conversation_id = k.cid "
+    "    AND c.conversation_id = ANY (ARRAY(SELECT conversation_id FROM locked)) "
+    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+    "numbered AS MATERIALIZED ("
+    "  SELECT c.*, b.first - 1 + row_number() OVER (PARTITION BY c.cid ORDER BY c.ord) AS seq "
+    "  FROM checked c JOIN bump b ON b.conversation_id = c.cid "
+    "  WHERE c.refusal IS NULL AND c.stored_seq IS NULL), "
     "posted AS ("
     f"  INSERT INTO messages ({MESSAGE_COLS}) "
-    "  SELECT %(cid)s, n.seq, %(message_id)s, %(sender)s, s.handle, %(now)s, %(body)s, "
-    "         'cloud', NULL, %(client_id)s FROM numbered n, sender s "
-    f"  RETURNING {MESSAGE_COLS}), "
-    f"owed AS ({owed_notifications_sql('posted', 'ARRAY[%(cid)s]::uuid[]')}), "
+    "  SELECT cid, seq, message_id, sender, handle, now_ms, body, 'cloud', NULL, client_id "
+    "  FROM numbered "
+    "  RETURNING conversation_id, seq, message_id, sender_account_id, sent_ms), "
+    "owed AS ("
+    f"{owed_notifications_sql('posted', 'ARRAY(SELECT cid FROM counts)', 'r.sent_ms')}), "
+    "legacy AS MATERIALIZED ("
+    "  SELECT l.conversation_id, bool_or(l.phase = ANY(%(legacy_phases)s)) AS owed, "
+    "         array_agg(l.handle ORDER BY l.handle) AS handles "
+    "  FROM (SELECT mb.conversation_id, a.phase, coalesce(a.legacy_handle, a.handle) AS handle "
+    "        FROM members mb JOIN accounts a USING (account_id) "
+    "        WHERE mb.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
+    "        ORDER BY a.account_id FOR SHARE OF a) l GROUP BY 1), "
     "queued AS ("
-    # the members of this moment go with the row: legacy delivers it to them only
     "  INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
     "    member_handles) "
-    "  SELECT p.conversation_id, p.seq, p.message_id, %(now)s, "
-    "    array(SELECT coalesce(a.legacy_handle, a.handle) FROM members mb "
-    "          JOIN accounts a USING (account_id) "
-    "          WHERE mb.conversation_id = p.conversation_id ORDER BY 1) FROM posted p "
-    # Every member's account row is share-locked and its phase read from the version the
-    # lock got: a move out of cloud-only that committed while this post waited (its
-    # back-fill could not see this post) is seen here, so the post queues its own row.
-    "  WHERE (SELECT coalesce(bool_or(l.phase = ANY(%(legacy_phases)s)), false) "
-    "         FROM (SELECT a.phase FROM members mb JOIN accounts a USING (account_id) "
-    "               WHERE mb.conversation_id = %(cid)s FOR SHARE OF a) l) "
-    "  RETURNING conversation_id, seq), "
+    "  SELECT p.conversation_id, p.seq, p.message_id, p.sent_ms, l.handles "
+    "  FROM posted p JOIN legacy l USING (conversation_id) WHERE l.owed "
+    "  RETURNING conversation_id, seq, created_ms), "
     "woken AS ("
-    "  SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM queued q "
+    "  SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM ("
+    "    SELECT DISTINCT ON (conversation_id) * FROM queued ORDER BY conversation_id, seq) q "
     "  WHERE NOT EXISTS (SELECT 1 FROM outbox_to_legacy o "
     "    WHERE o.conversation_id = q.conversation_id AND o.state = 'pending' "
-    "    AND o.seq < q.seq AND o.claimed_until_ms <= %(now)s)) "
-    "SELECT 'created', (SELECT count(*) FROM woken), p.* FROM posted p "
-    "UNION ALL SELECT 'replayed', 0, e.* FROM existing e "
-    "UNION ALL SELECT CASE "
-    "    WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(sender)s) "
-    "      THEN 'no_account' "
-    "    WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(sender)s "
-    "                     AND phase = ANY(%(phases)s)) THEN 'phase_refused' "
-    "    WHEN EXISTS (SELECT 1 FROM conversations WHERE conversation_id = %(cid)s) "
-    "      THEN 'not_member' ELSE 'not_found' END, 0, "
-    "       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
-    "WHERE NOT EXISTS (SELECT 1 FROM sender)")
+    "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms)) "
+    # woken modifies nothing, so it runs only if read: the created rows read it
+    "SELECT ord, 'created', (SELECT count(*) FROM woken), cid, seq, message_id, sender, "
+    "  handle, now_ms, body, 'cloud', NULL, client_id FROM numbered "
+    "UNION ALL SELECT c.ord, 'replayed', 0, "
+    f"  {', '.join('m.' + col for col in MESSAGE_COLS.split(', '))} "
+    "FROM checked c JOIN messages m ON m.conversation_id = c.cid AND m.seq = c.stored_seq "
+    "WHERE c.refusal IS NULL "
+    "UNION ALL SELECT ord, refusal, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "  NULL FROM checked WHERE refusal IS NOT NULL")
 
 
 @attrs.frozen
@@ -174,54 +207,65 @@ def post_message(conn: psycopg.Connection, conversation_id: uuid.UUID,
     """
     post = Post(conversation_id, sender_account_id, client_message_id, body, now_ms,
                 message_id)
-    params = _post_params(post, sender_phases)
+    _check_text(post)
+    params = _posts_params([post], sender_phases)
     try:
-        row = _execute_atomically(conn, _POST, params)
+        rows = _execute_atomically(conn, _POSTS, params)
     except psycopg.errors.UniqueViolation as e:
         if e.diag.constraint_name != "messages_client_message_id":
             raise
-        row = _execute_atomically(conn, _POST, params)  # the other post committed: a replay
-    return _posted(row, post, sender_phases)
+        rows = _execute_atomically(conn, _POSTS, params)  # the other post committed: a replay
+    return _posted(rows[0][1:] if rows else None, post, sender_phases)
 
 
+@one_statement
 def post_messages(conn: psycopg.Connection, posts: Sequence[Post], *,
                   sender_phases: Sequence[str] = PHASES
                   ) -> list[tuple[Message, bool] | StoreError | ValueError]:
-    """Several posts in the caller's one transaction, each as ``post_message`` would write
-    it; for each, ``(message, created)`` or the refusal it would raise.
+    """Several posts in one statement (so in one transaction, the caller's or its own), each
+    as ``post_message`` would write it; for each, ``(message, created)`` or the refusal it
+    would raise.
 
-    One commit for many posts, and their statements go out in one pipeline (one round
-    trip): what the API's ``PostBatcher`` uses under load. They run in conversation id order
-    (stable, so one conversation's posts keep theirs), the order every writer locks
-    conversations in, so two batches never deadlock. A statement that fails (a race on a
-    client message id with another transaction) fails them all: run them one by one then.
+    One statement and one commit for many posts: what the API's ``PostBatcher`` uses under
+    load. Each conversation's posts are numbered in the order given (a repeated client
+    message id replays the first); the conversations are locked in id order, as every
+    writer locks them, so two batches never deadlock. If the statement fails (a race on a
+    client message id with another transaction), it fails them all: run them one by one
+    then.
     """
     results: list = [None] * len(posts)
-    order = sorted(range(len(posts)), key=lambda i: posts[i].conversation_id)
-    params = {}
-    for i in order:
+    unique: list[Post] = []  # the posts sent: the first of each client message id
+    first: list[int] = []  # for each, its place in posts
+    answered_by: list[tuple[int, int]] = []  # (a post, the sent post that answers it)
+    sent_as: dict[tuple, int] = {}
+    for i, post in enumerate(posts):
         try:
-            params[i] = _post_params(posts[i], sender_phases)
+            _check_text(post)
         except ValueError as e:
             results[i] = e
-    sent = [i for i in order if i in params]
-    if not sent:
+            continue
+        n = sent_as.setdefault(
+            (post.conversation_id, post.sender_account_id, post.client_message_id), len(unique))
+        if n == len(unique):
+            unique.append(post)
+            first.append(i)
+        answered_by.append((i, n))
+    if not unique:
         return results
-    cursor = conn.cursor()
-    # executemany pipelines the statements and converts the query once, not once a post
-    cursor.executemany(_POST, [params[i] for i in sent], returning=True)
-    for n, i in enumerate(sent):
-        if n:
-            cursor.nextset()
+    rows = {row[0]: row[1:] for row in conn.execute(
+        _POSTS, _posts_params(unique, sender_phases), prepare=False)}
+    for i, n in answered_by:
         try:
-            results[i] = _posted(cursor.fetchone(), posts[i], sender_phases)
+            message, created = _posted(rows.get(n + 1), posts[i], sender_phases)  # ord from 1
         except StoreError as e:
             results[i] = e
+        else:  # a repeated client message id replays the first post's message
+            results[i] = (message, created and i == first[n])
     return results
 
 
-def _post_params(post: Post, sender_phases: Sequence[str]) -> dict:
-    """The statement's parameters; ValueError for text PostgreSQL can not store."""
+def _check_text(post: Post) -> None:
+    """ValueError for text PostgreSQL can not store."""
     if "\x00" in post.body or "\x00" in post.client_message_id:
         raise ValueError("text must not contain NUL characters")  # PostgreSQL can not store it
     try:
@@ -229,15 +273,23 @@ def _post_params(post: Post, sender_phases: Sequence[str]) -> dict:
         post.client_message_id.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    return {"cid": post.conversation_id, "sender": post.sender_account_id,
-            "client_id": post.client_message_id, "body": post.body, "now": post.now_ms,
-            "message_id": post.message_id or uuid.uuid4(),
-            "legacy_phases": list(LEGACY_CLIENT_PHASES),
-            "channel": OUTBOX_CHANNEL, "phases": list(sender_phases)}
 
 
-def _posted(row: tuple | None, post: Post, sender_phases: Sequence[str]) -> tuple[Message, bool]:
-    """The statement's one row as ``(message, created)``, or the refusal it names."""
+def _posts_params(posts: Sequence[Post], sender_phases: Sequence[str]) -> dict:
+    """The statement's parameters for *posts* (their text checked already)."""
+    return {"cids": [p.conversation_id for p in posts],
+            "senders": [p.sender_account_id for p in posts],
+            "client_ids": [p.client_message_id for p in posts],
+            "bodies": [p.body for p in posts],
+            "message_ids": [p.message_id or uuid.uuid4() for p in posts],
+            "nows": [p.now_ms for p in posts], "phases": list(sender_phases),
+            "legacy_phases": list(LEGACY_CLIENT_PHASES), "channel": OUTBOX_CHANNEL}
+
+
+def _posted(row: tuple | None, post: Post, sender_phases: Sequence[str]
+            ) -> tuple[Message, bool]:
+    """A post's row of the statement as ``(message, created)``, or the refusal it names
+    (no row: its conversation was not there to lock)."""
     status = row[0] if row is not None else "not_found"
     if status == "no_account":
         raise UnknownAccount(f"no account {post.sender_account_id}")
@@ -252,13 +304,14 @@ def _posted(row: tuple | None, post: Post, sender_phases: Sequence[str]) -> tupl
 
 
 def _execute_atomically(conn: psycopg.Connection, statement: str,
-                        params: dict) -> tuple | None:
-    """Run one statement so that a failure undoes all of it and leaves *conn* usable: on its
-    own on an idle autocommit connection, else in a (sub)transaction of its own."""
+                        params: dict) -> list[tuple]:
+    """Run one statement, unprepared, so that a failure undoes all of it and leaves *conn*
+    usable: on its own on an idle autocommit connection, else in a (sub)transaction of its
+    own."""
     if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        return conn.execute(statement, params).fetchone()
+        return conn.execute(statement, params, prepare=False).fetchall()
     with conn.transaction():
-        return conn.execute(statement, params).fetchone()
+        return conn.execute(statement, params, prepare=False).fetchall()
 
 
 def sync_messages(conn: psycopg.Connection, conversation_id: uuid.UUID, after_seq: int,

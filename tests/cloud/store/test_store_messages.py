@@ -10,6 +10,7 @@ import uuid
 import psycopg
 import pytest
 
+from cloud.store import conversations as conversations_store
 from cloud.store import messages as messages_store
 from cloud.store.errors import NotFound, NotMember, PhaseRefused, UnknownAccount
 from cloud.store.messages import Post
@@ -165,10 +166,12 @@ def wait_until_blocked(observer: psycopg.Connection, thread: threading.Thread) -
     raise AssertionError("the racing post never waited for the lock")
 
 
-def test_notify_wakes_for_a_conversations_first_waiting_row_only(conn, db_dsn):
+@pytest.mark.parametrize("batched", [False, True])
+def test_notify_wakes_for_a_conversations_first_waiting_row_only(conn, db_dsn, batched):
     """A post NOTIFYs when its outbox row is the only one of its conversation waiting for a
     claim; behind an unclaimed row it does not (that row's wake covers both); behind rows
-    that are claimed, it does again."""
+    that are claimed, it does again. The posts of a batch (post_messages) count as posted
+    one after another: its first row of a conversation may wake, the others do not."""
     a, b = make_account(conn, "alice"), make_account(conn, "bob", "legacy")
     first, second = make_conversation(conn, a, b), make_conversation(conn, a, b)
     with psycopg.connect(db_dsn, autocommit=True) as listener:
@@ -186,15 +189,25 @@ def test_notify_wakes_for_a_conversations_first_waiting_row_only(conn, db_dsn):
                 got.append(n.payload)
             raise AssertionError(f"no wake for the marker post, only {got}")
 
-        tx(conn, messages_store.post_message, first, a, "c-1", "x", NOW)
-        tx(conn, messages_store.post_message, first, a, "c-2", "x", NOW)  # behind c-1
-        tx(conn, messages_store.post_message, second, a, "m-1", "x", NOW)
-        assert woken_until_marker() == [str(first), str(second)]
+        def post(*posts: tuple[uuid.UUID, str, int]) -> None:
+            """(conversation, client message id, now) posts by alice, one by one or as a
+            batch."""
+            if batched:
+                results = tx(conn, messages_store.post_messages,
+                             [Post(cid, a, client_id, "x", now) for cid, client_id, now in posts])
+                assert all(created for _, created in results)
+            else:
+                for cid, client_id, now in posts:
+                    tx(conn, messages_store.post_message, cid, a, client_id, "x", now)
+
+        post((first, "c-1", NOW), (first, "c-2", NOW), (second, "m-1", NOW))  # c-2 behind c-1
+        # a batch wakes in conversation id order (each wake of a transaction once, at commit)
+        both = sorted([first, second]) if batched else [first, second]
+        assert woken_until_marker() == [str(c) for c in both]
         conn.execute("UPDATE outbox_to_legacy SET claimed_until_ms = %s "
                      "WHERE conversation_id = %s", (NOW + 60_000, first))
-        tx(conn, messages_store.post_message, first, a, "c-3", "x", NOW)  # behind claimed
-        tx(conn, messages_store.post_message, second, a, "m-2", "x", NOW)  # behind m-1
-        tx(conn, messages_store.post_message, second, a, "m-3", "x", NOW + 1)
+        # c-3 behind claimed rows, m-2 and m-3 behind m-1
+        post((first, "c-3", NOW), (second, "m-2", NOW), (second, "m-3", NOW + 1))
         assert woken_until_marker() == [str(first)]
     assert table_rows(conn, "outbox_to_legacy") == 8
 
@@ -217,3 +230,75 @@ def test_posts_in_one_transaction_each_get_what_post_message_would_give(conn):
     assert isinstance(results[6], ValueError) and isinstance(results[7], NotFound)
     assert table_rows(conn, "messages") == 4 and table_rows(conn, "notifications") == 4
     assert table_rows(conn, "outbox_to_legacy") == 4  # members in phase dual
+
+
+def test_a_batch_answers_a_repeated_client_message_id_as_it_answered_the_first(conn):
+    """In post_messages, a repeat of a client message id gets what its first post got: the
+    message stored before (replayed), the message the batch created (replayed), or the
+    same refusal; a post refused for its text is no first post (the next one is)."""
+    a, b, c = make_account(conn, "alice"), make_account(conn, "bob"), make_account(conn, "cy")
+    ab = make_conversation(conn, a, b)
+    stored, _ = tx(conn, messages_store.post_message, ab, a, "old", "stored", NOW)
+    posts = [Post(ab, a, "old", "again", NOW), Post(ab, a, "new", "nul \x00", NOW),
+             Post(ab, a, "new", "valid", NOW), Post(ab, c, "z", "not a member", NOW),
+             Post(ab, a, "old", "and again", NOW), Post(ab, a, "new", "repeat", NOW),
+             Post(ab, c, "z", "still not", NOW)]
+    results = tx(conn, messages_store.post_messages, posts)
+    assert results[0] == (stored, False) and results[4] == (stored, False)
+    assert isinstance(results[1], ValueError)
+    created, fresh = results[2]
+    assert fresh and (created.seq, created.body) == (2, "valid")
+    assert results[5] == (created, False)
+    assert isinstance(results[3], NotMember) and isinstance(results[6], NotMember)
+    assert table_rows(conn, "messages") == 2 and table_rows(conn, "notifications") == 2
+
+
+def _blocks_read(conn: psycopg.Connection) -> int:
+    """Blocks of the store's tables and indexes read so far by this backend (counted since
+    its statistics were last reported, which is never inside a transaction)."""
+    return conn.execute(
+        "SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid)) FROM pg_class c "
+        "WHERE c.relnamespace = current_schema()::regnamespace "
+        "AND c.relkind IN ('r', 'i')").fetchone()[0]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_posts_cost_does_not_grow_with_the_history_written_after_its_first_posts(
+        conn, batched):
+    """Posts on one connection that began on an empty store: after thousands of messages
+    with pending outbox rows come (and no ANALYZE), a post reads about the blocks it read
+    before. Its plan is made for the tables as they are: the generic plan of a prepared
+    statement, made while they were empty, walked every pending outbox row ahead of the
+    post's conversation in the index for each post (here all of them: the history's
+    conversation sorts first)."""
+    a, b = make_account(conn, "alice"), make_account(conn, "bob")
+    cid = make_conversation(conn, a, b)
+    history = uuid.UUID(int=1)
+    tx(conn, conversations_store.create_conversation, history, [a, b])
+
+    def post(client_id: str) -> int:
+        with conn.transaction():
+            before = _blocks_read(conn)
+            if batched:
+                [(_, created)] = messages_store.post_messages(
+                    conn, [Post(cid, a, client_id, "x", NOW)])
+            else:
+                _, created = messages_store.post_message(conn, cid, a, client_id, "x", NOW)
+            assert created
+            return _blocks_read(conn) - before
+
+    # enough posts for psycopg to prepare a statement, which PostgreSQL then plans generically
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    early = max(post(f"early-{i}") for i in range(8))
+    conn.execute(
+        "WITH m AS (INSERT INTO messages (conversation_id, seq, message_id, "
+        "  sender_account_id, sender_handle, sent_ms, body, origin, client_message_id) "
+        "  SELECT %(history)s, g, gen_random_uuid(), %(a)s, 'alice', %(now)s, 'history', "
+        "         'cloud', 'h-' || g FROM generate_series(1, 5000) g "
+        "  RETURNING conversation_id, seq, message_id) "
+        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+        "SELECT conversation_id, seq, message_id, %(now)s FROM m",
+        {"history": history, "a": a, "now": NOW})
+    late = post("late")
+    conn.execute("RESET plan_cache_mode")
+    assert late <= early + 10, (early, late)
