@@ -60,7 +60,6 @@ from cloud import embedded  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
 from cloud.store import coordination as coordination_store  # noqa: E402
 from cloud.store import messages as messages_store  # noqa: E402
-from cloud.store.outbox import OUTBOX_CHANNEL  # noqa: E402
 
 BASE_PORT = 47900
 SUPERNODES = 4
@@ -344,23 +343,9 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
 #: supernodes by their chat ids
 TO_LEGACY_CONVERSATIONS = 200
 
-#: The lag load: conversations get one message each per statement, and statements run
-#: every LOAD_TICK_S (this many rows per tick / per statement at most).
+#: The lag load: conversations get one message each per batch, and batches are posted
+#: every LOAD_TICK_S (this many posts per tick / per batch at most).
 LOAD_TICK_S = 0.05
-
-_BULK_POST = (
-    "WITH load AS (SELECT * FROM unnest(%(cids)s::uuid[], %(senders)s::uuid[], "
-    "  %(handles)s::text[]) AS l(conversation_id, sender, handle)), "
-    "bumped AS (UPDATE conversations c SET next_seq = c.next_seq + 1 FROM load l "
-    "  WHERE c.conversation_id = l.conversation_id "
-    "  RETURNING c.conversation_id, c.next_seq - 1 AS seq, l.sender, l.handle), "
-    "posted AS (INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
-    "  sender_handle, sent_ms, body, origin, client_message_id) "
-    "  SELECT conversation_id, seq, gen_random_uuid(), sender, handle, %(now)s, "
-    "         repeat('y', 80), 'cloud', gen_random_uuid()::text FROM bumped "
-    "  RETURNING conversation_id, seq, message_id) "
-    "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
-    "SELECT conversation_id, seq, message_id, %(now)s FROM posted")
 
 
 @contextlib.contextmanager
@@ -389,30 +374,28 @@ def loaded_outbox(server: str, n: int) -> Iterator[tuple[str, list[tuple]]]:
 
 
 def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
-    """Post *rate* cloud messages per second for *seconds* (one statement per tick, each
-    message with its outbox row, then a NOTIFY, as ``post_message`` does; the store's own
-    path costs a few ms per message in one Python thread, too slow to make the load), sent
-    at the wall clock's ms so the workers' lag histograms measure post to Ack; returns
-    how many were posted."""
+    """Post *rate* cloud messages per second for *seconds*, through the store's own path
+    (``post_messages``, the API batcher's: one statement per tick writes each message, its
+    notification and outbox rows, and the NOTIFY), sent at the wall clock's ms so the
+    workers' lag histograms measure post to Ack; returns how many were posted."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        handles = dict(conn.execute(
-            "SELECT mb.conversation_id, a.handle FROM members mb JOIN accounts a "
-            "USING (account_id) WHERE mb.account_id = ANY(%s)",
-            ([sender for _, sender, _ in convs],)).fetchall())
         posted, nxt = 0, 0
         start = time.monotonic()
         while time.monotonic() - start < seconds:
-            # what is due by now, at most one message per conversation per statement
+            # what is due by now, at most one message per conversation per batch
             k = min(int(rate * (time.monotonic() - start)) - posted, len(convs))
             if k > 0:
-                batch = [convs[(nxt + j) % len(convs)] for j in range(k)]
+                now_ms = int(time.time() * 1000)
+                posts = []
+                for j in range(k):
+                    cid, sender, _ = convs[(nxt + j) % len(convs)]
+                    posts.append(messages_store.Post(cid, sender, f"load-{posted + j}",
+                                                     "y" * 80, now_ms))
                 nxt = (nxt + k) % len(convs)
-                with conn.transaction():
-                    conn.execute(_BULK_POST, {
-                        "cids": [c for c, _, _ in batch], "senders": [s for _, s, _ in batch],
-                        "handles": [handles[c] for c, _, _ in batch],
-                        "now": int(time.time() * 1000)})
-                    conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+                refused = [r for r in messages_store.post_messages(conn, posts)
+                           if not isinstance(r, tuple)]
+                if refused:
+                    raise RuntimeError(f"posting the lag load failed: {refused[0]!r}")
                 posted += k
             time.sleep(LOAD_TICK_S)
     return posted
