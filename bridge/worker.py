@@ -28,10 +28,10 @@ from bridge.faults import p99_ms, percentile_ms, split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
 from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
+from bridge.ops import store_metrics
 from bridge.presence import PresenceMirror
 from cloud import admin
 from cloud.db import TransactionRunner
-from cloud.store import accounts as accounts_store
 from cloud.store import coordination as coordination_store
 from legacy import wire
 from legacy.network import Network
@@ -140,6 +140,7 @@ class BridgeWorker(MultiService):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
+        store_metrics.PHASE_CHANGES.reset()  # this worker counts its store's audit log anew
         self._discover_soon(0)
         self._heartbeat_soon(0)
         if self.config.accounts_sync_s > 0:
@@ -429,12 +430,14 @@ class BridgeWorker(MultiService):
         def ok(_: Any) -> Any:
             self.db_ok = True
             m.LEASES_HELD.set(len(self.followers))
-            return self.db.run("accounts_by_phase",
-                               accounts_store.accounts_by_phase).addCallback(publish_phases)
+            # the migration as the store has it (bridge.ops.store_metrics): bounded reads
+            return self.db.run("read_store_metrics", store_metrics.read_store,
+                               int(self.clock.seconds() * 1000),
+                               store_metrics.PHASE_CHANGES.low_id()
+                               ).addCallbacks(store_metrics.publish, metrics_failed)
 
-        def publish_phases(counts: dict[str, int]) -> None:
-            for phase, n in counts.items():
-                m.ACCOUNTS_BY_PHASE.labels(phase=phase).set(n)
+        def metrics_failed(f: Any) -> None:
+            log.warn("reading the store's metrics failed: {e}", e=f.getErrorMessage())
 
         def failed(f: Any) -> None:
             if self.db_ok:

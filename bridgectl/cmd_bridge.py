@@ -7,7 +7,6 @@ import gc
 import os
 import random
 import socket
-import sys
 from typing import Any
 
 from bridgectl import options, runtime
@@ -42,6 +41,7 @@ def add_commands(sub: Any) -> None:
     options.add_peer_secret_option(run)
     run.add_argument("--duration", type=options.number, metavar="S",
                      help="stop after S seconds (default: run until Ctrl-C / SIGTERM)")
+    options.add_log_format_option(run)
     run.set_defaults(handler=cmd_bridge_run)
 
 
@@ -105,12 +105,11 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         where_host, where_port = operations.address()
-        print(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
-              f"metrics on http://{where_host}:{where_port}/metrics; "
-              f"status page on http://{where_host}:{where_port}/status",
-              file=sys.stderr, flush=True)
+        runtime.say(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
+                    f"metrics on http://{where_host}:{where_port}/metrics; "
+                    f"status page on http://{where_host}:{where_port}/status")
         await stop_signal
-        print("bridge: draining in-flight batches", file=sys.stderr, flush=True)
+        runtime.say("bridge: draining in-flight batches")
         await services.stopService()
         return {
             "worker_id": worker_id,
@@ -118,6 +117,6 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
             "mirrored_to_legacy": getattr(worker.injector, "injected", 0),
             "feeds": len(worker.followers)}
 
-    runtime.log_to_stderr()
+    runtime.log_to_stderr(args.log_format)
     print_summary(runtime.run_until_stopped(serve_worker, args.duration), False)
     return EXIT_OK

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from typing import Any
 
 from bridge import state
@@ -46,6 +45,7 @@ def add_commands(sub: Any) -> None:
                       help="seed of the simulated gateway's choices (default 1)")
     crun.add_argument("--duration", type=options.number, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
+    options.add_log_format_option(crun)
     crun.set_defaults(handler=cmd_cloud_run)
 
     clients = csub.add_parser("clients", help="simulated cloud devices against a running API",
@@ -112,12 +112,12 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
             service.setServiceParent(services)
         await services.start()
         host, port = http.address()
-        print(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
-              f"database: {origin}", file=sys.stderr, flush=True)
+        runtime.say(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
+                    f"database: {origin}")
         await stop_signal
         await services.stopService()
 
-    runtime.log_to_stderr()
+    runtime.log_to_stderr(args.log_format)
     runtime.run_until_stopped(serve_api, args.duration)
     return EXIT_OK
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import secrets
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ def add_commands(sub: Any) -> None:
     run.add_argument("--metrics-port", type=options.port, metavar="P",
                      help="serve the network's /metrics, /healthz and /readyz on "
                           "127.0.0.1:P (0: any free port; default: not served)")
+    options.add_log_format_option(run)
     run.set_defaults(handler=cmd_legacy_run)
 
     sim = lsub.add_parser("simulate", help="run the network in memory, deterministically",
@@ -110,15 +110,13 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
 
         def listening(dep: Any) -> None:
             last = config.base_port + config.supernodes - 1
-            print(f"legacy network up: login server 127.0.0.1:{dep.login.port}, "
-                  f"{config.supernodes} supernodes on 127.0.0.1:{config.base_port}-{last}",
-                  file=sys.stderr, flush=True)
+            runtime.say(f"legacy network up: login server 127.0.0.1:{dep.login.port}, "
+                        f"{config.supernodes} supernodes on 127.0.0.1:{config.base_port}-{last}")
 
             def progress() -> None:
                 s = dep.stats
-                print(f"  t={reactor.seconds() - dep.started_at:6.0f}s sent={len(s.sent)} "
-                      f"acked={len(s.acked)} delivered={len(s.delivered)}",
-                      file=sys.stderr, flush=True)
+                runtime.say(f"  t={reactor.seconds() - dep.started_at:6.0f}s sent={len(s.sent)} "
+                            f"acked={len(s.acked)} delivered={len(s.delivered)}")
             loop = task.LoopingCall(progress)
             loop.clock = reactor
             loop.start(10.0, now=False)
@@ -133,8 +131,8 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
             metrics = runtime.TCPListener(reactor, args.metrics_port,
                                           operations_site(lambda: [], reactor))
             metrics.startService()  # a port in use: CannotListenError, one line, exit 1
-            print(f"legacy network metrics on http://127.0.0.1:{metrics.address()[1]}/metrics",
-                  file=sys.stderr, flush=True)
+            runtime.say(
+                f"legacy network metrics on http://127.0.0.1:{metrics.address()[1]}/metrics")
         try:
             # a fresh run id: epochs never repeat those of an earlier run with this seed
             return await run_tcp(reactor, config, peer_secret=peer_secret,
@@ -146,7 +144,7 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
             if metrics is not None:
                 await metrics.stopService()
 
-    runtime.log_to_stderr()
+    runtime.log_to_stderr(args.log_format)
     # With a duration of its own the run heals and ends by itself; Ctrl-C then stops the
     # reactor without waiting for it, as before.
     summary = runtime.run_until_stopped(serve_network,
@@ -165,7 +163,7 @@ def run_control_commands(directory: Path, dep: Any) -> None:
         except (OSError, ValueError, TypeError, KeyError) as e:
             done = f"refused {path.name}: {e}"
         path.unlink(missing_ok=True)
-        print(f"control: {done}", file=sys.stderr, flush=True)
+        runtime.say(f"control: {done}")
 
 
 def _write_json_atomically(path: Path, payload: Any) -> None:

@@ -33,6 +33,7 @@ from bridgectl import (
     cmd_reconcile,
     cmd_simulate,
     cmd_status,
+    runtime,
 )
 from bridgectl.errors import (  # noqa: F401 - the exit codes, for callers of main()
     EXIT_FAILURE,
@@ -87,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (UsageError, RuntimeFailure, state.StateError) as e:
-        print(f"bridgectl: error: {e}", file=sys.stderr)
+        # one line; a JSON log event once a command logs JSON (--log-format json)
+        runtime.say(f"bridgectl: error: {e}", error=True)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -82,6 +82,14 @@ def add_dsn_option(sp: argparse.ArgumentParser) -> None:
                          "embedded server under $BRIDGE_HOME)")
 
 
+def add_log_format_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--log-format", choices=("text", "json"), default="text",
+                    metavar="FORMAT",
+                    help="how stderr logs: text lines (default), or json: one JSON object "
+                         "per line (Twisted's jsonFileLogObserver, plus text), for a log "
+                         "shipper")
+
+
 def add_peer_secret_option(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--peer-secret-file", type=Path, metavar="FILE",
                     help="shared secret for privileged peers (default: from $BRIDGE_HOME)")

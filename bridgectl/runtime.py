@@ -15,6 +15,7 @@ A failure of the run (a port in use, an unreachable peer) becomes ``RuntimeFailu
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -28,10 +29,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEvent,
     globalLogBeginner,
+    jsonFileLogObserver,
     textFileLogObserver,
 )
 
@@ -188,24 +192,75 @@ def on_signal(reactor: Any, signum: int, fn: Callable[[], Any]) -> None:
     signal.signal(signum, lambda _signum, _frame: reactor.callFromThread(fn))
 
 
-def log_to_stderr() -> None:
+#: ``--log-format``: ``text`` lines, or ``json``: one JSON object per line.
+LOG_FORMATS = ("text", "json")
+#: whether logging began in JSON (``say`` then logs rather than prints)
+_json_logging = False
+_say = Logger(namespace="bridgectl")
+
+
+def log_to_stderr(log_format: str = "text") -> None:
     """Log to stderr: ours at info (e.g. why a connection was closed), Twisted's at warn."""
-    log_to_stream(sys.stderr)
+    log_to_stream(sys.stderr, log_format=log_format)
 
 
-def log_to_stream(stream: TextIO, *, stdlib_too: bool = False) -> None:
+def log_to_stream(stream: TextIO, *, stdlib_too: bool = False, log_format: str = "text"
+                  ) -> None:
     """Log to *stream*: ours at info, Twisted's at warn (and, with *stdlib_too*, the
-    standard library's warnings, e.g. psycopg_pool's reconnect messages)."""
-    if stdlib_too:
-        import logging
+    standard library's warnings, e.g. psycopg_pool's reconnect messages).
 
-        handler = logging.StreamHandler(stream)
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s#%(levelname)s] "
-                                               "%(message)s"))
+    *log_format* ``json`` writes each event as one line of JSON (Twisted's
+    ``jsonFileLogObserver``, without its record separator, plus ``text``: the formatted
+    message), and sends the standard library's warnings through the same observer, so a log
+    shipper can read every line."""
+    global _json_logging
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+    if stdlib_too or log_format == "json":
+        if log_format == "json":
+            handler: logging.Handler = _StdlibToTwisted()
+        else:
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s#%(levelname)s] "
+                                                   "%(message)s"))
         logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     for ns in ("servicekit", "legacy", "cloud", "bridge", "reconcilers", "drills",
                "bridgectl"):
         levels.setLogLevelForNamespace(ns, LogLevel.info)
-    observer = FilteringLogObserver(textFileLogObserver(stream), [levels])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if log_format == "json":
+        base: ILogObserver = _with_text(jsonFileLogObserver(stream, recordSeparator=""))
+    else:
+        base = textFileLogObserver(stream)
+    _json_logging = log_format == "json"
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(base, [levels])],
+                                     redirectStandardIO=False)
+
+
+def _with_text(observer: ILogObserver) -> ILogObserver:
+    """*observer*, given each event with ``text``: its message formatted (a copy: other
+    observers see the event as it was)."""
+    def observe(event: dict) -> None:
+        observer({**event, "text": formatEvent(event)})
+    return observe
+
+
+def say(message: str, *, error: bool = False) -> None:
+    """A line for the operator on stderr (``listening on ...``): printed as it is with text
+    logs, logged (namespace ``bridgectl``) with JSON logs, so every line stays JSON."""
+    if _json_logging:
+        (_say.error if error else _say.info)("{message}", message=message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+class _StdlibToTwisted(logging.Handler):
+    """A ``logging`` handler that hands records to Twisted's logger (JSON logs)."""
+
+    LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
+              logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error,
+              logging.CRITICAL: LogLevel.critical}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        Logger(namespace=record.name).emit(self.LEVELS.get(record.levelno, LogLevel.warn),
+                                           "{message}", message=record.getMessage())

@@ -148,7 +148,8 @@ FEEDS_CONNECTED = Gauge(
     "bridge_feeds_connected", "Supernode feeds this worker is subscribed to.")
 LEASES_HELD = Gauge("bridge_leases_held", "Feed leases this worker holds.")
 ACCOUNTS_BY_PHASE = Gauge(
-    "bridge_accounts", "Cloud accounts per migration phase (refreshed with each heartbeat).",
+    "bridge_accounts_by_phase",
+    "Cloud accounts per migration phase (refreshed with each heartbeat).",
     ["phase"])
 GC_FROZEN = Gauge(
     "bridge_gc_frozen_objects",

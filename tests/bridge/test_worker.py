@@ -47,7 +47,7 @@ def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
                        "WHERE worker_id = 'w1'").fetchone()
     assert row == ("ready", 10, 5)
     sample = REGISTRY.get_sample_value
-    assert sample("bridge_accounts", {"phase": "legacy"}) == 2  # alice and bob
+    assert sample("bridge_accounts_by_phase", {"phase": "legacy"}) == 2  # alice and bob
     assert sample("bridge_leases_held") == 5
     net.wait(worker.stopService())
     assert conn.execute("SELECT state FROM bridge_workers").fetchone() == ("stopped",)

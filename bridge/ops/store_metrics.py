@@ -1,0 +1,174 @@
+"""Metrics a bridge worker reads from the store on each heartbeat: the migration as a whole.
+
+The CLI commands that change phases or findings (``migrate``, ``cohort``, ``findings``,
+``freeze``) exit once they are done, so a counter kept in their process would never be
+scraped. What they change is in the store, and the long-running bridge worker reads it
+back on its heartbeat (every ``heartbeat_s``), each read bounded:
+
+- ``bridge_accounts_by_phase{phase}``: accounts per phase, every phase (0 included).
+- ``bridge_findings_open{kind}``: open findings per kind, every known kind (0 included);
+  the count uses the partial index on open findings.
+- ``bridge_migration_frozen`` and ``bridge_migration_freeze_set_timestamp_seconds``: the
+  freeze (``bridgectl freeze``) and when it was set.
+- ``bridge_workers_live``: bridge workers whose heartbeat is recent, as the gates count them.
+- ``bridge_phase_changes_total{from,to}``: the ``phase_change`` rows of ``audit_log``,
+  counted by this worker. It reads the rows after the last one it counted, at most
+  ``PHASE_CHANGE_BATCH`` per heartbeat, so a worker starting on a long history catches up
+  over several heartbeats; the series appear only once it has (until then a ``rate()``
+  would see the whole history as one burst). Once caught up, the last ``LATE_WINDOW`` ids
+  are read again, so a move whose transaction committed after later audit rows were written is still
+  counted once. Every worker counts the same rows: take ``max``, not ``sum``. The count is
+  the process's (one worker per process): a worker starting counts again from the start.
+
+Nothing here reads the wall clock: the live-worker cut-off uses the worker's injected
+clock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import attrs
+import psycopg
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from bridge.ops import metrics as m
+from cloud import admin
+from cloud.model import PHASES
+from cloud.store import accounts as accounts_store
+from cloud.store import controls
+from cloud.store.findings import FINDING_KINDS
+
+#: Most ``phase_change`` audit rows one heartbeat reads.
+PHASE_CHANGE_BATCH = 50_000
+#: Audit ids below the highest counted one that are read again (late commits).
+LATE_WINDOW = 1_000
+
+FINDINGS_OPEN = Gauge(
+    "bridge_findings_open",
+    "Findings in state open, per kind (the whole store, refreshed with each heartbeat).",
+    ["kind"])
+MIGRATION_FROZEN = Gauge(
+    "bridge_migration_frozen",
+    "1 while the migration freeze (bridgectl freeze on) holds every promotion, else 0.")
+FREEZE_SET = Gauge(
+    "bridge_migration_freeze_set_timestamp_seconds",
+    "When the migration freeze that is on was set (0: no freeze).")
+WORKERS_LIVE = Gauge(
+    "bridge_workers_live",
+    "Bridge workers with a heartbeat within the liveness window, as the store has them.")
+for _kind in FINDING_KINDS:
+    FINDINGS_OPEN.labels(kind=_kind)
+
+
+class PhaseChanges(Collector):
+    """``bridge_phase_changes_total{from,to}``: ``phase_change`` audit rows, counted once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything counted (a new worker, or a test's fresh store)."""
+        with self._lock:
+            self.counts: dict[tuple[str, str], int] = {}
+            self.high = 0  # the highest audit id counted
+            self.recent: set[int] = set()  # counted ids within LATE_WINDOW of high
+            self.caught_up = False
+
+    def low_id(self) -> int:
+        """Read audit ids above this one next: the last counted one while catching up (a
+        transaction still open holds an id near the end of the log, not in the middle), and
+        ``LATE_WINDOW`` ids before it once caught up."""
+        with self._lock:
+            return max(0, self.high - LATE_WINDOW) if self.caught_up else self.high
+
+    def add(self, rows: Sequence[tuple[int, str, str]], *, complete: bool) -> None:
+        """Count *rows* (audit id, from, to) not counted yet; *complete*: the read reached the
+        end of the log (fewer rows than its limit), so the totals are whole."""
+        with self._lock:
+            for audit_id, from_phase, to_phase in rows:
+                if audit_id in self.recent or audit_id <= self.high - LATE_WINDOW:
+                    continue
+                key = (from_phase, to_phase)
+                self.counts[key] = self.counts.get(key, 0) + 1
+                self.recent.add(audit_id)
+                self.high = max(self.high, audit_id)
+            floor = self.high - LATE_WINDOW
+            self.recent = {i for i in self.recent if i > floor}
+            self.caught_up = self.caught_up or complete
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "bridge_phase_changes", "Account phase changes applied (migrate, cohort), from "
+            "the audit log's phase_change rows; every worker counts them all.",
+            labels=["from", "to"])
+        with self._lock:
+            if self.caught_up:
+                pairs = {(a, b): 0 for a in PHASES for b in PHASES if a != b}
+                pairs.update(self.counts)
+                for (a, b), n in sorted(pairs.items()):
+                    family.add_metric([a, b], n)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("bridge_phase_changes", "", labels=["from", "to"])
+
+
+PHASE_CHANGES = PhaseChanges()
+REGISTRY.register(PHASE_CHANGES)
+
+
+@attrs.frozen
+class StoreReading:
+    """One heartbeat's read of the store (one transaction)."""
+
+    accounts_by_phase: dict[str, int]
+    findings_open: dict[str, int]
+    freeze: controls.Freeze | None
+    workers_live: int
+    phase_changes: list[tuple[int, str, str]]
+    phase_changes_complete: bool
+
+
+def read_store(conn: psycopg.Connection, now_ms: int, after_id: int,
+               limit: int = PHASE_CHANGE_BATCH) -> StoreReading:
+    """Everything the gauges show, and the ``phase_change`` audit rows above *after_id*
+    (at most *limit*, in id order; *limit* must exceed ``LATE_WINDOW``, or re-reading the
+    window could fill every read and the count would never move on)."""
+    if limit <= LATE_WINDOW:
+        raise ValueError(f"limit must exceed LATE_WINDOW ({LATE_WINDOW})")
+    findings = dict.fromkeys(FINDING_KINDS, 0)
+    for kind, n in conn.execute("SELECT kind, count(*) FROM reconcile_findings "
+                                "WHERE state = 'open' GROUP BY 1"):
+        findings[kind] = n
+    rows = conn.execute(
+        "SELECT audit_id, detail->>'from', detail->>'to' FROM audit_log "
+        "WHERE audit_id > %s AND action = 'phase_change' ORDER BY audit_id LIMIT %s",
+        (after_id, limit)).fetchall()
+    return StoreReading(
+        accounts_store.accounts_by_phase(conn), findings, controls.read_freeze(conn),
+        len(admin.live_workers(conn, now_ms)),
+        [(i, a or "unknown", b or "unknown") for i, a, b in rows], len(rows) < limit)
+
+
+def publish(reading: StoreReading) -> None:
+    """Set the gauges and count the new phase changes from *reading*."""
+    for phase, n in reading.accounts_by_phase.items():
+        m.ACCOUNTS_BY_PHASE.labels(phase=phase).set(n)
+    for kind, n in reading.findings_open.items():
+        FINDINGS_OPEN.labels(kind=kind).set(n)
+    shown = {labels["kind"] for labels in _label_sets(FINDINGS_OPEN)}
+    for kind in shown - set(reading.findings_open):  # a kind no longer open anywhere
+        FINDINGS_OPEN.labels(kind=kind).set(0)
+    MIGRATION_FROZEN.set(0 if reading.freeze is None else 1)
+    FREEZE_SET.set(0 if reading.freeze is None else reading.freeze.set_ms / 1000)
+    WORKERS_LIVE.set(reading.workers_live)
+    PHASE_CHANGES.add(reading.phase_changes, complete=reading.phase_changes_complete)
+
+
+def _label_sets(gauge: Gauge) -> list[dict[str, str]]:
+    return [s.labels for family in gauge.collect() for s in family.samples]
