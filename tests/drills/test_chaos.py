@@ -88,6 +88,7 @@ def run_scenario(db_server: str, tmp_path, name: str, *, duration: int, supernod
 
 
 @pytest.mark.db
+@pytest.mark.processes
 def test_pause_worker_scenario_passes_on_real_processes(db_server, tmp_path):
     """Two workers, one SIGKILLed and one paused past its lease: nothing lost or doubled,
     and the paused one noticed it was fenced off (the bounded subset of make chaos)."""
@@ -118,6 +119,7 @@ def test_reconcile_crash_wants_every_run_to_exit_0_3_or_4_within_its_deadline():
 
 
 @pytest.mark.db
+@pytest.mark.processes
 def test_reconcile_crash_scenario_passes_on_real_processes(db_server, tmp_path):
     """Cron-like reconcile runs and one by hand while 30% of 10 supernodes crash: each run
     exits 0, 3 or 4 within its deadline, and the final one is clean with nothing lost (in
@@ -133,6 +135,7 @@ def test_reconcile_crash_scenario_passes_on_real_processes(db_server, tmp_path):
 
 
 @pytest.mark.db
+@pytest.mark.processes
 def test_inject_kill_scenario_passes_on_real_processes(db_server, tmp_path):
     """Every worker SIGKILLed while an injection batch is in flight, four times: nothing
     lost or duplicated, and each kill met rows under a live claim."""

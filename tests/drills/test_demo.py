@@ -33,6 +33,7 @@ def _with_password(dsn: str) -> tuple[str, str]:
 
 
 @pytest.mark.db
+@pytest.mark.processes
 def test_a_short_demo_converges(db_server, tmp_path):
     """Small sizes, light faults (one bridge SIGKILL, push loss): the JSON says converged,
     nothing lost or duplicated, both directions mirrored, every notification settled; and
