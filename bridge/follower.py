@@ -22,7 +22,15 @@ store is slow, credit stops and the supernode stops sending: memory stays bounde
 window whatever the backlog (the legacy protocol's form of a paused producer).
 
 Frames whose origin is not ``legacy`` were injected by the bridge (or another privileged
-peer): they came from the cloud and are never mirrored back.
+peer): they came from the cloud and are never mirrored back. A batch of nothing but such
+echoed messages is credited at once, without a transaction: its checkpoint is written
+within ``echo_checkpoint_s``, or sooner with the next batch that mirrors something. Once most
+traffic starts on the cloud, most of a feed is echoes, and a commit per batch of them (a
+WAL flush each) cost the store more than the injections did; replaying echoes after a crash
+changes nothing.
+
+This module is long because the follower's states, its flow control and the commit path
+share one object's state; splitting them would pass that state around.
 """
 
 from __future__ import annotations
@@ -80,14 +88,16 @@ class FollowerConfig:
     window: int = 2000          # frames the supernode may send beyond the last commit
     max_batch: int = 500        # frames per transaction
     linger_s: float = 0.002     # wait this long for more frames before committing a batch
+    echo_checkpoint_s: float = 1.0  # an echo-only batch's checkpoint is written this late
     connect_timeout_s: float = 5.0
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.max_batch <= self.window:
             raise ValueError("max_batch must be between 1 and window")
-        if self.linger_s < 0 or self.connect_timeout_s <= 0:
-            raise ValueError("linger_s must be >= 0 and connect_timeout_s > 0")
+        if self.linger_s < 0 or self.connect_timeout_s <= 0 or self.echo_checkpoint_s < 0:
+            raise ValueError("linger_s and echo_checkpoint_s must be >= 0 and "
+                             "connect_timeout_s > 0")
 
 
 @attrs.define
@@ -174,6 +184,8 @@ class FeedFollower(Service):
         self._head: tuple[int, int] = (0, 0)
         self._committing: defer.Deferred | None = None
         self._linger: Any = None
+        #: the timer that writes a checkpoint only echoes moved (None: nothing unwritten)
+        self._echo_timer: Any = None
         self._loop: defer.Deferred | None = None
         self._sleeper = Sleeper(clock)  # retry and backoff waits, which a stop ends
         self._failures = 0
@@ -222,6 +234,11 @@ class FeedFollower(Service):
             self._commit()
             if self._committing is not None:
                 await self._committing
+        if self._echo_timer is not None and self.db_ok:
+            self._write_echo_checkpoint()  # a clean stop leaves no echo to replay either
+            if self._committing is not None:
+                await self._committing
+        self._cancel_echo_timer()
         if self.peer is not None:
             self.peer.disconnect()
         # what was not committed is replayed from the checkpoint by whoever follows next
@@ -240,6 +257,7 @@ class FeedFollower(Service):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._pending = None
+        self._cancel_echo_timer()
         self._sleeper.wake()
         if self.peer is not None:
             self.peer.disconnect()
@@ -394,11 +412,48 @@ class FeedFollower(Service):
         if self._pending.frames == 0 and not self._pending.gaps:
             return
         batch, self._pending = self._pending, None
+        if batch.frames == batch.loops and not batch.gaps and self.peer is not None:
+            self._pass_echoes(batch)
+            return
         d = defer.Deferred.fromCoroutine(self._write(batch))
         if not d.called:  # a runner that answers at once (tests) has finished already
             self._committing = d
 
+    def _pass_echoes(self, batch: FeedBatch) -> None:
+        """Credit a batch of nothing but echoed messages at once, with no transaction; its
+        checkpoint is written later (``_write_echo_checkpoint``) unless a batch that mirrors
+        something writes a later one first."""
+        self.checkpoint = FeedCheckpoint(batch.source, str(batch.epoch), batch.offset,
+                                         self.fence)
+        self.backlog -= batch.frames
+        if self.peer is not None:
+            self.peer.credit(batch.frames)
+        if self._echo_timer is None:
+            self._echo_timer = self.clock.callLater(self.config.echo_checkpoint_s,
+                                                    self._write_echo_checkpoint)
+
+    def _cancel_echo_timer(self) -> None:
+        if self._echo_timer is not None and self._echo_timer.active():
+            self._echo_timer.cancel()
+        self._echo_timer = None
+
+    def _write_echo_checkpoint(self) -> None:
+        """Write the checkpoint echoes moved, as a batch of no frames; a commit in flight or
+        a pending batch carries a later one anyway."""
+        self._cancel_echo_timer()
+        fenced_off = self.running and self.state is FollowerState.STOPPED
+        if fenced_off or self.checkpoint is None:
+            return
+        if self._committing is not None or self._pending is not None:
+            return  # their checkpoint is the later one
+        at = self.checkpoint
+        batch = FeedBatch(at.source, int(at.epoch), at.offset)
+        d = defer.Deferred.fromCoroutine(self._write(batch))
+        if not d.called:
+            self._committing = d
+
     async def _write(self, batch: FeedBatch) -> None:
+        self._cancel_echo_timer()  # this batch's checkpoint covers any echoes before it
         attempt = 0
         try:
             while True:

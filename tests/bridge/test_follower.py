@@ -309,3 +309,97 @@ def test_an_epoch_gap_on_a_wrapped_feed_records_the_new_epochs_prefix_too(conn):
             if isinstance(f, wire.FeedMessage)} <= mirrored
     assert not set(after) <= mirrored
     again.stop(net)
+
+
+class CountingDatabase:
+    """Counts the commits (``commit_plan`` transactions) that pass through."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.commits = inner, 0
+
+    def run(self, desc, fn, *args, **kwargs):
+        if fn.__name__ == "commit_plan":
+            self.commits += 1
+        return self.inner.run(desc, fn, *args, **kwargs)
+
+
+def inject_echoes(net, n: int, chat: str = "chat-1") -> None:
+    peer = net.peer(net.ring.home_of(chat))
+    ts = int(net.clock.seconds() * 1000)
+    net.wait(defer.gatherResults([peer.inject_message(
+        wire.ChatMessage(chat_id=chat, guid=f"cloud:echo-{i}", legacy_seq=0, sender="alice",
+                         ts_ms=ts, body="from the cloud", origin="cloud"), ("alice", "bob"))
+        for i in range(n)]))
+
+
+def test_echoes_are_credited_without_a_commit_and_checkpointed_later(net, conn):
+    """Injected messages coming back on the feed pass the credit window with no transaction
+    each; one checkpoint write covers them within echo_checkpoint_s."""
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, echo_checkpoint_s=2.0,
+                            retry=FAST.retry)
+    send_some(net, 5)
+    db = CountingDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, db, config).start()
+    net.run(2.0)
+    home = net.ring.home_of("chat-1")
+    feed = net.supernodes[home].mem.feed
+    before = db.commits
+    assert coordination_store.load_checkpoints(conn)[home].offset == feed.next_offset
+    inject_echoes(net, 120)  # more than the window: it passes only if credit comes back
+    net.run(1.0)
+    [sub] = net.supernodes[home].mem.feed_subs
+    assert sub.next == feed.next_offset  # every echo was sent: credit came without commits
+    assert db.commits == before
+    assert bridge.followers[home].checkpoint.offset == feed.next_offset
+    assert coordination_store.load_checkpoints(conn)[home].offset < feed.next_offset
+    net.run(1.5)  # past echo_checkpoint_s: one write of the checkpoint
+    assert db.commits == before + 1
+    assert coordination_store.load_checkpoints(conn)[home].offset == feed.next_offset
+    assert len(chat_messages(conn, "chat-1")) == 5  # nothing mirrored back
+    bridge.stop(net)
+
+
+def test_a_clean_stop_writes_the_checkpoint_echoes_moved(net, conn):
+    """A stop before echo_checkpoint_s still leaves the checkpoint at the feed's end."""
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, echo_checkpoint_s=60.0,
+                            retry=FAST.retry)
+    send_some(net, 5)
+    bridge = Bridge(net, InlineDatabase(conn), config).start()
+    net.run(2.0)
+    inject_echoes(net, 30)
+    net.run(0.5)
+    home = net.ring.home_of("chat-1")
+    assert coordination_store.load_checkpoints(conn)[home].offset < (
+        net.supernodes[home].mem.feed.next_offset)
+    bridge.stop(net)
+    assert coordination_store.load_checkpoints(conn)[home].offset == (
+        net.supernodes[home].mem.feed.next_offset)
+
+
+def test_a_legacy_message_after_echoes_commits_the_later_checkpoint(net, conn):
+    """A batch that mirrors something carries the echoes' checkpoint with its own: the
+    echo timer then writes nothing more."""
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, echo_checkpoint_s=5.0,
+                            retry=FAST.retry)
+    alice, bob = net.add_user("alice"), net.add_user("bob")
+    da, db_ = net.device(alice), net.device(bob)
+    net.online(da, db_)
+    for i in range(2):
+        da.send("chat-1", ("alice", "bob"), f"hello {i}")
+    db = CountingDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, db, config).start()
+    net.run(2.0)
+    inject_echoes(net, 10)
+    net.run(0.5)
+    before = db.commits
+    da.send("chat-1", ("alice", "bob"), "a legacy one")
+    net.run(0.5)
+    home = net.ring.home_of("chat-1")
+    assert coordination_store.load_checkpoints(conn)[home].offset == (
+        net.supernodes[home].mem.feed.next_offset)
+    commits = db.commits
+    assert commits > before
+    net.run(6.0)  # the echo timer was cancelled by that commit
+    assert db.commits == commits
+    assert len(chat_messages(conn, "chat-1")) == 3
+    bridge.stop(net)
