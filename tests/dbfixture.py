@@ -2,7 +2,10 @@
 
 Each test run creates its own database (``bridge_test_<pid>_<random>``) on that server,
 applies the migrations once, and drops it at the end. Each test gets an empty store: every
-table but ``schema_migrations`` is truncated before it runs. Any test that uses one of these
+table but ``schema_migrations`` that was written since is truncated before it runs. The
+run's database commits with ``synchronous_commit = off``: no test crashes the server, so a
+commit need not wait for its WAL flush (about 1 ms of each of the suite's many thousands;
+what a commit makes visible, and in what order, is the same). Any test that uses one of these
 fixtures is marked ``db`` (see ``tests/conftest.py``), so ``pytest -m db`` runs exactly the
 database tests, which is how ``.ci/run`` repeats them against the machine's own server.
 """
@@ -53,6 +56,7 @@ def db_dsn(db_server: str) -> Iterator[str]:
     name = f"bridge_test_{os.getpid()}_{secrets.token_hex(4)}"
     with psycopg.connect(db_server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     dsn = _with_dbname(db_server, name)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -76,11 +80,33 @@ def empty_dsn(db_server: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+#: Each table of the store (less ``schema_migrations``) that was written since it was last
+#: truncated: its heap has a page (a truncated one has none, and a row, even one deleted
+#: since, leaves at least one) or a sequence it owns was advanced.
+_WRITTEN_TABLES = """
+SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname <> 'schema_migrations'
+   AND (pg_relation_size(c.oid) > 0
+        OR EXISTS (SELECT 1 FROM pg_depend d JOIN pg_sequences s
+                     ON s.schemaname = 'public'
+                    AND s.sequencename = (SELECT relname FROM pg_class WHERE oid = d.objid)
+                    WHERE d.refobjid = c.oid AND d.deptype IN ('a', 'i')
+                      AND s.last_value IS NOT NULL))
+"""
+
+
 def truncate_all(conn: psycopg.Connection) -> None:
-    tables = [r[0] for r in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-        "AND tablename <> 'schema_migrations'")]
-    conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY")
+    """Empty every table but ``schema_migrations`` and restart their sequences, as one
+    TRUNCATE of them all would; only the tables written since their last truncation are
+    truncated, with the tables that refer to them (a TRUNCATE of all twenty takes about
+    75 ms, of the accounts and their referrers about 16 ms, and the suite runs this before
+    each of its 1,200 database tests)."""
+    tables = [r[0] for r in conn.execute(_WRITTEN_TABLES)]
+    if tables:
+        # CASCADE: a written table's referrers go too (they are empty unless written, and
+        # then they are in the list anyway)
+        conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables)
+                     + " RESTART IDENTITY CASCADE")
 
 
 @pytest.fixture
