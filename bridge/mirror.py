@@ -239,8 +239,7 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
                                       conversation_id=refusal.conversation_id)
     result = mirror_store.write_mirrored_batch(conn, plan.batch, now_ms)
     step("presence")
-    for presence in plan.presence:
-        presence_store.set_presence(conn, presence)
+    presence_store.set_presences(conn, plan.presence)
     step("gaps")
     for gap in plan.gaps:
         # no conversation can be named (the lost entries are unknown): the finding concerns

@@ -28,6 +28,34 @@ def set_presence(conn: psycopg.Connection, presence: Presence) -> bool:
     return cur.rowcount == 1
 
 
+def set_presences(conn: psycopg.Connection, presences: Sequence[Presence]) -> int:
+    """Record many sources' presence in one statement, as ``set_presence`` of each in turn
+    would (an older version than the stored one is ignored; of one account and source in
+    *presences*, the highest version wins, the later of equal ones); returns how many rows
+    changed. A feed batch carries several presence changes: one round trip, not one each."""
+    latest: dict[tuple[uuid.UUID, str], Presence] = {}
+    for p in presences:
+        if p.status not in PRESENCE_STATUSES:
+            raise ValueError(f"unknown presence status {p.status!r}")
+        key = (p.account_id, p.source)
+        if key not in latest or latest[key].version <= p.version:
+            latest[key] = p
+    if not latest:
+        return 0
+    rows = list(latest.values())
+    cur = conn.execute(
+        "INSERT INTO presence (account_id, source, status, version, expires_ms) "
+        "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bigint[], "
+        "%s::bigint[]) "
+        "ON CONFLICT (account_id, source) DO UPDATE SET "
+        "status = excluded.status, version = excluded.version, "
+        "expires_ms = excluded.expires_ms, updated_at = now() "
+        "WHERE presence.version <= excluded.version",
+        ([p.account_id for p in rows], [p.source for p in rows], [p.status for p in rows],
+         [p.version for p in rows], [p.expires_ms for p in rows]))
+    return cur.rowcount
+
+
 def read_presence(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
                   now_ms: int) -> dict[uuid.UUID, list[Presence]]:
     """Every unexpired source's presence for each account (missing: no live source)."""
