@@ -49,6 +49,10 @@ waited behind it. The loop is the dispatcher's (``cloud.dispatcher``)::
                                                         the tick and the passes in flight
                                                         (which inject no further row)
 
+An operator controls it at runtime through the store (``bridgectl control``; the worker
+applies what its heartbeat read): paused, a tick claims nothing while the passes in flight
+finish; ``injector-concurrency N`` resizes the window in place (``set_window``).
+
 This module is long because the claim, the pass, the pipelined sends and the recording of
 each outcome all turn on the same claim token and order argument; split, that argument would
 be spread over files that each hold half of it.
@@ -87,6 +91,7 @@ from cloud.store.outbox import (
 from legacy import wire
 from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
 from servicekit.loop import PollingLoop, failure_counter
+from servicekit.semaphore import ResizableSemaphore
 from servicekit.timeouts import FifoTimeouts
 
 log = Logger()
@@ -175,36 +180,52 @@ class OutboxInjector(PollingLoop):
         self.backlog: tuple[int, int | None] = (0, None)
         self._backlog_read_at: float | None = None
         self._recorded_since_count = False
-        self._window = defer.DeferredSemaphore(self.config.window)
+        self._window = ResizableSemaphore(self.config.window)
+        #: an operator paused injection (``bridgectl control pause injection``): no claim
+        self.paused = False
         self._passes = defer.DeferredSemaphore(self.config.passes)
         #: every injection's time limit, on one timer (``servicekit.timeouts``)
         self._limits = FifoTimeouts(clock, self.config.inject_timeout_s)
         #: passes (claims being injected and recorded) not finished yet
         self._in_flight: set[defer.Deferred] = set()
 
+    # -- runtime controls (``bridgectl control``, applied by the worker's heartbeat) -----
+
+    def set_paused(self, paused: bool) -> None:
+        """Claim nothing while *paused* (passes in flight finish as usual); claim at once
+        when it ends."""
+        was, self.paused = self.paused, paused
+        if was and not paused and self.running:
+            self.wake()
+
+    def set_window(self, window: int | None) -> None:
+        """At most *window* injections in flight from now on (None: ``config.window``):
+        more are sent at once, or fewer as the answers come in; none is cut short."""
+        self._window.resize(self.config.window if window is None else window)
+
+    @property
+    def window(self) -> int:
+        """Most injections in flight at once, as it stands now."""
+        return self._window.limit
+
     async def _tick(self) -> bool:
         """Claim one batch and start its pass (injecting and recording it) without waiting
         for it: up to ``passes`` run at once. True when it claimed something (more is
-        probably due)."""
+        probably due). Paused: claims nothing (the backlog is still counted)."""
         await self._passes.acquire()
         started = False
+        items: list[OutboxItem] = []
         try:
             if not self.running:
                 return False
-            cfg = self.config
-            now_ms = self._now_ms()
-            claim_ms = round(cfg.claim_s * 1000)
-            try:
-                token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
-                items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms,
-                                           cfg.batch, claim_ms, cfg.per_conversation, token)
-            except DatabaseUnavailable as e:
-                self._database_down(e)
-                return False
-            self._database_up()
+            if not self.paused:
+                claimed = await self._claim()
+                if claimed is None:
+                    return False  # the database is down
+                items, claimed_until_ms = claimed
             if items:
                 done = defer.Deferred.fromCoroutine(
-                    self._pass(items, self._clock.seconds(), now_ms + claim_ms))
+                    self._pass(items, self._clock.seconds(), claimed_until_ms))
                 started = True
                 self._in_flight.add(done)
                 done.addBoth(self._pass_ended, done)
@@ -221,6 +242,22 @@ class OutboxInjector(PollingLoop):
         # cloud.store.messages) may have come in after this claim; the next claim finds it,
         # or nothing, which ends the burst (and a pass that ends wakes the loop again).
         return bool(items)
+
+    async def _claim(self) -> tuple[list[OutboxItem], int] | None:
+        """Claim one batch: (its rows, when the claim runs out in ms), or None when the
+        database is down."""
+        cfg = self.config
+        now_ms = self._now_ms()
+        claim_ms = round(cfg.claim_s * 1000)
+        try:
+            token = uuid.UUID(int=self._tokens.getrandbits(128), version=4)
+            items = await self._db.run("claim_outbox", outbox_store.claim_outbox, now_ms,
+                                       cfg.batch, claim_ms, cfg.per_conversation, token)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+            return None
+        self._database_up()
+        return items, now_ms + claim_ms
 
     @property
     def passes_in_flight(self) -> int:

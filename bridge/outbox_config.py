@@ -31,7 +31,9 @@ class InjectorConfig:
     #: conversations; a conversation's rows are injected in seq order).
     per_conversation: int = attrs.field(default=50, validator=_COUNT)
     #: Most injections in flight at once, over all connections (a claim's rows are sent
-    #: without waiting for each other's Acks, up to this many).
+    #: without waiting for each other's Acks, up to this many). What an operator's
+    #: ``bridgectl control set injector-concurrency N`` replaces, live: the load the
+    #: injector puts on the legacy network (``passes`` only overlaps database round trips).
     window: int = attrs.field(default=1000, validator=_COUNT)
     #: Claims in flight at once: the next batch is claimed while the last one is injected
     #: and recorded, so the database's round trips overlap the supernodes' (each claim

@@ -4,7 +4,8 @@
         FeedFollower per supernode   (legacy -> cloud, bridge/follower.py)
         OutboxInjector               (cloud -> legacy, bridge/outbox.py), woken by NOTIFY
         PresenceMirror               (cloud -> legacy presence, bridge/presence.py)
-        heartbeat into bridge_workers (status, migration gates)
+        heartbeat into bridge_workers (status, migration gates); reads the operator's
+        runtime controls first (bridgectl control: pause injection, injector concurrency)
 
 The worker is a ``MultiService``; stopping it drains in-flight batches before it returns.
 ``ready`` is what ``/readyz`` reports: the database answered the last heartbeat and at least
@@ -31,7 +32,8 @@ from bridge.ops import metrics as m
 from bridge.ops import store_metrics
 from bridge.presence import PresenceMirror
 from cloud import admin
-from cloud.db import TransactionRunner
+from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.store import controls as controls_store
 from cloud.store import coordination as coordination_store
 from legacy import wire
 from legacy.network import Network
@@ -73,6 +75,11 @@ class BridgeWorker(MultiService):
         if injector_factory is not None:
             self.injector = injector_factory(self)
             self.injector.setServiceParent(self)
+            # it claims nothing until the first heartbeat has read the operator's controls:
+            # a worker started while injection is paused must not inject a batch first
+            self.injector.set_paused(True)
+        #: the operator's runtime controls as the last heartbeat read them (None: not yet)
+        self.controls: controls_store.RuntimeControls | None = None
         self.presence = PresenceMirror(clock, db, self)
         self.presence.setServiceParent(self)
         self._calls: list[Any] = []
@@ -413,6 +420,8 @@ class BridgeWorker(MultiService):
         backlog = getattr(injector, "backlog", None)
         if backlog is not None:  # the outbox as this worker's injector last read it
             detail["outbox_pending"], detail["outbox_oldest_age_ms"] = backlog
+        if injector is not None:  # the runtime controls as this worker applies them
+            detail["injection"] = {"paused": injector.paused, "window": injector.window}
         return self.db.run(
             "heartbeat_worker", coordination_store.heartbeat_worker, self.config.worker_id, state,
             int(now * 1000), self.started_ms, lag_to_cloud_ms=p99_ms(lags),
@@ -421,11 +430,42 @@ class BridgeWorker(MultiService):
             mirrored_to_legacy=getattr(injector, "injected", 0) if injector else 0,
             feeds=sum(1 for f in self.followers.values() if f.connected), detail=detail)
 
+    def _obey(self, controls: controls_store.RuntimeControls) -> None:
+        """Apply the operator's runtime controls (``bridgectl control``) this heartbeat
+        read, so every live worker follows a change within one heartbeat: the injector
+        claims nothing while injection is paused, and keeps at most the concurrency set
+        (else its configured window) in flight."""
+        before, self.controls = self.controls, controls
+        injector = self.injector
+        if injector is None:
+            store_metrics.publish_controls(controls, None)
+            return
+        paused = controls.paused("injection") is not None
+        if paused != (before is not None and before.paused("injection") is not None):
+            log.info("outbox injection {what} by the operator's control", what=(
+                "paused" if paused else "resumed"))
+        injector.set_paused(paused)
+        window = injector.window
+        setting = controls.injector_concurrency
+        injector.set_window(None if setting is None else setting.value)
+        if injector.window != window:
+            log.info("outbox injector window {old} -> {new} (the operator's control)",
+                     old=window, new=injector.window)
+        store_metrics.publish_controls(controls, injector.window)
+
     def _heartbeat(self) -> None:
         if not self.running:
             return
-        d = self._report("ready" if any(f.connected for f in self.followers.values())
-                         else "degraded")
+        d = self.db.run("read_runtime_controls", controls_store.read_runtime_controls)
+        d.addCallback(self._obey)
+
+        def controls_failed(f: Any) -> None:
+            if self.db_ok and not f.check(DatabaseUnavailable):  # the report logs an outage
+                log.warn("reading the operator's controls failed: {e}", e=f.getErrorMessage())
+
+        d.addErrback(controls_failed)
+        d.addCallback(lambda _: self._report(
+            "ready" if any(f.connected for f in self.followers.values()) else "degraded"))
 
         def ok(_: Any) -> Any:
             self.db_ok = True

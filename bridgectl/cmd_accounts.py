@@ -1,4 +1,6 @@
-"""``bridgectl accounts import``: link every legacy account to a cloud account."""
+"""``bridgectl accounts import``: link every legacy account to a cloud account.
+``bridgectl accounts show``: one account's migration: phase history, what holds it, its
+cohorts, and what was mirrored for it lately."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import json
 import sys
 from typing import Any
 
-from bridgectl import options, runtime
-from bridgectl.database import current_database
-from bridgectl.errors import EXIT_OK, RuntimeFailure
+from bridgectl import cmd_migrate, options, runtime
+from bridgectl.database import connect, current_database
+from bridgectl.errors import EXIT_OK, RuntimeFailure, UsageError
 from bridgectl.output import print_summary
 from bridgectl.peers import connect_login_server
 
@@ -28,6 +30,52 @@ def add_commands(sub: Any) -> None:
                      help="the legacy login server")
     imp.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     imp.set_defaults(handler=cmd_accounts_import)
+
+    show = asub.add_parser(
+        "show", help="one account: phase history, what holds it, cohorts, latest mirrored",
+        description="One account's migration, read in one transaction: its phase history "
+                    "(the audit log), its open and failed findings, the gates' verdict now "
+                    "for its next phase (as `migrate --dry-run` evaluates them), its cohorts, "
+                    "and the latest messages mirrored for it either way (legacy -> cloud: "
+                    "messages from legacy in its conversations; cloud -> legacy: their outbox "
+                    "rows, pending or done). Message bodies are not shown. Exit 2 for an "
+                    "account that does not exist.")
+    show.add_argument("account", metavar="HANDLE", help="a handle (or an account id)")
+    options.add_dsn_option(show)
+    show.add_argument("--limit", type=options.non_negative_int, default=10, metavar="N",
+                      help="at most N findings, and N messages each way (default 10)")
+    cmd_migrate.add_gate_options(show)
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(handler=cmd_accounts_show)
+
+
+def cmd_accounts_show(args: argparse.Namespace) -> int:
+    import time
+
+    from bridge import account_report
+    from cloud import admin
+    from cloud.db import run_transaction
+
+    config = cmd_migrate.gate_config(args)
+    now_ms = int(time.time() * 1000)
+    dsn, origin = current_database(args)
+    with connect(dsn, origin) as conn:
+        def read(c: Any) -> Any:
+            found, _unknown = admin.find_accounts(c, [args.account])
+            if not found:
+                return None
+            return account_report.describe(c, found[0], config, now_ms, args.limit)
+
+        got = run_transaction(conn, "account_show", read)
+    if got is None:
+        raise UsageError(f"unknown account: {args.account!r}")
+    if args.json:
+        print(json.dumps(got, sort_keys=True, default=str))
+        return EXIT_OK
+    print(account_report.render(got))
+    for step in got["next"]:
+        print(f"next: {step}")
+    return EXIT_OK
 
 
 def cmd_accounts_import(args: argparse.Namespace) -> int:

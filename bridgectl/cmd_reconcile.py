@@ -51,7 +51,10 @@ def add_commands(sub: Any) -> None:
                     "(or all repaired), 1 error (also: compared nothing), 2 bad arguments, "
                     "3 partial or differences remain (dry run, failed repairs, a supernode "
                     "unreachable or lost mid-pass, or the deadline reached: the next run "
-                    "resumes), 4 another run of the same kind holds the lock.")
+                    "resumes), 4 another run of the same kind holds the lock, 5 the "
+                    "reconcilers are paused by an operator (bridgectl control pause "
+                    "reconcilers: refused at start, or stopped at the next check with its "
+                    "progress saved).")
     rec.add_argument("kind", choices=("gaps", "notifications", "presence", "all"),
                      help="what to reconcile")
     options.add_dsn_option(rec)
@@ -164,13 +167,18 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             links.close()
         return [reports[k] for k in kinds]
 
-    reports = runtime.run_until_stopped(reconcile)
+    pause = _reconcilers_paused(dsn, origin, statement_s)
+    if pause is not None:  # refused before reaching out to the legacy network
+        reports = [runner.refused_by_pause(kind, args.dry_run, pause) for kind in kinds]
+    else:
+        reports = runtime.run_until_stopped(reconcile)
     try:
         _emit_metrics(args, reports)
     except Exception as e:  # reconcilers.report.MetricsError: the run itself stands
         print(f"bridgectl: warning: metrics not written: {e}", file=sys.stderr)
     codes = [r.exit_code() for r in reports]
-    code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_DIFFERENCES)
+    code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_PAUSED,
+                             runner.EXIT_DIFFERENCES)
                  if c in codes), runner.EXIT_IN_SYNC)
     if args.json:
         body = reports[0].to_json() if len(reports) == 1 else {
@@ -180,6 +188,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         for r in reports:
             print(render_text(r))
     return code
+
+
+def _reconcilers_paused(dsn: str, origin: Any, statement_s: float) -> Any:
+    """The pause of the reconcilers (``bridgectl control pause reconcilers``), or None."""
+    from cloud.db import run_transaction
+    from cloud.store import controls as controls_store
+
+    with connect(dsn, origin, statement_timeout_s=statement_s) as conn:
+        return run_transaction(conn, "read_runtime_controls",
+                               controls_store.read_runtime_controls).paused("reconcilers")
 
 
 def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:

@@ -7,7 +7,7 @@ one place. How a command runs (the reactor, the service tree, signals, logging) 
 
 Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 bad arguments,
 3 (migrate, cohort advance) some accounts held back by the migration gates; (demo) did not
-converge.
+converge; 4 and 5 (reconcile) the lock was taken, the reconcilers are paused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bridgectl import (
     cmd_chaos,
     cmd_cloud,
     cmd_cohort,
+    cmd_control,
     cmd_db,
     cmd_demo,
     cmd_findings,
@@ -46,7 +47,8 @@ from bridgectl.errors import (  # noqa: F401 - the exit codes, for callers of ma
 
 #: The command groups, in the order ``bridgectl --help`` lists them.
 GROUPS = (cmd_legacy, cmd_db, cmd_cloud, cmd_bridge, cmd_migrate, cmd_cohort, cmd_freeze,
-          cmd_status, cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo, cmd_chaos, cmd_simulate)
+          cmd_control, cmd_status, cmd_accounts, cmd_findings, cmd_reconcile, cmd_demo,
+          cmd_chaos, cmd_simulate)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -241,6 +241,24 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
     return AppliedChange(True, backfill)
 
 
+def phase_history(conn: psycopg.Connection, account_id: uuid.UUID,
+                  limit: int = 200) -> list[dict[str, Any]]:
+    """The account's phase changes from the audit log (``apply_phase_change``'s rows), the
+    newest *limit* of them, oldest first: when, who, from, to, forced, the cohort that made
+    it, the gates that failed (a forced move) and what a move out of cloud-only queued."""
+    rows = conn.execute(
+        "SELECT ms, actor, detail FROM ("
+        "  SELECT audit_id, (extract(epoch FROM at) * 1000)::bigint AS ms, actor, detail "
+        "  FROM audit_log WHERE subject = %s AND action = 'phase_change' "
+        "  ORDER BY audit_id DESC LIMIT %s) newest ORDER BY audit_id",
+        (str(account_id), limit)).fetchall()
+    return [{"at_ms": ms, "actor": actor, "from": d.get("from"), "to": d.get("to"),
+             "forced": bool(d.get("forced")), "cohort": d.get("cohort"),
+             "failed_gates": [g.get("name") for g in d.get("gates", ()) if not g.get("passed")],
+             "queued_for_legacy": (d.get("backfill") or {}).get("queued_for_legacy")}
+            for ms, actor, d in rows]
+
+
 def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAccountRecord],
                            now_ms: int) -> ImportBatchResult:
     """Give each legacy account a linked cloud account, or bring its password hash up to date.

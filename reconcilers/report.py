@@ -18,7 +18,8 @@ failing runs, runs that stopped running, and runs that never finish alike.
 
 Each registry is fresh (never the process-wide default), so only these series are written.
 A run that found its kind's lock taken did nothing and writes nothing: the run holding the
-lock reports for the kind.
+lock reports for the kind; nor does a run refused because an operator paused the
+reconcilers (``bridge_control_paused{what="reconcilers"}`` on the bridge workers shows it).
 The textfile keeps the series of kinds this run did not cover and, for a kind whose run
 failed, the previous success time, both read back from the file it replaces (under a lock
 file, so every cron job can write the same file).
@@ -56,13 +57,18 @@ PER_RUN: dict[str, tuple[str, Callable[[Report], float]]] = {
         "Repairs that failed in the last reconcile run.", lambda r: r.failed),
     "bridge_reconcile_exit_code": (
         "Exit code of the last reconcile run (0 in sync, 1 error, 3 partial or differences "
-        "remain, 4 locked).", lambda r: r.exit_code()),
+        "remain, 4 locked, 5 paused by an operator).", lambda r: r.exit_code()),
 }
 METRIC_NAMES = (LAST_SUCCESS, *PER_RUN)
 
 
 class MetricsError(Exception):
     """The metrics could not be written or pushed; the message says where and why."""
+
+
+def did_nothing(report: Report) -> bool:
+    """A run that never started: the lock was taken, or the reconcilers were paused."""
+    return report.locked or (report.paused and report.run_id is None)
 
 
 def succeeded(report: Report) -> bool:
@@ -75,8 +81,9 @@ def _registry(reports: Sequence[Report], now: float,
     registry = CollectorRegistry()
     gauges = {name: Gauge(name, help_, ["kind"], registry=registry)
               for name, (help_, _) in PER_RUN.items()}
-    # a run that found the lock taken did nothing: the run holding it reports for the kind
-    reports = [r for r in reports if not r.locked]
+    # a run that found the lock taken did nothing: the run holding it reports for the kind;
+    # one refused by a pause did nothing either
+    reports = [r for r in reports if not did_nothing(r)]
     covered = {r.kind for r in reports}
     for name, by_kind in previous.items():  # kinds this run did not cover keep their series
         if name in gauges:
@@ -147,8 +154,8 @@ def push(url: str, reports: Sequence[Report], *, now: float | None = None,
     """
     now = time.time() if now is None else now
     for report in reports:
-        if report.locked:
-            continue  # it did nothing; the run holding the lock pushes for the kind
+        if did_nothing(report):
+            continue  # the run holding the lock pushes for the kind; a paused one, nothing
         registry = _registry([report], now, {})
         try:
             pushadd_to_gateway(url, job=JOB, registry=registry,
@@ -163,8 +170,17 @@ def render_text(report: Report) -> str:
     """The one-line human summary of a run (what ``bridgectl reconcile`` prints)."""
     if report.locked:
         return f"{report.kind}: another run holds the lock; nothing done"
+    paused = ""
+    if report.paused:
+        pause = report.detail.get("paused") or {}
+        why = f": {pause['reason']}" if pause.get("reason") else ""
+        paused = (f"paused by {pause.get('set_by', 'an operator')}{why} (`bridgectl control "
+                  "resume reconcilers` lets runs start again)")
+        if report.run_id is None:
+            return f"{report.kind}: the reconcilers are {paused}; nothing done"
     status = ("error: " + report.error if report.error else
               "compared nothing" if report.completed and report.compared == 0 else
+              f"{paused}; the next run resumes" if report.paused and not report.completed else
               "interrupted (the next run resumes)" if not report.completed else
               f"partial: {report.uncovered} not covered" if report.uncovered else
               "differences remain" if report.exit_code() else

@@ -1,5 +1,7 @@
 """One reconcile run, the way cron runs it: lock, resume, bound, report, exit code.
 
+    the reconcilers paused by an operator (bridgectl control pause reconcilers)?
+      -> yes: exit EXIT_PAUSED at once (no lock taken, no run row written)
     acquire the kind's advisory lock (held on its own connection for the whole run)
       -> taken by another run: exit EXIT_LOCKED at once
     open a reconcile_runs row (state running), resuming the progress of the newest
@@ -9,6 +11,9 @@
          still in flight at the deadline is cancelled (the run is cut off there, never
          later); the row ends 'interrupted' with the progress as it stood, exit 3, and
          the next run resumes
+      -> paused meanwhile (read every PAUSE_CHECK_S): the reconciler stops at its next
+         check as at the deadline; the row ends 'interrupted', exit EXIT_PAUSED, and the
+         first run after the resume resumes
       -> an exception: the row ends 'failed', exit EXIT_ERROR
     the row ends 'finished' with the report; the report's ``clean`` is what the migration
       gate ``recent_clean_reconcile`` looks for
@@ -21,6 +26,8 @@ Exit codes (documented in the README and docs/reconcilers.md):
      conversations not covered (a supernode unreachable or lost mid-pass), or a run the
      deadline stopped before its pass was done
   4  another run of the same kind holds the lock
+  5  the reconcilers are paused by an operator (``bridgectl control pause reconcilers``):
+     refused at start, or stopped at its next check (its progress saved)
 """
 
 from __future__ import annotations
@@ -38,18 +45,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cloud.db import TransactionRunner
+from cloud.store import controls as controls_store
 
 EXIT_IN_SYNC = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DIFFERENCES = 3
 EXIT_LOCKED = 4
+EXIT_PAUSED = 5
 
 KINDS = ("gaps", "notifications", "presence")
 
 #: A cron run's deadline when --max-seconds is not given: a run never holds its lock (and
 #: the ``recent_clean_reconcile`` gate) for longer than this.
 DEFAULT_MAX_SECONDS = 600.0
+#: How often a run reads whether an operator paused the reconcilers meanwhile.
+PAUSE_CHECK_S = 5.0
 
 log = Logger()
 
@@ -77,6 +88,9 @@ class Report:
     resumed: bool = False
     completed: bool = False       # False when --max-seconds stopped it first
     locked: bool = False          # another run of this kind held the lock: nothing done
+    #: an operator paused the reconcilers: refused at start (``run_id`` None, nothing
+    #: done), or stopped at its next check; ``detail.paused`` says who, when and why
+    paused: bool = False
     error: str | None = None
     detail: dict[str, Any] = attrs.Factory(dict)
 
@@ -93,6 +107,8 @@ class Report:
             return EXIT_LOCKED
         if self.error is not None or (self.completed and self.compared == 0):
             return EXIT_ERROR
+        if self.paused and not self.completed:
+            return EXIT_PAUSED
         if (not self.completed or self.uncovered or self.confirmed > self.repaired
                 or self.failed):
             return EXIT_DIFFERENCES  # partial, or differences remain
@@ -191,14 +207,28 @@ def unlock(conn: psycopg.Connection, kind: str) -> None:
     conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEYS[kind],))
 
 
+def refused_by_pause(kind: str, dry_run: bool, pause: controls_store.Pause) -> Report:
+    """The report of a run of *kind* refused at start because of *pause* (exit 5)."""
+    return Report(kind=kind, dry_run=dry_run, paused=True, detail={"paused": pause.to_json()})
+
+
 async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: TransactionRunner,
                   lock_conn: psycopg.Connection, dry_run: bool, max_seconds: float | None,
                   on_progress: Callable[[str], None] = lambda _t: None,
                   stop_requested: Callable[[], bool] = lambda: False) -> Report:
     """One run of one kind under its lock; the report says what happened (never raises for
-    a failure of the run itself: that is ``report.error``)."""
+    a failure of the run itself: that is ``report.error``). Refused at once while an
+    operator has paused the reconcilers; stopped at the next check once one does."""
     kind = reconciler.kind
     report = Report(kind=kind, dry_run=dry_run)
+    try:
+        pause = (await db.run("read_runtime_controls", controls_store.read_runtime_controls)
+                 ).paused("reconcilers")
+    except Exception as e:
+        report.error = f"{type(e).__name__}: {e}"
+        return report
+    if pause is not None:
+        return refused_by_pause(kind, dry_run, pause)
     if not try_lock(lock_conn, kind):
         report.locked = True
         return report
@@ -215,12 +245,20 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
                 return defer.succeed(None)
             return db.run("save_progress", save_progress, run_id, progress)
 
+        watch = _PauseWatch(clock, db)
         ctx = RunContext(clock, _UntilCutOff(db, cut_off), report, progress, deadline, save,
-                         on_progress, stop_requested=stop_requested)
+                         on_progress,
+                         stop_requested=lambda: stop_requested() or watch.pause is not None)
         state = "failed"
         try:
-            await _within_deadline(reconciler.run(ctx), ctx, cut_off)
+            try:
+                await _within_deadline(reconciler.run(ctx), ctx, cut_off)
+            finally:
+                watch.stop()
             report.completed = not ctx.interrupted
+            if ctx.interrupted and watch.pause is not None:
+                report.paused = True
+                report.detail["paused"] = watch.pause.to_json()
             state = "finished" if report.completed else "interrupted"
             if report.completed:
                 progress.clear()  # the next run starts a fresh pass
@@ -237,6 +275,32 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
     finally:
         unlock(lock_conn, kind)
     return report
+
+
+class _PauseWatch:
+    """Reads every ``PAUSE_CHECK_S`` whether an operator paused the reconcilers; ``pause``
+    is that pause once one was seen (a failed read is tried again at the next check)."""
+
+    def __init__(self, clock: IReactorTime, db: TransactionRunner) -> None:
+        self._clock, self._db = clock, db
+        self.pause: controls_store.Pause | None = None
+        self._call = clock.callLater(PAUSE_CHECK_S, self._check)
+
+    def _check(self) -> None:
+        d = self._db.run("read_runtime_controls", controls_store.read_runtime_controls)
+
+        def seen(controls: controls_store.RuntimeControls) -> None:
+            self.pause = controls.paused("reconcilers")
+
+        d.addCallbacks(seen, lambda f: log.warn("reading the operator's controls failed: "
+                                                "{e}", e=f.getErrorMessage()))
+        if self.pause is None and self._call is not None:
+            self._call = self._clock.callLater(PAUSE_CHECK_S, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 class RunCutOff(Exception):

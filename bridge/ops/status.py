@@ -2,8 +2,8 @@
 
 Everything comes from the store (the bridge workers report themselves in ``bridge_workers``),
 so status works from any machine that reaches the database and needs no running bridge. It
-never shows secrets: no worker ``detail``, no connection strings (the CLI adds the DSN with
-its password redacted).
+never shows secrets: of a worker's ``detail`` only its lags and how it applied the runtime
+controls, no connection strings (the CLI adds the DSN with its password redacted).
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     every finding by kind and state (open, repaired, failed, unrecoverable, dismissed);
     ``unrecoverable_findings`` the legacy network's own losses by kind, reported apart.
     ``freeze`` is the migration freeze (who, when, why, its age) or None: while it is set,
-    every promotion is held by the gate ``frozen``.
+    every promotion is held by the gate ``frozen``. ``controls`` are the operator's runtime
+    controls (``bridgectl control``): each pause that is on (who, when, why, its age) and
+    the injector's concurrency when one was set; each worker's ``injection`` says how its
+    last heartbeat applied them (paused, window).
     ``lag_outside_faults`` says how much of that lag is the faults' (``bridge.faults``): per
     direction, the worst p99 of the messages that met no fault (a lost feed, a failed
     injection, a database outage, a worker's restart) and how many recent ones met one.
@@ -66,6 +69,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     return {
         "now_ms": now_ms,
         "freeze": None if freeze is None else freeze.to_json(now_ms),
+        "controls": controls_store.read_runtime_controls(conn).to_json(now_ms),
         "accounts": {"total": sum(per_phase.values()), "per_phase": per_phase},
         "mirror_lag_ms": {"to_cloud": _max([w.lag_to_cloud_ms for w in live]),
                           "to_legacy": _max([w.lag_to_legacy_ms for w in live])},
@@ -75,7 +79,7 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
             "heartbeat_age_ms": now_ms - w.heartbeat_ms, "started_ms": w.started_ms,
             "lag_to_cloud_ms": w.lag_to_cloud_ms, "lag_to_legacy_ms": w.lag_to_legacy_ms,
             "mirrored_to_cloud": w.mirrored_to_cloud, "mirrored_to_legacy": w.mirrored_to_legacy,
-            "feeds": w.feeds,
+            "feeds": w.feeds, "injection": w.detail.get("injection"),
             "lag_outside_faults": {d: w.detail.get(f"lag_{d}") for d in ("to_cloud", "to_legacy")},
         } for w in workers],
         "live_workers": len(live),
@@ -108,6 +112,22 @@ def _ms(value: int | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def render_controls(controls: dict[str, Any]) -> str:
+    """The runtime controls (``RuntimeControls.to_json``) on one line."""
+    parts = []
+    for what, pause in controls["paused"].items():
+        if pause is None:
+            parts.append(f"{what} running")
+            continue
+        why = f": {pause['reason']}" if pause["reason"] else ""
+        age = f" {_ms(pause['age_ms'])} ago" if "age_ms" in pause else ""
+        parts.append(f"{what.upper()} PAUSED by {pause['set_by']}{age}{why}")
+    setting = controls["injector_concurrency"]
+    parts.append("injector concurrency " + ("as configured" if setting is None else
+                                            f"{setting['value']} (set by {setting['set_by']})"))
+    return "; ".join(parts)
+
+
 def render(status: dict[str, Any]) -> str:
     """The status dict as text for a terminal."""
     out = []
@@ -118,6 +138,7 @@ def render(status: dict[str, Any]) -> str:
                                     f"ON, promotions held (gate frozen), set by "
                                     f"{freeze['set_by']} {_ms(freeze['age_ms'])} ago: "
                                     f"{freeze['reason']}"))
+    out.append("controls:      " + render_controls(status["controls"]))
     acc = status["accounts"]
     phases = "  ".join(f"{p} {n}" for p, n in acc["per_phase"].items())
     out.append(f"accounts:      {acc['total']}  ({phases})")
@@ -147,7 +168,10 @@ def render(status: dict[str, Any]) -> str:
         out.append(f"  {w['worker_id']:<20} {w['state']:<9} "
                    f"{'live' if w['live'] else 'down':<5} heartbeat {_ms(w['heartbeat_age_ms'])}"
                    f" ago, lag to cloud {_ms(w['lag_to_cloud_ms'])}, to legacy "
-                   f"{_ms(w['lag_to_legacy_ms'])}, feeds {w['feeds']}")
+                   f"{_ms(w['lag_to_legacy_ms'])}, feeds {w['feeds']}"
+                   + ("" if not w.get("injection") else
+                      f", injection {'PAUSED' if w['injection']['paused'] else 'on'} "
+                      f"(window {w['injection']['window']})"))
     out.append(f"leases:        {len(status['leases'])}")
     for lease in status["leases"]:
         if lease["expires_ms"] <= 0:

@@ -219,6 +219,13 @@
         parts.push(el("p", { class: "banner", "data-field": "freeze", "data-value": JSON.stringify(st.freeze) },
           `Promotions are frozen (gate frozen) by ${st.freeze.set_by}, ${fmtMs(st.freeze.age_ms)} ago: ${st.freeze.reason}`));
       }
+      for (const [what, pause] of Object.entries((st.controls || {}).paused || {})) {
+        if (pause) {
+          parts.push(el("p", { class: "banner", "data-field": `paused_${what}`, "data-value": JSON.stringify(pause) },
+            `${what === "injection" ? "Injection into legacy" : "Reconcile runs"} paused (bridgectl control) by ${pause.set_by}, ` +
+            `${fmtMs(pause.age_ms)} ago${pause.reason ? ": " + pause.reason : ""}`));
+        }
+      }
       const samples = data.history;
       const last = samples.length ? samples[samples.length - 1] : null;
       parts.push(tiles(st, last));

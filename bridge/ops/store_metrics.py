@@ -11,6 +11,10 @@ back on its heartbeat (every ``heartbeat_s``), each read bounded:
 - ``bridge_migration_frozen`` and ``bridge_migration_freeze_set_timestamp_seconds``: the
   freeze (``bridgectl freeze``) and when it was set.
 - ``bridge_workers_live``: bridge workers whose heartbeat is recent, as the gates count them.
+- ``bridge_control_paused{what}`` and ``bridge_injector_concurrency``: the operator's
+  runtime controls (``bridgectl control``) as this worker read and applied them on its
+  heartbeat (``publish_controls``, from the worker's own read of them): each pause that is
+  on, and the injector's window in effect (the operator's value, else the configured one).
 - ``bridge_phase_changes_total{from,to}``: the ``phase_change`` rows of ``audit_log``,
   counted by this worker. It reads the rows after the last one it counted, at most
   ``PHASE_CHANGE_BATCH`` per heartbeat, so a worker starting on a long history catches up
@@ -60,8 +64,17 @@ FREEZE_SET = Gauge(
 WORKERS_LIVE = Gauge(
     "bridge_workers_live",
     "Bridge workers with a heartbeat within the liveness window, as the store has them.")
+CONTROL_PAUSED = Gauge(
+    "bridge_control_paused",
+    "1 while an operator has paused it (bridgectl control pause), else 0.", ["what"])
+INJECTOR_CONCURRENCY = Gauge(
+    "bridge_injector_concurrency",
+    "Most outbox injections this worker keeps in flight now (bridgectl control set "
+    "injector-concurrency, else its configured window).")
 for _kind in FINDING_KINDS:
     FINDINGS_OPEN.labels(kind=_kind)
+for _what in controls.PAUSES:
+    CONTROL_PAUSED.labels(what=_what)
 
 
 class PhaseChanges(Collector):
@@ -172,3 +185,12 @@ def publish(reading: StoreReading) -> None:
 
 def _label_sets(gauge: Gauge) -> list[dict[str, str]]:
     return [s.labels for family in gauge.collect() for s in family.samples]
+
+
+def publish_controls(runtime: controls.RuntimeControls, window: int | None) -> None:
+    """Set the runtime controls' gauges: each pause, and the injector's *window* in effect
+    (None: this worker has no injector; the gauge is left alone)."""
+    for what in controls.PAUSES:
+        CONTROL_PAUSED.labels(what=what).set(0 if runtime.paused(what) is None else 1)
+    if window is not None:
+        INJECTOR_CONCURRENCY.set(window)

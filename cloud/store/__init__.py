@@ -16,7 +16,8 @@ always parameterised. A reader finds the SQL for a concept by its module's name:
     presence       presence per account and source
     notifications  the notification outbox and acknowledgements
     outbox         the outbox to legacy
-    controls       operator switches for the whole deployment (the migration freeze)
+    controls       operator switches for the whole deployment (the migration freeze, the
+                   runtime controls: pauses, the injector's concurrency)
 
 Callers import the domain they need as ``<domain>_store`` (``from cloud.store import
 outbox as outbox_store``), and the exceptions from ``cloud.store.errors``.

@@ -156,6 +156,30 @@ def active_memberships(conn: psycopg.Connection,
         "WHERE m.active AND m.account_id = ANY(%s)", (list(account_ids),)).fetchall())
 
 
+def account_memberships(conn: psycopg.Connection,
+                        account_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Every cohort the account is or was a member of, oldest first: the cohort's name and
+    state, whether the membership is active, and the last advance that recorded the
+    account (its number, target, the account's phase before it, whether it was reversed,
+    and the gates that held the account on it, if any)."""
+    rows = conn.execute(
+        "SELECT c.name, c.state, m.active, c.created_ms, c.ended_ms, am.advance_no, "
+        "  a.to_phase, am.before_phase, a.reversed_ms, am.held "
+        "FROM cohort_members m JOIN cohorts c USING (cohort_id) "
+        "LEFT JOIN LATERAL (SELECT x.advance_no, x.before_phase, x.held "
+        "  FROM cohort_advance_members x WHERE x.account_id = m.account_id "
+        "  AND x.cohort_id = m.cohort_id ORDER BY x.advance_no DESC LIMIT 1) am ON true "
+        "LEFT JOIN cohort_advances a ON a.cohort_id = m.cohort_id "
+        "  AND a.advance_no = am.advance_no "
+        "WHERE m.account_id = %s ORDER BY c.created_ms, c.cohort_id", (account_id,)).fetchall()
+    return [{"name": r[0], "state": r[1], "active": r[2], "created_ms": r[3],
+             "ended_ms": r[4], "last_advance": None if r[5] is None else {
+                 "advance": r[5], "to": r[6], "before": r[7], "reversed_ms": r[8],
+                 "held_by": [g.get("name") for g in (r[9] or {}).get("gates", ())
+                             if not g.get("passed")] if r[9] is not None else []}}
+            for r in rows]
+
+
 def advances(conn: psycopg.Connection, cohort_id: int) -> list[Advance]:
     """The cohort's advances, oldest first."""
     return [Advance(*r) for r in conn.execute(

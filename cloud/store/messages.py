@@ -314,6 +314,28 @@ def _execute_atomically(conn: psycopg.Connection, statement: str,
         return conn.execute(statement, params, prepare=False).fetchall()
 
 
+def latest_from_legacy(conn: psycopg.Connection, account_id: uuid.UUID,
+                       limit: int) -> list[dict]:
+    """The *limit* messages mirrored from legacy (origin ``legacy``) most recently into the
+    account's conversations, newest first (bodies left out): each conversation's newest by
+    seq through its primary key, then merged by when they were written."""
+    rows = conn.execute(
+        "SELECT x.conversation_id, c.legacy_chat_id, x.seq, x.message_id, x.legacy_guid, "
+        "  x.sender_handle, x.sent_ms, x.written_ms "
+        "FROM members mb JOIN conversations c USING (conversation_id) "
+        "CROSS JOIN LATERAL (SELECT m.conversation_id, m.seq, m.message_id, m.legacy_guid, "
+        "  m.sender_handle, m.sent_ms, (extract(epoch FROM m.created_at) * 1000)::bigint "
+        "  AS written_ms, m.created_at FROM messages m "
+        "  WHERE m.conversation_id = mb.conversation_id AND m.origin = 'legacy' "
+        "  ORDER BY m.seq DESC LIMIT %(limit)s) x "
+        "WHERE mb.account_id = %(account)s "
+        "ORDER BY x.created_at DESC, x.conversation_id, x.seq DESC LIMIT %(limit)s",
+        {"account": account_id, "limit": limit}).fetchall()
+    return [{"conversation_id": str(r[0]), "legacy_chat_id": r[1], "seq": r[2],
+             "message_id": str(r[3]), "legacy_guid": r[4], "sender": r[5], "sent_ms": r[6],
+             "mirrored_ms": r[7]} for r in rows]
+
+
 def sync_messages(conn: psycopg.Connection, conversation_id: uuid.UUID, after_seq: int,
                   limit: int) -> list[Message]:
     """Messages with ``seq > after_seq`` in seq order, at most *limit*."""

@@ -418,3 +418,29 @@ def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], 
     the first *tried* of them were injected; the rest get their claim's attempt back."""
     return sum(release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
                for i, item in enumerate(items))
+
+
+def latest_for_account(conn: psycopg.Connection, account_id: uuid.UUID,
+                       limit: int) -> list[dict]:
+    """The *limit* newest message rows of the outbox to legacy in the account's
+    conversations, whatever their state (pending, done, skipped, failed), newest first
+    (bodies left out): each conversation's newest by seq through its primary key, then
+    merged by when they were queued."""
+    rows = conn.execute(
+        "SELECT x.conversation_id, c.legacy_chat_id, x.seq, x.message_id, m.legacy_guid, "
+        "  m.sender_handle, m.sent_ms, x.state, x.attempts, x.created_ms, x.done_ms, "
+        "  x.skip_reason, x.last_error "
+        "FROM members mb JOIN conversations c USING (conversation_id) "
+        "CROSS JOIN LATERAL (SELECT o.conversation_id, o.seq, o.message_id, o.state, "
+        "  o.attempts, o.created_ms, o.done_ms, o.skip_reason, o.last_error "
+        "  FROM outbox_to_legacy o WHERE o.conversation_id = mb.conversation_id "
+        "  AND o.kind = 'message' ORDER BY o.seq DESC, o.sub DESC LIMIT %(limit)s) x "
+        "LEFT JOIN messages m ON m.conversation_id = x.conversation_id "
+        "  AND m.message_id = x.message_id "
+        "WHERE mb.account_id = %(account)s "
+        "ORDER BY x.created_ms DESC, x.conversation_id, x.seq DESC LIMIT %(limit)s",
+        {"account": account_id, "limit": limit}).fetchall()
+    return [{"conversation_id": str(r[0]), "legacy_chat_id": r[1], "seq": r[2],
+             "message_id": str(r[3]), "legacy_guid": r[4], "sender": r[5], "sent_ms": r[6],
+             "state": r[7], "attempts": r[8], "queued_ms": r[9], "done_ms": r[10],
+             "skip_reason": r[11], "last_error": r[12]} for r in rows]

@@ -65,6 +65,10 @@ def test_status_of_an_empty_store(conn):
     assert got["open_findings"] == {} and got["findings"] == {}
     assert got["last_clean_reconcile"] is None and got["freeze"] is None
     assert "no runs yet" in status.render(got) and "freeze:        off" in status.render(got)
+    assert got["controls"] == {"paused": {"injection": None, "reconcilers": None},
+                               "injector_concurrency": None}
+    assert ("controls:      injection running; reconcilers running; injector concurrency as "
+            "configured") in status.render(got)
 
 
 def test_status_reports_every_section_from_the_rows(conn):
@@ -88,7 +92,7 @@ def test_status_reports_every_section_from_the_rows(conn):
     assert workers["w1"] == {
         "worker_id": "w1", "state": "ready", "live": True, "heartbeat_age_ms": 1_000,
         "started_ms": NOW - 600_000, "lag_to_cloud_ms": 120, "lag_to_legacy_ms": 340,
-        "mirrored_to_cloud": 0, "mirrored_to_legacy": 0, "feeds": 4,
+        "mirrored_to_cloud": 0, "mirrored_to_legacy": 0, "feeds": 4, "injection": None,
         "lag_outside_faults": {
             "to_cloud": {"p99_steady_ms": 90, "samples": 200, "met_faults": 10},
             "to_legacy": {"p99_steady_ms": 300, "samples": 50, "met_faults": 0}}}

@@ -129,12 +129,15 @@ def now_ms() -> int:
 
 def seed(conn) -> None:
     """Accounts in three cloud phases, open and repaired findings, two reconcile runs (one
-    clean), notifications in every state but sent, a worker that stopped long ago, and a
-    migration freeze."""
+    clean), notifications in every state but sent, a worker that stopped long ago, a
+    migration freeze and a pause of the reconcilers."""
     now = now_ms()
     conn.execute("INSERT INTO operator_controls (name, value, set_by, set_ms) "
                  "VALUES ('migration_freeze', '{\"reason\": \"incident 42\"}', 'ops-dana', %s)",
                  (now - 60_000,))
+    conn.execute("INSERT INTO operator_controls (name, value, set_by, set_ms) "
+                 "VALUES ('reconcilers_paused', '{\"reason\": \"db upgrade\"}', 'ops-eve', %s)",
+                 (now - 30_000,))
     for handle, phase in SEEDED_PHASES.items():
         make_account(conn, handle, phase)
     add_finding(conn, "gap")
@@ -291,6 +294,13 @@ def test_status_page_renders_in_chromium_and_matches_bridgectl_status(conn, db_d
     assert {k: raw_freeze[k] for k in ("reason", "set_by", "set_ms")} == \
         {k: expected["freeze"][k] for k in ("reason", "set_by", "set_ms")}
     assert "frozen" in freeze_text and "ops-dana" in freeze_text and "incident 42" in freeze_text
+    raw_pause, pause_text = fields["paused_reconcilers"]
+    assert {k: raw_pause[k] for k in ("what", "reason", "set_by", "set_ms")} == {
+        k: expected["controls"]["paused"]["reconcilers"][k]
+        for k in ("what", "reason", "set_by", "set_ms")}
+    assert "paused_injection" not in fields and expected["controls"]["paused"]["injection"] is None
+    assert "Reconcile runs paused" in pause_text and "ops-eve" in pause_text
+    assert "db upgrade" in pause_text
 
     page_text = dom.text()
     assert expected["dsn"] not in page_text and "password" not in page_text
