@@ -10,6 +10,18 @@ then gaps with the rest (its reports still print in ``KINDS`` order).
 ``all``, the owed-notifications window for ``notifications``; presence has none. Under
 ``all`` the notifications keep their own window (24 h) unless ``--notifications-since``
 says otherwise, so a month-wide gaps pass never pushes month-old notifications.
+
+A targeted gaps run (``--account REF`` or ``--conversation ID``, one of them, once;
+``reconcilers.gaps_scope``) compares that scope only. Its scope is resolved before anything
+runs (unknown: exit 2, nothing changed). It takes the gaps lock like a full pass (two runs
+never repair at once: while the cron pass holds it the targeted run exits 4 and can be run
+again when it ends), keeps its own resume cursor, and writes no textfile or Pushgateway
+metrics (those are the full passes' own: a targeted run must not move
+``bridge_reconcile_last_success_timestamp_seconds``).
+
+``--max-rate N`` paces every request a run sends to the supernodes (digests, lists,
+fetches, injections) to at most N a second on the reactor's clock
+(``reconcilers.pacing``); it applies to the kinds that talk to the legacy network.
 """
 
 from __future__ import annotations
@@ -83,6 +95,19 @@ def add_commands(sub: Any) -> None:
                      metavar="DURATION",
                      help="gaps: how far inside the legacy retention the window ends "
                           "(default 1h; longer than a run, so nothing ages out during it)")
+    rec.add_argument("--account", metavar="REF", action="append",
+                     help="gaps only: compare just this account's conversations (a handle or "
+                          "an account id; those it is a member of on the cloud and those the "
+                          "supernodes list it in); give it once. Keeps its own resume "
+                          "cursor, never the full pass's, and never counts as the clean run "
+                          "the migration gate asks for")
+    rec.add_argument("--conversation", metavar="ID", action="append",
+                     help="gaps only: compare just this conversation (a conversation id or "
+                          "its legacy chat id); give it once; not with --account")
+    rec.add_argument("--max-rate", type=options.number, metavar="N",
+                     help="gaps, presence and all: send at most N requests a second to the "
+                          "legacy supernodes (digests, lists, fetches, injections), evenly "
+                          "spaced; N > 0, e.g. 50 or 0.5 (default: no cap)")
     rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
     rec.add_argument("--max-seconds", type=options.number, metavar="S",
                      default=DEFAULT_MAX_SECONDS,
@@ -119,6 +144,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             and args.notifications_since is not None):
         raise UsageError("give --since or --notifications-since, not both (for "
                          "notifications they mean the same)")
+    targeted = _check_target(args)
+    if args.max_rate is not None:
+        if not args.max_rate > 0:
+            raise UsageError("--max-rate must be a positive number of requests a second")
+        if args.kind == "notifications":
+            raise UsageError("--max-rate applies to gaps, presence and all (the kinds that "
+                             "send requests to the legacy network)")
     if "gaps" in kinds:
         _gaps_config(args)  # checked before anything runs
     needs_legacy = {"gaps", "presence"} & set(kinds)
@@ -132,6 +164,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     # every statement ends well within the deadline: a blocked or runaway query can not
     # hold the run (and its lock) past it
     statement_s = min(STATEMENT_TIMEOUT_S, args.max_seconds)
+    scope = _resolve_scope(args, dsn, origin, statement_s) if targeted else None
 
     async def reconcile(reactor: Any, stop_signal: Any) -> list[Any]:
         # Ctrl-C / SIGTERM fire stop_signal: the reconciler stops at its next check, saves
@@ -149,6 +182,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 raise RuntimeFailure(f"cannot reach the legacy network via {host}:{port}: "
                                      f"{e}") from None
             links = SupernodeLinks(network, directory, name="reconciler", secret=secret)
+            if args.max_rate is not None:
+                from reconcilers.pacing import PacedLinks
+                links = PacedLinks(links, reactor, args.max_rate)
         reports = {}
         order = sorted(kinds, key=lambda k: k == "gaps")  # gaps last: it takes what is left
         with connect(dsn, origin, statement_timeout_s=statement_s) as conn, \
@@ -159,9 +195,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 left = deadline - reactor.seconds()
                 budget = left if kind == "gaps" else left / (len(order) - i)
                 reports[kind] = await runner.run_one(
-                    _reconciler(kind, args, links), clock=reactor, db=db,
+                    _reconciler(kind, args, links, scope), clock=reactor, db=db,
                     lock_conn=lock_conn, dry_run=args.dry_run, max_seconds=max(0.0, budget),
-                    on_progress=progress, stop_requested=lambda: stop_signal.called)
+                    on_progress=progress, stop_requested=lambda: stop_signal.called,
+                    scope=None if scope is None else scope.label)
+                if args.max_rate is not None and kind != "notifications":
+                    reports[kind].detail["max_rate"] = args.max_rate
                 progress.done()
         if links is not None:
             links.close()
@@ -200,10 +239,48 @@ def _reconcilers_paused(dsn: str, origin: Any, statement_s: float) -> Any:
                                controls_store.read_runtime_controls).paused("reconcilers")
 
 
-def _reconciler(kind: str, args: argparse.Namespace, links: Any) -> Any:
+def _check_target(args: argparse.Namespace) -> bool:
+    """Is this a targeted gaps run? Refuses (exit 2) what a targeted run can not be."""
+    given = [(flag, values) for flag, values in (("--account", args.account),
+                                                 ("--conversation", args.conversation))
+             if values]
+    if not given:
+        return False
+    if args.kind != "gaps":
+        raise UsageError("--account and --conversation apply to reconcile gaps only")
+    if len(given) > 1:
+        raise UsageError("give --account or --conversation, not both")
+    flag, values = given[0]
+    if len(values) > 1:
+        raise UsageError(f"give {flag} once (run one targeted reconcile per "
+                         f"{flag.removeprefix('--')})")
+    if args.textfile is not None or args.pushgateway is not None:
+        raise UsageError("a targeted run writes no metrics (--textfile and --pushgateway "
+                         "report the full passes cron runs)")
+    return True
+
+
+def _resolve_scope(args: argparse.Namespace, dsn: str, origin: str,
+                   statement_s: float) -> Any:
+    """The targeted run's scope, read before anything runs: unknown is exit 2."""
+    from cloud.db import run_transaction
+    from reconcilers import gaps_scope
+
+    try:
+        with connect(dsn, origin, statement_timeout_s=statement_s) as conn:
+            if args.account:
+                return run_transaction(conn, "resolve_account_scope",
+                                       gaps_scope.resolve_account, args.account[0])
+            return run_transaction(conn, "resolve_conversation_scope",
+                                   gaps_scope.resolve_conversation, args.conversation[0])
+    except gaps_scope.UnknownScope as e:
+        raise UsageError(str(e)) from None
+
+
+def _reconciler(kind: str, args: argparse.Namespace, links: Any, scope: Any = None) -> Any:
     if kind == "gaps":
         from reconcilers.gaps import GapsReconciler
-        return GapsReconciler(links, _gaps_config(args))
+        return GapsReconciler(links, _gaps_config(args), scope)
     if kind == "notifications":
         from reconcilers.notifications import NotificationsReconciler
         # under all, --since is the gaps window: notifications keep their own unless

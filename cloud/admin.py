@@ -85,6 +85,33 @@ class ReconcileRun:
     finished_ms: int | None
     #: ``report.clean`` of a run that wrote a report, else None
     clean: bool | None
+    #: what a targeted run was limited to ('account:HANDLE', 'conversation:UUID'); None:
+    #: a full pass
+    scope: str | None = None
+    #: how far its pass is (``progress.done`` of ``progress.total``, units of its kind;
+    #: None: the reconciler does not count its pass)
+    done: int | None = None
+    total: int | None = None
+    #: the seconds still to go as the run estimated them when it saved (``progress.eta_s``)
+    #: and when that was (``progress.updated_ms``)
+    eta_s: float | None = None
+    updated_ms: int | None = None
+
+    def progress_ratio(self) -> float | None:
+        """How much of its pass is done, 0..1: 1 once finished; None when not counted."""
+        if self.state == "finished":
+            return 1.0
+        if self.total is None or self.done is None:
+            return None
+        return 1.0 if self.total <= 0 else min(1.0, self.done / self.total)
+
+    def eta_seconds(self, now_ms: int) -> float | None:
+        """Seconds until a running run's pass is done: its estimate at its last save, less
+        the time since (never below 0). None for a run not running, or without an
+        estimate yet."""
+        if self.state != "running" or self.eta_s is None or self.updated_ms is None:
+            return None
+        return max(0.0, self.eta_s - max(0, now_ms - self.updated_ms) / 1000)
 
 
 @attrs.frozen
@@ -386,13 +413,18 @@ def live_workers(conn: psycopg.Connection, now_ms: int,
 
 
 _RUN_COLS = ("run_id, kind, state, started_ms, finished_ms, "
-             "CASE WHEN report ? 'clean' THEN report->>'clean' = 'true' END")
+             "CASE WHEN report ? 'clean' THEN report->>'clean' = 'true' END, scope, "
+             "(progress->>'done')::bigint, (progress->>'total')::bigint, "
+             "(progress->>'eta_s')::float8, (progress->>'updated_ms')::bigint")
+#: Targeted runs ``status`` lists at most.
+TARGETED_RUNS_SHOWN = 10
 
 
 def last_clean_reconcile(conn: psycopg.Connection) -> ReconcileRun | None:
-    """The newest finished reconcile run of a kind that checks messages and reported clean."""
+    """The newest finished full (not targeted) reconcile run of a kind that checks messages
+    and reported clean."""
     row = conn.execute(
-        f"SELECT {_RUN_COLS} FROM reconcile_runs WHERE state = 'finished' "
+        f"SELECT {_RUN_COLS} FROM reconcile_runs WHERE state = 'finished' AND scope IS NULL "
         "AND kind = ANY(%s) AND report->>'clean' = 'true' AND finished_ms IS NOT NULL "
         "ORDER BY finished_ms DESC, run_id DESC LIMIT 1",
         (list(CLEAN_RECONCILE_KINDS),)).fetchone()
@@ -419,11 +451,32 @@ def findings_by_state(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
 
 
 def last_reconcile_runs(conn: psycopg.Connection) -> dict[str, ReconcileRun]:
-    """The most recently started run of each kind, whatever its state."""
+    """The most recently started full (not targeted) run of each kind, whatever its state.
+
+    The bridge worker reads it on every heartbeat, so it never reads the runs' history: the
+    kinds are found by skipping through the index (``reconcile_runs_latest``) one kind at a
+    time, and each kind's newest run is one more index read."""
     rows = conn.execute(
-        f"SELECT DISTINCT ON (kind) {_RUN_COLS} FROM reconcile_runs "
-        "ORDER BY kind, started_ms DESC, run_id DESC").fetchall()
+        "WITH RECURSIVE kinds(kind) AS ("
+        "  (SELECT kind FROM reconcile_runs WHERE scope IS NULL ORDER BY kind LIMIT 1)"
+        "  UNION ALL"
+        "  SELECT (SELECT r.kind FROM reconcile_runs r WHERE r.scope IS NULL "
+        "          AND r.kind > k.kind ORDER BY r.kind LIMIT 1)"
+        "  FROM kinds k WHERE k.kind IS NOT NULL) "
+        "SELECT latest.* FROM kinds, LATERAL ("
+        f"  SELECT {_RUN_COLS} FROM reconcile_runs r WHERE r.kind = kinds.kind "
+        "   AND r.scope IS NULL ORDER BY r.started_ms DESC, r.run_id DESC LIMIT 1) latest "
+        "WHERE kinds.kind IS NOT NULL ORDER BY latest.kind").fetchall()
     return {r[1]: ReconcileRun(*r) for r in rows}
+
+
+def targeted_reconcile_runs(conn: psycopg.Connection,
+                            limit: int = TARGETED_RUNS_SHOWN) -> list[ReconcileRun]:
+    """The most recently started targeted runs (``scope`` set), newest first."""
+    rows = conn.execute(
+        f"SELECT {_RUN_COLS} FROM reconcile_runs WHERE scope IS NOT NULL "
+        "ORDER BY started_ms DESC, run_id DESC LIMIT %s", (limit,)).fetchall()
+    return [ReconcileRun(*r) for r in rows]
 
 
 def leases(conn: psycopg.Connection) -> list[Lease]:

@@ -43,7 +43,15 @@ conversation of a cohort, so a run that stopped at its deadline, or resumed and 
 the tail, vouches for the conversations it compared and no others. A conversation repaired
 in this pass is vouched for by the next one.
 
-The module is long (just over 500 lines) because its SQL transactions (each a function, safe
+A targeted run (``scope``, ``reconcilers.gaps_scope``: one account's conversations, or one)
+runs the same pass over its conversations only. It writes down what it compared clean and
+repairs what differs as a full pass does, but it closes no feed gap (it did not compare
+every conversation homed at the supernode), and its run row keeps its own resume cursor.
+
+The pass counts its conversations (``ctx.count``: done of total, across the runs of a
+resumed pass), which is what ``status`` and the metrics show as its progress and ETA.
+
+The module is long (about 650 lines) because its SQL transactions (each a function, safe
 to run twice) sit beside the pass that runs them, as the other reconcilers' do.
 """
 
@@ -70,6 +78,7 @@ from cloud.store.conversations import SNAPSHOT
 from legacy import wire
 from legacy.peer import PeerConnection
 from reconcilers.feed_gaps import close_gap_findings, open_gap_sources
+from reconcilers.gaps_scope import GapsScope, cloud_chats
 from reconcilers.runner import RunContext, RunCutOff
 
 log = Logger()
@@ -224,9 +233,12 @@ def missing_guids(conn: psycopg.Connection, conversation_id: uuid.UUID,
 class GapsReconciler:
     kind = "gaps"
 
-    def __init__(self, legacy: LegacyHistory, config: GapsConfig | None = None) -> None:
+    def __init__(self, legacy: LegacyHistory, config: GapsConfig | None = None,
+                 scope: GapsScope | None = None) -> None:
         self.legacy = legacy
         self.config = config or GapsConfig()
+        #: None: a full pass; else the conversations a targeted run compares
+        self.scope = scope
         self.counters = Counters()
 
     # -- the pass --------------------------------------------------------------------------
@@ -237,6 +249,8 @@ class GapsReconciler:
         left = ctx.time_left()
         reserve = 0.0 if left is None else min(cfg.repair_reserve_s, max(0.0, left) / 4)
         chats, unreachable = await self._all_chats(db)
+        if self.scope is not None:
+            report.detail["scope"] = {**self.scope.to_json(), "conversations": len(chats)}
         ring = self.legacy.ring
         #: supernode -> why, for those lost at the start or mid-pass; their chats not compared
         lost: dict[str, str] = dict(unreachable)
@@ -245,7 +259,7 @@ class GapsReconciler:
         if progress.get("phase") is not None and progress.get("gap_sources") != gap_sources:
             # new feed gaps since the pass began: their chats would move ahead of where the
             # pass stopped and be skipped; start the pass over instead
-            for key in ("phase", "after", "retry"):
+            for key in ("phase", "after", "retry", "done", "total"):
                 progress.pop(key, None)
             report.detail["restarted"] = True
         #: conversations of this pass not yet known to be in sync (see the module docstring)
@@ -292,6 +306,8 @@ class GapsReconciler:
         rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
         done_phase, done_after = progress.get("phase"), progress.get("after")
+        #: conversations earlier runs of this pass went through (none: a new pass)
+        base = int(progress.get("done", 0)) if done_phase is not None else 0
         if done_phase is not None:  # resume after the last chat a previous run finished
             phases = ["priority", "rest"]
             order = [(ph, c) for ph, c in order
@@ -301,6 +317,8 @@ class GapsReconciler:
         ahead = {c for _, c in order}
         again = sorted(c for c in retry if c in chats and c not in ahead)
         order = [("retry", c) for c in again] + order
+        total = base + len(order)
+        ctx.count(base, total)
         diffs: list[ChatDiff] = []
 
         async def confirm_round() -> None:
@@ -346,6 +364,7 @@ class GapsReconciler:
             await ctx.save()
 
         for i, (phase, chat_id) in enumerate(order):
+            ctx.count(base + i, total)
             # every run compares at least one: it always advances; and it stops comparing
             # while the second look and the repairs of what it found still fit
             left = ctx.time_left()
@@ -383,21 +402,24 @@ class GapsReconciler:
             progress["retry"] = sorted(retry)
             if phase != "retry":
                 progress.update({"phase": phase, "after": chat_id})
+            ctx.count(base + i + 1, total)
             pending_unsaved += 1
             if pending_unsaved >= 50 or i == len(order) - 1:
                 pending_unsaved = 0
                 await save()
-            ctx.on_progress(f"gaps: {i + 1}/{len(order)} conversations, "
+            ctx.on_progress(f"gaps: {base + i + 1}/{total} conversations, "
                             f"{report.suspects} suspects")
             if len(diffs) >= cfg.confirm_every:
                 await confirm_round()
+        if not ctx.interrupted:
+            ctx.count(total, total)
         if clean:  # the last conversations' compare raised: the ones before it still count
             await save()
         if diffs:
             await confirm_round()
         report.detail.update(attrs.asdict(self.counters))
         if (not ctx.interrupted and report.failed == 0 and not uncovered
-                and not ctx.dry_run):
+                and not ctx.dry_run and self.scope is None):
             # a short --since compares recent history only: a gap whose losses may be older
             # stays open (its supernode keeps going first) until a pass reaches them
             closed = await db.run("close_gap_findings", close_gap_findings, end, gap_sources,
@@ -419,12 +441,16 @@ class GapsReconciler:
                          ) -> tuple[dict[str, tuple[uuid.UUID, tuple[str, ...] | None]],
                                     dict[str, str]]:
         """Chats known to either side: chat id -> (conversation id, legacy members); and the
-        supernodes that could not list theirs (id -> why)."""
+        supernodes that could not list theirs (id -> why). A targeted run's scope: the chats
+        in it (one conversation's lists no supernode)."""
+        scope = self.scope
+        known = (await db.run("legacy_chats", conversations_store.legacy_chats)
+                 if scope is None else await db.run("scope_chats", cloud_chats, scope))
         chats: dict[str, tuple[uuid.UUID, tuple[str, ...] | None]] = {
-            chat: (cid, None)
-            for chat, cid in (await db.run("legacy_chats",
-                                           conversations_store.legacy_chats)).items()}
+            chat: (cid, None) for chat, cid in known.items()}
         unreachable: dict[str, str] = {}
+        if scope is not None and scope.chat_id is not None:
+            return chats, unreachable
         for sn in sorted(self.legacy.directory):
             try:
                 peer = await self.legacy.peer(sn)
@@ -432,8 +458,10 @@ class GapsReconciler:
                 while True:
                     page = await peer.chats(after, 200)
                     for info in page.chats:
-                        chats[info.chat_id] = (ids.conversation_id(info.chat_id),
-                                               tuple(info.members))
+                        if (scope is None or info.chat_id in chats
+                                or scope.keeps_listed(info.chat_id, info.members)):
+                            chats[info.chat_id] = (ids.conversation_id(info.chat_id),
+                                                   tuple(info.members))
                     if page.done or not page.chats:
                         break
                     after = page.chats[-1].chat_id

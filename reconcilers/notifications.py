@@ -453,6 +453,7 @@ class NotificationsReconciler:
         after = progress.get("after")
         after_id = uuid.UUID(after) if after else None
         done = progress.get("done", 0)
+        ctx.count(done, total)  # the pass's conversations: its progress and ETA
         first = True
         while True:
             if not first and ctx.out_of_time():
@@ -474,7 +475,8 @@ class NotificationsReconciler:
                 ctx.interrupted = True
                 return
             after_id, done = page[-1], done + len(page)
-            progress.update({"after": str(after_id), "done": done})
+            progress["after"] = str(after_id)
+            ctx.count(done, total)
             await ctx.save()
             ctx.on_progress(f"notifications: {min(done, total)}/{total} conversations, "
                             f"{len(missing)} missing")

@@ -168,8 +168,11 @@ def push(url: str, reports: Sequence[Report], *, now: float | None = None,
 
 def render_text(report: Report) -> str:
     """The one-line human summary of a run (what ``bridgectl reconcile`` prints)."""
+    kind = report.kind if report.scope is None else f"{report.kind} ({report.scope})"
     if report.locked:
-        return f"{report.kind}: another run holds the lock; nothing done"
+        return (f"{kind}: another {report.kind} run holds the lock; nothing done"
+                + ("" if report.scope is None else
+                   " (a targeted run waits for no pass: run it again once that one ends)"))
     paused = ""
     if report.paused:
         pause = report.detail.get("paused") or {}
@@ -177,7 +180,7 @@ def render_text(report: Report) -> str:
         paused = (f"paused by {pause.get('set_by', 'an operator')}{why} (`bridgectl control "
                   "resume reconcilers` lets runs start again)")
         if report.run_id is None:
-            return f"{report.kind}: the reconcilers are {paused}; nothing done"
+            return f"{kind}: the reconcilers are {paused}; nothing done"
     status = ("error: " + report.error if report.error else
               "compared nothing" if report.completed and report.compared == 0 else
               f"{paused}; the next run resumes" if report.paused and not report.completed else
@@ -185,7 +188,7 @@ def render_text(report: Report) -> str:
               f"partial: {report.uncovered} not covered" if report.uncovered else
               "differences remain" if report.exit_code() else
               "repaired" if report.confirmed else "in sync")
-    return (f"{report.kind}: {status}; compared {report.compared}, suspects "
+    return (f"{kind}: {status}; compared {report.compared}, suspects "
             f"{report.suspects}, confirmed {report.confirmed}, repaired {report.repaired}, "
             f"failed {report.failed}, {report.bytes_from_legacy} bytes from legacy, "
             f"{report.duration_s:.1f} s" + (" (resumed)" if report.resumed else "")

@@ -5,7 +5,8 @@
     acquire the kind's advisory lock (held on its own connection for the whole run)
       -> taken by another run: exit EXIT_LOCKED at once
     open a reconcile_runs row (state running), resuming the progress of the newest
-      interrupted run of the same kind
+      interrupted run of the same kind, mode and scope (a targeted run, ``scope`` set,
+      never resumes nor supersedes the full pass's progress, nor the reverse)
     reconciler.run(ctx): compares and repairs, saving ctx.progress as it goes
       -> deadline (--max-seconds) reached: the reconciler stops at its next check; a wait
          still in flight at the deadline is cancelled (the run is cut off there, never
@@ -16,7 +17,13 @@
          first run after the resume resumes
       -> an exception: the row ends 'failed', exit EXIT_ERROR
     the row ends 'finished' with the report; the report's ``clean`` is what the migration
-      gate ``recent_clean_reconcile`` looks for
+      gate ``recent_clean_reconcile`` looks for (a full pass's only)
+
+Progress and ETA: a reconciler that knows how much its pass has to do says so with
+``ctx.count(done, total)`` (units of its choice: conversations for gaps and notifications).
+Each save stamps the progress with ``updated_ms`` and ``eta_s``, the seconds still to go at
+the rate this run has gone (its done units over its elapsed time, both by the injected
+clock), so ``bridgectl status`` and the worker's metrics read them from the run's row.
 
 Exit codes (documented in the README and docs/reconcilers.md):
   0  in sync, or every difference found was repaired
@@ -92,6 +99,9 @@ class Report:
     #: done), or stopped at its next check; ``detail.paused`` says who, when and why
     paused: bool = False
     error: str | None = None
+    #: what a targeted run was limited to ('account:HANDLE', 'conversation:UUID'); None: a
+    #: full pass
+    scope: str | None = None
     detail: dict[str, Any] = attrs.Factory(dict)
 
     @property
@@ -141,6 +151,10 @@ class RunContext:
     def dry_run(self) -> bool:
         return self.report.dry_run
 
+    def count(self, done: int, total: int) -> None:
+        """How far the pass is: *done* of *total* units (saved with the next ``save``)."""
+        self.progress["done"], self.progress["total"] = done, max(total, done)
+
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
@@ -166,13 +180,15 @@ class Reconciler(Protocol):
 # ---------------------------------------------------------------- the store side of runs
 
 def start_run(conn: psycopg.Connection, kind: str, now_ms: int,
-              dry_run: bool = False) -> tuple[int, dict, bool]:
-    """Open a run row; resume the progress of the newest interrupted run of this kind and
-    mode (a dry run's progress never makes a real run skip what it did not repair)."""
+              dry_run: bool = False, scope: str | None = None) -> tuple[int, dict, bool]:
+    """Open a run row; resume the progress of the newest interrupted run of this kind, mode
+    and scope (a dry run's progress never makes a real run skip what it did not repair; a
+    targeted run's never moves the full pass's cursor, nor the reverse)."""
     row = conn.execute(
         "SELECT run_id, progress FROM reconcile_runs WHERE kind = %s AND state = 'interrupted' "
+        "AND coalesce(scope, '') = %s "
         "AND coalesce((progress->>'dry_run')::boolean, false) = %s "
-        "ORDER BY run_id DESC LIMIT 1", (kind, dry_run)).fetchone()
+        "ORDER BY run_id DESC LIMIT 1", (kind, scope or "", dry_run)).fetchone()
     progress, resumed = (dict(row[1]), True) if row is not None else ({}, False)
     if row is not None:
         conn.execute("UPDATE reconcile_runs SET state = 'failed', "
@@ -180,9 +196,9 @@ def start_run(conn: psycopg.Connection, kind: str, now_ms: int,
                      "WHERE run_id = %s", (row[0],))
     progress["dry_run"] = dry_run
     run_id = conn.execute(
-        "INSERT INTO reconcile_runs (kind, state, started_ms, progress) "
-        "VALUES (%s, 'running', %s, %s) RETURNING run_id",
-        (kind, now_ms, Jsonb(progress))).fetchone()[0]
+        "INSERT INTO reconcile_runs (kind, state, started_ms, progress, scope) "
+        "VALUES (%s, 'running', %s, %s, %s) RETURNING run_id",
+        (kind, now_ms, Jsonb(progress), scope)).fetchone()[0]
     return run_id, progress, resumed
 
 
@@ -196,6 +212,20 @@ def finish_run(conn: psycopg.Connection, run_id: int, state: str, report: dict,
     conn.execute("UPDATE reconcile_runs SET state = %s, finished_ms = %s, report = %s, "
                  "progress = %s WHERE run_id = %s",
                  (state, now_ms, Jsonb(report), Jsonb(progress), run_id))
+
+
+def eta_seconds(done: int, total: int, done_at_start: int, elapsed_s: float) -> float | None:
+    """Seconds until *total* at the rate this run has gone: its units done (*done* less
+    *done_at_start*, what earlier runs of the pass did) over *elapsed_s*. 0 once done; None
+    while this run has done nothing yet (no rate to go by)."""
+    if done >= total:
+        return 0.0
+    if done < done_at_start:  # the pass started over within this run
+        done_at_start = 0
+    ran = done - done_at_start
+    if ran <= 0 or elapsed_s <= 0:
+        return None
+    return (total - done) * elapsed_s / ran
 
 
 def try_lock(conn: psycopg.Connection, kind: str) -> bool:
@@ -215,12 +245,16 @@ def refused_by_pause(kind: str, dry_run: bool, pause: controls_store.Pause) -> R
 async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: TransactionRunner,
                   lock_conn: psycopg.Connection, dry_run: bool, max_seconds: float | None,
                   on_progress: Callable[[str], None] = lambda _t: None,
-                  stop_requested: Callable[[], bool] = lambda: False) -> Report:
+                  stop_requested: Callable[[], bool] = lambda: False,
+                  scope: str | None = None) -> Report:
     """One run of one kind under its lock; the report says what happened (never raises for
-    a failure of the run itself: that is ``report.error``). Refused at once while an
-    operator has paused the reconcilers; stopped at the next check once one does."""
+    a failure of the run itself: that is ``report.error``). *scope* names a targeted run
+    (the reconciler limits itself; the run row and the resume keep it apart); a targeted
+    run takes the kind's lock like a full one: two runs never repair at once. Refused at
+    once while an operator has paused the reconcilers; stopped at the next check once one
+    does."""
     kind = reconciler.kind
-    report = Report(kind=kind, dry_run=dry_run)
+    report = Report(kind=kind, dry_run=dry_run, scope=scope)
     try:
         pause = (await db.run("read_runtime_controls", controls_store.read_runtime_controls)
                  ).paused("reconcilers")
@@ -228,21 +262,26 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
         report.error = f"{type(e).__name__}: {e}"
         return report
     if pause is not None:
-        return refused_by_pause(kind, dry_run, pause)
+        refused = refused_by_pause(kind, dry_run, pause)
+        refused.scope = scope
+        return refused
     if not try_lock(lock_conn, kind):
         report.locked = True
         return report
     started = time.monotonic()
     try:
         run_id, progress, resumed = await db.run("start_run", start_run, kind,
-                                                 int(clock.seconds() * 1000), dry_run)
+                                                 int(clock.seconds() * 1000), dry_run, scope)
         report.run_id, report.resumed = run_id, resumed
-        deadline = None if max_seconds is None else clock.seconds() + max_seconds
+        began = clock.seconds()
+        deadline = None if max_seconds is None else began + max_seconds
         cut_off: list[bool] = []
+        done_at_start = int(progress.get("done", 0))
 
         def save() -> defer.Deferred:
             if cut_off:  # the run has ended; a straggler saves nothing
                 return defer.succeed(None)
+            _stamp(progress, clock, began, done_at_start)
             return db.run("save_progress", save_progress, run_id, progress)
 
         watch = _PauseWatch(clock, db)
@@ -301,6 +340,15 @@ class _PauseWatch:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+def _stamp(progress: dict, clock: IReactorTime, began: float, done_at_start: int) -> None:
+    """Date the progress and, when the reconciler counted its pass, estimate the time left."""
+    progress["updated_ms"] = int(clock.seconds() * 1000)
+    if "total" in progress:
+        eta = eta_seconds(int(progress.get("done", 0)), int(progress["total"]), done_at_start,
+                          clock.seconds() - began)
+        progress["eta_s"] = None if eta is None else round(eta, 3)
 
 
 class RunCutOff(Exception):

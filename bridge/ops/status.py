@@ -19,11 +19,16 @@ from cloud.store import outbox as outbox_store
 
 
 def _run(run: admin.ReconcileRun, now_ms: int) -> dict[str, Any]:
+    ratio, eta = run.progress_ratio(), run.eta_seconds(now_ms)
     return {"run_id": run.run_id, "kind": run.kind, "state": run.state,
             "started_ms": run.started_ms, "finished_ms": run.finished_ms,
             "age_ms": now_ms - (run.finished_ms if run.finished_ms is not None
                                 else run.started_ms),
-            "clean": run.clean}
+            "clean": run.clean, "scope": run.scope,
+            "done": run.done, "total": run.total,
+            "progress_ratio": None if ratio is None else round(ratio, 4),
+            "eta_s": None if eta is None else round(eta, 1),
+            "progress_age_ms": None if run.updated_ms is None else now_ms - run.updated_ms}
 
 
 def _max(values: list[int | None]) -> int | None:
@@ -55,6 +60,10 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
     controls (``bridgectl control``): each pause that is on (who, when, why, its age) and
     the injector's concurrency when one was set; each worker's ``injection`` says how its
     last heartbeat applied them (paused, window).
+    ``reconcile`` is the latest full run of each kind, ``reconcile_targeted`` the latest
+    targeted runs (``--account``/``--conversation``); each with its pass's progress
+    (``done`` of ``total``, ``progress_ratio``) and, while running, ``eta_s``: the run's own
+    estimate at its last save less the time since (``progress_age_ms`` ago).
     ``lag_outside_faults`` says how much of that lag is the faults' (``bridge.faults``): per
     direction, the worst p99 of the messages that met no fault (a lost feed, a failed
     injection, a database outage, a worker's restart) and how many recent ones met one.
@@ -90,6 +99,8 @@ def gather(conn: psycopg.Connection, now_ms: int, *,
         "findings": findings,
         "reconcile": {kind: _run(run, now_ms)
                       for kind, run in sorted(admin.last_reconcile_runs(conn).items())},
+        "reconcile_targeted": [_run(run, now_ms)
+                               for run in admin.targeted_reconcile_runs(conn)],
         "last_clean_reconcile": None if last_clean is None else _run(last_clean, now_ms),
         "leases": [{"name": lease.name, "holder": lease.holder, "fence": lease.fence,
                     "expires_ms": lease.expires_ms,
@@ -126,6 +137,20 @@ def render_controls(controls: dict[str, Any]) -> str:
     parts.append("injector concurrency " + ("as configured" if setting is None else
                                             f"{setting['value']} (set by {setting['set_by']})"))
     return "; ".join(parts)
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    """One reconcile run for a terminal: state, cleanliness, progress and ETA, age."""
+    clean = {True: "clean", False: "not clean", None: ""}[run["clean"]]
+    text = f"run {run['run_id']} {run['state']} {clean}".rstrip()
+    if run.get("progress_ratio") is not None and run["state"] != "finished":
+        text += f", {run['progress_ratio']:.0%} of its pass"
+        if run.get("total") is not None:
+            text += f" ({run['done']}/{run['total']})"
+        if run["state"] == "running":
+            text += (", ETA " + ("unknown yet" if run.get("eta_s") is None
+                                 else _ms(int(run["eta_s"] * 1000))))
+    return text + f", {_ms(run['age_ms'])} ago"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -183,9 +208,9 @@ def render(status: dict[str, Any]) -> str:
         out.append(f"  {lease['name']:<20} {lease['holder']:<20} fence {lease['fence']}, {when}")
     out.append("reconcile:     " + ("" if status["reconcile"] else "no runs yet"))
     for kind, run in status["reconcile"].items():
-        clean = {True: "clean", False: "not clean", None: ""}[run["clean"]]
-        out.append(f"  {kind:<20} run {run['run_id']} {run['state']} {clean}".rstrip()
-                   + f", {_ms(run['age_ms'])} ago")
+        out.append(f"  {kind:<20} {_run_line(run)}")
+    for run in status.get("reconcile_targeted", []):
+        out.append(f"  {run['kind'] + ' ' + run['scope']:<20} {_run_line(run)}")
     clean = status["last_clean_reconcile"]
     out.append("last clean:    " + ("none" if clean is None else
                                     f"{clean['kind']} run {clean['run_id']}, "

@@ -183,12 +183,16 @@
       [false, false, true, false]) : el("p", { class: "muted" }, "no leases");
     const runKinds = Object.keys(st.reconcile).sort();
     const clean = c => c === null ? "" : c ? "clean" : "not clean";
-    const runs = runKinds.length ? table(["kind", "run", "state", "result", "age"],
+    const pct = v => v === null || v === undefined ? "-" : (100 * v).toFixed(0) + "%";
+    const eta = v => v === null || v === undefined ? "-" : fmtMs(Math.round(v * 1000));
+    const runs = runKinds.length ? table(["kind", "run", "state", "result", "progress", "ETA", "age"],
       runKinds.map(k => { const r = st.reconcile[k]; return [k,
         field(`reconcile.${k}.run_id`, r.run_id), field(`reconcile.${k}.state`, r.state),
         field(`reconcile.${k}.clean`, r.clean, clean(r.clean), r.clean === false ? "bad" : "good"),
+        field(`reconcile.${k}.progress_ratio`, r.progress_ratio, pct(r.progress_ratio)),
+        field(`reconcile.${k}.eta_s`, r.eta_s, eta(r.eta_s)),
         fmtMs(r.age_ms) + " ago"]; }),
-      [false, true, false, false, true]) : el("p", { class: "muted" }, "no reconcile runs yet");
+      [false, true, false, false, true, true, true]) : el("p", { class: "muted" }, "no reconcile runs yet");
     return el("div", { class: "tables" },
       card("Findings by kind", findings), card("Reconcile: last run of each kind", runs),
       el("section", { class: "card full" }, el("h2", {}, "Workers"), workers),

@@ -15,6 +15,15 @@ back on its heartbeat (every ``heartbeat_s``), each read bounded:
   runtime controls (``bridgectl control``) as this worker read and applied them on its
   heartbeat (``publish_controls``, from the worker's own read of them): each pause that is
   on, and the injector's window in effect (the operator's value, else the configured one).
+
+- ``bridge_reconcile_progress_ratio{kind}``: how much of its pass the newest full (cron)
+  run of each kind has done, 0..1 (1 once finished; an interrupted run's pass as it stood,
+  which the next run resumes); no series for a kind whose runs do not count their pass.
+- ``bridge_reconcile_eta_seconds{kind}``: while that run is running, the seconds it still
+  needs at the rate it has gone (its estimate at its last save, less the time since by the
+  worker's clock); no series while no run of the kind is running, or before the run has an
+  estimate. Targeted runs (``--account``/``--conversation``) are in ``bridgectl status``,
+  not here.
 - ``bridge_phase_changes_total{from,to}``: the ``phase_change`` rows of ``audit_log``,
   counted by this worker. It reads the rows after the last one it counted, at most
   ``PHASE_CHANGE_BATCH`` per heartbeat, so a worker starting on a long history catches up
@@ -71,6 +80,17 @@ INJECTOR_CONCURRENCY = Gauge(
     "bridge_injector_concurrency",
     "Most outbox injections this worker keeps in flight now (bridgectl control set "
     "injector-concurrency, else its configured window).")
+
+RECONCILE_PROGRESS = Gauge(
+    "bridge_reconcile_progress_ratio",
+    "How much of its pass the newest full reconcile run of each kind has done (0..1; 1 once "
+    "finished), from reconcile_runs, refreshed with each heartbeat.",
+    ["kind"])
+RECONCILE_ETA = Gauge(
+    "bridge_reconcile_eta_seconds",
+    "Seconds the running full reconcile run of each kind still needs at the rate it has "
+    "gone (no series while none runs).",
+    ["kind"])
 for _kind in FINDING_KINDS:
     FINDINGS_OPEN.labels(kind=_kind)
 for _what in controls.PAUSES:
@@ -145,6 +165,8 @@ class StoreReading:
     workers_live: int
     phase_changes: list[tuple[int, str, str]]
     phase_changes_complete: bool
+    #: kind -> (progress ratio, ETA seconds) of its newest full run (None: not known)
+    reconcile: dict[str, tuple[float | None, float | None]] = attrs.field(factory=dict)
 
 
 def read_store(conn: psycopg.Connection, now_ms: int, after_id: int,
@@ -162,10 +184,13 @@ def read_store(conn: psycopg.Connection, now_ms: int, after_id: int,
         "SELECT audit_id, detail->>'from', detail->>'to' FROM audit_log "
         "WHERE audit_id > %s AND action = 'phase_change' ORDER BY audit_id LIMIT %s",
         (after_id, limit)).fetchall()
+    reconcile = {kind: (run.progress_ratio(), run.eta_seconds(now_ms))
+                 for kind, run in admin.last_reconcile_runs(conn).items()}
     return StoreReading(
         accounts_store.accounts_by_phase(conn), findings, controls.read_freeze(conn),
         len(admin.live_workers(conn, now_ms)),
-        [(i, a or "unknown", b or "unknown") for i, a, b in rows], len(rows) < limit)
+        [(i, a or "unknown", b or "unknown") for i, a, b in rows], len(rows) < limit,
+        reconcile)
 
 
 def publish(reading: StoreReading) -> None:
@@ -181,6 +206,13 @@ def publish(reading: StoreReading) -> None:
     FREEZE_SET.set(0 if reading.freeze is None else reading.freeze.set_ms / 1000)
     WORKERS_LIVE.set(reading.workers_live)
     PHASE_CHANGES.add(reading.phase_changes, complete=reading.phase_changes_complete)
+    for gauge, index in ((RECONCILE_PROGRESS, 0), (RECONCILE_ETA, 1)):
+        values = {kind: v[index] for kind, v in reading.reconcile.items()
+                  if v[index] is not None}
+        for kind, value in values.items():
+            gauge.labels(kind=kind).set(value)
+        for kind in {labels["kind"] for labels in _label_sets(gauge)} - set(values):
+            gauge.remove(kind)  # not known now: no series rather than a stale value
 
 
 def _label_sets(gauge: Gauge) -> list[dict[str, str]]:

@@ -187,6 +187,33 @@ def legacy_chats(conn: psycopg.Connection) -> dict[str, uuid.UUID]:
         "SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids").fetchall())
 
 
+def account_legacy_chats(conn: psycopg.Connection,
+                         account_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    """The conversations with a legacy chat the account is a member of on the cloud:
+    chat id -> conversation id."""
+    return dict(conn.execute(
+        "SELECT c.legacy_chat_id, c.conversation_id FROM members m "
+        "JOIN conversations c USING (conversation_id) "
+        "WHERE m.account_id = %s AND c.legacy_chat_id IS NOT NULL", (account_id,)).fetchall())
+
+
+def find_legacy_chat(conn: psycopg.Connection, ref: str) -> tuple[str, uuid.UUID] | None:
+    """The conversation *ref* names, by conversation id (a UUID) or by its legacy chat id,
+    as (legacy chat id, conversation id); None when no conversation with a legacy chat has
+    that id."""
+    try:
+        row = conn.execute(
+            "SELECT legacy_chat_id, conversation_id FROM conversations "
+            "WHERE conversation_id = %s AND legacy_chat_id IS NOT NULL",
+            (uuid.UUID(ref),)).fetchone()
+    except ValueError:  # not a UUID: a legacy chat id
+        row = None
+    if row is None:
+        row = conn.execute("SELECT legacy_chat_id, conversation_id FROM conversation_legacy_ids "
+                           "WHERE legacy_chat_id = %s", (ref,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
 def member_handles(conn: psycopg.Connection,
                    conversation_id: uuid.UUID) -> tuple[tuple[str, ...], int]:
     """Members' legacy-side handles (sorted) and how many still have legacy clients."""

@@ -58,6 +58,18 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
                                 "30", "--json"], capture_output=True, text=True, timeout=120,
                                env=env)
         assert again.returncode == 0 and json.loads(again.stdout)["clean"], again.stdout
+        # a targeted, paced run of one conversation (named by its legacy chat id)
+        chat = conn.execute("SELECT legacy_chat_id FROM conversations "
+                            "WHERE legacy_chat_id IS NOT NULL LIMIT 1").fetchone()[0]
+        one = subprocess.run([*BRIDGECTL, "reconcile", "gaps", *legacy_arg, "--margin", "30",
+                              "--conversation", chat, "--max-rate", "20", "--json"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert one.returncode == 0, one.stderr
+        targeted = json.loads(one.stdout)
+        assert targeted["scope"].startswith("conversation:") and targeted["compared"] == 1
+        assert targeted["detail"]["max_rate"] == 20 and targeted["clean"]
+        assert conn.execute("SELECT scope FROM reconcile_runs ORDER BY run_id DESC LIMIT 1"
+                            ).fetchone()[0] == targeted["scope"]
     finally:
         legacy.send_signal(signal.SIGTERM)
         legacy.wait(timeout=30)
@@ -80,6 +92,26 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
      "--retention-margin must not be negative and must be shorter than --legacy-retention"),
     (["reconcile", "all", "--legacy", "127.0.0.1:1", "--legacy-retention", "0"], 2,
      "must be positive"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--max-rate", "0"], 2,
+     "--max-rate must be a positive number"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--max-rate", "-3"], 2,
+     "--max-rate must be a positive number"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--max-rate", "nan"], 2,
+     "not a finite number"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--max-rate", "fast"], 2,
+     "is not a number"),
+    (["reconcile", "notifications", "--max-rate", "5"], 2,
+     "--max-rate applies to gaps, presence and all"),
+    (["reconcile", "all", "--legacy", "127.0.0.1:1", "--account", "alice"], 2,
+     "apply to reconcile gaps only"),
+    (["reconcile", "presence", "--legacy", "127.0.0.1:1", "--conversation", "c1"], 2,
+     "apply to reconcile gaps only"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--account", "a", "--conversation",
+      "c"], 2, "give --account or --conversation, not both"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--account", "a", "--account", "b"],
+     2, "give --account once"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--account", "a", "--textfile",
+      "/tmp/x.prom"], 2, "a targeted run writes no metrics"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""
@@ -159,3 +191,21 @@ def test_a_reconcile_connection_bounds_every_statement_and_lock_wait(db_dsn):
         with pytest.raises((psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
             conn.execute("SELECT pg_advisory_lock(4242)")
         assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("flag,ref,needle", [
+    ("--account", "nobody", "unknown account: 'nobody'"),
+    ("--conversation", "no-such-chat", "unknown conversation: 'no-such-chat'"),
+    ("--conversation", "00000000-0000-0000-0000-00000000abcd", "unknown conversation"),
+])
+def test_a_targeted_run_of_an_unknown_scope_is_refused_and_runs_nothing(conn, db_dsn,
+                                                                        tmp_path, flag, ref,
+                                                                        needle):
+    """An unknown account or conversation: exit 2 with one clear line, before the legacy
+    network is even asked (its address here answers nothing), and no run row written."""
+    out = subprocess.run([*BRIDGECTL, "reconcile", "gaps", "--dsn", db_dsn, "--legacy",
+                          "127.0.0.1:1", flag, ref], capture_output=True, text=True,
+                         timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "cannot reach" not in out.stderr
+    assert conn.execute("SELECT count(*) FROM reconcile_runs").fetchone()[0] == 0
