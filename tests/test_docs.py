@@ -431,6 +431,11 @@ def test_every_systemd_unit_runs_a_command_the_cli_accepts():
             assert service.get("Restart") == "on-failure", path.name
             assert service.get("KillSignal") == "SIGTERM", path.name
             assert int(service["TimeoutStopSec"]) >= 30, path.name
+            # long-running: READY=1, STOPPING=1 and the watchdog (servicekit.sdnotify),
+            # pinged every WatchdogSec/2 with room for a slow heartbeat
+            assert service.get("Type") == "notify", path.name
+            assert service.get("NotifyAccess") == "main", path.name
+            assert 30 <= int(service["WatchdogSec"]) <= 300, path.name
     for timer in SYSTEMD.glob("*.timer"):
         assert (SYSTEMD / timer.name.replace(".timer", ".service")).exists(), timer.name
 
