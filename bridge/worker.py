@@ -50,6 +50,9 @@ class WorkerConfig:
     bootstrap_host: str
     bootstrap_port: int
     heartbeat_s: float = 5.0
+    #: heartbeat intervals without a finished heartbeat after which the worker is stalled
+    #: (a heartbeat ends within about two even while the store is down: its connect timeout)
+    stalled_after_heartbeats: float = 6.0
     discovery_s: float = 60.0
     lease_ttl_s: float = 15.0   # a dead worker's feeds move to others within this
     accounts_sync_s: float = 300.0  # copy the login server's accounts (passwords); 0: never
@@ -71,6 +74,8 @@ class BridgeWorker(MultiService):
         self.ring: HashRing | None = None
         self.started_ms = int(clock.seconds() * 1000)
         self.db_ok = False
+        #: when the last heartbeat finished, well or not (the start, before the first)
+        self.heartbeat_done_s = clock.seconds()
         self.injector: Any = None
         if injector_factory is not None:
             self.injector = injector_factory(self)
@@ -145,8 +150,17 @@ class BridgeWorker(MultiService):
     def ready(self) -> bool:
         return self.db_ok and any(f.connected for f in self.followers.values())
 
+    def stalled(self) -> str | None:
+        """Why this worker is stuck (its heartbeats stopped finishing), or None: what the
+        systemd watchdog asks. A store outage is not a stall: heartbeats then fail, in time."""
+        since = self.clock.seconds() - self.heartbeat_done_s
+        if since > self.config.heartbeat_s * self.config.stalled_after_heartbeats:
+            return f"no heartbeat has finished for {since:.0f} s"
+        return None
+
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
+        self.heartbeat_done_s = self.clock.seconds()
         store_metrics.PHASE_CHANGES.reset()  # this worker counts its store's audit log anew
         self._discover_soon(0)
         self._heartbeat_soon(0)
@@ -484,5 +498,9 @@ class BridgeWorker(MultiService):
                 log.warn("heartbeat failed: {e}", e=f.getErrorMessage())
             self.db_ok = False
 
+        def finished(_: Any) -> None:
+            self.heartbeat_done_s = self.clock.seconds()
+            self._heartbeat_soon(self.config.heartbeat_s)
+
         d.addCallbacks(ok, failed)
-        d.addBoth(lambda _: self._heartbeat_soon(self.config.heartbeat_s))
+        d.addBoth(finished)

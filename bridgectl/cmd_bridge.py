@@ -66,6 +66,7 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
     host, port = args.legacy
 
     async def serve_worker(reactor: Any, stop_signal: Any) -> dict[str, Any]:
+        systemd = runtime.systemd_link(reactor)
         db = Database(reactor, dsn)
         config = WorkerConfig(worker_id=worker_id, bootstrap_host=host, bootstrap_port=port)
 
@@ -108,7 +109,12 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         runtime.say(f"bridge worker {worker_id}: legacy via {host}:{port}, database: {origin}; "
                     f"metrics on http://{where_host}:{where_port}/metrics; "
                     f"status page on http://{where_host}:{where_port}/status")
+        # Type=notify: started once serving; the watchdog is pinged while heartbeats finish
+        # (a store outage fails them in time; only a hung worker stops them)
+        systemd.ready(f"bridge worker {worker_id}: metrics on {where_host}:{where_port}",
+                      check=worker.stalled)
         await stop_signal
+        systemd.stopping("draining in-flight batches")
         runtime.say("bridge: draining in-flight batches")
         await services.stopService()
         return {

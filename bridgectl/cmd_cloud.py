@@ -13,6 +13,10 @@ from bridgectl.database import connect, current_database
 from bridgectl.errors import EXIT_OK, UsageError
 from bridgectl.output import print_summary
 
+#: A dispatcher tick running longer than this hangs (its pushes time out after 5 s): the
+#: systemd watchdog is no longer pinged.
+DISPATCHER_STALLED_S = 60.0
+
 
 def add_commands(sub: Any) -> None:
     csub = options.add_group(
@@ -91,6 +95,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     secret = state.secret(state.state_home(), "cloud")
 
     async def serve_api(reactor: Any, stop_signal: Any) -> None:
+        systemd = runtime.systemd_link(reactor)
         db = Database(reactor, dsn)
         channel = NotificationChannel(reactor)
         rng = random.Random(args.seed)
@@ -114,7 +119,18 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         host, port = http.address()
         runtime.say(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
                     f"database: {origin}")
+
+        def stalled() -> str | None:
+            running = dispatcher.tick_running_s()
+            if running > DISPATCHER_STALLED_S:
+                return f"a notification dispatcher tick has run for {running:.0f} s"
+            return None
+
+        # Type=notify: started once listening; the watchdog is pinged by the reactor's own
+        # timer while the dispatcher is not stuck in a tick
+        systemd.ready(f"cloud API on {host}:{port}", check=stalled)
         await stop_signal
+        systemd.stopping()
         await services.stopService()
 
     runtime.log_to_stderr(args.log_format)

@@ -104,6 +104,8 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
             _write_json_atomically(args.record, dep.record())
 
     async def serve_network(reactor: Any, stop_signal: defer.Deferred) -> Any:
+        systemd = runtime.systemd_link(reactor)
+        stop_signal.addCallback(lambda result: (systemd.stopping(), result)[1])
         heal_signal: defer.Deferred = defer.Deferred()
         runtime.on_signal(reactor, signal.SIGUSR1,
                           lambda: heal_signal.called or heal_signal.callback(None))
@@ -112,6 +114,8 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
             last = config.base_port + config.supernodes - 1
             runtime.say(f"legacy network up: login server 127.0.0.1:{dep.login.port}, "
                         f"{config.supernodes} supernodes on 127.0.0.1:{config.base_port}-{last}")
+            # Type=notify: serving now; the watchdog is pinged while the reactor turns
+            systemd.ready(f"legacy network up: login server 127.0.0.1:{dep.login.port}")
 
             def progress() -> None:
                 s = dep.stats
@@ -141,6 +145,7 @@ def cmd_legacy_run(args: argparse.Namespace) -> int:
                                  stop_signal=stop_signal, heal_signal=heal_signal,
                                  on_done=write_record)
         finally:
+            systemd.stopping()  # also when the run ended by itself (--duration)
             if metrics is not None:
                 await metrics.stopService()
 

@@ -63,10 +63,10 @@ def add_commands(sub: Any) -> None:
                     "(or all repaired), 1 error (also: compared nothing), 2 bad arguments, "
                     "3 partial or differences remain (dry run, failed repairs, a supernode "
                     "unreachable or lost mid-pass, or the deadline reached: the next run "
-                    "resumes), 4 another run of the same kind holds the lock, 5 the "
-                    "reconcilers are paused by an operator (bridgectl control pause "
-                    "reconcilers: refused at start, or stopped at the next check with its "
-                    "progress saved).")
+                    "resumes), 4 another run of the same kind holds the lock (0 with "
+                    "--locked-ok), 5 the reconcilers are paused by an operator (bridgectl "
+                    "control pause reconcilers: refused at start, or stopped at the next "
+                    "check with its progress saved).")
     rec.add_argument("kind", choices=("gaps", "notifications", "presence", "all"),
                      help="what to reconcile")
     options.add_dsn_option(rec)
@@ -115,6 +115,10 @@ def add_commands(sub: Any) -> None:
                           "its lock and exits 3; the next run resumes where it stopped "
                           f"(default {DEFAULT_MAX_SECONDS:g}; all: S for the three kinds "
                           "together)")
+    rec.add_argument("--locked-ok", action="store_true",
+                     help="exit 0 instead of 4 when another run of the kind holds the lock "
+                          "(the report still says locked): for schedulers that tell only 0 "
+                          "from a failure, such as Kubernetes Jobs")
     rec.add_argument("--json", action="store_true", help="print one JSON report object")
     rec.add_argument("--textfile", type=Path, metavar="PATH",
                      help="write metrics for node_exporter's textfile collector to PATH")
@@ -216,6 +220,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except Exception as e:  # reconcilers.report.MetricsError: the run itself stands
         print(f"bridgectl: warning: metrics not written: {e}", file=sys.stderr)
     codes = [r.exit_code() for r in reports]
+    if args.locked_ok:  # the run holding the lock reports for the kind; this one did no harm
+        codes = [runner.EXIT_IN_SYNC if c == runner.EXIT_LOCKED else c for c in codes]
     code = next((c for c in (runner.EXIT_ERROR, runner.EXIT_LOCKED, runner.EXIT_PAUSED,
                              runner.EXIT_DIFFERENCES)
                  if c in codes), runner.EXIT_IN_SYNC)

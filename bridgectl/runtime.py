@@ -40,6 +40,7 @@ from twisted.logger import (
 )
 
 from bridgectl.errors import RuntimeFailure, UsageError
+from servicekit.sdnotify import SystemdLink
 
 log = Logger()
 
@@ -160,6 +161,13 @@ def run_until_stopped(work: Work, duration: float | None = None, *,
     if "error" in outcome:
         raise RuntimeFailure(outcome["error"])
     return outcome.get("result")
+
+
+def systemd_link(reactor: Any) -> SystemdLink:
+    """This process's notifications to systemd (``READY=1``, the watchdog, ``STOPPING=1``)
+    from ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC``; outside a ``Type=notify`` unit it sends
+    nothing."""
+    return SystemdLink.from_environment(reactor, os.environ, os.getpid())
 
 
 def stop_with_parent(reactor: Any) -> None:

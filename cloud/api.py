@@ -36,8 +36,9 @@ unknown or repeated query parameters, unknown or missing body fields, wrong JSON
 a body on a route that takes none are all 400.
 
 Failed logins are limited per account and per client address (``cloud.ratelimit``; by
-default 10 per account and 30 per address per minute, successful logins cost nothing): past
-the budget a login is 429 ``rate_limited`` with ``Retry-After``, before any password work.
+default 10 per account and 30 per address per minute, successful logins cost nothing), the
+budgets kept in the store so they hold for the whole deployment, not per process: past the
+budget a login is 429 ``rate_limited`` with ``Retry-After``, before any password work.
 Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
 characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
 
@@ -502,7 +503,8 @@ class CloudAPI:
         self._verified: dict[str, tuple[uuid.UUID, int]] = {}
         self._token_ttl_ms = token_ttl_s * 1000
         self.max_body_bytes = max_body_bytes
-        self.login_limiter = LoginLimiter(clock, login_limits)
+        # in the store: every API process of the deployment spends the same budgets
+        self.login_limiter = LoginLimiter(db, clock, login_limits)
         self._routes = (
             Route("/v1/login", {b"POST": Endpoint(self._login, authenticated=False,
                                                   body=LoginRequest.from_json)}),
@@ -688,7 +690,7 @@ class CloudAPI:
         login: LoginRequest = call.body
         limiter = self.login_limiter
         # An address that spent its budget is refused before it costs even a query.
-        _refuse_if_limited(limiter.address_wait_s(call.client))
+        _refuse_if_limited(await limiter.address_wait_s(call.client))
         found = await self._store("account_for_login", accounts_store.account_for_login,
                                   login.login_name)
         account, password_hash = found if found is not None else (None, None)
@@ -700,7 +702,7 @@ class CloudAPI:
         # One budget per account, whether it is named by handle or by id.
         key = f"account:{account.account_id}" if account is not None \
             else f"name:{login.login_name}"
-        _refuse_if_limited(limiter.attempt(key, call.client))
+        _refuse_if_limited(await limiter.attempt(key, call.client))
         # The password is checked before the phase, so a refusal as not_migrated is no
         # hint to someone without the password that the account exists.
         # An unknown account is checked against a dummy hash of the same cost, so the
@@ -711,7 +713,7 @@ class CloudAPI:
         if account is None or not password_hash or not ok:
             LOGINS.labels("bad_credentials").inc()
             raise ApiError(401, "bad_credentials", "unknown account or wrong password")
-        limiter.succeeded(key, call.client)  # only failures spend the budget
+        await limiter.succeeded(key, call.client)  # only failures spend the budget
         if account.phase == "legacy":
             LOGINS.labels("not_migrated").inc()
             raise _not_migrated()

@@ -60,6 +60,7 @@ class PollingLoop(Service):
         self._tick_done: defer.Deferred | None = None
         self._woken = False
         self._outage_since: float | None = None
+        self._tick_started: float | None = None
         #: Ticks run so far, and ticks that failed (for tests and debugging).
         self.ticks = 0
         self.loop_failures = 0
@@ -68,6 +69,12 @@ class PollingLoop(Service):
     def ready(self) -> bool:
         """Running and able to reach the database."""
         return self.running and self._outage_since is None
+
+    def tick_running_s(self) -> float:
+        """How long the tick in flight has run (0.0 with none): a tick is bounded by its
+        own timeouts, so one that runs far longer hangs (what a watchdog asks)."""
+        started = self._tick_started
+        return 0.0 if started is None else max(0.0, self._clock.seconds() - started)
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
@@ -107,6 +114,7 @@ class PollingLoop(Service):
         self._timer = None
         self._woken = False
         self.state = LoopState.TICKING
+        self._tick_started = self._clock.seconds()
         self.ticks += 1
         d = defer.Deferred.fromCoroutine(self._tick())
         self._tick_done = d
@@ -121,6 +129,7 @@ class PollingLoop(Service):
 
     def _finish_tick(self, backlog: bool) -> None:
         self._tick_done = None
+        self._tick_started = None
         if self.running:
             self._schedule(0 if backlog or self._woken else self._poll_interval_s)
         else:

@@ -17,8 +17,9 @@ completely holds no information and is dropped, and past ``max_keys`` per table 
 recently used bucket goes first (a flood of distinct keys can not grow memory, at worst it
 forgets an older, quieter key early).
 
-Both stacks' login servers use it (``legacy.ratelimit`` per handle, ``cloud.ratelimit`` per
-account); each keeps only its own limits and names.
+The legacy login server uses it as it is (``legacy.ratelimit``, per handle, in memory); the
+cloud API keeps the same budgets, with the same ``FailureLimits`` and arithmetic, in its
+store (``cloud.ratelimit``, per account), so that they hold across its processes.
 """
 
 from __future__ import annotations

@@ -237,9 +237,14 @@ def all_panels(panels: list[dict]) -> list[dict]:
 
 
 def dashboard_exprs(board: dict) -> list[tuple[str, str]]:
-    """(where, expr) for every panel target and every query variable."""
+    """(where, expr) for every panel target, every query variable and every Prometheus
+    annotation (its ``expr``, or its ``target.expr`` as newer Grafana saves it)."""
     exprs = [(f"panel {p.get('title')!r}", t["expr"])
              for p in all_panels(board["panels"]) for t in p.get("targets", []) if "expr" in t]
+    for anno in board.get("annotations", {}).get("list", []):
+        for expr in (anno.get("expr"), anno.get("target", {}).get("expr")):
+            if expr:
+                exprs.append((f"annotation {anno['name']!r}", expr))
     for var in board.get("templating", {}).get("list", []):
         if var.get("type") == "query":
             query = var.get("query")
@@ -283,6 +288,31 @@ def test_the_dashboard_loads_and_every_panel_queries_something():
         for target in panel["targets"]:
             assert target.get("expr", "").strip(), f"empty expr in {panel.get('title')!r}"
             assert target["refId"]
+
+
+def test_cohort_changes_are_annotated_from_an_exported_metric(exported):
+    """The dashboard's cohort annotation queries the worker's cohort gauge (exported, see
+    bridge/ops/store_metrics.py), on the dashboard's data source, and places each event at
+    the gauge's value: the moment of the cohort's change, in milliseconds."""
+    annotations = {a["name"]: a for a in dashboard()["annotations"]["list"]}
+    cohorts = annotations["Cohort changes"]
+    assert cohorts["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    assert cohorts["enable"] is True and cohorts["useValueForTime"] is True
+    metrics = promql_metrics(cohorts["expr"])
+    assert metrics == {"bridge_cohort_last_action_timestamp_seconds"}
+    assert exported["bridge_cohort_last_action_timestamp_seconds"]["type"] == "gauge"
+    assert "* 1000" in cohorts["expr"] and "> 0" in cohorts["expr"]  # ms, never 1970
+    assert set(cohorts["tagKeys"].split(",")) == {"cohort", "action"}
+    assert "{{cohort}}" in cohorts["titleFormat"] and "{{action}}" in cohorts["titleFormat"]
+
+
+def test_an_annotation_on_a_metric_nobody_exports_is_caught(exported):
+    """The metric check reads annotations too: a renamed gauge there is a problem."""
+    board = json.loads(DASHBOARD.read_text(encoding="utf-8").replace(
+        "bridge_cohort_last_action_timestamp_seconds{", "bridge_cohort_last_move_seconds{"))
+    problems = metric_problems(board, exported, runtime_families())
+    assert ("annotation 'Cohort changes' uses bridge_cohort_last_move_seconds, which no code "
+            "exports") in problems
 
 
 def test_the_dashboard_uses_exactly_the_exported_metrics(exported):
@@ -401,6 +431,11 @@ def test_every_systemd_unit_runs_a_command_the_cli_accepts():
             assert service.get("Restart") == "on-failure", path.name
             assert service.get("KillSignal") == "SIGTERM", path.name
             assert int(service["TimeoutStopSec"]) >= 30, path.name
+            # long-running: READY=1, STOPPING=1 and the watchdog (servicekit.sdnotify),
+            # pinged every WatchdogSec/2 with room for a slow heartbeat
+            assert service.get("Type") == "notify", path.name
+            assert service.get("NotifyAccess") == "main", path.name
+            assert 30 <= int(service["WatchdogSec"]) <= 300, path.name
     for timer in SYSTEMD.glob("*.timer"):
         assert (SYSTEMD / timer.name.replace(".timer", ".service")).exists(), timer.name
 

@@ -32,6 +32,13 @@ back on its heartbeat (every ``heartbeat_s``), each read bounded:
   are read again, so a move whose transaction committed after later audit rows were written is still
   counted once. Every worker counts the same rows: take ``max``, not ``sum``. The count is
   the process's (one worker per process): a worker starting counts again from the start.
+- ``bridge_cohort_last_action_timestamp_seconds{cohort,action}``: when each cohort was last
+  created, advanced, reversed, completed or cancelled (its newest ``cohort_*`` audit row of
+  that action), for the cohorts that are active or ended within ``COHORT_ENDED_SHOWN_MS``,
+  at most ``COHORT_SERIES_MAX`` of them (the newest). The dashboard draws each value as an
+  annotation at that moment (Grafana's "series value as timestamp"), so a move shows where
+  it happened even when the series appeared later (a worker started after it). Read again in
+  full each time: a cohort has a handful of such rows, found by ``audit_log_by_subject``.
 
 Nothing here reads the wall clock: the live-worker cut-off uses the worker's injected
 clock.
@@ -59,6 +66,12 @@ from cloud.store.findings import FINDING_KINDS
 PHASE_CHANGE_BATCH = 50_000
 #: Audit ids below the highest counted one that are read again (late commits).
 LATE_WINDOW = 1_000
+#: How long an ended cohort keeps its series (so its completion or cancellation is scraped).
+COHORT_ENDED_SHOWN_MS = 24 * 3600 * 1000
+#: Most cohorts with series (the newest): bounds the gauge's cardinality.
+COHORT_SERIES_MAX = 200
+#: The cohort audit actions shown, by label value (``cohort_<action>`` in ``audit_log``).
+COHORT_ACTIONS = ("created", "advanced", "reversed", "completed", "cancelled")
 
 FINDINGS_OPEN = Gauge(
     "bridge_findings_open",
@@ -91,6 +104,12 @@ RECONCILE_ETA = Gauge(
     "Seconds the running full reconcile run of each kind still needs at the rate it has "
     "gone (no series while none runs).",
     ["kind"])
+
+COHORT_LAST_ACTION = Gauge(
+    "bridge_cohort_last_action_timestamp_seconds",
+    "When a cohort was last created, advanced, reversed, completed or cancelled (its newest "
+    "audit row of that action); active cohorts and those ended within a day.",
+    ["cohort", "action"])
 for _kind in FINDING_KINDS:
     FINDINGS_OPEN.labels(kind=_kind)
 for _what in controls.PAUSES:
@@ -167,6 +186,8 @@ class StoreReading:
     phase_changes_complete: bool
     #: kind -> (progress ratio, ETA seconds) of its newest full run (None: not known)
     reconcile: dict[str, tuple[float | None, float | None]] = attrs.field(factory=dict)
+    #: (cohort, action) -> seconds since the epoch of its newest audit row
+    cohort_actions: dict[tuple[str, str], float] = attrs.field(factory=dict)
 
 
 def read_store(conn: psycopg.Connection, now_ms: int, after_id: int,
@@ -190,7 +211,21 @@ def read_store(conn: psycopg.Connection, now_ms: int, after_id: int,
         accounts_store.accounts_by_phase(conn), findings, controls.read_freeze(conn),
         len(admin.live_workers(conn, now_ms)),
         [(i, a or "unknown", b or "unknown") for i, a, b in rows], len(rows) < limit,
-        reconcile)
+        reconcile, read_cohort_actions(conn, now_ms))
+
+
+def read_cohort_actions(conn: psycopg.Connection, now_ms: int) -> dict[tuple[str, str], float]:
+    """(cohort, action) -> when its newest ``cohort_<action>`` audit row was written, for the
+    newest ``COHORT_SERIES_MAX`` cohorts that are active or ended within
+    ``COHORT_ENDED_SHOWN_MS`` of *now_ms*."""
+    rows = conn.execute(
+        "SELECT c.name, substr(a.action, 8), extract(epoch FROM max(a.at))::float8 "
+        "FROM (SELECT name FROM cohorts WHERE state = 'active' OR ended_ms >= %s "
+        "      ORDER BY created_ms DESC, cohort_id DESC LIMIT %s) c "
+        "JOIN audit_log a ON a.subject = c.name AND a.action = ANY(%s) GROUP BY 1, 2",
+        (now_ms - COHORT_ENDED_SHOWN_MS, COHORT_SERIES_MAX,
+         [f"cohort_{action}" for action in COHORT_ACTIONS])).fetchall()
+    return {(name, action): at for name, action, at in rows}
 
 
 def publish(reading: StoreReading) -> None:
@@ -213,6 +248,11 @@ def publish(reading: StoreReading) -> None:
             gauge.labels(kind=kind).set(value)
         for kind in {labels["kind"] for labels in _label_sets(gauge)} - set(values):
             gauge.remove(kind)  # not known now: no series rather than a stale value
+    for (cohort, action), at in reading.cohort_actions.items():
+        COHORT_LAST_ACTION.labels(cohort=cohort, action=action).set(at)
+    for labels in _label_sets(COHORT_LAST_ACTION):  # a cohort no longer shown
+        if (labels["cohort"], labels["action"]) not in reading.cohort_actions:
+            COHORT_LAST_ACTION.remove(labels["cohort"], labels["action"])
 
 
 def _label_sets(gauge: Gauge) -> list[dict[str, str]]:

@@ -7,22 +7,24 @@ import random
 import uuid
 
 from prometheus_client import REGISTRY
+from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
 from bridge.faults import p99_ms
 from bridge.follower import FollowerConfig
 from bridge.ops.health import OperationsResource
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud.db import InlineDatabase
+from cloud.db import DatabaseUnavailable, InlineDatabase
 from cloud.passwords import verify_password
 from tests.bridge.test_follower import chat_messages, send_some
+from tests.dbfixture import ScriptedDatabase
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
 
 
-def make_worker(net: LegacyNet, conn) -> BridgeWorker:
+def make_worker(net: LegacyNet, conn, db=None) -> BridgeWorker:
     config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
                           heartbeat_s=1.0, follower=FollowerConfig(linger_s=0.01))
-    return BridgeWorker(net.clock, net.net, InlineDatabase(conn), PEER_SECRET,
+    return BridgeWorker(net.clock, net.net, db or InlineDatabase(conn), PEER_SECRET,
                         random.Random(1), config)
 
 
@@ -179,4 +181,39 @@ def test_each_discovery_moves_the_one_lease_timer_instead_of_adding_a_balancing_
     # a balance every lease_ttl_s / 3 = 10 s (plus the first ones): about 360, not 720 more
     # for the 720 discoveries
     assert 300 <= len(balances) <= 420, len(balances)
+    net.wait(worker.stopService())
+
+
+class HangingHeartbeats:
+    """The store, but a heartbeat transaction that never ends while *hang* is set (a
+    statement stuck on a lock: what only the systemd watchdog can end)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.hang = inner, False
+
+    def run(self, desc, fn, *args, **kwargs):
+        if self.hang and desc == "heartbeat_worker":
+            return defer.Deferred()
+        return self.inner.run(desc, fn, *args, **kwargs)
+
+
+def test_a_worker_whose_heartbeats_stop_finishing_is_stalled_but_not_one_in_an_outage(conn):
+    """stalled() (what the systemd watchdog asks) is None while heartbeats finish, also when
+    they fail because the store is down, and says why once none finished for 6 intervals."""
+    net = LegacyNet(3, seed=4).start()
+    db = HangingHeartbeats(ScriptedDatabase.down_for(InlineDatabase(conn), 0))
+    worker = make_worker(net, conn, db)
+    worker.startService()
+    net.run(3.0)
+    assert worker.stalled() is None and worker.db_ok
+    db.inner.faults = [DatabaseUnavailable("server closed the connection")] * 30
+    net.run(10.0)  # heartbeat_s = 1: ten failed heartbeats, each finished at once
+    assert not worker.db_ok and worker.stalled() is None
+    db.inner.faults = []
+    db.hang = True
+    net.run(5.5)
+    assert worker.stalled() is None  # within 6 heartbeat intervals
+    net.run(1.0)
+    assert worker.stalled() is not None and "no heartbeat has finished for" in worker.stalled()
+    db.hang = False  # the last heartbeat of the stop goes through
     net.wait(worker.stopService())

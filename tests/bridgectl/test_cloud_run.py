@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -104,3 +106,35 @@ def test_cloud_run_on_a_port_in_use_exits_1_promptly(db_dsn, tmp_path):
     assert out.returncode == 1
     assert f"bridgectl: error: cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def post_login(url: str, login: str) -> tuple[int, dict[str, str]]:
+    """POST a wrong password for *login* to *url*/v1/login: (status, headers)."""
+    request = urllib.request.Request(
+        f"{url}/v1/login", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"handle": login, "password": "wrong"}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+
+
+def test_two_cloud_runs_on_one_store_share_the_login_budget(conn, db_dsn, tmp_path):
+    """The failed-login budget is the deployment's: five failures through each of two
+    `cloud run` processes spend it, and the next try at either is 429 with Retry-After."""
+    first, first_url = start_cloud(db_dsn, tmp_path)
+    second, second_url = start_cloud(db_dsn, tmp_path)
+    try:
+        statuses = [post_login(url, "mallory")[0]
+                    for _ in range(5) for url in (first_url, second_url)]
+        assert statuses == [401] * 10
+        for url in (first_url, second_url):
+            status, headers = post_login(url, "mallory")
+            assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert conn.execute("SELECT count(*) FROM login_buckets WHERE key = 'name:mallory'"
+                            ).fetchone()[0] == 1
+    finally:
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0

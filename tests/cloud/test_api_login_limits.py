@@ -1,7 +1,8 @@
 """Failed logins at the cloud API are limited per account and per client address (429).
 
-Real HTTP/1.1 bytes through the API's Site, a real store, the harness of ``test_api``; the
-client address of each request is chosen by the test, time is the harness's ``Clock``.
+Real HTTP/1.1 bytes through the API's Site, a real store (the budgets are its
+``login_buckets``), the harness of ``test_api``; the client address of each request is
+chosen by the test, time is the harness's ``Clock``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from twisted.internet import defer
 
 from cloud import api
 from cloud.passwords import hash_password, verify_password
-from cloud.ratelimit import LoginLimits, retry_after_header
+from cloud.ratelimit import PRUNE_INTERVAL_S, LoginLimits, retry_after_header
 from cloud.store import accounts as accounts_store
+from cloud.store import login_limits as login_limits_store
 from tests.cloud.test_api import (
     PASSWORD,
     Connection,
@@ -148,18 +150,34 @@ def test_successful_logins_spend_nothing(h):
     assert {login(h, right()).status for _ in range(50)} == {200}
     h.account("old", "legacy")
     assert {login(h, right("old")).code for _ in range(15)} == {"not_migrated"}
-    limiter = h.api.login_limiter
-    assert len(limiter.accounts) == 0 and len(limiter.addresses) == 0
+    assert login_limits_store.bucket_count(h.conn) == {"account": 0, "address": 0}
 
 
-def test_a_flood_of_distinct_handles_keeps_memory_bounded(conn):
-    """Failures over 300 distinct handles and addresses keep at most max_keys buckets."""
-    h = make_harness(conn, login_limits=LoginLimits(max_keys=50))
+def test_a_flood_of_distinct_handles_keeps_the_table_bounded(conn):
+    """Failures over 300 distinct handles and addresses: the next pruning (within
+    PRUNE_INTERVAL_S) keeps at most max_keys buckets per scope, those that hold most."""
+    h = make_harness(conn, login_limits=LoginLimits(max_keys=50, window_s=600))
     for i in range(300):
         assert login(h, wrong(f"nobody-{i}"), address=f"10.1.{i // 256}.{i % 256}").status \
             == 401
-    assert len(h.api.login_limiter.accounts) == 50
-    assert len(h.api.login_limiter.addresses) == 50
+    assert login_limits_store.bucket_count(conn) == {"account": 300, "address": 300}
+    h.clock.advance(PRUNE_INTERVAL_S)
+    assert login(h, wrong(), address="10.2.0.1").status == 401
+    assert login_limits_store.bucket_count(conn) == {"account": 50, "address": 50}
+    kept = {r[0] for r in conn.execute("SELECT key FROM login_buckets WHERE scope = 'address'")}
+    assert "10.2.0.1" in kept  # the newest failure holds the most; the oldest went
+
+
+def test_buckets_that_refilled_are_pruned(h):
+    """A minute after its last failure a budget is full again: its row goes at the next
+    pruning, and the account has all ten tries back."""
+    for _ in range(10):
+        login(h, wrong())
+    h.clock.advance(60)
+    assert login(h, wrong("bob"), address="10.3.3.3").status == 401  # prunes
+    keys = {r[0] for r in h.conn.execute("SELECT key FROM login_buckets")}
+    assert keys == {f"account:{account_id(h, 'bob')}", "10.3.3.3"}
+    assert [login(h, wrong()).status for _ in range(11)] == [401] * 10 + [429]
 
 
 def test_limits_are_configurable(conn):

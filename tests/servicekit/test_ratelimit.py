@@ -1,8 +1,9 @@
 """The failure budgets of ``servicekit.ratelimit``, on a ``task.Clock``, and the two
-stacks' login limiters built on them (``legacy.ratelimit``, ``cloud.ratelimit``).
+stacks' login limits (``legacy.ratelimit``, ``cloud.ratelimit``).
 
-The stacks never import each other; their limiters share the toolkit's algorithm and keep
-their own limits, so the limiter tests run against both.
+The stacks never import each other; they share the toolkit's limits and arithmetic (the
+cloud keeps its budgets in the store, tested in tests/cloud/test_login_ratelimit.py), so the
+limits' tests run against both.
 """
 
 from __future__ import annotations
@@ -103,13 +104,14 @@ def test_past_max_keys_the_least_recently_used_bucket_goes_first():
     assert b._spent["attacked"][0] == pytest.approx(2.0)
 
 
-def test_login_limiter_takes_from_both_budgets_or_from_neither(impl):
-    """A refusal by either budget takes nothing; success gives both tries back."""
+def test_login_limiter_takes_from_both_budgets_or_from_neither():
+    """A refusal by either budget takes nothing; success gives both tries back (the legacy
+    login server's limiter; the cloud's keeps the same budgets in the store:
+    tests/cloud/test_login_ratelimit.py)."""
     clock = Clock()
-    limits = impl.LoginLimits(**{("per_handle" if impl is legacy_ratelimit else "per_account"): 2,
-                                 "per_address": 3, "window_s": 60.0})
-    limiter = impl.LoginLimiter(clock, limits)
-    keys = limiter.handles if impl is legacy_ratelimit else limiter.accounts
+    limits = legacy_ratelimit.LoginLimits(per_handle=2, per_address=3, window_s=60.0)
+    limiter = legacy_ratelimit.LoginLimiter(clock, limits)
+    keys = limiter.handles
     assert limiter.attempt("alice", "10.0.0.1") == 0.0
     assert limiter.attempt("alice", "10.0.0.1") == 0.0
     assert limiter.attempt("alice", "10.0.0.1") == pytest.approx(30.0)  # alice is spent

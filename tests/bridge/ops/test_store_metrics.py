@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 
 from bridge.ops import store_metrics
 from cloud import admin
+from cloud.store import cohorts as cohorts_store
 from cloud.store import controls
 from cloud.store import findings as findings_store
 from tests.bridge.test_phases import NOW, healthy, make_account
@@ -110,6 +111,52 @@ def test_a_long_history_is_caught_up_before_the_counter_shows(conn):
     assert changes("legacy", "dual") is None
     refresh(conn, limit=window + 1)
     assert changes("legacy", "dual") == window + 500
+
+
+def last_action(cohort: str, action: str) -> float | None:
+    return sample("bridge_cohort_last_action_timestamp_seconds",
+                  {"cohort": cohort, "action": action})
+
+
+def advance(conn, cohort, account_id, to: str, at_ms: int) -> None:
+    n = tx(conn, cohorts_store.begin_advance, cohort.cohort_id, to, {account_id: "legacy"}, {},
+           forced=False, actor="ops", now_ms=at_ms)
+    tx(conn, cohorts_store.finish_advance, cohort, n, moved=1, held_at_apply={}, held_total=0,
+       failed=0, unchanged=0, actor="ops", now_ms=at_ms)
+
+
+def test_cohort_actions_are_timestamped_until_a_day_after_the_cohort_ended(conn):
+    """Each cohort's newest created/advanced/.../cancelled audit row is a gauge at that
+    moment (what the dashboard annotates); an ended cohort's series go a day after its end."""
+    alice, bob = make_account(conn, "alice"), make_account(conn, "bob")
+    pilot = tx(conn, cohorts_store.create_cohort, "pilot", {"handles": ["alice"]}, [alice],
+               actor="ops", now_ms=NOW - 60_000)
+    wave = tx(conn, cohorts_store.create_cohort, "wave-1", {"handles": ["bob"]}, [bob],
+              actor="ops", now_ms=NOW - 50_000)
+    move(conn, alice, "legacy", "dual")  # a phase_change row: not a cohort action
+    refresh(conn)
+    assert last_action("pilot", "created") == (NOW - 60_000) / 1000
+    assert last_action("pilot", "advanced") is None
+    advance(conn, pilot, alice, "dual", NOW - 30_000)
+    advance(conn, pilot, alice, "cloud", NOW - 20_000)
+    tx(conn, cohorts_store.end_cohort, pilot, "completed", actor="ops", now_ms=NOW - 10_000)
+    refresh(conn)
+    assert last_action("pilot", "advanced") == (NOW - 20_000) / 1000  # the newest advance
+    assert last_action("pilot", "completed") == (NOW - 10_000) / 1000
+    assert last_action("pilot", "reversed") is None
+    assert last_action("wave-1", "created") == (NOW - 50_000) / 1000
+
+    day_later = NOW - 10_000 + store_metrics.COHORT_ENDED_SHOWN_MS
+    store_metrics.publish(tx(conn, store_metrics.read_store, day_later,
+                             store_metrics.PHASE_CHANGES.low_id()))
+    assert last_action("pilot", "completed") is not None  # still within the day
+    store_metrics.publish(tx(conn, store_metrics.read_store, day_later + 1,
+                             store_metrics.PHASE_CHANGES.low_id()))
+    assert last_action("pilot", "completed") is None and last_action("pilot", "created") is None
+    assert last_action("wave-1", "created") == (NOW - 50_000) / 1000  # active: kept
+    tx(conn, cohorts_store.end_cohort, wave, "cancelled", actor="ops", now_ms=NOW)
+    refresh(conn)
+    assert last_action("wave-1", "cancelled") == NOW / 1000
 
 
 def test_the_worker_publishes_them_on_its_heartbeat(conn):
