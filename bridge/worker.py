@@ -10,6 +10,10 @@
 The worker is a ``MultiService``; stopping it drains in-flight batches before it returns.
 ``ready`` is what ``/readyz`` reports: the database answered the last heartbeat and at least
 one feed is streaming.
+
+This module is long because the worker is where the parts meet: discovery, the leases that
+share the feeds, the heartbeat (with the operator's controls and the store's gauges it
+applies) and the account sync all act on the same followers and injector.
 """
 
 from __future__ import annotations
