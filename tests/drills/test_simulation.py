@@ -247,6 +247,10 @@ def test_a_bad_plan_file_exits_2_naming_the_file_and_the_step(capsys, tmp_path, 
     assert cli.main(["simulate", "--plan", str(plan)]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert str(plan) in err and "plan step 2" in err and "sideways" in err
+    plan.write_text('[{"day": 1, "reverse": true}, [2, 10, "dual"]]')
+    assert cli.main(["simulate", "--plan", str(plan)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(plan) in err and "plan step 1: a reverse undoes the forward step" in err
 
 
 def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_server,
