@@ -198,7 +198,8 @@ def render(report: dict[str, Any]) -> str:
         f"{sum(x['held'] for x in forward):,} held by the gates, "
         f"{sum(x['failed'] for x in forward):,} failed, in {len(forward)} "
         f"steps; accounts at the end: {phases}",
-        *([f"  rollbacks: {back['steps']} steps moved {back['moved_back']:,} accounts back, "
+        *([f"  rollbacks: {back['steps']} step{'s' * (back['steps'] != 1)} moved "
+           f"{back['moved_back']:,} accounts back, "
            f"{back['backfilled']:,} messages back-filled to legacy, {back['failed']} failed"]
           if back.get("steps") else []),
         "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
