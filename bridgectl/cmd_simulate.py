@@ -54,8 +54,10 @@ def add_commands(sub: Any) -> None:
                           "(default light)")
     sim.add_argument("--plan", type=Path, metavar="FILE",
                      help="cohort plan: a JSON list of {\"day\": D, \"percent\": P, "
-                          "\"phase\": \"dual\"} (default: the built-in plan over 45 days, "
-                          "stretched to --days)")
+                          "\"phase\": \"dual\"} steps, each through its own named cohort, "
+                          "and {\"day\": D, \"reverse\": true} rollbacks of the forward step "
+                          "before them (default: the built-in plan over 45 days, with one "
+                          "rollback, stretched to --days)")
     sim.add_argument("--dedicated-supernodes", action="store_true",
                      help="supernodes on fixed hosts that restart only by faults (default: "
                           "client-hosted, 40%% short-lived)")
@@ -180,6 +182,8 @@ def render(report: dict[str, Any]) -> str:
                          for kind, states in report["findings"].items()) or "none"
     last = report["accounts_by_phase"][-1] if report["accounts_by_phase"] else {}
     phases = ", ".join(f"{p} {n}" for p, n in last.items() if p != "day")
+    forward = [x for x in report["moves"] if x.get("action") != "reverse"]
+    back = report.get("rollbacks", {})
     lines = [
         f"seed {report['seed']}: {verdict} after {report['simulated_days']:g} simulated days "
         f"({report['wall_seconds']} s wall)",
@@ -190,10 +194,14 @@ def render(report: dict[str, Any]) -> str:
         f"{report['notifications_acked']:,} acknowledged, "
         f"{report['notifications_failed']:,} failed",
         f"  reconcile runs: {len(runs)}, {clean} clean; findings: {findings}",
-        f"  cohort moves: {sum(x['moved'] for x in report['moves']):,} accounts moved, "
-        f"{sum(x['held'] for x in report['moves']):,} held by the gates, "
-        f"{sum(x['failed'] for x in report['moves']):,} failed, in {len(report['moves'])} "
+        f"  cohort moves: {sum(x['moved'] for x in forward):,} accounts moved, "
+        f"{sum(x['held'] for x in forward):,} held by the gates, "
+        f"{sum(x['failed'] for x in forward):,} failed, in {len(forward)} "
         f"steps; accounts at the end: {phases}",
+        *([f"  rollbacks: {back['steps']} step{'s' * (back['steps'] != 1)} moved "
+           f"{back['moved_back']:,} accounts back, "
+           f"{back['backfilled']:,} messages back-filled to legacy, {back['failed']} failed"]
+          if back.get("steps") else []),
         "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
                                   for k, v in report["faults"].items()),
         f"  outcome_hash {report['outcome_hash']}",

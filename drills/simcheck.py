@@ -55,13 +55,16 @@ def legacy_inventory(legacy: LegacyDeployment) -> dict[str, list[str]]:
 
 def verdict(conn: psycopg.Connection, legacy: LegacyDeployment,
             posted: Mapping[str, tuple[str, int]], now_ms: int,
-            retention_ms: int) -> convergence.Verdict:
+            retention_ms: int, inventory: Mapping[str, list[str]] | None = None
+            ) -> convergence.Verdict:
     """The convergence check at *now_ms*; *posted* is every cloud post the store accepted
-    (client message id -> (conversation, seq))."""
+    (client message id -> (conversation, seq)); *inventory*: ``legacy_inventory`` read
+    already (else it is read here)."""
     chat_ids = [c.chat_id for c in legacy.chats]
     not_owed = convergence.cloud_not_owed_to_legacy(conn)
     cloud = convergence.cloud_inventory(conn, chat_ids, not_owed)
-    held = legacy_inventory(legacy)
+    held = {chat: list(guids) for chat, guids in
+            (legacy_inventory(legacy) if inventory is None else inventory).items()}
     floor_ms = now_ms - retention_ms + RETENTION_MARGIN_MS
     for chat, guid in conn.execute(
             "SELECT l.legacy_chat_id, coalesce(m.legacy_guid, %s || m.message_id::text) "

@@ -25,44 +25,102 @@ class PlanStep:
     """On *day* (from the start, fractions allowed), move the stable *percent* cohort of
     linked accounts forward to *phase* (a cohort never moves back: its accounts already past
     *phase* stay where they are). Gates decide per account; a held account is tried again at
-    the next step."""
+    the next step.
+
+    A *reverse* step rolls back the forward step just before it (in day order): each account
+    that step moved goes back to the phase it had before it (``bridgectl cohort reverse``),
+    with the back-fill to legacy when it leaves cloud-only. It has no *phase*; its
+    *percent*, if given, must be the forward step's (a check that the plan says what its
+    author meant).
+    """
 
     day: float
-    percent: int
-    phase: str
+    percent: int | None = None
+    phase: str | None = None
+    reverse: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.day, (int, float)) and math.isfinite(self.day)
                 and self.day >= 0):
             raise ValueError(f"a plan step's day must be a number >= 0, not {self.day!r}")
-        if not isinstance(self.percent, int) or isinstance(self.percent, bool) \
-                or not 0 <= self.percent <= 100:
+        if not isinstance(self.reverse, bool):
+            raise ValueError(f"a plan step's reverse must be true or false, "
+                             f"not {self.reverse!r}")
+        if self.percent is None and not self.reverse:
+            raise ValueError("missing 'percent'")
+        if self.percent is not None and (
+                not isinstance(self.percent, int) or isinstance(self.percent, bool)
+                or not 0 <= self.percent <= 100):
             raise ValueError(f"a plan step's percent must be a whole number 0..100, "
                              f"not {self.percent!r}")
-        if self.phase not in PHASES[1:]:
+        if self.reverse:
+            if self.phase is not None:
+                raise ValueError(
+                    "a reverse step has no phase: it moves each account of the forward step "
+                    "before it back to the phase it had before that step")
+        elif self.phase is None:
+            raise ValueError("missing 'phase'")
+        elif self.phase not in PHASES[1:]:
             raise ValueError(f"a plan step's phase must be one of {', '.join(PHASES[1:])}, "
                              f"not {self.phase!r}")
+
+    def label(self) -> str:
+        """The step as a plan file reader would say it."""
+        if self.reverse:
+            return f"day {self.day:g}: reverse"
+        return f"day {self.day:g}: {self.percent}% to {self.phase}"
 
 
 #: The built-in plan, laid out over 45 days (``default_plan`` stretches it to the run):
 #: a pilot cohort, then wider waves, each cohort dual for a few days before cloud, and the
 #: first cloud-only accounts after three weeks, past the legacy retention's first month.
-_DEFAULT_45 = (
+#: The second cloud-only wave (day 32, past the first month: the legacy network is already
+#: dropping history) is rolled back two days later, as an operator would on a bad report,
+#: with what its accounts posted meanwhile back-filled to legacy; a day later it goes
+#: forward again. ``None`` marks a reverse step.
+_DEFAULT_45: tuple[tuple[float, int | None, str | None], ...] = (
     (2, 5, "dual"), (4, 5, "cloud"), (6, 20, "dual"), (9, 20, "cloud"),
     (12, 50, "dual"), (16, 50, "cloud"), (20, 5, "cloud-only"), (24, 80, "dual"),
-    (28, 80, "cloud"), (32, 20, "cloud-only"), (36, 100, "dual"), (40, 100, "cloud"),
-    (43, 50, "cloud-only"))
+    (28, 80, "cloud"), (32, 20, "cloud-only"), (34, None, None), (35, 20, "cloud-only"),
+    (36, 100, "dual"), (40, 100, "cloud"), (43, 50, "cloud-only"))
 
 
 def default_plan(days: float) -> tuple[PlanStep, ...]:
     """The built-in plan, its days scaled from 45 to *days*."""
     scale = days / 45.0
-    return tuple(PlanStep(round(d * scale, 3), p, ph) for d, p, ph in _DEFAULT_45)
+    return tuple(PlanStep(round(d * scale, 3), p, ph, reverse=ph is None)
+                 for d, p, ph in _DEFAULT_45)
+
+
+def check_plan(steps: tuple[PlanStep, ...] | list[PlanStep]) -> tuple[PlanStep, ...]:
+    """The steps in day order (steps of the same day in the order given), each reverse
+    checked against the forward step it undoes. ValueError ``plan step N: ...`` (N: the
+    step's place as given, from 1)."""
+    order = sorted(enumerate(steps, 1), key=lambda item: item[1].day)
+    last: tuple[int, PlanStep] | None = None  # the latest step, forward or reverse
+    for n, step in order:
+        if step.reverse:
+            if last is None:
+                raise ValueError(f"plan step {n}: a reverse undoes the forward step before "
+                                 f"it, and no forward step comes before day {step.day:g}")
+            m, before = last
+            if before.reverse:
+                raise ValueError(
+                    f"plan step {n}: a reverse undoes the forward step just before it, but "
+                    f"step {m} ({before.label()}) is a reverse already: move forward again "
+                    "before another reverse")
+            if step.percent is not None and step.percent != before.percent:
+                raise ValueError(
+                    f"plan step {n}: this reverse undoes step {m} ({before.label()}): its "
+                    f"percent must be {before.percent} or left out, not {step.percent}")
+        last = (n, step)
+    return tuple(step for _, step in order)
 
 
 def parse_plan(text: str) -> tuple[PlanStep, ...]:
     """A plan file: JSON, a list of ``{"day": D, "percent": P, "phase": "dual"}`` (or
-    ``[D, P, "dual"]``) steps. ValueError naming the step that is wrong."""
+    ``[D, P, "dual"]``) steps, and ``{"day": D, "reverse": true}`` rollbacks (optionally
+    with the percent of the step they undo). ValueError naming the step that is wrong."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -73,19 +131,22 @@ def parse_plan(text: str) -> tuple[PlanStep, ...]:
     for i, item in enumerate(raw, 1):
         try:
             if isinstance(item, dict):
-                extra = set(item) - {"day", "percent", "phase"}
+                extra = set(item) - {"day", "percent", "phase", "reverse"}
                 if extra:
-                    raise ValueError(f"unknown key {sorted(extra)[0]!r}")
-                steps.append(PlanStep(item["day"], item["percent"], item["phase"]))
+                    raise ValueError(f"unknown key {sorted(extra)[0]!r} (a step has day, "
+                                     "percent and phase, or day and reverse)")
+                steps.append(PlanStep(item["day"], item.get("percent"), item.get("phase"),
+                                      reverse=item.get("reverse", False)))
             elif isinstance(item, list) and len(item) == 3:
                 steps.append(PlanStep(*item))
             else:
-                raise ValueError('want {"day": D, "percent": P, "phase": NAME}')
+                raise ValueError('want {"day": D, "percent": P, "phase": NAME} or '
+                                 '{"day": D, "reverse": true}')
         except KeyError as e:
             raise ValueError(f"plan step {i}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"plan step {i}: {e}") from None
-    return tuple(sorted(steps, key=lambda s: s.day))
+    return check_plan(steps)
 
 
 @attrs.frozen
@@ -163,10 +224,13 @@ class SimConfig:
     def __attrs_post_init__(self) -> None:
         if self.faults not in FAULTS:
             raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
+        if self.plan is not None:
+            check_plan(self.plan)
 
     @property
     def steps(self) -> tuple[PlanStep, ...]:
-        return self.plan if self.plan is not None else default_plan(self.days)
+        """The plan's steps in day order (``check_plan``)."""
+        return check_plan(self.plan if self.plan is not None else default_plan(self.days))
 
     @property
     def profile(self) -> FaultProfile:

@@ -8,7 +8,9 @@
 - the cloud stack's side: cloud devices posting through the store's post path (the API's
   own), the notification dispatcher through a simulated push gateway, devices acknowledging;
 - the reconcilers (gaps, notifications, presence) on their cron schedule;
-- cohort moves from a plan (``drills.simplan``), gated like ``bridgectl migrate``;
+- cohort moves from a plan (``drills.simplan``) through named cohorts, as ``bridgectl
+  cohort advance`` and ``reverse`` make them (``drills.simcohorts``): gated forward moves,
+  rollbacks with their back-fill to legacy;
 - faults from a profile: supernode crashes and client-hosted supernode lifetimes, link
   drops, windows of per-hop loss, push loss, and the 2010 outage.
 
@@ -35,7 +37,6 @@ import psycopg
 from twisted.internet import defer
 
 from bridge import ids
-from bridge import phases as phases_mod
 from bridge.discovery import SupernodeLinks
 from bridge.follower import FollowerConfig
 from bridge.gates import GateConfig
@@ -48,6 +49,7 @@ from cloud.model import PHASES
 from cloud.store import messages as messages_store
 from cloud.store.errors import StoreError
 from drills import convergence, simcheck, simtraffic
+from drills.simcohorts import SimCohorts, cohort_name
 from drills.simfaults import SimFaults
 from drills.simplan import DAY_S, PlanStep, SimConfig
 from legacy.client import Device
@@ -134,8 +136,12 @@ class Simulation:
         self.posted: dict[str, tuple[str, int]] = {}
         self.phase_of: dict[str, str] = {}  # handle -> phase, refreshed after each move
         self.reconcile_runs: list[dict[str, Any]] = []
+        #: chat id -> the GUIDs its home supernode held at the final check
+        self.legacy_histories: dict[str, list[str]] = {}
         self.accounts_by_phase: list[dict[str, Any]] = []
-        self.moves: list[dict[str, Any]] = []
+        self.cohorts = SimCohorts(self.conn, self.db, self.clock, GateConfig(
+            reconcile_window_ms=int(config.reconcile_every_h * 3 * 3600e3),
+            live_within_ms=600_000))
         self._calls: list[Any] = []
         self._busy: dict[str, defer.Deferred] = {}  # what runs in the background, by name
         self._login_link: Any = None
@@ -235,9 +241,12 @@ class Simulation:
         self._traffic_on = True
         self._schedule_message()
         self.faults.schedule(cfg.days)
-        for step in cfg.steps:
+        name = ""  # the cohort of the latest forward step: what a reverse step undoes
+        for i, step in enumerate(cfg.steps, 1):
+            if not step.reverse:
+                name = cohort_name(i, step)
             if step.day < cfg.days:
-                self._later(step.day * DAY_S, self._plan_step, step)
+                self._later(step.day * DAY_S, self._plan_step, name, step)
         every = cfg.reconcile_every_h * 3600.0
         self._later(every, self._cron)
         end = START_S + cfg.days * DAY_S
@@ -259,11 +268,13 @@ class Simulation:
         findings = self.conn.execute(
             "SELECT count(*) FROM reconcile_findings WHERE state IN ('open', 'failed')"
         ).fetchone()[0]
-        c = self.counts
+        c, back = self.counts, self.cohorts.rollbacks
         self.progress(
             f"day {day:g}/{self.config.days:g}: {c.legacy_sent + c.cloud_posted:,} messages "
             f"({c.legacy_sent:,} legacy, {c.cloud_posted:,} cloud), {findings} open findings, "
             + ", ".join(f"{p} {n}" for p, n in counts.items())
+            + (f", rolled back {back.moved_back} ({back.backfilled} back-filled)"
+               if back.steps else "")
             + f", {time.perf_counter() - self._wall0:.0f} s wall")
 
     # -- sessions: a working-day cycle ---------------------------------------------------------
@@ -350,27 +361,19 @@ class Simulation:
 
     # -- cohort moves ------------------------------------------------------------------------
 
-    def _plan_step(self, step: PlanStep) -> None:
+    def _plan_step(self, name: str, step: PlanStep) -> None:
         if "migrate" in self._busy:  # the last step is still applying: this one follows it
-            self._busy["migrate"].addBoth(lambda _r: self._plan_step(step))
+            self._busy["migrate"].addBoth(lambda _r: self._plan_step(name, step))
             return
-        self._background("migrate", self._migrate(step))
+        self._background("migrate", self._migrate(name, step))
 
-    async def _migrate(self, step: PlanStep) -> None:
-        now_ms = self._now_ms()
-        gates = GateConfig(reconcile_window_ms=int(self.config.reconcile_every_h * 3 * 3600e3),
-                           live_within_ms=600_000)
-        plan = run_transaction(self.conn, "load_plan", phases_mod.load_plan,
-                               phases_mod.Selection(percent=step.percent), step.phase, gates,
-                               now_ms)
-        outcome = await phases_mod.apply_plan(plan, self.db, self._login_link,
-                                              actor="simulate", now_ms=now_ms,
-                                              clock=self.clock)
-        self.moves.append({"day": round(self._day(), 3), "percent": step.percent,
-                           "phase": step.phase, "moved": len(outcome.moved),
-                           "held": len(plan.held) + len(outcome.held),
-                           "failed": len(outcome.failed)})
+    async def _migrate(self, name: str, step: PlanStep) -> None:
+        """One plan step through cohort *name*: forward (its own cohort) or reverse (the
+        forward step's before it); each move's report entry gets the phases after it."""
+        move = self.cohorts.reverse if step.reverse else self.cohorts.forward
+        await move(name, step, self._login_link, self._now_ms(), round(self._day(), 3))
         self._refresh_phases()
+        self.cohorts.moves[-1]["accounts_by_phase"] = self._phase_counts()
 
     def _refresh_phases(self) -> None:
         self.phase_of = {h: p for h, p in self.conn.execute(
@@ -443,8 +446,10 @@ class Simulation:
             max_seconds=4 * 3600.0)), timeout_s=5 * 3600.0)
         self.clock.run_until(self.clock.seconds() + 1800.0)
         gc.collect()
+        # what the home supernodes hold at the check (their memory goes when they stop)
+        self.legacy_histories = simcheck.legacy_inventory(self.legacy)
         verdict = simcheck.verdict(self.conn, self.legacy, self.posted, self._now_ms(),
-                                   LEGACY_RETENTION_MS)
+                                   LEGACY_RETENTION_MS, self.legacy_histories)
         report = self._report(verdict, final)
         for w in self.workers:
             if w.running:
@@ -474,7 +479,8 @@ class Simulation:
             **simcheck.store_summary(self.conn),
             "reconcile_runs": self.reconcile_runs,
             "final_reconcile_clean": all(r.clean for r in final),
-            "moves": self.moves,
+            "moves": self.cohorts.moves,
+            "rollbacks": attrs.asdict(self.cohorts.rollbacks),
             "accounts_by_phase": self.accounts_by_phase,
             "faults": attrs.asdict(self.faults.counts),
             "outcome_hash": simcheck.outcome_hash(self.conn, self.legacy),

@@ -12,12 +12,13 @@ import sys
 import psycopg
 import pytest
 
+from bridge import ids
 from bridgectl import main as cli
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
 from drills import simcheck, simtraffic
-from drills.simplan import FAULTS, PlanStep, SimConfig, default_plan, parse_plan
-from drills.simulation import Simulation
+from drills.simplan import FAULTS, PlanStep, SimConfig, check_plan, default_plan, parse_plan
+from drills.simulation import START_S, Simulation
 from legacy.network import MemoryNetwork
 from legacy.sim import LegacyDeployment, RunConfig
 from legacy.simclock import SimClock
@@ -27,28 +28,40 @@ from tests.dbfixture import make_account, make_conversation, truncate_all, tx
 #: account dual on the first afternoon, then cloud, then half of them cloud-only.
 PLAN = (PlanStep(0.45, 100, "dual"), PlanStep(0.6, 100, "cloud"),
         PlanStep(0.75, 50, "cloud-only"))
+#: The same, with the cloud-only cohort rolled back in the evening and moved forward again.
+PLAN_WITH_ROLLBACK = (PlanStep(0.45, 100, "dual"), PlanStep(0.6, 100, "cloud"),
+                      PlanStep(0.7, 50, "cloud-only"), PlanStep(0.85, 50, reverse=True),
+                      PlanStep(0.92, 50, "cloud-only"))
 
 
-def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> dict:
+def run_simulation(conn: psycopg.Connection, db_dsn: str, seed: int,
+                   **overrides) -> tuple[dict, Simulation]:
     truncate_all(conn)
     config = SimConfig(**{"days": 1.0, "users": 50, "supernodes": 4, "seed": seed,
                           "faults": "light", "plan": PLAN, "reconcile_every_h": 2.0,
                           **overrides})
     with psycopg.connect(db_dsn, autocommit=True) as lock_conn:
-        return Simulation(config, conn, lock_conn).run()
+        sim = Simulation(config, conn, lock_conn)
+        return sim.run(), sim
+
+
+def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> dict:
+    return run_simulation(conn, db_dsn, seed, **overrides)[0]
 
 
 def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn):
     """A day under light faults, cohorts moving to cloud-only while both stacks
-    post: nothing lost, nothing duplicated, every notification acknowledged or failed in
-    sight; the same seed gives the same outcome hash, another seed another one."""
-    first = simulate(conn, db_dsn, 7)
+    post, the cloud-only cohort rolled back in the evening and moved forward again: nothing
+    lost, nothing duplicated, every notification acknowledged or failed in sight; the same
+    seed gives the same outcome hash, another seed another one."""
+    first, sim = run_simulation(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert first["converged"], json.dumps(first["verdict"])
     assert first["lost"] == 0 and first["duplicates"] == 0
     m = first["messages"]
     assert m["legacy_sent"] > 20 and m["cloud_posted"] > 20  # both stacks carried traffic
     assert sum(x["moved"] for x in first["moves"]) > 0
     assert first["accounts_by_phase"][-1]["cloud-only"] > 0
+    _check_the_rollback(conn, first, sim)
     # every notification owed was acknowledged or is visibly failed, none left pending
     assert first["notifications_owed"] > 0
     assert first["notifications_pending"] == 0
@@ -60,12 +73,51 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     final = first["reconcile_runs"][-3:]
     assert {r["kind"] for r in final} == kinds and all(r["day"] > 1.0 for r in final)
     assert all(r["exit_code"] != 1 for r in final)
-    again = simulate(conn, db_dsn, 7)
+    again = simulate(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert again["outcome_hash"] == first["outcome_hash"]
     assert again["trace_hash"] == first["trace_hash"]
     assert again["messages"] == first["messages"]
-    other = simulate(conn, db_dsn, 8)
+    assert again["rollbacks"] == first["rollbacks"]
+    other = simulate(conn, db_dsn, 8, plan=PLAN_WITH_ROLLBACK)
     assert other["outcome_hash"] != first["outcome_hash"]
+
+
+def _check_the_rollback(conn: psycopg.Connection, report: dict, sim: Simulation) -> None:
+    """Each forward step ran through its own cohort and the reverse through the cloud-only
+    step's: its accounts went back to where they were (the phases after the step before it),
+    and every cloud message posted while they were cloud-only is in its chat's history on
+    its home supernode (legacy's own records), some of them there by the back-fill."""
+    steps = {x["cohort"]: x for x in report["moves"] if x["action"] == "advance"}
+    assert list(steps) == ["step-1-dual-100", "step-2-cloud-100", "step-3-cloud-only-50",
+                           "step-5-cloud-only-50"]
+    back = [x for x in report["moves"] if x["action"] == "reverse"]
+    assert len(back) == 1 and back[0]["cohort"] == "step-3-cloud-only-50"
+    moved = steps["step-3-cloud-only-50"]["moved"]
+    assert moved > 0 and back[0]["moved"] == moved and back[0]["failed"] == 0
+    assert steps["step-3-cloud-only-50"]["accounts_by_phase"]["cloud-only"] == moved
+    assert back[0]["accounts_by_phase"] == steps["step-2-cloud-100"]["accounts_by_phase"]
+    assert report["rollbacks"] == {"steps": 1, "moved_back": moved,
+                                   "backfilled": back[0]["backfilled"], "failed": 0}
+    assert report["rollbacks"]["backfilled"] > 0
+    # the store's own record of the cohorts: the reversed one was cancelled by the next step
+    states = dict(conn.execute("SELECT name, state FROM cohorts").fetchall())
+    assert states == {"step-1-dual-100": "completed", "step-2-cloud-100": "completed",
+                      "step-3-cloud-only-50": "cancelled", "step-5-cloud-only-50": "active"}
+    # legacy's own records: the home supernodes' histories
+    day_ms = 86_400_000
+    start_ms = int(START_S * 1000)
+    window = conn.execute(
+        "SELECT l.legacy_chat_id, coalesce(m.legacy_guid, %s || m.message_id::text) "
+        "FROM messages m "
+        "JOIN conversation_legacy_ids l USING (conversation_id) WHERE m.origin = 'cloud' "
+        "AND m.sent_ms >= %s AND m.sent_ms < %s",
+        (ids.CLOUD_PREFIX, start_ms + int(0.7 * day_ms),
+         start_ms + int(0.85 * day_ms))).fetchall()
+    assert len(window) >= report["rollbacks"]["backfilled"]
+    held = sim.legacy_histories
+    assert sum(len(guids) for guids in held.values()) > 0
+    missing = [(chat, guid) for chat, guid in window if guid not in held.get(chat, ())]
+    assert missing == []
 
 
 def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(conn, db_dsn):
@@ -104,6 +156,25 @@ def test_a_plan_file_reads_objects_and_triples_in_day_order():
     assert steps == (PlanStep(1.5, 20, "dual"), PlanStep(3, 20, "cloud"))
 
 
+def test_a_plan_file_reads_a_reverse_step_with_or_without_its_percent():
+    steps = parse_plan('[{"day": 4, "reverse": true}, [3, 20, "cloud-only"], '
+                       '{"day": 5, "percent": 20, "phase": "cloud-only"}, '
+                       '{"day": 6, "reverse": true, "percent": 20}]')
+    assert steps == (PlanStep(3, 20, "cloud-only"), PlanStep(4, reverse=True),
+                     PlanStep(5, 20, "cloud-only"), PlanStep(6, 20, reverse=True))
+
+
+def test_the_default_plan_rolls_a_cloud_only_wave_back_past_the_first_month():
+    """Its one reverse undoes the day-32 cloud-only wave two days later (legacy has been
+    dropping history since day 30), and the same wave goes forward again the next day."""
+    plan = default_plan(45)
+    i = next(i for i, s in enumerate(plan) if s.reverse)
+    assert plan[i - 1] == PlanStep(32, 20, "cloud-only") and plan[i].day == 34
+    assert plan[i + 1] == PlanStep(35, 20, "cloud-only")
+    assert [s for s in plan if s.reverse] == [plan[i]]
+    assert check_plan(plan) == plan
+
+
 @pytest.mark.parametrize("text,needle", [
     ("not json", "not JSON"),
     ("[]", "non-empty JSON list"),
@@ -114,11 +185,33 @@ def test_a_plan_file_reads_objects_and_triples_in_day_order():
     ('[[-1, 10, "dual"]]', "day must be a number >= 0"),
     ('[[1, 10, "dual", 4]]', "want {"),
     ('[{"day": 1, "percent": 10, "phase": "dual", "when": 3}]', "unknown key 'when'"),
+    ('[{"day": 1, "reverse": true}, [2, 10, "dual"]]',
+     "plan step 1: a reverse undoes the forward step before it, and no forward step comes "
+     "before day 1"),
+    ('[[2, 10, "dual"], {"day": 1, "reverse": true}]', "plan step 2: a reverse undoes"),
+    ('[[1, 10, "cloud-only"], {"day": 2, "reverse": true, "percent": 20}]',
+     "plan step 2: this reverse undoes step 1 (day 1: 10% to cloud-only): its percent must "
+     "be 10 or left out, not 20"),
+    ('[[1, 10, "dual"], {"day": 2, "reverse": true}, {"day": 3, "reverse": true}]',
+     "plan step 3: a reverse undoes the forward step just before it, but step 2 (day 2: "
+     "reverse) is a reverse already"),
+    ('[[1, 10, "dual"], {"day": 2, "reverse": true, "phase": "dual"}]',
+     "plan step 2: a reverse step has no phase"),
+    ('[[1, 10, "dual"], {"day": 2, "reverse": "yes"}]',
+     "plan step 2: a plan step's reverse must be true or false"),
+    ('[[1, 10, "dual"], {"day": 2, "reverse": true, "cohort": "a"}]',
+     "plan step 2: unknown key 'cohort'"),
+    ('[[1, 10, "dual"], {"day": 2, "reverse": false}]', "plan step 2: missing 'percent'"),
 ])
 def test_a_bad_plan_is_refused_with_the_step_it_concerns(text, needle):
     with pytest.raises(ValueError) as e:
         parse_plan(text)
     assert needle in str(e.value)
+
+
+def test_a_plan_given_as_steps_is_checked_like_a_plan_file():
+    with pytest.raises(ValueError, match="plan step 1: a reverse undoes"):
+        SimConfig(days=1, plan=(PlanStep(0.5, reverse=True),))
 
 
 def test_every_fault_profile_is_a_choice_of_the_command():
@@ -154,6 +247,10 @@ def test_a_bad_plan_file_exits_2_naming_the_file_and_the_step(capsys, tmp_path, 
     assert cli.main(["simulate", "--plan", str(plan)]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert str(plan) in err and "plan step 2" in err and "sideways" in err
+    plan.write_text('[{"day": 1, "reverse": true}, [2, 10, "dual"]]')
+    assert cli.main(["simulate", "--plan", str(plan)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(plan) in err and "plan step 1: a reverse undoes the forward step" in err
 
 
 def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_server,
