@@ -6,7 +6,7 @@ NOTIFYs ``outbox_to_legacy``; ``bridge.outbox_listener.OutboxListener`` turns ea
 
 One outbox row (``outbox_to_legacy.state``)::
 
-              claim (attempts + 1, invisible for claim_s)      Ack new / duplicate
+              claim (attempts + 1, invisible for claim_s)   answer new / duplicate
     pending -----------------------------------------> inject --------------------> done
        ^                                                 |  |                (message gets
        |                                                 |  |                 its legacy GUID)
@@ -18,20 +18,24 @@ One outbox row (``outbox_to_legacy.state``)::
        +-- the failure was attempt max_attempts, or the row is older than max_age_s
            --> failed (+ finding inject_failed; the later rows go on)
 
-A row of kind ``members`` (a membership change made on the cloud) takes the same path and
-the same order, as an InjectMembership of its delta (``inject_membership_change``).
+A conversation's consecutive message rows go in one InjectBatch (one frame, one answer with a
+result per row; ``bridge.outbox_inject`` packs them). A row of kind ``members`` (a
+membership change made on the cloud) takes the same path and the same order, as an
+InjectMembership of its delta (``inject_membership_change``), a request of its own.
 
 The GUID is derived from the cloud message id (``bridge.ids``), so injecting a row again
-after a crash between the Ack and ``complete_outbox`` is a no-op on the legacy side (Ack
-``duplicate``). Each claim carries a token; completes and releases touch only rows still held
+after a crash between the answer and ``complete_outbox`` is a no-op on the legacy side
+(``duplicate``). Each claim carries a token; completes and releases touch only rows still held
 under it, so a late one from a claim that ran out changes nothing (counted in
 ``late_claims``, logged).
 
 Order per conversation, pipelined: a claim's rows are all sent at once (at most ``window``
-in flight per worker), each conversation's in seq order on the one connection to its home
-supernode, which serves a connection's requests in the order they arrive; so the rows it
-accepted are a prefix of those sent (less any it refused for good). From the first row
-that failed, the conversation's later rows go back together, and ``claim_outbox`` never
+rows in flight per worker), each conversation's in seq order on the one connection to its
+home supernode, which serves a connection's requests, and a batch's items, in the order
+they arrive; so the rows it accepted are a prefix of those sent (less any it refused for
+good: a refused item does not stop the items after it, which it applies on their own).
+From the first row that failed (an item, or a whole request: timeout, connection lost,
+not_home), the conversation's later rows go back together, and ``claim_outbox`` never
 hands out a row while an earlier one of its conversation is still claimed. The rows
 acknowledged in one pass are completed together in one transaction
 (``complete_outbox_batch``). The one race left: a ring change that makes the supernode the
@@ -63,11 +67,11 @@ from __future__ import annotations
 import random
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -75,11 +79,18 @@ from bridge import ids
 from bridge.faults import FaultMoments
 from bridge.ops import metrics
 from bridge.outbox_config import InjectorConfig
-from bridge.outbox_membership import (
-    MEMBERSHIP_APPLIED,
-    ORIGIN,
-    inject_membership_change,
+from bridge.outbox_inject import (
+    MESSAGE_ACCEPTED,
+    REFUSALS,
+    Request,
+    Retry,
+    Row,
+    RowWindow,
+    Unexpected,
+    outcomes_of_failure,
+    plan_requests,
 )
+from bridge.outbox_membership import MEMBERSHIP_APPLIED, ORIGIN
 from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.store import outbox as outbox_store
 from cloud.store.outbox import (
@@ -89,9 +100,8 @@ from cloud.store.outbox import (
     release_outbox_items,
 )
 from legacy import wire
-from legacy.peer import PeerConnection, PeerRefused, PeerRequestFailed
+from legacy.peer import PeerConnection
 from servicekit.loop import PollingLoop, failure_counter
-from servicekit.semaphore import ResizableSemaphore
 from servicekit.timeouts import FifoTimeouts
 
 log = Logger()
@@ -101,11 +111,16 @@ DIRECTION = "to_legacy"
 OUTBOX_LOOP_FAILURES = failure_counter(
     "bridge_outbox_loop_failures_total",
     "Outbox injector passes (or conversations within one) that failed; the loop carries on.")
-metrics.RETRIES.labels(what="inject")
-
-#: Failures of one injection that only mean "not now": the row is released and retried.
-_TRANSIENT = (defer.TimeoutError, error.ConnectionLost, error.ConnectionDone,
-              error.ConnectError, PeerRefused)
+_RETRIES = metrics.RETRIES.labels(what="inject")
+# the series this direction writes, looked up once (``labels`` costs a lock and a dict each)
+_MIRRORED = metrics.MIRRORED.labels(direction=DIRECTION)
+_DUPLICATES = metrics.DUPLICATES.labels(direction=DIRECTION)
+_LAG = metrics.LAG.labels(direction=DIRECTION)
+_MEMBERS_ADDED = metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="added")
+_MEMBERS_REMOVED = metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="removed")
+_BATCH_SIZE = metrics.BATCH_SIZE.labels(direction=DIRECTION)
+_BATCH_SECONDS = metrics.BATCH_SECONDS.labels(direction=DIRECTION)
+_BACKLOG = metrics.BACKLOG.labels(direction=DIRECTION)
 
 
 class LegacyPeers(Protocol):
@@ -120,26 +135,10 @@ class LegacyPeers(Protocol):
 
 # ---------------------------------------------------------------- the injector
 
-@attrs.frozen
-class _Request:
-    """One injection to send: how to send it on a connection, and what it is (for a log)."""
-
-    send: Callable[[PeerConnection], defer.Deferred]
-    what: str
-
-
-def _forget(sent: Sequence[tuple[Any, Any, defer.Deferred]]) -> None:
-    """Injections whose answers nobody will read: their failures are not errors to log."""
-    for _, _, d in sent:
+def _forget(sent: Sequence[tuple[Any, defer.Deferred]]) -> None:
+    """Requests whose answers nobody will read: their failures are not errors to log."""
+    for _, d in sent:
         d.addErrback(lambda _f: None)
-
-
-class _Retry(Exception):
-    """This injection failed for now; the row and the rest of its conversation go back."""
-
-
-class _Refused(Exception):
-    """The home supernode refuses this message for good (``bad_message``)."""
 
 
 class OutboxInjector(PollingLoop):
@@ -180,7 +179,7 @@ class OutboxInjector(PollingLoop):
         self.backlog: tuple[int, int | None] = (0, None)
         self._backlog_read_at: float | None = None
         self._recorded_since_count = False
-        self._window = ResizableSemaphore(self.config.window)
+        self._window = RowWindow(self.config.window)
         #: an operator paused injection (``bridgectl control pause injection``): no claim
         self.paused = False
         self._passes = defer.DeferredSemaphore(self.config.passes)
@@ -199,13 +198,14 @@ class OutboxInjector(PollingLoop):
             self.wake()
 
     def set_window(self, window: int | None) -> None:
-        """At most *window* injections in flight from now on (None: ``config.window``):
-        more are sent at once, or fewer as the answers come in; none is cut short."""
+        """At most *window* rows in flight from now on (None: ``config.window``): more are
+        sent at once, or fewer as the answers come in; none is cut short, and batches planned
+        from now on hold at most *window* rows."""
         self._window.resize(self.config.window if window is None else window)
 
     @property
     def window(self) -> int:
-        """Most injections in flight at once, as it stands now."""
+        """Most rows in flight at once, as it stands now."""
         return self._window.limit
 
     async def _tick(self) -> bool:
@@ -296,9 +296,8 @@ class OutboxInjector(PollingLoop):
             log.failure("recording an injected batch failed unexpectedly; its rows come due "
                         "again when their claim runs out")
             return
-        metrics.BATCH_SIZE.labels(direction=DIRECTION).observe(len(items))
-        metrics.BATCH_SECONDS.labels(direction=DIRECTION).observe(
-            self._clock.seconds() - started)
+        _BATCH_SIZE.observe(len(items))
+        _BATCH_SECONDS.observe(self._clock.seconds() - started)
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         """Stop claiming; fires once the tick and every pass in flight have finished (a
@@ -327,64 +326,96 @@ class OutboxInjector(PollingLoop):
         self._backlog_read_at = now
         self._recorded_since_count = False
         pending, oldest_ms = self.backlog
-        metrics.BACKLOG.labels(direction=DIRECTION).set(pending)
+        _BACKLOG.set(pending)
         metrics.OUTBOX_PENDING.set(pending)
         metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest_ms is None else oldest_ms / 1000)
 
     async def _conversation(self, items: list[OutboxItem],
-                            claimed_until_ms: int) -> list[tuple[outbox_store.Injected, wire.Ack]]:
+                            claimed_until_ms: int) -> list[tuple[outbox_store.Injected, Any]]:
         """Inject one conversation's claimed rows, pipelined on its home's connection in seq
-        order, and return the acknowledged ones for the tick to record; never raises.
+        order, and return the acknowledged ones (with their answers) for the pass to record;
+        never raises.
 
-        Every row is sent before the first Ack is awaited; the supernode serves one
-        connection's requests in the order they were sent, so the rows it accepted are
-        always a prefix of those sent, less the ones it refused for good. From the first
-        row that failed, the rest go back together (those still in flight are forgotten:
-        injected again later, they are acknowledged as duplicates).
+        The rows go as requests (``bridge.outbox_inject``: a batch per run of messages, a
+        membership change alone), every one sent before the first answer is awaited. The
+        supernode serves one connection's requests, and a batch's items, in the order they
+        were sent, so the rows it accepted are always a prefix of those sent, less the ones
+        it refused for good (a refused item does not stop the items after it: each is
+        applied on its own). From the first row that failed (an item, or a whole request:
+        timeout, lost connection, not_home), the rest go back together (those still in
+        flight are forgotten: injected again later, they are acknowledged as duplicates).
         """
         timeout_ms = round(self.config.inject_timeout_s * 1000)
-        sent: list[tuple[OutboxItem, outbox_store.Injected, defer.Deferred]] = []
+        sent: list[tuple[Request, defer.Deferred]] = []
         unsent: list[OutboxItem] = []
         failed: str | None = None  # why unsent[0] failed (tried); None: handed back untried
-        peer: PeerConnection | None = None
         try:
-            for i, item in enumerate(items):
-                try:
-                    prepared = await self._prepare(item)
-                    if prepared is None:
-                        continue  # skipped or refused, and recorded
-                    injected, request = prepared
-                    if peer is None:
-                        peer = self._peer(injected.legacy_chat_id)
-                    await self._window.acquire()
-                    if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
-                        # Stopping, or the claim could run out mid-injection and let another
-                        # worker overtake: hand the rest back, due at once.
-                        self._window.release()
-                        unsent = items[i:]
-                        break
-                    sent.append((item, injected, self._send(peer, request)))
-                except _Retry as e:
-                    unsent, failed = items[i:], str(e)
+            rows = []
+            for item in items:
+                row = await self._prepare(item)
+                if row is not None:  # else skipped or refused, and recorded
+                    rows.append(row)
+            # most rows in one request: a batch never holds more than the window lets in
+            requests = plan_requests(rows, min(self.config.inject_batch, self._window.limit))
+            if not requests:
+                return []
+            peer = self._peers.for_chat(requests[0].chat_id)
+            if peer is None:
+                await self._release([row.item for row in rows], "home supernode of "
+                                    f"{requests[0].chat_id!r} is unreachable")
+                return []
+            r = 0
+            while r < len(requests):
+                request = requests[r]
+                taking = self._window.take(len(request.rows))
+                if taking is not None:
+                    await taking
+                if not self.running or self._now_ms() + timeout_ms > claimed_until_ms:
+                    # Stopping, or the claim could run out mid-injection and let another
+                    # worker overtake: hand the rest back, due at once.
+                    self._window.give_back(len(request.rows))
+                    unsent = [row.item for req in requests[r:] for row in req.rows]
                     break
-            acked: list[tuple[outbox_store.Injected, wire.Ack]] = []
-            for j, (item, injected, d) in enumerate(sent):
                 try:
-                    ack = await d
-                except _Refused as e:
-                    await self._refuse(item, injected.legacy_chat_id,
-                                       f"the supernode refused it: {e}")
+                    sent.append((request, self._send(peer, request)))
+                except wire.WireError:
+                    # A row the wire format can not carry (rare: _send gave its slots back):
+                    # refuse it for good and send the others.
+                    requests[r:r + 1] = await self._drop_unencodable(request)
                     continue
-                except _Retry as e:
+                r += 1
+            acked: list[tuple[outbox_store.Injected, Any]] = []
+            for j, (request, d) in enumerate(sent):
+                carried, k, why = request.rows, 0, None
+                try:
+                    outcomes = await d
+                except Retry as e:
                     why = str(e)
                 else:
-                    if ack.status in (MEMBERSHIP_APPLIED if item.kind == outbox_store.MEMBERS
-                                      else ("new", "duplicate")):
-                        acked.append((injected, ack))
+                    if len(outcomes) != len(carried):
+                        why = (f"the supernode answered {len(outcomes)} results for "
+                               f"{len(carried)} rows")
+                        outcomes = ()
+                    for k, outcome in enumerate(outcomes):
+                        row = carried[k]
+                        if outcome.status in (MESSAGE_ACCEPTED if row.message is not None
+                                              else MEMBERSHIP_APPLIED):
+                            acked.append((row.injected, outcome))
+                            continue
+                        if (isinstance(outcome, wire.InjectResult)
+                                and outcome.status == "failed" and outcome.code in REFUSALS):
+                            await self._refuse(row.item, request.chat_id,
+                                               f"the supernode refused it: {outcome.reason}")
+                            continue
+                        why = f"unexpected answer {outcome.status!r} from the supernode"
+                        break
+                    if why is None:
                         continue
-                    why = f"unexpected Ack status {ack.status!r} from the supernode"
                 _forget(sent[j + 1:])  # still in flight: see the docstring
-                unsent, failed = [s[0] for s in sent[j:]] + unsent, why
+                unsent = ([row.item for row in carried[k:]]
+                          + [row.item for later, _ in sent[j + 1:] for row in later.rows]
+                          + unsent)
+                failed = why
                 break
             if unsent and failed is None:
                 await self._hand_back(unsent, "handed back unattempted (stopping or claim "
@@ -404,9 +435,10 @@ class OutboxInjector(PollingLoop):
         _forget(sent)
         return []
 
-    async def _prepare(self, item: OutboxItem) -> tuple[outbox_store.Injected, _Request] | None:
+    async def _prepare(self, item: OutboxItem) -> Row | None:
         """What to inject for one row; None when the row was skipped or refused (and
-        recorded already), before anything was sent."""
+        recorded already), before anything was sent. Nothing is encoded here: a row the
+        wire format can not carry is found when its request is built (``_send``)."""
         chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
@@ -418,7 +450,7 @@ class OutboxInjector(PollingLoop):
                 self._claim_lost("skip", [item])
             return None
         if item.kind == outbox_store.MEMBERS:
-            return await self._prepare_membership(item, chat_id)
+            return Row(outbox_store.Injected(item, chat_id, None))
         guid = ids.guid_for_cloud_message(item.message_id)
         members = tuple(sorted(set(item.member_handles)))
         if len(members) < 2:
@@ -428,30 +460,39 @@ class OutboxInjector(PollingLoop):
         message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
                                    sender=item.sender_handle, ts_ms=item.sent_ms,
                                    body=item.body, origin=ORIGIN)
-        try:  # a body or member list the wire format cannot carry will never fit
-            wire.encode(wire.InjectMessage(req_id=0, message=message, members=members))
-        except wire.WireError as e:
-            return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
-        return outbox_store.Injected(item, chat_id, guid), _Request(
-            lambda peer: peer.inject_message(message, members), guid)
+        return Row(outbox_store.Injected(item, chat_id, guid), message, members)
 
-    def _peer(self, chat_id: str) -> PeerConnection:
-        """The connection to the chat's home supernode; ``_Retry`` if there is none now."""
-        peer = self._peers.for_chat(chat_id)
-        if peer is None:
-            raise _Retry(f"home supernode of {chat_id!r} is unreachable")
-        return peer
+    async def _drop_unencodable(self, request: Request) -> list[Request]:
+        """Refuse for good the rows of *request* that the wire format can not carry (each
+        tried alone); the requests that send the rest, in order."""
+        keep = []
+        for row in request.rows:
+            why = request.unencodable(row)
+            if why is None:
+                keep.append(row)
+            else:
+                await self._refuse(row.item, request.chat_id, f"not encodable for legacy: {why}")
+        if len(keep) == 1 == len(request.rows):
+            raise RuntimeError(f"the wire format refused seq {keep[0].item.seq} in a request, "
+                               "but not alone")  # a bug: never sent, no refusal made up
+        if len(keep) == len(request.rows):
+            # each fits alone, together they do not (the frame was counted wrong): one by one
+            log.warn("a batch of {count} rows did not fit a frame; sending them one by one",
+                     count=len(keep))
+            return [attrs.evolve(request, rows=[row]) for row in keep]
+        return [attrs.evolve(request, rows=keep)] if keep else []
 
-    def _send(self, peer: PeerConnection, request: _Request) -> defer.Deferred:
-        """Send one injection (*request*) under a window slot the caller acquired (released
-        at the answer); a Deferred firing with the home supernode's Ack, or failing with
-        ``_Refused`` (it never will) or ``_Retry``."""
-        timeout_s = self.config.inject_timeout_s
+    def _send(self, peer: PeerConnection, request: Request) -> defer.Deferred:
+        """Send one request under the window slots the caller took for its rows (given back
+        at the answer, or at once when it can not be sent: ``WireError``, raised); a
+        Deferred firing with one outcome per row, or failing with ``Retry``."""
         try:
-            d = defer.maybeDeferred(request.send, peer)
-        except BaseException:
-            self._window.release()
+            d = request.send(peer)
+        except wire.WireError:
+            self._window.give_back(len(request.rows))
             raise
+        except Exception:
+            d = defer.fail()
         timed_out: list[bool] = []
 
         def expire() -> None:
@@ -462,43 +503,22 @@ class OutboxInjector(PollingLoop):
 
         def answered(result: Any) -> Any:
             deadline.clear()
-            self._window.release()
+            self._window.give_back(len(request.rows))
             return result
 
-        d.addBoth(answered)
-
         def classify(failure: Any) -> Any:
-            e = failure.value
-            if timed_out and isinstance(e, defer.CancelledError):
-                e = defer.TimeoutError()
-            if isinstance(e, PeerRequestFailed):
-                if e.code in ("bad_message", "bad_members"):
-                    raise _Refused(e.reason) from e
-                raise _Retry(str(e)) from e  # not_home (the ring changed) and the like: later
-            if isinstance(e, defer.TimeoutError):
-                raise _Retry(f"no Ack from the home supernode within {timeout_s}s") from e
-            if isinstance(e, _TRANSIENT):
-                raise _Retry(f"{type(e).__name__}: {e}") from e
-            log.failure("injecting {what} failed unexpectedly; retrying later", failure,
-                        what=request.what)
-            raise _Retry(f"{type(e).__name__}: {e}") from e
+            try:
+                return outcomes_of_failure(failure.value, len(request.rows), bool(timed_out),
+                                           self.config.inject_timeout_s)
+            except Unexpected:
+                log.failure("injecting {count} rows from seq {seq} failed unexpectedly; "
+                            "retrying later", failure, count=len(request.rows),
+                            seq=request.rows[0].item.seq)
+                raise
 
-        return d.addErrback(classify)
+        return d.addBoth(answered).addErrback(classify)
 
-    async def _prepare_membership(self, item: OutboxItem, chat_id: str
-                                  ) -> tuple[outbox_store.Injected, _Request] | None:
-        """What applies one membership change row at the chat's home (as ``_prepare`` does
-        for a message); None when it was refused (and recorded)."""
-        try:  # a handle the wire format cannot carry will never fit
-            wire.encode(wire.InjectMembership(req_id=0, chat_id=chat_id, add=item.add_handles,
-                                              remove=item.remove_handles, origin=ORIGIN))
-        except wire.WireError as e:
-            return await self._refuse(item, chat_id, f"not encodable for legacy: {e}")
-        return outbox_store.Injected(item, chat_id, None), _Request(
-            lambda peer: inject_membership_change(peer, item, chat_id),
-            f"membership change {item.seq}.{item.sub}")
-
-    async def _complete(self, acked: list[tuple[outbox_store.Injected, wire.Ack]]) -> None:
+    async def _complete(self, acked: list[tuple[outbox_store.Injected, Any]]) -> None:
         """Record acknowledged rows in one transaction, then count them."""
         if not acked:
             return
@@ -508,32 +528,39 @@ class OutboxInjector(PollingLoop):
         completed = {(item.conversation_id, item.seq, item.sub) for item in done}
         self._recorded_since_count = self._recorded_since_count or bool(done)
         lost = []
-        for injected, ack in acked:
+        new = duplicates = 0
+        lags = []
+        now_s = now_ms / 1000
+        for injected, answer in acked:
             item = injected.item
             if (item.conversation_id, item.seq, item.sub) not in completed:
                 lost.append(item)
                 continue
             if item.kind == outbox_store.MEMBERS:
                 self.membership_changes += 1
-                if ack.status == "changed":
-                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="added").inc(
-                        len(item.add_handles))
-                    metrics.MEMBER_CHANGES.labels(direction=DIRECTION, change="removed").inc(
-                        len(item.remove_handles))
+                if answer.status == "changed":
+                    _MEMBERS_ADDED.inc(len(item.add_handles))
+                    _MEMBERS_REMOVED.inc(len(item.remove_handles))
                 continue
-            if ack.status == "new":
-                self.injected += 1
-                metrics.MIRRORED.labels(direction=DIRECTION).inc()
+            if answer.status == "new":
+                new += 1
             else:
-                self.duplicates += 1
-                metrics.DUPLICATES.labels(direction=DIRECTION).inc()
+                duplicates += 1
             lag = max(0, now_ms - item.waiting_since_ms) / 1000
-            metrics.LAG.labels(direction=DIRECTION).observe(lag)
+            lags.append(lag)
             # a row claimed before (by a worker that died, or whose claim ran out) met a fault
             # or went back before (here or at another worker)
             met = (item.attempts > 1 or item.retried
-                   or self.faults.met(item.waiting_since_ms / 1000, now_ms / 1000))
-            self.recent_lags.append((now_ms / 1000, lag, met))
+                   or self.faults.met(item.waiting_since_ms / 1000, now_s))
+            self.recent_lags.append((now_s, lag, met))
+        self.injected += new
+        self.duplicates += duplicates
+        if new:
+            _MIRRORED.inc(new)
+        if duplicates:
+            _DUPLICATES.inc(duplicates)
+        if lags:
+            _LAG.observe_many(lags)
         if lost:
             self._claim_lost("complete", lost)
 
@@ -595,7 +622,7 @@ class OutboxInjector(PollingLoop):
         await self._hand_back(items, reason, self._now_ms() + round(delay_s * 1000),
                               tried=tried)
         self.failures += 1
-        metrics.RETRIES.labels(what="inject").inc()
+        _RETRIES.inc()
         log.info("injecting into conversation {cid} failed ({reason}); {count} rows retry in "
                  "{delay:.1f}s (attempt {attempt})", cid=first.conversation_id, reason=reason,
                  count=len(items), delay=delay_s, attempt=first.attempts)

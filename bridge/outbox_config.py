@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import attrs
 
+from legacy import wire
 from servicekit.retry import RetryPolicy
 from servicekit.validators import positive
 
@@ -35,6 +36,11 @@ class InjectorConfig:
     #: ``bridgectl control set injector-concurrency N`` replaces, live: the load the
     #: injector puts on the legacy network (``passes`` only overlaps database round trips).
     window: int = attrs.field(default=1000, validator=_COUNT)
+    #: Most message rows in one InjectBatch request (a conversation's consecutive message
+    #: rows share one; the wire format allows ``wire.MAX_INJECT_BATCH``). The window bounds
+    #: it too: a batch never holds more rows than ``window``.
+    inject_batch: int = attrs.field(default=wire.MAX_INJECT_BATCH, validator=[
+        *_COUNT, attrs.validators.le(wire.MAX_INJECT_BATCH)])
     #: Claims in flight at once: the next batch is claimed while the last one is injected
     #: and recorded, so the database's round trips overlap the supernodes' (each claim
     #: holds whole conversations, so order per conversation is kept all the same).

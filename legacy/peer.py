@@ -9,7 +9,7 @@ frames to a handler; the subscriber grants credit as it consumes, which is the f
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, error
@@ -21,8 +21,8 @@ from legacy.network import Network
 from servicekit.timeouts import Deadline, FifoTimeouts
 
 FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
-_REPLIES = (wire.Ack, wire.DigestReply, wire.ListReply, wire.FetchReply, wire.ChatsReply,
-            wire.AccountsPage, wire.RequestFailed)
+_REPLIES = (wire.Ack, wire.InjectBatchReply, wire.DigestReply, wire.ListReply,
+            wire.FetchReply, wire.ChatsReply, wire.AccountsPage, wire.RequestFailed)
 
 
 class PeerRequestFailed(CodedError):
@@ -121,7 +121,15 @@ class PeerConnection(FrameProtocol):
         self._pending[req_id] = d
         if self._limits is not None:
             self._deadlines[req_id] = self._limits.start(lambda: self._expire(req_id))
-        self.send(make(req_id))
+        try:
+            self.send(make(req_id))
+        except BaseException:
+            # not sent (a value the wire format can not carry: WireError): nothing pending
+            self._pending.pop(req_id, None)
+            deadline = self._deadlines.pop(req_id, None)
+            if deadline is not None:
+                deadline.clear()
+            raise
         return d
 
     def _expire(self, req_id: int) -> None:
@@ -175,6 +183,18 @@ class PeerConnection(FrameProtocol):
         return self._request(lambda r: wire.InjectMessage(req_id=r, message=message,
                                                           members=members))
 
+    def inject_batch(self, chat_id: str, members: tuple,
+                     messages: Sequence[wire.ChatMessage]) -> defer.Deferred:
+        """Append *messages* (each of *chat_id*, at most ``wire.MAX_INJECT_BATCH``) at the
+        chat's home in order, in one request; fires with their ``wire.InjectResult``s, one
+        per message in order (``new`` or ``duplicate`` with the legacy_seq, or ``failed``
+        with a code), or fails for the whole batch (``PeerRequestFailed`` ``not_home``, a
+        timeout, the connection lost). Raises ``WireError`` at once, sending nothing, for a
+        batch the wire format can not carry."""
+        return self._request(lambda r: wire.InjectBatch(
+            req_id=r, chat_id=chat_id, members=members, messages=messages)
+        ).addCallback(_results)
+
     def inject_membership(self, chat_id: str, add: tuple, remove: tuple,
                           origin: str) -> defer.Deferred:
         """Change a chat's members at its home by a delta; fires with the ``Ack`` (status
@@ -199,6 +219,10 @@ class PeerConnection(FrameProtocol):
     def set_moved(self, handle: str, moved: bool) -> defer.Deferred:
         """Login server only: refuse (or again accept) the handle's legacy logins."""
         return self._request(lambda r: wire.SetMoved(req_id=r, handle=handle, moved=moved))
+
+
+def _results(reply: wire.InjectBatchReply) -> tuple:
+    return reply.results
 
 
 #: Default bound on one privileged request (digests of a huge chat stay well below it).

@@ -6,6 +6,7 @@ One handler per request frame, in ``PEER_HANDLERS``:
     DigestRequest, ListRequest   range digests and GUID lists of a chat homed here
     FetchRequest                 messages by GUID
     InjectMessage, InjectPresence   append on behalf of users (origin marked, GUID chosen)
+    InjectBatch                  a chat's messages in order, one reply with a result each
     InjectMembership             change a chat's members by a delta, on behalf of users
     ChatsRequest, HostCacheRequest  the chats homed here, every supernode's address
 
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
 
 LIST_LIMIT = 400  # guids per ListReply, so the frame stays under MAX_FRAME_BYTES
 FETCH_BUDGET = wire.MAX_FRAME_BYTES - 4096
+
+
+def members_problem(members: tuple) -> str | None:
+    """Why an injected message's member list is refused (``bad_message``), or None."""
+    if len(members) < 2:
+        return "the sender must be one of 2 or more members"
+    if len(set(members)) != len(members):
+        return "members must be distinct"
+    if has_control(*members):
+        return "ids must not contain control characters"
+    return None
 
 
 class PeerApi:
@@ -133,36 +145,66 @@ class PeerApi:
 
     # -- injection on behalf of users -----------------------------------------------------------
 
-    def inject_message(self, proto: SupernodeProtocol, f: wire.InjectMessage) -> None:
-        sn = self.sn
-        m = f.message
-        problem = None
+    def message_problem(self, m: wire.ChatMessage, members: tuple,
+                        members_problem: str | None) -> str | None:
+        """Why an injected message can not be appended (``bad_message``), or None; the one
+        check of InjectMessage and of each item of an InjectBatch. *members_problem* is
+        ``members_problem(members)``, found once for a batch's shared list."""
         if not m.guid or not m.chat_id:
-            problem = "guid and chat_id must not be empty"
-        elif not m.origin or m.origin == "legacy":
-            problem = "an injected message needs an origin mark other than 'legacy'"
-        elif m.sender not in f.members or len(f.members) < 2:
-            problem = "the sender must be one of 2 or more members"
-        elif len(set(f.members)) != len(f.members):
-            problem = "members must be distinct"
-        elif has_control(m.guid, m.chat_id, *f.members):
-            problem = "ids must not contain control characters"
-        elif "\x00" in m.body:
-            problem = "the body must not contain NUL characters"
-        elif len(m.body) > wire.MAX_MESSAGE_CHARS:
-            problem = f"the body must be at most {wire.MAX_MESSAGE_CHARS} characters"
-        elif m.ts_ms and m.ts_ms < sn.now_ms() - int(sn.config.retention_seconds * 1000):
+            return "guid and chat_id must not be empty"
+        if not m.origin or m.origin == "legacy":
+            return "an injected message needs an origin mark other than 'legacy'"
+        if m.sender not in members:
+            return "the sender must be one of 2 or more members"
+        if members_problem is not None:
+            return members_problem
+        if has_control(m.guid, m.chat_id):
+            return "ids must not contain control characters"
+        if "\x00" in m.body:
+            return "the body must not contain NUL characters"
+        if len(m.body) > wire.MAX_MESSAGE_CHARS:
+            return f"the body must be at most {wire.MAX_MESSAGE_CHARS} characters"
+        sn = self.sn
+        if m.ts_ms and m.ts_ms < sn.now_ms() - int(sn.config.retention_seconds * 1000):
             # It would be pruned at once and then accepted again as new: refuse it instead.
-            problem = "ts_ms is older than this supernode's retention window"
+            return "ts_ms is older than this supernode's retention window"
+        return None
+
+    def inject_message(self, proto: SupernodeProtocol, f: wire.InjectMessage) -> None:
+        m = f.message
+        problem = self.message_problem(m, f.members, members_problem(f.members))
         if problem is not None:
             proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_message", reason=problem))
             return
         if not self._check_home(f.req_id, m.chat_id, proto):
             return
-        msg, new = sn.routing.accept(m.chat_id, f.members, m.guid, m.sender, m.body, m.origin,
-                                     ts_ms=m.ts_ms)
+        msg, new = self.sn.routing.accept(m.chat_id, f.members, m.guid, m.sender, m.body,
+                                          m.origin, ts_ms=m.ts_ms)
         proto.send(wire.Ack(req_id=f.req_id, status="new" if new else "duplicate",
                             value=msg.legacy_seq))
+
+    def inject_batch(self, proto: SupernodeProtocol, f: wire.InjectBatch) -> None:
+        """Append a batch's messages in order, each checked as InjectMessage checks it; one
+        reply with a result per message. A refused message does not stop the ones after it
+        (each is applied on its own, as a run of InjectMessages would be); a chat homed
+        elsewhere fails the whole request (``not_home``), before anything is applied."""
+        if not self._check_home(f.req_id, f.chat_id, proto):
+            return
+        accept = self.sn.routing.accept
+        shared = members_problem(f.members)
+        results = []
+        for m in f.messages:
+            problem = ("the message's chat_id is not the batch's" if m.chat_id != f.chat_id
+                       else self.message_problem(m, f.members, shared))
+            if problem is not None:
+                results.append(wire.InjectResult(status="failed", legacy_seq=0,
+                                                 code="bad_message", reason=problem))
+                continue
+            msg, new = accept(m.chat_id, f.members, m.guid, m.sender, m.body, m.origin,
+                              ts_ms=m.ts_ms)
+            results.append(wire.InjectResult(status="new" if new else "duplicate",
+                                             legacy_seq=msg.legacy_seq))
+        proto.send(wire.InjectBatchReply(req_id=f.req_id, results=results))
 
     def inject_membership(self, proto: SupernodeProtocol, f: wire.InjectMembership) -> None:
         """Apply a membership delta from the other stack (``Routing.change_members``)."""
@@ -214,6 +256,7 @@ PEER_HANDLERS: dict[type, Callable[[PeerApi, SupernodeProtocol, Any], None]] = {
     wire.ListRequest: PeerApi.list_guids,
     wire.FetchRequest: PeerApi.fetch,
     wire.InjectMessage: PeerApi.inject_message,
+    wire.InjectBatch: PeerApi.inject_batch,
     wire.InjectPresence: PeerApi.inject_presence,
     wire.InjectMembership: PeerApi.inject_membership,
     wire.ChatsRequest: PeerApi.chats,

@@ -6,7 +6,7 @@ who may send what: the handshake, the login server, client <-> supernode, supern
 supernode, privileged peer <-> supernode; ``CLIENT_FRAMES``, ``SUPERNODE_FRAMES`` and
 ``PEER_FRAMES`` at the end are what each authenticated role may send.
 
-The module is long (about 500 lines) because it is the whole schema: every frame of every
+The module is long (about 560 lines) because it is the whole schema: every frame of every
 role sits in one table, so a reader checks the protocol, and a fuzzer covers it, in one place.
 """
 
@@ -28,6 +28,10 @@ MAX_PRESENCE_TTL_MS = 3_600_000
 MAX_NAME_BYTES = 128
 #: Entries of one PresenceFanout frame: even with the longest names it stays under 64 KiB.
 MAX_FANOUT_ENTRIES = 200
+#: Messages in one InjectBatch (and results in its reply); the frame size bounds it too.
+MAX_INJECT_BATCH = 64
+#: Bytes of a refusal's reason in an InjectBatchReply: 64 results stay far under a frame.
+MAX_REASON_BYTES = 256
 #: The field kinds of this protocol: names and ids, message bodies, nonces and proofs, members.
 NAME = text(MAX_NAME_BYTES)
 TEXT = text(MAX_BODY_BYTES)
@@ -82,6 +86,18 @@ class Range:
 class Digest:
     count: int = w(U64)
     total: int = w(U64)
+
+
+@value
+class InjectResult:
+    """What the home did with one message of an InjectBatch: ``new`` or ``duplicate``, with
+    its ``legacy_seq``; or ``failed``, with a ``code`` (``bad_message``: refused for good)
+    and a ``reason``."""
+
+    status: str = w(NAME)
+    legacy_seq: int = w(U64)
+    code: str = w(NAME, default="")
+    reason: str = w(text(MAX_REASON_BYTES), default="")
 
 
 @value
@@ -473,6 +489,28 @@ class InjectMessage:
     members: tuple = w(MEMBERS)
 
 
+@frame(0x5B)
+class InjectBatch:
+    """Peer -> home SN: append *messages* to *chat_id* in order, as InjectMessage would each
+    (every message's ``chat_id`` is the batch's; one member list for all of them). Answered
+    by one ``InjectBatchReply``, or ``RequestFailed`` (``not_home``) for the whole batch.
+    The items are applied one by one: a refused one (``bad_message``) does not stop the
+    rest."""
+
+    req_id: int = w(U32)
+    chat_id: str = w(NAME)
+    members: tuple = w(MEMBERS)
+    messages: tuple = w(list_of(record(ChatMessage), MAX_INJECT_BATCH))
+
+
+@frame(0x5C)
+class InjectBatchReply:
+    """Home SN -> peer: one result per message of the InjectBatch, in its order."""
+
+    req_id: int = w(U32)
+    results: tuple = w(list_of(record(InjectResult), MAX_INJECT_BATCH))
+
+
 @frame(0x5A)
 class InjectMembership:
     """Peer -> home SN: change a chat's member list by a delta (add, then remove), on behalf
@@ -517,5 +555,5 @@ SUPERNODE_FRAMES = (RouteSend, RouteAck, RouteToIndex, DeliverLocal, HoldBack, H
                     IndexPut, FlushHeld, PresencePublish, PresenceSubscribe, PresenceFanout)
 #: Frames only an authenticated privileged peer (bridge, reconciler) may send.
 PEER_FRAMES = (FeedSubscribe, FeedCredit, DigestRequest, ListRequest, FetchRequest,
-               InjectMessage, InjectPresence, InjectMembership, ChatsRequest,
+               InjectMessage, InjectBatch, InjectPresence, InjectMembership, ChatsRequest,
                HostCacheRequest)

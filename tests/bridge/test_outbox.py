@@ -94,7 +94,7 @@ class NetPeers:
 class SilentPeer:
     """A connection whose supernode never answers."""
 
-    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
         return defer.Deferred()
 
 
@@ -123,7 +123,7 @@ class ScriptedPeers:
             return self.inner.to(next(sn for sn in sorted(self.inner.conns) if sn != home))
         if step == "lost":
             lost = SilentPeer()
-            lost.inject_message = lambda m, ms: defer.fail(error.ConnectionLost("gone"))
+            lost.inject_batch = lambda c, ms, m: defer.fail(error.ConnectionLost("gone"))
             return lost
         return self.inner.for_chat(chat_id)
 
@@ -291,7 +291,7 @@ def test_conversation_whose_legacy_members_went_cloud_only_is_skipped(conn, make
 
 
 class CountingPeers:
-    """Passes through to *inner*, counting injections awaiting their Ack."""
+    """Passes through to *inner*, counting injected rows awaiting their answer."""
 
     def __init__(self, inner: NetPeers) -> None:
         self.inner = inner
@@ -310,15 +310,15 @@ class CountingPeer:
     peers: CountingPeers
     peer: PeerConnection
 
-    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
-        self.peers.in_flight += 1
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
+        self.peers.in_flight += len(messages)
         self.peers.most_in_flight = max(self.peers.most_in_flight, self.peers.in_flight)
 
         def done(result):
-            self.peers.in_flight -= 1
+            self.peers.in_flight -= len(messages)
             return result
 
-        return self.peer.inject_message(message, members).addBoth(done)
+        return self.peer.inject_batch(chat_id, members, messages).addBoth(done)
 
 
 def test_conversations_run_concurrently_up_to_the_bound(conn, make_scene):
@@ -739,12 +739,12 @@ class FaultyPeer:
     peers: FaultyPeers
     peer: PeerConnection
 
-    def inject_message(self, message: wire.ChatMessage, members: tuple) -> defer.Deferred:
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
         draw = self.peers.rng.random()
         if draw < self.peers.p_duplicate:
             self.peers.faults["duplicate"] += 1
-            self.peer.inject_message(message, members).addErrback(lambda _f: None)
-        d = self.peer.inject_message(message, members)
+            self.peer.inject_batch(chat_id, members, messages).addErrback(lambda _f: None)
+        d = self.peer.inject_batch(chat_id, members, messages)
         if self.peers.p_duplicate <= draw < self.peers.p_duplicate + self.peers.p_cut:
             self.peers.faults["cut"] += 1
             self.peer.transport.abortConnection()
@@ -777,3 +777,279 @@ def test_pipelined_order_holds_with_injections_lost_and_duplicated(conn, make_sc
     # each row completed once: new, or a duplicate of a copy whose Ack was lost or doubled
     assert s.injector.injected + s.injector.duplicates == 320
     assert s.injector.duplicates > 0
+
+
+# ---------------------------------------------------------------- batches
+
+class RecordingPeers:
+    """Passes through to *inner*, recording every request sent (not one the wire format
+    refused): ``("batch", bodies)`` or ``("members", add, remove)``."""
+
+    def __init__(self, inner: NetPeers) -> None:
+        self.inner = inner
+        self.requests: list[tuple] = []
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else RecordingPeer(self, peer)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class RecordingPeer:
+    peers: RecordingPeers
+    peer: PeerConnection
+
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
+        d = self.peer.inject_batch(chat_id, members, messages)  # WireError: nothing sent
+        self.peers.requests.append(("batch", [m.body for m in messages]))
+        return d
+
+    def inject_membership(self, chat_id: str, add: tuple, remove: tuple,
+                          origin: str) -> defer.Deferred:
+        d = self.peer.inject_membership(chat_id, add, remove, origin)
+        self.peers.requests.append(("members", add, remove))
+        return d
+
+
+def legacy_bodies(s: Scene, cid: uuid.UUID) -> list[str]:
+    """The bodies of the chat's legacy history, in legacy_seq order."""
+    return [m.body for m in sorted(s.history(ids.chat_for_cloud_conversation(cid)),
+                                   key=lambda m: m.legacy_seq)]
+
+
+@pytest.mark.parametrize("inject_batch,batches", [
+    (64, [["m0", "m1", "m2"], ["m3", "m4"]]),
+    (2, [["m0", "m1"], ["m2"], ["m3", "m4"]]),
+])
+def test_consecutive_messages_share_one_batch_and_a_membership_change_goes_alone(
+        conn, make_scene, inject_batch, batches):
+    """A conversation's message rows go as InjectBatches of at most inject_batch rows, one
+    run per member list; a membership change between them is a request of its own, in
+    order."""
+    from cloud.store import conversations as conversations_store
+
+    s = make_scene(config=attrs.evolve(FAST, window=8, inject_batch=inject_batch),
+                   wrap_peers=RecordingPeers, start=False)
+    alice = make_account(conn, "alice")
+    cid = make_conversation(conn, alice, make_account(conn, "bob", "legacy"),
+                            make_account(conn, "carol", "legacy"))
+    for i in range(3):
+        s.post(cid, alice, f"m{i}")
+    tx(conn, conversations_store.remove_member, cid, alice, "carol", s.now_ms())
+    for i in range(3, 5):
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(1)
+    expected = [("batch", b) for b in batches if b[0] < "m3"] + [
+        ("members", (), ("carol",))] + [("batch", b) for b in batches if b[0] >= "m3"]
+    assert s.links.requests == expected
+    assert legacy_bodies(s, cid) == [f"m{i}" for i in range(5)]
+    assert (s.injector.injected, s.injector.membership_changes) == (5, 1)
+
+
+def test_a_refused_item_in_the_middle_of_a_batch_is_skipped_and_the_rest_apply(
+        conn, make_scene):
+    """The home refuses the third of five messages in one batch (older than its retention):
+    that row is skipped with an inject_refused finding; the home applied the items after it
+    on their own, and they are acknowledged and recorded done, in order."""
+    s = make_scene(config=attrs.evolve(FAST, window=8), wrap_peers=RecordingPeers,
+                   start=False)
+    cid, alice, bob = two_party(conn)
+    for i in range(5):
+        s.post(cid, alice if i % 2 else bob, f"m{i}",
+               sent_ms=s.now_ms() - 31 * 86_400_000 if i == 2 else None)
+    s.injector.startService()
+    s.run(1)
+    assert s.links.requests == [("batch", [f"m{i}" for i in range(5)])]  # one request
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done", "done", "skipped", "done",
+                                                      "done"]
+    assert legacy_bodies(s, cid) == ["m0", "m1", "m3", "m4"]
+    assert (s.injector.injected, s.injector.skipped, s.injector.failures) == (4, 1, 0)
+    [(kind, state, conversation, detail)] = findings(conn)
+    assert (kind, state, conversation) == ("inject_refused", "open", cid)
+    assert detail["reason"] == ("the supernode refused it: ts_ms is older than this "
+                                "supernode's retention window")
+
+
+class CutAfterApplied:
+    """``LegacyPeers`` whose first batch reaches the home, which applies it, but whose
+    connection drops before its answer is read (every answer still in flight with it)."""
+
+    def __init__(self, inner: NetPeers) -> None:
+        self.inner = inner
+        self.cut = False
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else CuttingPeer(self, peer)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class CuttingPeer:
+    peers: CutAfterApplied
+    peer: PeerConnection
+
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
+        d = self.peer.inject_batch(chat_id, members, messages)
+        if self.peers.cut:
+            return d
+        self.peers.cut = True
+
+        def drop(_answer):
+            self.peer.transport.abortConnection()
+            raise error.ConnectionLost("dropped before the answer was read")
+
+        return d.addCallback(drop)
+
+
+def test_a_batch_lost_with_its_connection_is_injected_again_as_duplicates(conn, make_scene):
+    """Two batches in flight; the connection drops after the home applied them, before
+    their answers were read: every row goes back, and is injected again once the connection
+    is back, acknowledged as duplicates; legacy has each message once, in order."""
+    s = make_scene(config=attrs.evolve(FAST, window=8, inject_batch=3),
+                   wrap_peers=CutAfterApplied, start=False)
+    cid, alice, _ = two_party(conn)
+    for i in range(6):
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(0.1)
+    assert legacy_bodies(s, cid) == [f"m{i}" for i in range(6)]  # the home applied both
+    rows = outbox_rows(conn, cid)
+    assert [r[1:3] for r in rows] == [("pending", 1)] + [("pending", 0)] * 5
+    assert rows[0][4].endswith("dropped before the answer was read.")
+    assert s.injector.failures == 1 and s.injector.injected == 0
+    s.run(5)
+    # the first retry found the connection still reopening (unreachable: tried again)
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 3)] + [("done", 1)] * 5
+    assert (s.injector.injected, s.injector.duplicates, s.injector.failures) == (0, 6, 2)
+    assert legacy_bodies(s, cid) == [f"m{i}" for i in range(6)]
+
+
+class LateAnswers:
+    """``LegacyPeers`` whose first batch is applied at the home but answered only after
+    *delay_s* (later than the injector waits)."""
+
+    def __init__(self, inner: NetPeers, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.delayed = False
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else LatePeer(self, peer)
+
+    def any(self):
+        return self.inner.any()
+
+
+@attrs.define
+class LatePeer:
+    peers: LateAnswers
+    peer: PeerConnection
+
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
+        d = self.peer.inject_batch(chat_id, members, messages)
+        if self.peers.delayed:
+            return d
+        self.peers.delayed = True
+        late: defer.Deferred = defer.Deferred()
+        clock = self.peers.inner.net.clock
+
+        def hold(answer):
+            clock.callLater(self.peers.delay_s,
+                            lambda: None if late.called else late.callback(answer))
+
+        d.addBoth(hold)
+        return late
+
+
+def test_a_batch_that_times_out_goes_back_and_its_late_answer_changes_nothing(
+        conn, make_scene):
+    """A batch answered after inject_timeout_s: its rows go back (the first tried, the rest
+    given their attempt back), the late answer counts nothing, the window's slots are free
+    again (the retry fills the same window), and the re-injection is all duplicates."""
+    s = make_scene(wrap_peers=lambda peers: LateAnswers(peers, 3 * FAST.inject_timeout_s),
+                   start=False)
+    cid, alice, _ = two_party(conn)
+    for i in range(4):  # one batch of 4: the whole window (FAST.window)
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(FAST.inject_timeout_s + 0.1)
+    rows = outbox_rows(conn, cid)
+    assert [r[1:3] for r in rows] == [("pending", 1)] + [("pending", 0)] * 3
+    assert rows[0][4] == f"no answer from the home supernode within {FAST.inject_timeout_s}s"
+    assert legacy_bodies(s, cid) == ["m0", "m1", "m2", "m3"]  # applied; answer not yet back
+    s.run(5)  # the late answer arrives, and the retry runs
+    assert [r[1:3] for r in outbox_rows(conn, cid)] == [("done", 2)] + [("done", 1)] * 3
+    assert (s.injector.injected, s.injector.duplicates, s.injector.failures) == (0, 4, 1)
+    assert legacy_bodies(s, cid) == ["m0", "m1", "m2", "m3"]
+
+
+def test_a_conversation_whose_member_list_legacy_can_not_carry_is_refused_batch_by_batch(
+        conn, make_scene):
+    """Messages sent while a member with a handle longer than the wire's 128 bytes was in the
+    conversation can never be injected: each of those rows is refused (an inject_refused
+    finding, "not encodable"); the messages before and after, in batches of their own, are
+    injected in order."""
+    from cloud.store import conversations as conversations_store
+
+    s = make_scene(config=attrs.evolve(FAST, window=8), wrap_peers=RecordingPeers,
+                   start=False)
+    cid, alice, _ = two_party(conn)
+    long = "x" * 130
+    make_account(conn, long, "legacy")
+    s.post(cid, alice, "before")
+    tx(conn, conversations_store.add_member, cid, alice, long, s.now_ms())
+    s.post(cid, alice, "with 1")
+    s.post(cid, alice, "with 2")
+    tx(conn, conversations_store.remove_member, cid, alice, long, s.now_ms())
+    s.post(cid, alice, "after")
+    s.injector.startService()
+    s.run(2)
+    assert conn.execute("SELECT kind, state FROM outbox_to_legacy ORDER BY seq, sub"
+                        ).fetchall() == [("message", "done"), ("members", "skipped"),
+                                         ("message", "skipped"), ("message", "skipped"),
+                                         ("members", "skipped"), ("message", "done")]
+    refused = [d for kind, _, _, d in findings(conn) if kind == "inject_refused"]
+    assert len(refused) == 4 and all("not encodable" in d["reason"] for d in refused)
+    assert legacy_bodies(s, cid) == ["before", "after"]
+    assert [r for r in s.links.requests if r[0] == "batch"] == [("batch", ["before"]),
+                                                                ("batch", ["after"])]
+
+
+class NoRoomForTwo(RecordingPeers):
+    """Refuses (WireError too_large, nothing sent) any batch of more than one message, as
+    if the frame had been counted wrong."""
+
+    def for_chat(self, chat_id: str):
+        peer = self.inner.for_chat(chat_id)
+        return None if peer is None else CrampedPeer(self, peer)
+
+
+class CrampedPeer(RecordingPeer):
+    def inject_batch(self, chat_id: str, members: tuple, messages: list) -> defer.Deferred:
+        if len(messages) > 1:
+            raise wire.WireError("too_large", "counted wrong")
+        return super().inject_batch(chat_id, members, messages)
+
+
+def test_a_batch_that_does_not_fit_though_each_row_does_is_sent_row_by_row(
+        conn, make_scene, outbox_log):
+    """A batch the wire refuses whose rows each fit alone: nothing is refused, the rows go
+    one request each, in order, and the mismatch is logged."""
+    s = make_scene(config=attrs.evolve(FAST, window=8), wrap_peers=NoRoomForTwo, start=False)
+    cid, alice, _ = two_party(conn)
+    for i in range(3):
+        s.post(cid, alice, f"m{i}")
+    s.injector.startService()
+    s.run(1)
+    assert s.links.requests == [("batch", ["m0"]), ("batch", ["m1"]), ("batch", ["m2"])]
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 3 and findings(conn) == []
+    assert legacy_bodies(s, cid) == ["m0", "m1", "m2"]
+    assert any("one by one" in e["log_format"] for e in outbox_log)

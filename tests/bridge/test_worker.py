@@ -206,7 +206,9 @@ def test_a_worker_whose_heartbeats_stop_finishing_is_stalled_but_not_one_in_an_o
     worker.startService()
     net.run(3.0)
     assert worker.stalled() is None and worker.db_ok
-    db.inner.faults = [DatabaseUnavailable("server closed the connection")] * 30
+    # down for the next 10 s, whatever runs (the heartbeat reads the operator's controls and
+    # the store's gauges too, so count transactions generously)
+    db.inner.faults = [DatabaseUnavailable("server closed the connection")] * 10_000
     net.run(10.0)  # heartbeat_s = 1: ten failed heartbeats, each finished at once
     assert not worker.db_ok and worker.stalled() is None
     db.inner.faults = []

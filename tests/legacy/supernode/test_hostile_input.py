@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -550,6 +551,43 @@ def test_peer_requests_never_cause_an_internal_error(sequence):
             conn.send(f)
         errors = [f.code for f in conn.received() if isinstance(f, wire.Error)]
         assert set(errors) <= {"no_subscription"}
+        live.assert_serves_a_client()
+
+
+@st.composite
+def home_batches(draw: Any) -> wire.InjectBatch:
+    """Hostile InjectBatches whose messages carry the batch's chat id (so every item reaches
+    the per-item checks), half of them with plausible ids (so many pass them and are
+    appended), some items repeated (duplicates)."""
+    batch = draw(frames_of(wire.InjectBatch))
+    if draw(st.booleans()):  # plausible ids: many items pass the checks and are appended
+        batch = attrs.evolve(batch, chat_id="room", members=("alice", "bob"))
+        messages = [attrs.evolve(m, chat_id="room", sender="alice", origin="cloud",
+                                 guid=draw(st.sampled_from(["g1", "g2", "g3"])))
+                    for m in batch.messages]
+    else:
+        messages = [attrs.evolve(m, chat_id=batch.chat_id) for m in batch.messages]
+    messages += draw(st.lists(st.sampled_from(messages), max_size=2)) if messages else []
+    return attrs.evolve(batch, messages=messages)
+
+
+@live_settings
+@given(st.lists(home_batches(), min_size=1, max_size=3))
+def test_hostile_inject_batches_get_one_result_per_item(batches):
+    """Whatever InjectBatch a privileged peer sends for a chat homed here: one reply with one
+    result per item (new, duplicate, or failed bad_message), nothing closed."""
+    with live_supernode() as live:
+        conn = live.raw()
+        conn.auth_peer()
+        for batch in batches:
+            conn.send(batch)
+            (reply,) = conn.received()
+            assert isinstance(reply, wire.InjectBatchReply), reply
+            assert reply.req_id == batch.req_id
+            assert len(reply.results) == len(batch.messages)
+            assert {(r.status, r.code) for r in reply.results} <= {
+                ("new", ""), ("duplicate", ""), ("failed", "bad_message")}
+        assert not conn.closing
         live.assert_serves_a_client()
 
 

@@ -136,6 +136,126 @@ def test_inject_message_is_idempotent_and_reaches_legacy_recipients_and_the_feed
     assert (second.status, second.value) == ("new", 2)
 
 
+def results_of(results: tuple) -> list[tuple]:
+    """InjectResults as (status, legacy_seq, code) tuples."""
+    return [(r.status, r.legacy_seq, r.code) for r in results]
+
+
+def test_inject_batch_appends_in_order_and_reinjecting_it_is_all_duplicates():
+    """One InjectBatch appends its messages in order (fed and delivered as InjectMessage's
+    would be), with one result each; sent again, every item is a duplicate, nothing new."""
+    net = LegacyNet(4).start()
+    chat = net.chat_homed_at("sn1")
+    bob = net.device(net.add_user("bob"), at="sn2")
+    net.online(bob)
+    net.run(1)
+    home = net.supernodes["sn1"]
+    peer = net.peer("sn1")
+    feed: list[Any] = []
+    peer.subscribe(home.epoch, home.mem.feed.next_offset, 100, feed.append)
+    batch = [cloud_message(chat, f"g{i}", body=f"m{i}") for i in range(5)]
+    first = net.wait(peer.inject_batch(chat, ("alice", "bob"), batch))
+    assert results_of(first) == [("new", i, "") for i in range(1, 6)]
+    again = net.wait(peer.inject_batch(chat, ("alice", "bob"), batch))
+    assert results_of(again) == [("duplicate", i, "") for i in range(1, 6)]
+    net.run(2)
+    history = home.history(chat)
+    assert [(m.guid, m.legacy_seq, m.body) for m in history] == [
+        (f"g{i}", i + 1, f"m{i}") for i in range(5)]
+    assert [f.message for f in feed if isinstance(f, wire.FeedMessage)] == history
+    assert bob.deliveries == history
+
+
+def test_inject_batch_checks_each_item_as_inject_message_does():
+    """Each item is checked on its own, with InjectMessage's checks (and its chat must be the
+    batch's): a refused item fails alone (bad_message, with the reason InjectMessage would
+    give), the items around it are appended, in order."""
+    net = LegacyNet(3, retention_seconds=60.0).start()
+    net.run_until(100.0)
+    chat = net.chat_homed_at("sn0")
+    home = net.supernodes["sn0"]
+    peer = net.peer("sn0")
+    stale = home.now_ms() - 61_000
+    bad = {
+        "origin": cloud_message(chat, "b-origin", origin="legacy"),
+        "sender": cloud_message(chat, "b-sender", sender="mallory"),
+        "control": cloud_message(chat, "b\x1fcontrol"),
+        "nul": cloud_message(chat, "b-nul", body="a\x00b"),
+        "long": cloud_message(chat, "b-long", body="x" * (wire.MAX_MESSAGE_CHARS + 1)),
+        "stale": cloud_message(chat, "b-stale", ts_ms=stale),
+        "chat": cloud_message(net.chat_homed_at("sn0", prefix="other"), "b-chat"),
+    }
+    items = []
+    for i, message in enumerate(bad.values()):
+        items += [cloud_message(chat, f"ok{i}", ts_ms=home.now_ms()), message]
+    results = net.wait(peer.inject_batch(chat, ("alice", "bob"), items))
+    assert [r.status for r in results] == ["new", "failed"] * len(bad)
+    assert [r.legacy_seq for r in results[::2]] == list(range(1, len(bad) + 1))
+    refused = dict(zip(bad, results[1::2], strict=True))
+    assert {r.code for r in refused.values()} == {"bad_message"}
+    for case, message in bad.items():
+        if case == "chat":
+            assert refused[case].reason == "the message's chat_id is not the batch's"
+            continue
+        single = request_failure(net, peer.inject_message(message, ("alice", "bob")))
+        assert (single.code, single.reason) == ("bad_message", refused[case].reason), case
+    assert [m.guid for m in home.history(chat)] == [f"ok{i}" for i in range(len(bad))]
+
+
+@pytest.mark.parametrize("members,reason", [
+    (("alice",), "the sender must be one of 2 or more members"),
+    (("alice", "bob", "bob"), "members must be distinct"),
+    (("alice", "bo\x1fb"), "ids must not contain control characters"),
+])
+def test_inject_batch_with_a_bad_member_list_refuses_every_item(members, reason):
+    """The member list is the batch's: one that InjectMessage would refuse refuses every
+    item (bad_message), and nothing is appended."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    results = net.wait(net.peer("sn0").inject_batch(
+        chat, members, [cloud_message(chat, f"g{i}") for i in range(3)]))
+    assert [(r.status, r.code, r.reason) for r in results] == [
+        ("failed", "bad_message", reason)] * 3
+    assert net.supernodes["sn0"].mem.chats == {}
+
+
+def test_inject_batch_to_a_supernode_that_is_not_home_fails_whole():
+    """A batch for a chat homed elsewhere fails as one request (not_home); nothing of it is
+    appended anywhere, and the connection stays usable."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn1")
+    peer = net.peer("sn0")
+    failure = request_failure(net, peer.inject_batch(
+        chat, ("alice", "bob"), [cloud_message(chat, "g1"), cloud_message(chat, "g2")]))
+    assert failure.code == "not_home"
+    assert all(sn.history(chat) == [] for sn in net.supernodes.values())
+    own = net.chat_homed_at("sn0")
+    assert results_of(net.wait(peer.inject_batch(own, ("alice", "bob"),
+                                                 [cloud_message(own, "g")]))) == [("new", 1, "")]
+
+
+def test_an_empty_inject_batch_is_answered_with_no_results():
+    """A batch of no messages is a valid request: an empty reply."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    assert net.wait(net.peer("sn0").inject_batch(chat, ("alice", "bob"), [])) == ()
+
+
+def test_an_inject_batch_the_wire_can_not_carry_is_not_sent():
+    """inject_batch raises WireError at once for a batch too large for a frame, and leaves
+    nothing pending: the next request on the connection is answered as usual."""
+    net = LegacyNet(3).start()
+    chat = net.chat_homed_at("sn0")
+    peer = net.peer("sn0")
+    big = [cloud_message(chat, f"g{i}", body="x" * wire.MAX_MESSAGE_CHARS) for i in range(20)]
+    with pytest.raises(wire.WireError) as e:
+        peer.inject_batch(chat, ("alice", "bob"), big)
+    assert e.value.code == "too_large"
+    assert peer._pending == {}
+    assert results_of(net.wait(peer.inject_batch(chat, ("alice", "bob"), big[:3]))) == [
+        ("new", i, "") for i in (1, 2, 3)]
+
+
 @pytest.mark.parametrize("origin", ["legacy", ""])
 def test_inject_without_a_foreign_origin_mark_is_refused(origin):
     """An injected message must carry an origin other than 'legacy' (else bad_message)."""

@@ -74,6 +74,25 @@ def test_list_at_its_limit_round_trips():
     assert wire.decode(wire.encode(f)) == f
 
 
+def test_inject_batch_of_max_items_round_trips_and_its_reply_always_fits():
+    """An InjectBatch of MAX_INJECT_BATCH messages round-trips; a reply with that many
+    results, each with the longest reason, stays under MAX_FRAME_BYTES; one item more is
+    refused both ways."""
+    msg = wire.ChatMessage(chat_id="c", guid="g", legacy_seq=0, sender="a", ts_ms=1,
+                           body="b" * 100, origin="cloud")
+    batch = wire.InjectBatch(req_id=1, chat_id="c", members=("a", "b"),
+                             messages=(msg,) * wire.MAX_INJECT_BATCH)
+    assert wire.decode(wire.encode(batch)) == batch
+    result = wire.InjectResult(status="failed", legacy_seq=2**64 - 1, code="c" * 128,
+                               reason="r" * wire.MAX_REASON_BYTES)
+    reply = wire.InjectBatchReply(req_id=1, results=(result,) * wire.MAX_INJECT_BATCH)
+    assert len(wire.encode(reply)) < wire.MAX_FRAME_BYTES
+    assert wire.decode(wire.encode(reply)) == reply
+    assert _encode_code(attrs.evolve(batch, messages=batch.messages + (msg,))) == "range"
+    too_long = attrs.evolve(result, reason="r" * (wire.MAX_REASON_BYTES + 1))
+    assert _encode_code(wire.InjectBatchReply(req_id=1, results=(too_long,))) == "too_long"
+
+
 # -- strict decoding ----------------------------------------------------------------------------
 
 @given(frames(), st.integers(0, 255).filter(lambda v: v != wire.PROTOCOL_VERSION))
