@@ -105,6 +105,8 @@ class BridgeWorker(MultiService):
         #: links to supernodes this worker does not follow (for injections), by sn id
         self._links: dict[str, PeerConnection] = {}
         self._linking: set[str] = set()
+        #: when injection starts even if some home has no link yet (None: no directory yet)
+        self._links_deadline: float | None = None
 
     # -- LegacyPeers, for the outbox injector ---------------------------------------------
 
@@ -141,6 +143,7 @@ class BridgeWorker(MultiService):
             def linked(peer: PeerConnection) -> None:
                 if self.running:
                     self._links[sn] = peer
+                    self._gate_injection()  # the last link up: injection starts now
                 else:
                     peer.disconnect()
 
@@ -295,6 +298,28 @@ class BridgeWorker(MultiService):
             # one was lost: a first injection otherwise finds none and waits a retry.
             for sn in ids:
                 self._peer_for(sn)
+            if self._links_deadline is None:
+                wait = self.config.follower.connect_timeout_s
+                self._links_deadline = self.clock.seconds() + wait
+                self._later(wait, self._gate_injection)
+
+    def _injection_ready(self) -> bool:
+        """May the injector claim? Once every home in the directory has its link, or once
+        the connect timeout has passed since the directory was first known (a supernode
+        that does not answer then holds back only its own chats' rows, which retry): rows
+        claimed before would find no link, go back and wait a retry with an attempt spent."""
+        if self.ring is None or self._links_deadline is None:
+            return False
+        return (self.clock.seconds() >= self._links_deadline
+                or all(sn in self._links for sn in self.directory))
+
+    def _gate_injection(self) -> None:
+        """Let the injector claim when the operator has not paused it and its links are
+        ready (``_injection_ready``); a no-op before the first heartbeat read the controls."""
+        if self.injector is None or self.controls is None or not self.running:
+            return
+        self.injector.set_paused(self.controls.paused("injection") is not None
+                                 or not self._injection_ready())
 
     # -- leases: which feeds this worker follows --------------------------------------------
 
@@ -462,7 +487,7 @@ class BridgeWorker(MultiService):
         if paused != (before is not None and before.paused("injection") is not None):
             log.info("outbox injection {what} by the operator's control", what=(
                 "paused" if paused else "resumed"))
-        injector.set_paused(paused)
+        injector.set_paused(paused or not self._injection_ready())
         window = injector.window
         setting = controls.injector_concurrency
         injector.set_window(None if setting is None else setting.value)

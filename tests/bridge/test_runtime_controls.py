@@ -179,3 +179,21 @@ def test_a_live_worker_takes_a_new_injector_concurrency_within_a_heartbeat(conn)
     s.net.run(5.0)
     assert s.pending() == 0 and s.peers.most_in_flight > 1
     s.stop()
+
+
+def test_a_starting_worker_claims_only_once_its_injection_links_are_up(conn):
+    """Rows waiting when a worker starts are claimed once every home has its injection link
+    (not at the first heartbeat, before discovery): each goes out at its first attempt,
+    none goes back to wait a retry."""
+    s = scene(conn)
+    alice = make_account(conn, "alice")
+    cids = [make_conversation(conn, alice, make_account(conn, f"friend{i}", "legacy"))
+            for i in range(8)]
+    for cid in cids:
+        s.post(cid, alice, 2, "waiting")
+    s.start_worker()
+    s.net.run(5.0)
+    assert s.pending() == 0
+    assert all(s.on_legacy(cid) == ["waiting 0", "waiting 1"] for cid in cids)
+    assert conn.execute("SELECT DISTINCT attempts FROM outbox_to_legacy").fetchall() == [(1,)]
+    s.stop()
