@@ -80,13 +80,15 @@ def empty_dsn(db_server: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-#: Each table of the store (less ``schema_migrations``) that was written since it was last
-#: truncated: its heap has a page (a truncated one has none, and a row, even one deleted
-#: since, leaves at least one) or a sequence it owns was advanced.
+#: Each table of the store (less ``schema_migrations``) that is not as a TRUNCATE left it:
+#: its heap has a page (a truncated one has none, and a row, even one deleted since, leaves
+#: at least one), it was analyzed since (``reltuples`` is -1 after a TRUNCATE, and the
+#: planner plans for a table analyzed empty as it does not for a fresh one), or a sequence it
+#: owns was advanced.
 _WRITTEN_TABLES = """
 SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname <> 'schema_migrations'
-   AND (pg_relation_size(c.oid) > 0
+   AND (pg_relation_size(c.oid) > 0 OR c.reltuples >= 0
         OR EXISTS (SELECT 1 FROM pg_depend d JOIN pg_sequences s
                      ON s.schemaname = 'public'
                     AND s.sequencename = (SELECT relname FROM pg_class WHERE oid = d.objid)
