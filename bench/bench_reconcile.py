@@ -270,7 +270,7 @@ class ReconcileScene:
                                   "AND legacy_guid = %s", (ids.conversation_id(chat_id), guid))
         for chat_id, guid in from_legacy:
             node = self.supernodes[self.ring.home_of(chat_id)]
-            del node.mem.chats[chat_id].history[guid]
+            node.mem.chats[chat_id].drop(guid)
         return from_cloud, from_legacy
 
     def reconcile(self) -> dict:

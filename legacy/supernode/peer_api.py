@@ -91,9 +91,9 @@ class PeerApi:
             proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_range", reason=why))
         elif self._check_home(f.req_id, f.range.chat_id, proto):
             chat = self.sn.mem.chats.get(f.range.chat_id)
-            msgs = chat.history.values() if chat else ()
-            proto.send(wire.DigestReply(req_id=f.req_id, digests=digest.split_digests(
-                msgs, f.range, f.split_bits)))
+            digests = (chat.digests.split_digests(f.range, f.split_bits) if chat
+                       else digest.split_digests((), f.range, f.split_bits))
+            proto.send(wire.DigestReply(req_id=f.req_id, digests=digests))
 
     def list_guids(self, proto: SupernodeProtocol, f: wire.ListRequest) -> None:
         why = digest.valid_range(f.range)

@@ -68,7 +68,7 @@ class Routing:
                                sender=sender, ts_ms=ts_ms or sn.now_ms(), body=body,
                                origin=origin)
         chat.next_seq += 1
-        chat.history[guid] = msg
+        chat.add(msg)
         MESSAGES_APPENDED.labels(origin=origin).inc()
         sn.trace.record("append", sn.sn_id, chat_id, guid, msg.legacy_seq)
         sn.feed_append(lambda o: wire.FeedMessage(offset=o, message=msg))
@@ -237,7 +237,7 @@ class Routing:
                 guid = next(iter(history))
                 if history[guid].ts_ms >= horizon:
                     break
-                del history[guid]
+                chat.drop(guid)
 
 
 def _fits(members: tuple) -> None:

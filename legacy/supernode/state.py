@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from legacy import wire
+from legacy.digest_tree import ChatDigestTree
 from legacy.feed import Feed
 
 if TYPE_CHECKING:
@@ -30,6 +31,22 @@ class ChatState:
     #: handles a privileged peer removed (and has not added back): a legacy client's list
     #: does not bring them back (it may predate the removal)
     removed: set = attrs.Factory(set)
+    #: the history's range digests, kept with it (``add``, ``drop``): a DigestRequest reads
+    #: this instead of hashing the whole history
+    digests: ChatDigestTree = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.digests = ChatDigestTree.of(self.history)
+
+    def add(self, msg: wire.ChatMessage) -> None:
+        """Append a message whose GUID the chat does not hold."""
+        self.history[msg.guid] = msg
+        self.digests.add(msg)
+
+    def drop(self, guid: str) -> None:
+        """Forget a message (retention), from the history and its digests."""
+        self.digests.remove(self.history[guid])  # while the tree can still look it up
+        del self.history[guid]
 
 
 @attrs.define

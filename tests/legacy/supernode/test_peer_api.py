@@ -606,3 +606,26 @@ def test_inject_membership_on_a_non_home_supernode_answers_not_home():
                                                                      "cloud"))
     assert failure.code == "not_home"
     assert chat not in net.supernodes["sn1"].mem.chats
+
+
+def test_digests_are_answered_from_the_chats_tree_after_appends_and_the_retention_sweep():
+    """The home answers a DigestRequest from the chat's maintained tree, which the retention
+    sweep keeps in step: the answer is a scan of what the history still holds."""
+    net = LegacyNet(3, retention_seconds=20.0).start()
+    chat = net.chat_homed_at("sn1")
+    alice = net.device(net.add_user("alice"), at="sn0")
+    bob = net.device(net.add_user("bob"), at="sn2")
+    net.online(alice, bob)
+    for i in range(8):
+        alice.send(chat, ("alice", "bob"), f"message {i}")
+        net.run(3)
+    net.run(10)
+    home = net.supernodes["sn1"]
+    state = home.mem.chats[chat]
+    assert 0 < len(state.history) < 8  # the sweep (every 10 s) dropped the oldest
+    assert len(state.digests) == len(state.history)
+    peer = net.peer("sn1")
+    before = state.digests.work.nodes
+    parts = net.wait(peer.digests(whole(chat), split_bits=4))
+    assert parts == digest.split_digests(home.history(chat), whole(chat), 4)
+    assert state.digests.work.nodes > before
