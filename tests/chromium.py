@@ -118,6 +118,7 @@ class Browser:
         page.send("Page.enable")
         page.send("Runtime.enable")
         page.send("Page.navigate", {"url": url})
+        page.wait_for("location.href !== 'about:blank' && document.readyState !== 'loading'")
         return page
 
     def close(self) -> None:

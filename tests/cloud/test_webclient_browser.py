@@ -5,12 +5,19 @@ users, through the page's own forms and keys, and chat: a message sent in one sh
 other within 2 s through the notification long poll, which the page acknowledges. The
 member panel adds and removes members, shows presence, and an API refusal is shown on the
 page. Set WEBCLIENT_SCREENSHOTS=DIR to keep the screenshots (docs/ has them).
+
+Across the bridge (a real ``legacy run`` and ``bridge run`` too): a legacy user's messages
+reach the browser, and a member removed in the browser no longer receives the
+conversation's messages on a legacy device of their own (``LegacyDevice``, plain sockets).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +27,8 @@ import pytest
 from cloud.model import Account
 from cloud.passwords import hash_password
 from cloud.store import accounts as accounts_store
+from drills.ports import free_port_range
+from legacy import wire
 from tests.bridge.ops.test_statuspage_browser import Process
 from tests.bridge.test_bridge_tcp import BRIDGECTL, wait_for
 from tests.chromium import CHROMIUM, SKIP_REASON, Browser, Page
@@ -43,7 +52,7 @@ def make_accounts(conn) -> dict[str, uuid.UUID]:
 
 def log_in(page: Page, handle: str, password: str) -> None:
     """Through the login form, with the keyboard: type, then Enter in the password field."""
-    page.wait_for("document.body.dataset.ready === 'true'")
+    page.wait_for("document.body?.dataset.ready === 'true'")
     page.fill("login-handle", handle)
     page.fill("login-password", password)
     page.press_enter()
@@ -108,7 +117,7 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
         bob = bob_browser.page(cloud_api + "/")
 
         # a wrong password: a visible reason, still on the login form
-        alice.wait_for("document.body.dataset.ready === 'true'")
+        alice.wait_for("document.body?.dataset.ready === 'true'")
         alice.fill("login-handle", "alice")
         alice.fill("login-password", "not the password")
         alice.press_enter()
@@ -227,3 +236,184 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
     finally:
         alice_browser.close()
         bob_browser.close()
+
+
+# ---------------------------------------------------------------- across the bridge
+
+LEGACY_SUPERNODES = 3
+LEGACY_USERS = 12
+
+
+class LegacyDevice:
+    """A legacy client device of one user, on plain blocking sockets: it logs in at the
+    login server, attaches to a supernode and keeps every message delivered to it."""
+
+    def __init__(self, login_port: int, handle: str, password: str) -> None:
+        with socket.create_connection(("127.0.0.1", login_port), timeout=10) as s:
+            self._expect(s, wire.Challenge)
+            self._send(s, wire.LoginRequest(handle=handle, password=password))
+            credential = self._expect(s, wire.Credential)
+        sn = credential.supernodes[0]
+        self.sock = socket.create_connection((sn.host, sn.port), timeout=10)
+        self._expect(self.sock, wire.Challenge)
+        self._send(self.sock, wire.ClientLogin(
+            handle=handle, device="webclient-test", expires_ms=credential.expires_ms,
+            signature=credential.signature))
+        self._expect(self.sock, wire.Welcome)
+        self.sock.settimeout(None)
+        self.delivered: list[tuple[float, wire.ChatMessage]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @staticmethod
+    def _send(s: socket.socket, frame: object) -> None:
+        data = wire.encode(frame)
+        s.sendall(struct.pack(">I", len(data)) + data)
+
+    @staticmethod
+    def _frame(s: socket.socket) -> object:
+        def exactly(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = s.recv(n - len(data))
+                if not chunk:
+                    raise ConnectionError("closed")
+                data += chunk
+            return data
+        return wire.decode(exactly(struct.unpack(">I", exactly(4))[0]))
+
+    def _expect(self, s: socket.socket, kind: type) -> object:
+        frame = self._frame(s)
+        assert isinstance(frame, kind), frame
+        return frame
+
+    def _read(self) -> None:
+        try:
+            while True:
+                frame = self._frame(self.sock)
+                if isinstance(frame, wire.Deliver):
+                    self.delivered.append((time.monotonic(), frame.message))
+        except (OSError, ConnectionError, wire.WireError):
+            return
+
+    def bodies(self, chat_id: str, since: float = 0.0) -> list[str]:
+        return [m.body for t, m in list(self.delivered) if m.chat_id == chat_id and t >= since]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def group_chat_ready(conn) -> tuple[uuid.UUID, str, list[tuple[uuid.UUID, str]]] | None:
+    """A mirrored conversation of three or more legacy users, all with their password
+    imported, that has legacy messages: its id, legacy chat id and members (account id,
+    handle)."""
+    row = conn.execute(
+        "SELECT c.conversation_id, c.legacy_chat_id FROM conversations c "
+        "WHERE c.legacy_chat_id IS NOT NULL "
+        "AND (SELECT count(*) FROM members m WHERE m.conversation_id = c.conversation_id) >= 3 "
+        "AND NOT EXISTS (SELECT 1 FROM members m JOIN accounts a USING (account_id) "
+        "                WHERE m.conversation_id = c.conversation_id "
+        "                AND a.password_hash IS NULL) "
+        "AND EXISTS (SELECT 1 FROM messages g WHERE g.conversation_id = c.conversation_id "
+        "            AND g.origin = 'legacy') "
+        "ORDER BY c.conversation_id LIMIT 1").fetchone()
+    if row is None:
+        return None
+    # the member in most conversations last: the one the test removes (it must go on
+    # receiving elsewhere)
+    members = conn.execute(
+        "SELECT a.account_id, a.handle FROM members m JOIN accounts a USING (account_id) "
+        "WHERE m.conversation_id = %s ORDER BY (SELECT count(*) FROM members o "
+        "WHERE o.account_id = a.account_id), a.handle", (row[0],)).fetchall()
+    return row[0], row[1], members
+
+
+def test_legacy_messages_reach_the_browser_and_a_removal_there_reaches_legacy(
+        conn, db_dsn, tmp_path):
+    """A legacy user moved to dual logs in in the browser with their legacy password: the
+    legacy users' messages arrive live through the bridge (marked as from legacy). A member
+    removed in the browser, who got the browser's message before on a legacy device, does
+    not get the one sent after, while that device goes on receiving its other chats."""
+    env = {"BRIDGE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    port = free_port_range(LEGACY_SUPERNODES + 1)
+    legacy = Process([*BRIDGECTL, "legacy", "run", "--supernodes", str(LEGACY_SUPERNODES),
+                      "--users", str(LEGACY_USERS), "--rate", "8", "--port", str(port),
+                      "--seed", "7", "--duration", "150"], env)
+    processes = [legacy]
+    browser = None
+    devices: list[LegacyDevice | None] = [None]
+    try:
+        wait_for(lambda: legacy.find("legacy network up"), timeout=20)
+        login_server = f"127.0.0.1:{port + LEGACY_SUPERNODES}"
+        bridge = Process([*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
+                          "--legacy", login_server, "--worker-id", "web-test"], env)
+        processes.append(bridge)
+        api = Process([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0"], env)
+        processes.append(api)
+        base = wait_for(lambda: api.find(r"cloud API on (http://127\.0\.0\.1:\d+)/v1"),
+                        timeout=20).group(1)
+        cid, chat_id, members = wait_for(lambda: group_chat_ready(conn), timeout=40,
+                                         every=0.5)
+        (me_id, me), (_, other) = members[0], members[-1]
+        with conn.transaction():
+            accounts_store.set_phase(conn, me_id, "dual")
+
+        browser = Browser(tmp_path / "profile")
+        page = browser.page(base + "/")
+        log_in(page, me, f"pw-{me}")  # the simulated legacy users' passwords
+        click(page, f'[data-conversation-id="{cid}"]')
+        page.wait_for("document.querySelectorAll('#messages .message').length > 0")
+        last_seq = page.js("Math.max(...Array.from(document.querySelectorAll("
+                           "'#messages .message'), e => +e.dataset.seq))")
+
+        # new legacy traffic in the conversation shows up without a reload, from legacy
+        page.wait_for(f"Array.from(document.querySelectorAll('#messages .message'))"
+                      f".some(e => +e.dataset.seq > {last_seq} && "
+                      "e.querySelector('.via')?.textContent === 'via legacy')", timeout=20)
+        shown = page.js(f"Array.from(document.querySelectorAll('#messages .message'))"
+                        f".filter(e => +e.dataset.seq > {last_seq}).map(e => "
+                        "[+e.dataset.seq, e.querySelector('.body').textContent])")
+        stored = dict(conn.execute(
+            "SELECT seq, body FROM messages WHERE conversation_id = %s AND seq > %s",
+            (cid, last_seq)).fetchall())
+        assert shown and all(stored[seq] == body for seq, body in shown)
+
+        # the member to be removed, on a legacy device of their own, gets a message sent
+        # from the browser...
+        device = devices[0] = LegacyDevice(port + LEGACY_SUPERNODES, other, f"pw-{other}")
+        send(page, "before the removal")
+        wait_for(lambda: "before the removal" in device.bodies(chat_id), timeout=20)
+
+        # ... is removed in the browser: the change goes to the legacy network, then a
+        # message after it, which legacy delivers to the members left only
+        click(page, f'#member-list li button[aria-label="Remove {other} from this '
+                    'conversation"]')
+        wait_for(lambda: conn.execute(
+            "SELECT state FROM outbox_to_legacy WHERE conversation_id = %s AND kind = "
+            "'members' AND %s = ANY(remove_handles)", (cid, other)).fetchone() == ("done",),
+            timeout=20, every=0.2)
+        send(page, "after the removal")
+        page.wait_for(shows_message(page, "after the removal"))
+        guid = wait_for(lambda: conn.execute(
+            "SELECT m.legacy_guid FROM messages m JOIN outbox_to_legacy o USING "
+            "(conversation_id, message_id) WHERE m.conversation_id = %s AND m.body = "
+            "'after the removal' AND o.state = 'done'", (cid,)).fetchone(), timeout=20)
+        assert guid[0].startswith("cloud:")
+        # the change went before the message, in the conversation's order
+        order = conn.execute(
+            "SELECT kind FROM outbox_to_legacy WHERE conversation_id = %s "
+            "ORDER BY seq, sub", (cid,)).fetchall()
+        assert order[-2:] == [("members",), ("message",)]
+        assert other not in page.js("Array.from(document.querySelectorAll('#member-list "
+                                    ".handle'), e => e.textContent)")
+        injected = time.monotonic()
+        # the device is still reachable: it goes on getting its other chats' messages
+        wait_for(lambda: [m for t, m in list(device.delivered)
+                          if t > injected + 1.0 and m.chat_id != chat_id], timeout=20)
+        assert "after the removal" not in device.bodies(chat_id)
+    finally:
+        if browser is not None:
+            browser.close()
+        if devices[0] is not None:
+            devices[0].close()
+        for process in reversed(processes):
+            process.stop()
