@@ -117,6 +117,7 @@ class Browser:
                        "mobile": width < 600})
         page.send("Page.enable")
         page.send("Runtime.enable")
+        page.send("Log.enable")
         page.send("Page.navigate", {"url": url})
         page.wait_for("location.href !== 'about:blank' && document.readyState !== 'loading'")
         return page
@@ -181,6 +182,25 @@ class Page:
             self.send("Input.dispatchKeyEvent", {
                 "type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13,
                 "nativeVirtualKeyCode": 13, **({"text": "\r"} if kind == "keyDown" else {})})
+
+    def errors(self) -> list[str]:
+        """Uncaught script exceptions and error log entries (a Content-Security-Policy
+        violation among them) of this tab so far; failed requests, which the page handles
+        itself, are left out."""
+        found = []
+        for event in list(self.browser.events):
+            if event.get("sessionId") != self.session:
+                continue
+            params = event.get("params", {})
+            if event.get("method") == "Runtime.exceptionThrown":
+                details = params.get("exceptionDetails", {})
+                found.append(details.get("exception", {}).get("description")
+                             or details.get("text", "exception"))
+            elif event.get("method") == "Log.entryAdded":
+                entry = params.get("entry", {})
+                if entry.get("level") == "error" and entry.get("source") != "network":
+                    found.append(f"{entry.get('source')}: {entry.get('text')}")
+        return found
 
     def screenshot(self, path: Path) -> None:
         """A PNG of the whole page."""

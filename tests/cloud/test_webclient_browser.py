@@ -233,6 +233,10 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
         alice.wait_for("!document.getElementById('login-view').hidden")
         assert alice.js("sessionStorage.getItem('chat-session')") is None
         screenshot(alice, "webclient-login.png", tmp_path)
+
+        # no script error and no Content-Security-Policy violation in any of the pages
+        for page in (alice, bob, narrow):
+            assert page.errors() == []
     finally:
         alice_browser.close()
         bob_browser.close()
