@@ -14,7 +14,7 @@ Routes, all under ``/v1``::
 
     POST /v1/login                                    200; 400 401 403(not_migrated) 429
     GET  /v1/healthz                                  200 (no token needed)
-    GET  /v1/conversations                            200
+    GET  /v1/conversations                            200 (members, their handles, last_seq)
     POST /v1/conversations                            201 {members: [handle...], title?}; 404
     POST /v1/conversations/{conversation_id}/members  200 {handle} (added: false if one
                                                       already); 403 404
@@ -25,6 +25,9 @@ Routes, all under ``/v1``::
     GET  /v1/presence?accounts=id1,id2                200
     GET  /v1/notifications?timeout=S                  200 (long poll)
     POST /v1/notifications/{notification_id}/ack      200 (idempotent); 404
+
+Beside them, ``GET /`` (with ``/app.js`` and ``/app.css``) serves the web client for cloud
+users (``cloud.webclient``), a page that uses these routes.
 
 Every route but login and healthz needs ``Authorization: Bearer <token>``; without a valid
 token for an existing account the answer is 401 ``unauthorized``. Every error is
@@ -89,6 +92,7 @@ from cloud.store import notifications as notifications_store
 from cloud.store import presence as presence_store
 from cloud.store.errors import Conflict, NotFound, NotMember, PhaseRefused, UnknownAccount
 from cloud.store.messages import Post
+from cloud.webclient import WebClient
 
 log = Logger()
 
@@ -805,8 +809,12 @@ class CloudAPIResource(resource.Resource):
     def __init__(self, api: CloudAPI) -> None:
         super().__init__()
         self._api = api
+        self._web = WebClient()
 
-    def render(self, request: server.Request) -> int:
+    def render(self, request: server.Request) -> int | bytes:
+        page = self._web.render(request)  # the web client's files: /, /app.js, /app.css
+        if page is not None:
+            return page
         if request.path == b"/metrics" and request.method in (b"GET", b"HEAD"):
             # Prometheus scrapes its text exposition format, not JSON. Rendered inline:
             # prometheus_client's MetricsResource needs the global reactor's thread pool.

@@ -281,12 +281,17 @@ class CloudDevice(Service):
     def _presence_loop(self) -> None:
         if not self.running or self.token is None:
             return
-        d = self._http.request("PUT", "/v1/presence",
-                               {"status": "online", "ttl_s": self._config.presence_ttl_s},
+        # the API takes whole seconds only (a float such as 60.0 is a 400)
+        ttl_s = max(1, round(self._config.presence_ttl_s))
+        d = self._http.request("PUT", "/v1/presence", {"status": "online", "ttl_s": ttl_s},
                                token=self.token)
-        d.addErrback(lambda _f: self._stats.error("presence_connection"))
+        d.addCallbacks(self._presence_set, lambda _f: self._stats.error("presence_connection"))
         self._delayed = [c for c in self._delayed if c.active()] + [
             self._clock.callLater(self._config.presence_ttl_s / 3, self._presence_loop)]
+
+    def _presence_set(self, answer: tuple[int, Any]) -> None:
+        if answer[0] != 200:
+            self._stats.error(f"presence_{answer[0]}")
 
     def post(self) -> defer.Deferred:
         """Post one message to a random conversation of this user (retrying its id); a

@@ -170,15 +170,21 @@ def check_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
 
 
 def list_conversations(conn: psycopg.Connection, account_id: uuid.UUID) -> list[dict]:
-    """The account's conversations with their members and last seq (for sync)."""
+    """The account's conversations with their members, the members' handles (account id ->
+    handle, what a client shows and what the member routes take; null for a member with no
+    account row) and last seq (for sync)."""
     rows = conn.execute(
         "SELECT c.conversation_id, c.title, c.next_seq - 1, "
         "       array(SELECT m2.account_id FROM members m2 "
+        "             WHERE m2.conversation_id = c.conversation_id ORDER BY m2.account_id), "
+        "       array(SELECT a.handle FROM members m2 LEFT JOIN accounts a USING (account_id) "
         "             WHERE m2.conversation_id = c.conversation_id ORDER BY m2.account_id) "
         "FROM members m JOIN conversations c USING (conversation_id) "
         "WHERE m.account_id = %s ORDER BY c.conversation_id", (account_id,)).fetchall()
     return [{"conversation_id": str(cid), "title": title, "last_seq": last,
-             "members": [str(a) for a in members]} for cid, title, last, members in rows]
+             "members": [str(a) for a in members],
+             "handles": {str(a): h for a, h in zip(members, handles, strict=True)}}
+            for cid, title, last, members, handles in rows]
 
 
 def legacy_chats(conn: psycopg.Connection) -> dict[str, uuid.UUID]:

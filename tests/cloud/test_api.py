@@ -304,7 +304,8 @@ def test_sync_pages_through_a_conversation(h):
 
 
 def test_list_conversations_shows_only_the_accounts_own(h):
-    """GET /v1/conversations lists the caller's conversations with members and last seq."""
+    """GET /v1/conversations lists the caller's conversations with members, their handles
+    and last seq."""
     alice, bob, carol = h.account("alice"), h.account("bob"), h.account("carol")
     mine = h.conversation(alice, bob)
     h.conversation(bob, carol)
@@ -312,7 +313,8 @@ def test_list_conversations_shows_only_the_accounts_own(h):
     got = h.request("GET", "/v1/conversations", token=h.token(alice)).json()
     assert got == {"conversations": [{
         "conversation_id": str(mine), "title": "", "last_seq": 1,
-        "members": sorted([str(alice), str(bob)])}]}
+        "members": sorted([str(alice), str(bob)]),
+        "handles": {str(alice): "alice", str(bob): "bob"}}]}
 
 
 def test_non_members_get_403_and_unknown_conversations_404(h):
@@ -650,8 +652,9 @@ def test_oversized_bodies_are_413_by_header_or_by_actual_length(conn):
 
 
 def test_unknown_routes_are_404_and_wrong_methods_405_with_allow(h):
-    """Route errors are JSON too, and 405 names the allowed methods."""
-    for path in ("/", "/v1", "/v1/", "/v2/login", "/v1/login/", "/v1/conversations/x",
+    """Route errors are JSON too, and 405 names the allowed methods. (GET / is the web
+    client's page, tests/cloud/test_webclient.py.)"""
+    for path in ("/v1", "/v1/", "/v2/login", "/v1/login/", "/v1/conversations/x",
                  "/v1//conversations", "/V1/login"):
         assert h.request("GET", path).status == 404, path
     r = h.request("DELETE", "/v1/presence")
