@@ -23,6 +23,7 @@ from cloud.store import recovery as recovery_store
 from legacy import wire
 from legacy.client import UserAccount
 from legacy.peer import connect_peer
+from tests.bridge.test_worker import make_worker
 from tests.cloud.test_api import SECRET, Connection, Harness, raw_request
 from tests.dbfixture import tx
 from tests.legacy.netfixture import HOST, PEER_SECRET, LegacyNet
@@ -139,3 +140,20 @@ def test_a_handle_the_login_server_does_not_have_is_skipped(conn):
     assert state["state"] == "skipped" and "no such handle" in state["last_error"]
     assert cloud_login(h, NEW) == 200
     net.wait(loop.stopService())
+
+
+def test_a_bridge_worker_delivers_recovered_passwords(conn):
+    """The worker runs the delivery loop: a recovery stored while it runs reaches the login
+    server within a few seconds, and its periodic account sync does not undo it."""
+    net, h, alice = both_stacks(conn)
+    worker = make_worker(net, conn)
+    worker.startService()
+    net.run(3)
+    assert post(h, "/v1/recover", {"handle": "alice", "code": CODE,
+                                   "new_password": NEW}) == 200
+    net.run(5)
+    assert credential(conn)["state"] == "delivered"
+    assert legacy_login(net, NEW) == "ok" and legacy_login(net, alice.password) == "bad_login"
+    net.run(worker.config.accounts_sync_s + 1)  # one more account sync
+    assert cloud_login(h, NEW) == 200 and cloud_login(h, alice.password) == 401
+    net.wait(worker.stopService())
