@@ -4,6 +4,7 @@
         FeedFollower per supernode   (legacy -> cloud, bridge/follower.py)
         OutboxInjector               (cloud -> legacy, bridge/outbox.py), woken by NOTIFY
         PresenceMirror               (cloud -> legacy presence, bridge/presence.py)
+        CredentialDelivery           (recovered passwords -> login server, bridge/credentials.py)
         heartbeat into bridge_workers (status, migration gates); reads the operator's
         runtime controls first (bridgectl control: pause injection, injector concurrency)
 
@@ -28,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.accounts import import_accounts
+from bridge.credentials import CredentialDelivery
 from bridge.discovery import discover
 from bridge.faults import p99_ms, percentile_ms, split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
@@ -60,6 +62,9 @@ class WorkerConfig:
     discovery_s: float = 60.0
     lease_ttl_s: float = 15.0   # a dead worker's feeds move to others within this
     accounts_sync_s: float = 300.0  # copy the login server's accounts (passwords); 0: never
+    #: how often to look for passwords recovered on the cloud that the login server still
+    #: lacks (bridge/credentials.py); 0: never
+    credentials_s: float = 2.0
     lag_window_s: float = 60.0
     follower: FollowerConfig = FollowerConfig()
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
@@ -91,6 +96,12 @@ class BridgeWorker(MultiService):
         self.controls: controls_store.RuntimeControls | None = None
         self.presence = PresenceMirror(clock, db, self)
         self.presence.setServiceParent(self)
+        self.credentials: CredentialDelivery | None = None
+        if config.credentials_s > 0:
+            self.credentials = CredentialDelivery(clock, db, self._login_link,
+                                                  random.Random(config.worker_id),
+                                                  config.credentials_s)
+            self.credentials.setServiceParent(self)
         self._calls: list[Any] = []
         self._discovering: defer.Deferred | None = None
         self._discovery_failures = 0
@@ -187,11 +198,14 @@ class BridgeWorker(MultiService):
                                         e=f.getErrorMessage(), s=self.config.accounts_sync_s))
         d.addBoth(lambda _: self._later(self.config.accounts_sync_s, self._sync_accounts))
 
+    def _login_link(self) -> defer.Deferred:
+        """A privileged link to the login server (the bootstrap)."""
+        return connect_peer(self.network, self.config.bootstrap_host,
+                            self.config.bootstrap_port, name=self.config.worker_id,
+                            secret=self._secret, timeout=self.config.follower.connect_timeout_s)
+
     async def _sync_accounts_once(self) -> None:
-        peer = await connect_peer(self.network, self.config.bootstrap_host,
-                                  self.config.bootstrap_port, name=self.config.worker_id,
-                                  secret=self._secret,
-                                  timeout=self.config.follower.connect_timeout_s)
+        peer = await self._login_link()
         try:
             counts = await import_accounts(peer, self.db, int(self.clock.seconds() * 1000),
                                            should_stop=lambda: not self.running)
@@ -245,7 +259,7 @@ class BridgeWorker(MultiService):
         for link in self._links.values():
             link.disconnect()
         self._links.clear()
-        for child in (self.injector, self.presence):  # their loops write nothing on stop
+        for child in (self.injector, self.presence, self.credentials):  # loops: no writes
             if child is not None and child.running:
                 child.stopService()
 

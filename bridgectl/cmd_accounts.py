@@ -1,6 +1,7 @@
 """``bridgectl accounts import``: link every legacy account to a cloud account.
 ``bridgectl accounts show``: one account's migration: phase history, what holds it, its
-cohorts, and what was mirrored for it lately."""
+cohorts, and what was mirrored for it lately.
+``bridgectl accounts recovery-code``: a one-time code for ``POST /v1/recover`` (audited)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,79 @@ def add_commands(sub: Any) -> None:
     cmd_migrate.add_gate_options(show)
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler=cmd_accounts_show)
+
+    rec = asub.add_parser(
+        "recovery-code", help="issue a one-time account recovery code (printed once)",
+        description="Issue a one-time recovery code for HANDLE's account, standing in for "
+                    "the e-mail a real service would send. The code is printed once and "
+                    "stored only as a salted hash; it expires after --ttl and works once, "
+                    "with POST /v1/recover {handle, code, new_password}, which sets the new "
+                    "password on the cloud and, through the bridge, on the legacy login "
+                    "server. A new code replaces an earlier unused one. Audited "
+                    "(recovery_code_issued). Exit 2 for an unknown handle.")
+    rec.add_argument("handle", metavar="HANDLE", help="the account's handle")
+    options.add_dsn_option(rec)
+    rec.add_argument("--ttl", type=options.duration_ms, default="1h", metavar="DURATION",
+                     help="how long the code works, e.g. 30m, 1h, 2d (default 1h, at most 7d)")
+    rec.add_argument("--actor", metavar="NAME",
+                     help="who issues it, for the audit log (default: OS user)")
+    rec.add_argument("--dry-run", action="store_true",
+                     help="check the handle and say what would happen; issue nothing")
+    rec.add_argument("--json", action="store_true", help="print one JSON object")
+    rec.set_defaults(handler=cmd_accounts_recovery_code)
+
+
+def cmd_accounts_recovery_code(args: argparse.Namespace) -> int:
+    import time
+
+    from cloud import recovery
+    from cloud.db import run_transaction
+    from cloud.store import recovery as recovery_store
+    from cloud.store.errors import NotFound
+
+    if args.ttl > recovery.MAX_TTL_S * 1000:
+        raise UsageError(f"--ttl must be at most {recovery.MAX_TTL_S // 86400} days")
+    actor = options.actor(args)
+    now_ms = int(time.time() * 1000)
+    expires_ms = now_ms + args.ttl
+    dsn, origin = current_database(args)
+    code = None
+    with connect(dsn, origin) as conn:
+        if args.dry_run:
+            row = run_transaction(conn, "recovery_code_for_handle",
+                                  recovery_store.code_for_handle, args.handle)
+            if row is None:
+                raise UsageError(f"unknown account: {args.handle!r}")
+            replaced = (row.code_hash is not None and row.used_ms is None
+                        and row.expires_ms > now_ms)
+        else:
+            code = recovery.new_code()
+            try:
+                row, replaced = run_transaction(
+                    conn, "issue_recovery_code", recovery_store.issue_code, args.handle,
+                    recovery.hash_code(code), now_ms=now_ms, expires_ms=expires_ms,
+                    actor=actor)
+            except NotFound:
+                raise UsageError(f"unknown account: {args.handle!r}") from None
+    result = {"handle": row.handle, "account_id": str(row.account_id), "code": code,
+              "expires_ms": expires_ms, "ttl_s": args.ttl // 1000,
+              "replaced_unused": replaced, "linked_legacy": row.legacy_handle is not None,
+              "dry_run": args.dry_run, "changed": not args.dry_run}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return EXIT_OK
+    if args.dry_run:
+        print(f"would issue a recovery code for {row.handle} (account {row.account_id}), "
+              f"valid {args.ttl // 1000} s" + ("; it would replace an unused one" if replaced
+                                               else ""))
+        return EXIT_OK
+    print(f"recovery code for {row.handle} (account {row.account_id}): {code}")
+    print(f"valid {args.ttl // 1000} s, once; shown only now (stored hashed)"
+          + ("; the earlier unused code no longer works" if replaced else ""))
+    print('next: give it to the user, who sends POST /v1/recover {"handle", "code", '
+          '"new_password"}' + ("; the bridge then hands the new password to the legacy "
+                               "login server" if row.legacy_handle is not None else ""))
+    return EXIT_OK
 
 
 def cmd_accounts_show(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     from cloud.db import Database
     from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
     from cloud.gateway import SimulatedPushGateway
-    from cloud.passwords import verify_password
+    from cloud.passwords import hash_password, verify_password
     from cloud.push import NotificationChannel
 
     if args.duration is not None and args.duration <= 0:
@@ -110,7 +110,12 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
             return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
                                              verify_password, password, encoded)
 
-        api = CloudAPI(db, reactor, channel, secret, password_check=check_password)
+        def make_hash(password: str) -> Any:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                             hash_password, password)
+
+        api = CloudAPI(db, reactor, channel, secret, password_check=check_password,
+                       password_hash=make_hash)
         http = runtime.TCPListener(reactor, args.port, api.site(), interface=args.bind)
         services = runtime.ServiceTree()
         for service in (db, dispatcher, http):  # started in this order, stopped in reverse

@@ -292,7 +292,9 @@ def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAcc
 
     New accounts get the caller's id, handle = legacy handle, phase ``legacy`` and the legacy
     password hash as it is (both stacks use the same ``pbkdf2_sha256$...`` form). An account
-    already linked to the handle keeps its id and phase; only a changed hash is written. A
+    already linked to the handle keeps its id and phase; only a changed hash is written
+    (unless a recovery set a newer one on the cloud, see the comment below; *now_ms* is
+    when the import began). A
     handle that belongs to a cloud account not linked to it is a conflict, left untouched.
     """
     by_handle = {r.handle: r for r in records}  # the last record of a handle wins
@@ -328,16 +330,21 @@ def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAcc
     existing = [h for h in handles if h not in inserted]
     updated = unchanged = 0
     if existing:
+        # A password set on the cloud (account recovery) that the login server has not
+        # acknowledged yet, or acknowledged only after this import began (its page may be
+        # older), is newer than the legacy copy: keep it (cloud/store/recovery.py).
         rows = conn.execute(
-            "SELECT h.handle, a.account_id, a.legacy_handle, a.password_hash "
+            "SELECT h.handle, a.account_id, a.legacy_handle, a.password_hash, "
+            "  c.state = 'pending' OR c.done_ms >= %s "
             "FROM account_handles h JOIN accounts a USING (account_id) "
+            "LEFT JOIN credential_changes c ON c.account_id = a.account_id "
             "WHERE h.handle = ANY(%s) ORDER BY a.account_id FOR UPDATE OF a",
-            (existing,)).fetchall()
+            (now_ms, existing)).fetchall()
         to_update: list[tuple[uuid.UUID, str]] = []
-        for handle, account_id, legacy_handle, password_hash in rows:
+        for handle, account_id, legacy_handle, password_hash, cloud_newer in rows:
             if legacy_handle != handle:
                 conflicts.append(handle)
-            elif password_hash != by_handle[handle].password_hash:
+            elif password_hash != by_handle[handle].password_hash and not cloud_newer:
                 to_update.append((account_id, by_handle[handle].password_hash))
             else:
                 unchanged += 1

@@ -13,6 +13,8 @@
 Routes, all under ``/v1``::
 
     POST /v1/login                                    200; 400 401 403(not_migrated) 429
+    POST /v1/recover                                  200 {handle, code, new_password};
+                                                      400 (weak_password) 401 429
     GET  /v1/healthz                                  200 (no token needed)
     GET  /v1/conversations                            200 (members, their handles, last_seq)
     POST /v1/conversations                            201 {members: [handle...], title?}; 404
@@ -29,8 +31,8 @@ Routes, all under ``/v1``::
 Beside them, ``GET /`` (with ``/app.js`` and ``/app.css``) serves the web client for cloud
 users (``cloud.webclient``), a page that uses these routes.
 
-Every route but login and healthz needs ``Authorization: Bearer <token>``; without a valid
-token for an existing account the answer is 401 ``unauthorized``. Every error is
+Every route but login, recover and healthz needs ``Authorization: Bearer <token>``; without a
+valid token for an existing account the answer is 401 ``unauthorized``. Every error is
 ``{"error": {"code": ..., "message": ...}}`` and every check runs before any write, so a
 refused request changes nothing. A path id that is not a UUID answers 404 ``not_found``, as
 an unknown id does: both name a resource that does not exist; so does a handle in a path
@@ -42,10 +44,11 @@ Failed logins are limited per account and per client address (``cloud.ratelimit`
 default 10 per account and 30 per address per minute, successful logins cost nothing), the
 budgets kept in the store so they hold for the whole deployment, not per process: past the
 budget a login is 429 ``rate_limited`` with ``Retry-After``, before any password work.
+Account recovery (``cloud.recovery``) has budgets of its own, per account and per address.
 Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
 characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
 
-The module is long (about 900 lines) because it is the whole HTTP surface: the request
+The module is long (about 980 lines) because it is the whole HTTP surface: the request
 pipeline above and every route's input checks sit together, so the 4xx contract can be read
 (and fuzzed, ``tests/cloud/test_fuzz_api.py``) in one place. The conversation and member
 routes (issue 16) came without the split by resource that this size now asks for; it is
@@ -85,6 +88,7 @@ from cloud.passwords import hash_password, verify_password
 from cloud.posting import PostBatcher
 from cloud.push import NotificationChannel
 from cloud.ratelimit import LoginLimiter, LoginLimits, retry_after_header
+from cloud.recovery import MAX_CODE_CHARS, Recovery, RecoveryRefused
 from cloud.store import accounts as accounts_store
 from cloud.store import conversations as conversations_store
 from cloud.store import messages as messages_store
@@ -235,6 +239,22 @@ class LoginRequest:
     @property
     def login_name(self) -> str:
         return self.handle if self.handle is not None else str(self.account_id)
+
+
+@attrs.frozen
+class RecoverRequest:
+    """Who recovers (a handle), the code the operator gave them, the new password."""
+
+    handle: str
+    code: str
+    new_password: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> RecoverRequest:
+        _fields(obj, "the recovery", ("handle", "code", "new_password"))
+        return cls(_check_text("handle", obj["handle"], 1, MAX_HANDLE_CHARS),
+                   _check_text("code", obj["code"], 1, MAX_CODE_CHARS),
+                   _check_text("new_password", obj["new_password"], 1, MAX_PASSWORD_CHARS))
 
 
 @attrs.frozen
@@ -487,7 +507,9 @@ class CloudAPI:
                  max_body_bytes: int = 64 * 1024, max_message_chars: int = MAX_MESSAGE_CHARS,
                  longpoll_max_s: int = 30,
                  password_check: Callable[[str, str], defer.Deferred] | None = None,
-                 login_limits: LoginLimits | None = None) -> None:
+                 login_limits: LoginLimits | None = None,
+                 password_hash: Callable[[str], defer.Deferred] | None = None,
+                 recovery_limits: LoginLimits | None = None) -> None:
         if token_ttl_s <= 0 or max_body_bytes <= 0 or max_message_chars <= 0:
             raise ValueError("token_ttl_s, max_body_bytes and max_message_chars must be > 0")
         if longpoll_max_s < 0:
@@ -509,9 +531,13 @@ class CloudAPI:
         self.max_body_bytes = max_body_bytes
         # in the store: every API process of the deployment spends the same budgets
         self.login_limiter = LoginLimiter(db, clock, login_limits)
+        self.recovery = Recovery(db, clock, self._password_check, password_hash,
+                                 recovery_limits)
         self._routes = (
             Route("/v1/login", {b"POST": Endpoint(self._login, authenticated=False,
                                                   body=LoginRequest.from_json)}),
+            Route("/v1/recover", {b"POST": Endpoint(self._recover, authenticated=False,
+                                                    body=RecoverRequest.from_json)}),
             Route("/v1/healthz", {b"GET": Endpoint(self._healthz, authenticated=False)}),
             Route("/v1/conversations", {
                 b"GET": Endpoint(self._list_conversations),
@@ -725,6 +751,14 @@ class CloudAPI:
         token = tokens.issue(self._secret, account.account_id, call.now_ms, self._token_ttl_ms)
         return 200, {"token": token, "account_id": str(account.account_id),
                      "expires_ms": call.now_ms + self._token_ttl_ms, "phase": account.phase}
+
+    async def _recover(self, call: Call) -> tuple[int, dict]:
+        req: RecoverRequest = call.body
+        try:
+            return 200, await self.recovery.recover(req.handle, req.code, req.new_password,
+                                                    call.client, call.now_ms)
+        except RecoveryRefused as e:
+            raise ApiError(e.status, e.code, e.message, e.headers) from None
 
     async def _list_conversations(self, call: Call) -> tuple[int, dict]:
         rows = await self._store("list_conversations", conversations_store.list_conversations,

@@ -53,8 +53,12 @@ class LoginLimiter:
     """Failed-login budgets per account and per client address, in the store."""
 
     def __init__(self, db: TransactionRunner, clock: IReactorTime,
-                 limits: LoginLimits | None = None) -> None:
+                 limits: LoginLimits | None = None,
+                 scopes: tuple[str, str] = store.SCOPES) -> None:
         self.limits = limits or LoginLimits()
+        #: the (per account, per address) scopes of its budgets: the logins' by default,
+        #: ``store.RECOVERY_SCOPES`` for account recovery
+        self._scopes = scopes
         self._db, self._clock = db, clock
         self._window_ms = self.limits.window_s * 1000
         self._pruned_s: float | None = None
@@ -64,10 +68,10 @@ class LoginLimiter:
         return self._clock.seconds() * 1000
 
     def _address(self, address: str) -> store.Budget:
-        return store.Budget("address", address, self.limits.per_address, self._window_ms)
+        return store.Budget(self._scopes[1], address, self.limits.per_address, self._window_ms)
 
     def _both(self, principal: str, address: str) -> list[store.Budget]:
-        return [store.Budget("account", principal, self.limits.per_account, self._window_ms),
+        return [store.Budget(self._scopes[0], principal, self.limits.per_account, self._window_ms),
                 self._address(address)]
 
     async def address_wait_s(self, address: str) -> float:

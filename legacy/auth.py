@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 
 import attrs
 
@@ -28,6 +29,22 @@ def hash_password(password: str, *, salt: bytes | None = None,
     dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     b64 = base64.b64encode
     return f"pbkdf2_sha256${iterations}${b64(salt).decode()}${b64(dk).decode()}"
+
+
+_HASH_FORM = re.compile(r"pbkdf2_sha256\$[1-9][0-9]{0,7}\$[A-Za-z0-9+/]+={0,2}\$"
+                        r"[A-Za-z0-9+/]{43}=")
+
+
+def is_password_hash(encoded: str) -> bool:
+    """True if *encoded* has the form ``hash_password`` writes (the salt and a SHA-256 hash
+    in base64), so a login can check against it."""
+    if not _HASH_FORM.fullmatch(encoded):
+        return False
+    try:
+        base64.b64decode(encoded.split("$")[2], validate=True)
+    except ValueError:
+        return False
+    return 1 <= int(encoded.split("$")[1]) <= 10_000_000
 
 
 def verify_password(password: str, encoded: str) -> bool:

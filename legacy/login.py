@@ -3,8 +3,9 @@
 A client sends ``LoginRequest`` and gets a ``Credential`` (signed with the login secret that
 supernodes share) plus a sample of supernode addresses, then the server closes the
 connection. An account marked *moved* (its owner is ``cloud-only``) is refused with a clear
-reason. Privileged peers (the bridge) may page through accounts, mark them moved and read the
-host cache; nothing but ``LoginRequest`` and ``PeerAuth`` is served before authentication.
+reason. Privileged peers (the bridge) may page through accounts, mark them moved, set an
+account's password hash (a password recovered on the cloud stack) and read the host cache;
+nothing but ``LoginRequest`` and ``PeerAuth`` is served before authentication.
 
 Failed logins are limited per handle and per peer address (``legacy.ratelimit``): past the
 budget a ``LoginRequest`` is refused with ``Error(code="rate_limited")`` before any password
@@ -62,6 +63,17 @@ class LoginServer(service.Service):
             return False
         acct[1] = moved
         return True
+
+    def set_password_hash(self, handle: str, password_hash: str) -> str | None:
+        """Replace the handle's password hash; None, or why not (``unknown_handle``,
+        ``bad_hash``: not the ``pbkdf2_sha256$...`` form, which would lock the user out)."""
+        acct = self.accounts.get(handle)
+        if acct is None:
+            return "unknown_handle"
+        if not auth.is_password_hash(password_hash):
+            return "bad_hash"
+        acct[0] = password_hash
+        return None
 
     def startService(self) -> defer.Deferred:  # noqa: N802
         super().startService()
@@ -151,6 +163,14 @@ class LoginProtocol(FrameProtocol):
                                        moved=server.accounts[h][1]) for h in handles[:limit]]
             self.send(wire.AccountsPage(req_id=f.req_id, accounts=page,
                                         done=len(handles) <= limit))
+        elif isinstance(f, wire.SetPasswordHash) and self.peer:
+            problem = server.set_password_hash(f.handle, f.password_hash)
+            if problem is None:
+                self.send(wire.Ack(req_id=f.req_id, status="ok", value=0))
+            else:
+                self.send(wire.RequestFailed(req_id=f.req_id, code=problem, reason=(
+                    f"no account {f.handle!r}" if problem == "unknown_handle"
+                    else "not a pbkdf2_sha256 password hash")))
         elif isinstance(f, wire.SetMoved) and self.peer:
             if server.set_moved(f.handle, f.moved):
                 self.send(wire.Ack(req_id=f.req_id, status="ok", value=0))

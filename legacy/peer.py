@@ -220,6 +220,13 @@ class PeerConnection(FrameProtocol):
         """Login server only: refuse (or again accept) the handle's legacy logins."""
         return self._request(lambda r: wire.SetMoved(req_id=r, handle=handle, moved=moved))
 
+    def set_password_hash(self, handle: str, password_hash: str) -> defer.Deferred:
+        """Login server only: the handle's password is now *password_hash*'s (a recovery
+        on the cloud); fires with the ``Ack``, fails with ``PeerRequestFailed``
+        ``unknown_handle`` or ``bad_hash``."""
+        return self._request(lambda r: wire.SetPasswordHash(req_id=r, handle=handle,
+                                                            password_hash=password_hash))
+
 
 def _results(reply: wire.InjectBatchReply) -> tuple:
     return reply.results

@@ -31,6 +31,13 @@ MEMBER_CHANGES = Counter(
     "bridge_member_changes_total",
     "Members the bridge added to or removed from a conversation on the other stack "
     "(membership is mirrored as changes).", ["direction", "change"])
+CREDENTIALS = Counter(
+    "bridge_credentials_total",
+    "Passwords recovered on the cloud that the bridge handed to the legacy login server, by "
+    "outcome (delivered, skipped: no such legacy account, failed: retried later).",
+    ["outcome"])
+for _outcome in ("delivered", "skipped", "failed"):
+    CREDENTIALS.labels(outcome=_outcome)
 LOOPS = Counter(
     "bridge_loop_suppressed_total",
     "Feed entries not mirrored because they came from the other stack (no loops).",

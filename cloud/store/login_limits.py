@@ -31,8 +31,12 @@ import psycopg
 
 from cloud.db import one_statement
 
-#: The budgets' scopes (the table's CHECK says the same).
+#: The logins' budgets' scopes.
 SCOPES = ("account", "address")
+#: The account recovery route's (``POST /v1/recover``): apart, so neither spends the other's.
+RECOVERY_SCOPES = ("recover_account", "recover_address")
+#: Every scope (the table's CHECK says the same).
+ALL_SCOPES = SCOPES + RECOVERY_SCOPES
 #: A wait shorter than this is none (float arithmetic on millisecond times).
 EPSILON_MS = 1e-6
 
@@ -41,7 +45,7 @@ EPSILON_MS = 1e-6
 class Budget:
     """One bucket to check or spend: its scope, key and size."""
 
-    scope: str = attrs.field(validator=attrs.validators.in_(SCOPES))
+    scope: str = attrs.field(validator=attrs.validators.in_(ALL_SCOPES))
     key: str
     capacity: int
     window_ms: float
@@ -123,8 +127,10 @@ def prune(conn: psycopg.Connection, now_ms: float, max_keys: int) -> int:
     return full + over
 
 
-def bucket_count(conn: psycopg.Connection) -> dict[str, int]:
-    """Rows per scope (every scope, 0 included)."""
-    counts = dict.fromkeys(SCOPES, 0)
-    counts.update(conn.execute("SELECT scope, count(*) FROM login_buckets GROUP BY 1"))
+def bucket_count(conn: psycopg.Connection,
+                 scopes: Sequence[str] = SCOPES) -> dict[str, int]:
+    """Rows per scope of *scopes* (the logins' by default; 0 included)."""
+    counts = dict.fromkeys(scopes, 0)
+    counts.update(conn.execute("SELECT scope, count(*) FROM login_buckets "
+                               "WHERE scope = ANY(%s) GROUP BY 1", (list(scopes),)))
     return counts

@@ -204,6 +204,17 @@ class SetMoved:
     moved: bool = w(BOOL)
 
 
+@frame(0x19)
+class SetPasswordHash:
+    """Peer -> login server: the account's password is now the one *password_hash* (the
+    ``pbkdf2_sha256$...`` form) was made from; the old one stops working. Answered with
+    ``Ack`` (status ``ok``) or ``RequestFailed`` (``unknown_handle``, ``bad_hash``)."""
+
+    req_id: int = w(U32)
+    handle: str = w(NAME)
+    password_hash: str = w(NAME)
+
+
 @frame(0x17)
 class Ack:
     req_id: int = w(U32)

@@ -33,8 +33,10 @@ from cloud.db import DatabaseUnavailable, InlineDatabase
 from cloud.model import Account
 from cloud.passwords import hash_password
 from cloud.push import NotificationChannel, PushMessage
+from cloud.recovery import hash_code
 from cloud.store import accounts as accounts_store
 from cloud.store import conversations as conversations_store
+from cloud.store import recovery as recovery_store
 from tests import strategies
 
 SECRET = b"cloud-api-test-secret-0123456789"
@@ -42,7 +44,9 @@ NOW_S = 1_700_000_000
 NOW_MS = NOW_S * 1000
 PASSWORD = "pa55 word"
 TABLES = ("messages", "notifications", "outbox_to_legacy", "presence", "accounts",
-          "conversations", "members")
+          "conversations", "members", "recovery_codes", "credential_changes")
+#: alice's recovery code in the fuzzers' world (``fuzz_world``)
+RECOVERY_CODE = "ABCD-EFGH-JKMN"
 
 
 # ---------------------------------------------------------------- an HTTP client on bytes
@@ -759,6 +763,8 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
     """(name, method, path, body, needs a token): one valid request per endpoint."""
     return [
         ("login", b"POST", "/v1/login", {"handle": "alice", "password": PASSWORD}, False),
+        ("recover", b"POST", "/v1/recover", {"handle": "alice", "code": RECOVERY_CODE,
+                                             "new_password": "a new pass phrase"}, False),
         ("healthz", b"GET", "/v1/healthz", None, False),
         ("conversations", b"GET", "/v1/conversations", None, True),
         ("post", b"POST", f"/v1/conversations/{w.cid}/messages",
@@ -775,7 +781,7 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
     ]
 
 
-ALLOWED = {"/v1/login": {b"POST"}, "/v1/healthz": {b"GET"},
+ALLOWED = {"/v1/login": {b"POST"}, "/v1/recover": {b"POST"}, "/v1/healthz": {b"GET"},
            "/v1/conversations": {b"GET", b"POST"}, "messages": {b"GET", b"POST"},
            "/v1/presence": {b"GET", b"PUT"}, "/v1/notifications": {b"GET"}, "ack": {b"POST"},
            "members": {b"POST"}, "member": {b"DELETE"}}
@@ -785,6 +791,10 @@ BAD_FIELD_VALUES = {
     "handle": st.one_of(st.just(""), st.just("x" * 300), st.text(alphabet="\x00\x01\x1f\x7f",
                                                                  min_size=1)),
     "password": st.one_of(st.just(""), st.just("p" * 1025), st.just(PASSWORD + "!")),
+    "code": st.one_of(st.just(""), st.just("c" * 65), st.just("WRONG-CODE-HERE"),
+                      st.just("AB\x00CD")),
+    "new_password": st.one_of(st.just(""), st.just("short"), st.just("alice"),
+                              st.just("p" * 1025), st.just("x" * 12), st.just("\ud800" * 9)),
     "client_message_id": st.one_of(st.just(""), st.just("c" * 129),
                                    st.text(min_size=1).map(lambda s: s + "\n")),
     "body": st.one_of(st.just(""), st.just("b" * 4001), st.just("\x00"), st.just("\ud800")),
@@ -920,6 +930,9 @@ def fuzz_world(conn) -> tuple[Harness, World]:
     post(h, h.token(bob), cid, "c-0")
     nid = h.conn.execute("SELECT notification_id FROM notifications").fetchone()[0]
     h.request("PUT", "/v1/presence", token=h.token(alice), json_body={"status": "away"})
+    with h.conn.transaction():
+        recovery_store.issue_code(h.conn, "alice", hash_code(RECOVERY_CODE, iterations=10),
+                                  now_ms=NOW_MS, expires_ms=NOW_MS + 3_600_000, actor="test")
     return h, World(alice, cid, nid, h.token(alice))
 
 

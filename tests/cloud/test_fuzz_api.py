@@ -32,7 +32,7 @@ from tests.cloud.test_api import (
     split_response,
 )
 
-ROUTE_WORDS = ["v1", "login", "healthz", "conversations", "messages", "presence",
+ROUTE_WORDS = ["v1", "login", "recover", "healthz", "conversations", "messages", "presence",
                "notifications", "ack", "members", "bob", "metrics", "..", ".", "%2e%2e",
                "%2E%2e%2f", "%2F",
                "..%2F..", "%00", "~", "v1;x", "login?"]
@@ -46,7 +46,8 @@ def targets(w: World) -> st.SearchStrategy[bytes]:
     segment = st.one_of(st.sampled_from(ROUTE_WORDS), strategies.path_segments(), ids)
     routed = st.lists(segment, min_size=0, max_size=6).map(lambda s: "/" + "/".join(s))
     known = st.sampled_from([
-        "/v1/login", "/v1/healthz", "/v1/conversations", f"/v1/conversations/{w.cid}/messages",
+        "/v1/login", "/v1/recover", "/v1/healthz", "/v1/conversations",
+        f"/v1/conversations/{w.cid}/messages",
         "/v1/presence", "/v1/notifications", f"/v1/notifications/{w.nid}/ack", "/metrics",
         f"/v1/conversations/{w.cid}/members", f"/v1/conversations/{w.cid}/members/bob",
         f"/v1/conversations/{w.cid}/members/%00", f"/v1/conversations/{w.cid}/members/%ff",
@@ -77,6 +78,9 @@ def bodies() -> st.SearchStrategy[bytes]:
             b"[" * 60_000, b'{"a":' * 20_000 + b"1" + b"}" * 20_000, b"1" * 50_000,
             b'{"handle": "alice", "password": "' + b"p" * 2000 + b'"}',
             b'{"handle": "al\\u0000ice", "password": "x"}',
+            b'{"handle": "alice", "code": "ABCD-EFGH-JKMN", "new_password": "\\ud800xxxxxxxx"}',
+            b'{"handle": "alice", "code": "WRONG", "new_password": "long enough 1"}',
+            b'{"handle": "alice", "code": 1234, "new_password": "long enough 1"}',
             b'{"handle": "\\ud800", "password": "\\udfff"}',
             b'{"client_message_id": "c", "body": "\\ud83d"}',
             b'{"client_message_id": "c", "body": "nul\\u0000"}',

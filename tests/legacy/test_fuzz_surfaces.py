@@ -217,7 +217,7 @@ login_frames = st.one_of(
                                                   utf8_text(wire.MAX_NAME_BYTES)),
               password=utf8_text(wire.MAX_NAME_BYTES)),
     frames_of(wire.PeerAuth), frames_of(wire.HostCacheRequest), frames_of(wire.AccountsRequest),
-    frames_of(wire.SetMoved))
+    frames_of(wire.SetMoved), frames_of(wire.SetPasswordHash))
 
 
 def expected_login_code(data: bytes) -> str | None:
@@ -240,7 +240,8 @@ login_attacks = st.one_of(
     st.tuples(st.just("none"), payloads(st.lists(login_frames, min_size=1, max_size=3).map(
         lambda fs: b"".join(framed(wire.encode(f)) for f in fs)))),
     st.tuples(st.just("peer"), payloads(frames_for(
-        (wire.AccountsRequest, wire.SetMoved, wire.HostCacheRequest)))),
+        (wire.AccountsRequest, wire.SetMoved, wire.SetPasswordHash,
+         wire.HostCacheRequest)))),
 )
 
 

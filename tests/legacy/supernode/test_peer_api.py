@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from legacy import digest, wire
+from legacy import auth, digest, wire
 from legacy.peer import PeerRefused, PeerRequestFailed
 from tests.legacy.netfixture import LegacyNet
 
@@ -361,9 +361,29 @@ def test_set_moved_over_the_peer_api_refuses_then_readmits_legacy_logins():
     assert request_failure(net, peer.set_moved("nobody", True)).code == "unknown_handle"
 
 
+def test_set_password_hash_replaces_the_password_on_the_login_server():
+    """A peer's set_password_hash makes the new password log in and refuses the old; an
+    unknown handle and a hash the login server could never check are refused, unchanged."""
+    net = LegacyNet(3).start()
+    user = net.add_user("hana")
+    peer = net.login_peer()
+    new_hash = auth.hash_password("a new password", iterations=10)
+    assert net.wait(peer.set_password_hash("hana", new_hash)).status == "ok"
+    assert isinstance(net.login.login("hana", "a new password"), wire.Credential)
+    assert net.login.login("hana", user.password) == ("bad_login",
+                                                      "unknown handle or wrong password")
+    assert request_failure(net, peer.set_password_hash("nobody", new_hash)).code == \
+        "unknown_handle"
+    for junk in ("", "plain text", "pbkdf2_sha256$0$AAAA$" + "A" * 43 + "=",
+                 new_hash[:-2], "md5$1$AA==$" + "A" * 43 + "="):
+        assert request_failure(net, peer.set_password_hash("hana", junk)).code == "bad_hash"
+    assert net.login.accounts["hana"][0] == new_hash
+
+
 @pytest.mark.parametrize("frame", [
     wire.SetMoved(req_id=1, handle="ivan", moved=True),
     wire.AccountsRequest(req_id=1, after="", limit=10),
+    wire.SetPasswordHash(req_id=1, handle="ivan", password_hash="pbkdf2_sha256$1$AA==$x"),
 ])
 def test_login_server_peer_requests_need_peer_authentication(frame):
     """SetMoved and AccountsRequest from an unauthenticated connection are refused (forbidden)."""
@@ -377,6 +397,7 @@ def test_login_server_peer_requests_need_peer_authentication(frame):
     assert [(f.code) for f in conn.frames[1:]] == ["forbidden"]
     assert conn.lost
     assert net.login.accounts["ivan"][1] is False
+    assert net.login.accounts["ivan"][0].startswith("pbkdf2_sha256$10$")
 
 
 def test_inject_message_older_than_the_retention_window_is_refused():
