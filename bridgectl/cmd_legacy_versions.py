@@ -164,35 +164,41 @@ def _members(conn: Any, cohort: str) -> tuple[str, ...]:
                  if a.legacy_handle)
 
 
-def _send(args: argparse.Namespace, rules: list[tuple[str, str, tuple]], *,
-          clear_others: bool = False) -> list[str]:
-    """Send each (cohort, version or "", handles) rule to the login server, a cohort's
-    handles in frames of at most ``MAX_RULE_HANDLES``; with *clear_others*, first clear the
-    rules it holds that are not among them. Returns the cohorts cleared that way."""
+async def send_rules(peer: Any, rules: list[tuple[str, str, tuple]], *,
+                     clear_others: bool = False) -> list[str]:
+    """Send each (cohort, version or "", handles) rule over the login server link *peer*, a
+    cohort's handles in frames of at most ``MAX_RULE_HANDLES`` (the first replaces, the
+    rest add); with *clear_others*, first clear the rules it holds that are not among them.
+    Returns the cohorts cleared that way."""
     from legacy import wire
 
+    cleared: list[str] = []
+    if clear_others:
+        keep = {c for c, _v, _h in rules}
+        held = await peer.versions()
+        for r in held.rules:
+            if r.cohort not in keep:
+                await peer.set_min_version(r.cohort, "")
+                cleared.append(r.cohort)
+    step = wire.MAX_RULE_HANDLES
+    for cohort, version, handles in rules:
+        await peer.set_min_version(cohort, version, handles[:step])
+        for i in range(step, len(handles), step):
+            await peer.set_min_version(cohort, version, handles[i:i + step], append=True)
+    return cleared
+
+
+def _send(args: argparse.Namespace, rules: list[tuple[str, str, tuple]], *,
+          clear_others: bool = False) -> list[str]:
+    """``send_rules`` to the login server ``--legacy`` names, on the reactor."""
     secret = options.peer_secret(args)
 
     async def send(reactor: Any, _stop: Any) -> list[str]:
         peer = await connect_login_server(reactor, args.legacy, secret)
-        cleared: list[str] = []
         try:
-            if clear_others:
-                keep = {c for c, _v, _h in rules}
-                held = await peer.versions()
-                for r in held.rules:
-                    if r.cohort not in keep:
-                        await peer.set_min_version(r.cohort, "")
-                        cleared.append(r.cohort)
-            for cohort, version, handles in rules:
-                step = wire.MAX_RULE_HANDLES
-                await peer.set_min_version(cohort, version, handles[:step])
-                for i in range(step, len(handles), step):
-                    await peer.set_min_version(cohort, version, handles[i:i + step],
-                                               append=True)
+            return await send_rules(peer, rules, clear_others=clear_others)
         finally:
             peer.disconnect()
-        return cleared
 
     runtime.log_to_stderr()
     return runtime.run_until_stopped(send)

@@ -185,3 +185,29 @@ def test_min_version_over_tcp_for_a_cohort_then_everyone_survives_a_restart(conn
         ("legacy_min_version_set", "legacy_min_versions"),
         ("legacy_min_version_reapplied", "legacy_min_versions"),
         ("legacy_min_version_set", "legacy_min_versions")]
+
+
+def test_a_large_cohort_is_sent_in_frames_and_reapply_clears_what_is_not_stored():
+    """send_rules (what min-version and --reapply send) splits a cohort of 1000 handles into
+    frames of MAX_RULE_HANDLES, and with clear_others removes the login server's rules that
+    are not among those sent; on the in-memory network."""
+    from twisted.internet import defer
+
+    from bridgectl.cmd_legacy_versions import send_rules
+    from tests.legacy.netfixture import LegacyNet
+
+    net = LegacyNet(1).start()
+    peer = net.login_peer()
+    sent: list[int] = []
+    original = peer.set_min_version
+    peer.set_min_version = lambda *a, **kw: (sent.append(len(a[2]) if len(a) > 2 else 0),
+                                             original(*a, **kw))[1]
+    handles = tuple(f"u{i:06d}" for i in range(1000))
+    net.wait(defer.Deferred.fromCoroutine(send_rules(peer, [("big", "8.0", handles)])))
+    assert sent == [wire.MAX_RULE_HANDLES, wire.MAX_RULE_HANDLES, 200]
+    assert net.login.min_versions["big"] == ("8.0", set(handles))
+    net.login.set_min_version("stale", "9.0", ("x",))
+    cleared = net.wait(defer.Deferred.fromCoroutine(
+        send_rules(peer, [("", "7.4", ())], clear_others=True)))
+    assert sorted(cleared) == ["big", "stale"]
+    assert net.login.min_versions == {"": ("7.4", None)}
