@@ -3,8 +3,9 @@
 A client sends ``LoginRequest`` and gets a ``Credential`` (signed with the login secret that
 supernodes share) plus a sample of supernode addresses, then the server closes the
 connection. An account marked *moved* (its owner is ``cloud-only``) is refused with a clear
-reason. Privileged peers (the bridge) may page through accounts, mark them moved and read the
-host cache; nothing but ``LoginRequest`` and ``PeerAuth`` is served before authentication.
+reason. Privileged peers (the bridge, bridgectl) may page through accounts, mark them moved,
+read the host cache, and set and read the client-version rules; nothing but the two login
+requests and ``PeerAuth`` is served before authentication.
 
 Failed logins are limited per handle and per peer address (``legacy.ratelimit``): past the
 budget a ``LoginRequest`` is refused with ``Error(code="rate_limited")`` before any password
