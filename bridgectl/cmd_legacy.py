@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import state
-from bridgectl import options, runtime
+from bridgectl import cmd_legacy_versions, options, runtime
 from bridgectl.errors import EXIT_OK, UsageError
 from bridgectl.output import print_summary
 
@@ -52,7 +52,11 @@ def add_commands(sub: Any) -> None:
                           description="Run the same workload on the deterministic in-memory "
                                       "network: one seed, one trace hash.")
     _add_workload_options(sim, duration_required=True)
+    sim.add_argument("--min-version", metavar="VERSION",
+                     help="the login server refuses clients older than VERSION from the "
+                          "start (default: none)")
     sim.set_defaults(handler=cmd_legacy_simulate)
+    cmd_legacy_versions.add_commands(lsub)
 
 
 def _add_workload_options(sp: argparse.ArgumentParser, *, duration_required: bool) -> None:
@@ -69,6 +73,10 @@ def _add_workload_options(sp: argparse.ArgumentParser, *, duration_required: boo
     sp.add_argument("--duration", type=options.number, required=duration_required,
                     metavar="S",
                     help="seconds to run; the last 30%% (at most 30 s) heal and drain")
+    sp.add_argument("--client-versions", metavar="SPREAD",
+                    help="client versions the devices report at login, weighted, e.g. "
+                         "7.1:0.2,7.4:0.5,8.0:0.3 (drawn from the seed; default: none "
+                         "reported, as old clients)")
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -76,14 +84,15 @@ def _run_config(args: argparse.Namespace, **extra: Any) -> Any:
     from legacy.sim import RunConfig
     try:
         return RunConfig(supernodes=args.supernodes, users=args.users, rate=args.rate,
-                         faults=args.faults, seed=args.seed, duration=args.duration, **extra)
+                         faults=args.faults, seed=args.seed, duration=args.duration,
+                         client_versions=args.client_versions or "", **extra)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 def cmd_legacy_simulate(args: argparse.Namespace) -> int:
     from legacy.sim import simulate
-    config = _run_config(args)
+    config = _run_config(args, min_version=args.min_version or "")
     print_summary(simulate(config), args.json)
     return EXIT_OK
 

@@ -5,11 +5,15 @@ subscribes to its contacts' presence and sends messages, retrying each until the
 supernode acknowledges it (same GUID, so a retry is never a second message). When its
 supernode goes away it logs in again with backoff, as real clients did during outages. A
 login refused as ``rate_limited`` is retried after a longer backoff (at least
-``RATE_LIMITED_BACKOFF_S``); any other refusal (wrong password, moved) is final.
+``RATE_LIMITED_BACKOFF_S``); any other refusal (wrong password, moved) is final. A device
+with a *version* reports it (``VersionedLoginRequest``); one refused as ``upgrade_required``
+enters the state ``upgrade_required`` and stops trying: only a newer client would get in.
 
     offline --start--> logging_in --Credential--> attaching --Welcome--> online
        ^                    |                          |                    |
        +------- backoff ----+--------------------------+---- conn lost -----+
+                            |
+                            +--upgrade_required--> upgrade_required (final)
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class TrafficStats:
     logins: int = 0
     login_refused: int = 0
     login_rate_limited: int = 0
+    login_upgrade_required: int = 0
 
 
 @attrs.frozen
@@ -64,8 +69,13 @@ class _LoginClient(FrameProtocol):
 
     def frameReceived(self, f: Any) -> None:  # noqa: N802
         if isinstance(f, wire.Challenge):
-            self.send(wire.LoginRequest(handle=self.device.user.handle,
-                                        password=self.device.user.password))
+            user, version = self.device.user, self.device.version
+            if version is None:  # an old client: reports no version
+                self.send(wire.LoginRequest(handle=user.handle, password=user.password))
+            else:
+                self.send(wire.VersionedLoginRequest(handle=user.handle,
+                                                     password=user.password,
+                                                     client_version=version))
         elif isinstance(f, wire.Credential):
             self.done = True
             self.device._got_credential(f)
@@ -114,8 +124,11 @@ class Device:
 
     def __init__(self, user: UserAccount, device_id: str, *, network: Network,
                  login_host: str, login_port: int, rng: random.Random, stats: TrafficStats,
-                 trace: Trace, ack_timeout: float = 5.0, max_attempts: int = 6) -> None:
+                 trace: Trace, ack_timeout: float = 5.0, max_attempts: int = 6,
+                 version: str | None = None) -> None:
+        """*version*: the client version it reports at login (None: reports none)."""
         self.user = user
+        self.version = version
         self.device_id = device_id
         self.network = network
         self.clock = network.clock
@@ -139,6 +152,8 @@ class Device:
     # -- what the user does --------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.state == "upgrade_required":
+            return  # this client version can not log in any more
         self.want_online = True
         if self.state == "offline" and self._retry is None:
             self._login()
@@ -215,8 +230,14 @@ class Device:
             self.stats.login_rate_limited += 1
             self._retry_later(min_delay=RATE_LIMITED_BACKOFF_S)
             return
-        self.stats.login_refused += 1
         self.want_online = False  # a refused login is final for a simulated user
+        if code == "upgrade_required":
+            # Not a retry: this client version is refused until the user upgrades.
+            self.state = "upgrade_required"
+            self.stats.login_upgrade_required += 1
+            self.trace.record("upgrade_required", self.user.handle, self.device_id)
+            return
+        self.stats.login_refused += 1
 
     def _got_credential(self, cred: wire.Credential) -> None:
         self.stats.logins += 1

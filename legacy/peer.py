@@ -22,7 +22,8 @@ from servicekit.timeouts import Deadline, FifoTimeouts
 
 FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
 _REPLIES = (wire.Ack, wire.InjectBatchReply, wire.DigestReply, wire.ListReply,
-            wire.FetchReply, wire.ChatsReply, wire.AccountsPage, wire.RequestFailed)
+            wire.FetchReply, wire.ChatsReply, wire.AccountsPage, wire.RequestFailed,
+            wire.VersionsReply)
 
 
 class PeerRequestFailed(CodedError):
@@ -226,6 +227,17 @@ class PeerConnection(FrameProtocol):
         ``unknown_handle`` or ``bad_hash``."""
         return self._request(lambda r: wire.SetPasswordHash(req_id=r, handle=handle,
                                                             password_hash=password_hash))
+
+    def set_min_version(self, cohort: str, version: str, handles: tuple = (),
+                        append: bool = False) -> defer.Deferred:
+        """Login server only: set (*version* "" clears) the minimum client version of
+        *cohort* ("" for everyone); an ``Ack`` whose value counts the rule's handles."""
+        return self._request(lambda r: wire.SetMinVersion(
+            req_id=r, cohort=cohort, version=version, handles=handles, append=append))
+
+    def versions(self) -> defer.Deferred:
+        """Login server only: the client versions reported and the rules (``VersionsReply``)."""
+        return self._request(lambda r: wire.VersionsRequest(req_id=r))
 
 
 def _results(reply: wire.InjectBatchReply) -> tuple:

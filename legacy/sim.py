@@ -36,6 +36,7 @@ from legacy.simclock import SimClock
 from legacy.supernode import Secrets, Supernode, SupernodeConfig
 from legacy.trace import Trace
 from legacy.traffic import TrafficGenerator, WorkloadConfig, build_population
+from legacy.versions import normalize, parse_spread
 from servicekit.sleep import sleep
 
 log = Logger()
@@ -60,6 +61,10 @@ class RunConfig:
     refresh_interval: float = 40.0
     sweep_interval: float = 10.0
     fault_window: float | None = None  # None: until heal_at (600 s without a duration)
+    #: the devices' client versions, e.g. "7.1:0.2,8.0:0.8" (legacy.versions); "": none
+    client_versions: str = ""
+    #: a minimum client version for everyone from the start ("": none), e.g. "8.0"
+    min_version: str = ""
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.supernodes <= 5000:
@@ -79,6 +84,16 @@ class RunConfig:
             raise ValueError("--seed must not be negative")
         if self.fault_window is not None and not 0 < self.fault_window <= 30 * 86400:
             raise ValueError("--fault-window must be positive")
+        if self.client_versions:
+            try:
+                parse_spread(self.client_versions)
+            except ValueError as e:
+                raise ValueError(f"--client-versions: {e}") from None
+        if self.min_version:
+            try:
+                normalize(self.min_version)
+            except ValueError as e:
+                raise ValueError(f"--min-version: {e}") from None
 
     @property
     def plan(self) -> FaultPlan:
@@ -139,10 +154,15 @@ class LegacyDeployment(service.MultiService):
                                  secrets=self.secrets, directory=self.directory,
                                  rng=random.Random(self.rng_nodes.getrandbits(64)))
         self.login.setServiceParent(self)
+        if config.min_version:
+            self.login.set_min_version("", config.min_version)
         self.workload = WorkloadConfig(users=config.users, rate=config.rate)
         users, self.chats = build_population(self.workload, self.rng_population)
         salt_rng = random.Random(self.rng_population.getrandbits(64))
         self.devices: dict[str, list[Device]] = {}
+        # a stream of its own: a run without versions keeps the traces it always had
+        spread = parse_spread(config.client_versions) if config.client_versions else None
+        rng_versions = random.Random(f"client-versions:{config.seed}")
         for u in users:
             self.login.add_account(u.handle, auth.hash_password(
                 u.password, salt=salt_rng.randbytes(16), iterations=config.password_iterations))
@@ -150,7 +170,9 @@ class LegacyDeployment(service.MultiService):
             self.devices[u.handle] = [
                 Device(u, f"d{k}", network=network, login_host=config.host,
                        login_port=login_port, rng=random.Random(self.rng_devices.getrandbits(64)),
-                       stats=self.stats, trace=self.trace) for k in range(n)]
+                       stats=self.stats, trace=self.trace,
+                       version=None if spread is None else spread.pick(rng_versions))
+                for k in range(n)]
         self.traffic = TrafficGenerator(self.workload, self.chats, self.devices, self.clock,
                                         self.rng_traffic)
         self.crashes = 0
@@ -327,6 +349,7 @@ class LegacyDeployment(service.MultiService):
             "held_offline": held_offline,
             "lost_to_faults": len(expected) - len(delivered) - held_offline,
             "gave_up": stats.gave_up,
+            "login_upgrade_required": stats.login_upgrade_required,
             "presence_changes": sum(n.presence_changes for n in self.supernodes.values()),
             "presence_notices": stats.presence_notices,
             "sn_crashes": self.crashes,

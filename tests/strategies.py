@@ -37,6 +37,9 @@ def for_kind(kind: wire.Kind) -> st.SearchStrategy[Any]:
         return st.integers(min_value=0, max_value=_INT_MAX[kind])
     if kind is wire.BOOL:
         return st.booleans()
+    if kind is wire.VERSION:  # validated on decode: dotted numbers (legacy.versions)
+        return st.lists(st.integers(0, 65535), min_size=1, max_size=4).map(
+            lambda ns: ".".join(map(str, ns)))
     if isinstance(kind, codec._Str):
         return utf8_text(kind.limit)
     if isinstance(kind, codec._Bytes):

@@ -235,3 +235,68 @@ def set_injector_concurrency(conn: psycopg.Connection, value: int | None, *, act
     _audit(conn, "control_set", INJECTOR_CONCURRENCY, actor, now_ms,
            {"from": None if before is None else before.value, "to": value})
     return before, after
+
+
+#: The legacy login server's minimum client versions, one row for every rule (its value:
+#: {"rules": {cohort: {"version", "set_by", "set_ms"}}}, cohort "" for everyone).
+LEGACY_MIN_VERSIONS = "legacy_min_versions"
+
+
+@attrs.frozen
+class MinVersion:
+    """A minimum client version for everyone (*cohort* "") or for one cohort's members."""
+
+    cohort: str
+    version: str
+    set_by: str
+    set_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cohort": self.cohort or None, "version": self.version,
+                "set_by": self.set_by, "set_ms": self.set_ms}
+
+
+def read_min_versions(conn: psycopg.Connection, *, lock: bool = False) -> list[MinVersion]:
+    """Every minimum-version rule, the one for everyone first, then by cohort name."""
+    row = conn.execute("SELECT value FROM operator_controls WHERE name = %s"
+                       + (" FOR UPDATE" if lock else ""), (LEGACY_MIN_VERSIONS,)).fetchone()
+    rules = {} if row is None else row[0].get("rules", {})
+    return [MinVersion(c, r["version"], r["set_by"], int(r["set_ms"]))
+            for c, r in sorted(rules.items())]
+
+
+def set_min_version(conn: psycopg.Connection, cohort: str, version: str | None, *,
+                    actor: str, now_ms: int) -> tuple[MinVersion | None, MinVersion | None]:
+    """Set the minimum client version of *cohort* ("" for everyone) to *version* (None
+    clears it), with an ``audit_log`` row (``legacy_min_version_set``) saying from what.
+    Returns (before, after); when nothing changes, nothing is written (before == after)."""
+    rules = {r.cohort: r for r in read_min_versions(conn, lock=True)}
+    before = rules.get(cohort)
+    if (before is None and version is None) or (before is not None
+                                                 and before.version == version):
+        return before, before
+    after = None if version is None else MinVersion(cohort, version, actor, now_ms)
+    if after is None:
+        del rules[cohort]
+    else:
+        rules[cohort] = after
+    value = {"rules": {c: {"version": r.version, "set_by": r.set_by, "set_ms": r.set_ms}
+                       for c, r in rules.items()}}
+    if rules:
+        conn.execute(
+            "INSERT INTO operator_controls (name, value, set_by, set_ms) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, "
+            "set_by = EXCLUDED.set_by, set_ms = EXCLUDED.set_ms",
+            (LEGACY_MIN_VERSIONS, Jsonb(value), actor, now_ms))
+    else:
+        conn.execute("DELETE FROM operator_controls WHERE name = %s", (LEGACY_MIN_VERSIONS,))
+    audit_min_version(conn, "legacy_min_version_set", cohort, actor, now_ms,
+                      {"from": None if before is None else before.version, "to": version})
+    return before, after
+
+
+def audit_min_version(conn: psycopg.Connection, action: str, cohort: str, actor: str,
+                      now_ms: int, detail: dict[str, Any]) -> None:
+    """An ``audit_log`` row about the minimum version of *cohort* ("" for everyone)."""
+    _audit(conn, action, f"cohort:{cohort}" if cohort else LEGACY_MIN_VERSIONS, actor,
+           now_ms, {"cohort": cohort or None, **detail})

@@ -6,12 +6,15 @@ who may send what: the handshake, the login server, client <-> supernode, supern
 supernode, privileged peer <-> supernode; ``CLIENT_FRAMES``, ``SUPERNODE_FRAMES`` and
 ``PEER_FRAMES`` at the end are what each authenticated role may send.
 
-The module is long (about 560 lines) because it is the whole schema: every frame of every
+The module is long (about 630 lines) because it is the whole schema: every frame of every
 role sits in one table, so a reader checks the protocol, and a fuzzer covers it, in one place.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from legacy import versions
 from legacy.wire.codec import BOOL, U8, U16, U32, U64, blob, frame, list_of, record, text, value, w
 
 # The message and member limits are the cloud store's too (cloud.model has the same numbers):
@@ -34,6 +37,10 @@ MAX_INJECT_BATCH = 64
 MAX_REASON_BYTES = 256
 #: The field kinds of this protocol: names and ids, message bodies, nonces and proofs, members.
 NAME = text(MAX_NAME_BYTES)
+#: A client version on the wire (``legacy.versions``: ``7.4``, ``8.0.1``).
+VERSION = text(32)
+#: Handles in one SetMinVersion frame (a larger cohort's rule is sent in several).
+MAX_RULE_HANDLES = 400
 TEXT = text(MAX_BODY_BYTES)
 SHORT_BYTES = blob(256)
 MEMBERS = list_of(NAME, MAX_MEMBERS)
@@ -105,6 +112,33 @@ class AccountRecord:
     handle: str = w(NAME)
     password_hash: str = w(NAME)
     moved: bool = w(BOOL)
+
+
+def _version(_inst: Any, _attr: Any, v: str) -> None:
+    versions.parse_version(v)
+
+
+def _version_or_none(_inst: Any, _attr: Any, v: str) -> None:
+    if v:
+        versions.parse_version(v)
+
+
+@value
+class VersionCount:
+    """Logins at the login server that reported *version* (``0``: none reported)."""
+
+    version: str = w(VERSION, validator=_version)
+    logins: int = w(U64)
+    handles: int = w(U32)
+
+
+@value
+class MinVersionRule:
+    """A minimum client version, for everyone (*cohort* empty) or one cohort's handles."""
+
+    cohort: str = w(NAME)
+    version: str = w(VERSION, validator=_version)
+    handles: int = w(U32)
 
 
 @value
@@ -204,7 +238,7 @@ class SetMoved:
     moved: bool = w(BOOL)
 
 
-@frame(0x19)
+@frame(0x1D)
 class SetPasswordHash:
     """Peer -> login server: the account's password is now the one *password_hash* (the
     ``pbkdf2_sha256$...`` form) was made from; the old one stops working. Answered with
@@ -229,6 +263,44 @@ class RequestFailed:
     req_id: int = w(U32)
     code: str = w(NAME)
     reason: str = w(TEXT)
+
+
+@frame(0x19)
+class VersionedLoginRequest:
+    """A ``LoginRequest`` that reports the client's version (a client that sends the plain
+    ``LoginRequest`` has version ``0``); refused with ``Error(code="upgrade_required")``
+    when the version is below the minimum that applies to the handle."""
+
+    handle: str = w(NAME)
+    password: str = w(NAME)
+    client_version: str = w(VERSION, validator=_version)
+
+
+@frame(0x1A)
+class SetMinVersion:
+    """Peer -> login server: set the minimum version of *cohort* ("": everyone) to
+    *version*, or clear it (*version* ""). A cohort's *handles* replace its members, or with
+    *append* add to those of the rule in place (a cohort larger than one frame)."""
+
+    req_id: int = w(U32)
+    cohort: str = w(NAME)
+    version: str = w(VERSION, validator=_version_or_none)
+    handles: tuple = w(list_of(NAME, MAX_RULE_HANDLES))
+    append: bool = w(BOOL)
+
+
+@frame(0x1B)
+class VersionsRequest:
+    req_id: int = w(U32)
+
+
+@frame(0x1C)
+class VersionsReply:
+    """The versions reported since the login server started, and the rules it holds."""
+
+    req_id: int = w(U32)
+    versions: tuple = w(list_of(record(VersionCount), 256))
+    rules: tuple = w(list_of(record(MinVersionRule), 256))
 
 
 # -- client <-> supernode -----------------------------------------------------------------------

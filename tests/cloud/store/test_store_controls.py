@@ -129,3 +129,31 @@ def test_the_freeze_and_the_runtime_controls_do_not_see_each_other(conn):
     tx(conn, controls_store.pause, "injection", reason="", actor="a", now_ms=NOW)
     tx(conn, controls_store.set_injector_concurrency, 3, actor="a", now_ms=NOW)
     assert tx(conn, controls_store.read_freeze) is None
+
+
+def test_legacy_min_versions_are_set_per_cohort_cleared_and_audited(conn):
+    """One rule for everyone and one per cohort live in one row; setting what is set already
+    writes nothing; clearing the last rule removes the row; each change is audited with
+    from and to, and the other controls are left alone."""
+    set_ = controls_store.set_min_version
+    assert tx(conn, controls_store.read_min_versions) == []
+    before, after = tx(conn, set_, "", "7.4", actor="ops-dana", now_ms=NOW)
+    assert before is None and after == controls_store.MinVersion("", "7.4", "ops-dana", NOW)
+    tx(conn, set_, "pilot", "8.0", actor="ops-eve", now_ms=NOW + 1)
+    assert tx(conn, set_, "pilot", "8.0", actor="ops-eve", now_ms=NOW + 2) == (
+        controls_store.MinVersion("pilot", "8.0", "ops-eve", NOW + 1),) * 2
+    assert [(r.cohort, r.version) for r in tx(conn, controls_store.read_min_versions)] == [
+        ("", "7.4"), ("pilot", "8.0")]
+    tx(conn, set_, "", "7.6", actor="ops-dana", now_ms=NOW + 3)
+    tx(conn, set_, "", None, actor="ops-dana", now_ms=NOW + 4)
+    assert tx(conn, set_, "", None, actor="ops-dana", now_ms=NOW + 5) == (None, None)
+    assert [(r.cohort, r.version) for r in tx(conn, controls_store.read_min_versions)] == [
+        ("pilot", "8.0")]
+    tx(conn, set_, "pilot", None, actor="ops-eve", now_ms=NOW + 6)
+    assert conn.execute("SELECT count(*) FROM operator_controls").fetchone() == (0,)
+    assert [(a[1], a[2], a[3]["from"], a[3]["to"]) for a in audit(conn)] == [
+        ("legacy_min_version_set", "legacy_min_versions", None, "7.4"),
+        ("legacy_min_version_set", "cohort:pilot", None, "8.0"),
+        ("legacy_min_version_set", "legacy_min_versions", "7.4", "7.6"),
+        ("legacy_min_version_set", "legacy_min_versions", "7.6", None),
+        ("legacy_min_version_set", "cohort:pilot", "8.0", None)]
