@@ -883,8 +883,10 @@ def hostile_requests(draw, w: World) -> tuple[bytes, bytes, bytes, list, bool]:
         method = draw(strategies.http_methods().filter(lambda m: m not in ALLOWED[key]))
     elif flaw == "path":
         segments = draw(st.lists(strategies.path_segments(), min_size=1, max_size=5))
-        route = "/" + "/".join(["x" + segments[0] if segments[0] == "v1" else segments[0],
-                                *segments[1:]])  # never under /v1: no route can match
+        # never under /v1 nor the web client's files (/, /app.js, /app.css): no route matches
+        first = segments[0]
+        route = "/" + "/".join(["x" + first if first in ("v1", "", "app.js", "app.css")
+                                else first, *segments[1:]])
     elif flaw == "id":
         parts = route.split("/")
         parts[3] = quote(draw(st.one_of(strategies.not_uuid_text(), st.uuids().map(str))),
