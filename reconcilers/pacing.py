@@ -37,6 +37,9 @@ class PacedPeer:
             return attr
 
         async def paced(*args: Any, **kwargs: Any) -> Any:
+            # Bounded: the slot is at most (requests queued ahead) / rate away, and the
+            # run's deadline cancels this wait like any other (runner.run_one; tested by
+            # a very low rate ending at the deadline with the lock released).
             await self._pacer.wait()
             return await attr(*args, **kwargs)
 
