@@ -415,9 +415,7 @@ class FeedFollower(Service):
         if batch.frames == batch.loops and not batch.gaps and self.peer is not None:
             self._pass_echoes(batch)
             return
-        d = defer.Deferred.fromCoroutine(self._write(batch))
-        if not d.called:  # a runner that answers at once (tests) has finished already
-            self._committing = d
+        self._start_write(batch)
 
     def _pass_echoes(self, batch: FeedBatch) -> None:
         """Credit a batch of nothing but echoed messages at once, with no transaction; its
@@ -447,9 +445,11 @@ class FeedFollower(Service):
         if self._committing is not None or self._pending is not None:
             return  # their checkpoint is the later one
         at = self.checkpoint
-        batch = FeedBatch(at.source, int(at.epoch), at.offset)
+        self._start_write(FeedBatch(at.source, int(at.epoch), at.offset))
+
+    def _start_write(self, batch: FeedBatch) -> None:
         d = defer.Deferred.fromCoroutine(self._write(batch))
-        if not d.called:
+        if not d.called:  # a runner that answers at once (tests) has finished already
             self._committing = d
 
     async def _write(self, batch: FeedBatch) -> None:
