@@ -109,6 +109,10 @@ def add_commands(sub: Any) -> None:
                           "legacy supernodes (digests, lists, fetches, injections), evenly "
                           "spaced; N > 0, e.g. 50 or 0.5 (default: no cap)")
     rec.add_argument("--dry-run", action="store_true", help="find and report, repair nothing")
+    rec.add_argument("--actor", metavar="NAME",
+                     help="with --account or --conversation: who runs the targeted resync, "
+                          "for the audit log, where its start and end are written (default: "
+                          "OS user)")
     rec.add_argument("--max-seconds", type=options.number, metavar="S",
                      default=DEFAULT_MAX_SECONDS,
                      help="the run's deadline: at S seconds it saves its progress, releases "
@@ -149,6 +153,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         raise UsageError("give --since or --notifications-since, not both (for "
                          "notifications they mean the same)")
     targeted = _check_target(args)
+    if args.actor is not None and not targeted:
+        raise UsageError("--actor applies to a targeted run (--account or --conversation); "
+                         "scheduled full passes are not audited")
+    actor = options.actor(args) if targeted and not args.dry_run else None
     if args.max_rate is not None:
         if not args.max_rate > 0:
             raise UsageError("--max-rate must be a positive number of requests a second")
@@ -202,7 +210,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                     _reconciler(kind, args, links, scope), clock=reactor, db=db,
                     lock_conn=lock_conn, dry_run=args.dry_run, max_seconds=max(0.0, budget),
                     on_progress=progress, stop_requested=lambda: stop_signal.called,
-                    scope=None if scope is None else scope.label)
+                    scope=None if scope is None else scope.label, actor=actor)
                 if args.max_rate is not None and kind != "notifications":
                     reports[kind].detail["max_rate"] = args.max_rate
                 progress.done()

@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 import psycopg
-from psycopg.types.json import Jsonb
 
 from cloud.model import LEGACY_CLIENT_PHASES, PHASES, Account
+from cloud.store import audit as audit_store
 from cloud.store import findings as findings_store
 from cloud.store import outbox_backfill
 from cloud.store.errors import Conflict, NotFound
@@ -261,10 +261,8 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
         detail["backfill"] = {**backfill.to_json(), "since_ms": backfill_since_ms}
     conn.execute("UPDATE accounts SET phase = %s, phase_changed_at = to_timestamp(%s / 1000.0) "
                  "WHERE account_id = %s", (to_phase, now_ms, account_id))
-    conn.execute(
-        "INSERT INTO audit_log (at, actor, action, subject, detail) "
-        "VALUES (to_timestamp(%s / 1000.0), %s, 'phase_change', %s, %s)",
-        (now_ms, actor, str(account_id), Jsonb(detail)))
+    audit_store.record(conn, "phase_change", str(account_id), actor=actor, now_ms=now_ms,
+                       detail=detail)
     return AppliedChange(True, backfill)
 
 

@@ -72,6 +72,7 @@ from bridge.mirror import LegacyChanges, mirror_changes
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import Digest
+from cloud.store import audit as audit_store
 from cloud.store import conversations as conversations_store
 from cloud.store import digests as digests_store
 from cloud.store.conversations import SNAPSHOT
@@ -214,11 +215,8 @@ def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state
         "created_ms, resolved_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (run_id, kind, state, conversation_id, Jsonb(detail), now_ms,
          now_ms if state == "repaired" else None))
-    conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES "
-        "('reconciler', %s, %s, %s)",
-        (f"repair_{kind}" if state == "repaired" else f"repair_{kind}_failed",
-         str(conversation_id), Jsonb(detail)))
+    audit_store.record(conn, f"repair_{kind}" if state == "repaired" else f"repair_{kind}_failed",
+                       str(conversation_id), actor="reconciler", now_ms=now_ms, detail=detail)
 
 
 def missing_guids(conn: psycopg.Connection, conversation_id: uuid.UUID,

@@ -54,6 +54,7 @@ from psycopg.types.json import Jsonb
 from twisted.internet import task
 
 from cloud.model import CLOUD_CLIENT_PHASES
+from cloud.store import audit as audit_store
 from cloud.store.notifications import NOTIFICATION_ID_SQL
 from reconcilers.runner import RunContext
 from servicekit.validators import finite_number
@@ -170,8 +171,7 @@ def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state
         "detail, created_ms, resolved_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
         (run_id, kind, state, conversation_id, account_id, Jsonb(detail), now_ms,
          now_ms if state == "repaired" else None))
-    conn.execute("INSERT INTO audit_log (actor, action, subject, detail) VALUES (%s, %s, %s, %s)",
-                 (ACTOR, kind, subject, Jsonb(detail)))
+    audit_store.record(conn, kind, subject, actor=ACTOR, now_ms=now_ms, detail=detail)
 
 
 def count_conversations(conn: psycopg.Connection) -> int:

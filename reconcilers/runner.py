@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cloud.db import TransactionRunner
+from cloud.store import audit as audit_store
 from cloud.store import controls as controls_store
 
 EXIT_IN_SYNC = 0
@@ -180,10 +181,13 @@ class Reconciler(Protocol):
 # ---------------------------------------------------------------- the store side of runs
 
 def start_run(conn: psycopg.Connection, kind: str, now_ms: int,
-              dry_run: bool = False, scope: str | None = None) -> tuple[int, dict, bool]:
+              dry_run: bool = False, scope: str | None = None,
+              actor: str | None = None) -> tuple[int, dict, bool]:
     """Open a run row; resume the progress of the newest interrupted run of this kind, mode
     and scope (a dry run's progress never makes a real run skip what it did not repair; a
-    targeted run's never moves the full pass's cursor, nor the reverse)."""
+    targeted run's never moves the full pass's cursor, nor the reverse). With *actor* (an
+    operator's targeted run that repairs), an ``audit_log`` row ``reconcile_started`` names
+    who started it, in the same transaction."""
     row = conn.execute(
         "SELECT run_id, progress FROM reconcile_runs WHERE kind = %s AND state = 'interrupted' "
         "AND coalesce(scope, '') = %s "
@@ -199,6 +203,10 @@ def start_run(conn: psycopg.Connection, kind: str, now_ms: int,
         "INSERT INTO reconcile_runs (kind, state, started_ms, progress, scope) "
         "VALUES (%s, 'running', %s, %s, %s) RETURNING run_id",
         (kind, now_ms, Jsonb(progress), scope)).fetchone()[0]
+    if actor is not None:
+        audit_store.record(conn, "reconcile_started", scope or kind, actor=actor, now_ms=now_ms,
+                           detail={"kind": kind, "run_id": run_id, "scope": scope,
+                                   "resumed": resumed})
     return run_id, progress, resumed
 
 
@@ -208,10 +216,20 @@ def save_progress(conn: psycopg.Connection, run_id: int, progress: dict) -> None
 
 
 def finish_run(conn: psycopg.Connection, run_id: int, state: str, report: dict,
-               progress: dict, now_ms: int) -> None:
+               progress: dict, now_ms: int, actor: str | None = None) -> None:
+    """Close the run row; with *actor* (as for ``start_run``), an ``audit_log`` row
+    ``reconcile_ended`` with the run's state and what it repaired."""
     conn.execute("UPDATE reconcile_runs SET state = %s, finished_ms = %s, report = %s, "
                  "progress = %s WHERE run_id = %s",
                  (state, now_ms, Jsonb(report), Jsonb(progress), run_id))
+    if actor is not None:
+        audit_store.record(conn, "reconcile_ended", report.get("scope") or report["kind"],
+                           actor=actor, now_ms=now_ms,
+                           detail={"kind": report["kind"], "run_id": run_id, "state": state,
+                                   **{k: report[k] for k in ("compared", "confirmed",
+                                                             "repaired", "failed", "uncovered",
+                                                             "completed", "error")
+                                      if k in report}})
 
 
 def eta_seconds(done: int, total: int, done_at_start: int, elapsed_s: float) -> float | None:
@@ -246,14 +264,16 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
                   lock_conn: psycopg.Connection, dry_run: bool, max_seconds: float | None,
                   on_progress: Callable[[str], None] = lambda _t: None,
                   stop_requested: Callable[[], bool] = lambda: False,
-                  scope: str | None = None) -> Report:
+                  scope: str | None = None, actor: str | None = None) -> Report:
     """One run of one kind under its lock; the report says what happened (never raises for
     a failure of the run itself: that is ``report.error``). *scope* names a targeted run
     (the reconciler limits itself; the run row and the resume keep it apart); a targeted
     run takes the kind's lock like a full one: two runs never repair at once. Refused at
     once while an operator has paused the reconcilers; stopped at the next check once one
-    does."""
+    does. *actor*: who started a run that is an operator's action (a targeted run): its start
+    and end are written to the audit log (a dry run writes none)."""
     kind = reconciler.kind
+    actor = None if dry_run else actor
     report = Report(kind=kind, dry_run=dry_run, scope=scope)
     try:
         pause = (await db.run("read_runtime_controls", controls_store.read_runtime_controls)
@@ -271,7 +291,8 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
     started = time.monotonic()
     try:
         run_id, progress, resumed = await db.run("start_run", start_run, kind,
-                                                 int(clock.seconds() * 1000), dry_run, scope)
+                                                 int(clock.seconds() * 1000), dry_run, scope,
+                                                 actor)
         report.run_id, report.resumed = run_id, resumed
         began = clock.seconds()
         deadline = None if max_seconds is None else began + max_seconds
@@ -308,7 +329,7 @@ async def run_one(reconciler: Reconciler, *, clock: IReactorTime, db: Transactio
         finally:
             report.duration_s = time.monotonic() - started
             await db.run("finish_run", finish_run, run_id, state, report.to_json(),
-                         dict(progress), int(clock.seconds() * 1000))
+                         dict(progress), int(clock.seconds() * 1000), actor)
     except Exception as e:
         report.error = report.error or f"{type(e).__name__}: {e}"
     finally:

@@ -16,6 +16,7 @@ always parameterised. A reader finds the SQL for a concept by its module's name:
     presence       presence per account and source
     notifications  the notification outbox and acknowledgements
     outbox         the outbox to legacy
+    audit          the audit log: one row per operator action and per repair
     controls       operator switches for the whole deployment (the migration freeze, the
                    runtime controls: pauses, the injector's concurrency)
 

@@ -28,6 +28,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from cloud.model import PHASES, Account
+from cloud.store import audit
 from cloud.store.errors import Conflict
 
 #: What a cohort's name may be (the migration's CHECK says the same).
@@ -105,12 +106,6 @@ _COHORT_COLS = ("cohort_id, name, state, selection, created_by, created_ms, ende
 _ADVANCE_COLS = ("advance_no, to_phase, forced, actor, at_ms, moved, held, failed, "
                  "reversed_ms")
 
-
-def _audit(conn: psycopg.Connection, action: str, name: str, actor: str, now_ms: int,
-           detail: Mapping[str, Any]) -> None:
-    conn.execute("INSERT INTO audit_log (at, actor, action, subject, detail) "
-                 "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s)",
-                 (now_ms, actor, action, name, Jsonb(dict(detail))))
 
 
 # ---------------------------------------------------------------- reading
@@ -267,8 +262,8 @@ def create_cohort(conn: psycopg.Connection, name: str, selection: Mapping[str, A
     except psycopg.errors.UniqueViolation:
         raise Conflict("some of the accounts joined another active cohort meanwhile; "
                        "run the command again") from None
-    _audit(conn, "cohort_created", name, actor, now_ms,
-           {"selection": dict(selection), "members": len(account_ids)})
+    audit.record(conn, "cohort_created", name, actor=actor, now_ms=now_ms,
+                 detail={"selection": dict(selection), "members": len(account_ids)})
     return cohort
 
 
@@ -309,9 +304,10 @@ def finish_advance(conn: psycopg.Connection, cohort: Cohort, advance_no: int, *,
         "UPDATE cohort_advances SET moved = %s, held = %s, failed = %s WHERE cohort_id = %s "
         "AND advance_no = %s RETURNING to_phase, forced",
         (moved, held_total, failed, cohort.cohort_id, advance_no)).fetchone()
-    _audit(conn, "cohort_advanced", cohort.name, actor, now_ms,
-           {"advance": advance_no, "to": to_phase, "forced": forced, "moved": moved,
-            "held": held_total, "failed": failed, "unchanged": unchanged, **extra})
+    audit.record(conn, "cohort_advanced", cohort.name, actor=actor, now_ms=now_ms,
+                 detail={"advance": advance_no, "to": to_phase, "forced": forced,
+                         "moved": moved, "held": held_total, "failed": failed,
+                         "unchanged": unchanged, **extra})
 
 
 def mark_reversed(conn: psycopg.Connection, cohort: Cohort, advance_no: int, *,
@@ -322,8 +318,8 @@ def mark_reversed(conn: psycopg.Connection, cohort: Cohort, advance_no: int, *,
         "UPDATE cohort_advances SET reversed_ms = %s WHERE cohort_id = %s "
         "AND advance_no >= %s AND reversed_ms IS NULL RETURNING advance_no",
         (now_ms, cohort.cohort_id, advance_no))]
-    _audit(conn, "cohort_reversed", cohort.name, actor, now_ms,
-           {**detail, "advances": sorted(marked)})
+    audit.record(conn, "cohort_reversed", cohort.name, actor=actor, now_ms=now_ms,
+                 detail={**detail, "advances": sorted(marked)})
     return sorted(marked)
 
 
@@ -331,7 +327,8 @@ def audit_incomplete(conn: psycopg.Connection, cohort: Cohort, action: str, *, a
                      now_ms: int, detail: Mapping[str, Any]) -> None:
     """Audit a reverse or cancel that left some members behind (nothing else changes: the
     advances stay unreversed so the same command can be run again)."""
-    _audit(conn, action, cohort.name, actor, now_ms, {**detail, "complete": False})
+    audit.record(conn, action, cohort.name, actor=actor, now_ms=now_ms,
+                 detail={**detail, "complete": False})
 
 
 def end_cohort(conn: psycopg.Connection, cohort: Cohort, state: str, *, actor: str,
@@ -352,7 +349,8 @@ def end_cohort(conn: psycopg.Connection, cohort: Cohort, state: str, *, actor: s
     if state == CANCELLED:
         conn.execute("UPDATE cohort_advances SET reversed_ms = %s WHERE cohort_id = %s "
                      "AND reversed_ms IS NULL", (now_ms, cohort.cohort_id))
-    _audit(conn, f"cohort_{state}", cohort.name, actor, now_ms, detail)
+    audit.record(conn, f"cohort_{state}", cohort.name, actor=actor, now_ms=now_ms,
+                 detail=detail)
     return Cohort(*row)
 
 

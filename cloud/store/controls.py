@@ -19,6 +19,7 @@ import attrs
 import psycopg
 from psycopg.types.json import Jsonb
 
+from cloud.store import audit
 from cloud.store.errors import Conflict
 
 #: The migration freeze: every promotion is held while it is on.
@@ -59,10 +60,8 @@ def freeze_on(conn: psycopg.Connection, *, reason: str, actor: str, now_ms: int)
         held = read_freeze(conn)
         who = "" if held is None else f" by {held.set_by}: {held.reason}"
         raise Conflict(f"promotions are already frozen{who}")
-    conn.execute(
-        "INSERT INTO audit_log (at, actor, action, subject, detail) "
-        "VALUES (to_timestamp(%s / 1000.0), %s, 'migration_frozen', %s, %s)",
-        (now_ms, actor, MIGRATION_FREEZE, Jsonb({"reason": reason})))
+    audit.record(conn, "migration_frozen", MIGRATION_FREEZE, actor=actor, now_ms=now_ms,
+                 detail={"reason": reason})
     return Freeze(reason, actor, now_ms)
 
 
@@ -76,11 +75,8 @@ def freeze_off(conn: psycopg.Connection, *, actor: str, now_ms: int) -> Freeze:
     if row is None:
         raise Conflict("promotions are not frozen")
     ended = Freeze(row[0] or "", row[1], row[2])
-    conn.execute(
-        "INSERT INTO audit_log (at, actor, action, subject, detail) "
-        "VALUES (to_timestamp(%s / 1000.0), %s, 'migration_unfrozen', %s, %s)",
-        (now_ms, actor, MIGRATION_FREEZE, Jsonb({"ended": ended.to_json(),
-                                                  "frozen_ms": now_ms - ended.set_ms})))
+    audit.record(conn, "migration_unfrozen", MIGRATION_FREEZE, actor=actor, now_ms=now_ms,
+                 detail={"ended": ended.to_json(), "frozen_ms": now_ms - ended.set_ms})
     return ended
 
 
@@ -161,12 +157,6 @@ def read_runtime_controls(conn: psycopg.Connection) -> RuntimeControls:
     return RuntimeControls(pauses, concurrency)
 
 
-def _audit(conn: psycopg.Connection, action: str, subject: str, actor: str, now_ms: int,
-           detail: dict[str, Any]) -> None:
-    conn.execute("INSERT INTO audit_log (at, actor, action, subject, detail) "
-                 "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s)",
-                 (now_ms, actor, action, subject, Jsonb(detail)))
-
 
 def _pause_name(what: str) -> str:
     if what not in PAUSES:
@@ -189,7 +179,8 @@ def pause(conn: psycopg.Connection, what: str, *, reason: str, actor: str,
         who = "" if held is None else f" by {held.set_by}" + (f": {held.reason}"
                                                                if held.reason else "")
         raise Conflict(f"{what} is already paused{who}")
-    _audit(conn, "control_paused", name, actor, now_ms, {"reason": reason})
+    audit.record(conn, "control_paused", name, actor=actor, now_ms=now_ms,
+                 detail={"reason": reason})
     return Pause(what, reason, actor, now_ms)
 
 
@@ -203,8 +194,8 @@ def resume(conn: psycopg.Connection, what: str, *, actor: str, now_ms: int) -> P
     if row is None:
         raise Conflict(f"{what} is not paused")
     ended = Pause(what, row[0] or "", row[1], row[2])
-    _audit(conn, "control_resumed", name, actor, now_ms,
-           {"ended": ended.to_json(), "paused_ms": now_ms - ended.set_ms})
+    audit.record(conn, "control_resumed", name, actor=actor, now_ms=now_ms,
+                 detail={"ended": ended.to_json(), "paused_ms": now_ms - ended.set_ms})
     return ended
 
 
@@ -232,8 +223,8 @@ def set_injector_concurrency(conn: psycopg.Connection, value: int | None, *, act
             "set_by = EXCLUDED.set_by, set_ms = EXCLUDED.set_ms",
             (INJECTOR_CONCURRENCY, Jsonb({"value": value}), actor, now_ms))
         after = Setting(value, actor, now_ms)
-    _audit(conn, "control_set", INJECTOR_CONCURRENCY, actor, now_ms,
-           {"from": None if before is None else before.value, "to": value})
+    audit.record(conn, "control_set", INJECTOR_CONCURRENCY, actor=actor, now_ms=now_ms,
+                 detail={"from": None if before is None else before.value, "to": value})
     return before, after
 
 
@@ -298,5 +289,5 @@ def set_min_version(conn: psycopg.Connection, cohort: str, version: str | None, 
 def audit_min_version(conn: psycopg.Connection, action: str, cohort: str, actor: str,
                       now_ms: int, detail: dict[str, Any]) -> None:
     """An ``audit_log`` row about the minimum version of *cohort* ("" for everyone)."""
-    _audit(conn, action, f"cohort:{cohort}" if cohort else LEGACY_MIN_VERSIONS, actor,
-           now_ms, {"cohort": cohort or None, **detail})
+    audit.record(conn, action, f"cohort:{cohort}" if cohort else LEGACY_MIN_VERSIONS,
+                 actor=actor, now_ms=now_ms, detail={"cohort": cohort or None, **detail})

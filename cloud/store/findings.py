@@ -28,6 +28,7 @@ import attrs
 import psycopg
 from psycopg.types.json import Jsonb
 
+from cloud.store import audit as audit_store
 from cloud.store.errors import Conflict, NotFound
 
 #: Every state, in display order.
@@ -93,10 +94,8 @@ def _close_by_operator(conn: psycopg.Connection, finding_id: int, to_state: str,
         "UPDATE reconcile_findings SET state = %s, resolved_ms = %s, detail = detail || %s "
         "WHERE finding_id = %s",
         (to_state, now_ms, Jsonb({**detail, "was": row[0]}), finding_id))
-    conn.execute(
-        "INSERT INTO audit_log (at, actor, action, subject, detail) "
-        "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s)",
-        (now_ms, actor, action, str(finding_id), Jsonb({**audit, "was": row[0]})))
+    audit_store.record(conn, action, str(finding_id), actor=actor, now_ms=now_ms,
+                       detail={**audit, "was": row[0]})
     return row[0]
 
 

@@ -18,12 +18,11 @@ Every time is the caller's clock in milliseconds, never ``now()``. Hashing is th
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import attrs
 import psycopg
-from psycopg.types.json import Jsonb
 
+from cloud.store import audit
 from cloud.store.errors import NotFound
 
 #: The API's actor in the audit log.
@@ -51,12 +50,6 @@ class PendingCredential:
     changed_ms: int
     attempts: int
 
-
-def _audit(conn: psycopg.Connection, action: str, subject: str, actor: str, now_ms: int,
-           detail: dict[str, Any]) -> None:
-    conn.execute("INSERT INTO audit_log (at, actor, action, subject, detail) "
-                 "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s)",
-                 (now_ms, actor, action, subject, Jsonb(detail)))
 
 
 def code_for_handle(conn: psycopg.Connection, handle: str) -> CodeRow | None:
@@ -88,8 +81,9 @@ def issue_code(conn: psycopg.Connection, handle: str, code_hash: str, *, now_ms:
         "code_hash = EXCLUDED.code_hash, issued_ms = EXCLUDED.issued_ms, "
         "expires_ms = EXCLUDED.expires_ms, issued_by = EXCLUDED.issued_by, used_ms = NULL",
         (found.account_id, code_hash, now_ms, expires_ms, actor))
-    _audit(conn, "recovery_code_issued", str(found.account_id), actor, now_ms,
-           {"handle": found.handle, "expires_ms": expires_ms, "replaced_unused": replaced})
+    audit.record(conn, "recovery_code_issued", str(found.account_id), actor=actor,
+                 now_ms=now_ms, detail={"handle": found.handle, "expires_ms": expires_ms,
+                                        "replaced_unused": replaced})
     return attrs.evolve(found, code_hash=code_hash, issued_ms=now_ms, expires_ms=expires_ms,
                         used_ms=None), replaced
 
@@ -116,9 +110,9 @@ def redeem(conn: psycopg.Connection, account_id: uuid.UUID, code_hash: str,
             "state = 'pending', attempts = 0, next_try_ms = EXCLUDED.next_try_ms, "
             "last_error = NULL, done_ms = NULL",
             {"a": account_id, "h": legacy_handle, "p": password_hash, "now": now_ms})
-    _audit(conn, "account_recovered", str(account_id), API_ACTOR, now_ms,
-           {"handle": handle, "address": address,
-            "legacy": "queued" if legacy_handle is not None else "not_linked"})
+    audit.record(conn, "account_recovered", str(account_id), actor=API_ACTOR, now_ms=now_ms,
+                 detail={"handle": handle, "address": address,
+                         "legacy": "queued" if legacy_handle is not None else "not_linked"})
     return True
 
 
@@ -126,8 +120,9 @@ def audit_attempt(conn: psycopg.Connection, account_id: uuid.UUID | None, handle
                   result: str, now_ms: int, address: str) -> None:
     """Audit a refused recovery (``recovery_refused``): the account (or the unknown handle),
     why, and from where. The only write of a refused recovery (besides its budgets)."""
-    _audit(conn, "recovery_refused", str(account_id) if account_id else f"handle:{handle}",
-           API_ACTOR, now_ms, {"handle": handle, "result": result, "address": address})
+    audit.record(conn, "recovery_refused",
+                 str(account_id) if account_id else f"handle:{handle}", actor=API_ACTOR,
+                 now_ms=now_ms, detail={"handle": handle, "result": result, "address": address})
 
 
 # ---------------------------------------------------------------- delivery to legacy

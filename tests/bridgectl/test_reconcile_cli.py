@@ -112,6 +112,8 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
      2, "give --account once"),
     (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--account", "a", "--textfile",
       "/tmp/x.prom"], 2, "a targeted run writes no metrics"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--actor", "ops"], 2,
+     "--actor applies to a targeted run"),
 ])
 def test_reconcile_rejects_bad_arguments_clearly(argv, code, needle, tmp_path):
     """Bad flags exit 2 with one clear line, no traceback, nothing run."""

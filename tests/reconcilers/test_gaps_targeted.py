@@ -36,14 +36,15 @@ def conversation(scene, ref: str) -> gaps_scope.GapsScope:
     return run_transaction(scene.conn, "scope", gaps_scope.resolve_conversation, ref)
 
 
-def targeted(scene, scope, *, links=None, stop_after=None, max_seconds=None):
+def targeted(scene, scope, *, links=None, stop_after=None, max_seconds=None, actor=None,
+             dry_run=False):
     """One run limited to *scope* (None: a full pass), as ``reconcile gaps --account``
     runs it."""
     scene.net.run(15.0)  # let the watermark pass everything sent so far
     rec = GapsReconciler(links or scene.links, CONFIG, scope)
     d = defer.Deferred.fromCoroutine(runner.run_one(
-        rec, clock=scene.net.clock, db=scene.db, lock_conn=scene.lock_conn, dry_run=False,
-        max_seconds=max_seconds, scope=None if scope is None else scope.label,
+        rec, clock=scene.net.clock, db=scene.db, lock_conn=scene.lock_conn, dry_run=dry_run,
+        max_seconds=max_seconds, scope=None if scope is None else scope.label, actor=actor,
         stop_requested=lambda: stop_after is not None
         and rec.counters.digest_requests >= stop_after))
     return scene.net.wait(d, timeout=600), rec
@@ -73,6 +74,36 @@ def test_an_account_run_repairs_that_accounts_conversations_only(scene):
     assert runs(scene.conn) == [(report.run_id, "finished", "account:alice")]
     full, _ = targeted(scene, None)  # the cron pass finds carol's gap
     assert full.compared == 3 and full.repaired == 3 and full.scope is None
+
+
+def audit_rows(conn) -> list[tuple]:
+    return conn.execute("SELECT actor, action, subject, detail, "
+                        "(extract(epoch FROM at) * 1000)::bigint FROM audit_log "
+                        "WHERE action LIKE 'reconcile_%' ORDER BY audit_id").fetchall()
+
+
+def test_a_targeted_run_writes_its_start_and_end_to_the_audit_log(scene):
+    """An operator's targeted resync is audited: who started it, on what, and what it
+    repaired, at the injected clock's times; a dry run and a full pass write nothing."""
+    one = scene.chat("chat-1", 5)
+    scene.mirror()
+    drop_from_cloud(scene.conn, one[:2])
+    scope = conversation(scene, "chat-1")
+    dry, _ = targeted(scene, scope, actor="ops-ann", dry_run=True)
+    full, _ = targeted(scene, None)
+    assert dry.confirmed == 2 and full.repaired == 2 and audit_rows(scene.conn) == []
+    drop_from_cloud(scene.conn, one[2:3])
+    report, _ = targeted(scene, scope, actor="ops-ann")
+    assert report.repaired == 1
+    (s_actor, s_action, s_subject, s_detail, s_at), \
+        (e_actor, e_action, e_subject, e_detail, e_at) = audit_rows(scene.conn)
+    assert (s_actor, s_action, s_subject) == ("ops-ann", "reconcile_started", scope.label)
+    assert s_detail == {"kind": "gaps", "run_id": report.run_id, "scope": scope.label,
+                        "resumed": False}
+    assert (e_actor, e_action, e_subject) == ("ops-ann", "reconcile_ended", scope.label)
+    assert e_detail["state"] == "finished" and e_detail["run_id"] == report.run_id
+    assert (e_detail["repaired"], e_detail["failed"], e_detail["error"]) == (1, 0, None)
+    assert s_at <= e_at <= int(scene.net.clock.seconds() * 1000)
 
 
 def test_an_account_run_finds_a_chat_the_cloud_never_saw(scene):
