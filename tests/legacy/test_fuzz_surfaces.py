@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Factory
 
@@ -229,7 +229,7 @@ def expected_login_code(data: bytes) -> str | None:
     if len(data) < 4 + n:
         return None
     f = wire.decode(data[4:4 + n])
-    if isinstance(f, wire.LoginRequest):
+    if isinstance(f, (wire.LoginRequest, wire.VersionedLoginRequest)):
         return None  # bad_login or rate_limited (checked below), or a Credential
     if isinstance(f, wire.PeerAuth):
         return "bad_proof"  # garbage never carries a valid proof
@@ -247,6 +247,9 @@ login_attacks = st.one_of(
 
 @fuzz_settings
 @given(login_attacks)
+# a VersionedLoginRequest with a wrong password (found by this test): a login, refused as one
+@example(("none", ("any frame", framed(wire.encode(wire.VersionedLoginRequest(
+    handle="x", password="0", client_version="1.0"))))))
 def test_login_server_survives_hostile_input(failures, attack_):
     """Random bytes or hostile frames at the login server, unauthenticated or as a peer: no
     handler fails, an Error closes the connection, unauthenticated input changes no account,
