@@ -14,6 +14,10 @@ import attrs
 COHORTS = ((0.10, 10, "dual"), (0.25, 30, "dual"), (0.40, 10, "cloud"),
            (0.55, 60, "dual"), (0.70, 30, "cloud"), (0.85, 10, "cloud-only"))
 
+#: The client versions the demo's legacy devices report (``legacy run --client-versions``):
+#: most are current, some a release behind, a few two (what ``legacy min-version`` sunsets).
+CLIENT_VERSIONS = "7.1:0.1,7.4:0.3,8.0:0.6"
+
 
 @attrs.frozen
 class FaultSettings:

@@ -193,7 +193,7 @@ def test_a_large_cohort_is_sent_in_frames_and_reapply_clears_what_is_not_stored(
     are not among those sent; on the in-memory network."""
     from twisted.internet import defer
 
-    from bridgectl.cmd_legacy_versions import send_rules
+    from bridge.min_versions import send_rules
     from tests.legacy.netfixture import LegacyNet
 
     net = LegacyNet(1).start()

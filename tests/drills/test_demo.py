@@ -62,6 +62,10 @@ def test_a_short_demo_converges(db_server, tmp_path):
     assert out["accounts_by_phase"]["cloud-only"] >= 4  # the cloud-native users
     assert out["faults"]["bridge_kills"] == 1
     assert out["final_reconcile_exit"] == 0
+    # the legacy clients reported versions from the demo's spread, none refused
+    versions = out["client_versions"]
+    assert {v["version"] for v in versions["versions"]} <= {"7.1", "7.4", "8.0"}
+    assert sum(v["handles"] for v in versions["versions"]) > 0 and versions["rules"] == []
     assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
     # the lag the workers reported under traffic, and how much of it was the faults'
     lag = out["lag_under_traffic"]["last"]

@@ -229,7 +229,40 @@ def test_every_fault_profile_is_a_choice_of_the_command():
     (["--reconcile-every", "0"], "--reconcile-every"),
     (["--database", "postgres"], "--database must start with bridge_sim"),
     (["--plan", "/nonexistent/plan.json"], "cannot read --plan"),
+    (["--client-versions", "7.x:1"], "--client-versions: bad version '7.x'"),
+    (["--client-versions", "7.1:0"], "--client-versions: the weights"),
+    (["--min-version", "8.0"], "give VERSION@DAY"),
+    (["--min-version", "8.x@1"], "bad version '8.x'"),
+    (["--min-version", "8.0@soon"], "the day must be a number"),
+    (["--min-version", "8.0@-1"], "the day must be a number >= 0"),
+    (["--min-version", "8.0@nan"], "the day must be a number >= 0"),
+    (["--days", "2", "--min-version", "8.0@2"], "day 2 is not within the run's 2 days"),
 ])
+def test_a_minimum_version_set_mid_run_refuses_old_clients_and_counts_them(conn, db_dsn):
+    """Devices report versions from a spread; at 7 am of the first day the minimum becomes
+    8.0, set as the command sets it (login server, then store, audited). From then on the
+    7.1 devices that log in are refused, each once (no retry loop), none of 8.0 is; the
+    report counts them, and the run still converges."""
+    report, sim = run_simulation(conn, db_dsn, 11, faults="none",
+                                 client_versions="7.1:0.5,8.0:0.5",
+                                 min_versions=((0.3, "8.0"),))
+    v = report["client_versions"]
+    assert set(v["devices_by_version"]) == {"7.1", "8.0"}
+    assert v["min_versions"] == [{"day": 0.3, "version": "8.0", "refused_before": 0}]
+    assert v["refused_logins"] > 0
+    assert v["refused_logins"] == v["devices_refused"]  # refused once, then it stopped
+    assert set(v["devices_refused_by_version"]) == {"7.1"}
+    refused = [d for ds in sim.legacy.devices.values() for d in ds
+               if d.state == "upgrade_required"]
+    assert len(refused) == v["devices_refused"] and all(d.version == "7.1" for d in refused)
+    assert sum(v["logins_by_version"].values()) > v["refused_logins"]
+    assert conn.execute("SELECT value->'rules'->''->>'version' FROM operator_controls "
+                        "WHERE name = 'legacy_min_versions'").fetchone() == ("8.0",)
+    assert conn.execute("SELECT actor FROM audit_log WHERE action = 'legacy_min_version_set'"
+                        ).fetchall() == [("simulate",)]
+    assert report["converged"], json.dumps(report["verdict"])
+
+
 def test_bad_flags_exit_2_with_one_clear_line_before_anything_runs(argv, needle, capsys,
                                                                      tmp_path, monkeypatch):
     monkeypatch.setenv("BRIDGE_HOME", str(tmp_path))
