@@ -46,9 +46,10 @@ def add_commands(lsub: Any) -> None:
                     "rule holds for everyone; with it, for that cohort's members only (the "
                     "highest rule that applies to a handle wins). --clear removes the rule. "
                     "The login server is told first, then the rule is stored in the cloud "
-                    "store and audited; --reapply sends the stored rules again after a login "
-                    "server restart. With none of VERSION, --clear or --reapply it shows the "
-                    "stored rules.")
+                    "store and audited. After a login server restart the bridge workers "
+                    "send the stored rules again by themselves; --reapply does it at once "
+                    "and clears rules the store does not have. With none of VERSION, "
+                    "--clear or --reapply it shows the stored rules.")
     mv.add_argument("version", nargs="?", metavar="VERSION",
                     help="the oldest client version still let in")
     mv.add_argument("--cohort", metavar="NAME",
@@ -56,8 +57,9 @@ def add_commands(lsub: Any) -> None:
     mv.add_argument("--clear", action="store_true",
                     help="remove the rule (for everyone, or the --cohort's)")
     mv.add_argument("--reapply", action="store_true",
-                    help="send every stored rule to the login server again (after it "
-                         "restarted), and clear the ones it holds that are not stored")
+                    help="send every stored rule to the login server at once, and clear the "
+                         "ones it holds that are not stored (the bridge workers send missing "
+                         "ones by themselves)")
     mv.add_argument("--legacy", metavar="HOST:PORT", type=options.host_port,
                     help="the legacy login server (needed to change or reapply rules)")
     options.add_peer_secret_option(mv)

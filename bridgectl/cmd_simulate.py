@@ -67,7 +67,7 @@ def add_commands(sub: Any) -> None:
                      help="client versions the legacy devices report at login, weighted, "
                           "e.g. 7.1:0.2,7.4:0.5,8.0:0.3 (drawn from the seed; default: none "
                           "reported, as old clients)")
-    sim.add_argument("--min-version", action="append", default=[], metavar="VERSION@DAY",
+    sim.add_argument("--min-version", action="append", metavar="VERSION@DAY",
                      help="on simulated DAY the login server starts refusing clients older "
                           "than VERSION, set as `bridgectl legacy min-version` sets it (the "
                           "report counts the refused logins); may be given more than once")
@@ -111,7 +111,7 @@ def _config(args: argparse.Namespace, seed: int) -> Any:
         except ValueError as e:
             raise UsageError(f"--plan {args.plan}: {e}") from None
     try:
-        min_versions = tuple(parse_min_version(text) for text in args.min_version)
+        min_versions = tuple(parse_min_version(text) for text in args.min_version or ())
         return SimConfig(days=args.days, users=args.users, supernodes=args.supernodes,
                          rate=args.rate, seed=seed, faults=args.faults, plan=plan,
                          dedicated_supernodes=args.dedicated_supernodes,
@@ -134,7 +134,7 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts.append("--dedicated-supernodes")
     if args.client_versions:
         parts += ["--client-versions", args.client_versions]
-    for text in args.min_version:
+    for text in args.min_version or ():
         parts += ["--min-version", text]
     return shlex.join(parts)
 

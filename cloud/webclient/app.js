@@ -387,6 +387,7 @@ async function syncConversation(id) {
     c.loaded = true;
     c.oldest = c.after + 1;  // the seq of the oldest message shown (seqs start at 1)
     c.truncated = c.after > 0;
+    if (id === state.openId) $("earlier").hidden = !c.truncated;
   }
   for (;;) {
     const r = await api("GET", "/v1/conversations/" + id + "/messages?after=" + c.after +
