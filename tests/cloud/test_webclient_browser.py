@@ -4,7 +4,9 @@ Two browser sessions (two Chromium processes, each with a fresh profile) log in 
 users, through the page's own forms and keys, and chat: a message sent in one shows in the
 other within 2 s through the notification long poll, which the page acknowledges. The
 member panel adds and removes members, shows presence, and an API refusal is shown on the
-page. Set WEBCLIENT_SCREENSHOTS=DIR to keep the screenshots (docs/ has them).
+page. Set WEBCLIENT_SCREENSHOTS=DIR to keep the screenshots (docs/ has them). A long session
+renews its token (6 s tokens here) and pages back through older history; a renewal refused
+after a password recovery returns to the login form with the reason.
 
 Across the bridge (a real ``legacy run`` and ``bridge run`` too): a legacy user's messages
 reach the browser, and a member removed in the browser no longer receives the
@@ -76,6 +78,11 @@ def shows_message(page: Page, body: str) -> str:
             f".some(e => e.textContent === {json.dumps(body)})")
 
 
+def signed_in_shown(page: Page) -> bool:
+    """Whether the header's "Signed in as ..." with its Log out button is on screen."""
+    return page.js("getComputedStyle(document.getElementById('me')).display !== 'none'")
+
+
 def send(page: Page, body: str) -> None:
     """Type into the message box and press Enter (which sends)."""
     page.fill("composer-body", body)
@@ -138,7 +145,7 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
 
         log_in(alice, "alice", PASSWORDS["alice"])
         log_in(bob, "bob", PASSWORDS["bob"])
-        assert text_of(alice, "me-handle") == "alice"
+        assert text_of(alice, "me-handle") == "alice" and signed_in_shown(alice)
 
         # Alice starts a conversation with Bob through the form; it opens for her
         click(alice, "#new-conversation summary")
@@ -243,6 +250,7 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
         click(alice, "#logout")
         alice.wait_for("!document.getElementById('login-view').hidden")
         assert alice.js("sessionStorage.getItem('chat-session')") is None
+        assert signed_in_shown(alice) is False
         screenshot(alice, "webclient-login.png", tmp_path)
 
         # no script error and no Content-Security-Policy violation in any of the pages
@@ -296,6 +304,7 @@ def test_a_session_outlives_its_token_and_pages_back_through_older_history(
         page.wait_for("document.querySelectorAll('#messages .message').length === 100")
         assert shown_seqs(page) == list(range(HISTORY - 99, HISTORY + 1))
         assert page.js("document.getElementById('earlier').hidden") is False
+        screenshot(page, "webclient-older.png", tmp_path)
         click(page, "#load-older")
         page.wait_for("document.querySelectorAll('#messages .message').length === 200")
         assert shown_seqs(page) == list(range(HISTORY - 199, HISTORY + 1))
@@ -327,6 +336,8 @@ def test_a_session_outlives_its_token_and_pages_back_through_older_history(
         page.wait_for("!document.getElementById('login-view').hidden", timeout=TOKEN_TTL_S)
         assert "could not be renewed" in text_of(page, "login-error")
         assert "password changed" in text_of(page, "login-error")
+        assert signed_in_shown(page) is False  # no "Signed in as alice" left in the header
+        screenshot(page, "webclient-session-ended.png", tmp_path)
         assert page.js("sessionStorage.getItem('chat-session')") is None
         assert page.errors() == []
 
