@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from bridge.ops import metrics as m
-from cloud.db import TransactionRunner
+from cloud.db import DatabaseUnavailable, TransactionRunner
 from cloud.store import cohorts as cohorts_store
 from cloud.store import controls as controls_store
 from legacy import wire
@@ -129,8 +129,29 @@ class MinVersionSync(PollingLoop):
         super().__init__(clock, poll_interval_s, "min-versions")
         self._db, self._connect, self._actor = db, connect, actor
         self._confirm_s = confirm_s
+        #: when the login server stopped answering (None: it answers), to log an outage once
+        self._unreachable_since: float | None = None
         #: rules sent over the loop's life (for tests and status)
         self.sent = 0
+
+    async def _link(self) -> RuleLink | None:
+        """A link to the login server, or None while it does not answer (counted; logged
+        once per outage, not a traceback every interval)."""
+        try:
+            link = await self._connect()
+        except Exception as e:
+            self.loop_failures += 1
+            self.failure_counter.labels(reason="error").inc()
+            if self._unreachable_since is None:
+                self._unreachable_since = self._clock.seconds()
+                self._log.warn("the login server does not answer ({e}); its minimum versions "
+                               "are checked again every {s} s", e=e, s=self._poll_interval_s)
+            return None
+        if self._unreachable_since is not None:
+            self._log.info("the login server answers again after {s:.0f} s",
+                           s=self._clock.seconds() - self._unreachable_since)
+            self._unreachable_since = None
+        return link
 
     async def _look(self, link: RuleLink) -> list[Rule]:
         stored = await self._db.run("stored_min_versions", stored_rules)
@@ -140,10 +161,17 @@ class MinVersionSync(PollingLoop):
         return differing(stored, held.rules)
 
     async def _tick(self) -> bool:
-        stored = await self._db.run("stored_min_versions", stored_rules)
+        try:
+            stored = await self._db.run("stored_min_versions", stored_rules)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+            return False
+        self._database_up()
         if not stored:  # nothing to keep: no connection at all
             return False
-        link: RuleLink = await self._connect()
+        link = await self._link()
+        if link is None:
+            return False
         try:
             first = differing(stored, (await link.versions()).rules)
             if not first:

@@ -167,3 +167,24 @@ def test_a_stored_rule_of_a_cohort_that_is_gone_is_left_out(conn):
     tx(conn, controls_store.set_min_version, "ghosts", "9.0", actor="ops", now_ms=now_ms(net))
     tx(conn, controls_store.set_min_version, "", "8.0", actor="ops", now_ms=now_ms(net))
     assert tx(conn, stored_rules) == [Rule("", "8.0", ())]
+
+
+def test_a_login_server_that_is_down_is_logged_once_and_served_when_back(conn, log_events,
+                                                                         failures):
+    """While the login server does not answer, each check fails quietly (counted, one
+    warning for the outage, no traceback); once it is back the stored rule is sent."""
+    events = log_events("bridge.min_versions")
+    net = two_users_and_a_pilot(conn)
+    store_rule(conn, net, "", "8.0")
+    net.wait(net.login.stopService())
+    loop = sync_loop(net, conn)
+    loop.startService()
+    net.run(35)
+    assert loop.loop_failures >= 3 and loop.sent == 0 and loop.running
+    warnings = [e for e in events if "does not answer" in e.get("log_format", "")]
+    assert len(warnings) == 1 and failures == []
+    restart_login_server(net)
+    net.run(12)
+    assert loop.sent == 1 and login_result(net, "alice", OLD) == "upgrade_required"
+    assert any("answers again" in e.get("log_format", "") for e in events)
+    net.wait(loop.stopService())

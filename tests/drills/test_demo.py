@@ -205,3 +205,17 @@ def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_post
     carl = make_account(conn, "carl", "legacy")
     tx(conn, conversations_store.add_members, cid, [carl])
     assert convergence.cloud_not_owed_to_legacy(conn) == set()
+
+
+def test_the_summary_shows_the_client_versions_and_the_minimums():
+    """One line: each version's share of the legacy handles, then the rules (or none)."""
+    from drills.demo import _versions_line
+
+    seen = [{"version": "7.1", "logins": 3, "handles": 1},
+            {"version": "8.0", "logins": 9, "handles": 3}]
+    assert _versions_line({"versions": seen, "rules": []}) == (
+        "client versions:      7.1 25%, 8.0 75% of legacy handles; no minimum")
+    assert _versions_line({"versions": seen, "rules": [
+        {"cohort": None, "version": "7.4"}, {"cohort": "pilot", "version": "8.0"}]}).endswith(
+        "; minimum 7.4 for everyone; minimum 8.0 for pilot")
+    assert "none reported" in _versions_line({})
