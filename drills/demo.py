@@ -44,7 +44,7 @@ from twisted.internet import defer, task
 
 from bridge import state
 from drills import convergence
-from drills.config import CLIENT_VERSIONS, COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
+from drills.config import COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
 from drills.ports import NoFreePorts, free_port, free_port_block
 from drills.processes import Child, DemoError
 from drills.readings import (
@@ -202,7 +202,7 @@ class Demo:
             str(cfg.legacy_users), "--rate", f"{cfg.rate:g}", "--faults", self.legacy_faults,
             "--seed", str(cfg.seed), "--port", str(self.base_port),
             "--fault-window", f"{cfg.duration or 600:g}", "--record", str(record_path),
-            "--control-dir", str(self.control_dir), "--client-versions", CLIENT_VERSIONS])
+            "--control-dir", str(self.control_dir), "--client-versions", cfg.client_versions])
         self.legacy.on_line = self._legacy_line
         self.cloud = self.spawn("cloud", [
             "cloud", "run", "--port", str(self.api_port),
@@ -642,7 +642,7 @@ class Demo:
             reply = await peer.versions()
         finally:
             peer.disconnect()
-        return {"spread": CLIENT_VERSIONS,
+        return {"spread": self.config.client_versions,
                 "versions": [{"version": v.version, "logins": v.logins, "handles": v.handles}
                              for v in reply.versions],
                 "rules": [{"cohort": r.cohort or None, "version": r.version}

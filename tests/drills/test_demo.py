@@ -44,6 +44,7 @@ def test_a_short_demo_converges(db_server, tmp_path):
         done = _bridgectl(["demo", "--json", "--duration", "20", "--supernodes", "3",
                            "--legacy-users", "24", "--cloud-users", "4", "--rate", "8",
                            "--faults", "light", "--seed", "5", "--reconcile-every", "5",
+                           "--client-versions", "7.4:1,8.0:1",
                            "--dsn", dsn, "--database", name], tmp_path, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         out = json.loads(done.stdout)
@@ -62,9 +63,10 @@ def test_a_short_demo_converges(db_server, tmp_path):
     assert out["accounts_by_phase"]["cloud-only"] >= 4  # the cloud-native users
     assert out["faults"]["bridge_kills"] == 1
     assert out["final_reconcile_exit"] == 0
-    # the legacy clients reported versions from the demo's spread, none refused
+    # the legacy clients reported versions from the spread given, none refused
     versions = out["client_versions"]
-    assert {v["version"] for v in versions["versions"]} <= {"7.1", "7.4", "8.0"}
+    assert versions["spread"] == "7.4:1,8.0:1"
+    assert {v["version"] for v in versions["versions"]} <= {"7.4", "8.0"}
     assert sum(v["handles"] for v in versions["versions"]) > 0 and versions["rules"] == []
     assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
     # the lag the workers reported under traffic, and how much of it was the faults'
@@ -98,6 +100,7 @@ def test_a_short_demo_converges(db_server, tmp_path):
     (["--workers", "9"], "--workers must be between"),
     (["--reconcile-every", "1"], "--reconcile-every must be between"),
     (["--faults", "extreme"], "invalid choice"),
+    (["--client-versions", "7.1:x"], "--client-versions: bad weight"),
 ])
 def test_bad_demo_flags_are_refused_before_anything_starts(tmp_path, args, message):
     done = _bridgectl(["demo", *args], tmp_path, timeout=60)
