@@ -784,6 +784,8 @@ class CloudAPI:
         recovery): a session of whoever had the old password ends at its expiry."""
         account = call.account
         assert account is not None and call.token_expires_ms is not None
+        # tokens carry their expiry only: issued a lifetime before it (a lifetime changed by
+        # a restart with another --token-ttl shifts this by the difference, for one lifetime)
         issued_ms = call.token_expires_ms - self._token_ttl_ms
         changed_ms = await self._store("password_changed_ms",
                                        recovery_store.password_changed_ms, account.account_id)
