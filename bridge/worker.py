@@ -5,6 +5,8 @@
         OutboxInjector               (cloud -> legacy, bridge/outbox.py), woken by NOTIFY
         PresenceMirror               (cloud -> legacy presence, bridge/presence.py)
         CredentialDelivery           (recovered passwords -> login server, bridge/credentials.py)
+        MinVersionSync               (stored minimum client versions -> a restarted login
+                                      server, bridge/min_versions.py)
         heartbeat into bridge_workers (status, migration gates); reads the operator's
         runtime controls first (bridgectl control: pause injection, injector concurrency)
 
@@ -33,6 +35,7 @@ from bridge.credentials import CredentialDelivery
 from bridge.discovery import discover
 from bridge.faults import p99_ms, percentile_ms, split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
+from bridge.min_versions import MinVersionSync
 from bridge.mirror import KnownIds
 from bridge.ops import metrics as m
 from bridge.ops import store_metrics
@@ -65,6 +68,9 @@ class WorkerConfig:
     #: how often to look for passwords recovered on the cloud that the login server still
     #: lacks (bridge/credentials.py); 0: never
     credentials_s: float = 2.0
+    #: how often to check that the login server holds the stored minimum-version rules
+    #: (bridge/min_versions.py; it forgets them when it restarts); 0: never
+    min_versions_s: float = 10.0
     lag_window_s: float = 60.0
     follower: FollowerConfig = FollowerConfig()
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
@@ -102,6 +108,11 @@ class BridgeWorker(MultiService):
                                                   random.Random(config.worker_id),
                                                   config.credentials_s)
             self.credentials.setServiceParent(self)
+        self.min_versions: MinVersionSync | None = None
+        if config.min_versions_s > 0:
+            self.min_versions = MinVersionSync(clock, db, self._login_link, config.worker_id,
+                                               config.min_versions_s)
+            self.min_versions.setServiceParent(self)
         self._calls: list[Any] = []
         self._discovering: defer.Deferred | None = None
         self._discovery_failures = 0
@@ -259,7 +270,8 @@ class BridgeWorker(MultiService):
         for link in self._links.values():
             link.disconnect()
         self._links.clear()
-        for child in (self.injector, self.presence, self.credentials):  # loops: no writes
+        for child in (self.injector, self.presence, self.credentials,
+                      self.min_versions):  # loops: no writes
             if child is not None and child.running:
                 child.stopService()
 

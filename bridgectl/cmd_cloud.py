@@ -18,6 +18,13 @@ from bridgectl.output import print_summary
 DISPATCHER_STALLED_S = 60.0
 
 
+def _token_ttl(text: str) -> int:
+    seconds = options.non_negative_int(text)
+    if not 5 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not within 5..86400 seconds")
+    return seconds
+
+
 def add_commands(sub: Any) -> None:
     csub = options.add_group(
         sub, "cloud", help="the cloud service",
@@ -47,6 +54,9 @@ def add_commands(sub: Any) -> None:
                       help="pushes before a notification is marked failed (default 5)")
     crun.add_argument("--seed", type=options.non_negative_int, default=1, metavar="N",
                       help="seed of the simulated gateway's choices (default 1)")
+    crun.add_argument("--token-ttl", type=_token_ttl, default=3600, metavar="S",
+                      help="seconds a login's token lasts, 5..86400 (default 3600); a "
+                           "client renews it before then (POST /v1/token)")
     crun.add_argument("--duration", type=options.number, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
     options.add_log_format_option(crun)
@@ -115,7 +125,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                              hash_password, password)
 
         api = CloudAPI(db, reactor, channel, secret, password_check=check_password,
-                       password_hash=make_hash)
+                       password_hash=make_hash, token_ttl_s=args.token_ttl)
         http = runtime.TCPListener(reactor, args.port, api.site(), interface=args.bind)
         services = runtime.ServiceTree()
         for service in (db, dispatcher, http):  # started in this order, stopped in reverse

@@ -46,6 +46,9 @@ def add_commands(sub: Any) -> None:
                       help="seed of every random choice (default 1)")
     demo.add_argument("--workers", type=options.non_negative_int, default=2, metavar="N",
                       help="bridge workers sharing the feeds (default 2)")
+    demo.add_argument("--client-versions", default=None, metavar="SPREAD",
+                      help="client versions the legacy devices report at login, weighted "
+                           "(default 7.1:0.1,7.4:0.3,8.0:0.6)")
     demo.add_argument("--reconcile-every", type=options.number, metavar="S",
                       help="seconds between reconcile runs (default: a quarter of the "
                            "duration, 10-60 s)")
@@ -69,7 +72,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             duration=args.duration, supernodes=args.supernodes,
             legacy_users=args.legacy_users, cloud_users=args.cloud_users, rate=args.rate,
             faults=args.faults, seed=args.seed, workers=args.workers,
-            reconcile_every=args.reconcile_every)
+            reconcile_every=args.reconcile_every,
+            **({} if args.client_versions is None
+               else {"client_versions": args.client_versions}))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.reconcile_every is not None and not 5 <= args.reconcile_every <= 3600:

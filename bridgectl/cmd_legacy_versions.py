@@ -4,8 +4,10 @@ log in to the legacy login server, and the oldest it still lets in.
 The login server holds the rules in memory (``legacy.login``); the cloud store keeps the
 durable copy (``operator_controls`` row ``legacy_min_versions``, every change audited). A
 change is sent to the login server first and written to the store only when it was applied,
-so the store never claims a rule the login server refused. After a login server restart,
-``min-version --reapply`` sends the stored rules again (a cohort's members read afresh).
+so the store never claims a rule the login server refused. After a login server restart the
+bridge workers send the stored rules again by themselves (``bridge.min_versions``, within
+about ten seconds); ``min-version --reapply`` does it at once, and also clears rules the
+login server holds that are not stored.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def add_commands(lsub: Any) -> None:
                     "rule holds for everyone; with it, for that cohort's members only (the "
                     "highest rule that applies to a handle wins). --clear removes the rule. "
                     "The login server is told first, then the rule is stored in the cloud "
-                    "store and audited; --reapply sends the stored rules again after a login "
-                    "server restart. With none of VERSION, --clear or --reapply it shows the "
-                    "stored rules.")
+                    "store and audited. After a login server restart the bridge workers "
+                    "send the stored rules again by themselves; --reapply does it at once "
+                    "and clears rules the store does not have. With none of VERSION, "
+                    "--clear or --reapply it shows the stored rules.")
     mv.add_argument("version", nargs="?", metavar="VERSION",
                     help="the oldest client version still let in")
     mv.add_argument("--cohort", metavar="NAME",
@@ -54,8 +57,9 @@ def add_commands(lsub: Any) -> None:
     mv.add_argument("--clear", action="store_true",
                     help="remove the rule (for everyone, or the --cohort's)")
     mv.add_argument("--reapply", action="store_true",
-                    help="send every stored rule to the login server again (after it "
-                         "restarted), and clear the ones it holds that are not stored")
+                    help="send every stored rule to the login server at once, and clear the "
+                         "ones it holds that are not stored (the bridge workers send missing "
+                         "ones by themselves)")
     mv.add_argument("--legacy", metavar="HOST:PORT", type=options.host_port,
                     help="the legacy login server (needed to change or reapply rules)")
     options.add_peer_secret_option(mv)
@@ -155,42 +159,19 @@ def _who(cohort: str) -> str:
 
 def _members(conn: Any, cohort: str) -> tuple[str, ...]:
     """The legacy handles of *cohort*'s members; a usage error for an unknown cohort."""
-    from cloud.store import cohorts as cohorts_store
+    from bridge.min_versions import cohort_handles
 
-    found = cohorts_store.get_cohort(conn, cohort)
-    if found is None:
+    handles = cohort_handles(conn, cohort)
+    if handles is None:
         raise UsageError(f"unknown cohort: {cohort!r}")
-    return tuple(a.legacy_handle for a in cohorts_store.member_accounts(conn, found.cohort_id)
-                 if a.legacy_handle)
-
-
-async def send_rules(peer: Any, rules: list[tuple[str, str, tuple]], *,
-                     clear_others: bool = False) -> list[str]:
-    """Send each (cohort, version or "", handles) rule over the login server link *peer*, a
-    cohort's handles in frames of at most ``MAX_RULE_HANDLES`` (the first replaces, the
-    rest add); with *clear_others*, first clear the rules it holds that are not among them.
-    Returns the cohorts cleared that way."""
-    from legacy import wire
-
-    cleared: list[str] = []
-    if clear_others:
-        keep = {c for c, _v, _h in rules}
-        held = await peer.versions()
-        for r in held.rules:
-            if r.cohort not in keep:
-                await peer.set_min_version(r.cohort, "")
-                cleared.append(r.cohort)
-    step = wire.MAX_RULE_HANDLES
-    for cohort, version, handles in rules:
-        await peer.set_min_version(cohort, version, handles[:step])
-        for i in range(step, len(handles), step):
-            await peer.set_min_version(cohort, version, handles[i:i + step], append=True)
-    return cleared
+    return handles
 
 
 def _send(args: argparse.Namespace, rules: list[tuple[str, str, tuple]], *,
           clear_others: bool = False) -> list[str]:
     """``send_rules`` to the login server ``--legacy`` names, on the reactor."""
+    from bridge.min_versions import send_rules
+
     secret = options.peer_secret(args)
 
     async def send(reactor: Any, _stop: Any) -> list[str]:

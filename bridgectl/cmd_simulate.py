@@ -63,6 +63,14 @@ def add_commands(sub: Any) -> None:
                           "client-hosted, 40%% short-lived)")
     sim.add_argument("--reconcile-every", type=options.number, default=6.0, metavar="H",
                      help="simulated hours between reconcile runs (default 6)")
+    sim.add_argument("--client-versions", metavar="SPREAD",
+                     help="client versions the legacy devices report at login, weighted, "
+                          "e.g. 7.1:0.2,7.4:0.5,8.0:0.3 (drawn from the seed; default: none "
+                          "reported, as old clients)")
+    sim.add_argument("--min-version", action="append", metavar="VERSION@DAY",
+                     help="on simulated DAY the login server starts refusing clients older "
+                          "than VERSION, set as `bridgectl legacy min-version` sets it (the "
+                          "report counts the refused logins); may be given more than once")
     options.add_dsn_option(sim)
     sim.add_argument("--database", default="bridge_sim", metavar="NAME",
                      help="the run's own database on that server, dropped and created afresh "
@@ -89,6 +97,7 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 def _config(args: argparse.Namespace, seed: int) -> Any:
     from drills.simplan import SimConfig, parse_plan
+    from drills.simversions import parse_min_version
 
     plan = None
     if args.plan is not None:
@@ -102,10 +111,13 @@ def _config(args: argparse.Namespace, seed: int) -> Any:
         except ValueError as e:
             raise UsageError(f"--plan {args.plan}: {e}") from None
     try:
+        min_versions = tuple(parse_min_version(text) for text in args.min_version or ())
         return SimConfig(days=args.days, users=args.users, supernodes=args.supernodes,
                          rate=args.rate, seed=seed, faults=args.faults, plan=plan,
                          dedicated_supernodes=args.dedicated_supernodes,
-                         reconcile_every_h=args.reconcile_every)
+                         reconcile_every_h=args.reconcile_every,
+                         client_versions=args.client_versions or "",
+                         min_versions=min_versions)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -120,6 +132,10 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--plan", str(args.plan)]
     if args.dedicated_supernodes:
         parts.append("--dedicated-supernodes")
+    if args.client_versions:
+        parts += ["--client-versions", args.client_versions]
+    for text in args.min_version or ():
+        parts += ["--min-version", text]
     return shlex.join(parts)
 
 
@@ -202,6 +218,7 @@ def render(report: dict[str, Any]) -> str:
            f"{back['moved_back']:,} accounts back, "
            f"{back['backfilled']:,} messages back-filled to legacy, {back['failed']} failed"]
           if back.get("steps") else []),
+        *_versions_lines(report.get("client_versions") or {}),
         "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
                                   for k, v in report["faults"].items()),
         f"  outcome_hash {report['outcome_hash']}",
@@ -210,3 +227,14 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  replay: {report['replay']}")
     return "\n".join(lines)
 
+
+
+def _versions_lines(v: dict[str, Any]) -> list[str]:
+    """The client versions' line of the report: only when the run had any."""
+    if not v.get("spread") and not v.get("min_versions"):
+        return []
+    devices = ", ".join(f"{ver} {n}" for ver, n in v["devices_by_version"].items())
+    rules = "; ".join(f"minimum {r['version']} from day {r['day']:g}"
+                      for r in v["min_versions"]) or "no minimum set"
+    return [f"  client versions: devices {devices}; {rules}: {v['refused_logins']:,} logins "
+            f"refused as too old ({v['devices_refused']:,} devices)"]

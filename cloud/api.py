@@ -15,6 +15,9 @@ Routes, all under ``/v1``::
     POST /v1/login                                    200; 400 401 403(not_migrated) 429
     POST /v1/recover                                  200 {handle, code, new_password};
                                                       400 (weak_password) 401 429
+    POST /v1/token                                    200 (a fresh token for the bearer's
+                                                      account); 401 (expired, or the password
+                                                      changed since) 403
     GET  /v1/healthz                                  200 (no token needed)
     GET  /v1/conversations                            200 (members, their handles, last_seq)
     POST /v1/conversations                            201 {members: [handle...], title?}; 404
@@ -22,7 +25,7 @@ Routes, all under ``/v1``::
                                                       already); 403 404
     DELETE /v1/conversations/{conversation_id}/members/{handle}   200; 403 404
     POST /v1/conversations/{conversation_id}/messages 201 new, 200 replay; 403 404
-    GET  /v1/conversations/{conversation_id}/messages 200 (?after=&limit=); 403 404
+    GET  /v1/conversations/{conversation_id}/messages 200 (?after=&before=&limit=); 403 404
     PUT  /v1/presence                                 200
     GET  /v1/presence?accounts=id1,id2                200
     GET  /v1/notifications?timeout=S                  200 (long poll)
@@ -48,7 +51,7 @@ Account recovery (``cloud.recovery``) has budgets of its own, per account and pe
 Limits: the body (``max_body_bytes``, 413), a message body (``MAX_MESSAGE_CHARS``
 characters, the legacy network's limit too), handles, passwords, ids and query sizes (400).
 
-The module is long (about 980 lines) because it is the whole HTTP surface: the request
+The module is long (about 1030 lines) because it is the whole HTTP surface: the request
 pipeline above and every route's input checks sit together, so the 4xx contract can be read
 (and fuzzed, ``tests/cloud/test_fuzz_api.py``) in one place. The conversation and member
 routes (issue 16) came without the split by resource that this size now asks for; it is
@@ -94,6 +97,7 @@ from cloud.store import conversations as conversations_store
 from cloud.store import messages as messages_store
 from cloud.store import notifications as notifications_store
 from cloud.store import presence as presence_store
+from cloud.store import recovery as recovery_store
 from cloud.store.errors import Conflict, NotFound, NotMember, PhaseRefused, UnknownAccount
 from cloud.store.messages import Post
 from cloud.webclient import WebClient
@@ -327,15 +331,24 @@ class PresenceUpdate:
 
 @attrs.frozen
 class SyncQuery:
+    """Messages with ``after < seq``, at most *limit*: the oldest of them, or with *before*
+    (``seq < before``) the newest of them, for paging back through older history."""
+
     after: int = 0
     limit: int = DEFAULT_SYNC_LIMIT
+    before: int | None = None
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> SyncQuery:
-        _fields(query, "the query", (), ("after", "limit"))
-        return cls(_parse_uint("after", query.get("after", "0"), 0, _BIGINT_MAX),
-                   _parse_uint("limit", query.get("limit", str(DEFAULT_SYNC_LIMIT)), 1,
-                               MAX_SYNC_LIMIT))
+        _fields(query, "the query", (), ("after", "before", "limit"))
+        after = _parse_uint("after", query.get("after", "0"), 0, _BIGINT_MAX)
+        before = None
+        if "before" in query:
+            before = _parse_uint("before", query["before"], 1, _BIGINT_MAX)
+            if before <= after:
+                raise _bad("invalid_parameter", "before must be greater than after")
+        return cls(after, _parse_uint("limit", query.get("limit", str(DEFAULT_SYNC_LIMIT)),
+                                      1, MAX_SYNC_LIMIT), before)
 
 
 @attrs.frozen
@@ -383,6 +396,8 @@ class Call:
     names: Mapping[str, str] = attrs.Factory(dict)
     #: the token's account id (also when ``account`` was not read, see Endpoint)
     account_id: uuid.UUID | None = None
+    #: when the bearer token expires (ms), for a renewal
+    token_expires_ms: int | None = None
 
 
 Handler = Callable[[Call], Awaitable[tuple[int, dict]]]
@@ -539,6 +554,7 @@ class CloudAPI:
             Route("/v1/recover", {b"POST": Endpoint(self._recover, authenticated=False,
                                                     body=RecoverRequest.from_json)}),
             Route("/v1/healthz", {b"GET": Endpoint(self._healthz, authenticated=False)}),
+            Route("/v1/token", {b"POST": Endpoint(self._renew_token)}),
             Route("/v1/conversations", {
                 b"GET": Endpoint(self._list_conversations),
                 b"POST": Endpoint(self._create_conversation, body=NewConversation.from_json)}),
@@ -635,7 +651,8 @@ class CloudAPI:
     async def _call(self, request: server.Request, endpoint: Endpoint,
                     raw_ids: dict[str, bytes], exchange: _Exchange) -> tuple[int, dict]:
         body = self._read_body(request)
-        account_id = self._token_account_id(request) if endpoint.authenticated else None
+        account_id, expires_ms = (self._token_account_id(request) if endpoint.authenticated
+                                  else (None, None))
         account = None
         if account_id is not None and not endpoint.account_checked_by_handler:
             account = await self._load_account(account_id)
@@ -656,7 +673,8 @@ class CloudAPI:
         elif obj:
             raise _bad("unknown_field", "this route takes no body")
         return await endpoint.handler(Call(account, ids, query, obj, self.now_ms(), exchange,
-                                           _client_host(request), names, account_id))
+                                           _client_host(request), names, account_id,
+                                           expires_ms))
 
     def _read_body(self, request: server.Request) -> bytes:
         """The body, or 413 when the declared or actual length is over the limit."""
@@ -672,8 +690,9 @@ class CloudAPI:
             raise too_large
         return body
 
-    def _token_account_id(self, request: server.Request) -> uuid.UUID:
-        """The account id a valid bearer token names; 401 for anything else."""
+    def _token_account_id(self, request: server.Request) -> tuple[uuid.UUID, int]:
+        """The account id a valid bearer token names, and its expiry (ms); 401 for anything
+        else."""
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
         if len(values) != 1:
             raise _unauthorized("a bearer token is required")
@@ -687,7 +706,7 @@ class CloudAPI:
         token, now_ms = match.group(1), self.now_ms()
         known = self._verified.get(token)
         if known is not None and now_ms < known[1]:
-            return known[0]
+            return known
         try:
             account_id, expires_ms = tokens.verify_with_expiry(self._secret, token, now_ms)
         except tokens.TokenError as e:
@@ -695,7 +714,7 @@ class CloudAPI:
         if len(self._verified) >= VERIFIED_TOKENS_KEPT:
             self._verified.clear()  # crude, but bounded; a client re-verifies once
         self._verified[token] = (account_id, expires_ms)
-        return account_id
+        return account_id, expires_ms
 
     async def _load_account(self, account_id: uuid.UUID) -> Account:
         """The token's account: 401 if it is gone, 403 if it is back in phase legacy."""
@@ -748,9 +767,32 @@ class CloudAPI:
             LOGINS.labels("not_migrated").inc()
             raise _not_migrated()
         LOGINS.labels("ok").inc()
-        token = tokens.issue(self._secret, account.account_id, call.now_ms, self._token_ttl_ms)
-        return 200, {"token": token, "account_id": str(account.account_id),
-                     "expires_ms": call.now_ms + self._token_ttl_ms, "phase": account.phase}
+        return 200, self._token_for(account, call.now_ms)
+
+    def _token_for(self, account: Account, now_ms: int) -> dict:
+        token = tokens.issue(self._secret, account.account_id, now_ms, self._token_ttl_ms)
+        # expires_in_ms as well: a client times its renewal by its own clock, which need
+        # not agree with ours
+        return {"token": token, "account_id": str(account.account_id),
+                "expires_ms": now_ms + self._token_ttl_ms,
+                "expires_in_ms": self._token_ttl_ms, "phase": account.phase}
+
+    async def _renew_token(self, call: Call) -> tuple[int, dict]:
+        """A fresh token for the bearer's account, so a client that stays in use is not
+        logged out when its token expires. Only a valid token is renewed (an expired one
+        means a new login), and none issued before the account's password last changed (a
+        recovery): a session of whoever had the old password ends at its expiry."""
+        account = call.account
+        assert account is not None and call.token_expires_ms is not None
+        # tokens carry their expiry only: issued a lifetime before it (a lifetime changed by
+        # a restart with another --token-ttl shifts this by the difference, for one lifetime)
+        issued_ms = call.token_expires_ms - self._token_ttl_ms
+        changed_ms = await self._store("password_changed_ms",
+                                       recovery_store.password_changed_ms, account.account_id)
+        if changed_ms is not None and changed_ms >= issued_ms:
+            raise _unauthorized("the password changed after this session began; "
+                                "log in again with the new password")
+        return 200, self._token_for(account, call.now_ms)
 
     async def _recover(self, call: Call) -> tuple[int, dict]:
         req: RecoverRequest = call.body
@@ -799,9 +841,12 @@ class CloudAPI:
         q: SyncQuery = call.query
         messages = await self._store("sync_for_member", messages_store.sync_for_member,
                                      call.ids["conversation_id"],
-                                     call.account.account_id, q.after, q.limit)
-        return 200, {"messages": [m.to_json() for m in messages],
-                     "next_after": messages[-1].seq if messages else q.after}
+                                     call.account.account_id, q.after, q.limit, q.before)
+        reply = {"messages": [m.to_json() for m in messages],
+                 "next_after": messages[-1].seq if messages else q.after}
+        if q.before is not None:  # the cursor of the next older page
+            reply["next_before"] = messages[0].seq if messages else q.before
+        return 200, reply
 
     async def _set_presence(self, call: Call) -> tuple[int, dict]:
         update: PresenceUpdate = call.body

@@ -9,10 +9,16 @@ from typing import Any
 
 import attrs
 
+from legacy.versions import parse_spread
+
 #: Cohort plan: (share of the traffic window, percent of linked accounts, target phase).
 #: Percent cohorts are stable, so "30% to dual" includes the earlier 10%.
 COHORTS = ((0.10, 10, "dual"), (0.25, 30, "dual"), (0.40, 10, "cloud"),
            (0.55, 60, "dual"), (0.70, 30, "cloud"), (0.85, 10, "cloud-only"))
+
+#: The client versions the demo's legacy devices report (``legacy run --client-versions``):
+#: most are current, some a release behind, a few two (what ``legacy min-version`` sunsets).
+CLIENT_VERSIONS = "7.1:0.1,7.4:0.3,8.0:0.6"
 
 
 @attrs.frozen
@@ -70,6 +76,8 @@ class DemoConfig:
     workers: int = 2
     reconcile_every: float | None = None  # default: a quarter of the duration, 10-60 s
     settle_timeout: float = 90.0
+    #: what the legacy devices report at login (``legacy.versions`` spread)
+    client_versions: str = CLIENT_VERSIONS
 
     def __attrs_post_init__(self) -> None:
         if not (self.duration == 0 or 5 <= self.duration <= 86400):
@@ -88,6 +96,10 @@ class DemoConfig:
             raise ValueError("--workers must be between 1 and 8")
         if self.seed < 0:
             raise ValueError("--seed must not be negative")
+        try:
+            parse_spread(self.client_versions)
+        except ValueError as e:
+            raise ValueError(f"--client-versions: {e}") from None
 
     @property
     def reconcile_interval(self) -> float:

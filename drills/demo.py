@@ -20,7 +20,7 @@ checks the invariants from both stacks' own records. Only this module's caller
 (``bridgectl/cmd_demo.py``) touches the global reactor; time, processes and sockets come
 through the reactor it is given.
 
-The module is long (about 600 lines) because ``Demo`` is one run told in order, set-up to
+The module is long (about 760 lines) because ``Demo`` is one run told in order, set-up to
 final check, and reads best in one place; what stands alone lives beside it: the settings
 (``drills.config``), child processes (``drills.processes``), the run's databases and ports
 (``drills.databases``, ``drills.ports``) and what it reads from the store
@@ -202,7 +202,7 @@ class Demo:
             str(cfg.legacy_users), "--rate", f"{cfg.rate:g}", "--faults", self.legacy_faults,
             "--seed", str(cfg.seed), "--port", str(self.base_port),
             "--fault-window", f"{cfg.duration or 600:g}", "--record", str(record_path),
-            "--control-dir", str(self.control_dir)])
+            "--control-dir", str(self.control_dir), "--client-versions", cfg.client_versions])
         self.legacy.on_line = self._legacy_line
         self.cloud = self.spawn("cloud", [
             "cloud", "run", "--port", str(self.api_port),
@@ -574,6 +574,7 @@ class Demo:
             legacy_inv = await convergence.legacy_inventory(links)
         finally:
             links.close()
+        versions = await self._client_versions(network, secret)
         not_owed = await self.db.run("cloud_not_owed_to_legacy",
                                      convergence.cloud_not_owed_to_legacy)
         cloud_inv = await self.db.run("cloud_inventory", convergence.cloud_inventory,
@@ -606,6 +607,7 @@ class Demo:
             "notifications_acked": n["acked"], "notifications_failed": n["failed"],
             "notifications_unsettled": unsettled,
             "accounts_by_phase": final["accounts_by_phase"],
+            "client_versions": versions,
             "check": {**verdict.to_json(), "cloud_not_owed_to_legacy": len(not_owed)},
             "final_reconcile_exit": code,
             "reconcile_runs": self.reconcile_runs,
@@ -628,6 +630,23 @@ class Demo:
             "logs": str(self.workdir),
             "config": attrs.asdict(self.config),
         }
+
+    async def _client_versions(self, network: Any, secret: bytes) -> dict[str, Any]:
+        """The versions the legacy clients reported at the login server, and its minimum
+        versions (what ``bridgectl legacy versions`` shows)."""
+        from legacy.peer import connect_peer
+
+        peer = await connect_peer(network, "127.0.0.1", self.login_port, name="demo-check",
+                                  secret=secret, timeout=10.0, request_timeout=10.0)
+        try:
+            reply = await peer.versions()
+        finally:
+            peer.disconnect()
+        return {"spread": self.config.client_versions,
+                "versions": [{"version": v.version, "logins": v.logins, "handles": v.handles}
+                             for v in reply.versions],
+                "rules": [{"cohort": r.cohort or None, "version": r.version}
+                          for r in reply.rules]}
 
     async def _settle(self, quiet_s: float, notifications: bool = False) -> None:
         """Wait until the store stops changing for *quiet_s* with the outbox empty (and, with
@@ -688,6 +707,15 @@ def _lag_line(lag: dict[str, Any]) -> str:
     return "p99 lag (traffic):    " + "; ".join(parts)
 
 
+def _versions_line(v: dict[str, Any]) -> str:
+    versions = v.get("versions") or []
+    total = sum(x["handles"] for x in versions) or 1
+    seen = ", ".join(f"{x['version']} {100 * x['handles'] / total:.0f}%" for x in versions)
+    rules = "; ".join(f"minimum {r['version']} for {r['cohort'] or 'everyone'}"
+                      for r in v.get("rules") or []) or "no minimum"
+    return f"client versions:      {seen or 'none reported'} of legacy handles; {rules}"
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary for a terminal."""
     if summary.get("aborted"):
@@ -713,6 +741,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"{summary['notifications_unsettled']} unsettled",
         "accounts by phase:    " + ", ".join(f"{p} {n}" for p, n in
                                              summary["accounts_by_phase"].items()),
+        _versions_line(summary.get("client_versions") or {}),
         f"faults:               {summary['faults']['preset']}: "
         f"{summary['faults']['supernode_crashes']} supernode crashes, "
         f"{summary['faults']['bridge_kills']} bridge kills, "

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from cloud.model import PHASES
+from legacy.versions import normalize, parse_spread
 
 #: One simulated day, in seconds.
 DAY_S = 86_400.0
@@ -220,10 +221,30 @@ class SimConfig:
         "reconcile-every", 0, 24 * 30))
     #: bridge workers sharing the feeds
     workers: int = attrs.field(default=1, validator=_positive_int("workers", 1, 16))
+    #: the legacy devices' client versions, e.g. "7.1:0.2,8.0:0.8" (``legacy.versions``);
+    #: "": they report none
+    client_versions: str = ""
+    #: (day, version): from that day on the login server refuses older clients
+    min_versions: tuple[tuple[float, str], ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.faults not in FAULTS:
             raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
+        if self.client_versions:
+            try:
+                parse_spread(self.client_versions)
+            except ValueError as e:
+                raise ValueError(f"--client-versions: {e}") from None
+        for day, version in self.min_versions:
+            if not (isinstance(day, (int, float)) and math.isfinite(day) and day >= 0):
+                raise ValueError(f"--min-version: the day must be a number >= 0, not {day!r}")
+            if day >= self.days:
+                raise ValueError(f"--min-version: day {day:g} is not within the run's "
+                                 f"{self.days:g} days")
+            try:
+                normalize(version)
+            except ValueError as e:
+                raise ValueError(f"--min-version: {e}") from None
         if self.plan is not None:
             check_plan(self.plan)
 

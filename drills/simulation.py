@@ -11,6 +11,8 @@
 - cohort moves from a plan (``drills.simplan``) through named cohorts, as ``bridgectl
   cohort advance`` and ``reverse`` make them (``drills.simcohorts``): gated forward moves,
   rollbacks with their back-fill to legacy;
+- legacy client versions from a spread, and minimum versions set mid-run as ``bridgectl
+  legacy min-version`` sets them (``drills.simversions``), old clients refused;
 - faults from a profile: supernode crashes and client-hosted supernode lifetimes, link
   drops, windows of per-hop loss, push loss, and the 2010 outage.
 
@@ -52,6 +54,7 @@ from drills import convergence, simcheck, simtraffic
 from drills.simcohorts import SimCohorts, cohort_name
 from drills.simfaults import SimFaults
 from drills.simplan import DAY_S, PlanStep, SimConfig
+from drills.simversions import SimVersions
 from legacy.client import Device
 from legacy.faults import PRESETS, HopFaults
 from legacy.network import MemoryNetwork
@@ -109,7 +112,7 @@ class Simulation:
             RunConfig(supernodes=config.supernodes, users=config.users, rate=0.0,
                       faults="none", seed=config.seed, duration=None, presence_ttl=5400.0,
                       refresh_interval=1800.0, sweep_interval=600.0,
-                      password_iterations=1),
+                      password_iterations=1, client_versions=config.client_versions),
             self.network, peer_secret=PEER_SECRET, login_secret=LOGIN_SECRET)
         # the profile's hop faults, off until a fault window opens
         hops = HopFaults(PRESETS[profile.hop_preset], self.rng_faults)
@@ -142,6 +145,8 @@ class Simulation:
         self.cohorts = SimCohorts(self.conn, self.db, self.clock, GateConfig(
             reconcile_window_ms=int(config.reconcile_every_h * 3 * 3600e3),
             live_within_ms=600_000))
+        self.versions = SimVersions(self.conn, self.legacy, self._now_ms, self._day,
+                                    lambda: self._login_link)
         self._calls: list[Any] = []
         self._busy: dict[str, defer.Deferred] = {}  # what runs in the background, by name
         self._login_link: Any = None
@@ -154,7 +159,8 @@ class Simulation:
         config = WorkerConfig(
             worker_id=worker_id, bootstrap_host=self.host, bootstrap_port=self.login_port,
             heartbeat_s=120.0, discovery_s=600.0, lease_ttl_s=900.0, accounts_sync_s=3600.0,
-            credentials_s=60.0, lag_window_s=600.0, follower=FollowerConfig(linger_s=0.05))
+            credentials_s=60.0, min_versions_s=600.0, lag_window_s=600.0,
+            follower=FollowerConfig(linger_s=0.05))
         rng = random.Random(self.rng_bridge.getrandbits(64))
         worker = BridgeWorker(
             self.clock, self.network, self.db, PEER_SECRET, rng, config,
@@ -224,7 +230,6 @@ class Simulation:
             if gc_enabled:
                 gc.enable()
 
-
     def _run(self) -> dict[str, Any]:
         self._wall0 = time.perf_counter()
         cfg = self.config
@@ -247,6 +252,9 @@ class Simulation:
                 name = cohort_name(i, step)
             if step.day < cfg.days:
                 self._later(step.day * DAY_S, self._plan_step, name, step)
+        for day, version in cfg.min_versions:
+            if day < cfg.days:
+                self._later(day * DAY_S, self.versions.set_min_version, version)
         every = cfg.reconcile_every_h * 3600.0
         self._later(every, self._cron)
         end = START_S + cfg.days * DAY_S
@@ -483,6 +491,7 @@ class Simulation:
             "rollbacks": attrs.asdict(self.cohorts.rollbacks),
             "accounts_by_phase": self.accounts_by_phase,
             "faults": attrs.asdict(self.faults.counts),
+            "client_versions": self.versions.report(self.config.client_versions),
             "outcome_hash": simcheck.outcome_hash(self.conn, self.legacy),
             "trace_hash": self.legacy.trace.hexdigest(),
             "simulated_days": self.config.days,

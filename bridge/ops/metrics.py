@@ -38,6 +38,10 @@ CREDENTIALS = Counter(
     ["outcome"])
 for _outcome in ("delivered", "skipped", "failed"):
     CREDENTIALS.labels(outcome=_outcome)
+MIN_VERSION_RULES_SENT = Counter(
+    "bridge_min_version_rules_sent_total",
+    "Stored minimum-version rules the bridge sent to a legacy login server that lacked them "
+    "(after its restart), without the operator's --reapply.")
 LOOPS = Counter(
     "bridge_loop_suppressed_total",
     "Feed entries not mirrored because they came from the other stack (no loops).",

@@ -345,8 +345,23 @@ def sync_messages(conn: psycopg.Connection, conversation_id: uuid.UUID, after_se
     return [_message(r) for r in rows]
 
 
+def sync_before(conn: psycopg.Connection, conversation_id: uuid.UUID, after_seq: int,
+                before_seq: int, limit: int) -> list[Message]:
+    """The newest *limit* messages with ``after_seq < seq < before_seq``, in seq order: a
+    page of older history, read backwards from a cursor."""
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = %s AND seq > %s "
+        "AND seq < %s ORDER BY seq DESC LIMIT %s",
+        (conversation_id, after_seq, before_seq, limit)).fetchall()
+    return [_message(r) for r in reversed(rows)]
+
+
 def sync_for_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
-                    account_id: uuid.UUID, after_seq: int, limit: int) -> list[Message]:
-    """``sync_messages`` for a member only (NotFound / NotMember otherwise)."""
+                    account_id: uuid.UUID, after_seq: int, limit: int,
+                    before_seq: int | None = None) -> list[Message]:
+    """``sync_messages`` (or with *before_seq* ``sync_before``) for a member only
+    (NotFound / NotMember otherwise)."""
     check_member(conn, conversation_id, account_id)
+    if before_seq is not None:
+        return sync_before(conn, conversation_id, after_seq, before_seq, limit)
     return sync_messages(conn, conversation_id, after_seq, limit)

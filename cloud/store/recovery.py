@@ -116,6 +116,17 @@ def redeem(conn: psycopg.Connection, account_id: uuid.UUID, code_hash: str,
     return True
 
 
+def password_changed_ms(conn: psycopg.Connection, account_id: uuid.UUID) -> int | None:
+    """When the account's password was last set by a recovery (ms), or None: the latest of
+    its code's use and its credential change (the code row goes when a new code is issued,
+    the change row only for a newer change; an account that is not linked has none)."""
+    row = conn.execute(
+        "SELECT greatest((SELECT used_ms FROM recovery_codes WHERE account_id = %(a)s), "
+        "(SELECT changed_ms FROM credential_changes WHERE account_id = %(a)s))",
+        {"a": account_id}).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def audit_attempt(conn: psycopg.Connection, account_id: uuid.UUID | None, handle: str,
                   result: str, now_ms: int, address: str) -> None:
     """Audit a refused recovery (``recovery_refused``): the account (or the unknown handle),

@@ -8,7 +8,8 @@ No build step and nothing fetched from elsewhere: the files ship in this package
 page's Content-Security-Policy lets it load and call only its own origin. Live updates use
 the notification long poll (``GET /v1/notifications``), the same channel simulated devices
 use: a notification names a conversation and a seq, the page syncs that conversation from
-its cursor and then acknowledges the notification.
+its cursor and then acknowledges the notification. The page renews its token before it
+expires (``POST /v1/token``) and pages back through older history (``?before=``).
 """
 
 from __future__ import annotations

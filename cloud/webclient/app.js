@@ -1,8 +1,11 @@
 // The web client for cloud users: everything goes through the JSON API under /v1.
 //
 //   login form --POST /v1/login--> token (sessionStorage, this tab only)
+//   renewal:       POST /v1/token before the token expires (at the latest 5 minutes before,
+//                  by this browser's own clock); refused -> the login form, saying why
 //   conversations: GET /v1/conversations (again every 20 s and after every change)
-//   open one:      GET .../messages?after=cursor, then post with POST .../messages
+//   open one:      GET .../messages?after=cursor (the newest 100), then post with POST
+//                  .../messages; "Load older messages": GET .../messages?before=oldest
 //   live updates:  GET /v1/notifications?timeout=25 (long poll) -> sync the conversations it
 //                  names from their cursors -> POST /v1/notifications/{id}/ack
 //   presence:      PUT /v1/presence every 30 s (ttl 90 s); members' via GET /v1/presence
@@ -17,6 +20,9 @@ const CONVERSATIONS_EVERY_MS = 20000;
 const MEMBERS_PRESENCE_EVERY_MS = 15000;
 const HISTORY_SHOWN = 100;
 const PAGE = 200;
+const OLDER_PAGE = 100;
+const RENEW_BEFORE_MS = 5 * 60 * 1000;  // renew this long before expiry (or at half-life)
+const RENEW_RETRY_MS = 15000;
 const STATUS_RANK = {online: 0, busy: 1, away: 2, offline: 3};
 
 const $ = (id) => document.getElementById(id);
@@ -30,13 +36,14 @@ class ApiError extends Error {
 }
 
 const state = {
-  session: null,            // {token, account_id, handle, expires_ms}
+  session: null,            // {token, account_id, handle, expires_at, lifetime_ms}
   generation: 0,            // bumped at every login and logout: old loops stop
   conversations: new Map(), // id -> {info, messages: [], after, loaded, seen}
   listed: false,            // the first list of this session is in (its history is read)
   openId: null,
   presence: {},             // account id -> effective status
   timers: [],
+  renewal: null,            // the timer of the next token renewal
 };
 
 // ---------------------------------------------------------------- the API
@@ -78,7 +85,7 @@ function describe(err) {
 // Errors of background work: a 401 ends the session, others go to the banner.
 function failed(err) {
   if (err instanceof ApiError && err.status === 401 && state.session) {
-    endSession("Your session has ended; please log in again.");
+    endSession("Your session has ended (" + err.message + "). Please log in again.");
     return;
   }
   showError(describe(err));
@@ -115,9 +122,73 @@ function saveSession(session) {
 function loadSession() {
   try {
     const s = JSON.parse(sessionStorage.getItem("chat-session") || "null");
-    if (s && s.token && s.expires_ms > Date.now()) return s;
+    if (s && s.token && s.expires_at > Date.now()) return s;
   } catch (e) { /* a damaged entry is no session */ }
   return null;
+}
+
+// A session from a login's or a renewal's answer. Its expiry is kept in this browser's
+// clock (now + expires_in_ms), which need not agree with the server's.
+function sessionFrom(r, handle) {
+  return {token: r.token, account_id: r.account_id, handle,
+          expires_at: Date.now() + r.expires_in_ms, lifetime_ms: r.expires_in_ms};
+}
+
+// ---------------------------------------------------------------- token renewal
+
+function renewAt(session) {
+  return session.expires_at - Math.min(RENEW_BEFORE_MS, session.lifetime_ms / 2);
+}
+
+function scheduleRenewal(delayMs) {
+  clearTimeout(state.renewal);
+  const gen = state.generation;
+  state.renewal = setTimeout(() => { if (gen === state.generation) renewToken(gen); },
+                             Math.max(0, delayMs));
+}
+
+// A fresh token before this one expires. Refused (401, 403): the session ends, saying why.
+// The server out of reach: retried while the token lasts, with a note in the banner.
+async function renewToken(gen) {
+  const session = state.session;
+  if (!session || gen !== state.generation) return;
+  try {
+    const r = await api("POST", "/v1/token");
+    if (gen !== state.generation) return;
+    saveSession(sessionFrom(r, session.handle));
+    if ($("connection").dataset.cause === "renewal") $("connection").hidden = true;
+    scheduleRenewal(renewAt(state.session) - Date.now());
+  } catch (err) {
+    if (gen !== state.generation) return;
+    if (err instanceof ApiError && (err.status === 401 || err.status === 403)) {
+      endSession("Your session could not be renewed (" + err.message + "). " +
+                 "Please log in again.");
+      return;
+    }
+    const left = session.expires_at - Date.now();
+    if (left <= 0) {
+      endSession("Your session expired while the server was out of reach. " +
+                 "Please log in again.");
+      return;
+    }
+    const wait = Math.min(RENEW_RETRY_MS, left / 2);
+    $("connection").textContent = "Could not renew your session (" + describe(err) +
+      "); retrying in " + Math.max(1, Math.round(wait / 1000)) + " s.";
+    $("connection").dataset.cause = "renewal";
+    $("connection").hidden = false;
+    scheduleRenewal(wait);
+  }
+}
+
+// A tab in the background may run its timers late: renew on return if it is due.
+function onVisible() {
+  if (document.visibilityState !== "visible" || !state.session) return;
+  if (Date.now() >= state.session.expires_at) {
+    endSession("Your session expired while this page was in the background. " +
+               "Please log in again.");
+  } else if (Date.now() >= renewAt(state.session)) {
+    renewToken(state.generation);
+  }
 }
 
 function showLogin(message) {
@@ -141,7 +212,7 @@ async function onLogin(event) {
   $("login-error").textContent = "";
   try {
     const r = await api("POST", "/v1/login", {handle, password});
-    startSession({token: r.token, account_id: r.account_id, handle, expires_ms: r.expires_ms});
+    startSession(sessionFrom(r, handle));
   } catch (err) {
     $("login-error").textContent = describe(err);
   } finally {
@@ -171,6 +242,7 @@ function startSession(session) {
   every(PRESENCE_EVERY_MS, () => setPresence($("my-status").value));
   every(CONVERSATIONS_EVERY_MS, refreshConversations);
   every(MEMBERS_PRESENCE_EVERY_MS, refreshPresence);
+  scheduleRenewal(renewAt(session) - Date.now());
 }
 
 function every(ms, fn) {
@@ -188,6 +260,8 @@ function stopTimers() {
 function endSession(message) {
   state.generation += 1;
   stopTimers();
+  clearTimeout(state.renewal);
+  $("connection").hidden = true;
   saveSession(null);
   state.conversations = new Map();
   state.openId = null;
@@ -311,7 +385,9 @@ async function syncConversation(id) {
   if (!c.loaded) {
     c.after = Math.max(0, c.info.last_seq - HISTORY_SHOWN);
     c.loaded = true;
+    c.oldest = c.after + 1;  // the seq of the oldest message shown (seqs start at 1)
     c.truncated = c.after > 0;
+    if (id === state.openId) $("earlier").hidden = !c.truncated;
   }
   for (;;) {
     const r = await api("GET", "/v1/conversations/" + id + "/messages?after=" + c.after +
@@ -339,6 +415,7 @@ function renderConversation() {
   $("messages").replaceChildren();
   if (!c) return;
   $("earlier").hidden = !c.truncated;
+  $("older-error").textContent = "";
   $("composer-error").textContent = "";
   $("member-error").textContent = "";
   appendMessages(c.messages);
@@ -350,31 +427,77 @@ function appendMessages(messages) {
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   for (const m of messages) {
     if (list.querySelector('[data-seq="' + m.seq + '"]')) continue;
-    const li = document.createElement("li");
-    li.className = "message" + (m.sender === state.session.account_id ? " mine" : "");
-    li.dataset.seq = String(m.seq);
-    li.dataset.messageId = m.message_id;
-    const who = document.createElement("span");
-    who.className = "who";
-    who.textContent = m.sender_handle;
-    const when = document.createElement("time");
-    const date = new Date(m.sent_ms);
-    when.dateTime = date.toISOString();
-    when.textContent = date.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
-    li.append(who, when);
-    if (m.origin && m.origin !== "cloud") {
-      const via = document.createElement("span");
-      via.className = "via";
-      via.textContent = "via " + m.origin;
-      li.append(via);
-    }
-    const body = document.createElement("p");
-    body.className = "body";
-    body.textContent = m.body;
-    li.append(body);
-    list.append(li);
+    list.append(messageItem(m));
   }
   if (nearBottom || messages.length) list.scrollTop = list.scrollHeight;
+}
+
+// Older messages go above those shown, and the view stays on what the user was reading.
+function prependMessages(messages) {
+  const list = $("messages");
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  const items = messages.filter((m) => !list.querySelector('[data-seq="' + m.seq + '"]'))
+    .map(messageItem);
+  list.prepend(...items);
+  list.scrollTop = list.scrollHeight - fromBottom;
+}
+
+// The previous page of the open conversation's history, before the oldest message shown.
+async function loadOlder() {
+  const id = state.openId;
+  const c = id ? state.conversations.get(id) : null;
+  if (!c || !c.truncated) return;
+  const gen = state.generation;
+  const button = $("load-older");
+  button.disabled = true;
+  $("older-error").textContent = "";
+  try {
+    const r = await api("GET", "/v1/conversations/" + id + "/messages?before=" + c.oldest +
+                               "&limit=" + OLDER_PAGE);
+    if (gen !== state.generation) return;
+    const older = r.messages.filter((m) => m.seq < c.oldest);
+    if (older.length) {
+      c.messages.unshift(...older);
+      c.oldest = older[0].seq;
+    }
+    c.truncated = r.messages.length === OLDER_PAGE && c.oldest > 1;
+    if (id === state.openId) {
+      prependMessages(older);
+      $("earlier").hidden = !c.truncated;
+      if (!c.truncated) $("messages").focus();
+    }
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) failed(err);
+    else $("older-error").textContent = describe(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function messageItem(m) {
+  const li = document.createElement("li");
+  li.className = "message" + (m.sender === state.session.account_id ? " mine" : "");
+  li.dataset.seq = String(m.seq);
+  li.dataset.messageId = m.message_id;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = m.sender_handle;
+  const when = document.createElement("time");
+  const date = new Date(m.sent_ms);
+  when.dateTime = date.toISOString();
+  when.textContent = date.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  li.append(who, when);
+  if (m.origin && m.origin !== "cloud") {
+    const via = document.createElement("span");
+    via.className = "via";
+    via.textContent = "via " + m.origin;
+    li.append(via);
+  }
+  const body = document.createElement("p");
+  body.className = "body";
+  body.textContent = m.body;
+  li.append(body);
+  return li;
 }
 
 async function onSend(event) {
@@ -541,6 +664,7 @@ async function pollNotifications(gen) {
       const wait = Math.min(30000, 1000 * 2 ** Math.min(failures, 5));
       $("connection").textContent = "Live updates paused (" + describe(err) +
         "); retrying in " + Math.round(wait / 1000) + " s.";
+      $("connection").dataset.cause = "poll";
       $("connection").hidden = false;
       await sleep(wait);
       continue;
@@ -593,6 +717,8 @@ function start() {
   $("new-conversation-form").addEventListener("submit", onNewConversation);
   $("add-member-form").addEventListener("submit", onAddMember);
   $("error-dismiss").addEventListener("click", clearError);
+  $("load-older").addEventListener("click", loadOlder);
+  document.addEventListener("visibilitychange", onVisible);
   $("my-status").addEventListener("change", (e) => setPresence(e.target.value).catch(failed));
   window.addEventListener("unhandledrejection", (e) => failed(e.reason));
   window.addEventListener("error", (e) => showError("Something went wrong: " + e.message));

@@ -187,13 +187,52 @@ def test_min_version_over_tcp_for_a_cohort_then_everyone_survives_a_restart(conn
         ("legacy_min_version_set", "legacy_min_versions")]
 
 
+@pytest.mark.processes
+def test_a_running_bridge_gives_a_restarted_login_server_its_rules_back(conn, db_dsn,
+                                                                        tmp_path):
+    """Real processes: a minimum set with the command; the login server restarts and lets
+    a 7.1 client in; without --reapply, the running `bridge run` sends the stored rule
+    again and the 7.1 client is refused once more, within about ten seconds."""
+    env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    legacy = start_legacy(env, port)
+    bridge = None
+    try:
+        done = run(env, "accounts", "import", "--legacy", address, "--dsn", db_dsn)
+        assert done.returncode == 0, done.stderr
+        done = run(env, "legacy", "min-version", "8.0", "--legacy", address, "--dsn",
+                   db_dsn, "--actor", "ci")
+        assert done.returncode == 0, done.stderr
+        assert result_of(tcp_login(port, "u000003", "7.1")) == "upgrade_required"
+        bridge = subprocess.Popen(
+            [*BRIDGECTL, "bridge", "run", "--legacy", address, "--dsn", db_dsn,
+             "--metrics-port", "0", "--worker-id", "reapply-test"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        stop(legacy)
+        legacy = start_legacy(env, port)  # a restart forgets the rule
+        assert result_of(tcp_login(port, "u000003", "7.1")) == "ok"
+        deadline = time.monotonic() + 40
+        while result_of(tcp_login(port, "u000003", "7.1")) == "ok":
+            assert time.monotonic() < deadline, "the bridge did not send the rule again"
+            time.sleep(0.5)
+        assert result_of(tcp_login(port, "u000003", "8.0")) == "ok"
+    finally:
+        stop(legacy)
+        if bridge is not None:
+            stop(bridge)
+    rows = conn.execute("SELECT actor, detail->>'automatic' FROM audit_log WHERE action = "
+                        "'legacy_min_version_reapplied'").fetchall()
+    assert rows == [("reapply-test", "true")]
+
+
 def test_a_large_cohort_is_sent_in_frames_and_reapply_clears_what_is_not_stored():
     """send_rules (what min-version and --reapply send) splits a cohort of 1000 handles into
     frames of MAX_RULE_HANDLES, and with clear_others removes the login server's rules that
     are not among those sent; on the in-memory network."""
     from twisted.internet import defer
 
-    from bridgectl.cmd_legacy_versions import send_rules
+    from bridge.min_versions import send_rules
     from tests.legacy.netfixture import LegacyNet
 
     net = LegacyNet(1).start()

@@ -83,6 +83,9 @@ def test_cloud_run_refuses_a_database_without_the_schema(db_server, tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["cloud", "run", "--push-loss", "1.5"], "not a fraction"),
     (["cloud", "run", "--duration", "-1"], "--duration must be positive"),
+    (["cloud", "run", "--token-ttl", "4"], "4 is not within 5..86400 seconds"),
+    (["cloud", "run", "--token-ttl", "86401"], "not within 5..86400 seconds"),
+    (["cloud", "run", "--token-ttl", "1h"], "'1h' is not an integer"),
     (["cloud", "clients", "--duration", "5", "--users", "1"], "--users must be between"),
     (["cloud", "clients", "--duration", "5", "--api", "ftp://x"], "--api must be"),
 ])

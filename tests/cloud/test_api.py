@@ -368,7 +368,9 @@ def test_message_bodies_may_hold_newlines_and_any_script(h):
 
 @pytest.mark.parametrize("query", ["after=-1", "after=x", "limit=0", "limit=501", "after=1&after=2",
                                    "since=3", "after=%FF", "after=9223372036854775808",
-                                   "after=%D9%A5"])
+                                   "after=%D9%A5", "before=0", "before=-1", "before=x",
+                                   "before=", "before=1&before=2", "after=5&before=5",
+                                   "after=6&before=5", "before=9223372036854775808"])
 def test_bad_sync_parameters_are_400(h, query):
     """Negative, non-numeric, out-of-range, repeated or unknown sync parameters are 400."""
     alice = h.account("alice")
@@ -537,6 +539,7 @@ AUTHENTICATED = [
     ("POST", "/v1/conversations", "", {"members": ["bob"]}),
     ("POST", "/v1/conversations/{conversation_id}/members", "", {"handle": "ghost"}),
     ("DELETE", "/v1/conversations/{conversation_id}/members/{handle}", "", None),
+    ("POST", "/v1/token", "", None),
 ]
 
 
@@ -763,6 +766,8 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
     """(name, method, path, body, needs a token): one valid request per endpoint."""
     return [
         ("login", b"POST", "/v1/login", {"handle": "alice", "password": PASSWORD}, False),
+        # before the recovery, which ends the renewal of tokens issued before it
+        ("renew", b"POST", "/v1/token", None, True),
         ("recover", b"POST", "/v1/recover", {"handle": "alice", "code": RECOVERY_CODE,
                                              "new_password": "a new pass phrase"}, False),
         ("healthz", b"GET", "/v1/healthz", None, False),
@@ -770,6 +775,8 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
         ("post", b"POST", f"/v1/conversations/{w.cid}/messages",
          {"client_message_id": "fuzz", "body": "hi"}, True),
         ("sync", b"GET", f"/v1/conversations/{w.cid}/messages?after=0&limit=5", None, True),
+        ("sync-older", b"GET", f"/v1/conversations/{w.cid}/messages?before=2&limit=5", None,
+         True),
         ("presence-put", b"PUT", "/v1/presence", {"status": "online"}, True),
         ("presence-get", b"GET", f"/v1/presence?accounts={w.alice}", None, True),
         ("poll", b"GET", "/v1/notifications?timeout=0", None, True),
@@ -784,7 +791,7 @@ def _valid_requests(w: World) -> list[tuple[str, bytes, str, object, bool]]:
 ALLOWED = {"/v1/login": {b"POST"}, "/v1/recover": {b"POST"}, "/v1/healthz": {b"GET"},
            "/v1/conversations": {b"GET", b"POST"}, "messages": {b"GET", b"POST"},
            "/v1/presence": {b"GET", b"PUT"}, "/v1/notifications": {b"GET"}, "ack": {b"POST"},
-           "members": {b"POST"}, "member": {b"DELETE"}}
+           "members": {b"POST"}, "member": {b"DELETE"}, "/v1/token": {b"POST"}}
 
 #: Per JSON field: values that field refuses.
 BAD_FIELD_VALUES = {
@@ -838,6 +845,7 @@ def bad_json_bodies(draw, valid: dict) -> bytes:
 BAD_PARAMETER_VALUES = {
     "after": ["", "-1", "x", "1.5", "+1", "99999999999999999999", "%FF", "0x10", "%D9%A5"],
     "limit": ["", "0", "501", "-1", "1e3", "ten", "%00"],
+    "before": ["", "0", "-1", "x", "99999999999999999999", "%FF", "1.5"],
     "timeout": ["", "31", "-1", "1e3", "0x10", "nan", "inf", "1.23456"],
     "accounts": ["", "nope", "nope,nope", ",", "%FF",
                  ",".join([str(uuid.UUID(int=i)) for i in range(101)])],

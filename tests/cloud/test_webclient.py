@@ -115,7 +115,7 @@ def test_every_api_path_the_script_calls_is_a_route(conn):
     api = make_harness(conn).api
     templates = [r.template for r in api.routes]
     paths = set(re.findall(r'"(/v1/[a-z/]*)', source("app.js")))
-    assert {"/v1/login", "/v1/conversations", "/v1/notifications", "/v1/presence",
+    assert {"/v1/login", "/v1/token", "/v1/conversations", "/v1/notifications", "/v1/presence",
             "/v1/conversations/", "/v1/notifications/"} <= paths
     for path in paths:
         assert any(t == path or t.startswith(path) and path.endswith("/")

@@ -4,7 +4,9 @@ Two browser sessions (two Chromium processes, each with a fresh profile) log in 
 users, through the page's own forms and keys, and chat: a message sent in one shows in the
 other within 2 s through the notification long poll, which the page acknowledges. The
 member panel adds and removes members, shows presence, and an API refusal is shown on the
-page. Set WEBCLIENT_SCREENSHOTS=DIR to keep the screenshots (docs/ has them).
+page. Set WEBCLIENT_SCREENSHOTS=DIR to keep the screenshots (docs/ has them). A long session
+renews its token (6 s tokens here) and pages back through older history; a renewal refused
+after a password recovery returns to the login form with the reason.
 
 Across the bridge (a real ``legacy run`` and ``bridge run`` too): a legacy user's messages
 reach the browser, and a member removed in the browser no longer receives the
@@ -13,6 +15,7 @@ conversation's messages on a legacy device of their own (``LegacyDevice``, plain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,6 +23,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,8 @@ import pytest
 from cloud.model import Account
 from cloud.passwords import hash_password
 from cloud.store import accounts as accounts_store
+from cloud.store import conversations as conversations_store
+from cloud.store import messages as messages_store
 from drills.ports import free_port_range
 from legacy import wire
 from tests.bridge.ops.test_statuspage_browser import Process
@@ -72,6 +78,11 @@ def shows_message(page: Page, body: str) -> str:
             f".some(e => e.textContent === {json.dumps(body)})")
 
 
+def signed_in_shown(page: Page) -> bool:
+    """Whether the header's "Signed in as ..." with its Log out button is on screen."""
+    return page.js("getComputedStyle(document.getElementById('me')).display !== 'none'")
+
+
 def send(page: Page, body: str) -> None:
     """Type into the message box and press Enter (which sends)."""
     page.fill("composer-body", body)
@@ -91,18 +102,25 @@ def screenshot(page: Page, name: str, tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def cloud_api(conn, db_dsn, tmp_path):
-    """A real ``bridgectl cloud run`` on a free port; its base URL."""
+@contextlib.contextmanager
+def running_cloud_api(db_dsn: str, tmp_path: Path, *flags: str) -> Iterator[str]:
+    """A real ``bridgectl cloud run`` on a free port (with *flags*); its base URL."""
     env = {"BRIDGE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
     api = Process([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0",
-                   "--resend-after", "30"], env)
+                   "--resend-after", "30", *flags], env)
     try:
         m = wait_for(lambda: api.find(r"cloud API on (http://127\.0\.0\.1:\d+)/v1"), timeout=20)
         yield m.group(1)
     finally:
         rc = api.stop()
     assert rc == 0, "".join(api.lines[-20:])
+
+
+@pytest.fixture
+def cloud_api(conn, db_dsn, tmp_path):
+    """A real ``bridgectl cloud run`` on a free port; its base URL."""
+    with running_cloud_api(db_dsn, tmp_path) as base:
+        yield base
 
 
 def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
@@ -127,7 +145,7 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
 
         log_in(alice, "alice", PASSWORDS["alice"])
         log_in(bob, "bob", PASSWORDS["bob"])
-        assert text_of(alice, "me-handle") == "alice"
+        assert text_of(alice, "me-handle") == "alice" and signed_in_shown(alice)
 
         # Alice starts a conversation with Bob through the form; it opens for her
         click(alice, "#new-conversation summary")
@@ -232,6 +250,7 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
         click(alice, "#logout")
         alice.wait_for("!document.getElementById('login-view').hidden")
         assert alice.js("sessionStorage.getItem('chat-session')") is None
+        assert signed_in_shown(alice) is False
         screenshot(alice, "webclient-login.png", tmp_path)
 
         # no script error and no Content-Security-Policy violation in any of the pages
@@ -240,6 +259,87 @@ def test_two_users_chat_live_in_two_browser_sessions(conn, cloud_api, tmp_path):
     finally:
         alice_browser.close()
         bob_browser.close()
+
+
+# ---------------------------------------------------------------- a long session
+
+TOKEN_TTL_S = 6
+HISTORY = 230
+
+
+def session_token(page: Page) -> str | None:
+    return page.js("JSON.parse(sessionStorage.getItem('chat-session') || 'null')?.token")
+
+
+def shown_seqs(page: Page) -> list[int]:
+    return page.js("Array.from(document.querySelectorAll('#messages .message'), "
+                   "e => +e.dataset.seq)")
+
+
+def test_a_session_outlives_its_token_and_pages_back_through_older_history(
+        conn, db_dsn, tmp_path):
+    """With tokens of 6 s, the page renews its token before each expires and goes on
+    working well past the first one's end; a renewal the server refuses (the password was
+    recovered meanwhile) returns to the login form saying why. Of 230 messages it shows the
+    newest 100, and "Load older messages" pages back, keeping the order, to the first."""
+    ids = make_accounts(conn)
+    cid = uuid.uuid4()
+    with conn.transaction():
+        conversations_store.create_conversation(conn, cid, [ids["alice"], ids["bob"]],
+                                                title="Long history")
+    sent_ms = int(time.time() * 1000) - 3_600_000
+    for i in range(1, HISTORY + 1):
+        with conn.transaction():
+            messages_store.post_message(conn, cid, ids["bob" if i % 3 else "alice"],
+                                        f"old-{i}", f"message {i}", sent_ms + i)
+    with running_cloud_api(db_dsn, tmp_path, "--token-ttl", str(TOKEN_TTL_S)) as base, \
+            contextlib.closing(Browser(tmp_path / "profile")) as browser:
+        page = browser.page(base + "/")
+        log_in(page, "alice", PASSWORDS["alice"])
+        first = session_token(page)
+        logged_in = time.monotonic()
+
+        # the newest 100, then older pages above them, in order, to the very first
+        click(page, f'[data-conversation-id="{cid}"]')
+        page.wait_for("document.querySelectorAll('#messages .message').length === 100")
+        assert shown_seqs(page) == list(range(HISTORY - 99, HISTORY + 1))
+        assert page.js("document.getElementById('earlier').hidden") is False
+        screenshot(page, "webclient-older.png", tmp_path)
+        click(page, "#load-older")
+        page.wait_for("document.querySelectorAll('#messages .message').length === 200")
+        assert shown_seqs(page) == list(range(HISTORY - 199, HISTORY + 1))
+        assert page.js("document.getElementById('earlier').hidden") is False
+        click(page, "#load-older")
+        page.wait_for("document.querySelectorAll('#messages .message').length === 230")
+        assert shown_seqs(page) == list(range(1, HISTORY + 1))
+        assert message_bodies(page)[0] == "message 1"
+        page.wait_for("document.getElementById('earlier').hidden")
+
+        # renewed before the first token ends (at half its life), and in use after its end
+        page.wait_for(f"JSON.parse(sessionStorage.getItem('chat-session')).token !== "
+                      f"{json.dumps(first)}", timeout=TOKEN_TTL_S)
+        assert time.monotonic() - logged_in < TOKEN_TTL_S
+        while time.monotonic() - logged_in < TOKEN_TTL_S + 2:
+            time.sleep(0.2)
+        send(page, "still here after the first token expired")
+        page.wait_for(shows_message(page, "still here after the first token expired"))
+        assert page.js("document.getElementById('login-view').hidden") is True
+        assert session_token(page) not in (None, first)
+
+        # the password is recovered elsewhere: the next renewal is refused, and the page
+        # says so on the login form instead of failing silently
+        with conn.transaction():
+            conn.execute("INSERT INTO credential_changes (account_id, legacy_handle, "
+                         "password_hash, changed_ms, next_try_ms, state) VALUES "
+                         "(%s, 'alice', 'h', %s, %s, 'skipped')",
+                         (ids["alice"], int(time.time() * 1000), int(time.time() * 1000)))
+        page.wait_for("!document.getElementById('login-view').hidden", timeout=TOKEN_TTL_S)
+        assert "could not be renewed" in text_of(page, "login-error")
+        assert "password changed" in text_of(page, "login-error")
+        assert signed_in_shown(page) is False  # no "Signed in as alice" left in the header
+        screenshot(page, "webclient-session-ended.png", tmp_path)
+        assert page.js("sessionStorage.getItem('chat-session')") is None
+        assert page.errors() == []
 
 
 # ---------------------------------------------------------------- across the bridge

@@ -44,6 +44,7 @@ def test_a_short_demo_converges(db_server, tmp_path):
         done = _bridgectl(["demo", "--json", "--duration", "20", "--supernodes", "3",
                            "--legacy-users", "24", "--cloud-users", "4", "--rate", "8",
                            "--faults", "light", "--seed", "5", "--reconcile-every", "5",
+                           "--client-versions", "7.4:1,8.0:1",
                            "--dsn", dsn, "--database", name], tmp_path, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         out = json.loads(done.stdout)
@@ -62,6 +63,11 @@ def test_a_short_demo_converges(db_server, tmp_path):
     assert out["accounts_by_phase"]["cloud-only"] >= 4  # the cloud-native users
     assert out["faults"]["bridge_kills"] == 1
     assert out["final_reconcile_exit"] == 0
+    # the legacy clients reported versions from the spread given, none refused
+    versions = out["client_versions"]
+    assert versions["spread"] == "7.4:1,8.0:1"
+    assert {v["version"] for v in versions["versions"]} <= {"7.4", "8.0"}
+    assert sum(v["handles"] for v in versions["versions"]) > 0 and versions["rules"] == []
     assert any(c["exit_code"] == 0 and c["moved"] > 0 for c in out["cohorts"]), out["cohorts"]
     # the lag the workers reported under traffic, and how much of it was the faults'
     lag = out["lag_under_traffic"]["last"]
@@ -94,6 +100,7 @@ def test_a_short_demo_converges(db_server, tmp_path):
     (["--workers", "9"], "--workers must be between"),
     (["--reconcile-every", "1"], "--reconcile-every must be between"),
     (["--faults", "extreme"], "invalid choice"),
+    (["--client-versions", "7.1:x"], "--client-versions: bad weight"),
 ])
 def test_bad_demo_flags_are_refused_before_anything_starts(tmp_path, args, message):
     done = _bridgectl(["demo", *args], tmp_path, timeout=60)
@@ -201,3 +208,17 @@ def test_not_owed_to_legacy_allows_the_clock_slack_and_always_counts_queued_post
     carl = make_account(conn, "carl", "legacy")
     tx(conn, conversations_store.add_members, cid, [carl])
     assert convergence.cloud_not_owed_to_legacy(conn) == set()
+
+
+def test_the_summary_shows_the_client_versions_and_the_minimums():
+    """One line: each version's share of the legacy handles, then the rules (or none)."""
+    from drills.demo import _versions_line
+
+    seen = [{"version": "7.1", "logins": 3, "handles": 1},
+            {"version": "8.0", "logins": 9, "handles": 3}]
+    assert _versions_line({"versions": seen, "rules": []}) == (
+        "client versions:      7.1 25%, 8.0 75% of legacy handles; no minimum")
+    assert _versions_line({"versions": seen, "rules": [
+        {"cohort": None, "version": "7.4"}, {"cohort": "pilot", "version": "8.0"}]}).endswith(
+        "; minimum 7.4 for everyone; minimum 8.0 for pilot")
+    assert "none reported" in _versions_line({})

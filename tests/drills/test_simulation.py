@@ -218,6 +218,31 @@ def test_every_fault_profile_is_a_choice_of_the_command():
     assert set(FAULTS) == {"none", "light", "heavy", "outage-2010"}
 
 
+def test_a_minimum_version_set_mid_run_refuses_old_clients_and_counts_them(conn, db_dsn):
+    """Devices report versions from a spread; at 7 am of the first day the minimum becomes
+    8.0, set as the command sets it (login server, then store, audited). From then on the
+    7.1 devices that log in are refused, each once (no retry loop), none of 8.0 is; the
+    report counts them, and the run still converges."""
+    report, sim = run_simulation(conn, db_dsn, 11, faults="none",
+                                 client_versions="7.1:0.5,8.0:0.5",
+                                 min_versions=((0.3, "8.0"),))
+    v = report["client_versions"]
+    assert set(v["devices_by_version"]) == {"7.1", "8.0"}
+    assert v["min_versions"] == [{"day": 0.3, "version": "8.0", "refused_before": 0}]
+    assert v["refused_logins"] > 0
+    assert v["refused_logins"] == v["devices_refused"]  # refused once, then it stopped
+    assert set(v["devices_refused_by_version"]) == {"7.1"}
+    refused = [d for ds in sim.legacy.devices.values() for d in ds
+               if d.state == "upgrade_required"]
+    assert len(refused) == v["devices_refused"] and all(d.version == "7.1" for d in refused)
+    assert sum(v["logins_by_version"].values()) > v["refused_logins"]
+    assert conn.execute("SELECT value->'rules'->''->>'version' FROM operator_controls "
+                        "WHERE name = 'legacy_min_versions'").fetchone() == ("8.0",)
+    assert conn.execute("SELECT actor FROM audit_log WHERE action = 'legacy_min_version_set'"
+                        ).fetchall() == [("simulate",)]
+    assert report["converged"], json.dumps(report["verdict"])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--days", "0"], "--days must be a number above 0"),
     (["--users", "1"], "--users must be a whole number between 2"),
@@ -229,6 +254,14 @@ def test_every_fault_profile_is_a_choice_of_the_command():
     (["--reconcile-every", "0"], "--reconcile-every"),
     (["--database", "postgres"], "--database must start with bridge_sim"),
     (["--plan", "/nonexistent/plan.json"], "cannot read --plan"),
+    (["--client-versions", "7.x:1"], "--client-versions: bad version '7.x'"),
+    (["--client-versions", "7.1:0"], "--client-versions: the weights"),
+    (["--min-version", "8.0"], "give VERSION@DAY"),
+    (["--min-version", "8.x@1"], "bad version '8.x'"),
+    (["--min-version", "8.0@soon"], "the day must be a number"),
+    (["--min-version", "8.0@-1"], "the day must be a number >= 0"),
+    (["--min-version", "8.0@nan"], "the day must be a number >= 0"),
+    (["--days", "2", "--min-version", "8.0@2"], "day 2 is not within the run's 2 days"),
 ])
 def test_bad_flags_exit_2_with_one_clear_line_before_anything_runs(argv, needle, capsys,
                                                                      tmp_path, monkeypatch):
@@ -268,6 +301,27 @@ def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_s
     assert reports[0]["replay"].startswith("bridgectl simulate --seed 4 --days 0.5")
     assert "2 of 2 seeds converged" in err or "did not converge; replay:" in err
     assert "day 0.5/0.5" in err  # the progress line
+
+
+def test_the_text_report_shows_the_client_versions_and_the_replay_keeps_them(
+        capsys, db_server, tmp_path, monkeypatch):
+    """Through the command: a line with the devices per version, the minimum and how many
+    logins it refused; the replay command carries --client-versions and --min-version."""
+    monkeypatch.setenv("BRIDGE_HOME", str(tmp_path))
+    monkeypatch.setenv("BRIDGE_DSN", db_server)
+    argv = ["simulate", "--days", "0.5", "--users", "20", "--supernodes", "3", "--faults",
+            "none", "--seed", "4", "--client-versions", "7.1:0.5,8.0:0.5", "--min-version",
+            "8.0@0.2", "--database", "bridge_sim_test"]
+    cli.main(argv)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "client versions:" in x)
+    assert "devices 7.1 " in line and "8.0 " in line
+    assert "minimum 8.0 from day 0.2:" in line and "logins refused as too old" in line
+    cli.main([*argv, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["client_versions"]["refused_logins"] > 0
+    assert report["replay"].endswith(
+        "--client-versions 7.1:0.5,8.0:0.5 --min-version 8.0@0.2")
 
 
 def test_the_check_owes_legacy_nothing_in_a_chat_all_of_whose_members_left_it(conn):
