@@ -450,7 +450,9 @@ def test_legacy_messages_reach_the_browser_and_a_removal_there_reaches_legacy(
     browser = None
     devices: list[LegacyDevice | None] = [None]
     try:
-        wait_for(lambda: legacy.find("legacy network up"), timeout=20)
+        # bounds for a machine busy with other tests (CI runs two rounds at once): a healthy
+        # start takes a few seconds
+        wait_for(lambda: legacy.find("legacy network up"), timeout=60)
         login_server = f"127.0.0.1:{port + LEGACY_SUPERNODES}"
         bridge = Process([*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
                           "--legacy", login_server, "--worker-id", "web-test"], env)
@@ -458,8 +460,8 @@ def test_legacy_messages_reach_the_browser_and_a_removal_there_reaches_legacy(
         api = Process([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0"], env)
         processes.append(api)
         base = wait_for(lambda: api.find(r"cloud API on (http://127\.0\.0\.1:\d+)/v1"),
-                        timeout=20).group(1)
-        cid, chat_id, members = wait_for(lambda: group_chat_ready(conn), timeout=40,
+                        timeout=60).group(1)
+        cid, chat_id, members = wait_for(lambda: group_chat_ready(conn), timeout=90,
                                          every=0.5)
         (me_id, me), (_, other) = members[0], members[-1]
         with conn.transaction():
