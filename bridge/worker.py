@@ -385,16 +385,21 @@ class BridgeWorker(MultiService):
         cfg, wid = self.config, self.config.worker_id
         now = self.clock.seconds()
         ttl_ms = round(cfg.lease_ttl_s * 1000)
+        held = {sn: f for sn, f in self.followers.items() if f.state.value != "stopped"}
+        renewed: set[str] | None
+        try:  # every lease in one statement
+            renewed = await self.db.run(
+                "renew_leases", coordination_store.renew_leases,
+                {f.lease: f.fence for f in held.values()}, wid,
+                int(self.clock.seconds() * 1000), ttl_ms) if held else set()
+        except Exception:
+            renewed = None  # store unreachable: we can not renew
         for sn, follower in list(self.followers.items()):
-            fenced = follower.state.value == "stopped"
-            try:
-                ok = not fenced and await self.db.run(
-                    "renew_lease", coordination_store.renew_lease, follower.lease, wid,
-                    follower.fence, int(self.clock.seconds() * 1000), ttl_ms)
-            except Exception:
-                # Store unreachable: we can not renew, so we must not go on past expiry.
-                ok = self.clock.seconds() < self._lease_expiry.get(sn, 0)
+            if renewed is None:
+                # we must not go on past expiry
+                ok = sn in held and self.clock.seconds() < self._lease_expiry.get(sn, 0)
             else:
+                ok = sn in held and follower.lease in renewed
                 if ok:
                     self._lease_expiry[sn] = now + cfg.lease_ttl_s
             if not ok:
