@@ -104,10 +104,19 @@ class PresenceHub:
         if cur is not None and (cur.status, cur.version, cur.expires_ms) == (
                 merged.status, merged.version, merged.expires_ms):
             return
-        if cur is None or cur.status != merged.status:
+        changed = cur is None or cur.status != merged.status
+        if changed:
             self.changes += 1
         mem.hub[handle] = merged
-        self._fanout(handle)
+        # A refresh that only pushes the expiry out is fanned out only once the expiry the
+        # subscribers hold is within half a TTL of lapsing: every other refresh round at the
+        # default 120 s TTL and 40 s refresh, and a subscriber's copy never lapses while the
+        # user's supernode keeps refreshing on time.
+        fanned = mem.hub_fanned.get(handle)
+        if (changed or fanned is None
+                or fanned < now + int(self.sn.config.presence_ttl * 500)):
+            mem.hub_fanned[handle] = merged.expires_ms
+            self._fanout(handle)
 
     def _fanout(self, handle: str) -> None:
         for subscriber in self.sn.mem.hub_subscribers.get(handle, ()):

@@ -68,6 +68,8 @@ class Memory:
         self.index: dict[str, dict[str, tuple[int, int]]] = {}  # handle -> sn -> (exp, ver)
         self.held_notes: dict[str, dict[str, None]] = {}
         self.hub: dict[str, PresenceEntry] = {}  # merged presence, what subscribers see
+        #: the expiry last fanned out per handle (a refresh is fanned out only near it)
+        self.hub_fanned: dict[str, int] = {}
         self.hub_sources: dict[str, dict[str, PresenceEntry]] = {}
         self.hub_subscribers: dict[str, dict[str, None]] = {}
         #: subscriber SN -> handles whose state it is owed at the end of this moment

@@ -44,24 +44,57 @@ def test_changes_in_one_moment_reach_a_subscriber_once_in_their_last_state():
     assert net.supernodes["sn3"].mem.seen[x].version == net.supernodes["sn2"].mem.hub[x].version
 
 
-def test_a_refresh_round_reaches_a_subscriber_supernode_in_one_frame():
-    """A refresh of many users at one SN reaches a subscriber's SN as one frame per hub."""
+def refreshing_net() -> tuple[LegacyNet, list[str], Any]:
+    """Five users at sn1 whose hub is sn2, watched by a user at sn3; TTL 30 s, refresh every
+    10 s; online at about 1 s."""
     net = LegacyNet(4, presence_ttl=30.0, refresh_interval=10.0).start()
     handles = [h for h in (f"user-{i}" for i in range(200))
                if net.ring.index_owner(h) == "sn2"][:5]
     users = [net.device(net.add_user(h), at="sn1") for h in handles]
     sub = net.device(net.add_user("sub", contacts=tuple(handles)), at="sn3")
     net.online(sub, *users)
+    return net, handles, sub
+
+
+def test_a_refresh_round_reaches_a_subscriber_supernode_in_one_frame():
+    """A refresh of many users at one SN reaches a subscriber's SN as one frame per hub,
+    and only when the expiry the subscriber holds is within half a TTL of lapsing: the
+    round at 10 s (expiries at about 31 s, 21 s ahead) sends nothing, the one at 20 s
+    (11 s ahead, under 15) sends them all in one frame."""
+    net, handles, sub = refreshing_net()
     net.run_until(9.0)
     before = {h: net.supernodes["sn3"].mem.seen[h].expires_ms for h in handles}
     fanouts = record_fanouts(net, "sn3")
 
     net.run_until(10.5)  # the first refresh round, at 10 s
+    assert fanouts == []
+    assert all(net.supernodes["sn2"].mem.hub[h].expires_ms > before[h] for h in handles)
+    net.run_until(20.5)  # the second
     assert len(fanouts) == 1
     assert sorted(e.handle for e in fanouts[0].entries) == sorted(handles)
     seen = net.supernodes["sn3"].mem.seen
     assert all(seen[h].expires_ms > before[h] for h in handles)
     assert all(sub.presence[h] == "online" for h in handles)
+
+
+def test_a_refreshed_user_never_lapses_at_a_subscriber_and_a_silent_one_does():
+    """While the users' supernode refreshes on time their presence never lapses at the
+    subscriber's supernode (its sweep never sets them offline) though only every other
+    round is fanned out; once the refreshes stop (their supernode forgets them), the
+    subscriber's copy lapses no later than the hub's own entry."""
+    net, handles, sub = refreshing_net()
+    seen = net.supernodes["sn3"].mem.seen
+    for t in range(2, 120):
+        net.run_until(float(t))
+        assert all(seen[h].status == "online" for h in handles), t
+        assert all(sub.presence[h] == "online" for h in handles), t
+    hub = net.supernodes["sn2"].mem.hub
+    hub_expiry = max(hub[h].expires_ms for h in handles)
+    net.supernodes["sn1"].mem.local_status.clear()  # nothing left to refresh
+    net.run_until(net.clock.seconds() + 60.0)
+    assert all(seen[h].status == "offline" for h in handles)
+    assert all(sub.presence[h] == "offline" for h in handles)
+    assert max(seen[h].expires_ms for h in handles) <= hub_expiry
 
 
 def test_a_fanout_longer_than_one_frame_is_split_and_all_of_it_arrives():
