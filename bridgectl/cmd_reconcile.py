@@ -95,6 +95,11 @@ def add_commands(sub: Any) -> None:
                      metavar="DURATION",
                      help="gaps: how far inside the legacy retention the window ends "
                           "(default 1h; longer than a run, so nothing ages out during it)")
+    rec.add_argument("--full-sweep", action="store_true",
+                     help="gaps: compare every conversation's root digests, not only those "
+                          "changed since their last clean compare (the dirty set), those at "
+                          "supernodes with open feed gaps and those never compared: for "
+                          "audits, and after a loss the feed gaps did not record")
     rec.add_argument("--account", metavar="REF", action="append",
                      help="gaps only: compare just this account's conversations (a handle or "
                           "an account id; those it is a member of on the cloud and those the "
@@ -313,7 +318,8 @@ def _gaps_config(args: argparse.Namespace) -> Any:
     try:
         config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms,
                             legacy_retention_ms=args.legacy_retention,
-                            retention_margin_ms=args.retention_margin)
+                            retention_margin_ms=args.retention_margin,
+                            full_sweep=args.full_sweep)
         if args.since is not None:
             config = attrs.evolve(config, since_ms=args.since)
     except ValueError as e:
