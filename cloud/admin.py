@@ -386,8 +386,7 @@ def conversation_coverage(conn: psycopg.Connection, account_ids: Sequence[uuid.U
 
     A conversation compared clean once and not in the dirty set since (``digest_dirty``:
     no write changed it, no compare found it different) is clean up to the newest pass
-    that went through the whole dirty set (``gaps_clean_through``), which did not compare
-    it again because nothing had changed."""
+    that went through everything it had to compare (``gaps_clean_through``)."""
     if not account_ids:
         return []
     rows = conn.execute(

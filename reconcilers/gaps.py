@@ -264,6 +264,8 @@ class GapsReconciler:
         #: the chats the cloud store knows (``_all_chats``): a listed chat it does not know
         #: is compared whatever the dirty set says
         self._cloud_known: set[str] = set()
+        #: supernode -> the epoch its peer connection reported when it listed its chats
+        self._epochs: dict[str, int] = {}
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -317,7 +319,7 @@ class GapsReconciler:
                    else await db.run("mirror_lag_ms", lag_ms, now))
             progress.update({"watermark_ms": now - lag - cfg.margin_ms,
                              "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
-                             "gap_sources": gap_sources})
+                             "gap_sources": gap_sources, "epochs": dict(self._epochs)})
         # The retention floor is taken again by every run, a resumed pass's too: what aged
         # past it since the pass began is no longer compared.
         floor = cfg.retention_floor_ms(now)
@@ -328,6 +330,16 @@ class GapsReconciler:
         ring = self.legacy.ring
         #: the dirty set as this run found it: conversation -> version (see clear_dirty)
         dirty = await db.run("dirty_versions", digests_store.dirty_versions)
+        #: supernodes that restarted (lost their memory) since the last pass that went
+        #: through everything, or since this pass began: all their chats are compared
+        recorded = await db.run("clean_through_epochs", digests_store.clean_through_epochs)
+        began = progress.get("epochs", {})
+        if recorded is None or set(recorded) != set(self.legacy.directory):
+            restarted = set(self.legacy.directory)  # no record, or another ring: all
+        else:
+            restarted = {sn for sn in self.legacy.directory
+                         if self._epochs.get(sn) != recorded.get(sn)
+                         or self._epochs.get(sn) != began.get(sn)}
         first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
         rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
@@ -349,11 +361,12 @@ class GapsReconciler:
             wanted = len(order)
             order = [(ph, c) for ph, c in order
                      if chats[c][0] in dirty or c in retry or c not in self._cloud_known
-                     or ring.home_of(c) in gap_sources]
+                     or ring.home_of(c) in gap_sources or ring.home_of(c) in restarted]
             skipped = wanted - len(order)
         else:
             skipped = 0
-        report.detail.update({"mode": mode, "dirty": len(dirty), "skipped_clean": skipped})
+        report.detail.update({"mode": mode, "dirty": len(dirty), "skipped_clean": skipped,
+                              "restarted_supernodes": sorted(restarted)})
         total = base + len(order)
         ctx.count(base, total)
         diffs: list[ChatDiff] = []
@@ -471,8 +484,24 @@ class GapsReconciler:
                                   repaired=progress.get("repaired_by_source", {}))
             report.detail["feed_gaps_covered"] = sum(closed.values())
             report.detail["feed_gaps_unrecoverable"] = closed["unrecoverable"]
-            await db.run("record_clean_through", digests_store.record_clean_through, end,
-                         report.run_id, ctx.now_ms())
+            if await self._unrestarted(progress.get("epochs", {})):
+                await db.run("record_clean_through", digests_store.record_clean_through, end,
+                             report.run_id, ctx.now_ms(), progress.get("epochs", {}))
+
+    async def _unrestarted(self, epochs: dict[str, int]) -> bool:
+        """Every supernode still runs the incarnation the pass began with (*epochs*): what
+        the pass compared clean at each is still there, so the pass may vouch for it."""
+        if set(epochs) != set(self.legacy.directory):
+            return False
+        try:
+            for sn in sorted(self.legacy.directory):
+                if (await self.legacy.peer(sn)).epoch != epochs[sn]:
+                    return False
+        except CUT_OFF:
+            raise
+        except Exception:
+            return False  # out of reach: not known to be the same incarnation
+        return True
 
     @staticmethod
     def _lose(report: Any, lost: dict[str, str], sn: str, e: Exception) -> None:
@@ -500,6 +529,7 @@ class GapsReconciler:
         for sn in sorted(self.legacy.directory):
             try:
                 peer = await self.legacy.peer(sn)
+                self._epochs[sn] = peer.epoch
                 after = ""
                 while True:
                     page = await peer.chats(after, 200)

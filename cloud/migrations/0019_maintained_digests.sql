@@ -20,9 +20,11 @@
 -- transaction, one grouped statement per writing statement: a crash between a message and
 -- its digest can not happen, and no write path can forget them.
 --
--- gaps_clean_through: the watermark of the newest dirty-set gaps pass that went through the
--- whole dirty set clean (one row). A conversation that is not dirty and was compared clean
--- once is clean up to that watermark (admin.conversation_coverage reads it).
+-- gaps_clean_through: the watermark of the newest gaps pass that went through everything it
+-- had to compare clean (one row), and each supernode's epoch when that pass began. A
+-- conversation that is not dirty and was compared clean once is clean up to that watermark
+-- (admin.conversation_coverage reads it); a supernode whose epoch is not the one recorded
+-- has restarted and lost its memory since, so the next pass compares all its chats.
 --
 -- Distribution key: conversation_id leads both tables' primary keys.
 
@@ -50,7 +52,8 @@ CREATE TABLE gaps_clean_through (
     only_row     boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     watermark_ms bigint NOT NULL,
     run_id       bigint,
-    recorded_ms  bigint NOT NULL
+    recorded_ms  bigint NOT NULL,
+    supernodes   jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 
 -- One statement per writing statement: the delta (+1 for new rows, -1 for old ones) grouped

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import attrs
 import psycopg
+from psycopg.types.json import Jsonb
 
 from cloud.model import Digest
 
@@ -187,17 +188,27 @@ def clean_through(conn: psycopg.Connection) -> int | None:
     return None if row is None else row[0]
 
 
+def clean_through_epochs(conn: psycopg.Connection) -> dict[str, int] | None:
+    """Each supernode's epoch when the pass ``clean_through`` names began (None: no pass
+    has gone through everything yet)."""
+    row = conn.execute("SELECT supernodes FROM gaps_clean_through").fetchone()
+    return None if row is None else {k: int(v) for k, v in row[0].items()}
+
+
 def record_clean_through(conn: psycopg.Connection, watermark_ms: int, run_id: int | None,
-                         now_ms: int) -> None:
-    """A gaps pass went through the whole dirty set (and the feed gaps' conversations)
-    without a difference it left unrepaired, a failure or an uncovered supernode: every
-    conversation not dirty that was compared clean once is clean up to its watermark."""
+                         now_ms: int, epochs: dict[str, int]) -> None:
+    """A gaps pass went through everything it had to compare (the dirty set, the feed
+    gaps' and restarted supernodes' conversations) without a failure, an uncovered
+    supernode or a dry run, with the supernodes in *epochs* (theirs when it began)
+    unrestarted: every conversation not dirty that was compared clean once is clean up to
+    its watermark."""
     conn.execute(
-        "INSERT INTO gaps_clean_through (only_row, watermark_ms, run_id, recorded_ms) "
-        "VALUES (true, %s, %s, %s) ON CONFLICT (only_row) DO UPDATE SET "
+        "INSERT INTO gaps_clean_through (only_row, watermark_ms, run_id, recorded_ms, "
+        "  supernodes) VALUES (true, %s, %s, %s, %s) ON CONFLICT (only_row) DO UPDATE SET "
         "watermark_ms = greatest(gaps_clean_through.watermark_ms, excluded.watermark_ms), "
-        "run_id = excluded.run_id, recorded_ms = excluded.recorded_ms",
-        (watermark_ms, run_id, now_ms))
+        "run_id = excluded.run_id, recorded_ms = excluded.recorded_ms, "
+        "supernodes = excluded.supernodes",
+        (watermark_ms, run_id, now_ms, Jsonb(epochs)))
 
 
 # -- checks ----------------------------------------------------------------------------------

@@ -131,3 +131,25 @@ def test_a_dry_run_marks_nothing_and_vouches_for_nothing(conn, db_dsn):
         assert digests_store.clean_through(conn) == before
     finally:
         h.close()
+
+
+def test_a_restarted_supernode_has_all_its_chats_compared(conn, db_dsn):
+    """A supernode that lost its memory while nothing followed its feed (no feed gap, no
+    cloud write): its new epoch puts all its chats in the pass, which puts back what it
+    lost; the other supernodes' chats are skipped, and the pass after asks nothing."""
+    h = History(conn, db_dsn, 6, 4)
+    try:
+        scene = h.scene
+        home = scene.net.ring.home_of("chat-0")
+        homed = [c for c in h.devices if scene.net.ring.home_of(c) == home]
+        scene.net.wait(scene.net.supernodes[home].crash())
+        scene.net.wait(scene.net.supernodes[home].restart())
+        report, rec = scene.reconcile(config=CONFIG)
+        assert report.detail["restarted_supernodes"] == [home]
+        assert report.repaired == 4 * len(homed) and report.exit_code() == runner.EXIT_IN_SYNC
+        assert report.detail["skipped_clean"] == 6 - len(homed)
+        again, rec = scene.reconcile(config=CONFIG)
+        assert again.detail["restarted_supernodes"] == []
+        assert again.clean and again.confirmed == 0
+    finally:
+        h.close()

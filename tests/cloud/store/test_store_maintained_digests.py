@@ -230,7 +230,10 @@ class MaintainedDigests(RuleBasedStateMachine):
                                       f"cloud:{i.message_id}") for i in items
                 if i.kind == outbox_store.MESSAGE]
         completed = tx(self.conn, outbox_store.complete_outbox_batch, done, NOW)
-        self.changed |= {i.conversation_id for i in completed}
+        got = self.conn.execute(  # a message pruned since it was posted gets no GUID
+            "SELECT DISTINCT conversation_id FROM messages WHERE message_id = ANY(%s) "
+            "AND legacy_guid IS NOT NULL", ([i.message_id for i in completed],)).fetchall()
+        self.changed |= {r[0] for r in got}
 
     @rule(slot=st.integers(-3, 4))
     def prune(self, slot: int) -> None:
