@@ -22,8 +22,10 @@ Which conversations a pass compares (Riak's active anti-entropy: both sides keep
 digests current as they write, so an exchange reads roots). By default the dirty set
 (``digest_dirty``, kept by the store's triggers: conversations whose cloud messages changed
 since a compare last found them equal, and those never compared), the conversations homed at
-supernodes with open feed gaps (the legacy side's own losses), those an earlier run left to
-retry, and the chats a supernode lists that the cloud store does not know. A conversation in
+supernodes with open feed gaps or whose epoch changed since the last complete pass (the
+legacy side's own losses: a restart loses a supernode's memory and its tree), those an
+earlier run left to retry, and the chats a supernode lists that the cloud store does not
+know. A conversation in
 none of these was compared equal and neither side has changed it since (a legacy change
 reaches the cloud through the bridge, which writes it, or is a feed gap), so it is not
 compared again: an in-sync pass costs what changed, not the history. A root is read from the
