@@ -62,7 +62,7 @@ def _build(dsn: str, rows: int, diffs: int) -> None:
         conn.execute("CREATE TABLE t1 (guid text PRIMARY KEY, sender text NOT NULL, "
                      "ts_ms bigint NOT NULL, body text NOT NULL)")
         conn.execute(
-            "INSERT INTO t1 SELECT md5(i::text), 'user-' || (i % 2000), "
+            "INSERT INTO t1 SELECT md5(i::text), 'user-' || (i %% 2000), "
             "1700000000000 + i * 600, 'message ' || i || ': ' || repeat('x', 40) "
             "FROM generate_series(1, %s) i", (rows,))
         conn.execute("CREATE TABLE t2 (LIKE t1 INCLUDING ALL)")
