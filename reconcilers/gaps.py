@@ -113,6 +113,8 @@ LINK_ERRORS = (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, C
 #: The run was cut off at its deadline (``reconcilers.runner``): stop, do not count it.
 CUT_OFF = (defer.CancelledError, RunCutOff)
 REPAIRED_NAMED = 100      # conversations a closed feed gap names at most
+#: conversations whose cloud roots one transaction reads ahead of their compare
+ROOTS_AHEAD = 200
 
 
 class LegacyHistory(Protocol):
@@ -372,6 +374,8 @@ class GapsReconciler:
         total = base + len(order)
         ctx.count(base, total)
         diffs: list[ChatDiff] = []
+        #: conversation -> its cloud root over the window, read ahead (window_roots)
+        roots: dict[uuid.UUID, digests_store.DigestAnswer] = {}
 
         async def confirm_round() -> None:
             """Second look at what was found so far, and its repair: done in rounds, so a
@@ -379,6 +383,9 @@ class GapsReconciler:
             await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
             batch = diffs[:]
             diffs.clear()
+            if not ctx.dry_run:  # not clean until a compare finds them equal
+                await db.run("mark_dirty", digests_store.mark_dirty,
+                             [d.conversation_id for d in batch])
             for diff in batch:
                 home = ring.home_of(diff.chat_id)
                 if home in lost:
@@ -433,7 +440,11 @@ class GapsReconciler:
                 continue
             cid, members = chats[chat_id]
             try:
-                diff = await self._compare_chat(db, chat_id, cid, start, end)
+                if cid not in roots:  # the cloud roots of the next conversations, at once
+                    ahead_ids = [chats[c][0] for _, c in order[i:i + ROOTS_AHEAD]]
+                    roots = await db.run("window_roots", digests_store.window_roots,
+                                         ahead_ids, start, end)
+                diff = await self._compare_chat(db, chat_id, cid, start, end, roots.pop(cid))
             except Exception as e:
                 if isinstance(e, CUT_OFF):
                     raise  # the run ended at its deadline: this chat stays to do
@@ -448,8 +459,6 @@ class GapsReconciler:
             if diff.missing_in_cloud or diff.missing_in_legacy:
                 report.suspects += len(diff.missing_in_cloud) + len(diff.missing_in_legacy)
                 diffs.append(diff)
-                if not ctx.dry_run:  # not clean until a compare finds it equal
-                    await db.run("mark_dirty", digests_store.mark_dirty, [cid])
                 retry.add(chat_id)  # until repaired: a cut-off run leaves it to the next
             else:
                 retry.discard(chat_id)
@@ -552,7 +561,10 @@ class GapsReconciler:
     # -- digest descent --------------------------------------------------------------------
 
     async def _compare_chat(self, db: TransactionRunner, chat_id: str, cid: uuid.UUID,
-                            start: int, end: int) -> ChatDiff:
+                            start: int, end: int,
+                            cloud_root: digests_store.DigestAnswer | None = None) -> ChatDiff:
+        """Descend from the window's root where the digests differ; *cloud_root* is the
+        cloud's root of the window when it was read ahead."""
         peer = await self.legacy.for_chat(chat_id)
         diff = ChatDiff(chat_id, cid)
         stack = [(start, end, 0, 0, True)]
@@ -564,8 +576,10 @@ class GapsReconciler:
                              prefix=prefix)
             if root:
                 [legacy] = await peer.digests(rng, 0)
-                answer = await db.run("maintained_digests", digests_store.maintained_digests,
-                                      cid, lo, hi, pbits, prefix, 0)
+                whole = pbits == 0 and lo == start and hi == end
+                answer = (cloud_root if whole and cloud_root is not None else
+                          await db.run("maintained_digests", digests_store.maintained_digests,
+                                       cid, lo, hi, pbits, prefix, 0))
                 [cloud] = answer.digests
                 self.counters.digest_requests += 1
                 self.counters.digest_rows_read += answer.rows_read

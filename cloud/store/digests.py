@@ -137,6 +137,36 @@ def window_root(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: 
     return DigestAnswer([Digest(int(count), int(total) % _U64)], int(rows))
 
 
+_WINDOW_ROOTS = (
+    "SELECT cid, count(*), coalesce(sum(n), 0), coalesce(sum(t), 0) FROM ("
+    "  SELECT conversation_id AS cid, count AS n, total AS t FROM message_digest_slots "
+    "  WHERE conversation_id = ANY(%(cids)s) AND slot >= %(full_lo)s AND slot <= %(full_hi)s "
+    "  UNION ALL "
+    "  SELECT conversation_id, 1, digest_hash::numeric FROM messages "
+    "  WHERE conversation_id = ANY(%(cids)s) "
+    "    AND digest_hash IS NOT NULL AND sent_ms >= %(a1)s AND sent_ms < %(b1)s "
+    "  UNION ALL "
+    "  SELECT conversation_id, 1, digest_hash::numeric FROM messages "
+    "  WHERE conversation_id = ANY(%(cids)s) "
+    "    AND digest_hash IS NOT NULL AND sent_ms >= %(a2)s AND sent_ms < %(b2)s) x "
+    "GROUP BY cid")
+
+
+def window_roots(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
+                 start_ms: int, end_ms: int) -> dict[uuid.UUID, DigestAnswer]:
+    """``window_root`` of many conversations in one statement (a pass reads the roots of
+    the conversations it is about to compare together: one round trip, not one each)."""
+    out = {c: DigestAnswer([Digest(0, 0)], 0) for c in conversation_ids}
+    if end_ms <= start_ms or not out:
+        return out
+    full_lo, full_hi, (a1, b1), (a2, b2) = window_parts(start_ms, end_ms)
+    for cid, rows, count, total in conn.execute(_WINDOW_ROOTS, {
+            "cids": list(out), "full_lo": full_lo, "full_hi": full_hi,
+            "a1": a1, "b1": b1, "a2": a2, "b2": b2}):
+        out[cid] = DigestAnswer([Digest(int(count), int(total) % _U64)], int(rows))
+    return out
+
+
 def maintained_digests(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: int,
                        end_ms: int, prefix_bits: int, prefix: int,
                        split_bits: int) -> DigestAnswer:

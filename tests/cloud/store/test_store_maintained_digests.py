@@ -269,11 +269,14 @@ class MaintainedDigests(RuleBasedStateMachine):
     @rule(start=st.integers(-4 * SLOT, 4 * SLOT), length=st.integers(0, 5 * SLOT),
           chat=st.sampled_from(CHATS))
     def window(self, start: int, length: int, chat: str) -> None:
-        """Any window's root from the slots equals the scan's."""
+        """Any window's root from the slots equals the scan's, read alone or with others."""
         cid = self.cids[chat]
         got = tx(self.conn, digests_store.window_root, cid, BASE + start, BASE + start + length)
         assert got.digests == [tx(self.conn, digests_store.range_digest, cid, BASE + start,
                                   BASE + start + length)]
+        many = tx(self.conn, digests_store.window_roots, list(self.cids.values()),
+                  BASE + start, BASE + start + length)
+        assert many[cid] == got
 
     @invariant()
     def slots_equal_scratch(self) -> None:
