@@ -56,16 +56,16 @@ CREATE TABLE gaps_clean_through (
     supernodes   jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 
--- One statement per writing statement: the delta (+1 for new rows, -1 for old ones) grouped
+-- One statement per writing statement: the delta (+ the new rows, - the old ones) grouped
 -- by (conversation, slot), net-zero groups dropped, added to the slots in key order (two
 -- writers take the slot rows' locks in the same order), and the conversations marked dirty.
+-- sum(bigint) accumulates in 128 bits: no numeric arithmetic per row.
 CREATE FUNCTION message_digests_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    WITH d AS (SELECT conversation_id, sent_ms, digest_hash::numeric AS h, 1 AS sign
-               FROM new_rows WHERE digest_hash IS NOT NULL),
-    g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, sum(sign) AS n,
-                 sum(sign * h) AS t, max(sent_ms) AS top FROM d GROUP BY 1, 2),
+    WITH g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, count(*) AS n,
+                      sum(digest_hash) AS t, max(sent_ms) AS top
+               FROM new_rows WHERE digest_hash IS NOT NULL GROUP BY 1, 2),
     upd AS (INSERT INTO message_digest_slots AS s (conversation_id, slot, count, total)
             SELECT conversation_id, slot, n, t FROM g ORDER BY 1, 2
             ON CONFLICT (conversation_id, slot) DO UPDATE
@@ -77,14 +77,15 @@ BEGIN
     RETURN NULL;
   END IF;
   IF TG_OP = 'UPDATE' THEN
-    WITH d AS (SELECT conversation_id, sent_ms, digest_hash::numeric AS h, 1 AS sign
-               FROM new_rows WHERE digest_hash IS NOT NULL
+    WITH d AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, count(*) AS n,
+                      sum(digest_hash) AS t, max(sent_ms) AS top
+               FROM new_rows WHERE digest_hash IS NOT NULL GROUP BY 1, 2
                UNION ALL
-               SELECT conversation_id, sent_ms, digest_hash::numeric, -1
-               FROM old_rows WHERE digest_hash IS NOT NULL),
-    g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, sum(sign) AS n,
-                 sum(sign * h) AS t, max(sent_ms) AS top FROM d GROUP BY 1, 2
-          HAVING sum(sign) <> 0 OR sum(sign * h) <> 0),
+               SELECT conversation_id, message_digest_slot(sent_ms), -count(*),
+                      -sum(digest_hash), max(sent_ms)
+               FROM old_rows WHERE digest_hash IS NOT NULL GROUP BY 1, 2),
+    g AS (SELECT conversation_id, slot, sum(n) AS n, sum(t) AS t, max(top) AS top
+          FROM d GROUP BY 1, 2 HAVING sum(n) <> 0 OR sum(t) <> 0),
     upd AS (INSERT INTO message_digest_slots AS s (conversation_id, slot, count, total)
             SELECT conversation_id, slot, n, t FROM g ORDER BY 1, 2
             ON CONFLICT (conversation_id, slot) DO UPDATE
@@ -94,10 +95,9 @@ BEGIN
     ON CONFLICT (conversation_id) DO UPDATE
     SET version = x.version + 1, top_ms = greatest(x.top_ms, excluded.top_ms);
   ELSE  -- DELETE
-    WITH d AS (SELECT conversation_id, sent_ms, digest_hash::numeric AS h, -1 AS sign
-               FROM old_rows WHERE digest_hash IS NOT NULL),
-    g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, sum(sign) AS n,
-                 sum(sign * h) AS t, max(sent_ms) AS top FROM d GROUP BY 1, 2),
+    WITH g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, -count(*) AS n,
+                      -sum(digest_hash) AS t, max(sent_ms) AS top
+               FROM old_rows WHERE digest_hash IS NOT NULL GROUP BY 1, 2),
     upd AS (INSERT INTO message_digest_slots AS s (conversation_id, slot, count, total)
             SELECT conversation_id, slot, n, t FROM g ORDER BY 1, 2
             ON CONFLICT (conversation_id, slot) DO UPDATE
@@ -143,7 +143,7 @@ CREATE TRIGGER digest_dirty_new_chat AFTER INSERT ON conversation_legacy_ids
 -- Back-fill: the slots of every message already stored, and every conversation with a
 -- legacy chat dirty (the first pass after the upgrade compares them all, as before).
 INSERT INTO message_digest_slots (conversation_id, slot, count, total)
-SELECT conversation_id, message_digest_slot(sent_ms), count(*), sum(digest_hash::numeric)
+SELECT conversation_id, message_digest_slot(sent_ms), count(*), sum(digest_hash)
   FROM messages WHERE digest_hash IS NOT NULL GROUP BY 1, 2;
 INSERT INTO digest_dirty (conversation_id, version, top_ms)
 SELECT l.conversation_id, 1,
