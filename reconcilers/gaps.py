@@ -25,10 +25,10 @@ since a compare last found them equal, and those never compared), the conversati
 supernodes with open feed gaps or whose epoch changed since the last complete pass (the
 legacy side's own losses: a restart loses a supernode's memory and its tree), those an
 earlier run left to retry, and the chats a supernode lists that the cloud store does not
-know. A conversation in
-none of these was compared equal and neither side has changed it since (a legacy change
-reaches the cloud through the bridge, which writes it, or is a feed gap), so it is not
-compared again: an in-sync pass costs what changed, not the history. A root is read from the
+know. A conversation in none of these was compared equal and neither side has changed it
+since (a legacy change reaches the cloud through the bridge, which writes it, or is a feed
+gap or a restart), so it is not compared again: an in-sync pass costs what changed, not the
+history. A root is read from the
 maintained slots on the cloud side (``digests_store.window_root``) and the home supernode's
 tree on the legacy side. ``--full-sweep`` (``GapsConfig.full_sweep``) compares every
 conversation, for audits; a targeted run compares its whole scope. A pass that went through
@@ -344,8 +344,10 @@ class GapsReconciler:
             restarted = {sn for sn in self.legacy.directory
                          if self._epochs.get(sn) != recorded.get(sn)
                          or self._epochs.get(sn) != began.get(sn)}
-        first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
-        rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
+        #: each chat's home, hashed once (a pass with nothing to compare is mostly this)
+        homes = {c: ring.home_of(c) for c in chats}
+        first = sorted(c for c in chats if homes[c] in gap_sources)
+        rest = sorted(c for c in chats if homes[c] not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
         done_phase, done_after = progress.get("phase"), progress.get("after")
         #: conversations earlier runs of this pass went through (none: a new pass)
@@ -365,7 +367,7 @@ class GapsReconciler:
             wanted = len(order)
             order = [(ph, c) for ph, c in order
                      if chats[c][0] in dirty or c in retry or c not in self._cloud_known
-                     or ring.home_of(c) in gap_sources or ring.home_of(c) in restarted]
+                     or homes[c] in gap_sources or homes[c] in restarted]
             skipped = wanted - len(order)
         else:
             skipped = 0
@@ -434,7 +436,7 @@ class GapsReconciler:
                 ctx.interrupted = True
                 await save()
                 break
-            home = ring.home_of(chat_id)
+            home = homes[chat_id]
             if home in lost:
                 not_covered(chat_id)
                 continue
