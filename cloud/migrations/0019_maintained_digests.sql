@@ -16,8 +16,8 @@
 --
 -- Both are kept by statement-level triggers with transition tables, so every path that
 -- writes messages (the bridge's COPY/staging insert, posts, repairs through the mirror path,
--- the outbox setting legacy_guid, deletes and pruning, a bulk load) updates them in its own
--- transaction, one grouped statement per writing statement: a crash between a message and
+-- the outbox setting legacy_guid, deletes and pruning, a bulk load, a TRUNCATE) updates
+-- them in its own transaction, one grouped statement per writing statement: a crash between a message and
 -- its digest can not happen, and no write path can forget them.
 --
 -- gaps_clean_through: the watermark of the newest gaps pass that went through everything it
@@ -125,6 +125,21 @@ CREATE TRIGGER message_digests_update AFTER UPDATE ON messages
 CREATE TRIGGER message_digests_delete AFTER DELETE ON messages
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
     EXECUTE FUNCTION message_digests_apply();
+
+-- A TRUNCATE of messages deletes no row one by one: the slots go with it, and every
+-- conversation with a legacy chat is dirty (its cloud side changed wholesale).
+CREATE FUNCTION message_digests_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM message_digest_slots;
+  INSERT INTO digest_dirty AS x (conversation_id, version, top_ms)
+  SELECT DISTINCT conversation_id, 1, 0 FROM conversation_legacy_ids ORDER BY 1
+  ON CONFLICT (conversation_id) DO UPDATE SET version = x.version + 1;
+  RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER message_digests_truncate AFTER TRUNCATE ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION message_digests_truncate();
 
 -- A conversation newly mapped to a legacy chat has never been compared: it is dirty.
 CREATE FUNCTION digest_dirty_new_chat() RETURNS trigger LANGUAGE plpgsql AS $$

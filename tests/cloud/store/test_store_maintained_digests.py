@@ -157,9 +157,10 @@ CHATS = ("chat-a", "chat-b", "chat-c")
 
 
 class MaintainedDigests(RuleBasedStateMachine):
-    """Mirror writes, repairs, posts and their legacy GUIDs, prunes, rolled-back writes and
-    clean compares in any order; after each, the maintained slots equal the scratch ones and
-    the dirty set names every conversation whose digested messages changed."""
+    """Mirror writes, repairs, posts and their legacy GUIDs, prunes, truncations, rolled-back
+    writes and clean compares in any order; after each, the maintained slots equal the
+    scratch ones and the dirty set names every conversation whose digested messages
+    changed."""
 
     conn: psycopg.Connection
 
@@ -243,6 +244,15 @@ class MaintainedDigests(RuleBasedStateMachine):
                                  (BASE + slot * SLOT + SLOT // 3,)).fetchall()
         self.changed |= {c for c, g in gone if g is not None}
         self.guids = [x for x in self.guids if x[2] >= BASE + slot * SLOT + SLOT // 3]
+
+    @rule(really=st.integers(0, 9))
+    def truncate(self, really: int) -> None:
+        """Now and then every message goes at once (TRUNCATE deletes no row one by one)."""
+        if really:
+            return
+        self.conn.execute("TRUNCATE messages")
+        self.guids = []
+        self.changed = set(self.cids.values())
 
     @rule(chat=st.sampled_from(CHATS), slots=st.lists(st.integers(-3, 3), min_size=1,
                                                      max_size=4))
