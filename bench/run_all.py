@@ -15,7 +15,9 @@
 Each figure is the median of --repeat runs (default 3) with min and max. Writes
 ``bench/results.json`` (required keys: ``bridge.msgs_per_s``, ``bridge.copy_rows_per_s``,
 ``bridge.ratio_to_copy``, ``bridge.p99_lag_ms``, ``bridge.peak_rss_mb``,
-``reconcile.seconds_1m_100diff``, ``reconcile.fraction_moved``; the ``bridge.*`` headline
+``reconcile.seconds_1m_100diff``, ``reconcile.fraction_moved``,
+``reconcile.pg_comparator_seconds_1m_100diff``, ``reconcile.ratio_to_pg_comparator``,
+``reconcile.in_sync_pass_seconds`` per size; the ``bridge.*`` headline
 figures are the 1-worker ones), the targets and whether they are met, and how busy the
 machine was (CPU seconds other processes used while this ran); prints the JSON document,
 then a table; draws ``bench/scaling.png`` when matplotlib is installed.
