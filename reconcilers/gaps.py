@@ -218,13 +218,13 @@ def record_clean_compares(conn: psycopg.Connection, conversation_ids: Sequence[u
     if not conversation_ids:
         return 0
     ids_ = list(conversation_ids)
-    if dirty:
-        digests_store.clear_dirty(conn, {c: dirty[c] for c in ids_ if c in dirty},
-                                  watermark_ms)
     conn.execute(
         "UPDATE conversations SET last_clean_reconcile_ms = "
         "greatest(coalesce(last_clean_reconcile_ms, 0), %s) WHERE conversation_id = ANY(%s)",
         (watermark_ms, ids_))
+    if dirty:  # after the conversations, as every writer locks them before their digests
+        digests_store.clear_dirty(conn, {c: dirty[c] for c in ids_ if c in dirty},
+                                  watermark_ms)
     return conn.execute(
         "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
         "detail = detail || jsonb_build_object('resolved_by_run', %s::bigint, "

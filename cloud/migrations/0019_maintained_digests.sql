@@ -26,6 +26,15 @@
 -- (admin.conversation_coverage reads it); a supernode whose epoch is not the one recorded
 -- has restarted and lost its memory since, so the next pass compares all its chats.
 --
+-- Lock order (no deadlock between writers): a writer that locks its conversations does so
+-- first (FOR NO KEY UPDATE, in id order), then the trigger's one statement takes the
+-- dirty rows and the slot rows, each in key order; the gaps reconciler's clear_dirty
+-- updates its conversations first too, then locks the dirty rows in order. The outbox
+-- completion locks no conversation: it waits, if at all, on a dirty row a writer of the
+-- same conversation holds until its commit.
+--
+-- The back-fill reads every stored message once, in this migration's transaction.
+--
 -- Distribution key: conversation_id leads both tables' primary keys.
 
 CREATE FUNCTION message_digest_slot(sent_ms bigint)

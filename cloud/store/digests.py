@@ -206,6 +206,9 @@ def clear_dirty(conn: psycopg.Connection, versions: dict[uuid.UUID, int],
     if not versions:
         return 0
     cids = sorted(versions)
+    # the rows' locks in conversation order, as the writers' triggers take them
+    conn.execute("SELECT 1 FROM digest_dirty WHERE conversation_id = ANY(%s) "
+                 "ORDER BY conversation_id FOR UPDATE", (cids,))
     return conn.execute(
         "DELETE FROM digest_dirty d USING unnest(%s::uuid[], %s::bigint[]) v(cid, ver) "
         "WHERE d.conversation_id = v.cid AND d.version = v.ver AND d.top_ms < %s",
