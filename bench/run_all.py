@@ -263,6 +263,13 @@ def reconcile_section(server: str, repeat: int, quick: bool,
     import bench_reconcile
 
     sizes = bench_reconcile.QUICK_SIZES if quick else bench_reconcile.SIZES
+    pgc_server = pgc_server or bench_pg_comparator.SYSTEM_DSN
+    why = bench_pg_comparator.unavailable(pgc_server)
+    if why is None and server != pgc_server:
+        # pg_comparator's pgcmp extension is on the system server: the reconcile runs
+        # there too, so the two are compared on one server in one run
+        log("reconcile: on the system PostgreSQL, where pg_comparator's extension is")
+        server = pgc_server
     by_size = {}
     for n in sizes:
         log(f"reconcile: {n:,} messages, 100 differences, {repeat} passes "
@@ -273,18 +280,15 @@ def reconcile_section(server: str, repeat: int, quick: bool,
     small = in_sync.get(str(10_000))
     growth = (round(in_sync[str(1_000_000)] / small, 2)
               if small and str(1_000_000) in in_sync else None)
-    pgc_server = pgc_server or bench_pg_comparator.SYSTEM_DSN
     rows = 1_000_000 if not quick else 100_000
-    log(f"reconcile: pg_comparator, {rows:,} rows a table, 100 differences, {repeat} runs")
+    if why is None:
+        log(f"reconcile: pg_comparator, {rows:,} rows a table, 100 differences, {repeat} runs")
     pgc = bench_pg_comparator.run(pgc_server, rows, 100, repeat)
     pgc["same_server_as_reconcile"] = pgc_server == server
     ratio = None
     if not pgc["available"]:
         log(f"reconcile: pg_comparator skipped: {pgc['why']}")
     else:
-        if pgc_server != server:
-            log("reconcile: pg_comparator ran on the system server, the reconcile on another "
-                "(give --dsn the system server to compare on one)")
         peer = by_size.get(str(rows))
         if peer:
             ratio = round(peer["seconds"]["median"] / pgc["seconds"]["median"], 3)
