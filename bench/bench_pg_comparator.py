@@ -50,7 +50,7 @@ def unavailable(server: str) -> str | None:
             found = conn.execute("SELECT 1 FROM pg_available_extensions "
                                  "WHERE name = 'pgcmp'").fetchone()
     except psycopg.Error as e:
-        return f"its server is out of reach: {e}".strip()
+        return "its server is out of reach: " + " ".join(str(e).split())
     if found is None:
         return "the server has no pgcmp extension (Debian: postgresql-NN-comparator)"
     return None
