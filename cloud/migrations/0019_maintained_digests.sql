@@ -72,6 +72,9 @@ CREATE TABLE gaps_clean_through (
 CREATE FUNCTION message_digests_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF TG_OP = 'INSERT' THEN
+    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE digest_hash IS NOT NULL) THEN
+      RETURN NULL;  -- cloud posts: no legacy GUID yet, nothing digested
+    END IF;
     WITH g AS (SELECT conversation_id, message_digest_slot(sent_ms) AS slot, count(*) AS n,
                       sum(digest_hash) AS t, max(sent_ms) AS top
                FROM new_rows WHERE digest_hash IS NOT NULL GROUP BY 1, 2),
