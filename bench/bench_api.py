@@ -6,6 +6,13 @@ clients over loopback HTTP with persistent connections, each posting the next me
 soon as the previous one was acknowledged. Each run lasts a fixed time and counts
 acknowledged posts (201). The median of several runs, with min and max.
 
+It is measured for each ``cloud run --processes`` value in ``PROCESSES``: all those servers
+run at once (idle but for their dispatchers' polls when not measured) and are measured in
+turn, run by run, so a busy moment of the machine does not fall on one configuration only.
+``posts_per_s`` is ``DEPLOYED_PROCESSES``' figure; ``posts_per_s_by_processes`` has all, and
+``api_cpu_us_per_post_by_processes`` the CPU the API's processes (parent and workers) spent
+per acknowledged post.
+
 The ceiling: single-row insert transactions per second on the same server from as many
 clients, right after each API run: ``pgbench`` (shipped with pgserver's PostgreSQL) with 50
 connections, each inserting one row into ``messages`` per transaction (autocommit, a cloud
