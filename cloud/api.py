@@ -87,6 +87,7 @@ from twisted.web import resource, server
 
 from cloud import tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.http_channel import ResponseChannel
 from cloud.model import (
     MAX_MEMBERS,
     MAX_MESSAGE_CHARS,
@@ -497,6 +498,7 @@ class _BoundedRequest(server.Request):
 
 class _Site(server.Site):
     requestFactory = _BoundedRequest
+    protocol = ResponseChannel  # HTTP/1.1 only: no HTTP/2 negotiation without TLS anyway
     noisy = False  # no "Starting factory" log lines
 
     def log(self, request: server.Request) -> None:
