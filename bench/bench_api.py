@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -62,6 +63,8 @@ def _start_api(dsn: str, home: str, processes: int = 1) -> tuple[subprocess.Pope
     while time.monotonic() < deadline:
         match = re.search(r"cloud API on (http://[\d.]+:\d+)/v1", proc.stderr.readline())
         if match:
+            # keep reading what it logs: a full pipe would block the server
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, match.group(1)
     proc.kill()
     raise RuntimeError("cloud run did not start")

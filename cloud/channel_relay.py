@@ -38,6 +38,8 @@ log = Logger()
 #: dispatcher pass goes out in a few datagrams, not one each: a unix socket queues only a
 #: few datagrams, ``net.unix.max_dgram_qlen``, 10 by default on Linux).
 MAX_DATAGRAM_BYTES = 32 * 1024
+#: What the receiving end reads per datagram (Twisted's default, 8 KiB, would cut them).
+RECEIVE_BYTES = 2 * MAX_DATAGRAM_BYTES
 #: Events held per peer while its socket is full; beyond that they are dropped (and pushed
 #: again after ``resend_after``, as after a lost push).
 MAX_QUEUED_EVENTS = 20_000
@@ -76,6 +78,7 @@ class RelayedChannel(NotificationChannel):
 
     def received(self, data: bytes) -> None:
         """A peer's datagram of events: applied here only (not relayed again)."""
+        malformed = 0
         for line in data.split(b"\n"):
             try:
                 event = json.loads(line)
@@ -90,8 +93,10 @@ class RelayedChannel(NotificationChannel):
                     NotificationChannel.ack(self, uuid.UUID(a["account_id"]),
                                             uuid.UUID(a["notification_id"]))
             except (ValueError, KeyError, TypeError):
-                log.warn("ignoring a malformed channel relay event ({size} bytes)",
-                         size=len(line))
+                malformed += 1
+        if malformed:
+            log.warn("ignored {count} malformed channel relay events in a datagram of "
+                     "{size} bytes", count=malformed, size=len(data))
 
     def _relay(self, event: dict) -> None:
         line = json.dumps(event, separators=(",", ":")).encode()
@@ -159,7 +164,8 @@ class ChannelRelayListener(Service):
 
         if os.path.exists(self.path):  # left by this worker's previous process
             os.unlink(self.path)
-        self._port = self._reactor.listenUNIXDatagram(self.path, _Receiver(self._channel))
+        self._port = self._reactor.listenUNIXDatagram(self.path, _Receiver(self._channel),
+                                                      maxPacketSize=RECEIVE_BYTES)
         super().startService()
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name

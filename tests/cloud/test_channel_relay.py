@@ -104,3 +104,20 @@ def test_malformed_relay_events_are_ignored(tmp_path):
     channel = RelayedChannel(Clock(), [])
     channel.received(b"not json\n{\"deliver\": {\"account_id\": \"x\"}}")
     assert channel.waiting() == 0 and channel.pending(uuid.uuid4()) == []
+
+
+def test_the_listener_reads_whole_datagrams(tmp_path):
+    """The receiving socket reads datagrams as large as the relay sends (Twisted's default
+    of 8 KiB would cut a burst's datagram and lose its events)."""
+    from cloud.channel_relay import MAX_DATAGRAM_BYTES, ChannelRelayListener
+
+    class RecordingReactor:
+        def listenUNIXDatagram(self, path, proto, maxPacketSize=8192):  # noqa: N802, N803
+            self.max_packet = maxPacketSize
+            return None
+
+    reactor = RecordingReactor()
+    channel = RelayedChannel(Clock(), [])
+    ChannelRelayListener(reactor, channel, str(tmp_path / "me.sock")).startService()
+    assert reactor.max_packet > MAX_DATAGRAM_BYTES
+    channel.close()
