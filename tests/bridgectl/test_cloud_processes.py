@@ -210,3 +210,20 @@ def test_concurrent_claims_take_disjoint_notifications(conn, db_dsn):
     assert len(first) == 25 and len(second) == 15 and len(set(ids)) == 40
     # and once taken, nothing is due again before the resend time
     assert notifications_store.claim_due_notifications(conn, 1000, 100, 10_000, 5) == ([], [])
+
+
+@pytest.mark.processes
+def test_workers_stop_when_their_parent_is_killed(db_dsn, tmp_path):
+    """A parent killed with SIGKILL (no chance to stop them) leaves no worker running."""
+    proc, url, _ = start_processes(db_dsn, tmp_path, "--processes", "2")
+    port = int(url.rsplit(":", 1)[1])
+    pids: dict[int, int] = {}
+    for _ in range(200):
+        index, pid = _which_worker(port)
+        pids[index] = pid
+        if len(pids) == 2:
+            break
+    assert set(pids) == {0, 1}
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(_alive(pid) for pid in pids.values()), timeout=40, every=0.2)
