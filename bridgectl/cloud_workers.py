@@ -127,6 +127,8 @@ class _Worker(protocol.ProcessProtocol):
         self.ready = False
         self.started_at = 0.0
         self.last_ping = 0.0
+        #: when it was sent SIGABRT for want of pings (SIGKILL after the stop timeout)
+        self.aborted_at: float | None = None
         self.ended: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
@@ -230,11 +232,14 @@ class WorkerSupervisor(Service):
         """Kill a worker whose watchdog pings stopped (it is then restarted)."""
         now = self._reactor.seconds()
         for worker in list(self.workers.values()):
-            if worker.ready and now - worker.last_ping > self._watchdog_s and \
-                    worker.pid is not None:
+            if worker.aborted_at is not None:
+                if now - worker.aborted_at > self._stop_timeout_s:  # SIGABRT did not do it
+                    self._signal(worker, "KILL")
+            elif worker.ready and now - worker.last_ping > self._watchdog_s:
                 log.warn("cloud worker {index} (pid {pid}) sent no watchdog ping for "
                          "{s:.0f} s; killing it", index=worker.index, pid=worker.pid,
                          s=now - worker.last_ping)
+                worker.aborted_at = now
                 self._signal(worker, "ABRT")
 
     def _ended(self, worker: _Worker, reason: BaseException) -> None:
