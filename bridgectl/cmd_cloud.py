@@ -207,11 +207,16 @@ WORKERS_START_TIMEOUT_S = 60.0
 
 def _supervise_workers(args: argparse.Namespace, dsn: str, origin: str) -> int:
     """``cloud run --processes N``: bind once, run and supervise N workers (cloud_workers)."""
-    from twisted.internet import defer
+    from twisted.internet import defer, error
+
+    try:  # before the reactor runs: a port in use is one line, and no worker starts
+        sock = bind_shared_socket(args.bind, args.port)
+    except error.CannotListenError as e:
+        raise RuntimeFailure(f"cannot listen on {e.interface}:{e.port}: {e.socketError}"
+                             ) from None
 
     async def supervise(reactor: Any, stop_signal: Any) -> None:
         systemd = runtime.systemd_link(reactor)
-        sock = bind_shared_socket(args.bind, args.port)
         supervisor = WorkerSupervisor(reactor, worker_command(args),
                                       {**os.environ, "BRIDGE_DSN": dsn}, sock,
                                       args.processes, random.Random(args.seed))
@@ -244,10 +249,12 @@ def _supervise_workers(args: argparse.Namespace, dsn: str, origin: str) -> int:
             systemd.stopping()
             if supervisor.running:
                 await supervisor.stopService()
-            sock.close()
 
     runtime.log_to_stderr(args.log_format)
-    runtime.run_until_stopped(supervise, args.duration)
+    try:
+        runtime.run_until_stopped(supervise, args.duration)
+    finally:
+        sock.close()
     return EXIT_OK
 
 

@@ -227,3 +227,19 @@ def test_workers_stop_when_their_parent_is_killed(db_dsn, tmp_path):
     proc.kill()
     proc.wait(timeout=10)
     wait_for(lambda: not any(_alive(pid) for pid in pids.values()), timeout=40, every=0.2)
+
+
+def test_processes_on_a_port_in_use_exit_1_before_any_worker_starts(db_dsn, tmp_path):
+    """The parent binds once: a port in use is one line and exit 1, no worker started."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", str(port),
+                              "--processes", "2"], capture_output=True, text=True, timeout=60,
+                             env={"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1
+    assert f"bridgectl: error: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr and "cloud worker" not in out.stderr
