@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 
 import pytest
@@ -75,6 +76,7 @@ def scene():
         for _, process, _, _ in reactor.spawned:
             process.ended = True
         supervisor.stopService()
+    shutil.rmtree(supervisor.runtime_dir, ignore_errors=True)
     sock.close()
 
 
