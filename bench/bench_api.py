@@ -6,6 +6,13 @@ clients over loopback HTTP with persistent connections, each posting the next me
 soon as the previous one was acknowledged. Each run lasts a fixed time and counts
 acknowledged posts (201). The median of several runs, with min and max.
 
+It is measured for each ``cloud run --processes`` value in ``PROCESSES``: all those servers
+run at once (idle but for their dispatchers' polls when not measured) and are measured in
+turn, run by run, so a busy moment of the machine does not fall on one configuration only.
+``posts_per_s`` is ``DEPLOYED_PROCESSES``' figure; ``posts_per_s_by_processes`` has all, and
+``api_cpu_us_per_post_by_processes`` the CPU the API's processes (parent and workers) spent
+per acknowledged post.
+
 The ceiling: single-row insert transactions per second on the same server from as many
 clients, right after each API run: ``pgbench`` (shipped with pgserver's PostgreSQL) with 50
 connections, each inserting one row into ``messages`` per transaction (autocommit, a cloud
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -40,14 +48,23 @@ from cloud.workload import Population, provision  # noqa: E402
 CLIENTS = 50
 
 
-def _start_api(dsn: str, home: str) -> tuple[subprocess.Popen, str]:
+#: ``cloud run --processes`` values measured in the same run, alternated run by run.
+PROCESSES = (1, 2)
+#: The configuration ``posts_per_s`` reports: ``cloud run``'s default, one process.
+DEPLOYED_PROCESSES = 1
+
+
+def _start_api(dsn: str, home: str, processes: int = 1) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridgectl.main", "cloud", "run", "--dsn", dsn, "--port", "0"],
+        [sys.executable, "-m", "bridgectl.main", "cloud", "run", "--dsn", dsn, "--port", "0",
+         "--processes", str(processes)],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "BRIDGE_HOME": home})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         match = re.search(r"cloud API on (http://[\d.]+:\d+)/v1", proc.stderr.readline())
         if match:
+            # keep reading what it logs: a full pipe would block the server
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, match.group(1)
     proc.kill()
     raise RuntimeError("cloud run did not start")
@@ -172,31 +189,67 @@ def bench_population(dsn: str) -> Population:
     return Population(tuple(posters), tuple(chats), everyone.password)
 
 
-def bench_api(dsn: str, quick: bool = False, runs: int = 3) -> dict:
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process *pid* and its children (the API workers)."""
+    def stat(p: str) -> list[str] | None:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+
+    total = 0.0
+    for p in os.listdir("/proc"):
+        fields = stat(p) if p.isdigit() else None
+        if fields and (int(p) == pid or int(fields[1]) == pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def bench_api(dsn: str, quick: bool = False, runs: int = 3,
+              processes: tuple[int, ...] = PROCESSES) -> dict:
+    """Posts/s for each ``--processes`` value (all servers up at once, measured in turn,
+    run by run) and the insert ceiling after each round."""
     bench_population(dsn)
     seconds = 3.0 if quick else 8.0
-    rates, ceilings, errors = [], [], 0
+    rates: dict[int, list[float]] = {p: [] for p in processes}
+    cpu_us: dict[int, list[float]] = {p: [] for p in processes}
+    ceilings, errors = [], 0
     with tempfile.TemporaryDirectory() as home:
-        proc, url = _start_api(dsn, home)
+        servers: dict[int, tuple[subprocess.Popen, str]] = {}
         try:
+            for p in processes:
+                servers[p] = _start_api(dsn, home, p)
             for _ in range(runs):
-                # each run in a fresh process: a fresh event loop and connections
-                out = subprocess.run(
-                    [sys.executable, __file__, url, str(seconds), dsn],
-                    capture_output=True, text=True, timeout=120)
-                if out.returncode != 0:
-                    raise RuntimeError(out.stderr)
-                ok, err, secs = map(float, out.stdout.split())
-                rates.append(ok / secs)
-                errors += int(err)
+                for p in processes:
+                    proc, url = servers[p]
+                    cpu_before = process_tree_cpu_s(proc.pid)
+                    # each run in a fresh process: a fresh event loop and connections
+                    out = subprocess.run(
+                        [sys.executable, __file__, url, str(seconds), dsn],
+                        capture_output=True, text=True, timeout=120)
+                    if out.returncode != 0:
+                        raise RuntimeError(out.stderr)
+                    ok, err, secs = map(float, out.stdout.split())
+                    rates[p].append(ok / secs)
+                    cpu_us[p].append(1e6 * (process_tree_cpu_s(proc.pid) - cpu_before)
+                                     / max(ok, 1))
+                    errors += int(err)
                 ceilings.append(insert_ceiling(dsn, seconds))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    return {"clients": CLIENTS, "seconds_per_run": seconds,
-            "posts_per_s": summarize(rates, 1),
+            for proc, _ in servers.values():
+                proc.terminate()
+            for proc, _ in servers.values():
+                proc.wait(timeout=60)
+    deployed = DEPLOYED_PROCESSES if DEPLOYED_PROCESSES in processes else processes[0]
+    return {"clients": CLIENTS, "seconds_per_run": seconds, "processes": deployed,
+            "posts_per_s": summarize(rates[deployed], 1),
+            "posts_per_s_by_processes": {str(p): summarize(r, 1) for p, r in rates.items()},
+            "api_cpu_us_per_post_by_processes": {str(p): summarize(c, 0)
+                                                 for p, c in cpu_us.items()},
             "insert_ceiling_tx_per_s": summarize(ceilings, 1),
-            "ratio_to_ceiling": round(statistics.median(rates) / statistics.median(ceilings), 3),
+            "ratio_to_ceiling": round(statistics.median(rates[deployed])
+                                      / statistics.median(ceilings), 3),
             "errors": errors}
 
 

@@ -402,6 +402,10 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
             ceiling=f"single-row inserts {_n(ceiling['median'])}" if ceiling else "",
             ratio=f"{api['ratio_to_ceiling']:.2f}" if ceiling else "",
             target=_target(r, "cloud.api.posts_per_s.median"))
+        for procs, rate in api.get("posts_per_s_by_processes", {}).items():
+            cpu = api.get("api_cpu_us_per_post_by_processes", {}).get(procs)
+            add(f"  cloud run --processes {procs}: posts/s"
+                + (f" (API CPU {_n(cpu['median'])} us/post)" if cpu else ""), rate)
         if ceiling:
             add(f"  ceiling: single-row insert transactions/s, {api['clients']} clients",
                 ceiling)

@@ -4,13 +4,22 @@ simulated cloud devices against it."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from typing import Any
 
 from bridge import state
 from bridgectl import options, runtime
+from bridgectl.cloud_workers import (
+    LISTEN_FD,
+    WorkerRole,
+    WorkerSupervisor,
+    bind_shared_socket,
+    processes_count,
+    worker_command,
+)
 from bridgectl.database import connect, current_database
-from bridgectl.errors import EXIT_OK, UsageError
+from bridgectl.errors import EXIT_OK, RuntimeFailure, UsageError
 from bridgectl.output import print_summary
 
 #: A dispatcher tick running longer than this hangs (its pushes time out after 5 s): the
@@ -59,6 +68,9 @@ def add_commands(sub: Any) -> None:
                            "client renews it before then (POST /v1/token)")
     crun.add_argument("--duration", type=options.number, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
+    crun.add_argument("--processes", type=processes_count, default=1, metavar="N",
+                      help="API processes sharing the port, 1..64 (default 1); with more, "
+                           "this process supervises them and worker 0 runs the dispatcher")
     options.add_log_format_option(crun)
     crun.set_defaults(handler=cmd_cloud_run)
 
@@ -102,19 +114,41 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         raise UsageError("--push-latency must be >= 0, --resend-after > 0, "
                          "--max-attempts >= 1")
     dsn, origin = current_database(args)
+    if args.processes > 1:
+        return _supervise_workers(args, dsn, origin)
+    # a worker of a `cloud run --processes N` (the parent set this): see cloud_workers
+    role = WorkerRole.from_environment(os.environ)
     secret = state.secret(state.state_home(), "cloud")
 
     async def serve_api(reactor: Any, stop_signal: Any) -> None:
         systemd = runtime.systemd_link(reactor)
         db = Database(reactor, dsn)
-        channel = NotificationChannel(reactor)
+        metrics: Any = None
+        relay: Any = None
+        if role is None:
+            channel = NotificationChannel(reactor)
+        else:
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            from cloud.channel_relay import ChannelRelayListener, RelayedChannel
+
+            # /metrics answers for every worker: counters summed over the processes
+            metrics = CollectorRegistry()
+            multiprocess.MultiProcessCollector(metrics)
+            channel = RelayedChannel(reactor, [role.channel_socket(i)
+                                               for i in range(role.processes)
+                                               if i != role.index])
+            relay = ChannelRelayListener(reactor, channel, role.channel_socket(role.index))
         rng = random.Random(args.seed)
         gateway = SimulatedPushGateway(reactor, random.Random(rng.random()), channel,
                                        loss=args.push_loss, error_rate=args.push_errors,
                                        latency_s=args.push_latency)
-        dispatcher = NotificationDispatcher(
-            reactor, db, gateway, random.Random(rng.random()),
-            DispatcherConfig(resend_after_s=args.resend_after, max_attempts=args.max_attempts))
+        # one dispatcher per deployment: with several processes, worker 0's
+        dispatcher = None if role is not None and not role.runs_dispatcher else \
+            NotificationDispatcher(
+                reactor, db, gateway, random.Random(rng.random()),
+                DispatcherConfig(resend_after_s=args.resend_after,
+                                 max_attempts=args.max_attempts))
 
         def check_password(password: str, encoded: str) -> Any:
             return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
@@ -125,17 +159,31 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                              hash_password, password)
 
         api = CloudAPI(db, reactor, channel, secret, password_check=check_password,
-                       password_hash=make_hash, token_ttl_s=args.token_ttl)
-        http = runtime.TCPListener(reactor, args.port, api.site(), interface=args.bind)
+                       password_hash=make_hash, token_ttl_s=args.token_ttl,
+                       **({} if role is None else {"metrics": metrics, "worker": role.index}))
+        http: Any
+        if role is None:
+            http = runtime.TCPListener(reactor, args.port, api.site(), interface=args.bind)
+        else:
+            http = runtime.AdoptedListener(reactor, LISTEN_FD, api.site())
         services = runtime.ServiceTree()
-        for service in (db, dispatcher, http):  # started in this order, stopped in reverse
-            service.setServiceParent(services)
+        # started in this order, stopped in reverse
+        for service in (db, relay, dispatcher, http):
+            if service is not None:
+                service.setServiceParent(services)
         await services.start()
         host, port = http.address()
-        runtime.say(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
-                    f"database: {origin}")
+        if role is None:
+            runtime.say(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
+                        f"database: {origin}")
+        else:
+            runtime.say(f"cloud worker {role.index} (pid {os.getpid()}) serving "
+                        f"{host}:{port}" + (" with the notification dispatcher"
+                                            if dispatcher is not None else ""))
 
         def stalled() -> str | None:
+            if dispatcher is None:
+                return None
             running = dispatcher.tick_running_s()
             if running > DISPATCHER_STALLED_S:
                 return f"a notification dispatcher tick has run for {running:.0f} s"
@@ -150,6 +198,63 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     runtime.log_to_stderr(args.log_format)
     runtime.run_until_stopped(serve_api, args.duration)
+    return EXIT_OK
+
+
+#: Seconds the workers of ``--processes N`` get to say they serve.
+WORKERS_START_TIMEOUT_S = 60.0
+
+
+def _supervise_workers(args: argparse.Namespace, dsn: str, origin: str) -> int:
+    """``cloud run --processes N``: bind once, run and supervise N workers (cloud_workers)."""
+    from twisted.internet import defer, error
+
+    try:  # before the reactor runs: a port in use is one line, and no worker starts
+        sock = bind_shared_socket(args.bind, args.port)
+    except error.CannotListenError as e:
+        raise RuntimeFailure(f"cannot listen on {e.interface}:{e.port}: {e.socketError}"
+                             ) from None
+
+    async def supervise(reactor: Any, stop_signal: Any) -> None:
+        systemd = runtime.systemd_link(reactor)
+        supervisor = WorkerSupervisor(reactor, worker_command(args),
+                                      {**os.environ, "BRIDGE_DSN": dsn}, sock,
+                                      args.processes, random.Random(args.seed))
+        try:
+            supervisor.startService()
+            started: defer.Deferred = defer.Deferred()  # all ready, or told to stop
+
+            def fire(result: Any) -> Any:
+                if not started.called:
+                    started.callback(None)
+                return result
+
+            supervisor.all_ready.addBoth(fire)
+            stop_signal.addBoth(fire)
+            started.addTimeout(WORKERS_START_TIMEOUT_S, reactor)
+            try:
+                await started
+            except defer.TimeoutError:
+                raise RuntimeFailure(f"the cloud workers did not all start within "
+                                     f"{WORKERS_START_TIMEOUT_S:.0f} s (see their errors "
+                                     f"above)") from None
+            if not stop_signal.called:
+                host, port = sock.getsockname()[:2]
+                runtime.say(f"cloud API on http://{host}:{port}/v1 (metrics at /metrics); "
+                            f"{args.processes} processes; database: {origin}")
+                systemd.ready(f"cloud API on {host}:{port}, {args.processes} processes",
+                              check=supervisor.down_too_long)
+                await stop_signal
+        finally:
+            systemd.stopping()
+            if supervisor.running:
+                await supervisor.stopService()
+
+    runtime.log_to_stderr(args.log_format)
+    try:
+        runtime.run_until_stopped(supervise, args.duration)
+    finally:
+        sock.close()
     return EXIT_OK
 
 

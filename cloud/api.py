@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import urllib.parse
 import uuid
@@ -70,7 +71,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -79,6 +87,7 @@ from twisted.web import resource, server
 
 from cloud import tokens
 from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.http_channel import ResponseChannel
 from cloud.model import (
     MAX_MEMBERS,
     MAX_MESSAGE_CHARS,
@@ -489,6 +498,7 @@ class _BoundedRequest(server.Request):
 
 class _Site(server.Site):
     requestFactory = _BoundedRequest
+    protocol = ResponseChannel  # HTTP/1.1 only: no HTTP/2 negotiation without TLS anyway
     noisy = False  # no "Starting factory" log lines
 
     def log(self, request: server.Request) -> None:
@@ -524,7 +534,9 @@ class CloudAPI:
                  password_check: Callable[[str, str], defer.Deferred] | None = None,
                  login_limits: LoginLimits | None = None,
                  password_hash: Callable[[str], defer.Deferred] | None = None,
-                 recovery_limits: LoginLimits | None = None) -> None:
+                 recovery_limits: LoginLimits | None = None,
+                 metrics: CollectorRegistry = REGISTRY,
+                 worker: int | None = None) -> None:
         if token_ttl_s <= 0 or max_body_bytes <= 0 or max_message_chars <= 0:
             raise ValueError("token_ttl_s, max_body_bytes and max_message_chars must be > 0")
         if longpoll_max_s < 0:
@@ -536,6 +548,11 @@ class CloudAPI:
         self._password_check = password_check or (
             lambda password, encoded: defer.succeed(verify_password(password, encoded)))
         self._channel = channel
+        #: what /metrics exposes (with several API processes: all of theirs, aggregated)
+        self.metrics = metrics
+        #: with several API processes: this one's index, in /v1/healthz
+        self._health = {"ok": True} if worker is None else {
+            "ok": True, "worker": worker, "pid": os.getpid()}
         self._secret = tokens.check_secret(secret)
         self._posts = PostBatcher(db, sender_phases=CLOUD_API_PHASES)
         #: token -> (account id, expiry ms) of tokens whose signature was checked: a client
@@ -733,7 +750,7 @@ class CloudAPI:
     # ------------------------------------------------------------ handlers
 
     async def _healthz(self, call: Call) -> tuple[int, dict]:
-        return 200, {"ok": True}
+        return 200, self._health
 
     async def _login(self, call: Call) -> tuple[int, dict]:
         login: LoginRequest = call.body
@@ -897,7 +914,7 @@ class CloudAPIResource(resource.Resource):
         if request.path == b"/metrics" and request.method in (b"GET", b"HEAD"):
             # Prometheus scrapes its text exposition format, not JSON. Rendered inline:
             # prometheus_client's MetricsResource needs the global reactor's thread pool.
-            body = generate_latest(REGISTRY)
+            body = generate_latest(self._api.metrics)
             request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
             request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
             return body

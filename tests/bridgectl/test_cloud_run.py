@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,44 @@ def test_two_cloud_runs_on_one_store_share_the_login_budget(conn, db_dsn, tmp_pa
         for proc in (first, second):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
+
+
+def _read_head(sock_file) -> tuple[bytes, dict[bytes, bytes]]:
+    """(status line, headers) of the next response on a connection's file."""
+    status = sock_file.readline()
+    headers = {}
+    while (line := sock_file.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def test_responses_go_out_whole_and_in_order_on_one_connection(db_dsn, tmp_path):
+    """The API's connection (cloud/http_channel.py) sends each answer at once: pipelined
+    requests on one keep-alive connection get complete answers in order, a HEAD its head
+    only, a large file all its bytes."""
+    proc, url = start_cloud(db_dsn, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            host = f"Host: 127.0.0.1:{port}\r\n".encode()
+            s.sendall(b"GET /v1/healthz HTTP/1.1\r\n" + host + b"\r\n"
+                      + b"HEAD /metrics HTTP/1.1\r\n" + host + b"\r\n"
+                      + b"GET /v1/nowhere HTTP/1.1\r\n" + host + b"\r\n"
+                      + b"GET /app.js HTTP/1.1\r\n" + host + b"\r\n")
+            f = s.makefile("rb")
+            answers = []
+            for method in ("GET", "HEAD", "GET", "GET"):
+                status, headers = _read_head(f)
+                length = int(headers.get(b"content-length", b"0"))
+                body = f.read(length) if method == "GET" else b""
+                answers.append((status.split()[1], headers, body))
+        (ok, _, health), (head, head_headers, _), (missing, _, error), (js, _, app) = answers
+        assert (ok, json.loads(health)) == (b"200", {"ok": True})
+        assert head == b"200" and int(head_headers[b"content-length"]) > 0
+        assert missing == b"404" and json.loads(error)["error"]["code"] == "not_found"
+        source = Path(__file__).parents[2] / "cloud" / "webclient" / "app.js"
+        assert js == b"200" and app == source.read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

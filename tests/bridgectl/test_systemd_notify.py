@@ -149,3 +149,24 @@ def test_without_notify_socket_the_commands_run_as_before(db_dsn, tmp_path):
                                  "WATCHDOG_USEC": WATCHDOG_USEC})
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "cloud API on" in err and "systemd" not in err
+
+
+@pytest.mark.processes
+def test_cloud_run_with_processes_notifies_for_all_its_workers(systemd, db_dsn, tmp_path):
+    """cloud run --processes 2: the parent alone talks to systemd (the workers notify it),
+    READY=1 once both workers serve, pings, STOPPING=1 on SIGTERM, which stops all."""
+    fake = systemd("cloudn")
+    proc = subprocess.Popen([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0",
+                             "--processes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=fake.env(tmp_path))
+    try:
+        wait_for(lambda: "cloud API on" in proc.stderr.readline())
+        fake.wait_for("READY=1")
+        assert "2 processes" in fake.received[0]
+        fake.wait_for("WATCHDOG=1", count=3)
+    finally:
+        stop(proc)
+    fake.wait_for("STOPPING=1")
+    assert_notified_in_order(fake)
+    assert sum("READY=1" in m.split("\n") for m in fake.received) == 1
