@@ -122,29 +122,19 @@ class TCPListener(Service):
         return where.host, where.port
 
 
-class AdoptedListener(Service):
+class AdoptedListener(TCPListener):
     """A listening socket inherited as descriptor *fd* (``cloud run --processes``: the
     parent bound it, every worker accepts on it), as a service like ``TCPListener``."""
 
     def __init__(self, reactor: Any, fd: int, factory: IProtocolFactory) -> None:
+        Service.__init__(self)
         self._reactor, self._fd, self._factory = reactor, fd, factory
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         self.port = self._reactor.adoptStreamPort(self._fd, socket.AF_INET, self._factory)
         os.close(self._fd)  # the port holds its own duplicate
-        super().startService()
-
-    def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
-        super().stopService()
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
-
-    def address(self) -> tuple[str, int]:
-        """(host, port) of the shared socket; only while running."""
-        assert self.port is not None, "not listening"
-        where = self.port.getHost()
-        return where.host, where.port
+        Service.startService(self)
 
 
 def run_until_stopped(work: Work, duration: float | None = None, *,
