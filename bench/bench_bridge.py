@@ -7,8 +7,9 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   messages when the bridge starts; time from the bridge's start to the N-th row (polled
   every 20 ms through the conversations' sequence counters, see ``STORED``).
 - ``copy_rows_per_s``: raw binary COPY of the same number of message rows into the same
-  server in the same run (the ceiling: the median of three passes, after a VACUUM ANALYZE of
-  the drained rows), and the ratio of the two.
+  server in the same run, without the maintained digests' triggers (the ceiling,
+  ``bench_cloud.raw_copy``: the median of three passes, after a VACUUM ANALYZE of the
+  drained rows), and the ratio of the two.
 - ``lag_ms``: p50 and p99 mirror lag (event time at the supernode to commit, as the bridge
   measures it) with the legacy network producing half the measured drain speed: read from
   the workers' ``bridge_mirror_lag_seconds`` histograms over the whole load (the difference

@@ -7,12 +7,17 @@
                in the same run (ceiling); p99 lag at half of each drain speed; peak RSS per
                worker; cloud -> legacy
     reconcile  gaps reconcile of 10^4, 10^5, 10^6 messages with 100 differences: seconds,
-               fraction of the history moved, memory
+               fraction of the history moved, memory; the in-sync pass (dirty set) at each
+               size; pg_comparator on an equivalent pair of 10^6-row tables with 100
+               differences, on the system PostgreSQL (where its pgcmp extension is), when
+               installed (one line says so and the comparison is skipped when not)
 
 Each figure is the median of --repeat runs (default 3) with min and max. Writes
 ``bench/results.json`` (required keys: ``bridge.msgs_per_s``, ``bridge.copy_rows_per_s``,
 ``bridge.ratio_to_copy``, ``bridge.p99_lag_ms``, ``bridge.peak_rss_mb``,
-``reconcile.seconds_1m_100diff``, ``reconcile.fraction_moved``; the ``bridge.*`` headline
+``reconcile.seconds_1m_100diff``, ``reconcile.fraction_moved``,
+``reconcile.pg_comparator_seconds_1m_100diff``, ``reconcile.ratio_to_pg_comparator``,
+``reconcile.in_sync_pass_seconds`` per size; the ``bridge.*`` headline
 figures are the 1-worker ones), the targets and whether they are met, and how busy the
 machine was (CPU seconds other processes used while this ran); prints the JSON document,
 then a table; draws ``bench/scaling.png`` when matplotlib is installed.
@@ -55,6 +60,12 @@ TARGETS = (
      "<=", 10),
     ("reconcile: fraction of the history moved (10^6)", "reconcile.fraction_moved.median",
      "<=", 0.01),
+    ("reconcile 10^6, 100 differences / pg_comparator (same run)",
+     "reconcile.ratio_to_pg_comparator", "<=", 0.5),
+    ("reconcile in-sync pass at 10^6 messages, s", "reconcile.in_sync_pass_seconds.1000000",
+     "<=", 0.2),
+    ("reconcile in-sync pass: 10^6 over 10^4 (flat)", "reconcile.in_sync_growth_1e4_to_1e6",
+     "<=", 2.0),
     ("cloud mirror write path / raw COPY", "cloud.write_path.mirror_ratio_to_copy", ">=",
      0.75),
     ("cloud API posts/s, 50 clients (4x the 535 of issue 16)", "cloud.api.posts_per_s.median",
@@ -246,17 +257,49 @@ def bridge_section(server: str, repeat: int, quick: bool,
     return out
 
 
-def reconcile_section(server: str, repeat: int, quick: bool) -> dict:
+def reconcile_section(server: str, repeat: int, quick: bool,
+                      pgc_server: str | None = None) -> dict:
+    import bench_pg_comparator
     import bench_reconcile
 
     sizes = bench_reconcile.QUICK_SIZES if quick else bench_reconcile.SIZES
+    pgc_server = pgc_server or bench_pg_comparator.SYSTEM_DSN
+    why = bench_pg_comparator.unavailable(pgc_server)
+    if why is None and server != pgc_server:
+        # pg_comparator's pgcmp extension is on the system server: the reconcile runs
+        # there too, so the two are compared on one server in one run
+        log("reconcile: on the system PostgreSQL, where pg_comparator's extension is")
+        server = pgc_server
     by_size = {}
     for n in sizes:
         log(f"reconcile: {n:,} messages, 100 differences, {repeat} passes "
             "(the scene is built once)")
         by_size.update(bench_reconcile.run_sizes(server, [n], repeat))
     big = by_size.get(str(1_000_000))
+    in_sync = {k: v["in_sync_pass_seconds"] for k, v in by_size.items()}
+    small = in_sync.get(str(10_000))
+    growth = (round(in_sync[str(1_000_000)] / small, 2)
+              if small and str(1_000_000) in in_sync else None)
+    rows = 1_000_000 if not quick else 100_000
+    if why is None:
+        log(f"reconcile: pg_comparator, {rows:,} rows a table, 100 differences, {repeat} runs")
+    pgc = bench_pg_comparator.run(pgc_server, rows, 100, repeat)
+    pgc["same_server_as_reconcile"] = pgc_server == server
+    ratio = None
+    if not pgc["available"]:
+        log(f"reconcile: pg_comparator skipped: {pgc['why']}")
+    else:
+        peer = by_size.get(str(rows))
+        if peer:
+            ratio = round(peer["seconds"]["median"] / pgc["seconds"]["median"], 3)
     return {
+        "pg_comparator": pgc,
+        "pg_comparator_seconds_1m_100diff": (pgc["seconds"] if pgc["available"]
+                                             and rows == 1_000_000 else None),
+        "ratio_to_pg_comparator": ratio if rows == 1_000_000 else None,
+        "quick_ratio_to_pg_comparator": ratio if rows != 1_000_000 else None,
+        "in_sync_pass_seconds": in_sync,
+        "in_sync_growth_1e4_to_1e6": growth,
         "seconds_1m_100diff": big["seconds"] if big else None,
         "fraction_moved": big["fraction_moved"] if big else None,
         "fraction_moved_definition": "(GUIDs listed by both sides + messages fetched from "
@@ -417,6 +460,19 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
                          _target(r, "reconcile.fraction_moved.median") if big else ""))
             rows.append((f"  peak RSS ({n:,}; in-memory legacy network included), MB",
                          _n(s["peak_rss_mb"]), "", "", "", ""))
+            if "in_sync_pass_seconds" in s:
+                rows.append((f"  in-sync pass, dirty set ({n:,}), s",
+                             f"{s['in_sync_pass_seconds']:.3f}", "", "", "",
+                             _target(r, f"reconcile.in_sync_pass_seconds.{n}")
+                             if big else ""))
+        pgc = rec.get("pg_comparator") or {}
+        if pgc.get("available"):
+            big = rec.get("by_size", {}).get(str(pgc["rows"]), {}).get("seconds")
+            add(f"pg_comparator {pgc['rows']:,} rows, 100 differences, s", pgc["seconds"], 2,
+                ceiling=f"reconcile {_n(big['median'], 2)} s" if big else "",
+                ratio=_n(rec.get("ratio_to_pg_comparator")
+                         or rec.get("quick_ratio_to_pg_comparator"), 3),
+                target=_target(r, "reconcile.ratio_to_pg_comparator"))
     return rows
 
 

@@ -95,6 +95,12 @@ def add_commands(sub: Any) -> None:
                      metavar="DURATION",
                      help="gaps: how far inside the legacy retention the window ends "
                           "(default 1h; longer than a run, so nothing ages out during it)")
+    rec.add_argument("--full-sweep", action="store_true",
+                     help="gaps: compare every conversation's root digests, not only those "
+                          "changed since their last clean compare (the dirty set), those at "
+                          "supernodes with open feed gaps or a new epoch and those never "
+                          "compared: for audits (gaps and all; not with --account or "
+                          "--conversation)")
     rec.add_argument("--account", metavar="REF", action="append",
                      help="gaps only: compare just this account's conversations (a handle or "
                           "an account id; those it is a member of on the cloud and those the "
@@ -255,11 +261,16 @@ def _reconcilers_paused(dsn: str, origin: Any, statement_s: float) -> Any:
 
 def _check_target(args: argparse.Namespace) -> bool:
     """Is this a targeted gaps run? Refuses (exit 2) what a targeted run can not be."""
+    if args.full_sweep and args.kind not in ("gaps", "all"):
+        raise UsageError("--full-sweep applies to gaps and all")
     given = [(flag, values) for flag, values in (("--account", args.account),
                                                  ("--conversation", args.conversation))
              if values]
     if not given:
         return False
+    if args.full_sweep:
+        raise UsageError("a targeted run compares its whole scope: --full-sweep is for "
+                         "the full pass")
     if args.kind != "gaps":
         raise UsageError("--account and --conversation apply to reconcile gaps only")
     if len(given) > 1:
@@ -313,7 +324,8 @@ def _gaps_config(args: argparse.Namespace) -> Any:
     try:
         config = GapsConfig(margin_ms=int(args.margin * 1000), lag_ms=args.lag_ms,
                             legacy_retention_ms=args.legacy_retention,
-                            retention_margin_ms=args.retention_margin)
+                            retention_margin_ms=args.retention_margin,
+                            full_sweep=args.full_sweep)
         if args.since is not None:
             config = attrs.evolve(config, since_ms=args.since)
     except ValueError as e:

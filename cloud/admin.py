@@ -366,7 +366,8 @@ class ConversationCoverage:
     account_id: uuid.UUID
     conversation_id: uuid.UUID
     legacy_chat_id: str
-    #: the watermark of the newest gaps pass that compared it clean (None: never)
+    #: the watermark of the newest gaps pass that compared it clean, or vouched for it
+    #: from the dirty set (see ``conversation_coverage``; None: never compared clean)
     last_clean_reconcile_ms: int | None
     #: when its newest finding about messages was made, whatever its state but dismissed
     #: (None: none)
@@ -381,11 +382,20 @@ NOT_MESSAGE_FINDINGS = ("notification\\_%", "presence\\_%")
 def conversation_coverage(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID]
                           ) -> list[ConversationCoverage]:
     """The accounts' conversations that have a legacy chat (those the gaps reconciler
-    compares), each with its clean-compare watermark and its newest message finding."""
+    compares), each with its clean-compare watermark and its newest message finding.
+
+    A conversation compared clean once and not in the dirty set since (``digest_dirty``:
+    no write changed it, no compare found it different) is clean up to the newest pass
+    that went through everything it had to compare (``gaps_clean_through``)."""
     if not account_ids:
         return []
     rows = conn.execute(
-        "SELECT m.account_id, c.conversation_id, c.legacy_chat_id, c.last_clean_reconcile_ms, "
+        "SELECT m.account_id, c.conversation_id, c.legacy_chat_id, "
+        "  CASE WHEN c.last_clean_reconcile_ms IS NOT NULL AND NOT EXISTS ("
+        "         SELECT 1 FROM digest_dirty d WHERE d.conversation_id = c.conversation_id) "
+        "       THEN greatest(c.last_clean_reconcile_ms, "
+        "                     (SELECT watermark_ms FROM gaps_clean_through)) "
+        "       ELSE c.last_clean_reconcile_ms END, "
         "  (SELECT max(f.created_ms) FROM reconcile_findings f "
         "    WHERE f.conversation_id = c.conversation_id AND f.state <> 'dismissed' "
         "      AND NOT f.kind LIKE ANY(%(skip)s)) "

@@ -18,6 +18,23 @@ with the history: with k differences among N messages, O(k log N) GUIDs are list
 exactly the k missing messages are fetched. The watermark (now minus the bridge's measured
 lag minus a margin) keeps messages still in flight out of the comparison.
 
+Which conversations a pass compares (Riak's active anti-entropy: both sides keep their
+digests current as they write, so an exchange reads roots). By default the dirty set
+(``digest_dirty``, kept by the store's triggers: conversations whose cloud messages changed
+since a compare last found them equal, and those never compared), the conversations homed at
+supernodes with open feed gaps or whose epoch changed since the last complete pass (the
+legacy side's own losses: a restart loses a supernode's memory and its tree), those an
+earlier run left to retry, and the chats a supernode lists that the cloud store does not
+know. A conversation in none of these was compared equal and neither side has changed it
+since (a legacy change reaches the cloud through the bridge, which writes it, or is a feed
+gap or a restart), so it is not compared again: an in-sync pass costs what changed, not the
+history. A root is read from the
+maintained slots on the cloud side (``digests_store.window_root``) and the home supernode's
+tree on the legacy side. ``--full-sweep`` (``GapsConfig.full_sweep``) compares every
+conversation, for audits; a targeted run compares its whole scope. A pass that went through
+everything it had to compare without a failure, an uncovered supernode or a dry run vouches
+for the conversations it skipped (``digests_store.record_clean_through``).
+
 Conversations homed at supernodes with open ``feed_gap`` findings go first; a completed pass
 closes those whose losses its window reached: ``repaired`` when the pass could compare what was
 lost (entries out of a live feed's buffer), ``unrecoverable`` when it died with the
@@ -51,7 +68,7 @@ every conversation homed at the supernode), and its run row keeps its own resume
 The pass counts its conversations (``ctx.count``: done of total, across the runs of a
 resumed pass), which is what ``status`` and the metrics show as its progress and ETA.
 
-The module is long (about 650 lines) because its SQL transactions (each a function, safe
+The module is long (about 700 lines) because its SQL transactions (each a function, safe
 to run twice) sit beside the pass that runs them, as the other reconcilers' do.
 """
 
@@ -96,6 +113,8 @@ LINK_ERRORS = (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, C
 #: The run was cut off at its deadline (``reconcilers.runner``): stop, do not count it.
 CUT_OFF = (defer.CancelledError, RunCutOff)
 REPAIRED_NAMED = 100      # conversations a closed feed gap names at most
+#: conversations whose cloud roots one transaction reads ahead of their compare
+ROOTS_AHEAD = 200
 
 
 class LegacyHistory(Protocol):
@@ -134,6 +153,8 @@ class GapsConfig:
     #: confirm and repair after this many conversations with differences (a round), so a
     #: run cut by its deadline keeps the repairs of its earlier rounds
     confirm_every: int = 50
+    #: compare every conversation, not only the dirty set (see the module docstring)
+    full_sweep: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.since_ms <= 0:
@@ -159,6 +180,8 @@ class Counters:
     listed_guids: int = 0
     fetched_messages: int = 0
     messages_covered: int = 0
+    #: stored rows (maintained slots and messages) the cloud side summed for its digests
+    digest_rows_read: int = 0
 
 
 @attrs.define
@@ -185,12 +208,13 @@ REPAIR_KINDS = ("missing_in_cloud", "missing_in_legacy")
 
 def record_clean_compares(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
                           watermark_ms: int, since_ms: int, run_id: int | None,
-                          now_ms: int) -> int:
+                          now_ms: int, dirty: dict[uuid.UUID, int] | None = None) -> int:
     """These conversations were compared and found equal on both stacks over
     ``[since_ms, watermark_ms)``: their ``last_clean_reconcile_ms`` moves up to the
-    watermark (what the migration gate asks of a cohort's conversations), and their open or
-    failed repair findings made within that window are repaired (the divergence is gone).
-    Returns how many findings that closed."""
+    watermark (what the migration gate asks of a cohort's conversations), they leave the
+    dirty set if no write changed them since the pass read its versions (*dirty*), and
+    their open or failed repair findings made within that window are repaired (the
+    divergence is gone). Returns how many findings that closed."""
     if not conversation_ids:
         return 0
     ids_ = list(conversation_ids)
@@ -198,6 +222,9 @@ def record_clean_compares(conn: psycopg.Connection, conversation_ids: Sequence[u
         "UPDATE conversations SET last_clean_reconcile_ms = "
         "greatest(coalesce(last_clean_reconcile_ms, 0), %s) WHERE conversation_id = ANY(%s)",
         (watermark_ms, ids_))
+    if dirty:  # after the conversations, as every writer locks them before their digests
+        digests_store.clear_dirty(conn, {c: dirty[c] for c in ids_ if c in dirty},
+                                  watermark_ms)
     return conn.execute(
         "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s, "
         "detail = detail || jsonb_build_object('resolved_by_run', %s::bigint, "
@@ -238,6 +265,11 @@ class GapsReconciler:
         #: None: a full pass; else the conversations a targeted run compares
         self.scope = scope
         self.counters = Counters()
+        #: the chats the cloud store knows (``_all_chats``): a listed chat it does not know
+        #: is compared whatever the dirty set says
+        self._cloud_known: set[str] = set()
+        #: supernode -> the epoch its peer connection reported when it listed its chats
+        self._epochs: dict[str, int] = {}
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -291,7 +323,7 @@ class GapsReconciler:
                    else await db.run("mirror_lag_ms", lag_ms, now))
             progress.update({"watermark_ms": now - lag - cfg.margin_ms,
                              "since_ms": max(0, now - cfg.since_ms), "lag_ms": lag,
-                             "gap_sources": gap_sources})
+                             "gap_sources": gap_sources, "epochs": dict(self._epochs)})
         # The retention floor is taken again by every run, a resumed pass's too: what aged
         # past it since the pass began is no longer compared.
         floor = cfg.retention_floor_ms(now)
@@ -300,8 +332,22 @@ class GapsReconciler:
                               "lag_ms": progress["lag_ms"], "retention_floor_ms": floor,
                               "since_clamped_to_retention": start > progress["since_ms"]})
         ring = self.legacy.ring
-        first = sorted(c for c in chats if ring.home_of(c) in gap_sources)
-        rest = sorted(c for c in chats if ring.home_of(c) not in gap_sources)
+        #: the dirty set as this run found it: conversation -> version (see clear_dirty)
+        dirty = await db.run("dirty_versions", digests_store.dirty_versions)
+        #: supernodes that restarted (lost their memory) since the last pass that went
+        #: through everything, or since this pass began: all their chats are compared
+        recorded = await db.run("clean_through_epochs", digests_store.clean_through_epochs)
+        began = progress.get("epochs", {})
+        if recorded is None or set(recorded) != set(self.legacy.directory):
+            restarted = set(self.legacy.directory)  # no record, or another ring: all
+        else:
+            restarted = {sn for sn in self.legacy.directory
+                         if self._epochs.get(sn) != recorded.get(sn)
+                         or self._epochs.get(sn) != began.get(sn)}
+        #: each chat's home, hashed once (a pass with nothing to compare is mostly this)
+        homes = {c: ring.home_of(c) for c in chats}
+        first = sorted(c for c in chats if homes[c] in gap_sources)
+        rest = sorted(c for c in chats if homes[c] not in gap_sources)
         order = [("priority", c) for c in first] + [("rest", c) for c in rest]
         done_phase, done_after = progress.get("phase"), progress.get("after")
         #: conversations earlier runs of this pass went through (none: a new pass)
@@ -315,9 +361,23 @@ class GapsReconciler:
         ahead = {c for _, c in order}
         again = sorted(c for c in retry if c in chats and c not in ahead)
         order = [("retry", c) for c in again] + order
+        mode = ("scope" if self.scope is not None
+                else "full_sweep" if cfg.full_sweep else "dirty_set")
+        if mode == "dirty_set":  # of what this run has to do, what changed (module docstring)
+            wanted = len(order)
+            order = [(ph, c) for ph, c in order
+                     if chats[c][0] in dirty or c in retry or c not in self._cloud_known
+                     or homes[c] in gap_sources or homes[c] in restarted]
+            skipped = wanted - len(order)
+        else:
+            skipped = 0
+        report.detail.update({"mode": mode, "dirty": len(dirty), "skipped_clean": skipped,
+                              "restarted_supernodes": sorted(restarted)})
         total = base + len(order)
         ctx.count(base, total)
         diffs: list[ChatDiff] = []
+        #: conversation -> its cloud root over the window, read ahead (window_roots)
+        roots: dict[uuid.UUID, digests_store.DigestAnswer] = {}
 
         async def confirm_round() -> None:
             """Second look at what was found so far, and its repair: done in rounds, so a
@@ -325,6 +385,9 @@ class GapsReconciler:
             await task.deferLater(ctx.clock, cfg.confirm_after_s, lambda: None)
             batch = diffs[:]
             diffs.clear()
+            if not ctx.dry_run:  # not clean until a compare finds them equal
+                await db.run("mark_dirty", digests_store.mark_dirty,
+                             [d.conversation_id for d in batch])
             for diff in batch:
                 home = ring.home_of(diff.chat_id)
                 if home in lost:
@@ -353,7 +416,8 @@ class GapsReconciler:
             # what was compared clean is written before the progress that skips it next time
             if clean and not ctx.dry_run:
                 closed = await db.run("record_clean_compares", record_clean_compares,
-                                      list(clean), end, start, report.run_id, ctx.now_ms())
+                                      list(clean), end, start, report.run_id, ctx.now_ms(),
+                                      dirty)
                 report.detail["findings_closed"] = (report.detail.get("findings_closed", 0)
                                                     + closed)
                 report.detail["compared_clean"] = (report.detail.get("compared_clean", 0)
@@ -372,13 +436,17 @@ class GapsReconciler:
                 ctx.interrupted = True
                 await save()
                 break
-            home = ring.home_of(chat_id)
+            home = homes[chat_id]
             if home in lost:
                 not_covered(chat_id)
                 continue
             cid, members = chats[chat_id]
             try:
-                diff = await self._compare_chat(db, chat_id, cid, start, end)
+                if cid not in roots:  # the cloud roots of the next conversations, at once
+                    ahead_ids = [chats[c][0] for _, c in order[i:i + ROOTS_AHEAD]]
+                    roots = await db.run("window_roots", digests_store.window_roots,
+                                         ahead_ids, start, end)
+                diff = await self._compare_chat(db, chat_id, cid, start, end, roots.pop(cid))
             except Exception as e:
                 if isinstance(e, CUT_OFF):
                     raise  # the run ended at its deadline: this chat stays to do
@@ -411,6 +479,9 @@ class GapsReconciler:
                 await confirm_round()
         if not ctx.interrupted:
             ctx.count(total, total)
+            # those the dirty set vouches for are covered: equal when last compared, and
+            # unchanged since (the detail tells them apart: skipped_clean)
+            report.compared += report.detail["skipped_clean"]
         if clean:  # the last conversations' compare raised: the ones before it still count
             await save()
         if diffs:
@@ -426,6 +497,24 @@ class GapsReconciler:
                                   repaired=progress.get("repaired_by_source", {}))
             report.detail["feed_gaps_covered"] = sum(closed.values())
             report.detail["feed_gaps_unrecoverable"] = closed["unrecoverable"]
+            if await self._unrestarted(progress.get("epochs", {})):
+                await db.run("record_clean_through", digests_store.record_clean_through, end,
+                             report.run_id, ctx.now_ms(), progress.get("epochs", {}))
+
+    async def _unrestarted(self, epochs: dict[str, int]) -> bool:
+        """Every supernode still runs the incarnation the pass began with (*epochs*): what
+        the pass compared clean at each is still there, so the pass may vouch for it."""
+        if set(epochs) != set(self.legacy.directory):
+            return False
+        try:
+            for sn in sorted(self.legacy.directory):
+                if (await self.legacy.peer(sn)).epoch != epochs[sn]:
+                    return False
+        except CUT_OFF:
+            raise
+        except Exception:
+            return False  # out of reach: not known to be the same incarnation
+        return True
 
     @staticmethod
     def _lose(report: Any, lost: dict[str, str], sn: str, e: Exception) -> None:
@@ -444,6 +533,7 @@ class GapsReconciler:
         scope = self.scope
         known = (await db.run("legacy_chats", conversations_store.legacy_chats)
                  if scope is None else await db.run("scope_chats", cloud_chats, scope))
+        self._cloud_known = set(known)
         chats: dict[str, tuple[uuid.UUID, tuple[str, ...] | None]] = {
             chat: (cid, None) for chat, cid in known.items()}
         unreachable: dict[str, str] = {}
@@ -452,6 +542,7 @@ class GapsReconciler:
         for sn in sorted(self.legacy.directory):
             try:
                 peer = await self.legacy.peer(sn)
+                self._epochs[sn] = peer.epoch
                 after = ""
                 while True:
                     page = await peer.chats(after, 200)
@@ -472,7 +563,10 @@ class GapsReconciler:
     # -- digest descent --------------------------------------------------------------------
 
     async def _compare_chat(self, db: TransactionRunner, chat_id: str, cid: uuid.UUID,
-                            start: int, end: int) -> ChatDiff:
+                            start: int, end: int,
+                            cloud_root: digests_store.DigestAnswer | None = None) -> ChatDiff:
+        """Descend from the window's root where the digests differ; *cloud_root* is the
+        cloud's root of the window when it was read ahead."""
         peer = await self.legacy.for_chat(chat_id)
         diff = ChatDiff(chat_id, cid)
         stack = [(start, end, 0, 0, True)]
@@ -484,9 +578,13 @@ class GapsReconciler:
                              prefix=prefix)
             if root:
                 [legacy] = await peer.digests(rng, 0)
-                [cloud] = await db.run("range_digests", digests_store.range_digests, cid, lo, hi,
-                                       pbits, prefix, 0)
+                whole = pbits == 0 and lo == start and hi == end
+                answer = (cloud_root if whole and cloud_root is not None else
+                          await db.run("maintained_digests", digests_store.maintained_digests,
+                                       cid, lo, hi, pbits, prefix, 0))
+                [cloud] = answer.digests
                 self.counters.digest_requests += 1
+                self.counters.digest_rows_read += answer.rows_read
                 if pbits == 0 and lo == start and hi == end:
                     self.counters.messages_covered += max(legacy.count, cloud.count)
                 if _digest_pair(legacy, cloud):
@@ -501,9 +599,11 @@ class GapsReconciler:
                     continue
             split = min(SPLIT_BITS, 32 - pbits)
             legacy_children = await peer.digests(rng, split)
-            cloud_children = await db.run("range_digests", digests_store.range_digests, cid, lo, hi,
-                                          pbits, prefix, split)
+            answer = await db.run("maintained_digests", digests_store.maintained_digests, cid,
+                                  lo, hi, pbits, prefix, split)
+            cloud_children = answer.digests
             self.counters.digest_requests += 1
+            self.counters.digest_rows_read += answer.rows_read
             for i, (lc, cc) in enumerate(zip(legacy_children, cloud_children, strict=True)):
                 if _digest_pair(lc, cc):
                     continue

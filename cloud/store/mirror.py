@@ -3,7 +3,9 @@ statement that numbers and inserts what is new, owes its notifications and advan
 feed checkpoints, all in the caller's one transaction.
 
 Conversations are locked as ``cloud.store.messages`` explains (``FOR NO KEY UPDATE``), so
-``seq`` stays gapless per conversation.
+``seq`` stays gapless per conversation. The insert's maintained digests and dirty set
+(``cloud.store.digests``, migration 0019) are kept by triggers on ``messages``, in the same
+statement's transaction: one grouped upsert per batch.
 """
 
 from __future__ import annotations

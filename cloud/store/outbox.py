@@ -288,7 +288,8 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
                           now_ms: int) -> list[OutboxItem]:
     """Mark injected rows done in one transaction, with each message's legacy GUID and each
     cloud-born conversation's legacy chat id; the rows it completed (those still pending
-    under their item's claim), in the order given."""
+    under their item's claim), in the order given. A message that gets its GUID enters the
+    maintained digests (a trigger on ``messages``, migration 0019), in this transaction."""
     if not rows:
         return []
     # Each row is found through the primary key: the planner, misled by unnest's estimate

@@ -58,6 +58,14 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
                                 "30", "--json"], capture_output=True, text=True, timeout=120,
                                env=env)
         assert again.returncode == 0 and json.loads(again.stdout)["clean"], again.stdout
+        assert json.loads(again.stdout)["detail"]["mode"] == "dirty_set"
+        sweep = subprocess.run([*BRIDGECTL, "reconcile", "gaps", *legacy_arg, "--margin",
+                                "30", "--full-sweep", "--json"], capture_output=True,
+                               text=True, timeout=120, env=env)
+        swept = json.loads(sweep.stdout)
+        assert sweep.returncode == 0 and swept["clean"], sweep.stdout
+        assert swept["detail"]["mode"] == "full_sweep" and swept["detail"]["skipped_clean"] == 0
+        assert swept["detail"]["digest_requests"] == swept["compared"] > 0
         # a targeted, paced run of one conversation (named by its legacy chat id)
         chat = conn.execute("SELECT legacy_chat_id FROM conversations "
                             "WHERE legacy_chat_id IS NOT NULL LIMIT 1").fetchone()[0]
@@ -88,6 +96,10 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
      "--notifications-since applies to notifications and all"),
     (["reconcile", "notifications", "--since", "1h", "--notifications-since", "2h"], 2,
      "not both"),
+    (["reconcile", "presence", "--legacy", "127.0.0.1:1", "--full-sweep"], 2,
+     "--full-sweep applies to gaps and all"),
+    (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--conversation", "c", "--full-sweep"],
+     2, "a targeted run compares its whole scope"),
     (["reconcile", "gaps", "--legacy", "127.0.0.1:1", "--retention-margin", "30d"], 2,
      "--retention-margin must not be negative and must be shorter than --legacy-retention"),
     (["reconcile", "all", "--legacy", "127.0.0.1:1", "--legacy-retention", "0"], 2,
