@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -29,21 +30,35 @@ WATCHDOG_USEC = "400000"
 
 
 class FakeSystemd:
-    """The service manager's end of $NOTIFY_SOCKET: collects every datagram."""
+    """The service manager's end of $NOTIFY_SOCKET: collects every datagram as it comes, as
+    systemd does (a reader that waited would let the socket's queue fill, ten datagrams on
+    Linux, two seconds of pings, and the sender's STOPPING=1 would be dropped)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(path)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         self.received: list[str] = []
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join()
+        self.sock.close()
 
     def read(self) -> list[str]:
-        try:
-            while True:
-                self.received.append(self.sock.recv(4096).decode())
-        except TimeoutError:
-            return self.received
+        time.sleep(0.05)
+        return list(self.received)
 
     def wait_for(self, line: str, count: int = 1, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -70,7 +85,7 @@ def systemd() -> Iterator:
 
     yield make
     for s in made:
-        s.sock.close()
+        s.close()
     shutil.rmtree(directory, ignore_errors=True)
 
 
