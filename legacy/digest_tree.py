@@ -8,6 +8,8 @@ digests"), so that a DigestRequest costs what the tree touches, not the chat's l
       slots         slot id -> Slot       a slot is a time window of SLOT_MS, aligned to 0
         Slot.nodes  {node: [count, sum]}  the slot's messages, at 0 and 4 bucket bits
         Slot.guids  [guid]                sorted by ts_ms: a boundary slot is split here
+        Slot.buckets array of uint32      each guid's bucket, beside it: a list of a range's
+                                          GUIDs hashes none of them
       slot_ids      sorted slot ids       bisect finds the slots a time window covers
 
 A node is a bucket prefix, keyed ``(1 << bits) | prefix``; the levels kept are those the gaps
@@ -25,13 +27,14 @@ keeps (9 bits and more) from the window's messages: that last, rare, request is 
 ``fallbacks``. Every answer equals ``digest.split_digests`` over the history; the tests
 check that against random appends, prunes and restarts.
 
-Memory: at most 17 nodes a slot and 273 for the chat, and one reference a message (its
-slot's sorted list); nothing grows with the history but that list.
+Memory: at most 17 nodes a slot and 273 for the chat, and per message one reference (its
+slot's sorted list) and 4 bytes (its bucket); nothing else grows with the history.
 """
 
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -57,6 +60,7 @@ def _node(bits: int, prefix: int) -> int:
 class Slot:
     nodes: dict = attrs.Factory(dict)  # node -> [count, sum mod 2**64]
     guids: list = attrs.Factory(list)  # sorted by the messages' ts_ms
+    buckets: array = attrs.Factory(lambda: array("I"))  # guid_bucket of guids[i], at i
 
 
 @attrs.define
@@ -119,7 +123,9 @@ class ChatDigestTree:
         if slot is None:
             slot = self.slots[sid] = Slot()
             bisect.insort(self.slot_ids, sid)
-        bisect.insort(slot.guids, m.guid, key=self._ts)
+        i = bisect.bisect_right(slot.guids, m.ts_ms, key=self._ts)
+        slot.guids.insert(i, m.guid)
+        slot.buckets.insert(i, bucket)
         _apply(slot.nodes, SLOT_BITS, bucket, h, 1)
         _apply(self.total, TOTAL_BITS, bucket, h, 1)
 
@@ -133,7 +139,7 @@ class ChatDigestTree:
         if i == len(guids) or guids[i] != m.guid:
             raise KeyError(m.guid)
         del guids[i]
-        bucket = guid_bucket(m.guid)
+        bucket = slot.buckets.pop(i)
         h = message_hash(m.guid, m.sender, m.ts_ms, m.body)
         _apply(slot.nodes, SLOT_BITS, bucket, h, -1)
         _apply(self.total, TOTAL_BITS, bucket, h, -1)
@@ -142,6 +148,25 @@ class ChatDigestTree:
             del self.slot_ids[bisect.bisect_left(self.slot_ids, sid)]
 
     # -- answering ---------------------------------------------------------------------------
+
+    def guids_in(self, rng: Range) -> list[tuple[int, str]]:
+        """``(ts_ms, guid)`` of each message in *rng* (valid), sorted: the slots the window
+        covers are read with their stored buckets, so nothing is hashed."""
+        lo, hi, ids, w = rng.start_ms, rng.end_ms, self.slot_ids, self.slot_ms
+        if hi <= lo:
+            return []
+        shift = MAX_PREFIX_BITS - rng.prefix_bits
+        found = []
+        for sid in ids[bisect.bisect_left(ids, lo // w):bisect.bisect_right(ids, (hi - 1) // w)]:
+            slot = self.slots[sid]
+            for guid, bucket in zip(slot.guids, slot.buckets, strict=True):
+                if rng.prefix_bits and bucket >> shift != rng.prefix:
+                    continue
+                ts = self._ts(guid)
+                if lo <= ts < hi:
+                    found.append((ts, guid))
+        found.sort()
+        return found
 
     def split_digests(self, rng: Range, split_bits: int) -> list[Digest]:
         """``digest.split_digests(history.values(), rng, split_bits)``, from the tree (*rng*

@@ -85,7 +85,7 @@ from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from bridge import ids
-from bridge.mirror import LegacyChanges, mirror_changes
+from bridge.mirror import CommitOutcome, LegacyChanges, mirror_changes
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import Digest
@@ -244,6 +244,36 @@ def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state
          now_ms if state == "repaired" else None))
     audit_store.record(conn, f"repair_{kind}" if state == "repaired" else f"repair_{kind}_failed",
                        str(conversation_id), actor="reconciler", now_ms=now_ms, detail=detail)
+
+
+def repaired_count(outcome: CommitOutcome) -> int:
+    """The messages of a repair the store now has: written, or there already; the rest it
+    refused (e.g. a body it can not hold)."""
+    return len(outcome.result.inserted) + outcome.result.duplicates
+
+
+def repair_in_cloud(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int,
+                    run_id: int | None, conversation_id: uuid.UUID,
+                    detail: dict) -> CommitOutcome:
+    """Write a chat's missing messages through the mirror path and record the finding, in
+    one transaction: a repair is never committed without its finding."""
+    outcome = mirror_changes(conn, changes, now_ms)
+    resolved = repaired_count(outcome)
+    record_repair(conn, run_id, "missing_in_cloud",
+                  "repaired" if resolved == len(changes.messages) else "failed",
+                  conversation_id, {**detail, "inserted": len(outcome.result.inserted)}, now_ms)
+    return outcome
+
+
+def legacy_repair_rows(conn: psycopg.Connection, conversation_id: uuid.UUID,
+                       guids: Sequence[str]) -> tuple[tuple[str, ...], int, list[tuple]]:
+    """What a repair into legacy needs, read in one transaction: the members' legacy handles
+    and how many have legacy clients (``member_handles``), and the stored messages among
+    *guids* (``messages_by_guid``'s rows; the second look then keeps those legacy still
+    lacks)."""
+    handles, legacy_clients = conversations_store.member_handles(conn, conversation_id)
+    rows = digests_store.messages_by_guid(conn, conversation_id, guids) if guids else []
+    return handles, legacy_clients, rows
 
 
 def missing_guids(conn: psycopg.Connection, conversation_id: uuid.UUID,
@@ -645,17 +675,15 @@ class GapsReconciler:
             if confirmed and not ctx.dry_run:
                 await self._repair_cloud(ctx, diff, members, confirmed)
         if diff.missing_in_legacy:
-            handles, legacy_clients = await db.run("member_handles",
-                                                   conversations_store.member_handles,
-                                                   diff.conversation_id)
+            handles, legacy_clients, stored = await db.run(
+                "legacy_repair_rows", legacy_repair_rows, diff.conversation_id,
+                sorted(diff.missing_in_legacy))
             if legacy_clients == 0:
                 return  # nobody reads this chat on legacy any more: nothing to repair
             # the second look asks for the messages themselves: only what it still lacks counts
             _, lacking = await self._fetch(peer, diff.chat_id, sorted(diff.missing_in_legacy),
                                            count=False)
-            lacking &= diff.missing_in_legacy
-            rows = await db.run("messages_by_guid", digests_store.messages_by_guid,
-                                diff.conversation_id, sorted(lacking)) if lacking else []
+            rows = [r for r in stored if r[0] in lacking]
             # A message that aged past the retention floor since the first look is legacy's
             # to drop, not missing: re-injecting it would be refused as too old.
             floor = self.config.retention_floor_ms(ctx.now_ms())
@@ -709,26 +737,20 @@ class GapsReconciler:
                   "guids": sorted(m.guid for m in messages)[:50]}
         try:
             outcome = await ctx.db.run(
-                "mirror_changes", mirror_changes,
+                "repair_in_cloud", repair_in_cloud,
                 LegacyChanges(chats, sorted(messages, key=lambda m: m.legacy_seq)),
-                ctx.now_ms())
+                ctx.now_ms(), report.run_id, diff.conversation_id, detail)
         except Exception as e:
             report.failed += len(messages)
             await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
                              "failed",
                              diff.conversation_id, {**detail, "error": str(e)}, ctx.now_ms())
             return
-        # what the store now has; the rest it refused (e.g. a body it can not hold)
-        result = outcome.result
-        resolved = len(result.inserted) + result.duplicates
+        resolved = repaired_count(outcome)
         report.repaired += resolved
         if resolved:
             self._note_repair(ctx, diff)
         report.failed += len(messages) - resolved
-        detail["inserted"] = len(result.inserted)
-        await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
-                         "repaired" if resolved == len(messages) else "failed",
-                         diff.conversation_id, detail, ctx.now_ms())
 
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,
                              handles: tuple[str, ...], rows: list[tuple]) -> None:

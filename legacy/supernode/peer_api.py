@@ -101,8 +101,7 @@ class PeerApi:
             proto.send(wire.RequestFailed(req_id=f.req_id, code="bad_range", reason=why))
         elif self._check_home(f.req_id, f.range.chat_id, proto):
             chat = self.sn.mem.chats.get(f.range.chat_id)
-            found = sorted((m.ts_ms, m.guid) for m in (chat.history.values() if chat else ())
-                           if digest.in_range(f.range, m.ts_ms, digest.guid_bucket(m.guid)))
+            found = chat.digests.guids_in(f.range) if chat else []
             limit = min(f.limit or LIST_LIMIT, LIST_LIMIT)
             proto.send(wire.ListReply(req_id=f.req_id, guids=[g for _, g in found[:limit]],
                                       truncated=len(found) > limit))

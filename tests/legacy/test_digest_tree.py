@@ -95,6 +95,10 @@ class MaintainedDigests(RuleBasedStateMachine):
         assert digest.valid_range(rng, split) is None
         assert (self.chat.digests.split_digests(rng, split)
                 == digest.split_digests(self.chat.history.values(), rng, split))
+        # a list of the range's GUIDs, from the stored buckets, is what a scan finds
+        assert self.chat.digests.guids_in(rng) == sorted(
+            (m.ts_ms, m.guid) for m in self.chat.history.values()
+            if digest.in_range(rng, m.ts_ms, digest.guid_bucket(m.guid)))
 
     @invariant()
     def whole(self) -> None:
@@ -117,6 +121,7 @@ class MaintainedDigests(RuleBasedStateMachine):
         for slot in tree.slots.values():
             ts = [self.chat.history[g].ts_ms for g in slot.guids]
             assert ts == sorted(ts)
+            assert list(slot.buckets) == [digest.guid_bucket(g) for g in slot.guids]
             assert 0 < len(slot.nodes) <= sum(1 << b for b in SLOT_BITS)
 
 
