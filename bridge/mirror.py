@@ -154,6 +154,8 @@ class CommitOutcome:
     #: memberships the chats' member lists added and removed
     members_added: int = 0
     members_removed: int = 0
+    #: messages set aside as findings instead of written (a body the store can not hold)
+    refused: tuple[Refusal, ...] = ()
 
 
 def new_handles(changes: LegacyChanges, known: KnownIds) -> list[str]:
@@ -247,7 +249,7 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
         findings_store.record_finding(conn, "feed_gap", gap, now_ms, source=gap.get("source"))
     ensured = {c.chat_id: c.member_handles for c in plan.conversations
                if c.complete and c.chat_id not in refused}
-    return CommitOutcome(result, ensured, applied.added, applied.removed)
+    return CommitOutcome(result, ensured, applied.added, applied.removed, plan.refusals)
 
 
 def mirror_changes(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int, *,

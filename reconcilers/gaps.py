@@ -74,6 +74,7 @@ to run twice) sit beside the pass that runs them, as the other reconcilers' do.
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -85,7 +86,7 @@ from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from bridge import ids
-from bridge.mirror import CommitOutcome, LegacyChanges, mirror_changes
+from bridge.mirror import LegacyChanges, mirror_changes
 from cloud import admin
 from cloud.db import TransactionRunner
 from cloud.model import Digest
@@ -246,34 +247,78 @@ def record_repair(conn: psycopg.Connection, run_id: int | None, kind: str, state
                        str(conversation_id), actor="reconciler", now_ms=now_ms, detail=detail)
 
 
-def repaired_count(outcome: CommitOutcome) -> int:
-    """The messages of a repair the store now has: written, or there already; the rest it
-    refused (e.g. a body it can not hold)."""
-    return len(outcome.result.inserted) + outcome.result.duplicates
+@attrs.frozen
+class CloudRepair:
+    """A chat's messages that the second look confirmed missing in the cloud."""
+
+    diff: ChatDiff
+    #: the chat's member list as its home supernode listed it (None: not listed)
+    members: tuple[str, ...] | None
+    messages: tuple[wire.ChatMessage, ...]
+
+    def detail(self) -> dict:
+        """The finding's detail."""
+        return {"chat_id": self.diff.chat_id, "count": len(self.messages),
+                "guids": sorted(m.guid for m in self.messages)[:50]}
 
 
-def repair_in_cloud(conn: psycopg.Connection, changes: LegacyChanges, now_ms: int,
-                    run_id: int | None, conversation_id: uuid.UUID,
-                    detail: dict) -> CommitOutcome:
-    """Write a chat's missing messages through the mirror path and record the finding, in
-    one transaction: a repair is never committed without its finding."""
-    outcome = mirror_changes(conn, changes, now_ms)
-    resolved = repaired_count(outcome)
-    record_repair(conn, run_id, "missing_in_cloud",
-                  "repaired" if resolved == len(changes.messages) else "failed",
-                  conversation_id, {**detail, "inserted": len(outcome.result.inserted)}, now_ms)
-    return outcome
+def repair_in_cloud(conn: psycopg.Connection, repairs: Sequence[CloudRepair], now_ms: int,
+                    run_id: int | None) -> list[int]:
+    """Write the chats' missing messages through the mirror path and record a finding per
+    chat, in one transaction (a repair is never committed without its finding); how many
+    messages of each the store now has (written, or there already; the rest it refused,
+    e.g. a body it can not hold)."""
+    # A list read now may be older than one the follower has mirrored since: it only seeds
+    # a chat that has no list yet, it never changes members.
+    chats = {r.diff.chat_id: ((r.members, SNAPSHOT),) for r in repairs if r.members}
+    messages = sorted((m for r in repairs for m in r.messages),
+                      key=lambda m: (m.chat_id, m.legacy_seq))
+    outcome = mirror_changes(conn, LegacyChanges(chats, messages), now_ms)
+    refused = collections.Counter(f.conversation_id for f in outcome.refused)
+    inserted = collections.Counter(m.conversation_id for m in outcome.result.inserted)
+    resolved = []
+    for r in repairs:
+        cid = r.diff.conversation_id
+        n = len(r.messages) - refused[cid]
+        record_repair(conn, run_id, "missing_in_cloud",
+                      "repaired" if n == len(r.messages) else "failed", cid,
+                      {**r.detail(), "inserted": inserted[cid]}, now_ms)
+        resolved.append(n)
+    return resolved
 
 
-def legacy_repair_rows(conn: psycopg.Connection, conversation_id: uuid.UUID,
-                       guids: Sequence[str]) -> tuple[tuple[str, ...], int, list[tuple]]:
-    """What a repair into legacy needs, read in one transaction: the members' legacy handles
-    and how many have legacy clients (``member_handles``), and the stored messages among
-    *guids* (``messages_by_guid``'s rows; the second look then keeps those legacy still
-    lacks)."""
-    handles, legacy_clients = conversations_store.member_handles(conn, conversation_id)
-    rows = digests_store.messages_by_guid(conn, conversation_id, guids) if guids else []
-    return handles, legacy_clients, rows
+@attrs.frozen
+class SecondLook:
+    """What the store holds of a chat's differences, for the second look."""
+
+    #: of the GUIDs missing in the cloud, those it still lacks
+    still_missing: frozenset[str]
+    #: the members' legacy-side handles, and how many still have legacy clients
+    handles: tuple[str, ...]
+    legacy_clients: int
+    #: ``messages_by_guid``'s rows of the GUIDs missing in legacy (guid, sender, sent_ms,
+    #: body); the second look keeps those legacy still lacks
+    stored: tuple[tuple, ...]
+
+
+def second_look_rows(conn: psycopg.Connection, diffs: Sequence[ChatDiff]
+                     ) -> dict[uuid.UUID, SecondLook]:
+    """The store's side of a round's second look, for every chat of it, in one
+    transaction."""
+    looks = {}
+    for d in diffs:
+        still = (missing_guids(conn, d.conversation_id, sorted(d.missing_in_cloud))
+                 if d.missing_in_cloud else set())
+        handles: tuple[str, ...] = ()
+        legacy_clients, rows = 0, []
+        if d.missing_in_legacy:
+            handles, legacy_clients = conversations_store.member_handles(
+                conn, d.conversation_id)
+            rows = digests_store.messages_by_guid(conn, d.conversation_id,
+                                                  sorted(d.missing_in_legacy))
+        looks[d.conversation_id] = SecondLook(frozenset(still), handles, legacy_clients,
+                                              tuple(rows))
+    return looks
 
 
 def missing_guids(conn: psycopg.Connection, conversation_id: uuid.UUID,
@@ -418,13 +463,19 @@ class GapsReconciler:
             if not ctx.dry_run:  # not clean until a compare finds them equal
                 await db.run("mark_dirty", digests_store.mark_dirty,
                              [d.conversation_id for d in batch])
+            looked: list[ChatDiff] = []  # second look done, legacy repaired
+            to_cloud: list[CloudRepair] = []  # confirmed missing in the cloud, to write
+            # what the store holds of the round's differences, read at once
+            store_side = await db.run("second_look_rows", second_look_rows,
+                                      [d for d in batch if ring.home_of(d.chat_id) not in lost])
             for diff in batch:
                 home = ring.home_of(diff.chat_id)
                 if home in lost:
                     not_covered(diff.chat_id)
                     continue
                 try:
-                    await self._confirm_and_repair(ctx, diff, chats[diff.chat_id][1])
+                    repair = await self._confirm_and_repair(
+                        ctx, diff, chats[diff.chat_id][1], store_side[diff.conversation_id])
                 except Exception as e:
                     if isinstance(e, CUT_OFF):
                         raise  # the run ended at its deadline: this chat stays in retry
@@ -435,8 +486,14 @@ class GapsReconciler:
                     report.failed += 1
                     report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
                     continue
+                looked.append(diff)
+                if repair is not None:
+                    to_cloud.append(repair)
+            if to_cloud:
+                await self._repair_cloud(ctx, to_cloud)
+            for diff in looked:
                 retry.discard(diff.chat_id)
-                progress["retry"] = sorted(retry)
+            progress["retry"] = sorted(retry)
             await save()
 
         clean: list[uuid.UUID] = []  # compared equal, not yet written down
@@ -663,23 +720,25 @@ class GapsReconciler:
     # -- second look and repair ------------------------------------------------------------
 
     async def _confirm_and_repair(self, ctx: RunContext, diff: ChatDiff,
-                                  members: tuple[str, ...] | None) -> None:
-        db, report = ctx.db, ctx.report
+                                  members: tuple[str, ...] | None,
+                                  look: SecondLook) -> CloudRepair | None:
+        """The second look at a chat's differences (*look*: what the store holds of them);
+        repairs into legacy done, and what is confirmed missing in the cloud returned, for
+        ``_repair_cloud`` to write with the round's others."""
+        report = ctx.report
+        repair = None
         peer = await self.legacy.for_chat(diff.chat_id)
         if diff.missing_in_cloud:
-            still = await db.run("missing_guids", missing_guids, diff.conversation_id,
-                                 sorted(diff.missing_in_cloud))
+            still = look.still_missing
             fetched, _ = await self._fetch(peer, diff.chat_id, sorted(still))
             confirmed = [m for m in fetched if m.guid in still]
             report.confirmed += len(confirmed)
             if confirmed and not ctx.dry_run:
-                await self._repair_cloud(ctx, diff, members, confirmed)
+                repair = CloudRepair(diff, members, tuple(confirmed))
         if diff.missing_in_legacy:
-            handles, legacy_clients, stored = await db.run(
-                "legacy_repair_rows", legacy_repair_rows, diff.conversation_id,
-                sorted(diff.missing_in_legacy))
+            handles, legacy_clients, stored = look.handles, look.legacy_clients, look.stored
             if legacy_clients == 0:
-                return  # nobody reads this chat on legacy any more: nothing to repair
+                return repair  # nobody reads this chat on legacy any more: nothing to repair
             # the second look asks for the messages themselves: only what it still lacks counts
             _, lacking = await self._fetch(peer, diff.chat_id, sorted(diff.missing_in_legacy),
                                            count=False)
@@ -694,6 +753,7 @@ class GapsReconciler:
             report.confirmed += len(kept)
             if kept and not ctx.dry_run:
                 await self._repair_legacy(ctx, diff, peer, handles, kept)
+        return repair
 
     async def _fetch(self, peer: PeerConnection, chat_id: str, guids: list[str], *,
                      count: bool = True) -> tuple[list[wire.ChatMessage], set[str]]:
@@ -724,33 +784,41 @@ class GapsReconciler:
             if cid not in noted and len(noted) < REPAIRED_NAMED:
                 noted.append(cid)
 
-    async def _repair_cloud(self, ctx: RunContext, diff: ChatDiff,
-                            members: tuple[str, ...] | None,
-                            messages: list[wire.ChatMessage]) -> None:
+    async def _repair_cloud(self, ctx: RunContext, repairs: list[CloudRepair]) -> None:
+        """Write a round's confirmed messages into the cloud, with a finding per chat, in one
+        transaction; if that fails, chat by chat, so that one chat's failure is its own."""
+        for r in repairs:
+            ctx.report.bytes_from_legacy += sum(
+                len(m.body.encode()) + len(m.guid) + len(m.sender) for m in r.messages)
+        if not await self._write_cloud_repairs(ctx, repairs):
+            for r in repairs:
+                await self._write_cloud_repairs(ctx, [r])
+
+    async def _write_cloud_repairs(self, ctx: RunContext, repairs: list[CloudRepair]) -> bool:
+        """*repairs* in one transaction, counted in the report; False, and nothing written
+        or counted, when several failed together. One that fails alone is recorded as a
+        failed repair."""
         report = ctx.report
-        report.bytes_from_legacy += sum(len(m.body.encode()) + len(m.guid) + len(m.sender)
-                                        for m in messages)
-        # A list read now may be older than one the follower has mirrored since: it only
-        # seeds a chat that has no list yet, it never changes members.
-        chats = {diff.chat_id: ((members, SNAPSHOT),)} if members else {}
-        detail = {"chat_id": diff.chat_id, "count": len(messages),
-                  "guids": sorted(m.guid for m in messages)[:50]}
         try:
-            outcome = await ctx.db.run(
-                "repair_in_cloud", repair_in_cloud,
-                LegacyChanges(chats, sorted(messages, key=lambda m: m.legacy_seq)),
-                ctx.now_ms(), report.run_id, diff.conversation_id, detail)
+            resolved = await ctx.db.run("repair_in_cloud", repair_in_cloud, repairs,
+                                        ctx.now_ms(), report.run_id)
         except Exception as e:
-            report.failed += len(messages)
+            if isinstance(e, CUT_OFF):
+                raise
+            if len(repairs) > 1:
+                return False
+            [r] = repairs
+            report.failed += len(r.messages)
             await ctx.db.run("record_repair", record_repair, report.run_id, "missing_in_cloud",
-                             "failed",
-                             diff.conversation_id, {**detail, "error": str(e)}, ctx.now_ms())
-            return
-        resolved = repaired_count(outcome)
-        report.repaired += resolved
-        if resolved:
-            self._note_repair(ctx, diff)
-        report.failed += len(messages) - resolved
+                             "failed", r.diff.conversation_id, {**r.detail(), "error": str(e)},
+                             ctx.now_ms())
+            return True
+        for r, n in zip(repairs, resolved, strict=True):
+            report.repaired += n
+            if n:
+                self._note_repair(ctx, r.diff)
+            report.failed += len(r.messages) - n
+        return True
 
     async def _repair_legacy(self, ctx: RunContext, diff: ChatDiff, peer: PeerConnection,
                              handles: tuple[str, ...], rows: list[tuple]) -> None:

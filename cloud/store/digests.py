@@ -60,7 +60,7 @@ def range_digests(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms
     shift = 32 - bits
     rows = conn.execute(
         "SELECT (digest_bucket >> %(shift)s) & %(mask)s AS child, count(*), "
-        "       sum(digest_hash::numeric) "
+        "       sum(digest_hash) "  # bigint's sum adds in 128 bits: exact, not numeric's
         "FROM messages WHERE conversation_id = %(cid)s AND legacy_guid IS NOT NULL "
         "  AND sent_ms >= %(start)s AND sent_ms < %(end)s "
         "  AND (%(pbits)s = 0 OR digest_bucket >> (32 - %(pbits)s) = %(prefix)s) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import attrs
@@ -101,6 +102,62 @@ def test_messages_missing_in_cloud_are_fetched_and_written_back(scene):
                               ).fetchone()[0] == 1
     again, _ = scene.reconcile()
     assert again.confirmed == 0 and again.clean
+
+
+class CountingDatabase:
+    """The scene's database, counting the transactions by name."""
+
+    def __init__(self, inner: InlineDatabase) -> None:
+        self.inner, self.counts = inner, collections.Counter()
+
+    def run(self, desc, fn, *args, **kwargs):
+        self.counts[desc] += 1
+        return self.inner.run(desc, fn, *args, **kwargs)
+
+
+def test_a_rounds_repairs_into_the_cloud_are_one_transaction_and_a_failing_chat_fails_alone(
+        scene):
+    """The messages a round confirmed missing in three chats are written, with a finding
+    each, in one transaction. When one chat's write fails, the round's chats are written
+    one by one: that chat's finding says failed, with the error; the others are repaired."""
+    lost = {}
+    for chat in ("chat-a", "chat-b", "chat-c"):
+        guids = scene.chat(chat, 6, members=(f"{chat}-x", f"{chat}-y"))
+        lost[chat] = guids[1:3]
+    scene.mirror()
+    for guids in lost.values():
+        drop_from_cloud(scene.conn, guids)
+    counting = scene.db = CountingDatabase(scene.db)
+    report, _ = scene.reconcile()
+    assert (report.confirmed, report.repaired, report.failed) == (6, 6, 0) and report.clean
+    assert counting.counts["repair_in_cloud"] == 1
+    assert sorted(scene.conn.execute(
+        "SELECT detail->>'chat_id', state FROM reconcile_findings").fetchall()) == [
+        ("chat-a", "repaired"), ("chat-b", "repaired"), ("chat-c", "repaired")]
+
+    scene.conn.execute("DELETE FROM reconcile_findings")
+    for guids in lost.values():
+        drop_from_cloud(scene.conn, guids)
+    scene.conn.execute(
+        "CREATE FUNCTION refuse_chat_b() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.conversation_id = '{ids.conversation_id('chat-b')}' THEN "
+        "RAISE EXCEPTION 'chat-b refused'; END IF; RETURN NEW; END $$")
+    scene.conn.execute("CREATE TRIGGER refuse_chat_b BEFORE INSERT ON messages "
+                       "FOR EACH ROW EXECUTE FUNCTION refuse_chat_b()")
+    counting.counts.clear()
+    try:
+        report, _ = scene.reconcile()
+    finally:
+        scene.conn.execute("DROP TRIGGER refuse_chat_b ON messages")
+    assert (report.confirmed, report.repaired, report.failed) == (6, 4, 2)
+    assert counting.counts["repair_in_cloud"] == 1 + 3  # the round's, then each chat's
+    found = {chat: (state, error) for chat, state, error in scene.conn.execute(
+        "SELECT detail->>'chat_id', state, detail->>'error' FROM reconcile_findings")}
+    assert found["chat-a"] == ("repaired", None) and found["chat-c"] == ("repaired", None)
+    assert found["chat-b"][0] == "failed" and "chat-b refused" in found["chat-b"][1]
+    stored = {r[1] for chat in lost for r in chat_messages(scene.conn, chat)}
+    assert set(lost["chat-a"] + lost["chat-c"]) <= stored
+    assert not set(lost["chat-b"]) & stored
 
 
 def test_messages_lost_by_a_restarted_supernode_are_injected_back(scene):
