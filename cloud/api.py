@@ -434,21 +434,25 @@ class Endpoint:
 class Route:
     template: str
     endpoints: Mapping[bytes, Endpoint]
+    #: the template's segments, parsed once: (parameter name, None) or (None, literal)
+    _pattern: tuple[tuple[str | None, bytes | None], ...] = attrs.field(
+        init=False, repr=False, eq=False)
 
-    @property
-    def segments(self) -> tuple[str, ...]:
-        return tuple(self.template.split("/")[1:])
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_pattern", tuple(
+            (part[1:-1], None) if part.startswith("{") else (None, part.encode())
+            for part in self.template.split("/")[1:]))
 
     def match(self, segments: list[bytes]) -> dict[str, bytes] | None:
         """The raw path parameters if *segments* has this route's shape, else None."""
-        mine = self.segments
-        if len(segments) != len(mine):
+        pattern = self._pattern
+        if len(segments) != len(pattern):
             return None
         params = {}
-        for pattern, segment in zip(mine, segments, strict=True):
-            if pattern.startswith("{"):
-                params[pattern[1:-1]] = segment
-            elif segment != pattern.encode():
+        for (name, literal), segment in zip(pattern, segments, strict=True):
+            if name is not None:
+                params[name] = segment
+            elif segment != literal:
                 return None
         return params
 
