@@ -218,16 +218,10 @@ def legacy_section(repeat: int, big_sim: bool) -> dict:
 
 
 def cloud_section(server: str, repeat: int, quick: bool) -> dict:
-    from bench_api import bench_api
-    from bench_cloud import bench_write_path, scratch_database
+    import bench_cloud
 
-    rows = 20_000 if quick else 100_000
-    with scratch_database(server) as dsn:
-        log(f"cloud: raw COPY and the mirror write path, {rows:,} rows, {repeat} runs")
-        out = {"write_path": bench_write_path(dsn, rows, repeat, batch=1000)}
-        log(f"cloud: API posts with 50 clients, {repeat} runs")
-        out["api"] = bench_api(dsn, quick=quick, runs=repeat)
-    return out
+    return bench_cloud.measure(server, 20_000 if quick else 100_000, repeat, repeat, quick,
+                               log)
 
 
 def bridge_section(server: str, repeat: int, quick: bool,
