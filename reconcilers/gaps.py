@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import collections
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -463,34 +463,56 @@ class GapsReconciler:
             if not ctx.dry_run:  # not clean until a compare finds them equal
                 await db.run("mark_dirty", digests_store.mark_dirty,
                              [d.conversation_id for d in batch])
-            looked: list[ChatDiff] = []  # second look done, legacy repaired
-            to_cloud: list[CloudRepair] = []  # confirmed missing in the cloud, to write
-            # what the store holds of the round's differences, read at once
+            # the store's side of the round's second look, read at once
             store_side = await db.run("second_look_rows", second_look_rows,
                                       [d for d in batch if ring.home_of(d.chat_id) not in lost])
-            for diff in batch:
-                home = ring.home_of(diff.chat_id)
-                if home in lost:
-                    not_covered(diff.chat_id)
-                    continue
-                try:
-                    repair = await self._confirm_and_repair(
-                        ctx, diff, chats[diff.chat_id][1], store_side[diff.conversation_id])
-                except Exception as e:
-                    if isinstance(e, CUT_OFF):
-                        raise  # the run ended at its deadline: this chat stays in retry
-                    if isinstance(e, LINK_ERRORS):
-                        self._lose(report, lost, home, e)
+
+            async def each(diffs: list[ChatDiff], work: Callable[[ChatDiff], Awaitable[Any]]
+                           ) -> list[ChatDiff]:
+                """*work* for each chat whose home is not lost; the chats it went through
+                (one that failed stays to retry: uncovered, or failed with its error)."""
+                went = []
+                for diff in diffs:
+                    home = ring.home_of(diff.chat_id)
+                    if home in lost:
                         not_covered(diff.chat_id)
                         continue
-                    report.failed += 1
-                    report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
-                    continue
-                looked.append(diff)
+                    try:
+                        await work(diff)
+                    except Exception as e:
+                        if isinstance(e, CUT_OFF):
+                            raise  # the run ended at its deadline: this chat stays in retry
+                        if isinstance(e, LINK_ERRORS):
+                            self._lose(report, lost, home, e)
+                            not_covered(diff.chat_id)
+                            continue
+                        report.failed += 1
+                        report.detail.setdefault("errors", []).append(f"{diff.chat_id}: {e}")
+                        continue
+                    went.append(diff)
+                return went
+
+            # first what the cloud lacks: confirmed at the homes, then written all at once
+            # (before any injection: a repair may seed a chat's member list, which an
+            # injection into legacy then sends)
+            to_cloud: list[CloudRepair] = []
+
+            async def look_for_cloud(diff: ChatDiff) -> None:
+                repair = await self._confirm_for_cloud(ctx, diff, chats[diff.chat_id][1],
+                                                       store_side[diff.conversation_id])
                 if repair is not None:
                     to_cloud.append(repair)
+
+            looked = await each(batch, look_for_cloud)
             if to_cloud:
                 await self._repair_cloud(ctx, to_cloud)
+            seeded = {r.diff.conversation_id for r in to_cloud if r.members}
+
+            async def repair_legacy(diff: ChatDiff) -> None:
+                await self._confirm_for_legacy(ctx, diff, store_side[diff.conversation_id],
+                                               diff.conversation_id in seeded)
+
+            looked = await each(looked, repair_legacy)
             for diff in looked:
                 retry.discard(diff.chat_id)
             progress["retry"] = sorted(retry)
@@ -719,41 +741,51 @@ class GapsReconciler:
 
     # -- second look and repair ------------------------------------------------------------
 
-    async def _confirm_and_repair(self, ctx: RunContext, diff: ChatDiff,
-                                  members: tuple[str, ...] | None,
-                                  look: SecondLook) -> CloudRepair | None:
-        """The second look at a chat's differences (*look*: what the store holds of them);
-        repairs into legacy done, and what is confirmed missing in the cloud returned, for
-        ``_repair_cloud`` to write with the round's others."""
-        report = ctx.report
-        repair = None
+    async def _confirm_for_cloud(self, ctx: RunContext, diff: ChatDiff,
+                                 members: tuple[str, ...] | None,
+                                 look: SecondLook) -> CloudRepair | None:
+        """The second look at what the cloud lacks of a chat (*look*: what the store holds
+        of it): the messages its home still has, for ``_repair_cloud`` to write with the
+        round's others (None: nothing to write, or a dry run)."""
+        if not diff.missing_in_cloud:
+            return None
         peer = await self.legacy.for_chat(diff.chat_id)
-        if diff.missing_in_cloud:
-            still = look.still_missing
-            fetched, _ = await self._fetch(peer, diff.chat_id, sorted(still))
-            confirmed = [m for m in fetched if m.guid in still]
-            report.confirmed += len(confirmed)
-            if confirmed and not ctx.dry_run:
-                repair = CloudRepair(diff, members, tuple(confirmed))
-        if diff.missing_in_legacy:
-            handles, legacy_clients, stored = look.handles, look.legacy_clients, look.stored
-            if legacy_clients == 0:
-                return repair  # nobody reads this chat on legacy any more: nothing to repair
-            # the second look asks for the messages themselves: only what it still lacks counts
-            _, lacking = await self._fetch(peer, diff.chat_id, sorted(diff.missing_in_legacy),
-                                           count=False)
-            rows = [r for r in stored if r[0] in lacking]
-            # A message that aged past the retention floor since the first look is legacy's
-            # to drop, not missing: re-injecting it would be refused as too old.
-            floor = self.config.retention_floor_ms(ctx.now_ms())
-            kept = [r for r in rows if r[2] >= floor]
-            if len(kept) < len(rows):
-                aged = report.detail.get("aged_out", 0) + len(rows) - len(kept)
-                report.detail["aged_out"] = aged
-            report.confirmed += len(kept)
-            if kept and not ctx.dry_run:
-                await self._repair_legacy(ctx, diff, peer, handles, kept)
-        return repair
+        still = look.still_missing
+        fetched, _ = await self._fetch(peer, diff.chat_id, sorted(still))
+        confirmed = [m for m in fetched if m.guid in still]
+        ctx.report.confirmed += len(confirmed)
+        if confirmed and not ctx.dry_run:
+            return CloudRepair(diff, members, tuple(confirmed))
+        return None
+
+    async def _confirm_for_legacy(self, ctx: RunContext, diff: ChatDiff, look: SecondLook,
+                                  members_seeded: bool) -> None:
+        """The second look at what legacy lacks of a chat, and its repair: the messages
+        its home still lacks, injected there. *members_seeded*: this round's repair into
+        the cloud gave the chat a member list, so the members are read again."""
+        if not diff.missing_in_legacy:
+            return
+        report = ctx.report
+        handles, legacy_clients = look.handles, look.legacy_clients
+        if members_seeded:
+            handles, legacy_clients = await ctx.db.run(
+                "member_handles", conversations_store.member_handles, diff.conversation_id)
+        if legacy_clients == 0:
+            return  # nobody reads this chat on legacy any more: nothing to repair
+        peer = await self.legacy.for_chat(diff.chat_id)
+        # the second look asks for the messages themselves: only what it still lacks counts
+        _, lacking = await self._fetch(peer, diff.chat_id, sorted(diff.missing_in_legacy),
+                                       count=False)
+        rows = [r for r in look.stored if r[0] in lacking]
+        # A message that aged past the retention floor since the first look is legacy's
+        # to drop, not missing: re-injecting it would be refused as too old.
+        floor = self.config.retention_floor_ms(ctx.now_ms())
+        kept = [r for r in rows if r[2] >= floor]
+        if len(kept) < len(rows):
+            report.detail["aged_out"] = report.detail.get("aged_out", 0) + len(rows) - len(kept)
+        report.confirmed += len(kept)
+        if kept and not ctx.dry_run:
+            await self._repair_legacy(ctx, diff, peer, handles, kept)
 
     async def _fetch(self, peer: PeerConnection, chat_id: str, guids: list[str], *,
                      count: bool = True) -> tuple[list[wire.ChatMessage], set[str]]:

@@ -160,6 +160,64 @@ def test_a_rounds_repairs_into_the_cloud_are_one_transaction_and_a_failing_chat_
     assert not set(lost["chat-b"]) & stored
 
 
+def drop_at_home(scene, chat_id: str, guids) -> None:
+    """Take messages out of their home supernode's memory (and its digest tree)."""
+    chat = scene.net.supernodes[scene.net.ring.home_of(chat_id)].mem.chats[chat_id]
+    for guid in guids:
+        chat.drop(guid)
+
+
+class LegacyHalfFails(GapsReconciler):
+    """A gaps reconciler whose second look at what legacy lacks always fails."""
+
+    async def _confirm_for_legacy(self, ctx, diff, look, members_seeded):
+        if diff.missing_in_legacy:
+            raise RuntimeError("supernode answered nothing for " + diff.chat_id)
+
+
+def test_a_chat_whose_legacy_half_fails_still_gets_its_cloud_repair(scene):
+    """Differences both ways in one chat, and the second look at the legacy side fails: what
+    the cloud lacked is written and counted as repaired all the same, the failure is counted
+    once, and the chat is left to the next run, which repairs the rest."""
+    guids = scene.chat("chat-a", 8)
+    scene.mirror()
+    drop_from_cloud(scene.conn, guids[1:3])
+    drop_at_home(scene, "chat-a", guids[5:6])
+    scene.net.run(15.0)
+    rec = LegacyHalfFails(scene.links, GapsConfig(margin_ms=1000, confirm_after_s=0.5))
+    d = defer.Deferred.fromCoroutine(runner.run_one(
+        rec, clock=scene.net.clock, db=scene.db, lock_conn=scene.lock_conn, dry_run=False,
+        max_seconds=None))
+    report = scene.net.wait(d, timeout=600)
+    assert (report.confirmed, report.repaired, report.failed) == (2, 2, 1)
+    assert "supernode answered nothing" in report.detail["errors"][0]
+    assert set(guids[1:3]) <= {r[1] for r in chat_messages(scene.conn, "chat-a")}
+    again, _ = scene.reconcile()
+    assert again.repaired == 1 and again.clean
+
+
+def test_an_injection_goes_to_the_members_a_cloud_repair_of_the_same_round_listed(scene):
+    """A chat the cloud knows by its sender only (no member list mirrored yet), with
+    differences both ways: the round's repair into the cloud seeds its member list from the
+    home's, and the injection into legacy that follows sends that list (with the sender
+    alone, the home would refuse it)."""
+    guids = scene.chat("chat-a", 8)
+    scene.mirror()
+    cid = ids.conversation_id("chat-a")
+    alice = scene.conn.execute("SELECT account_id FROM accounts WHERE handle = 'alice'"
+                               ).fetchone()[0]
+    scene.conn.execute("UPDATE conversations SET legacy_members = NULL "
+                       "WHERE conversation_id = %s", (cid,))
+    scene.conn.execute("DELETE FROM members WHERE conversation_id = %s AND account_id <> %s",
+                       (cid, alice))
+    drop_from_cloud(scene.conn, guids[1:3])
+    drop_at_home(scene, "chat-a", guids[5:6])
+    report, _ = scene.reconcile()
+    assert (report.confirmed, report.repaired, report.failed) == (3, 3, 0) and report.clean
+    home = scene.net.supernodes[scene.net.ring.home_of("chat-a")]
+    assert guids[5] in {m.guid for m in home.history("chat-a")}
+
+
 def test_messages_lost_by_a_restarted_supernode_are_injected_back(scene):
     """A home supernode that lost its history gets the messages back from the cloud."""
     guids = scene.chat("chat-a", 12)
