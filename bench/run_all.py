@@ -433,7 +433,10 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
                        if first and bridge.get("to_legacy_ratio_to_drain") is not None
                        else ""),
                 target=_target(r, "bridge.to_legacy_ratio_to_drain") if first else "")
-            add(f"bridge cloud -> legacy p99 lag at half load ({_n(p['half_load_rate'])}/s), "
+            posted = p.get("half_load_posted_per_s")
+            load = (f"{_n(posted['median'])}/s posted of {_n(p['half_load_rate'])}/s"
+                    if posted else f"{_n(p['half_load_rate'])}/s")
+            add(f"bridge cloud -> legacy p99 lag at half load ({load}), "
                 f"{k} worker(s), ms", p["p99_lag_ms"],
                 target=_target(r, "bridge.to_legacy_p99_lag_ms.median") if first else "")
             add(f"bridge cloud -> legacy peak RSS, {k} worker(s), MB", p["peak_rss_mb"],
