@@ -40,6 +40,7 @@ class FakeSystemd:
         self.sock.bind(path)
         self.sock.settimeout(0.1)
         self.received: list[str] = []
+        self.error: Exception | None = None  # why the reader stopped early, if it did
         self._closed = threading.Event()
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
@@ -50,6 +51,9 @@ class FakeSystemd:
                 self.received.append(self.sock.recv(4096).decode())
             except TimeoutError:
                 pass
+            except (OSError, UnicodeDecodeError) as e:  # what wait_for then reports
+                self.error = e
+                return
 
     def close(self) -> None:
         self._closed.set()
@@ -65,6 +69,8 @@ class FakeSystemd:
         while time.monotonic() < deadline:
             if sum(line in m.split("\n") for m in self.read()) >= count:
                 return
+            if self.error is not None:
+                raise AssertionError(f"reading the notify socket failed: {self.error!r}")
         raise AssertionError(f"{line} x{count} never arrived: {self.received}")
 
     def env(self, home) -> dict[str, str]:
