@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
-from legacy.digest import MAX_PREFIX_BITS, MOD, guid_bucket, message_hash
+from legacy.digest import MAX_PREFIX_BITS, MOD, guid_bucket, in_range, message_hash
 from legacy.wire import ChatMessage, Digest, Range
 
 #: Width of a time slot: a 30-day retention is 720 slots, and a boundary slot holds 1/720
@@ -155,15 +155,12 @@ class ChatDigestTree:
         lo, hi, ids, w = rng.start_ms, rng.end_ms, self.slot_ids, self.slot_ms
         if hi <= lo:
             return []
-        shift = MAX_PREFIX_BITS - rng.prefix_bits
         found = []
         for sid in ids[bisect.bisect_left(ids, lo // w):bisect.bisect_right(ids, (hi - 1) // w)]:
             slot = self.slots[sid]
             for guid, bucket in zip(slot.guids, slot.buckets, strict=True):
-                if rng.prefix_bits and bucket >> shift != rng.prefix:
-                    continue
                 ts = self._ts(guid)
-                if lo <= ts < hi:
+                if in_range(rng, ts, bucket):
                     found.append((ts, guid))
         found.sort()
         return found

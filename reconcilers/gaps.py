@@ -465,7 +465,7 @@ class GapsReconciler:
                              [d.conversation_id for d in batch])
             # the store's side of the round's second look, read at once
             store_side = await db.run("second_look_rows", second_look_rows,
-                                      [d for d in batch if ring.home_of(d.chat_id) not in lost])
+                                      [d for d in batch if homes[d.chat_id] not in lost])
 
             async def each(diffs: list[ChatDiff], work: Callable[[ChatDiff], Awaitable[Any]]
                            ) -> list[ChatDiff]:
@@ -473,7 +473,7 @@ class GapsReconciler:
                 (one that failed stays to retry: uncovered, or failed with its error)."""
                 went = []
                 for diff in diffs:
-                    home = ring.home_of(diff.chat_id)
+                    home = homes[diff.chat_id]
                     if home in lost:
                         not_covered(diff.chat_id)
                         continue

@@ -17,7 +17,7 @@ import pytest
 
 from cloud.workload import provision
 from tests.bridge.test_bridge_tcp import wait_for
-from tests.bridgectl.test_cloud_run import BRIDGECTL
+from tests.bridgectl.test_cloud_run import BRIDGECTL, run_clients
 
 #: Seconds SIGTERM to the parent may take to stop it and its workers (theirs is 20 s).
 STOP_BOUND_S = 30
@@ -143,13 +143,7 @@ def test_notifications_are_pushed_once_with_two_processes(conn, db_dsn, tmp_path
     proc, url, log = start_processes(db_dsn, tmp_path, "--processes", "2",
                                      "--push-latency", "0.01")
     try:
-        out = subprocess.run(
-            [*BRIDGECTL, "cloud", "clients", "--dsn", db_dsn, "--api", url, "--users", "12",
-             "--conversations", "6", "--rate", "15", "--duration", "3", "--settle", "3",
-             "--seed", "5", "--json"],
-            capture_output=True, text=True, timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
-        assert out.returncode == 0, out.stderr
-        summary = json.loads(out.stdout)
+        summary = run_clients(db_dsn, url, tmp_path)
         conn_ = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
         conn_.request("GET", "/metrics")
         metrics = conn_.getresponse().read().decode()

@@ -37,18 +37,24 @@ def start_cloud(dsn: str, home, *extra: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"cloud run did not start: {proc.stderr.read()}")
 
 
+def run_clients(db_dsn: str, url: str, home) -> dict:
+    """``cloud clients`` against *url*: 12 devices in 6 conversations posting for 3 s, then
+    3 s to settle; its JSON summary (exit 0 asserted)."""
+    out = subprocess.run(
+        [*BRIDGECTL, "cloud", "clients", "--dsn", db_dsn, "--api", url, "--users", "12",
+         "--conversations", "6", "--rate", "15", "--duration", "3", "--settle", "3",
+         "--seed", "5", "--json"],
+        capture_output=True, text=True, timeout=60, env={"BRIDGE_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_clients_posts_all_land_and_every_notification_is_acknowledged(conn, db_dsn, tmp_path):
     """Devices post over HTTP; every acknowledged post is stored once; all pushes are acked."""
     proc, url = start_cloud(db_dsn, tmp_path, "--push-latency", "0.01")
     try:
         assert listening(proc.pid) == [("127.0.0.1", int(url.rsplit(":", 1)[1]))]  # default bind
-        out = subprocess.run(
-            [*BRIDGECTL, "cloud", "clients", "--dsn", db_dsn, "--api", url, "--users", "12",
-             "--conversations", "6", "--rate", "15", "--duration", "3", "--settle", "3",
-             "--seed", "5", "--json"],
-            capture_output=True, text=True, timeout=60, env={"BRIDGE_HOME": str(tmp_path)})
-        assert out.returncode == 0, out.stderr
-        summary = json.loads(out.stdout)
+        summary = run_clients(db_dsn, url, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -143,22 +143,29 @@ def test_legacy_and_bridge_run_say_ready_ping_the_watchdog_and_say_stopping(
     assert_notified_in_order(legacy_sd)
 
 
-def test_cloud_run_says_ready_pings_and_says_stopping(systemd, db_dsn, tmp_path):
-    """cloud run: READY=1 once it listens, pings while the dispatcher is not stuck,
-    STOPPING=1 on SIGTERM."""
-    fake = systemd("cloud")
-    proc = subprocess.Popen([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0"],
+def notified_cloud_run(fake: FakeSystemd, db_dsn: str, home, *flags: str) -> None:
+    """``cloud run *flags*`` under *fake*: READY=1 once it listens, three pings, then
+    SIGTERM and STOPPING=1, in that order."""
+    proc = subprocess.Popen([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0",
+                             *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=fake.env(tmp_path))
+                            env=fake.env(home))
     try:
         wait_for(lambda: "cloud API on" in proc.stderr.readline())
         fake.wait_for("READY=1")
-        assert "cloud API on 127.0.0.1:" in fake.received[0]
         fake.wait_for("WATCHDOG=1", count=3)
     finally:
         stop(proc)
     fake.wait_for("STOPPING=1")
     assert_notified_in_order(fake)
+
+
+def test_cloud_run_says_ready_pings_and_says_stopping(systemd, db_dsn, tmp_path):
+    """cloud run: READY=1 once it listens, pings while the dispatcher is not stuck,
+    STOPPING=1 on SIGTERM."""
+    fake = systemd("cloud")
+    notified_cloud_run(fake, db_dsn, tmp_path)
+    assert "cloud API on 127.0.0.1:" in fake.received[0]
 
 
 def test_without_notify_socket_the_commands_run_as_before(db_dsn, tmp_path):
@@ -177,17 +184,6 @@ def test_cloud_run_with_processes_notifies_for_all_its_workers(systemd, db_dsn, 
     """cloud run --processes 2: the parent alone talks to systemd (the workers notify it),
     READY=1 once both workers serve, pings, STOPPING=1 on SIGTERM, which stops all."""
     fake = systemd("cloudn")
-    proc = subprocess.Popen([*BRIDGECTL, "cloud", "run", "--dsn", db_dsn, "--port", "0",
-                             "--processes", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=fake.env(tmp_path))
-    try:
-        wait_for(lambda: "cloud API on" in proc.stderr.readline())
-        fake.wait_for("READY=1")
-        assert "2 processes" in fake.received[0]
-        fake.wait_for("WATCHDOG=1", count=3)
-    finally:
-        stop(proc)
-    fake.wait_for("STOPPING=1")
-    assert_notified_in_order(fake)
+    notified_cloud_run(fake, db_dsn, tmp_path, "--processes", "2")
+    assert "2 processes" in fake.received[0]
     assert sum("READY=1" in m.split("\n") for m in fake.received) == 1

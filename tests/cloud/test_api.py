@@ -293,16 +293,25 @@ def test_sync_pages_through_a_conversation(h):
     token = h.token(alice)
     for i in range(5):
         assert post(h, token, cid, f"c{i}", f"m{i}").status == 201
-    path = f"/v1/conversations/{cid}/messages"
-    seen, after = [], 0
-    while True:
-        page = h.request("GET", f"{path}?after={after}&limit=2", token=token).json()
-        if not page["messages"]:
-            assert page["next_after"] == after
-            break
-        seen += [m["body"] for m in page["messages"]]
-        after = page["next_after"]
+    pages, after = page_through(h, token, cid, "after", 0, 2)
+    seen = [m["body"] for page in pages for m in page]
     assert seen == [f"m{i}" for i in range(5)] and after == 5
+
+
+def page_through(h: Harness, token: str, cid: uuid.UUID, cursor: str, start: int, limit: int
+                 ) -> tuple[list[list[dict]], int]:
+    """Page a conversation's messages by ``?{cursor}=`` (``after`` or ``before``), each
+    page's ``next_{cursor}`` giving the next, until an empty page (whose cursor must stay
+    put): the pages' messages, and the last cursor."""
+    path = f"/v1/conversations/{cid}/messages"
+    pages, at = [], start
+    while True:
+        page = h.request("GET", f"{path}?{cursor}={at}&limit={limit}", token=token).json()
+        if not page["messages"]:
+            assert page[f"next_{cursor}"] == at
+            return pages, at
+        pages.append(page["messages"])
+        at = page[f"next_{cursor}"]
     everything = h.request("GET", path, token=token).json()
     assert [m["seq"] for m in everything["messages"]] == [1, 2, 3, 4, 5]
 

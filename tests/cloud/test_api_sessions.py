@@ -8,7 +8,7 @@ import pytest
 
 from cloud import tokens
 from cloud.store import accounts as accounts_store
-from tests.cloud.test_api import NOW_MS, SECRET, Harness, make_harness, post
+from tests.cloud.test_api import NOW_MS, SECRET, Harness, make_harness, page_through, post
 
 
 @pytest.fixture
@@ -117,16 +117,9 @@ def test_before_pages_back_through_history_in_order(h):
     token = h.token(alice)
     for i in range(1, 8):
         assert post(h, token, cid, f"c{i}", f"m{i}").status == 201
-    path = f"/v1/conversations/{cid}/messages"
-    pages, before = [], 8
-    while True:
-        page = h.request("GET", f"{path}?before={before}&limit=3", token=token).json()
-        if not page["messages"]:
-            assert page["next_before"] == before
-            break
-        pages.append([m["seq"] for m in page["messages"]])
-        before = page["next_before"]
-    assert pages == [[5, 6, 7], [2, 3, 4], [1]] and before == 1
+    pages, before = page_through(h, token, cid, "before", 8, 3)
+    assert [[m["seq"] for m in page] for page in pages] == [[5, 6, 7], [2, 3, 4], [1]]
+    assert before == 1
 
 
 def test_before_with_after_reads_the_newest_of_a_range(h):
