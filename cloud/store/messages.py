@@ -54,13 +54,18 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
     # checked against the index of cloud-capable accounts (migration 0007). Never a scan of
     # every account or member (as a join driven by the accounts, a store whose cloud phases
     # were rare scanned them all for every batch), and not a probe per message (checked per
-    # row, a small store's few accounts were scanned once for every message).
+    # row, a small store's few accounts were scanned once for every message). While no
+    # account has a cloud phase at all (the shadow-mirroring months, when the bridge drains
+    # legacy's backlog), one probe of that index says so for the whole statement (a one-time
+    # filter): the member probes cost about 1.4 µs per mirrored message otherwise.
     return ("WITH owed_to AS MATERIALIZED ("
             "  SELECT c.id AS conversation_id, o.account_id "
             f"  FROM unnest({conversations}) AS c(id) CROSS JOIN LATERAL ("
             "    SELECT m.account_id FROM members m WHERE m.conversation_id = c.id "
             "    AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = m.account_id "
-            f"                AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) o) "
+            f"                AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) o "
+            "  WHERE EXISTS (SELECT 1 FROM accounts a0 "
+            f"               WHERE a0.phase IN ({_CLOUD_PHASES_SQL}))) "
             "INSERT INTO notifications (account_id, notification_id, conversation_id, "
             "  message_id, seq, next_attempt_ms, created_ms) "
             "SELECT o.account_id, "
