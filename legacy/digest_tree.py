@@ -123,9 +123,14 @@ class ChatDigestTree:
         if slot is None:
             slot = self.slots[sid] = Slot()
             bisect.insort(self.slot_ids, sid)
-        i = bisect.bisect_right(slot.guids, m.ts_ms, key=self._ts)
-        slot.guids.insert(i, m.guid)
-        slot.buckets.insert(i, bucket)
+        guids = slot.guids
+        if not guids or self._ts(guids[-1]) <= m.ts_ms:
+            guids.append(m.guid)  # the usual case: the newest message of its slot
+            slot.buckets.append(bucket)
+        else:
+            i = bisect.bisect_right(guids, m.ts_ms, key=self._ts)
+            guids.insert(i, m.guid)
+            slot.buckets.insert(i, bucket)
         _apply(slot.nodes, SLOT_BITS, bucket, h, 1)
         _apply(self.total, TOTAL_BITS, bucket, h, 1)
 

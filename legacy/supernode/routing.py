@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 MESSAGES_APPENDED = Counter("legacy_messages_appended_total",
                             "Messages appended by their home supernode, by origin.", ["origin"])
+#: MESSAGES_APPENDED's child per origin, looked up once (``labels`` takes a lock and builds a
+#: key on every call: about 1.5 µs a message)
+_APPENDED: dict[str, Any] = {}
 
 
 class Routing:
@@ -69,7 +72,10 @@ class Routing:
                                origin=origin)
         chat.next_seq += 1
         chat.add(msg)
-        MESSAGES_APPENDED.labels(origin=origin).inc()
+        appended = _APPENDED.get(origin)
+        if appended is None:
+            appended = _APPENDED[origin] = MESSAGES_APPENDED.labels(origin=origin)
+        appended.inc()
         sn.trace.record("append", sn.sn_id, chat_id, guid, msg.legacy_seq)
         sn.feed_append(lambda o: wire.FeedMessage(offset=o, message=msg))
         allowed = set(members)
