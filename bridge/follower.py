@@ -94,15 +94,20 @@ class FollowerConfig:
     max_batch: int = 2000
     linger_s: float = 0.002     # wait this long for more frames before committing a batch
     echo_checkpoint_s: float = 1.0  # an echo-only batch's checkpoint is written this late
+    #: a batch of nothing but presence (and echoes) waits this long for more frames before
+    #: it commits (None: ``linger_s``); a message, member list or gap that joins it commits
+    #: the batch within ``linger_s`` of its arrival
+    presence_linger_s: float | None = None
     connect_timeout_s: float = 5.0
     retry: RetryPolicy = RetryPolicy(initial_s=0.5, factor=2.0, cap_s=15.0, jitter=0.3)
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.max_batch <= self.window:
             raise ValueError("max_batch must be between 1 and window")
-        if self.linger_s < 0 or self.connect_timeout_s <= 0 or self.echo_checkpoint_s < 0:
-            raise ValueError("linger_s and echo_checkpoint_s must be >= 0 and "
-                             "connect_timeout_s > 0")
+        if (self.linger_s < 0 or self.connect_timeout_s <= 0 or self.echo_checkpoint_s < 0
+                or (self.presence_linger_s is not None and self.presence_linger_s < 0)):
+            raise ValueError("linger_s, presence_linger_s and echo_checkpoint_s must be >= 0 "
+                             "and connect_timeout_s > 0")
 
 
 @attrs.define
@@ -406,8 +411,18 @@ class FeedFollower(Service):
     def _commit_soon(self, batch: FeedBatch) -> None:
         if batch.frames >= self.config.max_batch:
             self._commit()
-        elif self._linger is None or not self._linger.active():
-            self._linger = self.clock.callLater(self.config.linger_s, self._commit)
+            return
+        config = self.config
+        linger = config.linger_s
+        if (config.presence_linger_s is not None and not batch.messages and not batch.chats
+                and not batch.gaps):
+            # Presence alone is not urgent: nothing waits on it but the presence itself,
+            # and a transaction per presence change was most of a quiet feed's commits.
+            linger = config.presence_linger_s
+        if self._linger is None or not self._linger.active():
+            self._linger = self.clock.callLater(linger, self._commit)
+        elif self._linger.getTime() > self.clock.seconds() + linger:
+            self._linger.reset(linger)  # what just joined the batch is more urgent
 
     def _commit(self) -> None:
         """Start committing the pending batch, unless a commit is already in flight (then the

@@ -403,3 +403,48 @@ def test_a_legacy_message_after_echoes_commits_the_later_checkpoint(net, conn):
     assert db.commits == commits
     assert len(chat_messages(conn, "chat-1")) == 3
     bridge.stop(net)
+
+
+def legacy_presence(conn) -> dict[str, str]:
+    return dict(conn.execute(
+        "SELECT a.handle, p.status FROM presence p JOIN accounts a USING (account_id) "
+        "WHERE p.source LIKE %s", (ids.LEGACY_PRESENCE_PREFIX + "%",)).fetchall())
+
+
+def test_presence_alone_lingers_and_a_message_commits_it_within_linger_s(net, conn):
+    """With presence_linger_s, a batch of nothing but presence waits that long for more
+    frames (one commit for what arrives meanwhile); a message joining it commits the batch,
+    presence included, within linger_s."""
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, presence_linger_s=30.0,
+                            retry=FAST.retry)
+    db = CountingDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, db, config).start()
+    net.run(2.0)
+    alice, bob = net.add_user("alice"), net.add_user("bob")
+    net.online(net.device(alice))
+    net.run(1.0)
+    assert db.commits == 0 and legacy_presence(conn) == {}  # lingering, not lost
+    net.online(net.device(bob))
+    net.run(30.0)
+    assert legacy_presence(conn) == {"alice": "online", "bob": "online"}
+    assert 1 <= db.commits <= 2  # one per feed that carried presence, not one per change
+    carol, dave = net.add_user("carol"), net.add_user("dave")
+    dc = net.device(carol)
+    net.online(dc, net.device(dave))
+    before = db.commits
+    net.run(0.5)
+    assert db.commits == before
+    dc.send("chat-1", ("carol", "dave"), "hello")
+    net.run(0.5)  # the message's feed commits within linger_s, with its presence
+    assert len(chat_messages(conn, "chat-1")) == 1
+    assert db.commits > before
+    net.run(30.0)
+    assert set(legacy_presence(conn)) == {"alice", "bob", "carol", "dave"}
+    bridge.stop(net)
+
+
+def test_presence_linger_defaults_to_linger_s():
+    """Without presence_linger_s, presence commits as fast as anything else (production)."""
+    assert FollowerConfig().presence_linger_s is None
+    with pytest.raises(ValueError):
+        FollowerConfig(presence_linger_s=-1.0)
