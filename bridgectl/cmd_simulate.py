@@ -35,8 +35,10 @@ def add_commands(sub: Any) -> None:
                      help="simulated days (default 45)")
     sim.add_argument("--users", type=options.non_negative_int, default=2000, metavar="N",
                      help="legacy users, each linked to a cloud account (default 2000)")
-    sim.add_argument("--supernodes", type=options.non_negative_int, default=16, metavar="N",
-                     help="legacy supernodes (default 16)")
+    sim.add_argument("--supernodes", type=options.non_negative_int, metavar="N",
+                     help="legacy supernodes (default: sized from --users, one per 800 "
+                          "users and at least 16; with --dedicated-supernodes one per 4,100 "
+                          "users and at least 2)")
     sim.add_argument("--rate", type=options.number, default=3.0, metavar="MSGS",
                      help="messages per user per simulated day, over a working-day cycle "
                           "(default 3)")
@@ -50,8 +52,10 @@ def add_commands(sub: Any) -> None:
                      help="none; light: a supernode crash every other day, link drops, "
                           "windows of hop loss, 2%% push loss, a bridge worker killed every "
                           "other day; heavy: all of it more often; "
-                          "outage-2010: light plus the 2010 outage 60%% of the way in "
-                          "(default light)")
+                          "outage-2010: light plus the 2010 outage on the first working-day "
+                          "afternoon from 60%% of the way in: 28%% of supernodes lost for an "
+                          "hour, offline-message answers queued, clients crashing on late "
+                          "answers (default light)")
     sim.add_argument("--plan", type=Path, metavar="FILE",
                      help="cohort plan: a JSON list of {\"day\": D, \"percent\": P, "
                           "\"phase\": \"dual\"} steps, each through its own named cohort, "
@@ -59,8 +63,9 @@ def add_commands(sub: Any) -> None:
                           "before them (default: the built-in plan over 45 days, with one "
                           "rollback, stretched to --days)")
     sim.add_argument("--dedicated-supernodes", action="store_true",
-                     help="supernodes on fixed hosts that restart only by faults (default: "
-                          "client-hosted, 40%% short-lived)")
+                     help="supernodes on fixed hosts that restart only by faults, about "
+                          "4,100 users each unless --supernodes says otherwise (default: "
+                          "client-hosted, 40%% short-lived, about 800 users each)")
     sim.add_argument("--reconcile-every", type=options.number, default=6.0, metavar="H",
                      help="simulated hours between reconcile runs (default 6)")
     sim.add_argument("--client-versions", metavar="SPREAD",
@@ -125,9 +130,11 @@ def _config(args: argparse.Namespace, seed: int) -> Any:
 def replay_command(args: argparse.Namespace, seed: int) -> str:
     """The command line that runs *seed* alone with the same settings."""
     parts = ["bridgectl", "simulate", "--seed", str(seed), "--days", f"{args.days:g}",
-             "--users", str(args.users), "--supernodes", str(args.supernodes),
-             "--rate", f"{args.rate:g}", "--faults", args.faults,
-             "--reconcile-every", f"{args.reconcile_every:g}"]
+             "--users", str(args.users)]
+    if args.supernodes is not None:  # else sized from the users again, alike
+        parts += ["--supernodes", str(args.supernodes)]
+    parts += ["--rate", f"{args.rate:g}", "--faults", args.faults,
+              "--reconcile-every", f"{args.reconcile_every:g}"]
     if args.plan is not None:
         parts += ["--plan", str(args.plan)]
     if args.dedicated_supernodes:
@@ -220,7 +227,7 @@ def render(report: dict[str, Any]) -> str:
           if back.get("steps") else []),
         *_versions_lines(report.get("client_versions") or {}),
         "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
-                                  for k, v in report["faults"].items()),
+                                  for k, v in report["faults"].items() if v is not None),
         f"  outcome_hash {report['outcome_hash']}",
     ]
     if not report["converged"]:

@@ -19,6 +19,21 @@ from legacy.versions import normalize, parse_spread
 
 #: One simulated day, in seconds.
 DAY_S = 86_400.0
+#: Users per supernode when ``--supernodes`` is not given (the fact sheet's clients per
+#: supernode): client-hosted supernodes (2012), and the dedicated ones that followed.
+USERS_PER_SUPERNODE = 800
+USERS_PER_DEDICATED_SUPERNODE = 4100
+#: ... and the fewest a sized ring has: 16 client-hosted (the default before sizing, what a
+#: small rehearsal expects), 2 dedicated (a ring, not a single host).
+MIN_SUPERNODES = 16
+MIN_DEDICATED_SUPERNODES = 2
+
+
+def ring_size(users: int, *, dedicated: bool) -> int:
+    """The supernodes of a run of *users* when none are asked for."""
+    if dedicated:
+        return max(MIN_DEDICATED_SUPERNODES, math.ceil(users / USERS_PER_DEDICATED_SUPERNODE))
+    return max(MIN_SUPERNODES, math.ceil(users / USERS_PER_SUPERNODE))
 
 
 @attrs.frozen
@@ -208,7 +223,9 @@ class SimConfig:
 
     days: float = attrs.field(default=45.0, validator=_finite("days", 0, 3650))
     users: int = attrs.field(default=2000, validator=_positive_int("users", 2, 1_000_000))
-    supernodes: int = attrs.field(default=16, validator=_positive_int("supernodes", 1, 5000))
+    #: None: sized from the users (``ring_size``); an int once built
+    supernodes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive_int("supernodes", 1, 5000)))
     #: messages per user per simulated day, spread over the working-day cycle
     rate: float = attrs.field(default=3.0, validator=_finite("rate", 0, 10_000))
     seed: int = attrs.field(default=1, validator=_positive_int("seed", 0, 2**63 - 1))
@@ -228,6 +245,9 @@ class SimConfig:
     min_versions: tuple[tuple[float, str], ...] = ()
 
     def __attrs_post_init__(self) -> None:
+        if self.supernodes is None:
+            object.__setattr__(self, "supernodes", ring_size(
+                self.users, dedicated=self.dedicated_supernodes))
         if self.faults not in FAULTS:
             raise ValueError(f"--faults must be one of {', '.join(FAULTS)}")
         if self.client_versions:

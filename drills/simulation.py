@@ -490,7 +490,7 @@ class Simulation:
             "moves": self.cohorts.moves,
             "rollbacks": attrs.asdict(self.cohorts.rollbacks),
             "accounts_by_phase": self.accounts_by_phase,
-            "faults": attrs.asdict(self.faults.counts),
+            "faults": self.faults.report(),
             "client_versions": self.versions.report(self.config.client_versions),
             "outcome_hash": simcheck.outcome_hash(self.conn, self.legacy),
             "trace_hash": self.legacy.trace.hexdigest(),

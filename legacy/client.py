@@ -9,9 +9,16 @@ login refused as ``rate_limited`` is retried after a longer backoff (at least
 with a *version* reports it (``VersionedLoginRequest``); one refused as ``upgrade_required``
 enters the state ``upgrade_required`` and stops trying: only a newer client would get in.
 
+A device with ``late_reply_crash_s`` set has the bug of the 2010 client: the answer to its
+login's offline-message request (``OfflineReply``, ``legacy.supernode.offline``) arriving
+more than that after it attached crashes it. Its connection drops as in a crash (no clean
+logout), and its user starts it again ``CRASH_RESTART_S`` later (spread by half), when it
+logs in again and asks again.
+
     offline --start--> logging_in --Credential--> attaching --Welcome--> online
-       ^                    |                          |                    |
-       +------- backoff ----+--------------------------+---- conn lost -----+
+       ^  ^                 |                          |                 |  |
+       |  +---- backoff ----+--------------------------+-- conn lost ----+  |
+       +--- restart (CRASH_RESTART_S) <-- late OfflineReply: crash ---------+
                             |
                             +--upgrade_required--> upgrade_required (final)
 """
@@ -36,6 +43,8 @@ RATE_LIMITED_BACKOFF_S = 10.0
 #: (``base * (0.5 + r)``, one draw of the device's rng, as the seeded traces expect).
 RECONNECT_POLICY = RetryPolicy(initial_s=2.0, factor=2.0, cap_s=30.0, jitter=0.5,
                                jitter_mode="spread")
+#: After a crash, the user starts the client again after this, spread by half (one draw).
+CRASH_RESTART_S = 30.0
 
 
 @attrs.define
@@ -53,6 +62,8 @@ class TrafficStats:
     login_refused: int = 0
     login_rate_limited: int = 0
     login_upgrade_required: int = 0
+    #: crashes on a late offline-message answer (the 2010 client's bug)
+    client_crashes: int = 0
 
 
 @attrs.frozen
@@ -110,6 +121,8 @@ class _DeviceProtocol(FrameProtocol):
         elif isinstance(f, wire.PresenceNotice):
             dev.presence[f.handle] = f.status
             dev.stats.presence_notices += 1
+        elif isinstance(f, wire.OfflineReply):
+            dev._offline_reply(self)
         elif isinstance(f, wire.Error):
             dev.last_error = (f.code, f.reason)
         else:
@@ -148,6 +161,10 @@ class Device:
         self.failures = 0
         self.last_error: tuple[str, str] | None = None
         self._retry: Any = None
+        #: the 2010 client's bug: an offline-message answer later than this after the device
+        #: attached crashes it (None: a client without the bug)
+        self.late_reply_crash_s: float | None = None
+        self.attached_at = 0.0
 
     # -- what the user does --------------------------------------------------------------------
 
@@ -253,6 +270,7 @@ class Device:
     def _attached(self, proto: _DeviceProtocol) -> None:
         self.proto = proto
         self.state = "online"
+        self.attached_at = self.clock.seconds()
         self.failures = 0
         self.trace.record("online", self.user.handle, self.device_id)
         if self.user.contacts:
@@ -274,6 +292,18 @@ class Device:
         self.state = "offline"
         if self.want_online:
             self._retry_later()
+
+    def _offline_reply(self, proto: _DeviceProtocol) -> None:
+        limit = self.late_reply_crash_s
+        if (limit is None or self.proto is not proto
+                or self.clock.seconds() - self.attached_at <= limit):
+            return
+        # The crash: the process is gone at once (no logout), its user starts it again.
+        self.stats.client_crashes += 1
+        self.trace.record("client_crash", self.user.handle, self.device_id)
+        self.proto = None
+        self._retry_later(min_delay=CRASH_RESTART_S * (0.5 + self.rng.random()))
+        proto.transport.abortConnection()
 
     def _retry_later(self, min_delay: float = 0.0) -> None:
         self.state = "offline"

@@ -1,6 +1,7 @@
 """Ordinary clients at their supernode: device sessions and the three requests a client makes.
 
-    ClientLogin (protocol.py) --> attach: the first device online publishes "online"
+    ClientLogin (protocol.py) --> attach: the first device online publishes "online";
+                                  the login's offline-message request (offline.py)
     Send         --> checked here, then RouteSend to the chat's home (routing.py)
     SetPresence  --> published through the presence hub (presence.py)
     Subscribe    --> watch handles: PresenceSubscribe to their hubs, the last seen at once
@@ -39,6 +40,7 @@ class ClientSessions:
         if proto.handle not in mem.local_status:
             mem.local_status[proto.handle] = "online"
             sn.presence.publish(proto.handle, "online", "legacy")
+        sn.offline.request(proto)
 
     def detach(self, proto: SupernodeProtocol) -> None:
         sn = self.sn

@@ -7,6 +7,7 @@ trace and ``send_to``::
                 +-- PresenceHub     presence.py  publish, merge, fan-out, sweep
                 +-- ClientSessions  clients.py   devices attached here and their requests
                 +-- PeerApi         peer_api.py  the privileged peers' requests
+                +-- OfflineService  offline.py   answers to the logins' offline-message requests
                 +-- Link per peer   link.py      outbound, reconnecting (kept in its memory)
     SupernodeProtocol (protocol.py) serves every inbound connection and dispatches by role.
 
@@ -38,6 +39,7 @@ from legacy.network import Network
 from legacy.ring import HashRing
 from legacy.supernode.clients import ClientSessions
 from legacy.supernode.link import Link
+from legacy.supernode.offline import OfflineService
 from legacy.supernode.peer_api import PeerApi
 from legacy.supernode.presence import PRESENCE_HANDLERS, PresenceHub
 from legacy.supernode.protocol import SupernodeProtocol
@@ -124,6 +126,7 @@ class Supernode(service.Service):
         self.presence = PresenceHub(self)
         self.clients = ClientSessions(self)
         self.peer_api = PeerApi(self)
+        self.offline = OfflineService(self)
         self._sn_handlers = {**_bound(self.routing, ROUTING_HANDLERS),
                              **_bound(self.presence, PRESENCE_HANDLERS)}
 

@@ -8,8 +8,8 @@ writes its own part of it.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from typing import TYPE_CHECKING
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -84,6 +84,11 @@ class Memory:
         self.seen: dict[str, PresenceEntry] = {}
         self.feed_subs: list[FeedSubscription] = []
         self.links: dict[str, Link] = {}
+        # the offline-message service (offline.py): requests waiting (device, when asked),
+        # when the next answer may go, and the call that sends it
+        self.offline_queue: deque[tuple[SupernodeProtocol, float]] = deque()
+        self.offline_free_at = 0.0
+        self.offline_timer: Any = None
 
 
 #: C0 controls, DEL and C1 controls

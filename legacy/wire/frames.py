@@ -344,6 +344,14 @@ class PresenceNotice:
     expires_ms: int = w(U64)
 
 
+@frame(0x26)
+class OfflineReply:
+    """Supernode -> client: the answer to the offline-message request its login made
+    (``legacy.supernode.offline``), *waited_ms* after the request (its time in the queue)."""
+
+    waited_ms: int = w(U32)
+
+
 # -- supernode <-> supernode ---------------------------------------------------------------------
 
 @frame(0x30)

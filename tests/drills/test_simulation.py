@@ -13,11 +13,22 @@ import psycopg
 import pytest
 
 from bridge import ids
+from bridgectl import cmd_simulate
 from bridgectl import main as cli
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
 from drills import simcheck, simtraffic
-from drills.simplan import FAULTS, PlanStep, SimConfig, check_plan, default_plan, parse_plan
+from drills.simfaults import outage_start_s
+from drills.simplan import (
+    DAY_S,
+    FAULTS,
+    PlanStep,
+    SimConfig,
+    check_plan,
+    default_plan,
+    parse_plan,
+    ring_size,
+)
 from drills.simulation import START_S, Simulation
 from legacy.network import MemoryNetwork
 from legacy.sim import LegacyDeployment, RunConfig
@@ -121,13 +132,64 @@ def _check_the_rollback(conn: psycopg.Connection, report: dict, sim: Simulation)
 
 
 def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(conn, db_dsn):
-    """Over a quarter of the supernodes go down together and every device logs in again:
-    what the legacy network itself lost is counted apart, nothing else is lost."""
-    out = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=0.75,
-                   plan=(PlanStep(0.4, 50, "dual"),))
-    assert out["faults"]["outages"] == 1
-    assert out["faults"]["supernode_crashes"] >= 2  # 28% of 8
+    """Over a quarter of the supernodes go down together on the afternoon; their devices
+    log in again at once, the offline-message answers queue up, late ones crash the 2010
+    clients, which log in again: the report measures the re-login peak against a normal
+    day's busy hour and counts crashes, queued answers and stale presence. What the legacy
+    network itself lost is counted apart, nothing else is lost, and the seed replays it."""
+    out, sim = run_simulation(conn, db_dsn, 3, faults="outage-2010", supernodes=8,
+                              days=0.75, plan=(PlanStep(0.4, 50, "dual"),))
+    f = out["faults"]
+    assert f["outages"] == 1
+    assert f["supernode_crashes"] >= 2  # 28% of 8
+    assert f["flush_delayed"] > 0 and f["client_crashes"] > 0
+    assert f["client_crashes"] == sim.legacy.stats.client_crashes
+    assert f["logins_peak_per_min"] > f["logins_busy_hour_per_min"] > 0
+    assert f["relogin_peak_ratio"] == pytest.approx(
+        f["logins_peak_per_min"] / f["logins_busy_hour_per_min"], rel=0.02)
+    assert f["relogin_peak_ratio"] > 5
+    assert f["stale_presence_peak"] >= 1  # a lost supernode's word: online, the user gone
     assert out["converged"], json.dumps(out["verdict"])
+    again = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=0.75,
+                     plan=(PlanStep(0.4, 50, "dual"),))
+    assert again["outcome_hash"] == out["outcome_hash"] and again["faults"] == f
+
+
+def test_the_outage_strikes_on_a_working_day_afternoon_with_time_to_recover():
+    """At 14:00 of the first working day from 60% of the run on (day 27 of 45 is a weekend
+    day: day 28), or at 60% itself when that afternoon leaves no two hours to recover."""
+    def start(days: float) -> float:
+        return outage_start_s(FAULTS["outage-2010"].outage_at, days * DAY_S)
+
+    assert start(45) == 28 * DAY_S + 14 * 3600
+    assert start(2) == DAY_S + 14 * 3600
+    assert start(0.75) == 14 * 3600
+    assert start(0.5) == pytest.approx(0.3 * DAY_S)
+
+
+def test_a_ring_is_sized_from_the_users_unless_given():
+    """About 800 users a client-hosted supernode (at least 16), 4,100 a dedicated one (at
+    least 2); --supernodes overrides either."""
+    assert SimConfig(users=2000).supernodes == 16
+    assert SimConfig(users=100_000).supernodes == 125
+    assert SimConfig(users=2000, dedicated_supernodes=True).supernodes == 2
+    assert SimConfig(users=9000, dedicated_supernodes=True).supernodes == 3
+    assert SimConfig(users=1_000_000, dedicated_supernodes=True).supernodes == 244
+    assert SimConfig(users=9000, supernodes=5, dedicated_supernodes=True).supernodes == 5
+    assert ring_size(801, dedicated=False) == 16 and ring_size(12_801, dedicated=False) == 17
+
+
+def test_the_command_sizes_the_ring_and_its_replay_line_leaves_it_to_the_sizing():
+    """What the command builds from its flags: dedicated and no --supernodes gives the
+    sized ring, and the replay line does not pin a size the user never gave."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["simulate", "--users", "9000", "--dedicated-supernodes"])
+    assert cmd_simulate._config(args, 1).supernodes == 3
+    assert "--supernodes" not in cmd_simulate.replay_command(args, 1)
+    args = parser.parse_args(["simulate", "--users", "9000", "--supernodes", "7",
+                              "--dedicated-supernodes"])
+    assert cmd_simulate._config(args, 1).supernodes == 7
+    assert "--supernodes 7" in cmd_simulate.replay_command(args, 1)
 
 
 def test_heavy_faults_with_bridge_workers_killed_mid_run_lose_and_duplicate_nothing(
@@ -247,6 +309,10 @@ def test_a_minimum_version_set_mid_run_refuses_old_clients_and_counts_them(conn,
     (["--days", "0"], "--days must be a number above 0"),
     (["--users", "1"], "--users must be a whole number between 2"),
     (["--supernodes", "0"], "--supernodes must be a whole number between 1"),
+    (["--supernodes", "0", "--dedicated-supernodes"],
+     "--supernodes must be a whole number between 1 and 5000"),
+    (["--supernodes", "5001"], "--supernodes must be a whole number between 1 and 5000"),
+    (["--users", "1", "--dedicated-supernodes"], "--users must be a whole number between 2"),
     (["--rate", "-1"], "--rate must be a number above 0"),
     (["--seeds", "5..1"], "A <= B"),
     (["--seeds", "1-5"], "--seeds must look like A..B"),
