@@ -7,9 +7,12 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   messages when the bridge starts; time from the bridge's start to the N-th row (polled
   every 20 ms through the conversations' sequence counters, see ``STORED``).
 - ``copy_rows_per_s``: raw binary COPY of the same number of message rows into the same
-  server in the same run, without the maintained digests' triggers (the ceiling,
+  server in the same run, without the maintained digests' triggers, in transactions as large
+  as the drain's largest (``FollowerConfig.max_batch`` rows: like for like; the ceiling,
   ``bench_cloud.raw_copy``: the median of three passes, after a VACUUM ANALYZE of the
-  drained rows), and the ratio of the two.
+  drained rows), and the ratio of the two. ``copy_500_rows_per_s`` (and its ratio): the same
+  in 500-row transactions, the ceiling recorded before the drain's batches grew from 500
+  frames to 2,000 (raw COPY gains about 10% from the larger transactions too).
 - ``lag_ms``: p50 and p99 mirror lag (event time at the supernode to commit, as the bridge
   measures it) with the legacy network producing half the measured drain speed: read from
   the workers' ``bridge_mirror_lag_seconds`` histograms over the whole load (the difference
@@ -57,6 +60,7 @@ sys.path.insert(0, HERE)
 from bench_cloud import raw_copy, scratch_database, setup  # noqa: E402
 from bench_stats import summarize  # noqa: E402
 
+from bridge.follower import FollowerConfig  # noqa: E402
 from cloud import embedded  # noqa: E402
 from cloud.model import MirroredMessage  # noqa: E402
 from cloud.store import coordination as coordination_store  # noqa: E402
@@ -246,20 +250,27 @@ def drain_run(server: str, n: int, workers: int = 1) -> dict:
             rows = conn.execute(
                 "SELECT conversation_id, sender_account_id, sender_handle FROM messages "
                 "LIMIT 200").fetchall()
-            passes = []
-            for k in range(COPY_PASSES):
-                msgs = [MirroredMessage(rows[i % len(rows)][0], uuid.uuid4(), f"copy-{k}-{i}",
-                                        rows[i % len(rows)][1], rows[i % len(rows)][2],
-                                        1_700_000_000_000 + i, "x" * 80) for i in range(n)]
-                passes.append(raw_copy(conn, msgs, 500, seq_base=(k + 5) * 10_000_000))
-            copy = statistics.median(passes)
-        return {"msgs_per_s": n / (t1 - t0), "copy_rows_per_s": copy,
-                "copy_passes_rows_per_s": passes, "rss_mb": max(rss),
+            passes: dict[int, list[float]] = {DRAIN_BATCH: [], 500: []}
+            for k in range(COPY_PASSES):  # the two sizes alternate: the same conditions
+                for j, size in enumerate(passes):
+                    msgs = [MirroredMessage(rows[i % len(rows)][0], uuid.uuid4(),
+                                            f"copy-{k}-{size}-{i}", rows[i % len(rows)][1],
+                                            rows[i % len(rows)][2], 1_700_000_000_000 + i,
+                                            "x" * 80) for i in range(n)]
+                    passes[size].append(raw_copy(conn, msgs, size,
+                                                 seq_base=(2 * k + j + 5) * 10_000_000))
+        return {"msgs_per_s": n / (t1 - t0),
+                "copy_rows_per_s": statistics.median(passes[DRAIN_BATCH]),
+                "copy_passes_rows_per_s": passes[DRAIN_BATCH],
+                "copy_500_rows_per_s": statistics.median(passes[500]),
+                "copy_500_passes_rows_per_s": passes[500], "rss_mb": max(rss),
                 "rss_per_worker_mb": rss, "rss_total_mb": sum(rss)}
 
 
 #: raw COPY passes per drain run for the ceiling (their median)
 COPY_PASSES = 3
+#: rows per raw COPY transaction of the ceiling: the drain's largest transaction
+DRAIN_BATCH = FollowerConfig().max_batch
 
 #: lag samples of the first seconds (connecting, catching up) are left out of the DB figure
 WARMUP_S = 5.0
@@ -328,11 +339,15 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
     lags = [lag_run(server, rate, lag_seconds, workers) for _ in range(runs)]
     mirror = [d["msgs_per_s"] for d in drains]
     copy = [d["copy_rows_per_s"] for d in drains]
+    copy_500 = [d["copy_500_rows_per_s"] for d in drains]
     return {
         "workers": workers, "backlog_messages": n, "supernodes": SUPERNODES,
         "msgs_per_s": summarize(mirror),
         "copy_rows_per_s": summarize(copy),
         "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
+        "copy_transaction_rows": DRAIN_BATCH,
+        "copy_500_rows_per_s": summarize(copy_500),
+        "ratio_to_copy_500": round(statistics.median(mirror) / statistics.median(copy_500), 3),
         "half_load_rate": round(rate, 1),
         # what the legacy network produced (and the bridge stored) during the lag runs
         "half_load_produced_per_s": summarize([x["produced_per_s"] for x in lags]),
