@@ -129,6 +129,8 @@ class SimFaults:
                 call.cancel()
         self._calls.clear()
         self.hops.enabled = False
+        if self.outage is not None:
+            self.outage.end()
 
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
         self._calls = [c for c in self._calls if c.active()]
@@ -173,7 +175,7 @@ class SimFaults:
 def outage_start_s(fraction: float, window: float) -> float:
     """When, in seconds from a run's start, the outage strikes: ``_OUTAGE_HOUR`` of the
     first working day from *fraction* of the *window* on, or at that fraction when the
-    afternoon leaves no time for the recovery."""
+    afternoon leaves no time for the recovery (earlier still when that does not either)."""
     at = window * fraction
     day = int(at // DAY_S)
     while True:
@@ -181,7 +183,11 @@ def outage_start_s(fraction: float, window: float) -> float:
         if t >= at and not is_weekend(day):
             break
         day += 1
-    return t if t + _OUTAGE_DOWN_S + _RECOVERY_S <= window else at
+    if t + _OUTAGE_DOWN_S + _RECOVERY_S <= window:
+        return t
+    # no afternoon leaves time for the recovery: at the fraction, or earlier if even that
+    # leaves none (the bound must be lifted before the run heals)
+    return max(0.0, min(at, window - _OUTAGE_DOWN_S - _RECOVERY_S))
 
 
 class Outage2010:
@@ -195,11 +201,14 @@ class Outage2010:
             answers later than 30 s crash their devices -> they log in again -> ...
 
     ``logins_peak_per_min`` is the busiest minute of logins (credentials issued) from t0 to
-    an hour after the bound is lifted; ``logins_normal_peak_per_min`` the busiest of the 24
-    hours before t0 (the load a normal day peaks at, what the network is sized for); their
-    ratio is ``relogin_peak_ratio``. ``stale_presence_peak`` is the most handles seen at
-    once (every 10 minutes while the supernodes are down) shown online at their presence
-    hub on the word of a lost supernode, with no device of the user online.
+    an hour after the bound is lifted; ``logins_busy_hour_per_min`` the mean per minute of
+    the busiest hour of the 24 before t0 (the load a normal day peaks at, what the network
+    is sized for); their ratio is ``relogin_peak_ratio``. Lifting the bound answers what
+    waits at once, every answer of it late: the devices waiting then crash together and log
+    in again, a wave the peak may come from (as adding capacity did in 2010).
+    ``stale_presence_peak`` is the most handles seen at once (every 10 minutes while the
+    supernodes are down) shown online at their presence hub on the word of a lost
+    supernode, with no device of the user online.
     """
 
     def __init__(self, faults: SimFaults) -> None:
@@ -244,6 +253,15 @@ class Outage2010:
         for node in self.legacy.supernodes.values():
             node.offline.set_rate(None)
 
+    def end(self) -> None:
+        """No more faults (the run heals): the bound is lifted if it still holds, and the
+        devices lose the 2010 client's bug, so that what the lifted queue answers late does
+        not crash them while the run drains and reconciles."""
+        for ds in self.legacy.devices.values():
+            for dev in ds:
+                dev.late_reply_crash_s = None
+        self._recovered()
+
     def _sample_logins(self, left_s: float) -> None:
         self._logins.append(self.legacy.stats.logins)
         if left_s >= 60.0:
@@ -273,8 +291,9 @@ class Outage2010:
         per_min = [b - a for a, b in itertools.pairwise(self._logins)]
         normal = per_min[:self._normal_minutes]
         during = per_min[self._normal_minutes:]
-        hours = [sum(normal[i:i + 60]) for i in range(max(1, len(normal) - 59))]
-        busy = max(hours, default=0) / 60.0
+        span = min(60, len(normal))  # a run shorter than a day before t0: what there is
+        hours = [sum(normal[i:i + span]) for i in range(max(1, len(normal) - span + 1))]
+        busy = max(hours, default=0) / span if span else 0.0
         counts.logins_busy_hour_per_min = round(busy, 2)
         counts.logins_peak_per_min = max(during, default=0)
         counts.relogin_peak_ratio = (round(counts.logins_peak_per_min / busy, 1)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 
 class OfflineService:
-    """The offline-message answers of one supernode's devices, through a bounded queue."""
+    """The offline-message answers of one supernode's devices, through a queue bounded in
+    rate, not in length: one entry per attach while the rate holds (a device that attached
+    again has one more; the entries of sessions gone are dropped at their turn)."""
 
     def __init__(self, sn: Supernode) -> None:
         self.sn = sn

@@ -150,6 +150,10 @@ def test_the_2010_outage_loses_supernodes_at_once_and_the_run_still_converges(co
     assert f["relogin_peak_ratio"] > 5
     assert f["stale_presence_peak"] >= 1  # a lost supernode's word: online, the user gone
     assert out["converged"], json.dumps(out["verdict"])
+    # the run healed with the bound lifted and the 2010 bug gone: the drain and the final
+    # reconcile met no crash loop
+    assert all(n.offline.rate is None for n in sim.legacy.supernodes.values())
+    assert all(d.late_reply_crash_s is None for ds in sim.legacy.devices.values() for d in ds)
     again = simulate(conn, db_dsn, 3, faults="outage-2010", supernodes=8, days=0.75,
                      plan=(PlanStep(0.4, 50, "dual"),))
     assert again["outcome_hash"] == out["outcome_hash"] and again["faults"] == f
@@ -165,6 +169,9 @@ def test_the_outage_strikes_on_a_working_day_afternoon_with_time_to_recover():
     assert start(2) == DAY_S + 14 * 3600
     assert start(0.75) == 14 * 3600
     assert start(0.5) == pytest.approx(0.3 * DAY_S)
+    # no afternoon, and 60% leaves no two hours either: early enough to lift the bound
+    assert start(0.2) == pytest.approx(0.2 * DAY_S - 2 * 3600)
+    assert start(0.05) == 0.0
 
 
 def test_a_ring_is_sized_from_the_users_unless_given():

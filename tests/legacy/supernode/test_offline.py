@@ -119,11 +119,14 @@ def test_a_crash_of_the_supernode_drops_its_queue():
     devs = devices(net, 3)
     net.online(*devs)
     assert node.offline.waiting() == 2
+    for dev in devs:
+        dev.stop()  # they do not come back: only the old queue could answer them
     node.crash()
     node.restart()
     assert node.offline.waiting() == 0
-    net.run(0.5)  # before the devices are back: the old queue's turns answer nobody
+    net.run(150)  # past the old queue's next turn (at 100 s): it answers nobody
     assert node.offline.answered == 1 and node.offline.waiting() == 0
+    assert [len(d.answers) for d in devs] == [1, 0, 0]
 
 
 @pytest.mark.parametrize("rate", [0, -1.0])

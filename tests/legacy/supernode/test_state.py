@@ -7,7 +7,7 @@ import pytest
 from legacy.supernode.state import has_control
 
 
-@pytest.mark.parametrize("ch", ["\x00", "\x1f", "\x7f", "\x85", "\x9f"])
+@pytest.mark.parametrize("ch", ["\x00", "\x1f", "\x7f", "\x80", "\x85", "\x9f"])
 def test_c0_del_and_c1_controls_are_found_anywhere_in_any_id(ch: str) -> None:
     assert has_control(f"cloud:{ch}id")
     assert has_control("fine", f"also fine{ch}")
