@@ -35,6 +35,15 @@ def devices(net: LegacyNet, n: int, at: str = "sn0") -> list[AnsweredDevice]:
     return out
 
 
+def serving(rate: float) -> tuple[LegacyNet, object]:
+    """A network whose supernode sn0 answers offline-message requests, *rate* a second."""
+    net = LegacyNet(2).start()
+    node = net.supernodes["sn0"]
+    node.offline.enabled = True
+    node.offline.set_rate(rate)
+    return net, node
+
+
 def test_without_the_service_a_login_gets_no_offline_answer():
     """Off by default: a device that logs in gets Welcome and nothing about offline
     messages (the network before the service existed)."""
@@ -48,10 +57,7 @@ def test_without_the_service_a_login_gets_no_offline_answer():
 def test_a_burst_of_logins_is_answered_in_order_one_per_turn_of_the_rate():
     """Five logins in the same moment at a supernode answering 1 a second: the first at
     once, then one a second in login order; four of them waited, the service counts them."""
-    net = LegacyNet(2).start()
-    node = net.supernodes["sn0"]
-    node.offline.enabled = True
-    node.offline.set_rate(1.0)
+    net, node = serving(1.0)
     devs = devices(net, 5)
     net.online(*devs)
     t0 = min(d.attached_at for d in devs)
@@ -66,10 +72,7 @@ def test_a_burst_of_logins_is_answered_in_order_one_per_turn_of_the_rate():
 
 def test_lifting_the_bound_answers_every_waiting_request_at_once():
     """A queue at one answer every 100 s is emptied the moment the bound is lifted."""
-    net = LegacyNet(2).start()
-    node = net.supernodes["sn0"]
-    node.offline.enabled = True
-    node.offline.set_rate(0.01)
+    net, node = serving(0.01)
     devs = devices(net, 4)
     net.online(*devs)
     net.run(5)
@@ -85,10 +88,7 @@ def test_a_late_answer_crashes_a_device_with_the_bug_which_logs_in_again():
     time, those after it with the bug crash (their connections drop with no logout) and
     each logs in again after its restart delay (15 s at least), when the queue is empty and
     the answer comes at once. A device without the bug waits as long and does not crash."""
-    net = LegacyNet(2).start()
-    node = net.supernodes["sn0"]
-    node.offline.enabled = True
-    node.offline.set_rate(0.2)
+    net, node = serving(0.2)
     devs = devices(net, 4)
     for d in devs[:3]:
         d.late_reply_crash_s = 3.0
@@ -112,10 +112,7 @@ def test_a_late_answer_crashes_a_device_with_the_bug_which_logs_in_again():
 def test_a_crash_of_the_supernode_drops_its_queue():
     """What waits is in the supernode's memory: a crash loses it, and the new incarnation
     starts with an empty queue and no answer left to send."""
-    net = LegacyNet(2).start()
-    node = net.supernodes["sn0"]
-    node.offline.enabled = True
-    node.offline.set_rate(0.01)
+    net, node = serving(0.01)
     devs = devices(net, 3)
     net.online(*devs)
     assert node.offline.waiting() == 2
