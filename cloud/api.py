@@ -436,12 +436,11 @@ class Route:
     endpoints: Mapping[bytes, Endpoint]
     #: the template's segments, parsed once: (parameter name, None) or (None, literal)
     _pattern: tuple[tuple[str | None, bytes | None], ...] = attrs.field(
-        init=False, repr=False, eq=False)
-
-    def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_pattern", tuple(
-            (part[1:-1], None) if part.startswith("{") else (None, part.encode())
-            for part in self.template.split("/")[1:]))
+        init=False, repr=False, eq=False, default=attrs.Factory(
+            lambda self: tuple((part[1:-1], None) if part.startswith("{")
+                               else (None, part.encode())
+                               for part in self.template.split("/")[1:]),
+            takes_self=True))
 
     def match(self, segments: list[bytes]) -> dict[str, bytes] | None:
         """The raw path parameters if *segments* has this route's shape, else None."""

@@ -443,8 +443,17 @@ def test_presence_alone_lingers_and_a_message_commits_it_within_linger_s(net, co
     bridge.stop(net)
 
 
-def test_presence_linger_defaults_to_linger_s():
-    """Without presence_linger_s, presence commits as fast as anything else (production)."""
+def test_presence_linger_defaults_to_linger_s(net, conn):
+    """Without presence_linger_s (production's default), presence commits as fast as
+    anything else: within linger_s of its arrival, with nothing else in the batch."""
     assert FollowerConfig().presence_linger_s is None
     with pytest.raises(ValueError):
         FollowerConfig(presence_linger_s=-1.0)
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, retry=FAST.retry)
+    db = CountingDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, db, config).start()
+    net.run(2.0)
+    net.online(net.device(net.add_user("alice")))
+    net.run(0.5)
+    assert legacy_presence(conn) == {"alice": "online"} and db.commits >= 1
+    bridge.stop(net)
