@@ -13,6 +13,11 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   drained rows), and the ratio of the two. ``copy_500_rows_per_s`` (and its ratio): the same
   in 500-row transactions, the ceiling recorded before the drain's batches grew from 500
   frames to 2,000 (raw COPY gains about 10% from the larger transactions too).
+- ``steady_msgs_per_s`` and ``steady_ratio_to_copy``: the drain once streaming, from the
+  first mirrored rows (``first_rows_s`` after the start, polled every 5 ms) to the N-th: raw
+  COPY writes into accounts and conversations that exist, while the drain's start connects,
+  takes its leases, reads the four feeds' first windows and creates 2,000 accounts and 1,000
+  conversations. The whole run's rate (``msgs_per_s``, ``ratio_to_copy``) stays beside it.
 - ``lag_ms``: p50 and p99 mirror lag (event time at the supernode to commit, as the bridge
   measures it) with the legacy network producing half the measured drain speed: read from
   the workers' ``bridge_mirror_lag_seconds`` histograms over the whole load (the difference
@@ -224,6 +229,18 @@ def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
 #: and sees the end within 20 ms instead of 50. The drain checks count(*) once at the end.
 STORED = "SELECT coalesce(sum(next_seq - 1), 0) FROM conversations"
 
+def first_rows(conn: psycopg.Connection, timeout: float) -> tuple[float, int]:
+    """When the first mirrored rows were seen (monotonic time, polled every 5 ms) and how
+    many there were then: the start of the drain's steady part."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (stored,) = conn.execute(STORED).fetchone()
+        if stored:
+            return time.monotonic(), stored
+        time.sleep(0.005)
+    raise RuntimeError("no mirrored row appeared")
+
+
 #: 1 once no outbox row is pending: the first entry of the pending rows' partial index, whose
 #: entries for rows done are marked dead by the first scan that meets them. The count of rows
 #: done that this replaces read the whole outbox, 5 ms a probe: polled every 20 ms it took
@@ -237,6 +254,7 @@ def drain_run(server: str, n: int, workers: int = 1) -> dict:
     with Run(server, "backlog", n, workers) as run:
         t0 = run.start_bridge()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
+            t_first, at_first = first_rows(conn, timeout=60)
             t1 = wait_until(conn, STORED, n, timeout=600, every=0.02)
             (stored,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             if stored != n:
@@ -260,6 +278,8 @@ def drain_run(server: str, n: int, workers: int = 1) -> dict:
                     passes[size].append(raw_copy(conn, msgs, size,
                                                  seq_base=(2 * k + j + 5) * 10_000_000))
         return {"msgs_per_s": n / (t1 - t0),
+                "first_rows_s": t_first - t0,
+                "steady_msgs_per_s": (n - at_first) / (t1 - t_first),
                 "copy_rows_per_s": statistics.median(passes[DRAIN_BATCH]),
                 "copy_passes_rows_per_s": passes[DRAIN_BATCH],
                 "copy_500_rows_per_s": statistics.median(passes[500]),
@@ -338,6 +358,7 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
     rate = statistics.median(d["msgs_per_s"] for d in drains) / 2
     lags = [lag_run(server, rate, lag_seconds, workers) for _ in range(runs)]
     mirror = [d["msgs_per_s"] for d in drains]
+    steady = [d["steady_msgs_per_s"] for d in drains]
     copy = [d["copy_rows_per_s"] for d in drains]
     copy_500 = [d["copy_500_rows_per_s"] for d in drains]
     return {
@@ -345,6 +366,9 @@ def scaling_point(server: str, n: int, runs: int, workers: int, lag_seconds: flo
         "msgs_per_s": summarize(mirror),
         "copy_rows_per_s": summarize(copy),
         "ratio_to_copy": round(statistics.median(mirror) / statistics.median(copy), 3),
+        "first_rows_s": summarize([d["first_rows_s"] for d in drains], 3),
+        "steady_msgs_per_s": summarize(steady),
+        "steady_ratio_to_copy": round(statistics.median(steady) / statistics.median(copy), 3),
         "copy_transaction_rows": DRAIN_BATCH,
         "copy_500_rows_per_s": summarize(copy_500),
         "ratio_to_copy_500": round(statistics.median(mirror) / statistics.median(copy_500), 3),
