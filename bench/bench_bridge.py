@@ -236,7 +236,7 @@ def first_rows(conn: psycopg.Connection, timeout: float) -> tuple[float, int]:
     while time.monotonic() < deadline:
         (stored,) = conn.execute(STORED).fetchone()
         if stored:
-            return time.monotonic(), stored
+            return time.monotonic(), int(stored)
         time.sleep(0.005)
     raise RuntimeError("no mirrored row appeared")
 
