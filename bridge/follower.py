@@ -123,6 +123,9 @@ class FeedBatch:
     presence: list[wire.FeedPresence] = attrs.Factory(list)
     gaps: list[dict] = attrs.Factory(list)
     loops: int = 0
+    #: when it must start committing: the earliest of its frames' arrival plus their linger
+    #: (``FollowerConfig.linger_s``, or ``presence_linger_s`` while it is presence alone)
+    due_s: float | None = None
 
     def changes(self, fence: int) -> LegacyChanges:
         """What this batch mirrors, with the checkpoint that commits with it."""
@@ -408,21 +411,31 @@ class FeedFollower(Service):
         self.backlog += 1
         self._commit_soon(batch)
 
-    def _commit_soon(self, batch: FeedBatch) -> None:
+    def _commit_soon(self, batch: FeedBatch, *, arrived: bool = True) -> None:
+        """Commit *batch* once it is full or due. *arrived*: a frame just joined it, and
+        makes it due within its linger (else: the commit before it ended, and it is due when
+        its frames made it so, at once if that time has passed while the commit ran)."""
         if batch.frames >= self.config.max_batch:
             self._commit()
             return
-        config = self.config
-        linger = config.linger_s
-        if (config.presence_linger_s is not None and not batch.messages and not batch.chats
-                and not batch.gaps):
-            # Presence alone is not urgent: nothing waits on it but the presence itself,
-            # and a transaction per presence change was most of a quiet feed's commits.
-            linger = config.presence_linger_s
+        now = self.clock.seconds()
+        if arrived:
+            config = self.config
+            linger = config.linger_s
+            if (config.presence_linger_s is not None and not batch.messages
+                    and not batch.chats and not batch.gaps):
+                # Presence alone is not urgent: nothing waits on it but the presence itself,
+                # and a transaction per presence change was most of a quiet feed's commits.
+                linger = config.presence_linger_s
+            if batch.due_s is None or now + linger < batch.due_s:
+                batch.due_s = now + linger  # what just joined the batch is more urgent
+        if batch.due_s is None:
+            return  # nothing in it has arrived yet
+        delay = max(0.0, batch.due_s - now)
         if self._linger is None or not self._linger.active():
-            self._linger = self.clock.callLater(linger, self._commit)
-        elif self._linger.getTime() > self.clock.seconds() + linger:
-            self._linger.reset(linger)  # what just joined the batch is more urgent
+            self._linger = self.clock.callLater(delay, self._commit)
+        elif self._linger.getTime() > batch.due_s:
+            self._linger.reset(delay)
 
     def _commit(self) -> None:
         """Start committing the pending batch, unless a commit is already in flight (then the
@@ -548,4 +561,5 @@ class FeedFollower(Service):
         finally:
             self._committing = None
         if self._pending is not None and self.running:
-            self._commit_soon(self._pending)
+            # what arrived meanwhile commits when it is due, not a linger later
+            self._commit_soon(self._pending, arrived=False)

@@ -443,6 +443,35 @@ def test_presence_alone_lingers_and_a_message_commits_it_within_linger_s(net, co
     bridge.stop(net)
 
 
+def test_a_batch_that_came_due_during_a_commit_commits_when_it_ends(net, conn):
+    """A batch's linger counts from its frames' arrival: presence that waited out its
+    presence_linger_s behind a slow commit goes as soon as that commit ends, not another
+    linger later."""
+    config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, presence_linger_s=30.0,
+                            retry=FAST.retry)
+    held = HeldDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, held, config).start()
+    net.run(2.0)
+    home = net.ring.home_of("chat-1")  # every device here: one feed carries it all
+    alice, bob, carol = (net.add_user(h) for h in ("alice", "bob", "carol"))
+    da = net.device(alice, at=home)
+    net.online(da, net.device(bob, at=home))
+    da.send("chat-1", ("alice", "bob"), "hello")
+    net.run(1.0)
+    assert [c[1] for c in held.held] == ["commit_plan"]  # the message's commit, held
+    net.online(net.device(carol, at=home))  # presence alone, behind the held commit
+    net.run(40.0)  # its 30 s linger runs out while that commit is still held
+    assert bridge.followers[home]._pending.presence
+    held.release()  # the message's commit ends ...
+    net.run(0.05)   # ... and the presence batch, due 10 s ago, starts at once
+    assert [c[1] for c in held.held] == ["commit_plan"]
+    held.release()
+    net.run(0.05)
+    assert len(chat_messages(conn, "chat-1")) == 1
+    assert legacy_presence(conn)["carol"] == "online"
+    bridge.stop(net)
+
+
 def test_presence_linger_defaults_to_linger_s(net, conn):
     """Without presence_linger_s (production's default), presence commits as fast as
     anything else: within linger_s of its arrival, with nothing else in the batch."""
