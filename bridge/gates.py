@@ -16,6 +16,7 @@ such as a feed gap, holds every account with a conversation homed there).
 from __future__ import annotations
 
 import datetime
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -237,21 +238,21 @@ def overridable(gates: Sequence[GateResult]) -> bool:
     return not any(g.name in UNFORCEABLE and not g.passed for g in gates)
 
 
-class _Homes:
-    """Homes of legacy chats on the rings findings recorded, each ring built once."""
+@functools.lru_cache(maxsize=16)
+def _ring(ring_ids: tuple[str, ...]) -> HashRing:
+    """The ring a finding recorded, built once per process and shared with the answers it
+    remembers: findings name few rings (the directory of their time), and every gate check
+    of every account asked again (a ring hashes 64 points per supernode: in a simulated
+    migration, rebuilding them for each account's move was 5% of the run)."""
+    return HashRing(ring_ids)
 
-    def __init__(self) -> None:
-        self._rings: dict[tuple[str, ...], HashRing] = {}
 
-    def homed_at(self, ring_ids: tuple[str, ...] | None, source: str, chat_id: str) -> bool:
-        """Is *chat_id* homed at *source* on that ring? Always, when no ring was recorded
-        (the finding then holds every conversation)."""
-        if not ring_ids:
-            return True
-        ring = self._rings.get(ring_ids)
-        if ring is None:
-            ring = self._rings[ring_ids] = HashRing(ring_ids)
-        return ring.home_of(chat_id) == source
+def _homed_at(ring_ids: Sequence[str] | None, source: str, chat_id: str) -> bool:
+    """Is *chat_id* homed at *source* on that ring? Always, when no ring was recorded
+    (the finding then holds every conversation)."""
+    if not ring_ids:
+        return True
+    return _ring(tuple(ring_ids)).home_of(chat_id) == source
 
 
 def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
@@ -266,7 +267,6 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     holding = findings_store.holding_findings_for_accounts(conn, account_ids)
     coverage = admin.conversation_coverage(conn, account_ids)
     by_source = findings_store.source_findings(conn) if coverage else []
-    homes = _Homes()
 
     conversations: dict[uuid.UUID, list[admin.ConversationCoverage]] = {}
     for c in coverage:
@@ -280,7 +280,7 @@ def read_gate_inputs(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
         for c in convs:
             last = c.last_finding_ms
             for sf in by_source:
-                if not homes.homed_at(sf.ring, sf.source, c.legacy_chat_id):
+                if not _homed_at(sf.ring, sf.source, c.legacy_chat_id):
                     continue
                 last = sf.newest_ms if last is None else max(last, sf.newest_ms)
                 if sf.state in findings_store.HOLDING_STATES:
@@ -320,11 +320,10 @@ def finding_rows(conn: psycopg.Connection, *,
         row = conn.execute("SELECT legacy_chat_id FROM conversations "
                            "WHERE conversation_id = %s", (conversation_id,)).fetchone()
         chats = {row[0]} if row is not None and row[0] is not None else set()
-    homes = _Homes()
     for r in findings_store.source_finding_rows(conn, states, kind):
         ring = r["detail"].get("ring")
         ring = tuple(ring) if isinstance(ring, list) else None
-        if any(homes.homed_at(ring, r["source"], chat) for chat in chats):
+        if any(_homed_at(ring, r["source"], chat) for chat in chats):
             rows.append(r)
     rows.sort(key=lambda r: (r["created_ms"], r["finding_id"]), reverse=True)
     return rows[:limit]

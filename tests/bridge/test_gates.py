@@ -125,6 +125,43 @@ def test_a_feed_gap_holds_every_account_with_a_conversation_homed_at_its_superno
     assert {m.outcome for m in the_plan.moves} == {phases.MOVE}
 
 
+def test_a_findings_ring_is_built_once_for_every_accounts_gates(conn, monkeypatch):
+    """The gates match a supernode's finding to conversations on the ring it recorded: that
+    ring is built once, however many accounts and plans ask (each used to build its own),
+    and it answers as a fresh one does."""
+    from bridge import gates
+
+    built = []
+
+    class CountingRing(gates.HashRing):
+        def __init__(self, ids) -> None:
+            built.append(tuple(ids))
+            super().__init__(ids)
+
+    monkeypatch.setattr(gates, "HashRing", CountingRing)
+    gates._ring.cache_clear()
+    ring = ("sn-a", "sn-b", "sn-c")
+    fresh = gates.HashRing(ring)
+    chats = [f"chat-{i}" for i in range(8)]
+    source = fresh.home_of(chats[0])
+    handles = []
+    for i, chat in enumerate(chats):
+        a, b = f"u{i}a", f"u{i}b"
+        legacy_conversation(conn, chat, [make_account(conn, a), make_account(conn, b)])
+        handles += [a, b]
+    with conn.transaction():
+        findings_store.record_finding(conn, "feed_gap", {"ring": list(ring)}, NOW - 1000,
+                                      source=source)
+    built.clear()
+    for _ in range(2):
+        moves = by_handle(plan(conn, handles, "dual"))
+    assert built == [ring]
+    held = {h for h, m in moves.items() if not gate(m, "no_open_findings").passed}
+    homed = {chat for chat in chats if fresh.home_of(chat) == source}
+    assert held == {f"u{chats.index(c)}{s}" for c in homed for s in "ab"} and held
+    gates._ring.cache_clear()
+
+
 # ---------------------------------------------------------------- 4.2 failed findings
 
 def test_failed_findings_hold_until_repaired_or_dismissed(conn):
