@@ -112,28 +112,47 @@ def record_push_outcomes(conn: psycopg.Connection, outcomes: Sequence[PushOutcom
     return cur.rowcount
 
 
+#: The usual ack in one statement (no BEGIN or COMMIT around it: a device's ack is the
+#: commonest write of a quiet day, tens of thousands a simulated day): lock the row, read
+#: its state as it is now (a dispatcher failing it meanwhile is waited for), and mark it
+#: acked unless it is acked or failed. Its state comes back (no row: no such notification
+#: of the account).
+_ACK = (
+    "WITH target AS ("
+    "  SELECT account_id, notification_id, state FROM notifications "
+    "  WHERE account_id = %(account)s AND notification_id = %(id)s FOR UPDATE), "
+    "acked AS ("
+    "  UPDATE notifications n SET state = 'acked', acked_ms = %(now)s FROM target t "
+    "  WHERE n.account_id = t.account_id AND n.notification_id = t.notification_id "
+    "    AND t.state NOT IN ('acked', 'failed') RETURNING 1) "
+    "SELECT t.state, (SELECT count(*) FROM acked) FROM target t")
+
+
+@one_statement
 def ack_notification(conn: psycopg.Connection, account_id: uuid.UUID,
                      notification_id: uuid.UUID, now_ms: int) -> bool:
     """A device acknowledged; idempotent. False if the account has no such notification.
 
-    A late ack of a notification already marked failed still counts: it was delivered.
+    A late ack of a notification already marked failed still counts: it was delivered, and
+    the finding that recorded the failure is answered. That rare case writes two rows, so
+    it takes a transaction of its own after the first statement changed nothing (a
+    statement's snapshot could miss a finding committed while it waited for the row).
     """
-    row = conn.execute(
-        "SELECT state FROM notifications WHERE account_id = %s AND notification_id = %s "
-        "FOR UPDATE", (account_id, notification_id)).fetchone()
+    row = conn.execute(_ACK, {"account": account_id, "id": notification_id,
+                              "now": now_ms}).fetchone()
     if row is None:
         return False
-    if row[0] != "acked":
-        conn.execute(
-            "UPDATE notifications SET state = 'acked', acked_ms = %s "
-            "WHERE account_id = %s AND notification_id = %s",
-            (now_ms, account_id, notification_id))
     if row[0] == "failed":
-        # the finding that recorded the failure is answered: the device did get it
-        conn.execute(
-            "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s "
-            "WHERE kind = 'notification_failed' AND state = 'open' AND account_id = %s "
-            "AND detail->>'notification_id' = %s", (now_ms, account_id, str(notification_id)))
+        with conn.transaction():
+            conn.execute(
+                "UPDATE notifications SET state = 'acked', acked_ms = %s "
+                "WHERE account_id = %s AND notification_id = %s AND state = 'failed'",
+                (now_ms, account_id, notification_id))
+            conn.execute(
+                "UPDATE reconcile_findings SET state = 'repaired', resolved_ms = %s "
+                "WHERE kind = 'notification_failed' AND state = 'open' AND account_id = %s "
+                "AND detail->>'notification_id' = %s",
+                (now_ms, account_id, str(notification_id)))
     return True
 
 
