@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Reversible
 
 
 class FaultMoments:
@@ -33,6 +34,24 @@ class FaultMoments:
         """Whether a fault was marked within [*start*, *end*]."""
         i = bisect.bisect_left(self._times, start)
         return i < len(self._times) and self._times[i] <= end
+
+
+def recent_samples(samples: Reversible[tuple[float, float, bool]],
+                   since: float) -> list[tuple[float, bool]]:
+    """The (lag, met a fault) of the (time, lag, met) *samples* at or after *since*.
+
+    Samples are appended in time order, so they are read from the newest back and the first
+    older one ends the read: a heartbeat costs what its window holds, not the 10,000
+    samples each follower keeps (a quiet feed's are mostly older than the window; in a
+    simulated day, scanning them all was 3% of the run). A clock stepped back could hide a
+    few in-window samples behind an older one: a metric's loss for one window.
+    """
+    out = []
+    for t, lag, met in reversed(samples):
+        if t < since:
+            break
+        out.append((lag, met))
+    return out
 
 
 def percentile_ms(samples: list[float], q: float) -> int | None:

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from bridge.accounts import import_accounts
 from bridge.credentials import CredentialDelivery
 from bridge.discovery import discover
-from bridge.faults import p99_ms, percentile_ms, split_p99_ms
+from bridge.faults import p99_ms, percentile_ms, recent_samples, split_p99_ms
 from bridge.follower import FeedFollower, FollowerConfig
 from bridge.min_versions import MinVersionSync
 from bridge.mirror import KnownIds
@@ -476,12 +476,12 @@ class BridgeWorker(MultiService):
         self._reported_state = state
         now = self.clock.seconds()
         since = now - self.config.lag_window_s
-        cloud_samples = [(lag, met) for f in self.followers.values()
-                         for t, lag, met in f.recent_lags if t >= since]
+        cloud_samples = [s for f in self.followers.values()
+                         for s in recent_samples(f.recent_lags, since)]
         injector = self.injector
         legacy_samples = []
         if injector is not None and hasattr(injector, "recent_lags"):
-            legacy_samples = [(lag, met) for t, lag, met in injector.recent_lags if t >= since]
+            legacy_samples = recent_samples(injector.recent_lags, since)
         lags = [lag for lag, _met in cloud_samples]
         legacy_lags = [lag for lag, _met in legacy_samples]
         detail = {"feeds": {sn: f.state.value for sn, f in sorted(self.followers.items())},

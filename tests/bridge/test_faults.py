@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.faults import FaultMoments, split_p99_ms
+from bridge.faults import FaultMoments, recent_samples, split_p99_ms
 from tests.bridge.test_outbox import make_scene, two_party  # noqa: F401 - fixtures
 
 
@@ -16,6 +16,29 @@ def test_a_span_holding_a_fault_moment_met_it_and_old_moments_are_dropped():
     assert not faults.met(11.0, 49.9) and not faults.met(50.1, 200.0)
     faults.mark(155.0)  # 10.0 and 50.0 are now older than keep_s
     assert not faults.met(0.0, 100.0) and faults.met(150.0, 160.0)
+
+
+def test_recent_samples_are_read_from_the_newest_back_to_the_window():
+    """The samples at or after the window's start, and no older one read: the read stops at
+    the first sample older than the window (appends come in time order)."""
+    from collections import deque
+
+    samples = deque([(float(t), t / 1000, t % 2 == 0) for t in range(10)], maxlen=10_000)
+    assert sorted(recent_samples(samples, 7.0)) == [(0.007, False), (0.008, True),
+                                                    (0.009, False)]
+    assert recent_samples(samples, 10.5) == []
+    assert len(recent_samples(samples, 0.0)) == 10
+
+    class Counted(deque):
+        read = 0
+
+        def __reversed__(self):
+            for item in super().__reversed__():
+                Counted.read += 1
+                yield item
+
+    long = Counted(samples)
+    assert len(recent_samples(long, 8.0)) == 2 and Counted.read == 3  # two, then one older
 
 
 def test_the_steady_p99_leaves_out_the_samples_that_met_a_fault():
