@@ -422,7 +422,8 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
             if "steady_msgs_per_s" in p:
                 add(f"  … once streaming (from its first rows, "
                     f"{p['first_rows_s']['median']:.2f} s after the start)",
-                    p["steady_msgs_per_s"], ceiling=f"raw COPY {_n(p['copy_rows_per_s']['median'])}",
+                    p["steady_msgs_per_s"],
+                    ceiling=f"raw COPY {_n(p['copy_rows_per_s']['median'])}",
                     ratio=f"{p['steady_ratio_to_copy']:.2f}",
                     target=_target(r, "bridge.steady_ratio_to_copy") if first else "")
             if "copy_500_rows_per_s" in p:

@@ -414,7 +414,8 @@ class FeedFollower(Service):
     def _commit_soon(self, batch: FeedBatch, *, arrived: bool = True) -> None:
         """Commit *batch* once it is full or due. *arrived*: a frame just joined it, and
         makes it due within its linger (else: the commit before it ended, and it is due when
-        its frames made it so, at once if that time has passed while the commit ran)."""
+        its frames made it so, or linger_s from now if that time passed while the commit
+        ran: not a whole presence linger again)."""
         if batch.frames >= self.config.max_batch:
             self._commit()
             return
@@ -431,10 +432,20 @@ class FeedFollower(Service):
                 batch.due_s = now + linger  # what just joined the batch is more urgent
         if batch.due_s is None:
             return  # nothing in it has arrived yet
-        delay = max(0.0, batch.due_s - now)
+        if self._committing is not None:
+            # The commit in flight schedules this batch when it ends: a timer now would only
+            # fire into it (and once the batch is due, every frame would set one).
+            return
+        due = batch.due_s
+        if not arrived:
+            # Due already, it goes linger_s after the commit before it ended, not at once: a
+            # timer of 0 runs before the reactor reads the frames waiting in its sockets,
+            # which then waited for the commit after (p50 lag +20 ms at 12,000 msgs/s).
+            due = max(due, now + self.config.linger_s)
+        delay = max(0.0, due - now)
         if self._linger is None or not self._linger.active():
             self._linger = self.clock.callLater(delay, self._commit)
-        elif self._linger.getTime() > batch.due_s:
+        elif self._linger.getTime() > due:
             self._linger.reset(delay)
 
     def _commit(self) -> None:
