@@ -413,9 +413,9 @@ class FeedFollower(Service):
 
     def _commit_soon(self, batch: FeedBatch, *, arrived: bool = True) -> None:
         """Commit *batch* once it is full or due. *arrived*: a frame just joined it, and
-        makes it due within its linger (else: the commit before it ended, and it is due when
-        its frames made it so, or linger_s from now if that time passed while the commit
-        ran: not a whole presence linger again)."""
+        makes it due within its linger. Else the commit before it just ended: it goes when
+        its frames made it due, and at least linger_s from now (a batch that came due while
+        that commit ran does not wait a whole presence linger again)."""
         if batch.frames >= self.config.max_batch:
             self._commit()
             return
@@ -572,5 +572,5 @@ class FeedFollower(Service):
         finally:
             self._committing = None
         if self._pending is not None and self.running:
-            # what arrived meanwhile commits when it is due, not a linger later
+            # what arrived meanwhile goes when it is due, linger_s from now at the earliest
             self._commit_soon(self._pending, arrived=False)

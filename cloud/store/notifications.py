@@ -124,8 +124,8 @@ _ACK = (
     "acked AS ("
     "  UPDATE notifications n SET state = 'acked', acked_ms = %(now)s FROM target t "
     "  WHERE n.account_id = t.account_id AND n.notification_id = t.notification_id "
-    "    AND t.state NOT IN ('acked', 'failed') RETURNING 1) "
-    "SELECT t.state, (SELECT count(*) FROM acked) FROM target t")
+    "    AND t.state NOT IN ('acked', 'failed')) "
+    "SELECT t.state FROM target t")
 
 
 @one_statement
