@@ -212,14 +212,23 @@ def histogram_quantile(q: float, before: dict[float, float],
     raise AssertionError("unreachable: the +Inf bucket holds every observation")
 
 
-def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
-               every: float = 0.05) -> float:
+def poll_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
+               every: float = 0.05) -> tuple[float, int]:
+    """Run *sql* (one number) every *every* s until it reaches *target*: when it did
+    (monotonic time) and the value it had then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if conn.execute(sql).fetchone()[0] >= target:
-            return time.monotonic()
+        (value,) = conn.execute(sql).fetchone()
+        if value >= target:
+            return time.monotonic(), int(value)
         time.sleep(every)
     raise RuntimeError(f"timed out waiting for {sql!r} to reach {target}")
+
+
+def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
+               every: float = 0.05) -> float:
+    """When *sql* reached *target* (``poll_until``'s time)."""
+    return poll_until(conn, sql, target, timeout, every)[0]
 
 
 #: Messages the store holds, while only the bridge writes: each mirrored batch advances its
@@ -228,18 +237,6 @@ def wait_until(conn: psycopg.Connection, sql: str, target: int, timeout: float,
 #: every 20 ms, the probe takes about 1% of one core from the run it times instead of 10%,
 #: and sees the end within 20 ms instead of 50. The drain checks count(*) once at the end.
 STORED = "SELECT coalesce(sum(next_seq - 1), 0) FROM conversations"
-
-def first_rows(conn: psycopg.Connection, timeout: float) -> tuple[float, int]:
-    """When the first mirrored rows were seen (monotonic time, polled every 5 ms) and how
-    many there were then: the start of the drain's steady part."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        (stored,) = conn.execute(STORED).fetchone()
-        if stored:
-            return time.monotonic(), int(stored)
-        time.sleep(0.005)
-    raise RuntimeError("no mirrored row appeared")
-
 
 #: 1 once no outbox row is pending: the first entry of the pending rows' partial index, whose
 #: entries for rows done are marked dead by the first scan that meets them. The count of rows
@@ -254,7 +251,8 @@ def drain_run(server: str, n: int, workers: int = 1) -> dict:
     with Run(server, "backlog", n, workers) as run:
         t0 = run.start_bridge()
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            t_first, at_first = first_rows(conn, timeout=60)
+            # the first mirrored rows (polled every 5 ms): the start of the steady part
+            t_first, at_first = poll_until(conn, STORED, 1, timeout=60, every=0.005)
             t1 = wait_until(conn, STORED, n, timeout=600, every=0.02)
             (stored,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             if stored != n:

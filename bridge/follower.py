@@ -419,9 +419,9 @@ class FeedFollower(Service):
         if batch.frames >= self.config.max_batch:
             self._commit()
             return
+        config = self.config
         now = self.clock.seconds()
         if arrived:
-            config = self.config
             linger = config.linger_s
             if (config.presence_linger_s is not None and not batch.messages
                     and not batch.chats and not batch.gaps):
@@ -441,7 +441,7 @@ class FeedFollower(Service):
             # Due already, it goes linger_s after the commit before it ended, not at once: a
             # timer of 0 runs before the reactor reads the frames waiting in its sockets,
             # which then waited for the commit after (p50 lag +20 ms at 12,000 msgs/s).
-            due = max(due, now + self.config.linger_s)
+            due = max(due, now + config.linger_s)
         delay = max(0.0, due - now)
         if self._linger is None or not self._linger.active():
             self._linger = self.clock.callLater(delay, self._commit)

@@ -445,8 +445,9 @@ def test_presence_alone_lingers_and_a_message_commits_it_within_linger_s(net, co
 
 def test_a_batch_that_came_due_during_a_commit_commits_when_it_ends(net, conn):
     """A batch's linger counts from its frames' arrival: presence that waited out its
-    presence_linger_s behind a slow commit goes as soon as that commit ends, not another
-    linger later."""
+    presence_linger_s behind a slow commit goes linger_s after that commit ends, not a whole
+    presence linger later; and not at once either (a timer of 0 ran before the reactor read
+    the frames waiting in its sockets, which then waited a whole commit more)."""
     config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, presence_linger_s=30.0,
                             retry=FAST.retry)
     held = HeldDatabase(InlineDatabase(conn))
@@ -463,7 +464,9 @@ def test_a_batch_that_came_due_during_a_commit_commits_when_it_ends(net, conn):
     net.run(40.0)  # its 30 s linger runs out while that commit is still held
     assert bridge.followers[home]._pending.presence
     held.release()  # the message's commit ends ...
-    net.run(0.05)   # ... and the presence batch, due 10 s ago, starts at once
+    net.run(0.005)  # ... the presence batch, due 10 s ago, waits linger_s (0.01 s) ...
+    assert held.held == []
+    net.run(0.05)   # ... then starts
     assert [c[1] for c in held.held] == ["commit_plan"]
     held.release()
     net.run(0.05)
