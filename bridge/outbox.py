@@ -277,6 +277,8 @@ class OutboxInjector(PollingLoop):
         by_conversation: dict[Any, list[OutboxItem]] = {}
         for item in items:  # claim_outbox returns them in seq order per conversation
             by_conversation.setdefault(item.conversation_id, []).append(item)
+        if not await self._map_cloud_chats(by_conversation):
+            return  # not recorded: the rows come due again when their claim runs out
         results = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self._conversation(rows, claimed_until_ms))
              for rows in by_conversation.values()],
@@ -298,6 +300,31 @@ class OutboxInjector(PollingLoop):
             return
         _BATCH_SIZE.observe(len(items))
         _BATCH_SECONDS.observe(self._clock.seconds() - started)
+
+    async def _map_cloud_chats(self, by_conversation: dict[Any, list[OutboxItem]]) -> bool:
+        """Record the chat ids made up for the cloud-born conversations whose first rows
+        this pass sends, in one transaction before any is sent (legacy echoes the chat back
+        at once: ``outbox_store.map_cloud_chats`` says why it must be recorded first); the
+        rows carry them from ``_prepare`` on, so their completion does not record them
+        again. False when that failed (logged, counted): nothing of the pass is sent."""
+        fresh = {cid: ids.chat_for_cloud_conversation(cid)
+                 for cid, rows in by_conversation.items()
+                 if rows[0].legacy_chat_id is None
+                 and any(row.legacy_client_members for row in rows)}
+        if not fresh:
+            return True
+        try:
+            await self._db.run("map_cloud_chats", outbox_store.map_cloud_chats, fresh)
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+            return False
+        except Exception:
+            self.loop_failures += 1
+            OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
+            log.failure("recording the chat ids of cloud-born conversations failed "
+                        "unexpectedly; their rows come due again when their claim runs out")
+            return False
+        return True
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name
         """Stop claiming; fires once the tick and every pass in flight have finished (a
@@ -439,7 +466,10 @@ class OutboxInjector(PollingLoop):
         """What to inject for one row; None when the row was skipped or refused (and
         recorded already), before anything was sent. Nothing is encoded here: a row the
         wire format can not carry is found when its request is built (``_send``)."""
-        chat_id = item.legacy_chat_id or ids.chat_for_cloud_conversation(item.conversation_id)
+        chat_id = item.legacy_chat_id
+        if chat_id is None:  # cloud-born, recorded before the rows go (_map_cloud_chats)
+            chat_id = ids.chat_for_cloud_conversation(item.conversation_id)
+            item = attrs.evolve(item, legacy_chat_id=chat_id)
         if item.legacy_client_members == 0:
             # Every member moved to cloud-only since it was posted: nobody to inject for.
             if await self._db.run("complete_outbox", outbox_store.complete_outbox, item, chat_id,

@@ -12,7 +12,7 @@ and sub 0; a membership change made after message N has seq N and sub 1, 2, ... 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import psycopg
@@ -315,21 +315,46 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
          [r.legacy_guid for r in rows], now_ms)
     ).fetchall()
     completed = set(done)
-    # cloud-born conversations keep the chat id the bridge made up for them
-    chats = {r.item.conversation_id: r.legacy_chat_id for r in rows
-             if r.item.legacy_chat_id is None
-             and (r.item.conversation_id, r.item.seq, r.item.sub) in completed}
-    if chats:
-        conn.execute(
-            "WITH new AS (SELECT * FROM unnest(%s::text[], %s::uuid[]) "
-            "  AS n(legacy_chat_id, conversation_id)), "
-            "ids AS (INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
-            "  SELECT legacy_chat_id, conversation_id FROM new ON CONFLICT DO NOTHING) "
-            "UPDATE conversations c SET legacy_chat_id = new.legacy_chat_id FROM new "
-            "WHERE c.conversation_id = new.conversation_id AND c.legacy_chat_id IS NULL",
-            (list(chats.values()), list(chats)))
+    # cloud-born conversations keep the chat id the bridge made up for them (the injector
+    # records it before it sends: map_cloud_chats; this is for callers that did not)
+    map_cloud_chats(conn, {r.item.conversation_id: r.legacy_chat_id for r in rows
+                           if r.item.legacy_chat_id is None
+                           and (r.item.conversation_id, r.item.seq, r.item.sub) in completed})
     return [r.item for r in rows
             if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
+
+
+def map_cloud_chats(conn: psycopg.Connection, chats: Mapping[uuid.UUID, str]) -> None:
+    """Record the legacy chat id the bridge made up for each cloud-born conversation
+    (conversation id -> chat id): the mapping, and ``conversations.legacy_chat_id`` where
+    it is not set yet (one that has a chat id keeps it, and gets no second mapping).
+    Idempotent; keys are locked and written in order.
+
+    The injector does it in a transaction of its own before a pass sends the first rows of
+    the conversations it holds, so the mapping is committed before legacy can echo the chat
+    back. Done at completion instead, it raced the follower, which records the echoed
+    chat's mapping too: each inserted a mapping the other then waited for, while holding a
+    dirty-set row (migration 0019) the other needed, and one of the two was killed as a
+    deadlock after deadlock_timeout (4 deadlocks in a 30,000-message drain, about 1 s
+    each)."""
+    if not chats:
+        return
+    # the conversations without one, locked in id order as every writer of several does
+    order = [r[0] for r in conn.execute(
+        "SELECT conversation_id FROM conversations WHERE conversation_id = ANY(%s) "
+        "AND legacy_chat_id IS NULL ORDER BY conversation_id FOR NO KEY UPDATE",
+        (sorted(chats),)).fetchall()]
+    if not order:
+        return
+    conn.execute(
+        "WITH new AS (SELECT * FROM unnest(%s::text[], %s::uuid[]) "
+        "  AS n(legacy_chat_id, conversation_id)), "
+        "ids AS (INSERT INTO conversation_legacy_ids (legacy_chat_id, conversation_id) "
+        "  SELECT legacy_chat_id, conversation_id FROM new ORDER BY legacy_chat_id "
+        "  ON CONFLICT DO NOTHING) "
+        "UPDATE conversations c SET legacy_chat_id = new.legacy_chat_id FROM new "
+        "WHERE c.conversation_id = new.conversation_id AND c.legacy_chat_id IS NULL",
+        ([chats[c] for c in order], order))
 
 
 def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,

@@ -820,6 +820,53 @@ def legacy_bodies(s: Scene, cid: uuid.UUID) -> list[str]:
                                    key=lambda m: m.legacy_seq)]
 
 
+class ChatIdAtSend(RecordingPeers):
+    """Records, for every request, the conversation's legacy chat id as the store has it
+    committed at the moment the request goes (read on a connection of its own)."""
+
+    def __init__(self, inner: NetPeers, dsn: str) -> None:
+        super().__init__(inner)
+        self.reader = psycopg.connect(dsn, autocommit=True)
+        self.seen: list[tuple[str, str | None]] = []
+
+    def for_chat(self, chat_id: str):
+        (stored,) = self.reader.execute(
+            "SELECT legacy_chat_id FROM conversations WHERE conversation_id = %s",
+            (ids.conversation_id(chat_id),)).fetchone()
+        self.seen.append((chat_id, stored))
+        return super().for_chat(chat_id)
+
+
+def test_a_cloud_born_chat_id_is_recorded_before_its_first_rows_go(conn, db_dsn, make_scene):
+    """The chat id made up for a cloud-born conversation is committed before legacy gets its
+    first rows (legacy echoes the chat at once, and the follower recording the echo raced a
+    completion that recorded it, into deadlocks); a conversation nobody on legacy is owed
+    gets none."""
+    recording: list[ChatIdAtSend] = []
+    s = make_scene(start=False, wrap_peers=lambda p: recording.append(
+        ChatIdAtSend(p, db_dsn)) or recording[0])
+    born, alice, bob = two_party(conn)
+    quiet, carol, dave = two_party(conn, "carol", "dave")
+    for i in range(3):
+        s.post(born, alice, f"m{i}")
+    s.post(quiet, carol, "nobody on legacy")
+    tx(conn, accounts_store.set_phase, carol, "cloud-only")
+    tx(conn, accounts_store.set_phase, dave, "cloud-only")
+    s.injector.startService()
+    s.run(1)
+    try:
+        chat = ids.chat_for_cloud_conversation(born)
+        assert recording[0].seen == [(chat, chat)]
+        assert legacy_bodies(s, born) == ["m0", "m1", "m2"]
+        assert conn.execute("SELECT legacy_chat_id, conversation_id FROM "
+                            "conversation_legacy_ids").fetchall() == [(chat, born)]
+        assert conn.execute("SELECT legacy_chat_id FROM conversations WHERE "
+                            "conversation_id = %s", (quiet,)).fetchone() == (None,)
+        assert [r[1] for r in outbox_rows(conn, quiet)] == ["skipped"]
+    finally:
+        recording[0].reader.close()
+
+
 @pytest.mark.parametrize("inject_batch,batches", [
     (64, [["m0", "m1", "m2"], ["m3", "m4"]]),
     (2, [["m0", "m1"], ["m2"], ["m3", "m4"]]),

@@ -199,3 +199,19 @@ def test_a_claim_looks_past_a_window_of_already_claimed_conversations(conn):
     second = tx(conn, outbox_store.claim_outbox, NOW + 30, 10, 5000, 2, window=3)
     assert [(i.conversation_id, i.seq) for i in second] == [(quiet, 1)]
     assert tx(conn, outbox_store.claim_outbox, NOW + 40, 10, 5000, 2, window=3) == []
+
+
+def test_cloud_chat_ids_are_recorded_once_and_never_replace_one_set(conn):
+    """map_cloud_chats records a cloud-born conversation's made-up chat id (the mapping and
+    the conversation's column); again, it changes nothing, and a conversation that has a
+    chat id keeps it."""
+    a, c = make_account(conn, "alice", "dual"), make_account(conn, "carol", "legacy")
+    born, linked = make_conversation(conn, a, c), make_conversation(conn, a, c, chat="legacy-7")
+    chats = {born: f"cloud:{born}", linked: "cloud:other"}
+    for _ in range(2):
+        tx(conn, outbox_store.map_cloud_chats, chats)
+        assert dict(conn.execute("SELECT conversation_id, legacy_chat_id FROM conversations"
+                                 ).fetchall()) == {born: f"cloud:{born}", linked: "legacy-7"}
+    assert sorted(conn.execute("SELECT legacy_chat_id FROM conversation_legacy_ids"
+                               ).fetchall()) == [(f"cloud:{born}",), ("legacy-7",)]
+    tx(conn, outbox_store.map_cloud_chats, {})
