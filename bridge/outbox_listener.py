@@ -22,16 +22,18 @@ log = Logger()
 
 
 class OutboxListener(Service):
-    """Calls *on_notify* on the reactor thread for every NOTIFY on ``outbox_to_legacy``.
+    """Calls *on_notify* on the reactor thread for every NOTIFY on ``outbox_to_legacy``,
+    with its payload (the conversation id ``post_message`` sends), or with None.
 
     psycopg's ``notifies`` blocks, so a daemon thread holds its own autocommit connection,
     LISTENs and waits at most ``wait_s`` at a time, so that a stop is seen within about that
     long. A broken connection is reopened with the *retry* policy's backoff; *on_notify* is
-    also called each time LISTEN (re)starts, because rows committed while nobody listened
-    sent their notifications to no one. The injector's poll covers whatever is still missed.
+    also called (with None) each time LISTEN (re)starts, because rows committed while nobody
+    listened sent their notifications to no one. The injector's poll covers whatever is
+    still missed.
     """
 
-    def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[], object], *,
+    def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[str | None], object], *,
                  channel: str = outbox_store.OUTBOX_CHANNEL, retry: RetryPolicy | None = None,
                  rng: random.Random | None = None, wait_s: float = 1.0,
                  connect_timeout_s: int = 5, name: str = "outbox-listener") -> None:
@@ -99,8 +101,8 @@ class OutboxListener(Service):
             self.listening = True
             if self.connects > 1:
                 log.info("outbox listener is listening again")
-            self._reactor.callFromThread(self._on_notify)
+            self._reactor.callFromThread(self._on_notify, None)
             while not self._stop.is_set():
-                for _ in conn.notifies(timeout=self._wait_s):
+                for notify in conn.notifies(timeout=self._wait_s):
                     self.notifications += 1
-                    self._reactor.callFromThread(self._on_notify)
+                    self._reactor.callFromThread(self._on_notify, notify.payload)

@@ -77,7 +77,7 @@ def cmd_bridge_run(args: argparse.Namespace) -> int:
         worker = BridgeWorker(reactor, TCPNetwork(reactor), db, secret,
                               random.Random(), config, injector_factory=injector_for)
         # NOTIFY wakes the injector as soon as a cloud message commits; polling is the fallback
-        listener = OutboxListener(reactor, dsn, worker.injector.wake)
+        listener = OutboxListener(reactor, dsn, worker.injector.notified)
 
         def readiness() -> list[str]:
             reasons = []

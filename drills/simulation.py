@@ -364,7 +364,7 @@ class Simulation:
         self.posted[client_id] = (str(cid), message.seq)
         for w in self.workers:  # what NOTIFY does in a deployment
             if w.injector is not None:
-                w.injector.wake()
+                w.injector.notified(str(cid))
         self.dispatcher.wake()
 
     # -- cohort moves ------------------------------------------------------------------------

@@ -518,8 +518,9 @@ def test_a_late_completion_from_an_expired_claim_is_counted_and_changes_nothing(
 # ---------------------------------------------------------------- pacing and stopping
 
 def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
-    """NOTIFY (wake) does not wait for the poll; a pass that claimed rows is followed by
-    another at once."""
+    """NOTIFY (wake) does not wait for the poll; a claim of a full batch is followed by
+    another at once, one that was not full is not (what waits is behind its conversations,
+    and the pass that ends wakes the loop)."""
     s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0, batch=2, per_conversation=2))
     s.run(0)
     assert s.injector.ticks == 1
@@ -530,11 +531,41 @@ def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     assert s.injector.ticks == 1 and s.injector.injected == 0
     s.injector.wake()
     s.run(0.5)
-    # 2 + 2 + 1 within half a second of a 60 s poll: a claim is followed at once by another
-    # (which finds the conversation's head claimed: nothing), and a pass that ends wakes the
-    # loop for the rows that waited behind it; the last tick finds nothing at all
-    assert s.injector.injected == 5 and s.injector.ticks == 1 + 3 * 2 + 1
+    # 2 + 2 + 1 within half a second of a 60 s poll: a full claim is followed at once by
+    # another (which finds the conversation's head claimed: nothing), and a pass that ends
+    # wakes the loop for the rows that waited behind it; the claim of 1 is not followed at
+    # once, and the tick its pass's end wakes finds nothing at all
+    assert s.injector.injected == 5 and s.injector.ticks == 1 + 2 * 2 + 1 + 1
     assert s.injector.state is LoopState.WAITING
+
+
+def test_a_notify_for_a_conversation_a_pass_holds_waits_for_that_pass_to_end(conn, make_scene):
+    """A NOTIFY naming a conversation this injector's pass in flight holds starts no claim
+    (none could take its row before the pass ends); one naming another conversation, or
+    none, does; the pass that ends wakes the loop."""
+    s = make_scene(config=attrs.evolve(FAST, poll_interval_s=60.0),
+                   wrap_peers=lambda p: ScriptedPeers(p, ["silent"]))
+    held, alice, _ = two_party(conn)
+    other, carol, _ = two_party(conn, "carol", "dave")
+    s.post(held, alice, "first")
+    s.injector.notified(str(held))
+    s.run(0.1)  # claimed; its pass waits on a supernode that does not answer
+    assert s.injector.passes_in_flight == 1
+    ticks = s.injector.ticks
+    s.post(held, alice, "second")
+    s.injector.notified(str(held))
+    s.run(0.1)
+    assert s.injector.ticks == ticks
+    for payload in (str(other), None, "not a conversation id"):
+        s.injector.notified(payload)
+        s.run(0.1)
+        ticks += 1
+        assert s.injector.ticks == ticks
+    s.run(3)  # the silent request times out (both rows go back, for a retry) and the
+    # pass that ends wakes the loop at once, not at the 60 s poll
+    assert s.injector.passes_in_flight == 0 and s.injector.ticks == ticks + 1
+    s.run(61)
+    assert legacy_bodies(s, held) == ["first", "second"]
 
 
 @pytest.mark.parametrize("passes", [1, 2])

@@ -39,24 +39,25 @@ def stop_listener(listener: OutboxListener, reactor: QueueReactor) -> None:
 
 
 def test_listener_wakes_on_notify_reconnects_and_stops_promptly(conn, db_dsn):
-    """Each committed post NOTIFYs a wake on the reactor; a broken connection is reopened."""
+    """Each committed post NOTIFYs a wake on the reactor, with its conversation; a broken
+    connection is reopened."""
     reactor = QueueReactor()
-    wakes: list[int] = []
-    listener = OutboxListener(reactor, db_dsn, lambda: wakes.append(1), wait_s=0.2,
+    wakes: list[str | None] = []
+    listener = OutboxListener(reactor, db_dsn, wakes.append, wait_s=0.2,
                               retry=RetryPolicy(initial_s=0.05, factor=2, cap_s=0.5))
     listener.startService()
     try:
         reactor.run_next()  # LISTEN is active: the catch-up wake
-        assert wakes == [1] and listener.connects == 1
+        assert wakes == [None] and listener.connects == 1
         cid, alice, _ = two_party(conn)
         tx(conn, messages_store.post_message, cid, alice, "c1", "hi", 1)
         reactor.run_next()
-        assert len(wakes) == 2 and listener.notifications == 1
+        assert wakes == [None, str(cid)] and listener.notifications == 1
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                      "WHERE datname = current_database() AND pid <> pg_backend_pid() "
                      "AND query ILIKE 'LISTEN%'")
         reactor.run_next()  # listening again: another catch-up wake
-        assert len(wakes) == 3 and listener.connects == 2
+        assert wakes == [None, str(cid), None] and listener.connects == 2
     finally:
         stop_listener(listener, reactor)
 
@@ -65,7 +66,7 @@ def test_listener_keeps_retrying_an_unreachable_database_and_still_stops(db_serv
     """No database: the thread backs off without calling back, and a stop still ends it."""
     reactor = QueueReactor()
     dsn = _with_dbname(db_server, f"no_such_database_{uuid.uuid4().hex[:8]}")
-    listener = OutboxListener(reactor, dsn, lambda: None, wait_s=0.2,
+    listener = OutboxListener(reactor, dsn, lambda payload: None, wait_s=0.2,
                               retry=RetryPolicy(initial_s=0.05, factor=2, cap_s=0.2))
     listener.startService()
     with pytest.raises(queue.Empty):
