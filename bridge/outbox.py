@@ -1,8 +1,9 @@
 """Cloud -> legacy: drain ``outbox_to_legacy`` into the legacy network.
 
 ``cloud.store.messages.post_message`` writes an outbox row in the message's own transaction and
-NOTIFYs ``outbox_to_legacy``; ``bridge.outbox_listener.OutboxListener`` turns each notification into
-``OutboxInjector.wake()``, and the injector's poll is the fallback for a missed one.
+NOTIFYs ``outbox_to_legacy`` with the conversation's id; ``bridge.outbox_listener.OutboxListener``
+hands each notification to ``OutboxInjector.notified``, which wakes the loop unless a pass of
+its own holds that conversation, and the injector's poll is the fallback for a missed one.
 
 One outbox row (``outbox_to_legacy.state``)::
 
@@ -47,9 +48,9 @@ next tick claims the next batch while it runs, up to ``passes`` at once; claims 
 conversations, so that changes no order. A pass that ends wakes the loop for the rows that
 waited behind it. The loop is the dispatcher's (``cloud.dispatcher``)::
 
-    idle --start--> waiting --timer or wake()--> ticking --claimed something or woken--> ticking
+    idle --start--> waiting --timer or wake()--> ticking --claimed a full batch, or woken--> ticking
                        ^                            |
-                       +------ claimed nothing -----+   stop: cancel the timer, or wait for
+                       +-- claimed less, or none ---+   stop: cancel the timer, or wait for
                                                         the tick and the passes in flight
                                                         (which inject no further row)
 
@@ -141,6 +142,17 @@ def _forget(sent: Sequence[tuple[Any, defer.Deferred]]) -> None:
         d.addErrback(lambda _f: None)
 
 
+def _would_send(item: OutboxItem) -> bool:
+    """Whether ``OutboxInjector._prepare`` sends *item* (rather than skip it: nobody on
+    legacy, or refuse it for good: a message legacy can not deliver)."""
+    if item.legacy_client_members == 0:
+        return False
+    if item.kind == outbox_store.MEMBERS:
+        return True
+    members = set(item.member_handles)
+    return len(members) >= 2 and item.sender_handle in members
+
+
 class OutboxInjector(PollingLoop):
     """Injects claimed outbox rows through *peers*, records outcomes through *db*."""
 
@@ -192,11 +204,13 @@ class OutboxInjector(PollingLoop):
 
     def notified(self, conversation: str | None = None) -> None:
         """A NOTIFY: a row of *conversation* (the payload, a conversation id) is pending.
-        Wake the loop, unless a pass of this injector holds that conversation: no claim can
-        take the row before that pass ends, and the pass that ends wakes the loop. (At
-        4,000 posts/s over 200 conversations, every pass held them all, and most claims
-        that NOTIFYs started during a pass found nothing.) No payload, or one that is not a
-        conversation id (LISTEN just began: rows may have come in unannounced): wake."""
+        Wake the loop, unless a pass of this injector holds that conversation: a claim
+        would find its head held (or, where the pass handed the conversation's rows back
+        early, due only after their retry delay), and the pass that ends wakes the loop.
+        (At 4,000 posts/s over 200 conversations, every pass held them all, and most claims
+        that NOTIFYs started during a pass found nothing.) No payload, or any other
+        (LISTEN just began and rows may have come in unannounced; a back-fill names an
+        account): wake."""
         if conversation is not None and self._held:
             try:
                 if uuid.UUID(conversation) in self._held:
@@ -339,11 +353,14 @@ class OutboxInjector(PollingLoop):
         this pass sends, in one transaction before any is sent (legacy echoes the chat back
         at once: ``outbox_store.map_cloud_chats`` says why it must be recorded first); the
         rows carry them from ``_prepare`` on, so their completion does not record them
-        again. False when that failed (logged, counted): nothing of the pass is sent."""
+        again. A conversation none of whose rows would be sent (nobody on legacy, or every
+        row refused) gets none. Should that transaction fail unexpectedly, those
+        conversations' rows go back untried (due after the retry delay) and leave the
+        pass; the others go on. False only when the database is down: nothing of the pass
+        is sent."""
         fresh = {cid: ids.chat_for_cloud_conversation(cid)
                  for cid, rows in by_conversation.items()
-                 if rows[0].legacy_chat_id is None
-                 and any(row.legacy_client_members for row in rows)}
+                 if rows[0].legacy_chat_id is None and any(map(_would_send, rows))}
         if not fresh:
             return True
         try:
@@ -354,9 +371,16 @@ class OutboxInjector(PollingLoop):
         except Exception:
             self.loop_failures += 1
             OUTBOX_LOOP_FAILURES.labels(reason="error").inc()
-            log.failure("recording the chat ids of cloud-born conversations failed "
-                        "unexpectedly; their rows come due again when their claim runs out")
-            return False
+            log.failure("recording the chat ids of {count} cloud-born conversations failed "
+                        "unexpectedly; their rows go back for a retry", count=len(fresh))
+            back = [item for cid in fresh for item in by_conversation.pop(cid)]
+            try:
+                await self._hand_back(back, "their conversation's legacy chat id could not "
+                                      "be recorded", self._now_ms()
+                                      + round(self.config.retry.delay(1, self._rng) * 1000))
+            except DatabaseUnavailable as e:
+                self._database_down(e)
+                return False
         return True
 
     def stopService(self) -> defer.Deferred:  # noqa: N802 - Twisted's name

@@ -23,7 +23,8 @@ log = Logger()
 
 class OutboxListener(Service):
     """Calls *on_notify* on the reactor thread for every NOTIFY on ``outbox_to_legacy``,
-    with its payload (the conversation id ``post_message`` sends), or with None.
+    with its payload (the conversation id ``post_message`` sends; a back-fill sends an
+    account id), or with None.
 
     psycopg's ``notifies`` blocks, so a daemon thread holds its own autocommit connection,
     LISTENs and waits at most ``wait_s`` at a time, so that a stop is seen within about that

@@ -286,12 +286,30 @@ def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) ->
 
 def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
                           now_ms: int) -> list[OutboxItem]:
-    """Mark injected rows done in one transaction, with each message's legacy GUID and each
-    cloud-born conversation's legacy chat id; the rows it completed (those still pending
-    under their item's claim), in the order given. A message that gets its GUID enters the
+    """Mark injected rows done in one transaction, with each message's legacy GUID (and
+    a cloud-born conversation's legacy chat id, where its rows carry none: the injector
+    records it before it sends); the rows it completed (those still pending under their
+    item's claim), in the order given. A message that gets its GUID enters the
     maintained digests (a trigger on ``messages``, migration 0019), in this transaction."""
     if not rows:
         return []
+    # Cloud-born conversations keep the chat id the bridge made up for them. The injector
+    # records it before it sends (map_cloud_chats); this is for callers that did not. It
+    # goes first, so that the conversations are locked before the digest triggers take
+    # dirty rows (the order migration 0019 sets), and only for rows still held under their
+    # claim (a late completion records nothing).
+    unmapped = [r for r in rows if r.item.legacy_chat_id is None]
+    if unmapped:
+        held = {row[0] for row in conn.execute(
+            "SELECT o.conversation_id FROM outbox_to_legacy o JOIN unnest(%s::uuid[], "
+            "%s::bigint[], %s::int[], %s::uuid[]) AS b(conversation_id, seq, sub, token) "
+            "ON o.conversation_id = b.conversation_id AND o.seq = b.seq AND o.sub = b.sub "
+            "WHERE o.state = 'pending' AND o.claim_token = b.token "
+            "ORDER BY o.conversation_id, o.seq, o.sub FOR UPDATE OF o",
+            ([r.item.conversation_id for r in unmapped], [r.item.seq for r in unmapped],
+             [r.item.sub for r in unmapped], [r.item.claim_token for r in unmapped]))}
+        map_cloud_chats(conn, {r.item.conversation_id: r.legacy_chat_id for r in unmapped
+                               if r.item.conversation_id in held})
     # Each row is found through the primary key: the planner, misled by unnest's estimate
     # and the cost of random reads, would hash the whole pending set instead (12 of 17 ms
     # for 500 rows at 50,000 pending; it grows with the backlog, not with the batch).
@@ -315,11 +333,6 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
          [r.legacy_guid for r in rows], now_ms)
     ).fetchall()
     completed = set(done)
-    # cloud-born conversations keep the chat id the bridge made up for them (the injector
-    # records it before it sends: map_cloud_chats; this is for callers that did not)
-    map_cloud_chats(conn, {r.item.conversation_id: r.legacy_chat_id for r in rows
-                           if r.item.legacy_chat_id is None
-                           and (r.item.conversation_id, r.item.seq, r.item.sub) in completed})
     return [r.item for r in rows
             if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
 

@@ -418,6 +418,10 @@ def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_
                                          "supernode's retention window")}
     old_chat = ids.chat_for_cloud_conversation(old)
     assert s.history(old_chat) == []
+    # a conversation none of whose rows would go gets no legacy chat; one legacy refused
+    # after the send has its chat recorded (it was sent)
+    assert dict(conn.execute("SELECT conversation_id, legacy_chat_id FROM conversations"
+                             ).fetchall()) == {alone: None, old: old_chat}
     # Safe to run twice: the row is no longer pending, so no second finding.
     item = outbox_store.OutboxItem(old, 1, uuid.uuid4(), None, "bob", month_ago, "", (), 1, 1)
     assert tx(conn, refuse_outbox_item, item, old_chat, "again", s.now_ms()) is False
@@ -537,6 +541,43 @@ def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     # once, and the tick its pass's end wakes finds nothing at all
     assert s.injector.injected == 5 and s.injector.ticks == 1 + 2 * 2 + 1 + 1
     assert s.injector.state is LoopState.WAITING
+
+
+class FailingOnce:
+    """Runs every transaction on *inner*, but the first one named *desc* raises."""
+
+    def __init__(self, inner, desc: str) -> None:
+        self.inner, self.desc, self.failed = inner, desc, False
+
+    def run(self, desc, fn, *args, **kwargs):
+        if desc == self.desc and not self.failed:
+            self.failed = True
+            return defer.fail(RuntimeError("injected failure"))
+        return self.inner.run(desc, fn, *args, **kwargs)
+
+
+def test_a_chat_id_that_could_not_be_recorded_holds_back_only_its_conversation(
+        conn, make_scene, outbox_log):
+    """Recording a cloud-born conversation's chat id fails unexpectedly: its rows go back
+    untried, due after the retry delay, and arrive then; the pass's other conversation
+    goes on at once."""
+    s = make_scene(start=False, db=FailingOnce(InlineDatabase(conn), "map_cloud_chats"))
+    born, alice, _ = two_party(conn)
+    carol = make_account(conn, "carol", "legacy")
+    linked = make_conversation(conn, alice, carol, chat="legacy-chat-7")
+    s.post(born, alice, "born")
+    s.post(linked, alice, "linked")
+    s.injector.startService()
+    s.run(0.1)
+    assert [m.body for m in s.history("legacy-chat-7")] == ["linked"]
+    assert legacy_bodies(s, born) == []
+    (row,) = conn.execute("SELECT state, attempts, last_error FROM outbox_to_legacy "
+                          "WHERE conversation_id = %s", (born,)).fetchall()
+    assert row[:2] == ("pending", 0) and "chat id could not be recorded" in row[2]
+    assert s.injector.loop_failures == 1
+    s.run(5)
+    assert legacy_bodies(s, born) == ["born"]
+    assert [r[1] for r in outbox_rows(conn, born)] == ["done"]
 
 
 def test_a_notify_for_a_conversation_a_pass_holds_waits_for_that_pass_to_end(conn, make_scene):

@@ -447,7 +447,8 @@ def other_chat(conn, cid: uuid.UUID, handle: str) -> tuple[str, list[str]]:
     """Another mirrored conversation of ``handle`` than ``cid``: its legacy chat id and
     members' handles."""
     return conn.execute(
-        "SELECT c.legacy_chat_id, array_agg(a.handle ORDER BY a.handle) "
+        "SELECT c.legacy_chat_id, array_agg(coalesce(a.legacy_handle, a.handle) "
+        "ORDER BY coalesce(a.legacy_handle, a.handle)) "
         "FROM conversations c JOIN members m USING (conversation_id) "
         "JOIN accounts a USING (account_id) WHERE c.legacy_chat_id IS NOT NULL "
         "AND c.conversation_id <> %s AND EXISTS (SELECT 1 FROM members o JOIN accounts oa "
