@@ -473,14 +473,68 @@ def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
     return state["posted"]
 
 
+def _proc_cpu_s(pid: int, reaped: bool = False) -> float:
+    """CPU seconds process *pid* has used, all its threads; with *reaped*, also those of its
+    children that ended and were waited for."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid(dsn: str) -> int | None:
+    """The pid of the PostgreSQL server *dsn* names when it runs on this machine (the parent
+    of one of its backends); None when it does not."""
+    with psycopg.connect(dsn) as conn:
+        (backend,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        try:
+            with open(f"/proc/{backend}/stat") as f:
+                data = f.read()
+        except OSError:
+            return None
+    return int(data[data.rindex(")") + 2:].split()[1])
+
+
+def server_cpu_s(postmaster: int) -> float:
+    """CPU seconds the whole PostgreSQL server has used: the postmaster with the backends it
+    reaped, plus every one alive now."""
+    total = _proc_cpu_s(postmaster, reaped=True)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        if int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, workers: int,
-                  lag_seconds: float) -> dict:
+                  lag_seconds: float, postmaster: int | None = None) -> dict:
     """Drain an outbox of *n* rows with *workers* workers (from their start to the last
-    row done), then the lag at half of that speed."""
+    row done), then the lag at half of that speed. The drain's CPU per message is split
+    between the store (the whole server, when *postmaster* is its pid on this machine), the
+    workers (from when they are up) and the legacy feed server."""
     with Run(server, "backlog", 0, workers, template=template) as run:
+        legacy = run.procs[0].pid
+        store0 = server_cpu_s(postmaster) if postmaster is not None else None
+        legacy0 = _proc_cpu_s(legacy)
         t0 = run.start_bridge()
+        workers0 = sum(_proc_cpu_s(b.pid) for b in run.bridges)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             t1 = wait_until(conn, DRAINED, 1, timeout=900, every=0.02)
+            cpu_us = {"worker": (sum(_proc_cpu_s(b.pid) for b in run.bridges) - workers0),
+                      "legacy": _proc_cpu_s(legacy) - legacy0}
+            if store0 is not None:
+                cpu_us["store"] = server_cpu_s(postmaster) - store0
+            cpu_us = {k: round(v / n * 1e6, 1) for k, v in cpu_us.items()}
             states = dict(conn.execute("SELECT state, count(*) FROM outbox_to_legacy "
                                        "GROUP BY 1").fetchall())
             if states != {"done": n}:
@@ -497,6 +551,7 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
                 raise RuntimeError(f"{done} outbox rows done, not {n + posted}")
         after = lag_buckets(run.metrics_urls, "to_legacy")
         return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
+                "cpu_us_per_msg": cpu_us,
                 "half_load_rate": rate / 2, "half_load_posted_per_s": posted / lag_seconds,
                 "p50_ms": round(histogram_quantile(0.50, before, after), 1),
                 "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
@@ -507,9 +562,10 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
     """The cloud -> legacy section: one outbox of *n* rows, loaded once, drained *runs*
     times by each worker count; the ratio is to the legacy -> cloud drain of this run."""
     points = []
+    postmaster = postmaster_pid(server)
     with loaded_outbox(server, n) as (template, convs):
         for workers in worker_counts:
-            got = [to_legacy_run(server, template, convs, n, workers, lag_seconds)
+            got = [to_legacy_run(server, template, convs, n, workers, lag_seconds, postmaster)
                    for _ in range(runs)]
             points.append({
                 "workers": workers, "outbox_rows": n,
@@ -519,6 +575,8 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 "p50_lag_ms": summarize([g["p50_ms"] for g in got]),
                 "p99_lag_ms": summarize([g["p99_ms"] for g in got]),
                 "peak_rss_mb": summarize([g["rss_mb"] for g in got]),
+                "cpu_us_per_msg": {k: summarize([g["cpu_us_per_msg"][k] for g in got])
+                                   for k in got[0]["cpu_us_per_msg"]},
                 "per_run": got})
     first = points[0]
     return {"to_legacy_msgs_per_s": first["msgs_per_s"],
@@ -527,6 +585,7 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 else round(first["msgs_per_s"]["median"] / drain_msgs_per_s, 3)),
             "to_legacy_p99_lag_ms": first["p99_lag_ms"],
             "to_legacy_peak_rss_mb": first["peak_rss_mb"],
+            "to_legacy_cpu_us_per_msg": first["cpu_us_per_msg"],
             "to_legacy_scaling": points}
 
 

@@ -459,6 +459,11 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
                 target=_target(r, "bridge.to_legacy_p99_lag_ms.median") if first else "")
             add(f"bridge cloud -> legacy peak RSS, {k} worker(s), MB", p["peak_rss_mb"],
                 target=_target(r, "bridge.to_legacy_peak_rss_mb.max") if first else "")
+            for part, what in (("store", "PostgreSQL"), ("worker", "the workers"),
+                               ("legacy", "the legacy feed server")):
+                if part in p.get("cpu_us_per_msg", {}):
+                    add(f"  … CPU per message drained, {what}, {k} worker(s), us",
+                        p["cpu_us_per_msg"][part], 1)
         if "to_legacy_scaling" not in bridge and "to_legacy_msgs_per_s" in bridge:
             add("bridge cloud -> legacy (1 worker), msgs/s", bridge["to_legacy_msgs_per_s"])
     rec = r.get("reconcile")
