@@ -16,8 +16,9 @@ _COUNT = [attrs.validators.instance_of(int), positive]
 class InjectorConfig:
     """How the outbox injector paces itself. Times in seconds."""
 
-    #: Most outbox rows claimed by one tick.
-    batch: int = attrs.field(default=500, validator=_COUNT)
+    #: Most outbox rows claimed by one tick. (1,000 with 4 passes drained a 50,000-row
+    #: outbox at 15,380-17,285 msgs/s against 12,821-14,730 with 500 and 2, alternated.)
+    batch: int = attrs.field(default=1000, validator=_COUNT)
     #: How long claimed rows stay invisible to other workers; must outlast an injection.
     claim_s: float = attrs.field(default=30.0, converter=float, validator=positive)
     #: Pause between ticks when the last one did not fill a batch (NOTIFY wakes it earlier).
@@ -43,8 +44,9 @@ class InjectorConfig:
         *_COUNT, attrs.validators.le(wire.MAX_INJECT_BATCH)])
     #: Claims in flight at once: the next batch is claimed while the last one is injected
     #: and recorded, so the database's round trips overlap the supernodes' (each claim
-    #: holds whole conversations, so order per conversation is kept all the same).
-    passes: int = attrs.field(default=2, validator=_COUNT)
+    #: holds whole conversations, so order per conversation is kept all the same). With 2,
+    #: a drain kept 1.5 of 2 cores busy; 4 gained most of the 25% (6 no more).
+    passes: int = attrs.field(default=4, validator=_COUNT)
     #: A row whose injection failed this many times is given up: state ``failed``, with an
     #: ``inject_failed`` finding (its conversation's later rows go on).
     max_attempts: int = attrs.field(default=30, validator=_COUNT)
