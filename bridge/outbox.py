@@ -435,8 +435,15 @@ class OutboxInjector(PollingLoop):
         failed: str | None = None  # why unsent[0] failed (tried); None: handed back untried
         try:
             rows = []
+            members: tuple[str, ...] = ()
+            handles: tuple[str, ...] | None = None
             for item in items:
-                row = await self._prepare(item)
+                if item.member_handles != handles:  # a run's rows mostly share one list
+                    handles = item.member_handles
+                    members = tuple(sorted(set(handles)))
+                row = self._ready(item, members)
+                if row is None:  # the rare cases, which may write: skip, refuse, evolve
+                    row = await self._prepare(item)
                 if row is not None:  # else skipped or refused, and recorded
                     rows.append(row)
             # most rows in one request: a batch never holds more than the window lets in
@@ -518,6 +525,22 @@ class OutboxInjector(PollingLoop):
                         "again", cid=items[0].conversation_id)
         _forget(sent)
         return []
+
+    @staticmethod
+    def _ready(item: OutboxItem, members: tuple[str, ...]) -> Row | None:
+        """``_prepare``'s common case without a coroutine: a message of a conversation with
+        a chat id, someone on legacy and a list legacy takes (*members*: its handles,
+        distinct and sorted). None for anything else, which ``_prepare`` handles."""
+        chat_id = item.legacy_chat_id
+        if (chat_id is None or item.legacy_client_members == 0
+                or item.kind != outbox_store.MESSAGE or len(members) < 2
+                or item.sender_handle not in members):
+            return None
+        guid = ids.guid_for_cloud_message(item.message_id)
+        message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
+                                   sender=item.sender_handle, ts_ms=item.sent_ms,
+                                   body=item.body, origin=ORIGIN)
+        return Row(outbox_store.Injected(item, chat_id, guid), message, members)
 
     async def _prepare(self, item: OutboxItem) -> Row | None:
         """What to inject for one row; None when the row was skipped or refused (and
