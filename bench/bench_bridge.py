@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_cloud import raw_copy, scratch_database, setup  # noqa: E402
-from bench_stats import summarize  # noqa: E402
+from bench_stats import proc_stat, processes, summarize  # noqa: E402
 
 from bridge.follower import FollowerConfig  # noqa: E402
 from cloud import embedded  # noqa: E402
@@ -476,9 +476,10 @@ def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
 def _proc_cpu_s(pid: int, reaped: bool = False) -> float:
     """CPU seconds process *pid* has used, all its threads; with *reaped*, also those of its
     children that ended and were waited for."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2:].split()
+    stat = proc_stat(pid)
+    if stat is None:
+        raise RuntimeError(f"process {pid} is gone")
+    fields = stat[1]
     ticks = int(fields[11]) + int(fields[12])
     if reaped:
         ticks += int(fields[13]) + int(fields[14])
@@ -490,30 +491,17 @@ def postmaster_pid(dsn: str) -> int | None:
     of one of its backends); None when it does not."""
     with psycopg.connect(dsn) as conn:
         (backend,) = conn.execute("SELECT pg_backend_pid()").fetchone()
-        try:
-            with open(f"/proc/{backend}/stat") as f:
-                data = f.read()
-        except OSError:
-            return None
-    return int(data[data.rindex(")") + 2:].split()[1])
+        stat = proc_stat(backend)
+    return None if stat is None else int(stat[1][1])
 
 
 def server_cpu_s(postmaster: int) -> float:
     """CPU seconds the whole PostgreSQL server has used: the postmaster with the backends it
     reaped, plus every one alive now."""
-    total = _proc_cpu_s(postmaster, reaped=True)
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()
-        if int(fields[1]) == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    tick = os.sysconf("SC_CLK_TCK")
+    return _proc_cpu_s(postmaster, reaped=True) + sum(
+        (int(fields[11]) + int(fields[12])) / tick
+        for _pid, _name, fields in processes() if int(fields[1]) == postmaster)
 
 
 def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, workers: int,

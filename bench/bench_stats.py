@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+from collections.abc import Iterator
 
 
 def summarize(values: list[float], digits: int = 1) -> dict:
@@ -10,3 +12,24 @@ def summarize(values: list[float], digits: int = 1) -> dict:
     return {"median": round(statistics.median(values), digits),
             "min": round(min(values), digits), "max": round(max(values), digits),
             "runs": len(values)}
+
+
+def proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """A process's name and the fields of its ``/proc/<pid>/stat`` after the name (the state
+    first, then the parent's pid, ...); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    close = data.rindex(")")
+    return data[data.index("(") + 1:close], data[close + 2:].split()
+
+
+def processes() -> Iterator[tuple[int, str, list[str]]]:
+    """Every process of the machine, as (pid, name, ``proc_stat`` fields)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(name)
+            if stat is not None:
+                yield int(name), stat[0], stat[1]

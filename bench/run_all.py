@@ -46,7 +46,7 @@ ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_stats import summarize  # noqa: E402
+from bench_stats import processes, summarize  # noqa: E402
 
 SECTIONS = ("legacy", "cloud", "bridge", "reconcile")
 
@@ -111,20 +111,10 @@ class MachineLoad:
 
     def _scan(self) -> dict[int, tuple[int, float, str, float]]:
         procs = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            close = data.rindex(")")
-            comm = data[data.index("(") + 1:close]
-            fields = data[close + 2:].split()
+        for pid, comm, fields in processes():
             cpu = (int(fields[11]) + int(fields[12])) / self.tick
             started = self.boot + int(fields[19]) / self.tick
-            procs[int(name)] = (int(fields[1]), cpu, comm, started)
+            procs[pid] = (int(fields[1]), cpu, comm, started)
         return procs
 
     def _bucket(self, pid: int, procs: dict) -> str:
