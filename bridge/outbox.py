@@ -142,15 +142,36 @@ def _forget(sent: Sequence[tuple[Any, defer.Deferred]]) -> None:
         d.addErrback(lambda _f: None)
 
 
+def _members(item: OutboxItem) -> tuple[str, ...]:
+    """The handles a message row goes to: distinct, sorted."""
+    return tuple(sorted(set(item.member_handles)))
+
+
+def _refusal(item: OutboxItem, members: tuple[str, ...]) -> str | None:
+    """Why legacy will never take the message *item* sent to *members* (``_members``), or
+    None when it will."""
+    if len(members) < 2:
+        return "fewer than 2 distinct members"
+    if item.sender_handle not in members:
+        return "the sender is not among the members"
+    return None
+
+
 def _would_send(item: OutboxItem) -> bool:
     """Whether ``OutboxInjector._prepare`` sends *item* (rather than skip it: nobody on
     legacy, or refuse it for good: a message legacy can not deliver)."""
     if item.legacy_client_members == 0:
         return False
-    if item.kind == outbox_store.MEMBERS:
-        return True
-    members = set(item.member_handles)
-    return len(members) >= 2 and item.sender_handle in members
+    return item.kind == outbox_store.MEMBERS or _refusal(item, _members(item)) is None
+
+
+def _message_row(item: OutboxItem, chat_id: str, members: tuple[str, ...]) -> Row:
+    """The message row *item* as it is injected into chat *chat_id*, to *members*."""
+    guid = ids.guid_for_cloud_message(item.message_id)
+    message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
+                               sender=item.sender_handle, ts_ms=item.sent_ms, body=item.body,
+                               origin=ORIGIN)
+    return Row(outbox_store.Injected(item, chat_id, guid), message, members)
 
 
 class OutboxInjector(PollingLoop):
@@ -440,7 +461,7 @@ class OutboxInjector(PollingLoop):
             for item in items:
                 if item.member_handles != handles:  # a run's rows mostly share one list
                     handles = item.member_handles
-                    members = tuple(sorted(set(handles)))
+                    members = _members(item)
                 row = self._ready(item, members)
                 if row is None:  # the rare cases, which may write: skip, refuse, evolve
                     row = await self._prepare(item)
@@ -531,16 +552,10 @@ class OutboxInjector(PollingLoop):
         """``_prepare``'s common case without a coroutine: a message of a conversation with
         a chat id, someone on legacy and a list legacy takes (*members*: its handles,
         distinct and sorted). None for anything else, which ``_prepare`` handles."""
-        chat_id = item.legacy_chat_id
-        if (chat_id is None or item.legacy_client_members == 0
-                or item.kind != outbox_store.MESSAGE or len(members) < 2
-                or item.sender_handle not in members):
+        if (item.legacy_chat_id is None or item.legacy_client_members == 0
+                or item.kind != outbox_store.MESSAGE or _refusal(item, members) is not None):
             return None
-        guid = ids.guid_for_cloud_message(item.message_id)
-        message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
-                                   sender=item.sender_handle, ts_ms=item.sent_ms,
-                                   body=item.body, origin=ORIGIN)
-        return Row(outbox_store.Injected(item, chat_id, guid), message, members)
+        return _message_row(item, item.legacy_chat_id, members)
 
     async def _prepare(self, item: OutboxItem) -> Row | None:
         """What to inject for one row; None when the row was skipped or refused (and
@@ -561,16 +576,11 @@ class OutboxInjector(PollingLoop):
             return None
         if item.kind == outbox_store.MEMBERS:
             return Row(outbox_store.Injected(item, chat_id, None))
-        guid = ids.guid_for_cloud_message(item.message_id)
-        members = tuple(sorted(set(item.member_handles)))
-        if len(members) < 2:
-            return await self._refuse(item, chat_id, "fewer than 2 distinct members")
-        if item.sender_handle not in members:
-            return await self._refuse(item, chat_id, "the sender is not among the members")
-        message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
-                                   sender=item.sender_handle, ts_ms=item.sent_ms,
-                                   body=item.body, origin=ORIGIN)
-        return Row(outbox_store.Injected(item, chat_id, guid), message, members)
+        members = _members(item)
+        why = _refusal(item, members)
+        if why is not None:
+            return await self._refuse(item, chat_id, why)
+        return _message_row(item, chat_id, members)
 
     async def _drop_unencodable(self, request: Request) -> list[Request]:
         """Refuse for good the rows of *request* that the wire format can not carry (each
