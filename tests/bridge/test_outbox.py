@@ -428,6 +428,22 @@ def test_refused_messages_are_skipped_with_an_inject_refused_finding(conn, make_
     assert len(findings(conn)) == 2
 
 
+def test_a_message_whose_sender_is_not_among_its_members_is_refused(conn, make_scene):
+    """A row whose member list leaves out its sender: skipped with a finding saying so,
+    nothing injected."""
+    s = make_scene(start=False)
+    cid, alice, _ = two_party(conn)
+    s.post(cid, alice, "from outside")
+    conn.execute("UPDATE outbox_to_legacy SET member_handles = %s WHERE conversation_id = %s",
+                 (["bob", "carol"], cid))
+    s.injector.startService()
+    s.run(1)
+    assert [r[1] for r in outbox_rows(conn, cid)] == ["skipped"]
+    assert [(kind, detail["reason"]) for kind, _, _, detail in findings(conn)] == [
+        ("inject_refused", "the sender is not among the members")]
+    assert legacy_bodies(s, cid) == [] and s.injector.injected == 0
+
+
 def test_loop_survives_database_outages_and_unexpected_errors(conn, make_scene, outbox_log):
     """Failed ticks are counted and retried; an outage is logged once, a bug with traceback."""
     down = DatabaseUnavailable("connection refused")
