@@ -279,6 +279,29 @@ def legacy_days(conn: psycopg.Connection) -> None:
     truncate_all(conn)
 
 
+def test_a_batch_of_posts_reads_in_proportion_to_its_posts(conn):
+    """A batch of posts to as many conversations reads about as much per post at 200 posts
+    as at 20. Whether a post's conversation has a row waiting for a claim (its NOTIFY is
+    then left out) is a probe through the conversation's key: as an anti join, the planner
+    walked every pending outbox row for each conversation of the batch (69 blocks a post
+    at 200 against 31 at 20; a cost growing with the backlog)."""
+    a = make_account(conn, "alice")
+    conn.execute("UPDATE accounts SET phase = 'dual'")
+    cids = [make_conversation(conn, a) for _ in range(220)]
+
+    def per_post(batch: list[uuid.UUID], tag: str) -> float:
+        with conn.transaction():
+            before = _blocks_read(conn)
+            results = messages_store.post_messages(
+                conn, [Post(cid, a, f"{tag}-{i}", "x", NOW) for i, cid in enumerate(batch)])
+            assert all(created for _, created in results)
+            return float(_blocks_read(conn) - before) / len(batch)
+
+    per_post(cids[:5], "warm")  # the catalog caches
+    small, large = per_post(cids[:20], "small"), per_post(cids[20:], "large")
+    assert large <= 1.5 * small, (small, large)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_posts_cost_does_not_grow_with_the_history_written_after_its_first_posts(
         conn, batched):
