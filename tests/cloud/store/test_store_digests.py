@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from cloud.model import MirrorBatch
 from cloud.store import digests as digests_store
 from cloud.store import mirror as mirror_store
+from legacy import digest as legacy_digest
 from tests.cloud.store.storefixture import NOW, mirrored
 from tests.dbfixture import make_account, make_conversation, tx
 
@@ -53,3 +57,34 @@ def test_split_digests_add_up_to_the_parent(conn):
     assert sum(c.total for c in children) % (1 << 64) == parent.total
     grand = tx(conn, digests_store.range_digests, cid, NOW, NOW + 200, 4, 5, 2)
     assert sum(c.count for c in grand) == children[5].count
+
+
+#: text PostgreSQL stores (no NUL, no lone surrogates), backslashes and escapes often
+_TEXT = st.text(st.one_of(st.sampled_from("\\x'\"01 "),
+                          st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+                max_size=30)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(guid=_TEXT, sender=_TEXT, ts_ms=st.integers(-(2 ** 62), 2 ** 62), body=_TEXT)
+def test_sql_hashes_match_the_legacy_sides_for_any_text(conn, guid, sender, ts_ms, body):
+    """The SQL message hash and bucket equal legacy/digest.py's for any text PostgreSQL
+    stores: backslashes (which the bytes are read through), non-ASCII, control characters
+    (migration 0021 reads a text's UTF-8 bytes without convert_to)."""
+    h, b = conn.execute("SELECT legacy_message_hash(%s, %s, %s, %s), legacy_guid_bucket(%s)",
+                        (guid, sender, ts_ms, body, guid)).fetchone()
+    assert h % (1 << 64) == legacy_digest.message_hash(guid, sender, ts_ms, body)
+    assert b == legacy_digest.guid_bucket(guid)
+
+
+def test_the_digest_functions_are_inlined_into_their_callers(conn):
+    """The message hash, the bucket and the slot are expanded into the statement that calls
+    them (the generated columns of every message with a GUID, the digest triggers'
+    grouping): called as SQL functions, each cost an executor set-up per row."""
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN (VERBOSE) SELECT legacy_message_hash(legacy_guid, sender_handle, sent_ms, "
+        "  body), legacy_guid_bucket(legacy_guid), message_digest_slot(sent_ms) FROM messages"))
+    assert "sha256" in plan and "3600000" in plan, plan
+    for name in ("legacy_message_hash", "legacy_guid_bucket", "message_digest_slot"):
+        assert name not in plan, plan
