@@ -222,6 +222,8 @@ class OutboxInjector(PollingLoop):
         self._in_flight: set[defer.Deferred] = set()
         #: the conversations those passes hold (how many passes hold each)
         self._held: dict[uuid.UUID, int] = {}
+        #: while a tick claims: the conversations NOTIFYs named meanwhile (None otherwise)
+        self._claiming: set[uuid.UUID] | None = None
 
     def notified(self, conversation: str | None = None) -> None:
         """A NOTIFY: a row of *conversation* (the payload, a conversation id) is pending.
@@ -229,15 +231,20 @@ class OutboxInjector(PollingLoop):
         would find its head held (or, where the pass handed the conversation's rows back
         early, due only after their retry delay), and the pass that ends wakes the loop.
         (At 4,000 posts/s over 200 conversations, every pass held them all, and most claims
-        that NOTIFYs started during a pass found nothing.) No payload, or any other
-        (LISTEN just began and rows may have come in unannounced; a back-fill names an
-        account): wake."""
-        if conversation is not None and self._held:
+        that NOTIFYs started during a pass found nothing.) One that comes while a claim
+        runs is kept until the claim is in: it wakes the loop then only if the claim left
+        its conversation (``_tick``). No payload, or any other (LISTEN just began and rows
+        may have come in unannounced; a back-fill names an account): wake."""
+        if conversation is not None and (self._held or self._claiming is not None):
             try:
-                if uuid.UUID(conversation) in self._held:
-                    return
+                cid = uuid.UUID(conversation)
             except ValueError:
-                pass
+                cid = None
+            if cid is not None and cid in self._held:
+                return
+            if cid is not None and self._claiming is not None:
+                self._claiming.add(cid)  # the claim running may take it: see _tick
+                return
         self.wake()
 
     # -- runtime controls (``bridgectl control``, applied by the worker's heartbeat) -----
@@ -264,6 +271,7 @@ class OutboxInjector(PollingLoop):
         """Claim one batch and start its pass (injecting and recording it) without waiting
         for it: up to ``passes`` run at once. True when it claimed a full batch (more is
         probably due). Paused: claims nothing (the backlog is still counted)."""
+        self._claiming = set()
         await self._passes.acquire()
         started = False
         items: list[OutboxItem] = []
@@ -284,6 +292,14 @@ class OutboxInjector(PollingLoop):
         finally:
             if not started:
                 self._passes.release()
+            # A NOTIFY that came while this claim ran names a conversation the claim took
+            # (its pass holds it now: the pass that ends wakes the loop for what came
+            # after), or one it left, which is claimed again at once. Waking for all of
+            # them made every claim under steady load followed by one that found nothing
+            # but held conversations (6-18 ms of the server's time each at 5,000 posts/s).
+            noticed, self._claiming = self._claiming, None
+            if noticed and any(cid not in self._held for cid in noticed):
+                self.wake()
         # at rest (nothing claimed, nothing in flight) after rows were recorded, count again
         # at once: the count is cheap then, and a drained outbox reads 0 without a delay
         await self._read_backlog(force=self._recorded_since_count and not items

@@ -625,6 +625,50 @@ def test_a_notify_for_a_conversation_a_pass_holds_waits_for_that_pass_to_end(con
     assert legacy_bodies(s, held) == ["first", "second"]
 
 
+def test_a_notify_that_comes_while_a_claim_runs_claims_again_only_for_what_it_left(
+        conn, make_scene):
+    """A NOTIFY that arrives while a claim runs, naming a conversation that claim takes,
+    starts no second claim (its pass holds the conversation; the pass that ends wakes the
+    loop); one naming a conversation whose row came too late for the claim starts one at
+    once, not at the next poll."""
+    claims: list[int] = []
+    during: list[Callable[[], None]] = []
+
+    class NotifiedMidClaim(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            d = super().run(desc, fn, *args, **kwargs)
+            if desc == "claim_outbox":
+                claims.append(len(d.result) if isinstance(d.result, list) else -1)
+                if during:
+                    during.pop(0)()  # the NOTIFY comes after the claim's query, before it is in
+            return d
+
+    s = make_scene(db=NotifiedMidClaim(conn), start=False,
+                   config=attrs.evolve(FAST, poll_interval_s=60.0))
+    taken, alice, _ = two_party(conn)
+    late, carol, _ = two_party(conn, "carol", "dave")
+    s.post(taken, alice, "taken")
+    during.append(lambda: s.injector.notified(str(taken)))
+    s.injector.startService()
+    s.run(0.5)
+    # the claim, then the one the pass that ends starts (a NOTIFY during the claim started
+    # another in between, which found the conversation held)
+    assert claims == [1, 0] and legacy_bodies(s, taken) == ["taken"]
+    s.run(1)
+    del claims[:]
+
+    def late_post() -> None:
+        s.post(late, carol, "late")
+        s.injector.notified(str(late))
+
+    during.append(late_post)
+    s.injector.notified(None)  # a claim that finds nothing; the late row comes meanwhile
+    s.run(0.5)
+    # the late row at once, not at the 60 s poll (then the claim its pass's end starts)
+    assert claims == [0, 1, 0], claims
+    assert legacy_bodies(s, late) == ["late"]
+
+
 @pytest.mark.parametrize("passes", [1, 2])
 def test_the_next_batch_is_claimed_while_the_last_is_injected(conn, make_scene, passes):
     """With two passes, the second conversation's rows are claimed before the first's are
