@@ -19,6 +19,7 @@ import attrs
 import psycopg
 from psycopg.types.json import Jsonb
 
+from cloud.db import one_statement
 from cloud.store import audit
 from cloud.store.errors import Conflict
 
@@ -143,6 +144,7 @@ class RuntimeControls:
                                          else self.injector_concurrency.to_json())}
 
 
+@one_statement
 def read_runtime_controls(conn: psycopg.Connection) -> RuntimeControls:
     """The pauses that are on and the injector's window, in one statement."""
     names = {name: what for what, name in PAUSES.items()}

@@ -14,6 +14,7 @@ from cloud.model import FeedCheckpoint
 from cloud.store.errors import StaleFence
 
 
+@one_statement
 def heartbeat_worker(conn: psycopg.Connection, worker_id: str, state: str, now_ms: int,
                      started_ms: int, *, lag_to_cloud_ms: int | None,
                      lag_to_legacy_ms: int | None, mirrored_to_cloud: int,

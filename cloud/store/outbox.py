@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import psycopg
 
+from cloud.db import one_statement
 from cloud.model import LEGACY_CLIENT_PHASES
 from cloud.store import findings as findings_store
 
@@ -387,6 +388,7 @@ def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
          item.sub, item.claim_token)).rowcount == 1
 
 
+@one_statement
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:
     """Pending outbox rows and the age in ms of the oldest (None when empty)."""
     count, oldest = conn.execute(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import psycopg
 
+from cloud.db import one_statement
 from cloud.model import LEGACY_CLIENT_PHASES, PRESENCE_STATUSES, Presence
 
 
@@ -69,6 +70,7 @@ def read_presence(conn: psycopg.Connection, account_ids: Sequence[uuid.UUID],
     return out
 
 
+@one_statement
 def cloud_presence_changes(conn: psycopg.Connection, after: tuple[int, uuid.UUID],
                            limit: int) -> list[tuple[int, uuid.UUID, str, str, int]]:
     """Cloud-source presence set after *after* = (version, account id), for accounts that

@@ -22,6 +22,7 @@ import uuid
 import attrs
 import psycopg
 
+from cloud.db import one_statement
 from cloud.store import audit
 from cloud.store.errors import NotFound
 
@@ -138,6 +139,7 @@ def audit_attempt(conn: psycopg.Connection, account_id: uuid.UUID | None, handle
 
 # ---------------------------------------------------------------- delivery to legacy
 
+@one_statement
 def pending_credentials(conn: psycopg.Connection, now_ms: int,
                         limit: int = 100) -> list[PendingCredential]:
     """Credentials owed to the legacy login server whose next try is due, oldest first."""
