@@ -388,6 +388,19 @@ def release_outbox(conn: psycopg.Connection, item: OutboxItem, error: str,
          item.sub, item.claim_token)).rowcount == 1
 
 
+def any_due(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
+            now_ms: int) -> bool:
+    """Whether one of the conversations has a pending row no claim holds and no retry delay
+    keeps back: a probe per conversation through the pending rows' index."""
+    if not conversation_ids:
+        return False
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM unnest(%s::uuid[]) AS c(id) WHERE EXISTS ("
+        "  SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = c.id "
+        "  AND o.state = 'pending' AND o.claimed_until_ms <= %s OFFSET 0))",
+        (list(conversation_ids), now_ms)).fetchone()[0]
+
+
 @one_statement
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:
     """Pending outbox rows and the age in ms of the oldest (None when empty)."""

@@ -24,6 +24,7 @@ from bridge.outbox import (
     LegacyPeers,
     OutboxInjector,
     fail_outbox_item,
+    record_pass,
     refuse_outbox_item,
 )
 from cloud.db import DatabaseUnavailable, InlineDatabase, TransactionRunner
@@ -475,8 +476,7 @@ def test_database_lost_after_the_acks_reinjects_once_the_claim_runs_out(conn, ma
     """The Acks arrived but their one completion failed: the rows come due after claim_s and
     are injected again (Ack duplicate, nothing new on legacy), in order."""
     down = DatabaseUnavailable("server closed the connection")
-    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), outbox_store.complete_outbox_batch,
-                                       [down]), start=False)
+    s = make_scene(db=ScriptedDatabase(InlineDatabase(conn), record_pass, [down]), start=False)
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "once")
     s.post(cid, alice, "twice")
@@ -553,9 +553,9 @@ def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     s.run(0.5)
     # 2 + 2 + 1 within half a second of a 60 s poll: a full claim is followed at once by
     # another (which finds the conversation's head claimed: nothing), and a pass that ends
-    # wakes the loop for the rows that waited behind it; the claim of 1 is not followed at
-    # once, and the tick its pass's end wakes finds nothing at all
-    assert s.injector.injected == 5 and s.injector.ticks == 1 + 2 * 2 + 1 + 1
+    # with rows due behind it wakes the loop for them; the claim of 1 is not followed at
+    # once, and its pass, which leaves nothing due, ends without a tick
+    assert s.injector.injected == 5 and s.injector.ticks == 1 + 2 * 2 + 1
     assert s.injector.state is LoopState.WAITING
 
 
@@ -651,9 +651,9 @@ def test_a_notify_that_comes_while_a_claim_runs_claims_again_only_for_what_it_le
     during.append(lambda: s.injector.notified(str(taken)))
     s.injector.startService()
     s.run(0.5)
-    # the claim, then the one the pass that ends starts (a NOTIFY during the claim started
-    # another in between, which found the conversation held)
-    assert claims == [1, 0] and legacy_bodies(s, taken) == ["taken"]
+    # the claim alone (a NOTIFY during the claim started another, which found the
+    # conversation held; the pass that ends, with nothing due behind it, starts none)
+    assert claims == [1] and legacy_bodies(s, taken) == ["taken"]
     s.run(1)
     del claims[:]
 
@@ -664,9 +664,56 @@ def test_a_notify_that_comes_while_a_claim_runs_claims_again_only_for_what_it_le
     during.append(late_post)
     s.injector.notified(None)  # a claim that finds nothing; the late row comes meanwhile
     s.run(0.5)
-    # the late row at once, not at the 60 s poll (then the claim its pass's end starts)
-    assert claims == [0, 1, 0], claims
+    assert claims == [0, 1], claims  # the late row at once, not at the 60 s poll
     assert legacy_bodies(s, late) == ["late"]
+
+
+def test_a_pass_that_ends_claims_again_only_for_rows_due_behind_it(conn, make_scene):
+    """A pass ends without a claim when nothing of its conversations is due; a row that
+    came while it held the conversation is claimed when it ends, not at the next poll:
+    one its recording saw (here posted without a NOTIFY, as a post behind a waiting row
+    sends none), and one that committed after it, whose NOTIFY came while it was held."""
+    claims: list[int] = []
+    after_recording: list[Callable[[], None]] = []
+
+    class Watching(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            if desc == "complete_outbox_batch" and after_recording:
+                after_recording.pop(0)()  # before the recording: it sees this row
+            d = super().run(desc, fn, *args, **kwargs)
+            if desc == "claim_outbox":
+                claims.append(len(d.result) if isinstance(d.result, list) else -1)
+            return d
+
+    s = make_scene(db=Watching(conn), start=False,
+                   config=attrs.evolve(FAST, poll_interval_s=60.0))
+    cid, alice, _ = two_party(conn)
+    s.post(cid, alice, "first")
+    s.injector.startService()
+    s.run(0.5)
+    assert claims == [1]  # its pass left nothing due: no claim after it
+    after_recording.append(lambda: s.post(cid, alice, "seen by the recording"))
+    s.post(cid, alice, "second")
+    s.injector.notified(str(cid))
+    s.run(0.5)
+    assert claims == [1, 1, 1] and legacy_bodies(s, cid) == [
+        "first", "second", "seen by the recording"]
+
+    class Late(Watching):
+        def run(self, desc, fn, *args, **kwargs):
+            d = super().run(desc, fn, *args, **kwargs)
+            if desc == "complete_outbox_batch" and late:
+                late.pop()()  # after the recording: only its NOTIFY tells
+            return d
+
+    late = [lambda: (s.post(cid, alice, "after the recording"),
+                     s.injector.notified(str(cid)))]
+    s.injector._db = Late(conn)
+    s.post(cid, alice, "third")
+    s.injector.notified(str(cid))
+    s.run(0.5)
+    assert claims == [1, 1, 1, 1, 1] and legacy_bodies(s, cid)[-2:] == [
+        "third", "after the recording"]
 
 
 @pytest.mark.parametrize("passes", [1, 2])

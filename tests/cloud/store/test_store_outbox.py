@@ -215,3 +215,25 @@ def test_cloud_chat_ids_are_recorded_once_and_never_replace_one_set(conn):
     assert sorted(conn.execute("SELECT legacy_chat_id FROM conversation_legacy_ids"
                                ).fetchall()) == [(f"cloud:{born}",), ("legacy-7",)]
     tx(conn, outbox_store.map_cloud_chats, {})
+
+
+def test_any_due_sees_rows_no_claim_holds_and_no_retry_delay_keeps_back(conn):
+    """A conversation has a row due when a pending row of it is neither claimed nor waiting
+    for its retry time; done rows and other conversations' rows do not count."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid, other = make_conversation(conn, a, c), make_conversation(conn, a, c)
+    assert tx(conn, outbox_store.any_due, [cid, other], NOW) is False
+    assert tx(conn, outbox_store.any_due, [], NOW) is False
+    tx(conn, messages_store.post_message, other, a, "o1", "elsewhere", NOW)
+    tx(conn, messages_store.post_message, cid, a, "c1", "m1", NOW)
+    assert tx(conn, outbox_store.any_due, [cid], NOW) is True
+    claimed = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)  # both conversations
+    [first] = [i for i in claimed if i.conversation_id == cid]
+    assert tx(conn, outbox_store.any_due, [cid], NOW + 1) is False  # claimed
+    tx(conn, outbox_store.release_outbox, first, "supernode down", NOW + 500)
+    assert tx(conn, outbox_store.any_due, [cid], NOW + 499) is False  # its retry delay
+    assert tx(conn, outbox_store.any_due, [cid], NOW + 500) is True
+    [again] = [i for i in tx(conn, outbox_store.claim_outbox, NOW + 500, 10, 1000)
+               if i.conversation_id == cid]
+    tx(conn, outbox_store.complete_outbox, again, "chat-x", "cloud:g1", NOW + 600)
+    assert tx(conn, outbox_store.any_due, [cid], NOW + 600) is False  # done
