@@ -160,6 +160,7 @@ class Simulation:
             worker_id=worker_id, bootstrap_host=self.host, bootstrap_port=self.login_port,
             heartbeat_s=120.0, discovery_s=600.0, lease_ttl_s=900.0, accounts_sync_s=3600.0,
             credentials_s=60.0, min_versions_s=600.0, lag_window_s=600.0,
+            store_metrics_s=3600.0,
             follower=FollowerConfig(linger_s=0.05, presence_linger_s=300.0))
         rng = random.Random(self.rng_bridge.getrandbits(64))
         worker = BridgeWorker(

@@ -55,6 +55,32 @@ def test_worker_discovers_every_supernode_and_mirrors_and_reports(conn):
     assert conn.execute("SELECT state FROM bridge_workers").fetchone() == ("stopped",)
 
 
+def test_the_store_gauges_are_read_at_most_every_store_metrics_s(conn):
+    """With ``store_metrics_s`` the heartbeat reads the store's gauges at its first beat and
+    then once that long has passed, not at every beat (0, the default: every beat)."""
+    reads: list[float] = []
+    net = LegacyNet(2, seed=4).start()
+
+    class Counting(InlineDatabase):
+        def run(self, desc, fn, *args, **kwargs):
+            if desc == "read_store_metrics":
+                reads.append(net.clock.seconds())
+            return super().run(desc, fn, *args, **kwargs)
+
+    config = WorkerConfig(worker_id="w1", bootstrap_host=HOST, bootstrap_port=net.login_port,
+                          heartbeat_s=1.0, store_metrics_s=10.0,
+                          follower=FollowerConfig(linger_s=0.01))
+    worker = BridgeWorker(net.clock, net.net, Counting(conn), PEER_SECRET, random.Random(1),
+                          config)
+    worker.startService()
+    start = net.clock.seconds()
+    net.run(25.5)
+    beats = conn.execute("SELECT heartbeat_ms FROM bridge_workers").fetchone()[0]
+    assert beats >= (start + 24) * 1000  # it kept beating every second
+    assert [round(t - start) for t in reads] == [0, 10, 20]
+    net.wait(worker.stopService())
+
+
 def test_worker_copies_legacy_passwords_so_they_work_on_the_cloud(conn):
     """Handles seen on a feed get accounts; the periodic sync adds their password hashes."""
     net = LegacyNet(3, seed=12).start()
