@@ -226,7 +226,8 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
         c.chat_id: (c.conversation_id, list(c.member_ids)) for c in plan.conversations})
     by_conversation = {c.conversation_id: c.chat_id for c in plan.conversations}
     applied = conversations_store.apply_legacy_member_lists(conn, {
-        c.conversation_id: c.lists for c in plan.conversations if c.lists}, now_ms)
+        c.conversation_id: c.lists for c in plan.conversations if c.lists}, now_ms,
+        lock_also={m.conversation_id for m in plan.batch.messages})
     refused.update({by_conversation[cid]: reason for cid, reason in applied.refused.items()})
     for chat_id, reason in sorted(refused.items()):
         # A legacy chat holds at most as many members as a conversation, but members added

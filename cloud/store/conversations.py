@@ -246,7 +246,7 @@ class MemberListsApplied:
 def apply_legacy_member_lists(
         conn: psycopg.Connection,
         lists: Mapping[uuid.UUID, Sequence[tuple[Sequence[str], str]]],
-        now_ms: int) -> MemberListsApplied:
+        now_ms: int, *, lock_also: Iterable[uuid.UUID] = ()) -> MemberListsApplied:
     """Mirror legacy chats' member lists as changes: conversation id -> the lists its chat
     announced, in feed order, each with how to apply it (``CHANGE``, ``ECHO``,
     ``SNAPSHOT``). The conversations must exist and every handle named have an account.
@@ -263,9 +263,15 @@ def apply_legacy_member_lists(
     if not lists:
         return MemberListsApplied({})
     cids = sorted(lists)
-    rows = conn.execute(
+    # The lists' conversations and *lock_also* (the rest its transaction writes: the feed
+    # batch's messages) are locked first, together, in id order, as every writer of several
+    # locks them: a list applied before the batch locked its own conversations in id order
+    # could cross another worker's transaction doing the same (a deadlock, which PostgreSQL
+    # broke after deadlock_timeout by killing one).
+    rows = [r for r in conn.execute(
         "SELECT conversation_id, legacy_members, cloud_removed FROM conversations "
-        "WHERE conversation_id = ANY(%s)", (cids,)).fetchall()
+        "WHERE conversation_id = ANY(%s) ORDER BY conversation_id FOR NO KEY UPDATE",
+        (sorted({*cids, *lock_also}),)).fetchall() if r[0] in lists]
     before = {cid: seen for cid, seen, _ in rows}
     banned = {cid: set(removed) for cid, _, removed in rows}
     adds: list[tuple[uuid.UUID, str]] = []
