@@ -283,7 +283,11 @@ class OutboxInjector(PollingLoop):
         for it: up to ``passes`` run at once. True when it claimed a full batch (more is
         probably due). Paused: claims nothing (the backlog is still counted)."""
         self._claiming = set()
-        await self._passes.acquire()
+        try:
+            await self._passes.acquire()
+        except BaseException:
+            self._claiming = None  # NOTIFYs wake the loop again
+            raise
         started = False
         items: list[OutboxItem] = []
         try:
@@ -363,21 +367,24 @@ class OutboxInjector(PollingLoop):
         for item in items:  # claim_outbox returns them in seq order per conversation
             by_conversation.setdefault(item.conversation_id, []).append(item)
         held = self._held
-        for cid in by_conversation:
+        # the pass's own list: _map_cloud_chats takes conversations out of by_conversation
+        # (those whose chat ids could not be recorded), and they must be let go all the same
+        conversations = list(by_conversation)
+        for cid in conversations:
             held[cid] = held.get(cid, 0) + 1
         more = True
         try:
             more = await self._inject_and_record(by_conversation, started, claimed_until_ms)
         finally:
             noticed = self._noticed
-            for cid in by_conversation:
+            for cid in conversations:
+                if cid in noticed:
+                    more = True  # and kept until no pass holds it: each one that ends looks
                 if held[cid] == 1:
                     del held[cid]
+                    noticed.discard(cid)
                 else:
                     held[cid] -= 1
-                if cid in noticed:
-                    noticed.discard(cid)
-                    more = True
         return more
 
     async def _inject_and_record(self, by_conversation: dict[Any, list[OutboxItem]],

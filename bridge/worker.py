@@ -563,6 +563,7 @@ class BridgeWorker(MultiService):
                                ).addCallbacks(store_metrics.publish, metrics_failed)
 
         def metrics_failed(f: Any) -> None:
+            self._store_metrics_at = None  # read again at the next beat
             log.warn("reading the store's metrics failed: {e}", e=f.getErrorMessage())
 
         def failed(f: Any) -> None:

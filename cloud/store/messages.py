@@ -91,11 +91,11 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 #   counts    new posts per conversation
 #   locked    their conversations locked, in id order (two writers never deadlock)
 #   bump      next_seq advanced by the new posts, read from the row the lock got; a
-#             rollback gives the numbers back (seq stays gapless)
-#   bump      next_seq advanced; ``locked`` goes first as a one-time filter (an InitPlan),
-#             so each conversation is found by its own key (as ``= ANY(locked)``, every
-#             conversation probed the whole locked set: 100 posts to 100 conversations read
-#             10,000 index entries, a third of the batch's execution time at 50)
+#             rollback gives the numbers back (seq stays gapless). ``locked`` goes first as
+#             a one-time filter (an InitPlan), so each conversation is found by its own key
+#             (as ``= ANY(locked)``, every conversation probed the whole locked set: 100
+#             posts to 100 conversations read 10,000 index entries, a third of the batch's
+#             execution time at 50)
 #   numbered  each new post's seq: its conversation's next, in the order of the batch
 #   posted    the messages
 #   owed      their notification rows (the one rule, ``owed_notifications_sql``)

@@ -596,6 +596,28 @@ def test_a_chat_id_that_could_not_be_recorded_holds_back_only_its_conversation(
     assert [r[1] for r in outbox_rows(conn, born)] == ["done"]
 
 
+def test_a_conversation_whose_chat_id_was_not_recorded_is_let_go(conn, make_scene):
+    """Recording a cloud-born conversation's chat id fails once: its rows go back and its
+    pass lets go of it all the same (it is not left held), so its next post's NOTIFY starts
+    a claim at once, not at the next poll."""
+    s = make_scene(start=False, db=FailingOnce(InlineDatabase(conn), "map_cloud_chats"),
+                   config=attrs.evolve(FAST, poll_interval_s=60.0))
+    born, alice, _ = two_party(conn)
+    s.post(born, alice, "first")
+    s.injector.startService()
+    s.run(0.1)
+    assert s.injector.loop_failures == 1 and legacy_bodies(s, born) == []
+    assert s.injector.passes_in_flight == 0 and not s.injector._held
+    s.run(FAST.retry.cap_s + 1)  # "first" is due again after its retry delay
+    s.injector.notified(str(born))
+    s.run(0.5)
+    assert legacy_bodies(s, born) == ["first"]
+    s.post(born, alice, "second")
+    s.injector.notified(str(born))
+    s.run(0.5)
+    assert legacy_bodies(s, born) == ["first", "second"]
+
+
 def test_a_notify_for_a_conversation_a_pass_holds_waits_for_that_pass_to_end(conn, make_scene):
     """A NOTIFY naming a conversation this injector's pass in flight holds starts no claim
     (none could take its row before the pass ends); one naming another conversation, or
@@ -654,6 +676,15 @@ def test_a_notify_that_comes_while_a_claim_runs_claims_again_only_for_what_it_le
     # the claim alone (a NOTIFY during the claim started another, which found the
     # conversation held; the pass that ends, with nothing due behind it, starts none)
     assert claims == [1] and legacy_bodies(s, taken) == ["taken"]
+    # a row of the conversation the claim takes, committed after its query: the pass that
+    # ends finds it due and claims it at once
+    s.post(taken, alice, "again")
+    during.append(lambda: (s.post(taken, alice, "after the claim's query"),
+                           s.injector.notified(str(taken))))
+    s.injector.notified(str(taken))
+    s.run(0.5)
+    assert claims == [1, 1, 1] and legacy_bodies(s, taken) == [
+        "taken", "again", "after the claim's query"]
     s.run(1)
     del claims[:]
 

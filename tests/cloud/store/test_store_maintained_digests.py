@@ -45,7 +45,8 @@ def test_slot_width_is_the_legacy_trees_and_the_sql_floor_divides(conn):
     """Both sides slot time alike: the SQL slot function floor-divides by the legacy tree's
     slot width, negative times included."""
     assert SLOT == digest_tree.SLOT_MS
-    for ms in (0, 1, SLOT - 1, SLOT, NOW, -1, -SLOT, -SLOT - 1):
+    for ms in (0, 1, SLOT - 1, SLOT, NOW, -1, -SLOT, -SLOT - 1, -SLOT + 1,
+               2 ** 63 - 1, -(2 ** 63), -(2 ** 63) + 1, -(2 ** 63) + SLOT - 1):
         assert conn.execute("SELECT message_digest_slot(%s)", (ms,)).fetchone()[0] == ms // SLOT
 
 
