@@ -72,6 +72,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
+import psycopg
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -174,8 +175,8 @@ def _message_row(item: OutboxItem, chat_id: str, members: tuple[str, ...]) -> Ro
     return Row(outbox_store.Injected(item, chat_id, guid), message, members)
 
 
-def record_pass(conn: Any, rows: list[outbox_store.Injected], conversations: list[uuid.UUID],
-                 now_ms: int) -> tuple[list[OutboxItem], bool]:
+def record_pass(conn: psycopg.Connection, rows: list[outbox_store.Injected],
+                conversations: list[uuid.UUID], now_ms: int) -> tuple[list[OutboxItem], bool]:
     """A pass's completion and, in the same transaction, whether a row of its conversations
     is due now (one that came while the pass held them, or was handed back)."""
     done = outbox_store.complete_outbox_batch(conn, rows, now_ms)
@@ -245,18 +246,20 @@ class OutboxInjector(PollingLoop):
         runs is kept until the claim is in: it wakes the loop then only if the claim left
         its conversation (``_tick``). No payload, or any other (LISTEN just began and rows
         may have come in unannounced; a back-fill names an account): wake."""
+        cid = None
         if conversation is not None and (self._held or self._claiming is not None):
             try:
                 cid = uuid.UUID(conversation)
             except ValueError:
-                cid = None
-            if cid is not None and cid in self._held:
-                self._noticed.add(cid)  # the pass that holds it wakes the loop when it ends
-                return
-            if cid is not None and self._claiming is not None:
-                self._claiming.add(cid)  # the claim running may take it: see _tick
-                return
-        self.wake()
+                pass
+        if cid is None:
+            self.wake()
+        elif cid in self._held:
+            self._noticed.add(cid)  # the pass that holds it wakes the loop when it ends
+        elif self._claiming is not None:
+            self._claiming.add(cid)  # the claim running may take it: see _tick
+        else:
+            self.wake()
 
     # -- runtime controls (``bridgectl control``, applied by the worker's heartbeat) -----
 

@@ -558,7 +558,7 @@ class BridgeWorker(MultiService):
             self._store_metrics_at = now
             # the migration as the store has it (bridge.ops.store_metrics): bounded reads
             return self.db.run("read_store_metrics", store_metrics.read_store,
-                               int(self.clock.seconds() * 1000),
+                               int(now * 1000),
                                store_metrics.PHASE_CHANGES.low_id()
                                ).addCallbacks(store_metrics.publish, metrics_failed)
 

@@ -559,6 +559,28 @@ def test_wake_ticks_at_once_and_a_full_batch_ticks_again(conn, make_scene):
     assert s.injector.state is LoopState.WAITING
 
 
+class Hooked(InlineDatabase):
+    """Runs every transaction at once, records how many rows each claim took (``claims``),
+    and runs the next callback queued for a transaction just before it (``before[desc]``)
+    or just after it (``after[desc]``): a post or a NOTIFY that lands at that moment."""
+
+    def __init__(self, conn) -> None:
+        super().__init__(conn)
+        self.claims: list[int] = []
+        self.before: dict[str, list[Callable[[], object]]] = {}
+        self.after: dict[str, list[Callable[[], object]]] = {}
+
+    def run(self, desc, fn, *args, **kwargs):
+        if self.before.get(desc):
+            self.before[desc].pop(0)()
+        d = super().run(desc, fn, *args, **kwargs)
+        if desc == "claim_outbox":
+            self.claims.append(len(d.result) if isinstance(d.result, list) else -1)
+        if self.after.get(desc):
+            self.after[desc].pop(0)()
+        return d
+
+
 class FailingOnce:
     """Runs every transaction on *inner*, but the first one named *desc* raises."""
 
@@ -653,20 +675,11 @@ def test_a_notify_that_comes_while_a_claim_runs_claims_again_only_for_what_it_le
     starts no second claim (its pass holds the conversation; the pass that ends wakes the
     loop); one naming a conversation whose row came too late for the claim starts one at
     once, not at the next poll."""
-    claims: list[int] = []
-    during: list[Callable[[], None]] = []
-
-    class NotifiedMidClaim(InlineDatabase):
-        def run(self, desc, fn, *args, **kwargs):
-            d = super().run(desc, fn, *args, **kwargs)
-            if desc == "claim_outbox":
-                claims.append(len(d.result) if isinstance(d.result, list) else -1)
-                if during:
-                    during.pop(0)()  # the NOTIFY comes after the claim's query, before it is in
-            return d
-
-    s = make_scene(db=NotifiedMidClaim(conn), start=False,
-                   config=attrs.evolve(FAST, poll_interval_s=60.0))
+    db = Hooked(conn)
+    claims = db.claims
+    # the NOTIFY comes after the claim's query, before the claim is in
+    during = db.after.setdefault("claim_outbox", [])
+    s = make_scene(db=db, start=False, config=attrs.evolve(FAST, poll_interval_s=60.0))
     taken, alice, _ = two_party(conn)
     late, carol, _ = two_party(conn, "carol", "dave")
     s.post(taken, alice, "taken")
@@ -704,42 +717,25 @@ def test_a_pass_that_ends_claims_again_only_for_rows_due_behind_it(conn, make_sc
     came while it held the conversation is claimed when it ends, not at the next poll:
     one its recording saw (here posted without a NOTIFY, as a post behind a waiting row
     sends none), and one that committed after it, whose NOTIFY came while it was held."""
-    claims: list[int] = []
-    after_recording: list[Callable[[], None]] = []
-
-    class Watching(InlineDatabase):
-        def run(self, desc, fn, *args, **kwargs):
-            if desc == "complete_outbox_batch" and after_recording:
-                after_recording.pop(0)()  # before the recording: it sees this row
-            d = super().run(desc, fn, *args, **kwargs)
-            if desc == "claim_outbox":
-                claims.append(len(d.result) if isinstance(d.result, list) else -1)
-            return d
-
-    s = make_scene(db=Watching(conn), start=False,
-                   config=attrs.evolve(FAST, poll_interval_s=60.0))
+    db = Hooked(conn)
+    claims = db.claims
+    s = make_scene(db=db, start=False, config=attrs.evolve(FAST, poll_interval_s=60.0))
     cid, alice, _ = two_party(conn)
     s.post(cid, alice, "first")
     s.injector.startService()
     s.run(0.5)
     assert claims == [1]  # its pass left nothing due: no claim after it
-    after_recording.append(lambda: s.post(cid, alice, "seen by the recording"))
+    # before the recording: it sees this row
+    db.before["complete_outbox_batch"] = [lambda: s.post(cid, alice, "seen by the recording")]
     s.post(cid, alice, "second")
     s.injector.notified(str(cid))
     s.run(0.5)
     assert claims == [1, 1, 1] and legacy_bodies(s, cid) == [
         "first", "second", "seen by the recording"]
 
-    class Late(Watching):
-        def run(self, desc, fn, *args, **kwargs):
-            d = super().run(desc, fn, *args, **kwargs)
-            if desc == "complete_outbox_batch" and late:
-                late.pop()()  # after the recording: only its NOTIFY tells
-            return d
-
-    late = [lambda: (s.post(cid, alice, "after the recording"),
-                     s.injector.notified(str(cid)))]
-    s.injector._db = Late(conn)
+    # after the recording: only its NOTIFY tells
+    db.after["complete_outbox_batch"] = [lambda: (s.post(cid, alice, "after the recording"),
+                                                  s.injector.notified(str(cid)))]
     s.post(cid, alice, "third")
     s.injector.notified(str(cid))
     s.run(0.5)
