@@ -218,10 +218,9 @@ class Simulation:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """The whole run; returns the report (``to_json`` shape of the command). Python's
-        cyclic GC runs only at the top of each simulated hour (finalizing an abandoned
-        coroutine runs its ``finally``: not at moments set by allocation counts), with the
-        objects from before the traffic frozen out of its scans."""
+        """The whole run; returns the report (``to_json`` shape). The cyclic GC runs at the
+        top of each simulated hour only (young generations; all once a day), never when
+        allocation counts say: finalizing an abandoned coroutine runs its ``finally``."""
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -265,8 +264,9 @@ class Simulation:
         while self.clock.seconds() < end:
             hour += 1
             self.clock.run_until(min(end, START_S + hour * 3600.0))
-            gc.collect()
-            if hour % 24 == 0 or self.clock.seconds() >= end:
+            day_done = hour % 24 == 0 or self.clock.seconds() >= end
+            gc.collect(2 if day_done else 1)  # the whole heap once a day, else the young
+            if day_done:
                 self._day_done()
         return self._finish()
 
