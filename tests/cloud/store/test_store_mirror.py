@@ -21,7 +21,34 @@ from tests.cloud.store.storefixture import NOW, mirrored, table_rows
 from tests.dbfixture import make_account, make_conversation, tx
 
 
-def test_replaying_a_mirrored_batch_changes_nothing(conn):
+@pytest.fixture(params=["arrays", "staging"])
+def mirror_path(request, monkeypatch):
+    """Each batch of the test takes one path: its rows as the statement's arrays (every
+    batch small) or COPY into the staging table (every batch large)."""
+    monkeypatch.setattr(mirror_store, "SMALL_BATCH", 10_000 if request.param == "arrays" else 0)
+    return request.param
+
+
+def test_a_batch_takes_the_arrays_up_to_the_small_size_and_the_staging_table_beyond(conn):
+    """Up to SMALL_BATCH rows nothing is staged; one more and the staging table has them
+    (it is emptied at commit, so look inside the transaction)."""
+    a = make_account(conn, "alice")
+    cid = make_conversation(conn, a)
+    n = mirror_store.SMALL_BATCH
+    for size, staged in ((n, False), (n + 1, True)):
+        with conn.transaction():
+            batch = MirrorBatch(tuple(mirrored(cid, a, "alice", f"s{size}-{i}", NOW + i)
+                                      for i in range(size)))
+            assert len(mirror_store.write_mirrored_batch(conn, batch, NOW).inserted) == size
+            (exists,) = conn.execute(
+                "SELECT to_regclass('pg_temp.mirror_staging') IS NOT NULL").fetchone()
+            assert exists is staged
+            if staged:
+                assert conn.execute("SELECT count(*) FROM mirror_staging").fetchone()[0] == size
+    assert conn.execute("SELECT next_seq FROM conversations").fetchone()[0] == 2 * n + 2
+
+
+def test_replaying_a_mirrored_batch_changes_nothing(conn, mirror_path):
     """The same batch twice: the second write inserts nothing and owes nothing new."""
     a, b = make_account(conn, "alice"), make_account(conn, "bob")
     cid = make_conversation(conn, a, b)
@@ -130,14 +157,38 @@ def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
             # a member's phase is an index-only probe of the cloud-capable accounts (0007)
             assert "Index Only Scan using accounts_cloud_capable" in plan, plan
             raise psycopg.Rollback()  # the staged rows go
+    # the small batch's statement, its rows as arrays in the statement itself
+    rows = mirror_store._as_arrays(batch)
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        with conn.transaction():
+            conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            statement = _numbered(mirror_store._MIRROR_INSERT_NEW_ROWS)
+            conn.execute(f"PREPARE mirror_rows AS {statement}")
+            try:
+                plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+                    f"EXPLAIN EXECUTE mirror_rows(%s{', %s' * len(_ARRAYS)})",
+                    (NOW, *(rows[k] for k in _ARRAYS))))
+            finally:
+                conn.execute("DEALLOCATE mirror_rows")
+            scanned = [t for t in ("messages", "conversations", "members", "accounts")
+                       if f"Seq Scan on {t} " in plan]
+            assert scanned == [], f"{mode}: {scanned}\n{plan}"
+            assert "Function Scan on unnest" in plan and "mirror_staging" not in plan
+            assert "Index Only Scan using accounts_cloud_capable" in plan, plan
+
+
+#: The array parameters of the small batch's statement, in their PREPARE order ($2...).
+_ARRAYS = ("ord", "cid", "mid", "guid", "sender", "handle", "sent", "body", "origin")
 
 
 def _numbered(sql: str) -> str:
-    """A psycopg query with %(now)s as a PREPARE body ($1)."""
+    """A psycopg query with %(now)s and the arrays as a PREPARE body ($1, $2...)."""
+    for i, name in enumerate(_ARRAYS, start=2):
+        sql = sql.replace(f"%({name})s", f"${i}")
     return sql.replace("%(now)s", "$1::bigint")
 
 
-def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
+def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn, mirror_path):
     """Seqs follow batch order per conversation; a GUID repeated in the batch is kept once."""
     a = make_account(conn, "alice")
     c1, c2 = make_conversation(conn, a), make_conversation(conn, a)
@@ -152,7 +203,7 @@ def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn):
     assert order == {c1: ["x1", "x2"], c2: ["y1", "y2"]}
 
 
-def test_a_partly_stored_batch_inserts_only_the_new_rows_after_the_stored_ones(conn):
+def test_a_partly_stored_batch_inserts_only_the_new_rows_after_the_stored_ones(conn, mirror_path):
     """Stored g1, g2; the batch g2, g3, g1, g4: the one-statement insert meets a stored row
     and rolls back to its savepoint, consuming no seq; the careful path inserts g3, g4 as 3
     and 4."""
@@ -174,7 +225,8 @@ def test_a_partly_stored_batch_inserts_only_the_new_rows_after_the_stored_ones(c
     assert set(mirror_store._STORED_ALREADY) <= names
 
 
-def test_mirror_writers_locking_many_conversations_in_any_order_never_deadlock(db_dsn, conn):
+def test_mirror_writers_locking_many_conversations_in_any_order_never_deadlock(db_dsn, conn,
+                                                                             mirror_path):
     """Two writers, each batch spanning 20 conversations, listed in opposite orders, new
     batches and replays (both paths): their locks never cross, so PostgreSQL records no
     deadlock (a variant locking in batch order deadlocked here)."""
@@ -210,7 +262,7 @@ def test_mirror_writers_locking_many_conversations_in_any_order_never_deadlock(d
     assert conn.execute("SELECT sum(next_seq - 1) FROM conversations").fetchone()[0] == 1200
 
 
-def test_mirrored_batch_for_unknown_conversation_writes_nothing(conn):
+def test_mirrored_batch_for_unknown_conversation_writes_nothing(conn, mirror_path):
     """A batch naming a conversation that does not exist fails whole, checkpoint included."""
     a = make_account(conn, "alice")
     cid = make_conversation(conn, a)
