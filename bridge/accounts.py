@@ -2,9 +2,9 @@
 
 Pages through the login server's accounts over a privileged peer link (sorted by handle,
 ``after`` the last one seen) and upserts each page in one store transaction
-(``cloud.admin.upsert_linked_accounts``), so an interrupted import keeps what it wrote and a
-second run creates nothing. Password hashes are copied as they are: both stacks use the
-same ``pbkdf2_sha256$...`` form, so the legacy password logs in on the cloud API.
+(``cloud.store.accounts.upsert_linked_accounts``), so an interrupted import keeps what it
+wrote and a second run creates nothing. Password hashes are copied as they are: both stacks
+use the same ``pbkdf2_sha256$...`` form, so the legacy password logs in on the cloud API.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import attrs
 from twisted.internet import defer
 
 from bridge import ids
-from cloud import admin
 from cloud.db import TransactionRunner
+from cloud.store import accounts as accounts_store
 
 #: Accounts asked for per page (the login server sends at most 200).
 PAGE_SIZE = 200
@@ -42,7 +42,7 @@ class ImportCounts:
     conflicts: int = 0
     conflict_handles: tuple[str, ...] = ()
 
-    def add(self, batch: admin.ImportBatchResult, seen: int) -> ImportCounts:
+    def add(self, batch: accounts_store.ImportBatchResult, seen: int) -> ImportCounts:
         listed = (self.conflict_handles + batch.conflicts)[:MAX_CONFLICTS_LISTED]
         return ImportCounts(self.seen + seen, self.created + batch.created,
                             self.updated + batch.updated, self.unchanged + batch.unchanged,
@@ -66,11 +66,11 @@ async def import_accounts(peer: AccountSource, db: TransactionRunner, now_ms: in
     after = ""
     while not should_stop():
         page = await peer.accounts(after, page_size)
-        records = [admin.LegacyAccountRecord(a.handle, ids.account_id(a.handle),
-                                             a.password_hash) for a in page.accounts]
+        records = [accounts_store.LegacyAccountRecord(a.handle, ids.account_id(a.handle),
+                                                      a.password_hash) for a in page.accounts]
         if records:
-            batch = await db.run("upsert_linked_accounts", admin.upsert_linked_accounts, records,
-                                 now_ms)
+            batch = await db.run("upsert_linked_accounts", accounts_store.upsert_linked_accounts,
+                                 records, now_ms)
             counts = counts.add(batch, len(records))
             after = max(r.handle for r in records)
             if progress is not None:

@@ -1,4 +1,4 @@
-"""Operator transactions: migration phases, the account import, and what ``status`` reads.
+"""Operator transactions: migration phases and what ``status`` reads.
 
 Same shape as ``cloud.store``: one plain function per transaction, ``fn(conn, ...)``, called
 inside a transaction (see ``cloud.db``), parameterised SQL, the current time passed in as
@@ -120,24 +120,6 @@ class Lease:
     holder: str
     fence: int
     expires_ms: int
-
-
-@attrs.frozen
-class LegacyAccountRecord:
-    """One legacy login-server account, with the cloud id the bridge derived for it."""
-
-    handle: str
-    account_id: uuid.UUID
-    password_hash: str
-
-
-@attrs.frozen
-class ImportBatchResult:
-    created: int
-    updated: int
-    unchanged: int
-    #: handles owned by a cloud account that is not linked to that legacy handle
-    conflicts: tuple[str, ...]
 
 
 # ---------------------------------------------------------------- accounts and phases
@@ -282,78 +264,6 @@ def phase_history(conn: psycopg.Connection, account_id: uuid.UUID,
              "failed_gates": [g.get("name") for g in d.get("gates", ()) if not g.get("passed")],
              "queued_for_legacy": (d.get("backfill") or {}).get("queued_for_legacy")}
             for ms, actor, d in rows]
-
-
-def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAccountRecord],
-                           now_ms: int) -> ImportBatchResult:
-    """Give each legacy account a linked cloud account, or bring its password hash up to date.
-
-    New accounts get the caller's id, handle = legacy handle, phase ``legacy`` and the legacy
-    password hash as it is (both stacks use the same ``pbkdf2_sha256$...`` form). An account
-    already linked to the handle keeps its id and phase; only a changed hash is written
-    (unless a recovery set a newer one on the cloud, see the comment below; *now_ms* is
-    when the import began). A
-    handle that belongs to a cloud account not linked to it is a conflict, left untouched.
-    """
-    by_handle = {r.handle: r for r in records}  # the last record of a handle wins
-    handles = sorted(by_handle)
-    if not handles:
-        return ImportBatchResult(0, 0, 0, ())
-    inserted = {h for (h,) in conn.execute(
-        "INSERT INTO account_handles (handle, account_id) "
-        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING RETURNING handle",
-        (handles, [by_handle[h].account_id for h in handles]))}
-    new = [by_handle[h] for h in handles if h in inserted]
-    created = 0
-    if new:
-        created = conn.execute(
-            "INSERT INTO accounts (account_id, handle, legacy_handle, password_hash, phase, "
-            "  phase_changed_at, created_at) "
-            "SELECT i.id, i.handle, i.handle, i.pw, 'legacy', to_timestamp(%s / 1000.0), "
-            "       to_timestamp(%s / 1000.0) "
-            "FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS i(id, handle, pw) "
-            "ON CONFLICT DO NOTHING",
-            (now_ms, now_ms, [r.account_id for r in new], [r.handle for r in new],
-             [r.password_hash for r in new])).rowcount
-    conflicts: list[str] = []
-    if created != len(new):
-        # an account row with one of these ids but another handle: keep the store consistent
-        # by giving the handle back, and report it
-        orphaned = [h for (h,) in conn.execute(
-            "SELECT h.handle FROM account_handles h JOIN accounts a USING (account_id) "
-            "WHERE h.handle = ANY(%s) AND a.handle <> h.handle",
-            ([r.handle for r in new],))]
-        conn.execute("DELETE FROM account_handles WHERE handle = ANY(%s)", (orphaned,))
-        conflicts.extend(orphaned)
-    existing = [h for h in handles if h not in inserted]
-    updated = unchanged = 0
-    if existing:
-        # A password set on the cloud (account recovery) that the login server has not
-        # acknowledged yet, or acknowledged only after this import began (its page may be
-        # older), is newer than the legacy copy: keep it (cloud/store/recovery.py).
-        rows = conn.execute(
-            "SELECT h.handle, a.account_id, a.legacy_handle, a.password_hash, "
-            "  c.state = 'pending' OR c.done_ms >= %s "
-            "FROM account_handles h JOIN accounts a USING (account_id) "
-            "LEFT JOIN credential_changes c ON c.account_id = a.account_id "
-            "WHERE h.handle = ANY(%s) ORDER BY a.account_id FOR UPDATE OF a",
-            (now_ms, existing)).fetchall()
-        to_update: list[tuple[uuid.UUID, str]] = []
-        for handle, account_id, legacy_handle, password_hash, cloud_newer in rows:
-            if legacy_handle != handle:
-                conflicts.append(handle)
-            elif password_hash != by_handle[handle].password_hash and not cloud_newer:
-                to_update.append((account_id, by_handle[handle].password_hash))
-            else:
-                unchanged += 1
-        # a handle whose account row is missing: nothing to link it to
-        conflicts.extend(sorted(set(existing) - {r[0] for r in rows}))
-        if to_update:
-            updated = conn.execute(
-                "UPDATE accounts a SET password_hash = u.pw "
-                "FROM unnest(%s::uuid[], %s::text[]) AS u(id, pw) WHERE a.account_id = u.id",
-                ([i for i, _ in to_update], [p for _, p in to_update])).rowcount
-    return ImportBatchResult(created, updated, unchanged, tuple(sorted(conflicts)))
 
 
 # ---------------------------------------------------------------- what the gates read

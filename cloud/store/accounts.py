@@ -1,4 +1,5 @@
-"""Accounts: creating them, linking legacy handles to them, logins and migration phases.
+"""Accounts: creating them, linking legacy handles to them (and the import of the legacy
+login server's accounts), logins and migration phases.
 
 A handle names one account (``account_handles``), whether the account is cloud-native or
 linked to a legacy handle by the bridge.
@@ -7,7 +8,9 @@ linked to a legacy handle by the bridge.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
+import attrs
 import psycopg
 
 from cloud.db import one_statement
@@ -67,6 +70,108 @@ def ensure_linked_accounts(conn: psycopg.Connection,
     rows = conn.execute("SELECT handle, account_id FROM account_handles WHERE handle = ANY(%s)",
                         (handles,)).fetchall()
     return dict(rows), len(fresh)
+
+
+@attrs.frozen
+class LegacyAccountRecord:
+    """One legacy login-server account, with the cloud id the bridge derived for it."""
+
+    handle: str
+    account_id: uuid.UUID
+    password_hash: str
+
+
+@attrs.frozen
+class ImportBatchResult:
+    created: int
+    updated: int
+    unchanged: int
+    #: handles owned by a cloud account that is not linked to that legacy handle
+    conflicts: tuple[str, ...]
+
+
+def upsert_linked_accounts(conn: psycopg.Connection, records: Sequence[LegacyAccountRecord],
+                           now_ms: int) -> ImportBatchResult:
+    """Give each legacy account a linked cloud account, or bring its password hash up to date.
+
+    New accounts get the caller's id, handle = legacy handle, phase ``legacy`` and the legacy
+    password hash as it is (both stacks use the same ``pbkdf2_sha256$...`` form). An account
+    already linked to the handle keeps its id and phase; only a changed hash is written
+    (unless a recovery set a newer one on the cloud, see the comment below; *now_ms* is
+    when the import began), so a re-import where nothing changed locks and writes nothing.
+    A handle that belongs to a cloud account not linked to it is a conflict, left untouched.
+    """
+    by_handle = {r.handle: r for r in records}  # the last record of a handle wins
+    handles = sorted(by_handle)
+    if not handles:
+        return ImportBatchResult(0, 0, 0, ())
+    inserted = {h for (h,) in conn.execute(
+        "INSERT INTO account_handles (handle, account_id) "
+        "SELECT * FROM unnest(%s::text[], %s::uuid[]) ON CONFLICT DO NOTHING RETURNING handle",
+        (handles, [by_handle[h].account_id for h in handles]))}
+    new = [by_handle[h] for h in handles if h in inserted]
+    created = 0
+    if new:
+        created = conn.execute(
+            "INSERT INTO accounts (account_id, handle, legacy_handle, password_hash, phase, "
+            "  phase_changed_at, created_at) "
+            "SELECT i.id, i.handle, i.handle, i.pw, 'legacy', to_timestamp(%s / 1000.0), "
+            "       to_timestamp(%s / 1000.0) "
+            "FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS i(id, handle, pw) "
+            "ON CONFLICT DO NOTHING",
+            (now_ms, now_ms, [r.account_id for r in new], [r.handle for r in new],
+             [r.password_hash for r in new])).rowcount
+    conflicts: list[str] = []
+    if created != len(new):
+        # an account row with one of these ids but another handle: keep the store consistent
+        # by giving the handle back, and report it
+        orphaned = [h for (h,) in conn.execute(
+            "SELECT h.handle FROM account_handles h JOIN accounts a USING (account_id) "
+            "WHERE h.handle = ANY(%s) AND a.handle <> h.handle",
+            ([r.handle for r in new],))]
+        conn.execute("DELETE FROM account_handles WHERE handle = ANY(%s)", (orphaned,))
+        conflicts.extend(orphaned)
+    existing = [h for h in handles if h not in inserted]
+    updated = unchanged = 0
+    if existing:
+        # A password set on the cloud (account recovery) that the login server has not
+        # acknowledged yet, or acknowledged only after this import began (its page may be
+        # older), is newer than the legacy copy: keep it (cloud/store/recovery.py).
+        rows = conn.execute(
+            "SELECT h.handle, a.account_id, a.legacy_handle, a.password_hash, "
+            "  c.state = 'pending' OR c.done_ms >= %s "
+            "FROM account_handles h JOIN accounts a USING (account_id) "
+            "LEFT JOIN credential_changes c ON c.account_id = a.account_id "
+            "WHERE h.handle = ANY(%s)", (now_ms, existing)).fetchall()
+        to_update: list[tuple[uuid.UUID, str, str, str]] = []  # id, handle, hash read, new
+        for handle, account_id, legacy_handle, password_hash, cloud_newer in rows:
+            if legacy_handle != handle:
+                conflicts.append(handle)
+            elif password_hash != by_handle[handle].password_hash and not cloud_newer:
+                to_update.append((account_id, handle, password_hash,
+                                  by_handle[handle].password_hash))
+            else:
+                unchanged += 1
+        # a handle whose account row is missing: nothing to link it to
+        conflicts.extend(sorted(set(existing) - {r[0] for r in rows}))
+        if to_update:
+            # Read without a lock: set only where the row is still as read (locked in id
+            # order, so concurrent imports do not deadlock). A recovery sets the hash and
+            # queues its credential in one transaction (recovery.redeem), and nothing else
+            # makes a change pending: one that committed since the read changed the hash,
+            # which this sees (or re-checks once the recovery's row lock is gone), so the
+            # row is skipped, unchanged, the cloud side being newer.
+            updated = conn.execute(
+                "UPDATE accounts a SET password_hash = l.pw FROM ("
+                "  SELECT x.account_id, u.pw FROM accounts x JOIN unnest(%s::uuid[], "
+                "    %s::text[], %s::text[], %s::text[]) AS u(id, handle, seen, pw) "
+                "  ON x.account_id = u.id AND x.legacy_handle = u.handle "
+                "  AND x.password_hash IS NOT DISTINCT FROM u.seen "
+                "  ORDER BY x.account_id FOR UPDATE OF x) l "
+                "WHERE a.account_id = l.account_id",
+                [list(column) for column in zip(*to_update, strict=True)]).rowcount
+            unchanged += len(to_update) - updated
+    return ImportBatchResult(created, updated, unchanged, tuple(sorted(conflicts)))
 
 
 def accounts_by_phase(conn: psycopg.Connection) -> dict[str, int]:

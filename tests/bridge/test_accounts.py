@@ -106,3 +106,31 @@ def test_an_account_linked_earlier_under_another_id_is_kept(conn):
     counts = run_import(net, conn)
     assert (counts.created, counts.updated, counts.conflicts) == (0, 1, 0)
     assert accounts(conn)["alice"][:3] == (earlier, "alice", "dual")
+
+
+def row_versions(conn) -> dict[str, tuple]:
+    """Each account's and handle's row version: (xmin, xmax, ctid) by handle. A new version
+    changes xmin and ctid; a row lock (FOR UPDATE) sets xmax."""
+    return {f"{table}:{handle}": (str(xmin), str(xmax), str(ctid))
+            for table in ("accounts", "account_handles")
+            for handle, xmin, xmax, ctid in conn.execute(
+                f"SELECT handle, xmin, xmax, ctid FROM {table}")}
+
+
+def test_a_reimport_of_unchanged_accounts_locks_and_writes_no_row(conn):
+    """A re-import of a full page where nothing changed leaves every row as it was: no new
+    version, no lock (xmax stays 0); a page with one changed hash writes only that row."""
+    net = LegacyNet(1).start()
+    for i in range(200):
+        net.login.add_account(f"user-{i:04d}", f"pbkdf2_sha256$1$c2FsdA==$h{i}")
+    assert run_import(net, conn, page_size=200).created == 200
+    before = row_versions(conn)
+    assert len(before) == 400 and {xmax for _, xmax, _ in before.values()} == {"0"}
+    counts = run_import(net, conn, page_size=200)
+    assert (counts.seen, counts.updated, counts.unchanged) == (200, 0, 200)
+    assert row_versions(conn) == before
+    net.login.accounts["user-0007"][0] = "pbkdf2_sha256$1$c2FsdA==$changed"
+    counts = run_import(net, conn, page_size=200)
+    assert (counts.updated, counts.unchanged) == (1, 199)
+    after = row_versions(conn)
+    assert {k for k in before if after[k] != before[k]} == {"accounts:user-0007"}

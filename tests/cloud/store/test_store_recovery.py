@@ -4,13 +4,16 @@ the account import keeps a recovered password the login server does not have yet
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from bridge import ids
-from cloud import admin, passwords
+from cloud import passwords
+from cloud.store import accounts as accounts_store
 from cloud.store import recovery as store
 from cloud.store.errors import NotFound
 from tests.bridge.test_phases import make_account
+from tests.cloud.store.test_store_backfill import run_in_thread, wait_until_blocked
 from tests.dbfixture import tx
 
 NOW = 1_700_000_000_000
@@ -113,16 +116,73 @@ def test_the_import_keeps_a_recovered_password_until_legacy_has_it(conn):
     alice = make_account(conn, "alice", "dual", password_hash=old)
     tx(conn, store.issue_code, "alice", "h", now_ms=NOW, expires_ms=NOW + HOUR, actor="ops")
     assert tx(conn, store.redeem, alice, "h", "recovered", NOW, "a")
-    record = admin.LegacyAccountRecord("alice", ids.account_id("alice"), old)
-    got = tx(conn, admin.upsert_linked_accounts, [record], NOW + 1)
+    record = accounts_store.LegacyAccountRecord("alice", ids.account_id("alice"), old)
+    got = tx(conn, accounts_store.upsert_linked_accounts, [record], NOW + 1)
     assert (got.updated, got.unchanged) == (0, 1)
     assert password_hash(conn, alice) == "recovered"
     change = tx(conn, store.pending_credentials, NOW + 2)[0]
     assert tx(conn, store.credential_delivered, change, "delivered", NOW + 2)
     # an import that began before the delivery may hold a page read before it
-    tx(conn, admin.upsert_linked_accounts, [record], NOW + 1)
+    tx(conn, accounts_store.upsert_linked_accounts, [record], NOW + 1)
     assert password_hash(conn, alice) == "recovered"
     # one that began after it reads legacy's hash, which is the recovered one (here: a
     # later legacy-side change, which then wins as before)
-    tx(conn, admin.upsert_linked_accounts, [record], NOW + 3)
+    tx(conn, accounts_store.upsert_linked_accounts, [record], NOW + 3)
     assert password_hash(conn, alice) == old
+
+
+class BeforeUpdate:
+    """The import's connection, but *hook* runs once just before its first UPDATE of
+    accounts: between the import's read and its write."""
+
+    def __init__(self, conn: psycopg.Connection, hook) -> None:
+        self.conn = conn
+        self.hook = hook
+
+    def execute(self, query, params=None):
+        if self.hook is not None and query.startswith("UPDATE accounts"):
+            hook, self.hook = self.hook, None
+            hook()
+        return self.conn.execute(query, params)
+
+
+def test_a_recovery_committed_between_the_imports_read_and_write_is_kept(conn, db_dsn):
+    """Both hashes changed on legacy; a recovery of alice commits after the import read the
+    page and before it writes: alice keeps the recovered password (unchanged), bob gets the
+    legacy one. The recovery must not have to wait for the import."""
+    alice = make_account(conn, "alice", "dual", password_hash="alice-old")
+    bob = make_account(conn, "bob", "dual", password_hash="bob-old")
+    tx(conn, store.issue_code, "alice", "h", now_ms=NOW, expires_ms=NOW + HOUR, actor="ops")
+    records = [accounts_store.LegacyAccountRecord(h, i, f"{h}-legacy")
+               for h, i in (("alice", alice), ("bob", bob))]
+    with psycopg.connect(db_dsn, autocommit=True) as recoverer:
+        recoverer.execute("SET lock_timeout = '5s'")  # an import holding row locks: an error
+
+        def recover() -> None:
+            assert tx(recoverer, store.redeem, alice, "h", "recovered", NOW + 1, "a")
+
+        with conn.transaction():
+            got = accounts_store.upsert_linked_accounts(BeforeUpdate(conn, recover), records,
+                                                        NOW + 1)
+    assert got == accounts_store.ImportBatchResult(0, 1, 1, ())
+    assert (password_hash(conn, alice), password_hash(conn, bob)) == ("recovered",
+                                                                      "bob-legacy")
+
+
+def test_an_import_reaching_a_recovery_in_flight_waits_and_keeps_it(conn, db_dsn):
+    """The recovery has set alice's password but not committed when the import reaches her
+    row: the import waits for it, then sees the row changed and leaves the recovered one."""
+    alice = make_account(conn, "alice", "dual", password_hash="alice-old")
+    tx(conn, store.issue_code, "alice", "h", now_ms=NOW, expires_ms=NOW + HOUR, actor="ops")
+    record = accounts_store.LegacyAccountRecord("alice", alice, "alice-legacy")
+    with psycopg.connect(db_dsn, autocommit=True) as importer, \
+            psycopg.connect(db_dsn, autocommit=True) as recoverer:
+        with recoverer.transaction():
+            assert store.redeem(recoverer, alice, "h", "recovered", NOW + 1, "a")
+            thread, result = run_in_thread(lambda: tx(
+                importer, accounts_store.upsert_linked_accounts, [record], NOW + 1))
+            wait_until_blocked(conn, importer.info.backend_pid)
+        thread.join(10)
+        assert not thread.is_alive()
+    assert result == [accounts_store.ImportBatchResult(0, 0, 1, ())]
+    assert password_hash(conn, alice) == "recovered"
