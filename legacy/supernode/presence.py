@@ -19,14 +19,20 @@ in its last state.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
 
 from legacy import wire
 from legacy.supernode.state import PresenceEntry
 
 if TYPE_CHECKING:
     from legacy.supernode.node import Supernode
+
+log = Logger()
 
 
 class PresenceHub:
@@ -108,6 +114,8 @@ class PresenceHub:
         if changed:
             self.changes += 1
         mem.hub[handle] = merged
+        if live:
+            heappush(mem.hub_expiry, (merged.expires_ms, handle))
         # A refresh that only pushes the expiry out is fanned out only once the expiry the
         # subscribers hold is within half a TTL of lapsing: every other refresh round at the
         # default 120 s TTL and 40 s refresh, and a subscriber's copy never lapses while the
@@ -127,7 +135,7 @@ class PresenceHub:
         mem = self.sn.mem
         owed = mem.fanout_owed
         if not owed:
-            self.sn.clock.callLater(0, self._send_owed, mem)
+            _end_of_moment(self.sn.clock).append((self, mem))
         handles = owed.get(subscriber)
         if handles is None:
             handles = owed[subscriber] = {}
@@ -169,6 +177,8 @@ class PresenceHub:
             if cur is not None and e.version <= cur.version:
                 continue
             seen[e.handle] = PresenceEntry(e.status, e.version, e.expires_ms)
+            if e.status != "offline":
+                heappush(mem.seen_expiry, (e.expires_ms, e.handle))
             if cur is None or cur.status != e.status:
                 self.sn.trace.record("presence", self.sn.sn_id, e.handle, e.status)
                 self._notify_watchers(e.handle, e.status, e.version, e.expires_ms)
@@ -184,18 +194,71 @@ class PresenceHub:
     # -- background -------------------------------------------------------------------------------
 
     def sweep(self, now: int) -> None:
-        """Expire stale presence: merged again at the hub, set offline where it was seen."""
+        """Expire stale presence: merged again at the hub, set offline where it was seen.
+
+        Only what expired is read, by expiry then handle, from the heaps ``_merge`` and
+        ``on_presence_fanout`` push to (at 1,000 supernodes, reading every entry of every
+        ``seen`` map every sweep was the largest part of a steady state)."""
         sn = self.sn
         mem = sn.mem
-        for handle in [h for h, p in mem.hub.items()
-                       if p.status != "offline" and p.expires_ms <= now]:
+        for handle in _expired(mem.hub_expiry, mem.hub, now):
             sn.trace.record("expire_hub", sn.sn_id, handle)
             self._merge(handle)
-        for handle, p in mem.seen.items():
-            if p.status != "offline" and p.expires_ms <= now:
-                p.status = "offline"
-                sn.trace.record("expire_seen", sn.sn_id, handle)
-                self._notify_watchers(handle, "offline", p.version, p.expires_ms)
+        seen = mem.seen
+        for handle in _expired(mem.seen_expiry, seen, now):
+            p = seen[handle]
+            p.status = "offline"
+            sn.trace.record("expire_seen", sn.sn_id, handle)
+            self._notify_watchers(handle, "offline", p.version, p.expires_ms)
+
+
+class _Moment:
+    """The hubs that owe fan-out at the current moment of one clock, sent by one timer for
+    them all (a timer per hub and moment was 6% of a 1,000-supernode steady state)."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.owing: list[tuple[PresenceHub, Any]] = []
+
+    def append(self, item: tuple[PresenceHub, Any]) -> None:
+        if not self.owing:
+            self.clock.callLater(0, self._send)
+        self.owing.append(item)
+
+    def _send(self) -> None:
+        owing, self.owing = self.owing, []
+        for hub, mem in owing:
+            try:
+                hub._send_owed(mem)
+            except Exception:  # one hub's bug must not cost the others their fan-out
+                log.failure("presence fan-out of {sn} failed", sn=hub.sn.sn_id)
+
+
+_MOMENTS: weakref.WeakKeyDictionary[Any, _Moment] = weakref.WeakKeyDictionary()
+
+
+def _end_of_moment(clock: Any) -> _Moment:
+    moment = _MOMENTS.get(clock)
+    if moment is None:
+        moment = _MOMENTS[clock] = _Moment(clock)
+    return moment
+
+
+def _expired(heap: list[tuple[int, str]], entries: dict[str, PresenceEntry],
+             now: int) -> list[str]:
+    """Pop from *heap* every pair due by *now*; the handles whose entry in *entries* is
+    still live and expired (a pair left by an entry since replaced or set offline is
+    stale), each once, by expiry."""
+    out: list[str] = []
+    taken: set[str] = set()
+    while heap and heap[0][0] <= now:
+        _, handle = heappop(heap)
+        p = entries.get(handle)
+        if (p is not None and p.status != "offline" and p.expires_ms <= now
+                and handle not in taken):
+            taken.add(handle)
+            out.append(handle)
+    return out
 
 
 #: The supernode frames the presence hub handles, by type.

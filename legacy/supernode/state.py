@@ -69,6 +69,9 @@ class Memory:
         self.index: dict[str, dict[str, tuple[int, int]]] = {}  # handle -> sn -> (exp, ver)
         self.held_notes: dict[str, dict[str, None]] = {}
         self.hub: dict[str, PresenceEntry] = {}  # merged presence, what subscribers see
+        #: (expires_ms, handle) of every live entry put in ``hub``, a heap: the sweep pops
+        #: what expired instead of reading every entry (a stale pair is skipped)
+        self.hub_expiry: list[tuple[int, str]] = []
         #: the expiry last fanned out per handle (a refresh is fanned out only near it)
         self.hub_fanned: dict[str, int] = {}
         self.hub_sources: dict[str, dict[str, PresenceEntry]] = {}
@@ -82,6 +85,8 @@ class Memory:
         # presence seen by local subscribers
         self.watchers: dict[str, dict[str, None]] = defaultdict(dict)
         self.seen: dict[str, PresenceEntry] = {}
+        #: (expires_ms, handle) of every live entry put in ``seen``, a heap (as ``hub_expiry``)
+        self.seen_expiry: list[tuple[int, str]] = []
         self.feed_subs: list[FeedSubscription] = []
         self.links: dict[str, Link] = {}
         # the offline-message service (offline.py): requests waiting (device, when asked),

@@ -165,6 +165,27 @@ def test_presence_of_a_contact_on_a_crashed_supernode_expires_after_the_ttl_not_
     assert sub.presence[x] == "offline"
 
 
+def test_presence_seen_through_a_crashed_hub_expires_after_its_ttl_not_before():
+    """The hub crashes: the subscriber's supernode keeps what it saw until that expires (its
+    sweep takes the newest expiry, not a stale one of an earlier refresh), then 'offline'."""
+    ttl, refresh, sweep = 30.0, 10.0, 1.0
+    net = LegacyNet(4, presence_ttl=ttl, refresh_interval=refresh,
+                    sweep_interval=sweep).start()
+    x = net.handle_indexed_at("sn2", "xavier")  # hub sn2, x at sn1, subscriber at sn3
+    sub = net.device(net.add_user("sub", contacts=(x,)), at="sn3")
+    net.online(sub, net.device(net.add_user(x), at="sn1"))
+    net.run_until(45.5)  # refreshes fanned out since the login: older expiries went stale
+    seen = net.supernodes["sn3"].mem.seen[x]
+    assert seen.status == "online" and seen.expires_ms / 1000 > 45.5 + ttl / 2
+    net.supernodes["sn2"].crash()
+    expires = seen.expires_ms / 1000
+    net.run_until(expires - 0.5)
+    assert sub.presence[x] == "online"
+    net.run_until(expires + sweep + 0.5)
+    assert sub.presence[x] == "offline"
+    assert net.supernodes["sn3"].mem.seen[x].status == "offline"
+
+
 def test_login_server_refuses_a_wrong_password_with_bad_login():
     """A wrong password or an unknown handle is refused with Error bad_login; no session."""
     net = LegacyNet(3).start()
