@@ -1,6 +1,7 @@
-"""The bridge's bulk write of mirrored messages: COPY into a staging table, then one
-statement that numbers and inserts what is new, owes its notifications and advances the
-feed checkpoints, all in the caller's one transaction.
+"""The bridge's bulk write of mirrored messages: COPY into a staging table (a small batch:
+its rows as the statement's array parameters), then one statement that numbers and inserts
+what is new, owes its notifications and advances the feed checkpoints, all in the caller's
+one transaction.
 
 Conversations are locked as ``cloud.store.messages`` explains (``FOR NO KEY UPDATE``), so
 ``seq`` stays gapless per conversation. The insert's maintained digests and dirty set
@@ -167,7 +168,7 @@ def _as_arrays(messages: Sequence[MirroredMessage]) -> dict:
 
 
 def _mirror_carefully(conn: psycopg.Connection, messages: Sequence[MirroredMessage],
-                      staged: bool, now_ms: int) -> list[tuple]:
+                      now_ms: int, *, staged: bool) -> list[tuple]:
     """Lock the batch's conversations, then insert the rows the store does not have (from
     the staging table, filled here first unless it was for the fast statement)."""
     if not staged:
@@ -199,7 +200,8 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
                          now_ms: int) -> MirrorResult:
     """The bridge's idempotent bulk write: messages, their notifications, the checkpoints.
 
-    COPY into a session-private staging table; lock the batch's conversations (in id order,
+    COPY into a session-private staging table (up to ``SMALL_BATCH`` rows: the rows go as
+    array parameters instead); lock the batch's conversations (in id order,
     so two writers never deadlock); drop rows the store already has; number the rest per
     conversation in batch order, so source order is kept; insert them; owe notifications;
     advance the feed checkpoints. All in the caller's one transaction: replaying a batch, or
@@ -231,9 +233,9 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
         except psycopg.errors.UniqueViolation as e:
             if e.diag.constraint_name not in _STORED_ALREADY:
                 raise  # not a replayed row: a numbering bug must not hide in the careful path
-            rows = _mirror_carefully(conn, messages, not small, now_ms)
+            rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
         except _NotAllNew:
-            rows = _mirror_carefully(conn, messages, not small, now_ms)
+            rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
         for ord_, seq, owed in rows:
             m = messages[ord_]
             inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,

@@ -24,15 +24,11 @@ from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import Logger
-
 from legacy import wire
 from legacy.supernode.state import PresenceEntry
 
 if TYPE_CHECKING:
     from legacy.supernode.node import Supernode
-
-log = Logger()
 
 
 class PresenceHub:
@@ -214,30 +210,39 @@ class PresenceHub:
 
 class _Moment:
     """The hubs that owe fan-out at the current moment of one clock, sent by one timer for
-    them all (a timer per hub and moment was 6% of a 1,000-supernode steady state)."""
+    them all (a timer per hub and moment was 6% of a 1,000-supernode steady state). It holds
+    its clock weakly: the clock is its key in ``_MOMENTS``, and a network that is done with
+    must not be kept alive by it."""
 
     def __init__(self, clock: Any) -> None:
-        self.clock = clock
+        self._clock = weakref.ref(clock)
         self.owing: list[tuple[PresenceHub, Any]] = []
 
     def append(self, item: tuple[PresenceHub, Any]) -> None:
+        """Have *item* = (hub, its memory) sent at the end of this moment."""
         if not self.owing:
-            self.clock.callLater(0, self._send)
+            clock = self._clock()
+            if clock is not None:
+                clock.callLater(0, self._send)
         self.owing.append(item)
 
     def _send(self) -> None:
         owing, self.owing = self.owing, []
+        failure: Exception | None = None
         for hub, mem in owing:
             try:
                 hub._send_owed(mem)
-            except Exception:  # one hub's bug must not cost the others their fan-out
-                log.failure("presence fan-out of {sn} failed", sn=hub.sn.sn_id)
+            except Exception as e:  # the other hubs still send; the failure is not hidden
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
 
 _MOMENTS: weakref.WeakKeyDictionary[Any, _Moment] = weakref.WeakKeyDictionary()
 
 
 def _end_of_moment(clock: Any) -> _Moment:
+    """The ``_Moment`` of *clock*, made on first use."""
     moment = _MOMENTS.get(clock)
     if moment is None:
         moment = _MOMENTS[clock] = _Moment(clock)

@@ -163,6 +163,12 @@ def test_presence_of_a_contact_on_a_crashed_supernode_expires_after_the_ttl_not_
     assert sub.presence[x] == "online"
     net.run_until(expires + sweep + 0.5)
     assert sub.presence[x] == "offline"
+    # the hub's own entry expired too: someone who starts watching now is told offline
+    assert net.supernodes["sn2"].mem.hub[x].status == "offline"
+    late = net.device(net.add_user("late", contacts=(x,)), at="sn0")
+    net.online(late)
+    net.run(1)
+    assert late.presence[x] == "offline"
 
 
 def test_presence_seen_through_a_crashed_hub_expires_after_its_ttl_not_before():
