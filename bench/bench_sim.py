@@ -7,7 +7,7 @@ and whether it converged; then the medians, and the wall time a 45-day run of th
 would take at that pace (``projected_45_days_wall_s``: a projection, labelled as one; the
 issue's target is 5 minutes for 45 days of 2,000 users). The cohort plan is the built-in
 one laid out over 45 days (not squeezed into --days), so the measured days move cohorts at
-a 45-day run's pace.
+a 45-day run's pace. A progress line per simulated day goes to stderr.
 
 Usage: python bench/bench_sim.py [--dsn DSN] [--days D] [--users N] [--supernodes N]
                                  [--repeat N]
@@ -36,7 +36,8 @@ def one_run(server: str, config: SimConfig) -> dict:
     with scratch_database(server, "bridge_benchsim") as dsn, \
             psycopg.connect(dsn, autocommit=True) as conn, \
             psycopg.connect(dsn, autocommit=True) as lock_conn:
-        report = Simulation(config, conn, lock_conn).run()
+        report = Simulation(config, conn, lock_conn, progress=lambda line: print(
+            f"bench-sim seed {config.seed}: {line}", file=sys.stderr, flush=True)).run()
     m = report["messages"]
     wall = report["wall_seconds"]
     return {"seed": config.seed, "wall_seconds": wall,
