@@ -61,10 +61,6 @@ class ProtocolViolation(CodedError):
     """Raised by a frame handler when the peer broke the protocol; the connection is closed."""
 
 
-#: The frame ``FrameProtocol.send`` encoded last, with its encoding (frames are frozen).
-_last_sent: tuple[Any, bytes] = (None, b"")
-
-
 class FrameProtocol(Int32StringReceiver):
     """Int32-prefixed frames decoded by ``legacy.wire``; subclasses define ``frameReceived``."""
 
@@ -113,11 +109,7 @@ class FrameProtocol(Int32StringReceiver):
         """Encode and write one frame (silently dropped once the connection is closing)."""
         if self.transport is None or self.rejected is not None:
             return
-        global _last_sent
-        last, data = _last_sent
-        if frame is not last:  # one notice to every watcher's session: encoded once
-            data = wire.encode(frame)
-            _last_sent = (frame, data)
+        data = wire.encode(frame)
         if self._write_frame is not None:
             self._write_frame(frame, data)
         else:
