@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+
+import psycopg
 
 from cloud.model import MirroredMessage
 
@@ -17,3 +20,19 @@ def mirrored(cid, sender, handle, guid, ts, body="hi") -> MirroredMessage:
 
 def table_rows(conn, table: str) -> int:
     return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def prepared_plan(conn, body: str, args: Sequence[object], mode: str) -> str:
+    """The plan of *body* (``$1``... placeholders) PREPAREd under ``plan_cache_mode`` *mode*
+    (``force_custom_plan`` or ``force_generic_plan``), for *args*: the plan a prepared
+    statement gets. The arguments are bound on the client (EXECUTE takes no server-side
+    parameters)."""
+    with conn.transaction():
+        conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+        conn.execute(f"PREPARE inspected AS {body}")
+        try:
+            marks = ", ".join(["%s"] * len(args))
+            return "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
+                f"EXPLAIN EXECUTE inspected({marks})", list(args)))
+        finally:
+            conn.execute("DEALLOCATE inspected")

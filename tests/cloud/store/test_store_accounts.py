@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import uuid
 
-import psycopg
 import pytest
 
 from cloud.model import Account
 from cloud.store import accounts as accounts_store
 from cloud.store.errors import Conflict
-from tests.cloud.store.storefixture import table_rows
+from tests.cloud.store.storefixture import prepared_plan, table_rows
 from tests.dbfixture import make_account, tx
 
 
@@ -37,20 +36,16 @@ def test_a_reimport_page_probes_its_handles_in_a_generic_plan(conn):
     for i in range(0, 2000, 200):
         tx(conn, accounts_store.upsert_linked_accounts, records[i:i + 200], 1000)
     page = [r.handle for r in records[:200]]
-    statement = accounts_store._LINKED_NOW.replace("%s::text[]", "$1").replace("%s", "$2", 1)
+    statement = accounts_store._LINKED_NOW.replace("%s::text[]", "$1::text[]").replace(
+        "%s", "$2::bigint", 1)
     for analyzed, mode in itertools.product((False, True),
                                             ("force_custom_plan", "force_generic_plan")):
         if analyzed:
             conn.execute("ANALYZE")
-        with conn.transaction():
+        plan = prepared_plan(conn, statement, (page, 1000), mode)
+        with conn.transaction():  # the statement as the import runs it, prepared
             conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
-            conn.execute(f"PREPARE linked(text[], bigint) AS {statement}")
-            try:
-                plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
-                    "EXPLAIN EXECUTE linked(%s, 1000)", (page,)))
-                assert len(psycopg.ClientCursor(conn).execute(
-                    "EXECUTE linked(%s, 1000)", (page,)).fetchall()) == 200
-            finally:
-                conn.execute("DEALLOCATE linked")
+            assert len(conn.execute(accounts_store._LINKED_NOW, (page, 1000),
+                                    prepare=True).fetchall()) == 200
         for table in ("account_handles", "accounts"):
             assert f"Seq Scan on {table} " not in plan, f"{analyzed} {mode}\n{plan}"

@@ -17,7 +17,7 @@ from cloud.store import coordination as coordination_store
 from cloud.store import messages as messages_store
 from cloud.store import mirror as mirror_store
 from cloud.store.errors import NotFound, StaleFence
-from tests.cloud.store.storefixture import NOW, mirrored, table_rows
+from tests.cloud.store.storefixture import NOW, mirrored, prepared_plan, table_rows
 from tests.dbfixture import make_account, make_conversation, tx
 
 
@@ -133,48 +133,35 @@ def test_a_mirrored_batch_reads_nothing_in_proportion_to_the_store(conn):
         "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
         "WHERE indexrelid = 'accounts_cloud_capable'::regclass").fetchone()
     assert sorted(re.findall(r"'([^']+)'", predicate)) == sorted(CLOUD_CLIENT_PHASES)
+
+    def probes_only(plan: str, mode: str) -> None:
+        scanned = [t for t in ("messages", "conversations", "members", "accounts")
+                   if f"Seq Scan on {t} " in plan]
+        assert scanned == [], f"{mode}: {scanned}\n{plan}"
+        # a member's phase is an index-only probe of the cloud-capable accounts (0007)
+        assert "Index Only Scan using accounts_cloud_capable" in plan, plan
+
     for mode, statement in itertools.product(
             ("force_custom_plan", "force_generic_plan"),
             (mirror_store._MIRROR_INSERT, mirror_store._MIRROR_INSERT_NEW)):
         with conn.transaction():
-            conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
             conn.execute(mirror_store._STAGING)
             for i, m in enumerate(batch):
                 conn.execute(
                     "INSERT INTO mirror_staging VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (i, m.conversation_id, m.message_id, m.legacy_guid, m.sender_account_id,
                      m.sender_handle, m.sent_ms, m.body, m.origin))
-            conn.execute(f"PREPARE mirror_insert AS {_numbered(statement)}")
-            try:
-                plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
-                    "EXPLAIN EXECUTE mirror_insert(%s)", (NOW,)))
-            finally:
-                conn.execute("DEALLOCATE mirror_insert")
-            scanned = [t for t in ("messages", "conversations", "members", "accounts")
-                       if f"Seq Scan on {t} " in plan]
-            assert scanned == [], f"{mode}: {scanned}\n{plan}"
+            plan = prepared_plan(conn, _numbered(statement), (NOW,), mode)
+            probes_only(plan, mode)
             assert "Seq Scan on mirror_staging" in plan  # the plan printed is the statement's
-            # a member's phase is an index-only probe of the cloud-capable accounts (0007)
-            assert "Index Only Scan using accounts_cloud_capable" in plan, plan
             raise psycopg.Rollback()  # the staged rows go
     # the small batch's statement, its rows as arrays in the statement itself
     rows = mirror_store._as_arrays(batch)
     for mode in ("force_custom_plan", "force_generic_plan"):
-        with conn.transaction():
-            conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
-            statement = _numbered(mirror_store._MIRROR_INSERT_NEW_ROWS)
-            conn.execute(f"PREPARE mirror_rows AS {statement}")
-            try:
-                plan = "\n".join(r[0] for r in psycopg.ClientCursor(conn).execute(
-                    f"EXPLAIN EXECUTE mirror_rows(%s{', %s' * len(_ARRAYS)})",
-                    (NOW, *(rows[k] for k in _ARRAYS))))
-            finally:
-                conn.execute("DEALLOCATE mirror_rows")
-            scanned = [t for t in ("messages", "conversations", "members", "accounts")
-                       if f"Seq Scan on {t} " in plan]
-            assert scanned == [], f"{mode}: {scanned}\n{plan}"
-            assert "Function Scan on unnest" in plan and "mirror_staging" not in plan
-            assert "Index Only Scan using accounts_cloud_capable" in plan, plan
+        plan = prepared_plan(conn, _numbered(mirror_store._MIRROR_INSERT_NEW_ROWS),
+                             (NOW, *(rows[k] for k in _ARRAYS)), mode)
+        probes_only(plan, mode)
+        assert "Function Scan on unnest" in plan and "mirror_staging" not in plan
 
 
 #: The array parameters of the small batch's statement, in their PREPARE order ($2...).
