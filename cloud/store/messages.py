@@ -82,12 +82,13 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 # ``ord`` is its place in the batch, from 1):
 #   checked   each post with its sender's handle and why it is refused (NULL: it is not;
 #             no_account, phase_refused, not_member, not_found, checked in that order;
-#             nothing is written for it), and the seq of the message already stored under
-#             its client message id (a replay, nothing written either), looked up post by
-#             post in the unique index: a subquery in the select list, so the planner can
-#             not join it as a whole. Statistics taken while every message came from legacy
-#             (client_message_id all NULL) make the partial index look empty, and a join
-#             then read all of it, every cloud post so far, for each batch (tested)
+#             nothing is written for it), and the message already stored under its client
+#             message id (a replay, nothing written either: the final step returns it),
+#             looked up post by post in the unique index: a subquery in the select list, so
+#             the planner can not join it as a whole. Statistics taken while every message
+#             came from legacy (client_message_id all NULL) make the partial index look
+#             empty, and a join then read all of it, every cloud post so far, for each
+#             batch (tested). The sender's account and membership: a probe per post too
 #   counts    new posts per conversation
 #   locked    their conversations locked, in id order (two writers never deadlock)
 #   bump      next_seq advanced by the new posts, read from the row the lock got; a
@@ -99,11 +100,11 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 #   numbered  each new post's seq: its conversation's next, in the order of the batch
 #   posted    the messages
 #   owed      their notification rows (the one rule, ``owed_notifications_sql``)
-#   legacy    per conversation, whether a member still has legacy clients, and the members'
-#             legacy-side handles. Every member's account row is share-locked and read in
-#             the version the lock got: a move out of cloud-only that committed while this
-#             post waited (its back-fill could not see this post) is seen here, so the post
-#             queues its own row
+#   legacy    per conversation (its members found by its key), whether a member still has
+#             legacy clients, and the members' legacy-side handles. Every member's account
+#             row is share-locked, in id order, and read in the version the lock got: a
+#             move out of cloud-only that committed while this post waited (its back-fill
+#             could not see this post) is seen here, so the post queues its own row
 #   queued    the outbox rows, when a member still has legacy clients; the members of this
 #             moment go with the row: legacy delivers it to them only
 #   woken     NOTIFY per conversation, unless an earlier row of it still waits for a claim
@@ -113,16 +114,22 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 #             cost grew with the outbox's backlog: 8,400 index reads for 200 posts over 5,000
 #             pending rows)
 #   (final)   per post: created or replayed, with the message, or the refusal
-# Run unprepared, so each batch is planned for the tables as they are then. A generic plan,
-# which a prepared statement keeps, is made for the sizes of the store at its first runs:
-# made while the store was empty (and kept, with no ANALYZE to replace it), it scanned the
-# messages and the outbox's pending rows in full for every post, a cost growing with the
-# history (tested). Parsing and planning it take about 2.5 ms, once for the whole batch.
+# Prepared (``_execute_prepared``): parsing and planning it took about 1 ms of the server's
+# time for every post or batch, as long as a single post's execution. The plan is kept, so
+# it must not depend on the sizes and statistics of the tables when it was made: a generic
+# plan made while they were empty (or had statistics of the legacy-only days) scanned the
+# messages in full for every post, a cost growing with the history (tested). So every
+# table is read through a key the statement names, and each read that depends on a post
+# or a conversation is a subquery of its own (a LATERAL one, kept apart by ``OFFSET 0``, or
+# one in the select list), which the planner can only run as a lookup per row; and it is
+# planned with sequential scans disabled, which leaves an index probe the only way to run
+# each of them (with scans allowed, or with joins it could turn around, it scanned tables
+# or whole indexes it took for small).
 _POSTS = (
     "WITH checked AS MATERIALIZED ("
-    "  SELECT i.*, a.handle, (SELECT s.seq FROM messages s WHERE s.conversation_id = i.cid "
+    "  SELECT i.*, a.handle, (SELECT s FROM messages s WHERE s.conversation_id = i.cid "
     "    AND s.sender_account_id = i.sender AND s.client_message_id = i.client_id) "
-    "    AS stored_seq, CASE "
+    "    AS stored, CASE "
     "    WHEN a.account_id IS NULL THEN 'no_account' "
     "    WHEN a.phase <> ALL(%(phases)s) THEN 'phase_refused' "
     "    WHEN m.account_id IS NOT NULL THEN NULL "
@@ -131,11 +138,13 @@ _POSTS = (
     "  FROM unnest(%(cids)s::uuid[], %(senders)s::uuid[], %(client_ids)s::text[], "
     "    %(bodies)s::text[], %(message_ids)s::uuid[], %(nows)s::bigint[]) WITH ORDINALITY "
     "    AS i(cid, sender, client_id, body, message_id, now_ms, ord) "
-    "  LEFT JOIN accounts a ON a.account_id = i.sender "
-    "  LEFT JOIN members m ON m.conversation_id = i.cid AND m.account_id = i.sender), "
+    "  LEFT JOIN LATERAL (SELECT a.account_id, a.handle, a.phase FROM accounts a "
+    "    WHERE a.account_id = i.sender OFFSET 0) a ON true "
+    "  LEFT JOIN LATERAL (SELECT m.account_id FROM members m "
+    "    WHERE m.conversation_id = i.cid AND m.account_id = i.sender OFFSET 0) m ON true), "
     "counts AS MATERIALIZED ("
     "  SELECT cid, count(*) AS n FROM checked "
-    "  WHERE refusal IS NULL AND stored_seq IS NULL GROUP BY cid), "
+    "  WHERE refusal IS NULL AND (stored).seq IS NULL GROUP BY cid), "
     "locked AS MATERIALIZED ("
     "  SELECT c.conversation_id FROM conversations c "
     "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
@@ -147,7 +156,7 @@ _POSTS = (
     "numbered AS MATERIALIZED ("
     "  SELECT c.*, b.first - 1 + row_number() OVER (PARTITION BY c.cid ORDER BY c.ord) AS seq "
     "  FROM checked c JOIN bump b ON b.conversation_id = c.cid "
-    "  WHERE c.refusal IS NULL AND c.stored_seq IS NULL), "
+    "  WHERE c.refusal IS NULL AND (c.stored).seq IS NULL), "
     "posted AS ("
     f"  INSERT INTO messages ({MESSAGE_COLS}) "
     "  SELECT cid, seq, message_id, sender, handle, now_ms, body, 'cloud', NULL, client_id "
@@ -159,8 +168,9 @@ _POSTS = (
     "  SELECT l.conversation_id, bool_or(l.phase = ANY(%(legacy_phases)s)) AS owed, "
     "         array_agg(l.handle ORDER BY l.handle) AS handles "
     "  FROM (SELECT mb.conversation_id, a.phase, coalesce(a.legacy_handle, a.handle) AS handle "
-    "        FROM members mb JOIN accounts a USING (account_id) "
-    "        WHERE mb.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
+    "        FROM counts k CROSS JOIN LATERAL (SELECT mb.conversation_id, mb.account_id "
+    "          FROM members mb WHERE mb.conversation_id = k.cid OFFSET 0) mb "
+    "        JOIN accounts a ON a.account_id = mb.account_id "
     "        ORDER BY a.account_id FOR SHARE OF a) l GROUP BY 1), "
     "queued AS ("
     "  INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
@@ -178,9 +188,8 @@ _POSTS = (
     "SELECT ord, 'created', (SELECT count(*) FROM woken), cid, seq, message_id, sender, "
     "  handle, now_ms, body, 'cloud', NULL, client_id FROM numbered "
     "UNION ALL SELECT c.ord, 'replayed', 0, "
-    f"  {', '.join('m.' + col for col in MESSAGE_COLS.split(', '))} "
-    "FROM checked c JOIN messages m ON m.conversation_id = c.cid AND m.seq = c.stored_seq "
-    "WHERE c.refusal IS NULL "
+    f"  {', '.join('(c.stored).' + col for col in MESSAGE_COLS.split(', '))} "
+    "FROM checked c WHERE c.refusal IS NULL AND (c.stored).seq IS NOT NULL "
     "UNION ALL SELECT ord, refusal, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     "  NULL FROM checked WHERE refusal IS NOT NULL")
 
@@ -268,8 +277,8 @@ def post_messages(conn: psycopg.Connection, posts: Sequence[Post], *,
         answered_by.append((i, n))
     if not unique:
         return results
-    rows = {row[0]: row[1:] for row in conn.execute(
-        _POSTS, _posts_params(unique, sender_phases), prepare=False)}
+    rows = {row[0]: row[1:] for row in _execute_prepared(
+        conn, _POSTS, _posts_params(unique, sender_phases))}
     for i, n in answered_by:
         try:
             message, created = _posted(rows.get(n + 1), posts[i], sender_phases)  # ord from 1
@@ -321,13 +330,42 @@ def _posted(row: tuple | None, post: Post, sender_phases: Sequence[str]
 
 def _execute_atomically(conn: psycopg.Connection, statement: str,
                         params: dict) -> list[tuple]:
-    """Run one statement, unprepared, so that a failure undoes all of it and leaves *conn*
-    usable: on its own on an idle autocommit connection, else in a (sub)transaction of its
-    own."""
-    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        return conn.execute(statement, params, prepare=False).fetchall()
+    """Run one statement (``_execute_prepared``) so that a failure undoes all of it and
+    leaves *conn* usable: on its own on an idle autocommit connection, else in a
+    (sub)transaction of its own."""
+    if _idle_autocommit(conn):
+        return _execute_prepared(conn, statement, params)
     with conn.transaction():
-        return conn.execute(statement, params, prepare=False).fetchall()
+        return _execute_prepared(conn, statement, params)
+
+
+#: Sequential scans off until the end of the transaction, returning the setting it had.
+_SEQSCAN_OFF = ("SELECT current_setting('enable_seqscan'), "
+                "set_config('enable_seqscan', 'off', true)")
+
+
+def _execute_prepared(conn: psycopg.Connection, statement: str,
+                      params: dict) -> list[tuple]:
+    """Run *statement* prepared (parsed and planned once per connection, its plan kept) and
+    planned without sequential scans; *conn*'s setting is as it was afterwards. On an idle
+    autocommit connection the setting and the statement go in one round trip, as one
+    implicit transaction (up to the pipeline's Sync), whose end resets the setting: still
+    a single transaction, no BEGIN or COMMIT. In a transaction, the setting is put back
+    after the statement (if the statement fails, the rollback of the transaction or
+    savepoint puts it back)."""
+    if _idle_autocommit(conn):
+        with conn.pipeline():
+            conn.execute(_SEQSCAN_OFF)
+            cur = conn.execute(statement, params, prepare=True)
+        return cur.fetchall()
+    (was, _) = conn.execute(_SEQSCAN_OFF).fetchone()
+    rows = conn.execute(statement, params, prepare=True).fetchall()
+    conn.execute("SELECT set_config('enable_seqscan', %s, true)", [was])
+    return rows
+
+
+def _idle_autocommit(conn: psycopg.Connection) -> bool:
+    return conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def latest_from_legacy(conn: psycopg.Connection, account_id: uuid.UUID,
