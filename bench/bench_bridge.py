@@ -24,6 +24,9 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   of two scrapes), as Prometheus' ``histogram_quantile`` would.
 - ``to_legacy_msgs_per_s``: cloud -> legacy: N cloud messages committed at once; time
   until the outbox is drained (each one injected into its home supernode and acknowledged).
+  Then the lag at half that speed, posted through the store's own path, with
+  ``half_load_cycle``: where a conversation's turn went meanwhile (claims per second, rows
+  per pass, the mean claim, pass and recording times; ``pass_breakdown``).
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
 
 With ``--workers 1 2 4`` the drain and the lag runs are repeated with that many bridge
@@ -190,6 +193,51 @@ def lag_buckets(urls: list[str], direction: str = "to_cloud") -> dict[float, flo
         for le, count in pattern.findall(text):
             out[float(le)] = out.get(float(le), 0.0) + float(count)
     return out
+
+
+#: the worker series a half-load run's cycle is read from (``pass_breakdown``)
+_CYCLE_SERIES = re.compile(
+    r'^(cloud_db_transaction_seconds_(?:sum|count)\{desc="(?:claim_outbox|'
+    r'complete_outbox_batch)"\}|bridge_batch_(?:size_messages|duration_seconds)_(?:sum|count)'
+    r'\{direction="to_legacy"\}) (\S+)$', re.M)
+
+
+def cycle_totals(urls: list[str]) -> dict[str, float]:
+    """The workers' running totals of the cloud -> legacy cycle's series, summed."""
+    out: dict[str, float] = {}
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for series, value in _CYCLE_SERIES.findall(text):
+            out[series] = out.get(series, 0.0) + float(value)
+    return out
+
+
+def pass_breakdown(before: dict[str, float], after: dict[str, float],
+                   seconds: float) -> dict:
+    """Where a conversation's turn went between two scrapes (``cycle_totals``): a row
+    posted while a pass holds its conversation waits for that pass to end, then for a
+    claim, then for its own pass (inject, then the recording transaction). Claims per
+    second, rows per pass, and the mean claim, pass and recording times in ms."""
+    def delta(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    def mean_ms(total: str, count: str) -> float | None:
+        n = delta(count)
+        return round(delta(total) / n * 1000, 1) if n else None
+
+    tx = 'cloud_db_transaction_seconds_{}{{desc="{}"}}'
+    batch = 'bridge_batch_{}_{}{{direction="to_legacy"}}'
+    passes = delta(batch.format("size_messages", "count"))
+    recording = "complete_outbox_batch"  # the pass's recording (bridge.outbox.record_pass)
+    return {"claims_per_s": round(delta(tx.format("count", "claim_outbox")) / seconds, 1),
+            "rows_per_pass": (round(delta(batch.format("size_messages", "sum")) / passes, 1)
+                              if passes else None),
+            "claim_ms": mean_ms(tx.format("sum", "claim_outbox"),
+                                tx.format("count", "claim_outbox")),
+            "pass_ms": mean_ms(batch.format("duration_seconds", "sum"),
+                               batch.format("duration_seconds", "count")),
+            "record_ms": mean_ms(tx.format("sum", recording), tx.format("count", recording))}
 
 
 def histogram_quantile(q: float, before: dict[float, float],
@@ -530,7 +578,9 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
         rss = run.rss_per_worker_mb()
         rate = n / (t1 - t0)
         before = lag_buckets(run.metrics_urls, "to_legacy")
+        cycle_before = cycle_totals(run.metrics_urls)
         posted = post_load(run.dsn, convs, rate / 2, lag_seconds)
+        cycle = pass_breakdown(cycle_before, cycle_totals(run.metrics_urls), lag_seconds)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             wait_until(conn, DRAINED, 1, timeout=120, every=0.02)
             (done,) = conn.execute("SELECT count(*) FROM outbox_to_legacy "
@@ -541,8 +591,14 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
         return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
                 "cpu_us_per_msg": cpu_us,
                 "half_load_rate": rate / 2, "half_load_posted_per_s": posted / lag_seconds,
+                "half_load_cycle": cycle,
                 "p50_ms": round(histogram_quantile(0.50, before, after), 1),
                 "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
+
+
+def _median_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 1) if known else None
 
 
 def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seconds: float,
@@ -562,6 +618,9 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 "half_load_posted_per_s": summarize([g["half_load_posted_per_s"] for g in got]),
                 "p50_lag_ms": summarize([g["p50_ms"] for g in got]),
                 "p99_lag_ms": summarize([g["p99_ms"] for g in got]),
+                # medians over the runs of where a conversation's turn went (pass_breakdown)
+                "half_load_cycle": {k: _median_or_none([g["half_load_cycle"][k] for g in got])
+                                    for k in got[0]["half_load_cycle"]},
                 "peak_rss_mb": summarize([g["rss_mb"] for g in got]),
                 "cpu_us_per_msg": {k: summarize([g["cpu_us_per_msg"][k] for g in got])
                                    for k in got[0]["cpu_us_per_msg"]},

@@ -85,6 +85,37 @@ def test_the_lag_quantile_is_read_from_the_histogram_between_two_scrapes():
     assert bench_bridge.histogram_quantile(0.99, {}, beyond) == 250.0
 
 
+def test_the_half_load_cycle_is_read_from_the_worker_series_between_two_scrapes():
+    """The cloud -> legacy cycle's breakdown counts only what happened between the scrapes,
+    from the lines of a real exposition (other series and directions left out)."""
+    import bench_bridge
+
+    def scrape(claims: int, claim_s: float, records: int, record_s: float, passes: int,
+               rows: int, pass_s: float) -> dict[str, float]:
+        text = "\n".join([
+            "# HELP cloud_db_transaction_seconds Time to run one transaction",
+            f'cloud_db_transaction_seconds_count{{desc="claim_outbox"}} {claims}.0',
+            f'cloud_db_transaction_seconds_sum{{desc="claim_outbox"}} {claim_s}',
+            f'cloud_db_transaction_seconds_count{{desc="complete_outbox_batch"}} {records}.0',
+            f'cloud_db_transaction_seconds_sum{{desc="complete_outbox_batch"}} {record_s}',
+            'cloud_db_transaction_seconds_count{desc="commit_plan"} 999.0',
+            f'bridge_batch_size_messages_count{{direction="to_legacy"}} {passes}.0',
+            f'bridge_batch_size_messages_sum{{direction="to_legacy"}} {rows}.0',
+            f'bridge_batch_duration_seconds_count{{direction="to_legacy"}} {passes}.0',
+            f'bridge_batch_duration_seconds_sum{{direction="to_legacy"}} {pass_s}',
+            'bridge_batch_size_messages_count{direction="to_cloud"} 77.0'])
+        return {series: float(value)
+                for series, value in bench_bridge._CYCLE_SERIES.findall(text)}
+
+    before = scrape(10, 1.0, 9, 0.5, 9, 900, 0.9)
+    after = scrape(30, 1.6, 29, 1.1, 29, 10_900, 2.9)
+    assert len(after) == 8  # the other series and directions are not read
+    assert bench_bridge.pass_breakdown(before, after, 4.0) == {
+        "claims_per_s": 5.0, "rows_per_pass": 500.0, "claim_ms": 30.0, "pass_ms": 100.0,
+        "record_ms": 30.0}
+    assert bench_bridge.pass_breakdown(after, after, 4.0)["pass_ms"] is None
+
+
 def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     """The issue's cloud -> legacy targets: the ratio to the drain of the same run (>= 0.5),
     the p99 lag at half load (<= 100 ms) and the worst peak RSS (<= 256 MB); the table has a
