@@ -5,7 +5,9 @@ simulated days of --users users, --repeat times with seeds 1.., each in a fresh 
 and reports per run the wall seconds, simulated days per wall minute, the messages carried
 and whether it converged; then the medians, and the wall time a 45-day run of the same size
 would take at that pace (``projected_45_days_wall_s``: a projection, labelled as one; the
-issue's target is 5 minutes for 45 days of 2,000 users). The cohort plan is the built-in
+issue's target is 5 minutes for 45 days of 2,000 users). Each run also says where its
+database time went (``transactions``: transactions and their seconds per simulated day, and
+the descriptions with the most time). The cohort plan is the built-in
 one laid out over 45 days (not squeezed into --days), so the measured days move cohorts at
 a 45-day run's pace. A progress line per simulated day goes to stderr.
 
@@ -27,12 +29,48 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_cloud import scratch_database  # noqa: E402
 
+from cloud import db as cloud_db  # noqa: E402
 from cloud import embedded  # noqa: E402
 from drills.simplan import SimConfig, default_plan  # noqa: E402
 from drills.simulation import Simulation  # noqa: E402
 
+#: transactions listed per run in ``transactions`` (the ones with the most time)
+CENSUS_TOP = 12
+
+
+def transaction_totals() -> dict[str, tuple[float, float]]:
+    """Per transaction description: (count, seconds) so far in this process, from the
+    store's ``cloud_db_transaction_seconds`` histogram (every transaction the simulation's
+    components run goes through ``cloud.db.run_transaction``)."""
+    out: dict[str, list[float]] = {}
+    for metric in cloud_db.TRANSACTION_SECONDS.collect():
+        for sample in metric.samples:
+            desc = sample.labels.get("desc")
+            if sample.name.endswith("_count"):
+                out.setdefault(desc, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_sum"):
+                out.setdefault(desc, [0.0, 0.0])[1] = sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def census(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+           days: float) -> dict:
+    """Where the run's transaction time went: the total per simulated day, and the
+    ``CENSUS_TOP`` descriptions with the most time (per simulated day, and mean ms)."""
+    rows = []
+    for desc, (n, s) in after.items():
+        n0, s0 = before.get(desc, (0.0, 0.0))
+        if n > n0:
+            rows.append((s - s0, n - n0, desc))
+    rows.sort(reverse=True)
+    return {"transactions_per_day": round(sum(r[1] for r in rows) / days),
+            "transaction_s_per_day": round(sum(r[0] for r in rows) / days, 2),
+            "top": [{"desc": desc, "per_day": round(n / days), "s_per_day": round(s / days, 2),
+                     "mean_ms": round(s / n * 1000, 2)} for s, n, desc in rows[:CENSUS_TOP]]}
+
 
 def one_run(server: str, config: SimConfig) -> dict:
+    before = transaction_totals()
     with scratch_database(server, "bridge_benchsim") as dsn, \
             psycopg.connect(dsn, autocommit=True) as conn, \
             psycopg.connect(dsn, autocommit=True) as lock_conn:
@@ -43,7 +81,8 @@ def one_run(server: str, config: SimConfig) -> dict:
     return {"seed": config.seed, "wall_seconds": wall,
             "sim_days_per_wall_minute": round(config.days / wall * 60, 3),
             "messages": m["legacy_sent"] + m["cloud_posted"],
-            "converged": report["converged"], "outcome_hash": report["outcome_hash"]}
+            "converged": report["converged"], "outcome_hash": report["outcome_hash"],
+            "transactions": census(before, transaction_totals(), config.days)}
 
 
 def main() -> None:

@@ -158,3 +158,21 @@ def test_the_big_simulation_is_judged_by_its_steady_state_and_shows_its_setup():
     legacy["sim_1000sn_100k_users"]["sim_seconds_per_wall_second"] = s(1.3)
     r["targets"] = run_all.judge(r)
     assert {t["path"]: t["met"] for t in r["targets"]}[path] is True
+
+
+def test_the_simulation_census_counts_only_the_run_per_simulated_day():
+    """bench_sim's transaction census: what ran before the run is left out, figures are
+    per simulated day, the descriptions come by time spent, at most CENSUS_TOP of them."""
+    import bench_sim
+
+    before = {"commit_plan": (10.0, 1.0), "claim_outbox": (5.0, 0.5)}
+    after = {"commit_plan": (410.0, 9.0), "claim_outbox": (5.0, 0.5),
+             "heartbeat_worker": (100.0, 2.0)}
+    got = bench_sim.census(before, after, 2.0)
+    assert got["transactions_per_day"] == 250 and got["transaction_s_per_day"] == 5.0
+    assert got["top"] == [
+        {"desc": "commit_plan", "per_day": 200, "s_per_day": 4.0, "mean_ms": 20.0},
+        {"desc": "heartbeat_worker", "per_day": 50, "s_per_day": 1.0, "mean_ms": 20.0}]
+    many = {f"t{i}": (1.0, float(i)) for i in range(bench_sim.CENSUS_TOP + 5)}
+    top = bench_sim.census({}, many, 1.0)["top"]
+    assert len(top) == bench_sim.CENSUS_TOP and top[0]["desc"] == f"t{bench_sim.CENSUS_TOP + 4}"
