@@ -51,7 +51,10 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
     # The members owed anything are found once per conversation of the batch (``OFFSET 0``
     # keeps the lateral a probe per conversation, ``MATERIALIZED`` keeps the planner from
     # running it again for every row): from the members primary key, each
-    # checked against the index of cloud-capable accounts (migration 0007). Never a scan of
+    # checked against the index of cloud-capable accounts (migration 0007), a probe per
+    # member (the inner ``OFFSET 0`` keeps the EXISTS a subplan: as a semi join the planner
+    # could drive it from that index, every cloud-capable account probed against the
+    # conversation's members, 1.3 ms a post with 1,738 of them, tested). Never a scan of
     # every account or member (as a join driven by the accounts, a store whose cloud phases
     # were rare scanned them all for every batch), and not a probe per message (checked per
     # row, a small store's few accounts were scanned once for every message). While no
@@ -63,7 +66,7 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
             f"  FROM unnest({conversations}) AS c(id) CROSS JOIN LATERAL ("
             "    SELECT m.account_id FROM members m WHERE m.conversation_id = c.id "
             "    AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = m.account_id "
-            f"                AND a.phase IN ({_CLOUD_PHASES_SQL})) OFFSET 0) o "
+            f"                AND a.phase IN ({_CLOUD_PHASES_SQL}) OFFSET 0) OFFSET 0) o "
             "  WHERE EXISTS (SELECT 1 FROM accounts a0 "
             f"               WHERE a0.phase IN ({_CLOUD_PHASES_SQL}))) "
             "INSERT INTO notifications (account_id, notification_id, conversation_id, "
@@ -100,11 +103,14 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 #   numbered  each new post's seq: its conversation's next, in the order of the batch
 #   posted    the messages
 #   owed      their notification rows (the one rule, ``owed_notifications_sql``)
-#   legacy    per conversation (its members found by its key), whether a member still has
+#   membership, shared, legacy
+#             per conversation (its members found by its key), whether a member still has
 #             legacy clients, and the members' legacy-side handles. Every member's account
-#             row is share-locked, in id order, and read in the version the lock got: a
-#             move out of cloud-only that committed while this post waited (its back-fill
-#             could not see this post) is seen here, so the post queues its own row
+#             row is share-locked, in id order, each found by its key (joined to the
+#             members, a plan that took a conversation for a large one read every account,
+#             tested), and read in the version the lock got: a move out of cloud-only that
+#             committed while this post waited (its back-fill could not see this post) is
+#             seen here, so the post queues its own row
 #   queued    the outbox rows, when a member still has legacy clients; the members of this
 #             moment go with the row: legacy delivers it to them only
 #   woken     NOTIFY per conversation, unless an earlier row of it still waits for a claim
@@ -164,14 +170,18 @@ _POSTS = (
     "  RETURNING conversation_id, seq, message_id, sender_account_id, sent_ms), "
     "owed AS ("
     f"{owed_notifications_sql('posted', 'ARRAY(SELECT cid FROM counts)', 'r.sent_ms')}), "
+    "membership AS MATERIALIZED ("
+    "  SELECT mb.conversation_id, mb.account_id FROM counts k CROSS JOIN LATERAL ("
+    "    SELECT mb.conversation_id, mb.account_id FROM members mb "
+    "    WHERE mb.conversation_id = k.cid OFFSET 0) mb), "
+    "shared AS MATERIALIZED ("
+    "  SELECT a.account_id, a.phase, coalesce(a.legacy_handle, a.handle) AS handle "
+    "  FROM accounts a WHERE a.account_id = ANY (ARRAY(SELECT account_id FROM membership)) "
+    "  ORDER BY a.account_id FOR SHARE), "
     "legacy AS MATERIALIZED ("
-    "  SELECT l.conversation_id, bool_or(l.phase = ANY(%(legacy_phases)s)) AS owed, "
-    "         array_agg(l.handle ORDER BY l.handle) AS handles "
-    "  FROM (SELECT mb.conversation_id, a.phase, coalesce(a.legacy_handle, a.handle) AS handle "
-    "        FROM counts k CROSS JOIN LATERAL (SELECT mb.conversation_id, mb.account_id "
-    "          FROM members mb WHERE mb.conversation_id = k.cid OFFSET 0) mb "
-    "        JOIN accounts a ON a.account_id = mb.account_id "
-    "        ORDER BY a.account_id FOR SHARE OF a) l GROUP BY 1), "
+    "  SELECT m.conversation_id, bool_or(s.phase = ANY(%(legacy_phases)s)) AS owed, "
+    "         array_agg(s.handle ORDER BY s.handle) AS handles "
+    "  FROM membership m JOIN shared s USING (account_id) GROUP BY 1), "
     "queued AS ("
     "  INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
     "    member_handles) "
