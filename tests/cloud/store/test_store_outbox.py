@@ -4,12 +4,14 @@ conversation.
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
-from tests.cloud.store.storefixture import NOW
+from tests.cloud.store.storefixture import NOW, prepared_plan
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
 
@@ -237,3 +239,37 @@ def test_any_due_sees_rows_no_claim_holds_and_no_retry_delay_keeps_back(conn):
                if i.conversation_id == cid]
     tx(conn, outbox_store.complete_outbox, again, "chat-x", "cloud:g1", NOW + 600)
     assert tx(conn, outbox_store.any_due, [cid], NOW + 600) is False  # done
+
+
+def test_a_claim_probes_the_accounts_of_its_members_and_scans_none(conn):
+    """Who of a claimed conversation's members has legacy clients (and its members' handles,
+    for rows that carry none) is a probe of each member's account by its key, in a custom
+    and in a generic plan: with 200 conversations of two, analyzed, the plan hashed each
+    claimed conversation's members against a scan of every account (400 rows read for each
+    conversation, a cost growing with the accounts, not with the claim)."""
+    conn.execute(
+        "WITH acc AS (INSERT INTO accounts (account_id, handle, phase) "
+        "  SELECT gen_random_uuid(), 'u-' || g, 'dual' FROM generate_series(1, 400) g "
+        "  RETURNING account_id), "
+        "numbered AS (SELECT account_id, (row_number() OVER () + 1) / 2 AS k FROM acc), "
+        "conv AS (INSERT INTO conversations (conversation_id) "
+        "  SELECT gen_random_uuid() FROM generate_series(1, 200) RETURNING conversation_id), "
+        "keyed AS (SELECT conversation_id, row_number() OVER () AS k FROM conv) "
+        "INSERT INTO members (conversation_id, account_id) "
+        "SELECT conversation_id, account_id FROM keyed JOIN numbered USING (k)")
+    pairs = conn.execute("SELECT conversation_id, min(account_id::text)::uuid FROM members "
+                         "GROUP BY 1 ORDER BY 1").fetchall()
+    posts = [messages_store.Post(cid, sender, f"c{i}", "x", NOW + i)
+             for i in range(25) for cid, sender in pairs]
+    assert all(isinstance(r, tuple) for r in messages_store.post_messages(conn, posts))
+    conn.execute("VACUUM ANALYZE")
+    names = ("now", "limit", "until", "per_conversation", "token", "phases", "window")
+    body = outbox_store._CLAIM
+    for i, name in enumerate(names, start=1):
+        body = body.replace(f"%({name})s", f"${i}")
+    args = (NOW + 10**6, 1000, NOW + 10**6 + 30_000, 50, uuid.uuid4(),
+            list(outbox_store.LEGACY_CLIENT_PHASES), 4000)
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        plan = prepared_plan(conn, body, args, mode)
+        assert "Seq Scan on accounts" not in plan, f"{mode}\n{plan}"
+        assert "Index Scan using accounts_pkey on accounts a " in plan, plan
