@@ -349,28 +349,32 @@ def _execute_atomically(conn: psycopg.Connection, statement: str,
         return _execute_prepared(conn, statement, params)
 
 
-#: Sequential scans off until the end of the transaction, returning the setting it had.
-_SEQSCAN_OFF = ("SELECT current_setting('enable_seqscan'), "
-                "set_config('enable_seqscan', 'off', true)")
+#: Until the end of the transaction: sequential scans off, and the generic plan used from
+#: the first execution on; returns the two settings as they were.
+_PLAN_BY_KEYS = ("SELECT current_setting('enable_seqscan'), current_setting('plan_cache_mode'), "
+                 "set_config('enable_seqscan', 'off', true), "
+                 "set_config('plan_cache_mode', 'force_generic_plan', true)")
 
 
 def _execute_prepared(conn: psycopg.Connection, statement: str,
                       params: dict) -> list[tuple]:
-    """Run *statement* prepared (parsed and planned once per connection, its plan kept) and
-    planned without sequential scans; *conn*'s setting is as it was afterwards. On an idle
-    autocommit connection the setting and the statement go in one round trip, as one
-    implicit transaction (up to the pipeline's Sync), whose end resets the setting: still
-    a single transaction, no BEGIN or COMMIT. In a transaction, the setting is put back
-    after the statement (if the statement fails, the rollback of the transaction or
-    savepoint puts it back)."""
+    """Run *statement* prepared, with one generic plan kept per connection (planned once,
+    not for every batch), made without sequential scans; *conn*'s settings are as they were
+    afterwards. (Left to choose, PostgreSQL kept planning every execution: the generic
+    plan, made for arrays of unknown length, looked dearer than the custom ones.) On an
+    idle autocommit connection the settings and the statement go in one round trip, as
+    one implicit transaction (up to the pipeline's Sync), whose end resets them: still a
+    single transaction, no BEGIN or COMMIT. In a transaction, they are put back after the
+    statement (if it fails, the rollback of the transaction or savepoint puts them back)."""
     if _idle_autocommit(conn):
         with conn.pipeline():
-            conn.execute(_SEQSCAN_OFF)
+            conn.execute(_PLAN_BY_KEYS)
             cur = conn.execute(statement, params, prepare=True)
         return cur.fetchall()
-    (was, _) = conn.execute(_SEQSCAN_OFF).fetchone()
+    (seqscan, mode, _, _) = conn.execute(_PLAN_BY_KEYS).fetchone()
     rows = conn.execute(statement, params, prepare=True).fetchall()
-    conn.execute("SELECT set_config('enable_seqscan', %s, true)", [was])
+    conn.execute("SELECT set_config('enable_seqscan', %s, true), "
+                 "set_config('plan_cache_mode', %s, true)", [seqscan, mode])
     return rows
 
 
