@@ -12,7 +12,13 @@ import pytest
 from prometheus_client import REGISTRY
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloud.db import Database, InlineDatabase, one_statement, run_transaction
+from cloud.db import (
+    PREPARED_MAX,
+    Database,
+    InlineDatabase,
+    one_statement,
+    run_transaction,
+)
 from cloud.store import accounts as accounts_store
 from cloud.store.errors import NotFound
 
@@ -104,6 +110,33 @@ def test_database_runs_and_closes_on_the_injected_reactor(db_dsn):
     stopped = db.stopService()
     assert reactor.called.wait(30), "the pool's close never reported to the injected reactor"
     _CASE.assertNoResult(stopped)
+    reactor.run_calls()
+    _CASE.successResultOf(stopped)
+
+
+def test_a_connection_keeps_more_statements_prepared_than_psycopgs_default(conn, db_dsn):
+    """The store's connections keep up to PREPARED_MAX statements prepared: 150 statements run
+    six times each on an InlineDatabase's connection are all still prepared on the server
+    (psycopg's default keeps 100 and deallocates the least recently used, which are then
+    parsed and planned again). The pool's connections are set the same way."""
+    db = InlineDatabase(conn)
+    conn.execute("DEALLOCATE ALL")
+    for _ in range(6):  # psycopg prepares a statement on its sixth run
+        for i in range(150):
+            _CASE.successResultOf(db.run("test_db_prepared", lambda c, i=i: c.execute(
+                f"SELECT {i} + %s::int", [i]).fetchone()))
+    (prepared,) = conn.execute("SELECT count(*) FROM pg_prepared_statements "
+                               "WHERE statement LIKE 'SELECT % + $1::int'").fetchone()
+    assert prepared == 150
+    reactor = RecordingReactor()
+    pool = Database(reactor, db_dsn, max_connections=1)
+    pool.startService()
+    d = pool.run("test_db_prepared_max", lambda c: c.prepared_max)
+    assert reactor.called.wait(30), "the transaction never reported to the injected reactor"
+    reactor.run_calls()
+    assert _CASE.successResultOf(d) == PREPARED_MAX
+    stopped = pool.stopService()
+    assert reactor.called.wait(30)
     reactor.run_calls()
     _CASE.successResultOf(stopped)
 
