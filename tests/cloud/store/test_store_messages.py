@@ -265,6 +265,20 @@ def _blocks_read(conn: psycopg.Connection) -> int:
         "AND c.relkind IN ('r', 'i')").fetchone()[0]
 
 
+def _write_history(conn: psycopg.Connection, cid: uuid.UUID, sender: uuid.UUID) -> None:
+    """5,000 cloud messages of *sender* in conversation *cid*, each with a pending outbox
+    row, written without the post path (and without an ANALYZE)."""
+    conn.execute(
+        "WITH m AS (INSERT INTO messages (conversation_id, seq, message_id, "
+        "  sender_account_id, sender_handle, sent_ms, body, origin, client_message_id) "
+        "  SELECT %(history)s, g, gen_random_uuid(), %(a)s, 'alice', %(now)s, 'history', "
+        "         'cloud', 'h-' || g FROM generate_series(1, 5000) g "
+        "  RETURNING conversation_id, seq, message_id) "
+        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
+        "SELECT conversation_id, seq, message_id, %(now)s FROM m",
+        {"history": cid, "a": sender, "now": NOW})
+
+
 def legacy_days(conn: psycopg.Connection) -> None:
     """Leave *conn*'s store empty with the statistics of a store where every message came
     from legacy (a TRUNCATE keeps a table's column statistics)."""
@@ -394,15 +408,7 @@ def test_a_batchs_plan_made_on_an_empty_store_still_reads_by_keys_after_it_grew(
         return _blocks_read(conn) - before
 
     early = max(batch() for _ in range(8))
-    conn.execute(
-        "WITH m AS (INSERT INTO messages (conversation_id, seq, message_id, "
-        "  sender_account_id, sender_handle, sent_ms, body, origin, client_message_id) "
-        "  SELECT %(history)s, g, gen_random_uuid(), %(a)s, 'alice', %(now)s, 'history', "
-        "         'cloud', 'h-' || g FROM generate_series(1, 5000) g "
-        "  RETURNING conversation_id, seq, message_id) "
-        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
-        "SELECT conversation_id, seq, message_id, %(now)s FROM m",
-        {"history": history, "a": a, "now": NOW})
+    _write_history(conn, history, a)
     for i in range(20):  # 1,000 accounts more, in as many conversations with alice
         make_conversation(conn, a, *(make_account(conn, f"crowd-{i}-{j}") for j in range(50)))
     late = batch()
@@ -444,15 +450,7 @@ def test_a_posts_cost_does_not_grow_with_the_history_written_after_its_first_pos
     # enough posts for psycopg to prepare a statement, which PostgreSQL then plans generically
     conn.execute("SET plan_cache_mode = force_generic_plan")
     early = max(post(f"early-{i}") for i in range(8))
-    conn.execute(
-        "WITH m AS (INSERT INTO messages (conversation_id, seq, message_id, "
-        "  sender_account_id, sender_handle, sent_ms, body, origin, client_message_id) "
-        "  SELECT %(history)s, g, gen_random_uuid(), %(a)s, 'alice', %(now)s, 'history', "
-        "         'cloud', 'h-' || g FROM generate_series(1, 5000) g "
-        "  RETURNING conversation_id, seq, message_id) "
-        "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
-        "SELECT conversation_id, seq, message_id, %(now)s FROM m",
-        {"history": history, "a": a, "now": NOW})
+    _write_history(conn, history, a)
     late = post("late")
     conn.execute("RESET plan_cache_mode")
     assert late <= early + 10, (early, late)
