@@ -165,14 +165,12 @@ _CLAIM = (
     "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, o.message_id, o.attempts, "
     "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles, "
     "    o.last_error IS NOT NULL AS retried), "
-    # members with legacy clients, counted once per conversation (not once per row), each
-    # member's account probed by its key (OFFSET 0 keeps the EXISTS a subplan: as a semi
-    # join, the planner hashed the conversation's members against a scan of every account)
+    # members with legacy clients, once per conversation, each account probed by key (OFFSET 0:
+    # as a semi join, the members were hashed against a scan of every account)
     "legacy_clients AS MATERIALIZED ("
-    "  SELECT d.conversation_id, (SELECT count(*) FROM members mb "
-    "    WHERE mb.conversation_id = d.conversation_id AND EXISTS ("
-    "      SELECT 1 FROM accounts a WHERE a.account_id = mb.account_id "
-    "      AND a.phase = ANY(%(phases)s) OFFSET 0)) AS members "
+    "  SELECT d.conversation_id, (SELECT count(*) FROM members mb WHERE mb.conversation_id "
+    "    = d.conversation_id AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = "
+    "    mb.account_id AND a.phase = ANY(%(phases)s) OFFSET 0)) AS members "
     "  FROM (SELECT DISTINCT conversation_id FROM claimed) d) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       coalesce((SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
@@ -182,11 +180,10 @@ _CLAIM = (
     "             a.handle) FROM accounts a WHERE a.account_id = mb.account_id) AS h "
     "             FROM members mb WHERE mb.conversation_id = c.conversation_id ORDER BY 1)), "
     "       lc.members "
-    "       + CASE WHEN cardinality(c.remove_handles) > 0 THEN ("
-    "           SELECT count(*) FROM account_handles h WHERE h.handle = ANY(c.remove_handles) "
-    "           AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = h.account_id "
-    "             AND a.phase = ANY(%(phases)s) OFFSET 0)) "
-    "         ELSE 0 END, "
+    "       + CASE WHEN cardinality(c.remove_handles) > 0 THEN (SELECT count(*) "
+    "         FROM account_handles h WHERE h.handle = ANY(c.remove_handles) AND EXISTS ("
+    "           SELECT 1 FROM accounts a WHERE a.account_id = h.account_id "
+    "           AND a.phase = ANY(%(phases)s) OFFSET 0)) ELSE 0 END, "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
     "       coalesce(c.remove_handles, '{}'), c.retried "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
