@@ -184,14 +184,20 @@ class Run:
 
 def lag_buckets(urls: list[str], direction: str = "to_cloud") -> dict[float, float]:
     """Cumulative counts of the workers' lag histogram in *direction*, summed, by bound."""
-    out: dict[float, float] = {}
     pattern = re.compile(r'^bridge_mirror_lag_seconds_bucket\{direction="' + direction
                          + r'",le="([^"]+)"\} (\S+)$', re.M)
+    return {float(le): total for le, total in _summed(urls, pattern).items()}
+
+
+def _summed(urls: list[str], pattern: re.Pattern) -> dict[str, float]:
+    """The values of the series *pattern* matches (group 1: the key, group 2: the value) in
+    the workers' metrics at *urls*, summed over the workers by key."""
+    out: dict[str, float] = {}
     for url in urls:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        for le, count in pattern.findall(text):
-            out[float(le)] = out.get(float(le), 0.0) + float(count)
+        for key, value in pattern.findall(text):
+            out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
@@ -204,13 +210,7 @@ _CYCLE_SERIES = re.compile(
 
 def cycle_totals(urls: list[str]) -> dict[str, float]:
     """The workers' running totals of the cloud -> legacy cycle's series, summed."""
-    out: dict[str, float] = {}
-    for url in urls:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        for series, value in _CYCLE_SERIES.findall(text):
-            out[series] = out.get(series, 0.0) + float(value)
-    return out
+    return _summed(urls, _CYCLE_SERIES)
 
 
 def pass_breakdown(before: dict[str, float], after: dict[str, float],
@@ -229,7 +229,7 @@ def pass_breakdown(before: dict[str, float], after: dict[str, float],
     tx = 'cloud_db_transaction_seconds_{}{{desc="{}"}}'
     batch = 'bridge_batch_{}_{}{{direction="to_legacy"}}'
     passes = delta(batch.format("size_messages", "count"))
-    recording = "complete_outbox_batch"  # the pass's recording (bridge.outbox.record_pass)
+    recording = "complete_outbox_batch"  # bridge.outbox.record_pass runs under this name
     return {"claims_per_s": round(delta(tx.format("count", "claim_outbox")) / seconds, 1),
             "rows_per_pass": (round(delta(batch.format("size_messages", "sum")) / passes, 1)
                               if passes else None),
