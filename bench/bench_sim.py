@@ -7,12 +7,14 @@ and whether it converged; then the medians, and the wall time a 45-day run of th
 would take at that pace (``projected_45_days_wall_s``: a projection, labelled as one; the
 issue's target is 5 minutes for 45 days of 2,000 users). Each run also says where its
 database time went (``transactions``: transactions and their seconds per simulated day, and
-the descriptions with the most time). The cohort plan is the built-in
+the descriptions with the most time). Each run is pinned with its database backends to one
+CPU, as ``bridgectl simulate`` pins it (``pinned_cpu``; ``--no-pin`` leaves affinities
+alone). The cohort plan is the built-in
 one laid out over 45 days (not squeezed into --days), so the measured days move cohorts at
 a 45-day run's pace. A progress line per simulated day goes to stderr.
 
 Usage: python bench/bench_sim.py [--dsn DSN] [--days D] [--users N] [--supernodes N]
-                                 [--repeat N]
+                                 [--repeat N] [--no-pin]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench_cloud import scratch_database  # noqa: E402
 
 from cloud import db as cloud_db  # noqa: E402
 from cloud import embedded  # noqa: E402
+from drills import colocate  # noqa: E402
 from drills.simplan import SimConfig, default_plan  # noqa: E402
 from drills.simulation import Simulation  # noqa: E402
 
@@ -69,11 +72,14 @@ def census(before: dict[str, tuple[float, float]], after: dict[str, tuple[float,
                      "mean_ms": round(s / n * 1000, 2)} for s, n, desc in rows[:CENSUS_TOP]]}
 
 
-def one_run(server: str, config: SimConfig) -> dict:
+def one_run(server: str, config: SimConfig, pin: bool = True) -> dict:
     before = transaction_totals()
     with scratch_database(server, "bridge_benchsim") as dsn, \
             psycopg.connect(dsn, autocommit=True) as conn, \
-            psycopg.connect(dsn, autocommit=True) as lock_conn:
+            psycopg.connect(dsn, autocommit=True) as lock_conn, \
+            colocate.pinned([conn, lock_conn], enabled=pin) as (cpu, why):
+        if cpu is None and pin:
+            print(f"bench-sim: not pinned to a CPU: {why}", file=sys.stderr, flush=True)
         report = Simulation(config, conn, lock_conn, progress=lambda line: print(
             f"bench-sim seed {config.seed}: {line}", file=sys.stderr, flush=True)).run()
     m = report["messages"]
@@ -82,6 +88,7 @@ def one_run(server: str, config: SimConfig) -> dict:
             "sim_days_per_wall_minute": round(config.days / wall * 60, 3),
             "messages": m["legacy_sent"] + m["cloud_posted"],
             "converged": report["converged"], "outcome_hash": report["outcome_hash"],
+            "pinned_cpu": cpu,
             "transactions": census(before, transaction_totals(), config.days)}
 
 
@@ -92,11 +99,13 @@ def main() -> None:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--supernodes", type=int, default=16)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave CPU affinities alone (as bridgectl simulate --no-pin)")
     args = p.parse_args()
     server = args.dsn or embedded.ensure_running(os.environ.get("BRIDGE_HOME", ".bridge"))
     runs = [one_run(server, SimConfig(days=args.days, users=args.users,
                                       supernodes=args.supernodes, seed=seed,
-                                      plan=default_plan(45)))
+                                      plan=default_plan(45)), pin=not args.no_pin)
             for seed in range(1, args.repeat + 1)]
     wall = statistics.median(r["wall_seconds"] for r in runs)
     print(json.dumps({"simulation": {

@@ -374,6 +374,8 @@ def test_the_command_prints_a_report_and_the_replay_line_of_a_swarm(capsys, db_s
     assert reports[0]["replay"].startswith("bridgectl simulate --seed 4 --days 0.5")
     assert "2 of 2 seeds converged" in err or "did not converge; replay:" in err
     assert "day 0.5/0.5" in err  # the progress line
+    # pinned with its backends to one CPU, or it says why not
+    assert all(r["pinned_cpu"] is not None for r in reports) or "not pinned to a CPU:" in err
 
 
 def test_the_text_report_shows_the_client_versions_and_the_replay_keeps_them(
@@ -390,8 +392,10 @@ def test_the_text_report_shows_the_client_versions_and_the_replay_keeps_them(
     line = next(x for x in out.splitlines() if "client versions:" in x)
     assert "devices 7.1 " in line and "8.0 " in line
     assert "minimum 8.0 from day 0.2:" in line and "logins refused as too old" in line
-    cli.main([*argv, "--json"])
-    report = json.loads(capsys.readouterr().out)
+    cli.main([*argv, "--json", "--no-pin"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["pinned_cpu"] is None and "not pinned" not in err  # left alone, as asked
     assert report["client_versions"]["refused_logins"] > 0
     assert report["replay"].endswith(
         "--client-versions 7.1:0.5,8.0:0.5 --min-version 8.0@0.2")
