@@ -87,9 +87,9 @@ SMALL_BATCH = 32
 
 #: The batch's rows from the statement's own array parameters, shaped as the staging table.
 _ROWS = (
-    "staged AS (SELECT * FROM unnest(%(ord)s::int4[], %(cid)s::uuid[], %(mid)s::uuid[], "
-    "  %(guid)s::text[], %(sender)s::uuid[], %(handle)s::text[], %(sent)s::int8[], "
-    "  %(body)s::text[], %(origin)s::text[]) AS s(ord, conversation_id, message_id, "
+    "staged AS (SELECT * FROM unnest(%(ord)b::int4[], %(cid)b::uuid[], %(mid)b::uuid[], "
+    "  %(guid)b::text[], %(sender)b::uuid[], %(handle)b::text[], %(sent)b::int8[], "
+    "  %(body)b::text[], %(origin)b::text[]) AS s(ord, conversation_id, message_id, "
     "  legacy_guid, sender_account_id, sender_handle, sent_ms, body, origin)), ")
 
 #: ``_MIRROR_INSERT_NEW`` for a small batch given as arrays (``_ROWS``).

@@ -302,8 +302,8 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     unmapped = [r for r in rows if r.item.legacy_chat_id is None]
     if unmapped:
         held = {row[0] for row in conn.execute(
-            "SELECT o.conversation_id FROM outbox_to_legacy o JOIN unnest(%s::uuid[], "
-            "%s::bigint[], %s::int[], %s::uuid[]) AS b(conversation_id, seq, sub, token) "
+            "SELECT o.conversation_id FROM outbox_to_legacy o JOIN unnest(%b::uuid[], "
+            "%b::bigint[], %b::int[], %b::uuid[]) AS b(conversation_id, seq, sub, token) "
             "ON o.conversation_id = b.conversation_id AND o.seq = b.seq AND o.sub = b.sub "
             "WHERE o.state = 'pending' AND o.claim_token = b.token "
             "ORDER BY o.conversation_id, o.seq, o.sub FOR UPDATE OF o",
@@ -317,7 +317,7 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     conn.execute("SET LOCAL enable_hashjoin = off")
     done = conn.execute(
         "WITH batch AS ("
-        "  SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::int[], %s::uuid[], %s::text[]) "
+        "  SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::int[], %b::uuid[], %b::text[]) "
         "  AS b(conversation_id, seq, sub, token, guid)), "
         "done AS ("
         "  UPDATE outbox_to_legacy o SET state = 'done', done_ms = %s, last_error = NULL "

@@ -171,7 +171,7 @@ _ARRAYS = ("ord", "cid", "mid", "guid", "sender", "handle", "sent", "body", "ori
 def _numbered(sql: str) -> str:
     """A psycopg query with %(now)s and the arrays as a PREPARE body ($1, $2...)."""
     for i, name in enumerate(_ARRAYS, start=2):
-        sql = sql.replace(f"%({name})s", f"${i}")
+        sql = sql.replace(f"%({name})s", f"${i}").replace(f"%({name})b", f"${i}")
     return sql.replace("%(now)s", "$1::bigint")
 
 
