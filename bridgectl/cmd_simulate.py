@@ -82,9 +82,9 @@ def add_commands(sub: Any) -> None:
                           "for each seed (must start with bridge_sim; default bridge_sim)")
     sim.add_argument("--no-pin", action="store_true",
                      help="leave the CPU affinities alone (default: the run and its database "
-                          "backends share the CPU it starts on, when the server is local and "
-                          "its backends can be pinned: each statement's round trip is then "
-                          "much shorter on a virtual machine)")
+                          "backends share one CPU, when the server is local and its backends "
+                          "can be pinned: each statement's round trip is then much shorter "
+                          "on a virtual machine)")
     sim.add_argument("--json", action="store_true",
                      help="print the report as one JSON object on stdout (a swarm: one per "
                           "line)")

@@ -3,14 +3,19 @@
 A simulation is one thread that waits on its PostgreSQL backend for every statement, in turn:
 the two never run at once. On a virtual machine, waking a process on the other CPU is slow;
 here a ``SELECT 1`` round trip took 60 µs between CPUs and 15 µs on one, and a simulated day
-of 2,000 users runs about a fifth faster with the process and its two backends pinned to the
-CPU it started on.
+of 2,000 users took 20.2-20.3 s with the thread and its two backends pinned to the
+CPU the thread was on when it pinned them, against 22.5-24.0 s unpinned (alternated).
 
-Pinning is done only where it is safe to: Linux, a server on this machine (a Unix socket or
-the loopback address), and a backend whose process this machine shows as that server's
-backend for our user and database (so a pid from another PID namespace is never touched).
-Anything else leaves every affinity as it was and says why. The affinities are put back
-afterwards.
+Pinning is done only where it is safe to: Linux, a server on this machine, and a backend
+that is provably this connection's. Over a Unix socket, the socket's peer (the postmaster
+that accepted it, as the kernel reports it in our PID namespace: 0 when it is not visible
+there) must be the backend's parent, and the backend must name itself as this user's, on
+this database, for a local client. Over the loopback address, the backend must name itself
+for this connection's own client address and port. Anything else leaves every affinity as
+it was and says why. The affinities are put back afterwards.
+
+Only the calling thread is pinned (``sched_setaffinity`` of pid 0 is the calling thread):
+the simulation runs in one thread, and a thread started meanwhile would inherit the pin.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,9 +33,9 @@ _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def current_cpu() -> int | None:
-    """The CPU this process last ran on (``/proc/self/stat`` field 39), or None."""
+    """The CPU this thread last ran on (``/proc/thread-self/stat`` field 39), or None."""
     try:
-        stat = Path("/proc/self/stat").read_text()
+        stat = Path("/proc/thread-self/stat").read_text()
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[-1].split()
@@ -40,26 +46,46 @@ def current_cpu() -> int | None:
 
 
 def local_backend(conn: psycopg.Connection) -> int | None:
-    """The pid of *conn*'s backend if it runs on this machine and shows as ours; else None."""
+    """The pid of *conn*'s backend if it runs on this machine and is provably this
+    connection's (see the module docstring); else None."""
     info = conn.info
     host = info.host or ""
-    if host.startswith("/"):
-        client = "[local]"
-    elif host in _LOOPBACK:
-        try:
-            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                addr, port = sock.getsockname()[:2]
-        except OSError:
-            return None
-        client = f"{addr}({port})"
-    else:
+    if not (host.startswith("/") or host in _LOOPBACK):
         return None
     pid = info.backend_pid
+    try:
+        fd = os.dup(conn.fileno())
+    except OSError:
+        return None
+    try:
+        with socket.socket(fileno=fd) as sock:
+            if sock.family == socket.AF_UNIX:
+                client = "[local]"
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+                peer = struct.unpack("3i", creds)[0]
+                if peer <= 0 or peer != _parent(pid):
+                    return None
+            else:
+                addr, port = sock.getsockname()[:2]
+                client = f"{addr}({port})"
+    except OSError:
+        return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode()
     except (OSError, UnicodeDecodeError):
         return None
     return pid if shows_as_backend(cmdline, info.user, info.dbname, client) else None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def shows_as_backend(cmdline: str, user: str, dbname: str, client: str) -> bool:
@@ -75,24 +101,31 @@ def shows_as_backend(cmdline: str, user: str, dbname: str, client: str) -> bool:
 @contextlib.contextmanager
 def pinned(conns: Sequence[psycopg.Connection], enabled: bool = True
            ) -> Iterator[tuple[int | None, str]]:
-    """Pin this process and the backends of *conns* to the CPU it runs on, for the block.
+    """Pin the calling thread and the backends of *conns* to the CPU the thread runs on,
+    for the block. Yields ``(cpu, why)``: the CPU, or None and the reason nothing was
+    pinned."""
+    cpu, why, before = _pin(conns) if enabled else (None, "not asked", [])
+    try:
+        yield cpu, why
+    finally:
+        _restore(before)
 
-    Yields ``(cpu, why)``: the CPU, or None and the reason nothing was pinned."""
-    if not enabled:
-        yield None, "not asked"
-        return
+
+def _pin(conns: Sequence[psycopg.Connection]
+         ) -> tuple[int | None, str, list[tuple[int, set[int]]]]:
+    """(cpu, why not, the affinities to put back)."""
     if not hasattr(os, "sched_setaffinity"):
-        yield None, "no CPU affinity on this system"
-        return
+        return None, "no CPU affinity on this system", []
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        return None, "one CPU only", []
     pids = [local_backend(c) for c in conns]
     if any(p is None for p in pids):
-        yield None, "the database server is not a local one whose backends this process sees"
-        return
+        return None, ("the database server is not a local one whose backends this process "
+                      "can tell apart"), []
     cpu = current_cpu()
-    mine = os.sched_getaffinity(0)
-    if cpu is None or cpu not in mine or len(mine) < 2:
-        yield None, "one CPU only" if len(mine) < 2 else "the current CPU is unknown"
-        return
+    if cpu is None or cpu not in mine:
+        return None, "the current CPU is unknown", []
     before: list[tuple[int, set[int]]] = []
     try:
         for pid in (0, *pids):
@@ -100,12 +133,11 @@ def pinned(conns: Sequence[psycopg.Connection], enabled: bool = True
             os.sched_setaffinity(pid, {cpu})
     except OSError as e:
         _restore(before)
-        yield None, f"cannot set CPU affinity ({e.strerror})"
-        return
-    try:
-        yield cpu, ""
-    finally:
+        return None, f"cannot set CPU affinity ({e.strerror})", []
+    except BaseException:
         _restore(before)
+        raise
+    return cpu, "", before
 
 
 def _restore(before: list[tuple[int, set[int]]]) -> None:

@@ -180,13 +180,14 @@ def test_the_simulation_census_counts_only_the_run_per_simulated_day():
 
 def test_the_simulation_checks_say_how_the_gaps_runs_after_day_31_went():
     """bench_sim's checks of a long run: the gaps runs after day 31 (only those), clean and
-    unclean outside a fault window; none for a run that ends before day 31."""
+    unclean outside a fault window; none for a run of 31 days or less."""
     import bench_sim
 
     def run(day: float, kind: str, clean: bool, faults: bool) -> dict:
         return {"day": day, "kind": kind, "exit_code": 0 if clean else 1, "clean": clean,
                 "during_faults": faults}
-    report = {"lost": 0, "duplicates": 1, "notifications_owed": 9, "notifications_acked": 8,
+    report = {"simulated_days": 45.0, "lost": 0, "duplicates": 1, "notifications_owed": 9,
+              "notifications_acked": 8,
               "notifications_failed": 1, "reconcile_runs": [
                   run(30.5, "gaps", False, False), run(31.25, "gaps", True, False),
                   run(31.25, "notifications", False, False), run(32.0, "gaps", False, True),
@@ -194,5 +195,8 @@ def test_the_simulation_checks_say_how_the_gaps_runs_after_day_31_went():
     got = bench_sim.checks(report)
     assert got["gaps_after_day_31"] == {"runs": 3, "clean": 1, "unclean_outside_faults": 1}
     assert (got["lost"], got["duplicates"], got["notifications_failed"]) == (0, 1, 1)
-    report["reconcile_runs"] = report["reconcile_runs"][:1]
+    report["reconcile_runs"] = report["reconcile_runs"][:1]  # none after day 31: it shows
+    assert bench_sim.checks(report)["gaps_after_day_31"] == {
+        "runs": 0, "clean": 0, "unclean_outside_faults": 0}
+    report["simulated_days"] = 31.0
     assert bench_sim.checks(report)["gaps_after_day_31"] is None

@@ -16,6 +16,11 @@ def test_the_process_and_its_backends_share_one_cpu_and_get_their_affinities_bac
         pids = [a.info.backend_pid, b.info.backend_pid]
         before = {pid: os.sched_getaffinity(pid) for pid in (0, *pids)}
         pinnable = all(colocate.local_backend(c) == c.info.backend_pid for c in (a, b))
+        host = a.info.host or ""
+        if host.startswith("/") or host in ("localhost", "127.0.0.1", "::1"):
+            # the test servers (embedded, or the machine's own) are this machine's: their
+            # backends are found, over a Unix socket and over the loopback address alike
+            assert pinnable
         with colocate.pinned([a, b]) as (cpu, why):
             during = {pid: os.sched_getaffinity(pid) for pid in (0, *pids)}
         if len(before[0]) < 2:
@@ -44,6 +49,7 @@ def test_nothing_is_pinned_when_not_asked(db_dsn):
     ("postgres: postgres bridge_sim [local] idle", True),
     ("postgres: 15/main: postgres bridge_sim [local] idle in transaction", True),
     ("postgres: postgres bridge_sim 127.0.0.1(5001) idle", False),  # another client
+    ("postgres: postgres bridge_sim ::1(5000) idle", False),  # another client (IPv6)
     ("postgres: postgres bridge_other [local] idle", False),  # another database
     ("postgres: alice bridge_sim [local] idle", False),  # another user
     ("postgres: checkpointer", False),
@@ -53,6 +59,6 @@ def test_nothing_is_pinned_when_not_asked(db_dsn):
 def test_only_a_process_that_shows_as_this_connections_backend_is_taken_for_it(cmdline,
                                                                                   ours):
     assert colocate.shows_as_backend(cmdline, "postgres", "bridge_sim", "[local]") is ours
-    assert colocate.shows_as_backend(
-        cmdline.replace("[local]", "127.0.0.1(5000)"), "postgres", "bridge_sim",
-        "127.0.0.1(5000)") is ours
+    for client in ("127.0.0.1(5000)", "::1(5001)"):
+        assert colocate.shows_as_backend(cmdline.replace("[local]", client), "postgres",
+                                         "bridge_sim", client) is ours

@@ -273,3 +273,23 @@ def test_a_claim_probes_the_accounts_of_its_members_and_scans_none(conn):
         plan = prepared_plan(conn, body, args, mode)
         assert "Seq Scan on accounts" not in plan, f"{mode}\n{plan}"
         assert "Index Scan using accounts_pkey on accounts a " in plan, plan
+
+
+def test_a_batch_with_and_without_guids_and_a_batch_of_posts_keep_every_value(conn):
+    """The arrays go in binary (``%b``): a NULL among the GUIDs stays NULL (a row completed
+    without a GUID), wide integers and non-ASCII text arrive as given."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c, chat="legacy-9")
+    bodies = ["zürich ☃", "日本語", "x" * 3]
+    posted = tx(conn, messages_store.post_messages, [
+        messages_store.Post(cid, a, f"é-{i}", body, NOW + 2**40 + i)
+        for i, body in enumerate(bodies)])
+    assert [m.body for m, created in posted] == bodies and all(c for _, c in posted)
+    assert conn.execute("SELECT client_message_id, sent_ms FROM messages ORDER BY seq"
+                        ).fetchall() == [(f"é-{i}", NOW + 2**40 + i) for i in range(3)]
+    items = tx(conn, outbox_store.claim_outbox, NOW + 2**40 + 10, 10, 1000)
+    batch = [outbox_store.Injected(i, "legacy-9", None if i.seq == 2 else f"cloud:{i.seq}")
+             for i in items]
+    assert tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 2**40 + 20) == items
+    assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
+        (1, "cloud:1"), (2, None), (3, "cloud:3")]
