@@ -22,6 +22,14 @@ def table_rows(conn, table: str) -> int:
     return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
+def numbered(sql: str, names: Sequence[str], start: int = 1) -> str:
+    """A psycopg query's named placeholders (``%(name)s`` or ``%(name)b``) as the positional
+    ones of a PREPARE body, *names* in order from ``$start``."""
+    for i, name in enumerate(names, start=start):
+        sql = sql.replace(f"%({name})s", f"${i}").replace(f"%({name})b", f"${i}")
+    return sql
+
+
 def prepared_plan(conn, body: str, args: Sequence[object], mode: str) -> str:
     """The plan of *body* (``$1``... placeholders) PREPAREd under ``plan_cache_mode`` *mode*
     (``force_custom_plan`` or ``force_generic_plan``), for *args*: the plan a prepared

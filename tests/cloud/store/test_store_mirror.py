@@ -17,7 +17,13 @@ from cloud.store import coordination as coordination_store
 from cloud.store import messages as messages_store
 from cloud.store import mirror as mirror_store
 from cloud.store.errors import NotFound, StaleFence
-from tests.cloud.store.storefixture import NOW, mirrored, prepared_plan, table_rows
+from tests.cloud.store.storefixture import (
+    NOW,
+    mirrored,
+    numbered,
+    prepared_plan,
+    table_rows,
+)
 from tests.dbfixture import make_account, make_conversation, tx
 
 
@@ -170,9 +176,7 @@ _ARRAYS = ("ord", "cid", "mid", "guid", "sender", "handle", "sent", "body", "ori
 
 def _numbered(sql: str) -> str:
     """A psycopg query with %(now)s and the arrays as a PREPARE body ($1, $2...)."""
-    for i, name in enumerate(_ARRAYS, start=2):
-        sql = sql.replace(f"%({name})s", f"${i}").replace(f"%({name})b", f"${i}")
-    return sql.replace("%(now)s", "$1::bigint")
+    return numbered(sql, _ARRAYS, start=2).replace("%(now)s", "$1::bigint")
 
 
 def test_mirrored_batch_keeps_source_order_and_drops_in_batch_duplicates(conn, mirror_path):

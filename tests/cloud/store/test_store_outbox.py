@@ -11,7 +11,7 @@ import pytest
 
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
-from tests.cloud.store.storefixture import NOW, prepared_plan
+from tests.cloud.store.storefixture import NOW, numbered, prepared_plan
 from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
 
 
@@ -263,10 +263,8 @@ def test_a_claim_probes_the_accounts_of_its_members_and_scans_none(conn):
              for i in range(25) for cid, sender in pairs]
     assert all(isinstance(r, tuple) for r in messages_store.post_messages(conn, posts))
     conn.execute("VACUUM ANALYZE")
-    names = ("now", "limit", "until", "per_conversation", "token", "phases", "window")
-    body = outbox_store._CLAIM
-    for i, name in enumerate(names, start=1):
-        body = body.replace(f"%({name})s", f"${i}")
+    body = numbered(outbox_store._CLAIM, ("now", "limit", "until", "per_conversation",
+                                          "token", "phases", "window"))
     args = (NOW + 10**6, 1000, NOW + 10**6 + 30_000, 50, uuid.uuid4(),
             list(outbox_store.LEGACY_CLIENT_PHASES), 4000)
     for mode in ("force_custom_plan", "force_generic_plan"):
