@@ -92,14 +92,14 @@ def checks(report: dict) -> dict:
 
 def one_run(server: str, config: SimConfig, pin: bool = True) -> dict:
     before = transaction_totals()
+
+    def progress(line: str) -> None:
+        print(f"bench-sim seed {config.seed}: {line}", file=sys.stderr, flush=True)
     with scratch_database(server, "bridge_benchsim") as dsn, \
             psycopg.connect(dsn, autocommit=True) as conn, \
             psycopg.connect(dsn, autocommit=True) as lock_conn, \
-            colocate.pinned([conn, lock_conn], enabled=pin) as (cpu, why):
-        if cpu is None and pin:
-            print(f"bench-sim: not pinned to a CPU: {why}", file=sys.stderr, flush=True)
-        report = Simulation(config, conn, lock_conn, progress=lambda line: print(
-            f"bench-sim seed {config.seed}: {line}", file=sys.stderr, flush=True)).run()
+            colocate.pinned([conn, lock_conn], enabled=pin, say=progress) as (cpu, _why):
+        report = Simulation(config, conn, lock_conn, progress=progress).run()
     m = report["messages"]
     wall = report["wall_seconds"]
     return {"seed": config.seed, "wall_seconds": wall,

@@ -177,9 +177,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         try:
             with psycopg.connect(dsn, autocommit=True) as conn, \
                     psycopg.connect(dsn, autocommit=True) as lock_conn, \
-                    colocate.pinned([conn, lock_conn], enabled=not args.no_pin) as (cpu, why):
-                if cpu is None and not args.no_pin:
-                    print(f"simulate: not pinned to a CPU: {why}", file=sys.stderr, flush=True)
+                    colocate.pinned([conn, lock_conn], enabled=not args.no_pin,
+                                    say=_progress) as (cpu, _why):
                 report = Simulation(config, conn, lock_conn, progress=_progress).run()
             report["pinned_cpu"] = cpu
         except psycopg.OperationalError as e:

@@ -24,7 +24,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -99,12 +99,14 @@ def shows_as_backend(cmdline: str, user: str, dbname: str, client: str) -> bool:
 
 
 @contextlib.contextmanager
-def pinned(conns: Sequence[psycopg.Connection], enabled: bool = True
-           ) -> Iterator[tuple[int | None, str]]:
+def pinned(conns: Sequence[psycopg.Connection], enabled: bool = True,
+           say: Callable[[str], None] | None = None) -> Iterator[tuple[int | None, str]]:
     """Pin the calling thread and the backends of *conns* to the CPU the thread runs on,
     for the block. Yields ``(cpu, why)``: the CPU, or None and the reason nothing was
-    pinned."""
+    pinned; *say* is told that reason when pinning was asked for and not done."""
     cpu, why, before = _pin(conns) if enabled else (None, "not asked", [])
+    if enabled and cpu is None and say is not None:
+        say(f"not pinned to a CPU: {why}")
     try:
         yield cpu, why
     finally:

@@ -21,8 +21,11 @@ def test_the_process_and_its_backends_share_one_cpu_and_get_their_affinities_bac
             # the test servers (embedded, or the machine's own) are this machine's: their
             # backends are found, over a Unix socket and over the loopback address alike
             assert pinnable
-        with colocate.pinned([a, b]) as (cpu, why):
+        said: list[str] = []
+        with colocate.pinned([a, b], say=said.append) as (cpu, why):
             during = {pid: os.sched_getaffinity(pid) for pid in (0, *pids)}
+        # told why only when nothing was pinned
+        assert said == ([] if cpu is not None else [f"not pinned to a CPU: {why}"])
         if len(before[0]) < 2:
             assert (cpu, why) == (None, "one CPU only")
         elif pinnable:
@@ -39,8 +42,9 @@ def test_the_process_and_its_backends_share_one_cpu_and_get_their_affinities_bac
 def test_nothing_is_pinned_when_not_asked(db_dsn):
     with psycopg.connect(db_dsn) as a:
         before = os.sched_getaffinity(0), os.sched_getaffinity(a.info.backend_pid)
-        with colocate.pinned([a], enabled=False) as (cpu, why):
-            assert (cpu, why) == (None, "not asked")
+        said: list[str] = []
+        with colocate.pinned([a], enabled=False, say=said.append) as (cpu, why):
+            assert (cpu, why) == (None, "not asked") and said == []
             assert (os.sched_getaffinity(0), os.sched_getaffinity(a.info.backend_pid)
                     ) == before
 
