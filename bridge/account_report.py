@@ -17,7 +17,6 @@ from cloud import admin
 from cloud.model import PHASES, Account
 from cloud.store import cohorts as cohorts_store
 from cloud.store import messages as messages_store
-from cloud.store import outbox as outbox_store
 
 
 def verdict(conn: psycopg.Connection, account: Account, config: gates.GateConfig,
@@ -55,7 +54,7 @@ def describe(conn: psycopg.Connection, account: Account, config: gates.GateConfi
         "cohorts": cohorts,
         "mirrored": {
             "to_cloud": messages_store.latest_from_legacy(conn, account.account_id, limit),
-            "to_legacy": outbox_store.latest_for_account(conn, account.account_id, limit)},
+            "to_legacy": messages_store.latest_to_legacy(conn, account.account_id, limit)},
         "limit": limit, "now_ms": now_ms,
         "next": next_steps(account, findings, cohorts),
     }

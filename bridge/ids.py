@@ -18,13 +18,16 @@ import functools
 import hashlib
 import uuid
 
+from cloud.model import CLOUD_GUID_PREFIX, cloud_message_guid
+
 _ROOT = uuid.UUID("6f1d2c3e-5b7a-4e0f-9a1b-2c3d4e5f6a7b")
 ACCOUNTS = uuid.uuid5(_ROOT, "legacy-handle")
 CONVERSATIONS = uuid.uuid5(_ROOT, "legacy-chat")
 MESSAGES = uuid.uuid5(_ROOT, "legacy-guid")
 
-#: Prefix of GUIDs and chat ids the bridge makes up for things born on the cloud.
-CLOUD_PREFIX = "cloud:"
+#: Prefix of GUIDs and chat ids the bridge makes up for things born on the cloud (the store
+#: writes a cloud message's GUID when it queues the message for legacy: ``cloud.model``).
+CLOUD_PREFIX = CLOUD_GUID_PREFIX
 
 #: Presence rows the bridge writes for legacy sources are named after the supernode:
 #: ``legacy:<supernode id>``.
@@ -85,7 +88,8 @@ _sha1, _new, _set, _UNKNOWN_SAFETY = (hashlib.sha1, object.__new__, object.__set
 
 
 def guid_for_cloud_message(message_id_: uuid.UUID) -> str:
-    return f"{CLOUD_PREFIX}{message_id_}"
+    """The GUID a cloud message has on legacy: the one the store gave it."""
+    return cloud_message_guid(message_id_)
 
 
 def chat_for_cloud_conversation(conversation_id_: uuid.UUID) -> str:

@@ -32,6 +32,19 @@ class Account:
     display_name: str = ""
 
 
+#: A cloud message's GUID on the legacy network: this prefix and its message id (so the
+#: bridge knows an echo of its own injection). The store writes it when it queues the
+#: message for legacy, and clears it if legacy will never have the message.
+CLOUD_GUID_PREFIX = "cloud:"
+#: The same as SQL, around an expression of a message id (``str.format``'s ``{}``).
+LEGACY_GUID_SQL = f"('{CLOUD_GUID_PREFIX}' || ({{}})::text)"
+
+
+def cloud_message_guid(message_id: uuid.UUID) -> str:
+    """The GUID a cloud message has on the legacy network (``CLOUD_GUID_PREFIX``)."""
+    return f"{CLOUD_GUID_PREFIX}{message_id}"
+
+
 @attrs.frozen
 class Message:
     conversation_id: uuid.UUID

@@ -17,10 +17,14 @@ from cloud.store import outbox as outbox_store
 
 def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     """The live status line's and the summary's figures, in one read transaction."""
+    # a cloud message has its legacy GUID from when it is queued for legacy: on legacy are
+    # those with one that are not still queued
     from_legacy, from_cloud, to_legacy = conn.execute(
         "SELECT count(*) FILTER (WHERE origin = 'legacy'), "
         "       count(*) FILTER (WHERE origin = 'cloud'), "
         "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL) "
+        "       - (SELECT count(*) FROM outbox_to_legacy "
+        "          WHERE state = 'pending' AND kind = 'message') "
         "FROM messages").fetchone()
     by_kind = admin.findings_by_state(conn).values()
     findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}

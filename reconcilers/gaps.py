@@ -299,6 +299,8 @@ class SecondLook:
     #: ``messages_by_guid``'s rows of the GUIDs missing in legacy (guid, sender, sent_ms,
     #: body); the second look keeps those legacy still lacks
     stored: tuple[tuple, ...]
+    #: of the GUIDs missing in legacy, those still queued for it: in flight, not repaired
+    queued: int = 0
 
 
 def second_look_rows(conn: psycopg.Connection, diffs: Sequence[ChatDiff]
@@ -310,14 +312,14 @@ def second_look_rows(conn: psycopg.Connection, diffs: Sequence[ChatDiff]
         still = (missing_guids(conn, d.conversation_id, sorted(d.missing_in_cloud))
                  if d.missing_in_cloud else set())
         handles: tuple[str, ...] = ()
-        legacy_clients, rows = 0, []
+        legacy_clients, rows, queued = 0, [], 0
         if d.missing_in_legacy:
             handles, legacy_clients = conversations_store.member_handles(
                 conn, d.conversation_id)
-            rows = digests_store.messages_by_guid(conn, d.conversation_id,
-                                                  sorted(d.missing_in_legacy))
+            rows, queued = digests_store.messages_by_guid(conn, d.conversation_id,
+                                                          sorted(d.missing_in_legacy))
         looks[d.conversation_id] = SecondLook(frozenset(still), handles, legacy_clients,
-                                              tuple(rows))
+                                              tuple(rows), queued)
     return looks
 
 
@@ -766,6 +768,9 @@ class GapsReconciler:
         if not diff.missing_in_legacy:
             return
         report = ctx.report
+        if look.queued:  # queued for legacy: the injector delivers them, in order
+            report.detail["queued_for_legacy"] = (
+                report.detail.get("queued_for_legacy", 0) + look.queued)
         handles, legacy_clients = look.handles, look.legacy_clients
         if members_seeded:
             handles, legacy_clients = await ctx.db.run(

@@ -17,7 +17,13 @@ import attrs
 import psycopg
 
 from cloud.db import one_statement
-from cloud.model import CLOUD_CLIENT_PHASES, LEGACY_CLIENT_PHASES, PHASES, Message
+from cloud.model import (
+    CLOUD_CLIENT_PHASES,
+    LEGACY_CLIENT_PHASES,
+    LEGACY_GUID_SQL,
+    PHASES,
+    Message,
+)
 from cloud.store.conversations import check_member
 from cloud.store.errors import (
     NotFound,
@@ -101,16 +107,18 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
 #             posts to 100 conversations read 10,000 index entries, a third of the batch's
 #             execution time at 50)
 #   numbered  each new post's seq: its conversation's next, in the order of the batch
-#   posted    the messages
-#   owed      their notification rows (the one rule, ``owed_notifications_sql``)
 #   membership, shared, legacy
 #             per conversation (its members found by its key), whether a member still has
 #             legacy clients, and the members' legacy-side handles. Every member's account
 #             row is share-locked, in id order, each found by its key (joined to the
 #             members, a plan that took a conversation for a large one read every account,
-#             tested), and read in the version the lock got: a move out of cloud-only that
-#             committed while this post waited (its back-fill could not see this post) is
-#             seen here, so the post queues its own row
+#             tested), after the conversations (membership reads bump), and read in the
+#             version the lock got: a move out of cloud-only that committed while this post
+#             waited (its back-fill could not see this post) is seen here, so the post
+#             queues its own row
+#   guided    each new post's legacy GUID, when it is owed to legacy (``cloud.store.outbox``)
+#   posted    the messages
+#   owed      their notification rows (the one rule, ``owed_notifications_sql``)
 #   queued    the outbox rows, when a member still has legacy clients; the members of this
 #             moment go with the row: legacy delivers it to them only
 #   woken     NOTIFY per conversation, unless an earlier row of it still waits for a claim
@@ -163,17 +171,10 @@ _POSTS = (
     "  SELECT c.*, b.first - 1 + row_number() OVER (PARTITION BY c.cid ORDER BY c.ord) AS seq "
     "  FROM checked c JOIN bump b ON b.conversation_id = c.cid "
     "  WHERE c.refusal IS NULL AND (c.stored).seq IS NULL), "
-    "posted AS ("
-    f"  INSERT INTO messages ({MESSAGE_COLS}) "
-    "  SELECT cid, seq, message_id, sender, handle, now_ms, body, 'cloud', NULL, client_id "
-    "  FROM numbered "
-    "  RETURNING conversation_id, seq, message_id, sender_account_id, sent_ms), "
-    "owed AS ("
-    f"{owed_notifications_sql('posted', 'ARRAY(SELECT cid FROM counts)', 'r.sent_ms')}), "
     "membership AS MATERIALIZED ("
-    "  SELECT mb.conversation_id, mb.account_id FROM counts k CROSS JOIN LATERAL ("
+    "  SELECT mb.conversation_id, mb.account_id FROM bump k CROSS JOIN LATERAL ("
     "    SELECT mb.conversation_id, mb.account_id FROM members mb "
-    "    WHERE mb.conversation_id = k.cid OFFSET 0) mb), "
+    "    WHERE mb.conversation_id = k.conversation_id OFFSET 0) mb), "
     "shared AS MATERIALIZED ("
     "  SELECT a.account_id, a.phase, coalesce(a.legacy_handle, a.handle) AS handle "
     "  FROM accounts a WHERE a.account_id = ANY (ARRAY(SELECT account_id FROM membership)) "
@@ -182,6 +183,16 @@ _POSTS = (
     "  SELECT m.conversation_id, bool_or(s.phase = ANY(%(legacy_phases)s)) AS owed, "
     "         array_agg(s.handle ORDER BY s.handle) AS handles "
     "  FROM membership m JOIN shared s USING (account_id) GROUP BY 1), "
+    "guided AS MATERIALIZED ("
+    f"  SELECT n.*, CASE WHEN l.owed THEN {LEGACY_GUID_SQL.format('n.message_id')} END "
+    "    AS guid FROM numbered n LEFT JOIN legacy l ON l.conversation_id = n.cid), "
+    "posted AS ("
+    f"  INSERT INTO messages ({MESSAGE_COLS}) "
+    "  SELECT cid, seq, message_id, sender, handle, now_ms, body, 'cloud', guid, client_id "
+    "  FROM guided "
+    "  RETURNING conversation_id, seq, message_id, sender_account_id, sent_ms), "
+    "owed AS ("
+    f"{owed_notifications_sql('posted', 'ARRAY(SELECT cid FROM counts)', 'r.sent_ms')}), "
     "queued AS ("
     "  INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
     "    member_handles) "
@@ -196,7 +207,7 @@ _POSTS = (
     "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms OFFSET 0)) "
     # woken modifies nothing, so it runs only if read: the created rows read it
     "SELECT ord, 'created', (SELECT count(*) FROM woken), cid, seq, message_id, sender, "
-    "  handle, now_ms, body, 'cloud', NULL, client_id FROM numbered "
+    "  handle, now_ms, body, 'cloud', guid, client_id FROM guided "
     "UNION ALL SELECT c.ord, 'replayed', 0, "
     f"  {', '.join('(c.stored).' + col for col in MESSAGE_COLS.split(', '))} "
     "FROM checked c WHERE c.refusal IS NULL AND (c.stored).seq IS NOT NULL "
@@ -433,3 +444,29 @@ def sync_for_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
     if before_seq is not None:
         return sync_before(conn, conversation_id, after_seq, before_seq, limit)
     return sync_messages(conn, conversation_id, after_seq, limit)
+
+
+def latest_to_legacy(conn: psycopg.Connection, account_id: uuid.UUID,
+                       limit: int) -> list[dict]:
+    """The *limit* newest message rows of the outbox to legacy (``cloud.store.outbox``) in
+    the account's conversations, whatever their state (pending, done, skipped, failed), newest first
+    (bodies left out): each conversation's newest by seq through its primary key, then
+    merged by when they were queued."""
+    rows = conn.execute(
+        "SELECT x.conversation_id, c.legacy_chat_id, x.seq, x.message_id, m.legacy_guid, "
+        "  m.sender_handle, m.sent_ms, x.state, x.attempts, x.created_ms, x.done_ms, "
+        "  x.skip_reason, x.last_error "
+        "FROM members mb JOIN conversations c USING (conversation_id) "
+        "CROSS JOIN LATERAL (SELECT o.conversation_id, o.seq, o.message_id, o.state, "
+        "  o.attempts, o.created_ms, o.done_ms, o.skip_reason, o.last_error "
+        "  FROM outbox_to_legacy o WHERE o.conversation_id = mb.conversation_id "
+        "  AND o.kind = 'message' ORDER BY o.seq DESC, o.sub DESC LIMIT %(limit)s) x "
+        "LEFT JOIN messages m ON m.conversation_id = x.conversation_id "
+        "  AND m.message_id = x.message_id "
+        "WHERE mb.account_id = %(account)s "
+        "ORDER BY x.created_ms DESC, x.conversation_id, x.seq DESC LIMIT %(limit)s",
+        {"account": account_id, "limit": limit}).fetchall()
+    return [{"conversation_id": str(r[0]), "legacy_chat_id": r[1], "seq": r[2],
+             "message_id": str(r[3]), "legacy_guid": r[4], "sender": r[5], "sent_ms": r[6],
+             "state": r[7], "attempts": r[8], "queued_ms": r[9], "done_ms": r[10],
+             "skip_reason": r[11], "last_error": r[12]} for r in rows]

@@ -7,6 +7,12 @@ when an account leaves cloud-only.
 A conversation's rows are ordered by ``(seq, sub)``: a message's row has its message's seq
 and sub 0; a membership change made after message N has seq N and sub 1, 2, ... (migration
 0010), so it is injected after message N and before message N + 1.
+
+A message queued here has its legacy GUID (``cloud.model.CLOUD_GUID_PREFIX``) from the moment
+it is queued, so it is in the maintained digests while it is in flight (the gaps
+reconciler's second look leaves pending rows to the injector) and a completion writes only
+its own row. A row that ends without reaching legacy (skipped, refused, given up) takes the
+GUID back (``_UNGUIDED``): legacy never had the message, and the digests say so.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import attrs
 import psycopg
 
 from cloud.db import one_statement
-from cloud.model import LEGACY_CLIENT_PHASES
+from cloud.model import LEGACY_CLIENT_PHASES, LEGACY_GUID_SQL
 from cloud.store import findings as findings_store
 
 #: LISTEN/NOTIFY channel the bridge waits on for new outbox_to_legacy rows.
@@ -34,6 +40,14 @@ NO_LEGACY_CLIENTS = "no_legacy_clients"
 #: ... or the legacy network will never accept it (an ``inject_refused`` finding says why).
 REFUSED = "refused"
 SKIP_REASONS = (NO_LEGACY_CLIENTS, REFUSED)
+
+#: A CTE that takes the legacy GUID back from the messages of the outbox rows in ``ended``
+#: (conversation_id, seq, kind) that will not reach legacy; only the GUID the store gave.
+_UNGUIDED = (
+    "unguided AS ("
+    "  UPDATE messages m SET legacy_guid = NULL FROM ended e WHERE e.kind = 'message' "
+    "    AND m.conversation_id = e.conversation_id AND m.seq = e.seq "
+    f"    AND m.legacy_guid = {LEGACY_GUID_SQL.format('m.message_id')})")
 
 
 #: The kinds of outbox row.
@@ -270,12 +284,14 @@ def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: 
                 (now_ms, item.conversation_id, item.seq, item.sub, item.claim_token))
             return False
     return conn.execute(
-        "UPDATE outbox_to_legacy SET state = 'skipped', skip_reason = %s, done_ms = %s, "
-        "  last_error = NULL "
-        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
-        "AND claim_token = %s",
+        "WITH ended AS ("
+        "  UPDATE outbox_to_legacy SET state = 'skipped', skip_reason = %s, done_ms = %s, "
+        "    last_error = NULL "
+        "  WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
+        f"  AND claim_token = %s RETURNING conversation_id, seq, kind), {_UNGUIDED} "
+        "SELECT count(*) FROM ended",
         (skip_reason, now_ms, item.conversation_id, item.seq, item.sub,
-         item.claim_token)).rowcount == 1
+         item.claim_token)).fetchone()[0] == 1
 
 
 def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) -> bool:
@@ -287,11 +303,12 @@ def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) ->
 
 def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
                           now_ms: int) -> list[OutboxItem]:
-    """Mark injected rows done in one transaction, with each message's legacy GUID (and
-    a cloud-born conversation's legacy chat id, where its rows carry none: the injector
-    records it before it sends); the rows it completed (those still pending under their
-    item's claim), in the order given. A message that gets its GUID enters the
-    maintained digests (a trigger on ``messages``, migration 0019), in this transaction."""
+    """Mark injected rows done in one transaction (and record a cloud-born conversation's
+    legacy chat id, where its rows carry none: the injector records it before it sends);
+    the rows it completed (those still pending under their item's claim), in the order
+    given. A message has its GUID since it was queued; one queued without (by a version
+    before migration 0022) gets it here, and with it its place in the maintained digests
+    (a trigger on ``messages``, migration 0019), in this transaction."""
     if not rows:
         return []
     # Cloud-born conversations keep the chat id the bridge made up for them. The injector
@@ -327,7 +344,7 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
         "guids AS ("
         "  UPDATE messages m SET legacy_guid = d.guid FROM done d "
         "  WHERE d.kind = 'message' AND m.conversation_id = d.conversation_id "
-        "    AND m.seq = d.seq AND m.legacy_guid IS DISTINCT FROM d.guid) "
+        "    AND m.seq = d.seq AND m.legacy_guid IS NULL) "
         "SELECT conversation_id, seq, sub FROM done",
         ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
          [r.item.sub for r in rows], [r.item.claim_token for r in rows],
@@ -459,8 +476,10 @@ def fail_outbox_item(conn: psycopg.Connection, item: OutboxItem, reason: str,
          **membership_detail(item)},
         now_ms, conversation_id=item.conversation_id)
     conn.execute(
-        "UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
-        "WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending'",
+        "WITH ended AS ("
+        "  UPDATE outbox_to_legacy SET state = 'failed', done_ms = %s, last_error = %s "
+        "  WHERE conversation_id = %s AND seq = %s AND sub = %s AND state = 'pending' "
+        f"  RETURNING conversation_id, seq, kind), {_UNGUIDED} SELECT count(*) FROM ended",
         (now_ms, reason[:500], item.conversation_id, item.seq, item.sub))
     return True
 
@@ -473,28 +492,3 @@ def release_outbox_items(conn: psycopg.Connection, items: Sequence[OutboxItem], 
     return sum(release_outbox(conn, item, error, retry_at_ms, tried=i < tried)
                for i, item in enumerate(items))
 
-
-def latest_for_account(conn: psycopg.Connection, account_id: uuid.UUID,
-                       limit: int) -> list[dict]:
-    """The *limit* newest message rows of the outbox to legacy in the account's
-    conversations, whatever their state (pending, done, skipped, failed), newest first
-    (bodies left out): each conversation's newest by seq through its primary key, then
-    merged by when they were queued."""
-    rows = conn.execute(
-        "SELECT x.conversation_id, c.legacy_chat_id, x.seq, x.message_id, m.legacy_guid, "
-        "  m.sender_handle, m.sent_ms, x.state, x.attempts, x.created_ms, x.done_ms, "
-        "  x.skip_reason, x.last_error "
-        "FROM members mb JOIN conversations c USING (conversation_id) "
-        "CROSS JOIN LATERAL (SELECT o.conversation_id, o.seq, o.message_id, o.state, "
-        "  o.attempts, o.created_ms, o.done_ms, o.skip_reason, o.last_error "
-        "  FROM outbox_to_legacy o WHERE o.conversation_id = mb.conversation_id "
-        "  AND o.kind = 'message' ORDER BY o.seq DESC, o.sub DESC LIMIT %(limit)s) x "
-        "LEFT JOIN messages m ON m.conversation_id = x.conversation_id "
-        "  AND m.message_id = x.message_id "
-        "WHERE mb.account_id = %(account)s "
-        "ORDER BY x.created_ms DESC, x.conversation_id, x.seq DESC LIMIT %(limit)s",
-        {"account": account_id, "limit": limit}).fetchall()
-    return [{"conversation_id": str(r[0]), "legacy_chat_id": r[1], "seq": r[2],
-             "message_id": str(r[3]), "legacy_guid": r[4], "sender": r[5], "sent_ms": r[6],
-             "state": r[7], "attempts": r[8], "queued_ms": r[9], "done_ms": r[10],
-             "skip_reason": r[11], "last_error": r[12]} for r in rows]

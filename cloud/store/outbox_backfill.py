@@ -8,6 +8,7 @@ import uuid
 import attrs
 import psycopg
 
+from cloud.model import LEGACY_GUID_SQL
 from cloud.store.outbox import OUTBOX_CHANNEL
 
 
@@ -39,9 +40,9 @@ class Backfill:
 
 
 # What legacy never got, in the account's conversations: a cloud message with no legacy
-# GUID (it would have one once injected) that either has no outbox row or whose row was
-# skipped because nobody was on legacy. Rows skipped as refused, failed (given up, with a
-# finding), pending or done are left as they are.
+# GUID (it has one while it is queued and once injected) that either has no outbox row or
+# whose row was skipped because nobody was on legacy. Rows skipped as refused, failed
+# (given up, with a finding), pending or done are left as they are.
 _MISSED = (
     "m.conversation_id = ANY(%(cids)s) AND m.origin = 'cloud' AND m.legacy_guid IS NULL "
     "AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = "
@@ -99,6 +100,13 @@ def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: i
         "SELECT m.conversation_id, m.seq, m.message_id, %(now)s FROM messages m "
         f"WHERE {_MISSED} AND m.sent_ms >= %(since)s "
         "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING", params).rowcount
+    if queued or requeued:  # what is queued for legacy has its legacy GUID (cloud.store.outbox)
+        conn.execute(
+            f"UPDATE messages m SET legacy_guid = {LEGACY_GUID_SQL.format('m.message_id')} "
+            "FROM outbox_to_legacy o WHERE o.conversation_id = ANY(%(cids)s) "
+            "  AND o.state = 'pending' AND o.kind = 'message' "
+            "  AND m.conversation_id = o.conversation_id AND m.seq = o.seq "
+            "  AND m.legacy_guid IS NULL", params)
     too_old = conn.execute(
         f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
         params).fetchone()[0]

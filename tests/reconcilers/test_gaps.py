@@ -16,6 +16,7 @@ from bridge.ops import status
 from cloud.db import InlineDatabase
 from cloud.store import coordination as coordination_store
 from cloud.store import findings as findings_store
+from cloud.store import messages as messages_store
 from reconcilers import runner
 from reconcilers.gaps import GapsConfig, GapsReconciler
 from tests.bridge.test_follower import Bridge, chat_messages
@@ -194,6 +195,34 @@ def test_a_chat_whose_legacy_half_fails_still_gets_its_cloud_repair(scene):
     assert set(guids[1:3]) <= {r[1] for r in chat_messages(scene.conn, "chat-a")}
     again, _ = scene.reconcile()
     assert again.repaired == 1 and again.clean
+
+
+def test_a_message_still_queued_for_legacy_is_in_flight_not_repaired(scene):
+    """A cloud post has its legacy GUID (so its digest) from when it is queued: while its
+    outbox row is pending, the reconciler leaves it to the injector (counted, not confirmed,
+    no finding); once the row says injected and the home still lacks it, it is a loss, and
+    repaired."""
+    scene.chat("chat-a", 5)
+    scene.mirror()
+    cid = ids.conversation_id("chat-a")
+    alice = scene.conn.execute("SELECT account_id FROM accounts WHERE handle = 'alice'"
+                               ).fetchone()[0]
+    with scene.conn.transaction():
+        message, _ = messages_store.post_message(scene.conn, cid, alice, "c1", "queued",
+                                                 int(scene.net.clock.seconds() * 1000))
+    guid = ids.guid_for_cloud_message(message.message_id)
+    assert message.legacy_guid == guid
+    home = scene.net.supernodes[scene.net.ring.home_of("chat-a")]
+    report, _ = scene.reconcile()
+    assert (report.suspects, report.confirmed, report.repaired) == (1, 0, 0)
+    assert report.detail["queued_for_legacy"] == 1 and report.clean
+    assert guid not in {m.guid for m in home.history("chat-a")}
+    assert scene.conn.execute("SELECT count(*) FROM reconcile_findings").fetchone() == (0,)
+    # the row says done, but the home never got the message (an Ack for a lost write)
+    scene.conn.execute("UPDATE outbox_to_legacy SET state = 'done'")
+    again, _ = scene.reconcile()
+    assert (again.confirmed, again.repaired) == (1, 1) and "queued_for_legacy" not in again.detail
+    assert guid in {m.guid for m in home.history("chat-a")}
 
 
 def test_an_injection_goes_to_the_members_a_cloud_repair_of_the_same_round_listed(scene):

@@ -9,7 +9,6 @@ from cloud.store import cohorts as cohorts_store
 from cloud.store import conversations as conversations_store
 from cloud.store import messages as messages_store
 from cloud.store import mirror as mirror_store
-from cloud.store import outbox as outbox_store
 from tests.cloud.store.storefixture import NOW, mirrored
 from tests.dbfixture import make_account, make_conversation, tx
 
@@ -53,7 +52,7 @@ def test_the_newest_outbox_rows_of_its_conversations_in_any_state_messages_only(
     tx(conn, conversations_store.add_member, ab, alice, "fred", NOW + 60)
     assert conn.execute("SELECT count(*) FROM outbox_to_legacy WHERE kind = 'members'"
                         ).fetchone()[0] == 1
-    got = tx(conn, outbox_store.latest_for_account, alice, 10)
+    got = tx(conn, messages_store.latest_to_legacy, alice, 10)
     assert [(m["conversation_id"], m["queued_ms"], m["state"]) for m in got] == [
         (str(ab), NOW + 3, "pending"), (str(ac), NOW + 1, "done"),
         (str(ab), NOW + 0, "pending")]

@@ -13,6 +13,7 @@ import pytest
 
 from cloud import admin
 from cloud.store import accounts as accounts_store
+from cloud.store import digests as digests_store
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
 from cloud.store import outbox_backfill
@@ -35,6 +36,13 @@ def rows(conn, cid) -> list[tuple]:
     return conn.execute(
         "SELECT seq, state, skip_reason, attempts, created_ms, claim_token IS NULL "
         "FROM outbox_to_legacy WHERE conversation_id = %s ORDER BY seq", (cid,)).fetchall()
+
+
+def guids(conn, cid) -> dict[int, bool]:
+    """seq -> whether the message has the legacy GUID the store gives a cloud message."""
+    return dict(conn.execute(
+        "SELECT seq, legacy_guid IS NOT DISTINCT FROM 'cloud:' || message_id::text "
+        "FROM messages WHERE conversation_id = %s", (cid,)).fetchall())
 
 
 def skip(conn, reason: str) -> None:
@@ -72,7 +80,8 @@ def test_the_backfill_queues_only_what_legacy_missed(conn, pair):
     post(conn, cid, alice, "refused", NOW - 4000)
     skip(conn, outbox_store.REFUSED)
     post(conn, cid, bob, "given up", NOW - 3900)
-    conn.execute("UPDATE outbox_to_legacy SET state = 'failed' WHERE seq = 3")
+    [item] = tx(conn, outbox_store.claim_outbox, NOW, 100, 1000)
+    assert tx(conn, outbox_store.fail_outbox_item, item, "too many attempts", NOW)
     post(conn, cid, alice, "drained after bob left", NOW - 3000)
     tx(conn, accounts_store.set_phase, bob, "cloud-only")
     skip(conn, outbox_store.NO_LEGACY_CLIENTS)
@@ -83,6 +92,11 @@ def test_the_backfill_queues_only_what_legacy_missed(conn, pair):
     assert [r[:3] for r in rows(conn, cid)] == [
         (1, "done", None), (2, "skipped", "refused"), (3, "failed", None),
         (4, "skipped", "no_legacy_clients")]
+    # a message has its legacy GUID while queued and once injected; a row that ended
+    # without reaching legacy took it back, and the digests follow
+    assert guids(conn, cid) == {1: True, 2: False, 3: False, 4: False, 5: False, 6: False,
+                                7: False}
+    assert tx(conn, digests_store.maintained_slots) == tx(conn, digests_store.scratch_slots)
 
     expected = Backfill(conversations=1, queued=2, requeued=1, too_old=1)
     assert tx(conn, outbox_backfill.preview_backfill, alice, SINCE) == expected
@@ -90,9 +104,12 @@ def test_the_backfill_queues_only_what_legacy_missed(conn, pair):
     applied = leave_cloud_only(conn, alice)
     assert applied == admin.AppliedChange(True, expected)
     assert tx(conn, outbox_backfill.preview_backfill, alice, SINCE) == Backfill(1, 0, 0, 1)
+    assert guids(conn, cid) == {1: True, 2: False, 3: False, 4: True, 5: True, 6: True,
+                                7: False}  # the queued ones have theirs again
+    assert tx(conn, digests_store.maintained_slots) == tx(conn, digests_store.scratch_slots)
     assert rows(conn, cid) == [
         (1, "done", None, 1, NOW - 5000, False), (2, "skipped", "refused", 1, NOW - 4000, False),
-        (3, "failed", None, 0, NOW - 3900, True),
+        (3, "failed", None, 1, NOW - 3900, False),
         # queued now, unclaimed, with a fresh attempt budget
         (4, "pending", None, 0, NOW + 1000, True), (5, "pending", None, 0, NOW + 1000, True),
         (6, "pending", None, 0, NOW + 1000, True)]

@@ -114,11 +114,18 @@ def test_dirty_set_is_cleared_only_by_an_unchanged_compare_below_its_newest_mess
     assert tx(conn, digests_store.clear_dirty, tx(conn, digests_store.dirty_versions),
               BASE + 100) == 1
     assert tx(conn, digests_store.dirty_versions) == {}
-    tx(conn, messages_store.post_message, cid, a, "c1", "no guid yet", NOW)
-    assert tx(conn, digests_store.dirty_versions) == {}  # no legacy GUID: not digested
     tx(conn, mirror_store.write_mirrored_batch,
        MirrorBatch((mirrored(cid, a, "alice", "g1", BASE + 5),)), NOW)
     assert tx(conn, digests_store.dirty_versions) == {}  # a replay changes nothing
+    tx(conn, accounts_store.set_phase, a, "cloud-only")
+    tx(conn, messages_store.post_message, cid, a, "c1", "legacy is not owed it", NOW)
+    assert tx(conn, digests_store.dirty_versions) == {}  # no legacy GUID: not digested
+    tx(conn, accounts_store.set_phase, a, "dual")
+    tx(conn, messages_store.post_message, cid, a, "c2", "queued for legacy", NOW)
+    # queued for legacy: its GUID from the start, so in the digests while it is in flight
+    assert set(tx(conn, digests_store.dirty_versions)) == {cid}
+    assert tx(conn, digests_store.clear_dirty, tx(conn, digests_store.dirty_versions),
+              NOW + 1) == 1
     tx(conn, digests_store.mark_dirty, [cid])
     assert set(tx(conn, digests_store.dirty_versions)) == {cid}
 
@@ -158,10 +165,10 @@ CHATS = ("chat-a", "chat-b", "chat-c")
 
 
 class MaintainedDigests(RuleBasedStateMachine):
-    """Mirror writes, repairs, posts and their legacy GUIDs, prunes, truncations, rolled-back
-    writes and clean compares in any order; after each, the maintained slots equal the
-    scratch ones and the dirty set names every conversation whose digested messages
-    changed."""
+    """Mirror writes, repairs, posts (queued with their legacy GUIDs), their injections and
+    give-ups, prunes, truncations, rolled-back writes and clean compares in any order; after
+    each, the maintained slots equal the scratch ones and the dirty set names every
+    conversation whose digested messages changed."""
 
     conn: psycopg.Connection
 
@@ -219,23 +226,35 @@ class MaintainedDigests(RuleBasedStateMachine):
 
     @rule(chat=st.sampled_from(CHATS))
     def post(self, chat: str) -> None:
-        """A cloud client's post: no legacy GUID yet, so no digest."""
+        """A cloud client's post, queued for legacy (its members are in phase dual): it has
+        its legacy GUID, so its digest, at once."""
         self.posted += 1
         tx(self.conn, messages_store.post_message, self.cids[chat], self.accounts["ben"],
            f"c{self.posted}", f"posted {self.posted}", NOW + self.posted)
+        self.changed.add(self.cids[chat])
+
+    def _claim(self, limit: int) -> list[outbox_store.OutboxItem]:
+        return [i for i in tx(self.conn, outbox_store.claim_outbox, NOW, limit, 60_000)
+                if i.kind == outbox_store.MESSAGE]
 
     @rule(limit=st.integers(1, 5))
     def inject(self, limit: int) -> None:
-        """The bridge injected posts into legacy: their messages get their legacy GUIDs."""
-        items = tx(self.conn, outbox_store.claim_outbox, NOW, limit, 60_000)
+        """The bridge injected posts into legacy: their messages had their GUIDs already,
+        so nothing digested changes."""
         done = [outbox_store.Injected(i, i.legacy_chat_id or "chat-a",
-                                      f"cloud:{i.message_id}") for i in items
-                if i.kind == outbox_store.MESSAGE]
-        completed = tx(self.conn, outbox_store.complete_outbox_batch, done, NOW)
-        got = self.conn.execute(  # a message pruned since it was posted gets no GUID
-            "SELECT DISTINCT conversation_id FROM messages WHERE message_id = ANY(%s) "
-            "AND legacy_guid IS NOT NULL", ([i.message_id for i in completed],)).fetchall()
-        self.changed |= {r[0] for r in got}
+                                      f"cloud:{i.message_id}") for i in self._claim(limit)]
+        tx(self.conn, outbox_store.complete_outbox_batch, done, NOW)
+
+    @rule()
+    def give_up(self) -> None:
+        """The injector gave a row up: its message takes its GUID back (legacy never had
+        it), so it leaves the digests."""
+        for item in self._claim(1):
+            had = self.conn.execute(  # a message pruned since it was posted has nothing
+                "SELECT 1 FROM messages WHERE message_id = %s", (item.message_id,)).fetchone()
+            assert tx(self.conn, outbox_store.fail_outbox_item, item, "given up", NOW)
+            if had:
+                self.changed.add(item.conversation_id)
 
     @rule(slot=st.integers(-3, 4))
     def prune(self, slot: int) -> None:

@@ -68,10 +68,14 @@ def test_outbox_to_legacy_only_when_a_member_still_uses_legacy_clients(conn):
     c = make_account(conn, "carol", "dual")
     cloud_only = make_conversation(conn, a, b)
     mixed = make_conversation(conn, a, c)
-    tx(conn, messages_store.post_message, cloud_only, a, "c-1", "x", NOW)
-    tx(conn, messages_store.post_message, mixed, a, "c-2", "y", NOW)
+    alone, _ = tx(conn, messages_store.post_message, cloud_only, a, "c-1", "x", NOW)
+    queued, _ = tx(conn, messages_store.post_message, mixed, a, "c-2", "y", NOW)
     rows = conn.execute("SELECT conversation_id, seq FROM outbox_to_legacy").fetchall()
     assert rows == [(mixed, 1)]
+    # the queued message has its legacy GUID from the start (the injection writes none)
+    assert (alone.legacy_guid, queued.legacy_guid) == (None, f"cloud:{queued.message_id}")
+    assert conn.execute("SELECT conversation_id, legacy_guid FROM messages ORDER BY 2"
+                        ).fetchall() == [(mixed, queued.legacy_guid), (cloud_only, None)]
 
 
 def test_post_and_its_outbox_rows_commit_together_or_not_at_all(conn):

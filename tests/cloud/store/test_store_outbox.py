@@ -27,13 +27,17 @@ def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
     assert first[0].legacy_client_members == 2 and first[0].attempts == 1
     # seq 3 waits: an earlier row of its conversation is claimed (order across workers)
     assert tx(conn, outbox_store.claim_outbox, NOW + 10, 10, 1000) == []
-    tx(conn, outbox_store.complete_outbox, first[0], "chat-x", "cloud:g1", NOW + 20)
+    # queued for legacy, each message has its legacy GUID from its post ...
+    message = "SELECT ctid, legacy_guid FROM messages WHERE seq = 1"
+    posted = conn.execute(message).fetchone()
+    assert posted[1] == f"cloud:{first[0].message_id}"
+    tx(conn, outbox_store.complete_outbox, first[0], "chat-x", posted[1], NOW + 20)
     tx(conn, outbox_store.release_outbox, first[1], "supernode down", NOW + 500)
     again = tx(conn, outbox_store.claim_outbox, NOW + 600, 10, 1000)
     assert [(i.seq, i.attempts) for i in again] == [(2, 2), (3, 1)]
     assert again[0].legacy_chat_id == "chat-x"
-    assert conn.execute("SELECT legacy_guid FROM messages WHERE seq = 1").fetchone() == (
-        "cloud:g1",)
+    # ... so its completion writes only the outbox row (the message keeps its row version)
+    assert conn.execute(message).fetchone() == posted
     # seq 2 was posted at NOW+1
     assert tx(conn, outbox_store.outbox_backlog, NOW + 1000) == (2, 999)
 
@@ -73,7 +77,12 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
         return conn.execute("SELECT seq, state, claimed_until_ms, last_error FROM "
                             "outbox_to_legacy ORDER BY seq").fetchall()
 
-    held = rows()
+    def messages():
+        return conn.execute("SELECT seq, ctid, legacy_guid FROM messages ORDER BY seq"
+                            ).fetchall()
+
+    held, posted = rows(), messages()
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 1")  # an older writer's
     assert tx(conn, outbox_store.complete_outbox, stale[0], "chat-x", "cloud:g1", NOW + 2001) \
         is False
     assert tx(conn, outbox_store.complete_outbox_batch,
@@ -84,8 +93,7 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
                   skipped=True, skip_reason=reason) is False
     assert tx(conn, outbox_store.release_outbox, stale[1], "late", NOW + 2002) is False
     assert rows() == held
-    assert conn.execute("SELECT count(*) FROM messages WHERE legacy_guid IS NOT NULL"
-                        ).fetchone() == (0,)
+    assert [m[2] for m in messages()] == [None, posted[1][2]]  # no GUID written or taken
     assert conn.execute("SELECT legacy_chat_id FROM conversations").fetchone() == (None,)
     assert tx(conn, outbox_store.release_outbox, fresh[1], "down", NOW + 2500) is True
     assert tx(conn, outbox_store.complete_outbox, fresh[0], "chat-x", "cloud:g1", NOW + 2003)
@@ -93,8 +101,9 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
 
 
 def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
-    """Every row's state and GUID and the conversation's chat id are written together; a
-    failure part-way rolls all of it back."""
+    """Every row's state, the GUID a message lacks (queued by a version before migration
+    0022) and the conversation's chat id are written together; a failure part-way rolls all
+    of it back."""
     a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
     cids = [make_conversation(conn, a, c), make_conversation(conn, a, c, chat="legacy-7")]
     for cid in cids:
@@ -103,12 +112,13 @@ def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
     items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
     batch = [outbox_store.Injected(i, i.legacy_chat_id or "born-1", f"cloud:{i.message_id}")
              for i in items]
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 2")  # an older writer's
     with failing_inserts(conn, "conversation_legacy_ids", "no"), \
             pytest.raises(psycopg.errors.RaiseException):
         tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5)
     assert conn.execute("SELECT count(*) FROM outbox_to_legacy WHERE state = 'pending'"
                         ).fetchone() == (4,)
-    assert conn.execute("SELECT count(legacy_guid) FROM messages").fetchone() == (0,)
+    assert conn.execute("SELECT count(legacy_guid) FROM messages").fetchone() == (2,)
     assert tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5) == [
         b.item for b in batch]
     assert conn.execute("SELECT state, done_ms, count(*) FROM outbox_to_legacy GROUP BY 1, 2"
@@ -180,7 +190,7 @@ def test_membership_changes_are_claimed_in_order_with_the_messages(conn):
        [outbox_store.Injected(items[0], "chat-x", "cloud:g1"),
         outbox_store.Injected(items[1], "chat-x", None)], NOW + 20)
     assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
-        (1, "cloud:g1"), (2, None)]
+        (i.seq, f"cloud:{i.message_id}") for i in (items[0], items[4])]  # as posted
     assert conn.execute("SELECT seq, sub, state FROM outbox_to_legacy ORDER BY seq, sub"
                         ).fetchall() == [(1, 0, "done"), (1, 1, "done"), (1, 2, "pending"),
                                          (1, 3, "pending"), (2, 0, "pending")]
@@ -275,7 +285,8 @@ def test_a_claim_probes_the_accounts_of_its_members_and_scans_none(conn):
 
 def test_a_batch_with_and_without_guids_and_a_batch_of_posts_keep_every_value(conn):
     """The arrays go in binary (``%b``): a NULL among the GUIDs stays NULL (a row completed
-    without a GUID), wide integers and non-ASCII text arrive as given."""
+    without a GUID, for messages queued without one by a version before migration 0022),
+    wide integers and non-ASCII text arrive as given."""
     a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
     cid = make_conversation(conn, a, c, chat="legacy-9")
     bodies = ["zürich ☃", "日本語", "x" * 3]
@@ -286,8 +297,42 @@ def test_a_batch_with_and_without_guids_and_a_batch_of_posts_keep_every_value(co
     assert conn.execute("SELECT client_message_id, sent_ms FROM messages ORDER BY seq"
                         ).fetchall() == [(f"é-{i}", NOW + 2**40 + i) for i in range(3)]
     items = tx(conn, outbox_store.claim_outbox, NOW + 2**40 + 10, 10, 1000)
+    conn.execute("UPDATE messages SET legacy_guid = NULL")  # an older writer's rows
     batch = [outbox_store.Injected(i, "legacy-9", None if i.seq == 2 else f"cloud:{i.seq}")
              for i in items]
     assert tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 2**40 + 20) == items
     assert conn.execute("SELECT seq, legacy_guid FROM messages ORDER BY seq").fetchall() == [
         (1, "cloud:1"), (2, None), (3, "cloud:3")]
+
+
+def test_migration_0022_gives_queued_messages_their_guid_and_no_others(empty_dsn, monkeypatch):
+    """Messages an older version queued without a GUID get theirs (and their digests) from
+    0022 when their row is pending; a skipped one and one legacy was never owed do not."""
+    from cloud import schema
+    from cloud.store import digests as digests_store
+
+    shipped = schema.shipped_migrations()
+    (ours,) = [m.version for m in shipped if m.name == "guid_when_queued"]
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        monkeypatch.setattr(schema, "shipped_migrations",
+                            lambda: [m for m in shipped if m.version < ours])
+        schema.upgrade(conn)
+        a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+        cid = make_conversation(conn, a, c, chat="legacy-1")
+        alone = make_conversation(conn, make_account(conn, "dave", "cloud-only"))
+        for i in range(3):
+            tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+        tx(conn, messages_store.post_message, alone, conn.execute(
+            "SELECT account_id FROM accounts WHERE handle = 'dave'").fetchone()[0],
+           "d", "nobody on legacy", NOW)
+        [first, *_] = tx(conn, outbox_store.claim_outbox, NOW, 1, 1000)
+        tx(conn, outbox_store.complete_outbox, first, "legacy-1", None, NOW,
+           skipped=True, skip_reason=outbox_store.REFUSED)
+        conn.execute("UPDATE messages SET legacy_guid = NULL")  # as the older version left it
+        monkeypatch.setattr(schema, "shipped_migrations", lambda: shipped)
+        assert schema.upgrade(conn) == [ours]
+        assert conn.execute(
+            "SELECT conversation_id = %s, seq, legacy_guid = 'cloud:' || message_id::text "
+            "FROM messages ORDER BY 1, 2", (cid,)).fetchall() == [
+            (False, 1, None), (True, 1, None), (True, 2, True), (True, 3, True)]
+        assert tx(conn, digests_store.maintained_slots) == tx(conn, digests_store.scratch_slots)
