@@ -8,11 +8,9 @@ A conversation's rows are ordered by ``(seq, sub)``: a message's row has its mes
 and sub 0; a membership change made after message N has seq N and sub 1, 2, ... (migration
 0010), so it is injected after message N and before message N + 1.
 
-A message queued here has its legacy GUID (``cloud.model.CLOUD_GUID_PREFIX``) from the moment
-it is queued, so it is in the maintained digests while it is in flight (the gaps
-reconciler's second look leaves pending rows to the injector) and a completion writes only
-its own row. A row that ends without reaching legacy (skipped, refused, given up) takes the
-GUID back (``_UNGUIDED``): legacy never had the message, and the digests say so.
+A queued message has its legacy GUID (``cloud.model``) from then on, so a completion writes
+only its own row (the gaps reconciler leaves pending rows to the injector); a row that ends
+without reaching legacy (skipped, refused, given up) takes it back (``_UNGUIDED``).
 """
 
 from __future__ import annotations
@@ -98,6 +96,8 @@ class OutboxItem:
     #: the row went back before (a failed injection, or handed back behind one): its wait
     #: met a fault, whichever worker saw it
     retried: bool = False
+    #: a message queued without its GUID (by a version before migration 0022): completion adds it
+    guid_missing: bool = False
 
 
 @attrs.frozen
@@ -199,7 +199,8 @@ _CLAIM = (
     "           SELECT 1 FROM accounts a WHERE a.account_id = h.account_id "
     "           AND a.phase = ANY(%(phases)s) OFFSET 0)) ELSE 0 END, "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
-    "       coalesce(c.remove_handles, '{}'), c.retried "
+    "       coalesce(c.remove_handles, '{}'), c.retried, "
+    "       c.kind = 'message' AND m.legacy_guid IS NULL "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
     "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
@@ -244,20 +245,18 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
         rows += conn.execute(_CLAIM, {**params, "limit": limit - len(rows),
                                       "window": None}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15])
+                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15],
+                       r[16])
             for r in rows]
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,
                     legacy_guid: str | None, now_ms: int, *, skipped: bool = False,
                     skip_reason: str | None = None) -> bool:
-    """Mark an outbox row done (injected) or skipped (*skip_reason*, one of
-    ``SKIP_REASONS``), recording the legacy ids it got.
-
-    The message keeps the GUID it has on the legacy side, so digests of both stacks agree;
-    the conversation keeps its legacy chat id (made up by the bridge for cloud-born ones).
-    False, and nothing written, when the row is no longer pending under *item*'s claim (a
-    late call from a claim that ran out and was taken again).
+    """Mark an outbox row done (injected: ``complete_outbox_batch``) or skipped
+    (*skip_reason*, one of ``SKIP_REASONS``: the message takes its GUID back). False, and
+    nothing written, when the row is no longer pending under *item*'s claim (a late call
+    from a claim that ran out and was taken again).
 
     A skip for ``NO_LEGACY_CLIENTS`` checks again, under the conversation's lock, that
     nobody has legacy clients now: an account may have left cloud-only since the claim
@@ -306,9 +305,9 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     """Mark injected rows done in one transaction (and record a cloud-born conversation's
     legacy chat id, where its rows carry none: the injector records it before it sends);
     the rows it completed (those still pending under their item's claim), in the order
-    given. A message has its GUID since it was queued; one queued without (by a version
-    before migration 0022) gets it here, and with it its place in the maintained digests
-    (a trigger on ``messages``, migration 0019), in this transaction."""
+    given. A message has its GUID since it was queued; one the claim found without (queued
+    by a version before migration 0022: ``guid_missing``) gets it here, and with it its
+    place in the maintained digests (a trigger on ``messages``, migration 0019)."""
     if not rows:
         return []
     # Cloud-born conversations keep the chat id the bridge made up for them. The injector
@@ -340,12 +339,9 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
         "  UPDATE outbox_to_legacy o SET state = 'done', done_ms = %s, last_error = NULL "
         "  FROM batch b WHERE o.conversation_id = b.conversation_id AND o.seq = b.seq "
         "    AND o.sub = b.sub AND o.state = 'pending' AND o.claim_token = b.token "
-        "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, b.guid), "
-        "guids AS ("
-        "  UPDATE messages m SET legacy_guid = d.guid FROM done d "
-        "  WHERE d.kind = 'message' AND m.conversation_id = d.conversation_id "
-        "    AND m.seq = d.seq AND m.legacy_guid IS NULL) "
-        "SELECT conversation_id, seq, sub FROM done",
+        "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, b.guid) "
+        + (_FILL_GUIDS if any(r.item.guid_missing for r in rows) else "")
+        + "SELECT conversation_id, seq, sub FROM done",
         ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
          [r.item.sub for r in rows], [r.item.claim_token for r in rows],
          [r.legacy_guid for r in rows], now_ms)
@@ -353,6 +349,14 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     completed = set(done)
     return [r.item for r in rows
             if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
+
+
+#: The completion's part for messages the claim found without their GUID (``guid_missing``)
+_FILL_GUIDS = (
+    ", guids AS ("
+    "  UPDATE messages m SET legacy_guid = d.guid FROM done d "
+    "  WHERE d.kind = 'message' AND m.conversation_id = d.conversation_id "
+    "    AND m.seq = d.seq AND m.legacy_guid IS NULL) ")
 
 
 def map_cloud_chats(conn: psycopg.Connection, chats: Mapping[uuid.UUID, str]) -> None:

@@ -69,6 +69,7 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
     cid = make_conversation(conn, a, c)
     for i in range(2):
         tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 1")  # an older writer's
     stale = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
     fresh = tx(conn, outbox_store.claim_outbox, NOW + 2000, 10, 1000)
     assert [i.seq for i in fresh] == [1, 2] and fresh[0].claim_token != stale[0].claim_token
@@ -82,7 +83,7 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
                             ).fetchall()
 
     held, posted = rows(), messages()
-    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 1")  # an older writer's
+    assert [i.guid_missing for i in stale] == [True, False]
     assert tx(conn, outbox_store.complete_outbox, stale[0], "chat-x", "cloud:g1", NOW + 2001) \
         is False
     assert tx(conn, outbox_store.complete_outbox_batch,
@@ -93,11 +94,13 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
                   skipped=True, skip_reason=reason) is False
     assert tx(conn, outbox_store.release_outbox, stale[1], "late", NOW + 2002) is False
     assert rows() == held
-    assert [m[2] for m in messages()] == [None, posted[1][2]]  # no GUID written or taken
+    assert messages() == posted  # no GUID written or taken
     assert conn.execute("SELECT legacy_chat_id FROM conversations").fetchone() == (None,)
     assert tx(conn, outbox_store.release_outbox, fresh[1], "down", NOW + 2500) is True
     assert tx(conn, outbox_store.complete_outbox, fresh[0], "chat-x", "cloud:g1", NOW + 2003)
     assert [r[:2] for r in rows()] == [(1, "done"), (2, "pending")]
+    # the claim's completion gave the message it found without a GUID the one it sent
+    assert [m[2] for m in messages()] == ["cloud:g1", f"cloud:{fresh[1].message_id}"]
 
 
 def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
@@ -109,10 +112,10 @@ def test_a_batch_completes_every_row_in_one_transaction_or_none(conn):
     for cid in cids:
         for i in range(2):
             tx(conn, messages_store.post_message, cid, a, f"{cid}{i}", f"m{i}", NOW + i)
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 2")  # an older writer's
     items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
     batch = [outbox_store.Injected(i, i.legacy_chat_id or "born-1", f"cloud:{i.message_id}")
              for i in items]
-    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 2")  # an older writer's
     with failing_inserts(conn, "conversation_legacy_ids", "no"), \
             pytest.raises(psycopg.errors.RaiseException):
         tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 5)
@@ -296,8 +299,8 @@ def test_a_batch_with_and_without_guids_and_a_batch_of_posts_keep_every_value(co
     assert [m.body for m, created in posted] == bodies and all(c for _, c in posted)
     assert conn.execute("SELECT client_message_id, sent_ms FROM messages ORDER BY seq"
                         ).fetchall() == [(f"é-{i}", NOW + 2**40 + i) for i in range(3)]
-    items = tx(conn, outbox_store.claim_outbox, NOW + 2**40 + 10, 10, 1000)
     conn.execute("UPDATE messages SET legacy_guid = NULL")  # an older writer's rows
+    items = tx(conn, outbox_store.claim_outbox, NOW + 2**40 + 10, 10, 1000)
     batch = [outbox_store.Injected(i, "legacy-9", None if i.seq == 2 else f"cloud:{i.seq}")
              for i in items]
     assert tx(conn, outbox_store.complete_outbox_batch, batch, NOW + 2**40 + 20) == items
