@@ -205,7 +205,8 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
                        cohort: str | None = None) -> AppliedChange:
     """Move an account from *from_phase* to *to_phase* and write its ``audit_log`` row.
 
-    The account row is locked first; if its phase is no longer *from_phase* the move is
+    The account row is locked first (after its conversations, for a move out of
+    cloud-only, whose back-fill locks them); if its phase is no longer *from_phase* the move is
     refused (``PhaseChanged``) unless it already is *to_phase*, in which case nothing is
     written and ``moved`` is False (a re-run of a move that committed).
 
@@ -221,6 +222,13 @@ def apply_phase_change(conn: psycopg.Connection, account_id: uuid.UUID, from_pha
     if leaves_cloud_only and backfill_since_ms is None:
         raise ValueError("a move out of cloud-only queues what legacy missed: "
                          "backfill_since_ms is required")
+    if leaves_cloud_only:
+        # The back-fill locks the account's conversations: take them before the account, in
+        # the order a post takes its locks (conversations, then the members' accounts), so
+        # that a post and this move wait for each other instead of deadlocking.
+        conn.execute("SELECT c.conversation_id FROM conversations c JOIN members mb "
+                     "USING (conversation_id) WHERE mb.account_id = %s "
+                     "ORDER BY c.conversation_id FOR NO KEY UPDATE OF c", (account_id,))
     row = conn.execute("SELECT phase, handle FROM accounts WHERE account_id = %s FOR UPDATE",
                        (account_id,)).fetchone()
     if row is None:

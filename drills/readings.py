@@ -22,10 +22,11 @@ def figures(conn: psycopg.Connection, now_ms: int) -> dict[str, Any]:
     from_legacy, from_cloud, to_legacy = conn.execute(
         "SELECT count(*) FILTER (WHERE origin = 'legacy'), "
         "       count(*) FILTER (WHERE origin = 'cloud'), "
-        "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL) "
-        "       - (SELECT count(*) FROM outbox_to_legacy "
-        "          WHERE state = 'pending' AND kind = 'message') "
-        "FROM messages").fetchone()
+        "       count(*) FILTER (WHERE origin = 'cloud' AND legacy_guid IS NOT NULL "
+        "         AND NOT EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id "
+        "           = m.conversation_id AND o.seq = m.seq AND o.sub = 0 "
+        "           AND o.state = 'pending')) "
+        "FROM messages m").fetchone()
     by_kind = admin.findings_by_state(conn).values()
     findings = {state: sum(n[state] for n in by_kind) for state in admin.FINDING_STATES}
     workers = admin.live_workers(conn, now_ms)

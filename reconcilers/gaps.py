@@ -299,7 +299,8 @@ class SecondLook:
     #: ``messages_by_guid``'s rows of the GUIDs missing in legacy (guid, sender, sent_ms,
     #: body); the second look keeps those legacy still lacks
     stored: tuple[tuple, ...]
-    #: of the GUIDs missing in legacy, those still queued for it: in flight, not repaired
+    #: of the GUIDs missing in legacy, those the outbox holds (pending: in flight) or ended
+    #: unsent (skipped, failed: its own finding): the injector's, not repaired here
     queued: int = 0
 
 
@@ -768,9 +769,9 @@ class GapsReconciler:
         if not diff.missing_in_legacy:
             return
         report = ctx.report
-        if look.queued:  # queued for legacy: the injector delivers them, in order
-            report.detail["queued_for_legacy"] = (
-                report.detail.get("queued_for_legacy", 0) + look.queued)
+        if look.queued:  # the outbox's: in flight (delivered in order), or ended unsent
+            report.detail["left_to_outbox"] = (
+                report.detail.get("left_to_outbox", 0) + look.queued)
         handles, legacy_clients = look.handles, look.legacy_clients
         if members_seeded:
             handles, legacy_clients = await ctx.db.run(

@@ -88,12 +88,14 @@ def range_guids(conn: psycopg.Connection, conversation_id: uuid.UUID, start_ms: 
 def messages_by_guid(conn: psycopg.Connection, conversation_id: uuid.UUID,
                      guids: Sequence[str]) -> tuple[list[tuple[str, str, int, str]], int]:
     """(guid, sender's legacy-side handle, sent_ms, body) of the cloud messages named, but
-    those still queued for legacy (a pending outbox row: the injector's to deliver, in
-    flight rather than missing); and how many of those there were."""
+    those the outbox to legacy still holds or has decided on (a row pending: in flight,
+    the injector delivers it in order; skipped or failed: not sent, with the outbox's own
+    finding); and how many of those there were. A message whose row is done, or that has
+    none (mirrored from legacy), is the reconciler's to repair."""
     rows = conn.execute(
         "SELECT m.legacy_guid, coalesce(a.legacy_handle, a.handle), m.sent_ms, m.body, "
         "  EXISTS (SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = "
-        "    m.conversation_id AND o.seq = m.seq AND o.sub = 0 AND o.state = 'pending') "
+        "    m.conversation_id AND o.seq = m.seq AND o.sub = 0 AND o.state <> 'done') "
         "FROM messages m JOIN accounts a ON a.account_id = m.sender_account_id "
         "WHERE m.conversation_id = %s AND m.legacy_guid = ANY(%s) ORDER BY m.seq",
         (conversation_id, list(guids))).fetchall()

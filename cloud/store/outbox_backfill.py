@@ -94,22 +94,27 @@ def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: i
         "  created_ms = %(now)s "
         "FROM messages m WHERE o.conversation_id = ANY(%(cids)s) AND o.state = 'skipped' "
         "  AND o.skip_reason = 'no_legacy_clients' AND m.conversation_id = o.conversation_id "
-        "  AND m.seq = o.seq AND o.sub = 0 AND m.sent_ms >= %(since)s", params).rowcount
+        "  AND m.seq = o.seq AND o.sub = 0 AND m.sent_ms >= %(since)s "
+        "RETURNING o.conversation_id, o.seq", params).fetchall()
     queued = conn.execute(
         "INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms) "
         "SELECT m.conversation_id, m.seq, m.message_id, %(now)s FROM messages m "
         f"WHERE {_MISSED} AND m.sent_ms >= %(since)s "
-        "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING", params).rowcount
-    if queued or requeued:  # what is queued for legacy has its legacy GUID (cloud.store.outbox)
+        "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING "
+        "RETURNING conversation_id, seq", params).fetchall()
+    if queued or requeued:
+        # what is queued for legacy has its legacy GUID (cloud.store.outbox): these rows
+        # only, in key order
+        keys = sorted(queued + requeued)
         conn.execute(
-            f"UPDATE messages m SET legacy_guid = {LEGACY_GUID_SQL.format('m.message_id')} "
-            "FROM outbox_to_legacy o WHERE o.conversation_id = ANY(%(cids)s) "
-            "  AND o.state = 'pending' AND o.kind = 'message' "
-            "  AND m.conversation_id = o.conversation_id AND m.seq = o.seq "
-            "  AND m.legacy_guid IS NULL", params)
+            "UPDATE messages m SET legacy_guid = "
+            f"{LEGACY_GUID_SQL.format('m.message_id')} FROM unnest(%s::uuid[], %s::bigint[]) "
+            "AS k(conversation_id, seq) WHERE m.conversation_id = k.conversation_id "
+            "AND m.seq = k.seq AND m.legacy_guid IS NULL",
+            ([k[0] for k in keys], [k[1] for k in keys]))
     too_old = conn.execute(
         f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
         params).fetchone()[0]
     if queued or requeued:
         conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(account_id)))
-    return Backfill(len(cids), queued, requeued, too_old)
+    return Backfill(len(cids), len(queued), len(requeued), too_old)

@@ -151,8 +151,11 @@ def test_cloud_inventory_leaves_out_only_what_legacy_was_never_owed(conn):
 
     def unqueued_post(client_id, at):
         message, _ = tx(conn, messages_store.post_message, cid, a, client_id, "hi", at)
+        # as if the store had not queued it (no outbox row, no legacy GUID)
         conn.execute("DELETE FROM outbox_to_legacy WHERE message_id = %s",
-                     (message.message_id,))  # as if the store had not queued it
+                     (message.message_id,))
+        conn.execute("UPDATE messages SET legacy_guid = NULL WHERE message_id = %s",
+                     (message.message_id,))
         return f"cloud:{message.message_id}"
 
     for account in (a, b):

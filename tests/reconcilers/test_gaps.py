@@ -197,7 +197,7 @@ def test_a_chat_whose_legacy_half_fails_still_gets_its_cloud_repair(scene):
     assert again.repaired == 1 and again.clean
 
 
-def test_a_message_still_queued_for_legacy_is_in_flight_not_repaired(scene):
+def test_a_message_the_outbox_holds_is_left_to_it_and_repaired_once_its_row_is_done(scene):
     """A cloud post has its legacy GUID (so its digest) from when it is queued: while its
     outbox row is pending, the reconciler leaves it to the injector (counted, not confirmed,
     no finding); once the row says injected and the home still lacks it, it is a loss, and
@@ -215,14 +215,23 @@ def test_a_message_still_queued_for_legacy_is_in_flight_not_repaired(scene):
     home = scene.net.supernodes[scene.net.ring.home_of("chat-a")]
     report, _ = scene.reconcile()
     assert (report.suspects, report.confirmed, report.repaired) == (1, 0, 0)
-    assert report.detail["queued_for_legacy"] == 1 and report.clean
+    assert report.detail["left_to_outbox"] == 1 and report.clean
+    vouched = "SELECT last_clean_reconcile_ms FROM conversations WHERE conversation_id = %s"
+    assert scene.conn.execute(vouched, (cid,)).fetchone() == (None,)  # not compared equal
+    # given up by an injector older than migration 0022, which left the GUID: the outbox's
+    # verdict (with its own finding), not the reconciler's to inject
+    scene.conn.execute("UPDATE outbox_to_legacy SET state = 'failed'")
+    given_up, _ = scene.reconcile()
+    assert (given_up.confirmed, given_up.detail["left_to_outbox"]) == (0, 1)
     assert guid not in {m.guid for m in home.history("chat-a")}
     assert scene.conn.execute("SELECT count(*) FROM reconcile_findings").fetchone() == (0,)
     # the row says done, but the home never got the message (an Ack for a lost write)
     scene.conn.execute("UPDATE outbox_to_legacy SET state = 'done'")
     again, _ = scene.reconcile()
-    assert (again.confirmed, again.repaired) == (1, 1) and "queued_for_legacy" not in again.detail
+    assert (again.confirmed, again.repaired) == (1, 1) and "left_to_outbox" not in again.detail
     assert guid in {m.guid for m in home.history("chat-a")}
+    third, _ = scene.reconcile()
+    assert third.confirmed == 0 and scene.conn.execute(vouched, (cid,)).fetchone()[0] > 0
 
 
 def test_an_injection_goes_to_the_members_a_cloud_repair_of_the_same_round_listed(scene):

@@ -208,6 +208,35 @@ def test_a_post_racing_the_move_is_queued_once(db_dsn, conn, pair, first):
     assert accounts_store.get_account(conn, alice).phase == "cloud"
 
 
+def test_a_move_out_of_cloud_only_waits_for_the_conversations_before_the_account(db_dsn, conn,
+                                                                                  pair):
+    """The move takes its conversations' locks before its account's, the order a post takes
+    them in (conversations, then the members' accounts): while a post's transaction holds a
+    conversation, the waiting move holds no lock on the account, so the post can finish
+    (the other order deadlocked them, and PostgreSQL killed one after deadlock_timeout)."""
+    cid, alice, bob, *_ = pair
+    with psycopg.connect(db_dsn, autocommit=True) as poster, \
+            psycopg.connect(db_dsn, autocommit=True) as mover:
+
+        def move() -> object:
+            with mover.transaction():
+                return admin.apply_phase_change(mover, alice, "cloud-only", "cloud", actor="t",
+                                                now_ms=NOW, forced=True,
+                                                backfill_since_ms=SINCE)
+
+        with poster.transaction():
+            poster.execute("SELECT 1 FROM conversations WHERE conversation_id = %s "
+                           "FOR NO KEY UPDATE", (cid,))  # a post's first lock
+            thread, result = run_in_thread(move)
+            wait_until_blocked(conn, mover.info.backend_pid)
+            # what the post takes next: its members' accounts, share-locked
+            assert len(poster.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) "
+                                      "FOR SHARE NOWAIT", ([alice, bob],)).fetchall()) == 2
+        thread.join(10)
+        assert not thread.is_alive() and result and result[0].moved
+    assert accounts_store.get_account(conn, alice).phase == "cloud"
+
+
 def test_a_late_skip_after_the_move_hands_the_row_back(conn, pair):
     """The injector counted no legacy clients when it claimed the row, and the account left
     cloud-only before it skipped it: the skip writes nothing but hands the row back, due at

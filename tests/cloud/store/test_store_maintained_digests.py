@@ -243,7 +243,9 @@ class MaintainedDigests(RuleBasedStateMachine):
         so nothing digested changes."""
         done = [outbox_store.Injected(i, i.legacy_chat_id or "chat-a",
                                       f"cloud:{i.message_id}") for i in self._claim(limit)]
+        before = tx(self.conn, digests_store.dirty_versions)
         tx(self.conn, outbox_store.complete_outbox_batch, done, NOW)
+        assert tx(self.conn, digests_store.dirty_versions) == before  # no message written
 
     @rule()
     def give_up(self) -> None:
