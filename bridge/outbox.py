@@ -168,7 +168,8 @@ def _would_send(item: OutboxItem) -> bool:
 
 def _message_row(item: OutboxItem, chat_id: str, members: tuple[str, ...]) -> Row:
     """The message row *item* as it is injected into chat *chat_id*, to *members*."""
-    guid = ids.guid_for_cloud_message(item.message_id)
+    # the GUID the store gave it (one made here only for a message queued without)
+    guid = item.legacy_guid or ids.guid_for_cloud_message(item.message_id)
     message = wire.ChatMessage(chat_id=chat_id, guid=guid, legacy_seq=0,
                                sender=item.sender_handle, ts_ms=item.sent_ms, body=item.body,
                                origin=ORIGIN)

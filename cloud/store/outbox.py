@@ -96,8 +96,9 @@ class OutboxItem:
     #: the row went back before (a failed injection, or handed back behind one): its wait
     #: met a fault, whichever worker saw it
     retried: bool = False
-    #: a message queued without its GUID (by a version before migration 0022): completion adds it
-    guid_missing: bool = False
+    #: a message's legacy GUID, as the claim read it: None when it was queued without one (by
+    #: a version before migration 0022), which its completion then gives it
+    legacy_guid: str | None = None
 
 
 @attrs.frozen
@@ -200,7 +201,7 @@ _CLAIM = (
     "           AND a.phase = ANY(%(phases)s) OFFSET 0)) ELSE 0 END, "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
     "       coalesce(c.remove_handles, '{}'), c.retried, "
-    "       c.kind = 'message' AND m.legacy_guid IS NULL "
+    "       m.legacy_guid "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
     "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
@@ -306,7 +307,7 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     legacy chat id, where its rows carry none: the injector records it before it sends);
     the rows it completed (those still pending under their item's claim), in the order
     given. A message has its GUID since it was queued; one the claim found without (queued
-    by a version before migration 0022: ``guid_missing``) gets it here, and with it its
+    by a version before migration 0022: ``OutboxItem.legacy_guid``) gets it here, and its
     place in the maintained digests (a trigger on ``messages``, migration 0019)."""
     if not rows:
         return []
@@ -340,7 +341,8 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
         "  FROM batch b WHERE o.conversation_id = b.conversation_id AND o.seq = b.seq "
         "    AND o.sub = b.sub AND o.state = 'pending' AND o.claim_token = b.token "
         "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, b.guid) "
-        + (_FILL_GUIDS if any(r.item.guid_missing for r in rows) else "")
+        + (_FILL_GUIDS if any(r.item.kind == MESSAGE and r.item.legacy_guid is None
+                              for r in rows) else "")
         + "SELECT conversation_id, seq, sub FROM done",
         ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
          [r.item.sub for r in rows], [r.item.claim_token for r in rows],
@@ -351,7 +353,7 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
             if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
 
 
-#: The completion's part for messages the claim found without their GUID (``guid_missing``)
+#: The completion's part for messages the claim found without their GUID
 _FILL_GUIDS = (
     ", guids AS ("
     "  UPDATE messages m SET legacy_guid = d.guid FROM done d "

@@ -251,6 +251,25 @@ def test_cloud_messages_reach_the_home_supernode_in_seq_order(conn, make_scene):
                         (born,)).fetchone()[0] == born_chat
 
 
+def test_the_injector_sends_the_guid_the_store_holds(conn, make_scene):
+    """A message goes to legacy under the GUID its row in the store has (so both stacks'
+    digests hash the same GUID); one queued without a GUID gets the made-up one, and the
+    store records it."""
+    s = make_scene()
+    cid, alice, _ = two_party(conn)
+    for i in range(2):
+        s.post(cid, alice, f"m{i}")
+    conn.execute("UPDATE messages SET legacy_guid = 'cloud:as-stored' WHERE seq = 1")
+    conn.execute("UPDATE messages SET legacy_guid = NULL WHERE seq = 2")  # an older writer's
+    s.run(1)
+    (_, second), = conn.execute("SELECT seq, message_id FROM messages WHERE seq = 2")
+    made_up = ids.guid_for_cloud_message(second)
+    assert [m.guid for m in s.history(ids.chat_for_cloud_conversation(cid))] == [
+        "cloud:as-stored", made_up]
+    assert [r[0] for r in conn.execute("SELECT legacy_guid FROM messages ORDER BY seq")] == [
+        "cloud:as-stored", made_up]
+
+
 def test_reinjection_after_a_crash_before_complete_is_a_duplicate(conn, make_scene):
     """A row injected but never completed is injected again: Ack duplicate, nothing new."""
     s = make_scene()

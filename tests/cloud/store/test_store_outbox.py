@@ -83,7 +83,7 @@ def test_a_late_complete_or_release_from_an_expired_claim_changes_nothing(conn):
                             ).fetchall()
 
     held, posted = rows(), messages()
-    assert [i.guid_missing for i in stale] == [True, False]
+    assert [i.legacy_guid for i in stale] == [None, f"cloud:{stale[1].message_id}"]
     assert tx(conn, outbox_store.complete_outbox, stale[0], "chat-x", "cloud:g1", NOW + 2001) \
         is False
     assert tx(conn, outbox_store.complete_outbox_batch,
