@@ -301,7 +301,7 @@ class SecondLook:
     stored: tuple[tuple, ...]
     #: of the GUIDs missing in legacy, those the outbox holds (pending: in flight) or ended
     #: unsent (skipped, failed: its own finding): the injector's, not repaired here
-    queued: int = 0
+    left_to_outbox: int = 0
 
 
 def second_look_rows(conn: psycopg.Connection, diffs: Sequence[ChatDiff]
@@ -313,14 +313,14 @@ def second_look_rows(conn: psycopg.Connection, diffs: Sequence[ChatDiff]
         still = (missing_guids(conn, d.conversation_id, sorted(d.missing_in_cloud))
                  if d.missing_in_cloud else set())
         handles: tuple[str, ...] = ()
-        legacy_clients, rows, queued = 0, [], 0
+        legacy_clients, rows, left = 0, [], 0
         if d.missing_in_legacy:
             handles, legacy_clients = conversations_store.member_handles(
                 conn, d.conversation_id)
-            rows, queued = digests_store.messages_by_guid(conn, d.conversation_id,
-                                                          sorted(d.missing_in_legacy))
+            rows, left = digests_store.messages_by_guid(conn, d.conversation_id,
+                                                        sorted(d.missing_in_legacy))
         looks[d.conversation_id] = SecondLook(frozenset(still), handles, legacy_clients,
-                                              tuple(rows), queued)
+                                              tuple(rows), left)
     return looks
 
 
@@ -769,9 +769,9 @@ class GapsReconciler:
         if not diff.missing_in_legacy:
             return
         report = ctx.report
-        if look.queued:  # the outbox's: in flight (delivered in order), or ended unsent
+        if look.left_to_outbox:  # in flight (delivered in order), or ended unsent
             report.detail["left_to_outbox"] = (
-                report.detail.get("left_to_outbox", 0) + look.queued)
+                report.detail.get("left_to_outbox", 0) + look.left_to_outbox)
         handles, legacy_clients = look.handles, look.legacy_clients
         if members_seeded:
             handles, legacy_clients = await ctx.db.run(

@@ -447,11 +447,11 @@ def sync_for_member(conn: psycopg.Connection, conversation_id: uuid.UUID,
 
 
 def latest_to_legacy(conn: psycopg.Connection, account_id: uuid.UUID,
-                       limit: int) -> list[dict]:
+                     limit: int) -> list[dict]:
     """The *limit* newest message rows of the outbox to legacy (``cloud.store.outbox``) in
-    the account's conversations, whatever their state (pending, done, skipped, failed), newest first
-    (bodies left out): each conversation's newest by seq through its primary key, then
-    merged by when they were queued."""
+    the account's conversations, whatever their state (pending, done, skipped, failed),
+    newest first (bodies left out): each conversation's newest by seq through its primary
+    key, then merged by when they were queued."""
     rows = conn.execute(
         "SELECT x.conversation_id, c.legacy_chat_id, x.seq, x.message_id, m.legacy_guid, "
         "  m.sender_handle, m.sent_ms, x.state, x.attempts, x.created_ms, x.done_ms, "

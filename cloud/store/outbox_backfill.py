@@ -102,9 +102,12 @@ def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: i
         f"WHERE {_MISSED} AND m.sent_ms >= %(since)s "
         "ORDER BY m.conversation_id, m.seq ON CONFLICT DO NOTHING "
         "RETURNING conversation_id, seq", params).fetchall()
+    too_old = conn.execute(
+        f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
+        params).fetchone()[0]
     if queued or requeued:
         # what is queued for legacy has its legacy GUID (cloud.store.outbox): these rows
-        # only, in key order
+        # only, given in key order
         keys = sorted(queued + requeued)
         conn.execute(
             "UPDATE messages m SET legacy_guid = "
@@ -112,9 +115,5 @@ def backfill_outbox(conn: psycopg.Connection, account_id: uuid.UUID, since_ms: i
             "AS k(conversation_id, seq) WHERE m.conversation_id = k.conversation_id "
             "AND m.seq = k.seq AND m.legacy_guid IS NULL",
             ([k[0] for k in keys], [k[1] for k in keys]))
-    too_old = conn.execute(
-        f"SELECT count(*) FROM messages m WHERE {_MISSED} AND m.sent_ms < %(since)s",
-        params).fetchone()[0]
-    if queued or requeued:
         conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(account_id)))
     return Backfill(len(cids), len(queued), len(requeued), too_old)

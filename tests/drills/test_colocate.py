@@ -17,7 +17,7 @@ def test_the_process_and_its_backends_share_one_cpu_and_get_their_affinities_bac
         before = {pid: os.sched_getaffinity(pid) for pid in (0, *pids)}
         pinnable = all(colocate.local_backend(c) == c.info.backend_pid for c in (a, b))
         host = a.info.host or ""
-        if host.startswith("/") or host in ("localhost", "127.0.0.1", "::1"):
+        if host.startswith("/") or host in colocate._LOOPBACK:
             # the test servers (embedded, or the machine's own) are this machine's: their
             # backends are found, over a Unix socket and over the loopback address alike
             assert pinnable

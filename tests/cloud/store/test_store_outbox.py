@@ -325,12 +325,11 @@ def test_migration_0022_gives_queued_messages_their_guid_and_no_others(empty_dsn
         schema.upgrade(conn)
         a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
         cid = make_conversation(conn, a, c, chat="legacy-1")
-        alone = make_conversation(conn, make_account(conn, "dave", "cloud-only"))
+        dave = make_account(conn, "dave", "cloud-only")
+        alone = make_conversation(conn, dave)
         for i in range(3):
             tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
-        tx(conn, messages_store.post_message, alone, conn.execute(
-            "SELECT account_id FROM accounts WHERE handle = 'dave'").fetchone()[0],
-           "d", "nobody on legacy", NOW)
+        tx(conn, messages_store.post_message, alone, dave, "d", "nobody on legacy", NOW)
         [first, *_] = tx(conn, outbox_store.claim_outbox, NOW, 1, 1000)
         tx(conn, outbox_store.complete_outbox, first, "legacy-1", None, NOW,
            skipped=True, skip_reason=outbox_store.REFUSED)
