@@ -22,8 +22,11 @@ store is slow, credit stops and the supernode stops sending: memory stays bounde
 window whatever the backlog (the legacy protocol's form of a paused producer).
 
 Frames whose origin is not ``legacy`` were injected by the bridge (or another privileged
-peer): they came from the cloud and are never mirrored back. A batch of nothing but such
-echoed messages is credited at once, without a transaction: its checkpoint is written
+peer): they came from the cloud and are never mirrored back. The follower subscribes with
+``FeedSubscribeOnly``, so the supernode sends a run of other origins' messages and presence
+as one ``FeedSkipped``, not the echoes themselves (decoding each echo only to drop it was a
+tenth of a worker's time in a cloud -> legacy drain). A batch of nothing but such
+echoes is credited at once, without a transaction: its checkpoint is written
 within ``echo_checkpoint_s``, or sooner with the next batch that mirrors something. Once most
 traffic starts on the cloud, most of a feed is echoes, and a commit per batch of them (a
 WAL flush each) cost the store more than the injections did; replaying echoes after a crash
@@ -59,6 +62,7 @@ from cloud.store import coordination as coordination_store
 from cloud.store.conversations import CHANGE, ECHO
 from cloud.store.errors import StaleFence
 from legacy import wire
+from legacy.framing import ProtocolViolation
 from legacy.network import Network
 from legacy.peer import PeerConnection, connect_peer
 from servicekit.retry import RetryPolicy
@@ -339,7 +343,8 @@ class FeedFollower(Service):
                     log.failure("supernode {sn}: on_streaming callback failed", sn=self.source)
             self.faults.mark(self.clock.seconds())
             try:
-                peer.subscribe(epoch, offset, self.config.window, self._on_frame)
+                peer.subscribe(epoch, offset, self.config.window, self._on_frame,
+                               only_origin="legacy")
                 await peer.closed
             except Exception:
                 pass  # closed with a reason: handled like any lost connection
@@ -399,6 +404,19 @@ class FeedFollower(Service):
                 self._commit_soon(batch)
             self._head = (batch.epoch, batch.offset)
             return  # a status is not a feed entry: it takes no credit
+        if type(f) is wire.FeedSkipped:
+            # Messages and presence of other origins, left out by the supernode: echoes
+            if f.next_offset <= f.offset:
+                raise ProtocolViolation("bad_skip", f"FeedSkipped [{f.offset}, "
+                                                    f"{f.next_offset}) is empty")
+            batch.frames += 1
+            batch.offset = f.next_offset
+            batch.loops += 1
+            _LOOPS.inc(f.next_offset - f.offset)
+            self._head = (batch.epoch, batch.offset)
+            self.backlog += 1
+            self._commit_soon(batch)
+            return
         batch.frames += 1
         batch.offset = f.offset + 1
         if isinstance(f, wire.FeedMessage):

@@ -3,7 +3,8 @@
 ``connect_peer`` authenticates by challenge-response over the shared peer secret and returns a
 ``PeerConnection`` whose request methods return Deferreds matched to replies by ``req_id``.
 A feed subscription delivers ``FeedStatus``/``FeedMessage``/``FeedPresence``/``FeedChat``
-frames to a handler; the subscriber grants credit as it consumes, which is the flow control.
+(and ``FeedSkipped``) frames to a handler; the subscriber grants credit as it consumes,
+which is the flow control.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from legacy.framing import CodedError, FrameProtocol, ProtocolViolation
 from legacy.network import Network
 from servicekit.timeouts import Deadline, FifoTimeouts
 
-FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat)
+FEED_FRAMES = (wire.FeedStatus, wire.FeedMessage, wire.FeedPresence, wire.FeedChat,
+               wire.FeedSkipped)
 _REPLIES = (wire.Ack, wire.InjectBatchReply, wire.DigestReply, wire.ListReply,
             wire.FetchReply, wire.ChatsReply, wire.AccountsPage, wire.RequestFailed,
             wire.VersionsReply)
@@ -160,10 +162,15 @@ class PeerConnection(FrameProtocol):
         return self._bounded(d, lambda: None)
 
     def subscribe(self, epoch: int, offset: int, window: int,
-                  handler: Callable[[Any], None]) -> None:
-        """Stream the feed from (epoch, offset); *handler* gets every feed frame."""
+                  handler: Callable[[Any], None], only_origin: str | None = None) -> None:
+        """Stream the feed from (epoch, offset); *handler* gets every feed frame. With
+        *only_origin*, other origins' messages and presence come as ``FeedSkipped`` runs."""
         self.feed_handler = handler
-        self.send(wire.FeedSubscribe(epoch=epoch, offset=offset, window=window))
+        if only_origin is None:
+            self.send(wire.FeedSubscribe(epoch=epoch, offset=offset, window=window))
+        else:
+            self.send(wire.FeedSubscribeOnly(epoch=epoch, offset=offset, window=window,
+                                             origin=only_origin))
 
     def credit(self, count: int) -> None:
         self.send(wire.FeedCredit(count=count))

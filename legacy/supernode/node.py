@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import random
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -122,6 +123,8 @@ class Supernode(service.Service):
         self.restarts = 0
         #: a fault: privileged peers whose name starts with the prefix are cut off until then
         self._peer_cut: tuple[str, float] | None = None
+        #: while above 0, feed appends wait to be sent (``feed_appending``)
+        self._feed_holds = 0
         self.routing = Routing(self)
         self.presence = PresenceHub(self)
         self.clients = ClientSessions(self)
@@ -237,8 +240,23 @@ class Supernode(service.Service):
         """Append ``make(offset)`` to the change feed and send it to whoever has credit."""
         mem = self.mem
         mem.feed.append(make)
-        for sub in mem.feed_subs:
-            sub.pump()
+        if not self._feed_holds:
+            for sub in mem.feed_subs:
+                sub.pump()
+
+    @contextmanager
+    def feed_appending(self) -> Iterator[None]:
+        """Send what is appended to the feed inside this block once, at its end: a run of
+        entries a subscriber leaves out (``FeedSubscribeOnly``) then goes as one
+        ``FeedSkipped``, not one per entry (an ``InjectBatch`` appends up to 64)."""
+        self._feed_holds += 1
+        try:
+            yield
+        finally:
+            self._feed_holds -= 1
+            if not self._feed_holds and self.mem is not None:
+                for sub in self.mem.feed_subs:
+                    sub.pump()
 
     # -- other supernodes --------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 One handler per request frame, in ``PEER_HANDLERS``:
 
     FeedSubscribe, FeedCredit    the change feed from an (epoch, offset), with credit
+    FeedSubscribeOnly            the same, leaving out other origins' messages and presence
     DigestRequest, ListRequest   range digests and GUID lists of a chat homed here
     FetchRequest                 messages by GUID
     InjectMessage, InjectPresence   append on behalf of users (origin marked, GUID chosen)
@@ -64,7 +65,11 @@ class PeerApi:
 
     # -- the feed ---------------------------------------------------------------------------------
 
-    def feed_subscribe(self, proto: SupernodeProtocol, f: wire.FeedSubscribe) -> None:
+    def feed_subscribe(self, proto: SupernodeProtocol,
+                       f: wire.FeedSubscribe | wire.FeedSubscribeOnly) -> None:
+        only_origin = getattr(f, "origin", None)
+        if only_origin == "":
+            raise ProtocolViolation("bad_subscribe", "FeedSubscribeOnly needs an origin")
         mem = self.sn.mem
         pos = mem.feed.position_for(f.epoch, f.offset)
         if proto.feed_sub is not None:
@@ -73,7 +78,8 @@ class PeerApi:
                                    next_offset=mem.feed.next_offset, gap=pos.gap,
                                    gap_epoch=pos.gap_epoch, gap_from=pos.gap_from,
                                    gap_to=pos.gap_to))
-        sub = proto.feed_sub = FeedSubscription(self.sn, proto, pos.start, f.window)
+        sub = proto.feed_sub = FeedSubscription(self.sn, proto, pos.start, f.window,
+                                                only_origin)
         mem.feed_subs.append(sub)
         sub.pump()
 
@@ -192,17 +198,18 @@ class PeerApi:
         accept = self.sn.routing.accept
         shared = members_problem(f.members)
         results = []
-        for m in f.messages:
-            problem = ("the message's chat_id is not the batch's" if m.chat_id != f.chat_id
-                       else self.message_problem(m, f.members, shared))
-            if problem is not None:
-                results.append(wire.InjectResult(status="failed", legacy_seq=0,
-                                                 code="bad_message", reason=problem))
-                continue
-            msg, new = accept(m.chat_id, f.members, m.guid, m.sender, m.body, m.origin,
-                              ts_ms=m.ts_ms)
-            results.append(wire.InjectResult(status="new" if new else "duplicate",
-                                             legacy_seq=msg.legacy_seq))
+        with self.sn.feed_appending():
+            for m in f.messages:
+                problem = ("the message's chat_id is not the batch's" if m.chat_id != f.chat_id
+                           else self.message_problem(m, f.members, shared))
+                if problem is not None:
+                    results.append(wire.InjectResult(status="failed", legacy_seq=0,
+                                                     code="bad_message", reason=problem))
+                    continue
+                msg, new = accept(m.chat_id, f.members, m.guid, m.sender, m.body, m.origin,
+                                  ts_ms=m.ts_ms)
+                results.append(wire.InjectResult(status="new" if new else "duplicate",
+                                                 legacy_seq=msg.legacy_seq))
         proto.send(wire.InjectBatchReply(req_id=f.req_id, results=results))
 
     def inject_membership(self, proto: SupernodeProtocol, f: wire.InjectMembership) -> None:
@@ -250,6 +257,7 @@ class PeerApi:
 #: The requests a privileged peer may make, by frame type.
 PEER_HANDLERS: dict[type, Callable[[PeerApi, SupernodeProtocol, Any], None]] = {
     wire.FeedSubscribe: PeerApi.feed_subscribe,
+    wire.FeedSubscribeOnly: PeerApi.feed_subscribe,
     wire.FeedCredit: PeerApi.feed_credit,
     wire.DigestRequest: PeerApi.range_digests,
     wire.ListRequest: PeerApi.list_guids,

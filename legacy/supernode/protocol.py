@@ -27,26 +27,62 @@ _SUPERNODE_FRAME_TYPES = frozenset(wire.SUPERNODE_FRAMES)
 
 
 class FeedSubscription:
-    """One privileged subscriber's position and credit (its flow-control window)."""
+    """One privileged subscriber's position and credit (its flow-control window).
 
-    def __init__(self, sn: Supernode, proto: SupernodeProtocol, start: int, credit: int) -> None:
+    With *only_origin* (``FeedSubscribeOnly``) the messages and presence changes of other
+    origins are left out: a run of them goes as one ``FeedSkipped``, which takes one credit
+    like any frame. A run still open when the feed's end is reached is sent then, so the
+    subscriber's offset never waits on entries it will not get."""
+
+    def __init__(self, sn: Supernode, proto: SupernodeProtocol, start: int, credit: int,
+                 only_origin: str | None = None) -> None:
         self.sn = sn
         self.proto = proto
         self.next = start
         self.credit = credit
+        self.only_origin = only_origin
 
     def pump(self) -> None:
         feed = self.sn.mem.feed
+        if self.credit > 0 and self.next < feed.first_offset and self.next < feed.next_offset:
+            # Fell out of the buffer while subscribed: report the gap, never skip silently.
+            self.proto.send(wire.FeedStatus(
+                epoch=feed.epoch, first_offset=feed.first_offset,
+                next_offset=feed.next_offset, gap="expired", gap_epoch=feed.epoch,
+                gap_from=self.next, gap_to=feed.first_offset))
+            self.next = feed.first_offset
+        if self.only_origin is not None:
+            self._pump_only(feed)
+            return
         while self.credit > 0 and self.next < feed.next_offset:
-            if self.next < feed.first_offset:
-                # Fell out of the buffer while subscribed: report the gap, never skip silently.
-                self.proto.send(wire.FeedStatus(
-                    epoch=feed.epoch, first_offset=feed.first_offset,
-                    next_offset=feed.next_offset, gap="expired", gap_epoch=feed.epoch,
-                    gap_from=self.next, gap_to=feed.first_offset))
-                self.next = feed.first_offset
             self.proto.send(feed.get(self.next))
             self.next += 1
+            self.credit -= 1
+
+    def _pump_only(self, feed: Any) -> None:
+        origin = self.only_origin
+        send = self.proto.send
+        skipped_from = -1  # the start of the run being left out, -1 when none
+        while self.credit > 0 and self.next < feed.next_offset:
+            entry = feed.get(self.next)
+            kind = type(entry)
+            if ((kind is wire.FeedMessage and entry.message.origin != origin)
+                    or (kind is wire.FeedPresence and entry.origin != origin)):
+                if skipped_from < 0:
+                    skipped_from = self.next
+                self.next += 1
+                continue
+            if skipped_from >= 0:
+                send(wire.FeedSkipped(offset=skipped_from, next_offset=self.next))
+                skipped_from = -1
+                self.credit -= 1
+                if self.credit == 0:
+                    return
+            send(entry)
+            self.next += 1
+            self.credit -= 1
+        if skipped_from >= 0:
+            send(wire.FeedSkipped(offset=skipped_from, next_offset=self.next))
             self.credit -= 1
 
 

@@ -528,6 +528,29 @@ class FeedChat:
     origin: str = w(NAME, default="legacy")
 
 
+@frame(0x46)
+class FeedSubscribeOnly:
+    """Peer -> SN: ``FeedSubscribe``, but the messages and presence changes of any origin
+    other than *origin* are left out (member lists are always sent). Each run of left-out
+    entries comes as one ``FeedSkipped``, so offsets stay continuous and a gap is still a
+    ``FeedStatus``. The bridge asks for ``legacy`` alone: its own injections would only come
+    back to be decoded and dropped."""
+
+    epoch: int = w(U64)
+    offset: int = w(U64)
+    window: int = w(U32)
+    origin: str = w(NAME)
+
+
+@frame(0x47)
+class FeedSkipped:
+    """SN -> peer: the entries [offset, next_offset) were left out by ``FeedSubscribeOnly``.
+    It takes one credit, as any feed frame does."""
+
+    offset: int = w(U64)
+    next_offset: int = w(U64)
+
+
 @frame(0x50)
 class DigestRequest:
     """Digests of *range* split into 2**split_bits sub-ranges by the next GUID-hash bits."""
@@ -645,6 +668,6 @@ CLIENT_FRAMES = (Send, SetPresence, Subscribe)
 SUPERNODE_FRAMES = (RouteSend, RouteAck, RouteToIndex, DeliverLocal, HoldBack, HoldNote,
                     IndexPut, FlushHeld, PresencePublish, PresenceSubscribe, PresenceFanout)
 #: Frames only an authenticated privileged peer (bridge, reconciler) may send.
-PEER_FRAMES = (FeedSubscribe, FeedCredit, DigestRequest, ListRequest, FetchRequest,
-               InjectMessage, InjectBatch, InjectPresence, InjectMembership, ChatsRequest,
-               HostCacheRequest)
+PEER_FRAMES = (FeedSubscribe, FeedSubscribeOnly, FeedCredit, DigestRequest, ListRequest,
+               FetchRequest, InjectMessage, InjectBatch, InjectPresence, InjectMembership,
+               ChatsRequest, HostCacheRequest)

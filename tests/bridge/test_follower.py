@@ -359,6 +359,63 @@ def test_echoes_are_credited_without_a_commit_and_checkpointed_later(net, conn):
     bridge.stop(net)
 
 
+def test_the_supernode_leaves_echoes_out_and_the_follower_credits_their_runs(
+        net, conn, monkeypatch):
+    """The follower subscribes for legacy's own entries: injected messages come as
+    FeedSkipped runs (one per InjectBatch), never as messages to decode, and the checkpoint
+    moves past them with no commit each."""
+    frames: list = []
+    on_frame = FeedFollower._on_frame
+    monkeypatch.setattr(FeedFollower, "_on_frame",
+                        lambda self, f: (frames.append(f), on_frame(self, f))[1])
+    send_some(net, 5)
+    db = CountingDatabase(InlineDatabase(conn))
+    bridge = Bridge(net, db).start()
+    net.run(2.0)
+    home = net.ring.home_of("chat-1")
+    feed = net.supernodes[home].mem.feed
+    before, seen = db.commits, len(frames)
+    loops = REGISTRY.get_sample_value("bridge_loop_suppressed_total",
+                                      {"direction": "to_cloud"}) or 0
+    peer = net.peer(home)
+    ts = int(net.clock.seconds() * 1000)
+    net.wait(peer.inject_batch("chat-1", ("alice", "bob"), [
+        wire.ChatMessage(chat_id="chat-1", guid=f"cloud:b-{i}", legacy_seq=0, sender="alice",
+                         ts_ms=ts, body="from the cloud", origin="cloud") for i in range(64)]))
+    net.run(0.5)
+    assert [(type(f), f.next_offset - f.offset) for f in frames[seen:]] == [
+        (wire.FeedSkipped, 64)]
+    assert bridge.followers[home].checkpoint.offset == feed.next_offset
+    assert db.commits == before
+    assert REGISTRY.get_sample_value("bridge_loop_suppressed_total",
+                                     {"direction": "to_cloud"}) == loops + 64
+    assert not any(isinstance(f, wire.FeedMessage) and f.message.origin != "legacy"
+                   for f in frames)
+    assert len(chat_messages(conn, "chat-1")) == 5
+    bridge.stop(net)
+
+
+def test_an_empty_skipped_run_closes_the_feed_connection(net, conn):
+    """A FeedSkipped that covers no offset is a protocol violation: the follower drops that
+    connection and moves nothing."""
+    send_some(net, 2)
+    bridge = Bridge(net, InlineDatabase(conn)).start()
+    net.run(2.0)
+    home = net.ring.home_of("chat-1")
+    follower = bridge.followers[home]
+    at = follower.checkpoint.offset
+    peer = follower.peer
+    peer.frame_arrived(wire.FeedSkipped(offset=at, next_offset=at))
+    assert peer.rejected == "bad_skip"
+    assert follower.checkpoint.offset == at
+    assert follower._pending is None or follower._pending.frames == 0
+    net.run(3.0)  # it reconnects and reads on from its checkpoint
+    assert follower.peer is not None and follower.peer is not peer
+    assert follower.checkpoint.offset == at
+    assert len(chat_messages(conn, "chat-1")) == 2
+    bridge.stop(net)
+
+
 def test_a_clean_stop_writes_the_checkpoint_echoes_moved(net, conn):
     """A stop before echo_checkpoint_s still leaves the checkpoint at the feed's end."""
     config = FollowerConfig(window=50, max_batch=20, linger_s=0.01, echo_checkpoint_s=60.0,

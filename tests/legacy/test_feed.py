@@ -259,3 +259,114 @@ def test_subscribing_ahead_of_the_feed_gets_an_ahead_gap_and_the_whole_feed():
     assert (status.epoch, status.first_offset, status.next_offset) == (sn.epoch, 4, 9)
     assert log.offsets == [4, 5, 6, 7, 8] and log.guids == guids[3:]
     assert not peer.closed.called and len(sn.mem.feed_subs) == 1
+
+
+# -- FeedSubscribeOnly: other origins' entries left out -------------------------------------------
+
+
+def covered(log: FeedLog) -> list[int]:
+    """Every offset the frames account for: an entry's own, or a FeedSkipped run's."""
+    out: list[int] = []
+    for f in log.entries:
+        out.extend(range(f.offset, f.next_offset) if isinstance(f, wire.FeedSkipped)
+                   else [f.offset])
+    return out
+
+
+def inject(net: LegacyNet, sn_id: str, chat_id: str, n: int, tag: str,
+           origin: str = "cloud") -> None:
+    """Inject *n* messages of *origin* into *chat_id* in one InjectBatch."""
+    peer = net.peer(sn_id, name="injector")
+    ts = int(net.clock.seconds() * 1000)
+    net.wait(peer.inject_batch(chat_id, MEMBERS, [
+        wire.ChatMessage(chat_id=chat_id, guid=f"{tag}-{i}", legacy_seq=0, sender="alice",
+                         ts_ms=ts, body=f"body {i}", origin=origin) for i in range(n)]))
+    peer.disconnect()
+
+
+def test_subscribe_only_sends_that_origins_messages_and_skips_runs_of_the_rest():
+    """Legacy messages and every member list come whole; each run of other origins'
+    messages comes as one FeedSkipped naming its exact range; together the frames cover
+    every offset of the feed once, in order."""
+    net, sn, chat = setup_home()
+    first = append(sn, chat, 3, "a")                 # FeedChat + 3 legacy messages
+    inject(net, "sn0", chat, 10, "echo1")            # 10 echoes: one run
+    middle = append(sn, chat, 2, "b")
+    inject(net, "sn0", chat, 5, "echo2", origin="reconciler")
+    peer = net.peer("sn0")
+    log = FeedLog()
+    peer.subscribe(sn.epoch, 0, 1000, log, only_origin="legacy")
+    net.run(1)
+    assert covered(log) == list(range(sn.mem.feed.next_offset))
+    assert log.guids == first + middle
+    skipped = [(f.offset, f.next_offset) for f in log.entries
+               if isinstance(f, wire.FeedSkipped)]
+    assert skipped == [(4, 14), (16, 21)]
+    assert isinstance(log.entries[0], wire.FeedChat)
+
+    live = append(sn, chat, 1, "c")
+    inject(net, "sn0", chat, 64, "echo3")  # one InjectBatch: one FeedSkipped, not 64
+    net.run(1)
+    assert covered(log) == list(range(sn.mem.feed.next_offset))
+    assert log.guids == first + middle + live
+    assert [(f.offset, f.next_offset) for f in log.entries[-1:]] == [(22, 86)]
+
+
+def test_a_plain_subscription_still_gets_every_origins_messages():
+    """FeedSubscribe (no origin named) gets the injected messages themselves, as before."""
+    net, sn, chat = setup_home()
+    append(sn, chat, 2, "a")
+    inject(net, "sn0", chat, 3, "echo")
+    log = FeedLog()
+    net.peer("sn0").subscribe(sn.epoch, 0, 1000, log)
+    net.run(1)
+    assert log.offsets == list(range(sn.mem.feed.next_offset))
+    assert log.guids == ["a-0", "a-1", "echo-0", "echo-1", "echo-2"]
+    assert not any(isinstance(f, wire.FeedSkipped) for f in log.frames)
+
+
+def test_a_skipped_run_takes_one_credit_and_waits_for_credit():
+    """A FeedSkipped costs one credit like any entry: with none left, nothing is sent, and
+    the run and what follows go once credit comes."""
+    net, sn, chat = setup_home()
+    append(sn, chat, 1, "a")                 # offsets 0 (chat), 1
+    inject(net, "sn0", chat, 6, "echo")      # offsets 2..7
+    append(sn, chat, 2, "b")                 # offsets 8, 9
+    log = FeedLog()
+    peer = net.peer("sn0")
+    peer.subscribe(sn.epoch, 0, 2, log, only_origin="legacy")
+    net.run(1)
+    assert covered(log) == [0, 1]
+    peer.credit(1)
+    net.run(1)
+    assert covered(log) == list(range(8))    # the whole run in one frame
+    peer.credit(1)
+    net.run(1)
+    assert covered(log) == list(range(9))
+    inject(net, "sn0", chat, 3, "echo-late")  # offsets 10..12: no credit for their run yet
+    peer.credit(1)
+    net.run(1)
+    assert covered(log) == list(range(10))
+    peer.credit(5)
+    net.run(1)
+    assert covered(log) == list(range(13))
+    assert [(f.offset, f.next_offset) for f in log.entries if isinstance(f, wire.FeedSkipped)
+            ] == [(2, 8), (10, 13)]
+
+
+def test_a_skipping_subscriber_overtaken_by_eviction_still_gets_the_gap():
+    """Leaving entries out never hides a gap: eviction past the subscriber is a FeedStatus."""
+    net, sn, chat = setup_home(feed_capacity=5)
+    append(sn, chat, 1, "early")  # offsets 0, 1
+    peer = net.peer("sn0")
+    log = FeedLog()
+    peer.subscribe(sn.epoch, 0, 2, log, only_origin="legacy")
+    net.run(1)
+    inject(net, "sn0", chat, 8, "echo")  # offsets 2..9; the buffer holds 5..9
+    append(sn, chat, 1, "late")          # offset 10; the buffer holds 6..10
+    peer.credit(10)
+    net.run(1)
+    gaps = [(g.gap, g.gap_from, g.gap_to) for g in log.statuses[1:]]
+    assert gaps == [("expired", 2, 6)]
+    assert covered(log) == [0, 1, *range(6, 11)]
+    assert log.guids == ["early-0", "late-0"]

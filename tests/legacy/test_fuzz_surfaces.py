@@ -36,7 +36,7 @@ fuzz_settings = settings(max_examples=300, deadline=None,
 
 #: Codes a refusal may carry after authentication: a frame of another role is "forbidden".
 CLIENT_CODES = {"not_member", "bad_members", "bad_send", "bad_status", "too_long", "forbidden"}
-PEER_CODES = {"no_subscription", "forbidden"}
+PEER_CODES = {"no_subscription", "forbidden", "bad_subscribe"}
 
 
 class HostileConnection(FrameProtocol):

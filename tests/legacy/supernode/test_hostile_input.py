@@ -523,6 +523,15 @@ def test_peer_protocol_violation_is_refused(live):
                      "no_subscription")
 
 
+def test_subscribe_only_without_an_origin_is_refused(live):
+    """FeedSubscribeOnly naming no origin closes the peer, and no subscription is left."""
+    conn = live.raw()
+    conn.auth_peer()
+    reject_and_check(live, conn, framed(wire.encode(wire.FeedSubscribeOnly(
+        epoch=0, offset=0, window=10, origin=""))), "bad_subscribe")
+    assert live.sn.mem.feed_subs == []
+
+
 @live_settings
 @given(st.lists(st.one_of([frames_of(c) for c in wire.CLIENT_FRAMES]), min_size=1,
                 max_size=6))
@@ -550,7 +559,7 @@ def test_peer_requests_never_cause_an_internal_error(sequence):
         for f in sequence:
             conn.send(f)
         errors = [f.code for f in conn.received() if isinstance(f, wire.Error)]
-        assert set(errors) <= {"no_subscription"}
+        assert set(errors) <= {"no_subscription", "bad_subscribe"}
         live.assert_serves_a_client()
 
 
