@@ -341,3 +341,25 @@ def test_migration_0022_gives_queued_messages_their_guid_and_no_others(empty_dsn
             "FROM messages ORDER BY 1, 2", (cid,)).fetchall() == [
             (False, 1, None), (True, 1, None), (True, 2, True), (True, 3, True)]
         assert tx(conn, digests_store.maintained_slots) == tx(conn, digests_store.scratch_slots)
+
+
+def test_a_claim_updates_a_row_on_a_filled_outbox_page_in_place(conn):
+    """Outbox pages keep room (fillfactor 70, migration 0023): a claim's update of a row
+    whose page was filled by later posts is HOT, a new version on the same page with no
+    index entries, not a row version elsewhere with an entry in each of three indexes."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    with conn.transaction():
+        messages_store.post_messages(conn, [messages_store.Post(cid, a, f"c{i}", "m", NOW + i)
+                                            for i in range(400)])
+    pages = "SELECT count(DISTINCT (ctid::text::point)[0]) FROM outbox_to_legacy"
+    assert conn.execute(pages).fetchone()[0] >= 3  # the first page is as full as it gets
+    where = "SELECT (ctid::text::point)[0] FROM outbox_to_legacy WHERE seq = 1"
+    page = conn.execute(where).fetchone()[0]
+    with conn.transaction():
+        [item] = outbox_store.claim_outbox(conn, NOW + 1000, 1, 5000)
+        assert item.seq == 1
+        (hot,) = conn.execute("SELECT pg_stat_get_xact_tuples_hot_updated("
+                              "'outbox_to_legacy'::regclass)").fetchone()
+    assert hot == 1
+    assert conn.execute(where).fetchone()[0] == page
