@@ -236,18 +236,18 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
               "per_conversation": max(1, per_conversation), "token": token,
               "phases": list(LEGACY_CLIENT_PHASES),
               "window": claim_window(limit) if window is None else window}
-    rows = conn.execute(_CLAIM, params).fetchall()
+    claim = conn.cursor(binary=True)  # binary results: no parsing of uuids and arrays
+    rows = claim.execute(_CLAIM, params).fetchall()
     if len(rows) < limit and conn.execute(
             "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "
             "  WHERE state = 'pending' LIMIT %(window)s + 1) w", params).fetchone()[0]:
         # The window held only conversations already claimed (one long backlog in front,
         # say) while others wait behind it: look at every pending row, as a claim without
         # a window would, for the rest (this claim's own heads are claimed now).
-        rows += conn.execute(_CLAIM, {**params, "limit": limit - len(rows),
-                                      "window": None}).fetchall()
+        rows += claim.execute(_CLAIM, {**params, "limit": limit - len(rows),
+                                       "window": None}).fetchall()
     return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15],
-                       r[16])
+                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15], r[16])
             for r in rows]
 
 
