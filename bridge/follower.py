@@ -211,6 +211,9 @@ class FeedFollower(Service):
         self._linger: Any = None
         #: when the linger timer was set to fire (``_commit_soon``)
         self._linger_due = 0.0
+        #: the origin this follower's subscription asks for alone (None: the whole feed,
+        #: for a supernode that does not know ``FeedSubscribeOnly``)
+        self._only_origin: str | None = "legacy"
         #: the timer that writes a checkpoint only echoes moved (None: nothing unwritten)
         self._echo_timer: Any = None
         self._loop: defer.Deferred | None = None
@@ -344,13 +347,20 @@ class FeedFollower(Service):
             self.faults.mark(self.clock.seconds())
             try:
                 peer.subscribe(epoch, offset, self.config.window, self._on_frame,
-                               only_origin="legacy")
+                               only_origin=self._only_origin)
                 await peer.closed
             except Exception:
                 pass  # closed with a reason: handled like any lost connection
             finally:
                 m.FEEDS_CONNECTED.dec()
                 self.peer = None
+            if (peer.refused is not None and peer.refused.code == "unknown_type"
+                    and self._only_origin is not None):
+                # A supernode older than FeedSubscribeOnly: follow its whole feed, echoes
+                # and all, as before it (they are dropped here).
+                log.warn("supernode {sn} does not know FeedSubscribeOnly; following its "
+                         "whole feed", sn=self.source)
+                self._only_origin = None
             if self._stopped:
                 return
             # What was not committed will be sent again from the checkpoint.
@@ -406,9 +416,10 @@ class FeedFollower(Service):
             return  # a status is not a feed entry: it takes no credit
         if type(f) is wire.FeedSkipped:
             # Messages and presence of other origins, left out by the supernode: echoes
-            if f.next_offset <= f.offset:
+            if f.offset != batch.offset or f.next_offset <= f.offset:
+                # it would skip entries unread, or move the checkpoint back
                 raise ProtocolViolation("bad_skip", f"FeedSkipped [{f.offset}, "
-                                                    f"{f.next_offset}) is empty")
+                                                    f"{f.next_offset}) at offset {batch.offset}")
             batch.frames += 1
             batch.offset = f.next_offset
             batch.loops += 1

@@ -56,6 +56,8 @@ class PeerConnection(FrameProtocol):
         self._deadlines: dict[int, Deadline] = {}
         self._host_cache: deque[defer.Deferred] = deque()
         self.feed_handler: Callable[[Any], None] | None = None
+        #: the supernode's ``Error`` when it closed this connection with one
+        self.refused: PeerRefused | None = None
         self.closed: defer.Deferred = defer.Deferred()
 
     # -- protocol ------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class PeerConnection(FrameProtocol):
             if not self.ready.called:
                 self.ready.callback(self)
         elif isinstance(f, wire.Error):
-            exc = PeerRefused(f.code, f.reason)
+            exc = self.refused = PeerRefused(f.code, f.reason)
             if not self.ready.called:
                 self.ready.errback(exc)
             self._fail_all(exc)

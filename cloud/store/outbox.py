@@ -236,7 +236,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
               "per_conversation": max(1, per_conversation), "token": token,
               "phases": list(LEGACY_CLIENT_PHASES),
               "window": claim_window(limit) if window is None else window}
-    claim = conn.cursor(binary=True)  # binary results: no parsing of uuids and arrays
+    claim = conn.cursor(binary=True)  # no parsing of uuids, arrays (an enum would be bytes)
     rows = claim.execute(_CLAIM, params).fetchall()
     if len(rows) < limit and conn.execute(
             "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "

@@ -239,7 +239,14 @@ class Supernode(service.Service):
     def feed_append(self, make: Callable[[int], Any]) -> None:
         """Append ``make(offset)`` to the change feed and send it to whoever has credit."""
         mem = self.mem
-        mem.feed.append(make)
+        feed = mem.feed
+        if self._feed_holds and feed.next_offset - feed.first_offset >= feed.capacity:
+            # held, and this append evicts the oldest entry: whoever has still to read it
+            # gets it now if its credit allows, as it would have without the hold
+            for sub in mem.feed_subs:
+                if sub.next == feed.first_offset:
+                    sub.pump()
+        feed.append(make)
         if not self._feed_holds:
             for sub in mem.feed_subs:
                 sub.pump()

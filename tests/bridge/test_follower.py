@@ -392,20 +392,28 @@ def test_the_supernode_leaves_echoes_out_and_the_follower_credits_their_runs(
     assert not any(isinstance(f, wire.FeedMessage) and f.message.origin != "legacy"
                    for f in frames)
     assert len(chat_messages(conn, "chat-1")) == 5
+    # every skipped run's credit came back: the supernode holds the whole window again
+    [sub] = net.supernodes[home].mem.feed_subs
+    assert sub.credit == FAST.window and bridge.followers[home].backlog == 0
     bridge.stop(net)
 
 
-def test_an_empty_skipped_run_closes_the_feed_connection(net, conn):
-    """A FeedSkipped that covers no offset is a protocol violation: the follower drops that
-    connection and moves nothing."""
+@pytest.mark.parametrize("run", ["empty", "ahead", "behind"])
+def test_a_skipped_run_not_at_the_followers_offset_closes_the_feed_connection(
+        net, conn, run):
+    """A FeedSkipped that covers no offset, or does not start where the follower is (it
+    would skip entries unread, or move the checkpoint back), is a protocol violation: the
+    follower drops that connection and moves nothing."""
     send_some(net, 2)
     bridge = Bridge(net, InlineDatabase(conn)).start()
     net.run(2.0)
     home = net.ring.home_of("chat-1")
     follower = bridge.followers[home]
     at = follower.checkpoint.offset
+    assert at >= 2
     peer = follower.peer
-    peer.frame_arrived(wire.FeedSkipped(offset=at, next_offset=at))
+    start, end = {"empty": (at, at), "ahead": (at + 1, at + 5), "behind": (at - 2, at + 5)}[run]
+    peer.frame_arrived(wire.FeedSkipped(offset=start, next_offset=end))
     assert peer.rejected == "bad_skip"
     assert follower.checkpoint.offset == at
     assert follower._pending is None or follower._pending.frames == 0
@@ -413,6 +421,29 @@ def test_an_empty_skipped_run_closes_the_feed_connection(net, conn):
     assert follower.peer is not None and follower.peer is not peer
     assert follower.checkpoint.offset == at
     assert len(chat_messages(conn, "chat-1")) == 2
+    bridge.stop(net)
+
+
+def test_a_supernode_without_subscribe_only_is_followed_whole(net, conn, monkeypatch):
+    """A supernode older than FeedSubscribeOnly refuses it as an unknown frame type: the
+    follower subscribes for the whole feed from then on and drops the echoes itself."""
+    from legacy.framing import ProtocolViolation
+    from legacy.supernode import peer_api
+
+    def unknown(api, proto, f):
+        raise ProtocolViolation("unknown_type", "unknown frame type 0x46")
+
+    monkeypatch.setitem(peer_api.PEER_HANDLERS, wire.FeedSubscribeOnly, unknown)
+    send_some(net, 3)
+    inject_echoes(net, 4)
+    bridge = Bridge(net, InlineDatabase(conn)).start()
+    net.run(5.0)
+    home = net.ring.home_of("chat-1")
+    [sub] = net.supernodes[home].mem.feed_subs
+    assert sub.only_origin is None
+    assert bridge.followers[home].checkpoint.offset == net.supernodes[home].mem.feed.next_offset
+    rows = chat_messages(conn, "chat-1")
+    assert len(rows) == 3 and not any(r[1].startswith("cloud:") for r in rows)
     bridge.stop(net)
 
 

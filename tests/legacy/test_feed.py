@@ -370,3 +370,37 @@ def test_a_skipping_subscriber_overtaken_by_eviction_still_gets_the_gap():
     assert gaps == [("expired", 2, 6)]
     assert covered(log) == [0, 1, *range(6, 11)]
     assert log.guids == ["early-0", "late-0"]
+
+
+def test_subscribe_only_skips_other_origins_presence_and_always_sends_member_lists():
+    """Presence is left out like messages when another origin published it; a member list
+    comes whatever its origin (the bridge remembers its own); legacy presence comes."""
+    net, sn, chat = setup_home()
+    append(sn, chat, 1, "a")                                            # offsets 0, 1
+    peer = net.peer("sn0", name="injector")
+    net.wait(peer.inject_presence("alice", "away", 60_000, "cloud"))    # 2: skipped
+    net.wait(peer.inject_membership(chat, ("carol",), (), "cloud"))     # 3: sent
+    sn.presence.publish("bob", "online", "legacy")                      # 4: sent
+    net.wait(peer.inject_presence("bob", "busy", 60_000, "cloud"))      # 5: skipped
+    log = FeedLog()
+    net.peer("sn0").subscribe(sn.epoch, 0, 1000, log, only_origin="legacy")
+    net.run(1)
+    assert covered(log) == list(range(sn.mem.feed.next_offset)) == list(range(6))
+    kinds = [(type(f).__name__, getattr(f, "origin", None)) for f in log.entries]
+    assert kinds == [("FeedChat", "legacy"), ("FeedMessage", None), ("FeedSkipped", None),
+                     ("FeedChat", "cloud"), ("FeedPresence", "legacy"), ("FeedSkipped", None)]
+    assert log.entries[3].members == ("alice", "bob", "carol")
+
+
+def test_a_held_append_that_evicts_sends_the_oldest_entry_first():
+    """An InjectBatch larger than a small feed buffer: a subscriber with credit still gets
+    every entry, none of them evicted while the batch held the pump."""
+    net, sn, chat = setup_home(feed_capacity=5)
+    append(sn, chat, 1, "a")  # offsets 0, 1
+    log = FeedLog()
+    net.peer("sn0").subscribe(sn.epoch, 0, 1000, log)
+    net.run(1)
+    inject(net, "sn0", chat, 12, "echo")  # offsets 2..13, more than the buffer holds
+    net.run(1)
+    assert log.statuses[1:] == []
+    assert log.offsets == list(range(14))
