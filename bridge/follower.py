@@ -414,23 +414,18 @@ class FeedFollower(Service):
                 self._commit_soon(batch)
             self._head = (batch.epoch, batch.offset)
             return  # a status is not a feed entry: it takes no credit
-        if type(f) is wire.FeedSkipped:
-            # Messages and presence of other origins, left out by the supernode: echoes
-            if f.offset != batch.offset or f.next_offset <= f.offset:
-                # it would skip entries unread, or move the checkpoint back
-                raise ProtocolViolation("bad_skip", f"FeedSkipped [{f.offset}, "
-                                                    f"{f.next_offset}) at offset {batch.offset}")
-            batch.frames += 1
-            batch.offset = f.next_offset
+        skipped = type(f) is wire.FeedSkipped
+        if skipped and (f.offset != batch.offset or f.next_offset <= f.offset):
+            # it would skip entries unread, or move the checkpoint back
+            raise ProtocolViolation("bad_skip", f"FeedSkipped [{f.offset}, "
+                                                f"{f.next_offset}) at offset {batch.offset}")
+        batch.frames += 1
+        batch.offset = f.next_offset if skipped else f.offset + 1
+        if skipped:
+            # messages and presence of other origins, left out by the supernode: echoes
             batch.loops += 1
             _LOOPS.inc(f.next_offset - f.offset)
-            self._head = (batch.epoch, batch.offset)
-            self.backlog += 1
-            self._commit_soon(batch)
-            return
-        batch.frames += 1
-        batch.offset = f.offset + 1
-        if isinstance(f, wire.FeedMessage):
+        elif isinstance(f, wire.FeedMessage):
             if f.message.origin == "legacy":
                 batch.messages.append(f.message)
             else:

@@ -67,7 +67,7 @@ class PeerApi:
 
     def feed_subscribe(self, proto: SupernodeProtocol,
                        f: wire.FeedSubscribe | wire.FeedSubscribeOnly) -> None:
-        only_origin = getattr(f, "origin", None)
+        only_origin = f.origin if isinstance(f, wire.FeedSubscribeOnly) else None
         if only_origin == "":
             raise ProtocolViolation("bad_subscribe", "FeedSubscribeOnly needs an origin")
         mem = self.sn.mem

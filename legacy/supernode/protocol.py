@@ -51,23 +51,14 @@ class FeedSubscription:
                 next_offset=feed.next_offset, gap="expired", gap_epoch=feed.epoch,
                 gap_from=self.next, gap_to=feed.first_offset))
             self.next = feed.first_offset
-        if self.only_origin is not None:
-            self._pump_only(feed)
-            return
-        while self.credit > 0 and self.next < feed.next_offset:
-            self.proto.send(feed.get(self.next))
-            self.next += 1
-            self.credit -= 1
-
-    def _pump_only(self, feed: Any) -> None:
         origin = self.only_origin
         send = self.proto.send
         skipped_from = -1  # the start of the run being left out, -1 when none
         while self.credit > 0 and self.next < feed.next_offset:
             entry = feed.get(self.next)
-            kind = type(entry)
-            if ((kind is wire.FeedMessage and entry.message.origin != origin)
-                    or (kind is wire.FeedPresence and entry.origin != origin)):
+            if origin is not None and (
+                    (type(entry) is wire.FeedMessage and entry.message.origin != origin)
+                    or (type(entry) is wire.FeedPresence and entry.origin != origin)):
                 if skipped_from < 0:
                     skipped_from = self.next
                 self.next += 1
