@@ -11,6 +11,9 @@ and sub 0; a membership change made after message N has seq N and sub 1, 2, ... 
 A queued message has its legacy GUID (``cloud.model``) from then on, so a completion writes
 only its own row (the gaps reconciler leaves pending rows to the injector); a row that ends
 without reaching legacy (skipped, refused, given up) takes it back (``_UNGUIDED``).
+
+This module is long because the claim, the completions, the releases and the skips all turn
+on the same claim token and row states: split, each half would hold half of that argument.
 """
 
 from __future__ import annotations
@@ -179,14 +182,7 @@ _CLAIM = (
     "    AND o.sub = due.sub "
     "  RETURNING o.conversation_id, o.seq, o.sub, o.kind, o.message_id, o.attempts, "
     "    o.created_ms, o.member_handles, o.add_handles, o.remove_handles, "
-    "    o.last_error IS NOT NULL AS retried), "
-    # members with legacy clients, once per conversation, each account probed by key (OFFSET 0:
-    # as a semi join, the members were hashed against a scan of every account)
-    "legacy_clients AS MATERIALIZED ("
-    "  SELECT d.conversation_id, (SELECT count(*) FROM members mb WHERE mb.conversation_id "
-    "    = d.conversation_id AND EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = "
-    "    mb.account_id AND a.phase = ANY(%(phases)s) OFFSET 0)) AS members "
-    "  FROM (SELECT DISTINCT conversation_id FROM claimed) d) "
+    "    o.last_error IS NOT NULL AS retried) "
     "SELECT c.conversation_id, c.seq, c.message_id, cv.legacy_chat_id, "
     "       coalesce((SELECT coalesce(s.legacy_handle, s.handle) FROM accounts s "
     "                 WHERE s.account_id = m.sender_account_id), ''), "
@@ -194,18 +190,27 @@ _CLAIM = (
     "       coalesce(c.member_handles, array(SELECT (SELECT coalesce(a.legacy_handle, "
     "             a.handle) FROM accounts a WHERE a.account_id = mb.account_id) AS h "
     "             FROM members mb WHERE mb.conversation_id = c.conversation_id ORDER BY 1)), "
-    "       lc.members "
-    "       + CASE WHEN cardinality(c.remove_handles) > 0 THEN (SELECT count(*) "
-    "         FROM account_handles h WHERE h.handle = ANY(c.remove_handles) AND EXISTS ("
-    "           SELECT 1 FROM accounts a WHERE a.account_id = h.account_id "
-    "           AND a.phase = ANY(%(phases)s) OFFSET 0)) ELSE 0 END, "
+    # members with legacy clients, counted on each conversation's first row only (the rows
+    # come grouped; claim_outbox carries the count on), each account probed by key (OFFSET
+    # 0: as a semi join, the members were hashed against a scan of every account). A CTE
+    # counting once per conversation, joined back, was a nested loop of rows x conversations
+    # (the planner expects one row of each): 120,000 comparisons for 600 rows of 200.
+    "       CASE WHEN c.conversation_id IS DISTINCT FROM lag(c.conversation_id) OVER ("
+    "         ORDER BY c.conversation_id, c.seq, c.sub) THEN (SELECT count(*) FROM members mb "
+    "         WHERE mb.conversation_id = c.conversation_id AND EXISTS (SELECT 1 FROM accounts "
+    "         a WHERE a.account_id = mb.account_id AND a.phase = ANY(%(phases)s) OFFSET 0)) "
+    "       END, "
     "       c.attempts, c.created_ms, c.sub, c.kind, coalesce(c.add_handles, '{}'), "
     "       coalesce(c.remove_handles, '{}'), c.retried, "
-    "       m.legacy_guid "
+    "       m.legacy_guid, "
+    # a membership change counts the members it removes too
+    "       CASE WHEN cardinality(c.remove_handles) > 0 THEN (SELECT count(*) "
+    "         FROM account_handles h WHERE h.handle = ANY(c.remove_handles) AND EXISTS ("
+    "           SELECT 1 FROM accounts a WHERE a.account_id = h.account_id "
+    "           AND a.phase = ANY(%(phases)s) OFFSET 0)) ELSE 0 END "
     "FROM claimed c LEFT JOIN messages m ON c.kind = 'message' "
     "  AND m.conversation_id = c.conversation_id AND m.seq = c.seq "
     "JOIN conversations cv ON cv.conversation_id = c.conversation_id "
-    "JOIN legacy_clients lc ON lc.conversation_id = c.conversation_id "
     "ORDER BY c.conversation_id, c.seq, c.sub")
 
 
@@ -246,9 +251,14 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
         # a window would, for the rest (this claim's own heads are claimed now).
         rows += claim.execute(_CLAIM, {**params, "limit": limit - len(rows),
                                        "window": None}).fetchall()
-    return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
-                       token, r[10], r[11], r[12], tuple(r[13]), tuple(r[14]), r[15], r[16])
-            for r in rows]
+    items = []
+    members = 0  # the conversation's count, from its first row (each result is grouped)
+    for r in rows:
+        members = members if r[8] is None else r[8]
+        items.append(OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]),
+                                members + r[17], r[9], token, r[10], r[11], r[12],
+                                tuple(r[13]), tuple(r[14]), r[15], r[16]))
+    return items
 
 
 def complete_outbox(conn: psycopg.Connection, item: OutboxItem, legacy_chat_id: str,

@@ -219,6 +219,31 @@ def test_a_claim_looks_past_a_window_of_already_claimed_conversations(conn):
     assert tx(conn, outbox_store.claim_outbox, NOW + 40, 10, 5000, 2, window=3) == []
 
 
+def test_each_claimed_row_counts_the_legacy_clients_of_its_own_conversation(conn):
+    """Members with legacy clients are counted once per conversation (on its first row) and
+    carried to its other rows: rows of conversations with different counts, posted
+    interleaved and claimed in one call that runs the claim twice (the window first, then
+    every pending row), each carry their own conversation's count."""
+    alice = make_account(conn, "alice", "cloud")
+    legacy = [make_account(conn, f"l{i}", "legacy") for i in range(3)]
+    gone = make_account(conn, "gone", "cloud-only")
+    counts = {make_conversation(conn, alice, *legacy): 4,
+              make_conversation(conn, alice, gone): 1,
+              make_conversation(conn, alice, legacy[0]): 2}
+    for i in range(3):
+        for n, cid in enumerate(counts):
+            tx(conn, messages_store.post_message, cid, alice, f"c{i}", f"m{i}",
+               NOW + 3 * i + n)
+    # a window of the two oldest rows holds two conversations: the rest comes from the
+    # second pass over every pending row
+    items = tx(conn, outbox_store.claim_outbox, NOW + 100, 100, 5000, 50, window=2)
+    assert len(items) == 9 and len({i.conversation_id for i in items}) == 3
+    # the first execution took the two oldest conversations, the second the third
+    assert items[-1].conversation_id == list(counts)[2]
+    assert all(i.legacy_client_members == counts[i.conversation_id] for i in items), [
+        (i.conversation_id, i.seq, i.legacy_client_members) for i in items]
+
+
 def test_cloud_chat_ids_are_recorded_once_and_never_replace_one_set(conn):
     """map_cloud_chats records a cloud-born conversation's made-up chat id (the mapping and
     the conversation's column); again, it changes nothing, and a conversation that has a
