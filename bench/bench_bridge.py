@@ -26,7 +26,9 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   until the outbox is drained (each one injected into its home supernode and acknowledged).
   Then the lag at half that speed, posted through the store's own path, with
   ``half_load_cycle``: where a conversation's turn went meanwhile (claims per second, rows
-  per pass, the mean claim, pass and recording times; ``pass_breakdown``).
+  per pass, the mean claim, pass and recording times; ``pass_breakdown``) and
+  ``half_load_busy``, the share of the machine's cores busy meanwhile. ``lag_curve``: the
+  lag at 1/8, 1/4 and 1/2 of the drain's speed, each with its busy share.
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
 
 With ``--workers 1 2 4`` the drain and the lag runs are repeated with that many bridge
@@ -66,7 +68,13 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_cloud import raw_copy, scratch_database, setup  # noqa: E402
-from bench_stats import proc_stat, processes, summarize  # noqa: E402
+from bench_stats import (  # noqa: E402
+    busy_fraction,
+    machine_busy_ticks,
+    proc_stat,
+    processes,
+    summarize,
+)
 
 from bridge.follower import FollowerConfig  # noqa: E402
 from cloud import embedded  # noqa: E402
@@ -470,11 +478,13 @@ def loaded_outbox(server: str, n: int) -> Iterator[tuple[str, list[tuple]]]:
         yield conninfo.conninfo_to_dict(dsn)["dbname"], convs
 
 
-def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
+def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float,
+              tag: str = "load") -> int:
     """Post *rate* cloud messages per second for *seconds*, through the store's own path
     (``post_messages``, the API batcher's: one statement writes each message, its
     notification and outbox rows, and the NOTIFY), sent at the wall clock's ms so the
-    workers' lag histograms measure post to Ack; returns how many were posted.
+    workers' lag histograms measure post to Ack; returns how many were posted. Client
+    message ids are *tag*-0, *tag*-1, ...: each load on one database needs its own *tag*.
 
     Small batches often, as the API's batcher posts them (a few ms apart), from
     ``LOAD_CONNECTIONS`` connections taking turns: one connection posting a tick's worth in
@@ -500,7 +510,7 @@ def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float) -> int:
                     continue
                 now_ms = int(time.time() * 1000)
                 posts = [messages_store.Post(*convs[(nxt + j) % len(convs)][:2],
-                                             f"load-{first + j}", "y" * 80, now_ms)
+                                             f"{tag}-{first + j}", "y" * 80, now_ms)
                          for j in range(k)]
                 try:
                     refused = [r for r in messages_store.post_messages(conn, posts)
@@ -577,23 +587,47 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
                 raise RuntimeError(f"the outbox ended as {states}, not {n} rows done")
         rss = run.rss_per_worker_mb()
         rate = n / (t1 - t0)
-        before = lag_buckets(run.metrics_urls, "to_legacy")
-        cycle_before = cycle_totals(run.metrics_urls)
-        posted = post_load(run.dsn, convs, rate / 2, lag_seconds)
-        cycle = pass_breakdown(cycle_before, cycle_totals(run.metrics_urls), lag_seconds)
+        curve = [lag_point(run, convs, rate, fraction, lag_seconds)
+                 for fraction in (*LAG_CURVE_FRACTIONS, 0.5)]
         with psycopg.connect(run.dsn, autocommit=True) as conn:
-            wait_until(conn, DRAINED, 1, timeout=120, every=0.02)
             (done,) = conn.execute("SELECT count(*) FROM outbox_to_legacy "
                                    "WHERE state = 'done'").fetchone()
-            if done != n + posted:
-                raise RuntimeError(f"{done} outbox rows done, not {n + posted}")
-        after = lag_buckets(run.metrics_urls, "to_legacy")
+            if done != n + sum(p["posted"] for p in curve):
+                raise RuntimeError(f"{done} outbox rows done, not {n} and all posted")
+        half = curve[-1]
         return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
                 "cpu_us_per_msg": cpu_us,
-                "half_load_rate": rate / 2, "half_load_posted_per_s": posted / lag_seconds,
-                "half_load_cycle": cycle,
-                "p50_ms": round(histogram_quantile(0.50, before, after), 1),
-                "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
+                "half_load_rate": rate / 2, "half_load_posted_per_s": half["posted_per_s"],
+                "half_load_cycle": half["cycle"], "half_load_busy": half["busy"],
+                "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"], "lag_curve": curve}
+
+
+#: Fractions of the drain's speed at which the cloud -> legacy lag is measured before the
+#: half load the target names: on 2 cores, posting at half the drain's speed through the
+#: store's own path while the drain runs keeps every core busy, and the lag there is mostly
+#: the queue a saturated machine builds; the lower loads show the lag of the cycle itself.
+LAG_CURVE_FRACTIONS = (0.125, 0.25)
+
+
+def lag_point(run: Run, convs: list[tuple], drain_rate: float, fraction: float,
+              seconds: float) -> dict:
+    """Post at *fraction* of *drain_rate* for *seconds* (``post_load``) and wait until it is
+    drained: the p50 and p99 lag (post to Ack, from the workers' histograms), what was
+    posted, the share of the machine's cores that were busy meanwhile (everyone's: the
+    posters, PostgreSQL, the workers, the legacy server) and where the cycle went."""
+    before = lag_buckets(run.metrics_urls, "to_legacy")
+    cycle_before = cycle_totals(run.metrics_urls)
+    busy_before = machine_busy_ticks()
+    posted = post_load(run.dsn, convs, drain_rate * fraction, seconds, f"load{fraction}")
+    busy = busy_fraction(busy_before, machine_busy_ticks())
+    cycle = pass_breakdown(cycle_before, cycle_totals(run.metrics_urls), seconds)
+    with psycopg.connect(run.dsn, autocommit=True) as conn:
+        wait_until(conn, DRAINED, 1, timeout=120, every=0.02)
+    after = lag_buckets(run.metrics_urls, "to_legacy")
+    return {"fraction": fraction, "rate": drain_rate * fraction, "posted": posted,
+            "posted_per_s": posted / seconds, "busy": round(busy, 3), "cycle": cycle,
+            "p50_ms": round(histogram_quantile(0.50, before, after), 1),
+            "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
 
 
 def _median_or_none(values: list) -> float | None:
@@ -621,6 +655,15 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 # medians over the runs of where a conversation's turn went (pass_breakdown)
                 "half_load_cycle": {k: _median_or_none([g["half_load_cycle"][k] for g in got])
                                     for k in got[0]["half_load_cycle"]},
+                "half_load_busy": summarize([g["half_load_busy"] for g in got], 3),
+                "lag_curve": [
+                    {"fraction": point["fraction"],
+                     "rate": round(statistics.median(
+                         g["lag_curve"][i]["rate"] for g in got), 1),
+                     **{key: summarize([g["lag_curve"][i][key] for g in got],
+                                       3 if key == "busy" else 1)
+                        for key in ("posted_per_s", "busy", "p50_ms", "p99_ms")}}
+                    for i, point in enumerate(got[0]["lag_curve"])],
                 "peak_rss_mb": summarize([g["rss_mb"] for g in got]),
                 "cpu_us_per_msg": {k: summarize([g["cpu_us_per_msg"][k] for g in got])
                                    for k in got[0]["cpu_us_per_msg"]},

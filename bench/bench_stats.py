@@ -33,3 +33,19 @@ def processes() -> Iterator[tuple[int, str, list[str]]]:
             stat = proc_stat(name)
             if stat is not None:
                 yield int(name), stat[0], stat[1]
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, all cores (``/proc/stat``): the
+    difference of two readings says how much of the machine was busy in between, whoever
+    used it."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of all cores busy between two ``machine_busy_ticks`` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0

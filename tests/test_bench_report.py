@@ -121,8 +121,12 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     the p99 lag at half load (<= 100 ms) and the worst peak RSS (<= 256 MB); the table has a
     row per worker count."""
     r = results(ratio=0.65, p99=80, rss=70, seconds=5.5, moved=0.007)
+    curve = [{"fraction": f, "rate": 5_000 * f, "posted_per_s": s(5_000 * f),
+              "busy": s(f), "p50_ms": s(10), "p99_ms": s(p99)}
+             for f, p99 in ((0.125, 21), (0.25, 34), (0.5, 50))]
     point = {"workers": 1, "outbox_rows": 50_000, "msgs_per_s": s(5_000),
-             "half_load_rate": 2_500, "p99_lag_ms": s(50), "peak_rss_mb": s(62)}
+             "half_load_rate": 2_500, "p99_lag_ms": s(50), "peak_rss_mb": s(62),
+             "half_load_busy": s(0.5), "lag_curve": curve}
     r["bridge"].update({"to_legacy_msgs_per_s": s(5_000), "to_legacy_ratio_to_drain": 0.25,
                         "to_legacy_p99_lag_ms": s(50), "to_legacy_peak_rss_mb": s(300),
                         "to_legacy_scaling": [point, {**point, "workers": 2}]})
@@ -134,6 +138,11 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     table = run_all.render(r, markdown=True).splitlines()
     rows = [line for line in table if "cloud -> legacy, 50,000-row outbox" in line]
     assert len(rows) == 2 and "0.250" in rows[0] and ">= 0.5: NOT met" in rows[0]
+    # the lower loads of the lag curve each get a row (the half load has its own, above)
+    curve_rows = [line for line in table if "p99 lag at 0.125 of the drain" in line]
+    assert len(curve_rows) == 2 and "625/s posted, 12% of the cores busy" in curve_rows[0]
+    assert curve_rows[0].split("|")[2].strip() == "21"
+    assert not [line for line in table if "p99 lag at 0.5 of the drain" in line]
 
 
 def test_the_big_simulation_is_judged_by_its_steady_state_and_shows_its_setup():
