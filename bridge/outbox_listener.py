@@ -26,6 +26,11 @@ class OutboxListener(Service):
     with its payload (the conversation id ``post_message`` sends; a back-fill sends an
     account id), or with None.
 
+    Payloads that arrive while the reactor has not yet taken the last ones are handed over
+    with them, in one call into the reactor thread, each distinct payload once (a post of a
+    few messages NOTIFYs once per conversation: at 2,800 posts/s, a call into the reactor
+    thread for every one kept the listener busy for 15% of the worker's samples).
+
     psycopg's ``notifies`` blocks, so a daemon thread holds its own autocommit connection,
     LISTENs and waits at most ``wait_s`` at a time, so that a stop is seen within about that
     long. A broken connection is reopened with the *retry* policy's backoff; *on_notify* is
@@ -49,6 +54,11 @@ class OutboxListener(Service):
         self._connect_timeout_s = connect_timeout_s
         self.setName(name)
         self._stop = threading.Event()
+        #: payloads received and not yet taken by the reactor thread, under _lock; a call
+        #: to _hand_over is on its way while _handing
+        self._lock = threading.Lock()
+        self._received: list[str | None] = []
+        self._handing = False
         self._ended: defer.Deferred | None = None
         self.thread: threading.Thread | None = None
         #: True while LISTEN is active (read from the reactor thread; only a hint).
@@ -102,8 +112,26 @@ class OutboxListener(Service):
             self.listening = True
             if self.connects > 1:
                 log.info("outbox listener is listening again")
-            self._reactor.callFromThread(self._on_notify, None)
+            self._received_payload(None)
             while not self._stop.is_set():
                 for notify in conn.notifies(timeout=self._wait_s):
                     self.notifications += 1
-                    self._reactor.callFromThread(self._on_notify, notify.payload)
+                    self._received_payload(notify.payload)
+
+    def _received_payload(self, payload: str | None) -> None:
+        """(The listening thread.) Queue *payload* for the reactor thread, and call it over
+        unless a call that will take it is already on its way."""
+        with self._lock:
+            self._received.append(payload)
+            if self._handing:
+                return
+            self._handing = True
+        self._reactor.callFromThread(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """(The reactor thread.) *on_notify* for each distinct payload received, in order."""
+        with self._lock:
+            received, self._received = self._received, []
+            self._handing = False
+        for payload in dict.fromkeys(received):
+            self._on_notify(payload)

@@ -4,6 +4,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import queue
+import time
 import uuid
 from collections.abc import Callable
 
@@ -73,3 +74,29 @@ def test_listener_keeps_retrying_an_unreachable_database_and_still_stops(db_serv
         reactor.calls.get(timeout=0.5)
     assert listener.connects == 0 and listener.thread.is_alive()
     stop_listener(listener, reactor)
+
+
+def test_notifications_that_come_before_the_reactor_takes_them_go_over_in_one_call(conn, db_dsn):
+    """A burst of NOTIFYs that arrives while the reactor has not run the hand-over yet goes
+    over in that one call, each distinct payload once, in the order of its first arrival."""
+    reactor = QueueReactor()
+    wakes: list[str | None] = []
+    listener = OutboxListener(reactor, db_dsn, wakes.append, wait_s=0.2)
+    listener.startService()
+    try:
+        reactor.run_next()
+        assert wakes == [None]
+        for payload in ("a", "b", "a", "c"):  # each its own transaction: four NOTIFYs
+            conn.execute("SELECT pg_notify('outbox_to_legacy', %s)", (payload,))
+        deadline = time.monotonic() + 5
+        while listener.notifications < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listener.notifications == 4
+        assert reactor.calls.qsize() == 1
+        reactor.run_next()
+        assert wakes == [None, "a", "b", "c"]
+        conn.execute("SELECT pg_notify('outbox_to_legacy', 'a')")  # after it: a call again
+        reactor.run_next()
+        assert wakes == [None, "a", "b", "c", "a"]
+    finally:
+        stop_listener(listener, reactor)
