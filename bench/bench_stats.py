@@ -40,7 +40,8 @@ def machine_busy_ticks() -> tuple[int, int]:
     difference of two readings says how much of the machine was busy in between, whoever
     used it."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+        fields = [int(x) for x in f.readline().split()[1:9]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
     return sum(fields) - idle, sum(fields)
 

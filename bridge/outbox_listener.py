@@ -115,8 +115,8 @@ class OutboxListener(Service):
             self._received_payload(None)
             while not self._stop.is_set():
                 for notify in conn.notifies(timeout=self._wait_s):
-                    self.notifications += 1
                     self._received_payload(notify.payload)
+                    self.notifications += 1  # after: a test that saw it can take the payload
 
     def _received_payload(self, payload: str | None) -> None:
         """(The listening thread.) Queue *payload* for the reactor thread, and call it over
@@ -134,4 +134,8 @@ class OutboxListener(Service):
             received, self._received = self._received, []
             self._handing = False
         for payload in dict.fromkeys(received):
-            self._on_notify(payload)
+            try:
+                self._on_notify(payload)
+            except Exception:  # the others still go, as they did with a call each
+                log.failure("the outbox listener's callback failed on {payload!r}",
+                            payload=payload)
