@@ -26,9 +26,9 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   until the outbox is drained (each one injected into its home supernode and acknowledged).
   Then the lag at half that speed, posted through the store's own path, with
   ``half_load_cycle``: where a conversation's turn went meanwhile (claims per second, rows
-  per pass, the mean claim, pass and recording times; ``pass_breakdown``) and
-  ``half_load_busy``, the share of the machine's cores busy meanwhile. ``lag_curve``: the
-  lag at 1/8, 1/4 and 1/2 of the drain's speed, each with its busy share.
+  per pass, the mean claim, pass and recording times; ``pass_breakdown``). ``lag_curve``:
+  the lag at 1/8, 1/4 and 1/2 (the half load) of the drain's speed, each with ``busy``, the
+  share of the machine's cores busy meanwhile.
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
 
 With ``--workers 1 2 4`` the drain and the lag runs are repeated with that many bridge
@@ -598,7 +598,7 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
         return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
                 "cpu_us_per_msg": cpu_us,
                 "half_load_rate": rate / 2, "half_load_posted_per_s": half["posted_per_s"],
-                "half_load_cycle": half["cycle"], "half_load_busy": half["busy"],
+                "half_load_cycle": half["cycle"],
                 "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"], "lag_curve": curve}
 
 
@@ -655,7 +655,6 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 # medians over the runs of where a conversation's turn went (pass_breakdown)
                 "half_load_cycle": {k: _median_or_none([g["half_load_cycle"][k] for g in got])
                                     for k in got[0]["half_load_cycle"]},
-                "half_load_busy": summarize([g["half_load_busy"] for g in got], 3),
                 "lag_curve": [
                     {"fraction": point["fraction"],
                      "rate": round(statistics.median(

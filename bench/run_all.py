@@ -447,10 +447,11 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
             add(f"bridge cloud -> legacy p99 lag at half load ({load}), "
                 f"{k} worker(s), ms", p["p99_lag_ms"],
                 target=_target(r, "bridge.to_legacy_p99_lag_ms.median") if first else "")
-            if "half_load_busy" in p:
+            curve = p.get("lag_curve", [])
+            if curve:  # its last point is the half load above
                 add(f"  … share of the machine's cores busy meanwhile, {k} worker(s)",
-                    p["half_load_busy"], 3)
-            for point in p.get("lag_curve", [])[:-1]:  # the last is the half load above
+                    curve[-1]["busy"], 3)
+            for point in curve[:-1]:
                 busy = point["busy"]["median"]
                 add(f"  … p99 lag at {point['fraction']:g} of the drain "
                     f"({_n(point['posted_per_s']['median'])}/s posted, {busy:.0%} of the "

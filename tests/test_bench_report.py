@@ -126,7 +126,7 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
              for f, p99 in ((0.125, 21), (0.25, 34), (0.5, 50))]
     point = {"workers": 1, "outbox_rows": 50_000, "msgs_per_s": s(5_000),
              "half_load_rate": 2_500, "p99_lag_ms": s(50), "peak_rss_mb": s(62),
-             "half_load_busy": s(0.5), "lag_curve": curve}
+             "lag_curve": curve}
     r["bridge"].update({"to_legacy_msgs_per_s": s(5_000), "to_legacy_ratio_to_drain": 0.25,
                         "to_legacy_p99_lag_ms": s(50), "to_legacy_peak_rss_mb": s(300),
                         "to_legacy_scaling": [point, {**point, "workers": 2}]})
@@ -143,6 +143,9 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     assert len(curve_rows) == 2 and "625/s posted, 12% of the cores busy" in curve_rows[0]
     assert curve_rows[0].split("|")[2].strip() == "21"
     assert not [line for line in table if "p99 lag at 0.5 of the drain" in line]
+    # the half load's busy share is its curve point's
+    busy_rows = [line for line in table if "cores busy meanwhile" in line]
+    assert len(busy_rows) == 2 and busy_rows[0].split("|")[2].strip() == "0.500"
 
 
 def test_the_big_simulation_is_judged_by_its_steady_state_and_shows_its_setup():
