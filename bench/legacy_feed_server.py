@@ -11,10 +11,10 @@ the benchmark sends it once the bridge has stored the warm-up, so a start-up cat
 counted as lag under load).
 
 Messages are appended through each home supernode's own ``accept``, with no simulated
-clients; routing them on to their recipients, the sim's event trace and each chat's range
-digests are switched off, because in a real deployment the legacy network does that work on
-its own machines, not on the cores the bridge and PostgreSQL share here. The feed frames the
-bridge reads are the same. Its garbage collector is off (see ``main``).
+clients; routing them on to their recipients and the sim's event trace are switched off (in
+``live`` mode, each chat's range digests too), because in a real deployment the legacy
+network does that work on its own machines, not on the cores the bridge and PostgreSQL share
+here. The feed frames the bridge reads are the same. Its garbage collector is off (see ``main``).
 
 Prints ``ready N`` on stdout (N: messages in the feeds) when the feeds are full (backlog) or
 warmed up and ready to flow (live); runs until killed. Uses the peer secret of $BRIDGE_HOME.
@@ -82,12 +82,16 @@ def main() -> None:
             raise SystemExit("legacy_feed_server: Routing._route is gone; update the bench")
         node.routing._route = lambda msg, recipients: None
     dep.trace.record = lambda kind, *fields: None
-    # Each chat's range digests, kept with its history for the reconcilers' DigestRequests,
-    # are the legacy network's work too: a third of this process's time in a lag run. A
-    # chat keeps none here; a DigestRequest would fail loudly (no reconciler runs here).
-    if "digests" not in attrs.fields_dict(ChatState):
-        raise SystemExit("legacy_feed_server: ChatState.digests is gone; update the bench")
-    ChatState.__attrs_post_init__ = lambda self: setattr(self, "digests", _NoDigests())
+    if mode == "live":
+        # Each chat's range digests, kept with its history for the reconcilers'
+        # DigestRequests, are the legacy network's work too: a third of this process's time
+        # while it generates a lag run's load. A chat keeps none then; a DigestRequest would
+        # fail loudly (no reconciler runs here). The backlog mode keeps them: its appends
+        # come before the clock starts, and the cloud -> legacy runs measure what accepting
+        # the bridge's injections costs a supernode, digests included.
+        if "digests" not in attrs.fields_dict(ChatState):
+            raise SystemExit("legacy_feed_server: ChatState.digests is gone; update the bench")
+        ChatState.__attrs_post_init__ = lambda self: setattr(self, "digests", _NoDigests())
 
     def now() -> int:
         return int(reactor.seconds() * 1000)
