@@ -380,10 +380,11 @@ class LegacyDeployment(service.MultiService):
 
 #: Net new container objects between two collections of the youngest generation, in a big
 #: simulation (``few_collections``). 1,000,000 against 100,000: the 40 simulated s of steady
-#: state of 1,000 supernodes and 100,000 users took 45.8 wall s against 54.4 (the same
-#: trace); the collector's own time 1.9 s against 6.7. 3.1 s of those 6.7 were one
-#: collection of the middle generation, which the larger threshold puts off past the 40 s:
-#: a longer run pays it ten times as large a tenth as often, so part of the gain is deferred.
+#: state of 1,000 supernodes and 100,000 users took 47.3 wall s against 51.3, the two builds
+#: side by side on one core each (the same trace); the collector's own time 1.9-3.0 s
+#: against 6.7. 3.1 s of those 6.7 were one collection of the middle generation, which the
+#: larger threshold puts off past the 40 s: a longer run pays it ten times as large a tenth
+#: as often, so part of the gain is deferred.
 YOUNG_COLLECTION = 1_000_000
 
 
@@ -399,9 +400,9 @@ def few_collections() -> Iterator[None]:
     often. The collector decides nothing in a run, so the trace does not change.
 
     The youngest generation is collected every ``YOUNG_COLLECTION`` objects: in the steady
-    state of 1,000 supernodes a collection of 100,000 took 130 ms (each young object points
-    into a heap of gigabytes: a cache miss per reference), most of it for objects that were
-    going to live on anyway.
+    state of 1,000 supernodes a collection of 100,000 took 130 ms, against 9 ms early in the
+    setup (probably cache misses: young objects point into a heap of gigabytes), most of it
+    for objects that were going to live on anyway.
     """
     threshold = gc.get_threshold()
     gc.collect()
