@@ -42,7 +42,7 @@ def machine_busy_ticks() -> tuple[int, int]:
     with open("/proc/stat") as f:
         # user nice system idle iowait irq softirq steal (guest time is inside user and nice)
         fields = [int(x) for x in f.readline().split()[1:9]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    idle = fields[3] + fields[4]  # idle, iowait
     return sum(fields) - idle, sum(fields)
 
 
