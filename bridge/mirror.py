@@ -24,6 +24,7 @@ list committed before it (``conversations.legacy_members``, see
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -219,7 +220,14 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
     *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits nothing).
     """
     step("lease")
-    if lease is not None:
+    first: Callable[[psycopg.Connection], coordination_store.Verdict] | None = None
+    if lease is not None and not (plan.conversations or plan.refusals):
+        # The usual commit, messages only: the check goes in one round trip with them
+        # (``write_mirrored_batch``) and is judged before anything is decided; a stale
+        # holder's writes roll back with the transaction.
+        first = functools.partial(coordination_store.send_lease_check, name=lease[0],
+                                  holder=lease[1], fence=fence)
+    elif lease is not None:
         coordination_store.check_lease(conn, lease[0], lease[1], fence)
     step("conversations")
     refused = conversations_store.ensure_legacy_conversations(conn, {
@@ -240,9 +248,13 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
     for refusal in plan.refusals:
         findings_store.record_finding(conn, "mirror_refused", dict(refusal.detail), now_ms,
                                       conversation_id=refusal.conversation_id)
-    result = mirror_store.write_mirrored_batch(conn, plan.batch, now_ms)
-    step("presence")
-    presence_store.set_presences(conn, plan.presence)
+
+    def presence(c: psycopg.Connection) -> None:
+        step("presence")
+        presence_store.set_presences(c, plan.presence)
+
+    result = mirror_store.write_mirrored_batch(conn, plan.batch, now_ms, first=first,
+                                               then=presence)
     step("gaps")
     for gap in plan.gaps:
         # no conversation can be named (the lost entries are unknown): the finding concerns

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -140,6 +141,36 @@ def failing_inserts(conn: psycopg.Connection, table: str, error: str) -> Iterato
         yield
     finally:
         conn.execute(sql.SQL("DROP TRIGGER failing_insert ON {}").format(sql.Identifier(table)))
+
+
+class RoundTrips:
+    """How many times a connection sent and then waited for the server (``round_trips``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextlib.contextmanager
+def round_trips(conn: psycopg.Connection) -> Iterator[RoundTrips]:
+    """Count *conn*'s round trips while inside: libpq's protocol trace of the connection,
+    read afterwards, counts each turn from messages the client sent (``F``) to messages
+    the server sent (``B``). A pipeline's statements sent together take one."""
+    seen = RoundTrips()
+    with tempfile.TemporaryFile() as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield seen
+        finally:
+            conn.pgconn.untrace()
+            trace.seek(0)
+            last = ""
+            for line in trace.read().decode(errors="replace").splitlines():
+                side = line[:1]
+                if side == "B" and last == "F":
+                    seen.count += 1
+                if side in ("B", "F"):
+                    last = side
 
 
 def make_account(conn: psycopg.Connection, handle: str, phase: str = "dual") -> uuid.UUID:

@@ -4,7 +4,7 @@ feed checkpoints (which a stale fence can not advance).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -12,6 +12,9 @@ from psycopg.types.json import Jsonb
 from cloud.db import one_statement
 from cloud.model import FeedCheckpoint
 from cloud.store.errors import StaleFence
+
+#: The second half of a check sent in a pipeline: raises once its result is in, if it failed.
+Verdict = Callable[[], None]
 
 
 @one_statement
@@ -95,10 +98,24 @@ def check_lease(conn: psycopg.Connection, name: str, holder: str, fence: int) ->
     ``FOR SHARE`` keeps a competing acquisition waiting until this transaction ends, so a
     commit that passed the check can not interleave with a takeover.
     """
-    row = conn.execute("SELECT holder, fence FROM leases WHERE name = %s FOR SHARE",
-                       (name,)).fetchone()
-    if row is None or row[0] != holder or row[1] != fence:
-        raise StaleFence(f"lease {name!r} is no longer held by {holder!r} under fence {fence}")
+    send_lease_check(conn, name, holder, fence)()
+
+
+def send_lease_check(conn: psycopg.Connection, name: str, holder: str,
+                     fence: int) -> Verdict:
+    """``check_lease`` in two halves, for a pipeline: send the query now and return the
+    verdict, which raises StaleFence once the result is in. The lock is taken where the
+    query runs, in order with what is sent after it; the verdict must be read before the
+    transaction commits (a stale holder's writes then roll back with it)."""
+    cur = conn.execute("SELECT holder, fence FROM leases WHERE name = %s FOR SHARE", (name,))
+
+    def verdict() -> None:
+        row = cur.fetchone()
+        if row is None or row[0] != holder or row[1] != fence:
+            raise StaleFence(
+                f"lease {name!r} is no longer held by {holder!r} under fence {fence}")
+
+    return verdict
 
 
 def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | None:
@@ -109,15 +126,29 @@ def load_checkpoint(conn: psycopg.Connection, source: str) -> FeedCheckpoint | N
 
 def save_checkpoint(conn: psycopg.Connection, checkpoint: FeedCheckpoint, now_ms: int) -> None:
     """Advance a feed checkpoint unless a higher fence holds it (then: ``StaleFence``)."""
+    send_checkpoint(conn, checkpoint, now_ms)()
+
+
+def send_checkpoint(conn: psycopg.Connection, checkpoint: FeedCheckpoint,
+                    now_ms: int) -> Verdict:
+    """``save_checkpoint`` in two halves, for a pipeline: send the upsert now and return the
+    verdict, which raises ``StaleFence`` once the result is in (to be read before the
+    transaction commits)."""
     cur = conn.execute(
         'INSERT INTO bridge_checkpoints (source, epoch, "offset", fence, updated_ms) '
         "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (source) DO UPDATE SET "
         'epoch = excluded.epoch, "offset" = excluded."offset", fence = excluded.fence, '
         "updated_ms = excluded.updated_ms, updated_at = now() "
-        "WHERE bridge_checkpoints.fence <= excluded.fence",
+        "WHERE bridge_checkpoints.fence <= excluded.fence RETURNING 1",
         (checkpoint.source, checkpoint.epoch, checkpoint.offset, checkpoint.fence, now_ms))
-    if cur.rowcount == 0:
-        raise StaleFence(f"checkpoint {checkpoint.source!r} is held under a newer fence")
+
+    def verdict() -> None:
+        # a row, not rowcount: in a pipeline, fetching waits for the result if it is not
+        # in yet, where rowcount would read -1
+        if cur.fetchone() is None:
+            raise StaleFence(f"checkpoint {checkpoint.source!r} is held under a newer fence")
+
+    return verdict
 
 
 def load_checkpoints(conn: psycopg.Connection) -> dict[str, FeedCheckpoint]:

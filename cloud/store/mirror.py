@@ -11,12 +11,12 @@ statement's transaction: one grouped upsert per batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 
 from cloud.model import Message, MirrorBatch, MirroredMessage, MirrorResult
-from cloud.store.coordination import save_checkpoint
+from cloud.store.coordination import Verdict, send_checkpoint
 from cloud.store.errors import NotFound
 from cloud.store.messages import MESSAGE_COLS, owed_notifications_sql
 
@@ -131,8 +131,8 @@ _LOCK_STAGED = (
     "WHERE conversation_id NOT IN (SELECT conversation_id FROM locked)")
 
 
-class _NotAllNew(Exception):
-    """The fast mirror insert met a conversation that does not exist: roll it back."""
+#: The savepoint before the fast insert, rolled back to when it meets a replayed row.
+_SAVEPOINT = "mirror_new"
 
 
 #: The unique indexes a replayed row violates (the same message id or legacy GUID).
@@ -196,8 +196,10 @@ def _dedupe(messages: Sequence[MirroredMessage]) -> list[MirroredMessage]:
     return out
 
 
-def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
-                         now_ms: int) -> MirrorResult:
+def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: int, *,
+                         first: Callable[[psycopg.Connection], Verdict] | None = None,
+                         then: Callable[[psycopg.Connection], object] | None = None
+                         ) -> MirrorResult:
     """The bridge's idempotent bulk write: messages, their notifications, the checkpoints.
 
     COPY into a session-private staging table (up to ``SMALL_BATCH`` rows: the rows go as
@@ -205,43 +207,68 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch,
     so two writers never deadlock); drop rows the store already has; number the rest per
     conversation in batch order, so source order is kept; insert them; owe notifications;
     advance the feed checkpoints. All in the caller's one transaction: replaying a batch, or
-    a crash anywhere before commit, changes nothing. A new batch takes one statement without
-    duplicate probes (``_MIRROR_INSERT_NEW``); anything else rolls that back to its savepoint
-    and takes the careful path.
+    a crash anywhere before commit, changes nothing.
+
+    A new batch takes one statement without duplicate probes (``_MIRROR_INSERT_NEW``), in a
+    savepoint, sent in one pipeline with the checkpoints, whatever *first* sends before it
+    (a check, whose verdict it returns: judged before anything else is decided) and *then*
+    writes after it: one round trip for all of them. A replay (or a conversation that does
+    not exist) rolls back to that savepoint and takes the careful path, then writes the
+    checkpoints and *then* again.
     """
     messages = _dedupe(batch.messages)
+    for m in messages:
+        if m.origin not in ("cloud", "legacy"):
+            raise ValueError(f"unknown origin {m.origin!r}")
+    small = len(messages) <= SMALL_BATCH
+    params: dict = {"now": now_ms}
+    if not messages:
+        pass
+    elif small:
+        params.update(_as_arrays(messages))
+    else:
+        _stage(conn, messages)  # COPY: not in a pipeline
+    replayed = False
+    verdict: Verdict | None = None
+    fast: psycopg.Cursor | None = None
+    saved: list[Verdict] = []
+    try:
+        with conn.pipeline():
+            verdict = first(conn) if first is not None else None
+            if messages:
+                # A batch is new unless it is a replay (after a reconnect, a restart, a
+                # lease takeover): one statement, without the duplicate probes.
+                conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                fast = conn.execute(_MIRROR_INSERT_NEW_ROWS if small else _MIRROR_INSERT_NEW,
+                                    params)
+            saved = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
+            if then is not None:
+                then(conn)
+    except psycopg.errors.UniqueViolation as e:
+        # (the statements after it in the pipeline did not run)
+        if e.diag.constraint_name not in _STORED_ALREADY:
+            raise  # not a replayed row: a numbering bug must not hide in the careful path
+        replayed = True
+    if verdict is not None:
+        verdict()
+    rows: list[tuple] = []
+    if messages:
+        if not replayed and fast is not None:
+            rows = fast.fetchall()
+        if replayed or len(rows) != len(messages):
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")  # the checkpoints and *then* too
+            rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
+            saved = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
+            if then is not None:
+                then(conn)
+    for judge in saved:
+        judge()
     inserted: list[Message] = []
     notified = 0
-    if messages:
-        for m in messages:
-            if m.origin not in ("cloud", "legacy"):
-                raise ValueError(f"unknown origin {m.origin!r}")
-        small = len(messages) <= SMALL_BATCH
-        params: dict = {"now": now_ms}
-        if small:
-            params.update(_as_arrays(messages))
-        else:
-            _stage(conn, messages)
-        try:
-            # A batch is new unless it is a replay (after a reconnect, a restart, a lease
-            # takeover): one statement, in a savepoint, without the duplicate probes.
-            with conn.transaction():
-                rows = conn.execute(_MIRROR_INSERT_NEW_ROWS if small else _MIRROR_INSERT_NEW,
-                                    params).fetchall()
-                if len(rows) != len(messages):
-                    raise _NotAllNew
-        except psycopg.errors.UniqueViolation as e:
-            if e.diag.constraint_name not in _STORED_ALREADY:
-                raise  # not a replayed row: a numbering bug must not hide in the careful path
-            rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
-        except _NotAllNew:
-            rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
-        for ord_, seq, owed in rows:
-            m = messages[ord_]
-            inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,
-                                    m.sender_handle, m.sent_ms, m.body, m.origin,
-                                    m.legacy_guid, None))
-            notified = owed
-    for checkpoint in batch.checkpoints:
-        save_checkpoint(conn, checkpoint, now_ms)
+    for ord_, seq, owed in rows:
+        m = messages[ord_]
+        inserted.append(Message(m.conversation_id, seq, m.message_id, m.sender_account_id,
+                                m.sender_handle, m.sent_ms, m.body, m.origin,
+                                m.legacy_guid, None))
+        notified = owed
     return MirrorResult(tuple(inserted), len(batch.messages) - len(inserted), notified)
