@@ -179,9 +179,12 @@ def _message_row(item: OutboxItem, chat_id: str, members: tuple[str, ...]) -> Ro
 def record_pass(conn: psycopg.Connection, rows: list[outbox_store.Injected],
                 conversations: list[uuid.UUID], now_ms: int) -> tuple[list[OutboxItem], bool]:
     """A pass's completion and, in the same transaction, whether a row of its conversations
-    is due now (one that came while the pass held them, or was handed back)."""
-    done = outbox_store.complete_outbox_batch(conn, rows, now_ms)
-    return done, outbox_store.any_due(conn, conversations, now_ms)
+    is due now (one that came while the pass held them, or was handed back). Both go in one
+    pipeline: one round trip."""
+    with conn.pipeline():
+        done = outbox_store.send_completion(conn, rows, now_ms)
+        due = outbox_store.send_any_due(conn, conversations, now_ms)
+    return done(), due()
 
 
 class OutboxInjector(PollingLoop):

@@ -19,7 +19,7 @@ on the same claim token and row states: split, each half would hold half of that
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import psycopg
@@ -313,14 +313,24 @@ def _has_legacy_clients(conn: psycopg.Connection, conversation_id: uuid.UUID) ->
 
 def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
                           now_ms: int) -> list[OutboxItem]:
+    """Mark injected rows done (``send_completion``, whose docstring says more)."""
+    return send_completion(conn, rows, now_ms)()
+
+
+def send_completion(conn: psycopg.Connection, rows: Sequence[Injected],
+                    now_ms: int) -> Callable[[], list[OutboxItem]]:
     """Mark injected rows done in one transaction (and record a cloud-born conversation's
     legacy chat id, where its rows carry none: the injector records it before it sends);
     the rows it completed (those still pending under their item's claim), in the order
     given. A message has its GUID since it was queued; one the claim found without (queued
     by a version before migration 0022: ``OutboxItem.legacy_guid``) gets it here, and its
-    place in the maintained digests (a trigger on ``messages``, migration 0019)."""
+    place in the maintained digests (a trigger on ``messages``, migration 0019).
+
+    For a pipeline: the statements are sent, and the rows come from the function returned,
+    once the results are in (what the caller sends meanwhile goes in the same round trip).
+    """
     if not rows:
-        return []
+        return list
     # Cloud-born conversations keep the chat id the bridge made up for them. The injector
     # records it before it sends (map_cloud_chats); this is for callers that did not. It
     # goes first, so that the conversations are locked before the digest triggers take
@@ -341,8 +351,8 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
     # Each row is found through the primary key: the planner, misled by unnest's estimate
     # and the cost of random reads, would hash the whole pending set instead (12 of 17 ms
     # for 500 rows at 50,000 pending; it grows with the backlog, not with the batch).
-    conn.execute("SET LOCAL enable_hashjoin = off")
-    done = conn.execute(
+    conn.execute("SELECT set_config('enable_hashjoin', 'off', true)")
+    cur = conn.execute(
         "WITH batch AS ("
         "  SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::int[], %b::uuid[], %b::text[]) "
         "  AS b(conversation_id, seq, sub, token, guid)), "
@@ -356,11 +366,14 @@ def complete_outbox_batch(conn: psycopg.Connection, rows: Sequence[Injected],
         + "SELECT conversation_id, seq, sub FROM done",
         ([r.item.conversation_id for r in rows], [r.item.seq for r in rows],
          [r.item.sub for r in rows], [r.item.claim_token for r in rows],
-         [r.legacy_guid for r in rows], now_ms)
-    ).fetchall()
-    completed = set(done)
-    return [r.item for r in rows
-            if (r.item.conversation_id, r.item.seq, r.item.sub) in completed]
+         [r.legacy_guid for r in rows], now_ms))
+
+    def completed() -> list[OutboxItem]:
+        done = set(cur.fetchall())
+        return [r.item for r in rows
+                if (r.item.conversation_id, r.item.seq, r.item.sub) in done]
+
+    return completed
 
 
 #: The completion's part for messages the claim found without their GUID
@@ -425,13 +438,21 @@ def any_due(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
             now_ms: int) -> bool:
     """Whether one of the conversations has a pending row no claim holds and no retry delay
     keeps back: a probe per conversation through the pending rows' index."""
+    return send_any_due(conn, conversation_ids, now_ms)()
+
+
+def send_any_due(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID],
+                 now_ms: int) -> Callable[[], bool]:
+    """``any_due`` for a pipeline: the probe is sent, its answer read from the function
+    returned."""
     if not conversation_ids:
-        return False
-    return conn.execute(
+        return lambda: False
+    cur = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM unnest(%s::uuid[]) AS c(id) WHERE EXISTS ("
         "  SELECT 1 FROM outbox_to_legacy o WHERE o.conversation_id = c.id "
         "  AND o.state = 'pending' AND o.claimed_until_ms <= %s OFFSET 0))",
-        (list(conversation_ids), now_ms)).fetchone()[0]
+        (list(conversation_ids), now_ms))
+    return lambda: cur.fetchone()[0]
 
 
 @one_statement

@@ -37,7 +37,8 @@ from legacy.peer import PeerConnection, connect_peer
 from legacy.supernode import Supernode
 from servicekit.loop import LoopState
 from servicekit.retry import RetryPolicy
-from tests.dbfixture import ScriptedDatabase, make_account, make_conversation, tx
+from tests.cloud.store.storefixture import NOW
+from tests.dbfixture import ScriptedDatabase, make_account, make_conversation, round_trips, tx
 from tests.legacy.netfixture import PEER_SECRET, LegacyNet
 
 T0 = 1_700_000_000.0  # seconds; the simulated clock starts here so stored times look real
@@ -1330,3 +1331,21 @@ def test_a_batch_that_does_not_fit_though_each_row_does_is_sent_row_by_row(
     assert [r[1] for r in outbox_rows(conn, cid)] == ["done"] * 3 and findings(conn) == []
     assert legacy_bodies(s, cid) == ["m0", "m1", "m2"]
     assert any("one by one" in e["log_format"] for e in outbox_log)
+
+
+def test_a_pass_is_recorded_in_one_round_trip_and_sees_what_is_due(conn):
+    """record_pass completes the pass's rows and probes its conversations for a due row in
+    one round trip inside its transaction (two before); the probe sees the transaction's
+    own completion, and a row whose claim ran out is due."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cids = [make_conversation(conn, a, c, chat="legacy-7"), make_conversation(conn, a, c,
+                                                                               chat="legacy-8")]
+    for cid in cids:
+        tx(conn, messages_store.post_message, cid, a, f"{cid}", "m", NOW)
+    items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
+    rows = [outbox_store.Injected(i, i.legacy_chat_id, f"cloud:{i.message_id}") for i in items]
+    with conn.transaction(), round_trips(conn) as trips:
+        done, due = record_pass(conn, rows[:1], cids, NOW + 2000)  # the other claim ran out
+    assert trips.count == 1
+    assert done == items[:1] and due is True
+    assert tx(conn, record_pass, rows[1:], cids, NOW + 500) == (items[1:], False)
