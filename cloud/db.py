@@ -75,7 +75,8 @@ def one_statement(fn: Callable[..., T]) -> Callable[..., T]:
     connection that statement is its own transaction, so the runner sends no BEGIN and
     COMMIT around it (two round trips and two statements for the server saved). *fn* must
     not leave a partial write behind if it fails between statements: every statement of it
-    either is that write, or only reads."""
+    either is that write, or only reads, or (as ``claim_outbox``'s second claim) a write
+    that is whole by itself and may follow the first one's commit."""
     fn.runs_as_one_statement = True  # type: ignore[attr-defined]
     return fn
 

@@ -221,6 +221,7 @@ def claim_window(limit: int) -> int:
     return max(4 * limit, 1000)
 
 
+@one_statement
 def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
                  per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION,
                  token: uuid.UUID | None = None, *,
@@ -235,6 +236,12 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
 
     It looks at the oldest *window* pending rows first (``claim_window`` when None), and at
     every pending row only when those did not fill the claim and more are pending.
+
+    The claim and the probe for more pending rows go in one pipeline: one round trip, and
+    on an idle autocommit connection one implicit transaction, without BEGIN and COMMIT
+    (``one_statement``). The claim of every pending row, when it is needed, is then a
+    transaction of its own: a claim complete by itself, as another worker's claim between
+    the two could be.
     """
     token = token if token is not None else uuid.uuid4()
     params = {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
@@ -242,10 +249,15 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
               "phases": list(LEGACY_CLIENT_PHASES),
               "window": claim_window(limit) if window is None else window}
     claim = conn.cursor(binary=True)  # no parsing of uuids, arrays (an enum would be bytes)
-    rows = claim.execute(_CLAIM, params).fetchall()
-    if len(rows) < limit and conn.execute(
+    with conn.pipeline():
+        claim.execute(_CLAIM, params)
+        # (sent whether needed or not: it reads at most window + 1 index entries, less than
+        # a round trip of its own)
+        beyond = conn.execute(
             "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "
-            "  WHERE state = 'pending' LIMIT %(window)s + 1) w", params).fetchone()[0]:
+            "  WHERE state = 'pending' LIMIT %(window)s + 1) w", params)
+    rows = claim.fetchall()
+    if len(rows) < limit and beyond.fetchone()[0]:
         # The window held only conversations already claimed (one long backlog in front,
         # say) while others wait behind it: look at every pending row, as a claim without
         # a window would, for the rest (this claim's own heads are claimed now).

@@ -9,10 +9,11 @@ import uuid
 import psycopg
 import pytest
 
+from cloud.db import run_transaction
 from cloud.store import messages as messages_store
 from cloud.store import outbox as outbox_store
 from tests.cloud.store.storefixture import NOW, numbered, prepared_plan
-from tests.dbfixture import failing_inserts, make_account, make_conversation, tx
+from tests.dbfixture import failing_inserts, make_account, make_conversation, round_trips, tx
 
 
 def test_outbox_claims_hide_rows_keep_order_and_come_due_again(conn):
@@ -389,3 +390,28 @@ def test_a_claim_updates_a_row_on_a_filled_outbox_page_in_place(conn):
                               "'outbox_to_legacy'::regclass)").fetchone()
     assert hot == 1
     assert conn.execute(where).fetchone()[0] == page
+
+
+def test_a_claim_on_an_idle_connection_is_one_round_trip_and_commits(db_dsn, conn):
+    """Through the transaction runner, a claim and its probe for more pending rows are one
+    pipeline, one implicit transaction: one round trip (four before: BEGIN, the claim, the
+    probe, COMMIT), and the claim is committed, as another connection sees."""
+    a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
+    cid = make_conversation(conn, a, c)
+    for i in range(3):
+        tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
+    with round_trips(conn) as trips:
+        items = run_transaction(conn, "claim_outbox", outbox_store.claim_outbox, NOW, 10, 1000)
+    assert trips.count == 1 and [i.seq for i in items] == [1, 2, 3]
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(db_dsn, autocommit=True) as other:
+        assert other.execute("SELECT count(*) FROM outbox_to_legacy WHERE claim_token = %s",
+                             (items[0].claim_token,)).fetchone() == (3,)
+    # A window of the two oldest rows holds only the claimed conversation's: the claim of
+    # every pending row follows, a transaction of its own, and finds the later one.
+    later = make_conversation(conn, a, c)
+    tx(conn, messages_store.post_message, later, a, "l0", "later", NOW + 10)
+    more = run_transaction(conn, "claim_outbox", outbox_store.claim_outbox, NOW + 20, 10, 1000,
+                           window=2)
+    assert [(i.conversation_id, i.body) for i in more] == [(later, "later")]
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
