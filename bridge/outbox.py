@@ -93,7 +93,7 @@ from bridge.outbox_inject import (
     plan_requests,
 )
 from bridge.outbox_membership import MEMBERSHIP_APPLIED, ORIGIN
-from cloud.db import DatabaseUnavailable, TransactionRunner
+from cloud.db import DatabaseUnavailable, TransactionRunner, pipeline
 from cloud.store import outbox as outbox_store
 from cloud.store.outbox import (
     OutboxItem,
@@ -181,7 +181,7 @@ def record_pass(conn: psycopg.Connection, rows: list[outbox_store.Injected],
     """A pass's completion and, in the same transaction, whether a row of its conversations
     is due now (one that came while the pass held them, or was handed back). Both go in one
     pipeline: one round trip."""
-    with conn.pipeline():
+    with pipeline(conn):
         done = outbox_store.send_completion(conn, rows, now_ms)
         due = outbox_store.send_any_due(conn, conversations, now_ms)
     return done(), due()

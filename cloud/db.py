@@ -18,7 +18,8 @@ clock, decides when to try again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -70,13 +71,31 @@ def keep_prepared(conn: psycopg.Connection) -> None:
     conn.prepared_max = PREPARED_MAX
 
 
+@contextlib.contextmanager
+def pipeline(conn: psycopg.Connection) -> Iterator[psycopg.Pipeline]:
+    """``conn.pipeline()``, forgetting psycopg's prepared statements when it fails.
+
+    In a pipeline psycopg counts a statement as prepared as soon as it has sent its Parse
+    (at its sixth run), but the server skips every message after a failed statement up to
+    the Sync, that Parse included: psycopg would then go on executing a name the server
+    never had (``InvalidSqlStatementName``), on that connection until a psycopg transaction
+    block rolls back, which clears the cache. So any error of the pipeline clears it here
+    too, as that rollback does (psycopg deallocates them all after the next statement).
+    """
+    try:
+        with conn.pipeline() as p:
+            yield p
+    except psycopg.Error:
+        conn._prepared.clear()  # noqa: SLF001 - what psycopg's own rollback does
+        raise
+
+
 def one_statement(fn: Callable[..., T]) -> Callable[..., T]:
     """Mark *fn* as one whose writes are a single statement (or none): on an autocommit
     connection that statement is its own transaction, so the runner sends no BEGIN and
     COMMIT around it (two round trips and two statements for the server saved). *fn* must
     not leave a partial write behind if it fails between statements: every statement of it
-    either is that write, or only reads, or (as ``claim_outbox``'s second claim) a write
-    that is whole by itself and may follow the first one's commit."""
+    either is that write, or only reads."""
     fn.runs_as_one_statement = True  # type: ignore[attr-defined]
     return fn
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
+from cloud import db
 from cloud.model import Message, MirrorBatch, MirroredMessage, MirrorResult
 from cloud.store.coordination import Verdict, send_checkpoint
 from cloud.store.errors import NotFound
@@ -233,7 +234,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
     fast: psycopg.Cursor | None = None
     saved: list[Verdict] = []
     try:
-        with conn.pipeline():
+        with db.pipeline(conn):
             verdict = first(conn) if first is not None else None
             if messages:
                 # A batch is new unless it is a replay (after a reconnect, a restart, a

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 import psycopg
 
+from cloud import db
 from cloud.db import one_statement
 from cloud.model import LEGACY_CLIENT_PHASES, LEGACY_GUID_SQL
 from cloud.store import findings as findings_store
@@ -221,7 +222,6 @@ def claim_window(limit: int) -> int:
     return max(4 * limit, 1000)
 
 
-@one_statement
 def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: int,
                  per_conversation: int = OUTBOX_CLAIM_PER_CONVERSATION,
                  token: uuid.UUID | None = None, *,
@@ -237,11 +237,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
     It looks at the oldest *window* pending rows first (``claim_window`` when None), and at
     every pending row only when those did not fill the claim and more are pending.
 
-    The claim and the probe for more pending rows go in one pipeline: one round trip, and
-    on an idle autocommit connection one implicit transaction, without BEGIN and COMMIT
-    (``one_statement``). The claim of every pending row, when it is needed, is then a
-    transaction of its own: a claim complete by itself, as another worker's claim between
-    the two could be.
+    The claim and the probe for more pending rows go in one pipeline: one round trip.
     """
     token = token if token is not None else uuid.uuid4()
     params = {"now": now_ms, "limit": limit, "until": now_ms + claim_ms,
@@ -249,7 +245,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
               "phases": list(LEGACY_CLIENT_PHASES),
               "window": claim_window(limit) if window is None else window}
     claim = conn.cursor(binary=True)  # no parsing of uuids, arrays (an enum would be bytes)
-    with conn.pipeline():
+    with db.pipeline(conn):
         claim.execute(_CLAIM, params)
         # (sent whether needed or not: it reads at most window + 1 index entries, less than
         # a round trip of its own)

@@ -16,9 +16,9 @@ from tests.dbfixture import make_account, make_conversation, round_trips, tx
 LEASE = "feed:sn-1"
 
 
-def _plan(cid, alice, guids, *, fence, offset, version=1) -> MirrorPlan:
+def _plan(cid, alice, guids, *, fence, offset, version=1, checkpoint=True) -> MirrorPlan:
     batch = MirrorBatch(tuple(mirrored(cid, alice, "alice", g, NOW) for g in guids),
-                        (FeedCheckpoint("sn-1", "e1", offset, fence),))
+                        (FeedCheckpoint("sn-1", "e1", offset, fence),) if checkpoint else ())
     presence = (Presence(alice, "sn-1", "online", version, NOW + 60_000),)
     return MirrorPlan((), (), batch, presence, ())
 
@@ -79,7 +79,9 @@ def test_a_replayed_messages_only_commit_writes_its_checkpoint_and_presence_once
 @pytest.mark.parametrize("replayed", [False, True], ids=["new", "replayed"])
 def test_a_stale_holders_messages_only_commit_writes_nothing(conn, replayed):
     """The lease was taken over: the old holder's pipelined commit raises StaleFence and
-    the transaction rolls back what the pipeline wrote, new or replayed batch alike."""
+    the transaction rolls back what the pipeline wrote, new or replayed batch alike. Its
+    batch carries no checkpoint, whose own fence would refuse it too: the lease's verdict
+    alone must."""
     alice, cid = _store(conn)
     old, new = _taken_over(conn)
     if replayed:
@@ -89,8 +91,8 @@ def test_a_stale_holders_messages_only_commit_writes_nothing(conn, replayed):
     before = (table_rows(conn, "messages"), tx(conn, coordination_store.load_checkpoints),
               _presence_versions(conn))
     with pytest.raises(StaleFence), conn.transaction():
-        commit_plan(conn, _plan(cid, alice, ["g1", "g2"], fence=old, offset=2, version=5),
-                    NOW, lease=(LEASE, "old"), fence=old)
+        commit_plan(conn, _plan(cid, alice, ["g1", "g2"], fence=old, offset=2, version=5,
+                                checkpoint=False), NOW, lease=(LEASE, "old"), fence=old)
     assert (table_rows(conn, "messages"), tx(conn, coordination_store.load_checkpoints),
             _presence_versions(conn)) == before
 
@@ -103,3 +105,25 @@ def test_a_checkpoint_held_under_a_newer_fence_is_judged_in_the_pipeline(conn):
         commit_plan(conn, _plan(cid, alice, ["g1"], fence=6, offset=11), NOW)
     assert table_rows(conn, "messages") == 0 and _presence_versions(conn) == []
     assert tx(conn, coordination_store.load_checkpoint, "sn-1").offset == 10
+
+
+def test_replayed_commits_go_through_wherever_psycopgs_prepare_count_stands(conn):
+    """psycopg prepares a statement at its sixth run; in a replayed batch's pipeline the
+    checkpoint and presence upserts follow the insert that fails, so the server skips their
+    Parse. "NRNNR": the second replay's pipeline is the checkpoint's sixth run, after a
+    ROLLBACK TO SAVEPOINT psycopg already knew (it clears its cache on that only the first
+    time). Every commit goes through, each replay stores only its new message."""
+    alice, cid = _store(conn)
+    fence = tx(conn, coordination_store.acquire_lease, LEASE, "w1", NOW, 60_000)
+    guids: list[str] = []
+    for n, kind in enumerate("NRNNRNNNRR", start=1):
+        guids.append(f"g{n}")
+        batch = guids[-2:] if kind == "R" else guids[-1:]
+        with conn.transaction():
+            outcome = commit_plan(conn, _plan(cid, alice, batch, fence=fence, offset=n,
+                                              version=n), NOW, lease=(LEASE, "w1"), fence=fence)
+        assert [m.legacy_guid for m in outcome.result.inserted] == [f"g{n}"]
+    assert [r[0] for r in conn.execute("SELECT legacy_guid FROM messages ORDER BY seq")] == \
+        guids
+    assert tx(conn, coordination_store.load_checkpoint, "sn-1").offset == len(guids)
+    assert _presence_versions(conn) == [len(guids)]

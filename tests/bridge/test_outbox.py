@@ -1335,8 +1335,9 @@ def test_a_batch_that_does_not_fit_though_each_row_does_is_sent_row_by_row(
 
 def test_a_pass_is_recorded_in_one_round_trip_and_sees_what_is_due(conn):
     """record_pass completes the pass's rows and probes its conversations for a due row in
-    one round trip inside its transaction (two before); the probe sees the transaction's
-    own completion, and a row whose claim ran out is due."""
+    one round trip inside its transaction (three before: the completion's SET LOCAL, its
+    update, the probe). The probe sees the completion: rows whose claims ran out are not
+    due once recorded; a row posted meanwhile is."""
     a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
     cids = [make_conversation(conn, a, c, chat="legacy-7"), make_conversation(conn, a, c,
                                                                                chat="legacy-8")]
@@ -1345,7 +1346,8 @@ def test_a_pass_is_recorded_in_one_round_trip_and_sees_what_is_due(conn):
     items = tx(conn, outbox_store.claim_outbox, NOW, 10, 1000)
     rows = [outbox_store.Injected(i, i.legacy_chat_id, f"cloud:{i.message_id}") for i in items]
     with conn.transaction(), round_trips(conn) as trips:
-        done, due = record_pass(conn, rows[:1], cids, NOW + 2000)  # the other claim ran out
+        done, due = record_pass(conn, rows, cids, NOW + 2000)  # both claims ran out
     assert trips.count == 1
-    assert done == items[:1] and due is True
-    assert tx(conn, record_pass, rows[1:], cids, NOW + 500) == (items[1:], False)
+    assert done == items and due is False
+    tx(conn, messages_store.post_message, cids[1], a, "later", "m", NOW + 2100)
+    assert tx(conn, record_pass, [], cids, NOW + 2200) == ([], True)

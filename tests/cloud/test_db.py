@@ -17,6 +17,7 @@ from cloud.db import (
     Database,
     InlineDatabase,
     one_statement,
+    pipeline,
     run_transaction,
 )
 from cloud.store import accounts as accounts_store
@@ -154,3 +155,43 @@ def test_a_one_statement_function_runs_without_begin_and_commit(conn):
     assert run_transaction(conn, "test_db_status", one_statement(status)) == idle
     with conn.transaction():
         assert run_transaction(conn, "test_db_status", one_statement(status)) != idle
+
+
+_SIXTH_RUN = "SELECT %s::int + 1"
+
+
+def _five_runs(conn: psycopg.Connection) -> None:
+    for i in range(5):
+        conn.execute(_SIXTH_RUN, (i,))
+
+
+def test_a_failed_implicit_pipeline_leaves_no_statement_psycopg_thinks_prepared(conn):
+    """A statement at its sixth run (the one psycopg prepares at) sent in a pipeline after a
+    failing one: the server skips its Parse. ``pipeline`` forgets psycopg's prepared
+    statements then, so the next run parses it again; with ``conn.pipeline()`` alone every
+    later run failed with InvalidSqlStatementName (nothing on an idle connection clears
+    psycopg's cache)."""
+    _five_runs(conn)
+    with pytest.raises(psycopg.errors.DivisionByZero), pipeline(conn):
+        conn.execute("SELECT 1 / 0")
+        conn.execute(_SIXTH_RUN, (1,))
+    for i in range(3):
+        assert conn.execute(_SIXTH_RUN, (i,)).fetchone() == (i + 1,)
+
+
+def test_a_failed_pipeline_rolled_back_to_its_savepoint_leaves_no_statement_unprepared(conn):
+    """The same inside a transaction that goes on after ``ROLLBACK TO SAVEPOINT`` (a replayed
+    feed batch): psycopg clears its cache on that ROLLBACK only the first time it sees the
+    statement, so a connection that had rolled back to a savepoint before failed there."""
+    with conn.transaction():
+        conn.execute("SAVEPOINT s")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+    _five_runs(conn)
+    with conn.transaction():
+        conn.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.DivisionByZero), pipeline(conn):
+            conn.execute("SELECT 1 / 0")
+            conn.execute(_SIXTH_RUN, (1,))
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        assert conn.execute(_SIXTH_RUN, (5,)).fetchone() == (6,)
+    assert conn.execute(_SIXTH_RUN, (6,)).fetchone() == (7,)

