@@ -216,8 +216,10 @@ def commit_plan(conn: psycopg.Connection, plan: MirrorPlan, now_ms: int, *,
                 step: Step = _no_step) -> CommitOutcome:
     """Write *plan* in the caller's one transaction; safe to run twice.
 
-    With a *lease* ``(name, holder)`` it first checks that the holder still has it under
-    *fence* (``StaleFence`` otherwise: a worker whose lease was taken over commits nothing).
+    With a *lease* ``(name, holder)`` it checks that the holder still has it under *fence*
+    (``StaleFence`` otherwise: a worker whose lease was taken over commits nothing). A plan
+    of messages only sends that check in one pipeline with its writes and judges it once
+    the results are in, before anything else is decided; others check it first.
     """
     step("lease")
     first: Callable[[psycopg.Connection], coordination_store.Verdict] | None = None

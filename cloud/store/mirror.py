@@ -223,11 +223,9 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
             raise ValueError(f"unknown origin {m.origin!r}")
     small = len(messages) <= SMALL_BATCH
     params: dict = {"now": now_ms}
-    if not messages:
-        pass
-    elif small:
+    if messages and small:
         params.update(_as_arrays(messages))
-    else:
+    elif messages:
         _stage(conn, messages)  # COPY: not in a pipeline
     replayed = False
     verdict: Verdict | None = None

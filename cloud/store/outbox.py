@@ -247,8 +247,8 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
     claim = conn.cursor(binary=True)  # no parsing of uuids, arrays (an enum would be bytes)
     with db.pipeline(conn):
         claim.execute(_CLAIM, params)
-        # (sent whether needed or not: it reads at most window + 1 index entries, less than
-        # a round trip of its own)
+        # (sent whether it is needed or not, so that it costs no round trip of its own: it
+        # reads at most window + 1 entries of the pending rows' index)
         beyond = conn.execute(
             "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "
             "  WHERE state = 'pending' LIMIT %(window)s + 1) w", params)

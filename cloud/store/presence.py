@@ -33,7 +33,8 @@ def set_presences(conn: psycopg.Connection, presences: Sequence[Presence]) -> in
     """Record many sources' presence in one statement, as ``set_presence`` of each in turn
     would (an older version than the stored one is ignored; of one account and source in
     *presences*, the highest version wins, the later of equal ones); returns how many rows
-    changed. A feed batch carries several presence changes: one round trip, not one each."""
+    changed (-1 in a pipeline, where the count is not in yet). A feed batch carries several
+    presence changes: one round trip, not one each."""
     latest: dict[tuple[uuid.UUID, str], Presence] = {}
     for p in presences:
         if p.status not in PRESENCE_STATUSES:
