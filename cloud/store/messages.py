@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import attrs
 import psycopg
 
-from cloud.db import one_statement
+from cloud.db import one_statement, pipeline
 from cloud.model import (
     CLOUD_CLIENT_PHASES,
     LEGACY_CLIENT_PHASES,
@@ -378,7 +378,7 @@ def _execute_prepared(conn: psycopg.Connection, statement: str,
     single transaction, no BEGIN or COMMIT. In a transaction, they are put back after the
     statement (if it fails, the rollback of the transaction or savepoint puts them back)."""
     if _idle_autocommit(conn):
-        with conn.pipeline():
+        with pipeline(conn):
             conn.execute(_PLAN_BY_KEYS)
             cur = conn.execute(statement, params, prepare=True)
         return cur.fetchall()

@@ -227,6 +227,13 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
         params.update(_as_arrays(messages))
     elif messages:
         _stage(conn, messages)  # COPY: not in a pipeline
+    def tail() -> list[Verdict]:
+        """Send the checkpoints and what *then* writes; their verdicts."""
+        verdicts = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
+        if then is not None:
+            then(conn)
+        return verdicts
+
     replayed = False
     verdict: Verdict | None = None
     fast: psycopg.Cursor | None = None
@@ -240,9 +247,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
                 conn.execute(f"SAVEPOINT {_SAVEPOINT}")
                 fast = conn.execute(_MIRROR_INSERT_NEW_ROWS if small else _MIRROR_INSERT_NEW,
                                     params)
-            saved = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
-            if then is not None:
-                then(conn)
+            saved = tail()
     except psycopg.errors.UniqueViolation as e:
         # (the statements after it in the pipeline did not run)
         if e.diag.constraint_name not in _STORED_ALREADY:
@@ -257,9 +262,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
         if replayed or len(rows) != len(messages):
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")  # the checkpoints and *then* too
             rows = _mirror_carefully(conn, messages, now_ms, staged=not small)
-            saved = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
-            if then is not None:
-                then(conn)
+            saved = tail()
     for judge in saved:
         judge()
     inserted: list[Message] = []

@@ -338,7 +338,7 @@ def send_completion(conn: psycopg.Connection, rows: Sequence[Injected],
     once the results are in (what the caller sends meanwhile goes in the same round trip).
     """
     if not rows:
-        return list
+        return lambda: []
     # Cloud-born conversations keep the chat id the bridge made up for them. The injector
     # records it before it sends (map_cloud_chats); this is for callers that did not. It
     # goes first, so that the conversations are locked before the digest triggers take

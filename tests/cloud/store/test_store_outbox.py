@@ -392,7 +392,7 @@ def test_a_claim_updates_a_row_on_a_filled_outbox_page_in_place(conn):
     assert conn.execute(where).fetchone()[0] == page
 
 
-def test_a_claim_and_its_probe_for_more_rows_are_one_round_trip(db_dsn, conn):
+def test_a_claim_and_its_probe_for_more_rows_share_one_round_trip(db_dsn, conn):
     """Through the transaction runner, a claim and its probe for more pending rows go in one
     pipeline: three round trips with BEGIN and COMMIT (four before), the claim committed as
     another connection sees; a claim past a window of the claimed conversation's rows finds
