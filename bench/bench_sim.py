@@ -42,21 +42,6 @@ from drills.simulation import Simulation  # noqa: E402
 CENSUS_TOP = 12
 
 
-def transaction_totals() -> dict[str, tuple[float, float]]:
-    """Per transaction description: (count, seconds) so far in this process, from the
-    store's ``cloud_db_transaction_seconds`` histogram (every transaction the simulation's
-    components run goes through ``cloud.db.run_transaction``)."""
-    out: dict[str, list[float]] = {}
-    for metric in cloud_db.TRANSACTION_SECONDS.collect():
-        for sample in metric.samples:
-            desc = sample.labels.get("desc")
-            if sample.name.endswith("_count"):
-                out.setdefault(desc, [0.0, 0.0])[0] = sample.value
-            elif sample.name.endswith("_sum"):
-                out.setdefault(desc, [0.0, 0.0])[1] = sample.value
-    return {k: (v[0], v[1]) for k, v in out.items()}
-
-
 def census(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
            days: float) -> dict:
     """Where the run's transaction time went: the total per simulated day, and the
@@ -91,7 +76,7 @@ def checks(report: dict) -> dict:
 
 
 def one_run(server: str, config: SimConfig, pin: bool = True) -> dict:
-    before = transaction_totals()
+    before = cloud_db.transaction_totals()
 
     def progress(line: str) -> None:
         print(f"bench-sim seed {config.seed}: {line}", file=sys.stderr, flush=True)
@@ -107,7 +92,8 @@ def one_run(server: str, config: SimConfig, pin: bool = True) -> dict:
             "messages": m["legacy_sent"] + m["cloud_posted"],
             "converged": report["converged"], "outcome_hash": report["outcome_hash"],
             "pinned_cpu": cpu, "checks": checks(report),
-            "transactions": census(before, transaction_totals(), config.days)}
+            "frames_per_day": round(report["work"]["legacy_frames"] / config.days),
+            "transactions": census(before, cloud_db.transaction_totals(), config.days)}
 
 
 def main() -> None:

@@ -239,6 +239,9 @@ def render(report: dict[str, Any]) -> str:
         *_versions_lines(report.get("client_versions") or {}),
         "  faults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
                                   for k, v in report["faults"].items() if v is not None),
+        *([f"  work: {w['legacy_frames']:,} legacy frames, {w['transactions']:,} database "
+           f"transactions in {w['transaction_seconds']:,} s"]
+          if (w := report.get("work")) else []),
         f"  outcome_hash {report['outcome_hash']}",
     ]
     if not report["converged"]:

@@ -100,6 +100,21 @@ def one_statement(fn: Callable[..., T]) -> Callable[..., T]:
     return fn
 
 
+def transaction_totals() -> dict[str, tuple[float, float]]:
+    """Per transaction description: (count, seconds) of the transactions ``run_transaction``
+    ran in this process so far, read from ``cloud_db_transaction_seconds``: what a run's
+    database work was, for a report (the simulation's, a benchmark's)."""
+    out: dict[str, list[float]] = {}
+    for metric in TRANSACTION_SECONDS.collect():
+        for sample in metric.samples:
+            desc = sample.labels.get("desc")
+            if sample.name.endswith("_count"):
+                out.setdefault(desc, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_sum"):
+                out.setdefault(desc, [0.0, 0.0])[1] = sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def run_transaction(conn: psycopg.Connection, desc: str, fn: Callable[..., T], *args: Any,
                     **kwargs: Any) -> T:
     """Run *fn* in one transaction on *conn*, re-running it on serialization conflicts, and

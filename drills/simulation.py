@@ -44,7 +44,7 @@ from bridge.follower import FollowerConfig
 from bridge.gates import GateConfig
 from bridge.outbox import InjectorConfig, OutboxInjector
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud.db import InlineDatabase, run_transaction
+from cloud.db import InlineDatabase, run_transaction, transaction_totals
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.model import PHASES
@@ -57,6 +57,7 @@ from drills.simplan import DAY_S, PlanStep, SimConfig
 from drills.simversions import SimVersions
 from legacy.client import Device
 from legacy.faults import PRESETS, HopFaults
+from legacy.framing import FRAMES_RECEIVED
 from legacy.network import MemoryNetwork
 from legacy.peer import connect_peer
 from legacy.sim import LegacyDeployment, RunConfig
@@ -71,6 +72,35 @@ from servicekit.retry import RetryPolicy
 START_S = 1_291_161_600.0
 PEER_SECRET = b"simulate-peer-secret-0123456789"
 LOGIN_SECRET = b"simulate-login-secret-0123456789"
+
+@attrs.frozen
+class Work:
+    """What a stretch of a run cost: the frames the legacy endpoints decoded (the in-memory
+    network's work, the bridge's feeds included) and the database transactions, with their
+    time. Frames and transactions are the same for the same seed; the seconds are wall time.
+    The two halves of a simulated day's cost (docs/architecture.md, "What a simulated day
+    costs")."""
+
+    frames: int
+    transactions: int
+    seconds: float
+
+    @staticmethod
+    def now() -> Work:
+        """This process's totals so far (``legacy_frames_received_total`` and
+        ``cloud_db_transaction_seconds``)."""
+        totals = transaction_totals().values()
+        return Work(FRAMES_RECEIVED.value, round(sum(n for n, _ in totals)),
+                    sum(s for _, s in totals))
+
+    def since(self, before: Work) -> Work:
+        return Work(self.frames - before.frames, self.transactions - before.transactions,
+                    self.seconds - before.seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"legacy_frames": self.frames, "transactions": self.transactions,
+                "transaction_seconds": round(self.seconds, 1)}
+
 
 @attrs.define
 class _Counts:
@@ -152,6 +182,7 @@ class Simulation:
         self._login_link: Any = None
         self._traffic_on = False
         self._wall0 = 0.0
+        self._work0 = self._work_day = Work(0, 0, 0.0)  # set when the run starts
 
     # -- composition -------------------------------------------------------------------------
 
@@ -232,6 +263,7 @@ class Simulation:
 
     def _run(self) -> dict[str, Any]:
         self._wall0 = time.perf_counter()
+        self._work0 = self._work_day = Work.now()
         cfg = self.config
         self.legacy.startService()
         self.clock.run_until(self.clock.seconds())
@@ -278,13 +310,16 @@ class Simulation:
             "SELECT count(*) FROM reconcile_findings WHERE state IN ('open', 'failed')"
         ).fetchone()[0]
         c, back = self.counts, self.cohorts.rollbacks
+        work = Work.now()
+        today, self._work_day = work.since(self._work_day), work
         self.progress(
             f"day {day:g}/{self.config.days:g}: {c.legacy_sent + c.cloud_posted:,} messages "
             f"({c.legacy_sent:,} legacy, {c.cloud_posted:,} cloud), {findings} open findings, "
             + ", ".join(f"{p} {n}" for p, n in counts.items())
             + (f", rolled back {back.moved_back} ({back.backfilled} back-filled)"
                if back.steps else "")
-            + f", {time.perf_counter() - self._wall0:.0f} s wall")
+            + f"; today {today.frames:,} frames, {today.transactions:,} transactions "
+              f"({today.seconds:.1f} s); {time.perf_counter() - self._wall0:.0f} s wall")
 
     # -- sessions: a working-day cycle ---------------------------------------------------------
 
@@ -469,6 +504,7 @@ class Simulation:
         self.legacy.stopService()
         self.clock.run_until(self.clock.seconds() + 5.0)
         report["wall_seconds"] = round(time.perf_counter() - self._wall0, 1)
+        report["work"] = Work.now().since(self._work0).to_json()
         return report
 
     def _report(self, verdict: convergence.Verdict, final: list[runner.Report]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -52,8 +53,12 @@ def run_simulation(conn: psycopg.Connection, db_dsn: str, seed: int,
                           "faults": "light", "plan": PLAN, "reconcile_every_h": 2.0,
                           **overrides})
     with psycopg.connect(db_dsn, autocommit=True) as lock_conn:
-        sim = Simulation(config, conn, lock_conn)
+        sim = Simulation(config, conn, lock_conn, progress=PROGRESS.append)
         return sim.run(), sim
+
+
+#: the progress lines of the runs above, for a test to read (cleared by it)
+PROGRESS: list[str] = []
 
 
 def simulate(conn: psycopg.Connection, db_dsn: str, seed: int, **overrides) -> dict:
@@ -65,6 +70,7 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     post, the cloud-only cohort rolled back in the evening and moved forward again: nothing
     lost, nothing duplicated, every notification acknowledged or failed in sight; the same
     seed gives the same outcome hash, another seed another one."""
+    PROGRESS.clear()
     first, sim = run_simulation(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert first["converged"], json.dumps(first["verdict"])
     assert first["lost"] == 0 and first["duplicates"] == 0
@@ -84,13 +90,32 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     final = first["reconcile_runs"][-3:]
     assert {r["kind"] for r in final} == kinds and all(r["day"] > 1.0 for r in final)
     assert all(r["exit_code"] != 1 for r in final)
+    _check_the_work(first, PROGRESS)
     again = simulate(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert again["outcome_hash"] == first["outcome_hash"]
+    # what the run cost in frames and transactions is the seed's too (the seconds are not)
+    assert ({k: again["work"][k] for k in ("legacy_frames", "transactions")}
+            == {k: first["work"][k] for k in ("legacy_frames", "transactions")})
     assert again["trace_hash"] == first["trace_hash"]
     assert again["messages"] == first["messages"]
     assert again["rollbacks"] == first["rollbacks"]
     other = simulate(conn, db_dsn, 8, plan=PLAN_WITH_ROLLBACK)
     assert other["outcome_hash"] != first["outcome_hash"]
+
+
+def _check_the_work(report: dict, progress: list[str]) -> None:
+    """The report's ``work`` counts this run's frames and transactions, and the day's
+    progress line that day's: a part of the run's (the finish adds its own), not the
+    process's totals, which earlier tests in this process have raised."""
+    work = report["work"]
+    assert work["legacy_frames"] > 0 and work["transactions"] > 0
+    assert work["transaction_seconds"] > 0
+    (line,) = [x for x in progress if x.startswith("day 1/1:")]
+    found = re.search(r"today ([\d,]+) frames, ([\d,]+) transactions \(([\d.]+) s\)", line)
+    assert found, line
+    frames, transactions = (int(found[i].replace(",", "")) for i in (1, 2))
+    assert 0 < frames < work["legacy_frames"]
+    assert 0 < transactions < work["transactions"]
 
 
 def _check_the_rollback(conn: psycopg.Connection, report: dict, sim: Simulation) -> None:
@@ -390,6 +415,9 @@ def test_the_text_report_shows_the_client_versions_and_the_replay_keeps_them(
     cli.main(argv)
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "client versions:" in x)
+    work = next(x for x in out.splitlines() if x.startswith("  work: "))
+    assert re.fullmatch(r"  work: [\d,]+ legacy frames, [\d,]+ database transactions in "
+                        r"[\d.,]+ s", work), work
     assert "devices 7.1 " in line and "8.0 " in line
     assert "minimum 8.0 from day 0.2:" in line and "logins refused as too old" in line
     cli.main([*argv, "--json", "--no-pin"])
