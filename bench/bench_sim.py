@@ -8,7 +8,9 @@ would take at that pace (``projected_45_days_wall_s``: a projection, labelled as
 issue's target is 5 minutes for 45 days of 2,000 users). Each run also says where its
 database time went (``transactions``: transactions and their seconds per simulated day, and
 the descriptions with the most time), and what the issue checks of a long run (``checks``:
-lost, duplicates, notifications, the gaps runs after day 31). Each run is pinned with its
+lost, duplicates, notifications, the gaps runs after day 31), and the frames the legacy
+network carried a simulated day (``frames_per_day``; like ``transactions``, the finish's
+heal and last reconcile pass are in the total it divides). Each run is pinned with its
 database backends to one CPU, as ``bridgectl simulate`` pins it (``pinned_cpu``;
 ``--no-pin`` leaves affinities alone). The cohort plan is the built-in one laid out over 45
 days (not squeezed into --days), so the measured days move cohorts at a 45-day run's pace.

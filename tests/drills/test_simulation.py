@@ -49,6 +49,7 @@ PLAN_WITH_ROLLBACK = (PlanStep(0.45, 100, "dual"), PlanStep(0.6, 100, "cloud"),
 def run_simulation(conn: psycopg.Connection, db_dsn: str, seed: int,
                    **overrides) -> tuple[dict, Simulation]:
     truncate_all(conn)
+    PROGRESS.clear()
     config = SimConfig(**{"days": 1.0, "users": 50, "supernodes": 4, "seed": seed,
                           "faults": "light", "plan": PLAN, "reconcile_every_h": 2.0,
                           **overrides})
@@ -57,7 +58,7 @@ def run_simulation(conn: psycopg.Connection, db_dsn: str, seed: int,
         return sim.run(), sim
 
 
-#: the progress lines of the runs above, for a test to read (cleared by it)
+#: the progress lines of the latest run above, for a test to read
 PROGRESS: list[str] = []
 
 
@@ -70,7 +71,6 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     post, the cloud-only cohort rolled back in the evening and moved forward again: nothing
     lost, nothing duplicated, every notification acknowledged or failed in sight; the same
     seed gives the same outcome hash, another seed another one."""
-    PROGRESS.clear()
     first, sim = run_simulation(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert first["converged"], json.dumps(first["verdict"])
     assert first["lost"] == 0 and first["duplicates"] == 0
@@ -90,12 +90,14 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     final = first["reconcile_runs"][-3:]
     assert {r["kind"] for r in final} == kinds and all(r["day"] > 1.0 for r in final)
     assert all(r["exit_code"] != 1 for r in final)
-    _check_the_work(first, PROGRESS)
+    first_day = _check_the_work(first, PROGRESS)
     again = simulate(conn, db_dsn, 7, plan=PLAN_WITH_ROLLBACK)
     assert again["outcome_hash"] == first["outcome_hash"]
-    # what the run cost in frames and transactions is the seed's too (the seconds are not)
+    # what the run cost in frames and transactions is the seed's too (the seconds are not),
+    # and so is the day's line: counted from the day's start, not from the process's
     assert ({k: again["work"][k] for k in ("legacy_frames", "transactions")}
             == {k: first["work"][k] for k in ("legacy_frames", "transactions")})
+    assert _check_the_work(again, PROGRESS) == first_day
     assert again["trace_hash"] == first["trace_hash"]
     assert again["messages"] == first["messages"]
     assert again["rollbacks"] == first["rollbacks"]
@@ -103,10 +105,9 @@ def test_a_bounded_run_converges_and_replays_exactly_from_its_seed(conn, db_dsn)
     assert other["outcome_hash"] != first["outcome_hash"]
 
 
-def _check_the_work(report: dict, progress: list[str]) -> None:
+def _check_the_work(report: dict, progress: list[str]) -> tuple[int, int]:
     """The report's ``work`` counts this run's frames and transactions, and the day's
-    progress line that day's: a part of the run's (the finish adds its own), not the
-    process's totals, which earlier tests in this process have raised."""
+    progress line a part of them (the finish adds its own); returns the line's two counts."""
     work = report["work"]
     assert work["legacy_frames"] > 0 and work["transactions"] > 0
     assert work["transaction_seconds"] > 0
@@ -116,6 +117,7 @@ def _check_the_work(report: dict, progress: list[str]) -> None:
     frames, transactions = (int(found[i].replace(",", "")) for i in (1, 2))
     assert 0 < frames < work["legacy_frames"]
     assert 0 < transactions < work["transactions"]
+    return frames, transactions
 
 
 def _check_the_rollback(conn: psycopg.Connection, report: dict, sim: Simulation) -> None:
