@@ -23,6 +23,10 @@ contents and the legacy event trace) is the same each time.
 
 At the end the faults heal, the traffic stops, the reconcilers run a pass, and
 ``drills.convergence`` checks the invariants from both stacks' own records.
+
+The module is long because it is where the simulated system is put together and driven:
+the composition, the working-day sessions, the message and cloud-post traffic, the cron,
+the plan's steps and the report; the parts it drives live in the ``drills.sim*`` modules.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from bridge.follower import FollowerConfig
 from bridge.gates import GateConfig
 from bridge.outbox import InjectorConfig, OutboxInjector
 from bridge.worker import BridgeWorker, WorkerConfig
-from cloud.db import InlineDatabase, run_transaction, transaction_totals
+from cloud.db import InlineDatabase, run_transaction
 from cloud.dispatcher import DispatcherConfig, NotificationDispatcher
 from cloud.gateway import SimulatedPushGateway
 from cloud.model import PHASES
@@ -55,9 +59,9 @@ from drills.simcohorts import SimCohorts, cohort_name
 from drills.simfaults import SimFaults
 from drills.simplan import DAY_S, PlanStep, SimConfig
 from drills.simversions import SimVersions
+from drills.simwork import Work
 from legacy.client import Device
 from legacy.faults import PRESETS, HopFaults
-from legacy.framing import FRAMES_RECEIVED
 from legacy.network import MemoryNetwork
 from legacy.peer import connect_peer
 from legacy.sim import LegacyDeployment, RunConfig
@@ -72,35 +76,6 @@ from servicekit.retry import RetryPolicy
 START_S = 1_291_161_600.0
 PEER_SECRET = b"simulate-peer-secret-0123456789"
 LOGIN_SECRET = b"simulate-login-secret-0123456789"
-
-@attrs.frozen
-class Work:
-    """What a stretch of a run cost: the frames the legacy endpoints decoded (the in-memory
-    network's work, the bridge's feeds included) and the database transactions, with their
-    time. Frames and transactions are the same for the same seed; the seconds are wall time.
-    The two halves of a simulated day's cost (docs/architecture.md, "What a simulated day
-    costs")."""
-
-    frames: int
-    transactions: int
-    seconds: float
-
-    @staticmethod
-    def now() -> Work:
-        """This process's totals so far (``legacy_frames_received_total`` and
-        ``cloud_db_transaction_seconds``)."""
-        totals = transaction_totals().values()
-        return Work(FRAMES_RECEIVED.value, round(sum(n for n, _ in totals)),
-                    sum(s for _, s in totals))
-
-    def since(self, before: Work) -> Work:
-        return Work(self.frames - before.frames, self.transactions - before.transactions,
-                    self.seconds - before.seconds)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"legacy_frames": self.frames, "transactions": self.transactions,
-                "transaction_seconds": round(self.seconds, 1)}
-
 
 @attrs.define
 class _Counts:
