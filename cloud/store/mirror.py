@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
-from cloud import db
+from cloud.db import pipeline
 from cloud.model import Message, MirrorBatch, MirroredMessage, MirrorResult
 from cloud.store.coordination import Verdict, send_checkpoint
 from cloud.store.errors import NotFound
@@ -227,6 +227,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
         params.update(_as_arrays(messages))
     elif messages:
         _stage(conn, messages)  # COPY: not in a pipeline
+
     def tail() -> list[Verdict]:
         """Send the checkpoints and what *then* writes; their verdicts."""
         verdicts = [send_checkpoint(conn, c, now_ms) for c in batch.checkpoints]
@@ -239,7 +240,7 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
     fast: psycopg.Cursor | None = None
     saved: list[Verdict] = []
     try:
-        with db.pipeline(conn):
+        with pipeline(conn):
             verdict = first(conn) if first is not None else None
             if messages:
                 # A batch is new unless it is a replay (after a reconnect, a restart, a
@@ -257,8 +258,8 @@ def write_mirrored_batch(conn: psycopg.Connection, batch: MirrorBatch, now_ms: i
         verdict()
     rows: list[tuple] = []
     if messages:
-        if not replayed and fast is not None:
-            rows = fast.fetchall()
+        if not replayed:
+            rows = fast.fetchall()  # sent: a batch with messages always sends it
         if replayed or len(rows) != len(messages):
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")  # the checkpoints and *then* too
             rows = _mirror_carefully(conn, messages, now_ms, staged=not small)

@@ -24,8 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 import psycopg
 
-from cloud import db
-from cloud.db import one_statement
+from cloud.db import one_statement, pipeline
 from cloud.model import LEGACY_CLIENT_PHASES, LEGACY_GUID_SQL
 from cloud.store import findings as findings_store
 
@@ -245,7 +244,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
               "phases": list(LEGACY_CLIENT_PHASES),
               "window": claim_window(limit) if window is None else window}
     claim = conn.cursor(binary=True)  # no parsing of uuids, arrays (an enum would be bytes)
-    with db.pipeline(conn):
+    with pipeline(conn):
         claim.execute(_CLAIM, params)
         # (sent whether it is needed or not, so that it costs no round trip of its own: it
         # reads at most window + 1 entries of the pending rows' index)
