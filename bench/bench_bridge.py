@@ -28,7 +28,10 @@ Real processes on loopback: a legacy network (``bench/legacy_feed_server.py``, T
   ``half_load_cycle``: where a conversation's turn went meanwhile (claims per second, rows
   per pass, the mean claim, pass and recording times; ``pass_breakdown``). ``lag_curve``:
   the lag at 1/8, 1/4 and 1/2 (the half load) of the drain's speed, each with ``busy``, the
-  share of the machine's cores busy meanwhile.
+  share of the machine's cores busy meanwhile, and ``store_cpu_us_per_post``, PostgreSQL's
+  CPU per post while it ran (the posts' and the drain's). ``raw_posts``: the half load
+  again, each post writing only its rows (``RAW_POSTS``): the lag's floor in the same run,
+  for as long as the posting shares the machine with the drain.
 - ``peak_rss_mb``: the bridge process's peak resident memory (VmHWM) over the drain run.
 
 With ``--workers 1 2 4`` the drain and the lag runs are repeated with that many bridge
@@ -78,9 +81,11 @@ from bench_stats import (  # noqa: E402
 
 from bridge.follower import FollowerConfig  # noqa: E402
 from cloud import embedded  # noqa: E402
-from cloud.model import MirroredMessage  # noqa: E402
+from cloud.model import LEGACY_GUID_SQL, MirroredMessage  # noqa: E402
 from cloud.store import coordination as coordination_store  # noqa: E402
 from cloud.store import messages as messages_store  # noqa: E402
+from cloud.store.notifications import NOTIFICATION_ID_SQL  # noqa: E402
+from cloud.store.outbox import OUTBOX_CHANNEL  # noqa: E402
 
 BASE_PORT = 47900
 SUPERNODES = 4
@@ -478,8 +483,87 @@ def loaded_outbox(server: str, n: int) -> Iterator[tuple[str, list[tuple]]]:
         yield conninfo.conninfo_to_dict(dsn)["dbname"], convs
 
 
+#: The rows a cloud post writes and nothing else, for the bench's conversations (two dual
+#: members each): the floor of a post, as raw COPY is the mirror write's. Each
+#: conversation's seqs under its lock (taken in id order, as every writer takes them), the
+#: message with its legacy GUID, the other member's notification row, the outbox row with
+#: the members' legacy-side handles, and the NOTIFY by the post's own rule (only for a row
+#: that is its conversation's first waiting for a claim). Not done: the checks of the
+#: sender, its phase, its membership and a replay; the share locks on the members'
+#: accounts; working out who is owed a notification and whether legacy is owed the row.
+RAW_POSTS = (
+    "WITH i AS MATERIALIZED (SELECT * FROM unnest(%(cids)s::uuid[], %(senders)s::uuid[], "
+    "  %(handles)s::text[], %(others)s::uuid[], %(client_ids)s::text[], %(bodies)s::text[], "
+    "  %(message_ids)s::uuid[], %(nows)s::bigint[], %(first_handles)s::text[], "
+    "  %(second_handles)s::text[]) WITH ORDINALITY AS i(cid, sender, handle, other, "
+    "  client_id, body, message_id, now_ms, h1, h2, ord)), "
+    "counts AS MATERIALIZED (SELECT cid, count(*) AS n FROM i GROUP BY cid), "
+    "locked AS MATERIALIZED (SELECT c.conversation_id FROM conversations c "
+    "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
+    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
+    "bump AS (UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
+    "  WHERE c.conversation_id = k.cid AND (SELECT count(*) FROM locked) > 0 "
+    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+    "numbered AS MATERIALIZED (SELECT i.*, b.first - 1 + row_number() OVER "
+    "  (PARTITION BY i.cid ORDER BY i.ord) AS seq FROM i "
+    "  JOIN bump b ON b.conversation_id = i.cid), "
+    "posted AS (INSERT INTO messages (conversation_id, seq, message_id, sender_account_id, "
+    "  sender_handle, sent_ms, body, origin, legacy_guid, client_message_id) "
+    "  SELECT cid, seq, message_id, sender, handle, now_ms, body, 'cloud', "
+    f"  {LEGACY_GUID_SQL.format('message_id')}, client_id FROM numbered), "
+    "owed AS (INSERT INTO notifications (account_id, notification_id, conversation_id, "
+    "  message_id, seq, next_attempt_ms, created_ms) "
+    f"  SELECT other, {NOTIFICATION_ID_SQL.format(account='other', message='message_id')}, "
+    "    cid, message_id, seq, now_ms, now_ms FROM numbered), "
+    "queued AS (INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
+    "  member_handles) SELECT cid, seq, message_id, now_ms, ARRAY[h1, h2] FROM numbered "
+    "  RETURNING conversation_id, seq, created_ms), "
+    "woken AS (SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM ("
+    "    SELECT DISTINCT ON (conversation_id) * FROM queued ORDER BY conversation_id, seq) q "
+    "  WHERE NOT EXISTS (SELECT 1 FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = q.conversation_id AND o.state = 'pending' "
+    "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms OFFSET 0)) "
+    "SELECT (SELECT count(*) FROM woken), count(*) FROM numbered")
+
+
+def conversation_members(dsn: str, convs: list[tuple]) -> dict[uuid.UUID, list[tuple]]:
+    """For ``raw_posts``: each conversation's members as (account id, handle, legacy-side
+    handle), read once."""
+    members: dict[uuid.UUID, list[tuple]] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for cid, account, handle, legacy_handle in conn.execute(
+                "SELECT m.conversation_id, m.account_id, a.handle, "
+                "  coalesce(a.legacy_handle, a.handle) FROM members m "
+                "JOIN accounts a USING (account_id) WHERE m.conversation_id = ANY(%s)",
+                [[c[0] for c in convs]]):
+            members.setdefault(cid, []).append((account, handle, legacy_handle))
+    return members
+
+
+def raw_posts(conn: psycopg.Connection, posts: list, members: dict) -> None:
+    """Write *posts* (``messages_store.Post``) with ``RAW_POSTS``, one statement; *members*
+    from ``conversation_members`` (two each)."""
+    params: dict[str, list] = {k: [] for k in (
+        "cids", "senders", "handles", "others", "client_ids", "bodies", "message_ids", "nows",
+        "first_handles", "second_handles")}
+    for post in posts:
+        (me,) = [m for m in members[post.conversation_id] if m[0] == post.sender_account_id]
+        (other,) = [m for m in members[post.conversation_id] if m[0] != post.sender_account_id]
+        first, second = sorted(m[2] for m in members[post.conversation_id])
+        for key, value in (("cids", post.conversation_id), ("senders", me[0]),
+                           ("handles", me[1]), ("others", other[0]),
+                           ("client_ids", post.client_message_id), ("bodies", post.body),
+                           ("message_ids", uuid.uuid4()), ("nows", post.now_ms),
+                           ("first_handles", first), ("second_handles", second)):
+            params[key].append(value)
+    (_, written), = conn.execute(RAW_POSTS, {**params, "channel": OUTBOX_CHANNEL},
+                                 prepare=True).fetchall()
+    if written != len(posts):
+        raise RuntimeError(f"raw posts wrote {written} of {len(posts)} messages")
+
+
 def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float,
-              tag: str = "load") -> int:
+              tag: str = "load", raw: bool = False) -> int:
     """Post *rate* cloud messages per second for *seconds*, through the store's own path
     (``post_messages``, the API batcher's: one statement writes each message, its
     notification and outbox rows, and the NOTIFY), sent at the wall clock's ms so the
@@ -490,7 +574,9 @@ def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float,
     ``LOAD_CONNECTIONS`` connections taking turns: one connection posting a tick's worth in
     one statement every 50 ms reached only 1,600-2,400 posts/s, under half of the rate
     asked, and each batch's messages waited for its statement before anyone could see them
-    (its time counted as lag)."""
+    (its time counted as lag). With *raw*, each batch is written by ``raw_posts``: the
+    same messages, only their rows."""
+    members = conversation_members(dsn, convs) if raw else None
     lock = threading.Lock()
     state = {"posted": 0, "next": 0, "error": None}
     start = time.monotonic()
@@ -513,6 +599,9 @@ def post_load(dsn: str, convs: list[tuple], rate: float, seconds: float,
                                              f"{tag}-{first + j}", "y" * 80, now_ms)
                          for j in range(k)]
                 try:
+                    if members is not None:
+                        raw_posts(conn, posts, members)
+                        continue
                     refused = [r for r in messages_store.post_messages(conn, posts)
                                if not isinstance(r, tuple)]
                 except Exception as e:  # noqa: BLE001 - reported below, in the caller
@@ -587,19 +676,21 @@ def to_legacy_run(server: str, template: str, convs: list[tuple], n: int, worker
                 raise RuntimeError(f"the outbox ended as {states}, not {n} rows done")
         rss = run.rss_per_worker_mb()
         rate = n / (t1 - t0)
-        curve = [lag_point(run, convs, rate, fraction, lag_seconds)
+        curve = [lag_point(run, convs, rate, fraction, lag_seconds, postmaster=postmaster)
                  for fraction in (*LAG_CURVE_FRACTIONS, 0.5)]
+        raw = lag_point(run, convs, rate, 0.5, lag_seconds, postmaster=postmaster, raw=True)
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             (done,) = conn.execute("SELECT count(*) FROM outbox_to_legacy "
                                    "WHERE state = 'done'").fetchone()
-            if done != n + sum(p["posted"] for p in curve):
+            if done != n + sum(p["posted"] for p in (*curve, raw)):
                 raise RuntimeError(f"{done} outbox rows done, not {n} and all posted")
         half = curve[-1]
         return {"msgs_per_s": rate, "rss_mb": max(rss), "rss_per_worker_mb": rss,
                 "cpu_us_per_msg": cpu_us,
                 "half_load_rate": rate / 2, "half_load_posted_per_s": half["posted_per_s"],
                 "half_load_cycle": half["cycle"],
-                "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"], "lag_curve": curve}
+                "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"], "lag_curve": curve,
+                "raw_posts": raw}
 
 
 #: Fractions of the drain's speed at which the cloud -> legacy lag is measured before the
@@ -610,24 +701,41 @@ LAG_CURVE_FRACTIONS = (0.125, 0.25)
 
 
 def lag_point(run: Run, convs: list[tuple], drain_rate: float, fraction: float,
-              seconds: float) -> dict:
-    """Post at *fraction* of *drain_rate* for *seconds* (``post_load``) and wait until it is
-    drained: the p50 and p99 lag (post to Ack, from the workers' histograms), what was
-    posted, the share of the machine's cores that were busy meanwhile (everyone's: the
-    posters, PostgreSQL, the workers, the legacy server) and where the cycle went."""
+              seconds: float, *, postmaster: int | None = None, raw: bool = False) -> dict:
+    """Post at *fraction* of *drain_rate* for *seconds* (``post_load``; with *raw*, only the
+    posts' rows, ``raw_posts``) and wait until it is drained: the p50 and p99 lag (post to
+    Ack, from the workers' histograms), what was posted, the share of the machine's cores
+    that were busy meanwhile (everyone's: the posters, PostgreSQL, the workers, the legacy
+    server), PostgreSQL's CPU per post meanwhile (when *postmaster* is its pid on this
+    machine: the posts' and the drain's) and where the cycle went."""
     before = lag_buckets(run.metrics_urls, "to_legacy")
     cycle_before = cycle_totals(run.metrics_urls)
     busy_before = machine_busy_ticks()
-    posted = post_load(run.dsn, convs, drain_rate * fraction, seconds, f"load{fraction}")
+    store0 = server_cpu_s(postmaster) if postmaster is not None else None
+    posted = post_load(run.dsn, convs, drain_rate * fraction, seconds,
+                       f"{'raw' if raw else 'load'}{fraction}", raw=raw)
+    store_us = (None if store0 is None or not posted
+                else round((server_cpu_s(postmaster) - store0) / posted * 1e6, 1))
     busy = busy_fraction(busy_before, machine_busy_ticks())
     cycle = pass_breakdown(cycle_before, cycle_totals(run.metrics_urls), seconds)
     with psycopg.connect(run.dsn, autocommit=True) as conn:
         wait_until(conn, DRAINED, 1, timeout=120, every=0.02)
     after = lag_buckets(run.metrics_urls, "to_legacy")
     return {"fraction": fraction, "rate": drain_rate * fraction, "posted": posted,
-            "posted_per_s": posted / seconds, "busy": round(busy, 3), "cycle": cycle,
+            "posted_per_s": posted / seconds, "busy": round(busy, 3),
+            "store_cpu_us_per_post": store_us, "cycle": cycle,
             "p50_ms": round(histogram_quantile(0.50, before, after), 1),
             "p99_ms": round(histogram_quantile(0.99, before, after), 1)}
+
+
+def _point_summary(points: list[dict]) -> dict:
+    """The runs' summaries (``summarize``) of one lag point's figures; PostgreSQL's CPU per
+    post only when every run measured it."""
+    keys = ["posted_per_s", "busy", "p50_ms", "p99_ms"]
+    if all(p.get("store_cpu_us_per_post") is not None for p in points):
+        keys.append("store_cpu_us_per_post")
+    return {key: summarize([p[key] for p in points], 3 if key == "busy" else 1)
+            for key in keys}
 
 
 def _median_or_none(values: list) -> float | None:
@@ -659,10 +767,9 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                     {"fraction": point["fraction"],
                      "rate": round(statistics.median(
                          g["lag_curve"][i]["rate"] for g in got), 1),
-                     **{key: summarize([g["lag_curve"][i][key] for g in got],
-                                       3 if key == "busy" else 1)
-                        for key in ("posted_per_s", "busy", "p50_ms", "p99_ms")}}
+                     **_point_summary([g["lag_curve"][i] for g in got])}
                     for i, point in enumerate(got[0]["lag_curve"])],
+                "raw_posts": _point_summary([g["raw_posts"] for g in got]),
                 "peak_rss_mb": summarize([g["rss_mb"] for g in got]),
                 "cpu_us_per_msg": {k: summarize([g["cpu_us_per_msg"][k] for g in got])
                                    for k in got[0]["cpu_us_per_msg"]},
@@ -673,6 +780,7 @@ def to_legacy(server: str, runs: int, n: int, worker_counts: list[int], lag_seco
                 None if drain_msgs_per_s is None
                 else round(first["msgs_per_s"]["median"] / drain_msgs_per_s, 3)),
             "to_legacy_p99_lag_ms": first["p99_lag_ms"],
+            "to_legacy_raw_posts_p99_lag_ms": first["raw_posts"]["p99_ms"],
             "to_legacy_peak_rss_mb": first["peak_rss_mb"],
             "to_legacy_cpu_us_per_msg": first["cpu_us_per_msg"],
             "to_legacy_scaling": points}

@@ -444,13 +444,26 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
             posted = p.get("half_load_posted_per_s")
             load = (f"{_n(posted['median'])}/s posted of {_n(p['half_load_rate'])}/s"
                     if posted else f"{_n(p['half_load_rate'])}/s")
+            raw = p.get("raw_posts")
             add(f"bridge cloud -> legacy p99 lag at half load ({load}), "
                 f"{k} worker(s), ms", p["p99_lag_ms"],
+                ceiling=f"raw posts {_n(raw['p99_ms']['median'])}" if raw else "",
                 target=_target(r, "bridge.to_legacy_p99_lag_ms.median") if first else "")
             curve = p.get("lag_curve", [])
             if curve:  # its last point is the half load above
                 add(f"  … share of the machine's cores busy meanwhile, {k} worker(s)",
                     curve[-1]["busy"], 3)
+                if "store_cpu_us_per_post" in curve[-1]:
+                    add(f"  … PostgreSQL CPU per post meanwhile (the posts' and the "
+                        f"drain's), {k} worker(s), us", curve[-1]["store_cpu_us_per_post"], 1)
+            if raw:  # the same half load, each post writing only its rows: the floor
+                add(f"  … p99 lag at half load of raw posts (only their rows; "
+                    f"{_n(raw['posted_per_s']['median'])}/s posted, "
+                    f"{raw['busy']['median']:.0%} of the cores busy), {k} worker(s), ms",
+                    raw["p99_ms"])
+                if "store_cpu_us_per_post" in raw:
+                    add(f"  … PostgreSQL CPU per raw post meanwhile, {k} worker(s), us",
+                        raw["store_cpu_us_per_post"], 1)
             for point in curve[:-1]:
                 busy = point["busy"]["median"]
                 add(f"  … p99 lag at {point['fraction']:g} of the drain "

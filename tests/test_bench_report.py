@@ -122,11 +122,13 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     row per worker count."""
     r = results(ratio=0.65, p99=80, rss=70, seconds=5.5, moved=0.007)
     curve = [{"fraction": f, "rate": 5_000 * f, "posted_per_s": s(5_000 * f),
-              "busy": s(f), "p50_ms": s(10), "p99_ms": s(p99)}
+              "busy": s(f), "p50_ms": s(10), "p99_ms": s(p99), "store_cpu_us_per_post": s(70)}
              for f, p99 in ((0.125, 21), (0.25, 34), (0.5, 50))]
+    raw = {"posted_per_s": s(2_400), "busy": s(0.45), "p50_ms": s(9), "p99_ms": s(47),
+           "store_cpu_us_per_post": s(55)}
     point = {"workers": 1, "outbox_rows": 50_000, "msgs_per_s": s(5_000),
              "half_load_rate": 2_500, "p99_lag_ms": s(50), "peak_rss_mb": s(62),
-             "lag_curve": curve}
+             "lag_curve": curve, "raw_posts": raw}
     r["bridge"].update({"to_legacy_msgs_per_s": s(5_000), "to_legacy_ratio_to_drain": 0.25,
                         "to_legacy_p99_lag_ms": s(50), "to_legacy_peak_rss_mb": s(300),
                         "to_legacy_scaling": [point, {**point, "workers": 2}]})
@@ -146,6 +148,16 @@ def test_the_cloud_to_legacy_figures_are_judged_and_shown_per_worker_count():
     # the half load's busy share is its curve point's
     busy_rows = [line for line in table if "cores busy meanwhile" in line]
     assert len(busy_rows) == 2 and busy_rows[0].split("|")[2].strip() == "0.500"
+    # the same half load of raw posts (only their rows): the lag's floor, as the half load's
+    # ceiling column and a row of its own, with PostgreSQL's CPU per post for both
+    half = next(line for line in table
+                if "cloud -> legacy p99 lag at half load (" in line).split("|")
+    assert half[2].strip() == "50" and half[4].strip() == "raw posts 47"
+    raw_rows = [line for line in table if "p99 lag at half load of raw posts" in line]
+    assert len(raw_rows) == 2 and "2,400/s posted, 45% of the cores busy" in raw_rows[0]
+    assert raw_rows[0].split("|")[2].strip() == "47"
+    cpu = [line.split("|")[2].strip() for line in table if "CPU per" in line and "post" in line]
+    assert cpu[:2] == ["70", "55"]
 
 
 def test_the_big_simulation_is_judged_by_its_steady_state_and_shows_its_setup():
