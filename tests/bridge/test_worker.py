@@ -167,6 +167,7 @@ def test_the_heartbeat_reports_the_outbox_as_the_injector_last_counted_it(conn):
         net.clock, net.net, InlineDatabase(conn), PEER_SECRET, random.Random(1), config,
         injector_factory=lambda w: OutboxInjector(net.clock, InlineDatabase(conn), w,
                                                   random.Random(2), InjectorConfig()))
+    net.clock.advance(5)  # rows 4.5 s old: the store keeps no time before the epoch (0024)
     now_ms = round(net.clock.seconds() * 1000)
     for seq in (1, 2):  # waiting rows (of no message: nothing will ever inject them)
         conn.execute("INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, "
