@@ -21,6 +21,7 @@ from cloud.store import audit as audit_store
 from cloud.store import findings as findings_store
 from cloud.store import outbox_backfill
 from cloud.store.errors import Conflict, NotFound
+from cloud.store.outbox import PENDING_BY_AGE
 
 #: A bridge worker counts as live while its last heartbeat is younger than this.
 LIVE_WORKER_MS = 30_000
@@ -366,9 +367,9 @@ def last_clean_reconcile(conn: psycopg.Connection) -> ReconcileRun | None:
 
 def oldest_pending_outbox_ms(conn: psycopg.Connection) -> int | None:
     """When the oldest outbox row still waiting for the legacy network was written (None:
-    none waits); one read of the pending rows' index, whatever the backlog."""
+    none waits); one read of the index of pending rows by age, whatever the backlog."""
     return conn.execute("SELECT min(created_ms) FROM outbox_to_legacy "
-                        "WHERE state = 'pending'").fetchone()[0]
+                        f"WHERE {PENDING_BY_AGE}").fetchone()[0]
 
 
 # ---------------------------------------------------------------- what status reads

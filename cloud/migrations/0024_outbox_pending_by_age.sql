@@ -10,8 +10,12 @@
 -- the next ANALYZE. Its predicate now names created_ms as well, which only the queries by
 -- age state (cloud/store/outbox.py), so the lookups by conversation can use only the index
 -- keyed by conversation; the check keeps every row inside it.
+--
+-- The new index is created only IF NOT EXISTS: on a large store, build it first with
+-- CREATE INDEX CONCURRENTLY and this definition (docs/operations.md). The check reads the
+-- whole table once, under a lock that makes posts and claims wait.
 ALTER TABLE outbox_to_legacy ADD CONSTRAINT outbox_to_legacy_created_ms_check
   CHECK (created_ms >= 0);
-DROP INDEX outbox_to_legacy_pending;
-CREATE INDEX outbox_to_legacy_pending_age ON outbox_to_legacy (created_ms)
+CREATE INDEX IF NOT EXISTS outbox_to_legacy_pending_age ON outbox_to_legacy (created_ms)
   WHERE state = 'pending' AND created_ms >= 0;
+DROP INDEX IF EXISTS outbox_to_legacy_pending;

@@ -51,11 +51,12 @@ _UNGUIDED = (
     f"    AND m.legacy_guid = {LEGACY_GUID_SQL.format('m.message_id')})")
 
 
-#: The condition of the index of pending rows by age (migration 0024): the queries by age
-#: state it, and no other query does, so the lookups by conversation or by key can not read
-#: that index (taken for empty after an ANALYZE of a drained outbox, a whole scan of it,
-#: filtered by conversation, looked cheaper than a probe of the index keyed by conversation).
-_BY_AGE = "state = 'pending' AND created_ms >= 0"
+#: The condition of the index of pending rows by age (migration 0024): every query by age
+#: states it (here and ``cloud.admin``), and no other query does, so the lookups by
+#: conversation or by key can not read that index (taken for empty after an ANALYZE of a
+#: drained outbox, a whole scan of it, filtered by conversation, looked cheaper than a probe
+#: of the index keyed by conversation). Without it a query by age can not read it either.
+PENDING_BY_AGE = "state = 'pending' AND created_ms >= 0"
 
 #: ``o.state = 'pending'`` for a join by the primary key with the rows of a claim or a batch,
 #: in a form the planner can not match to the partial indexes of pending rows (it does not
@@ -151,7 +152,7 @@ OUTBOX_CLAIM_PER_CONVERSATION = 50
 #           claims and each claim starts at the head.
 _CLAIM = (
     "WITH recent AS ("
-    f"  SELECT conversation_id FROM outbox_to_legacy WHERE {_BY_AGE} "
+    f"  SELECT conversation_id FROM outbox_to_legacy WHERE {PENDING_BY_AGE} "
     "  ORDER BY created_ms LIMIT %(window)s), "
     "heads AS ("
     "  SELECT conversation_id, count(*) AS pending FROM recent GROUP BY conversation_id), "
@@ -266,7 +267,7 @@ def claim_outbox(conn: psycopg.Connection, now_ms: int, limit: int, claim_ms: in
         # after an ANALYZE that found most rows pending the planner read the whole table)
         beyond = conn.execute(
             "SELECT count(*) > %(window)s FROM (SELECT 1 FROM outbox_to_legacy "
-            f"  WHERE {_BY_AGE} LIMIT %(window)s + 1) w", params)
+            f"  WHERE {PENDING_BY_AGE} LIMIT %(window)s + 1) w", params)
     rows = claim.fetchall()
     if len(rows) < limit and beyond.fetchone()[0]:
         # The window held only conversations already claimed (one long backlog in front,
@@ -490,7 +491,7 @@ def send_any_due(conn: psycopg.Connection, conversation_ids: Sequence[uuid.UUID]
 def outbox_backlog(conn: psycopg.Connection, now_ms: int) -> tuple[int, int | None]:
     """Pending outbox rows and the age in ms of the oldest (None when empty)."""
     count, oldest = conn.execute(
-        f"SELECT count(*), min(created_ms) FROM outbox_to_legacy WHERE {_BY_AGE}").fetchone()
+        f"SELECT count(*), min(created_ms) FROM outbox_to_legacy WHERE {PENDING_BY_AGE}").fetchone()
     return count, (None if oldest is None else now_ms - oldest)
 
 
