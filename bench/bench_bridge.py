@@ -488,7 +488,8 @@ def loaded_outbox(server: str, n: int) -> Iterator[tuple[str, list[tuple]]]:
 #: conversation's seqs under its lock (taken in id order, as every writer takes them), the
 #: message with its legacy GUID, the other member's notification row, the outbox row with
 #: the members' legacy-side handles, and the NOTIFY by the post's own rule (only for a row
-#: that is its conversation's first waiting for a claim). Not done: the checks of the
+#: that is its conversation's first waiting for a claim; the seqs and the NOTIFY are the
+#: post's own SQL, ``SEQS_UNDER_LOCK_SQL`` and ``WOKEN_SQL``). Not done: the checks of the
 #: sender, its phase, its membership and a replay; the share locks on the members'
 #: accounts; working out who is owed a notification and whether legacy is owed the row.
 #: It runs as the real post statement runs (binary arrays, one generic plan made without
@@ -500,12 +501,7 @@ RAW_POSTS = (
     "  %(second_handles)b::text[]) WITH ORDINALITY AS i(cid, sender, handle, other, "
     "  client_id, body, message_id, now_ms, h1, h2, ord)), "
     "counts AS MATERIALIZED (SELECT cid, count(*) AS n FROM i GROUP BY cid), "
-    "locked AS MATERIALIZED (SELECT c.conversation_id FROM conversations c "
-    "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
-    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
-    "bump AS (UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
-    "  WHERE c.conversation_id = k.cid AND (SELECT count(*) FROM locked) > 0 "
-    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+    f"{messages_store.SEQS_UNDER_LOCK_SQL}"
     "numbered AS MATERIALIZED (SELECT i.*, b.first - 1 + row_number() OVER "
     "  (PARTITION BY i.cid ORDER BY i.ord) AS seq FROM i "
     "  JOIN bump b ON b.conversation_id = i.cid), "
@@ -520,17 +516,14 @@ RAW_POSTS = (
     "queued AS (INSERT INTO outbox_to_legacy (conversation_id, seq, message_id, created_ms, "
     "  member_handles) SELECT cid, seq, message_id, now_ms, ARRAY[h1, h2] FROM numbered "
     "  RETURNING conversation_id, seq, created_ms), "
-    "woken AS (SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM ("
-    "    SELECT DISTINCT ON (conversation_id) * FROM queued ORDER BY conversation_id, seq) q "
-    "  WHERE NOT EXISTS (SELECT 1 FROM outbox_to_legacy o "
-    "    WHERE o.conversation_id = q.conversation_id AND o.state = 'pending' "
-    "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms OFFSET 0)) "
+    f"{messages_store.WOKEN_SQL}"
     "SELECT (SELECT count(*) FROM woken), count(*) FROM numbered")
 
 
-def conversation_members(dsn: str, convs: list[tuple]) -> dict[uuid.UUID, list[tuple]]:
-    """For ``raw_posts``: each conversation's members as (account id, handle, legacy-side
-    handle), read once."""
+def conversation_members(dsn: str, convs: list[tuple]) -> dict[tuple, tuple]:
+    """For ``raw_posts``, read once: per (conversation, sender), what a post of that sender
+    writes besides its text: (sender's handle, the other member, the members' legacy-side
+    handles in order). The bench's conversations have two members each."""
     members: dict[uuid.UUID, list[tuple]] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for cid, account, handle, legacy_handle in conn.execute(
@@ -539,21 +532,24 @@ def conversation_members(dsn: str, convs: list[tuple]) -> dict[uuid.UUID, list[t
                 "JOIN accounts a USING (account_id) WHERE m.conversation_id = ANY(%s)",
                 [[c[0] for c in convs]]):
             members.setdefault(cid, []).append((account, handle, legacy_handle))
-    return members
+    out = {}
+    for cid, (a, b) in members.items():
+        first, second = sorted((a[2], b[2]))
+        out[(cid, a[0])] = (a[1], b[0], first, second)
+        out[(cid, b[0])] = (b[1], a[0], first, second)
+    return out
 
 
 def raw_posts(conn: psycopg.Connection, posts: list, members: dict) -> None:
     """Write *posts* (``messages_store.Post``) with ``RAW_POSTS``, one statement; *members*
-    from ``conversation_members`` (two each)."""
+    from ``conversation_members``."""
     params: dict[str, list] = {k: [] for k in (
         "cids", "senders", "handles", "others", "client_ids", "bodies", "message_ids", "nows",
         "first_handles", "second_handles")}
     for post in posts:
-        (me,) = [m for m in members[post.conversation_id] if m[0] == post.sender_account_id]
-        (other,) = [m for m in members[post.conversation_id] if m[0] != post.sender_account_id]
-        first, second = sorted(m[2] for m in members[post.conversation_id])
-        for key, value in (("cids", post.conversation_id), ("senders", me[0]),
-                           ("handles", me[1]), ("others", other[0]),
+        handle, other, first, second = members[(post.conversation_id, post.sender_account_id)]
+        for key, value in (("cids", post.conversation_id), ("senders", post.sender_account_id),
+                           ("handles", handle), ("others", other),
                            ("client_ids", post.client_message_id), ("bodies", post.body),
                            ("message_ids", uuid.uuid4()), ("nows", post.now_ms),
                            ("first_handles", first), ("second_handles", second)):

@@ -86,6 +86,35 @@ def owed_notifications_sql(rows: str, conversations: str, now: str = "%(now)s") 
             "ON CONFLICT DO NOTHING")
 
 
+#: A batch's seqs, as every writer of messages takes them: ``counts`` (conversation id
+#: ``cid``, new messages ``n``) locked in id order (two writers never deadlock), then each
+#: conversation's ``next_seq`` advanced, ``bump`` returning its ``first`` new seq. Shared
+#: with the benchmark's raw posts (``bench/bench_bridge.py``), which must take them the same
+#: way to be the post's floor.
+SEQS_UNDER_LOCK_SQL = (
+    "locked AS MATERIALIZED ("
+    "  SELECT c.conversation_id FROM conversations c "
+    "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
+    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
+    "bump AS ("
+    "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
+    "  WHERE c.conversation_id = k.cid AND (SELECT count(*) FROM locked) > 0 "
+    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+)
+
+#: The NOTIFY of a batch's outbox rows (``queued``: conversation_id, seq, created_ms): one
+#: per conversation, unless an earlier row of it still waits for a claim (see ``_POSTS``).
+#: Shared with the benchmark's raw posts.
+WOKEN_SQL = (
+    "woken AS ("
+    "  SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM ("
+    "    SELECT DISTINCT ON (conversation_id) * FROM queued ORDER BY conversation_id, seq) q "
+    "  WHERE NOT EXISTS (SELECT 1 FROM outbox_to_legacy o "
+    "    WHERE o.conversation_id = q.conversation_id AND o.state = 'pending' "
+    "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms OFFSET 0)) "
+)
+
+
 # The posts of a batch, as one statement (see post_messages), one row of results per post;
 # no two of them have the same client message id. Its steps, in order of the CTEs (a post's
 # ``ord`` is its place in the batch, from 1):
@@ -159,14 +188,7 @@ _POSTS = (
     "counts AS MATERIALIZED ("
     "  SELECT cid, count(*) AS n FROM checked "
     "  WHERE refusal IS NULL AND (stored).seq IS NULL GROUP BY cid), "
-    "locked AS MATERIALIZED ("
-    "  SELECT c.conversation_id FROM conversations c "
-    "  WHERE c.conversation_id = ANY (ARRAY(SELECT cid FROM counts)) "
-    "  ORDER BY c.conversation_id FOR NO KEY UPDATE), "
-    "bump AS ("
-    "  UPDATE conversations c SET next_seq = c.next_seq + k.n FROM counts k "
-    "  WHERE c.conversation_id = k.cid AND (SELECT count(*) FROM locked) > 0 "
-    "  RETURNING c.conversation_id, c.next_seq - k.n AS first), "
+    f"{SEQS_UNDER_LOCK_SQL}"
     "numbered AS MATERIALIZED ("
     "  SELECT c.*, b.first - 1 + row_number() OVER (PARTITION BY c.cid ORDER BY c.ord) AS seq "
     "  FROM checked c JOIN bump b ON b.conversation_id = c.cid "
@@ -199,12 +221,7 @@ _POSTS = (
     "  SELECT p.conversation_id, p.seq, p.message_id, p.sent_ms, l.handles "
     "  FROM posted p JOIN legacy l USING (conversation_id) WHERE l.owed "
     "  RETURNING conversation_id, seq, created_ms), "
-    "woken AS ("
-    "  SELECT pg_notify(%(channel)s, q.conversation_id::text) FROM ("
-    "    SELECT DISTINCT ON (conversation_id) * FROM queued ORDER BY conversation_id, seq) q "
-    "  WHERE NOT EXISTS (SELECT 1 FROM outbox_to_legacy o "
-    "    WHERE o.conversation_id = q.conversation_id AND o.state = 'pending' "
-    "    AND o.seq < q.seq AND o.claimed_until_ms <= q.created_ms OFFSET 0)) "
+    f"{WOKEN_SQL}"
     # woken modifies nothing, so it runs only if read: the created rows read it
     "SELECT ord, 'created', (SELECT count(*) FROM woken), cid, seq, message_id, sender, "
     "  handle, now_ms, body, 'cloud', guid, client_id FROM guided "
