@@ -12,6 +12,7 @@ import urllib.request
 from cloud.store import accounts as accounts_store
 from cloud.store import messages as messages_store
 from drills.ports import free_port_range
+from tests.processes import wait_for_line
 from tests.sockets import listening
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
@@ -32,20 +33,19 @@ def test_bridge_mirrors_both_ways_over_tcp_and_stops_cleanly(conn, db_dsn, tmp_p
     """Legacy traffic lands in the store; a cloud post is injected (woken by NOTIFY) and
     acknowledged by the home supernode; SIGTERM drains and exits 0."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    base = free_port_range(SUPERNODES + 1)  # not a fixed range: it is inside the ephemeral one
+    base = free_port_range(SUPERNODES + 1)
     legacy = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", str(SUPERNODES), "--users", "20",
          "--rate", "10", "--port", str(base), "--seed", "3", "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     bridge = None
     try:
-        wait_for(lambda: "legacy network up" in legacy.stderr.readline())
+        wait_for_line(legacy, "legacy network up")
         bridge = subprocess.Popen(
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
              "--legacy", f"127.0.0.1:{base + SUPERNODES}", "--worker-id", "tcp-test"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        up = wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)",
-                                        bridge.stderr.readline()))
+        up = wait_for_line(bridge, r"metrics on http://127\.0\.0\.1:(\d+)")
         # every server binds loopback unless told otherwise
         assert listening(legacy.pid) == [("127.0.0.1", base + i)
                                          for i in range(SUPERNODES + 1)]  # + login server

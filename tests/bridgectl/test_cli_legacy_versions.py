@@ -6,7 +6,6 @@ audited, and is sent again with --reapply after the login server restarted."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import struct
@@ -20,6 +19,7 @@ from drills.ports import free_port
 from legacy import wire
 from tests.bridge.test_phases import audit_rows
 from tests.bridgectl.test_cli_migrate import BRIDGECTL, home  # noqa: F401 (fixture)
+from tests.processes import wait_for_line
 
 
 def stored(conn) -> list[tuple]:
@@ -80,13 +80,8 @@ def start_legacy(env: dict, login_port: int) -> subprocess.Popen:
          "--port", str(free_port()), "--login-port", str(login_port), "--duration", "120",
          "--client-versions", "7.1:0.5,8.0:0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if re.search(r"login server 127\.0\.0\.1:(\d+)", proc.stderr.readline()):
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError("legacy run exited early")
-    raise AssertionError("legacy run did not come up")
+    wait_for_line(proc, r"login server 127\.0\.0\.1:(\d+)")
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -20,6 +20,7 @@ from bridgectl import main as cli
 from drills.ports import free_port
 from legacy import wire
 from tests.bridge.test_phases import add_finding, audit_rows, healthy, make_account
+from tests.processes import wait_for_line
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 
@@ -232,15 +233,7 @@ def test_import_then_cloud_only_over_tcp_makes_the_legacy_login_refuse(conn, db_
          "--port", str(free_port()), "--login-port", str(free_port()), "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        login_port = None
-        deadline = time.monotonic() + 30
-        while login_port is None and time.monotonic() < deadline:
-            match = re.search(r"login server 127\.0\.0\.1:(\d+)", legacy.stderr.readline())
-            if match:
-                login_port = int(match.group(1))
-            elif legacy.poll() is not None:
-                raise AssertionError("legacy run exited early")
-        assert login_port is not None
+        login_port = int(wait_for_line(legacy, r"login server 127\.0\.0\.1:(\d+)").group(1))
         address = f"127.0.0.1:{login_port}"
 
         imported = subprocess.run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from drills.ports import free_port_range
 from tests.bridge.test_bridge_tcp import wait_for
+from tests.processes import wait_for_line
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 
@@ -21,21 +21,18 @@ def test_reconcile_gaps_repairs_what_the_bridge_missed(conn, db_dsn, tmp_path):
     """Messages deleted from the cloud (and traffic after the bridge stopped) come back;
     the JSON report says so; a second run finds the stacks in sync (exit 0, clean)."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    # ports free now: a fixed range lies inside the ephemeral one (32768-60999), where any
-    # client connection may hold a port (this test once waited 30 s for a network that
-    # never came up, in CI's second pass; not reproduced since)
     base = free_port_range(4)
     legacy = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", "3", "--users", "20", "--rate", "10",
          "--port", str(base), "--seed", "4", "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: "legacy network up" in legacy.stderr.readline())
+        wait_for_line(legacy, "legacy network up")
         bridge = subprocess.Popen(
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
              "--legacy", f"127.0.0.1:{base + 3}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        wait_for(lambda: re.search(r"metrics on", bridge.stderr.readline()))
+        wait_for_line(bridge, r"metrics on")
         wait_for(lambda: conn.execute("SELECT count(*) FROM messages").fetchone()[0] >= 20)
         bridge.send_signal(signal.SIGTERM)
         assert bridge.wait(timeout=30) == 0

@@ -8,7 +8,6 @@ processes, a real unix datagram socket standing in for systemd's (``$NOTIFY_SOCK
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from drills.ports import free_port_range
-from tests.bridge.test_bridge_tcp import wait_for
+from tests.processes import wait_for_line
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
 #: 0.4 s: the commands ping every 0.2 s
@@ -120,14 +119,14 @@ def test_legacy_and_bridge_run_say_ready_ping_the_watchdog_and_say_stopping(
         env=legacy_sd.env(tmp_path))
     bridge = None
     try:
-        wait_for(lambda: "legacy network up" in legacy.stderr.readline())
+        wait_for_line(legacy, "legacy network up")
         legacy_sd.wait_for("READY=1")
         bridge = subprocess.Popen(
             [*BRIDGECTL, "bridge", "run", "--dsn", db_dsn, "--metrics-port", "0",
              "--legacy", f"127.0.0.1:{base + 2}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env=bridge_sd.env(tmp_path))
-        wait_for(lambda: re.search(r"metrics on", bridge.stderr.readline()))
+        wait_for_line(bridge, r"metrics on")
         bridge_sd.wait_for("READY=1")
         assert "bridge worker" in bridge_sd.received[0]
         bridge_sd.wait_for("WATCHDOG=1", count=3)
@@ -151,7 +150,7 @@ def notified_cloud_run(fake: FakeSystemd, db_dsn: str, home, *flags: str) -> Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=fake.env(home))
     try:
-        wait_for(lambda: "cloud API on" in proc.stderr.readline())
+        wait_for_line(proc, "cloud API on")
         fake.wait_for("READY=1")
         fake.wait_for("WATCHDOG=1", count=3)
     finally:

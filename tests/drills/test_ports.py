@@ -12,9 +12,12 @@ from drills import ports
 
 
 def bind_all(base: int, n: int) -> None:
+    """Bind *n* ports from *base* as a server's listeners do (SO_REUSEADDR, as Twisted)."""
     with ExitStack() as stack:
         for port in range(base, base + n):
-            stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            s = stack.enter_context(socket.socket())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
 
 
 def test_free_port_is_bindable():
@@ -29,11 +32,49 @@ def test_free_port_block_is_seeded_and_bindable():
     bind_all(base, 5)
 
 
-def test_free_port_range_scans_from_a_fixed_start():
-    """The scan starts at 47200 in steps of 97, and the block found binds whole."""
+def test_free_port_range_lies_below_the_ephemeral_range_and_binds():
+    """The block found starts on the scan's grid, ends below the first port the kernel may
+    give a client connection, and binds whole."""
     base = ports.free_port_range(4)
-    assert base >= 47200 and (base - 47200) % 97 == 0
+    assert (base - ports.RANGE_START) % ports.RANGE_STEP == 0
+    assert ports.RANGE_START <= base and base + 4 <= ports.ephemeral_start()
     bind_all(base, 4)
+
+
+def test_each_process_scans_from_a_start_of_its_own():
+    """Two neighbouring salts (pids) start RANGE_SPREAD bases apart and scan the same bases
+    in all, so two test rounds at once do not race for one block."""
+    one, two = ports.range_bases(4, 10), ports.range_bases(4, 11)
+    assert two.index(one[0]) == len(one) - ports.RANGE_SPREAD
+    assert sorted(one) == sorted(two) and len(set(one)) == len(one)
+    assert max(one) + 4 <= ports.ephemeral_start()
+
+
+def test_the_ephemeral_start_is_read_from_the_kernel_or_defaults(tmp_path):
+    """The setting's first number; Linux's default when the file is missing or unreadable."""
+    setting = tmp_path / "ip_local_port_range"
+    setting.write_text("40000\t60999\n")
+    assert ports.ephemeral_start(str(setting)) == 40000
+    setting.write_text("")
+    assert ports.ephemeral_start(str(setting)) == 32768
+    assert ports.ephemeral_start(str(tmp_path / "missing")) == 32768
+
+
+def test_a_port_with_a_listener_is_taken_and_one_in_time_wait_is_free():
+    """A block binds as a server's listener would (SO_REUSEADDR): a listening port is not
+    free; a port whose closed connection lingers in TIME_WAIT is."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ports.NoFreePorts):
+            ports._first_free_block(1, [port])
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's end closes first: its port lingers in TIME_WAIT
+        client.close()
+    assert ports._first_free_block(1, [port]) == port
 
 
 def test_a_block_that_is_never_free_is_a_clear_error():

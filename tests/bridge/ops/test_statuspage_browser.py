@@ -198,7 +198,7 @@ def test_status_page_renders_in_chromium_and_matches_bridgectl_status(conn, db_d
     `bridgectl status --json`, a refresh of /status.json, and no secret anywhere."""
     seed(conn)
     env = {"BRIDGE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
-    port = free_port_range(SUPERNODES + 1)  # not a fixed range: it is inside the ephemeral one
+    port = free_port_range(SUPERNODES + 1)
     legacy = Process([*BRIDGECTL, "legacy", "run", "--supernodes", str(SUPERNODES),
                       "--users", str(USERS), "--rate", "20", "--port", str(port),
                       "--seed", "5", "--duration", "120"], env)
