@@ -15,7 +15,7 @@ import time
 import pytest
 
 from bridgectl import main as cli
-from drills.ports import free_port
+from drills.ports import free_port, free_port_range
 from legacy import wire
 from tests.bridge.test_phases import audit_rows
 from tests.bridgectl.test_cli_migrate import BRIDGECTL, home  # noqa: F401 (fixture)
@@ -75,9 +75,11 @@ def test_dry_run_and_show_change_nothing(conn, db_dsn, home, capsys):  # noqa: F
 # ---------------------------------------------------------------- over loopback TCP
 
 def start_legacy(env: dict, login_port: int) -> subprocess.Popen:
+    """A one-supernode legacy run whose supernode listens just below *login_port* (a block
+    of two from free_port_range; a restart binds the same two)."""
     proc = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", "1", "--users", "6", "--rate", "0",
-         "--port", str(free_port()), "--login-port", str(login_port), "--duration", "120",
+         "--port", str(login_port - 1), "--login-port", str(login_port), "--duration", "120",
          "--client-versions", "7.1:0.5,8.0:0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     wait_for_line(proc, r"login server 127\.0\.0\.1:(\d+)")
@@ -120,7 +122,7 @@ def run(env: dict, *argv: str) -> subprocess.CompletedProcess:
 def test_min_version_over_tcp_for_a_cohort_then_everyone_survives_a_restart(conn, db_dsn,
                                                                               tmp_path):
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    port = free_port()
+    port = free_port_range(2) + 1
     legacy = start_legacy(env, port)
     address = f"127.0.0.1:{port}"
     try:
@@ -189,7 +191,7 @@ def test_a_running_bridge_gives_a_restarted_login_server_its_rules_back(conn, db
     a 7.1 client in; without --reapply, the running `bridge run` sends the stored rule
     again and the 7.1 client is refused once more, within about ten seconds."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    port = free_port()
+    port = free_port_range(2) + 1
     address = f"127.0.0.1:{port}"
     legacy = start_legacy(env, port)
     bridge = None

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from bridgectl import main as cli
-from drills.ports import free_port
+from drills.ports import free_port_range
 from legacy import wire
 from tests.bridge.test_phases import add_finding, audit_rows, healthy, make_account
 from tests.processes import wait_for_line
@@ -228,9 +228,10 @@ def test_import_then_cloud_only_over_tcp_makes_the_legacy_login_refuse(conn, db_
     """accounts import and migrate --to cloud-only --legacy against a real legacy run: the
     moved handle's legacy login is refused as moved, the others still log in."""
     env = {"BRIDGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    base = free_port_range(2)
     legacy = subprocess.Popen(
         [*BRIDGECTL, "legacy", "run", "--supernodes", "1", "--users", "3", "--rate", "0",
-         "--port", str(free_port()), "--login-port", str(free_port()), "--duration", "60"],
+         "--port", str(base), "--login-port", str(base + 1), "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         login_port = int(wait_for_line(legacy, r"login server 127\.0\.0\.1:(\d+)").group(1))
