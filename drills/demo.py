@@ -45,7 +45,7 @@ from twisted.internet import defer, task
 from bridge import state
 from drills import convergence
 from drills.config import COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
-from drills.ports import NoFreePorts, free_port, free_port_block
+from drills.ports import NoFreePorts, free_port_block
 from drills.processes import Child, DemoError
 from drills.readings import (
     figures,
@@ -173,12 +173,15 @@ class Demo:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.base_port = free_port_block(cfg.supernodes + 1, self.rng)
+            # one block for every server: the supernodes, the login server, the cloud API
+            # and each worker's metrics (kernel picks, freed and then bound by another
+            # process, could even coincide)
+            self.base_port = free_port_block(cfg.supernodes + 2 + cfg.workers, self.rng)
         except NoFreePorts as e:
             raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes
-        self.api_port = free_port()
-        self.metrics_ports = {i: free_port() for i in range(1, cfg.workers + 1)}
+        self.api_port = self.login_port + 1
+        self.metrics_ports = {i: self.api_port + i for i in range(1, cfg.workers + 1)}
         self.db = Database(self.reactor, self.dsn, max_connections=3, name="demo-db")
         self.db.startService()
         self.traffic: Any = None

@@ -3,11 +3,11 @@ real TCP: one port the kernel picks, or a block of consecutive ports (a legacy n
 listens on ``base .. base + supernodes``, its login server just after).
 
 A port free now can still be taken before the caller binds it; callers bind soon after,
-and the choices below keep that window small and the collisions rare: a seeded demo picks
-its block at random; the tests' blocks lie below the kernel's ephemeral range (where no
-client connection is given a local port) and each process starts its scan at a place of
-its own (CI runs two rounds of the tests at once: both scanning from one start, two tests
-once found the same block and the slower one could not listen).
+and the choices below keep that window small and the collisions rare. Blocks lie below the
+kernel's ephemeral range, where no client connection is given a local port: a seeded demo
+picks its block at random; the tests scan from a place of each process's own (CI runs two
+rounds of the tests at once: both scanning from one start, two tests once found the same
+block and the slower one could not listen).
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_port_block(n: int, rng: random.Random) -> int:
-    """A base port with *n* consecutive free ports after it, tried at random bases from
-    *rng* (the demo's seeded choices)."""
-    bases = (rng.randrange(20000, 60000 - n) for _ in range(200))
-    return _first_free_block(n, bases)
-
-
 RANGE_START = 20000
 RANGE_STEP = 97
 #: how many bases apart two neighbouring salts (pids) start: far enough that a process
@@ -52,6 +45,14 @@ def ephemeral_start(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def free_port_block(n: int, rng: random.Random) -> int:
+    """A base port with *n* consecutive free ports after it, tried at random bases from
+    *rng* (the demo's seeded choices) below the ephemeral range."""
+    high = max(ephemeral_start(), RANGE_START + n + 1)
+    bases = (rng.randrange(RANGE_START, high - n) for _ in range(200))
+    return _first_free_block(n, bases)
 
 
 def range_bases(n: int, salt: int) -> list[int]:
