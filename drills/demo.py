@@ -175,8 +175,10 @@ class Demo:
         try:
             # one block for every server: the supernodes, the login server, the cloud API
             # and each worker's metrics (kernel picks, freed and then bound by another
-            # process, could even coincide)
-            self.base_port = free_port_block(cfg.supernodes + 2 + cfg.workers, self.rng)
+            # process, could even coincide); drawn from a random source of its own, so the
+            # seed's plan does not depend on the machine's ports
+            self.base_port = free_port_block(cfg.supernodes + 2 + cfg.workers,
+                                             random.Random())
         except NoFreePorts as e:
             raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes

@@ -4,17 +4,20 @@ listens on ``base .. base + supernodes``, its login server just after).
 
 A port free now can still be taken before the caller binds it; callers bind soon after,
 and the choices below keep that window small and the collisions rare. Blocks lie below the
-kernel's ephemeral range, where no client connection is given a local port: a seeded demo
-picks its block at random; the tests scan from a place of each process's own (CI runs two
-rounds of the tests at once: both scanning from one start, two tests once found the same
-block and the slower one could not listen).
+kernel's ephemeral range, where no client connection is given a local port: the demo picks
+its block at random; the tests scan from a place of each process's own and claim the
+blocks they take with a lock file, so that two processes never take the same one (CI runs
+two rounds of the tests at once: both scanning from one start, two tests once found the
+same block and the slower one could not listen).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
+import tempfile
 from collections.abc import Iterable
 from contextlib import ExitStack
 
@@ -47,34 +50,74 @@ def ephemeral_start(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int
         return 32768
 
 
+def _room(n: int) -> int:
+    """The first port above every block (the ephemeral range's start); NoFreePorts when
+    that leaves no room for *n* ports from RANGE_START."""
+    end = ephemeral_start()
+    if end - n < RANGE_START:
+        raise NoFreePorts(f"the kernel's ephemeral range starts at {end}: no room below it "
+                          f"for {n} ports from {RANGE_START}")
+    return end
+
+
 def free_port_block(n: int, rng: random.Random) -> int:
     """A base port with *n* consecutive free ports after it, tried at random bases from
-    *rng* (the demo's seeded choices) below the ephemeral range."""
-    high = max(ephemeral_start(), RANGE_START + n + 1)
-    bases = (rng.randrange(RANGE_START, high - n) for _ in range(200))
+    *rng* below the ephemeral range."""
+    end = _room(n)
+    bases = (rng.randrange(RANGE_START, end - n + 1) for _ in range(200))
     return _first_free_block(n, bases)
 
 
 def range_bases(n: int, salt: int) -> list[int]:
-    """Every base from RANGE_START in steps of RANGE_STEP whose block of *n* ends below the
-    ephemeral range, starting at a place chosen by *salt* (RANGE_SPREAD bases per unit)
-    and wrapping around."""
-    end = max(ephemeral_start(), RANGE_START + RANGE_STEP + n)
-    bases = list(range(RANGE_START, end - n, RANGE_STEP))
+    """Every base from RANGE_START in steps of RANGE_STEP whose block of *n* (at most
+    RANGE_STEP) ends below the ephemeral range, starting at a place chosen by *salt*
+    (RANGE_SPREAD bases per unit) and wrapping around."""
+    if not 0 < n <= RANGE_STEP:
+        raise ValueError(f"a block of {n} ports: from 1 to {RANGE_STEP}")
+    end = _room(n)
+    bases = list(range(RANGE_START, end - n + 1, RANGE_STEP))
     first = salt * RANGE_SPREAD % len(bases)
     return bases[first:] + bases[:first]
 
 
+#: the lock files of the bases this process has claimed, open (and so locked) while it lives
+_CLAIMED: dict[int, int] = {}
+
+
+def claim(base: int) -> bool:
+    """Whether this process holds *base* (already, or now): an exclusive ``flock`` on a
+    file named after it, held until the process ends, so that no other process picking
+    its blocks here (CI's other round) can take the same block meanwhile. A lock file
+    that can not be opened (another user's) claims nothing and says yes."""
+    if base in _CLAIMED:
+        return True
+    directory = os.path.join(tempfile.gettempdir(), "bridge-port-blocks")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, str(base)), os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # another process holds it
+        os.close(fd)
+        return False
+    _CLAIMED[base] = fd
+    return True
+
+
 def free_port_range(n: int) -> int:
     """A base port with *n* consecutive ports free below the ephemeral range, scanned from
-    a start of this process's own (its pid)."""
-    return _first_free_block(n, range_bases(n, os.getpid()))
+    a start of this process's own (its pid), among the bases no other process has
+    claimed; the base found stays this process's (``claim``)."""
+    return _first_free_block(n, (b for b in range_bases(n, os.getpid()) if claim(b)))
 
 
 def _first_free_block(n: int, bases: Iterable[int]) -> int:
     """The first of *bases* whose *n* ports bind as a server's listener would: with
     SO_REUSEADDR, as Twisted's listenTCP binds, so a port whose last connections are in
-    TIME_WAIT counts as free (the server can bind it) and one with a listener does not."""
+    TIME_WAIT counts as free (the server can bind it: its sockets had SO_REUSEADDR too)
+    and one with a listener does not."""
     for base in bases:
         with ExitStack() as stack:
             try:

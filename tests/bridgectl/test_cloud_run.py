@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.processes import wait_for_line
 from tests.sockets import listening
 
 BRIDGECTL = [sys.executable, "-m", "bridgectl.main"]
@@ -25,16 +24,12 @@ def start_cloud(dsn: str, home, *extra: str) -> tuple[subprocess.Popen, str]:
         [*BRIDGECTL, "cloud", "run", "--dsn", dsn, "--port", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={"BRIDGE_HOME": str(home), "PATH": "/usr/bin:/bin"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        match = re.search(r"cloud API on (http://127\.0\.0\.1:\d+)/v1", line)
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"cloud run did not start: {proc.stderr.read()}")
+    try:
+        return proc, wait_for_line(proc, r"cloud API on (http://127\.0\.0\.1:\d+)/v1").group(1)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run_clients(db_dsn: str, url: str, home) -> dict:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import subprocess
+import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
 from drills import ports
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bind_all(base: int, n: int) -> None:
@@ -25,11 +31,12 @@ def test_free_port_is_bindable():
     bind_all(ports.free_port(), 1)
 
 
-def test_free_port_block_is_seeded_and_bindable():
+def test_free_port_block_is_drawn_from_its_random_source_and_binds():
     """The same seed tries the same bases, below the ephemeral range; the block found binds
     whole."""
     base = ports.free_port_block(5, random.Random(7))
     assert ports.RANGE_START <= base and base + 5 <= ports.ephemeral_start()
+    assert ports.free_port_block(5, random.Random(7)) == base
     bind_all(base, 5)
 
 
@@ -42,9 +49,28 @@ def test_free_port_range_lies_below_the_ephemeral_range_and_binds():
     bind_all(base, 4)
 
 
+def test_a_base_claimed_by_another_process_is_not_taken_until_it_ends():
+    """A process that took a block holds its claim while it lives: another one (here, this
+    test) skips that base; once the holder is gone the base can be claimed again."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from drills import ports; "
+         "print(ports.free_port_range(2), flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        base = int(holder.stdout.readline())
+        assert not ports.claim(base)
+        assert base not in ports._CLAIMED
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ports.claim(base) and ports.claim(base)  # this process's now, and again
+    os.close(ports._CLAIMED.pop(base))  # (let it go: the scan's order is this test's own)
+
+
 def test_each_process_scans_from_a_start_of_its_own():
     """Two neighbouring salts (pids) start RANGE_SPREAD bases apart and scan the same bases
-    in all, so two test rounds at once do not race for one block."""
+    in all: two test rounds at once seldom want the same block (the claims are what keep
+    them off one)."""
     one, two = ports.range_bases(4, 10), ports.range_bases(4, 11)
     assert two.index(one[0]) == len(one) - ports.RANGE_SPREAD
     assert sorted(one) == sorted(two) and len(set(one)) == len(one)
@@ -75,7 +101,19 @@ def test_a_port_with_a_listener_is_taken_and_one_in_time_wait_is_free():
         accepted, _ = server.accept()
         accepted.close()  # the server's end closes first: its port lingers in TIME_WAIT
         client.close()
+    with socket.socket() as plain, pytest.raises(OSError):  # lingering: a plain bind fails
+        plain.bind(("127.0.0.1", port))
     assert ports._first_free_block(1, [port]) == port
+
+
+def test_no_room_below_the_ephemeral_range_is_a_clear_error(monkeypatch):
+    """A kernel whose ephemeral range starts too low for a block: NoFreePorts saying so,
+    not a block inside that range."""
+    monkeypatch.setattr(ports, "ephemeral_start", lambda: ports.RANGE_START + 2)
+    with pytest.raises(ports.NoFreePorts, match="ephemeral range starts at 20002"):
+        ports.range_bases(4, 1)
+    with pytest.raises(ports.NoFreePorts, match="no room below it for 4 ports"):
+        ports.free_port_block(4, random.Random(1))
 
 
 def test_a_block_that_is_never_free_is_a_clear_error():
