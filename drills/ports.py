@@ -5,8 +5,8 @@ listens on ``base .. base + supernodes``, its login server just after).
 A port free now can still be taken before the caller binds it; callers bind soon after,
 and the choices below keep that window small and the collisions rare. Blocks lie below the
 kernel's ephemeral range, where no client connection is given a local port: the demo picks
-its block at random; the tests scan from a place of each process's own and claim the
-blocks they take with a lock file, so that two processes never take the same one (CI runs
+its block at random, the tests scan from a place of each process's own, and both claim the
+blocks they take with lock files, so that two processes never take the same ports (CI runs
 two rounds of the tests at once: both scanning from one start, two tests once found the
 same block and the slower one could not listen).
 """
@@ -62,10 +62,19 @@ def _room(n: int) -> int:
 
 def free_port_block(n: int, rng: random.Random) -> int:
     """A base port with *n* consecutive free ports after it, tried at random bases from
-    *rng* below the ephemeral range."""
+    *rng* below the ephemeral range, among those whose ports lie in grid blocks (the
+    scan's, RANGE_STEP ports each) that this process can claim (``claim``), so that a
+    demo's block and a test's are never the same ports."""
     end = _room(n)
     bases = (rng.randrange(RANGE_START, end - n + 1) for _ in range(200))
-    return _first_free_block(n, bases)
+    return _first_free_block(n, (b for b in bases if all(map(claim, _grid(b, n)))))
+
+
+def _grid(base: int, n: int) -> range:
+    """The bases of the scan's blocks that ports *base* .. *base* + *n* - 1 fall in."""
+    def start(port: int) -> int:
+        return port - (port - RANGE_START) % RANGE_STEP
+    return range(start(base), start(base + n - 1) + 1, RANGE_STEP)
 
 
 def range_bases(n: int, salt: int) -> list[int]:

@@ -67,6 +67,17 @@ def test_a_base_claimed_by_another_process_is_not_taken_until_it_ends():
     os.close(ports._CLAIMED.pop(base))  # (let it go: the scan's order is this test's own)
 
 
+def test_a_random_block_claims_the_grid_blocks_it_covers():
+    """A demo's block (random, any size) claims every scan block its ports fall in, so a
+    test's block scanned meanwhile can not be the same ports."""
+    step, start = ports.RANGE_STEP, ports.RANGE_START
+    assert list(ports._grid(start + 5, 3)) == [start]
+    assert list(ports._grid(start + step - 2, 3)) == [start, start + step]
+    assert list(ports._grid(start + step, 2 * step + 1)) == [start + step * k for k in (1, 2, 3)]
+    base = ports.free_port_block(7, random.Random(11))
+    assert all(g in ports._CLAIMED for g in ports._grid(base, 7))
+
+
 def test_each_process_scans_from_a_start_of_its_own():
     """Two neighbouring salts (pids) start RANGE_SPREAD bases apart and scan the same bases
     in all: two test rounds at once seldom want the same block (the claims are what keep
