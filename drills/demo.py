@@ -45,7 +45,7 @@ from twisted.internet import defer, task
 from bridge import state
 from drills import convergence
 from drills.config import COHORTS, FAULTS, DemoConfig, FaultSettings, Scenario
-from drills.ports import NoFreePorts, free_port_block
+from drills.ports import NoFreePorts, free_port_block, release_block
 from drills.processes import Child, DemoError
 from drills.readings import (
     figures,
@@ -179,6 +179,7 @@ class Demo:
             # seed's plan does not depend on the machine's ports
             self.base_port = free_port_block(cfg.supernodes + 2 + cfg.workers,
                                              random.Random())
+            self.ports_claimed = (self.base_port, cfg.supernodes + 2 + cfg.workers)
         except NoFreePorts as e:
             raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes
@@ -191,7 +192,10 @@ class Demo:
         try:
             return await self._run()
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                release_block(*self.ports_claimed)  # its servers are gone
 
     async def _run(self) -> dict[str, Any]:
         cfg = self.config

@@ -70,6 +70,15 @@ def free_port_block(n: int, rng: random.Random) -> int:
     return _first_free_block(n, (b for b in bases if all(map(claim, _grid(b, n)))))
 
 
+def release_block(base: int, n: int) -> None:
+    """Let go of the claims ``free_port_block`` took for *base*'s block of *n*, once its
+    servers are gone (a process that runs many demos would otherwise hold them all)."""
+    for grid_base in _grid(base, n):
+        fd = _CLAIMED.pop(grid_base, None)
+        if fd is not None:
+            os.close(fd)
+
+
 def _grid(base: int, n: int) -> range:
     """The bases of the scan's blocks that ports *base* .. *base* + *n* - 1 fall in."""
     def start(port: int) -> int:

@@ -76,6 +76,8 @@ def test_a_random_block_claims_the_grid_blocks_it_covers():
     assert list(ports._grid(start + step, 2 * step + 1)) == [start + step * k for k in (1, 2, 3)]
     base = ports.free_port_block(7, random.Random(11))
     assert all(g in ports._CLAIMED for g in ports._grid(base, 7))
+    ports.release_block(base, 7)
+    assert not any(g in ports._CLAIMED for g in ports._grid(base, 7))
 
 
 def test_each_process_scans_from_a_start_of_its_own():
