@@ -541,19 +541,18 @@ def conversation_members(dsn: str, convs: list[tuple]) -> dict[tuple, tuple]:
 
 
 def raw_posts(conn: psycopg.Connection, posts: list, members: dict) -> None:
-    """Write *posts* (``messages_store.Post``) with ``RAW_POSTS``, one statement; *members*
-    from ``conversation_members``."""
-    params: dict[str, list] = {k: [] for k in (
-        "cids", "senders", "handles", "others", "client_ids", "bodies", "message_ids", "nows",
-        "first_handles", "second_handles")}
+    """Write *posts* (``messages_store.Post``, at least one) with ``RAW_POSTS``, one
+    statement; *members* from ``conversation_members``."""
+    rows = []
     for post in posts:
         handle, other, first, second = members[(post.conversation_id, post.sender_account_id)]
-        for key, value in (("cids", post.conversation_id), ("senders", post.sender_account_id),
-                           ("handles", handle), ("others", other),
-                           ("client_ids", post.client_message_id), ("bodies", post.body),
-                           ("message_ids", uuid.uuid4()), ("nows", post.now_ms),
-                           ("first_handles", first), ("second_handles", second)):
-            params[key].append(value)
+        rows.append((post.conversation_id, post.sender_account_id, handle, other,
+                     post.client_message_id, post.body, uuid.uuid4(), post.now_ms, first,
+                     second))
+    keys = ("cids", "senders", "handles", "others", "client_ids", "bodies", "message_ids",
+            "nows", "first_handles", "second_handles")
+    params = {key: list(column)
+              for key, column in zip(keys, zip(*rows, strict=True), strict=True)}
     (_, written), = messages_store._execute_prepared(  # as post_messages runs its statement
         conn, RAW_POSTS, {**params, "channel": OUTBOX_CHANNEL})
     if written != len(posts):

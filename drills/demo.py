@@ -172,14 +172,13 @@ class Demo:
         self.t0 = self.reactor.seconds()
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # one block for every server: the supernodes, the login server, the cloud API and
+        # each worker's metrics (kernel picks, freed and then bound by another process,
+        # could even coincide); drawn from a random source of its own, so the seed's plan
+        # does not depend on the machine's ports
+        block = cfg.supernodes + 2 + cfg.workers
         try:
-            # one block for every server: the supernodes, the login server, the cloud API
-            # and each worker's metrics (kernel picks, freed and then bound by another
-            # process, could even coincide); drawn from a random source of its own, so the
-            # seed's plan does not depend on the machine's ports
-            self.base_port = free_port_block(cfg.supernodes + 2 + cfg.workers,
-                                             random.Random())
-            self.ports_claimed = (self.base_port, cfg.supernodes + 2 + cfg.workers)
+            self.base_port = free_port_block(block, random.Random())
         except NoFreePorts as e:
             raise DemoError(str(e)) from None
         self.login_port = self.base_port + cfg.supernodes
@@ -195,7 +194,7 @@ class Demo:
             try:
                 await self._shutdown()
             finally:
-                release_block(*self.ports_claimed)  # its servers are gone
+                release_block(self.base_port, block)  # its servers are gone
 
     async def _run(self) -> dict[str, Any]:
         cfg = self.config

@@ -60,53 +60,15 @@ def _room(n: int) -> int:
     return end
 
 
-def free_port_block(n: int, rng: random.Random) -> int:
-    """A base port with *n* consecutive free ports after it, tried at random bases from
-    *rng* below the ephemeral range, among those whose ports lie in grid blocks (the
-    scan's, RANGE_STEP ports each) that this process can claim (``claim``), so that a
-    demo's block and a test's are never the same ports."""
-    end = _room(n)
-    bases = (rng.randrange(RANGE_START, end - n + 1) for _ in range(200))
-    return _first_free_block(n, (b for b in bases if all(map(claim, _grid(b, n)))))
-
-
-def release_block(base: int, n: int) -> None:
-    """Let go of the claims ``free_port_block`` took for *base*'s block of *n*, once its
-    servers are gone (a process that runs many demos would otherwise hold them all)."""
-    for grid_base in _grid(base, n):
-        fd = _CLAIMED.pop(grid_base, None)
-        if fd is not None:
-            os.close(fd)
-
-
-def _grid(base: int, n: int) -> range:
-    """The bases of the scan's blocks that ports *base* .. *base* + *n* - 1 fall in."""
-    def start(port: int) -> int:
-        return port - (port - RANGE_START) % RANGE_STEP
-    return range(start(base), start(base + n - 1) + 1, RANGE_STEP)
-
-
-def range_bases(n: int, salt: int) -> list[int]:
-    """Every base from RANGE_START in steps of RANGE_STEP whose block of *n* (at most
-    RANGE_STEP) ends below the ephemeral range, starting at a place chosen by *salt*
-    (RANGE_SPREAD bases per unit) and wrapping around."""
-    if not 0 < n <= RANGE_STEP:
-        raise ValueError(f"a block of {n} ports: from 1 to {RANGE_STEP}")
-    end = _room(n)
-    bases = list(range(RANGE_START, end - n + 1, RANGE_STEP))
-    first = salt * RANGE_SPREAD % len(bases)
-    return bases[first:] + bases[:first]
-
-
 #: the lock files of the bases this process has claimed, open (and so locked) while it lives
 _CLAIMED: dict[int, int] = {}
 
 
 def claim(base: int) -> bool:
     """Whether this process holds *base* (already, or now): an exclusive ``flock`` on a
-    file named after it, held until the process ends, so that no other process picking
-    its blocks here (CI's other round) can take the same block meanwhile. A lock file
-    that can not be opened (another user's) claims nothing and says yes."""
+    file named after it, held until the process ends or lets it go, so that no other
+    process picking its blocks here (CI's other round) can take the same block meanwhile.
+    A lock file that can not be opened (another user's) claims nothing and says yes."""
     if base in _CLAIMED:
         return True
     directory = os.path.join(tempfile.gettempdir(), "bridge-port-blocks")
@@ -122,6 +84,57 @@ def claim(base: int) -> bool:
         return False
     _CLAIMED[base] = fd
     return True
+
+
+def _release(bases: Iterable[int]) -> None:
+    """Let go of this process's claims on *bases* (those it holds)."""
+    for base in bases:
+        fd = _CLAIMED.pop(base, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _grid(base: int, n: int) -> range:
+    """The bases of the scan's blocks that ports *base* .. *base* + *n* - 1 fall in."""
+    return range(base - (base - RANGE_START) % RANGE_STEP, base + n, RANGE_STEP)
+
+
+def _claim_grid(base: int, n: int) -> bool:
+    """Claim every scan block that ports *base* .. *base* + *n* - 1 fall in, or none of
+    those this process did not hold before."""
+    held = set(_CLAIMED)
+    if all(map(claim, _grid(base, n))):
+        return True
+    _release(b for b in _grid(base, n) if b not in held)
+    return False
+
+
+def free_port_block(n: int, rng: random.Random) -> int:
+    """A base port with *n* consecutive free ports after it, tried at random bases from
+    *rng* below the ephemeral range, among those whose ports lie in scan blocks this
+    process can claim (``claim``), so that a demo's block and a test's are never the same
+    ports; ``release_block`` lets them go."""
+    end = _room(n)
+    bases = (rng.randrange(RANGE_START, end - n + 1) for _ in range(200))
+    return _first_free_block(n, (b for b in bases if _claim_grid(b, n)))
+
+
+def release_block(base: int, n: int) -> None:
+    """Let go of the claims ``free_port_block`` took for *base*'s block of *n*, once its
+    servers are gone (a process that runs many demos would otherwise hold them all)."""
+    _release(_grid(base, n))
+
+
+def range_bases(n: int, salt: int) -> list[int]:
+    """Every base from RANGE_START in steps of RANGE_STEP whose block of *n* (at most
+    RANGE_STEP) ends below the ephemeral range, starting at a place chosen by *salt*
+    (RANGE_SPREAD bases per unit) and wrapping around."""
+    if not 0 < n <= RANGE_STEP:
+        raise ValueError(f"a block of {n} ports: from 1 to {RANGE_STEP}")
+    end = _room(n)
+    bases = list(range(RANGE_START, end - n + 1, RANGE_STEP))
+    first = salt * RANGE_SPREAD % len(bases)
+    return bases[first:] + bases[:first]
 
 
 def free_port_range(n: int) -> int:

@@ -80,6 +80,26 @@ def test_a_random_block_claims_the_grid_blocks_it_covers():
     assert not any(g in ports._CLAIMED for g in ports._grid(base, 7))
 
 
+def test_a_random_block_whose_scan_block_is_held_elsewhere_claims_none():
+    """A block over two scan blocks, the second held by another process: not taken, and
+    the first is not left claimed by this one (a demo's tries would otherwise keep them)."""
+    first = next(b for b in range(ports.RANGE_START + 40 * ports.RANGE_STEP,
+                                  ports.ephemeral_start(), ports.RANGE_STEP)
+                 if b not in ports._CLAIMED and b + ports.RANGE_STEP not in ports._CLAIMED)
+    second = first + ports.RANGE_STEP
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from drills import ports; "
+         f"print(ports.claim({second}), flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert not ports._claim_grid(second - 2, 4)
+        assert first not in ports._CLAIMED and second not in ports._CLAIMED
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_each_process_scans_from_a_start_of_its_own():
     """Two neighbouring salts (pids) start RANGE_SPREAD bases apart and scan the same bases
     in all: two test rounds at once seldom want the same block (the claims are what keep
